@@ -1,0 +1,31 @@
+"""Sub-command registry. Each module registers one :class:`Command`; the CLI dispatches by name."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+
+COMMANDS: dict[str, Command] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    epilog: str = ""
+
+
+def register(command: Command) -> Command:
+    COMMANDS[command.name] = command
+    return command
+
+
+def load_all() -> dict[str, Command]:
+    # Imported for their registration side effect; the order is the order shown in --help.
+    from spatten_compiler.commands import compile as _compile  # noqa: F401
+
+
+    return COMMANDS

@@ -1,0 +1,150 @@
+"""Model I/O that does not lose data.
+
+* :func:`load_model` validates before it builds anything: the file exists, parses as an ONNX
+  ModelProto, passes ``onnx.checker`` (run on the path so models over 2 GB and external data work),
+  and every external-data reference points at readable bytes. External data is memory-mapped by
+  onnx-ir, not copied, so loading a large model costs little more than its graph.
+* :func:`save_model` writes into a private temporary folder next to the destination and renames the
+  finished files into place, so a failure never leaves a partial output and never touches the input.
+  Models whose weights exceed the protobuf limit (or that came with external data) are written with
+  external data in ``<name>.data`` beside the ``.onnx``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from spatten_compiler.errors import ModelLoadError, SpattencError
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot serialize a message over 2 GiB; leave headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except DecodeError as e:
+        raise ModelLoadError(f"{path}: not an ONNX model (the protobuf is truncated or corrupt)") from e
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot read: {e}") from e
+    if not proto.HasField("graph") or proto.ir_version <= 0:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph or ir_version in the file)")
+    return proto
+
+
+def _external_locations(proto: onnx.ModelProto) -> dict[str, list[tuple[str, int, int]]]:
+    """Map external data file -> [(tensor name, offset, length)] for every external initializer."""
+    found: dict[str, list[tuple[str, int, int]]] = {}
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        found.setdefault(info.get("location", ""), []).append(
+            (tensor.name, int(info.get("offset", 0)), int(info.get("length", -1)))
+        )
+    return found
+
+
+def _check_external_data(path: Path, proto: onnx.ModelProto) -> None:
+    base = path.parent
+    for location, tensors in _external_locations(proto).items():
+        data_file = base / location
+        name = tensors[0][0]
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise ModelLoadError(f"{path}: tensor '{name}' has an invalid external data location {location!r}")
+        if not data_file.is_file() or not os.access(data_file, os.R_OK):
+            raise ModelLoadError(f"{path}: external data file '{location}' (tensor '{name}') is missing or unreadable")
+        size = data_file.stat().st_size
+        for tname, offset, length in tensors:
+            if length >= 0 and offset + length > size:
+                raise ModelLoadError(
+                    f"{path}: external data for tensor '{tname}' ends at byte {offset + length} "
+                    f"but '{location}' has only {size} bytes"
+                )
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
+    """Load and validate an ONNX model; raise :class:`ModelLoadError` with one line if it is bad."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a file")
+    proto = _read_proto(path)
+    _check_external_data(path, proto)
+    if check:
+        try:
+            # The path form lets the C++ checker handle >2 GB models and external data.
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"{path}: invalid ONNX graph: {first}") from e
+    model = ir.serde.deserialize_model(proto)
+    # Resolve relative external-data paths against the model's folder (memory-mapped on access).
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    logger.debug("loaded %s: %d nodes", path, len(model.graph))
+    return model
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _has_external_data(model: ir.Model) -> bool:
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name the same file (following links), whether or not b exists."""
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return pa.resolve() == pb.resolve()
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> list[Path]:
+    """Write ``model`` to ``path`` atomically; return the files written.
+
+    ``external_data=None`` chooses: external data (``<name>.data``) when the model came with it or
+    its weights exceed ``threshold`` bytes, inline otherwise.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SpattencError(f"{path}: output folder '{parent}' does not exist")
+    if external_data is None:
+        external_data = _has_external_data(model) or _initializer_bytes(model) > threshold
+    data_name = path.name + ".data" if external_data else None
+    tmp = Path(tempfile.mkdtemp(prefix=".spattenc-", dir=parent))
+    try:
+        ir.save(model, tmp / path.name, external_data=data_name)
+        written = [tmp / data_name] if data_name else []
+        # Data first, then the .onnx that refers to it: the model file appears only when complete.
+        final: list[Path] = []
+        for f in [*written, tmp / path.name]:
+            os.replace(f, parent / f.name)
+            final.append(parent / f.name)
+        logger.debug("wrote %s", ", ".join(map(str, final)))
+        return final
+    except OSError as e:
+        raise SpattencError(f"{path}: cannot write: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

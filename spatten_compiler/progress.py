@@ -1,0 +1,38 @@
+"""Progress and summary lines on stderr: quiet with -q, timing per step with -v."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import TextIO
+
+
+class Reporter:
+    def __init__(self, verbosity: int = 0, stream: TextIO | None = None) -> None:
+        self.verbosity = verbosity
+        self.stream = stream or sys.stderr
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Reporter:
+        return cls(-1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0))
+
+    def _say(self, text: str, level: int = 0) -> None:
+        if self.verbosity >= level:
+            print(text, file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self._say(f"{what} ...", level=1)
+        yield
+        self._say(f"{what}: {time.perf_counter() - t0:.2f} s", level=1)
+
+    def pass_done(self, p: object, seconds: float) -> None:
+        describe = getattr(p, "describe", lambda: str(p))
+        self._say(f"pass {describe()}: {seconds:.2f} s", level=0)
+
+    def done(self, text: str) -> None:
+        self._say(text, level=0)
