@@ -1,0 +1,68 @@
+"""Shared test helpers: fixture discovery from models/*.json and onnxruntime execution."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+DATA = ROOT.parent / "shared" / "data"
+
+
+def fixture_names() -> list[str]:
+    return sorted(p.stem for p in MODELS.glob("*.json") if (MODELS / f"{p.stem}.onnx").exists())
+
+
+def load_meta(name: str) -> dict:
+    return json.loads((MODELS / f"{name}.json").read_text())
+
+
+def decode(entry: dict) -> np.ndarray:
+    return np.asarray(entry["data"], dtype=entry["dtype"]).reshape(entry["shape"])
+
+
+def reference_io(meta: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    ref = meta["reference"]
+    return (
+        {k: decode(v) for k, v in ref["inputs"].items()},
+        {k: decode(v) for k, v in ref["outputs"].items()},
+    )
+
+
+def run_ort(path: str | Path, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = outputs or [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def tiny_model(opset: int = 17, dim: int = 4) -> onnx.ModelProto:
+    """x[B,dim] -> MatMul(w) -> Softmax: the smallest valid model with a weight."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", dim])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", dim])
+    w = numpy_helper.from_array(np.arange(dim * dim, dtype=np.float32).reshape(dim, dim) / dim**2, "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Softmax", ["h"], ["y"], axis=-1)],
+        "tiny",
+        [x],
+        [y],
+        [w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.fixture
+def tiny_path(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model(), path)
+    return path

@@ -1,0 +1,123 @@
+"""The spattenc command line: help, the identity pipeline, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS, fixture_names, load_meta, reference_io, run_ort, tiny_model
+
+from spatten_compiler.cli import main
+
+
+def spattenc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spatten_compiler", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_shows_examples_and_commands() -> None:
+    r = spattenc("--help")
+    assert r.returncode == 0
+    assert "examples:" in r.stdout and "compile" in r.stdout and "inspect" in r.stdout
+
+
+def test_compile_help() -> None:
+    r = spattenc("compile", "--help")
+    assert r.returncode == 0 and "--output" in r.stdout and "--in-place" in r.stdout
+
+
+def test_default_verb_is_compile(tiny_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    assert main([str(tiny_path), "-o", str(out), "-q"]) == 0
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    assert np.array_equal(run_ort(out, {"x": x})["y"], run_ort(tiny_path, {"x": x})["y"])
+
+
+@pytest.mark.parametrize("name", fixture_names())
+def test_identity_pipeline_on_fixture(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.onnx"
+    assert main([str(MODELS / f"{name}.onnx"), "-o", str(out), "-q"]) == 0
+    feeds, _ = reference_io(load_meta(name))
+    before, after = run_ort(MODELS / f"{name}.onnx", feeds), run_ort(out, feeds)
+    assert before.keys() == after.keys()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+
+
+def _bad_inputs(tmp: Path, tiny: Path) -> dict[str, tuple[list[str], str]]:
+    text = tmp / "notes.onnx"
+    text.write_text("this is not a model\n")
+    trunc = tmp / "trunc.onnx"
+    trunc.write_bytes(tiny.read_bytes()[:40])
+    empty = tmp / "empty.onnx"
+    empty.write_bytes(b"")
+    invalid = tiny_model()
+    invalid.graph.node[0].input[1] = "no_such_tensor"
+    invalid_path = tmp / "invalid.onnx"
+    onnx.save(invalid, invalid_path)
+    ext = tmp / "ext.onnx"
+    onnx.save(tiny_model(), ext, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    (tmp / "ext.onnx.data").unlink()
+    short = tmp / "short.onnx"
+    onnx.save(tiny_model(), short, save_as_external_data=True, location="short.onnx.data", size_threshold=0)
+    (tmp / "short.onnx.data").write_bytes(b"\0" * 8)
+    return {
+        "missing": ([str(tmp / "nope.onnx")], "no such file"),
+        "directory": ([str(tmp)], "not a file"),
+        "text": ([str(text)], "not an ONNX model"),
+        "truncated": ([str(trunc)], "not an ONNX model"),
+        "empty": ([str(empty)], "not an ONNX model"),
+        "invalid graph": ([str(invalid_path)], "invalid ONNX graph"),
+        "missing external data": ([str(ext)], "missing or unreadable"),
+        "short external data": ([str(short)], "has only 8 bytes"),
+        "output is input": ([str(tiny), "--in-place-not-given"], "is the input model"),
+        "unknown pass": ([str(tiny), "--pipeline", "no-such-pass"], "unknown pass"),
+        "missing output folder": ([str(tiny), "-o", str(tmp / "no" / "dir.onnx")], "does not exist"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing", "directory", "text", "truncated", "empty", "invalid graph", "missing external data",
+        "short external data", "output is input", "unknown pass", "missing output folder",
+    ],
+)
+def test_bad_input_one_line_exit_2_no_output(case: str, tiny_path: Path, tmp_path: Path) -> None:
+    args, expected = _bad_inputs(tmp_path, tiny_path)[case]
+    out = tmp_path / "out.onnx"
+    if case == "output is input":
+        args = [args[0], "-o", args[0]]
+    elif "-o" not in args:
+        args = [*args, "-o", str(out)]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    r = spattenc(*args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spattenc"), r.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before, "bad input must not create or modify files"
+
+
+def test_in_place_overwrites_only_when_asked(tiny_path: Path) -> None:
+    assert main([str(tiny_path), "-o", str(tiny_path), "--in-place", "-q"]) == 0
+    onnx.checker.check_model(str(tiny_path))
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    r = spattenc(str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx"), "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_usage_error_is_one_line() -> None:
+    r = spattenc("model.onnx")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "-o/--output" in r.stderr

@@ -1,0 +1,80 @@
+"""Model I/O: external data round trips, atomic writes, the input is never modified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import run_ort, tiny_model
+
+from spatten_compiler import modelio
+from spatten_compiler.errors import SpattencError
+from spatten_compiler.modelio import load_model, save_model
+
+
+def _x() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+
+
+def test_large_model_path_writes_and_reloads_external_data(tmp_path: Path) -> None:
+    src = tmp_path / "src.onnx"
+    onnx.save(tiny_model(dim=16), src)  # 1 KiB weight: above onnx-ir's inline limit of 256 bytes
+    model = load_model(src)
+    out = tmp_path / "big.onnx"
+    # threshold=0 takes the path a >1.8 GB model takes, on a model small enough for a test.
+    files = save_model(model, out, threshold=0)
+    assert files == [tmp_path / "big.onnx.data", out]
+    proto = onnx.load(str(out), load_external_data=False)
+    assert proto.graph.initializer[0].data_location == onnx.TensorProto.EXTERNAL
+    reloaded = load_model(out)
+    assert isinstance(reloaded.graph.initializers["w"].const_value, ir.ExternalTensor)
+    np.testing.assert_array_equal(run_ort(out, {"x": _x()})["y"], run_ort(src, {"x": _x()})["y"])
+    # External data stays external when written again (from a memory-mapped source).
+    again = tmp_path / "again.onnx"
+    assert save_model(reloaded, again)[0] == tmp_path / "again.onnx.data"
+    np.testing.assert_array_equal(run_ort(again, {"x": _x()})["y"], run_ort(src, {"x": _x()})["y"])
+
+
+def test_inline_when_small(tmp_path: Path) -> None:
+    src = tmp_path / "src.onnx"
+    onnx.save(tiny_model(), src)
+    assert save_model(load_model(src), tmp_path / "o.onnx") == [tmp_path / "o.onnx"]
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src.onnx"
+    onnx.save(tiny_model(), src)
+    model = load_model(src)
+
+    def broken_save(m: ir.Model, path: str | Path, **kw: object) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(modelio.ir, "save", broken_save)
+    with pytest.raises(SpattencError, match="disk full"):
+        save_model(model, tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.onnx"]
+
+
+def test_overwriting_existing_output_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src.onnx"
+    onnx.save(tiny_model(), src)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous result")
+    monkeypatch.setattr(modelio.ir, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(SpattencError):
+        save_model(load_model(src), out)
+    assert out.read_bytes() == b"previous result"
+
+
+def test_input_file_unchanged_by_compile(tmp_path: Path) -> None:
+    from spatten_compiler.cli import main
+
+    src = tmp_path / "src.onnx"
+    onnx.save(tiny_model(), src)
+    before = src.read_bytes()
+    assert main([str(src), "-o", str(tmp_path / "o.onnx"), "-q"]) == 0
+    assert src.read_bytes() == before
