@@ -1,0 +1,1 @@
+"""spattenc benchmark harness (see bench/README.md); modules run as scripts or as bench.*."""
