@@ -93,11 +93,14 @@ def find_tokenizer(model_path: Path, explicit: Path | None = None) -> Path:
     raise FileNotFoundError(f"no tokenizer.json next to {model_path}; pass --tokenizer")
 
 
-def load_tokenizer(path: Path, max_len: int) -> Tokenizer:
-    """Load ``tokenizer.json`` with truncation at ``max_len`` and no padding (we pad per batch)."""
+def load_tokenizer(path: Path, max_len: int | None) -> Tokenizer:
+    """Load ``tokenizer.json``: truncation at ``max_len`` (None: none) and no padding (we pad per batch)."""
     tok = Tokenizer.from_file(str(path))
     tok.no_padding()
-    tok.enable_truncation(max_length=max_len)
+    if max_len is None:
+        tok.no_truncation()
+    else:
+        tok.enable_truncation(max_length=max_len)
     return tok
 
 
