@@ -1,0 +1,96 @@
+"""Attention as exporters write it, declared as data (see shared notes: attention-patterns.md).
+
+The core is anchored on ``Softmax(axis=-1)``; each ``OneOf`` lists the variants real exporters
+produce, and the tag records which one matched. Walking outwards from Q, K and V to their
+projections is table-driven too: :data:`VIEW_OPS` are the ops a head split / GQA repeat / KV cache
+is built from, each with the input that carries the data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spatten_compiler.match import Const, OneOf, Op, Var
+
+
+def _scalar(a: np.ndarray) -> bool:
+    return a.size == 1
+
+
+def _last_axis(axis: int | None) -> bool:
+    return axis in (None, -1, 3)
+
+
+QK = Op("MatMul", Var("q"), Var("kt"), name="qk")
+
+# Where the 1/sqrt(d) scale sits.
+SCORES = OneOf(
+    "scale_variant",
+    (
+        # x*s or x/s after the QK product (TorchScript eager; transformers 5 eager_attention_forward)
+        ("after", Op(("Mul", "Div"), QK, Const("scale", _scalar), name="scale_node")),
+        # SDPA decomposition (dynamo): sqrt(s) applied to both Q and K^T
+        (
+            "split",
+            Op(
+                "MatMul",
+                Op("Mul", Var("q"), Const("q_scale", _scalar), name="q_scale_node"),
+                Op("Mul", Var("kt"), Const("k_scale", _scalar), name="k_scale_node"),
+                name="qk",
+            ),
+        ),
+        # Q scaled before the product (DistilBERT: q / sqrt(d))
+        (
+            "before",
+            Op("MatMul", Op(("Mul", "Div"), Var("q"), Const("q_scale", _scalar), name="q_scale_node"), Var("kt"),
+               name="qk"),
+        ),
+        ("none", QK),
+    ),
+)
+
+# How the mask is applied. Where(cond, a, b): scores can be either branch.
+MASKED = OneOf(
+    "mask_variant",
+    (
+        # GPT-2 (transformers 4.x): causal Where on the scores, then the additive padding mask
+        (
+            "causal+additive",
+            Op("Add", Op("Where", Var("causal_cond"), SCORES, Var("causal_fill"), name="causal_node"), Var("mask"),
+               name="mask_node"),
+        ),
+        ("additive", Op("Add", SCORES, Var("mask"), name="mask_node")),
+        ("where", Op("Where", Var("mask"), Var("mask_fill"), SCORES, name="mask_node")),  # DistilBERT 4.x
+        ("where_scores_true", Op("Where", Var("mask"), SCORES, Var("mask_fill"), name="mask_node")),
+        ("none", SCORES),
+    ),
+)
+
+CORE = Op("Softmax", MASKED, name="softmax", attrs={"axis": _last_axis})
+
+# rotate_half(x) = Concat(-x[..., d/2:], x[..., :d/2]); RoPE(x) = x*cos + rotate_half(x)*sin
+ROTATE_HALF = Op("Concat", Op("Neg", Op("Slice", Var("x"))), Op("Slice", Var("x")), name="rotate")
+ROPE = Op("Add", Op("Mul", Var("x"), Var("cos")), Op("Mul", ROTATE_HALF, Var("sin")), name="rope")
+
+# Ops that only re-view the data on its way from a projection to Q/K/V: op -> data input index.
+VIEW_OPS: dict[str, int] = {
+    "Transpose": 0,
+    "Reshape": 0,
+    "Squeeze": 0,
+    "Unsqueeze": 0,
+    "Expand": 0,  # GQA: Unsqueeze -> Expand -> Reshape repeats each KV head
+    "Cast": 0,
+    "Identity": 0,
+    "Contiguous": 0,
+}
+
+# Already-fused attention ops: (domain, op) -> how to read them.
+FUSED_OPS: dict[tuple[str, str], dict[str, object]] = {
+    ("", "Attention"): {"heads": "q_num_heads", "kv_heads": "kv_num_heads", "q": 0, "k": 1, "v": 2,
+                        "mask": 3, "past": (4, 5), "present": (1, 2)},
+    ("com.microsoft", "Attention"): {"heads": "num_heads", "packed_input": 0, "mask": 3, "past": (4,)},
+    ("com.microsoft", "MultiHeadAttention"): {"heads": "num_heads", "q": 0, "k": 1, "v": 2, "mask": 4,
+                                              "past": (6, 7), "present": (1, 2)},
+    ("com.microsoft", "GroupQueryAttention"): {"heads": "num_heads", "kv_heads": "kv_num_heads", "q": 0,
+                                               "k": 1, "v": 2, "past": (3, 4), "present": (1, 2)},
+}

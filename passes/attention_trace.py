@@ -1,0 +1,229 @@
+"""Walk from Q, K or V back to its projection, recording what lies between.
+
+Between a projection (``MatMul``/``Gemm`` with a constant weight, optional bias ``Add``) and the
+attention core, exporters put: head-split views (Reshape/Transpose), RoPE, a KV-cache ``Concat``
+with a past input, a GQA repeat (Unsqueeze/Expand/Reshape), a pre-scale, and for packed QKV a
+``Split``/``Slice``. :func:`trace_branch` walks that chain one op at a time, dispatching on the op
+type through :data:`STEPS`, and returns a :class:`Branch` or a NoMatch with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from spatten_compiler.match import NoMatch, const_array, match
+
+from .attention_patterns import ROPE, VIEW_OPS
+
+
+@dataclasses.dataclass
+class Projection:
+    node: ir.Node  # MatMul or Gemm
+    input: ir.Value  # the hidden state it reads (Reshape to [B*S, D] stripped)
+    weight: ir.Value
+    bias: ir.Value | None = None
+    transposed_weight: bool = False  # Gemm transB=1 or MatMul(X, Transpose(W))
+
+
+@dataclasses.dataclass
+class KVCache:
+    past: ir.Value  # graph input
+    concat: ir.Node
+    axis: int
+    present: ir.Value | None  # graph output carrying the concatenation, if any
+
+
+@dataclasses.dataclass
+class Branch:
+    value: ir.Value  # what the attention core consumes (Q, K^T or V)
+    projection: Projection | None = None
+    views: list[ir.Node] = dataclasses.field(default_factory=list)
+    rope: ir.Node | None = None
+    rope_cos: ir.Value | None = None
+    cache: KVCache | None = None
+    packed: int | None = None  # index in a packed QKV projection (Split output / Slice)
+    pre_scale: float | None = None
+    heads: int | None = None
+    head_dim: int | None = None
+    repeated: bool = False  # GQA repeat of KV heads
+    flat_width: int | None = None  # heads * head_dim before the head split, when known
+
+    def finish(self) -> Branch:
+        """Heads from the flat width when the head-split Reshape used -1 for them."""
+        if self.heads is None and self.head_dim:
+            width = self.flat_width
+            if width is None and self.projection is not None and self.packed is None:
+                dims = self.projection.weight.shape
+                width = dims[0 if self.projection.transposed_weight else -1] if dims is not None else None
+            if isinstance(width, int):
+                self.heads = width // self.head_dim
+        return self
+
+
+def _reshape_target(node: ir.Node) -> list[int | None]:
+    """Target shape of a Reshape: constant, or a Concat of pieces some of which are constant."""
+    out = node.outputs[0].shape
+    if out is not None and any(isinstance(d, int) for d in out.dims[2:]):
+        return [d if isinstance(d, int) else None for d in out.dims]
+    shape = node.inputs[1]
+    array = const_array(shape)
+    if array is not None:
+        return [int(x) if x > 0 else None for x in array.tolist()]
+    concat = shape.producer() if shape is not None else None
+    if concat is None or concat.op_type != "Concat":
+        return []
+    dims: list[int | None] = []
+    for piece in concat.inputs:
+        a = const_array(piece)
+        dims.extend([int(x) if x > 0 else None for x in a.tolist()] if a is not None else [None])
+    return dims
+
+
+def _graph_input(value: ir.Value, graph: ir.Graph) -> ir.Value | None:
+    """The graph input that ``value`` is a view of (past KV), if any."""
+    for _ in range(8):
+        if value in graph.inputs:
+            return value
+        node = value.producer()
+        if node is None or node.op_type not in (*VIEW_OPS, "Gather"):
+            return None
+        value = node.inputs[0]
+    return None
+
+
+Step = Callable[[ir.Node, ir.Value, Branch, ir.Graph], "ir.Value | NoMatch | None"]
+
+
+def _view(node, value, branch, graph):
+    branch.views.append(node)
+    if node.op_type == "Reshape":
+        dims = _reshape_target(node)
+        if len(dims) == 4 and dims[-1] is not None:
+            # Walking backwards: the last rank-4 reshape seen is the one next to the projection,
+            # [B, S, H, Dh]; a GQA repeat reshapes to [B, H, S, Dh] closer to the core.
+            heads = dims[2] if dims[1] is None or dims[2] is not None else dims[1]
+            branch.heads, branch.head_dim = heads, dims[3]
+            src = node.inputs[0].shape
+            width = src.dims[-1] if src is not None and src.rank() == 3 else None
+            branch.flat_width = width if isinstance(width, int) else None
+    if node.op_type == "Expand":
+        branch.repeated = True
+    return node.inputs[VIEW_OPS[node.op_type]]
+
+
+def _add(node, value, branch, graph):
+    found = match(ROPE, value)
+    if found:
+        branch.rope, branch.rope_cos = node, found["cos"]
+        return found["x"]
+    a, b = node.inputs[0], node.inputs[1]
+    if const_array(b) is not None or const_array(a) is not None:
+        bias, data = (b, a) if const_array(b) is not None else (a, b)
+        producer = data.producer()
+        if producer is None or producer.op_type not in ("MatMul", "Gemm"):
+            return NoMatch(f"bias Add '{node.name}' does not follow a projection")
+        branch.projection = _projection(producer)
+        if isinstance(branch.projection, NoMatch):
+            return branch.projection
+        branch.projection.bias = bias
+        return None
+    return NoMatch(f"Add '{node.name}' between projection and attention is neither RoPE nor a bias")
+
+
+def _concat(node, value, branch, graph):
+    axis = node.attributes["axis"].value
+    for i, piece in enumerate(node.inputs):
+        past = _graph_input(piece, graph) if piece is not None else None
+        if past is not None and len(node.inputs) == 2:
+            present = next((o for o in graph.outputs if _is_view_of(o, node.outputs[0])), None)
+            branch.cache = KVCache(past=past, concat=node, axis=axis, present=present)
+            return node.inputs[1 - i]
+    return NoMatch(f"Concat '{node.name}' is not a KV-cache concat with a past input")
+
+
+def _is_view_of(out: ir.Value, value: ir.Value) -> bool:
+    for _ in range(4):
+        if out is value:
+            return True
+        node = out.producer()
+        if node is None or node.op_type not in VIEW_OPS:
+            return False
+        out = node.inputs[0]
+    return out is value
+
+
+def _scale(node, value, branch, graph):
+    for data, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+        s = const_array(other)
+        if s is not None and s.size == 1 and (node.op_type == "Mul" or other is node.inputs[1]):
+            branch.pre_scale = float(s.reshape(())) if node.op_type == "Mul" else 1.0 / float(s.reshape(()))
+            return data
+    return NoMatch(f"{node.op_type} '{node.name}' with no scalar constant")
+
+
+def _split(node, value, branch, graph):
+    if node.op_type == "Split":
+        branch.packed = list(node.outputs).index(value)
+    else:  # Slice: the start offset along the last axis identifies q/k/v in a packed projection
+        starts = const_array(node.inputs[1])
+        branch.packed = int(starts.reshape(-1)[0]) if starts is not None else -1
+    branch.views.append(node)
+    return node.inputs[0]
+
+
+def _projection(node: ir.Node) -> Projection | NoMatch:
+    weight = node.inputs[1]
+    transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+    producer = weight.producer()
+    if const_array(weight) is None and producer is not None and producer.op_type == "Transpose":
+        weight, transposed = producer.inputs[0], True
+    if const_array(weight) is None and weight.const_value is None:
+        return NoMatch(f"{node.op_type} '{node.name}' weight is not a constant")
+    hidden = node.inputs[0]
+    while hidden.producer() is not None and hidden.producer().op_type == "Reshape":
+        hidden = hidden.producer().inputs[0]
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    return Projection(node=node, input=hidden, weight=weight, bias=bias, transposed_weight=transposed)
+
+
+def _matmul(node, value, branch, graph):
+    proj = _projection(node)
+    if isinstance(proj, NoMatch):
+        return proj
+    branch.projection = proj
+    return None
+
+
+STEPS: dict[str, Step] = {
+    **{op: _view for op in VIEW_OPS},
+    "Add": _add,
+    "Concat": _concat,
+    "Mul": _scale,
+    "Div": _scale,
+    "Split": _split,
+    "Slice": _split,
+    "MatMul": _matmul,
+    "Gemm": _matmul,
+}
+
+
+def trace_branch(value: ir.Value, graph: ir.Graph, max_steps: int = 32) -> Branch | NoMatch:
+    """Follow ``value`` back to its projection (or a graph input, for cross-attention)."""
+    branch = Branch(value=value)
+    for _ in range(max_steps):
+        node = value.producer()
+        if node is None:
+            return branch.finish()  # a graph input: no projection in this graph
+        step = STEPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if step is None:
+            return NoMatch(f"unexpected {node.op_type} '{node.name}' between projection and attention")
+        nxt = step(node, value, branch, graph)
+        if isinstance(nxt, NoMatch):
+            return nxt
+        if nxt is None:
+            return branch.finish()
+        value = nxt
+    return NoMatch("no projection within 32 ops")

@@ -1,0 +1,289 @@
+"""find-attention: locate every attention block (an analysis; the graph is not changed).
+
+For each ``Softmax`` the core pattern (:mod:`.attention_patterns`) is matched, Q/K/V are traced to
+their projections (:mod:`.attention_trace`), the probabilities are followed to ``MatMul(P, V)``,
+the head merge and output projection, and the residual ``Add`` whose other input is the layer's
+hidden state. Already-fused attention ops are sites too. Every Softmax that is not taken gets a
+reason. Sites are numbered in execution order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import onnx_ir as ir
+
+from spatten_compiler.match import NoMatch, const_array, match
+from spatten_compiler.pipeline import Pass, PassResult, register_pass
+
+from .attention_patterns import CORE, FUSED_OPS, VIEW_OPS
+from .attention_trace import Branch, Projection, _projection, trace_branch
+from .site_io import layer_outputs, mask_info
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    layer: int
+    softmax: ir.Node | None  # None for fused ops
+    probs: ir.Value | None
+    variant: dict[str, str]
+    q: Branch | None
+    k: Branch | None
+    v: Branch | None
+    num_heads: int | None
+    num_kv_heads: int | None
+    head_dim: int | None
+    scale: float | None = None
+    mask: ir.Value | None = None
+    mask_kind: str = "none"
+    mask_source: str | None = None
+    pv: ir.Node | None = None
+    merge: list[ir.Node] = dataclasses.field(default_factory=list)
+    out_proj: Projection | None = None
+    residual: ir.Node | None = None
+    layer_input: ir.Value | None = None
+    layer_output: ir.Value | None = None
+    fused: ir.Node | None = None
+
+    @property
+    def rope(self) -> bool:
+        return bool(self.q and self.q.rope is not None)
+
+    @property
+    def kv_cache(self) -> bool:
+        return bool(self.k and self.k.cache is not None)
+
+    @property
+    def hidden_size(self) -> int | None:
+        w = self.q.projection.weight if self.q and self.q.projection else None
+        return None if w is None or w.shape is None else int(w.shape[0 if not self.q.projection.transposed_weight else 1])
+
+    def to_dict(self) -> dict[str, Any]:
+        def name(x: Any) -> str | None:
+            return None if x is None else x.name
+
+        d: dict[str, Any] = {
+            "layer": self.layer,
+            "kind": "fused:" + self.fused.op_type if self.fused is not None else "decomposed",
+            "variant": self.variant,
+            "softmax": name(self.softmax),
+            "probs": name(self.probs),
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+            "scale": self.scale,
+            "mask": {"kind": self.mask_kind, "source": self.mask_source, "tensor": name(self.mask)},
+            "rope": self.rope,
+            "kv_cache": None,
+            "layer_input": name(self.layer_input),
+            "layer_output": name(self.layer_output),
+            "residual": name(self.residual),
+        }
+        for key, br in (("q", self.q), ("k", self.k), ("v", self.v)):
+            if br is None:
+                continue
+            p = br.projection
+            d[key] = {
+                "tensor": name(br.value),
+                "projection": None if p is None else {"node": p.node.name, "input": name(p.input),
+                                                      "weight": name(p.weight), "bias": name(p.bias)},
+                "packed": br.packed,
+                "heads": br.heads,
+                "views": [n.name for n in br.views],
+                "rope": name(br.rope),
+            }
+        if self.k is not None and self.k.cache is not None:
+            c, vc = self.k.cache, self.v.cache if self.v else None
+            d["kv_cache"] = {"past_key": c.past.name, "past_value": name(vc.past) if vc else None,
+                             "present_key": name(c.present), "present_value": name(vc.present) if vc else None,
+                             "axis": c.axis}
+        if self.out_proj is not None:
+            d["out_proj"] = {"node": self.out_proj.node.name, "weight": self.out_proj.weight.name,
+                             "bias": name(self.out_proj.bias)}
+        return d
+
+
+@dataclasses.dataclass
+class AttentionReport:
+    sites: list[AttentionSite]
+    rejected: list[tuple[str, str]]  # (Softmax node name, reason)
+
+
+def _single_consumer(value: ir.Value) -> ir.Node | None:
+    """The one consumer of ``value``, ignoring Shape/Size reads (TorchScript computes shapes)."""
+    uses = [u for u in value.uses() if u.node.op_type not in ("Shape", "Size")]
+    return uses[0].node if len(uses) == 1 else None
+
+
+def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Projection | None, ir.Node | None]:
+    """PV -> head merge (views) -> output projection (+bias) -> residual Add."""
+    merge: list[ir.Node] = []
+    value = pv.outputs[0]
+    node = _single_consumer(value)
+    while node is not None and node.op_type in VIEW_OPS:
+        merge.append(node)
+        value = node.outputs[0]
+        node = _single_consumer(value)
+    if node is None or node.op_type not in ("MatMul", "Gemm") or node.inputs[0] is not value:
+        return merge, None, None
+    proj = _projection(node)
+    if isinstance(proj, NoMatch):
+        return merge, None, None
+    value = node.outputs[0]
+    node = _single_consumer(value)
+    while node is not None and node.op_type == "Reshape":  # Gemm on [B*S, D] is reshaped back
+        value, node = node.outputs[0], _single_consumer(node.outputs[0])
+    if node is not None and node.op_type == "Add" and any(const_array(i) is not None for i in node.inputs):
+        proj.bias = next(i for i in node.inputs if const_array(i) is not None)
+        value, node = node.outputs[0], _single_consumer(node.outputs[0])
+    residual = node if node is not None and node.op_type == "Add" else None
+    return merge, proj, residual
+
+
+def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
+    found = match(CORE, node.outputs[0])
+    if not found:
+        return NoMatch(f"core: {found.reason}")
+    q, kt = found["q"], found["kt"]
+    if const_array(kt) is not None or const_array(q) is not None:
+        return NoMatch("one side of the score MatMul is a constant: a linear layer followed by Softmax")
+    pvs = [u.node for u in node.outputs[0].uses() if u.node.op_type == "MatMul" and u.idx == 0]
+    if len(pvs) != 1:
+        return NoMatch("the probabilities do not feed exactly one MatMul(P, V)")
+    pv = pvs[0]
+    branches = {}
+    for key, value in (("q", q), ("k", kt), ("v", pv.inputs[1])):
+        br = trace_branch(value, graph)
+        if isinstance(br, NoMatch):
+            return NoMatch(f"{key}: {br.reason}")
+        branches[key] = br
+    qb, kb, vb = branches["q"], branches["k"], branches["v"]
+    heads = qb.heads or (node.inputs[0].shape.dims[1] if node.inputs[0].shape is not None else None)
+    heads = heads if isinstance(heads, int) else None
+    kv_heads = kb.heads or heads
+    head_dim = qb.head_dim or kb.head_dim
+    if heads is None or head_dim is None:
+        return NoMatch("cannot tell the number of heads / head size from the head-split Reshape")
+    scale = 1.0
+    for key in ("scale", "q_scale", "k_scale"):
+        if f"{key}:value" in found:
+            s = float(found[f"{key}:value"].reshape(()))
+            scale *= 1.0 / s if found[f"{key}_node"].op_type == "Div" else s
+    for br in (qb, kb):
+        if br.pre_scale is not None:
+            scale *= br.pre_scale
+    variant = {"scale": found["scale_variant"], "mask": found["mask_variant"]}
+    merge, out_proj, residual = _follow_output(pv, graph)
+    site = AttentionSite(
+        layer=-1, softmax=node, probs=node.outputs[0], variant=variant, q=qb, k=kb, v=vb,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        scale=scale if found["scale_variant"] != "none" or scale != 1.0 else None,
+        mask=found.get("mask"), pv=pv, merge=merge, out_proj=out_proj, residual=residual,
+    )
+    if residual is not None:
+        attn_out = next(i for i in residual.inputs if _descends_from(i, pv))
+        site.layer_input = next(i for i in residual.inputs if i is not attn_out)
+    site.mask_kind, site.mask_source = mask_info(site.mask, graph, found.get("causal_cond"))
+    return site
+
+
+def _descends_from(value: ir.Value, node: ir.Node, limit: int = 12) -> bool:
+    for _ in range(limit):
+        producer = value.producer()
+        if producer is None:
+            return False
+        if producer is node:
+            return True
+        value = next((i for i in producer.inputs if i is not None and const_array(i) is None), None)
+        if value is None:
+            return False
+    return False
+
+
+def _fused_site(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
+    """A fused attention op: heads from attributes, or from 4-D Q/K shapes and the head split."""
+    spec = FUSED_OPS[(node.domain, node.op_type)]
+    heads = node.attributes.get_int(str(spec["heads"]), 0) or None
+    kv_heads = node.attributes.get_int(str(spec.get("kv_heads", spec["heads"])), 0) or None
+    branches: dict[str, Branch | None] = {}
+    for key in ("q", "k", "v"):
+        index = spec.get(key)
+        value = node.inputs[index] if isinstance(index, int) and len(node.inputs) > index else None
+        traced = trace_branch(value, graph) if value is not None else None
+        branches[key] = traced if isinstance(traced, Branch) else (Branch(value=value) if value is not None else None)
+    q, k = branches["q"], branches["k"]
+    head_dim = None
+    for br, which in ((q, "q"), (k, "k")):
+        shape = br.value.shape if br is not None else None
+        if shape is not None and shape.rank() == 4:
+            n, d = shape.dims[1], shape.dims[3]
+            if which == "q":
+                heads = heads or (n if isinstance(n, int) else br.heads)
+            else:  # a GQA repeat before the op hides the true KV heads: read them at the head split
+                kv_heads = kv_heads or (br.heads if br.repeated and br.heads else n if isinstance(n, int) else br.heads)
+            head_dim = head_dim or (d if isinstance(d, int) else br.head_dim)
+    if head_dim is None and q is not None and q.value.shape is not None and heads:
+        last = q.value.shape.dims[-1]
+        head_dim = last // heads if isinstance(last, int) else None
+    if heads is None or head_dim is None:
+        return NoMatch(f"fused {node.op_type} '{node.name}': cannot tell heads / head size")
+    mask_index = spec.get("mask")
+    mask = node.inputs[mask_index] if isinstance(mask_index, int) and len(node.inputs) > mask_index else None
+    causal = node.attributes.get_int("is_causal", 0) or node.attributes.get_int("unidirectional", 0)
+    mask_kind, mask_source = mask_info(mask, graph, None) if mask is not None else ("none", None)
+    if causal:
+        mask_kind = "causal" if mask_kind in ("none", "causal") else f"causal+{mask_kind.replace('causal+', '')}"
+    past = spec.get("past", ())
+    past_values = [node.inputs[i] for i in past if len(node.inputs) > i and node.inputs[i] is not None]  # type: ignore[union-attr]
+    if past_values and k is not None and k.cache is None:
+        from .attention_trace import KVCache
+
+        present = node.outputs[spec["present"][0]] if "present" in spec else None  # type: ignore[index]
+        k.cache = KVCache(past=past_values[0], concat=node, axis=-2, present=present)
+    return AttentionSite(
+        layer=-1, softmax=None, probs=None, variant={"fused": f"{node.domain or 'ai.onnx'}.{node.op_type}"},
+        q=q, k=k, v=branches["v"], num_heads=heads, num_kv_heads=kv_heads or heads, head_dim=head_dim,
+        mask=mask, mask_kind=mask_kind, mask_source=mask_source, fused=node,
+    )
+
+
+def find_attention(model: ir.Model) -> AttentionReport:
+    """Every attention site of the main graph, in execution order, plus reasons for non-matches."""
+    graph = model.graph
+    sites: list[AttentionSite] = []
+    rejected: list[tuple[str, str]] = []
+    for node in graph:
+        if (node.domain, node.op_type) in FUSED_OPS:
+            fused = _fused_site(node, graph)
+            if isinstance(fused, NoMatch):
+                rejected.append((node.name or "<unnamed>", fused.reason))
+            else:
+                sites.append(fused)
+        elif node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
+            found = _match_softmax(node, graph)
+            if isinstance(found, NoMatch):
+                rejected.append((node.name or "<unnamed>", found.reason))
+            else:
+                sites.append(found)
+    for i, site in enumerate(sites):
+        site.layer = i
+    layer_outputs(sites, graph)
+    return AttentionReport(sites, rejected)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class FindAttention(Pass):
+    """Analysis only: logs the sites found. Passes that rewrite call :func:`find_attention`."""
+
+    name = "find-attention"
+
+    def call(self, model: ir.Model) -> PassResult:
+        report = find_attention(model)
+        logger.info("found %d attention sites; %d Softmax rejected", len(report.sites), len(report.rejected))
+        return PassResult(model, False)

@@ -1,0 +1,78 @@
+"""normalize: put exported graphs into one canonical form before matching.
+
+Rewrites (in order):
+  onnx shape inference     -> dtypes and symbolic shapes on every value (used by the matchers)
+  onnxscript optimizer: constant folding (small tensors only), dead-code removal, Identity removal
+  Dropout(x) (inference)   -> x
+  Cast(x, to=dtype(x))     -> x
+  Identity(x)              -> x      (again: the folds above can expose new ones)
+
+Large weights are never folded (size limits below), so normalizing a 600 MB model does not copy its
+weights. Graph outputs keep their names: a removed node that produced a graph output is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx_ir as ir
+from onnx_ir.passes.common import IdentityEliminationPass, RemoveUnusedNodesPass, ShapeInferencePass
+from onnxscript import optimizer
+
+from spatten_compiler.pipeline import Pass, PassResult, register_pass
+
+logger = logging.getLogger(__name__)
+
+
+def _is_noop(node: ir.Node) -> bool:
+    if node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
+        # Inference Dropout: no training_mode input, or a constant False one; the mask output unused.
+        training = node.inputs[2] if len(node.inputs) > 2 else None
+        if training is not None and (training.const_value is None or bool(training.const_value.numpy())):
+            return False
+        return len(node.outputs) < 2 or not node.outputs[1].uses()
+    if node.op_type == "Cast" and node.domain in ("", "ai.onnx"):
+        src, to = node.inputs[0], node.attributes.get("to")
+        return src is not None and src.dtype is not None and to is not None and src.dtype == ir.DataType(to.value)
+    return False
+
+
+def remove_noops(graph: ir.Graph) -> int:
+    """Bypass no-op Dropout and Cast nodes; return how many were removed."""
+    outputs = set(graph.outputs)
+    removed = 0
+    for node in list(graph):
+        if not _is_noop(node) or node.outputs[0] in outputs:
+            continue
+        ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+        graph.remove(node, safe=True)
+        removed += 1
+    return removed
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class Normalize(Pass):
+    """Constant folding + no-op removal so that attention matching sees one canonical form."""
+
+    name = "normalize"
+    fold_limit: int = 1 << 16  # largest tensor (elements) the folder may create
+
+    def call(self, model: ir.Model) -> PassResult:
+        before = len(model.graph)
+        optimizer.optimize_ir(
+            model,
+            num_iterations=2,
+            onnx_shape_inference=False,
+            input_size_limit=self.fold_limit,
+            output_size_limit=self.fold_limit,
+            inline=True,
+        )
+        # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        removed = remove_noops(model.graph)
+        IdentityEliminationPass()(model)
+        RemoveUnusedNodesPass()(model)
+        logger.info("normalize: %d -> %d nodes (%d no-op Dropout/Cast)", before, len(model.graph), removed)
+        return PassResult(model, True)

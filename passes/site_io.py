@@ -1,0 +1,114 @@
+"""Where an attention site connects to the rest of the model: its mask and the residual stream.
+
+* :func:`mask_info` classifies the mask by what it is built from: a graph input such as
+  ``attention_mask`` makes it a padding mask; a comparison of two ``Range`` positions, a ``Trilu``
+  or a constant triangular matrix makes it causal.
+* :func:`layer_outputs` sets each site's ``layer_output``: the next site's ``layer_input``, and for
+  the last site the same residual-stream path (op types from one layer input to the next) replayed
+  from its own input. Token pruning gathers kept tokens at these tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from spatten_compiler.match import const_array
+
+if TYPE_CHECKING:
+    from .find_attention import AttentionSite
+
+COMPARISONS = {"Less", "LessOrEqual", "Greater", "GreaterOrEqual"}
+POSITION_INPUTS = {"input_ids", "position_ids", "token_type_ids", "cache_position"}
+
+
+def _ancestors(value: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[ir.Value]]:
+    nodes: list[ir.Node] = []
+    inputs: list[ir.Value] = []
+    seen: set[int] = set()
+    todo = deque([value])
+    while todo and len(nodes) < limit:
+        v = todo.popleft()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None:
+            if v.const_value is None and v.graph is not None:
+                inputs.append(v)
+            elif (a := const_array(v)) is not None and a.ndim >= 2 and a.shape[-1] == a.shape[-2] > 1:
+                if np.array_equal(a.astype(bool), np.tril(a.astype(bool))):
+                    nodes.append(ir.Node("", "Trilu", [], name="<constant tril>"))
+            continue
+        nodes.append(node)
+        todo.extend(node.inputs)
+    return nodes, inputs
+
+
+def _from_range(value: ir.Value) -> bool:
+    return any(n.op_type == "Range" for n in _ancestors(value, limit=12)[0])
+
+
+def mask_info(mask: ir.Value | None, graph: ir.Graph, causal_cond: ir.Value | None) -> tuple[str, str | None]:
+    """(kind, source input name): kind is none | padding | causal | causal+padding."""
+    if mask is None and causal_cond is None:
+        return "none", None
+    nodes: list[ir.Node] = []
+    inputs: list[ir.Value] = []
+    for v in (mask, causal_cond):
+        if v is not None:
+            n, i = _ancestors(v)
+            nodes += n
+            inputs += i
+    causal = any(n.op_type == "Trilu" for n in nodes) or any(
+        n.op_type in COMPARISONS and all(i is not None and _from_range(i) for i in n.inputs) for n in nodes
+    )
+    padding = [v for v in inputs if v in graph.inputs and v.name not in POSITION_INPUTS and "past" not in v.name]
+    source = padding[0].name if padding else None
+    kind = "+".join(k for k, on in (("causal", causal), ("padding", bool(padding))) if on) or "constant"
+    return kind, source
+
+
+def _stream_path(start: ir.Value, end: ir.Value, limit: int = 400) -> list[tuple[str, int]] | None:
+    """Op types (and the input slot used) on the shortest forward path from start to end."""
+    parents: dict[int, tuple[ir.Value, ir.Node, int]] = {}
+    todo = deque([start])
+    seen = {id(start)}
+    while todo and len(seen) < limit:
+        v = todo.popleft()
+        if v is end:
+            path: list[tuple[str, int]] = []
+            while v is not start:
+                prev, node, slot = parents[id(v)]
+                path.append((node.op_type, slot))
+                v = prev
+            return path[::-1]
+        for use in v.uses():
+            for out in use.node.outputs:
+                if id(out) not in seen:
+                    seen.add(id(out))
+                    parents[id(out)] = (v, use.node, use.idx)
+                    todo.append(out)
+    return None
+
+
+def _replay(start: ir.Value, path: list[tuple[str, int]]) -> ir.Value | None:
+    value = start
+    for op, slot in path:
+        nodes = [u.node for u in value.uses() if u.node.op_type == op and u.idx == slot]
+        if len(nodes) != 1:
+            return None
+        value = nodes[0].outputs[0]
+    return value
+
+
+def layer_outputs(sites: list[AttentionSite], graph: ir.Graph) -> None:
+    for here, nxt in zip(sites, sites[1:]):
+        here.layer_output = nxt.layer_input
+    if len(sites) >= 2 and sites[-1].layer_input is not None and sites[-2].layer_input is not None:
+        path = _stream_path(sites[-2].layer_input, sites[-1].layer_input)
+        if path:
+            sites[-1].layer_output = _replay(sites[-1].layer_input, path)
