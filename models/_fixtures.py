@@ -213,6 +213,22 @@ FIXTURES: list[FixtureSpec] = [
         **_OP23,
         purpose="Llama (GQA, RoPE, KV cache) with SDPA at opset 23: fused ONNX Attention.",
     ),
+    _spec(
+        "bert_sdpa_dynamo",
+        "bert",
+        "dynamo",
+        attn_implementation="sdpa",
+        purpose="BERT with SDPA (transformers' default) decomposed by dynamo: Q and K^T each "
+        "scaled by Sqrt(scale), mask added, Softmax wrapped in Where(IsNaN(P), 0, P).",
+    ),
+    _spec(
+        "llama_sdpa_dynamo",
+        "llama",
+        "dynamo",
+        attn_implementation="sdpa",
+        purpose="Llama with SDPA (transformers' default) decomposed by dynamo, as a default "
+        "dynamo export of a Llama-style model looks (GQA, RoPE, KV cache).",
+    ),
 ]
 FIXTURES_BY_NAME: dict[str, FixtureSpec] = {s.name: s for s in FIXTURES}
 
