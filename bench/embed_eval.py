@@ -223,8 +223,8 @@ def evaluate_task(name: str, dense: Embedder, cands: Sequence[Embedder],
                   args: argparse.Namespace) -> dict[str, Any]:
     """All numbers for one task: dense reference plus one row per (candidate, pooling mode)."""
     tdef = TASKS[name]
-    n_train = args.n_train if args.n_train is not None else tdef.n_train
-    n_test = args.n_test if args.n_test is not None else tdef.n_test
+    n_train = args.n_train.get(name, args.n_train.get("*", tdef.n_train))
+    n_test = args.n_test.get(name, args.n_test.get("*", tdef.n_test))
     train = load_split(args.data_dir / tdef.train, n_train, args.seed)
     test = load_split(args.data_dir / tdef.test, n_test, args.seed)
     d_tr = dense.embed(train, f"{name} train dense")
@@ -280,11 +280,24 @@ def render_markdown(result: dict[str, Any]) -> str:
     head = [f"# embed_eval {m['date_utc']}", "", f"`{m['command']}`", "",
             f"onnxruntime {m['onnxruntime_version']}, {m['intra_op_threads']} intra-op threads, "
             f"max_len {c['max_len']}, batch {c['batch_size']}, probe LogisticRegression(C={c['C']}, "
-            f"max_iter={c['max_iter']}), seed {c['seed']}, git {str(m['git_commit'])[:10]}"
+            f"max_iter={c['max_iter']}), seed {c['seed']}, load avg {m['load_avg_1m']:.1f}, "
+            f"git {str(m['git_commit'])[:10]}"
             f"{' (dirty)' if m['git_dirty'] else ''}", "", MD_HEADER]
     for task in result["tasks"]:
         head.extend(markdown_rows(task))
     return "\n".join(head) + "\n"
+
+
+def parse_sizes(text: str) -> dict[str, int | None]:
+    """``"500"`` -> every task 500; ``"imdb=200,sst2=all"`` -> per task (``all``: the whole file)."""
+    sizes: dict[str, int | None] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        task, sep, value = part.rpartition("=")
+        key = task if sep else "*"
+        if sep and task not in TASKS:
+            raise argparse.ArgumentTypeError(f"unknown task {task!r}")
+        sizes[key] = None if value == "all" else int(value)
+    return sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,8 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", action="append", default=[], metavar="[LABEL=]PATH",
                    help="a candidate ONNX model (repeatable)")
     p.add_argument("--task", nargs="+", choices=sorted(TASKS), default=["sst2", "imdb"])
-    p.add_argument("--n-train", type=int, default=None, help="train rows (default: imdb all, sst2 4000)")
-    p.add_argument("--n-test", type=int, default=None, help="test rows (default: all)")
+    p.add_argument("--n-train", type=parse_sizes, default={}, metavar="N|TASK=N,...",
+                   help="train rows, for all tasks or per task (default: imdb all, sst2 4000)")
+    p.add_argument("--n-test", type=parse_sizes, default={}, metavar="N|TASK=N,...",
+                   help="test rows, for all tasks or per task (default: all)")
     p.add_argument("--pooling", nargs="+", choices=POOLINGS, default=["mean"],
                    help="candidate pooling modes (dense always uses mean)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per session.run (length-sorted)")

@@ -106,8 +106,11 @@ def main() -> int:
         args = embed_eval.build_parser().parse_args([
             "--dense", str(root / "dense.onnx"), "--candidate", f"same={root / 'dense.onnx'}",
             "--candidate", f"kept={root / 'cand.onnx'}", "--pooling", "mean", "kept",
-            "--data-dir", str(root / "data"), "--n-train", "30", "--no-cache", "--no-save"])
+            "--data-dir", str(root / "data"), "--n-train", "30,imdb=35", "--n-test", "sst2=all",
+            "--no-cache", "--no-save"])
         res = embed_eval.run(args)
+        check([(t["train"]["n"], t["test"]["n"]) for t in res["tasks"]] == [(30, 40), (35, 40)],
+              "per-task --n-train/--n-test sizes")
         for task in res["tasks"]:
             rows = {(r["label"], r["pooling"]): r for r in task["candidates"]}
             same, km, kk = rows[("same", "mean")], rows[("kept", "mean")], rows[("kept", "kept")]
