@@ -25,6 +25,10 @@ log = logging.getLogger("spattenc.models")
 
 ATOL = 1e-4
 SEED = 0
+# Std of the noise added to every 1-D parameter (biases, norm weights) after init. HF init
+# leaves them all 0 or 1: identical tensors that the TorchScript exporter deduplicates into one
+# initializer shared through Identity nodes, which no trained model shows.
+VECTOR_NOISE = 0.1
 # (batch, sequence, past, padded positions in the last sample) of the stored reference ...
 REFERENCE_SHAPE = (2, 7, 3, 2)
 # ... and of extra runs that only prove the dynamic axes (past=0 is a prefill step).
@@ -69,11 +73,15 @@ def make_feeds(
 
 
 def build_model(spec: FixtureSpec) -> tuple[torch.nn.Module, Any]:
-    """The spec's random-weight model in eval mode (seeded), and its config."""
+    """The spec's random-weight model in eval mode (seeded, 1-D params perturbed), and its config."""
     torch.manual_seed(SEED)
     config_cls = getattr(transformers, spec.config_cls)
     config = config_cls(**spec.config_kwargs, attn_implementation=spec.attn_implementation)
     model = getattr(transformers, spec.model_cls)(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param) * VECTOR_NOISE)
     actual = model.config._attn_implementation
     if actual != spec.attn_implementation:
         raise RuntimeError(f"asked for {spec.attn_implementation} attention, model uses {actual}")

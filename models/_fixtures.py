@@ -22,7 +22,11 @@ def present_names(num_layers: int) -> list[str]:
     return [f"present.{i}.{t}" for i in range(num_layers) for t in ("key", "value")]
 
 
-_TINY = {"vocab_size": 512, "max_position_embeddings": 128}
+# initializer_range 0.2 (HF default 0.02): with the default, a 64-wide model's attention is
+# uniform to 3 digits (max prob 0.065 over 16 keys), so token importance would be noise;
+# with 0.2 the mean max prob is 0.3-0.5, like a trained model.
+INIT_RANGE = 0.2
+_TINY = {"vocab_size": 512, "max_position_embeddings": 128, "initializer_range": INIT_RANGE}
 BERT = {
     **_TINY,
     "hidden_size": 64,
@@ -42,6 +46,7 @@ DISTILBERT = {
     "attention_dropout": 0.0,
 }
 GPT2 = {
+    "initializer_range": INIT_RANGE,
     "vocab_size": 512,
     "n_positions": 128,
     "n_embd": 64,
@@ -76,7 +81,7 @@ class FixtureSpec:
     model_cls: str  # transformers model class name (also the sidecar's hf_class)
     wrapper: str  # key of _wrappers.WRAPPERS
     kind: str  # encoder | decoder
-    mask: str  # padding | where | causal+padding
+    mask: str  # padding | where | causal+padding (no transformers-5 export produces 'where')
     inputs: tuple[str, ...]  # without the past_key_values.* inputs (added when kv_cache)
     outputs: tuple[str, ...]  # without the present.* outputs (added when kv_cache)
     purpose: str
@@ -113,10 +118,11 @@ _FAMILIES: dict[str, FixtureSpec] = {
         "DistilBertModel",
         "hidden_state",
         "encoder",
-        "where",
+        "padding",
         ("input_ids", "attention_mask"),
         ("last_hidden_state",),
-        "Encoder whose mask is applied with Where (no token types).",
+        "DistilBERT: separate q/k/v Linear, no token types. transformers 5 gives it BERT's additive "
+        "Where(bool, 0, min) mask; the older Where-on-scores masking is gone, so mask is 'padding'.",
     ),
     "gpt2": FixtureSpec(
         "gpt2",

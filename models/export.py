@@ -93,6 +93,7 @@ def export_fixtures(names: list[str] | None, out_dir: Path) -> int:
             "opset": res.facts.opset,
             "exporter": spec.exporter,
             "max_abs_diff": res.max_abs_diff,
+            "max_abs_diff_incl_padding": res.max_abs_diff_all,
             "dynamic_shape_diffs": res.extra_diffs,
             "softmax_nodes": res.facts.softmax_count,
             "attention_nodes": res.facts.attention_count,
