@@ -46,7 +46,7 @@ SMOLLM2_TEXTS = (
 )
 SMOLLM2_LENGTHS = (10, 8)  # the second prompt is left-padded by 2 (inside the 3-token past)
 SMOLLM2_PAST = 3
-SMOLLM2_ATOL = 1e-3  # 30 layers and logits of magnitude ~20: float32 noise is larger
+SMOLLM2_ATOL = 1e-3  # 30 layers and logits of magnitude ~30: float32 noise is larger
 MINILM_ATOL = 1e-4
 # TorchScript exports use eager attention (explicit MatMul/Softmax); dynamo exports use
 # transformers' default SDPA, which the exporter decomposes (what users of dynamo=True get).
