@@ -2,3 +2,6 @@
 package registers them all in :data:`spatten_compiler.pipeline.PASSES`."""
 
 from __future__ import annotations
+
+# Register every pass (import order is irrelevant; each module registers itself).
+from . import find_attention, normalize, prune_tokens  # noqa: E402,F401

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from spatten_compiler.match import NoMatch, const_array, match
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
-from .attention_patterns import CORE, FUSED_OPS, VIEW_OPS
+from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, VIEW_OPS
 from .attention_trace import Branch, Projection, _projection, trace_branch
 from .site_io import layer_outputs, mask_info
 
@@ -39,6 +39,7 @@ class AttentionSite:
     head_dim: int | None
     scale: float | None = None
     mask: ir.Value | None = None
+    mask_node: ir.Node | None = None  # the Add/Where that applies ``mask`` to the scores
     mask_kind: str = "none"
     mask_source: str | None = None
     pv: ir.Node | None = None
@@ -152,7 +153,14 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     q, kt = found["q"], found["kt"]
     if const_array(kt) is not None or const_array(q) is not None:
         return NoMatch("one side of the score MatMul is a constant: a linear layer followed by Softmax")
-    pvs = [u.node for u in node.outputs[0].uses() if u.node.op_type == "MatMul" and u.idx == 0]
+    probs = node.outputs[0]
+    for use in probs.uses():
+        guarded = use.node.outputs[0] if use.node.op_type == "Where" else None
+        found_guard = match(NAN_GUARD, guarded) if guarded is not None else None
+        if found_guard and found_guard["p"] is probs:
+            probs = guarded
+            break
+    pvs = [u.node for u in probs.uses() if u.node.op_type == "MatMul" and u.idx == 0]
     if len(pvs) != 1:
         return NoMatch("the probabilities do not feed exactly one MatMul(P, V)")
     pv = pvs[0]
@@ -180,10 +188,10 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     variant = {"scale": found["scale_variant"], "mask": found["mask_variant"]}
     merge, out_proj, residual = _follow_output(pv, graph)
     site = AttentionSite(
-        layer=-1, softmax=node, probs=node.outputs[0], variant=variant, q=qb, k=kb, v=vb,
+        layer=-1, softmax=node, probs=probs, variant=variant, q=qb, k=kb, v=vb,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         scale=scale if found["scale_variant"] != "none" or scale != 1.0 else None,
-        mask=found.get("mask"), pv=pv, merge=merge, out_proj=out_proj, residual=residual,
+        mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_proj=out_proj, residual=residual,
     )
     if residual is not None:
         attn_out = next(i for i in residual.inputs if _descends_from(i, pv))

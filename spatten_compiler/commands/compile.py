@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from spatten_compiler.commands import Command, register
+from spatten_compiler.config import CompileConfig, parse_ratio_list
 from spatten_compiler.errors import OptionError
 from spatten_compiler.modelio import load_model, same_file, save_model
 from spatten_compiler.pipeline import Pipeline, parse_pipeline
@@ -26,6 +27,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="explicit pass pipeline, e.g. 'normalize,prune-tokens{keep=0.5}' (default: from options)",
     )
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker after each pass")
+    p.add_argument("--config", type=Path, help="JSON file with any of the options below (flags win)")
+    t = p.add_argument_group("cascade token pruning (encoders)")
+    t.add_argument("--token-keep", type=float, metavar="R",
+                   help="average keep ratio with SpAtten's schedule (first 15%% of layers unpruned, then linear)")
+    t.add_argument("--token-keep-schedule", metavar="R,R,...",
+                   help="explicit keep ratio per layer (fractions of the input length), e.g. 1,1,0.8,0.6")
+    t.add_argument("--token-unpruned", type=float, metavar="F", help="leading fraction of layers kept whole (0.15)")
+    t.add_argument("--token-min-keep", type=int, metavar="N", help="never keep fewer than N tokens (1)")
+    t.add_argument("--no-protect-first", dest="token_protect_first", action="store_const", const=False,
+                   help="let the first token (CLS) be pruned too")
+    t.add_argument("--restore", choices=("stale", "zero"),
+                   help="output row of a pruned token: its last computed state (stale, default) or zeros")
+    t.add_argument("--emit-kept", action="store_const", const=True,
+                   help="extra outputs: spatten_kept_mask [B,S] and the kept positions per pruning layer")
     p.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),
@@ -38,7 +53,18 @@ def run(args: argparse.Namespace) -> int:
     if same_file(args.model, args.output) and not args.in_place:
         raise OptionError(f"-o {args.output} is the input model; pass --in-place to overwrite it")
     report = Reporter.from_args(args)
-    passes = parse_pipeline(args.pipeline)
+    config = CompileConfig.load(args.config, {
+        "token_keep": args.token_keep,
+        "token_keep_schedule": parse_ratio_list(args.token_keep_schedule) if args.token_keep_schedule else None,
+        "token_unpruned": args.token_unpruned,
+        "token_min_keep": args.token_min_keep,
+        "token_protect_first": args.token_protect_first,
+        "restore": args.restore,
+        "emit_kept": args.emit_kept,
+    })
+    if args.pipeline and config.prunes_tokens:
+        raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
+    passes = parse_pipeline(args.pipeline) if args.pipeline else config.passes()
     t0 = time.perf_counter()
     with report.step(f"loading {args.model}"):
         model = load_model(args.model)
@@ -58,6 +84,8 @@ register(
         help="rewrite a model with SpAtten pruning/quantization (the default verb)",
         add_arguments=add_arguments,
         run=run,
-        epilog="example:\n  spattenc model.onnx -o model.spatten.onnx",
+        epilog="examples:\n  spattenc model.onnx -o model.spatten.onnx --token-keep 0.5\n"
+        "  spattenc model.onnx -o out.onnx --token-keep-schedule 1,1,0.8,0.6,0.4,0.3 --emit-kept\n"
+        "  spattenc model.onnx -o out.onnx --config spatten.json",
     )
 )

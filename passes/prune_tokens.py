@@ -1,0 +1,248 @@
+"""prune-tokens: SpAtten cascade token pruning that really shrinks the sequence (encoders).
+
+Rewrite, with ``pos``/``valid``/``acc`` per-token state carried from layer to layer::
+
+    score_l            = spatten.TokenImportance(P_l, valid_l)           # column sums, valid rows
+    acc_l              = acc_{l-1} + score_l
+    sel, valid_{l+1}   = spatten.TokenSelect(acc_l, valid_l, protect, k_{l+1}, k_per_sample)
+    X_{l+1}            = spatten.GatherTokens(X_{l+1}, sel)               # later layers run on k tokens
+    mask_{l+1}         = additive bias from valid_{l+1}                    # replaces the exporter's mask
+    out                = spatten.ScatterTokens(restore_buffer, pos_L, X_L) # full length again
+
+``k`` is ``ceil(S * ratio)`` of the padded length ``S`` (clamped to ``[min_keep, current length]``);
+each sample then keeps ``ceil(len_b * ratio)`` of its own real tokens, the rest of its row is
+masked like padding, so a padded batch selects what each sample would select alone. Padding scores
+-inf and never outranks a real token; the first token (CLS) is protected by default.
+Drop-and-restore: a pruned token's output row is its last computed hidden state (``stale``) or zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from spatten_compiler.editor import GraphEditor
+from spatten_compiler.errors import NoAttentionError, OptionError
+from spatten_compiler.match import const_array
+from spatten_compiler.pipeline import Pass, PassResult, register_pass
+from spatten_compiler.schedule import check_schedule, spatten_schedule
+
+from .find_attention import AttentionSite, find_attention
+from .spatten_ops import DOMAIN, ensure_functions
+
+logger = logging.getLogger(__name__)
+RESTORE = ("stale", "zero")
+MASK_BIAS = -1e9
+
+
+def _check_sites(sites: list[AttentionSite]) -> None:
+    for s in sites:
+        if s.fused is not None:
+            raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-tokens needs decomposed attention")
+        if s.mask_kind.startswith("causal") or s.kv_cache:
+            raise OptionError(
+                f"layer {s.layer} is decoder attention ({s.mask_kind}{', KV cache' if s.kv_cache else ''}); "
+                "prune-tokens handles encoders - decoder KV-cache pruning needs a decoder strategy"
+            )
+        if s.rope:
+            raise OptionError(f"layer {s.layer}: RoPE encoders are not supported by prune-tokens yet")
+        if s.layer_input is None or s.layer_output is None:
+            raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
+        if s.mask is not None and s.variant.get("mask") not in ("additive", "where"):
+            raise OptionError(f"layer {s.layer}: mask form {s.variant.get('mask')} is not supported")
+
+
+def _reads_input_seq_len(value: ir.Value | None, graph: ir.Graph) -> bool:
+    """True if ``value`` is dim 1 of a graph input's shape: Shape(in)[1:2] or Gather(Shape(in), 1),
+    possibly through Reshape/Unsqueeze/Squeeze/Cast."""
+    for _ in range(4):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return False
+        if node.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Cast"):
+            value = node.inputs[0]
+            continue
+        if node.op_type == "Shape":
+            start = node.attributes.get_int("start", 0)
+            end = node.attributes.get_int("end", start + 1)
+            return node.inputs[0] in graph.inputs and (start, end) == (1, 2)
+        if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].producer() is not None:
+            shape_node = node.inputs[0].producer()
+            index = const_array(node.inputs[1])
+            return (shape_node.op_type == "Shape" and shape_node.inputs[0] in graph.inputs
+                    and index is not None and int(index.reshape(-1)[0]) == 1
+                    and shape_node.attributes.get_int("start", 0) == 0)
+        return False
+    return False
+
+
+def _region(start: ir.Value, end: ir.Value | None) -> list[ir.Node]:
+    """Nodes downstream of ``start`` up to the one producing ``end`` (one layer's body)."""
+    seen: dict[int, ir.Node] = {}
+    todo = [start]
+    while todo:
+        v = todo.pop()
+        if v is end:
+            continue
+        for use in v.uses():
+            if id(use.node) not in seen:
+                seen[id(use.node)] = use.node
+                todo.extend(use.node.outputs)
+    return list(seen.values())
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class PruneTokens(Pass):
+    """Cascade token pruning with SpAtten's schedule (or an explicit one)."""
+
+    name = "prune-tokens"
+    keep: float = 1.0
+    schedule: tuple[float, ...] = ()
+    unpruned: float = 0.15
+    min_keep: int = 1
+    protect_first: bool = True
+    restore: str = "stale"
+    emit_kept: bool = False
+
+    def ratios(self, layers: int) -> list[float]:
+        if self.schedule:
+            return check_schedule(list(self.schedule), layers)
+        return spatten_schedule(layers, self.keep, self.unpruned)
+
+    def call(self, model: ir.Model) -> PassResult:
+        if self.restore not in RESTORE:
+            raise OptionError(f"restore must be one of {', '.join(RESTORE)}, got {self.restore!r}")
+        if self.min_keep < 1:
+            raise OptionError(f"min_keep must be >= 1, got {self.min_keep}")
+        sites = find_attention(model).sites
+        if not sites:
+            raise NoAttentionError("no attention found: nothing to prune")
+        ratios = self.ratios(len(sites))
+        if all(r == 1.0 for r in ratios):
+            return PassResult(model, False)
+        _check_sites(sites)
+        _Rewrite(model, sites, ratios, self).run()
+        logger.info("prune-tokens: schedule %s", ratios)
+        return PassResult(model, True)
+
+
+class _Rewrite:
+    def __init__(self, model: ir.Model, sites: list[AttentionSite], ratios: list[float], opts: PruneTokens):
+        self.e = GraphEditor(model, "spatten")
+        self.model, self.sites, self.ratios, self.opts = model, sites, ratios, opts
+        ensure_functions(model, ["TokenImportance", "TokenSelect", "GatherTokens", "ScatterTokens"])
+
+    def call(self, name: str, *inputs: ir.Value, outputs: int = 1):
+        return self.e.op(name, list(inputs), domain=DOMAIN, outputs=outputs, hint=name)
+
+    def run(self) -> None:
+        e, x0 = self.e, self.sites[0].layer_input
+        mask_input = next((v for v in self.model.graph.inputs if v.name == self.sites[0].mask_source), None)
+        full = e.op("Shape", [x0], end=2)  # [B, S]
+        ones = e.op("ConstantOfShape", [full], value=ir.tensor(np.array([1.0], np.float32)))
+        valid = e.op("Cast", [mask_input], to=ir.DataType.FLOAT) if mask_input is not None else ones
+        pos = e.op("Cast", [e.op("Sub", [e.op("CumSum", [ones, e.const("axis", np.int64(1))]), e.const("one", np.float32(1))])],
+                   to=ir.DataType.INT64)
+        seq = e.op("Cast", [e.op("Shape", [x0], start=1, end=2)], to=ir.DataType.FLOAT)
+        lens = e.op("ReduceSum", [valid, e.const("axes", np.array([1], np.int64))], keepdims=0)
+        acc: ir.Value | None = None
+        buf: ir.Value | None = None
+        pruned = False
+        kept_outputs: list[ir.Value] = []
+        for site, ratio, prev in zip(self.sites, self.ratios, [1.0, *self.ratios]):
+            if ratio < prev:
+                x_in = site.layer_input
+                vcol = e.op("Unsqueeze", [e.op("Cast", [valid], to=ir.DataType.BOOL), e.const("axes", np.array([-1], np.int64))])
+                if buf is None:
+                    buf = x_in if self.opts.restore == "stale" else e.op("Mul", [x_in, e.const("zero", np.float32(0))])
+                elif self.opts.restore == "stale":
+                    old = self.call("GatherTokens", buf, pos)
+                    buf = self.call("ScatterTokens", buf, pos, e.op("Where", [vcol, x_in, old]))
+                k, kper = self._budget(ratio, seq, lens, x_in)
+                protect = e.op("Cast", [e.op("Equal", [pos, e.const("zero", np.int64(0))])], to=ir.DataType.FLOAT)
+                if not self.opts.protect_first:
+                    protect = e.op("Mul", [protect, e.const("zero", np.float32(0))])
+                sel, valid = self.call("TokenSelect", acc, valid, protect, k, kper, outputs=2)
+                pos = e.op("GatherElements", [pos, sel], axis=1)
+                acc = e.op("GatherElements", [acc, sel], axis=1)
+                x_new = self.call("GatherTokens", x_in, sel)
+                e.replace_uses(x_in, x_new, keep=e.added)
+                pruned = True
+                kept_outputs.append(pos)
+            if pruned:
+                self._rebind_seq_shapes(site, x_new if ratio < prev else site.layer_input)
+                self._replace_mask(site, valid)
+            score = self.call("TokenImportance", site.probs, valid)
+            acc = score if acc is None else e.op("Add", [acc, score])
+        self._restore(self.sites[-1].layer_output, buf, pos, valid, full)
+        if self.opts.emit_kept:
+            self._emit_kept(full, pos, valid, kept_outputs)
+        e.commit()
+
+    def _rebind_seq_shapes(self, site: AttentionSite, x: ir.Value) -> None:
+        """Dynamo exports build reshape targets from the graph inputs' shapes; inside a pruned layer
+        the sequence-length pieces must read the current token count: the target Concat is cloned
+        with each piece that reads dim 1 of a graph input replaced by ``Shape(x)[1:2]``."""
+        done: dict[int, ir.Value] = {}
+        seq: ir.Value | None = None
+        for node in _region(x, site.layer_output):
+            for i, shape in enumerate(node.inputs):
+                concat = shape.producer() if shape is not None else None
+                if concat is None or concat.op_type != "Concat":
+                    continue
+                reads = [j for j, p in enumerate(concat.inputs) if _reads_input_seq_len(p, self.model.graph)]
+                if not reads:
+                    continue
+                if id(concat) not in done:
+                    seq = seq or self.e.op("Shape", [x], start=1, end=2)
+                    pieces = [seq if j in reads else p for j, p in enumerate(concat.inputs)]
+                    done[id(concat)] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
+                node.replace_input_with(i, done[id(concat)])
+
+    def _budget(self, ratio: float, seq: ir.Value, lens: ir.Value, x_in: ir.Value) -> tuple[ir.Value, ir.Value]:
+        e, r, lo = self.e, self.e.const("ratio", np.float32(ratio)), self.e.const("min_keep", np.int64(self.opts.min_keep))
+        k = e.op("Cast", [e.op("Ceil", [e.op("Mul", [seq, r])])], to=ir.DataType.INT64)
+        k = e.op("Min", [e.op("Max", [k, lo]), e.op("Shape", [x_in], start=1, end=2)])
+        kper = e.op("Cast", [e.op("Ceil", [e.op("Mul", [lens, r])])], to=ir.DataType.INT64)
+        return k, e.op("Max", [kper, lo])
+
+    def _replace_mask(self, site: AttentionSite, valid: ir.Value) -> None:
+        e, node = self.e, site.mask_node
+        if node is None or site.mask is None:
+            return
+        axes = e.const("axes", np.array([1, 2], np.int64))
+        if site.variant["mask"] == "additive":
+            inv = e.op("Sub", [e.const("one", np.float32(1)), valid])
+            new = e.op("Unsqueeze", [e.op("Mul", [inv, e.const("bias", np.float32(MASK_BIAS))]), axes])
+        else:  # Where(mask_is_padding, fill, scores)
+            new = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])
+        for i, inp in enumerate(node.inputs):
+            if inp is site.mask:
+                node.replace_input_with(i, new)
+
+    def _restore(self, out: ir.Value, buf: ir.Value, pos: ir.Value, valid: ir.Value, full: ir.Value) -> None:
+        e = self.e
+        vcol = e.op("Unsqueeze", [e.op("Cast", [valid], to=ir.DataType.BOOL), e.const("axes", np.array([-1], np.int64))])
+        if self.opts.restore == "stale":
+            rows = e.op("Where", [vcol, out, self.call("GatherTokens", buf, pos)])
+        else:
+            rows = e.op("Mul", [out, e.op("Unsqueeze", [valid, e.const("axes", np.array([-1], np.int64))])])
+        restored = self.call("ScatterTokens", buf, pos, rows)
+        e.replace_uses(out, restored, keep=e.added)
+
+    def _emit_kept(self, full: ir.Value, pos: ir.Value, valid: ir.Value, per_layer: list[ir.Value]) -> None:
+        e = self.e
+        zeros = e.op("ConstantOfShape", [full], value=ir.tensor(np.array([0.0], np.float32)))
+        kept = e.op("ScatterElements", [zeros, pos, valid], axis=1)
+        kept.name = "spatten_kept_mask"
+        kept.type, kept.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch", "sequence"])
+        self.model.graph.outputs.append(kept)
+        for i, p in enumerate(per_layer):
+            out = e.op("Identity", [p])
+            out.name = f"spatten_kept_positions.{i}"
+            out.type, out.shape = ir.TensorType(ir.DataType.INT64), ir.Shape(["batch", f"kept_{i}"])
+            self.model.graph.outputs.append(out)

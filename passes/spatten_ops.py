@@ -1,0 +1,105 @@
+"""SpAtten operations as model-local ONNX functions in the ``spatten`` domain.
+
+Each function's body is standard ONNX, so stock onnxruntime inlines and runs it with no custom-op
+library, while the rewritten graph still says what it does (``spatten.TokenSelect`` ...), so the
+reference runtime can swap in a plain NumPy implementation and the accelerator backend can lower
+each call to its own instruction.
+
+  TokenImportance(probs[B,H,Sq,Sk], qvalid[B,Sq]) -> score[B,Sk]
+      score[b,j] = sum_h sum_i qvalid[b,i] * probs[b,h,i,j]        (column sums over valid rows)
+  TokenSelect(acc[B,S], valid[B,S], protect[B,S], k[1], kper[B]) -> sel[B,k], kept[B,k]
+      rank tokens by acc (padding -inf, protected +inf); keep the top k in original order;
+      kept = 1 for the first kper[b] of sample b's ranking that are real tokens
+  GatherTokens(x[B,S,D], sel[B,k]) -> x[b, sel[b,j], :]
+  ScatterTokens(buf[B,S0,D], pos[B,k], x[B,k,D]) -> buf with rows pos[b,j] replaced by x[b,j]
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx.parser
+import onnx_ir as ir
+
+DOMAIN = "spatten"
+OPSET = 1
+
+_SOURCE = {
+    "TokenImportance": """
+<domain: "spatten", opset_import: ["" : 17]>
+TokenImportance (probs, qvalid) => (score) {
+    axes13 = Constant <value_ints = [1, 3]> ()
+    qv = Unsqueeze (qvalid, axes13)
+    weighted = Mul (probs, qv)
+    axes12 = Constant <value_ints = [1, 2]> ()
+    score = ReduceSum <keepdims = 0> (weighted, axes12)
+}""",
+    "TokenSelect": """
+<domain: "spatten", opset_import: ["" : 17]>
+TokenSelect (acc, valid, protect, k, kper) => (sel, kept) {
+    low = Constant <value_float = -1e30> ()
+    high = Constant <value_float = 1e30> ()
+    is_valid = Cast <to = 9> (valid)
+    is_protected = Cast <to = 9> (protect)
+    scored = Where (is_valid, acc, low)
+    guarded = And (is_valid, is_protected)
+    prio = Where (guarded, high, scored)
+    vals, by_rank = TopK <axis = -1, largest = 1, sorted = 1> (prio, k)
+    zero = Constant <value_int = 0> ()
+    one = Constant <value_int = 1> ()
+    k0 = Squeeze (k)
+    rank = Range (zero, k0, one)
+    kcol = Unsqueeze (kper, one)
+    in_budget = Less (rank, kcol)
+    real = Greater (vals, low)
+    ok = And (in_budget, real)
+    okf = Cast <to = 1> (ok)
+    posf = Cast <to = 1> (by_rank)
+    pos_sorted, order = TopK <axis = -1, largest = 0, sorted = 1> (posf, k)
+    sel = GatherElements <axis = 1> (by_rank, order)
+    kept = GatherElements <axis = 1> (okf, order)
+}""",
+    "GatherTokens": """
+<domain: "spatten", opset_import: ["" : 17]>
+GatherTokens (x, sel) => (y) {
+    minus1 = Constant <value_ints = [-1]> ()
+    idx = Unsqueeze (sel, minus1)
+    y = GatherND <batch_dims = 1> (x, idx)
+}""",
+    "ScatterTokens": """
+<domain: "spatten", opset_import: ["" : 17]>
+ScatterTokens (buf, pos, x) => (out) {
+    minus1 = Constant <value_ints = [-1]> ()
+    idx = Unsqueeze (pos, minus1)
+    shape = Shape (x)
+    idx3 = Expand (idx, shape)
+    out = ScatterElements <axis = 1> (buf, idx3, x)
+}""",
+}
+
+
+def function_proto(name: str, opset: int = 17) -> onnx.FunctionProto:
+    """The function for ``name``, importing the model's default-domain opset (bodies use ops that
+    are unchanged from opset 17 on)."""
+    proto = onnx.parser.parse_function(_SOURCE[name])
+    for imp in proto.opset_import:
+        if imp.domain == "":
+            imp.version = opset
+    return proto
+
+
+def ensure_functions(model: ir.Model, names: list[str]) -> None:
+    """Add the named SpAtten functions (once) and the ``spatten`` opset import to ``model``."""
+    opset = model.opset_imports.get("", 17)
+    if opset < 17:
+        from spatten_compiler.errors import OptionError
+
+        raise OptionError(f"model opset {opset} is below 17, the lowest spattenc rewrites (convert it first)")
+    for name in names:
+        if (DOMAIN, name, "") not in model.functions:
+            fn = ir.serde.deserialize_function(function_proto(name, opset))
+            model.functions[fn.identifier()] = fn
+    model.opset_imports.setdefault(DOMAIN, OPSET)
+    model.graph.opset_imports.setdefault(DOMAIN, OPSET)
+
+
+NAMES = tuple(_SOURCE)

@@ -1,0 +1,43 @@
+"""Reference runtime: executes a (rewritten) model in NumPy and reports what SpAtten kept.
+
+Built on ``onnx.reference.ReferenceEvaluator``; the ``spatten`` domain functions are replaced by
+the plain implementations in :mod:`.spatten_ops`, so the ONNX bodies that onnxruntime runs are
+checked against an independent implementation of the same rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx.reference import ReferenceEvaluator
+
+from . import spatten_ops
+
+
+@dataclasses.dataclass
+class LayerKeep:
+    tokens_in: int
+    kept_per_sample: list[int]  # real tokens kept by each sample
+
+
+@dataclasses.dataclass
+class RunReport:
+    outputs: dict[str, np.ndarray]
+    token_keep: list[LayerKeep]
+
+
+class ReferenceRuntime:
+    def __init__(self, model: str | Path | onnx.ModelProto) -> None:
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        self.output_names = [o.name for o in proto.graph.output]
+        self.input_names = [i.name for i in proto.graph.input]
+        self.session = ReferenceEvaluator(proto, new_ops=spatten_ops.SPATTEN_OPS)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> RunReport:
+        spatten_ops.CURRENT = trace = spatten_ops.Trace()
+        results = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
+        keeps = [LayerKeep(int(s["tokens_in"][0]), s["kept"].sum(axis=1).astype(int).tolist()) for s in trace.selections]
+        return RunReport(dict(zip(self.output_names, results)), keeps)

@@ -1,0 +1,66 @@
+"""Plain NumPy implementations of the SpAtten operations (the oracle for the ONNX function bodies
+in ``passes/spatten_ops.py``). Registered by (domain, op) for the reference evaluator."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+SPATTEN_OPS: list[type[OpRun]] = []
+
+
+def spatten_op(cls: type[OpRun]) -> type[OpRun]:
+    cls.op_domain = "spatten"
+    SPATTEN_OPS.append(cls)
+    return cls
+
+
+class Trace:
+    """What the SpAtten ops did during one run, in execution order (layer order)."""
+
+    def __init__(self) -> None:
+        self.selections: list[dict[str, np.ndarray]] = []
+
+
+CURRENT = Trace()
+
+
+@spatten_op
+class TokenImportance(OpRun):
+    def _run(self, probs, qvalid):
+        # score[b, j] = sum over heads h and valid query rows i of P[b, h, i, j]
+        return (np.einsum("bhij,bi->bj", probs, qvalid.astype(probs.dtype)).astype(probs.dtype),)
+
+
+@spatten_op
+class TokenSelect(OpRun):
+    def _run(self, acc, valid, protect, k, kper):
+        k = int(k.reshape(-1)[0])
+        batch, _ = acc.shape
+        sel = np.zeros((batch, k), np.int64)
+        kept = np.zeros((batch, k), np.float32)
+        for b in range(batch):
+            prio = np.where(valid[b] > 0, acc[b], -np.inf)
+            prio = np.where((valid[b] > 0) & (protect[b] > 0), np.inf, prio)
+            # Highest first; ties: lower index first (stable sort on the negated score).
+            order = np.argsort(-prio, kind="stable")[:k]
+            real = np.isfinite(prio[order]) | (prio[order] == np.inf)
+            ok = (np.arange(k) < kper[b]) & real
+            by_pos = np.argsort(order, kind="stable")
+            sel[b], kept[b] = order[by_pos], ok[by_pos]
+        CURRENT.selections.append({"tokens_in": np.full(batch, acc.shape[1]), "sel": sel, "kept": kept})
+        return sel, kept
+
+
+@spatten_op
+class GatherTokens(OpRun):
+    def _run(self, x, sel):
+        return (x[np.arange(x.shape[0])[:, None], sel],)
+
+
+@spatten_op
+class ScatterTokens(OpRun):
+    def _run(self, buf, pos, x):
+        out = buf.copy()
+        out[np.arange(buf.shape[0])[:, None], pos] = x
+        return (out,)

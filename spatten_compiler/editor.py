@@ -1,0 +1,75 @@
+"""The one place passes edit graphs: build nodes, add constants, redirect uses, re-sort.
+
+Passes describe what to insert through :class:`GraphEditor`; it names new values and nodes under a
+prefix (so rewritten graphs are readable and new names never collide), appends nodes, and restores
+topological order in :meth:`commit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
+
+
+class GraphEditor:
+    def __init__(self, model: ir.Model, prefix: str) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.prefix = prefix
+        self.added: list[ir.Node] = []
+        self._count = 0
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}/{hint}_{self._count}"
+
+    def const(self, hint: str, array: np.ndarray | float | int | Sequence) -> ir.Value:
+        tensor = ir.tensor(np.asarray(array), name=self._name(hint))
+        value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[ir.Value | None],
+        *,
+        domain: str = "",
+        outputs: int = 1,
+        hint: str | None = None,
+        **attrs: object,
+    ) -> ir.Value | tuple[ir.Value, ...]:
+        name = self._name(hint or op_type)
+        node = ir.Node(
+            domain,
+            op_type,
+            inputs,
+            attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
+            num_outputs=outputs,
+            name=name,
+        )
+        for i, out in enumerate(node.outputs):
+            out.name = f"{name}:{i}" if outputs > 1 else name
+        self.graph.append(node)
+        self.added.append(node)
+        return node.outputs[0] if outputs == 1 else tuple(node.outputs)
+
+    def replace_uses(self, old: ir.Value, new: ir.Value, *, keep: Sequence[ir.Node] = ()) -> None:
+        """Point every consumer of ``old`` (except ``keep``) and graph-output slot at ``new``."""
+        skip = {id(n) for n in keep}
+        for use in list(old.uses()):
+            if id(use.node) not in skip:
+                use.node.replace_input_with(use.idx, new)
+        for i, out in enumerate(self.graph.outputs):
+            if out is old:
+                # Keep the model's output name: the new value takes it, the old one is renamed.
+                name = old.name
+                old.name = self._name("replaced")
+                new.name, new.type, new.shape = name, old.type, old.shape
+                self.graph.outputs[i] = new
+
+    def commit(self) -> None:
+        TopologicalSortPass()(self.model)
