@@ -77,6 +77,13 @@ ScatterTokens (buf, pos, x) => (out) {
 }
 
 
+def define(name: str, source: str) -> None:
+    """Register another SpAtten function (ONNX text, domain "spatten"); passes call this at import."""
+    if name in _SOURCE and _SOURCE[name] != source:
+        raise ValueError(f"spatten function {name} defined twice")
+    _SOURCE[name] = source
+
+
 def function_proto(name: str, opset: int = 17) -> onnx.FunctionProto:
     """The function for ``name``, importing the model's default-domain opset (bodies use ops that
     are unchanged from opset 17 on)."""
@@ -101,5 +108,3 @@ def ensure_functions(model: ir.Model, names: list[str]) -> None:
     model.opset_imports.setdefault(DOMAIN, OPSET)
     model.graph.opset_imports.setdefault(DOMAIN, OPSET)
 
-
-NAMES = tuple(_SOURCE)

@@ -16,6 +16,14 @@ from onnx.reference import ReferenceEvaluator
 
 from . import spatten_ops
 
+# Modules that add NumPy implementations register them in spatten_ops.SPATTEN_OPS when imported.
+for _module in ("head_ops", "quant_ops"):
+    try:
+        __import__(f"{__package__}.{_module}")
+    except ModuleNotFoundError as e:
+        if not e.name or not e.name.endswith(_module):
+            raise
+
 
 @dataclasses.dataclass
 class LayerKeep:

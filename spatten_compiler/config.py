@@ -25,8 +25,16 @@ class CompileConfig:
     token_protect_first: bool = True
     restore: str = "stale"
     emit_kept: bool = False
+    head_keep: float | None = None  # cascade head pruning, SpAtten schedule (first 30% unpruned)
+    head_keep_schedule: tuple[float, ...] = ()
+    value_keep: float | None = None  # local value pruning (per query row, not cascaded)
+    kv_bits: str | None = None  # progressive quantization: "6+4" (MSB+LSB) or "8" (static MSB only)
+    lsb_threshold: float | None = None  # recompute rows whose max probability is below this
 
     def __post_init__(self) -> None:
+        for flag, value in (("--head-keep", self.head_keep), ("--value-keep", self.value_keep)):
+            if value is not None and not 0 < value <= 1:
+                raise OptionError(f"{flag} must be in (0, 1], got {value}")
         if self.token_keep is not None and not 0 < self.token_keep <= 1:
             raise OptionError(f"--token-keep must be in (0, 1], got {self.token_keep}")
         for r in self.token_keep_schedule:
@@ -42,11 +50,27 @@ class CompileConfig:
         return self.token_keep is not None or bool(self.token_keep_schedule)
 
     def passes(self) -> list[Pass]:
-        if not self.prunes_tokens:
-            return []
-        return [
-            make_pass("normalize"),
-            make_pass(
+        """normalize, then prune-heads, prune-tokens, prune-values, quantize-kv (each if asked).
+
+        Order matters: each later pass finds attention again in the graph the earlier ones wrote.
+        """
+        passes: list[Pass] = []
+        if self.head_keep is not None or self.head_keep_schedule:
+            passes.append(make_pass("prune-heads", keep=self.head_keep if self.head_keep is not None else 1.0,
+                                    schedule=tuple(self.head_keep_schedule)))
+        if self.prunes_tokens:
+            passes.append(self._token_pass())
+        if self.value_keep is not None:
+            passes.append(make_pass("prune-values", keep=self.value_keep))
+        if self.kv_bits is not None:
+            opts: dict[str, Any] = {"bits": self.kv_bits}
+            if self.lsb_threshold is not None:
+                opts["threshold"] = self.lsb_threshold
+            passes.append(make_pass("quantize-kv", **opts))
+        return [make_pass("normalize"), *passes] if passes else []
+
+    def _token_pass(self) -> Pass:
+        return make_pass(
                 "prune-tokens",
                 keep=self.token_keep if self.token_keep is not None else 1.0,
                 schedule=tuple(self.token_keep_schedule),
@@ -55,8 +79,7 @@ class CompileConfig:
                 protect_first=self.token_protect_first,
                 restore=self.restore,
                 emit_kept=self.emit_kept,
-            ),
-        ]
+            )
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, Any]) -> CompileConfig:
@@ -75,8 +98,9 @@ class CompileConfig:
         if unknown:
             raise OptionError(f"--config {path}: unknown key {sorted(unknown)[0]!r}; keys: {', '.join(sorted(known))}")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        if "token_keep_schedule" in data:
-            data["token_keep_schedule"] = tuple(float(x) for x in data["token_keep_schedule"])
+        for key in ("token_keep_schedule", "head_keep_schedule"):
+            if key in data:
+                data[key] = tuple(float(x) for x in data[key])
         try:
             return cls(**data)
         except TypeError as e:
@@ -87,4 +111,4 @@ def parse_ratio_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError as e:
-        raise OptionError(f"--token-keep-schedule: expected comma-separated numbers, got {text!r}") from e
+        raise OptionError(f"expected comma-separated ratios, got {text!r}") from e

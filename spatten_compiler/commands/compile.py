@@ -41,6 +41,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output row of a pruned token: its last computed state (stale, default) or zeros")
     t.add_argument("--emit-kept", action="store_const", const=True,
                    help="extra outputs: spatten_kept_mask [B,S] and the kept positions per pruning layer")
+    h = p.add_argument_group("cascade head pruning and local value pruning")
+    h.add_argument("--head-keep", type=float, metavar="R",
+                   help="average head keep ratio with SpAtten's schedule (first 30%% of layers unpruned)")
+    h.add_argument("--head-keep-schedule", metavar="R,R,...", help="explicit head keep ratio per layer")
+    h.add_argument("--value-keep", type=float, metavar="R",
+                   help="local value pruning: per query row, only this fraction of V rows (largest P) contribute")
+    q = p.add_argument_group("progressive quantization of K/V")
+    q.add_argument("--kv-bits", metavar="M+L",
+                   help="split-precision K/V: MSB+LSB bits (4+4, 6+4, 8+4) or static MSB only (4, 6, 8)")
+    q.add_argument("--lsb-threshold", type=float, metavar="T",
+                   help="recompute with the LSBs the rows whose max probability is below T")
     p.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),
@@ -61,8 +72,13 @@ def run(args: argparse.Namespace) -> int:
         "token_protect_first": args.token_protect_first,
         "restore": args.restore,
         "emit_kept": args.emit_kept,
+        "head_keep": args.head_keep,
+        "head_keep_schedule": parse_ratio_list(args.head_keep_schedule) if args.head_keep_schedule else None,
+        "value_keep": args.value_keep,
+        "kv_bits": args.kv_bits,
+        "lsb_threshold": args.lsb_threshold,
     })
-    if args.pipeline and config.prunes_tokens:
+    if args.pipeline and config.passes():
         raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
     passes = parse_pipeline(args.pipeline) if args.pipeline else config.passes()
     t0 = time.perf_counter()
