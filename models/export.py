@@ -8,8 +8,8 @@
 
 Fixtures are tiny random-weight Hugging Face models built from configs (no hub access); each
 produces ``models/<name>.onnx`` and a sidecar ``models/<name>.json`` (see models/README.md).
-A fixture that fails to export is reported and recorded in ``models/manifest.json`` under
-``failed``; the others still run. Exit status: 0 all good, 1 some export failed, 2 a required
+A fixture that fails to export is reported and recorded in ``models/manifest.jsonl`` with
+``"status": "failed"`` and the reason; the others still run. Exit status: 0 all good, 1 some export failed, 2 a required
 package is missing.
 """
 
@@ -24,7 +24,8 @@ import traceback
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent
-MANIFEST = MODELS_DIR / "manifest.json"
+# JSON Lines (one object per fixture), deliberately not *.json: models/*.json are the sidecars.
+MANIFEST = MODELS_DIR / "manifest.jsonl"
 log = logging.getLogger("spattenc.models")
 
 
@@ -32,20 +33,31 @@ class MissingPackage(RuntimeError):
     """A package needed for an export is not installed (reported with exit status 2)."""
 
 
-def _require(*modules: str, hint: str = "pip install 'spattenc[export]'") -> None:
-    """Raise :class:`MissingPackage` naming the first module of ``modules`` that is missing."""
+def _require(*modules: str, hint: str = "pip install 'spattenc[export]'", dist: str | None = None) -> None:
+    """Raise :class:`MissingPackage` for the first of ``modules`` that cannot be imported.
+
+    The message names ``dist`` (the PyPI distribution) if given, else the module.
+    """
     import importlib.util
 
     for module in modules:
         if importlib.util.find_spec(module) is None:
-            raise MissingPackage(f"{module} is not installed: {hint}")
+            raise MissingPackage(f"{dist or module} is not installed: {hint}")
 
 
 def _load_manifest() -> dict[str, dict[str, object]]:
-    if MANIFEST.exists():
-        data = json.loads(MANIFEST.read_text())
-        return {"fixtures": data.get("fixtures", {}), "failed": data.get("failed", {})}
-    return {"fixtures": {}, "failed": {}}
+    """The manifest's records by fixture name (empty if there is none yet)."""
+    if not MANIFEST.exists():
+        return {}
+    records = (json.loads(line) for line in MANIFEST.read_text().splitlines() if line.strip())
+    return {r["name"]: r for r in records}
+
+
+def _save_manifest(records: dict[str, dict[str, object]], order: list[str]) -> None:
+    """Write the records in fixture order, one compact JSON object per line."""
+    rank = {name: i for i, name in enumerate(order)}
+    names = sorted(records, key=lambda n: (rank.get(n, len(rank)), n))
+    MANIFEST.write_text("".join(json.dumps(records[n], separators=(", ", ": ")) + "\n" for n in names))
 
 
 def export_fixtures(names: list[str] | None, out_dir: Path) -> int:
@@ -62,7 +74,7 @@ def export_fixtures(names: list[str] | None, out_dir: Path) -> int:
 
     set_offline()
     specs = _fixtures.FIXTURES if names is None else [_fixtures.FIXTURES_BY_NAME[n] for n in names]
-    manifest = _load_manifest() if out_dir == MODELS_DIR else {"fixtures": {}, "failed": {}}
+    manifest = _load_manifest() if out_dir == MODELS_DIR else {}
     failures = 0
     for i, spec in enumerate(specs, 1):
         start = time.perf_counter()
@@ -73,8 +85,7 @@ def export_fixtures(names: list[str] | None, out_dir: Path) -> int:
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
             log.error("[%d/%d] %s FAILED: %s", i, len(specs), spec.name, reason)
             log.debug("%s", traceback.format_exc())
-            manifest["fixtures"].pop(spec.name, None)
-            manifest["failed"][spec.name] = reason
+            manifest[spec.name] = {"name": spec.name, "status": "failed", "exporter": spec.exporter, "reason": reason}
             continue
         log.info(
             "[%d/%d] %-30s %7.1f KB  opset %d  max|diff| %.2e  (%.1fs)",
@@ -86,12 +97,13 @@ def export_fixtures(names: list[str] | None, out_dir: Path) -> int:
             res.max_abs_diff,
             time.perf_counter() - start,
         )
-        manifest["failed"].pop(spec.name, None)
-        manifest["fixtures"][spec.name] = {
+        manifest[spec.name] = {
+            "name": spec.name,
+            "status": "ok",
+            "exporter": spec.exporter,
+            "opset": res.facts.opset,
             "onnx": res.onnx_path.name,
             "size_bytes": res.size_bytes,
-            "opset": res.facts.opset,
-            "exporter": spec.exporter,
             "max_abs_diff": res.max_abs_diff,
             "max_abs_diff_incl_padding": res.max_abs_diff_all,
             "dynamic_shape_diffs": res.extra_diffs,
@@ -99,12 +111,7 @@ def export_fixtures(names: list[str] | None, out_dir: Path) -> int:
             "attention_nodes": res.facts.attention_count,
         }
     if out_dir == MODELS_DIR:
-        order = [s.name for s in _fixtures.FIXTURES]
-        manifest = {
-            k: dict(sorted(v.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-            for k, v in manifest.items()
-        }
-        MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n")
+        _save_manifest(manifest, [s.name for s in _fixtures.FIXTURES])
     return failures
 
 
@@ -121,6 +128,7 @@ def list_fixtures() -> None:
 
 def export_real(which: str, exporter: str) -> None:
     """Export a real trained model into models/cache/ (never committed)."""
+    _require("torch", "transformers", "onnx", "onnxruntime", "onnxscript")
     try:
         from . import _real
     except ImportError:
@@ -158,7 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             list_fixtures()
             return 0
         if args.real:
-            export_real(args.real, args.exporter)
+            try:
+                export_real(args.real, args.exporter)
+            except MissingPackage:
+                raise
+            except Exception as exc:
+                log.debug("%s", traceback.format_exc())
+                log.error("%s export failed: %s: %s (-v for the traceback)", args.real, type(exc).__name__, exc)
+                return 1
             return 0
         names = None
         if args.only:
