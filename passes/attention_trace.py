@@ -120,8 +120,8 @@ def _add(node, value, branch, graph):
         branch.rope, branch.rope_cos = node, found["cos"]
         return found["x"]
     a, b = node.inputs[0], node.inputs[1]
-    if const_array(b) is not None or const_array(a) is not None:
-        bias, data = (b, a) if const_array(b) is not None else (a, b)
+    if _is_weight(b) or _is_weight(a):
+        bias, data = (b, a) if _is_weight(b) else (a, b)
         producer = data.producer()
         if producer is None or producer.op_type not in ("MatMul", "Gemm"):
             return NoMatch(f"bias Add '{node.name}' does not follow a projection")
@@ -174,13 +174,23 @@ def _split(node, value, branch, graph):
     return node.inputs[0]
 
 
+def _is_weight(value: ir.Value | None) -> bool:
+    """A constant, or a slice of one taken by a SpAtten op (head pruning gathers kept heads' weights)."""
+    if value is None:
+        return False
+    if const_array(value) is not None or value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.domain == "spatten" and const_array(producer.inputs[0]) is not None
+
+
 def _projection(node: ir.Node) -> Projection | NoMatch:
     weight = node.inputs[1]
     transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
     producer = weight.producer()
-    if const_array(weight) is None and producer is not None and producer.op_type == "Transpose":
+    if not _is_weight(weight) and producer is not None and producer.op_type == "Transpose":
         weight, transposed = producer.inputs[0], True
-    if const_array(weight) is None and weight.const_value is None:
+    if not _is_weight(weight):
         return NoMatch(f"{node.op_type} '{node.name}' weight is not a constant")
     hidden = node.inputs[0]
     while hidden.producer() is not None and hidden.producer().op_type == "Reshape":

@@ -116,8 +116,9 @@ class AttentionReport:
 
 
 def _single_consumer(value: ir.Value) -> ir.Node | None:
-    """The one consumer of ``value``, ignoring Shape/Size reads (TorchScript computes shapes)."""
-    uses = [u for u in value.uses() if u.node.op_type not in ("Shape", "Size")]
+    """The one consumer of ``value``, ignoring Shape/Size reads (TorchScript computes shapes) and
+    SpAtten score taps (prune-heads reads the attention output for head importance)."""
+    uses = [u for u in value.uses() if u.node.op_type not in ("Shape", "Size") and u.node.domain != "spatten"]
     return uses[0].node if len(uses) == 1 else None
 
 

@@ -35,6 +35,7 @@ class LayerKeep:
 class RunReport:
     outputs: dict[str, np.ndarray]
     token_keep: list[LayerKeep]
+    head_keep: list[list[int]] = dataclasses.field(default_factory=list)  # kept head groups, per head-pruned layer
 
 
 class ReferenceRuntime:
@@ -48,4 +49,5 @@ class ReferenceRuntime:
         spatten_ops.CURRENT = trace = spatten_ops.Trace()
         results = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
         keeps = [LayerKeep(int(s["tokens_in"][0]), s["kept"].sum(axis=1).astype(int).tolist()) for s in trace.selections]
-        return RunReport(dict(zip(self.output_names, results)), keeps)
+        heads = [h.tolist() for h in getattr(trace, "heads", [])]
+        return RunReport(dict(zip(self.output_names, results)), keeps, head_keep=heads)
