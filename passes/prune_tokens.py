@@ -122,7 +122,7 @@ class PruneTokens(Pass):
         if not sites:
             raise NoAttentionError("no attention found: nothing to prune")
         ratios = self.ratios(len(sites))
-        if all(r == 1.0 for r in ratios):
+        if all(r == 1.0 for r in ratios) and not self.emit_kept:
             return PassResult(model, False)
         _check_sites(sites)
         _Rewrite(model, sites, ratios, self).run()
@@ -178,7 +178,8 @@ class _Rewrite:
                 self._replace_mask(site, valid)
             score = self.call("TokenImportance", site.probs, valid)
             acc = score if acc is None else e.op("Add", [acc, score])
-        self._restore(self.sites[-1].layer_output, buf, pos, valid, full)
+        if pruned:
+            self._restore(self.sites[-1].layer_output, buf, pos, valid, full)
         if self.opts.emit_kept:
             self._emit_kept(full, pos, valid, kept_outputs)
         e.commit()

@@ -32,7 +32,7 @@ class Reporter:
 
     def pass_done(self, p: object, seconds: float) -> None:
         describe = getattr(p, "describe", lambda: str(p))
-        self._say(f"pass {describe()}: {seconds:.2f} s", level=0)
+        self._say(f"pass {describe()}: {seconds:.2f} s", level=1)
 
     def done(self, text: str) -> None:
         self._say(text, level=0)

@@ -36,6 +36,11 @@ def check_schedule(schedule: list[float], layers: int) -> list[float]:
     for r in schedule:
         if not 0 < r <= 1:
             raise OptionError(f"keep ratio must be in (0, 1], got {r}")
+    if schedule and schedule[0] != 1.0:
+        raise OptionError(
+            f"keep schedule starts with {schedule[0]}: the first layer must keep 1.0 "
+            "(token scores come from its attention)"
+        )
     full = list(schedule) + [schedule[-1] if schedule else 1.0] * (layers - len(schedule))
     # Cascade: a later layer never keeps more than an earlier one.
     return [min(full[: i + 1]) for i in range(layers)]

@@ -1,0 +1,259 @@
+"""quantize-kv: SpAtten progressive quantization - split-precision K/V, MSB-first attention, LSB
+recompute of the rows whose softmax is not confident.
+
+Rewrite of each attention site (``K^T`` and ``V`` as the core consumes them, ``chain`` = the score
+ops from ``K^T`` to the probabilities: MatMul, scale, mask, Softmax, as the exporter wrote them)::
+
+    s_k, s_v         = ReduceMax(|K^T|), ReduceMax(|V|) over the granularity's axes / qmax   (run time)
+    kmsb, klsb       = spatten.QuantizeSplit(K^T, s_k, 2^l, qmax)      (same for V)
+    K_m, K_f         = spatten.Dequantize(kmsb, s_k * 2^l), spatten.DequantizeSplit(kmsb, klsb, s_k, 2^l)
+    P_m, P_f         = chain(K_m), chain(K_f)
+    low              = spatten.LowConfidence(P_m, t)        (or LowConfidenceUniform: max P_m * n_keys <= t)
+    ctx, need        = spatten.ProgressiveContext(low, P_m, P_f, V_m, V_f, qvalid)
+    readers of P @ V read ctx; other readers of P (TokenImportance) read Where(low, P_f, P_m)
+
+Static mode (``bits="6"``): ``K^T, V -> spatten.Dequantize(spatten.Quantize(x, s, qmax), s)`` in place.
+
+Semantics are exactly "MSB-only result where confident, MSB+LSB result where not", per row (batch,
+head, query). Confidence rule ``fixed``: max P_m <= threshold needs LSBs (the paper's rule; 1.0 =
+every row full, 0 = MSB only). Rule ``uniform``: max P_m <= threshold / n_keys, i.e. the threshold is
+a multiple of the uniform probability over the row's unmasked keys, so long inputs, whose attention
+is naturally flat, are not all refetched. onnxruntime computes both paths and selects (no CPU time is
+saved); the saving is K/V memory traffic, which the accelerator backend realises and the reference
+runtime counts. Layout of the planes and scales: :mod:`.quant_functions`.
+
+Scale granularity (default ``head``: one scale per batch element and KV head over all tokens and
+channels - what SpAtten's per-head K/V buffers hold, and cheap to store: 4 bytes per head). Also
+``channel`` (per head and channel, over tokens), ``token`` (per head and token, over channels; the
+natural KV-cache form, 4 bytes per token and head), ``tensor`` (per batch element). Scales are
+computed at run time from the tensor itself (padding keys included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from spatten_compiler.editor import GraphEditor
+from spatten_compiler.errors import NoAttentionError, OptionError
+from spatten_compiler.pipeline import Pass, PassResult, register_pass
+
+from .find_attention import AttentionSite, find_attention
+from .quant_functions import FUNCTIONS
+from .spatten_ops import DOMAIN, ensure_functions
+
+logger = logging.getLogger(__name__)
+
+# Reduction axes of the abs-max, for K^T [B, H, Dh, S] and V [B, H, S, Dh].
+GRANULARITY: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "tensor": ((1, 2, 3), (1, 2, 3)),
+    "head": ((2, 3), (2, 3)),
+    "channel": ((3,), (2,)),
+    "token": ((2,), (3,)),
+}
+RULES = ("fixed", "uniform")
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"6+4"`` -> (6, 4); ``"6"`` -> (6, 0) (static, MSB plane only)."""
+    msb, _, lsb = str(text).partition("+")
+    try:
+        m, lo = int(msb), int(lsb) if lsb else 0
+    except ValueError:
+        raise OptionError(f"--kv-bits must look like 6+4 (MSB+LSB) or 6 (static), got {text!r}") from None
+    if not 2 <= m <= 8 or not 0 <= lo <= 8 or (lsb and lo == 0):
+        raise OptionError(f"--kv-bits {text}: MSB bits must be 2..8 and LSB bits 1..8 (planes are int8)")
+    return m, lo
+
+
+def qmax_for(m: int, lo: int) -> int:
+    """Largest |q| whose rounded MSB plane fits m signed bits and whose LSB remainder fits lo bits."""
+    return (2 ** (m - 1) - 1) * 2**lo + (2 ** (lo - 1) - 1 if lo else 0)
+
+
+def score_chain(kt: ir.Value, probs: ir.Value) -> list[ir.Node]:
+    """The nodes on paths from ``kt`` to ``probs`` (score MatMul ... Softmax), in graph order."""
+    forward: dict[int, ir.Node] = {}
+    todo = [kt]
+    while todo:
+        v = todo.pop()
+        if v is probs:
+            continue
+        for use in v.uses():
+            if id(use.node) not in forward:
+                forward[id(use.node)] = use.node
+                todo.extend(use.node.outputs)
+    chain: dict[int, ir.Node] = {}
+    todo_nodes = [probs.producer()]
+    while todo_nodes:
+        node = todo_nodes.pop()
+        if node is None or id(node) not in forward or id(node) in chain:
+            continue
+        chain[id(node)] = node
+        todo_nodes.extend(i.producer() for i in node.inputs if i is not None)
+    graph = probs.producer().graph
+    return [n for n in graph if id(n) in chain]
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class QuantizeKV(Pass):
+    """Split-precision K/V with MSB-first attention and LSB recompute where unconfident."""
+
+    name = "quantize-kv"
+    bits: str = "6+4"
+    threshold: float = 0.1
+    granularity: str = "head"
+    rule: str = "fixed"
+    values: bool = True  # quantize V as well as K
+    emit_stats: bool = False  # outputs spatten_lsb_rows.<layer> [B,H,Sq] and spatten_lsb_fraction [L]
+
+    def check(self) -> tuple[int, int]:
+        m, lo = parse_bits(self.bits)
+        if self.granularity not in GRANULARITY:
+            raise OptionError(f"granularity must be one of {', '.join(GRANULARITY)}, got {self.granularity!r}")
+        if self.rule not in RULES:
+            raise OptionError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.threshold < 0 or (self.rule == "fixed" and self.threshold > 1):
+            raise OptionError(f"--lsb-threshold must be in [0, 1] for the fixed rule (>= 0 for uniform), got {self.threshold}")
+        return m, lo
+
+    def call(self, model: ir.Model) -> PassResult:
+        m, lo = self.check()
+        sites = find_attention(model).sites
+        if not sites:
+            raise NoAttentionError("no attention found: nothing to quantize")
+        for s in sites:
+            if s.fused is not None:
+                raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; quantize-kv needs decomposed attention")
+            if s.kv_cache:
+                raise OptionError(f"layer {s.layer}: KV-cache decoder; quantize-kv does not yet write a split-precision "
+                                  "cache (past/present would stay fp32) - export without the cache")
+            if s.pv is None or s.probs is None:
+                raise OptionError(f"layer {s.layer}: cannot locate MatMul(P, V)")
+            shape = s.k.value.shape
+            if shape is not None and shape.rank() != 4:
+                raise OptionError(f"layer {s.layer}: K^T has rank {shape.rank()}, expected [B, H, Dh, S]")
+        rewrite = _Rewrite(model, self, m, lo)
+        for site in sites:
+            rewrite.site(site)
+        rewrite.finish()
+        logger.info("quantize-kv: %d sites, bits %s, %s scales, rule %s threshold %g",
+                    len(sites), self.bits, self.granularity, self.rule, self.threshold)
+        return PassResult(model, True)
+
+
+class _Rewrite:
+    def __init__(self, model: ir.Model, opts: QuantizeKV, m: int, lo: int) -> None:
+        self.model, self.opts, self.m, self.lo = model, opts, m, lo
+        self.e = GraphEditor(model, "spatten_q")
+        self.opset = model.opset_imports.get("", 17)
+        ensure_functions(model, list(FUNCTIONS))
+        e = self.e
+        self.qmax = e.const("qmax", np.float32(qmax_for(m, lo)))
+        self.step = e.const("step", np.float32(2**lo))
+        self.thr = e.const("threshold", np.float32(opts.threshold))
+        self.fractions: list[ir.Value] = []
+
+    def call(self, name: str, *inputs: ir.Value, outputs: int = 1):
+        return self.e.op(name, list(inputs), domain=DOMAIN, outputs=outputs, hint=name)
+
+    def scale(self, x: ir.Value, axes: tuple[int, ...]) -> ir.Value:
+        e = self.e
+        a = e.op("Abs", [x])
+        if self.opset >= 18:
+            amax = e.op("ReduceMax", [a, e.const("axes", np.array(axes, np.int64))], keepdims=1)
+        else:
+            amax = e.op("ReduceMax", [a], axes=list(axes), keepdims=1)
+        amax = e.op("Max", [amax, e.const("tiny", np.float32(1e-12))])  # an all-zero group stays finite
+        return e.op("Div", [amax, self.qmax])
+
+    def site(self, site: AttentionSite) -> None:
+        kt, v, pv = site.k.value, site.pv.inputs[1], site.pv
+        k_axes, v_axes = GRANULARITY[self.opts.granularity]
+        chain = score_chain(kt, site.probs)
+        if not chain:
+            raise OptionError(f"layer {site.layer}: K^T does not reach the probabilities")
+        if self.lo == 0:
+            k_m = self._static(kt, k_axes)
+            for node in chain:
+                for i, inp in enumerate(node.inputs):
+                    if inp is kt:
+                        node.replace_input_with(i, k_m)
+            if self.opts.values:
+                pv.replace_input_with(1, self._static(v, v_axes))
+            return
+        k_m, k_f = self._split(kt, k_axes)
+        v_m, v_f = self._split(v, v_axes) if self.opts.values else (v, v)
+        p_m, p_f = self._clone(chain, kt, k_m, site.probs), self._clone(chain, kt, k_f, site.probs)
+        low = self.call("LowConfidence" if self.opts.rule == "fixed" else "LowConfidenceUniform", p_m, self.thr)
+        qvalid = self._qvalid(site, p_m)
+        ctx, need = self.call("ProgressiveContext", low, p_m, p_f, v_m, v_f, qvalid, outputs=2)
+        self.e.replace_uses(pv.outputs[0], ctx)
+        if any(u.node is not pv for u in site.probs.uses()):  # e.g. TokenImportance: it sees what P @ V used
+            self.e.replace_uses(site.probs, self.e.op("Where", [low, p_f, p_m]), keep=[pv])
+        if self.opts.emit_stats:
+            self._stats(site.layer, need, qvalid)
+
+    def _static(self, x: ir.Value, axes: tuple[int, ...]) -> ir.Value:
+        s = self.scale(x, axes)
+        return self.call("Dequantize", self.call("Quantize", x, s, self.qmax), s)
+
+    def _split(self, x: ir.Value, axes: tuple[int, ...]) -> tuple[ir.Value, ir.Value]:
+        s = self.scale(x, axes)
+        msb, lsb = self.call("QuantizeSplit", x, s, self.step, self.qmax, outputs=2)
+        x_m = self.call("Dequantize", msb, self.e.op("Mul", [s, self.step]))
+        return x_m, self.call("DequantizeSplit", msb, lsb, s, self.step)
+
+    def _clone(self, chain: list[ir.Node], kt: ir.Value, new_kt: ir.Value, probs: ir.Value) -> ir.Value:
+        """A copy of the score ops reading ``new_kt`` instead of ``kt``; returns the copy of ``probs``."""
+        mapping: dict[int, ir.Value] = {id(kt): new_kt}
+        for node in chain:
+            inputs = [mapping.get(id(i), i) if i is not None else None for i in node.inputs]
+            attrs = {a.name: a.value for a in node.attributes.values()}
+            outs = self.e.op(node.op_type, inputs, domain=node.domain, outputs=len(node.outputs),
+                             hint=node.op_type, **attrs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            for old, new in zip(node.outputs, outs):
+                mapping[id(old)] = new
+        return mapping[id(probs)]
+
+    def _qvalid(self, site: AttentionSite, p: ir.Value) -> ir.Value:
+        """Which query rows are real tokens [B, Sq]: prune-tokens' per-layer validity if it ran,
+        else the padding-mask input, else all ones."""
+        for use in site.probs.uses():
+            if use.node.domain == DOMAIN and use.node.op_type == "TokenImportance":
+                return use.node.inputs[1]
+        e = self.e
+        mask = next((i for i in self.model.graph.inputs if i.name == site.mask_source), None)
+        if mask is not None and site.mask_kind in ("padding", "causal+padding"):
+            return e.op("Cast", [mask], to=ir.DataType.FLOAT)
+        dims = e.op("Gather", [e.op("Shape", [p]), e.const("bq", np.array([0, 2], np.int64))])
+        return e.op("ConstantOfShape", [dims], value=ir.tensor(np.array([1.0], np.float32)))
+
+    def _stats(self, layer: int, need: ir.Value, qvalid: ir.Value) -> None:
+        e = self.e
+        out = e.op("Identity", [need])
+        out.name = f"spatten_lsb_rows.{layer}"
+        out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch", f"heads_{layer}", f"rows_{layer}"])
+        self.model.graph.outputs.append(out)
+        rows = e.op("Add", [e.op("Mul", [need, e.const("zero", np.float32(0))]),
+                            e.op("Unsqueeze", [qvalid, e.const("axes", np.array([1], np.int64))])])
+        frac = e.op("Div", [e.op("ReduceSum", [need], keepdims=0),
+                            e.op("Max", [e.op("ReduceSum", [rows], keepdims=0), e.const("one", np.float32(1))])])
+        self.fractions.append(e.op("Unsqueeze", [frac, e.const("axes", np.array([0], np.int64))]))
+
+    def finish(self) -> None:
+        if self.fractions:
+            out = self.e.op("Concat", self.fractions, axis=0)
+            out.name = "spatten_lsb_fraction"
+            out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([len(self.fractions)])
+            self.model.graph.outputs.append(out)
+        elif self.opts.emit_stats:
+            logger.info("quantize-kv: static mode has no LSB refetch; no statistics outputs")
+        self.e.commit()
+        RemoveUnusedNodesPass()(self.model)  # the original score chains and P @ V are dead now

@@ -1,0 +1,210 @@
+"""Cascade token pruning: contract, scheduled lengths, onnxruntime == reference runtime, and the kept
+tokens equal an independent NumPy computation of SpAtten's rule."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import MODELS, fixture_names, load_meta, reference_io, run_ort
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spatten_compiler.cli import main
+from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.passes.prune_tokens import PruneTokens
+from spatten_compiler.runtime.reference import ReferenceRuntime
+from spatten_compiler.schedule import spatten_schedule
+
+ENCODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "encoder" and not load_meta(n)["fused_attention"]
+            and not load_meta(n).get("extra_softmax")]
+DECODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "decoder"]
+
+
+def compile_model(name: str, tmp: Path, **opts) -> Path:
+    model = ir.load(MODELS / f"{name}.onnx")
+    Normalize()(model)
+    PruneTokens(**opts)(model)
+    out = tmp / f"{name}.pruned.onnx"
+    ir.save(model, out)
+    return out
+
+
+def test_encoder_fixtures_exist() -> None:
+    assert {"bert_torchscript", "bert_dynamo", "distilbert_torchscript", "distilbert_dynamo"} <= set(ENCODERS)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_keep_one_equals_input(name: str, tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    assert main([str(MODELS / f"{name}.onnx"), "-o", str(out), "--token-keep", "1.0", "-q"]) == 0
+    feeds, _ = reference_io(load_meta(name))
+    got, ref = run_ort(out, feeds), run_ort(MODELS / f"{name}.onnx", feeds)
+    for k, v in ref.items():
+        np.testing.assert_allclose(got[k], v, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+@pytest.mark.parametrize("keep", [0.5, 0.3])
+def test_pruned_lengths_ort_equals_reference(name: str, keep: float, tmp_path: Path) -> None:
+    path = compile_model(name, tmp_path, keep=keep, emit_kept=True)
+    meta = load_meta(name)
+    feeds, ref = reference_io(meta)
+    got = run_ort(path, feeds)
+    # Output contract: same names first, full length, same dtype.
+    assert list(got)[: len(meta["outputs"])] == meta["outputs"]
+    assert got["last_hidden_state"].shape == ref["last_hidden_state"].shape
+    # Each pruning layer's kept positions have the scheduled length k = ceil(S * ratio).
+    seq = feeds["input_ids"].shape[1]
+    ratios = spatten_schedule(meta["num_layers"], keep)
+    steps = [r for r, prev in zip(ratios, [1.0, *ratios]) if r < prev]
+    lengths = [got[f"spatten_kept_positions.{i}"].shape[1] for i in range(len(steps))]
+    assert lengths == [max(1, min(seq, math.ceil(seq * r))) for r in steps]
+    report = ReferenceRuntime(path).run(feeds)
+    assert [k.tokens_in for k in report.token_keep] == [seq, *lengths[:-1]]
+    for k, v in got.items():
+        np.testing.assert_allclose(report.outputs[k], v, atol=1e-4, rtol=0, err_msg=k)
+    # Kept tokens: valid, CLS always kept, each sample keeps ceil(len * ratio) of its own.
+    mask = feeds["attention_mask"]
+    kept = got["spatten_kept_mask"]
+    assert np.all(kept <= mask) and np.all(kept[:, 0] == 1)
+    assert kept.sum(1).tolist() == [max(1, math.ceil(int(n) * ratios[-1])) for n in mask.sum(1)]
+
+
+def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float]) -> list[np.ndarray]:
+    """SpAtten's rule written independently: column sums over heads and valid rows, accumulated;
+    top-k by score (ties: lower position), CLS protected, kept in original order."""
+    b_size, seq = mask.shape
+    out = []
+    for b in range(b_size):
+        n = int(mask[b].sum())
+        pos = np.arange(seq)
+        valid = mask[b].astype(bool)
+        acc = np.zeros(seq)
+        kept_positions = []
+        for layer, p in enumerate(probs):
+            p = p[b]  # [H, S_l, S_l] over the tokens present in this layer
+            if layer > 0 and ratios[layer] < ratios[layer - 1]:
+                k = min(len(pos), max(1, math.ceil(seq * ratios[layer])))
+                budget = max(1, math.ceil(n * ratios[layer]))
+                prio = np.where(valid, acc, -np.inf)
+                prio = np.where(valid & (pos == 0), np.inf, prio)
+                order = np.argsort(-prio, kind="stable")[:k]
+                ok = (np.arange(k) < budget) & np.isfinite(prio[order]) | (prio[order] == np.inf)
+                keep = np.sort(order)
+                valid = np.isin(keep, order[ok]) & (np.arange(k) >= 0)
+                valid = np.array([o in set(order[ok & (np.arange(k) < budget)]) for o in keep])
+                pos, acc = pos[keep], acc[keep]
+                kept_positions.append(pos[valid])
+            acc = acc + (p * valid[None, :, None]).sum(axis=(0, 1))
+        out.append(kept_positions)
+    return out
+
+
+@pytest.mark.parametrize("name", ["bert_torchscript", "distilbert_dynamo"])
+def test_kept_tokens_equal_numpy_rule(name: str, tmp_path: Path) -> None:
+    path = compile_model(name, tmp_path, keep=0.4, emit_kept=True)
+    proto = onnx.load(path)
+    probs = [n.input[0] for n in proto.graph.node if n.op_type == "TokenImportance"]
+    for p in probs:
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(p))
+    onnx.save(proto, tmp_path / "probe.onnx")
+    meta = load_meta(name)
+    feeds, _ = reference_io(meta)
+    got = run_ort(tmp_path / "probe.onnx", feeds)
+    ratios = spatten_schedule(meta["num_layers"], 0.4)
+    expected = _rule_in_numpy([got[p] for p in probs], feeds["attention_mask"], ratios)
+    steps = sum(1 for r, prev in zip(ratios, [1.0, *ratios]) if r < prev)
+    for b in range(feeds["attention_mask"].shape[0]):
+        kept_final = np.flatnonzero(got["spatten_kept_mask"][b])
+        np.testing.assert_array_equal(kept_final, expected[b][-1])
+        for i in range(steps):
+            assert set(expected[b][i]) <= set(got[f"spatten_kept_positions.{i}"][b].tolist())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    schedule=st.lists(st.sampled_from([1.0, 0.9, 0.7, 0.5, 0.3, 0.1]), min_size=0, max_size=3),
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 12),
+    data=st.data(),
+)
+def test_property_random_schedules_and_padding(schedule, batch, seq, data, tmp_path_factory) -> None:
+    tmp = tmp_path_factory.mktemp("prop")
+    path = compile_model("bert_dynamo", tmp, schedule=(1.0, *schedule), emit_kept=True)
+    lens = data.draw(st.lists(st.integers(1, seq), min_size=batch, max_size=batch))
+    mask = (np.arange(seq)[None, :] < np.array(lens)[:, None]).astype(np.int64)
+    rng = np.random.default_rng(seq)
+    feeds = {"input_ids": rng.integers(0, 100, (batch, seq)), "attention_mask": mask,
+             "token_type_ids": np.zeros((batch, seq), np.int64)}
+    out = run_ort(path, feeds)
+    assert out["last_hidden_state"].shape == (batch, seq, 64)
+    assert out["last_hidden_state"].dtype == np.float32
+    assert np.isfinite(out["last_hidden_state"]).all()
+    assert np.all(out["spatten_kept_mask"] <= mask)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--token-keep", "0"], "must be in (0, 1]"),
+        (["--token-keep", "1.5"], "must be in (0, 1]"),
+        (["--token-keep-schedule", "1,1,1,1,0.5"], "model has 4 attention layers"),
+        (["--token-keep-schedule", "1,x"], "comma-separated"),
+        (["--token-keep-schedule", "0.5,0.5"], "first layer must keep 1.0"),
+        (["--token-keep", "0.5", "--token-keep-schedule", "1,0.5"], "not both"),
+    ],
+)
+def test_bad_options_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    r = subprocess.run([sys.executable, "-m", "spatten_compiler", str(MODELS / "bert_torchscript.onnx"), "-o",
+                        str(out), *args], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", DECODERS[:2])
+def test_decoder_needs_a_decoder_strategy(name: str, tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "spatten_compiler", str(MODELS / f"{name}.onnx"), "-o",
+                        str(tmp_path / "o.onnx"), "--token-keep", "0.5", "-q"], capture_output=True, text=True)
+    assert r.returncode == 2 and "decoder" in r.stderr
+
+
+def test_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "spatten.json"
+    cfg.write_text('{"token_keep": 0.5, "emit_kept": true}')
+    out = tmp_path / "o.onnx"
+    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(out), "--config", str(cfg), "-q"]) == 0
+    assert "spatten_kept_mask" in [o.name for o in onnx.load(out).graph.output]
+    cfg.write_text('{"token_kep": 0.5}')
+    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(out), "--config", str(cfg), "-q"]) == 2
+
+
+REAL_MINILM = MODELS / "cache" / "minilm" / "model.onnx"
+
+
+@pytest.mark.real
+def test_real_minilm_keep_one_and_pruned(tmp_path: Path) -> None:
+    if not REAL_MINILM.exists():
+        pytest.skip("python models/export.py --real minilm")
+    import json
+
+    meta = json.loads(REAL_MINILM.with_suffix(".json").read_text())
+    feeds, _ = reference_io(meta)
+    out = tmp_path / "o.onnx"
+    assert main([str(REAL_MINILM), "-o", str(out), "--token-keep", "1.0", "-q"]) == 0
+    # Rows of padding tokens are meaningless (their queries see only masked keys) and move by ~3e-5
+    # under constant folding; the contract is on real tokens.
+    real = feeds["attention_mask"].astype(bool)
+    np.testing.assert_allclose(run_ort(out, feeds)["last_hidden_state"][real],
+                               run_ort(REAL_MINILM, feeds)["last_hidden_state"][real], atol=1e-5, rtol=0)
+    assert main([str(REAL_MINILM), "-o", str(out), "--token-keep", "0.5", "-q"]) == 0
+    report = ReferenceRuntime(out).run(feeds)
+    np.testing.assert_allclose(report.outputs["last_hidden_state"], run_ort(out, feeds)["last_hidden_state"],
+                               atol=1e-4, rtol=0)
