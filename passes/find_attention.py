@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from spatten_compiler.match import NoMatch, const_array, match
+from spatten_compiler.match import NoMatch, is_const, match
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, VIEW_OPS
@@ -140,8 +140,8 @@ def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Project
     node = _single_consumer(value)
     while node is not None and node.op_type == "Reshape":  # Gemm on [B*S, D] is reshaped back
         value, node = node.outputs[0], _single_consumer(node.outputs[0])
-    if node is not None and node.op_type == "Add" and any(const_array(i) is not None for i in node.inputs):
-        proj.bias = next(i for i in node.inputs if const_array(i) is not None)
+    if node is not None and node.op_type == "Add" and any(is_const(i) for i in node.inputs):
+        proj.bias = next(i for i in node.inputs if is_const(i))
         value, node = node.outputs[0], _single_consumer(node.outputs[0])
     residual = node if node is not None and node.op_type == "Add" else None
     return merge, proj, residual
@@ -152,7 +152,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     if not found:
         return NoMatch(f"core: {found.reason}")
     q, kt = found["q"], found["kt"]
-    if const_array(kt) is not None or const_array(q) is not None:
+    if is_const(kt) or is_const(q):
         return NoMatch("one side of the score MatMul is a constant: a linear layer followed by Softmax")
     probs = node.outputs[0]
     for use in probs.uses():
@@ -208,7 +208,7 @@ def _descends_from(value: ir.Value, node: ir.Node, limit: int = 12) -> bool:
             return False
         if producer is node:
             return True
-        value = next((i for i in producer.inputs if i is not None and const_array(i) is None), None)
+        value = next((i for i in producer.inputs if i is not None and not is_const(i)), None)
         if value is None:
             return False
     return False

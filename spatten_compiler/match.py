@@ -27,9 +27,23 @@ COMMUTATIVE = frozenset({"Add", "Mul"})
 Bindings = dict[str, Any]
 
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant contents (initializer or Constant node), or None."""
+def is_const(value: ir.Value | None) -> bool:
+    """True for an initializer or a Constant output, without reading its data."""
     if value is None:
+        return False
+    producer = value.producer()
+    return value.const_value is not None or (producer is not None and producer.op_type == "Constant")
+
+
+def const_array(value: ir.Value | None, max_elements: int | None = None) -> np.ndarray | None:
+    """The value's constant contents (initializer or Constant node), or None.
+
+    ``max_elements`` skips larger constants without reading them (weights are memory-mapped or
+    inline; materializing one just to look at it costs milliseconds each on a 600 MB model).
+    """
+    if value is None:
+        return None
+    if max_elements is not None and value.const_value is not None and value.const_value.size > max_elements:
         return None
     tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else tensor.numpy()
