@@ -103,7 +103,8 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
         if s.num_heads % s.num_kv_heads:
-            raise OptionError(f"layer {s.layer}: {s.num_heads} query heads do not divide into {s.num_kv_heads} KV heads")
+            raise OptionError(f"layer {s.layer}: {s.num_heads} query heads do not divide into "
+                              f"{s.num_kv_heads} KV heads")
         if s.q.packed is not None:
             if s.num_kv_heads != s.num_heads:
                 raise OptionError(f"layer {s.layer}: packed QKV with grouped-query attention is not supported")
@@ -299,8 +300,8 @@ class _Rewrite:
                 new.append(p if (b == a).all() else self.e.const("target", b))
             pos += length
         if changed:
-            target = new[0] if len(new) == 1 and const_array(node.inputs[1]) is not None else self.e.op("Concat", new, axis=0)
-            node.replace_input_with(1, target)
+            single = len(new) == 1 and const_array(node.inputs[1]) is not None
+            node.replace_input_with(1, new[0] if single else self.e.op("Concat", new, axis=0))
 
     def _reinfer_shapes(self) -> None:
         """Value shapes inside pruned layers are stale (they say H heads): forget, then re-infer."""
