@@ -31,6 +31,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, spatten_schedule
 
 from .find_attention import AttentionSite, find_attention
+from .site_io import layer_region
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -77,21 +78,6 @@ def _reads_input_seq_len(value: ir.Value | None, graph: ir.Graph) -> bool:
                     and shape_node.attributes.get_int("start", 0) == 0)
         return False
     return False
-
-
-def _region(start: ir.Value, end: ir.Value | None) -> list[ir.Node]:
-    """Nodes downstream of ``start`` up to the one producing ``end`` (one layer's body)."""
-    seen: dict[int, ir.Node] = {}
-    todo = [start]
-    while todo:
-        v = todo.pop()
-        if v is end:
-            continue
-        for use in v.uses():
-            if id(use.node) not in seen:
-                seen[id(use.node)] = use.node
-                todo.extend(use.node.outputs)
-    return list(seen.values())
 
 
 @register_pass
@@ -190,7 +176,7 @@ class _Rewrite:
         with each piece that reads dim 1 of a graph input replaced by ``Shape(x)[1:2]``."""
         done: dict[int, ir.Value] = {}
         seq: ir.Value | None = None
-        for node in _region(x, site.layer_output):
+        for node in layer_region(x, site.layer_output):
             for i, shape in enumerate(node.inputs):
                 concat = shape.producer() if shape is not None else None
                 if concat is None or concat.op_type != "Concat":

@@ -112,3 +112,23 @@ def layer_outputs(sites: list[AttentionSite], graph: ir.Graph) -> None:
         path = _stream_path(sites[-2].layer_input, sites[-1].layer_input)
         if path:
             sites[-1].layer_output = _replay(sites[-1].layer_input, path)
+
+
+def layer_region(start: ir.Value, end: ir.Value | None) -> list[ir.Node]:
+    """The nodes of one layer's data path: downstream of ``start`` up to the one producing ``end``.
+
+    Shape/Size reads are not followed: TorchScript exports compute later layers' reshape targets
+    from earlier tensors' shapes, and following them would leak into every later layer.
+    """
+    seen: dict[int, ir.Node] = {}
+    todo = [start]
+    while todo:
+        v = todo.pop()
+        if v is end:
+            continue
+        for use in v.uses():
+            if use.node.op_type in ("Shape", "Size") or id(use.node) in seen:
+                continue
+            seen[id(use.node)] = use.node
+            todo.extend(use.node.outputs)
+    return list(seen.values())

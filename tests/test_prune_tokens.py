@@ -208,3 +208,19 @@ def test_real_minilm_keep_one_and_pruned(tmp_path: Path) -> None:
     report = ReferenceRuntime(out).run(feeds)
     np.testing.assert_allclose(report.outputs["last_hidden_state"], run_ort(out, feeds)["last_hidden_state"],
                                atol=1e-4, rtol=0)
+
+
+def test_compile_report_flop_ratio(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    out = tmp_path / "o.onnx"
+    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(out), "--token-keep", "0.5", "--report",
+                 str(report), "-q"]) == 0
+    import json
+
+    data = json.loads(report.read_text())
+    assert data["token_schedule"] == spatten_schedule(4, 0.5)
+    # Linear layers dominate at these sizes: the ratio approaches 1 / mean(schedule) from below/above.
+    mean = sum(data["token_schedule"]) / 4
+    for n in ("128", "256", "512"):
+        assert 1.0 < data["flop_ratio"][n] <= 1 / min(data["token_schedule"])
+        assert abs(data["flop_ratio"][n] - 1 / mean) < 0.35

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="explicit pass pipeline, e.g. 'normalize,prune-tokens{keep=0.5}' (default: from options)",
     )
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker after each pass")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="write a compile report: schedules chosen and the ideal FLOP ratio at 128/256/512 tokens")
     p.add_argument("--config", type=Path, help="JSON file with any of the options below (flags win)")
     t = p.add_argument_group("cascade token pruning (encoders)")
     t.add_argument("--token-keep", type=float, metavar="R",
@@ -84,14 +87,26 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with report.step(f"loading {args.model}"):
         model = load_model(args.model)
+    summary = _report(args.model, passes) if args.report else None
     pipeline = Pipeline(passes, check=not args.no_check, on_pass=report.pass_done)
     pipeline(model)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     with report.step(f"writing {args.output}"):
         files = save_model(model, args.output, external_data=external)
+    if summary is not None:
+        args.report.write_text(json.dumps(summary, indent=2) + "\n")
     size = sum(f.stat().st_size for f in files) / 1e6
     report.done(f"wrote {args.output} ({len(model.graph)} nodes, {size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _report(path: Path, passes: list) -> dict:
+    from spatten_compiler.passes.normalize import Normalize
+    from spatten_compiler.report import compile_report
+
+    source = load_model(path, check=False)
+    Normalize()(source)
+    return compile_report(source, passes)
 
 
 register(
