@@ -161,7 +161,12 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         if found_guard and found_guard["p"] is probs:
             probs = guarded
             break
-    pvs = [u.node for u in probs.uses() if u.node.op_type == "MatMul" and u.idx == 0]
+    pv_in = probs  # prune-values puts a SpAtten op between the probabilities and MatMul(P, V)
+    for use in probs.uses():
+        if use.node.domain == "spatten" and any(u.node.op_type == "MatMul" and u.idx == 0
+                                                for u in use.node.outputs[0].uses()):
+            pv_in = use.node.outputs[0]
+    pvs = [u.node for u in pv_in.uses() if u.node.op_type == "MatMul" and u.idx == 0]
     if len(pvs) != 1:
         return NoMatch("the probabilities do not feed exactly one MatMul(P, V)")
     pv = pvs[0]
