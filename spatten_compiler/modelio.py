@@ -1,6 +1,7 @@
 """Model I/O that does not lose data.
 
-* :func:`load_model` validates: the file exists, parses as an ONNX ModelProto, every
+* :func:`load_model` validates: the file exists, parses as an ONNX ModelProto (inline weights are
+  left in the file and memory-mapped, see :mod:`.lazyproto`), every
   external-data reference points at readable bytes, and the graph passes ``onnx.checker`` (run
   with large weights hidden, so models over 2 GB work and the file is parsed only once). External data is memory-mapped by
   onnx-ir, not copied, so loading a large model costs little more than its graph.
@@ -24,20 +25,25 @@ from onnx_ir.passes.common import CheckerPass
 from google.protobuf.message import DecodeError
 
 from spatten_compiler.errors import ModelLoadError, SpattencError
+from spatten_compiler.lazyproto import read_model
 
 logger = logging.getLogger(__name__)
+
+SELF_MAPPED = "spattenc.self_mapped_file"
 
 # Protobuf cannot serialize a message over 2 GiB; leave headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: not an ONNX model (the file is empty)")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except DecodeError as e:
+        proto = read_model(path)
+    except (DecodeError, ValueError, IndexError) as e:
         raise ModelLoadError(f"{path}: not an ONNX model (the protobuf is truncated or corrupt)") from e
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: cannot read: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read: {e.strerror}") from e
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or ir_version in the file)")
     return proto
@@ -100,6 +106,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
             raise ModelLoadError(f"{path}: invalid ONNX graph: {first}") from e
     # Resolve relative external-data paths against the model's folder (memory-mapped on access).
     ir.external_data.set_base_dir(model.graph, str(path.parent))
+    model.meta[SELF_MAPPED] = path.name  # inline weights left in the .onnx itself (lazyproto)
     logger.debug("loaded %s: %d nodes", path, len(model.graph))
     return model
 
@@ -109,8 +116,11 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 
 def _has_external_data(model: ir.Model) -> bool:
+    """True when weights came from a separate data file (not inline weights mapped from the .onnx)."""
+    own = model.meta.get(SELF_MAPPED)
     return any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+        isinstance(v.const_value, ir.ExternalTensor) and v.const_value.location != own
+        for v in model.graph.initializers.values()
     )
 
 
@@ -141,6 +151,9 @@ def save_model(
     if external_data is None:
         external_data = _has_external_data(model) or _initializer_bytes(model) > threshold
     data_name = path.name + ".data" if external_data else None
+    if not external_data:
+        # Weights mapped from the input (inline or external) are written inline: bring them in.
+        ir.external_data.load_to_model(model)
     tmp = Path(tempfile.mkdtemp(prefix=".spattenc-", dir=parent))
     try:
         ir.save(model, tmp / path.name, external_data=data_name)

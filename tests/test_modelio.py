@@ -78,3 +78,39 @@ def test_input_file_unchanged_by_compile(tmp_path: Path) -> None:
     before = src.read_bytes()
     assert main([str(src), "-o", str(tmp_path / "o.onnx"), "-q"]) == 0
     assert src.read_bytes() == before
+
+
+def test_lazy_reader_maps_inline_weights_without_copying(tmp_path: Path) -> None:
+    """Large inline weights become references into the .onnx itself; values are unchanged and a
+    model written from them is self-contained (no reference back to the input file)."""
+    from conftest import MODELS
+
+    from spatten_compiler.lazyproto import MIN_LAZY_BYTES, read_model
+
+    src = MODELS / "bert_torchscript.onnx"
+    lazy, eager = read_model(src), onnx.load(src)
+    assert lazy.graph.node == eager.graph.node
+    mapped = [t for t in lazy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert mapped and all(len(t.raw_data) == 0 for t in mapped)
+    by_name = {t.name: t for t in eager.graph.initializer}
+    model = load_model(src)
+    for t in mapped:
+        assert len(by_name[t.name].raw_data) >= MIN_LAZY_BYTES
+        np.testing.assert_array_equal(model.graph.initializers[t.name].const_value.numpy(),
+                                      onnx.numpy_helper.to_array(by_name[t.name]))
+    out = tmp_path / "copy.onnx"
+    save_model(model, out)
+    written = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in written.graph.initializer)
+
+
+def test_truncated_inside_a_weight_is_a_load_error(tmp_path: Path) -> None:
+    from conftest import MODELS
+
+    from spatten_compiler.errors import ModelLoadError
+
+    data = (MODELS / "bert_torchscript.onnx").read_bytes()
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        load_model(bad)

@@ -1,0 +1,91 @@
+"""Read an ONNX file without copying its inline weights into memory.
+
+Protobuf has no lazy parsing, so ``onnx.load`` of a 600 MB model holds the file's bytes and the
+parsed message at once (2x the file). Here the wire format is walked field by field over a memory
+map: every field is parsed as usual except the ``raw_data`` of large initializers, which becomes an
+external-data reference into the ``.onnx`` file itself (location = the file's own name, offset and
+length of the bytes). onnx-ir then memory-maps those weights like any external data. Wire format:
+key = varint(field << 3 | wire_type); wire type 2 is varint length + payload.
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import onnx
+
+GRAPH_FIELD = 7  # ModelProto.graph
+INITIALIZER_FIELD = 5  # GraphProto.initializer
+RAW_DATA_FIELD = 9  # TensorProto.raw_data
+MIN_LAZY_BYTES = 1 << 16
+
+
+def _varint(buf: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: mmap.mmap, start: int, end: int):
+    """Yield (field number, wire type, field start, payload start, field end)."""
+    pos = start
+    while pos < end:
+        key, p = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, q = _varint(buf, p)
+            yield field, wire, pos, p, q
+        elif wire == 1:
+            yield field, wire, pos, p, p + 8
+        elif wire == 5:
+            yield field, wire, pos, p, p + 4
+        elif wire == 2:
+            length, q = _varint(buf, p)
+            yield field, wire, pos, q, q + length
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} at byte {pos}")
+        pos = (q + length) if wire == 2 else (q if wire == 0 else p + (8 if wire == 1 else 4))
+        if pos > end:
+            raise ValueError("field runs past the end of its message (truncated file?)")
+
+
+def _tensor(buf: mmap.mmap, start: int, end: int, location: str) -> onnx.TensorProto:
+    tensor = onnx.TensorProto()
+    raw: tuple[int, int] | None = None
+    for field, wire, f_start, p_start, f_end in _fields(buf, start, end):
+        if field == RAW_DATA_FIELD and wire == 2 and f_end - p_start >= MIN_LAZY_BYTES:
+            raw = (p_start, f_end - p_start)
+        else:
+            tensor.MergeFromString(buf[f_start:f_end])
+    if raw is not None:
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(raw[0])), ("length", str(raw[1]))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return tensor
+
+
+def read_model(path: Path) -> onnx.ModelProto:
+    """Parse ``path`` with large inline initializers left in the file as self-references."""
+    model = onnx.ModelProto()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for field, wire, f_start, p_start, f_end in _fields(buf, 0, len(buf)):
+            if field != GRAPH_FIELD or wire != 2:
+                model.MergeFromString(buf[f_start:f_end])
+                continue
+            graph = onnx.GraphProto()
+            for g_field, g_wire, g_start, gp_start, g_end in _fields(buf, p_start, f_end):
+                if g_field == INITIALIZER_FIELD and g_wire == 2:
+                    graph.initializer.append(_tensor(buf, gp_start, g_end, path.name))
+                else:
+                    graph.MergeFromString(buf[g_start:g_end])
+            model.graph.MergeFrom(graph)
+    return model
