@@ -13,7 +13,10 @@ Rewrite, with ``pos``/``valid``/``acc`` per-token state carried from layer to la
 each sample then keeps ``ceil(len_b * ratio)`` of its own real tokens, the rest of its row is
 masked like padding, so a padded batch selects what each sample would select alone. Padding scores
 -inf and never outranks a real token; the first token (CLS) is protected by default.
-Drop-and-restore: a pruned token's output row is its last computed hidden state (``stale``) or zero.
+Importance ``sum`` is the paper's column sum; ``mean`` divides each layer's sums by its number of
+valid query rows so later (shorter) layers count as much as early ones. Drop-and-restore: a pruned
+token's output row is its last computed hidden state (``stale``), zero, or the mean of the surviving
+tokens' rows (``mean``: mean pooling over the attention mask then equals pooling over kept tokens).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from .site_io import layer_region
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
-RESTORE = ("stale", "zero")
+RESTORE = ("stale", "zero", "mean")
+IMPORTANCE = {"sum": "TokenImportance", "mean": "TokenImportanceMean"}
+PROTECT = ("first", "first+last", "none")
 MASK_BIAS = -1e9
 
 
@@ -89,19 +94,23 @@ class PruneTokens(Pass):
     keep: float = 1.0
     schedule: tuple[float, ...] = ()
     unpruned: float = 0.15
+    shape: str = "linear"
     min_keep: int = 1
-    protect_first: bool = True
+    protect: str = "first"
     restore: str = "stale"
+    importance: str = "sum"
     emit_kept: bool = False
 
     def ratios(self, layers: int) -> list[float]:
         if self.schedule:
             return check_schedule(list(self.schedule), layers)
-        return spatten_schedule(layers, self.keep, self.unpruned)
+        return spatten_schedule(layers, self.keep, self.unpruned, self.shape)
 
     def call(self, model: ir.Model) -> PassResult:
-        if self.restore not in RESTORE:
-            raise OptionError(f"restore must be one of {', '.join(RESTORE)}, got {self.restore!r}")
+        for name, value, choices in (("restore", self.restore, RESTORE), ("importance", self.importance, IMPORTANCE),
+                                     ("protect", self.protect, PROTECT)):
+            if value not in choices:
+                raise OptionError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.min_keep < 1:
             raise OptionError(f"min_keep must be >= 1, got {self.min_keep}")
         sites = find_attention(model).sites
@@ -120,7 +129,8 @@ class _Rewrite:
     def __init__(self, model: ir.Model, sites: list[AttentionSite], ratios: list[float], opts: PruneTokens):
         self.e = GraphEditor(model, "spatten")
         self.model, self.sites, self.ratios, self.opts = model, sites, ratios, opts
-        ensure_functions(model, ["TokenImportance", "TokenSelect", "GatherTokens", "ScatterTokens"])
+        self.importance = IMPORTANCE[opts.importance]
+        ensure_functions(model, [self.importance, "TokenSelect", "GatherTokens", "ScatterTokens"])
 
     def call(self, name: str, *inputs: ir.Value, outputs: int = 1):
         return self.e.op(name, list(inputs), domain=DOMAIN, outputs=outputs, hint=name)
@@ -149,9 +159,7 @@ class _Rewrite:
                     old = self.call("GatherTokens", buf, pos)
                     buf = self.call("ScatterTokens", buf, pos, e.op("Where", [vcol, x_in, old]))
                 k, kper = self._budget(ratio, seq, lens, x_in)
-                protect = e.op("Cast", [e.op("Equal", [pos, e.const("zero", np.int64(0))])], to=ir.DataType.FLOAT)
-                if not self.opts.protect_first:
-                    protect = e.op("Mul", [protect, e.const("zero", np.float32(0))])
+                protect = self._protected(pos, lens)
                 sel, valid = self.call("TokenSelect", acc, valid, protect, k, kper, outputs=2)
                 pos = e.op("GatherElements", [pos, sel], axis=1)
                 acc = e.op("GatherElements", [acc, sel], axis=1)
@@ -162,7 +170,7 @@ class _Rewrite:
             if pruned:
                 self._rebind_seq_shapes(site, x_new if ratio < prev else site.layer_input)
                 self._replace_mask(site, valid)
-            score = self.call("TokenImportance", site.probs, valid)
+            score = self.call(self.importance, site.probs, valid)
             acc = score if acc is None else e.op("Add", [acc, score])
         if pruned:
             self._restore(self.sites[-1].layer_output, buf, pos, valid, full)
@@ -190,6 +198,20 @@ class _Rewrite:
                     done[id(concat)] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
                 node.replace_input_with(i, done[id(concat)])
 
+    def _protected(self, pos: ir.Value, lens: ir.Value) -> ir.Value:
+        """1.0 for tokens never pruned: the first (CLS), and with first+last each sample's last real
+        token (SEP), which BERT-style encoders use as an attention sink."""
+        e = self.e
+        first = e.op("Equal", [pos, e.const("zero", np.int64(0))])
+        if self.opts.protect == "first+last":
+            last = e.op("Sub", [e.op("Cast", [lens], to=ir.DataType.INT64), e.const("one", np.int64(1))])
+            axes = e.const("axes", np.array([1], np.int64))
+            first = e.op("Or", [first, e.op("Equal", [pos, e.op("Unsqueeze", [last, axes])])])
+        protect = e.op("Cast", [first], to=ir.DataType.FLOAT)
+        if self.opts.protect == "none":
+            protect = e.op("Mul", [protect, e.const("zero", np.float32(0))])
+        return protect
+
     def _budget(self, ratio: float, seq: ir.Value, lens: ir.Value, x_in: ir.Value) -> tuple[ir.Value, ir.Value]:
         e, r, lo = self.e, self.e.const("ratio", np.float32(ratio)), self.e.const("min_keep", np.int64(self.opts.min_keep))
         k = e.op("Cast", [e.op("Ceil", [e.op("Mul", [seq, r])])], to=ir.DataType.INT64)
@@ -216,8 +238,16 @@ class _Rewrite:
         vcol = e.op("Unsqueeze", [e.op("Cast", [valid], to=ir.DataType.BOOL), e.const("axes", np.array([-1], np.int64))])
         if self.opts.restore == "stale":
             rows = e.op("Where", [vcol, out, self.call("GatherTokens", buf, pos)])
-        else:
+        elif self.opts.restore == "zero":
             rows = e.op("Mul", [out, e.op("Unsqueeze", [valid, e.const("axes", np.array([-1], np.int64))])])
+        else:  # mean: every pruned row is the mean of the surviving rows of its sample
+            w = e.op("Unsqueeze", [valid, e.const("axes", np.array([-1], np.int64))])
+            axes = e.const("axes", np.array([1], np.int64))
+            total = e.op("ReduceSum", [e.op("Mul", [out, w]), axes], keepdims=1)
+            count = e.op("Max", [e.op("ReduceSum", [w, axes], keepdims=1), e.const("one", np.float32(1))])
+            mean = e.op("Div", [total, count])  # [B, 1, D]
+            buf = e.op("Add", [e.op("Mul", [buf, e.const("zero", np.float32(0))]), mean])
+            rows = e.op("Where", [vcol, out, self.call("GatherTokens", buf, pos)])
         restored = self.call("ScatterTokens", buf, pos, rows)
         e.replace_uses(out, restored, keep=e.added)
 

@@ -7,6 +7,8 @@ each call to its own instruction.
 
   TokenImportance(probs[B,H,Sq,Sk], qvalid[B,Sq]) -> score[B,Sk]
       score[b,j] = sum_h sum_i qvalid[b,i] * probs[b,h,i,j]        (column sums over valid rows)
+  TokenImportanceMean(probs, qvalid) -> score / max(1, number of valid query rows)
+      (each layer contributes equally however many tokens it still has)
   TokenSelect(acc[B,S], valid[B,S], protect[B,S], k[1], kper[B]) -> sel[B,k], kept[B,k]
       rank tokens by acc (padding -inf, protected +inf); keep the top k in original order;
       kept = 1 for the first kper[b] of sample b's ranking that are real tokens
@@ -32,6 +34,20 @@ TokenImportance (probs, qvalid) => (score) {
     weighted = Mul (probs, qv)
     axes12 = Constant <value_ints = [1, 2]> ()
     score = ReduceSum <keepdims = 0> (weighted, axes12)
+}""",
+    "TokenImportanceMean": """
+<domain: "spatten", opset_import: ["" : 17]>
+TokenImportanceMean (probs, qvalid) => (score) {
+    axes13 = Constant <value_ints = [1, 3]> ()
+    qv = Unsqueeze (qvalid, axes13)
+    weighted = Mul (probs, qv)
+    axes12 = Constant <value_ints = [1, 2]> ()
+    total = ReduceSum <keepdims = 0> (weighted, axes12)
+    axes1 = Constant <value_ints = [1]> ()
+    rows = ReduceSum <keepdims = 1> (qvalid, axes1)
+    one = Constant <value_float = 1.0> ()
+    safe = Max (rows, one)
+    score = Div (total, safe)
 }""",
     "TokenSelect": """
 <domain: "spatten", opset_import: ["" : 17]>

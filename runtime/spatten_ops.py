@@ -33,6 +33,14 @@ class TokenImportance(OpRun):
 
 
 @spatten_op
+class TokenImportanceMean(OpRun):
+    def _run(self, probs, qvalid):
+        # Column sums divided by the number of valid query rows: every layer weighs the same.
+        total = np.einsum("bhij,bi->bj", probs, qvalid.astype(probs.dtype))
+        return ((total / np.maximum(qvalid.sum(axis=1, keepdims=True), 1)).astype(probs.dtype),)
+
+
+@spatten_op
 class TokenSelect(OpRun):
     def _run(self, acc, valid, protect, k, kper):
         k = int(k.reshape(-1)[0])

@@ -16,14 +16,27 @@ from spatten_compiler.errors import OptionError
 from spatten_compiler.pipeline import Pass, make_pass
 
 
+# Token-pruning presets. "paper" is SpAtten as published; "spattenc" is the rule that wins on
+# models used without fine-tuning (bench/README.md, token pruning section).
+TOKEN_RULES: dict[str, dict[str, str]] = {
+    "paper": {"token_importance": "sum", "token_protect": "first", "token_schedule_shape": "linear",
+              "restore": "stale"},
+    "spattenc": {"token_importance": "mean", "token_protect": "first+last", "token_schedule_shape": "flat",
+                 "restore": "mean"},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileConfig:
     token_keep: float | None = None  # average keep ratio with SpAtten's schedule
     token_keep_schedule: tuple[float, ...] = ()  # or an explicit per-layer list
     token_unpruned: float = 0.15  # fraction of leading layers left unpruned by the schedule
     token_min_keep: int = 1
-    token_protect_first: bool = True
-    restore: str = "stale"
+    token_rule: str = "paper"  # preset for the four options below; each can be overridden
+    token_importance: str | None = None  # sum (paper) | mean (per-layer normalized)
+    token_protect: str | None = None  # first (CLS) | first+last (CLS and SEP) | none
+    token_schedule_shape: str | None = None  # linear (paper) | flat
+    restore: str | None = None  # stale | zero | mean
     emit_kept: bool = False
     head_keep: float | None = None  # cascade head pruning, SpAtten schedule (first 30% unpruned)
     head_keep_schedule: tuple[float, ...] = ()
@@ -32,6 +45,8 @@ class CompileConfig:
     lsb_threshold: float | None = None  # recompute rows whose max probability is below this
 
     def __post_init__(self) -> None:
+        if self.token_rule not in TOKEN_RULES:
+            raise OptionError(f"--token-rule must be one of {', '.join(TOKEN_RULES)}, got {self.token_rule!r}")
         for flag, value in (("--head-keep", self.head_keep), ("--value-keep", self.value_keep)):
             if value is not None and not 0 < value <= 1:
                 raise OptionError(f"{flag} must be in (0, 1], got {value}")
@@ -69,15 +84,27 @@ class CompileConfig:
             passes.append(make_pass("quantize-kv", **opts))
         return [make_pass("normalize"), *passes] if passes else []
 
+    def token_options(self) -> dict[str, str]:
+        """The preset's choices with explicit options applied on top."""
+        chosen = dict(TOKEN_RULES[self.token_rule])
+        for key in chosen:
+            value = getattr(self, key)
+            if value is not None:
+                chosen[key] = value
+        return chosen
+
     def _token_pass(self) -> Pass:
+        rule = self.token_options()
         return make_pass(
                 "prune-tokens",
+                importance=rule["token_importance"],
+                protect=rule["token_protect"],
+                shape=rule["token_schedule_shape"],
                 keep=self.token_keep if self.token_keep is not None else 1.0,
                 schedule=tuple(self.token_keep_schedule),
                 unpruned=self.token_unpruned,
                 min_keep=self.token_min_keep,
-                protect_first=self.token_protect_first,
-                restore=self.restore,
+                restore=rule["restore"],
                 emit_kept=self.emit_kept,
             )
 

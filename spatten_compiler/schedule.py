@@ -14,7 +14,10 @@ import math
 from spatten_compiler.errors import OptionError
 
 
-def spatten_schedule(layers: int, average: float, unpruned: float = 0.15) -> list[float]:
+def spatten_schedule(layers: int, average: float, unpruned: float = 0.15, shape: str = "linear") -> list[float]:
+    """``shape`` linear: SpAtten's ramp; flat: every pruned layer keeps ``average``."""
+    if shape not in ("linear", "flat"):
+        raise OptionError(f"schedule shape must be linear or flat, got {shape!r}")
     if not 0 < average <= 1:
         raise OptionError(f"keep ratio must be in (0, 1], got {average}")
     if layers <= 0:
@@ -23,6 +26,8 @@ def spatten_schedule(layers: int, average: float, unpruned: float = 0.15) -> lis
     rest = layers - first
     if rest == 0 or average == 1:
         return [1.0] * layers
+    if shape == "flat":
+        return [1.0] * first + [average] * rest
     r_start = min((1 + average) / 2, 1.5 * average)
     r_end = 2 * average - r_start
     step = 0.0 if rest == 1 else (r_end - r_start) / (rest - 1)

@@ -77,9 +77,11 @@ def test_pruned_lengths_ort_equals_reference(name: str, keep: float, tmp_path: P
     assert kept.sum(1).tolist() == [max(1, math.ceil(int(n) * ratios[-1])) for n in mask.sum(1)]
 
 
-def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float]) -> list[np.ndarray]:
-    """SpAtten's rule written independently: column sums over heads and valid rows, accumulated;
-    top-k by score (ties: lower position), CLS protected, kept in original order."""
+def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float], importance: str = "sum",
+                   protect: str = "first") -> list[np.ndarray]:
+    """SpAtten's rule written independently: column sums over heads and valid rows (divided by the
+    number of valid rows for ``mean``), accumulated; top-k by score (ties: lower position), CLS (and
+    with first+last the last real token) protected, kept in original order."""
     b_size, seq = mask.shape
     out = []
     for b in range(b_size):
@@ -94,7 +96,8 @@ def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float
                 k = min(len(pos), max(1, math.ceil(seq * ratios[layer])))
                 budget = max(1, math.ceil(n * ratios[layer]))
                 prio = np.where(valid, acc, -np.inf)
-                prio = np.where(valid & (pos == 0), np.inf, prio)
+                guard = (pos == 0) | ((pos == n - 1) if protect == "first+last" else False)
+                prio = np.where(valid & guard, np.inf, prio)
                 order = np.argsort(-prio, kind="stable")[:k]
                 ok = (np.arange(k) < budget) & np.isfinite(prio[order]) | (prio[order] == np.inf)
                 keep = np.sort(order)
@@ -102,16 +105,18 @@ def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float
                 valid = np.array([o in set(order[ok & (np.arange(k) < budget)]) for o in keep])
                 pos, acc = pos[keep], acc[keep]
                 kept_positions.append(pos[valid])
-            acc = acc + (p * valid[None, :, None]).sum(axis=(0, 1))
+            score = (p * valid[None, :, None]).sum(axis=(0, 1))
+            acc = acc + (score / max(1, valid.sum()) if importance == "mean" else score)
         out.append(kept_positions)
     return out
 
 
 @pytest.mark.parametrize("name", ["bert_torchscript", "distilbert_dynamo"])
-def test_kept_tokens_equal_numpy_rule(name: str, tmp_path: Path) -> None:
-    path = compile_model(name, tmp_path, keep=0.4, emit_kept=True)
+@pytest.mark.parametrize("importance, protect", [("sum", "first"), ("mean", "first+last")])
+def test_kept_tokens_equal_numpy_rule(name: str, importance: str, protect: str, tmp_path: Path) -> None:
+    path = compile_model(name, tmp_path, keep=0.4, emit_kept=True, importance=importance, protect=protect)
     proto = onnx.load(path)
-    probs = [n.input[0] for n in proto.graph.node if n.op_type == "TokenImportance"]
+    probs = [n.input[0] for n in proto.graph.node if n.op_type.startswith("TokenImportance")]
     for p in probs:
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(p))
     onnx.save(proto, tmp_path / "probe.onnx")
@@ -119,7 +124,7 @@ def test_kept_tokens_equal_numpy_rule(name: str, tmp_path: Path) -> None:
     feeds, _ = reference_io(meta)
     got = run_ort(tmp_path / "probe.onnx", feeds)
     ratios = spatten_schedule(meta["num_layers"], 0.4)
-    expected = _rule_in_numpy([got[p] for p in probs], feeds["attention_mask"], ratios)
+    expected = _rule_in_numpy([got[p] for p in probs], feeds["attention_mask"], ratios, importance, protect)
     steps = sum(1 for r, prev in zip(ratios, [1.0, *ratios]) if r < prev)
     for b in range(feeds["attention_mask"].shape[0]):
         kept_final = np.flatnonzero(got["spatten_kept_mask"][b])
@@ -224,3 +229,26 @@ def test_compile_report_flop_ratio(tmp_path: Path) -> None:
     for n in ("128", "256", "512"):
         assert 1.0 < data["flop_ratio"][n] <= 1 / min(data["token_schedule"])
         assert abs(data["flop_ratio"][n] - 1 / mean) < 0.35
+
+
+@pytest.mark.parametrize("name", ["bert_torchscript", "bert_dynamo"])
+def test_restore_mean_makes_mask_pooling_equal_kept_pooling(name: str, tmp_path: Path) -> None:
+    path = compile_model(name, tmp_path, keep=0.4, restore="mean", emit_kept=True, shape="flat")
+    feeds, _ = reference_io(load_meta(name))
+    got = run_ort(path, feeds)
+    h, mask, kept = got["last_hidden_state"], feeds["attention_mask"][..., None], got["spatten_kept_mask"][..., None]
+    pooled_mask = (h * mask).sum(1) / mask.sum(1)
+    pooled_kept = (h * kept).sum(1) / kept.sum(1)
+    np.testing.assert_allclose(pooled_mask, pooled_kept, atol=1e-5)
+    assert (kept.sum(1) < mask.sum(1)).all()  # something was pruned
+    report = ReferenceRuntime(path).run(feeds)
+    np.testing.assert_allclose(report.outputs["last_hidden_state"], h, atol=1e-4, rtol=0)
+
+
+def test_presets_expand_to_options() -> None:
+    from spatten_compiler.config import CompileConfig
+
+    paper = CompileConfig(token_keep=0.5).passes()[-1]
+    ours = CompileConfig(token_keep=0.5, token_rule="spattenc", restore="stale").passes()[-1]
+    assert (paper.importance, paper.protect, paper.shape, paper.restore) == ("sum", "first", "linear", "stale")
+    assert (ours.importance, ours.protect, ours.shape, ours.restore) == ("mean", "first+last", "flat", "stale")

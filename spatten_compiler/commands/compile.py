@@ -38,10 +38,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="explicit keep ratio per layer (fractions of the input length), e.g. 1,1,0.8,0.6")
     t.add_argument("--token-unpruned", type=float, metavar="F", help="leading fraction of layers kept whole (0.15)")
     t.add_argument("--token-min-keep", type=int, metavar="N", help="never keep fewer than N tokens (1)")
-    t.add_argument("--no-protect-first", dest="token_protect_first", action="store_const", const=False,
-                   help="let the first token (CLS) be pruned too")
-    t.add_argument("--restore", choices=("stale", "zero"),
-                   help="output row of a pruned token: its last computed state (stale, default) or zeros")
+    t.add_argument("--token-rule", choices=("paper", "spattenc"),
+                   help="preset: paper = SpAtten as published (sum importance, CLS kept, linear schedule, stale "
+                   "restore); spattenc = per-layer mean importance, CLS+SEP kept, flat schedule, mean restore")
+    t.add_argument("--token-importance", choices=("sum", "mean"),
+                   help="sum: column sums accumulated (paper); mean: each layer's sums / its valid query rows")
+    t.add_argument("--token-protect", choices=("first", "first+last", "none"),
+                   help="tokens never pruned: CLS, CLS and the last real token (SEP), or none")
+    t.add_argument("--token-schedule-shape", choices=("linear", "flat"),
+                   help="linear: SpAtten's ramp around the average; flat: every pruned layer keeps the average")
+    t.add_argument("--restore", choices=("stale", "zero", "mean"),
+                   help="output row of a pruned token: its last computed state, zeros, or the mean of the kept rows")
     t.add_argument("--emit-kept", action="store_const", const=True,
                    help="extra outputs: spatten_kept_mask [B,S] and the kept positions per pruning layer")
     h = p.add_argument_group("cascade head pruning and local value pruning")
@@ -72,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
         "token_keep_schedule": parse_ratio_list(args.token_keep_schedule) if args.token_keep_schedule else None,
         "token_unpruned": args.token_unpruned,
         "token_min_keep": args.token_min_keep,
-        "token_protect_first": args.token_protect_first,
+        "token_rule": args.token_rule,
+        "token_importance": args.token_importance,
+        "token_protect": args.token_protect,
+        "token_schedule_shape": args.token_schedule_shape,
         "restore": args.restore,
         "emit_kept": args.emit_kept,
         "head_keep": args.head_keep,
