@@ -8,6 +8,7 @@ checked against an independent implementation of the same rule.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ class LayerKeep:
 class RunReport:
     outputs: dict[str, np.ndarray]
     token_keep: list[LayerKeep]
+    kv_fetch: list[dict] = dataclasses.field(default_factory=list)  # quant_ops.fetch_report()
     head_keep: list[list[int]] = dataclasses.field(default_factory=list)  # kept head groups, per head-pruned layer
 
 
@@ -47,7 +49,11 @@ class ReferenceRuntime:
 
     def run(self, feeds: dict[str, np.ndarray]) -> RunReport:
         spatten_ops.CURRENT = trace = spatten_ops.Trace()
+        quant = sys.modules.get(f"{__package__}.quant_ops")
+        if quant is not None:
+            quant.reset()
         results = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
         keeps = [LayerKeep(int(s["tokens_in"][0]), s["kept"].sum(axis=1).astype(int).tolist()) for s in trace.selections]
         heads = [h.tolist() for h in getattr(trace, "heads", [])]
-        return RunReport(dict(zip(self.output_names, results)), keeps, head_keep=heads)
+        return RunReport(dict(zip(self.output_names, results)), keeps, head_keep=heads,
+                         kv_fetch=quant.fetch_report() if quant is not None else [])

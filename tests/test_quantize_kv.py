@@ -1,0 +1,257 @@
+"""quantize-kv: bit planes (property tests on the ONNX functions and the NumPy oracle), threshold
+end points, onnxruntime == reference runtime on the fixtures, statistics, composition with
+prune-tokens, and one-line errors."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import spatten_compiler.passes  # noqa: F401  (registers the passes)
+from attention_graphs import build, feeds
+from conftest import MODELS, fixture_names, load_meta, reference_io, run_ort
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from onnx import TensorProto, helper
+from spatten_compiler.passes.find_attention import find_attention
+from spatten_compiler.passes.quantize_kv import GRANULARITY, QuantizeKV, _Rewrite, parse_bits, qmax_for, score_chain
+from spatten_compiler.passes.spatten_ops import DOMAIN, ensure_functions
+from spatten_compiler.runtime import quant_ops
+from spatten_compiler.runtime.reference import ReferenceRuntime
+
+from spatten_compiler.config import CompileConfig
+from spatten_compiler.errors import OptionError
+from spatten_compiler.pipeline import Pipeline, make_pass
+
+BITS = [(4, 4), (6, 4), (8, 4), (4, 0), (6, 0), (8, 0)]
+ENCODERS = [n for n in fixture_names() if not load_meta(n)["kv_cache"] and not load_meta(n).get("fused_attention")]
+REJECTED = ["bert_attention_op23", "gpt2_kv_torchscript", "llama_dynamo"]  # fused; KV cache (TorchScript, dynamo)
+CONFIGS = [("6+4", "fixed", 0.5), ("4+4", "uniform", 2.0), ("6", "fixed", 0.1)]
+
+
+@cache
+def _planes_session(m: int, lo: int) -> ort.InferenceSession:
+    """x[N], scale -> the spatten functions' msb, lsb, MSB+LSB and MSB-only values (one model per format)."""
+    f = helper.make_tensor_value_info
+    nodes = [
+        helper.make_node("Constant", [], ["step"], value=helper.make_tensor("s", TensorProto.FLOAT, [], [2.0**lo])),
+        helper.make_node("Constant", [], ["qmax"],
+                         value=helper.make_tensor("q", TensorProto.FLOAT, [], [qmax_for(m, lo)])),
+        helper.make_node("QuantizeSplit", ["x", "scale", "step", "qmax"], ["msb", "lsb"], domain=DOMAIN),
+        helper.make_node("DequantizeSplit", ["msb", "lsb", "scale", "step"], ["full"], domain=DOMAIN),
+        helper.make_node("Mul", ["scale", "step"], ["mscale"]),
+        helper.make_node("Dequantize", ["msb", "mscale"], ["msb_only"], domain=DOMAIN),
+    ]
+    graph = helper.make_graph(nodes, "planes", [f("x", TensorProto.FLOAT, ["N"]), f("scale", TensorProto.FLOAT, [])],
+                              [f("msb", TensorProto.INT8, ["N"]), f("lsb", TensorProto.INT8, ["N"]),
+                               f("full", TensorProto.FLOAT, ["N"]), f("msb_only", TensorProto.FLOAT, ["N"])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    ensure_functions(model, ["QuantizeSplit", "DequantizeSplit", "Dequantize"])
+    return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([b for b in BITS if b[1]]),
+       hnp.arrays(np.float32, st.integers(1, 64), elements=st.floats(-100, 100, width=32)))
+def test_bit_planes_round_trip_and_error_bound(bits: tuple[int, int], x: np.ndarray) -> None:
+    m, lo = bits
+    qmax = qmax_for(m, lo)
+    scale = np.array(max(float(np.abs(x).max()), 1e-12) / qmax, np.float32)
+    msb, lsb, full, msb_only = _planes_session(m, lo).run(None, {"x": x, "scale": scale})
+    q = np.clip(np.round(x / scale), -qmax, qmax).astype(np.int64)
+    # planes fit their bit widths and recombine exactly into the full quantized value
+    assert msb.min() >= -(2 ** (m - 1)) and msb.max() <= 2 ** (m - 1) - 1
+    assert lsb.min() >= -(2 ** (lo - 1)) and lsb.max() <= 2 ** (lo - 1) - 1
+    np.testing.assert_array_equal(msb.astype(np.int64) * 2**lo + lsb, q)
+    # the NumPy oracle (integer shifts) gives the same planes
+    ref_msb, ref_lsb = quant_ops.split(x, scale, np.float32(2**lo), np.float32(qmax))
+    np.testing.assert_array_equal(ref_msb, msb)
+    np.testing.assert_array_equal(ref_lsb, lsb)
+    # error bounds: full <= scale/2, MSB only <= scale * (2^(l-1) + 1/2)  (+ float rounding slack)
+    slack = 1e-5 * np.abs(x).max() + 1e-30
+    assert np.abs(full - x).max() <= scale * 0.5 + slack
+    assert np.abs(msb_only - x).max() <= scale * (2 ** (lo - 1) + 0.5) + slack
+
+
+def test_parse_bits_and_qmax() -> None:
+    assert parse_bits("6+4") == (6, 4) and parse_bits("8") == (8, 0)
+    assert qmax_for(6, 4) == 31 * 16 + 7 and qmax_for(4, 0) == 7
+    for bad in ("3+0", "9", "x", "6+", "6+9", "1"):
+        with pytest.raises(OptionError):
+            parse_bits(bad)
+
+
+def _compile(proto_or_path, *passes) -> ir.Model:
+    model = ir.load(proto_or_path) if isinstance(proto_or_path, Path) else ir.serde.deserialize_model(proto_or_path)
+    Pipeline([make_pass("normalize"), *passes])(model)
+    return model
+
+
+def _save(model: ir.Model, path: Path) -> Path:
+    ir.save(model, path)
+    return path
+
+
+def _fake_quantized(proto: onnx.ModelProto, bits: str, plane: str, granularity: str = "head") -> ir.Model:
+    """The expected model: every K^T and V replaced by its MSB-only or MSB+LSB dequantized value."""
+    model = _compile(proto)
+    m, lo = parse_bits(bits)
+    r = _Rewrite(model, QuantizeKV(bits=bits, granularity=granularity), m, lo)
+    k_axes, v_axes = GRANULARITY[granularity]
+    for site in find_attention(model).sites:
+        kt, v = site.k.value, site.pv.inputs[1]
+        (k_m, k_f), (v_m, v_f) = r._split(kt, k_axes), r._split(v, v_axes)
+        for node in score_chain(kt, site.probs):
+            for i, inp in enumerate(node.inputs):
+                if inp is kt:
+                    node.replace_input_with(i, k_f if plane == "full" else k_m)
+        site.pv.replace_input_with(1, v_f if plane == "full" else v_m)
+    r.finish()
+    return model
+
+
+@pytest.mark.parametrize(("threshold", "plane", "granularity"), [
+    (1.0, "full", "token"), (0.0, "msb", "token"), (1.0, "full", "head"), (0.0, "msb", "channel")])
+def test_threshold_end_points(threshold: float, plane: str, granularity: str, tmp_path: Path) -> None:
+    proto = onnx.load(MODELS / "bert_torchscript.onnx")
+    f, _ = reference_io(load_meta("bert_torchscript"))
+    got = _compile(proto, make_pass("quantize-kv", bits="6+4", threshold=threshold, granularity=granularity,
+                                    emit_stats=True))
+    out = run_ort(_save(got, tmp_path / "got.onnx"), f)
+    want = run_ort(_save(_fake_quantized(proto, "6+4", plane, granularity), tmp_path / "want.onnx"), f)
+    np.testing.assert_allclose(out["last_hidden_state"], want["last_hidden_state"], atol=1e-6)
+    assert np.all(out["spatten_lsb_fraction"] == (1.0 if plane == "full" else 0.0))
+
+
+@pytest.mark.parametrize(("name", "bits", "rule", "threshold"),
+                         [(n, *CONFIGS[0]) for n in ENCODERS]
+                         + [(n, *c) for n in ("bert_torchscript", "gpt2_dynamo") for c in CONFIGS[1:]])
+def test_onnxruntime_matches_reference_runtime(name: str, bits: str, rule: str, threshold: float,
+                                               tmp_path: Path) -> None:
+    """End to end at per-head scales (coarse steps: the 1e-7 differences between onnxruntime's and
+    NumPy's float ops upstream do not flip a rounding); the default per-token scales have fine
+    steps, where such a flip changes an output by ~1e-4, so they are compared op by op below."""
+    path = _save(_compile(MODELS / f"{name}.onnx", make_pass("quantize-kv", bits=bits, rule=rule, threshold=threshold,
+                                                                granularity="head", emit_stats=True)),
+                 tmp_path / "q.onnx")
+    f, want = reference_io(load_meta(name))
+    ours, report = run_ort(path, f), ReferenceRuntime(path).run(f)
+    for key in want:
+        np.testing.assert_allclose(ours[key], report.outputs[key], atol=1e-4)
+        assert np.abs(ours[key] - want[key]).max() < 0.5 * np.abs(want[key]).max()  # still the model
+    m, lo = parse_bits(bits)
+    if lo:
+        fractions = [layer["lsb_fraction"] for layer in report.kv_fetch]
+        assert fractions == pytest.approx(ours["spatten_lsb_fraction"].tolist())
+        slack = 1 / load_meta(name)["head_dim"]  # the float32 scales
+        for layer in report.kv_fetch:  # between MSB only and MSB + LSB
+            assert (m / 32) <= layer["bytes_read"] / layer["bytes_fp32"] <= (m + lo) / 32 + slack
+    else:
+        ratios = [e["bytes_read"] / e["bytes_fp32"] for e in report.kv_fetch]
+        assert all(m / 32 < r <= m / 32 + 1 / load_meta(name)["head_dim"] for r in ratios)  # + the scales
+
+
+@pytest.mark.parametrize(("name", "bits"), [("bert_torchscript", "4+4"), ("distilbert_dynamo", "6+4"),
+                                           ("gpt2_torchscript", "6")])
+def test_each_spatten_op_matches_numpy_on_onnxruntime_inputs(name: str, bits: str, tmp_path: Path) -> None:
+    """Default (per-token) scales: every spatten node's onnxruntime outputs equal the NumPy oracle
+    applied to the same onnxruntime inputs (planes exactly, floats to 1e-5)."""
+    model = _compile(MODELS / f"{name}.onnx", make_pass("quantize-kv", bits=bits, rule="uniform", threshold=4.0))
+    proto = ir.serde.serialize_model(model)
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    calls = [n for n in proto.graph.node if n.domain == DOMAIN]
+    kinds = {"Quantize": [TensorProto.INT8], "QuantizeSplit": [TensorProto.INT8] * 2,
+             "LowConfidence": [TensorProto.BOOL], "LowConfidenceUniform": [TensorProto.BOOL]}
+    have = {o.name for o in proto.graph.output} | set(consts) | {i.name for i in proto.graph.input}
+    produced = {o for n in calls for o in n.output}
+    for n in calls:  # K^T, V, scales, probabilities: float tensors computed by standard ops
+        for name_in in n.input:
+            if name_in not in have and name_in not in produced:
+                have.add(name_in)
+                proto.graph.output.append(helper.make_tensor_value_info(name_in, TensorProto.FLOAT, None))
+    for n in calls:
+        for i, out in enumerate(n.output):
+            if out not in have:
+                have.add(out)
+                kind = kinds.get(n.op_type, [TensorProto.FLOAT] * 2)[i]
+                proto.graph.output.append(helper.make_tensor_value_info(out, kind, None))
+    onnx.save(proto, tmp_path / "io.onnx")
+    f, _ = reference_io(load_meta(name))
+    values = {**consts, **f, **run_ort(tmp_path / "io.onnx", f)}
+    for n in calls:
+        inputs = [values[i] for i in n.input]
+        expected = getattr(quant_ops, n.op_type)._run(None, *inputs)
+        for out, want in zip(n.output, expected):
+            if want.dtype.kind in "ib":
+                np.testing.assert_array_equal(values[out], want, err_msg=n.op_type)
+            else:
+                np.testing.assert_allclose(values[out], want, atol=1e-5, err_msg=n.op_type)
+
+
+def test_rows_take_msb_or_full_result(tmp_path: Path) -> None:
+    """At an intermediate threshold each row is exactly one of the two end points."""
+    proto = build(mask="additive")
+    f = feeds(proto, batch=2, seq=6)
+    runs = {}
+    for name, thr in (("mid", 0.5), ("msb", 0.0), ("full", 1.0)):
+        model = _compile(proto, make_pass("quantize-kv", bits="4+4", threshold=thr, emit_stats=True))
+        _save(model, tmp_path / f"{name}.onnx")
+        site_ctx = next(n for n in model.graph if n.op_type == "ProgressiveContext").outputs[0]
+        proto_out = ir.serde.serialize_model(model)
+        proto_out.graph.output.append(helper.make_tensor_value_info(site_ctx.name, TensorProto.FLOAT, None))
+        onnx.save(proto_out, tmp_path / f"{name}.onnx")
+        runs[name] = run_ort(tmp_path / f"{name}.onnx", f)
+    ctx = {k: r[next(o for o in r if o.startswith("spatten_q/ProgressiveContext"))] for k, r in runs.items()}
+    need = runs["mid"]["spatten_lsb_rows.0"] > 0  # real rows only (padding rows count 0)
+    real = np.broadcast_to(f["mask"][:, None, :] > 0, need.shape)
+    assert 0 < need.sum() < real.sum()  # a real mix
+    np.testing.assert_array_equal(ctx["mid"][need], ctx["full"][need])
+    np.testing.assert_array_equal(ctx["mid"][real & ~need], ctx["msb"][real & ~need])
+
+
+def test_composes_with_prune_tokens(tmp_path: Path) -> None:
+    config = CompileConfig(token_keep=0.6, kv_bits="6+4", lsb_threshold=0.3)
+    model = ir.load(MODELS / "bert_torchscript.onnx")
+    Pipeline(config.passes())(model)
+    nodes = list(model.graph)
+    importance = [n for n in nodes if n.op_type == "TokenImportance"]
+    assert importance and all(n.inputs[0].producer().op_type == "Where" for n in importance)
+    assert all(n.inputs[0].producer().inputs[0].producer().op_type == "LowConfidence" for n in importance)
+    layers = load_meta("bert_torchscript")["num_layers"]
+    assert sum(n.op_type == "Softmax" for n in nodes) == 2 * layers  # the original score chains are gone
+    path = _save(model, tmp_path / "tq.onnx")
+    f, want = reference_io(load_meta("bert_torchscript"))
+    ours, report = run_ort(path, f), ReferenceRuntime(path).run(f)
+    np.testing.assert_allclose(ours["last_hidden_state"], report.outputs["last_hidden_state"], atol=1e-4)
+    assert report.token_keep and len(report.kv_fetch) == layers
+
+
+@pytest.mark.parametrize("name", REJECTED)
+def test_kv_cache_and_fused_attention_are_refused(name: str) -> None:
+    with pytest.raises(OptionError, match="KV-cache|fused"):
+        _compile(MODELS / f"{name}.onnx", make_pass("quantize-kv"))
+
+
+@pytest.mark.parametrize(("opts", "message"), [
+    ({"bits": "3+0"}, "LSB bits"), ({"granularity": "row"}, "granularity"), ({"rule": "odd"}, "rule"),
+    ({"threshold": 1.5}, "lsb-threshold"), ({"threshold": -1.0}, "lsb-threshold"),
+])
+def test_bad_options(opts: dict, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        _compile(build(), make_pass("quantize-kv", **opts))
+
+
+def test_cli_bad_bits_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "spatten_compiler", str(MODELS / "bert_torchscript.onnx"),
+                        "-o", str(tmp_path / "x.onnx"), "--kv-bits", "6+x"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--kv-bits" in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
