@@ -7,7 +7,7 @@ ops from ``K^T`` to the probabilities: MatMul, scale, mask, Softmax, as the expo
     s_k, s_v         = ReduceMax(|K^T|), ReduceMax(|V|) over the granularity's axes / qmax   (run time)
     kmsb, klsb       = spatten.QuantizeSplit(K^T, s_k, 2^l, qmax)      (same for V)
     K_m, K_f         = spatten.Dequantize(kmsb, s_k * 2^l), spatten.DequantizeSplit(kmsb, klsb, s_k, 2^l)
-    P_m, P_f         = chain(K_m), chain(K_f)
+    P_m, P_f         = chain(K_m), chain(K_f)      (up to MatMul(P, V)'s input: prune-values' op included)
     low              = spatten.LowConfidence(P_m, t)        (or LowConfidenceUniform: max P_m * n_keys <= t)
     ctx, need        = spatten.ProgressiveContext(low, P_m, P_f, V_m, V_f, qvalid)
     readers of P @ V read ctx; other readers of P (TokenImportance) read Where(low, P_f, P_m)
@@ -180,8 +180,9 @@ class _Rewrite:
 
     def site(self, site: AttentionSite) -> None:
         kt, v, pv = site.k.value, site.pv.inputs[1], site.pv
+        p_used = pv.inputs[0]  # the probabilities, or prune-values' LocalValuePrune of them
         k_axes, v_axes = GRANULARITY[self.opts.granularity]
-        chain = score_chain(kt, site.probs)
+        chain = score_chain(kt, p_used)
         if not chain:
             raise OptionError(f"layer {site.layer}: K^T does not reach the probabilities")
         if self.lo == 0:
@@ -195,13 +196,17 @@ class _Rewrite:
             return
         k_m, k_f = self._split(kt, k_axes)
         v_m, v_f = self._split(v, v_axes) if self.opts.values else (v, v)
-        p_m, p_f = self._clone(chain, kt, k_m, site.probs), self._clone(chain, kt, k_f, site.probs)
-        low = self.call("LowConfidence" if self.opts.rule == "fixed" else "LowConfidenceUniform", p_m, self.thr)
-        qvalid = self._qvalid(site, p_m)
-        ctx, need = self.call("ProgressiveContext", low, p_m, p_f, v_m, v_f, qvalid, outputs=2)
+        msb, full = self._clone(chain, kt, k_m), self._clone(chain, kt, k_f)
+        low = self.call("LowConfidence" if self.opts.rule == "fixed" else "LowConfidenceUniform",
+                        msb[id(site.probs)], self.thr)
+        qvalid = self._qvalid(site, msb[id(site.probs)])
+        ctx, need = self.call("ProgressiveContext", low, msb[id(p_used)], full[id(p_used)], v_m, v_f, qvalid,
+                              outputs=2)
         self.e.replace_uses(pv.outputs[0], ctx)
-        if any(u.node is not pv for u in site.probs.uses()):  # e.g. TokenImportance: it sees what P @ V used
-            self.e.replace_uses(site.probs, self.e.op("Where", [low, p_f, p_m]), keep=[pv])
+        if any(u.node is not pv and u.node not in chain for u in site.probs.uses()):
+            # e.g. TokenImportance: it sees the probabilities P @ V used
+            where = self.e.op("Where", [low, full[id(site.probs)], msb[id(site.probs)]])
+            self.e.replace_uses(site.probs, where, keep=[pv, *chain])
         if self.opts.emit_stats:
             self._stats(site.layer, need, qvalid)
 
@@ -215,8 +220,8 @@ class _Rewrite:
         x_m = self.call("Dequantize", msb, self.e.op("Mul", [s, self.step]))
         return x_m, self.call("DequantizeSplit", msb, lsb, s, self.step)
 
-    def _clone(self, chain: list[ir.Node], kt: ir.Value, new_kt: ir.Value, probs: ir.Value) -> ir.Value:
-        """A copy of the score ops reading ``new_kt`` instead of ``kt``; returns the copy of ``probs``."""
+    def _clone(self, chain: list[ir.Node], kt: ir.Value, new_kt: ir.Value) -> dict[int, ir.Value]:
+        """A copy of the score ops reading ``new_kt`` instead of ``kt``: id(old value) -> its copy."""
         mapping: dict[int, ir.Value] = {id(kt): new_kt}
         for node in chain:
             inputs = [mapping.get(id(i), i) if i is not None else None for i in node.inputs]
@@ -226,7 +231,7 @@ class _Rewrite:
             outs = outs if isinstance(outs, tuple) else (outs,)
             for old, new in zip(node.outputs, outs):
                 mapping[id(old)] = new
-        return mapping[id(probs)]
+        return mapping
 
     def _qvalid(self, site: AttentionSite, p: ir.Value) -> ir.Value:
         """Which query rows are real tokens [B, Sq]: prune-tokens' per-layer validity if it ran,

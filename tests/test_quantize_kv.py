@@ -215,8 +215,9 @@ def test_rows_take_msb_or_full_result(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ctx["mid"][real & ~need], ctx["msb"][real & ~need])
 
 
-def test_composes_with_prune_tokens(tmp_path: Path) -> None:
-    config = CompileConfig(token_keep=0.6, kv_bits="6+4", lsb_threshold=0.3)
+@pytest.mark.parametrize("others", [{}, {"head_keep": 0.5, "value_keep": 0.5}], ids=["tokens", "tokens+heads+values"])
+def test_composes_with_pruning(others: dict, tmp_path: Path) -> None:
+    config = CompileConfig(token_keep=0.6, kv_bits="6+4", lsb_threshold=0.3, **others)
     model = ir.load(MODELS / "bert_torchscript.onnx")
     Pipeline(config.passes())(model)
     nodes = list(model.graph)
@@ -225,6 +226,8 @@ def test_composes_with_prune_tokens(tmp_path: Path) -> None:
     assert all(n.inputs[0].producer().inputs[0].producer().op_type == "LowConfidence" for n in importance)
     layers = load_meta("bert_torchscript")["num_layers"]
     assert sum(n.op_type == "Softmax" for n in nodes) == 2 * layers  # the original score chains are gone
+    value_pruned = sum(n.op_type == "LocalValuePrune" for n in nodes)
+    assert value_pruned == (2 * layers if others else 0)  # both planes' probabilities are value-pruned
     path = _save(model, tmp_path / "tq.onnx")
     f, want = reference_io(load_meta("bert_torchscript"))
     ours, report = run_ort(path, f), ReferenceRuntime(path).run(f)
