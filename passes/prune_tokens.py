@@ -176,6 +176,7 @@ class _Rewrite:
             self._restore(self.sites[-1].layer_output, buf, pos, valid, full)
         if self.opts.emit_kept:
             self._emit_kept(full, pos, valid, kept_outputs)
+        e.forget_shapes()
         e.commit()
 
     def _rebind_seq_shapes(self, site: AttentionSite, x: ir.Value) -> None:

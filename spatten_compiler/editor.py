@@ -71,5 +71,16 @@ class GraphEditor:
                 new.name, new.type, new.shape = name, old.type, old.shape
                 self.graph.outputs[i] = new
 
+    def forget_shapes(self) -> None:
+        """Drop the recorded shapes of intermediate values. After a rewrite that changes a dimension
+        (pruned tokens, pruned heads) the exporter's symbolic shapes are wrong, and onnxruntime's
+        memory planner trusts them: it would try to reuse full-length buffers for pruned tensors on
+        every run (slow, and a warning per layer). onnxruntime infers the true shapes itself."""
+        keep = {*self.graph.inputs, *self.graph.outputs}
+        for node in self.graph:
+            for out in node.outputs:
+                if out not in keep:
+                    out.shape = None
+
     def commit(self) -> None:
         TopologicalSortPass()(self.model)

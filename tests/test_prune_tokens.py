@@ -252,3 +252,13 @@ def test_presets_expand_to_options() -> None:
     ours = CompileConfig(token_keep=0.5, token_rule="spattenc", restore="stale").passes()[-1]
     assert (paper.importance, paper.protect, paper.shape, paper.restore) == ("sum", "first", "linear", "stale")
     assert (ours.importance, ours.protect, ours.shape, ours.restore) == ("mean", "first+last", "flat", "stale")
+
+
+def test_no_stale_full_length_shapes_after_pruning(tmp_path: Path) -> None:
+    """The exporter's symbolic shapes are wrong after pruning; onnxruntime's memory planner would
+    trust them (buffer-reuse misses on every run). Intermediate values keep no recorded shape."""
+    path = compile_model("bert_dynamo", tmp_path, keep=0.5)
+    proto = onnx.load(path)
+    graph_io = {v.name for v in [*proto.graph.input, *proto.graph.output]}
+    assert not [v.name for v in proto.graph.value_info
+                if v.name not in graph_io and v.type.tensor_type.HasField("shape")]
