@@ -47,7 +47,7 @@ MASK_BIAS = -1e9
 def _check_sites(sites: list[AttentionSite]) -> None:
     for s in sites:
         if s.fused is not None:
-            raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-tokens needs decomposed attention")
+            raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; run decompose-attention first")
         if s.mask_kind.startswith("causal") or s.kv_cache:
             raise OptionError(
                 f"layer {s.layer} is decoder attention ({s.mask_kind}{', KV cache' if s.kv_cache else ''}); "

@@ -65,7 +65,8 @@ class CompileConfig:
         return self.token_keep is not None or bool(self.token_keep_schedule)
 
     def passes(self) -> list[Pass]:
-        """normalize, then prune-heads, prune-tokens, prune-values, quantize-kv (each if asked).
+        """normalize, decompose-attention, then prune-heads, prune-tokens, prune-values, quantize-kv
+        (each if asked).
 
         Order matters: each later pass finds attention again in the graph the earlier ones wrote.
         """
@@ -82,7 +83,7 @@ class CompileConfig:
             if self.lsb_threshold is not None:
                 opts["threshold"] = self.lsb_threshold
             passes.append(make_pass("quantize-kv", **opts))
-        return [make_pass("normalize"), *passes] if passes else []
+        return [make_pass("normalize"), make_pass("decompose-attention"), *passes] if passes else []
 
     def token_options(self) -> dict[str, str]:
         """The preset's choices with explicit options applied on top."""
