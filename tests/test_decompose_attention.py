@@ -11,12 +11,12 @@ import onnx_ir as ir
 import pytest
 from conftest import MODELS, fixture_names, load_meta, reference_io, run_ort
 from onnx import TensorProto, helper
-
-from spatten_compiler.errors import OptionError
 from spatten_compiler.passes.decompose_attention import DecomposeAttention
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.runtime.reference import ReferenceRuntime
+
+from spatten_compiler.errors import OptionError
 
 FUSED = [n for n in fixture_names() if load_meta(n).get("fused_attention") == "Attention"]
 
