@@ -170,8 +170,10 @@ class _Rewrite:
             if pruned:
                 self._rebind_seq_shapes(site, x_new if ratio < prev else site.layer_input)
                 self._replace_mask(site, valid)
-            score = self.call(self.importance, site.probs, valid)
-            acc = score if acc is None else e.op("Add", [acc, score])
+            if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
+                # Scores are only needed while a later layer still prunes.
+                score = self.call(self.importance, site.probs, valid)
+                acc = score if acc is None else e.op("Add", [acc, score])
         if pruned:
             self._restore(self.sites[-1].layer_output, buf, pos, valid, full)
         if self.opts.emit_kept:

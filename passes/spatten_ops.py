@@ -7,6 +7,8 @@ each call to its own instruction.
 
   TokenImportance(probs[B,H,Sq,Sk], qvalid[B,Sq]) -> score[B,Sk]
       score[b,j] = sum_h sum_i qvalid[b,i] * probs[b,h,i,j]        (column sums over valid rows)
+      computed as MatMul(qvalid[B,1,1,Sq], probs) -> [B,H,1,Sk], then a sum over heads: a batched
+      GEMV instead of materializing probs * mask and reducing two non-contiguous axes
   TokenImportanceMean(probs, qvalid) -> score / max(1, number of valid query rows)
       (each layer contributes equally however many tokens it still has)
   TokenSelect(acc[B,S], valid[B,S], protect[B,S], k[1], kper[B]) -> sel[B,k], kept[B,k]
@@ -29,20 +31,18 @@ _SOURCE = {
     "TokenImportance": """
 <domain: "spatten", opset_import: ["" : 17]>
 TokenImportance (probs, qvalid) => (score) {
-    axes13 = Constant <value_ints = [1, 3]> ()
-    qv = Unsqueeze (qvalid, axes13)
-    weighted = Mul (probs, qv)
     axes12 = Constant <value_ints = [1, 2]> ()
-    score = ReduceSum <keepdims = 0> (weighted, axes12)
+    qv = Unsqueeze (qvalid, axes12)
+    colsum = MatMul (qv, probs)
+    score = ReduceSum <keepdims = 0> (colsum, axes12)
 }""",
     "TokenImportanceMean": """
 <domain: "spatten", opset_import: ["" : 17]>
 TokenImportanceMean (probs, qvalid) => (score) {
-    axes13 = Constant <value_ints = [1, 3]> ()
-    qv = Unsqueeze (qvalid, axes13)
-    weighted = Mul (probs, qv)
     axes12 = Constant <value_ints = [1, 2]> ()
-    total = ReduceSum <keepdims = 0> (weighted, axes12)
+    qv = Unsqueeze (qvalid, axes12)
+    colsum = MatMul (qv, probs)
+    total = ReduceSum <keepdims = 0> (colsum, axes12)
     axes1 = Constant <value_ints = [1]> ()
     rows = ReduceSum <keepdims = 1> (qvalid, axes1)
     one = Constant <value_float = 1.0> ()

@@ -90,8 +90,9 @@ def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float
         valid = mask[b].astype(bool)
         acc = np.zeros(seq)
         kept_positions = []
-        for layer, p in enumerate(probs):
-            p = p[b]  # [H, S_l, S_l] over the tokens present in this layer
+        for layer in range(len(ratios)):
+            # Layers after the last pruning step compute no scores (nothing reads them).
+            p = probs[layer][b] if layer < len(probs) else None  # [H, S_l, S_l]
             if layer > 0 and ratios[layer] < ratios[layer - 1]:
                 k = min(len(pos), max(1, math.ceil(seq * ratios[layer])))
                 budget = max(1, math.ceil(n * ratios[layer]))
@@ -105,8 +106,9 @@ def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float
                 valid = np.array([o in set(order[ok & (np.arange(k) < budget)]) for o in keep])
                 pos, acc = pos[keep], acc[keep]
                 kept_positions.append(pos[valid])
-            score = (p * valid[None, :, None]).sum(axis=(0, 1))
-            acc = acc + (score / max(1, valid.sum()) if importance == "mean" else score)
+            if p is not None:
+                score = (p * valid[None, :, None]).sum(axis=(0, 1))
+                acc = acc + (score / max(1, valid.sum()) if importance == "mean" else score)
         out.append(kept_positions)
     return out
 
