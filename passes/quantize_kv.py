@@ -18,9 +18,11 @@ Semantics are exactly "MSB-only result where confident, MSB+LSB result where not
 head, query). Confidence rule ``fixed``: max P_m <= threshold needs LSBs (the paper's rule; 1.0 =
 every row full, 0 = MSB only). Rule ``uniform``: max P_m <= threshold / n_keys, i.e. the threshold is
 a multiple of the uniform probability over the row's unmasked keys, so long inputs, whose attention
-is naturally flat, are not all refetched. onnxruntime computes both paths and selects (no CPU time is
-saved); the saving is K/V memory traffic, which the accelerator backend realises and the reference
-runtime counts. Layout of the planes and scales: :mod:`.quant_functions`.
+is naturally flat, are not all refetched; but short inputs are then refetched too often. Rule
+``min``: max P_m <= min(threshold, factor / n_keys) - the paper's threshold on short rows, the
+uniform one on long rows. onnxruntime computes both paths and selects (no CPU time is saved); the
+saving is K/V memory traffic, which the accelerator backend realises and the reference runtime
+counts. Layout of the planes and scales: :mod:`.quant_functions`.
 
 Scale granularity (default ``token``: one scale per batch element, KV head and token, over the
 head's channels). It is the natural KV-cache form - a new token is quantized alone, nothing already
@@ -59,7 +61,7 @@ GRANULARITY: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "channel": ((3,), (2,)),
     "token": ((2,), (3,)),
 }
-RULES = ("fixed", "uniform")
+RULES = ("fixed", "uniform", "min")
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -113,6 +115,7 @@ class QuantizeKV(Pass):
     threshold: float = 0.1
     granularity: str = "token"
     rule: str = "fixed"
+    factor: float = 8.0  # rule "min": LSBs when max p <= min(threshold, factor / n_keys)
     values: bool = True  # quantize V as well as K
     emit_stats: bool = False  # outputs spatten_lsb_rows.<layer> [B,H,Sq] and spatten_lsb_fraction [L]
 
@@ -122,9 +125,11 @@ class QuantizeKV(Pass):
             raise OptionError(f"granularity must be one of {', '.join(GRANULARITY)}, got {self.granularity!r}")
         if self.rule not in RULES:
             raise OptionError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        if self.threshold < 0 or (self.rule == "fixed" and self.threshold > 1):
-            raise OptionError(f"--lsb-threshold must be in [0, 1] for the fixed rule (>= 0 for uniform), "
+        if self.threshold < 0 or (self.rule != "uniform" and self.threshold > 1):
+            raise OptionError(f"--lsb-threshold must be in [0, 1] for the {self.rule} rule (>= 0 for uniform), "
                               f"got {self.threshold}")
+        if self.factor < 0:
+            raise OptionError(f"factor must be >= 0, got {self.factor}")
         return m, lo
 
     def call(self, model: ir.Model) -> PassResult:
@@ -197,8 +202,7 @@ class _Rewrite:
         k_m, k_f = self._split(kt, k_axes)
         v_m, v_f = self._split(v, v_axes) if self.opts.values else (v, v)
         msb, full = self._clone(chain, kt, k_m), self._clone(chain, kt, k_f)
-        low = self.call("LowConfidence" if self.opts.rule == "fixed" else "LowConfidenceUniform",
-                        msb[id(site.probs)], self.thr)
+        low = self._low(msb[id(site.probs)])
         qvalid = self._qvalid(site, msb[id(site.probs)])
         ctx, need = self.call("ProgressiveContext", low, msb[id(p_used)], full[id(p_used)], v_m, v_f, qvalid,
                               outputs=2)
@@ -209,6 +213,14 @@ class _Rewrite:
             self.e.replace_uses(site.probs, where, keep=[pv, *chain])
         if self.opts.emit_stats:
             self._stats(site.layer, need, qvalid)
+
+    def _low(self, p: ir.Value) -> ir.Value:
+        if self.opts.rule == "fixed":
+            return self.call("LowConfidence", p, self.thr)
+        if self.opts.rule == "uniform":
+            return self.call("LowConfidenceUniform", p, self.thr)
+        factor = self.e.const("factor", np.float32(self.opts.factor))  # max p <= min(t, c / n): both tests
+        return self.e.op("And", [self.call("LowConfidence", p, self.thr), self.call("LowConfidenceUniform", p, factor)])
 
     def _static(self, x: ir.Value, axes: tuple[int, ...]) -> ir.Value:
         s = self.scale(x, axes)

@@ -32,7 +32,7 @@ from spatten_compiler.pipeline import Pipeline, make_pass
 BITS = [(4, 4), (6, 4), (8, 4), (4, 0), (6, 0), (8, 0)]
 ENCODERS = [n for n in fixture_names() if not load_meta(n)["kv_cache"] and not load_meta(n).get("fused_attention")]
 REJECTED = ["bert_attention_op23", "gpt2_kv_torchscript", "llama_dynamo"]  # fused; KV cache (TorchScript, dynamo)
-CONFIGS = [("6+4", "fixed", 0.5), ("4+4", "uniform", 2.0), ("6", "fixed", 0.1)]
+CONFIGS = [("6+4", "fixed", 0.5), ("4+4", "uniform", 2.0), ("4+4", "min", 0.4), ("6", "fixed", 0.1)]
 
 
 @cache
@@ -215,6 +215,19 @@ def test_rows_take_msb_or_full_result(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ctx["mid"][real & ~need], ctx["msb"][real & ~need])
 
 
+def test_min_rule_is_both_tests(tmp_path: Path) -> None:
+    """rule=min: LSBs iff max p <= threshold and max p * n_keys <= factor."""
+    proto = build(mask="additive")
+    f = feeds(proto, batch=2, seq=6)
+    need = {}
+    for rule, thr in (("fixed", 0.4), ("uniform", 2.0), ("min", 0.4)):
+        model = _compile(proto, make_pass("quantize-kv", bits="4+4", rule=rule, threshold=thr, factor=2.0,
+                                          emit_stats=True))
+        need[rule] = run_ort(_save(model, tmp_path / f"{rule}.onnx"), f)["spatten_lsb_rows.0"] > 0
+    np.testing.assert_array_equal(need["min"], need["fixed"] & need["uniform"])
+    assert need["min"].sum() < min(need["fixed"].sum(), need["uniform"].sum())  # both tests matter here
+
+
 @pytest.mark.parametrize("others", [{}, {"head_keep": 0.5, "value_keep": 0.5}], ids=["tokens", "tokens+heads+values"])
 def test_composes_with_pruning(others: dict, tmp_path: Path) -> None:
     config = CompileConfig(token_keep=0.6, kv_bits="6+4", lsb_threshold=0.3, **others)
@@ -243,7 +256,8 @@ def test_kv_cache_and_fused_attention_are_refused(name: str) -> None:
 
 @pytest.mark.parametrize(("opts", "message"), [
     ({"bits": "3+0"}, "LSB bits"), ({"granularity": "row"}, "granularity"), ({"rule": "odd"}, "rule"),
-    ({"threshold": 1.5}, "lsb-threshold"), ({"threshold": -1.0}, "lsb-threshold"),
+    ({"threshold": 1.5}, "lsb-threshold"), ({"threshold": -1.0}, "lsb-threshold"), ({"factor": -1.0}, "factor"),
+    ({"rule": "min", "threshold": 2.0}, "lsb-threshold"),
 ])
 def test_bad_options(opts: dict, message: str) -> None:
     with pytest.raises(OptionError, match=message):
