@@ -134,9 +134,12 @@ class QuantizeKV(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         m, lo = self.check()
-        sites = find_attention(model).sites
+        report = find_attention(model)
+        sites = report.sites
         if not sites:
             raise NoAttentionError("no attention found: nothing to quantize")
+        for softmax, reason in report.rejected:  # e.g. a layer an earlier pass left unrecognisable
+            logger.warning("quantize-kv: Softmax %s not rewritten (not recognised as attention: %s)", softmax, reason)
         for s in sites:
             if s.fused is not None:
                 raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; "
@@ -203,7 +206,7 @@ class _Rewrite:
         v_m, v_f = self._split(v, v_axes) if self.opts.values else (v, v)
         msb, full = self._clone(chain, kt, k_m), self._clone(chain, kt, k_f)
         low = self._low(msb[id(site.probs)])
-        qvalid = self._qvalid(site, msb[id(site.probs)])
+        qvalid = self._qvalid(msb[id(site.probs)])
         ctx, need = self.call("ProgressiveContext", low, msb[id(p_used)], full[id(p_used)], v_m, v_f, qvalid,
                               outputs=2)
         self.e.replace_uses(pv.outputs[0], ctx)
@@ -245,18 +248,14 @@ class _Rewrite:
                 mapping[id(old)] = new
         return mapping
 
-    def _qvalid(self, site: AttentionSite, p: ir.Value) -> ir.Value:
-        """Which query rows are real tokens [B, Sq]: prune-tokens' per-layer validity if it ran,
-        else the padding-mask input, else all ones."""
-        for use in site.probs.uses():
-            if use.node.domain == DOMAIN and use.node.op_type == "TokenImportance":
-                return use.node.inputs[1]
+    def _qvalid(self, p: ir.Value) -> ir.Value:
+        """Which query rows are real tokens [B, S] (statistics only): the keys the last query row of
+        head 0 may attend to (p > 0). In self-attention that is the padding mask - and prune-tokens'
+        per-layer validity - whether the mask is causal or not."""
         e = self.e
-        mask = next((i for i in self.model.graph.inputs if i.name == site.mask_source), None)
-        if mask is not None and site.mask_kind in ("padding", "causal+padding"):
-            return e.op("Cast", [mask], to=ir.DataType.FLOAT)
-        dims = e.op("Gather", [e.op("Shape", [p]), e.const("bq", np.array([0, 2], np.int64))])
-        return e.op("ConstantOfShape", [dims], value=ir.tensor(np.array([1.0], np.float32)))
+        last = e.op("Gather", [e.op("Gather", [p, e.const("head0", np.int64(0))], axis=1),
+                               e.const("last_row", np.int64(-1))], axis=1)
+        return e.op("Ceil", [last])
 
     def _stats(self, layer: int, need: ir.Value, qvalid: ir.Value) -> None:
         e = self.e
