@@ -179,6 +179,8 @@ class PruneHeads(Pass):
         counts = [kept_groups(s.num_kv_heads, r, self.min_keep) for s, r in zip(sites, ratios)]
         if all(n == s.num_kv_heads for n, s in zip(counts, sites)):
             return PassResult(model, False)
+        if len({s.num_kv_heads for s in sites}) > 1:
+            raise OptionError("attention layers have different head counts; prune-heads needs one head set")
         if counts[0] < sites[0].num_kv_heads:
             raise OptionError("the first attention layer cannot be head-pruned: head scores come from earlier layers")
         _Rewrite(model, sites, counts).run()
@@ -202,8 +204,6 @@ class _Rewrite:
         acc = e.const("acc", np.zeros(groups, np.float32))
         sel = e.const("all_heads", np.arange(groups, dtype=np.int64))
         for i, (site, n) in enumerate(zip(self.sites[: last + 1], self.counts)):
-            if site.num_kv_heads != groups:
-                raise OptionError(f"layer {site.layer}: {site.num_kv_heads} head groups, layer 0 has {groups}")
             if n < groups:
                 sel = self.call("HeadSelect", acc, sel, e.const("k", np.array([n], np.int64)))
                 self._slice_layer(site, sel, n)
