@@ -82,8 +82,9 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {Path(r['model']).parent.name} | {r['tool']} | {r.get('found', r.get('error'))} | "
                      f"{r.get('seconds', 0):.2f} | {r.get('peak_rss_mb', 0):.0f} | {r.get('rss_over_file', '-')} |")
-    lines.append(f"\nfile sizes: {', '.join(f'{Path(r['model']).parent.name} {r['file_mb']} MB' for r in rows[::2])}; "
-                 f"load average at start {meta['load_avg_1m']:.1f}; command: `{meta['command']}`")
+    sizes = ", ".join(f"{Path(r['model']).parent.name} {r['file_mb']} MB" for r in rows[::2])
+    lines.append(f"\nfile sizes: {sizes}; load average at start {meta['load_avg_1m']:.1f}; "
+                 f"command: `{meta['command']}`")
     (args.out / f"{stamp}-inspect-bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
