@@ -34,11 +34,11 @@ def linear_flops_per_token(site: AttentionSite) -> int:
     return total
 
 
-def token_flop_ratio(sites: list[AttentionSite], ratios: list[float], seq: int) -> float:
+def token_flop_ratio(sites: list[AttentionSite], ratios: list[float], seq: int, min_keep: int = 1) -> float:
     dense = pruned = 0.0
     for site, r in zip(sites, ratios):
         lin, att = linear_flops_per_token(site), 4 * (site.num_heads or 0) * (site.head_dim or 0)
-        n = max(1, math.ceil(seq * r))
+        n = min(seq, max(min_keep, math.ceil(seq * r)))
         dense += seq * lin + seq * seq * att
         pruned += n * lin + n * n * att
     return dense / pruned if pruned else 1.0
@@ -54,5 +54,6 @@ def compile_report(source: ir.Model, passes: list[Pass]) -> dict[str, Any]:
             continue
         schedule = ratios(len(sites))
         report["token_schedule"] = schedule
-        report["flop_ratio"] = {str(n): round(token_flop_ratio(sites, schedule, n), 4) for n in LENGTHS}
+        min_keep = getattr(p, "min_keep", 1)
+        report["flop_ratio"] = {str(n): round(token_flop_ratio(sites, schedule, n, min_keep), 4) for n in LENGTHS}
     return report

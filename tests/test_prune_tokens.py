@@ -264,3 +264,16 @@ def test_no_stale_full_length_shapes_after_pruning(tmp_path: Path) -> None:
     graph_io = {v.name for v in [*proto.graph.input, *proto.graph.output, *proto.graph.initializer]}
     assert not [v.name for v in proto.graph.value_info
                 if v.name not in graph_io and v.type.tensor_type.HasField("shape")]
+
+
+def test_spattenc_preset_leaves_short_inputs_whole(tmp_path: Path) -> None:
+    """min_keep 64 in the spattenc preset: a 7-token input is not pruned at all."""
+    out = tmp_path / "o.onnx"
+    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(out), "--token-keep", "0.3", "--token-rule",
+                 "spattenc", "--emit-kept", "-q"]) == 0
+    feeds, _ = reference_io(load_meta("bert_torchscript"))
+    got = run_ort(out, feeds)
+    np.testing.assert_array_equal(got["spatten_kept_mask"], feeds["attention_mask"])
+    real = feeds["attention_mask"].astype(bool)
+    dense = run_ort(MODELS / "bert_torchscript.onnx", feeds)["last_hidden_state"]
+    np.testing.assert_allclose(got["last_hidden_state"][real], dense[real], atol=1e-5)

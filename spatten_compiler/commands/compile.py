@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--token-keep-schedule", metavar="R,R,...",
                    help="explicit keep ratio per layer (fractions of the input length), e.g. 1,1,0.8,0.6")
     t.add_argument("--token-unpruned", type=float, metavar="F", help="leading fraction of layers kept whole (0.15)")
-    t.add_argument("--token-min-keep", type=int, metavar="N", help="never keep fewer than N tokens (1)")
+    t.add_argument("--token-min-keep", type=int, metavar="N", help="never keep fewer than N tokens (preset: paper 1, spattenc 64)")
     t.add_argument("--token-rule", choices=("paper", "spattenc"),
                    help="preset: paper = SpAtten as published (sum importance, CLS kept, linear schedule, stale "
                    "restore); spattenc = per-layer mean importance, CLS+SEP kept, flat schedule, mean restore")
