@@ -118,16 +118,19 @@ def stats(labels: list[str], n_texts: int, args: argparse.Namespace) -> dict:
     return out
 
 
-def quality(labels: list[str], args: argparse.Namespace) -> Path:
-    cmd = [sys.executable, "bench/embed_eval.py", "--dense", str(DENSE), "--name", args.quality_name,
-           "--n-train", args.n_train, "--n-test", args.n_test, "--threads", "2"]
+def quality(labels: list[str], args: argparse.Namespace) -> list[Path]:
+    """One embed_eval process per candidate (dense embeddings come from the cache): a process that
+    holds every candidate's onnxruntime session at batch 32 x 512 tokens ran out of memory."""
+    out: list[Path] = []
     for label in labels:
-        cmd += ["--candidate", f"{label}={model_path(label).relative_to(ROOT)}"]
-    pattern = f"*{args.quality_name}.json"
-    before = set((ROOT / "bench" / "results").glob(pattern))
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    after = set((ROOT / "bench" / "results").glob(pattern)) - before
-    return sorted(after)[-1]
+        name = f"{args.quality_name}-{label.replace('+', 'p').replace('@', '_')}"
+        cmd = [sys.executable, "bench/embed_eval.py", "--dense", str(DENSE), "--name", name,
+               "--n-train", args.n_train, "--n-test", args.n_test, "--threads", "2",
+               "--candidate", f"{label}={model_path(label).relative_to(ROOT)}"]
+        before = set((ROOT / "bench" / "results").glob(f"*{name}.json"))
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        out += sorted(set((ROOT / "bench" / "results").glob(f"*{name}.json")) - before)[-1:]
+    return out
 
 
 def report(labels: list[str], st: dict, quality_jsons: list[Path], stamp: str) -> tuple[Path, Path]:
@@ -238,10 +241,10 @@ def main() -> int:
         st_path.write_text(json.dumps(old, indent=1))
     qj = list(args.quality_json)
     if args.step in ("quality", "all"):
-        qj = [quality(labels, args)]
+        qj = quality(labels, args)
     if args.step in ("report", "all"):
         if not qj:
-            qj = [sorted((ROOT / "bench" / "results").glob("*kvquant-quality.json"))[-1]]
+            qj = sorted((ROOT / "bench" / "results").glob(f"*{args.quality_name}-*.json"))
         md, png = report(labels, json.loads(st_path.read_text()), qj, stamp)
         log.info("wrote %s and %s", md, png)
     return 0
