@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 RESTORE = ("stale", "zero", "mean")
 IMPORTANCE = {"sum": "TokenImportance", "mean": "TokenImportanceMean"}
 PROTECT = ("first", "first+last", "none")
+PRUNE_POINTS = ("layer-input", "after-attention")
 MASK_BIAS = -1e9
 
 
@@ -61,9 +62,9 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: mask form {s.variant.get('mask')} is not supported")
 
 
-def _reads_input_seq_len(value: ir.Value | None, graph: ir.Graph) -> bool:
-    """True if ``value`` is dim 1 of a graph input's shape: Shape(in)[1:2] or Gather(Shape(in), 1),
-    possibly through Reshape/Unsqueeze/Squeeze/Cast."""
+def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool:
+    """True if ``value`` is dim 1 of the shape of one of ``sources`` (graph inputs, or the layer's
+    own input): Shape(in)[1:2] or Gather(Shape(in), 1), possibly through Reshape/Unsqueeze/Squeeze/Cast."""
     for _ in range(4):
         node = value.producer() if value is not None else None
         if node is None:
@@ -74,11 +75,11 @@ def _reads_input_seq_len(value: ir.Value | None, graph: ir.Graph) -> bool:
         if node.op_type == "Shape":
             start = node.attributes.get_int("start", 0)
             end = node.attributes.get_int("end", start + 1)
-            return node.inputs[0] in graph.inputs and (start, end) == (1, 2)
+            return node.inputs[0] in sources and (start, end) == (1, 2)
         if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].producer() is not None:
             shape_node = node.inputs[0].producer()
             index = const_array(node.inputs[1])
-            return (shape_node.op_type == "Shape" and shape_node.inputs[0] in graph.inputs
+            return (shape_node.op_type == "Shape" and shape_node.inputs[0] in sources
                     and index is not None and int(index.reshape(-1)[0]) == 1
                     and shape_node.attributes.get_int("start", 0) == 0)
         return False
@@ -100,6 +101,7 @@ class PruneTokens(Pass):
     restore: str = "stale"
     importance: str = "sum"
     emit_kept: bool = False
+    prune_point: str = "layer-input"
 
     def ratios(self, layers: int) -> list[float]:
         if self.schedule:
@@ -108,7 +110,8 @@ class PruneTokens(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         for name, value, choices in (("restore", self.restore, RESTORE), ("importance", self.importance, IMPORTANCE),
-                                     ("protect", self.protect, PROTECT)):
+                                     ("protect", self.protect, PROTECT),
+                                     ("prune_point", self.prune_point, PRUNE_POINTS)):
             if value not in choices:
                 raise OptionError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.min_keep < 1:
@@ -130,7 +133,7 @@ class _Rewrite:
         self.e = GraphEditor(model, "spatten")
         self.model, self.sites, self.ratios, self.opts = model, sites, ratios, opts
         self.importance = IMPORTANCE[opts.importance]
-        ensure_functions(model, [self.importance, "TokenSelect", "GatherTokens", "ScatterTokens"])
+        ensure_functions(model, [self.importance, "TokenSelect", "GatherTokens", "ScatterTokens", "GatherRows"])
 
     def call(self, name: str, *inputs: ir.Value, outputs: int = 1):
         return self.e.op(name, list(inputs), domain=DOMAIN, outputs=outputs, hint=name)
@@ -145,35 +148,38 @@ class _Rewrite:
                    to=ir.DataType.INT64)
         seq = e.op("Cast", [e.op("Shape", [x0], start=1, end=2)], to=ir.DataType.FLOAT)
         lens = e.op("ReduceSum", [valid, e.const("axes", np.array([1], np.int64))], keepdims=0)
-        acc: ir.Value | None = None
-        buf: ir.Value | None = None
+        self.pos, self.valid, self.seq, self.lens = pos, valid, seq, lens
+        self.acc: ir.Value | None = None
+        self.buf: ir.Value | None = None
+        self.kept_outputs: list[ir.Value] = []
         pruned = False
-        kept_outputs: list[ir.Value] = []
-        for site, ratio, prev in zip(self.sites, self.ratios, [1.0, *self.ratios]):
-            if ratio < prev:
-                x_in = site.layer_input
-                vcol = e.op("Unsqueeze", [e.op("Cast", [valid], to=ir.DataType.BOOL), e.const("axes", np.array([-1], np.int64))])
-                if buf is None:
-                    buf = x_in if self.opts.restore == "stale" else e.op("Mul", [x_in, e.const("zero", np.float32(0))])
-                elif self.opts.restore == "stale":
-                    old = self.call("GatherTokens", buf, pos)
-                    buf = self.call("ScatterTokens", buf, pos, e.op("Where", [vcol, x_in, old]))
-                k, kper = self._budget(ratio, seq, lens, x_in)
-                protect = self._protected(pos, lens)
-                sel, valid = self.call("TokenSelect", acc, valid, protect, k, kper, outputs=2)
-                pos = e.op("GatherElements", [pos, sel], axis=1)
-                acc = e.op("GatherElements", [acc, sel], axis=1)
-                x_new = self.call("GatherTokens", x_in, sel)
-                e.replace_uses(x_in, x_new, keep=e.added)
+        after = self.opts.prune_point == "after-attention"
+        for site, ratio, prev, nxt in zip(self.sites, self.ratios, [1.0, *self.ratios], [*self.ratios[1:], 1.0]):
+            x = site.layer_input
+            if ratio < prev and not after:
+                x = self._select(x, ratio)
+                e.replace_uses(site.layer_input, x, keep=e.added)
                 pruned = True
-                kept_outputs.append(pos)
+            here = after and nxt < ratio  # prune inside this layer, right after its softmax
             if pruned:
-                self._rebind_seq_shapes(site, x_new if ratio < prev else site.layer_input)
-                self._replace_mask(site, valid)
+                full_region = layer_region(x, site.layer_output)
+                post = set(map(id, self._post_attention(site))) if here else set()
+                self._rebind_seq_shapes([n for n in full_region if id(n) not in post], x)
+                self._replace_mask(site, self.valid)
             if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
                 # Scores are only needed while a later layer still prunes.
-                score = self.call(self.importance, site.probs, valid)
-                acc = score if acc is None else e.op("Add", [acc, score])
+                score = self.call(self.importance, site.probs, self.valid)
+                self.acc = score if self.acc is None else e.op("Add", [self.acc, score])
+            if here:
+                post_nodes = self._post_attention(site)
+                rows = self.call("GatherRows", site.pv.inputs[0], None)  # sel filled below
+                xk = self._select(x, nxt, rows_node=rows.producer())
+                site.pv.replace_input_with(0, rows)
+                slot = next(i for i, v in enumerate(site.residual.inputs) if v is site.layer_input or v is x)
+                site.residual.replace_input_with(slot, xk)
+                self._rebind_seq_shapes(post_nodes, xk, also=x)
+                pruned = True
+        pos, valid, buf, kept_outputs = self.pos, self.valid, self.buf, self.kept_outputs
         if pruned:
             self._restore(self.sites[-1].layer_output, buf, pos, valid, full)
         if self.opts.emit_kept:
@@ -181,18 +187,50 @@ class _Rewrite:
         e.forget_shapes()
         e.commit()
 
-    def _rebind_seq_shapes(self, site: AttentionSite, x: ir.Value) -> None:
+    def _select(self, x: ir.Value, ratio: float, rows_node: ir.Node | None = None) -> ir.Value:
+        """TopK selection for ``ratio`` from the accumulated scores; returns x's kept rows and updates
+        pos/valid/acc (and the stale-restore buffer with x's rows: the tokens' last computed state)."""
+        e = self.e
+        vcol = e.op("Unsqueeze", [e.op("Cast", [self.valid], to=ir.DataType.BOOL),
+                                  e.const("axes", np.array([-1], np.int64))])
+        if self.buf is None:
+            self.buf = x if self.opts.restore == "stale" else e.op("Mul", [x, e.const("zero", np.float32(0))])
+        elif self.opts.restore == "stale":
+            old = self.call("GatherTokens", self.buf, self.pos)
+            self.buf = self.call("ScatterTokens", self.buf, self.pos, e.op("Where", [vcol, x, old]))
+        k, kper = self._budget(ratio, self.seq, self.lens, x)
+        protect = self._protected(self.pos, self.lens)
+        sel, self.valid = self.call("TokenSelect", self.acc, self.valid, protect, k, kper, outputs=2)
+        if rows_node is not None:
+            rows_node.replace_input_with(1, sel)
+        self.pos = e.op("GatherElements", [self.pos, sel], axis=1)
+        self.acc = e.op("GatherElements", [self.acc, sel], axis=1)
+        self.kept_outputs.append(self.pos)
+        return self.call("GatherTokens", x, sel)
+
+    @staticmethod
+    def _post_attention(site: AttentionSite) -> list[ir.Node]:
+        """The nodes of a layer after its attention probabilities: P@V, head merge, output
+        projection, residual and FFN - the part that runs on kept tokens when pruning in-layer."""
+        found: dict[int, ir.Node] = {id(site.pv): site.pv, id(site.residual): site.residual}
+        for start in (site.pv.outputs[0], site.residual.outputs[0]):
+            for node in layer_region(start, site.layer_output):
+                found[id(node)] = node
+        return list(found.values())
+
+    def _rebind_seq_shapes(self, nodes: list[ir.Node], x: ir.Value, also: ir.Value | None = None) -> None:
         """Dynamo exports build reshape targets from the graph inputs' shapes; inside a pruned layer
         the sequence-length pieces must read the current token count: the target Concat is cloned
         with each piece that reads dim 1 of a graph input replaced by ``Shape(x)[1:2]``."""
         done: dict[int, ir.Value] = {}
         seq: ir.Value | None = None
-        for node in layer_region(x, site.layer_output):
+        for node in nodes:
             for i, shape in enumerate(node.inputs):
                 concat = shape.producer() if shape is not None else None
                 if concat is None or concat.op_type != "Concat":
                     continue
-                reads = [j for j, p in enumerate(concat.inputs) if _reads_input_seq_len(p, self.model.graph)]
+                sources = {*self.model.graph.inputs, *([also] if also is not None else [])}
+                reads = [j for j, p in enumerate(concat.inputs) if _reads_input_seq_len(p, sources)]
                 if not reads:
                     continue
                 if id(concat) not in done:

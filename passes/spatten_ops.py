@@ -15,6 +15,7 @@ each call to its own instruction.
       rank tokens by acc (padding -inf, protected +inf); keep the top k in original order;
       kept = 1 for the first kper[b] of sample b's ranking that are real tokens
   GatherTokens(x[B,S,D], sel[B,k]) -> x[b, sel[b,j], :]
+  GatherRows(probs[B,H,S,S], sel[B,k]) -> probs[:, :, sel, :]  (kept query rows, pruning in-layer)
   ScatterTokens(buf[B,S0,D], pos[B,k], x[B,k,D]) -> buf with rows pos[b,j] replaced by x[b,j]
 """
 
@@ -80,6 +81,18 @@ GatherTokens (x, sel) => (y) {
     minus1 = Constant <value_ints = [-1]> ()
     idx = Unsqueeze (sel, minus1)
     y = GatherND <batch_dims = 1> (x, idx)
+}""",
+    "GatherRows": """
+<domain: "spatten", opset_import: ["" : 17]>
+GatherRows (probs, sel) => (rows) {
+    axes13 = Constant <value_ints = [1, 3]> ()
+    idx = Unsqueeze (sel, axes13)
+    lead = Shape <start = 0, end = 2> (probs)
+    kept = Shape <start = 1, end = 2> (sel)
+    keys = Shape <start = 3, end = 4> (probs)
+    shape = Concat <axis = 0> (lead, kept, keys)
+    idx4 = Expand (idx, shape)
+    rows = GatherElements <axis = 2> (probs, idx4)
 }""",
     "ScatterTokens": """
 <domain: "spatten", opset_import: ["" : 17]>

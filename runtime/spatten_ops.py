@@ -67,6 +67,12 @@ class GatherTokens(OpRun):
 
 
 @spatten_op
+class GatherRows(OpRun):
+    def _run(self, probs, sel):
+        return (probs[np.arange(probs.shape[0])[:, None], :, sel].transpose(0, 2, 1, 3),)
+
+
+@spatten_op
 class ScatterTokens(OpRun):
     def _run(self, buf, pos, x):
         out = buf.copy()

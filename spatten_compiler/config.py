@@ -15,15 +15,16 @@ from typing import Any
 from spatten_compiler.errors import OptionError
 from spatten_compiler.pipeline import Pass, make_pass
 
-
 # Token-pruning presets. "paper" is SpAtten as published; "spattenc" is the rule that wins on
 # models used without fine-tuning (bench/README.md, token pruning section).
 TOKEN_RULES: dict[str, dict[str, str]] = {
     "paper": {"token_importance": "sum", "token_protect": "first", "token_schedule_shape": "linear",
-              "restore": "stale", "token_min_keep": 1},
+              "restore": "stale", "token_min_keep": 1, "token_prune_point": "layer-input"},
     # Short inputs (SST-2, ~20 tokens) lose up to 9 points when pruned and save little: keep >= 64.
+# Pruning right after the deciding layer's softmax gives the kept tokens identical outputs and skips
+# that layer's P@V rows, output projection and FFN for the dropped ones.
     "spattenc": {"token_importance": "mean", "token_protect": "first+last", "token_schedule_shape": "flat",
-                 "restore": "mean", "token_min_keep": 64},
+                 "restore": "mean", "token_min_keep": 64, "token_prune_point": "after-attention"},
 }
 
 
@@ -38,6 +39,7 @@ class CompileConfig:
     token_protect: str | None = None  # first (CLS) | first+last (CLS and SEP) | none
     token_schedule_shape: str | None = None  # linear (paper) | flat
     restore: str | None = None  # stale | zero | mean
+    token_prune_point: str | None = None  # layer-input (next layer's input) | after-attention (in-layer)
     emit_kept: bool = False
     head_keep: float | None = None  # cascade head pruning, SpAtten schedule (first 30% unpruned)
     head_keep_schedule: tuple[float, ...] = ()
@@ -107,6 +109,7 @@ class CompileConfig:
                 unpruned=self.token_unpruned,
                 min_keep=rule["token_min_keep"],
                 restore=rule["restore"],
+                prune_point=rule["token_prune_point"],
                 emit_kept=self.emit_kept,
             )
 

@@ -15,11 +15,11 @@ import pytest
 from conftest import MODELS, fixture_names, load_meta, reference_io, run_ort
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from spatten_compiler.cli import main
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.prune_tokens import PruneTokens
 from spatten_compiler.runtime.reference import ReferenceRuntime
+
+from spatten_compiler.cli import main
 from spatten_compiler.schedule import spatten_schedule
 
 ENCODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "encoder" and not load_meta(n)["fused_attention"]
@@ -28,6 +28,7 @@ DECODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "decoder"]
 
 
 def compile_model(name: str, tmp: Path, **opts) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     model = ir.load(MODELS / f"{name}.onnx")
     Normalize()(model)
     PruneTokens(**opts)(model)
@@ -51,9 +52,9 @@ def test_keep_one_equals_input(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ENCODERS)
-@pytest.mark.parametrize("keep", [0.5, 0.3])
-def test_pruned_lengths_ort_equals_reference(name: str, keep: float, tmp_path: Path) -> None:
-    path = compile_model(name, tmp_path, keep=keep, emit_kept=True)
+@pytest.mark.parametrize("keep, point", [(0.5, "layer-input"), (0.3, "layer-input"), (0.3, "after-attention")])
+def test_pruned_lengths_ort_equals_reference(name: str, keep: float, point: str, tmp_path: Path) -> None:
+    path = compile_model(name, tmp_path, keep=keep, emit_kept=True, prune_point=point)
     meta = load_meta(name)
     feeds, ref = reference_io(meta)
     got = run_ort(path, feeds)
@@ -114,9 +115,11 @@ def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float
 
 
 @pytest.mark.parametrize("name", ["bert_torchscript", "distilbert_dynamo"])
-@pytest.mark.parametrize("importance, protect", [("sum", "first"), ("mean", "first+last")])
-def test_kept_tokens_equal_numpy_rule(name: str, importance: str, protect: str, tmp_path: Path) -> None:
-    path = compile_model(name, tmp_path, keep=0.4, emit_kept=True, importance=importance, protect=protect)
+@pytest.mark.parametrize("importance, protect, point", [("sum", "first", "layer-input"),
+                                                        ("mean", "first+last", "after-attention")])
+def test_kept_tokens_equal_numpy_rule(name: str, importance: str, protect: str, point: str, tmp_path: Path) -> None:
+    path = compile_model(name, tmp_path, keep=0.4, emit_kept=True, importance=importance, protect=protect,
+                         prune_point=point)
     proto = onnx.load(path)
     probs = [n.input[0] for n in proto.graph.node if n.op_type.startswith("TokenImportance")]
     for p in probs:
@@ -140,11 +143,12 @@ def test_kept_tokens_equal_numpy_rule(name: str, importance: str, protect: str, 
     schedule=st.lists(st.sampled_from([1.0, 0.9, 0.7, 0.5, 0.3, 0.1]), min_size=0, max_size=3),
     batch=st.integers(1, 3),
     seq=st.integers(1, 12),
+    point=st.sampled_from(["layer-input", "after-attention"]),
     data=st.data(),
 )
-def test_property_random_schedules_and_padding(schedule, batch, seq, data, tmp_path_factory) -> None:
+def test_property_random_schedules_and_padding(schedule, batch, seq, point, data, tmp_path_factory) -> None:
     tmp = tmp_path_factory.mktemp("prop")
-    path = compile_model("bert_dynamo", tmp, schedule=(1.0, *schedule), emit_kept=True)
+    path = compile_model("bert_dynamo", tmp, schedule=(1.0, *schedule), emit_kept=True, prune_point=point)
     lens = data.draw(st.lists(st.integers(1, seq), min_size=batch, max_size=batch))
     mask = (np.arange(seq)[None, :] < np.array(lens)[:, None]).astype(np.int64)
     rng = np.random.default_rng(seq)
@@ -277,3 +281,14 @@ def test_spattenc_preset_leaves_short_inputs_whole(tmp_path: Path) -> None:
     real = feeds["attention_mask"].astype(bool)
     dense = run_ort(MODELS / "bert_torchscript.onnx", feeds)["last_hidden_state"]
     np.testing.assert_allclose(got["last_hidden_state"][real], dense[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert_torchscript", "distilbert_dynamo"])
+def test_pruning_after_attention_keeps_outputs_of_kept_tokens(name: str, tmp_path: Path) -> None:
+    """In-layer pruning only skips work for tokens that are dropped anyway: same kept set, same outputs."""
+    feeds, _ = reference_io(load_meta(name))
+    opts = dict(keep=0.4, emit_kept=True, restore="mean", shape="flat")
+    a = run_ort(compile_model(name, tmp_path / "a", **opts), feeds)
+    b = run_ort(compile_model(name, tmp_path / "b", prune_point="after-attention", **opts), feeds)
+    np.testing.assert_array_equal(a["spatten_kept_mask"], b["spatten_kept_mask"])
+    np.testing.assert_allclose(a["last_hidden_state"], b["last_hidden_state"], atol=1e-5)

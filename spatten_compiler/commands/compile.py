@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens never pruned: CLS, CLS and the last real token (SEP), or none")
     t.add_argument("--token-schedule-shape", choices=("linear", "flat"),
                    help="linear: SpAtten's ramp around the average; flat: every pruned layer keeps the average")
+    t.add_argument("--token-prune-point", choices=("layer-input", "after-attention"),
+                   help="drop tokens at the next layer's input, or already after the deciding layer's softmax "
+                   "(same kept outputs, that layer's FFN runs on the kept tokens only)")
     t.add_argument("--restore", choices=("stale", "zero", "mean"),
                    help="output row of a pruned token: its last computed state, zeros, or the mean of the kept rows")
     t.add_argument("--emit-kept", action="store_const", const=True,
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         "token_importance": args.token_importance,
         "token_protect": args.token_protect,
         "token_schedule_shape": args.token_schedule_shape,
+        "token_prune_point": args.token_prune_point,
         "restore": args.restore,
         "emit_kept": args.emit_kept,
         "head_keep": args.head_keep,
