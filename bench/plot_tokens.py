@@ -21,6 +21,16 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def merge(runs: list[dict]) -> dict:
+    """One quality document from several embed_eval runs (one candidate each, same dense model)."""
+    merged = json.loads(json.dumps(runs[0]))
+    by_task = {t["task"]: t for t in merged["tasks"]}
+    for run in runs[1:]:
+        for task in run["tasks"]:
+            by_task[task["task"]]["candidates"].extend(task["candidates"])
+    return merged
+
+
 def speedups(latency: dict) -> dict[str, dict[str, dict]]:
     """label -> group name -> {speedup, flop_ratio, median_ms}."""
     out: dict[str, dict[str, dict]] = {}
@@ -68,9 +78,10 @@ def table(quality: dict, latency: dict | None) -> list[str]:
 
 def plot(quality: dict, latency: dict, out: Path, group: str) -> None:
     sp = speedups(latency)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
-    for ax, key, title in ((axes[0], "delta_refit_pts", "protocol (b): probe refit on pruned embeddings"),
-                           (axes[1], "delta_dropin_pts", "protocol (a): dense probe, drop-in")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharex=True)
+    for ax, key, title in ((axes[0], "cosine_mean", "IMDB embedding cosine to dense (precise)"),
+                           (axes[1], "delta_refit_pts", "IMDB protocol (b): probe refit (SE ~1.9 pts)"),
+                           (axes[2], "delta_dropin_pts", "IMDB protocol (a): dense probe, drop-in")):
         for (label, pooling), tasks in quality_rows(quality).items():
             t = tasks.get("imdb")
             if label == "dense" or t is None or group not in sp.get(label, {}):
@@ -80,12 +91,13 @@ def plot(quality: dict, latency: dict, out: Path, group: str) -> None:
             marker = "o" if pooling == "mean" else "s"
             ax.scatter(x, y, c=color, marker=marker, s=40)
             ax.annotate(f"{label}/{pooling}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(-0.5, ls="--", c="gray", lw=0.8)
         ax.axvline(2.0, ls=":", c="gray", lw=0.8)
-        ax.axhline(0, c="black", lw=0.5)
+        if key != "cosine_mean":
+            ax.axhline(-0.5, ls="--", c="gray", lw=0.8)
+            ax.axhline(0, c="black", lw=0.5)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"measured speedup vs dense ({group}, batch 1, 2 threads)")
-        ax.set_ylabel("IMDB accuracy change (points)")
+        ax.set_ylabel("cosine" if key == "cosine_mean" else "accuracy change (points)")
     fig.suptitle("all-MiniLM-L6-v2 cascade token pruning: blue = paper rule, red = spattenc rule; "
                  "circle = mean pooling, square = kept-token pooling", fontsize=9)
     fig.tight_layout()
@@ -94,12 +106,12 @@ def plot(quality: dict, latency: dict, out: Path, group: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quality", type=Path, required=True)
+    ap.add_argument("--quality", type=Path, nargs="+", required=True, help="embed_eval JSON files (merged)")
     ap.add_argument("--latency", type=Path)
     ap.add_argument("--group", default="wikitext2-512", help="latency group on the x axis")
     ap.add_argument("--out", type=Path, required=True, help="output prefix (.md and .png)")
     args = ap.parse_args()
-    quality = load(args.quality)
+    quality = merge([load(q) for q in args.quality])
     latency = load(args.latency) if args.latency else None
     lines = table(quality, latency)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -22,11 +22,9 @@ from spatten_compiler.pipeline import Pass
 LENGTHS = (128, 256, 512)
 
 
-def linear_flops_per_token(site: AttentionSite) -> int:
+def _weight_flops(nodes: list[ir.Node]) -> int:
     total = 0
-    if site.layer_input is None:
-        return 0
-    for node in layer_region(site.layer_input, site.layer_output):
+    for node in nodes:
         if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and is_const(node.inputs[1]):
             shape = node.inputs[1].shape
             if shape is not None and shape.rank() == 2 and all(isinstance(d, int) for d in shape.dims):
@@ -34,13 +32,31 @@ def linear_flops_per_token(site: AttentionSite) -> int:
     return total
 
 
-def token_flop_ratio(sites: list[AttentionSite], ratios: list[float], seq: int, min_keep: int = 1) -> float:
+def linear_flops_per_token(site: AttentionSite) -> tuple[int, int]:
+    """(before the softmax: Q/K/V projections, after it: output projection and FFN) per token."""
+    if site.layer_input is None:
+        return 0, 0
+    layer = layer_region(site.layer_input, site.layer_output)
+    post: dict[int, ir.Node] = {}
+    for start in (site.pv.outputs[0] if site.pv else None, site.residual.outputs[0] if site.residual else None):
+        if start is not None:
+            post.update((id(n), n) for n in layer_region(start, site.layer_output))
+    return _weight_flops([n for n in layer if id(n) not in post]), _weight_flops(list(post.values()))
+
+
+def token_flop_ratio(sites: list[AttentionSite], ratios: list[float], seq: int, min_keep: int = 1,
+                     in_layer: bool = False) -> float:
+    """Dense / pruned FLOPs. ``in_layer``: a layer whose successor keeps fewer tokens already runs
+    P@V rows, output projection and FFN on the successor's tokens (prune point after-attention)."""
+    counts = [min(seq, max(min_keep, math.ceil(seq * r))) for r in ratios]
     dense = pruned = 0.0
-    for site, r in zip(sites, ratios):
-        lin, att = linear_flops_per_token(site), 4 * (site.num_heads or 0) * (site.head_dim or 0)
-        n = min(seq, max(min_keep, math.ceil(seq * r)))
-        dense += seq * lin + seq * seq * att
-        pruned += n * lin + n * n * att
+    for i, site in enumerate(sites):
+        pre, post = linear_flops_per_token(site)
+        att = 2 * (site.num_heads or 0) * (site.head_dim or 0)  # per (query, key) pair, for QK^T and for PV
+        n = counts[i]
+        out = counts[i + 1] if in_layer and i + 1 < len(counts) else n
+        dense += seq * (pre + post) + 2 * seq * seq * att
+        pruned += n * pre + out * post + n * n * att + out * n * att
     return dense / pruned if pruned else 1.0
 
 
@@ -55,5 +71,7 @@ def compile_report(source: ir.Model, passes: list[Pass]) -> dict[str, Any]:
         schedule = ratios(len(sites))
         report["token_schedule"] = schedule
         min_keep = getattr(p, "min_keep", 1)
-        report["flop_ratio"] = {str(n): round(token_flop_ratio(sites, schedule, n, min_keep), 4) for n in LENGTHS}
+        in_layer = getattr(p, "prune_point", "layer-input") == "after-attention"
+        report["flop_ratio"] = {str(n): round(token_flop_ratio(sites, schedule, n, min_keep, in_layer), 4)
+                                for n in LENGTHS}
     return report

@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--token-unpruned", type=float, metavar="F", help="leading fraction of layers kept whole (0.15)")
     t.add_argument("--token-min-keep", type=int, metavar="N", help="never keep fewer than N tokens (preset: paper 1, spattenc 64)")
     t.add_argument("--token-rule", choices=("paper", "spattenc"),
-                   help="preset: paper = SpAtten as published (sum importance, CLS kept, linear schedule, stale "
-                   "restore); spattenc = per-layer mean importance, CLS+SEP kept, flat schedule, mean restore")
+                   help="preset (default spattenc): paper = SpAtten as published (sum importance, CLS kept, linear "
+                   "schedule, stale restore, prune at the layer input); spattenc = per-layer mean importance, "
+                   "CLS+SEP kept, flat schedule, mean restore, >= 64 tokens kept, prune after attention")
     t.add_argument("--token-importance", choices=("sum", "mean"),
                    help="sum: column sums accumulated (paper); mean: each layer's sums / its valid query rows")
     t.add_argument("--token-protect", choices=("first", "first+last", "none"),
