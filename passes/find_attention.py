@@ -20,7 +20,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, VIEW_OPS
 from .attention_trace import Branch, Projection, _projection, trace_branch
-from .site_io import layer_outputs, mask_info
+from .site_io import layer_outputs, mask_info, rope_position_source
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class AttentionSite:
     layer_input: ir.Value | None = None
     layer_output: ir.Value | None = None
     fused: ir.Node | None = None
+    rope_source: str | None = None  # position_ids input, or computed from the sequence length
 
     @property
     def rope(self) -> bool:
@@ -80,6 +81,7 @@ class AttentionSite:
             "scale": self.scale,
             "mask": {"kind": self.mask_kind, "source": self.mask_source, "tensor": name(self.mask)},
             "rope": self.rope,
+            "rope_position_source": self.rope_source,
             "kv_cache": None,
             "layer_input": name(self.layer_input),
             "layer_output": name(self.layer_output),
@@ -203,6 +205,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         attn_out = next(i for i in residual.inputs if _descends_from(i, pv))
         site.layer_input = next(i for i in residual.inputs if i is not attn_out)
     site.mask_kind, site.mask_source = mask_info(site.mask, graph, found.get("causal_cond"))
+    site.rope_source = rope_position_source(qb.rope_cos, graph)
     return site
 
 

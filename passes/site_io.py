@@ -72,6 +72,15 @@ def mask_info(mask: ir.Value | None, graph: ir.Graph, causal_cond: ir.Value | No
     return kind, source
 
 
+def rope_position_source(cos: ir.Value | None, graph: ir.Graph) -> str | None:
+    """Where RoPE's angles come from: a position input (e.g. ``position_ids``) or the sequence length."""
+    if cos is None:
+        return None
+    _, inputs = _ancestors(cos, limit=200)
+    named = [v.name for v in inputs if v in graph.inputs and "position" in (v.name or "")]
+    return named[0] if named else "sequence length (computed)"
+
+
 def _stream_path(start: ir.Value, end: ir.Value, limit: int = 400) -> list[tuple[str, int]] | None:
     """Op types (and the input slot used) on the shortest forward path from start to end."""
     parents: dict[int, tuple[ir.Value, ir.Node, int]] = {}

@@ -42,6 +42,7 @@ def test_variant_found_with_its_properties(kw: dict) -> None:
     if kw.get("scale", "after") != "none":
         assert site.scale == pytest.approx(1 / np.sqrt(DH), rel=1e-5)
     assert site.rope == kw.get("rope", False)
+    assert site.rope_source == ("sequence length (computed)" if kw.get("rope") else None)
     assert site.kv_cache == kw.get("cache", False)
     if site.kv_cache:
         assert site.k.cache.past.name == "past_k" and site.v.cache.past.name == "past_v"
@@ -93,6 +94,9 @@ def check_sites(report, meta: dict) -> None:
         assert (site.num_heads, site.num_kv_heads, site.head_dim) == (
             meta["num_heads"], meta["num_kv_heads"], meta["head_dim"])
         assert site.rope == meta["rope"]
+        if meta["rope"] and not meta.get("fused_attention"):
+            expected = "position_ids" if "position_ids" in meta["inputs"] else "sequence length (computed)"
+            assert site.rope_source == expected
         assert site.kv_cache == meta["kv_cache"]
         if meta.get("fused_attention"):
             assert site.fused is not None and site.fused.op_type == meta["fused_attention"]
