@@ -219,25 +219,28 @@ class _Rewrite:
         return list(found.values())
 
     def _rebind_seq_shapes(self, nodes: list[ir.Node], x: ir.Value, also: ir.Value | None = None) -> None:
-        """Dynamo exports build reshape targets from the graph inputs' shapes; inside a pruned layer
-        the sequence-length pieces must read the current token count: the target Concat is cloned
-        with each piece that reads dim 1 of a graph input replaced by ``Shape(x)[1:2]``."""
-        done: dict[int, ir.Value] = {}
-        seq: ir.Value | None = None
+        """Dynamo exports build reshape targets from the graph inputs' shapes (TorchScript's head merge
+        from the layer input's); inside a pruned layer those sequence-length pieces must read the
+        current token count. The target Concat is cloned with each such piece replaced by dim 1 of
+        the Reshape's own data input ([B, S, ...] for every split/merge view of an encoder layer), or
+        of ``x`` for other consumers. Node-local, so a walk that strays into a later layer stays right."""
+        sources = {*self.model.graph.inputs, *([also] if also is not None else [])}
+        done: dict[tuple[int, int], ir.Value] = {}
         for node in nodes:
             for i, shape in enumerate(node.inputs):
                 concat = shape.producer() if shape is not None else None
-                if concat is None or concat.op_type != "Concat":
+                if concat is None or concat.op_type != "Concat" or (node.op_type == "Reshape" and i != 1):
                     continue
-                sources = {*self.model.graph.inputs, *([also] if also is not None else [])}
                 reads = [j for j, p in enumerate(concat.inputs) if _reads_input_seq_len(p, sources)]
                 if not reads:
                     continue
-                if id(concat) not in done:
-                    seq = seq or self.e.op("Shape", [x], start=1, end=2)
+                data = node.inputs[0] if node.op_type == "Reshape" else x
+                key = (id(concat), id(data))
+                if key not in done:
+                    seq = self.e.op("Shape", [data], start=1, end=2)
                     pieces = [seq if j in reads else p for j, p in enumerate(concat.inputs)]
-                    done[id(concat)] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
-                node.replace_input_with(i, done[id(concat)])
+                    done[key] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
+                node.replace_input_with(i, done[key])
 
     def _protected(self, pos: ir.Value, lens: ir.Value) -> ir.Value:
         """1.0 for tokens never pruned: the first (CLS), and with first+last each sample's last real
