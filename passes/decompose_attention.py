@@ -1,6 +1,8 @@
-"""decompose-attention: rewrite the fused ONNX ``Attention`` op (opset 23) into its core pattern.
+"""decompose-attention: rewrite fused attention ops into the core pattern the finder matches.
 
-    Attention(Q, K, V, mask; scale, is_causal)          Q, K, V: [B, H, S, Dh]
+    Attention(Q, K, V, mask; scale, is_causal)          Q, K, V: [B, H, S, Dh]   (ONNX, opset 23)
+    com.microsoft.MultiHeadAttention(q, k, v, bias, key_padding_mask, attention_bias; num_heads)
+      -> q, k, v [B, S, D] (+ their bias slices) -> Reshape [B, S, H, Dh] -> Transpose, then as below
       -> bias   = mask (float) | Where(mask, 0, -inf-ish) (bool)      [+ causal bias]
          scores = Add(Mul(MatMul(Q, Transpose(K, [0,1,3,2])), scale), bias)
          Y      = MatMul(Softmax(scores, axis=-1), V)
@@ -8,7 +10,8 @@
 so the Softmax-centred finder and the pruning passes see the probabilities. Decomposing costs the
 fused kernel; the pruning passes then remove more work than it saved. Variants spattenc cannot yet
 express exactly are refused with the reason (never skipped): 3-D inputs, grouped KV heads inside
-the op, past key/value inputs, softcap, a requested probability output, and com.microsoft ops.
+the op, past key/value inputs, softcap, a requested probability output, packed or 4-D MHA inputs,
+per-sequence-length masks, and com.microsoft Attention / GroupQueryAttention.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import onnx_ir as ir
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import OptionError
+from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
+
+from .attention_patterns import FUSED_OPS
 
 logger = logging.getLogger(__name__)
 MASKED = -3.4028234663852886e38  # float32 lowest: what transformers' own masks use
@@ -29,6 +35,8 @@ MASKED = -3.4028234663852886e38  # float32 lowest: what transformers' own masks 
 
 def _refusal(node: ir.Node) -> str | None:
     """Why ``node`` cannot be decomposed exactly, or None."""
+    if (node.domain or "", node.op_type) == ("com.microsoft", "MultiHeadAttention"):
+        return _mha_refusal(node)
     if node.domain not in ("", "ai.onnx"):
         return f"{node.domain}.{node.op_type} is not decomposed yet"
     q, k = node.inputs[0], node.inputs[1]
@@ -45,6 +53,41 @@ def _refusal(node: ir.Node) -> str | None:
     return None
 
 
+def _mha_width(node: ir.Node) -> int | None:
+    """Hidden width of an MHA's query: its shape, the packed bias (3 x width), or the Q projection."""
+    q, bias = node.inputs[0], node.inputs[3] if len(node.inputs) > 3 else None
+    if q.shape is not None and isinstance(q.shape.dims[-1], int):
+        return q.shape.dims[-1]
+    if bias is not None and (b := const_array(bias)) is not None:
+        return b.size // 3
+    producer = q.producer()
+    if producer is not None and producer.op_type in ("MatMul", "Gemm"):
+        w = producer.inputs[1].shape
+        if w is not None and w.rank() == 2 and isinstance(w.dims[-1], int):
+            return w.dims[-1]
+    return None
+
+
+def _mha_refusal(node: ir.Node) -> str | None:
+    ins = list(node.inputs) + [None] * 8
+    q, k, v, bias, kpm = ins[0], ins[1], ins[2], ins[3], ins[4]
+    if k is None or v is None:
+        return "packed QKV input to MultiHeadAttention is not decomposed yet"
+    if any(x.shape is not None and x.shape.rank() != 3 for x in (q, k, v)):
+        return "only 3-D query/key/value MultiHeadAttention inputs are decomposed"
+    if _mha_width(node) is None or not node.attributes.get_int("num_heads", 0):
+        return "hidden size or num_heads unknown"
+    if any(x is not None for x in ins[6:8]):
+        return "past key/value inputs are not decomposed yet"
+    if bias is not None and const_array(bias) is None:
+        return "a computed (non-constant) bias is not decomposed yet"
+    if kpm is not None and (kpm.shape is None or kpm.shape.rank() != 2):
+        return "only a [batch, key] key_padding_mask is decomposed (not per-sequence lengths)"
+    if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
+        return "present/probability outputs are used"
+    return None
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class DecomposeAttention(Pass):
@@ -53,7 +96,7 @@ class DecomposeAttention(Pass):
     name = "decompose-attention"
 
     def call(self, model: ir.Model) -> PassResult:
-        fused = [n for n in model.graph if n.op_type == "Attention"]
+        fused = [n for n in model.graph if (n.domain or "", n.op_type) in FUSED_OPS]
         if not fused:
             return PassResult(model, False)
         for node in fused:
@@ -62,10 +105,13 @@ class DecomposeAttention(Pass):
                 raise OptionError(f"fused attention '{node.name}': {reason}")
         e = GraphEditor(model, "spatten/decompose")
         for node in fused:
-            self._decompose(e, node)
+            if node.domain == "com.microsoft":
+                self._decompose_mha(e, node)
+            else:
+                self._decompose(e, node)
         e.forget_shapes()
         e.commit()
-        logger.info("decomposed %d Attention ops", len(fused))
+        logger.info("decomposed %d fused attention ops", len(fused))
         return PassResult(model, True)
 
     def _decompose(self, e: GraphEditor, node: ir.Node) -> None:
@@ -86,6 +132,44 @@ class DecomposeAttention(Pass):
             scores = e.op("Add", [scores, self._causal_bias(e, scores)])
         probs = e.op("Softmax", [scores], axis=-1)
         out = e.op("MatMul", [probs, v])
+        e.replace_uses(node.outputs[0], out)
+        e.graph.remove(node, safe=True)
+
+    def _decompose_mha(self, e: GraphEditor, node: ir.Node) -> None:
+        ins = list(node.inputs) + [None] * 8
+        heads = node.attributes.get_int("num_heads")
+        width = _mha_width(node)
+        head_dim = width // heads
+        scale = node.attributes.get_float("scale", 0.0) or 1.0 / np.sqrt(head_dim)
+        bias = const_array(ins[3]) if ins[3] is not None else None
+
+        def split_heads(x: ir.Value, part: int) -> ir.Value:
+            if bias is not None:
+                x = e.op("Add", [x, e.const("bias", bias[part * width:(part + 1) * width].astype(np.float32))])
+            x = e.op("Reshape", [x, e.const("heads", np.array([0, 0, heads, head_dim], np.int64))])
+            return e.op("Transpose", [x], perm=[0, 2, 1, 3])
+
+        q, k, v = (split_heads(ins[i], i) for i in range(3))
+        scores = e.op("Mul", [e.op("MatMul", [q, e.op("Transpose", [k], perm=[0, 1, 3, 2])]),
+                              e.const("scale", np.float32(scale))])
+        terms = []
+        if ins[4] is not None:  # key_padding_mask [B, L]: 1 keeps a key, 0 masks it
+            fill = node.attributes.get_float("mask_filter_value", -10000.0)
+            keep = e.op("Cast", [ins[4]], to=ir.DataType.FLOAT)
+            masked = e.op("Mul", [e.op("Sub", [e.const("one", np.float32(1)), keep]), e.const("fill", np.float32(fill))])
+            terms.append(e.op("Unsqueeze", [masked, e.const("axes", np.array([1, 2], np.int64))]))
+        if ins[5] is not None:
+            terms.append(ins[5])
+        if node.attributes.get_int("unidirectional", 0):
+            terms.append(self._causal_bias(e, scores))
+        if terms:
+            total = terms[0]
+            for t in terms[1:]:
+                total = e.op("Add", [total, t])
+            scores = e.op("Add", [scores, total])  # one additive mask: the form the pruning passes rewrite
+        ctx = e.op("MatMul", [e.op("Softmax", [scores], axis=-1), v])
+        out = e.op("Reshape", [e.op("Transpose", [ctx], perm=[0, 2, 1, 3]),
+                               e.const("merge", np.array([0, 0, width], np.int64))])
         e.replace_uses(node.outputs[0], out)
         e.graph.remove(node, safe=True)
 

@@ -82,3 +82,71 @@ def test_softcap_is_refused_with_reason() -> None:
     model = ir.serde.deserialize_model(_fused(softcap=30.0))
     with pytest.raises(OptionError, match="softcap"):
         DecomposeAttention()(model)
+
+
+def _mha_stack(layers: int = 1, bias: bool = True, causal: int = 0, seed: int = 0) -> onnx.ModelProto:
+    """x [B,S,8] -> per layer: projections -> com.microsoft.MultiHeadAttention(2 heads, key padding mask)
+    -> output projection -> residual. The fused form onnxruntime's transformer optimizer writes."""
+    rng = np.random.default_rng(seed)
+    d, nodes, inits = 8, [], []
+
+    def const(name: str, array: np.ndarray) -> str:
+        inits.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    x = "x"
+    for i in range(layers):
+        for t in "qkv":
+            nodes.append(helper.make_node("MatMul", [x, const(f"w{t}{i}", rng.standard_normal((d, d)) * 0.5)],
+                                          [f"{t}{i}"]))
+        ins = [f"q{i}", f"k{i}", f"v{i}", const(f"b{i}", rng.standard_normal(3 * d) * 0.1) if bias else "", "mask"]
+        nodes.append(helper.make_node("MultiHeadAttention", ins, [f"a{i}"], domain="com.microsoft", num_heads=2,
+                                      unidirectional=causal))
+        nodes.append(helper.make_node("MatMul", [f"a{i}", const(f"wo{i}", rng.standard_normal((d, d)) * 0.5)],
+                                      [f"o{i}"]))
+        nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"h{i}"]))
+        x = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "mha",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d]),
+         helper.make_tensor_value_info("mask", TensorProto.INT32, ["B", "S"])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["B", "S", d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _mha_feeds(seq: int = 9) -> dict:
+    mask = np.ones((2, seq), np.int32)
+    mask[1, seq - 3:] = 0
+    return {"x": np.random.default_rng(1).standard_normal((2, seq, 8)).astype(np.float32), "mask": mask}
+
+
+@pytest.mark.parametrize("bias, causal", [(True, 0), (False, 0), (True, 1)])
+def test_microsoft_mha_decomposed_equals_fused(bias: bool, causal: int, tmp_path: Path) -> None:
+    proto = _mha_stack(bias=bias, causal=causal)
+    onnx.save(proto, tmp_path / "f.onnx")
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    DecomposeAttention()(model)
+    (site,) = find_attention(model).sites
+    assert (site.num_heads, site.head_dim, site.fused) == (2, 4, None)
+    assert site.mask_source == "mask" and site.mask_kind.endswith("padding")
+    ir.save(model, tmp_path / "d.onnx")
+    feeds = _mha_feeds()
+    out = next(o.name for o in proto.graph.output)
+    real = feeds["mask"].astype(bool)
+    np.testing.assert_allclose(run_ort(tmp_path / "d.onnx", feeds)[out][real],
+                               run_ort(tmp_path / "f.onnx", feeds)[out][real], atol=1e-5)
+
+
+def test_token_pruning_on_microsoft_mha(tmp_path: Path) -> None:
+    from spatten_compiler.cli import main
+
+    src, out = tmp_path / "f.onnx", tmp_path / "p.onnx"
+    onnx.save(_mha_stack(layers=3), src)
+    assert main([str(src), "-o", str(out), "--token-keep", "0.5", "--token-min-keep", "1", "--emit-kept", "-q"]) == 0
+    feeds = _mha_feeds()
+    got = run_ort(out, feeds)
+    assert got["spatten_kept_mask"].sum(1).tolist() == [5, 3]  # ceil(len * 0.5) of each sample's real tokens
+    report = ReferenceRuntime(out).run(feeds)
+    for key, value in got.items():
+        np.testing.assert_allclose(report.outputs[key], value, atol=1e-4, rtol=0, err_msg=key)
