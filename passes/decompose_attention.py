@@ -3,6 +3,8 @@
     Attention(Q, K, V, mask; scale, is_causal)          Q, K, V: [B, H, S, Dh]   (ONNX, opset 23)
     com.microsoft.MultiHeadAttention(q, k, v, bias, key_padding_mask, attention_bias; num_heads)
       -> q, k, v [B, S, D] (+ their bias slices) -> Reshape [B, S, H, Dh] -> Transpose, then as below
+    com.microsoft.Attention(input, weights[D, 3D], bias, mask_index; num_heads)
+      -> MatMul(input, weights) + bias -> Split(3) -> q, k, v, then as MultiHeadAttention
       -> bias   = mask (float) | Where(mask, 0, -inf-ish) (bool)      [+ causal bias]
          scores = Add(Mul(MatMul(Q, Transpose(K, [0,1,3,2])), scale), bias)
          Y      = MatMul(Softmax(scores, axis=-1), V)
@@ -11,7 +13,7 @@ so the Softmax-centred finder and the pruning passes see the probabilities. Deco
 fused kernel; the pruning passes then remove more work than it saved. Variants spattenc cannot yet
 express exactly are refused with the reason (never skipped): 3-D inputs, grouped KV heads inside
 the op, past key/value inputs, softcap, a requested probability output, packed or 4-D MHA inputs,
-per-sequence-length masks, and com.microsoft Attention / GroupQueryAttention.
+per-sequence-length masks, and com.microsoft GroupQueryAttention.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def _refusal(node: ir.Node) -> str | None:
     """Why ``node`` cannot be decomposed exactly, or None."""
     if (node.domain or "", node.op_type) == ("com.microsoft", "MultiHeadAttention"):
         return _mha_refusal(node)
+    if (node.domain or "", node.op_type) == ("com.microsoft", "Attention"):
+        return _packed_refusal(node)
     if node.domain not in ("", "ai.onnx"):
         return f"{node.domain}.{node.op_type} is not decomposed yet"
     q, k = node.inputs[0], node.inputs[1]
@@ -65,6 +69,25 @@ def _mha_width(node: ir.Node) -> int | None:
         w = producer.inputs[1].shape
         if w is not None and w.rank() == 2 and isinstance(w.dims[-1], int):
             return w.dims[-1]
+    return None
+
+
+def _packed_refusal(node: ir.Node) -> str | None:
+    """com.microsoft.Attention(input, weights[D, 3D], bias[3D], mask_index, past, attention_bias)."""
+    ins = list(node.inputs) + [None] * 6
+    w = ins[1].shape if ins[1] is not None else None
+    if const_array(ins[1]) is None and (ins[1] is None or ins[1].const_value is None):
+        return "non-constant packed weights are not decomposed yet"
+    if w is None or w.rank() != 2 or not isinstance(w.dims[1], int) or w.dims[1] % 3:
+        return "packed weights must be [hidden, 3 * hidden]"
+    if node.attributes.get_ints("qkv_hidden_sizes", []) or node.attributes.get_int("do_rotary", 0):
+        return "qkv_hidden_sizes / do_rotary are not decomposed yet"
+    if ins[2] is not None and const_array(ins[2]) is None:
+        return "a computed (non-constant) bias is not decomposed yet"
+    if ins[3] is not None and (ins[3].shape is None or ins[3].shape.rank() != 2):
+        return "only a [batch, key] 0/1 mask_index is decomposed (not lengths or 3-D masks)"
+    if ins[4] is not None or (len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:])):
+        return "past / present state is not decomposed yet"
     return None
 
 
@@ -105,7 +128,9 @@ class DecomposeAttention(Pass):
                 raise OptionError(f"fused attention '{node.name}': {reason}")
         e = GraphEditor(model, "spatten/decompose")
         for node in fused:
-            if node.domain == "com.microsoft":
+            if (node.domain, node.op_type) == ("com.microsoft", "Attention"):
+                self._decompose_packed(e, node)
+            elif node.domain == "com.microsoft":
                 self._decompose_mha(e, node)
             else:
                 self._decompose(e, node)
@@ -135,13 +160,26 @@ class DecomposeAttention(Pass):
         e.replace_uses(node.outputs[0], out)
         e.graph.remove(node, safe=True)
 
+    def _decompose_packed(self, e: GraphEditor, node: ir.Node) -> None:
+        """Packed projection inside the op -> MatMul (+ bias) -> Split(3), then the MHA core."""
+        ins = list(node.inputs) + [None] * 6
+        width = ins[1].shape.dims[1] // 3
+        qkv = e.op("MatMul", [ins[0], ins[1]])
+        if ins[2] is not None:
+            qkv = e.op("Add", [qkv, ins[2]])
+        q, k, v = e.op("Split", [qkv, e.const("split", np.array([width] * 3, np.int64))], axis=-1, outputs=3)
+        self._mha_core(e, node, (q, k, v), width, None, ins[3], ins[5])
+
     def _decompose_mha(self, e: GraphEditor, node: ir.Node) -> None:
         ins = list(node.inputs) + [None] * 8
+        bias = const_array(ins[3]) if ins[3] is not None else None
+        self._mha_core(e, node, (ins[0], ins[1], ins[2]), _mha_width(node), bias, ins[4], ins[5])
+
+    def _mha_core(self, e: GraphEditor, node: ir.Node, qkv: tuple, width: int, bias: np.ndarray | None,
+                  key_mask: ir.Value | None, attn_bias: ir.Value | None) -> None:
         heads = node.attributes.get_int("num_heads")
-        width = _mha_width(node)
         head_dim = width // heads
         scale = node.attributes.get_float("scale", 0.0) or 1.0 / np.sqrt(head_dim)
-        bias = const_array(ins[3]) if ins[3] is not None else None
 
         def split_heads(x: ir.Value, part: int) -> ir.Value:
             if bias is not None:
@@ -149,17 +187,17 @@ class DecomposeAttention(Pass):
             x = e.op("Reshape", [x, e.const("heads", np.array([0, 0, heads, head_dim], np.int64))])
             return e.op("Transpose", [x], perm=[0, 2, 1, 3])
 
-        q, k, v = (split_heads(ins[i], i) for i in range(3))
+        q, k, v = (split_heads(qkv[i], i) for i in range(3))
         scores = e.op("Mul", [e.op("MatMul", [q, e.op("Transpose", [k], perm=[0, 1, 3, 2])]),
                               e.const("scale", np.float32(scale))])
         terms = []
-        if ins[4] is not None:  # key_padding_mask [B, L]: 1 keeps a key, 0 masks it
+        if key_mask is not None:  # [B, L]: 1 keeps a key, 0 masks it
             fill = node.attributes.get_float("mask_filter_value", -10000.0)
-            keep = e.op("Cast", [ins[4]], to=ir.DataType.FLOAT)
+            keep = e.op("Cast", [key_mask], to=ir.DataType.FLOAT)
             masked = e.op("Mul", [e.op("Sub", [e.const("one", np.float32(1)), keep]), e.const("fill", np.float32(fill))])
             terms.append(e.op("Unsqueeze", [masked, e.const("axes", np.array([1, 2], np.int64))]))
-        if ins[5] is not None:
-            terms.append(ins[5])
+        if attn_bias is not None:
+            terms.append(attn_bias)
         if node.attributes.get_int("unidirectional", 0):
             terms.append(self._causal_bias(e, scores))
         if terms:

@@ -150,3 +150,56 @@ def test_token_pruning_on_microsoft_mha(tmp_path: Path) -> None:
     report = ReferenceRuntime(out).run(feeds)
     for key, value in got.items():
         np.testing.assert_allclose(report.outputs[key], value, atol=1e-4, rtol=0, err_msg=key)
+
+
+def _packed_stack(layers: int = 1, seed: int = 0) -> onnx.ModelProto:
+    """x [B,S,8] -> per layer: com.microsoft.Attention(packed [8, 24] weights, bias, 0/1 mask) -> proj -> residual."""
+    rng = np.random.default_rng(seed)
+    d, nodes, inits = 8, [], []
+
+    def const(name: str, array: np.ndarray) -> str:
+        inits.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    x = "x"
+    for i in range(layers):
+        nodes.append(helper.make_node(
+            "Attention", [x, const(f"w{i}", rng.standard_normal((d, 3 * d)) * 0.5),
+                          const(f"b{i}", rng.standard_normal(3 * d) * 0.1), "mask"],
+            [f"a{i}"], domain="com.microsoft", num_heads=2))
+        nodes.append(helper.make_node("MatMul", [f"a{i}", const(f"wo{i}", rng.standard_normal((d, d)) * 0.5)],
+                                      [f"o{i}"]))
+        nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"h{i}"]))
+        x = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "packed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d]),
+         helper.make_tensor_value_info("mask", TensorProto.INT32, ["B", "S"])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["B", "S", d])], inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_microsoft_packed_attention_decomposed_and_pruned(tmp_path: Path) -> None:
+    from spatten_compiler.cli import main
+
+    proto = _packed_stack()
+    onnx.save(proto, tmp_path / "f.onnx")
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    DecomposeAttention()(model)
+    (site,) = find_attention(model).sites
+    assert (site.num_heads, site.head_dim, site.q.packed) == (2, 4, 0)
+    ir.save(model, tmp_path / "d.onnx")
+    feeds = _mha_feeds()
+    real = feeds["mask"].astype(bool)
+    np.testing.assert_allclose(run_ort(tmp_path / "d.onnx", feeds)["h0"][real],
+                               run_ort(tmp_path / "f.onnx", feeds)["h0"][real], atol=1e-5)
+    onnx.save(_packed_stack(layers=3), tmp_path / "f3.onnx")
+    out = tmp_path / "p.onnx"
+    assert main([str(tmp_path / "f3.onnx"), "-o", str(out), "--token-keep", "0.5", "--token-min-keep", "1",
+                 "--emit-kept", "-q"]) == 0
+    got = run_ort(out, feeds)
+    assert got["spatten_kept_mask"].sum(1).tolist() == [5, 3]
+    report = ReferenceRuntime(out).run(feeds)
+    np.testing.assert_allclose(report.outputs["h2"], got["h2"], atol=1e-4, rtol=0)
