@@ -54,7 +54,7 @@ def main() -> None:
     for path in args.candidates:
         ms, ops = profile(path, feeds, args.runs, args.threads)
         print(f"\n{path}: {ms:.1f} ms per run, speedup {dense_ms / ms:.2f}x")
-        for op, us in (dense_ops + ops).most_common(12):
+        for op, _ in (dense_ops + ops).most_common(12):
             print(f"  {op:20} dense {dense_ops[op] / 1e3:7.2f} ms   candidate {ops[op] / 1e3:7.2f} ms")
 
 
