@@ -191,11 +191,11 @@ class _Rewrite:
         """TopK selection for ``ratio`` from the accumulated scores; returns x's kept rows and updates
         pos/valid/acc (and the stale-restore buffer with x's rows: the tokens' last computed state)."""
         e = self.e
-        vcol = e.op("Unsqueeze", [e.op("Cast", [self.valid], to=ir.DataType.BOOL),
-                                  e.const("axes", np.array([-1], np.int64))])
         if self.buf is None:
             self.buf = x if self.opts.restore == "stale" else e.op("Mul", [x, e.const("zero", np.float32(0))])
         elif self.opts.restore == "stale":
+            vcol = e.op("Unsqueeze", [e.op("Cast", [self.valid], to=ir.DataType.BOOL),
+                                      e.const("axes", np.array([-1], np.int64))])
             old = self.call("GatherTokens", self.buf, self.pos)
             self.buf = self.call("ScatterTokens", self.buf, self.pos, e.op("Where", [vcol, x, old]))
         k, kper = self._budget(ratio, self.seq, self.lens, x)

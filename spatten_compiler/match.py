@@ -175,8 +175,3 @@ def match(pattern: Pattern, value: ir.Value) -> Bindings | NoMatch:
     for found in pattern.walk(value, {}, fail, 0):
         return found
     return NoMatch(fail.reason)
-
-
-def match_all(pattern: Pattern, value: ir.Value) -> Iterator[Bindings]:
-    """Every binding, for callers that check more than the pattern can say."""
-    yield from pattern.walk(value, {}, _Failures(), 0)

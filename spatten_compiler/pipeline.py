@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import onnx
@@ -152,7 +152,3 @@ class Pipeline:
             if self.on_pass:
                 self.on_pass(p, time.perf_counter() - t0)
         return PassResult(model, modified)
-
-    @classmethod
-    def from_names(cls, names: Iterable[str], **kwargs: Any) -> Pipeline:
-        return cls([make_pass(n) for n in names], **kwargs)

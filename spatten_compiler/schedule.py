@@ -49,14 +49,3 @@ def check_schedule(schedule: list[float], layers: int) -> list[float]:
     full = list(schedule) + [schedule[-1] if schedule else 1.0] * (layers - len(schedule))
     # Cascade: a later layer never keeps more than an earlier one.
     return [min(full[: i + 1]) for i in range(layers)]
-
-
-def flop_ratio(schedule: list[float], seq: int, hidden: int, ffn: int) -> float:
-    """Dense / pruned FLOPs of the transformer layers at ``seq`` tokens (embeddings excluded)."""
-
-    def layer(n: int) -> float:
-        return n * (8 * hidden * hidden + 4 * hidden * ffn) + 4 * n * n * hidden
-
-    dense = sum(layer(seq) for _ in schedule)
-    pruned = sum(layer(max(1, math.ceil(seq * r))) for r in schedule)
-    return dense / pruned
