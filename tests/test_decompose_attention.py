@@ -84,34 +84,44 @@ def test_softcap_is_refused_with_reason() -> None:
         DecomposeAttention()(model)
 
 
-def _mha_stack(layers: int = 1, bias: bool = True, causal: int = 0, seed: int = 0) -> onnx.ModelProto:
-    """x [B,S,8] -> per layer: projections -> com.microsoft.MultiHeadAttention(2 heads, key padding mask)
-    -> output projection -> residual. The fused form onnxruntime's transformer optimizer writes."""
+def _fused_stack(layers: int, attention, name: str, seed: int = 0) -> onnx.ModelProto:
+    """x [B,S,8] -> per layer: ``attention(i, x, const)`` nodes producing ``a{i}`` -> output projection
+    -> residual. Inputs x and mask [B,S] int32; com.microsoft opset imported."""
     rng = np.random.default_rng(seed)
     d, nodes, inits = 8, [], []
 
-    def const(name: str, array: np.ndarray) -> str:
-        inits.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
-        return name
+    def const(cname: str, array: np.ndarray) -> str:
+        inits.append(onnx.numpy_helper.from_array(array.astype(np.float32), cname))
+        return cname
 
     x = "x"
     for i in range(layers):
-        for t in "qkv":
-            nodes.append(helper.make_node("MatMul", [x, const(f"w{t}{i}", rng.standard_normal((d, d)) * 0.5)],
-                                          [f"{t}{i}"]))
-        ins = [f"q{i}", f"k{i}", f"v{i}", const(f"b{i}", rng.standard_normal(3 * d) * 0.1) if bias else "", "mask"]
-        nodes.append(helper.make_node("MultiHeadAttention", ins, [f"a{i}"], domain="com.microsoft", num_heads=2,
-                                      unidirectional=causal))
+        nodes.extend(attention(i, x, const, rng))
         nodes.append(helper.make_node("MatMul", [f"a{i}", const(f"wo{i}", rng.standard_normal((d, d)) * 0.5)],
                                       [f"o{i}"]))
         nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"h{i}"]))
         x = f"h{i}"
     graph = helper.make_graph(
-        nodes, "mha",
+        nodes, name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d]),
          helper.make_tensor_value_info("mask", TensorProto.INT32, ["B", "S"])],
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["B", "S", d])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def _mha_stack(layers: int = 1, bias: bool = True, causal: int = 0) -> onnx.ModelProto:
+    """Separate projections -> com.microsoft.MultiHeadAttention (2 heads, key padding mask): the fused
+    form onnxruntime's transformer optimizer writes."""
+
+    def attention(i, x, const, rng):
+        nodes = [helper.make_node("MatMul", [x, const(f"w{t}{i}", rng.standard_normal((8, 8)) * 0.5)], [f"{t}{i}"])
+                 for t in "qkv"]
+        ins = [f"q{i}", f"k{i}", f"v{i}", const(f"b{i}", rng.standard_normal(24) * 0.1) if bias else "", "mask"]
+        return [*nodes, helper.make_node("MultiHeadAttention", ins, [f"a{i}"], domain="com.microsoft",
+                                         num_heads=2, unidirectional=causal)]
+
+    return _fused_stack(layers, attention, "mha")
 
 
 def _mha_feeds(seq: int = 9) -> dict:
@@ -152,32 +162,15 @@ def test_token_pruning_on_microsoft_mha(tmp_path: Path) -> None:
         np.testing.assert_allclose(report.outputs[key], value, atol=1e-4, rtol=0, err_msg=key)
 
 
-def _packed_stack(layers: int = 1, seed: int = 0) -> onnx.ModelProto:
-    """x [B,S,8] -> per layer: com.microsoft.Attention(packed [8, 24] weights, bias, 0/1 mask) -> proj -> residual."""
-    rng = np.random.default_rng(seed)
-    d, nodes, inits = 8, [], []
+def _packed_stack(layers: int = 1) -> onnx.ModelProto:
+    """com.microsoft.Attention with packed [8, 24] weights, bias and a 0/1 mask per layer."""
 
-    def const(name: str, array: np.ndarray) -> str:
-        inits.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
-        return name
+    def attention(i, x, const, rng):
+        ins = [x, const(f"w{i}", rng.standard_normal((8, 24)) * 0.5), const(f"b{i}", rng.standard_normal(24) * 0.1),
+               "mask"]
+        return [helper.make_node("Attention", ins, [f"a{i}"], domain="com.microsoft", num_heads=2)]
 
-    x = "x"
-    for i in range(layers):
-        nodes.append(helper.make_node(
-            "Attention", [x, const(f"w{i}", rng.standard_normal((d, 3 * d)) * 0.5),
-                          const(f"b{i}", rng.standard_normal(3 * d) * 0.1), "mask"],
-            [f"a{i}"], domain="com.microsoft", num_heads=2))
-        nodes.append(helper.make_node("MatMul", [f"a{i}", const(f"wo{i}", rng.standard_normal((d, d)) * 0.5)],
-                                      [f"o{i}"]))
-        nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"h{i}"]))
-        x = f"h{i}"
-    graph = helper.make_graph(
-        nodes, "packed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d]),
-         helper.make_tensor_value_info("mask", TensorProto.INT32, ["B", "S"])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["B", "S", d])], inits)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets)
+    return _fused_stack(layers, attention, "packed")
 
 
 def test_microsoft_packed_attention_decomposed_and_pruned(tmp_path: Path) -> None:
