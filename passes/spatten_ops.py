@@ -16,7 +16,11 @@ each call to its own instruction.
       kept = 1 for the first kper[b] of sample b's ranking that are real tokens
   GatherTokens(x[B,S,D], sel[B,k]) -> x[b, sel[b,j], :]
   GatherRows(probs[B,H,S,S], sel[B,k]) -> probs[:, :, sel, :]  (kept query rows, pruning in-layer)
+      one row Gather on probs viewed as [B*H*S, S] with indices (b*H + h)*S + sel[b,j]: contiguous
+      row copies, and no int64 index tensor the size of the output (GatherElements needed one)
   ScatterTokens(buf[B,S0,D], pos[B,k], x[B,k,D]) -> buf with rows pos[b,j] replaced by x[b,j]
+      ScatterND with (b, pos[b,j]) index pairs: row copies (pos is duplicate-free per sample, as
+      TopK returns distinct positions)
 """
 
 from __future__ import annotations
@@ -85,23 +89,43 @@ GatherTokens (x, sel) => (y) {
     "GatherRows": """
 <domain: "spatten", opset_import: ["" : 17]>
 GatherRows (probs, sel) => (rows) {
-    axes13 = Constant <value_ints = [1, 3]> ()
-    idx = Unsqueeze (sel, axes13)
+    zero = Constant <value_int = 0> ()
+    one = Constant <value_int = 1> ()
+    minus1 = Constant <value_ints = [-1]> ()
+    axis1 = Constant <value_ints = [1]> ()
     lead = Shape <start = 0, end = 2> (probs)
-    kept = Shape <start = 1, end = 2> (sel)
+    seq = Shape <start = 2, end = 3> (probs)
     keys = Shape <start = 3, end = 4> (probs)
-    shape = Concat <axis = 0> (lead, kept, keys)
-    idx4 = Expand (idx, shape)
-    rows = GatherElements <axis = 2> (probs, idx4)
+    nlead = ReduceProd <keepdims = 0> (lead)
+    base = Range (zero, nlead, one)
+    seq0 = Squeeze (seq)
+    start = Mul (base, seq0)
+    shape3 = Concat <axis = 0> (lead, axis1)
+    offset = Reshape (start, shape3)
+    selb = Unsqueeze (sel, axis1)
+    idx = Add (offset, selb)
+    flat_shape = Concat <axis = 0> (minus1, keys)
+    flat = Reshape (probs, flat_shape)
+    rows = Gather <axis = 0> (flat, idx)
 }""",
     "ScatterTokens": """
 <domain: "spatten", opset_import: ["" : 17]>
 ScatterTokens (buf, pos, x) => (out) {
+    zero = Constant <value_int = 0> ()
+    one = Constant <value_int = 1> ()
+    one1 = Constant <value_ints = [1]> ()
     minus1 = Constant <value_ints = [-1]> ()
-    idx = Unsqueeze (pos, minus1)
-    shape = Shape (x)
-    idx3 = Expand (idx, shape)
-    out = ScatterElements <axis = 1> (buf, idx3, x)
+    nb = Shape <start = 0, end = 1> (pos)
+    shape = Shape (pos)
+    nb0 = Squeeze (nb)
+    b = Range (zero, nb0, one)
+    col_shape = Concat <axis = 0> (nb, one1)
+    bcol = Reshape (b, col_shape)
+    bidx = Expand (bcol, shape)
+    b3 = Unsqueeze (bidx, minus1)
+    p3 = Unsqueeze (pos, minus1)
+    idx = Concat <axis = -1> (b3, p3)
+    out = ScatterND (buf, idx, x)
 }""",
 }
 
