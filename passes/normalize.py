@@ -81,5 +81,5 @@ class Normalize(Pass):
         removed = remove_noops(model.graph)
         IdentityEliminationPass()(model)
         RemoveUnusedNodesPass()(model)
-        logger.info("normalize: %d -> %d nodes (%d no-op Dropout/Cast)", before, len(model.graph), removed)
+        logger.debug("normalize: %d -> %d nodes (%d no-op Dropout/Cast)", before, len(model.graph), removed)
         return PassResult(model, True)

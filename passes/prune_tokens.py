@@ -124,7 +124,9 @@ class PruneTokens(Pass):
             return PassResult(model, False)
         _check_sites(sites)
         _Rewrite(model, sites, ratios, self).run()
-        logger.info("prune-tokens: schedule %s", ratios)
+        logger.info("prune-tokens: %d layers keep %s of the tokens (importance %s, prune point %s, at least %d "
+                    "tokens, restore %s)", len(sites), " ".join(f"{r:.2f}" for r in ratios), self.importance,
+                    self.prune_point, self.min_keep, self.restore)
         return PassResult(model, True)
 
 

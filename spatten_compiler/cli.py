@@ -75,9 +75,29 @@ def _with_default_verb(argv: list[str]) -> list[str]:
     return ["compile", *argv]
 
 
+class _PassFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose >= 2 else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # What each pass did (sites found, schedules chosen) is part of the normal output, one plain
+    # line per pass; -q keeps only warnings, -vv switches to the full logger format.
+    passes = logging.getLogger("spatten_compiler.passes")
+    for h in [h for h in passes.handlers if getattr(h, "_spattenc", False)]:
+        passes.removeHandler(h)
+    passes.propagate = True
+    passes.setLevel(logging.NOTSET)
+    if level > logging.INFO:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._spattenc = True  # type: ignore[attr-defined]
+        handler.setFormatter(_PassFormatter())
+        passes.addHandler(handler)
+        passes.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+        passes.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

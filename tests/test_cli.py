@@ -121,3 +121,15 @@ def test_usage_error_is_one_line() -> None:
     r = spattenc("model.onnx")
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "-o/--output" in r.stderr
+
+
+def test_compile_says_what_each_pass_did(tmp_path: Path) -> None:
+    """Default output: one plain line per rewriting pass (schedule chosen), then the summary; -q: nothing."""
+    model = str(MODELS / "bert_torchscript.onnx")
+    r = spattenc(model, "-o", str(tmp_path / "a.onnx"), "--token-keep", "0.5")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("prune-tokens: ") and "keep 1.00 " in lines[0], lines
+    assert lines[-1].startswith("wrote ") and len(lines) == 2, lines
+    q = spattenc(model, "-o", str(tmp_path / "b.onnx"), "--token-keep", "0.5", "-q")
+    assert q.returncode == 0 and q.stderr == ""
