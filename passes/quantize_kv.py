@@ -4,15 +4,20 @@ recompute of the rows whose softmax is not confident.
 Rewrite of each attention site (``K^T`` and ``V`` as the core consumes them, ``chain`` = the score
 ops from ``K^T`` to the probabilities: MatMul, scale, mask, Softmax, as the exporter wrote them)::
 
-    s_k, s_v         = ReduceMax(|K^T|), ReduceMax(|V|) over the granularity's axes / qmax   (run time)
-    kmsb, klsb       = spatten.QuantizeSplit(K^T, s_k, 2^l, qmax)      (same for V)
-    K_m, K_f         = spatten.Dequantize(kmsb, s_k * 2^l), spatten.DequantizeSplit(kmsb, klsb, s_k, 2^l)
+    s_k, s_v         = ReduceMax(|K^T|), ReduceMax(|V|) over the granularity's axes / (2^(m-1) - 1)
+    kmsb, klsb       = spatten.QuantizeSplit(K^T, s_k, 2^l, 2^(m-1) - 1)      (same for V)
+    K_m, K_f         = spatten.Dequantize(kmsb, s_k), spatten.DequantizeSplit(kmsb, klsb, s_k, 2^l)
     P_m, P_f         = chain(K_m), chain(K_f)      (up to MatMul(P, V)'s input: prune-values' op included)
     low              = spatten.LowConfidence(P_m, t)        (or LowConfidenceUniform: max P_m * n_keys <= t)
     ctx, need        = spatten.ProgressiveContext(low, P_m, P_f, V_m, V_f, qvalid)
     readers of P @ V read ctx; other readers of P (TokenImportance) read Where(low, P_f, P_m)
 
 Static mode (``bits="6"``): ``K^T, V -> spatten.Dequantize(spatten.Quantize(x, s, qmax), s)`` in place.
+
+Residual split: the MSB plane is exactly the static m-bit quantizer (same scale, same rounding) and
+the LSB plane quantizes its residual with step ``s / 2^l``, so threshold 0 (MSB only) is static
+m-bit bit for bit, threshold 1.0 is the (m+l)-bit fine grid on every row, and any threshold in
+between sits between the two per row (bounds in :mod:`.quant_functions`).
 
 Semantics are exactly "MSB-only result where confident, MSB+LSB result where not", per row (batch,
 head, query). Confidence rule ``fixed``: max P_m <= threshold needs LSBs (the paper's rule; 1.0 =
@@ -76,9 +81,9 @@ def parse_bits(text: str) -> tuple[int, int]:
     return m, lo
 
 
-def qmax_for(m: int, lo: int) -> int:
-    """Largest |q| whose rounded MSB plane fits m signed bits and whose LSB remainder fits lo bits."""
-    return (2 ** (m - 1) - 1) * 2**lo + (2 ** (lo - 1) - 1 if lo else 0)
+def qmax_for(m: int) -> int:
+    """Largest |msb| of an m-bit symmetric quantizer (the scale is abs-max / qmax; LSBs add no range)."""
+    return 2 ** (m - 1) - 1
 
 
 def score_chain(kt: ir.Value, probs: ir.Value) -> list[ir.Node]:
@@ -168,7 +173,7 @@ class _Rewrite:
         self.opset = model.opset_imports.get("", 17)
         ensure_functions(model, list(FUNCTIONS))
         e = self.e
-        self.qmax = e.const("qmax", np.float32(qmax_for(m, lo)))
+        self.qmax = e.const("qmax", np.float32(qmax_for(m)))
         self.step = e.const("step", np.float32(2**lo))
         self.thr = e.const("threshold", np.float32(opts.threshold))
         self.fractions: list[ir.Value] = []
@@ -232,8 +237,7 @@ class _Rewrite:
     def _split(self, x: ir.Value, axes: tuple[int, ...]) -> tuple[ir.Value, ir.Value]:
         s = self.scale(x, axes)
         msb, lsb = self.call("QuantizeSplit", x, s, self.step, self.qmax, outputs=2)
-        x_m = self.call("Dequantize", msb, self.e.op("Mul", [s, self.step]))
-        return x_m, self.call("DequantizeSplit", msb, lsb, s, self.step)
+        return self.call("Dequantize", msb, s), self.call("DequantizeSplit", msb, lsb, s, self.step)
 
     def _clone(self, chain: list[ir.Node], kt: ir.Value, new_kt: ir.Value) -> dict[int, ir.Value]:
         """A copy of the score ops reading ``new_kt`` instead of ``kt``: id(old value) -> its copy."""

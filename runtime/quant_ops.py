@@ -1,8 +1,9 @@
 """NumPy implementations of the progressive-quantization ops (oracle for ``passes/quant_functions``)
 and the K/V fetch statistics the reference runtime reports.
 
-The plane split is done in integer arithmetic (arithmetic shift), independently of the float
-Floor/Div body that onnxruntime runs. Each call appends a record to :data:`LOG`;
+The plane split follows the residual definition in ``passes/quant_functions`` with NumPy's own
+rounding and clipping (the residual ``x / s - msb`` is exact in float32, so the planes must equal
+onnxruntime's bit for bit). Each call appends a record to :data:`LOG`;
 :func:`fetch_report` turns one run's records into per-layer statistics.
 """
 
@@ -21,10 +22,8 @@ def reset() -> None:
 
 
 def bits_of(step: float, qmax: float) -> tuple[int, int]:
-    """(MSB bits, LSB bits) from the step 2^l and qmax of a quantizer (see ``qmax_for``)."""
-    lo = int(round(np.log2(float(step))))
-    hi = int(qmax) >> lo
-    return int(hi + 1).bit_length(), lo
+    """(MSB bits, LSB bits) from the step 2^l and the MSB plane's qmax = 2^(m-1) - 1."""
+    return int(qmax).bit_length() + 1, int(round(np.log2(float(step))))
 
 
 def _quantize(x: np.ndarray, scale: np.ndarray, qmax: np.ndarray) -> np.ndarray:
@@ -40,11 +39,11 @@ class Quantize(OpRun):
 
 
 def split(x: np.ndarray, scale: np.ndarray, step: np.ndarray, qmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MSB and LSB planes of the quantized ``x`` (int8), with integer shifts."""
-    lo = int(round(np.log2(float(step))))
-    q = _quantize(x, scale, qmax)
-    msb = (q + (1 << lo >> 1)) >> lo  # round half up to the MSB grid (arithmetic shift = floor)
-    lsb = q - (msb << lo)
+    """MSB plane = the static quantizer; LSB plane = its residual on the grid scale / step (int8)."""
+    t = x.astype(np.float32) / scale.astype(np.float32)
+    msb = np.clip(np.round(t), -float(qmax), float(qmax))
+    half = float(step) / 2
+    lsb = np.clip(np.round((t - msb) * np.float32(step)), -half, half - 1)
     return msb.astype(np.int8), lsb.astype(np.int8)
 
 
@@ -65,7 +64,7 @@ class Dequantize(OpRun):
 class DequantizeSplit(OpRun):
     def _run(self, msb, lsb, scale, step):
         q = msb.astype(np.int32) * int(round(float(step))) + lsb.astype(np.int32)
-        return ((q.astype(np.float32) * scale).astype(np.float32),)
+        return ((q.astype(np.float32) * (scale / np.float32(step))).astype(np.float32),)
 
 
 @spatten_op

@@ -46,6 +46,10 @@ class CompileConfig:
     value_keep: float | None = None  # local value pruning (per query row, not cascaded)
     kv_bits: str | None = None  # progressive quantization: "6+4" (MSB+LSB) or "8" (static MSB only)
     lsb_threshold: float | None = None  # recompute rows whose max probability is below this
+    kv_rule: str | None = None  # confidence rule: fixed (paper) | uniform | min (quantize-kv's default: fixed)
+    kv_granularity: str | None = None  # scale per token | head | channel | tensor (default token)
+    kv_factor: float | None = None  # rule min: LSBs when max p <= min(threshold, factor / n_keys)
+    kv_stats: bool = False  # diagnostic outputs: LSB rows per layer, LSB fraction
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -62,6 +66,23 @@ class CompileConfig:
             raise OptionError("give --token-keep or --token-keep-schedule, not both")
         if self.token_min_keep is not None and self.token_min_keep < 1:
             raise OptionError(f"--token-min-keep must be >= 1, got {self.token_min_keep}")
+        self._check_kv()
+
+    def _check_kv(self) -> None:
+        from spatten_compiler.passes.quantize_kv import GRANULARITY, RULES
+
+        for flag, value, allowed in (("--kv-rule", self.kv_rule, RULES),
+                                     ("--kv-granularity", self.kv_granularity, tuple(GRANULARITY))):
+            if value is not None and value not in allowed:
+                raise OptionError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        for flag, value in (("--lsb-threshold", self.lsb_threshold), ("--kv-factor", self.kv_factor)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise OptionError(f"{flag} must be a number, got {value!r}")
+        given = [f for f, v in (("--kv-rule", self.kv_rule), ("--kv-granularity", self.kv_granularity),
+                                ("--kv-factor", self.kv_factor), ("--kv-stats", self.kv_stats or None),
+                                ("--lsb-threshold", self.lsb_threshold)) if v is not None]
+        if given and self.kv_bits is None:
+            raise OptionError(f"{given[0]} needs --kv-bits")
 
     @property
     def prunes_tokens(self) -> bool:
@@ -83,8 +104,11 @@ class CompileConfig:
             passes.append(make_pass("prune-values", keep=self.value_keep))
         if self.kv_bits is not None:
             opts: dict[str, Any] = {"bits": self.kv_bits}
-            if self.lsb_threshold is not None:
-                opts["threshold"] = self.lsb_threshold
+            for key, value in (("threshold", self.lsb_threshold), ("rule", self.kv_rule),
+                               ("granularity", self.kv_granularity), ("factor", self.kv_factor)):
+                if value is not None:
+                    opts[key] = value
+            opts["emit_stats"] = self.kv_stats
             passes.append(make_pass("quantize-kv", **opts))
         return [make_pass("normalize"), make_pass("decompose-attention"), *passes] if passes else []
 

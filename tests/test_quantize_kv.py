@@ -4,6 +4,9 @@ prune-tokens, and one-line errors."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -37,22 +40,23 @@ CONFIGS = [("6+4", "fixed", 0.5), ("4+4", "uniform", 2.0), ("4+4", "min", 0.4), 
 
 @cache
 def _planes_session(m: int, lo: int) -> ort.InferenceSession:
-    """x[N], scale -> the spatten functions' msb, lsb, MSB+LSB and MSB-only values (one model per format)."""
+    """x[N], scale -> the spatten functions' msb, lsb, MSB+LSB, MSB-only and static m-bit values."""
     f = helper.make_tensor_value_info
     nodes = [
         helper.make_node("Constant", [], ["step"], value=helper.make_tensor("s", TensorProto.FLOAT, [], [2.0**lo])),
-        helper.make_node("Constant", [], ["qmax"],
-                         value=helper.make_tensor("q", TensorProto.FLOAT, [], [qmax_for(m, lo)])),
+        helper.make_node("Constant", [], ["qmax"], value=helper.make_tensor("q", TensorProto.FLOAT, [], [qmax_for(m)])),
         helper.make_node("QuantizeSplit", ["x", "scale", "step", "qmax"], ["msb", "lsb"], domain=DOMAIN),
         helper.make_node("DequantizeSplit", ["msb", "lsb", "scale", "step"], ["full"], domain=DOMAIN),
-        helper.make_node("Mul", ["scale", "step"], ["mscale"]),
-        helper.make_node("Dequantize", ["msb", "mscale"], ["msb_only"], domain=DOMAIN),
+        helper.make_node("Dequantize", ["msb", "scale"], ["msb_only"], domain=DOMAIN),
+        helper.make_node("Quantize", ["x", "scale", "qmax"], ["q_static"], domain=DOMAIN),
+        helper.make_node("Dequantize", ["q_static", "scale"], ["static"], domain=DOMAIN),
     ]
     graph = helper.make_graph(nodes, "planes", [f("x", TensorProto.FLOAT, ["N"]), f("scale", TensorProto.FLOAT, [])],
                               [f("msb", TensorProto.INT8, ["N"]), f("lsb", TensorProto.INT8, ["N"]),
-                               f("full", TensorProto.FLOAT, ["N"]), f("msb_only", TensorProto.FLOAT, ["N"])])
+                               f("full", TensorProto.FLOAT, ["N"]), f("msb_only", TensorProto.FLOAT, ["N"]),
+                               f("static", TensorProto.FLOAT, ["N"])])
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    ensure_functions(model, ["QuantizeSplit", "DequantizeSplit", "Dequantize"])
+    ensure_functions(model, ["QuantizeSplit", "DequantizeSplit", "Dequantize", "Quantize"])
     return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -61,27 +65,38 @@ def _planes_session(m: int, lo: int) -> ort.InferenceSession:
        hnp.arrays(np.float32, st.integers(1, 64), elements=st.floats(-100, 100, width=32)))
 def test_bit_planes_round_trip_and_error_bound(bits: tuple[int, int], x: np.ndarray) -> None:
     m, lo = bits
-    qmax = qmax_for(m, lo)
+    qmax = qmax_for(m)
     scale = np.array(max(float(np.abs(x).max()), 1e-12) / qmax, np.float32)
-    msb, lsb, full, msb_only = _planes_session(m, lo).run(None, {"x": x, "scale": scale})
-    q = np.clip(np.round(x / scale), -qmax, qmax).astype(np.int64)
+    msb, lsb, full, msb_only, static = _planes_session(m, lo).run(None, {"x": x, "scale": scale})
+    # the full quantized value, from the definition: MSB = static m-bit, LSB = the residual on the
+    # grid scale / 2^l, clipped to l signed bits
+    t = x / scale
+    msb_ref = np.clip(np.round(t), -qmax, qmax).astype(np.int64)
+    q = msb_ref * 2**lo + np.clip(np.round(t * 2**lo) - msb_ref * 2**lo, -(2 ** (lo - 1)), 2 ** (lo - 1) - 1)
     # planes fit their bit widths and recombine exactly into the full quantized value
     assert msb.min() >= -(2 ** (m - 1)) and msb.max() <= 2 ** (m - 1) - 1
     assert lsb.min() >= -(2 ** (lo - 1)) and lsb.max() <= 2 ** (lo - 1) - 1
     np.testing.assert_array_equal(msb.astype(np.int64) * 2**lo + lsb, q)
-    # the NumPy oracle (integer shifts) gives the same planes
+    # the MSB plane IS the static m-bit quantizer, bit for bit
+    np.testing.assert_array_equal(msb_only, static)
+    # the NumPy oracle gives the same planes
     ref_msb, ref_lsb = quant_ops.split(x, scale, np.float32(2**lo), np.float32(qmax))
     np.testing.assert_array_equal(ref_msb, msb)
     np.testing.assert_array_equal(ref_lsb, lsb)
-    # error bounds: full <= scale/2, MSB only <= scale * (2^(l-1) + 1/2)  (+ float rounding slack)
+    # error bounds: MSB only <= s/2; MSB + LSB <= s/2^(l+1), or one fine step s/2^l where the LSB
+    # saturated on the residual's top edge  (+ float rounding slack)
     slack = 1e-5 * np.abs(x).max() + 1e-30
-    assert np.abs(full - x).max() <= scale * 0.5 + slack
-    assert np.abs(msb_only - x).max() <= scale * (2 ** (lo - 1) + 0.5) + slack
+    fine = scale / 2**lo
+    assert np.abs(msb_only - x).max() <= scale * 0.5 + slack
+    assert np.abs(full - x).max() <= fine + slack
+    edge = lsb == 2 ** (lo - 1) - 1
+    assert np.all(np.abs(full - x)[~edge] <= fine * 0.5 + slack)
+    np.testing.assert_allclose(full, q * fine, rtol=1e-6, atol=1e-30)
 
 
 def test_parse_bits_and_qmax() -> None:
     assert parse_bits("6+4") == (6, 4) and parse_bits("8") == (8, 0)
-    assert qmax_for(6, 4) == 31 * 16 + 7 and qmax_for(4, 0) == 7
+    assert qmax_for(6) == 31 and qmax_for(4) == 7 and qmax_for(8) == 127
     for bad in ("3+0", "9", "x", "6+", "6+9", "1"):
         with pytest.raises(OptionError):
             parse_bits(bad)
@@ -127,6 +142,18 @@ def test_threshold_end_points(threshold: float, plane: str, granularity: str, tm
     want = run_ort(_save(_fake_quantized(proto, "6+4", plane, granularity), tmp_path / "want.onnx"), f)
     np.testing.assert_allclose(out["last_hidden_state"], want["last_hidden_state"], atol=1e-6)
     assert np.all(out["spatten_lsb_fraction"] == (1.0 if plane == "full" else 0.0))
+
+
+@pytest.mark.parametrize(("bits", "granularity"), [("4+4", "token"), ("6+4", "head"), ("8+4", "channel")])
+def test_msb_only_is_static_bit_for_bit(bits: str, granularity: str, tmp_path: Path) -> None:
+    """Threshold 0 (every row MSB only) gives exactly the static m-bit model's outputs."""
+    proto = onnx.load(MODELS / "bert_torchscript.onnx")
+    f, _ = reference_io(load_meta("bert_torchscript"))
+    out = {}
+    for name, opts in (("msb", {"bits": bits, "threshold": 0.0}), ("static", {"bits": bits.split("+")[0]})):
+        model = _compile(proto, make_pass("quantize-kv", granularity=granularity, **opts))
+        out[name] = run_ort(_save(model, tmp_path / f"{name}.onnx"), f)["last_hidden_state"]
+    np.testing.assert_array_equal(out["msb"], out["static"])
 
 
 @pytest.mark.parametrize(("name", "bits", "rule", "threshold"),
@@ -270,13 +297,56 @@ def test_bad_options(opts: dict, message: str) -> None:
         _compile(build(), make_pass("quantize-kv", **opts))
 
 
-def test_cli_bad_bits_is_one_line(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+def _spattenc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spatten_compiler", *args], capture_output=True, text=True)
 
-    r = subprocess.run([sys.executable, "-m", "spatten_compiler", str(MODELS / "bert_torchscript.onnx"),
-                        "-o", str(tmp_path / "x.onnx"), "--kv-bits", "6+x"], capture_output=True, text=True)
+
+def test_cli_bad_bits_is_one_line(tmp_path: Path) -> None:
+    r = _spattenc(str(MODELS / "bert_torchscript.onnx"), "-o", str(tmp_path / "x.onnx"), "--kv-bits", "6+x")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--kv-bits" in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_and_config_set_rule_granularity_factor_stats(tmp_path: Path) -> None:
+    """--kv-rule/--kv-factor/--kv-granularity/--kv-stats and the same keys in --config reach the pass."""
+    flags = ["--kv-bits", "4+4", "--kv-rule", "min", "--lsb-threshold", "0.4", "--kv-factor", "2",
+             "--kv-granularity", "head", "--kv-stats"]
+    config = tmp_path / "kv.json"
+    config.write_text('{"kv_bits": "4+4", "kv_rule": "min", "lsb_threshold": 0.4, "kv_factor": 2, '
+                      '"kv_granularity": "head", "kv_stats": true}')
+    proto = build(mask="additive")
+    onnx.save(proto, tmp_path / "in.onnx")
+    f = feeds(proto, batch=2, seq=6)
+    want = _compile(proto, make_pass("quantize-kv", bits="4+4", rule="min", threshold=0.4, factor=2.0,
+                                     granularity="head", emit_stats=True))
+    want_out = run_ort(_save(want, tmp_path / "want.onnx"), f)
+    for name, args in (("flags", flags), ("config", ["--config", str(config)])):
+        r = _spattenc(str(tmp_path / "in.onnx"), "-o", str(tmp_path / f"{name}.onnx"), *args)
+        assert r.returncode == 0, r.stderr
+        got = run_ort(tmp_path / f"{name}.onnx", f)
+        assert set(got) == set(want_out)
+        for key in want_out:
+            np.testing.assert_array_equal(got[key], want_out[key], err_msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize(("args", "config", "message"), [
+    (["--kv-bits", "4+4", "--kv-rule", "odd"], None, "--kv-rule"),
+    (["--kv-bits", "4+4", "--kv-granularity", "row"], None, "--kv-granularity"),
+    (["--kv-bits", "4+4", "--kv-factor", "x"], None, "--kv-factor"),
+    (["--kv-bits", "4+4", "--kv-factor", "-1"], None, "factor"),
+    (["--kv-rule", "min"], None, "--kv-rule needs --kv-bits"),
+    (["--kv-bits", "4+4", "--lsb-threshold", "3"], None, "--lsb-threshold"),
+    ([], {"kv_bits": "4+4", "kv_rule": "odd"}, "--kv-rule must be one of"),
+    ([], {"kv_bits": "4+4", "kv_granularity": 3}, "--kv-granularity must be one of"),
+    ([], {"kv_bits": "4+4", "kv_factor": "x"}, "--kv-factor must be a number"),
+    ([], {"kv_stats": True}, "--kv-stats needs --kv-bits"),
+])
+def test_cli_bad_kv_options_are_one_line(args: list[str], config: dict | None, message: str, tmp_path: Path) -> None:
+    if config is not None:
+        (tmp_path / "c.json").write_text(json.dumps(config))
+        args = ["--config", str(tmp_path / "c.json")]
+    r = _spattenc(str(MODELS / "bert_torchscript.onnx"), "-o", str(tmp_path / "x.onnx"), *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "x.onnx").exists()
 
 

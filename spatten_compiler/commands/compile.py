@@ -66,6 +66,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="split-precision K/V: MSB+LSB bits (4+4, 6+4, 8+4) or static MSB only (4, 6, 8)")
     q.add_argument("--lsb-threshold", type=float, metavar="T",
                    help="recompute with the LSBs the rows whose max probability is below T")
+    q.add_argument("--kv-rule", choices=("fixed", "uniform", "min"),
+                   help="LSBs when max p <= T (fixed, the paper's; default), max p <= T / n_keys (uniform), "
+                   "or max p <= min(T, F / n_keys) (min)")
+    q.add_argument("--kv-factor", type=float, metavar="F", help="the min rule's F (default 8)")
+    q.add_argument("--kv-granularity", choices=("token", "head", "channel", "tensor"),
+                   help="one scale per (head, token) (default), head, (head, channel) or batch element")
+    q.add_argument("--kv-stats", action="store_const", const=True,
+                   help="diagnostic outputs spatten_lsb_rows.<layer> [B,H,S] and spatten_lsb_fraction [layers]")
     p.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),
@@ -95,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         "value_keep": args.value_keep,
         "kv_bits": args.kv_bits,
         "lsb_threshold": args.lsb_threshold,
+        "kv_rule": args.kv_rule,
+        "kv_factor": args.kv_factor,
+        "kv_granularity": args.kv_granularity,
+        "kv_stats": args.kv_stats,
     })
     if args.pipeline and config.passes():
         raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
