@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from spatten_compiler.match import NoMatch, is_const, match
+from spatten_compiler.match import NoMatch, const_array, is_const, match
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, VIEW_OPS
@@ -149,6 +149,19 @@ def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Project
     return merge, proj, residual
 
 
+def _sliced_heads(br: Branch) -> int | None:
+    """Heads of a branch whose projection weight prune-heads slices at run time (spatten.HeadSlice,
+    head split Reshape to -1 heads): the slice's constant target shape gives the kept width."""
+    node = br.projection.weight.producer() if br.projection is not None else None
+    if node is None or node.domain != "spatten" or node.op_type != "HeadSlice" or not br.head_dim:
+        return None
+    shape = const_array(node.inputs[3])
+    if shape is None or br.packed is not None:  # packed QKV: the width holds Q, K and V
+        return None
+    width = int(shape.reshape(-1)[0 if br.projection.transposed_weight else -1])
+    return width // br.head_dim if width % br.head_dim == 0 else None
+
+
 def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     found = match(CORE, node.outputs[0])
     if not found:
@@ -174,14 +187,18 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     pv = pvs[0]
     branches = {}
     for key, value in (("q", q), ("k", kt), ("v", pv.inputs[1])):
-        br = trace_branch(value, graph)
+        kept = value.producer()  # prune-heads under a KV cache: the core reads the kept heads of the cache
+        kept = kept if kept is not None and kept.domain == "spatten" and kept.op_type == "KeptHeads" else None
+        br = trace_branch(kept.inputs[0] if kept else value, graph)
         if isinstance(br, NoMatch):
             return NoMatch(f"{key}: {br.reason}")
+        if kept:
+            br.value, br.heads = value, None
         branches[key] = br
     qb, kb, vb = branches["q"], branches["k"], branches["v"]
-    heads = qb.heads or (node.inputs[0].shape.dims[1] if node.inputs[0].shape is not None else None)
+    heads = qb.heads or _sliced_heads(qb) or (node.inputs[0].shape.dims[1] if node.inputs[0].shape is not None else None)
     heads = heads if isinstance(heads, int) else None
-    kv_heads = kb.heads or heads
+    kv_heads = kb.heads or _sliced_heads(kb) or heads
     head_dim = qb.head_dim or kb.head_dim
     if heads is None or head_dim is None:
         return NoMatch("cannot tell the number of heads / head size from the head-split Reshape")

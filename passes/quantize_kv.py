@@ -7,10 +7,16 @@ ops from ``K^T`` to the probabilities: MatMul, scale, mask, Softmax, as the expo
     s_k, s_v         = ReduceMax(|K^T|), ReduceMax(|V|) over the granularity's axes / (2^(m-1) - 1)
     kmsb, klsb       = spatten.QuantizeSplit(K^T, s_k, 2^l, 2^(m-1) - 1)      (same for V)
     K_m, K_f         = spatten.Dequantize(kmsb, s_k), spatten.DequantizeSplit(kmsb, klsb, s_k, 2^l)
-    P_m, P_f         = chain(K_m), chain(K_f)      (up to MatMul(P, V)'s input: prune-values' op included)
+    P_m, P_f         = chain(K_m), chain(K_f)      (up to MatMul(P, V)'s input, see below)
     low              = spatten.LowConfidence(P_m, t)        (or LowConfidenceUniform: max P_m * n_keys <= t)
-    ctx, need        = spatten.ProgressiveContext(low, P_m, P_f, V_m, V_f, qvalid)
+    ctx, need        = spatten.ProgressiveContext(rows(low), P_m, P_f, V_m, V_f, rows(qvalid))
     readers of P @ V read ctx; other readers of P (TokenImportance) read Where(low, P_f, P_m)
+
+The chain is cloned from K^T to the probabilities, then along input 0 of the ops between them and
+P @ V (prune-values' LocalValuePrune, prune-tokens' in-layer GatherRows of the kept query rows); the
+kept-row indices, chosen from TokenImportance of Where(low, P_f, P_m), are shared by both paths, and
+``rows()`` applies the same GatherRows to the per-row decision and row validity. Head-pruned layers
+(prune-heads) are quantized with their kept heads.
 
 Static mode (``bits="6"``): ``K^T, V -> spatten.Dequantize(spatten.Quantize(x, s, qmax), s)`` in place.
 
@@ -110,6 +116,20 @@ def score_chain(kt: ir.Value, probs: ir.Value) -> list[ir.Node]:
     return [n for n in graph if id(n) in chain]
 
 
+def probs_path(probs: ir.Value, p_used: ir.Value) -> list[ir.Node]:
+    """The ops between the probabilities and MatMul(P, V)'s input, which take P as input 0:
+    prune-values' LocalValuePrune, prune-tokens' in-layer GatherRows. Their other inputs (kept rows,
+    chosen from TokenImportance of P) are not part of the score chain and are not cloned."""
+    nodes: list[ir.Node] = []
+    while p_used is not probs:
+        node = p_used.producer()
+        if node is None or not node.inputs:
+            raise OptionError(f"MatMul(P, V) does not read the probabilities {probs.name} through input 0 of its ops")
+        nodes.append(node)
+        p_used = node.inputs[0]
+    return nodes[::-1]
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class QuantizeKV(Pass):
@@ -195,9 +215,10 @@ class _Rewrite:
         kt, v, pv = site.k.value, site.pv.inputs[1], site.pv
         p_used = pv.inputs[0]  # the probabilities, or prune-values' LocalValuePrune of them
         k_axes, v_axes = GRANULARITY[self.opts.granularity]
-        chain = score_chain(kt, p_used)
+        chain = score_chain(kt, site.probs)
         if not chain:
             raise OptionError(f"layer {site.layer}: K^T does not reach the probabilities")
+        chain += probs_path(site.probs, p_used)
         if self.lo == 0:
             k_m = self._static(kt, k_axes)
             for node in chain:
@@ -211,8 +232,12 @@ class _Rewrite:
         v_m, v_f = self._split(v, v_axes) if self.opts.values else (v, v)
         msb, full = self._clone(chain, kt, k_m), self._clone(chain, kt, k_f)
         low = self._low(msb[id(site.probs)])
-        qvalid = self._qvalid(msb[id(site.probs)])
-        ctx, need = self.call("ProgressiveContext", low, msb[id(p_used)], full[id(p_used)], v_m, v_f, qvalid,
+        low_used, qvalid = low, self._qvalid(msb[id(site.probs)])
+        for node in chain:
+            if node.domain == DOMAIN and node.op_type == "GatherRows":  # in-layer token pruning: kept rows
+                low_used = self.call("GatherRows", low_used, node.inputs[1])
+                qvalid = self.e.op("GatherElements", [qvalid, node.inputs[1]], axis=1)
+        ctx, need = self.call("ProgressiveContext", low_used, msb[id(p_used)], full[id(p_used)], v_m, v_f, qvalid,
                               outputs=2)
         self.e.replace_uses(pv.outputs[0], ctx)
         if any(u.node is not pv and u.node not in chain for u in site.probs.uses()):

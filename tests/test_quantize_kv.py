@@ -255,12 +255,8 @@ def test_min_rule_is_both_tests(tmp_path: Path) -> None:
     assert need["min"].sum() < min(need["fixed"].sum(), need["uniform"].sum())  # both tests matter here
 
 
-@pytest.mark.parametrize("others", [
-    {}, {"value_keep": 0.5},
-    pytest.param({"head_keep": 0.5, "value_keep": 0.5}, marks=pytest.mark.xfail(
-        strict=True, reason="find-attention rejects head-pruned layers (heads unknown after HeadSlice), "
-        "so quantize-kv leaves them in full precision with a warning")),
-], ids=["tokens", "tokens+values", "tokens+heads+values"])
+@pytest.mark.parametrize("others", [{}, {"value_keep": 0.5}, {"head_keep": 0.5, "value_keep": 0.5}],
+                         ids=["tokens", "tokens+values", "tokens+heads+values"])
 def test_composes_with_pruning(others: dict, tmp_path: Path) -> None:
     # The paper rule prunes at the layer input and keeps >= 1 token, so the 7-token inputs are pruned.
     config = CompileConfig(token_keep=0.6, token_rule="paper", kv_bits="6+4", lsb_threshold=0.3, **others)
@@ -278,7 +274,35 @@ def test_composes_with_pruning(others: dict, tmp_path: Path) -> None:
     f, want = reference_io(load_meta("bert_torchscript"))
     ours, report = run_ort(path, f), ReferenceRuntime(path).run(f)
     np.testing.assert_allclose(ours["last_hidden_state"], report.outputs["last_hidden_state"], atol=1e-4)
+    assert ours["last_hidden_state"].shape == want["last_hidden_state"].shape
     assert report.token_keep and len(report.kv_fetch) == layers
+    batch = f["input_ids"].shape[0]
+    # every layer is quantized with the heads it really has: all of them, or prune-heads' kept ones
+    heads = [load_meta("bert_torchscript")["num_heads"]] * layers
+    for i, kept in zip(range(layers - len(report.head_keep), layers), report.head_keep):
+        heads[i] = len(kept)
+    assert [e["heads"] for e in report.kv_fetch] == [batch * h for h in heads]
+    if "head_keep" in others:
+        assert heads[-1] < heads[0]
+
+
+@pytest.mark.parametrize("name", ["bert_dynamo", "distilbert_torchscript", "gpt2_dynamo", "gpt2_torchscript"])
+def test_head_pruned_layers_are_quantized(name: str, tmp_path: Path) -> None:
+    """After prune-heads (run-time HeadSlice of the weights, -1 heads in the head split) every layer
+    is still found and quantized, with its kept heads."""
+    meta = load_meta(name)
+    model = ir.load(MODELS / f"{name}.onnx")
+    Pipeline(CompileConfig(head_keep=0.5, kv_bits="4+4", lsb_threshold=0.3, kv_granularity="head").passes())(model)
+    assert sum(n.op_type == "ProgressiveContext" for n in model.graph) == meta["num_layers"]
+    path = _save(model, tmp_path / "hq.onnx")
+    f, want = reference_io(meta)
+    ours, report = run_ort(path, f), ReferenceRuntime(path).run(f)
+    for key in want:
+        np.testing.assert_allclose(ours[key], report.outputs[key], atol=1e-4)
+        assert ours[key].shape == want[key].shape
+    batch = f["input_ids"].shape[0]
+    kept = [len(k) for k in report.head_keep]
+    assert kept and [e["heads"] / batch for e in report.kv_fetch][-len(kept):] == kept
 
 
 @pytest.mark.parametrize("name", REJECTED)
@@ -350,11 +374,31 @@ def test_cli_bad_kv_options_are_one_line(args: list[str], config: dict | None, m
     assert not (tmp_path / "x.onnx").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: with in-layer pruning (spattenc rule's after-attention point) "
-                   "quantize-kv does not redirect TokenImportance to the progressive probabilities")
 def test_composes_with_in_layer_token_pruning(tmp_path: Path) -> None:
-    config = CompileConfig(token_keep=0.6, token_min_keep=1, kv_bits="6+4", lsb_threshold=0.3)
+    """The spattenc token rule prunes inside the deciding layer (GatherRows of the probabilities'
+    query rows before P @ V): TokenImportance reads Where(low, P_full, P_msb), the token selection is
+    not cloned into the two score paths, and the confidence decision is gathered to the kept rows."""
+    config = CompileConfig(token_keep=0.6, token_min_keep=1, kv_bits="6+4", lsb_threshold=0.3, kv_stats=True)
     model = ir.load(MODELS / "bert_torchscript.onnx")
     Pipeline(config.passes())(model)
-    importance = [n for n in model.graph if n.op_type.startswith("TokenImportance")]
+    nodes = list(model.graph)
+    importance = [n for n in nodes if n.op_type.startswith("TokenImportance")]
     assert importance and all(n.inputs[0].producer().op_type == "Where" for n in importance)
+    assert all(n.inputs[0].producer().inputs[0].producer().op_type == "LowConfidence" for n in importance)
+    assert sum(n.op_type == "TokenSelect" for n in nodes) == len(importance)  # one selection per pruning layer
+    gathers = [n for n in nodes if n.op_type == "GatherRows"]
+    assert len(gathers) == 3 * len(importance)  # P_msb, P_full and the LSB decision, same kept rows
+    assert len({id(n.inputs[1]) for n in gathers}) == len(importance)
+    meta = load_meta("bert_torchscript")
+    assert sum(n.op_type == "Softmax" for n in nodes) == 2 * meta["num_layers"]
+    path = _save(model, tmp_path / "tq.onnx")
+    f, want = reference_io(meta)
+    ours, report = run_ort(path, f), ReferenceRuntime(path).run(f)
+    for key in ours:
+        np.testing.assert_allclose(ours[key], report.outputs[key], atol=1e-4, err_msg=key)
+    assert ours["last_hidden_state"].shape == want["last_hidden_state"].shape
+    batch, seq = f["input_ids"].shape
+    kept = -(-seq * 6 // 10)  # ceil(S x 0.6): layer 0 prunes in-layer, so its P @ V has the kept rows only
+    for layer in range(meta["num_layers"]):
+        assert ours[f"spatten_lsb_rows.{layer}"].shape == (batch, meta["num_heads"], kept)
+    assert [e["lsb_fraction"] for e in report.kv_fetch] == pytest.approx(ours["spatten_lsb_fraction"].tolist())
