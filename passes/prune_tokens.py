@@ -14,7 +14,9 @@ each sample then keeps ``ceil(len_b * ratio)`` of its own real tokens, the rest 
 masked like padding, so a padded batch selects what each sample would select alone. Padding scores
 -inf and never outranks a real token; the first token (CLS) is protected by default.
 Importance ``sum`` is the paper's column sum; ``mean`` divides each layer's sums by its number of
-valid query rows so later (shorter) layers count as much as early ones. Drop-and-restore: a pruned
+valid query rows so later (shorter) layers count as much as early ones; ``value`` is ``mean`` with
+each head's column weighted by the key token's value norm ``||v_hj||`` (attention parked on a token
+whose value is near zero - a sink - moves nothing and should not keep it). Drop-and-restore: a pruned
 token's output row is its last computed hidden state (``stale``), zero, or the mean of the surviving
 tokens' rows (``mean``: mean pooling over the attention mask then equals pooling over kept tokens).
 """
@@ -39,7 +41,7 @@ from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
 RESTORE = ("stale", "zero", "mean")
-IMPORTANCE = {"sum": "TokenImportance", "mean": "TokenImportanceMean"}
+IMPORTANCE = {"sum": "TokenImportance", "mean": "TokenImportanceMean", "value": "TokenImportanceValue"}
 PROTECT = ("first", "first+last", "none")
 PRUNE_POINTS = ("layer-input", "after-attention")
 MASK_BIAS = -1e9
@@ -170,7 +172,8 @@ class _Rewrite:
                 self._replace_mask(site, self.valid)
             if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
                 # Scores are only needed while a later layer still prunes.
-                score = self.call(self.importance, site.probs, self.valid)
+                values = [site.pv.inputs[1]] if self.opts.importance == "value" else []
+                score = self.call(self.importance, site.probs, self.valid, *values)
                 self.acc = score if self.acc is None else e.op("Add", [self.acc, score])
             if here:
                 post_nodes = self._post_attention(site)

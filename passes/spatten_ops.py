@@ -11,6 +11,9 @@ each call to its own instruction.
       GEMV instead of materializing probs * mask and reducing two non-contiguous axes
   TokenImportanceMean(probs, qvalid) -> score / max(1, number of valid query rows)
       (each layer contributes equally however many tokens it still has)
+  TokenImportanceValue(probs, qvalid, v[B,H,Sk,Dh]) -> sum_h ||v[b,h,j]|| * colsum[b,h,j] / rows
+      the mean rule with each head's column weighted by the key token's value norm: attention to
+      a token whose value is near zero (a no-op sink) moves nothing and counts for little
   TokenSelect(acc[B,S], valid[B,S], protect[B,S], k[1], kper[B]) -> sel[B,k], kept[B,k]
       rank tokens by acc (padding -inf, protected +inf); keep the top k in original order;
       kept = 1 for the first kper[b] of sample b's ranking that are real tokens
@@ -48,6 +51,25 @@ TokenImportanceMean (probs, qvalid) => (score) {
     qv = Unsqueeze (qvalid, axes12)
     colsum = MatMul (qv, probs)
     total = ReduceSum <keepdims = 0> (colsum, axes12)
+    axes1 = Constant <value_ints = [1]> ()
+    rows = ReduceSum <keepdims = 1> (qvalid, axes1)
+    one = Constant <value_float = 1.0> ()
+    safe = Max (rows, one)
+    score = Div (total, safe)
+}""",
+    "TokenImportanceValue": """
+<domain: "spatten", opset_import: ["" : 17]>
+TokenImportanceValue (probs, qvalid, v) => (score) {
+    axes12 = Constant <value_ints = [1, 2]> ()
+    axes3 = Constant <value_ints = [3]> ()
+    qv = Unsqueeze (qvalid, axes12)
+    colsum = MatMul (qv, probs)
+    vsq = Mul (v, v)
+    vn2 = ReduceSum <keepdims = 1> (vsq, axes3)
+    vn = Sqrt (vn2)
+    vnt = Transpose <perm = [0, 1, 3, 2]> (vn)
+    weighted = Mul (colsum, vnt)
+    total = ReduceSum <keepdims = 0> (weighted, axes12)
     axes1 = Constant <value_ints = [1]> ()
     rows = ReduceSum <keepdims = 1> (qvalid, axes1)
     one = Constant <value_float = 1.0> ()

@@ -41,6 +41,16 @@ class TokenImportanceMean(OpRun):
 
 
 @spatten_op
+class TokenImportanceValue(OpRun):
+    def _run(self, probs, qvalid, v):
+        # Per-head column sums over valid rows, weighted by the key token's value norm, summed over
+        # heads, divided by the number of valid query rows.
+        colsum = np.einsum("bhij,bi->bhj", probs, qvalid.astype(probs.dtype))
+        total = (colsum * np.linalg.norm(v, axis=-1)).sum(axis=1)
+        return ((total / np.maximum(qvalid.sum(axis=1, keepdims=True), 1)).astype(probs.dtype),)
+
+
+@spatten_op
 class TokenSelect(OpRun):
     def _run(self, acc, valid, protect, k, kper):
         k = int(k.reshape(-1)[0])

@@ -79,7 +79,7 @@ def test_pruned_lengths_ort_equals_reference(name: str, keep: float, point: str,
 
 
 def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float], importance: str = "sum",
-                   protect: str = "first") -> list[np.ndarray]:
+                   protect: str = "first", values: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """SpAtten's rule written independently: column sums over heads and valid rows (divided by the
     number of valid rows for ``mean``), accumulated; top-k by score (ties: lower position), CLS (and
     with first+last the last real token) protected, kept in original order."""
@@ -108,34 +108,45 @@ def _rule_in_numpy(probs: list[np.ndarray], mask: np.ndarray, ratios: list[float
                 pos, acc = pos[keep], acc[keep]
                 kept_positions.append(pos[valid])
             if p is not None:
-                score = (p * valid[None, :, None]).sum(axis=(0, 1))
-                acc = acc + (score / max(1, valid.sum()) if importance == "mean" else score)
+                colsum = (p * valid[None, :, None]).sum(axis=1)  # [H, S_l]
+                if importance == "value":  # weighted by each key's value norm per head
+                    colsum = colsum * np.sqrt((values[layer][b] ** 2).sum(-1))
+                score = colsum.sum(0)
+                acc = acc + (score if importance == "sum" else score / max(1, valid.sum()))
         out.append(kept_positions)
     return out
 
 
 @pytest.mark.parametrize("name", ["bert_torchscript", "distilbert_dynamo"])
 @pytest.mark.parametrize("importance, protect, point", [("sum", "first", "layer-input"),
-                                                        ("mean", "first+last", "after-attention")])
+                                                        ("mean", "first+last", "after-attention"),
+                                                        ("value", "first+last", "after-attention")])
 def test_kept_tokens_equal_numpy_rule(name: str, importance: str, protect: str, point: str, tmp_path: Path) -> None:
     path = compile_model(name, tmp_path, keep=0.4, emit_kept=True, importance=importance, protect=protect,
                          prune_point=point)
     proto = onnx.load(path)
-    probs = [n.input[0] for n in proto.graph.node if n.op_type.startswith("TokenImportance")]
-    for p in probs:
+    calls = [n for n in proto.graph.node if n.op_type.startswith("TokenImportance")]
+    probs = [n.input[0] for n in calls]
+    values = [n.input[2] for n in calls if len(n.input) > 2]
+    for p in [*probs, *values]:
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(p))
     onnx.save(proto, tmp_path / "probe.onnx")
     meta = load_meta(name)
     feeds, _ = reference_io(meta)
     got = run_ort(tmp_path / "probe.onnx", feeds)
     ratios = spatten_schedule(meta["num_layers"], 0.4)
-    expected = _rule_in_numpy([got[p] for p in probs], feeds["attention_mask"], ratios, importance, protect)
+    expected = _rule_in_numpy([got[p] for p in probs], feeds["attention_mask"], ratios, importance, protect,
+                              [got[v] for v in values])
     steps = sum(1 for r, prev in zip(ratios, [1.0, *ratios]) if r < prev)
     for b in range(feeds["attention_mask"].shape[0]):
         kept_final = np.flatnonzero(got["spatten_kept_mask"][b])
         np.testing.assert_array_equal(kept_final, expected[b][-1])
         for i in range(steps):
             assert set(expected[b][i]) <= set(got[f"spatten_kept_positions.{i}"][b].tolist())
+    # The reference runtime's NumPy ops agree with the ONNX function bodies for every rule.
+    reference = ReferenceRuntime(path).run(feeds).outputs
+    for k, v in run_ort(path, feeds).items():
+        np.testing.assert_allclose(reference[k], v, atol=1e-4, rtol=0, err_msg=k)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

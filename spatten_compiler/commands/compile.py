@@ -42,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="preset (default spattenc): paper = SpAtten as published (sum importance, CLS kept, linear "
                    "schedule, stale restore, prune at the layer input); spattenc = per-layer mean importance, "
                    "CLS+SEP kept, flat schedule, mean restore, >= 64 tokens kept, prune after attention")
-    t.add_argument("--token-importance", choices=("sum", "mean"),
-                   help="sum: column sums accumulated (paper); mean: each layer's sums / its valid query rows")
+    t.add_argument("--token-importance", choices=("sum", "mean", "value"),
+                   help="sum: column sums accumulated (paper); mean: each layer's sums / its valid query rows; "
+                   "value: mean with each head's column weighted by the token's value norm")
     t.add_argument("--token-protect", choices=("first", "first+last", "none"),
                    help="tokens never pruned: CLS, CLS and the last real token (SEP), or none")
     t.add_argument("--token-schedule-shape", choices=("linear", "flat"),
@@ -59,6 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--head-keep", type=float, metavar="R",
                    help="average head keep ratio with SpAtten's schedule (first 30%% of layers unpruned)")
     h.add_argument("--head-keep-schedule", metavar="R,R,...", help="explicit head keep ratio per layer")
+    h.add_argument("--head-rule", choices=("paper", "calibrated"),
+                   help="paper: heads chosen at run time from each input's scores (SpAtten); calibrated: chosen "
+                   "once from --head-calibration data and sliced out of the weights at compile time "
+                   "(default: calibrated when a calibration file is given, else paper)")
+    h.add_argument("--head-calibration", metavar="NPZ",
+                   help="calibration inputs (.npz of the model's input arrays, batch first; "
+                   "bench/head_calibration.py writes one)")
+    h.add_argument("--head-importance", choices=("layer", "cascade"),
+                   help="calibrated rule: each layer ranks its own heads (layer, default) or SpAtten's "
+                   "accumulated cascade")
     h.add_argument("--value-keep", type=float, metavar="R",
                    help="local value pruning: per query row, only this fraction of V rows (largest P) contribute")
     q = p.add_argument_group("progressive quantization of K/V")
@@ -66,9 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="split-precision K/V: MSB+LSB bits (4+4, 6+4, 8+4) or static MSB only (4, 6, 8)")
     q.add_argument("--lsb-threshold", type=float, metavar="T",
                    help="recompute with the LSBs the rows whose max probability is below T")
-    q.add_argument("--kv-rule", choices=("fixed", "uniform", "min"),
+    q.add_argument("--kv-rule", choices=("fixed", "uniform", "min", "peak"),
                    help="LSBs when max p <= T (fixed, the paper's; default), max p <= T / n_keys (uniform), "
-                   "or max p <= min(T, F / n_keys) (min)")
+                   "max p <= min(T, F / n_keys) (min), or max p > T (peak)")
     q.add_argument("--kv-factor", type=float, metavar="F", help="the min rule's F (default 8)")
     q.add_argument("--kv-granularity", choices=("token", "head", "channel", "tensor"),
                    help="one scale per (head, token) (default), head, (head, channel) or batch element")
@@ -100,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         "emit_kept": args.emit_kept,
         "head_keep": args.head_keep,
         "head_keep_schedule": parse_ratio_list(args.head_keep_schedule) if args.head_keep_schedule else None,
+        "head_rule": args.head_rule,
+        "head_calibration": args.head_calibration,
+        "head_importance": args.head_importance,
         "value_keep": args.value_keep,
         "kv_bits": args.kv_bits,
         "lsb_threshold": args.lsb_threshold,
