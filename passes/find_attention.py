@@ -196,7 +196,8 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
             br.value, br.heads = value, None
         branches[key] = br
     qb, kb, vb = branches["q"], branches["k"], branches["v"]
-    heads = qb.heads or _sliced_heads(qb) or (node.inputs[0].shape.dims[1] if node.inputs[0].shape is not None else None)
+    heads = qb.heads or _sliced_heads(qb)
+    heads = heads or (node.inputs[0].shape.dims[1] if node.inputs[0].shape is not None else None)
     heads = heads if isinstance(heads, int) else None
     kv_heads = kb.heads or _sliced_heads(kb) or heads
     head_dim = qb.head_dim or kb.head_dim

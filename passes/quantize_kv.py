@@ -31,9 +31,13 @@ every row full, 0 = MSB only). Rule ``uniform``: max P_m <= threshold / n_keys, 
 a multiple of the uniform probability over the row's unmasked keys, so long inputs, whose attention
 is naturally flat, are not all refetched; but short inputs are then refetched too often. Rule
 ``min``: max P_m <= min(threshold, factor / n_keys) - the paper's threshold on short rows, the
-uniform one on long rows. onnxruntime computes both paths and selects (no CPU time is saved); the
-saving is K/V memory traffic, which the accelerator backend realises and the reference runtime
-counts. Layout of the planes and scales: :mod:`.quant_functions`.
+uniform one on long rows. Rule ``peak`` is the opposite test, max P_m > threshold: the output error
+of a row from K and V quantization grows with how concentrated the row is (roughly sum_j p_j^2;
+a flat row averages the errors of many keys away), so the rows the paper's rule skips are the ones
+whose error does not average out (measured on MiniLM: bench/README.md). onnxruntime computes both
+paths and selects (no CPU time is saved); the saving is K/V memory traffic, which the accelerator
+backend realises and the reference runtime counts. Layout of the planes and scales:
+:mod:`.quant_functions`.
 
 Scale granularity (default ``token``: one scale per batch element, KV head and token, over the
 head's channels). It is the natural KV-cache form - a new token is quantized alone, nothing already
@@ -72,7 +76,7 @@ GRANULARITY: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "channel": ((3,), (2,)),
     "token": ((2,), (3,)),
 }
-RULES = ("fixed", "uniform", "min")
+RULES = ("fixed", "uniform", "min", "peak")
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -252,6 +256,8 @@ class _Rewrite:
             return self.call("LowConfidence", p, self.thr)
         if self.opts.rule == "uniform":
             return self.call("LowConfidenceUniform", p, self.thr)
+        if self.opts.rule == "peak":  # the opposite test: LSBs for rows with max p > t
+            return self.e.op("Not", [self.call("LowConfidence", p, self.thr)])
         factor = self.e.const("factor", np.float32(self.opts.factor))  # max p <= min(t, c / n): both tests
         return self.e.op("And", [self.call("LowConfidence", p, self.thr), self.call("LowConfidenceUniform", p, factor)])
 

@@ -255,6 +255,19 @@ def test_min_rule_is_both_tests(tmp_path: Path) -> None:
     assert need["min"].sum() < min(need["fixed"].sum(), need["uniform"].sum())  # both tests matter here
 
 
+def test_peak_rule_is_the_complement_on_real_rows(tmp_path: Path) -> None:
+    """rule=peak: LSBs iff max p > threshold - exactly the real rows the fixed rule leaves MSB-only."""
+    proto = build(mask="additive")
+    f = feeds(proto, batch=2, seq=6)
+    need = {}
+    for rule in ("fixed", "peak"):
+        model = _compile(proto, make_pass("quantize-kv", bits="4+4", rule=rule, threshold=0.4, emit_stats=True))
+        need[rule] = run_ort(_save(model, tmp_path / f"{rule}.onnx"), f)["spatten_lsb_rows.0"] > 0
+    real = np.broadcast_to(f["mask"][:, None, :] > 0, need["fixed"].shape)
+    np.testing.assert_array_equal(need["peak"], real & ~need["fixed"])
+    assert need["peak"].any() and need["fixed"].any()
+
+
 @pytest.mark.parametrize("others", [{}, {"value_keep": 0.5}, {"head_keep": 0.5, "value_keep": 0.5}],
                          ids=["tokens", "tokens+values", "tokens+heads+values"])
 def test_composes_with_pruning(others: dict, tmp_path: Path) -> None:
