@@ -1,7 +1,9 @@
 """prune-heads: SpAtten cascade head pruning; pruned heads' projections are really not computed.
 
-Rewrite, with ``acc`` (one score per head group) and ``sel`` (kept groups, ascending) carried from
-layer to layer::
+Two rules pick the heads (``rule``):
+
+**paper** (SpAtten, at run time) - with ``acc`` (one score per head group) and ``sel`` (kept groups,
+ascending) carried from layer to layer::
 
     sel_l          = spatten.HeadSelect(acc, sel_{l-1}, n_l)         # top n_l of the still-kept groups
     W_q/k/v, b     = spatten.HeadSlice(W, sel_l)                     # kept heads' columns only
@@ -9,34 +11,48 @@ layer to layer::
     reshape / split / expand targets: H -> kept heads, H*Dh -> kept width
     acc            = acc + scatter(sel_l, spatten.HeadImportance(E_l, P_l))   # E_l = MatMul(P, V)
 
+**calibrated** (at compile time) - the kept groups of every layer are chosen once, from scores on
+calibration inputs (:mod:`.head_calibration`) or given explicitly (``heads``), and the weights are
+sliced here: the output has smaller initializers and no extra op (encoders), so onnxruntime keeps
+its constant-weight prepacking and fusions. The paper rule gathers weights on every run; that
+costs onnxruntime the prepacked B matrices (bench/README.md, head pruning section).
+
 ``n_l = ceil(G * ratio_l)`` (at least ``min_keep``); SpAtten's schedule leaves the first 30% of
-layers unpruned, layer 0 always (no scores exist before it). A pruned group never comes back:
-``HeadSelect`` ranks only the groups still kept. The Q/K/V MatMuls of a pruned layer have width
-``n_l * Dh`` and the output projection reads ``n_l * Dh`` rows, so onnxruntime does less work.
+layers unpruned, layer 0 always (no scores exist before it). A pruned group never comes back under
+the paper rule (``HeadSelect`` ranks only the groups still kept). The Q/K/V MatMuls of a pruned
+layer have width ``n_l * Dh`` and the output projection reads ``n_l * Dh`` rows.
 
 Design choices (the paper runs batch 1, MHA only):
 - Batch: one head set per batch (scores summed over the batch), so weight slices are shared.
-- Valid tokens: the score sums ``|E|`` over query rows whose token is a valid key somewhere in the
-  probabilities (``sum P[:, :, :, i] > 0``), so padding (and tokens masked by prune-tokens) does not
-  count; needs self-attention (no KV cache).
+- Valid tokens: the score sums ``|E|`` over query rows whose token is a valid key of the last query
+  row in some head (padding and tokens masked by prune-tokens have probability 0 as keys; causal
+  attention's last row sees every earlier key); once prune-tokens has gathered the kept query rows
+  (fewer rows than keys), every kept row votes. Reading one row, not ``P`` summed over all rows,
+  matters: onnxruntime's ReduceSum over ``P``'s middle axes cost more than the pruning saved.
 - GQA: the unit of pruning is a KV group (one KV head and the ``H / Hkv`` query heads sharing it);
   its score is the sum of its query heads' scores. Pruning a query head alone would still need its
   KV head, and would make the GQA repeat uneven. For MHA a group is one head.
 - Packed QKV (GPT-2 ``Gemm -> Split``): the packed weight is viewed as ``[D, 3, H, Dh]`` and sliced
   on the head axis; the Split sizes shrink. Packed GQA and Slice-packed QKV are refused.
-- Decoders with a KV cache and fused attention ops are refused (OptionError): the cache stores all
-  heads of every past step, and a fused op hides the projections.
+- Decoders with a KV cache: the cache must stay complete for later steps, so K and V of every head
+  are still projected, concatenated with the past and written to ``present``; the attention core
+  reads only the kept heads of it (``spatten.KeptHeads``, a Gather on the head axis after the GQA
+  repeat). Q's columns, the scores, P x V and the output-projection rows of pruned heads are not
+  computed. In a generation step the new tokens' rows are all real, so every query row votes
+  (``HeadImportanceAll``); scores are not carried from step to step (each step picks its heads).
+- Fused attention ops are refused: decompose them first (the compile command does).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
@@ -47,45 +63,11 @@ from spatten_compiler.schedule import check_schedule, spatten_schedule
 from .attention_trace import Projection
 from .find_attention import AttentionSite, find_attention
 from .prune_tokens import _reads_input_seq_len
-from .spatten_ops import DOMAIN, define, ensure_functions
+from .head_functions import FUNCTIONS
+from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
 
-define("HeadSlice", """
-<domain: "spatten", opset_import: ["" : 17]>
-HeadSlice <axis> (w, sel, units, shape) => (y) {
-    blocks = Reshape (w, units)
-    picked = Gather <axis: int = @axis> (blocks, sel)
-    y = Reshape (picked, shape)
-}""")
-define("HeadImportance", """
-<domain: "spatten", opset_import: ["" : 17]>
-HeadImportance (e, probs) => (score) {
-    axes12 = Constant <value_ints = [1, 2]> ()
-    colsum = ReduceSum <keepdims = 0> (probs, axes12)
-    zero = Constant <value_float = 0.0> ()
-    valid = Greater (colsum, zero)
-    validf = Cast <to = 1> (valid)
-    one = Constant <value_ints = [1]> ()
-    qv = Unsqueeze (validf, one)
-    mag = Abs (e)
-    axes3 = Constant <value_ints = [3]> ()
-    rows = ReduceSum <keepdims = 0> (mag, axes3)
-    weighted = Mul (rows, qv)
-    axes02 = Constant <value_ints = [0, 2]> ()
-    score = ReduceSum <keepdims = 0> (weighted, axes02)
-}""")
-define("HeadSelect", """
-<domain: "spatten", opset_import: ["" : 17]>
-HeadSelect (acc, sel, k) => (kept) {
-    sub = Gather <axis = 0> (acc, sel)
-    vals, idx = TopK <axis = -1, largest = 1, sorted = 1> (sub, k)
-    idxf = Cast <to = 1> (idx)
-    ordered, order = TopK <axis = -1, largest = 0, sorted = 1> (idxf, k)
-    picked = Gather <axis = 0> (idx, order)
-    kept = Gather <axis = 0> (sel, picked)
-}""")
-FUNCTIONS = ["HeadSlice", "HeadImportance", "HeadSelect"]
 
 
 def kept_groups(groups: int, ratio: float, min_keep: int = 1) -> int:
@@ -97,14 +79,17 @@ def _check_sites(sites: list[AttentionSite]) -> None:
     for s in sites:
         if s.fused is not None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
-        if s.kv_cache:
-            raise OptionError(f"layer {s.layer} has a KV cache: prune-heads does not support decoders with a KV "
-                              "cache (the cache holds every head of past steps); export without past inputs")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
         if s.num_heads % s.num_kv_heads:
             raise OptionError(f"layer {s.layer}: {s.num_heads} query heads do not divide into "
                               f"{s.num_kv_heads} KV heads")
+        if s.kv_cache:
+            for b in (s.k, s.v):  # the kept heads are gathered from the cached K/V the core reads
+                if b.value.shape is None or b.value.shape.rank() != 4 or b.value.shape.dims[1] not in (
+                        s.num_heads, s.num_kv_heads) or (s.num_heads != s.num_kv_heads and not b.repeated):
+                    raise OptionError(f"layer {s.layer}: KV cache whose K/V are not [B, heads, ., .] at the "
+                                      "attention core; prune-heads cannot pick heads there")
         if s.q.packed is not None:
             if s.num_kv_heads != s.num_heads:
                 raise OptionError(f"layer {s.layer}: packed QKV with grouped-query attention is not supported")
@@ -155,13 +140,22 @@ def _pieces(value: ir.Value) -> list[tuple[ir.Value, np.ndarray | None]]:
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class PruneHeads(Pass):
-    """Cascade head pruning with SpAtten's schedule (or an explicit one)."""
+    """Cascade head pruning with SpAtten's schedule (or an explicit one).
+
+    ``rule``: ``paper`` picks the heads at run time from this input's scores (SpAtten);
+    ``calibrated`` picks them once at compile time from ``calibration`` (an ``.npz`` of input
+    feeds, see :mod:`.head_calibration`) or takes the explicit ``heads`` (kept groups per layer),
+    and slices the weights in the file: nothing is computed for pruned heads and nothing is added."""
 
     name = "prune-heads"
     keep: float = 1.0
     schedule: tuple[float, ...] = ()
     unpruned: float = 0.3
     min_keep: int = 1
+    rule: str = "paper"
+    calibration: str = ""
+    importance: str = "layer"  # calibrated: each layer's own scores (layer) or SpAtten's accumulation (cascade)
+    heads: tuple[tuple[int, ...], ...] = ()
 
     def ratios(self, layers: int) -> list[float]:
         if self.schedule:
@@ -171,35 +165,84 @@ class PruneHeads(Pass):
     def call(self, model: ir.Model) -> PassResult:
         if self.min_keep < 1:
             raise OptionError(f"min_keep must be >= 1, got {self.min_keep}")
+        if self.rule not in ("paper", "calibrated"):
+            raise OptionError(f"head rule must be paper or calibrated, got {self.rule!r}")
+        if self.importance not in ("layer", "cascade"):
+            raise OptionError(f"head importance must be layer or cascade, got {self.importance!r}")
+        if self.rule == "calibrated" and not self.heads and not self.calibration:
+            raise OptionError("the calibrated head rule needs a calibration file (--head-calibration) or explicit heads")
         sites = find_attention(model).sites
         if not sites:
             raise NoAttentionError("no attention found: nothing to prune")
-        ratios = self.ratios(len(sites))
+        if any(s.kv_cache and s.k.value.shape is None for s in sites if s.k is not None):
+            # e.g. just decomposed from a fused op: the K/V head layout is checked on inferred shapes
+            ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+            sites = find_attention(model).sites
         _check_sites(sites)
-        counts = [kept_groups(s.num_kv_heads, r, self.min_keep) for s, r in zip(sites, ratios)]
-        if all(n == s.num_kv_heads for n, s in zip(counts, sites)):
-            return PassResult(model, False)
         if len({s.num_kv_heads for s in sites}) > 1:
             raise OptionError("attention layers have different head counts; prune-heads needs one head set")
-        if counts[0] < sites[0].num_kv_heads:
-            raise OptionError("the first attention layer cannot be head-pruned: head scores come from earlier layers")
-        _Rewrite(model, sites, counts).run()
-        logger.info("prune-heads: schedule %s, kept head groups %s", ratios, counts)
+        groups = sites[0].num_kv_heads
+        if self.heads:
+            kept = _check_heads(self.heads, len(sites), groups)
+        else:
+            counts = [kept_groups(groups, r, self.min_keep) for r in self.ratios(len(sites))]
+            if all(n == groups for n in counts):
+                return PassResult(model, False)
+            if self.rule == "paper":
+                if counts[0] < groups:
+                    raise OptionError("the first attention layer cannot be head-pruned: "
+                                      "head scores come from earlier layers")
+                _Rewrite(model, sites, counts).run()
+                logger.info("prune-heads (paper rule, run time): kept head groups per layer %s", counts)
+                return PassResult(model, True)
+            from .head_calibration import calibration_scores, choose_heads
+
+            scores = calibration_scores(model, sites, self.calibration)
+            kept = choose_heads(scores, counts, self.importance)
+        if all(len(k) == groups for k in kept):
+            return PassResult(model, False)
+        _Rewrite(model, sites, [len(k) for k in kept]).run([np.array(k, np.int64) for k in kept])
+        model.metadata_props["spatten.heads_kept"] = json.dumps([list(map(int, k)) for k in kept])
+        logger.info("prune-heads (calibrated, compile time): kept head groups %s", kept)
         return PassResult(model, True)
 
 
+def _check_heads(heads: tuple[tuple[int, ...], ...], layers: int, groups: int) -> list[list[int]]:
+    if len(heads) != layers:
+        raise OptionError(f"explicit heads list {len(heads)} layers, the model has {layers}")
+    kept = []
+    for i, h in enumerate(heads):
+        k = sorted(set(int(x) for x in h)) if h else list(range(groups))
+        if len(k) != len(h) and h or any(not 0 <= x < groups for x in k):
+            raise OptionError(f"layer {i}: kept heads {list(h)} must be distinct groups in 0..{groups - 1}")
+        kept.append(k)
+    return kept
+
+
 class _Rewrite:
+    """Narrows each pruned layer. ``sel`` is a runtime value (paper rule) or a constant array
+    (calibrated rule: every slice is computed here and written as a smaller initializer)."""
+
     def __init__(self, model: ir.Model, sites: list[AttentionSite], counts: list[int]):
         self.e = GraphEditor(model, "spatten_heads")
         self.model, self.sites, self.counts = model, sites, counts
-        ensure_functions(model, FUNCTIONS)
 
     def call(self, name: str, *inputs: ir.Value, **attrs: object) -> ir.Value:
         return self.e.op(name, list(inputs), domain=DOMAIN, hint=name, **attrs)
 
-    def run(self) -> None:
+    def run(self, static: list[np.ndarray] | None = None) -> None:
         e = self.e
         groups = self.sites[0].num_kv_heads
+        if static is not None:  # only KV-cache layers need an op at run time: the kept heads of the cache
+            ensure_functions(self.model, ["KeptHeads"] if any(s.kv_cache for s in self.sites) else [])
+            for site, sel, n in zip(self.sites, static, self.counts):
+                if n < groups:
+                    self._slice_layer(site, sel, n)
+            e.commit()
+            RemoveUnusedNodesPass()(self.model)  # the full weights, now unused, leave the file
+            self._reinfer_shapes()
+            return
+        ensure_functions(self.model, FUNCTIONS)
         last = max(i for i, (n, s) in enumerate(zip(self.counts, self.sites)) if n < s.num_kv_heads)
         acc = e.const("acc", np.zeros(groups, np.float32))
         sel = e.const("all_heads", np.arange(groups, dtype=np.int64))
@@ -208,7 +251,9 @@ class _Rewrite:
                 sel = self.call("HeadSelect", acc, sel, e.const("k", np.array([n], np.int64)))
                 self._slice_layer(site, sel, n)
             if i < last:
-                score = self.call("HeadImportance", site.pv.outputs[0], site.probs)
+                # In a KV-cache step the query rows are the new tokens: all of them vote.
+                score = (self.call("HeadImportanceAll", site.pv.outputs[0]) if site.kv_cache
+                         else self.call("HeadImportance", site.pv.outputs[0], site.probs))
                 g = site.num_heads // groups
                 if g > 1:
                     score = e.op("ReduceSum", [e.op("Reshape", [score, e.const("shape", np.array([-1, g], np.int64))]),
@@ -217,49 +262,106 @@ class _Rewrite:
         e.commit()
         self._reinfer_shapes()
 
-    def _slice(self, slot: tuple[ir.Node, int], value: ir.Value, sel: ir.Value, units: list[int], axis: int,
-               shape: list[int]) -> None:
-        out = self.call("HeadSlice", value, sel, self.e.const("units", np.array(units, np.int64)),
-                        self.e.const("shape", np.array(shape, np.int64)), axis=axis)
-        out.type, out.shape = value.type, ir.Shape(shape)
+    def _slice(self, slot: tuple[ir.Node, int], value: ir.Value, sel: ir.Value | np.ndarray, units: list[int],
+               axis: int, shape: list[int], rest: np.ndarray | None = None, cat_axis: int = 0) -> None:
+        """``value`` viewed as ``units`` blocks, the ``sel`` ones along ``axis``, reshaped to ``shape``;
+        ``rest`` (KV-cache packed QKV: the K/V columns) is appended unchanged along the last axis."""
+        if isinstance(sel, np.ndarray):
+            arr = np.take(const_array(value).reshape(units), sel, axis=axis).reshape(shape)
+            if rest is not None:
+                arr = np.concatenate([arr, rest], axis=cat_axis)
+            out = self.e.const("head_slice", arr.astype(const_array(value).dtype))
+        else:
+            args = [value, sel, self.e.const("units", np.array(units, np.int64)),
+                    self.e.const("shape", np.array(shape, np.int64))]
+            if rest is None:
+                out = self.call("HeadSlice", *args, axis=axis)
+                out.shape = ir.Shape(shape)
+            else:
+                out = self.call("HeadSliceConcat", *args, self.e.const("kv_columns", rest), axis=axis, cat_axis=cat_axis)
+            out.type = value.type
         slot[0].replace_input_with(slot[1], out)
 
-    def _slice_projection(self, proj: Projection, sel: ir.Value, groups: int, width: int, n: int, packs: int) -> None:
-        """Keep the columns (rows if transposed) of the kept groups; ``packs`` = 3 for packed QKV."""
-        d = int(proj.weight.shape[1 if proj.transposed_weight else 0])
-        lead = [packs] if packs > 1 else []
-        axis = len(lead) + (0 if proj.transposed_weight else 1)
-        if proj.transposed_weight:
-            self._slice(_weight_slot(proj), proj.weight, sel, [*lead, groups, width, d], axis, [packs * n * width, d])
+    def _slice_projection(self, proj: Projection, sel, groups: int, width: int, n: int, packs: int,
+                          q_only: bool = False) -> None:
+        """Keep the columns (rows if transposed) of the kept groups; ``packs`` = 3 for packed QKV.
+        ``q_only`` (packed QKV with a KV cache): only the Q part is narrowed, K/V stay whole."""
+        t = proj.transposed_weight
+        d = int(proj.weight.shape[1 if t else 0])
+        lead = [packs] if packs > 1 and not q_only else []
+        axis = len(lead) + (0 if t else 1)
+        w, rest, b_rest = proj.weight, None, None
+        if q_only:  # split the constant packed weight: [Q | K V]; Q is sliced, K V appended whole
+            full, qw = const_array(proj.weight), groups * width
+            w = self.e.const("q_weight", full[:qw] if t else full[:, :qw])
+            rest = full[qw:] if t else full[:, qw:]
+            if proj.bias is not None:
+                fb = const_array(proj.bias)
+                b_rest, bias = fb[qw:], self.e.const("q_bias", fb[:qw])
+        cols = (1 if q_only else packs) * n * width
+        if t:
+            self._slice(_weight_slot(proj), w, sel, [*lead, groups, width, d], axis, [cols, d], rest)
         else:
-            self._slice(_weight_slot(proj), proj.weight, sel, [d, *lead, groups, width], axis, [d, packs * n * width])
+            self._slice(_weight_slot(proj), w, sel, [d, *lead, groups, width], axis, [d, cols], rest, cat_axis=1)
         slot = _bias_slot(proj)
         if slot is not None:
-            self._slice(slot, proj.bias, sel, [*lead, groups, width], len(lead), [packs * n * width])
+            self._slice(slot, bias if q_only else proj.bias, sel, [*lead, groups, width], len(lead), [cols], b_rest)
 
-    def _slice_layer(self, site: AttentionSite, sel: ir.Value, n: int) -> None:
+    def _head_index(self, sel, g: int):
+        """Kept query heads of the kept groups (g query heads per group)."""
+        if g == 1:
+            return sel
+        if isinstance(sel, np.ndarray):
+            return (sel[:, None] * g + np.arange(g)).reshape(-1)
+        e = self.e
+        base = e.op("Unsqueeze", [e.op("Mul", [sel, e.const("g", np.array(g, np.int64))]),
+                                  e.const("axes", np.array([1], np.int64))])
+        return e.op("Reshape", [e.op("Add", [base, e.const("offsets", np.arange(g, dtype=np.int64))]),
+                                e.const("flat", np.array([-1], np.int64))])
+
+    def _gather_cached(self, site: AttentionSite, sel, g: int) -> None:
+        """KV cache: K/V of every head are projected and cached; the core reads only kept heads."""
+        for branch in (site.k, site.v):
+            heads = int(branch.value.shape.dims[1])
+            idx = self._head_index(sel, g if heads == site.num_heads else 1)
+            if isinstance(idx, np.ndarray):
+                idx = self.e.const("kept_heads", idx)
+            picked = self.call("KeptHeads", branch.value, idx)
+            for use in list(branch.value.uses()):
+                if use.node is not picked.producer():
+                    use.node.replace_input_with(use.idx, picked)
+
+    def _slice_layer(self, site: AttentionSite, sel, n: int) -> None:
         G, H, dh = site.num_kv_heads, site.num_heads, site.head_dim
         g = H // G
+        cache = site.kv_cache
         if site.q.packed is not None:
-            self._slice_projection(site.q.projection, sel, G, dh, n, 3)
+            self._slice_projection(site.q.projection, sel, G, dh, n, 3, q_only=cache)
         else:
             self._slice_projection(site.q.projection, sel, G, g * dh, n, 1)
-            self._slice_projection(site.k.projection, sel, G, dh, n, 1)
-            self._slice_projection(site.v.projection, sel, G, dh, n, 1)
+            if not cache:
+                self._slice_projection(site.k.projection, sel, G, dh, n, 1)
+                self._slice_projection(site.v.projection, sel, G, dh, n, 1)
+        if cache:
+            self._gather_cached(site, sel, g)
         out = site.out_proj
         d = int(out.weight.shape[0 if out.transposed_weight else 1])
         if out.transposed_weight:
             self._slice(_weight_slot(out), out.weight, sel, [d, G, g * dh], 1, [d, n * g * dh])
         else:
             self._slice(_weight_slot(out), out.weight, sel, [G, g * dh, d], 0, [n * g * dh, d])
-        widths = {H * dh: n * g * dh, G * dh: n * dh, 3 * H * dh: 3 * n * dh}
+        packed_width = n * g * dh + 2 * G * dh if cache else 3 * n * dh
+        widths = {H * dh: n * g * dh, G * dh: n * dh, 3 * H * dh: packed_width}
         counts = {H: n * g, G: n}
         seen: set[int] = set()
-        for node in [*site.q.views, *site.k.views, *site.v.views, *site.merge]:
+        views = [*site.q.views, *site.merge] if cache else [*site.q.views, *site.k.views, *site.v.views, *site.merge]
+        for node in views:
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            if node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            if node.op_type == "Split" and cache:
+                self._set_split(node, [n * g * dh, G * dh, G * dh])
+            elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
                 self._retarget(node, lambda pos, size, v: widths.get(v, v))
             elif node.op_type == "Reshape":
                 self._copy_seq_dim(node)
@@ -267,6 +369,17 @@ class _Rewrite:
                                else counts.get(v, v) if size == 4 and pos in (1, 2) else v)
             elif node.op_type == "Expand":  # GQA repeat [1, G, g, S, Dh]
                 self._retarget(node, lambda pos, size, v: counts.get(v, v) if pos == 1 and v == G else v)
+
+    def _set_split(self, node: ir.Node, sizes: list[int]) -> None:
+        """Packed QKV with a KV cache: Q is narrower than K and V now, so the split gets explicit sizes."""
+        if "num_outputs" in node.attributes:
+            del node.attributes["num_outputs"]
+        sizes_value = self.e.const("split", np.array(sizes, np.int64))
+        if len(node.inputs) > 1:
+            node.replace_input_with(1, sizes_value)
+        else:
+            node.resize_inputs(2)
+            node.replace_input_with(1, sizes_value)
 
     def _copy_seq_dim(self, node: ir.Node) -> None:
         """Dynamo builds reshape targets from the graph input's length; in a head-pruned layer the

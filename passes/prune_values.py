@@ -10,6 +10,12 @@ not pruned by prune-tokens; at least 1) and zeroes the rest; probabilities equal
 largest are kept too. There is no renormalisation: the kept rows are exactly what SpAtten's
 Prob x V unit multiplies, and zeroed entries only drop mass the softmax had already made small.
 
+Decoders: with a KV cache a query row's keys are the cached past plus the new tokens, and ``n``
+counts the ones it may attend to (causal masking gives the others probability 0); the cache itself
+is not touched - which V rows are skipped is decided per row and step, nothing is evicted. After
+prune-heads the probabilities are those of the kept heads only. Fused attention ops must be
+decomposed first (the compile command does).
+
 What it saves: on the accelerator the V rows of zeroed probabilities are never fetched from DRAM
 (memory traffic and Prob x V work). On onnxruntime CPU it is only a mask - MatMul(P, V) is dense,
 so it costs a TopK per row and saves nothing; the function call marks where the backend skips.

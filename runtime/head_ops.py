@@ -18,12 +18,38 @@ class HeadSlice(OpRun):
 
 
 @spatten_op
+class HeadSliceConcat(OpRun):
+    def _run(self, w, sel, units, shape, rest, axis=None, cat_axis=None):
+        # Packed QKV under a KV cache: the kept heads' Q columns, then every K/V column.
+        return (np.concatenate([np.take(w.reshape(units), sel, axis=axis).reshape(shape), rest], axis=cat_axis),)
+
+
+@spatten_op
+class KeptHeads(OpRun):
+    def _run(self, x, heads):
+        # The kept heads of cached K/V [B, heads, ., .] (the cache itself keeps every head).
+        return (np.take(x, heads, axis=1),)
+
+
+@spatten_op
 class HeadImportance(OpRun):
     def _run(self, e, probs):
         # score[h] = sum over batch b, valid query rows i and dims d of |E[b, h, i, d]|;
-        # row i is valid iff token i is attended to somewhere (padding has probability 0 as a key).
-        valid = (probs.sum(axis=(1, 2)) > 0).astype(e.dtype)
+        # row i is valid iff the last query row attends to token i in some head (padding, and
+        # tokens masked by prune-tokens, have probability 0 as keys; causal: the last row sees all).
+        # When prune-tokens has already gathered the kept query rows (fewer rows than keys), every
+        # kept row votes.
+        valid = (probs[:, :, -1, :].sum(axis=1) > 0).astype(e.dtype)
+        if e.shape[2] != probs.shape[-1]:
+            valid = np.ones((e.shape[0], e.shape[2]), e.dtype)
         return (np.einsum("bhid,bi->h", np.abs(e), valid).astype(e.dtype),)
+
+
+@spatten_op
+class HeadImportanceAll(OpRun):
+    def _run(self, e):
+        # KV-cache step: every query row is a new real token.
+        return (np.abs(e).sum(axis=(0, 2, 3)).astype(e.dtype),)
 
 
 @spatten_op

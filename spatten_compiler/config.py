@@ -43,6 +43,9 @@ class CompileConfig:
     emit_kept: bool = False
     head_keep: float | None = None  # cascade head pruning, SpAtten schedule (first 30% unpruned)
     head_keep_schedule: tuple[float, ...] = ()
+    head_rule: str | None = None  # paper (run time) | calibrated (compile time); default: calibrated iff a file is given
+    head_calibration: str | None = None  # .npz of input feeds for the calibrated rule
+    head_importance: str = "layer"  # calibrated rule: layer (each layer's own scores) | cascade (SpAtten's)
     value_keep: float | None = None  # local value pruning (per query row, not cascaded)
     kv_bits: str | None = None  # progressive quantization: "6+4" (MSB+LSB) or "8" (static MSB only)
     lsb_threshold: float | None = None  # recompute rows whose max probability is below this
@@ -57,6 +60,16 @@ class CompileConfig:
         for flag, value in (("--head-keep", self.head_keep), ("--value-keep", self.value_keep)):
             if value is not None and not 0 < value <= 1:
                 raise OptionError(f"{flag} must be in (0, 1], got {value}")
+        if self.head_rule not in (None, "paper", "calibrated"):
+            raise OptionError(f"--head-rule must be paper or calibrated, got {self.head_rule!r}")
+        if self.head_importance not in ("layer", "cascade"):
+            raise OptionError(f"--head-importance must be layer or cascade, got {self.head_importance!r}")
+        if self.head_rule == "calibrated" and not self.head_calibration:
+            raise OptionError("--head-rule calibrated needs --head-calibration FILE.npz")
+        if self.head_calibration and self.head_rule == "paper":
+            raise OptionError("--head-calibration is for --head-rule calibrated (paper picks heads at run time)")
+        if self.head_calibration and not Path(self.head_calibration).is_file():
+            raise OptionError(f"--head-calibration {self.head_calibration}: no such file")
         if self.token_keep is not None and not 0 < self.token_keep <= 1:
             raise OptionError(f"--token-keep must be in (0, 1], got {self.token_keep}")
         for r in self.token_keep_schedule:
@@ -96,8 +109,10 @@ class CompileConfig:
         """
         passes: list[Pass] = []
         if self.head_keep is not None or self.head_keep_schedule:
+            rule = self.head_rule or ("calibrated" if self.head_calibration else "paper")
             passes.append(make_pass("prune-heads", keep=self.head_keep if self.head_keep is not None else 1.0,
-                                    schedule=tuple(self.head_keep_schedule)))
+                                    schedule=tuple(self.head_keep_schedule), rule=rule,
+                                    calibration=str(self.head_calibration or ""), importance=self.head_importance))
         if self.prunes_tokens:
             passes.append(self._token_pass())
         if self.value_keep is not None:

@@ -45,33 +45,58 @@ def linear_flops_per_token(site: AttentionSite) -> tuple[int, int]:
 
 
 def token_flop_ratio(sites: list[AttentionSite], ratios: list[float], seq: int, min_keep: int = 1,
-                     in_layer: bool = False) -> float:
+                     in_layer: bool = False, heads: list[float] | None = None) -> float:
     """Dense / pruned FLOPs. ``in_layer``: a layer whose successor keeps fewer tokens already runs
-    P@V rows, output projection and FFN on the successor's tokens (prune point after-attention)."""
+    P@V rows, output projection and FFN on the successor's tokens (prune point after-attention).
+    ``heads``: fraction of each layer's heads kept (prune-heads): Q (and, without a KV cache, K and
+    V) projection columns, output-projection rows and the attention itself shrink with it."""
     counts = [min(seq, max(min_keep, math.ceil(seq * r))) for r in ratios]
     dense = pruned = 0.0
     for i, site in enumerate(sites):
         pre, post = linear_flops_per_token(site)
+        f = heads[i] if heads else 1.0
+        qkv = [_weight_flops([b.projection.node]) if b is not None and b.projection is not None else 0
+               for b in (site.q, site.k, site.v)]
+        if site.q is not None and site.q.packed is not None:
+            qkv = [qkv[0] / 3] * 3
+        kv_full = sum(qkv[1:]) if site.kv_cache else 0
+        o = _weight_flops([site.out_proj.node]) if site.out_proj is not None else 0
+        pre_h = pre - (1 - f) * (sum(qkv) - kv_full)
+        post_h = post - (1 - f) * o
         att = 2 * (site.num_heads or 0) * (site.head_dim or 0)  # per (query, key) pair, for QK^T and for PV
         n = counts[i]
         out = counts[i + 1] if in_layer and i + 1 < len(counts) else n
         dense += seq * (pre + post) + 2 * seq * seq * att
-        pruned += n * pre + out * post + n * n * att + out * n * att
+        pruned += n * pre_h + out * post_h + f * (n * n * att + out * n * att)
     return dense / pruned if pruned else 1.0
+
+
+def head_fractions(p: Pass, sites: list[AttentionSite]) -> list[float]:
+    """Fraction of head groups prune-heads keeps per layer (the schedule's counts)."""
+    from spatten_compiler.passes.prune_heads import kept_groups
+
+    groups = sites[0].num_kv_heads or 1
+    if getattr(p, "heads", ()):
+        return [len(h) / groups if h else 1.0 for h in p.heads]
+    return [kept_groups(groups, r, p.min_keep) / groups for r in p.ratios(len(sites))]
 
 
 def compile_report(source: ir.Model, passes: list[Pass]) -> dict[str, Any]:
     """Report for ``passes`` applied to ``source`` (a normalized copy of the input model)."""
     sites = find_attention(source).sites
     report: dict[str, Any] = {"passes": [p.describe() for p in passes], "layers": len(sites)}
+    schedule, min_keep, in_layer, heads = [1.0] * len(sites), 1, False, None
     for p in passes:
-        ratios = getattr(p, "ratios", None)
-        if ratios is None or p.name != "prune-tokens":
+        if p.name == "prune-heads" and sites:
+            heads = head_fractions(p, sites)
+            report["head_keep_per_layer"] = [round(f * (sites[0].num_kv_heads or 1)) for f in heads]
+        if p.name != "prune-tokens":
             continue
-        schedule = ratios(len(sites))
+        schedule = p.ratios(len(sites))
         report["token_schedule"] = schedule
         min_keep = getattr(p, "min_keep", 1)
         in_layer = getattr(p, "prune_point", "layer-input") == "after-attention"
-        report["flop_ratio"] = {str(n): round(token_flop_ratio(sites, schedule, n, min_keep, in_layer), 4)
+    if "token_schedule" in report or heads:
+        report["flop_ratio"] = {str(n): round(token_flop_ratio(sites, schedule, n, min_keep, in_layer, heads), 4)
                                 for n in LENGTHS}
     return report

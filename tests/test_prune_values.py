@@ -95,6 +95,23 @@ def test_fixture_runtimes_agree(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", FUSED)
+def test_fused_fixtures_after_decomposition(name: str, tmp_path: Path) -> None:
+    """The compile command decomposes fused attention first; then value pruning works there too
+    (llama_attention_op23: a GQA decoder with a KV cache)."""
+    from spatten_compiler.passes.decompose_attention import DecomposeAttention
+
+    model = ir.serde.deserialize_model(onnx.load(MODELS / f"{name}.onnx"))
+    Pipeline([Normalize(), DecomposeAttention(), PruneValues(keep=0.5)])(model)
+    path = save(ir.serde.serialize_model(model), tmp_path)
+    f, dense = reference_io(load_meta(name))
+    got = run_ort(path, f)
+    ref = ReferenceRuntime(path).run(f).outputs
+    for k in dense:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-4, rtol=0)
+    assert any(not np.allclose(got[k], dense[k], atol=1e-4) for k in dense)
+
+
+@pytest.mark.parametrize("name", FUSED)
 def test_fused_attention_refused(name: str) -> None:
     model = ir.load(MODELS / f"{name}.onnx")
     Normalize()(model)
