@@ -17,7 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 
-def profile(path: str, feeds: dict[str, np.ndarray], runs: int, threads: int) -> tuple[float, collections.Counter]:
+def profile(path: str, feeds: dict[str, np.ndarray], runs: int, threads: int,
+            per_node: bool = False) -> tuple[float, collections.Counter]:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.enable_profiling = True
@@ -34,7 +35,8 @@ def profile(path: str, feeds: dict[str, np.ndarray], runs: int, threads: int) ->
     run_us = [e["dur"] for e in events if e.get("name") == "model_run"][1:]  # first run is warm-up
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_op[e["args"]["op_name"]] += e["dur"] / (runs + 1)
+            key = e["name"][: -len("_kernel_time")] if per_node else e["args"]["op_name"]
+            per_op[key if not per_node else f'{e["args"]["op_name"]}:{key}'] += e["dur"] / (runs + 1)
     return float(np.median(run_us)) / 1e3, per_op
 
 
@@ -45,17 +47,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--per-node", action="store_true", help="kernel time per node (op:name) instead of per op type")
+    ap.add_argument("--top", type=int, default=12, help="rows per candidate")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(1000, 20000, (1, args.tokens)), "attention_mask": np.ones((1, args.tokens), np.int64),
              "token_type_ids": np.zeros((1, args.tokens), np.int64)}
-    dense_ms, dense_ops = profile(args.dense, feeds, args.runs, args.threads)
+    dense_ms, dense_ops = profile(args.dense, feeds, args.runs, args.threads, args.per_node)
     print(f"dense: {dense_ms:.1f} ms per run ({args.tokens} tokens, {args.threads} threads, median of {args.runs})")
     for path in args.candidates:
-        ms, ops = profile(path, feeds, args.runs, args.threads)
+        ms, ops = profile(path, feeds, args.runs, args.threads, args.per_node)
         print(f"\n{path}: {ms:.1f} ms per run, speedup {dense_ms / ms:.2f}x")
-        for op, _ in (dense_ops + ops).most_common(12):
-            print(f"  {op:20} dense {dense_ops[op] / 1e3:7.2f} ms   candidate {ops[op] / 1e3:7.2f} ms")
+        for op, _ in (dense_ops + ops).most_common(args.top):
+            print(f"  {op[:60]:20} dense {dense_ops[op] / 1e3:7.2f} ms   candidate {ops[op] / 1e3:7.2f} ms")
 
 
 if __name__ == "__main__":

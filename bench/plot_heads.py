@@ -1,0 +1,117 @@
+"""Head/value pruning on MiniLM: join the per-candidate quality runs (embed_eval.py, one per model)
+and one latency run (latency.py) into a table and one plot of refit accuracy (protocol b) against
+measured speedup at 512 tokens, with tokens-only, heads-only and token+head candidates as series.
+
+    python bench/plot_heads.py --quality bench/results/*-minilm-heads-*.json \
+        --latency bench/results/<stamp>-minilm-heads-latency-512.json --out bench/results/<stamp>-minilm-heads
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SERIES = {  # label prefix -> series; value pruning is its own point
+    "tokens only (spattenc rule)": lambda c: c.startswith("t") and "-h" not in c,
+    "heads only, paper rule (run time)": lambda c: c.startswith("paper-h"),
+    "heads only, calibrated (compile time)": lambda c: c.startswith("cal-"),
+    "tokens + calibrated heads": lambda c: c.startswith("t") and "-cal-" in c,
+    "tokens + paper-rule heads": lambda c: c.startswith("t") and "-paper-" in c,
+    "values only": lambda c: c.startswith("v"),
+}
+STYLE = {"tokens only (spattenc rule)": ("C0", "o", "-"), "heads only, paper rule (run time)": ("C3", "v", "-"),
+         "heads only, calibrated (compile time)": ("C2", "^", "-"), "tokens + calibrated heads": ("C1", "s", "-"),
+         "tokens + paper-rule heads": ("C4", "D", ""), "values only": ("C7", "x", "")}
+
+
+def series_of(label: str) -> str:
+    return next(name for name, test in SERIES.items() if test(label))
+
+
+def collect(quality: list[Path], latency: Path) -> tuple[list[dict], dict]:
+    lat = json.loads(latency.read_text())
+    group = next(g for g in lat["groups"] if g["length"] == 512)
+    speed = {m["label"]: m for m in group["models"]}
+    rows, dense = {}, {}
+    for path in quality:
+        run = json.loads(path.read_text())
+        for task in run["tasks"]:
+            dense[task["task"]] = (task["dense"]["accuracy"], task["train"]["n"], task["test"]["n"])
+            for c in task["candidates"]:
+                row = rows.setdefault(c["label"], {"label": c["label"], "file": path.name})
+                row[task["task"]] = c
+    out = []
+    for label, row in rows.items():
+        s = speed.get(label)
+        row.update(speedup=s["speedup"] if s else None, paired=s["speedup_paired"] if s else None,
+                   flop=s["flop_ratio"] if s else None, series=series_of(label))
+        out.append(row)
+    return sorted(out, key=lambda r: (r["series"], r["speedup"] or 0)), {"dense": dense, "latency": lat}
+
+
+def table(rows: list[dict], info: dict) -> str:
+    lat = info["latency"]
+    dense_ms = next(m["median_ms"] for g in lat["groups"] if g["length"] == 512 for m in g["models"] if m["role"] == "dense")
+    d = info["dense"]
+    lines = [f"Dense: IMDB {100 * d['imdb'][0]:.1f} (n={d['imdb'][1]}/{d['imdb'][2]}), SST-2 {100 * d['sst2'][0]:.1f} "
+             f"(n={d['sst2'][1]}/{d['sst2'][2]}); dense latency at 512 tokens {dense_ms:.1f} ms "
+             f"(load average {lat['meta']['load_avg_1m']:.1f}).", "",
+             "| candidate | series | speedup 512 (paired) | ideal FLOP ratio | IMDB cos | IMDB (a) | IMDB (b) | SST-2 cos | SST-2 (a) | SST-2 (b) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for t in ("imdb", "sst2"):
+            c = r.get(t)
+            cells += ["-"] * 3 if c is None else [f"{c['cosine_mean']:.3f}", f"{c['delta_dropin_pts']:+.1f}",
+                                                  f"{c['delta_refit_pts']:+.1f}"]
+        sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x ({r['paired']:.2f}x)"
+        fl = "-" if not r["flop"] else f"{r['flop']:.2f}"
+        lines.append(f"| {r['label']} | {r['series']} | {sp} | {fl} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], info: dict, out: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
+    for ax, task, title in zip(axes, ("imdb", "sst2"), ("IMDB", "SST-2")):
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.axhline(-0.5, color="0.6", lw=0.8, ls=":")
+        ax.plot([1], [0], "k*", ms=12, label="dense")
+        for name in SERIES:
+            pts = sorted((r["speedup"], r[task]["delta_refit_pts"], r["label"]) for r in rows
+                         if r["series"] == name and r.get(task) and r["speedup"])
+            if not pts:
+                continue
+            color, marker, ls = STYLE[name]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls, color=color, label=name, ms=7)
+            for x, y, label in pts:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        ax.set_title(f"{title}: refit probe (protocol b) vs measured speedup")
+        ax.set_xlabel("measured speedup at 512 tokens (dense median / candidate median)")
+        ax.set_ylabel("accuracy change vs dense (points)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("all-MiniLM-L6-v2, onnxruntime CPU, batch 1: head, token and combined pruning", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quality", type=Path, nargs="+", required=True)
+    ap.add_argument("--latency", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.png")
+    args = ap.parse_args()
+    rows, info = collect(args.quality, args.latency)
+    args.out.with_suffix(".md").write_text(table(rows, info))
+    plot(rows, info, args.out.with_suffix(".png"))
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
