@@ -1,27 +1,32 @@
-"""Progressive K/V quantization on MiniLM: build candidates, measure LSB refetch and K/V bytes,
-run the quality harness (embed_eval.py), and write a table and a quality-vs-bytes plot.
+"""Progressive K/V quantization on MiniLM: build candidates, embed the test sets with the quality
+harness while counting LSB refetch and K/V bytes, and write one table and one quality-vs-bytes chart.
 
 Steps (each can be run alone; state lives in ``bench/out/kvq/``):
 
-  build   compile every candidate of :data:`GRID` with ``spattenc --kv-bits ... --lsb-threshold ...``
-          (+ ``--pipeline`` for the uniform rule / stats outputs) into bench/out/kvq/<label>.onnx
-  stats   run each candidate in onnxruntime on a subset of IMDB and SST-2 test texts, read the
-          ``spatten_lsb_rows.<layer>`` outputs and count K/V bytes with runtime.quant_ops.fetch_bytes
-  quality run bench/embed_eval.py on all candidates in one run (dense embeddings cached)
-  report  merge into bench/results/<stamp>-kvquant.{md,json,png}
+  build   compile every candidate of :data:`GRID` with ``spattenc --kv-bits ... --kv-rule ...
+          --kv-stats`` into bench/out/kvq/<label>.onnx
+  eval    one process per candidate (memory): embed_eval's Embedder embeds the IMDB and SST-2 test
+          sets (dense train/test embeddings come from its cache); the same session.run calls read
+          ``spatten_lsb_rows.<layer>`` and count K/V bytes with runtime.quant_ops.fetch_bytes (the
+          formula the reference runtime reports). Protocol (a) drop-in: the probe is fit on the
+          dense train embeddings.
+          (records: bench/out/kvq/eval/<label>@<test sizes>.json)
+  report  merge into bench/results/<stamp>-<name>.{md,json,png}
 
-Usage: ``python bench/kv_quant.py all --n-train imdb=300,sst2=1000 --n-test imdb=300,sst2=all``.
+Usage: ``nice -n 10 python bench/kv_quant.py build eval report`` (default: full test sets).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,30 +36,31 @@ if __package__ in (None, ""):
 from spatten_compiler.runtime.quant_ops import fetch_bytes  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.embed_eval import TASKS, load_split  # noqa: E402
+from bench import embed_eval as ee  # noqa: E402
 
 log = logging.getLogger("bench.kv_quant")
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out" / "kvq"
 DENSE = ROOT / "models" / "cache" / "minilm" / "model.onnx"
+LAYERS, HEADS, HEAD_DIM = 6, 12, 32  # MiniLM
 
-# label -> (bits, rule, threshold); static modes have no threshold.
-GRID: dict[str, tuple[str, str, float]] = {
-    "s4": ("4", "fixed", 0.0), "s5": ("5", "fixed", 0.0), "s6": ("6", "fixed", 0.0), "s8": ("8", "fixed", 0.0),
-    "p4+4@0.1": ("4+4", "fixed", 0.1), "p4+4@u4": ("4+4", "uniform", 4.0), "p4+4@u8": ("4+4", "uniform", 8.0),
-    "p6+4@0.1": ("6+4", "fixed", 0.1), "p8+4@0.1": ("8+4", "fixed", 0.1),
-    "p4+4@m8": ("4+4", "min", 8.0), "p4+4@m16": ("4+4", "min", 16.0),
+# label -> (bits, rule, threshold, factor); static modes have no rule. In priority order.
+GRID: dict[str, tuple[str, str | None, float | None, float | None]] = {
+    "s4": ("4", None, None, None), "s5": ("5", None, None, None), "s6": ("6", None, None, None),
+    "s8": ("8", None, None, None),
+    "p4+4@0.1": ("4+4", "fixed", 0.1, None), "p6+4@0.1": ("6+4", "fixed", 0.1, None),
+    "p8+4@0.1": ("8+4", "fixed", 0.1, None),
+    "p4+4@m8": ("4+4", "min", 0.1, 8.0), "p4+4@u4": ("4+4", "uniform", 4.0, None),
+    "p4+4@0.02": ("4+4", "fixed", 0.02, None), "p4+4@0.05": ("4+4", "fixed", 0.05, None),
+    "p4+4@0.2": ("4+4", "fixed", 0.2, None), "p4+4@0.4": ("4+4", "fixed", 0.4, None),
+    "p4+4@m16": ("4+4", "min", 0.1, 16.0), "p4+4@u8": ("4+4", "uniform", 8.0, None),
+    "p6+4@m8": ("6+4", "min", 0.1, 8.0), "p6+4@0.02": ("6+4", "fixed", 0.02, None),
+    "s7": ("7", None, None, None),
+    "p4+4@p0.3": ("4+4", "peak", 0.3, None), "p4+4@p0.5": ("4+4", "peak", 0.5, None),
 }
-# Refetch/bytes only (no quality run): a denser threshold sweep of 4+4.
-SWEEP: dict[str, tuple[str, str, float]] = {
-    "p4+4@0.02": ("4+4", "fixed", 0.02), "p4+4@0.05": ("4+4", "fixed", 0.05), "p4+4@0.2": ("4+4", "fixed", 0.2),
-    "p4+4@u2": ("4+4", "uniform", 2.0), "p4+4@u16": ("4+4", "uniform", 16.0),
-}
-GRID.update(SWEEP)
 
-
-# float32 scales per sample (K or V, all 12 heads of MiniLM) by granularity, from the real key counts
-SCALES = {"head": lambda n: 12 + 0 * n, "token": lambda n: 12 * n, "channel": lambda n: 12 * 32 + 0 * n,
+# float32 scales per sample and tensor (K or V, all heads), by granularity, from the real key counts
+SCALES = {"head": lambda n: HEADS + 0 * n, "token": lambda n: HEADS * n, "channel": lambda n: HEADS * HEAD_DIM + 0 * n,
           "tensor": lambda n: 1 + 0 * n}
 
 
@@ -62,122 +68,145 @@ def model_path(label: str) -> Path:
     return OUT / f"{label.replace('+', 'p').replace('@', '_')}.onnx"
 
 
+def compile_args(label: str, granularity: str) -> list[str]:
+    bits, rule, thr, factor = GRID[label]
+    args = ["--kv-bits", bits, "--kv-granularity", granularity]
+    if rule is not None:
+        args += ["--kv-rule", rule, "--lsb-threshold", str(thr), "--kv-stats"]
+    if factor is not None:
+        args += ["--kv-factor", str(factor)]
+    return args
+
+
 def build(labels: list[str], granularity: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for label in labels:
-        bits, rule, thr = GRID[label]
-        # rule "min": max p <= min(0.1, thr / n_keys)
-        opts = (f"bits={bits};threshold={0.1 if rule == 'min' else thr};rule={rule};granularity={granularity};"
-                f"emit_stats=true" + (f";factor={thr}" if rule == "min" else ""))
-        cmd = [sys.executable, "-m", "spatten_compiler", str(DENSE), "-o", str(model_path(label)),
-               "--pipeline", f"normalize,quantize-kv{{{opts}}}"]
-        log.info("build %s", label)
+        cmd = ["spattenc", str(DENSE.relative_to(ROOT)), "-o", str(model_path(label).relative_to(ROOT)),
+               *compile_args(label, granularity)]
+        log.info("build %s: %s", label, " ".join(cmd))
         subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def stats(labels: list[str], n_texts: int, args: argparse.Namespace) -> dict:
-    """LSB refetch fraction and K/V bytes on the first ``n_texts`` seeded test texts of each task."""
-    tok = common.load_tokenizer(common.find_tokenizer(DENSE), 512)
-    pad = common.pad_id_of(tok)
-    data = Path(args.data_dir) if args.data_dir else common.DEFAULT_DATA
-    out: dict[str, dict] = {}
-    for label in labels:
-        bits, _, _ = GRID[label]
+class FetchCounter:
+    """Wraps an onnxruntime session: every run also fetches the LSB-row outputs and adds the K/V
+    bytes of the batch (real keys and rows only) to per-layer totals."""
+
+    def __init__(self, sess: Any, bits: str, granularity: str) -> None:
+        self.sess, self.granularity = sess, granularity
         m, _, lo = bits.partition("+")
-        sess = common.make_session(model_path(label), 2) if lo else None
-        names = common.output_names(sess) if sess else []
-        out[label] = {}
-        for task in ("imdb", "sst2"):
-            split = load_split(data / TASKS[task].test, n_texts, 0)
-            tot: dict[str, float] = {}
-            per_layer: list[list[float]] = []
-            for i in range(0, len(split.texts), 8):
-                batch = common.pad_encodings(tok.encode_batch(split.texts[i:i + 8]), pad)
-                res = dict(zip(names, sess.run(names, common.feeds_for(sess, batch)))) if lo else {}
-                qvalid = batch["attention_mask"].astype(np.float32)
-                nkeys = qvalid.sum(axis=1)
-                layers = sorted(k for k in res if k.startswith("spatten_lsb_rows."))
-                scale_bytes = 2 * 4 * float(SCALES[args.granularity](nkeys).sum())  # K and V, float32
-                for j in range(6):  # MiniLM: 6 layers, 12 heads of 32
-                    need = res[layers[j]] if lo else np.zeros((len(nkeys), 12, qvalid.shape[1]), np.float32)
-                    s = fetch_bytes(need, qvalid, nkeys, 32, int(m), int(lo or 0), scale_bytes=scale_bytes)
-                    for k, v in s.items():
-                        tot[k] = tot.get(k, 0.0) + v
-                    if len(per_layer) <= j:
-                        per_layer.append([0.0, 0.0])
-                    per_layer[j][0] += s["rows_lsb"]
-                    per_layer[j][1] += s["rows"]
-            out[label][task] = {
-                "n_texts": len(split.texts),
-                "lsb_fraction": tot.get("rows_lsb", 0.0) / max(tot.get("rows", 0.0), 1.0),
-                "lsb_fraction_per_layer": [a / max(b, 1.0) for a, b in per_layer],
+        self.m, self.lo = int(m), int(lo or 0)
+        self.layers = [{} for _ in range(LAYERS)]
+
+    def __getattr__(self, name: str) -> Any:  # get_inputs, get_outputs, ...
+        return getattr(self.sess, name)
+
+    def run(self, wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        extra = [f"spatten_lsb_rows.{j}" for j in range(LAYERS)] if self.lo else []
+        outs = self.sess.run(list(wanted) + extra, feeds)
+        qvalid = feeds["attention_mask"].astype(np.float32)
+        nkeys = qvalid.sum(axis=1)
+        scale_bytes = 2 * 4 * float(SCALES[self.granularity](nkeys).sum())  # K and V scales, float32
+        for j, tot in enumerate(self.layers):
+            need = outs[len(wanted) + j] if self.lo else np.zeros((len(nkeys), HEADS, qvalid.shape[1]), np.float32)
+            for k, v in fetch_bytes(need, qvalid, nkeys, HEAD_DIM, self.m, self.lo, scale_bytes=scale_bytes).items():
+                tot[k] = tot.get(k, 0.0) + v
+        return outs[:len(wanted)]
+
+    def summary(self) -> dict[str, Any]:
+        tot = {k: sum(layer[k] for layer in self.layers) for k in self.layers[0]}
+        return {"lsb_fraction": tot["rows_lsb"] / max(tot["rows"], 1.0),
+                "lsb_fraction_per_layer": [la["rows_lsb"] / max(la["rows"], 1.0) for la in self.layers],
+                "lsb_heads_fraction": tot["heads_lsb"] / max(tot["heads"], 1.0),
                 "bytes_ratio": tot["bytes_fp32"] / tot["bytes_read"],
-                "bytes_ratio_head_policy": tot["bytes_fp32"] / tot["bytes_read_head_policy"],
-            }
-            log.info("%s %s %s", label, task, out[label][task])
-    return out
+                "bytes_ratio_head_policy": tot["bytes_fp32"] / tot["bytes_read_head_policy"]}
 
 
-def quality(labels: list[str], args: argparse.Namespace) -> list[Path]:
-    """One embed_eval process per candidate (dense embeddings come from the cache): a process that
-    holds every candidate's onnxruntime session at batch 32 x 512 tokens ran out of memory."""
-    out: list[Path] = []
+def eval_one(label: str, args: argparse.Namespace) -> Path:
+    """Cosine, drop-in accuracy and fetch statistics of one candidate on each task's test set."""
+    eargs = ee.build_parser().parse_args(["--dense", str(DENSE), "--threads", "2", "--n-train", args.n_train,
+                                          "--n-test", args.n_test])
+    tok_path = common.find_tokenizer(DENSE)
+    tok = common.load_tokenizer(tok_path, eargs.max_len)
+    tok_sha = hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    dense = ee.Embedder(common.ModelSpec("dense", DENSE), tok, tok_sha, eargs)
+    cand = ee.Embedder(common.ModelSpec(label, model_path(label)), tok, tok_sha, eargs)
+    bits = GRID[label][0]
+    out: dict[str, Any] = {"label": label, "grid": GRID[label], "sha256": cand.sha256,
+                           "compile": ["spattenc", "<dense>", "-o", "<out>", *compile_args(label, args.granularity)],
+                           "meta": common.run_metadata(2), "tasks": {}}
+    for task in ("imdb", "sst2"):
+        tdef = ee.TASKS[task]
+        n_train = eargs.n_train.get(task, tdef.n_train)
+        n_test = eargs.n_test.get(task, tdef.n_test)
+        train = ee.load_split(eargs.data_dir / tdef.train, n_train, eargs.seed)
+        test = ee.load_split(eargs.data_dir / tdef.test, n_test, eargs.seed)
+        probe = ee.fit_probe(dense.embed(train, f"{task} train dense").mean, train.labels, eargs.C, eargs.max_iter)
+        d_te = dense.embed(test, f"{task} test dense").mean
+        dense_acc = float(probe.score(d_te, test.labels))
+        cand._sess = counter = FetchCounter(common.make_session(model_path(label), 2), bits, args.granularity)
+        cand._cache_path(test).unlink(missing_ok=True)  # the statistics come from the same runs
+        c_te = cand.embed(test, f"{task} test {label}").mean
+        acc = float(probe.score(c_te, test.labels))
+        out["tasks"][task] = {"n_train": len(train.texts), "n_test": len(test.texts), "dense_acc": dense_acc,
+                              "acc_dropin": acc, "delta_dropin_pts": 100 * (acc - dense_acc),
+                              **ee.cosine_stats(c_te, d_te), **counter.summary()}
+        log.info("%s %s %s", label, task, out["tasks"][task])
+    path = eval_path(label, args.n_test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str))
+    return path
+
+
+def eval_path(label: str, n_test: str) -> Path:
+    """One record per candidate and test-size setting (e.g. full sets, or an IMDB subset for a sweep)."""
+    return OUT / "eval" / f"{model_path(label).stem}@{common.slug(n_test)}.json"
+
+
+def static_at(rows: list[dict], task: str, ratio: float) -> float | None:
+    """The static curve's cosine at ``ratio`` x fewer bytes (linear in bytes per element)."""
+    pts = sorted((1 / r[task]["bytes_ratio"], r[task]["cosine_mean"]) for r in rows if r["rule"] == "static")
+    x = 1 / ratio
+    if not pts or not pts[0][0] <= x <= pts[-1][0]:
+        return None
+    return float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def report(labels: list[str], stamp: str, n_test: str, name: str) -> tuple[Path, Path]:
+    rows = []
     for label in labels:
-        name = f"{args.quality_name}-{label.replace('+', 'p').replace('@', '_')}"
-        cmd = [sys.executable, "bench/embed_eval.py", "--dense", str(DENSE), "--name", name,
-               "--n-train", args.n_train, "--n-test", args.n_test, "--threads", "2",
-               "--candidate", f"{label}={model_path(label).relative_to(ROOT)}"]
-        before = set((ROOT / "bench" / "results").glob(f"*{name}.json"))
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        out += sorted(set((ROOT / "bench" / "results").glob(f"*{name}.json")) - before)[-1:]
-    return out
-
-
-def report(labels: list[str], st: dict, quality_jsons: list[Path], stamp: str) -> tuple[Path, Path]:
-    runs = [json.loads(p.read_text()) for p in quality_jsons]
-    q = runs[0]
-    rows: list[dict] = []
-    for label in labels:
-        bits, rule, thr = GRID[label]
-        row: dict = {"label": label, "bits": bits, "rule": "static" if "+" not in bits else rule,
-                     "threshold": thr if "+" in bits else None}
-        run = next(r for r in runs if any(c["label"] == label for c in r["tasks"][0]["candidates"]))
-        for task in run["tasks"]:
-            c = next(c for c in task["candidates"] if c["label"] == label and c["pooling"] == "mean")
-            s = st[label][task["task"]]
-            row[task["task"]] = {"cosine": c["cosine_mean"], "cosine_p5": c["cosine_p5"],
-                                 "delta_dropin": c["delta_dropin_pts"], "delta_refit": c["delta_refit_pts"],
-                                 "acc_dropin": c["acc_dropin"], "dense": task["dense"]["accuracy"], **s}
-        rows.append(row)
-    lines = [f"quality: {', '.join(f'`{p.name}`' for p in quality_jsons)} (sizes: train {q['tasks'][0]['train']['n']}/"
-             f"{q['tasks'][-1]['train']['n']}, test {q['tasks'][0]['test']['n']}/{q['tasks'][-1]['test']['n']}); "
-             f"LSB/bytes statistics on {st[labels[0]]['imdb']['n_texts']} test texts per task", "",
-             "| candidate | rule | task | cosine | p5 | drop-in pts | refit pts | LSB rows "
-             "| K/V bytes vs fp32 (row / head policy) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+        rec = json.loads(eval_path(label, n_test).read_text())
+        bits, rule, thr, factor = rec["grid"]
+        rows.append({"label": label, "bits": bits, "rule": rule or "static", "threshold": thr, "factor": factor,
+                     "compile": rec["compile"], "command": rec["meta"]["command"], **rec["tasks"]})
+    t0 = rows[0]
+    lines = [f"Test sets: IMDB {t0['imdb']['n_test']} (probe train {t0['imdb']['n_train']}), SST-2 "
+             f"{t0['sst2']['n_test']} (probe train {t0['sst2']['n_train']}); dense accuracy IMDB "
+             f"{100 * t0['imdb']['dense_acc']:.1f}, SST-2 {100 * t0['sst2']['dense_acc']:.1f}. "
+             "Bytes: K+V of real keys incl. float32 scales, row policy / head policy. 'static @ same bytes' = "
+             "the static curve interpolated at the candidate's bytes (linear in bytes per element).", "",
+             "| candidate | rule | IMDB cos | IMDB p5 | IMDB (a) pts | IMDB LSB rows | IMDB x fewer bytes | "
+             "static @ same bytes | SST-2 cos | SST-2 (a) pts | SST-2 LSB rows | SST-2 x fewer bytes | "
+             "static @ same bytes |", "|" + "---|" * 13]
     for r in rows:
+        cells = []
         for task in ("imdb", "sst2"):
             t = r[task]
-            lines.append(f"| {r['label']} | {r['rule']} | {task} | {t['cosine']:.4f} | {t['cosine_p5']:.4f} | "
-                         f"{t['delta_dropin']:+.1f} | {t['delta_refit']:+.1f} | {100 * t['lsb_fraction']:.1f}% | "
-                         f"{t['bytes_ratio']:.2f}x / {t['bytes_ratio_head_policy']:.2f}x |")
-    sweep = [k for k in st if k not in labels]
-    if sweep:
-        n = st[sweep[0]]["imdb"]["n_texts"]
-        lines += ["", f"Refetch-only sweep (no quality run; {n} test texts per task):", "",
-                  "| candidate | IMDB LSB rows | IMDB bytes (row / head) | SST-2 LSB rows | SST-2 bytes (row / head) |",
-                  "|---|---|---|---|---|"]
-        for k in sorted(sweep, key=lambda k: (GRID[k][1], GRID[k][2])):
-            a, b = st[k]["imdb"], st[k]["sst2"]
-            lines.append(f"| {k} | {100 * a['lsb_fraction']:.1f}% | {a['bytes_ratio']:.2f}x / "
-                         f"{a['bytes_ratio_head_policy']:.2f}x | {100 * b['lsb_fraction']:.1f}% | "
-                         f"{b['bytes_ratio']:.2f}x / {b['bytes_ratio_head_policy']:.2f}x |")
+            ref = static_at(rows, task, t["bytes_ratio"]) if r["rule"] != "static" else None
+            extra = [f"{t['cosine_p5']:.4f}"] if task == "imdb" else []
+            cells += [f"{t['cosine_mean']:.5f}", *extra, f"{t['delta_dropin_pts']:+.1f}",
+                      f"{100 * t['lsb_fraction']:.1f}%",
+                      f"{t['bytes_ratio']:.2f} / {t['bytes_ratio_head_policy']:.2f}",
+                      "" if ref is None else f"{ref:.5f}"]
+        lines.append(f"| {r['label']} | {r['rule']}{'' if r['threshold'] is None else ' ' + str(r['threshold'])}"
+                     f"{'' if r['factor'] is None else ' c=' + str(r['factor'])} | " + " | ".join(cells) + " |")
+    lines += ["", "LSB refetch per layer (IMDB, rows): " + "; ".join(
+        f"{r['label']}: " + " ".join(f"{100 * f:.0f}" for f in r["imdb"]["lsb_fraction_per_layer"])
+        for r in rows if r["rule"] != "static") + " (%)", "", "Commands:", "",
+        "```", *sorted({" ".join(r["compile"]) for r in rows}), *[r["command"] for r in rows], "```"]
     res = ROOT / "bench" / "results"
-    md, js, png = (res / f"{stamp}-kvquant.{ext}" for ext in ("md", "json", "png"))
+    md, js, png = (res / f"{stamp}-{name}.{ext}" for ext in ("md", "json", "png"))
     md.write_text("\n".join(lines) + "\n")
-    js.write_text(json.dumps({"schema": "spattenc.bench.kvquant/1", "quality": [p.name for p in quality_jsons],
-                              "rows": rows,
-                              "refetch_sweep": {k: st[k] for k in sweep}}, indent=1))
+    js.write_text(json.dumps({"schema": "spattenc.bench.kvquant/2", "rows": rows}, indent=1))
     plot(rows, png)
     return md, png
 
@@ -188,64 +217,64 @@ def plot(rows: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    style = {"static": ("s", "tab:gray"), "fixed": ("o", "tab:blue"), "uniform": ("^", "tab:red"),
-             "min": ("D", "tab:green")}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.6), sharey=True)
+    style = {"static": ("s", "black", "static m-bit (= MSB plane only)"),
+             "fixed": ("o", "tab:blue", "progressive, LSBs if max p <= t (paper: t = 0.1)"),
+             "uniform": ("^", "tab:red", "progressive, LSBs if max p <= t / n_keys"),
+             "min": ("D", "tab:green", "progressive, LSBs if max p <= min(0.1, c / n_keys)"),
+             "peak": ("v", "tab:purple", "progressive, LSBs if max p > t (peak)")}
     for ax, task in zip(axes, ("imdb", "sst2")):
-        for rule, (marker, color) in style.items():
-            pts = sorted((r[task]["bytes_ratio"], r[task]["cosine"], r["label"]) for r in rows if r["rule"] == rule)
+        static = [r for r in rows if r["rule"] == "static"]
+        lo, hi = min(r[task]["bytes_ratio"] for r in static), max(r[task]["bytes_ratio"] for r in static)
+        xs = 1 / np.linspace(1 / hi, 1 / lo, 200)  # the interpolation the table uses
+        ax.plot(xs, [1 - static_at(rows, task, x) for x in xs], color="black", linewidth=1, zorder=1)
+        for rule, (marker, color, name) in style.items():
+            pts = sorted((r[task]["bytes_ratio"], 1 - r[task]["cosine_mean"], r["label"])
+                         for r in rows if r["rule"] == rule)
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color,
-                    linestyle="-" if rule == "static" else "none", linewidth=0.8,
-                    label={"static": "static (MSB only)", "fixed": "progressive, max p <= t",
-                           "uniform": "progressive, max p <= t / n_keys",
-                           "min": "progressive, max p <= min(0.1, t / n_keys)"}[rule])
-            for x, y, lab in pts:
-                ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        ax.set_xlabel("K/V bytes reduction vs fp32 (x, row policy)")
-        ax.set_ylabel("embedding cosine to dense (mean)")
-        ax.set_title(f"MiniLM {task.upper()}: quality vs K/V bytes")
-        ax.axhline(0.995, color="k", linewidth=0.5, linestyle=":")
-        ax.axvline(6, color="k", linewidth=0.5, linestyle=":")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color, markersize=7, label=name, zorder=2)
+            for i, (x, y, lab) in enumerate(pts):
+                dy = 3 if rule == "static" else (-11 if i % 2 else 5)
+                ax.annotate(lab, (x, y), textcoords="offset points", xytext=(6, dy), fontsize=7.5, color=color)
+        ax.set_yscale("log")
+        ax.set_xlabel("K/V bytes read: x fewer than fp32 (row policy, float32 scales counted)")
+        ax.set_title(f"all-MiniLM-L6-v2, {task.upper()} test ({rows[0][task]['n_test']} texts)")
+        ax.axhline(0.005, color="gray", linewidth=0.8, linestyle=":")
+        ax.axvline(6, color="gray", linewidth=0.8, linestyle=":")
+        ax.text(6.03, 1.2e-5, "target region:\n>= 6x fewer bytes,\ncosine >= 0.995", fontsize=7.5, color="gray")
+        ax.set_xlim(right=max(ax.get_xlim()[1], 6.8))
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("1 - embedding cosine to dense (log; lower is better)")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("Progressive K/V quantization vs static: a point below the black static curve beats static "
+                 "at equal bytes", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=120)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=("build", "stats", "quality", "report", "all"))
-    p.add_argument("--only", nargs="*", default=[k for k in GRID if k not in SWEEP],
-                   help="candidate labels (default: all but the refetch-only sweep)")
+    p.add_argument("steps", nargs="+", choices=("build", "eval", "eval-one", "report"))
+    p.add_argument("--only", nargs="*", default=list(GRID), help="candidate labels (default: all, in GRID order)")
     p.add_argument("--granularity", default="token")
-    p.add_argument("--n-stats", type=int, default=64, help="test texts per task for LSB/bytes statistics")
-    p.add_argument("--n-train", default="imdb=200,sst2=1000")
-    p.add_argument("--n-test", default="imdb=400,sst2=all")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--quality-json", type=Path, nargs="*", default=[],
-                   help="report: the embed_eval results holding the candidates (default: newest kvquant-quality)")
-    p.add_argument("--quality-name", default="kvquant-quality", help="quality: --name for embed_eval")
+    p.add_argument("--n-train", default="imdb=all,sst2=4000", help="probe training sizes (embed_eval syntax)")
+    p.add_argument("--n-test", default="all", help="test sizes (embed_eval syntax)")
+    p.add_argument("--name", default="kvquant-full", help="report: result file name after the time stamp")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     labels = args.only
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    st_path = OUT / "stats.json"
-    if args.step in ("build", "all"):
+    if "build" in args.steps:
         build(labels, args.granularity)
-    if args.step in ("stats", "all"):
-        OUT.mkdir(parents=True, exist_ok=True)
-        old = json.loads(st_path.read_text()) if st_path.exists() else {}
-        old.update(stats(labels, args.n_stats, args))
-        st_path.write_text(json.dumps(old, indent=1))
-    qj = list(args.quality_json)
-    if args.step in ("quality", "all"):
-        qj = quality(labels, args)
-    if args.step in ("report", "all"):
-        if not qj:
-            qj = sorted((ROOT / "bench" / "results").glob(f"*{args.quality_name}-*.json"))
-        md, png = report(labels, json.loads(st_path.read_text()), qj, stamp)
+    if "eval-one" in args.steps:
+        for label in labels:
+            eval_one(label, args)
+    if "eval" in args.steps:  # one process per candidate: sessions at batch 32 x 512 tokens are large
+        for label in labels:
+            subprocess.run([sys.executable, __file__, "eval-one", "--only", label, "--granularity", args.granularity,
+                            "--n-train", args.n_train, "--n-test", args.n_test], check=True, cwd=ROOT)
+    if "report" in args.steps:
+        md, png = report(labels, time.strftime("%Y%m%d-%H%M%S", time.gmtime()), args.n_test, args.name)
         log.info("wrote %s and %s", md, png)
     return 0
 
