@@ -70,16 +70,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--head-importance", choices=("layer", "cascade"),
                    help="calibrated rule: each layer ranks its own heads (layer, default) or SpAtten's "
                    "accumulated cascade")
-    h.add_argument("--head-rule", choices=("paper", "calibrated"),
-                   help="paper: heads chosen at run time from each input's scores (SpAtten); calibrated: chosen "
-                   "once from --head-calibration data and sliced out of the weights at compile time "
-                   "(default: calibrated when a calibration file is given, else paper)")
-    h.add_argument("--head-calibration", metavar="NPZ",
-                   help="calibration inputs (.npz of the model's input arrays, batch first; "
-                   "bench/head_calibration.py writes one)")
-    h.add_argument("--head-importance", choices=("layer", "cascade"),
-                   help="calibrated rule: each layer ranks its own heads (layer, default) or SpAtten's "
-                   "accumulated cascade")
     h.add_argument("--value-keep", type=float, metavar="R",
                    help="local value pruning: per query row, only this fraction of V rows (largest P) contribute")
     q = p.add_argument_group("progressive quantization of K/V")
@@ -121,9 +111,6 @@ def run(args: argparse.Namespace) -> int:
         "emit_kept": args.emit_kept,
         "head_keep": args.head_keep,
         "head_keep_schedule": parse_ratio_list(args.head_keep_schedule) if args.head_keep_schedule else None,
-        "head_rule": args.head_rule,
-        "head_calibration": args.head_calibration,
-        "head_importance": args.head_importance,
         "head_rule": args.head_rule,
         "head_calibration": args.head_calibration,
         "head_importance": args.head_importance,
