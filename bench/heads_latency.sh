@@ -6,7 +6,7 @@ set -euo pipefail
 name=$1; shift
 H=bench/out/heads
 cands=()
-for c in paper-h50 paper-h30 cal-h50 cal-h30 cal-c30 v50 t0.5 t0.5-cal-h50 t0.4-cal-h50 t0.3-cal-h50 t0.4-paper-h50 t0.4 t0.3; do
+for c in paper-h50 paper-h30 cal-h50 cal-h30 cal-c30 v50 t0.5 t0.5-cal-h50 t0.4-cal-h50 t0.3-cal-h50 t0.4-paper-h50 t0.4 t0.3 cal-h20; do
   cands+=(--candidate "$c=$H/$c.onnx")
 done
 

@@ -20,13 +20,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 SERIES = {  # label prefix -> series; value pruning is its own point
     "tokens only (spattenc rule)": lambda c: c.startswith("t") and "-h" not in c,
     "heads only, paper rule (run time)": lambda c: c.startswith("paper-h"),
-    "heads only, calibrated (compile time)": lambda c: c.startswith("cal-"),
+    "heads only, calibrated (compile time)": lambda c: c.startswith("cal-h"),
+    "heads only, calibrated, cascade importance": lambda c: c.startswith("cal-c"),
     "tokens + calibrated heads": lambda c: c.startswith("t") and "-cal-" in c,
     "tokens + paper-rule heads": lambda c: c.startswith("t") and "-paper-" in c,
     "values only": lambda c: c.startswith("v"),
 }
 STYLE = {"tokens only (spattenc rule)": ("C0", "o", "-"), "heads only, paper rule (run time)": ("C3", "v", "-"),
-         "heads only, calibrated (compile time)": ("C2", "^", "-"), "tokens + calibrated heads": ("C1", "s", "-"),
+         "heads only, calibrated (compile time)": ("C2", "^", "-"),
+         "heads only, calibrated, cascade importance": ("C5", "P", ""), "tokens + calibrated heads": ("C1", "s", "-"),
          "tokens + paper-rule heads": ("C4", "D", ""), "values only": ("C7", "x", "")}
 
 
@@ -77,10 +79,11 @@ def table(rows: list[dict], info: dict) -> str:
 
 
 def plot(rows: list[dict], info: dict, out: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.2), sharex=True)
     for ax, task, title in zip(axes, ("imdb", "sst2"), ("IMDB", "SST-2")):
         ax.axhline(0, color="0.6", lw=0.8)
         ax.axhline(-0.5, color="0.6", lw=0.8, ls=":")
+        ax.annotate("-0.5 pt", (2.3, -0.5), textcoords="offset points", xytext=(0, -10), fontsize=7, color="0.4")
         ax.plot([1], [0], "k*", ms=12, label="dense")
         for name in SERIES:
             pts = sorted((r["speedup"], r[task]["delta_refit_pts"], r["label"]) for r in rows
@@ -91,13 +94,16 @@ def plot(rows: list[dict], info: dict, out: Path) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls, color=color, label=name, ms=7)
             for x, y, label in pts:
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-        ax.set_title(f"{title}: refit probe (protocol b) vs measured speedup")
+        n = info["dense"][task]
+        ax.set_title(f"{title} (train {n[1]} / test {n[2]}): refit probe (protocol b)", fontsize=10)
         ax.set_xlabel("measured speedup at 512 tokens (dense median / candidate median)")
         ax.set_ylabel("accuracy change vs dense (points)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("all-MiniLM-L6-v2, onnxruntime CPU, batch 1: head, token and combined pruning", fontsize=11)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
+    fig.suptitle("all-MiniLM-L6-v2, onnxruntime CPU batch 1: accuracy change vs measured speedup at 512 tokens\n"
+                 f"(latency under load average {info['latency']['meta']['load_avg_1m']:.0f}: indicative)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=130)
 
 
