@@ -269,7 +269,7 @@ def test_presets_expand_to_options() -> None:
     paper = CompileConfig(token_keep=0.5, token_rule="paper").passes()[-1]
     ours = CompileConfig(token_keep=0.5, token_rule="spattenc", restore="stale").passes()[-1]
     assert (paper.importance, paper.protect, paper.shape, paper.restore) == ("sum", "first", "linear", "stale")
-    assert (ours.importance, ours.protect, ours.shape, ours.restore) == ("mean", "first+last", "flat", "stale")
+    assert (ours.importance, ours.protect, ours.shape, ours.restore) == ("value", "first+last", "flat", "stale")
 
 
 def test_no_stale_full_length_shapes_after_pruning(tmp_path: Path) -> None:
