@@ -95,7 +95,10 @@ def plot(quality: dict, latency: dict, out: Path, group: str) -> None:
     """One line per rule family (label prefix before '-r'), points sorted by measured speedup, 95%
     intervals as error bars (cross-fitted when the run had --cross-fit)."""
     sp = speedups(latency)
-    colors = {"paper": "tab:blue", "spattenc": "tab:red"}
+    # family = label prefix before "-r<keep>"; names as the candidates file writes them
+    colors = {"paper": "tab:blue", "spattenc": "tab:orange", "spattenc-value": "tab:red"}
+    names = {"paper": "paper rule", "spattenc": "spattenc rule, mean importance",
+             "spattenc-value": "spattenc rule (default: value importance)"}
     panels = (("cosine_mean", "IMDB embedding cosine to dense"),
               ("delta_refit_pts", "IMDB protocol (b) refit: accuracy change, 95% CI"),
               ("delta_dropin_pts", "IMDB protocol (a) drop-in: accuracy change, 95% CI"))
@@ -103,7 +106,7 @@ def plot(quality: dict, latency: dict, out: Path, group: str) -> None:
     families: dict[str, list[tuple[float, str, dict]]] = {}
     for (label, pooling), tasks in quality_rows(quality).items():
         t = tasks.get("imdb")
-        if label == "dense" or t is None or pooling != "mean" or group not in sp.get(label, {}):
+        if label == "dense" or t is None or pooling != "mean" or group not in sp.get(label, {}) or "-r" not in label:
             continue
         families.setdefault(label.split("-r")[0], []).append((sp[label][group]["speedup"], label, t))
     for ax, (key, title) in zip(axes, panels):
@@ -113,12 +116,13 @@ def plot(quality: dict, latency: dict, out: Path, group: str) -> None:
             vals = [_imdb_point(t, key) for _, _, t in pts]
             ys = [v for v, _ in vals]
             color = colors.get(fam, "tab:gray")
-            ax.plot(xs, ys, "-o", color=color, label=f"{fam} rule", ms=5)
+            ax.plot(xs, ys, "-o", color=color, label=names.get(fam, fam), ms=5)
             for x, (y, ci) in zip(xs, vals):
                 if ci is not None:
                     ax.errorbar(x, y, yerr=[[y - ci[0]], [ci[1] - y]], color=color, capsize=3, lw=0.8)
             for x, y, (_, label, _) in zip(xs, ys, pts):
-                ax.annotate(label.split("-", 1)[1], (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+                keep = label[len(fam) + 2:].split("-")[0]
+                ax.annotate(keep, (x, y), fontsize=7, color=color, xytext=(4, -10), textcoords="offset points")
         ax.axvline(2.0, ls=":", c="gray", lw=0.8)
         if key != "cosine_mean":
             ax.axhline(0, c="black", lw=0.5)
