@@ -78,11 +78,15 @@ def compile_args(label: str, granularity: str) -> list[str]:
     return args
 
 
+def build_cmd(label: str, granularity: str) -> list[str]:
+    return ["spattenc", str(DENSE.relative_to(ROOT)), "-o", str(model_path(label).relative_to(ROOT)),
+            *compile_args(label, granularity)]
+
+
 def build(labels: list[str], granularity: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for label in labels:
-        cmd = ["spattenc", str(DENSE.relative_to(ROOT)), "-o", str(model_path(label).relative_to(ROOT)),
-               *compile_args(label, granularity)]
+        cmd = build_cmd(label, granularity)
         log.info("build %s: %s", label, " ".join(cmd))
         subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -132,7 +136,7 @@ def eval_one(label: str, args: argparse.Namespace) -> Path:
     cand = ee.Embedder(common.ModelSpec(label, model_path(label)), tok, tok_sha, eargs)
     bits = GRID[label][0]
     out: dict[str, Any] = {"label": label, "grid": GRID[label], "sha256": cand.sha256,
-                           "compile": ["spattenc", "<dense>", "-o", "<out>", *compile_args(label, args.granularity)],
+                           "compile": build_cmd(label, args.granularity),
                            "meta": common.run_metadata(2), "tasks": {}}
     for task in ("imdb", "sst2"):
         tdef = ee.TASKS[task]
@@ -171,11 +175,12 @@ def static_at(rows: list[dict], task: str, ratio: float) -> float | None:
     return float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
 
 
-def report(labels: list[str], stamp: str, n_test: str, name: str) -> tuple[Path, Path]:
+def report(labels: list[str], stamp: str, n_test: str, name: str, chart: bool = True) -> tuple[Path, Path]:
     rows = []
     for label in labels:
         rec = json.loads(eval_path(label, n_test).read_text())
         bits, rule, thr, factor = rec["grid"]
+        rec["compile"] = build_cmd(label, rec["compile"][rec["compile"].index("--kv-granularity") + 1])
         rows.append({"label": label, "bits": bits, "rule": rule or "static", "threshold": thr, "factor": factor,
                      "compile": rec["compile"], "command": rec["meta"]["command"], **rec["tasks"]})
     t0 = rows[0]
@@ -207,7 +212,8 @@ def report(labels: list[str], stamp: str, n_test: str, name: str) -> tuple[Path,
     md, js, png = (res / f"{stamp}-{name}.{ext}" for ext in ("md", "json", "png"))
     md.write_text("\n".join(lines) + "\n")
     js.write_text(json.dumps({"schema": "spattenc.bench.kvquant/2", "rows": rows}, indent=1))
-    plot(rows, png)
+    if chart:
+        plot(rows, png)
     return md, png
 
 
@@ -228,29 +234,45 @@ def plot(rows: list[dict], png: Path) -> None:
         lo, hi = min(r[task]["bytes_ratio"] for r in static), max(r[task]["bytes_ratio"] for r in static)
         xs = 1 / np.linspace(1 / hi, 1 / lo, 200)  # the interpolation the table uses
         ax.plot(xs, [1 - static_at(rows, task, x) for x in xs], color="black", linewidth=1, zorder=1)
+        labels: list[tuple[float, float, str, str]] = []
         for rule, (marker, color, name) in style.items():
             pts = sorted((r[task]["bytes_ratio"], 1 - r[task]["cosine_mean"], r["label"])
                          for r in rows if r["rule"] == rule)
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color, markersize=7, label=name, zorder=2)
-            for i, (x, y, lab) in enumerate(pts):
-                dy = 3 if rule == "static" else (-11 if i % 2 else 5)
-                ax.annotate(lab, (x, y), textcoords="offset points", xytext=(6, dy), fontsize=7.5, color=color)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color, markersize=7,
+                    label=name if task == "imdb" else None, zorder=2)
+            labels += [(x, y, lab, color) for x, y, lab in pts]
         ax.set_yscale("log")
+        ax.set_xlim(right=max(ax.get_xlim()[1], 6.8))
+        _place_labels(ax, labels)
         ax.set_xlabel("K/V bytes read: x fewer than fp32 (row policy, float32 scales counted)")
         ax.set_title(f"all-MiniLM-L6-v2, {task.upper()} test ({rows[0][task]['n_test']} texts)")
         ax.axhline(0.005, color="gray", linewidth=0.8, linestyle=":")
         ax.axvline(6, color="gray", linewidth=0.8, linestyle=":")
         ax.text(6.03, 1.2e-5, "target region:\n>= 6x fewer bytes,\ncosine >= 0.995", fontsize=7.5, color="gray")
-        ax.set_xlim(right=max(ax.get_xlim()[1], 6.8))
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("1 - embedding cosine to dense (log; lower is better)")
-    axes[0].legend(fontsize=8, loc="upper left")
+    fig.legend(loc="lower center", ncol=3, fontsize=8.5, frameon=False)
     fig.suptitle("Progressive K/V quantization vs static: a point below the black static curve beats static "
                  "at equal bytes", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(png, dpi=120)
+
+
+def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
+    """Annotate points, trying a few offsets so that labels do not sit on each other."""
+    placed: list[np.ndarray] = []
+    offsets = [(6, 3), (6, -11), (-8, 8), (-8, -14), (6, 14), (6, -22), (-8, 20), (-8, -26)]
+    for x, y, lab, color in sorted(labels, key=lambda t: -t[0]):
+        px = ax.transData.transform((x, y))
+        for dx, dy in offsets:
+            at = px + np.array([dx + (3 * len(lab) if dx > 0 else -3 * len(lab)), dy + 3])
+            if all(abs(at[0] - q[0]) > 5.5 * len(lab) or abs(at[1] - q[1]) > 10 for q in placed):
+                break
+        placed.append(at)
+        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7.5, color=color,
+                    ha="left" if dx > 0 else "right")
 
 
 def main() -> int:
@@ -261,6 +283,7 @@ def main() -> int:
     p.add_argument("--n-train", default="imdb=all,sst2=4000", help="probe training sizes (embed_eval syntax)")
     p.add_argument("--n-test", default="all", help="test sizes (embed_eval syntax)")
     p.add_argument("--name", default="kvquant-full", help="report: result file name after the time stamp")
+    p.add_argument("--no-chart", action="store_true", help="report: table only")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     labels = args.only
@@ -274,7 +297,8 @@ def main() -> int:
             subprocess.run([sys.executable, __file__, "eval-one", "--only", label, "--granularity", args.granularity,
                             "--n-train", args.n_train, "--n-test", args.n_test], check=True, cwd=ROOT)
     if "report" in args.steps:
-        md, png = report(labels, time.strftime("%Y%m%d-%H%M%S", time.gmtime()), args.n_test, args.name)
+        md, png = report(labels, time.strftime("%Y%m%d-%H%M%S", time.gmtime()), args.n_test, args.name,
+                         not args.no_chart)
         log.info("wrote %s and %s", md, png)
     return 0
 
