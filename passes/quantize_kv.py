@@ -286,7 +286,9 @@ class _Rewrite:
     def _qvalid(self, p: ir.Value) -> ir.Value:
         """Which query rows are real tokens [B, S] (statistics only): the keys the last query row of
         head 0 may attend to (p > 0). In self-attention that is the padding mask - and prune-tokens'
-        per-layer validity - whether the mask is causal or not."""
+        per-layer validity - whether the mask is causal or not. After an in-layer GatherRows it is
+        gathered with the rows, so a sample's kept rows beyond its own budget (masked like padding
+        from the next layer on, but computed here) still count."""
         e = self.e
         last = e.op("Gather", [e.op("Gather", [p, e.const("head0", np.int64(0))], axis=1),
                                e.const("last_row", np.int64(-1))], axis=1)
