@@ -132,6 +132,17 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return pa.resolve() == pb.resolve()
 
 
+def _load_to_memory(model: ir.Model) -> None:
+    """Replace every memory-mapped initializer with an in-memory copy. Unlike onnx-ir's
+    ``load_to_model`` this does not close the mappings: a pass may still hold a NumPy view of a
+    weight (closing would raise BufferError); the mapping is released when the last view goes."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -153,7 +164,7 @@ def save_model(
     data_name = path.name + ".data" if external_data else None
     if not external_data:
         # Weights mapped from the input (inline or external) are written inline: bring them in.
-        ir.external_data.load_to_model(model)
+        _load_to_memory(model)
     tmp = Path(tempfile.mkdtemp(prefix=".spattenc-", dir=parent))
     try:
         ir.save(model, tmp / path.name, external_data=data_name)

@@ -114,3 +114,22 @@ def test_truncated_inside_a_weight_is_a_load_error(tmp_path: Path) -> None:
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
         load_model(bad)
+
+
+def test_inline_save_while_a_pass_still_holds_a_weight_view(tmp_path: Path) -> None:
+    """A pass may keep a NumPy view of a memory-mapped weight (analysis caches, slicing); writing the
+    model inline must copy the weights in without closing the mapping under that view (it raised
+    BufferError on gpt2_kv_dynamo with --value-keep before)."""
+    from conftest import MODELS
+
+    model = load_model(MODELS / "bert_torchscript.onnx")
+    mapped = [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    assert mapped
+    held = mapped[0].const_value.numpy()
+    expected = held.copy()
+    out = tmp_path / "o.onnx"
+    save_model(model, out, external_data=False)
+    np.testing.assert_array_equal(held, expected)  # the view is still readable
+    written = onnx.load(str(out))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(
+        next(t for t in written.graph.initializer if t.name == mapped[0].name)), expected)
