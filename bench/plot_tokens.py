@@ -27,7 +27,11 @@ def merge(runs: list[dict]) -> dict:
     by_task = {t["task"]: t for t in merged["tasks"]}
     for run in runs[1:]:
         for task in run["tasks"]:
-            by_task[task["task"]]["candidates"].extend(task["candidates"])
+            if task["task"] not in by_task:
+                by_task[task["task"]] = json.loads(json.dumps(task))
+                merged["tasks"].append(by_task[task["task"]])
+            else:
+                by_task[task["task"]]["candidates"].extend(task["candidates"])
     return merged
 
 
