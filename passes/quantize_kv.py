@@ -48,6 +48,13 @@ per token and head (4 bytes next to Dh * bits / 8; counted in the byte statistic
 head), ``channel`` (per head and channel, over tokens) and ``tensor`` (per batch element). Scales
 are computed at run time from the tensor itself (so calibration is not needed; with ``head``,
 ``channel`` or ``tensor`` the padding keys take part in the abs-max).
+
+Decoders with a KV cache: the rewrite applies to K^T and V as the core reads them, i.e. past and new
+tokens after the cache Concat (and after a GQA repeat). With per-token scales a token's planes do
+not depend on any other token, so this is exactly what attention over a split-precision cache
+written token by token would compute; the ``present.*`` outputs stay the float projections (the
+graph's cache interface is unchanged - storing the planes there is the decoder strategy's job). The
+byte statistics of GQA models count the repeated heads.
 """
 
 from __future__ import annotations
@@ -173,9 +180,6 @@ class QuantizeKV(Pass):
             if s.fused is not None:
                 raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; "
                                   "quantize-kv needs decomposed attention")
-            if s.kv_cache:
-                raise OptionError(f"layer {s.layer}: KV-cache decoder; quantize-kv does not yet write a "
-                                  "split-precision cache (past/present would stay fp32) - export without the cache")
             if s.pv is None or s.probs is None:
                 raise OptionError(f"layer {s.layer}: cannot locate MatMul(P, V)")
             shape = s.k.value.shape
@@ -292,6 +296,10 @@ class _Rewrite:
         e = self.e
         last = e.op("Gather", [e.op("Gather", [p, e.const("head0", np.int64(0))], axis=1),
                                e.const("last_row", np.int64(-1))], axis=1)
+        # With a KV cache the keys are past + new tokens and the query rows are the new ones: the
+        # last Sq key positions (a no-op slice in self-attention).
+        rows = e.op("Neg", [e.op("Shape", [p], start=2, end=3)])
+        last = e.op("Slice", [last, rows, e.const("end", np.array([2**62], np.int64)), e.const("axes", np.array([1], np.int64))])
         return e.op("Ceil", [last])
 
     def _stats(self, layer: int, need: ir.Value, qvalid: ir.Value) -> None:
