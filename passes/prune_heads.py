@@ -203,7 +203,8 @@ class PruneHeads(Pass):
             return PassResult(model, False)
         _Rewrite(model, sites, [len(k) for k in kept]).run([np.array(k, np.int64) for k in kept])
         model.metadata_props["spatten.heads_kept"] = json.dumps([list(map(int, k)) for k in kept])
-        logger.info("prune-heads (calibrated, compile time): kept head groups %s", kept)
+        logger.info("prune-heads (calibrated, compile time): kept head groups per layer %s", [len(k) for k in kept])
+        logger.debug("prune-heads: kept head groups %s", kept)
         return PassResult(model, True)
 
 
