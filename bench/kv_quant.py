@@ -57,6 +57,11 @@ GRID: dict[str, tuple[str, str | None, float | None, float | None]] = {
     "p6+4@m8": ("6+4", "min", 0.1, 8.0), "p6+4@0.02": ("6+4", "fixed", 0.02, None),
     "s7": ("7", None, None, None),
     "p4+4@p0.3": ("4+4", "peak", 0.3, None), "p4+4@p0.5": ("4+4", "peak", 0.5, None),
+    # one LSB bit: a refetched row then costs what a static extra bit costs on that row, so only the
+    # choice of rows decides whether progressive beats static
+    "p4+1@0.1": ("4+1", "fixed", 0.1, None), "p4+1@p0.2": ("4+1", "peak", 0.2, None),
+    "p4+1@p0.3": ("4+1", "peak", 0.3, None), "p4+1@p0.5": ("4+1", "peak", 0.5, None),
+    "p4+2@p0.3": ("4+2", "peak", 0.3, None),
 }
 
 # float32 scales per sample and tensor (K or V, all heads), by granularity, from the real key counts
