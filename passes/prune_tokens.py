@@ -165,9 +165,10 @@ class _Rewrite:
                 e.replace_uses(site.layer_input, x, keep=e.added)
                 pruned = True
             here = after and nxt < ratio  # prune inside this layer, right after its softmax
+            post_nodes = self._post_attention(site) if here else []
             if pruned:
+                post = set(map(id, post_nodes))
                 full_region = layer_region(x, site.layer_output)
-                post = set(map(id, self._post_attention(site))) if here else set()
                 self._rebind_seq_shapes([n for n in full_region if id(n) not in post], x)
                 self._replace_mask(site, self.valid)
             if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
@@ -176,7 +177,6 @@ class _Rewrite:
                 score = self.call(self.importance, site.probs, self.valid, *values)
                 self.acc = score if self.acc is None else e.op("Add", [self.acc, score])
             if here:
-                post_nodes = self._post_attention(site)
                 rows = self.call("GatherRows", site.pv.inputs[0], None)  # sel filled below
                 xk = self._select(x, nxt, rows_node=rows.producer())
                 site.pv.replace_input_with(0, rows)

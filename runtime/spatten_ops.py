@@ -32,22 +32,28 @@ class TokenImportance(OpRun):
         return (np.einsum("bhij,bi->bj", probs, qvalid.astype(probs.dtype)).astype(probs.dtype),)
 
 
+def _head_colsums(probs: np.ndarray, qvalid: np.ndarray) -> np.ndarray:
+    """[B, H, Sk]: per head, the probability each key receives from the valid query rows."""
+    return np.einsum("bhij,bi->bhj", probs, qvalid.astype(probs.dtype))
+
+
+def _per_valid_row(total: np.ndarray, qvalid: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray]:
+    """Scores divided by the number of valid query rows, so every layer weighs the same."""
+    return ((total / np.maximum(qvalid.sum(axis=1, keepdims=True), 1)).astype(dtype),)
+
+
 @spatten_op
 class TokenImportanceMean(OpRun):
     def _run(self, probs, qvalid):
-        # Column sums divided by the number of valid query rows: every layer weighs the same.
-        total = np.einsum("bhij,bi->bj", probs, qvalid.astype(probs.dtype))
-        return ((total / np.maximum(qvalid.sum(axis=1, keepdims=True), 1)).astype(probs.dtype),)
+        return _per_valid_row(_head_colsums(probs, qvalid).sum(axis=1), qvalid, probs.dtype)
 
 
 @spatten_op
 class TokenImportanceValue(OpRun):
     def _run(self, probs, qvalid, v):
-        # Per-head column sums over valid rows, weighted by the key token's value norm, summed over
-        # heads, divided by the number of valid query rows.
-        colsum = np.einsum("bhij,bi->bhj", probs, qvalid.astype(probs.dtype))
-        total = (colsum * np.linalg.norm(v, axis=-1)).sum(axis=1)
-        return ((total / np.maximum(qvalid.sum(axis=1, keepdims=True), 1)).astype(probs.dtype),)
+        # Each head's column sums weighted by the key token's value norm, then summed over heads.
+        weighted = _head_colsums(probs, qvalid) * np.linalg.norm(v, axis=-1)
+        return _per_valid_row(weighted.sum(axis=1), qvalid, probs.dtype)
 
 
 @spatten_op
