@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--token-min-keep", type=int, metavar="N", help="never keep fewer than N tokens (preset: paper 1, spattenc 64)")
     t.add_argument("--token-rule", choices=("paper", "spattenc"),
                    help="preset (default spattenc): paper = SpAtten as published (sum importance, CLS kept, linear "
-                   "schedule, stale restore, prune at the layer input); spattenc = per-layer mean importance, "
+                   "schedule, stale restore, prune at the layer input); spattenc = value-weighted per-layer importance, "
                    "CLS+SEP kept, flat schedule, mean restore, >= 64 tokens kept, prune after attention")
     t.add_argument("--token-importance", choices=("sum", "mean", "value"),
                    help="sum: column sums accumulated (paper); mean: each layer's sums / its valid query rows; "
