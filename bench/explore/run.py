@@ -80,22 +80,8 @@ def main():
                     res = {}
                     for ds in a.splits.split(","):
                         tr, te = PAIRS[ds]
-                        if a.screen:
-                            Pte, fA, fB = run_split(w, tok, te, rule, special, ks_fn, a.ndense)
-                            Dtr, Dte = dense(tr)["emb"].numpy(), dense(te)["emb"].numpy()
-                            ytr, yte = load_split(tok, tr)["labels"], load_split(tok, te)["labels"]
-                            clf_d = probe(Dtr, ytr)
-                            for p in POOLS:
-                                res.setdefault(p, {})
-                                res[p][f"{ds}_cos"] = float((Pte[p] * Dte).sum(1).mean())
-                                res[p][f"{ds}_a"] = float(clf_d.score(Pte[p], yte))
-                                res[p][f"{ds}_bcv"] = float(cross_val_score(
-                                    LogisticRegression(C=1.0, max_iter=2000), Pte[p], yte,
-                                    cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean())
-                                res[p][f"{ds}_flopA"] = fA
-                                res[p][f"{ds}_flopB"] = fB
-                            continue
-                        Ptr, _, _ = run_split(w, tok, tr, rule, special, ks_fn, a.ndense)
+                        # --screen: test split only, (b) as 5-fold CV of the probe on the pruned test embeddings
+                        Ptr = None if a.screen else run_split(w, tok, tr, rule, special, ks_fn, a.ndense)[0]
                         Pte, fA, fB = run_split(w, tok, te, rule, special, ks_fn, a.ndense)
                         Dtr, Dte = dense(tr)["emb"].numpy(), dense(te)["emb"].numpy()
                         ytr, yte = load_split(tok, tr)["labels"], load_split(tok, te)["labels"]
@@ -104,7 +90,12 @@ def main():
                             res.setdefault(p, {})
                             res[p][f"{ds}_cos"] = float((Pte[p] * Dte).sum(1).mean())
                             res[p][f"{ds}_a"] = float(clf_d.score(Pte[p], yte))
-                            res[p][f"{ds}_b"] = float(probe(Ptr[p], ytr).score(Pte[p], yte))
+                            if a.screen:
+                                res[p][f"{ds}_bcv"] = float(cross_val_score(
+                                    LogisticRegression(C=1.0, max_iter=2000), Pte[p], yte,
+                                    cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean())
+                            else:
+                                res[p][f"{ds}_b"] = float(probe(Ptr[p], ytr).score(Pte[p], yte))
                             res[p][f"{ds}_flopA"] = fA
                             res[p][f"{ds}_flopB"] = fB
                     with open(OUT, "a") as f:
