@@ -19,8 +19,11 @@ costs onnxruntime the prepacked B matrices (bench/README.md, head pruning sectio
 
 ``n_l = ceil(G * ratio_l)`` (at least ``min_keep``); SpAtten's schedule leaves the first 30% of
 layers unpruned, layer 0 always (no scores exist before it). A pruned group never comes back under
-the paper rule (``HeadSelect`` ranks only the groups still kept). The Q/K/V MatMuls of a pruned
-layer have width ``n_l * Dh`` and the output projection reads ``n_l * Dh`` rows.
+the paper rule (``HeadSelect`` ranks only the groups still kept). An explicit schedule is a cascade
+(layer 0 keeps 1.0, never increasing) except under the calibrated rule with ``layer`` importance:
+each layer's heads are chosen alone, so its ratio is taken as given and layer 0 may be pruned
+(``0.5,1``: layer 0 keeps half, the rest all; missing entries repeat the last). The Q/K/V MatMuls
+of a pruned layer have width ``n_l * Dh`` and the output projection reads ``n_l * Dh`` rows.
 
 Design choices (the paper runs batch 1, MHA only):
 - Batch: one head set per batch (scores summed over the batch), so weight slices are shared.
@@ -58,7 +61,7 @@ from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
 from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
-from spatten_compiler.schedule import check_schedule, spatten_schedule
+from spatten_compiler.schedule import check_schedule, full_schedule, spatten_schedule
 
 from .attention_trace import Projection
 from .find_attention import AttentionSite, find_attention
@@ -158,6 +161,8 @@ class PruneHeads(Pass):
     heads: tuple[tuple[int, ...], ...] = ()
 
     def ratios(self, layers: int) -> list[float]:
+        if self.schedule and self.rule == "calibrated" and self.importance == "layer":
+            return full_schedule(list(self.schedule), layers)  # heads chosen per layer: no cascade needed
         if self.schedule:
             return check_schedule(list(self.schedule), layers)
         return spatten_schedule(layers, self.keep, self.unpruned)

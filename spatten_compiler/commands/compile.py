@@ -59,7 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h = p.add_argument_group("cascade head pruning and local value pruning")
     h.add_argument("--head-keep", type=float, metavar="R",
                    help="average head keep ratio with SpAtten's schedule (first 30%% of layers unpruned)")
-    h.add_argument("--head-keep-schedule", metavar="R,R,...", help="explicit head keep ratio per layer")
+    h.add_argument("--head-keep-schedule", metavar="R,R,...",
+                   help="explicit head keep ratio per layer, missing trailing entries repeat the last; a cascade "
+                   "(first 1.0, never increasing) except with --head-rule calibrated and --head-importance layer, "
+                   "where any layer may be pruned (0.5,1: layer 0 keeps half, the rest all)")
     h.add_argument("--head-rule", choices=("paper", "calibrated"),
                    help="paper: heads chosen at run time from each input's scores (SpAtten); calibrated: chosen "
                    "once from --head-calibration data and sliced out of the weights at compile time "
