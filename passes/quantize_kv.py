@@ -4,9 +4,9 @@ recompute of the rows whose softmax is not confident.
 Rewrite of each attention site (``K^T`` and ``V`` as the core consumes them, ``chain`` = the score
 ops from ``K^T`` to the probabilities: MatMul, scale, mask, Softmax, as the exporter wrote them)::
 
-    s_k, s_v         = ReduceMax(|K^T|), ReduceMax(|V|) over the granularity's axes / (2^(m-1) - 1)
-    kmsb, klsb       = spatten.QuantizeSplit(K^T, s_k, 2^l, 2^(m-1) - 1)      (same for V)
-    K_m, K_f         = spatten.Dequantize(kmsb, s_k), spatten.DequantizeSplit(kmsb, klsb, s_k, 2^l)
+    s_k, s_v         = ReduceMax(|K^T|), ReduceMax(|V|) over the granularity's axes / (2^(m+l-1) - 1)
+    kmsb, klsb       = spatten.QuantizeSplit(K^T, s_k, 2^l, 2^(m+l-1) - 1)    (same for V)
+    K_m, K_f         = spatten.DequantizeMSB(kmsb, s_k, 2^l), spatten.DequantizeSplit(kmsb, klsb, s_k, 2^l)
     P_m, P_f         = chain(K_m), chain(K_f)      (up to MatMul(P, V)'s input, see below)
     low              = spatten.LowConfidence(P_m, t)        (or LowConfidenceUniform: max P_m * n_keys <= t)
     ctx, need        = spatten.ProgressiveContext(rows(low), P_m, P_f, V_m, V_f, rows(qvalid))
@@ -20,10 +20,10 @@ kept-row indices, chosen from TokenImportance of Where(low, P_f, P_m), are share
 
 Static mode (``bits="6"``): ``K^T, V -> spatten.Dequantize(spatten.Quantize(x, s, qmax), s)`` in place.
 
-Residual split: the MSB plane is exactly the static m-bit quantizer (same scale, same rounding) and
-the LSB plane quantizes its residual with step ``s / 2^l``, so threshold 0 (MSB only) is static
-m-bit bit for bit, threshold 1.0 is the (m+l)-bit fine grid on every row, and any threshold in
-between sits between the two per row (bounds in :mod:`.quant_functions`).
+Bit split: the planes are the high m and low l bits of one (m+l)-bit quantization, so threshold 1.0
+is static (m+l)-bit quantization bit for bit, and threshold 0 (MSB only) is an m-bit quantizer with
+2^m bins read at their middle; any threshold in between is one of the two per row (layout and
+bounds in :mod:`.quant_functions`).
 
 Semantics are exactly "MSB-only result where confident, MSB+LSB result where not", per row (batch,
 head, query). Confidence rule ``fixed``: max P_m <= threshold needs LSBs (the paper's rule; 1.0 =
@@ -94,13 +94,14 @@ def parse_bits(text: str) -> tuple[int, int]:
     except ValueError:
         raise OptionError(f"--kv-bits must look like 6+4 (MSB+LSB) or 6 (static), got {text!r}") from None
     if not 2 <= m <= 8 or not 0 <= lo <= 8 or (sep and lo == 0):
-        raise OptionError(f"--kv-bits {text}: MSB bits must be 2..8 and LSB bits 1..8 (planes are int8)")
+        raise OptionError(f"--kv-bits {text}: MSB bits must be 2..8 and LSB bits 1..8 (8-bit planes)")
     return m, lo
 
 
-def qmax_for(m: int) -> int:
-    """Largest |msb| of an m-bit symmetric quantizer (the scale is abs-max / qmax; LSBs add no range)."""
-    return 2 ** (m - 1) - 1
+def qmax_for(bits: int) -> int:
+    """Largest |q| of a symmetric quantizer with ``bits`` bits (the scale is abs-max / qmax); split
+    planes use the full m+l bits."""
+    return 2 ** (bits - 1) - 1
 
 
 def score_chain(kt: ir.Value, probs: ir.Value) -> list[ir.Node]:
@@ -201,7 +202,7 @@ class _Rewrite:
         self.opset = model.opset_imports.get("", 17)
         ensure_functions(model, list(FUNCTIONS))
         e = self.e
-        self.qmax = e.const("qmax", np.float32(qmax_for(m)))
+        self.qmax = e.const("qmax", np.float32(qmax_for(m + lo)))  # static: lo = 0
         self.step = e.const("step", np.float32(2**lo))
         self.thr = e.const("threshold", np.float32(opts.threshold))
         self.fractions: list[ir.Value] = []
@@ -272,7 +273,7 @@ class _Rewrite:
     def _split(self, x: ir.Value, axes: tuple[int, ...]) -> tuple[ir.Value, ir.Value]:
         s = self.scale(x, axes)
         msb, lsb = self.call("QuantizeSplit", x, s, self.step, self.qmax, outputs=2)
-        return self.call("Dequantize", msb, s), self.call("DequantizeSplit", msb, lsb, s, self.step)
+        return self.call("DequantizeMSB", msb, s, self.step), self.call("DequantizeSplit", msb, lsb, s, self.step)
 
     def _clone(self, chain: list[ir.Node], kt: ir.Value, new_kt: ir.Value) -> dict[int, ir.Value]:
         """A copy of the score ops reading ``new_kt`` instead of ``kt``: id(old value) -> its copy."""

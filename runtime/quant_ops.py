@@ -1,9 +1,9 @@
 """NumPy implementations of the progressive-quantization ops (oracle for ``passes/quant_functions``)
 and the K/V fetch statistics the reference runtime reports.
 
-The plane split follows the residual definition in ``passes/quant_functions`` with NumPy's own
-rounding and clipping (the residual ``x / s - msb`` is exact in float32, so the planes must equal
-onnxruntime's bit for bit). Each call appends a record to :data:`LOG`;
+The plane split follows the bit-split definition in ``passes/quant_functions`` with NumPy's own
+rounding and clipping (the only rounding is ``round(x / s)``; the split is exact, so the planes must
+equal onnxruntime's bit for bit). Each call appends a record to :data:`LOG`;
 :func:`fetch_report` turns one run's records into per-layer statistics.
 """
 
@@ -22,8 +22,9 @@ def reset() -> None:
 
 
 def bits_of(step: float, qmax: float) -> tuple[int, int]:
-    """(MSB bits, LSB bits) from the step 2^l and the MSB plane's qmax = 2^(m-1) - 1."""
-    return int(qmax).bit_length() + 1, int(round(np.log2(float(step))))
+    """(MSB bits, LSB bits) from the step 2^l and the full quantizer's qmax = 2^(m+l-1) - 1."""
+    lsb = int(round(np.log2(float(step))))
+    return int(qmax).bit_length() + 1 - lsb, lsb
 
 
 def _quantize(x: np.ndarray, scale: np.ndarray, qmax: np.ndarray) -> np.ndarray:
@@ -39,12 +40,12 @@ class Quantize(OpRun):
 
 
 def split(x: np.ndarray, scale: np.ndarray, step: np.ndarray, qmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MSB plane = the static quantizer; LSB plane = its residual on the grid scale / step (int8)."""
-    t = x.astype(np.float32) / scale.astype(np.float32)
-    msb = np.clip(np.round(t), -float(qmax), float(qmax))
-    half = float(step) / 2
-    lsb = np.clip(np.round((t - msb) * np.float32(step)), -half, half - 1)
-    return msb.astype(np.int8), lsb.astype(np.int8)
+    """The high m and low l bits of the (m+l)-bit quantization ``Quantize(x, scale, qmax)``:
+    msb = floor(q / 2^l) (int8), lsb = q - msb * 2^l in [0, 2^l) (uint8)."""
+    q = _quantize(x, scale, qmax)
+    lo = int(round(float(step)))
+    msb = np.floor_divide(q, lo)
+    return msb.astype(np.int8), (q - msb * lo).astype(np.uint8)
 
 
 @spatten_op
@@ -60,11 +61,24 @@ class Dequantize(OpRun):
         return ((q.astype(np.float32) * scale).astype(np.float32),)
 
 
+def dequantize_msb(msb: np.ndarray, scale: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """MSB only: each 2^l-wide bin of the fine grid read at its middle."""
+    step = np.float32(step)
+    mid = msb.astype(np.float32) * step + (step - np.float32(1)) / np.float32(2)
+    return (mid * scale).astype(np.float32)
+
+
+@spatten_op
+class DequantizeMSB(OpRun):
+    def _run(self, msb, scale, step):
+        return (dequantize_msb(msb, scale, step),)
+
+
 @spatten_op
 class DequantizeSplit(OpRun):
     def _run(self, msb, lsb, scale, step):
         q = msb.astype(np.int32) * int(round(float(step))) + lsb.astype(np.int32)
-        return ((q.astype(np.float32) * (scale / np.float32(step))).astype(np.float32),)
+        return ((q.astype(np.float32) * scale).astype(np.float32),)
 
 
 @spatten_op

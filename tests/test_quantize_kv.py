@@ -36,68 +36,65 @@ BITS = [(4, 4), (6, 4), (8, 4), (4, 0), (6, 0), (8, 0)]
 ENCODERS = [n for n in fixture_names() if not load_meta(n)["kv_cache"] and not load_meta(n).get("fused_attention")]
 REJECTED = ["bert_attention_op23"]  # fused (the CLI decomposes it first)
 KV_CACHE = [n for n in fixture_names() if load_meta(n)["kv_cache"] and not load_meta(n).get("fused_attention")]
-CONFIGS = [("6+4", "fixed", 0.5), ("4+4", "uniform", 2.0), ("4+4", "min", 0.4), ("6", "fixed", 0.1)]
+CONFIGS = [("6+2", "fixed", 0.5), ("4+4", "uniform", 2.0), ("4+4", "min", 0.4), ("6", "fixed", 0.1)]
 
 
 @cache
 def _planes_session(m: int, lo: int) -> ort.InferenceSession:
-    """x[N], scale -> the spatten functions' msb, lsb, MSB+LSB, MSB-only and static m-bit values."""
+    """x[N], scale -> the spatten functions' msb, lsb, MSB+LSB, MSB-only and static (m+l)-bit values."""
     f = helper.make_tensor_value_info
     nodes = [
         helper.make_node("Constant", [], ["step"], value=helper.make_tensor("s", TensorProto.FLOAT, [], [2.0**lo])),
-        helper.make_node("Constant", [], ["qmax"], value=helper.make_tensor("q", TensorProto.FLOAT, [], [qmax_for(m)])),
+        helper.make_node("Constant", [], ["qmax"], value=helper.make_tensor("q", TensorProto.FLOAT, [], [qmax_for(m + lo)])),
         helper.make_node("QuantizeSplit", ["x", "scale", "step", "qmax"], ["msb", "lsb"], domain=DOMAIN),
         helper.make_node("DequantizeSplit", ["msb", "lsb", "scale", "step"], ["full"], domain=DOMAIN),
-        helper.make_node("Dequantize", ["msb", "scale"], ["msb_only"], domain=DOMAIN),
+        helper.make_node("DequantizeMSB", ["msb", "scale", "step"], ["msb_only"], domain=DOMAIN),
         helper.make_node("Quantize", ["x", "scale", "qmax"], ["q_static"], domain=DOMAIN),
         helper.make_node("Dequantize", ["q_static", "scale"], ["static"], domain=DOMAIN),
     ]
     graph = helper.make_graph(nodes, "planes", [f("x", TensorProto.FLOAT, ["N"]), f("scale", TensorProto.FLOAT, [])],
-                              [f("msb", TensorProto.INT8, ["N"]), f("lsb", TensorProto.INT8, ["N"]),
+                              [f("msb", TensorProto.INT8, ["N"]), f("lsb", TensorProto.UINT8, ["N"]),
                                f("full", TensorProto.FLOAT, ["N"]), f("msb_only", TensorProto.FLOAT, ["N"]),
                                f("static", TensorProto.FLOAT, ["N"])])
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    ensure_functions(model, ["QuantizeSplit", "DequantizeSplit", "Dequantize", "Quantize"])
+    ensure_functions(model, ["QuantizeSplit", "DequantizeSplit", "DequantizeMSB", "Dequantize", "Quantize"])
     return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.sampled_from([b for b in BITS if b[1]]),
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([b for b in BITS if b[1]] + [(4, 1), (3, 2), (8, 8)]),
        hnp.arrays(np.float32, st.integers(1, 64), elements=st.floats(-100, 100, width=32)))
 def test_bit_planes_round_trip_and_error_bound(bits: tuple[int, int], x: np.ndarray) -> None:
     m, lo = bits
-    qmax = qmax_for(m)
+    qmax = qmax_for(m + lo)
     scale = np.array(max(float(np.abs(x).max()), 1e-12) / qmax, np.float32)
     msb, lsb, full, msb_only, static = _planes_session(m, lo).run(None, {"x": x, "scale": scale})
-    # the full quantized value, from the definition: MSB = static m-bit, LSB = the residual on the
-    # grid scale / 2^l, clipped to l signed bits
-    t = x / scale
-    msb_ref = np.clip(np.round(t), -qmax, qmax).astype(np.int64)
-    q = msb_ref * 2**lo + np.clip(np.round(t * 2**lo) - msb_ref * 2**lo, -(2 ** (lo - 1)), 2 ** (lo - 1) - 1)
-    # planes fit their bit widths and recombine exactly into the full quantized value
+    # from the definition: the (m+l)-bit quantization, split into its high m and low l bits
+    q = np.clip(np.round(x / scale), -qmax, qmax).astype(np.int64)
     assert msb.min() >= -(2 ** (m - 1)) and msb.max() <= 2 ** (m - 1) - 1
-    assert lsb.min() >= -(2 ** (lo - 1)) and lsb.max() <= 2 ** (lo - 1) - 1
-    np.testing.assert_array_equal(msb.astype(np.int64) * 2**lo + lsb, q)
-    # the MSB plane IS the static m-bit quantizer, bit for bit
-    np.testing.assert_array_equal(msb_only, static)
-    # the NumPy oracle gives the same planes
+    assert lsb.min() >= 0 and lsb.max() <= 2**lo - 1
+    np.testing.assert_array_equal(msb.astype(np.int64) * 2**lo + lsb, q)  # exact recombination
+    # MSB + LSB IS the (m+l)-bit quantizer, bit for bit (static storage is int8: up to 8 bits)
+    np.testing.assert_array_equal(full, (q * scale).astype(np.float32))
+    if m + lo <= 8:
+        np.testing.assert_array_equal(full, static)
+    # MSB only reads each 2^l-wide bin at its middle
+    np.testing.assert_array_equal(msb_only, ((msb * 2.0**lo + (2.0**lo - 1) / 2) * scale).astype(np.float32))
+    # the NumPy oracle gives the same planes and values
     ref_msb, ref_lsb = quant_ops.split(x, scale, np.float32(2**lo), np.float32(qmax))
     np.testing.assert_array_equal(ref_msb, msb)
     np.testing.assert_array_equal(ref_lsb, lsb)
-    # error bounds: MSB only <= s/2; MSB + LSB <= s/2^(l+1), or one fine step s/2^l where the LSB
-    # saturated on the residual's top edge  (+ float rounding slack)
+    ref_only = quant_ops.dequantize_msb(msb, scale, np.float32(2**lo))
+    np.testing.assert_array_equal(ref_only, msb_only)
+    # error bounds: MSB + LSB <= s/2; MSB only <= half an MSB bin, 2^(l-1) s  (+ float rounding slack)
     slack = 1e-5 * np.abs(x).max() + 1e-30
-    fine = scale / 2**lo
-    assert np.abs(msb_only - x).max() <= scale * 0.5 + slack
-    assert np.abs(full - x).max() <= fine + slack
-    edge = lsb == 2 ** (lo - 1) - 1
-    assert np.all(np.abs(full - x)[~edge] <= fine * 0.5 + slack)
-    np.testing.assert_allclose(full, q * fine, rtol=1e-6, atol=1e-30)
+    assert np.abs(full - x).max() <= scale * 0.5 + slack
+    assert np.abs(msb_only - x).max() <= scale * 2 ** (lo - 1) + slack
 
 
 def test_parse_bits_and_qmax() -> None:
     assert parse_bits("6+4") == (6, 4) and parse_bits("8") == (8, 0)
-    assert qmax_for(6) == 31 and qmax_for(4) == 7 and qmax_for(8) == 127
+    assert qmax_for(6) == 31 and qmax_for(4) == 7 and qmax_for(8) == 127 and qmax_for(10) == 511
     for bad in ("3+0", "9", "x", "6+", "6+9", "1"):
         with pytest.raises(OptionError):
             parse_bits(bad)
@@ -148,16 +145,17 @@ def test_threshold_end_points(threshold: float, plane: str, granularity: str, na
     assert np.all(out["spatten_lsb_fraction"] == (1.0 if plane == "full" else 0.0))
 
 
-@pytest.mark.parametrize(("bits", "granularity"), [("4+4", "token"), ("6+4", "head"), ("8+4", "channel")])
-def test_msb_only_is_static_bit_for_bit(bits: str, granularity: str, tmp_path: Path) -> None:
-    """Threshold 0 (every row MSB only) gives exactly the static m-bit model's outputs."""
+@pytest.mark.parametrize(("bits", "granularity"), [("4+4", "token"), ("6+2", "head"), ("4+1", "channel")])
+def test_full_precision_is_static_bit_for_bit(bits: str, granularity: str, tmp_path: Path) -> None:
+    """Threshold 1.0 (every row MSB + LSB) gives exactly the static (m+l)-bit model's outputs."""
     proto = onnx.load(MODELS / "bert_torchscript.onnx")
     f, _ = reference_io(load_meta("bert_torchscript"))
+    m, lo = parse_bits(bits)
     out = {}
-    for name, opts in (("msb", {"bits": bits, "threshold": 0.0}), ("static", {"bits": bits.split("+")[0]})):
+    for name, opts in (("full", {"bits": bits, "threshold": 1.0}), ("static", {"bits": str(m + lo)})):
         model = _compile(proto, make_pass("quantize-kv", granularity=granularity, **opts))
         out[name] = run_ort(_save(model, tmp_path / f"{name}.onnx"), f)["last_hidden_state"]
-    np.testing.assert_array_equal(out["msb"], out["static"])
+    np.testing.assert_array_equal(out["full"], out["static"])
 
 
 @pytest.mark.parametrize(("name", "bits", "rule", "threshold"),
@@ -165,9 +163,12 @@ def test_msb_only_is_static_bit_for_bit(bits: str, granularity: str, tmp_path: P
                          + [(n, *c) for n in ("bert_torchscript", "gpt2_dynamo") for c in CONFIGS[1:]])
 def test_onnxruntime_matches_reference_runtime(name: str, bits: str, rule: str, threshold: float,
                                                tmp_path: Path) -> None:
-    """End to end at per-head scales (coarse steps: the 1e-7 differences between onnxruntime's and
-    NumPy's float ops upstream do not flip a rounding); the default per-token scales have fine
-    steps, where such a flip changes an output by ~1e-4, so they are compared op by op below."""
+    """End to end at per-head scales and 8-bit full grids. Equality end to end holds only while no
+    1e-7 difference between onnxruntime's and NumPy's float ops upstream (MatMul summation order)
+    lands on a rounding tie of the quantizer; one flipped fine step changes an output by ~1e-3.
+    Finer grids (per-token scales, 10-12-bit full grids such as 6+4 here) meet such ties on these
+    fixtures, so every configuration is also compared op by op below, exactly, on onnxruntime's own
+    inputs."""
     path = _save(_compile(MODELS / f"{name}.onnx", make_pass("quantize-kv", bits=bits, rule=rule, threshold=threshold,
                                                                 granularity="head", emit_stats=True)),
                  tmp_path / "q.onnx")
@@ -188,7 +189,7 @@ def test_onnxruntime_matches_reference_runtime(name: str, bits: str, rule: str, 
         assert all(m / 32 < r <= m / 32 + 1 / load_meta(name)["head_dim"] for r in ratios)  # + the scales
 
 
-@pytest.mark.parametrize(("name", "bits"), [("bert_torchscript", "4+4"), ("distilbert_dynamo", "6+4"),
+@pytest.mark.parametrize(("name", "bits"), [("bert_torchscript", "4+4"), ("distilbert_dynamo", "6+4"), ("gpt2_kv_torchscript", "6+4"),
                                            ("gpt2_torchscript", "6")])
 def test_each_spatten_op_matches_numpy_on_onnxruntime_inputs(name: str, bits: str, tmp_path: Path) -> None:
     """Default (per-token) scales: every spatten node's onnxruntime outputs equal the NumPy oracle
@@ -197,7 +198,7 @@ def test_each_spatten_op_matches_numpy_on_onnxruntime_inputs(name: str, bits: st
     proto = ir.serde.serialize_model(model)
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     calls = [n for n in proto.graph.node if n.domain == DOMAIN]
-    kinds = {"Quantize": [TensorProto.INT8], "QuantizeSplit": [TensorProto.INT8] * 2,
+    kinds = {"Quantize": [TensorProto.INT8], "QuantizeSplit": [TensorProto.INT8, TensorProto.UINT8],
              "LowConfidence": [TensorProto.BOOL], "LowConfidenceUniform": [TensorProto.BOOL]}
     have = {o.name for o in proto.graph.output} | set(consts) | {i.name for i in proto.graph.input}
     produced = {o for n in calls for o in n.output}
