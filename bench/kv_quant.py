@@ -58,7 +58,13 @@ GRID: dict[str, tuple[str, str | None, float | None, float | None]] = {
     "s7": ("7", None, None, None),
     "p4+4@p0.3": ("4+4", "peak", 0.3, None), "p4+4@p0.5": ("4+4", "peak", 0.5, None),
     # one LSB bit: a refetched row then costs what a static extra bit costs on that row, so only the
-    # choice of rows decides whether progressive beats static
+    # choice of rows decides whether progressive beats static. Threshold 0 of a split format is its
+    # MSB-only quantizer (2^m bins read at their middle): a static point of its own.
+    "p4+1@0": ("4+1", "fixed", 0.0, None), "p4+2@0": ("4+2", "fixed", 0.0, None),
+    "p4+4@0": ("4+4", "fixed", 0.0, None), "p5+1@0": ("5+1", "fixed", 0.0, None),
+    "p6+1@0": ("6+1", "fixed", 0.0, None), "p4+1@p0.4": ("4+1", "peak", 0.4, None),
+    "p4+1@p0.7": ("4+1", "peak", 0.7, None), "p4+1@p0.9": ("4+1", "peak", 0.9, None),
+    "p4+2@p0.5": ("4+2", "peak", 0.5, None), "p4+2@p0.7": ("4+2", "peak", 0.7, None),
     "p4+1@0.1": ("4+1", "fixed", 0.1, None), "p4+1@p0.2": ("4+1", "peak", 0.2, None),
     "p4+1@p0.3": ("4+1", "peak", 0.3, None), "p4+1@p0.5": ("4+1", "peak", 0.5, None),
     "p4+2@p0.3": ("4+2", "peak", 0.3, None),
@@ -171,13 +177,30 @@ def eval_path(label: str, n_test: str) -> Path:
     return OUT / "eval" / f"{model_path(label).stem}@{common.slug(n_test)}.json"
 
 
+def is_static(row: dict, task: str) -> bool:
+    """Static quantizers: the static modes, and split formats that fetched no LSBs (MSB only)."""
+    return row["rule"] == "static" or row[task]["lsb_fraction"] == 0
+
+
 def static_at(rows: list[dict], task: str, ratio: float) -> float | None:
-    """The static curve's cosine at ``ratio`` x fewer bytes (linear in bytes per element)."""
-    pts = sorted((1 / r[task]["bytes_ratio"], r[task]["cosine_mean"]) for r in rows if r["rule"] == "static")
+    """The static frontier's cosine at ``ratio`` x fewer bytes: the upper envelope of the static
+    points, linear in bytes per element between them (what storing a fraction of the K/V in one
+    static format and the rest in the next achieves, to first order)."""
+    pts = sorted((1 / r[task]["bytes_ratio"], r[task]["cosine_mean"]) for r in rows if is_static(r, task))
+    hull: list[tuple[float, float]] = []
+    for p in pts:  # upper concave hull, left to right (same-bytes points: the best one)
+        if hull and p[0] == hull[-1][0]:
+            if p[1] <= hull[-1][1]:
+                continue
+            hull.pop()
+        while len(hull) >= 2 and (hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1]) \
+                >= (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0]):
+            hull.pop()
+        hull.append(p)
     x = 1 / ratio
-    if not pts or not pts[0][0] <= x <= pts[-1][0]:
+    if not hull or not hull[0][0] <= x <= hull[-1][0]:
         return None
-    return float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
+    return float(np.interp(x, [p[0] for p in hull], [p[1] for p in hull]))
 
 
 def report(labels: list[str], stamp: str, n_test: str, name: str, chart: bool = True) -> tuple[Path, Path]:
@@ -201,7 +224,7 @@ def report(labels: list[str], stamp: str, n_test: str, name: str, chart: bool = 
         cells = []
         for task in ("imdb", "sst2"):
             t = r[task]
-            ref = static_at(rows, task, t["bytes_ratio"]) if r["rule"] != "static" else None
+            ref = None if is_static(r, task) else static_at(rows, task, t["bytes_ratio"])
             extra = [f"{t['cosine_p5']:.4f}"] if task == "imdb" else []
             cells += [f"{t['cosine_mean']:.5f}", *extra, f"{t['delta_dropin_pts']:+.1f}",
                       f"{100 * t['lsb_fraction']:.1f}%",
@@ -229,20 +252,21 @@ def plot(rows: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.6), sharey=True)
-    style = {"static": ("s", "black", "static m-bit (= MSB plane only)"),
+    style = {"static": ("s", "black", "static m-bit (symmetric, 2^m - 1 levels)"),
+             "msb-only": ("s", "tab:gray", "static: MSB plane only of m+l (2^m bins, read at the middle)"),
              "fixed": ("o", "tab:blue", "progressive, LSBs if max p <= t (paper: t = 0.1)"),
              "uniform": ("^", "tab:red", "progressive, LSBs if max p <= t / n_keys"),
              "min": ("D", "tab:green", "progressive, LSBs if max p <= min(0.1, c / n_keys)"),
              "peak": ("v", "tab:purple", "progressive, LSBs if max p > t (peak)")}
     for ax, task in zip(axes, ("imdb", "sst2")):
-        static = [r for r in rows if r["rule"] == "static"]
+        static = [r for r in rows if is_static(r, task)]
         lo, hi = min(r[task]["bytes_ratio"] for r in static), max(r[task]["bytes_ratio"] for r in static)
         xs = 1 / np.linspace(1 / hi, 1 / lo, 200)  # the interpolation the table uses
         ax.plot(xs, [1 - static_at(rows, task, x) for x in xs], color="black", linewidth=1, zorder=1)
         labels: list[tuple[float, float, str, str]] = []
         for rule, (marker, color, name) in style.items():
-            pts = sorted((r[task]["bytes_ratio"], 1 - r[task]["cosine_mean"], r["label"])
-                         for r in rows if r["rule"] == rule)
+            pts = sorted((r[task]["bytes_ratio"], 1 - r[task]["cosine_mean"], r["label"]) for r in rows
+                         if ("msb-only" if is_static(r, task) and r["rule"] != "static" else r["rule"]) == rule)
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color, markersize=7,
@@ -259,8 +283,8 @@ def plot(rows: list[dict], png: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("1 - embedding cosine to dense (log; lower is better)")
     fig.legend(loc="lower center", ncol=3, fontsize=8.5, frameon=False)
-    fig.suptitle("Progressive K/V quantization vs static: a point below the black static curve beats static "
-                 "at equal bytes", fontsize=10)
+    fig.suptitle("Progressive K/V quantization vs static: a point below the black line (the static frontier) "
+                 "beats static at equal bytes", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(png, dpi=120)
 
