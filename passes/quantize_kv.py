@@ -83,7 +83,8 @@ GRANULARITY: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "channel": ((3,), (2,)),
     "token": ((2,), (3,)),
 }
-RULES = ("fixed", "uniform", "min", "peak")
+# Confidence rules -> their default --lsb-threshold (see the module docstring for each test).
+RULES: dict[str, float] = {"fixed": 0.1, "uniform": 4.0, "min": 0.1, "peak": 0.3}
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -149,12 +150,16 @@ class QuantizeKV(Pass):
 
     name = "quantize-kv"
     bits: str = "6+4"
-    threshold: float = 0.1
+    threshold: float | None = None  # None: the rule's default (RULES)
     granularity: str = "token"
     rule: str = "fixed"
     factor: float = 8.0  # rule "min": LSBs when max p <= min(threshold, factor / n_keys)
     values: bool = True  # quantize V as well as K
     emit_stats: bool = False  # outputs spatten_lsb_rows.<layer> [B,H,Sq] and spatten_lsb_fraction [L]
+
+    @property
+    def resolved_threshold(self) -> float:
+        return RULES.get(self.rule, 0.0) if self.threshold is None else self.threshold
 
     def check(self) -> tuple[int, int]:
         m, lo = parse_bits(self.bits)
@@ -162,9 +167,9 @@ class QuantizeKV(Pass):
             raise OptionError(f"granularity must be one of {', '.join(GRANULARITY)}, got {self.granularity!r}")
         if self.rule not in RULES:
             raise OptionError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        if self.threshold < 0 or (self.rule != "uniform" and self.threshold > 1):
-            raise OptionError(f"--lsb-threshold must be in [0, 1] for the {self.rule} rule (>= 0 for uniform), "
-                              f"got {self.threshold}")
+        t = self.resolved_threshold
+        if t < 0 or (self.rule != "uniform" and t > 1):
+            raise OptionError(f"--lsb-threshold must be in [0, 1] for the {self.rule} rule (>= 0 for uniform), got {t}")
         if self.factor < 0:
             raise OptionError(f"factor must be >= 0, got {self.factor}")
         return m, lo
@@ -190,8 +195,11 @@ class QuantizeKV(Pass):
         for site in sites:
             rewrite.site(site)
         rewrite.finish()
-        logger.info("quantize-kv: %d sites, bits %s, %s scales, rule %s threshold %g",
-                    len(sites), self.bits, self.granularity, self.rule, self.threshold)
+        if lo:
+            logger.info("quantize-kv: %d sites, %d+%d-bit K/V planes, %s scales, LSBs by rule %s threshold %g",
+                        len(sites), m, lo, self.granularity, self.rule, self.resolved_threshold)
+        else:
+            logger.info("quantize-kv: %d sites, static %d-bit K/V, %s scales", len(sites), m, self.granularity)
         return PassResult(model, True)
 
 
@@ -204,7 +212,7 @@ class _Rewrite:
         e = self.e
         self.qmax = e.const("qmax", np.float32(qmax_for(m + lo)))  # static: lo = 0
         self.step = e.const("step", np.float32(2**lo))
-        self.thr = e.const("threshold", np.float32(opts.threshold))
+        self.thr = e.const("threshold", np.float32(opts.resolved_threshold))
         self.fractions: list[ir.Value] = []
 
     def call(self, name: str, *inputs: ir.Value, outputs: int = 1):

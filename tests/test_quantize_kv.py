@@ -92,6 +92,14 @@ def test_bit_planes_round_trip_and_error_bound(bits: tuple[int, int], x: np.ndar
     assert np.abs(msb_only - x).max() <= scale * 2 ** (lo - 1) + slack
 
 
+def test_each_rule_has_its_default_threshold() -> None:
+    assert QuantizeKV(rule="fixed").resolved_threshold == 0.1  # the paper's
+    assert QuantizeKV(rule="peak").resolved_threshold == 0.3
+    assert QuantizeKV(rule="peak", threshold=0.0).resolved_threshold == 0.0  # explicit wins, 0 included
+    with pytest.raises(OptionError, match="lsb-threshold"):
+        QuantizeKV(rule="peak", threshold=1.5).check()
+
+
 def test_parse_bits_and_qmax() -> None:
     assert parse_bits("6+4") == (6, 4) and parse_bits("8") == (8, 0)
     assert qmax_for(6) == 31 and qmax_for(4) == 7 and qmax_for(8) == 127 and qmax_for(10) == 511

@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--kv-bits", metavar="M+L",
                    help="split-precision K/V: MSB+LSB bits (4+4, 6+4, 8+4) or static MSB only (4, 6, 8)")
     q.add_argument("--lsb-threshold", type=float, metavar="T",
-                   help="recompute with the LSBs the rows whose max probability is below T")
+                   help="the confidence rule's threshold (default per rule: fixed 0.1, peak 0.3, min 0.1, uniform 4)")
     q.add_argument("--kv-rule", choices=("fixed", "uniform", "min", "peak"),
                    help="LSBs when max p <= T (fixed, the paper's; default), max p <= T / n_keys (uniform), "
                    "max p <= min(T, F / n_keys) (min), or max p > T (peak)")
