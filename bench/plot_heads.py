@@ -1,6 +1,8 @@
 """Head/value pruning on MiniLM: join the per-candidate quality runs (embed_eval.py, one per model)
 and one latency run (latency.py) into a table and one plot of refit accuracy (protocol b) against
 measured speedup at 512 tokens, with tokens-only, heads-only and token+head candidates as series.
+``--cross-fitted``: the panels are IMDB cosine, drop-in (a) and refit (b) deltas cross-fitted over
+all 3000 reviews, with their 95% paired-bootstrap intervals (runs made with ``--cross-fit 5``).
 
     python bench/plot_heads.py --quality bench/results/*-minilm-heads-*.json \
         --latency bench/results/<stamp>-minilm-heads-latency-512.json --out bench/results/<stamp>-minilm-heads
@@ -17,8 +19,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SERIES = {  # label prefix -> series; value pruning is its own point
-    "tokens only (spattenc rule)": lambda c: c.startswith("t") and "-h" not in c,
+SERIES = {  # label prefix -> series, first match wins; value pruning is its own point
+    "heads only, calibrated, layer 0 only": lambda c: c.startswith("cal-l0"),
+    "tokens + calibrated heads in layer 0 only": lambda c: c.startswith("t") and "-cal-l0" in c,
+    "tokens only (spattenc rule)": lambda c: c.startswith("spattenc-") or c.startswith("t") and "-h" not in c,
     "heads only, paper rule (run time)": lambda c: c.startswith("paper-h"),
     "heads only, calibrated (compile time)": lambda c: c.startswith("cal-h"),
     "heads only, calibrated, cascade importance": lambda c: c.startswith("cal-c"),
@@ -29,7 +33,16 @@ SERIES = {  # label prefix -> series; value pruning is its own point
 STYLE = {"tokens only (spattenc rule)": ("C0", "o", "-"), "heads only, paper rule (run time)": ("C3", "v", "-"),
          "heads only, calibrated (compile time)": ("C2", "^", "-"),
          "heads only, calibrated, cascade importance": ("C5", "P", ""), "tokens + calibrated heads": ("C1", "s", "-"),
-         "tokens + paper-rule heads": ("C4", "D", ""), "values only": ("C7", "x", "")}
+         "tokens + paper-rule heads": ("C4", "D", ""), "values only": ("C7", "x", ""),
+         "heads only, calibrated, layer 0 only": ("C8", "<", ""),
+         "tokens + calibrated heads in layer 0 only": ("C6", "D", "")}
+# (task, y value of a candidate's result, panel title); the second set with --cross-fitted
+PANELS = [("imdb", lambda c: c["delta_refit_pts"], "IMDB: refit probe (protocol b)"),
+          ("sst2", lambda c: c["delta_refit_pts"], "SST-2: refit probe (protocol b)")]
+CV_PANELS = [("imdb", lambda c: c["cosine_mean"], "IMDB: cosine to the dense embedding"),
+             ("imdb", lambda c: c["cross_fit"]["delta_dropin_pts"], "IMDB, cross-fitted: drop-in probe (a)"),
+             ("imdb", lambda c: c["cross_fit"]["delta_refit_pts"], "IMDB, cross-fitted: refit probe (b)")]
+CV_CI = {1: "delta_dropin_ci95", 2: "delta_refit_ci95"}  # panel index -> interval key
 
 
 def series_of(label: str) -> str:
@@ -57,52 +70,72 @@ def collect(quality: list[Path], latency: Path) -> tuple[list[dict], dict]:
     return sorted(out, key=lambda r: (r["series"], r["speedup"] or 0)), {"dense": dense, "latency": lat}
 
 
+def _cv(c: dict | None, key: str) -> str:
+    cv = (c or {}).get("cross_fit")
+    if not cv:
+        return "-"
+    lo, hi = cv[f"{key}_ci95"]
+    return f"{cv[f'{key}_pts']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
 def table(rows: list[dict], info: dict) -> str:
     lat = info["latency"]
     dense_ms = next(m["median_ms"] for g in lat["groups"] if g["length"] == 512 for m in g["models"] if m["role"] == "dense")
     d = info["dense"]
     lines = [f"Dense: IMDB {100 * d['imdb'][0]:.1f} (n={d['imdb'][1]}/{d['imdb'][2]}), SST-2 {100 * d['sst2'][0]:.1f} "
              f"(n={d['sst2'][1]}/{d['sst2'][2]}); dense latency at 512 tokens {dense_ms:.1f} ms "
-             f"(load average {lat['meta']['load_avg_1m']:.1f}).", "",
-             "| candidate | series | speedup 512 (paired) | ideal FLOP ratio | IMDB cos | IMDB (a) | IMDB (b) | SST-2 cos | SST-2 (a) | SST-2 (b) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"(load average {lat['meta']['load_avg_1m']:.1f}). cv = cross-fitted over train+test, 95% CI.", "",
+             "| candidate | series | speedup 512 (paired) | ideal FLOP ratio | IMDB cos | IMDB (a) | IMDB (b) "
+             "| IMDB (a) cv | IMDB (b) cv | SST-2 cos | SST-2 (a) | SST-2 (b) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = []
         for t in ("imdb", "sst2"):
             c = r.get(t)
             cells += ["-"] * 3 if c is None else [f"{c['cosine_mean']:.3f}", f"{c['delta_dropin_pts']:+.1f}",
                                                   f"{c['delta_refit_pts']:+.1f}"]
+            if t == "imdb":
+                cells += [_cv(c, "delta_dropin"), _cv(c, "delta_refit")]
         sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x ({r['paired']:.2f}x)"
         fl = "-" if not r["flop"] else f"{r['flop']:.2f}"
         lines.append(f"| {r['label']} | {r['series']} | {sp} | {fl} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], info: dict, out: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6.2), sharex=True)
-    for ax, task, title in zip(axes, ("imdb", "sst2"), ("IMDB", "SST-2")):
-        ax.axhline(0, color="0.6", lw=0.8)
-        ax.axhline(-0.5, color="0.6", lw=0.8, ls=":")
-        ax.annotate("-0.5 pt", (2.3, -0.5), textcoords="offset points", xytext=(0, -10), fontsize=7, color="0.4")
-        ax.plot([1], [0], "k*", ms=12, label="dense")
+def plot(rows: list[dict], info: dict, out: Path, cross_fitted: bool = False) -> None:
+    panels = CV_PANELS if cross_fitted else PANELS
+    if cross_fitted:
+        rows = [r for r in rows if r.get("imdb") and "cross_fit" in r["imdb"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6.2), sharex=True)
+    for i, (ax, (task, value, title)) in enumerate(zip(axes, panels)):
+        cosine = cross_fitted and i == 0
+        if not cosine:
+            ax.axhline(0, color="0.6", lw=0.8)
+            ax.axhline(-0.5, color="0.6", lw=0.8, ls=":")
+        ax.plot([1], [1 if cosine else 0], "k*", ms=12, label="dense")
         for name in SERIES:
-            pts = sorted((r["speedup"], r[task]["delta_refit_pts"], r["label"]) for r in rows
+            pts = sorted((r["speedup"], value(r[task]), r["label"], r[task]) for r in rows
                          if r["series"] == name and r.get(task) and r["speedup"])
             if not pts:
                 continue
             color, marker, ls = STYLE[name]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls, color=color, label=name, ms=7)
-            for x, y, label in pts:
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, marker=marker, ls=ls, color=color, label=name, ms=7)
+            if i in CV_CI and cross_fitted:
+                ci = [p[3]["cross_fit"][CV_CI[i]] for p in pts]
+                ax.errorbar(xs, ys, yerr=[[y - lo for y, (lo, _) in zip(ys, ci)], [hi - y for y, (_, hi) in zip(ys, ci)]],
+                            fmt="none", ecolor=color, alpha=0.5, capsize=3)
+            for x, y, label, _ in pts:
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
         n = info["dense"][task]
-        ax.set_title(f"{title} (train {n[1]} / test {n[2]}): refit probe (protocol b)", fontsize=10)
+        ax.set_title(f"{title}\n(train {n[1]} / test {n[2]})", fontsize=10)
         ax.set_xlabel("measured speedup at 512 tokens (dense median / candidate median)")
-        ax.set_ylabel("accuracy change vs dense (points)")
+        ax.set_ylabel("cosine" if cosine else "accuracy change vs dense (points)")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
-    fig.suptitle("all-MiniLM-L6-v2, onnxruntime CPU batch 1: accuracy change vs measured speedup at 512 tokens\n"
-                 f"(latency under load average {info['latency']['meta']['load_avg_1m']:.0f}: indicative)", fontsize=11)
+    fig.suptitle("all-MiniLM-L6-v2, onnxruntime CPU batch 1: quality vs measured speedup at 512 tokens\n"
+                 f"(latency run at load average {info['latency']['meta']['load_avg_1m']:.1f})", fontsize=11)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=130)
 
@@ -112,10 +145,12 @@ def main() -> None:
     ap.add_argument("--quality", type=Path, nargs="+", required=True)
     ap.add_argument("--latency", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.png")
+    ap.add_argument("--cross-fitted", action="store_true",
+                    help="plot IMDB cosine and the cross-fitted drop-in / refit deltas with their intervals")
     args = ap.parse_args()
     rows, info = collect(args.quality, args.latency)
     args.out.with_suffix(".md").write_text(table(rows, info))
-    plot(rows, info, args.out.with_suffix(".png"))
+    plot(rows, info, args.out.with_suffix(".png"), args.cross_fitted)
     print(args.out.with_suffix(".md").read_text())
 
 
