@@ -50,8 +50,8 @@ class CompileConfig:
     head_importance: str = "layer"  # calibrated rule: layer (each layer's own scores) | cascade (SpAtten's)
     value_keep: float | None = None  # local value pruning (per query row, not cascaded)
     kv_bits: str | None = None  # progressive quantization: "6+4" (MSB+LSB) or "8" (static MSB only)
-    lsb_threshold: float | None = None  # recompute rows whose max probability is below this
-    kv_rule: str | None = None  # confidence rule: fixed (paper) | uniform | min (quantize-kv's default: fixed)
+    lsb_threshold: float | None = None  # the rule's threshold (default: the rule's own, quantize_kv.RULES)
+    kv_rule: str | None = None  # confidence rule: peak (quantize-kv's default) | fixed (paper) | uniform | min
     kv_granularity: str | None = None  # scale per token | head | channel | tensor (default token)
     kv_factor: float | None = None  # rule min: LSBs when max p <= min(threshold, factor / n_keys)
     kv_stats: bool = False  # diagnostic outputs: LSB rows per layer, LSB fraction

@@ -93,6 +93,7 @@ def test_bit_planes_round_trip_and_error_bound(bits: tuple[int, int], x: np.ndar
 
 
 def test_each_rule_has_its_default_threshold() -> None:
+    assert QuantizeKV().rule == "peak" and QuantizeKV().resolved_threshold == 0.3  # the default (bench/README.md)
     assert QuantizeKV(rule="fixed").resolved_threshold == 0.1  # the paper's
     assert QuantizeKV(rule="peak").resolved_threshold == 0.3
     assert QuantizeKV(rule="peak", threshold=0.0).resolved_threshold == 0.0  # explicit wins, 0 included
@@ -144,7 +145,7 @@ def _fake_quantized(proto: onnx.ModelProto, bits: str, plane: str, granularity: 
 def test_threshold_end_points(threshold: float, plane: str, granularity: str, name: str, tmp_path: Path) -> None:
     proto = onnx.load(MODELS / f"{name}.onnx")
     f, _ = reference_io(load_meta(name))
-    got = _compile(proto, make_pass("quantize-kv", bits="6+4", threshold=threshold, granularity=granularity,
+    got = _compile(proto, make_pass("quantize-kv", bits="6+4", rule="fixed", threshold=threshold, granularity=granularity,
                                     emit_stats=True))
     out = run_ort(_save(got, tmp_path / "got.onnx"), f)
     want = run_ort(_save(_fake_quantized(proto, "6+4", plane, granularity), tmp_path / "want.onnx"), f)
@@ -161,7 +162,7 @@ def test_full_precision_is_static_bit_for_bit(bits: str, granularity: str, tmp_p
     m, lo = parse_bits(bits)
     out = {}
     for name, opts in (("full", {"bits": bits, "threshold": 1.0}), ("static", {"bits": str(m + lo)})):
-        model = _compile(proto, make_pass("quantize-kv", granularity=granularity, **opts))
+        model = _compile(proto, make_pass("quantize-kv", granularity=granularity, rule="fixed", **opts))
         out[name] = run_ort(_save(model, tmp_path / f"{name}.onnx"), f)["last_hidden_state"]
     np.testing.assert_array_equal(out["full"], out["static"])
 
@@ -240,7 +241,7 @@ def test_rows_take_msb_or_full_result(tmp_path: Path) -> None:
     f = feeds(proto, batch=2, seq=6)
     runs = {}
     for name, thr in (("mid", 0.5), ("msb", 0.0), ("full", 1.0)):
-        model = _compile(proto, make_pass("quantize-kv", bits="4+4", threshold=thr, emit_stats=True))
+        model = _compile(proto, make_pass("quantize-kv", bits="4+4", rule="fixed", threshold=thr, emit_stats=True))
         _save(model, tmp_path / f"{name}.onnx")
         site_ctx = next(n for n in model.graph if n.op_type == "ProgressiveContext").outputs[0]
         proto_out = ir.serde.serialize_model(model)
@@ -285,7 +286,8 @@ def test_peak_rule_is_the_complement_on_real_rows(tmp_path: Path) -> None:
                          ids=["tokens", "tokens+values", "tokens+heads+values"])
 def test_composes_with_pruning(others: dict, tmp_path: Path) -> None:
     # The paper rule prunes at the layer input and keeps >= 1 token, so the 7-token inputs are pruned.
-    config = CompileConfig(token_keep=0.6, token_rule="paper", kv_bits="6+4", lsb_threshold=0.3, **others)
+    config = CompileConfig(token_keep=0.6, token_rule="paper", kv_bits="6+4", kv_rule="fixed", lsb_threshold=0.3,
+                           **others)
     model = ir.load(MODELS / "bert_torchscript.onnx")
     Pipeline(config.passes())(model)
     nodes = list(model.graph)
@@ -318,7 +320,7 @@ def test_head_pruned_layers_are_quantized(name: str, tmp_path: Path) -> None:
     is still found and quantized, with its kept heads."""
     meta = load_meta(name)
     model = ir.load(MODELS / f"{name}.onnx")
-    Pipeline(CompileConfig(head_keep=0.5, kv_bits="4+4", lsb_threshold=0.3, kv_granularity="head").passes())(model)
+    Pipeline(CompileConfig(head_keep=0.5, kv_bits="4+4", kv_rule="fixed", lsb_threshold=0.3, kv_granularity="head").passes())(model)
     assert sum(n.op_type == "ProgressiveContext" for n in model.graph) == meta["num_layers"]
     path = _save(model, tmp_path / "hq.onnx")
     f, want = reference_io(meta)
@@ -342,7 +344,7 @@ def test_kv_cache_decoders_keep_their_cache_interface(name: str, tmp_path: Path)
     """KV-cache decoders: attention reads the split-precision K/V of past + new tokens, while the
     present.* outputs (the cache the caller feeds back) stay the float K/V projections: layer 0's
     equal the input model's exactly (later layers' differ only through their quantized inputs)."""
-    path = _save(_compile(MODELS / f"{name}.onnx", make_pass("quantize-kv", bits="4+4", threshold=0.1)),
+    path = _save(_compile(MODELS / f"{name}.onnx", make_pass("quantize-kv", bits="4+4", rule="fixed", threshold=0.1)),
                  tmp_path / "q.onnx")
     f, _ = reference_io(load_meta(name))
     ours, want = run_ort(path, f), run_ort(MODELS / f"{name}.onnx", f)
@@ -420,7 +422,7 @@ def test_composes_with_in_layer_token_pruning(tmp_path: Path) -> None:
     """The spattenc token rule prunes inside the deciding layer (GatherRows of the probabilities'
     query rows before P @ V): TokenImportance reads Where(low, P_full, P_msb), the token selection is
     not cloned into the two score paths, and the confidence decision is gathered to the kept rows."""
-    config = CompileConfig(token_keep=0.6, token_min_keep=1, kv_bits="6+4", lsb_threshold=0.3, kv_stats=True)
+    config = CompileConfig(token_keep=0.6, token_min_keep=1, kv_bits="6+4", kv_rule="fixed", lsb_threshold=0.3, kv_stats=True)
     model = ir.load(MODELS / "bert_torchscript.onnx")
     Pipeline(config.passes())(model)
     nodes = list(model.graph)

@@ -81,8 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--lsb-threshold", type=float, metavar="T",
                    help="the confidence rule's threshold (default per rule: fixed 0.1, peak 0.3, min 0.1, uniform 4)")
     q.add_argument("--kv-rule", choices=("fixed", "uniform", "min", "peak"),
-                   help="LSBs when max p <= T (fixed, the paper's; default), max p <= T / n_keys (uniform), "
-                   "max p <= min(T, F / n_keys) (min), or max p > T (peak)")
+                   help="LSBs when max p > T (peak, the default: concentrated rows, whose errors do not average "
+                   "out), max p <= T (fixed, the paper's), max p <= T / n_keys (uniform), or max p <= min(T, F / n_keys) (min)")
     q.add_argument("--kv-factor", type=float, metavar="F", help="the min rule's F (default 8)")
     q.add_argument("--kv-granularity", choices=("token", "head", "channel", "tensor"),
                    help="one scale per (head, token) (default), head, (head, channel) or batch element")
