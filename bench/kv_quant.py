@@ -12,6 +12,8 @@ Steps (each can be run alone; state lives in ``bench/out/kvq/``):
           dense train embeddings.
           (records: bench/out/kvq/eval/<label>@<test sizes>.json)
   report  merge into bench/results/<stamp>-<name>.{md,json,png}
+  paired  per-text paired bootstrap of each progressive candidate against the static frontier at
+          its bytes (from the cached embeddings of eval), into bench/results/<stamp>-<name>.md
 
 Usage: ``nice -n 10 python bench/kv_quant.py build eval report`` (default: full test sets).
 """
@@ -63,6 +65,10 @@ GRID: dict[str, tuple[str, str | None, float | None, float | None]] = {
     "p4+1@0": ("4+1", "fixed", 0.0, None), "p4+2@0": ("4+2", "fixed", 0.0, None),
     "p4+4@0": ("4+4", "fixed", 0.0, None), "p5+1@0": ("5+1", "fixed", 0.0, None),
     "p6+1@0": ("6+1", "fixed", 0.0, None), "p4+1@p0.4": ("4+1", "peak", 0.4, None),
+    # the same one-bit refetch one bit lower and higher
+    "s3": ("3", None, None, None), "p3+1@0": ("3+1", "fixed", 0.0, None), "p3+1@p0.3": ("3+1", "peak", 0.3, None),
+    "p5+1@p0.3": ("5+1", "peak", 0.3, None), "p5+1@p0.2": ("5+1", "peak", 0.2, None),
+    "p4+1@0.2": ("4+1", "fixed", 0.2, None),
     "p4+1@p0.7": ("4+1", "peak", 0.7, None), "p4+1@p0.9": ("4+1", "peak", 0.9, None),
     "p4+2@p0.5": ("4+2", "peak", 0.5, None), "p4+2@p0.7": ("4+2", "peak", 0.7, None),
     "p4+1@0.1": ("4+1", "fixed", 0.1, None), "p4+1@p0.2": ("4+1", "peak", 0.2, None),
@@ -182,13 +188,13 @@ def is_static(row: dict, task: str) -> bool:
     return row["rule"] == "static" or row[task]["lsb_fraction"] == 0
 
 
-def static_at(rows: list[dict], task: str, ratio: float) -> float | None:
-    """The static frontier's cosine at ``ratio`` x fewer bytes: the upper envelope of the static
-    points, linear in bytes per element between them (what storing a fraction of the K/V in one
-    static format and the rest in the next achieves, to first order)."""
-    pts = sorted((1 / r[task]["bytes_ratio"], r[task]["cosine_mean"]) for r in rows if is_static(r, task))
-    hull: list[tuple[float, float]] = []
-    for p in pts:  # upper concave hull, left to right (same-bytes points: the best one)
+def frontier(rows: list[dict], task: str) -> list[tuple[float, float, str]]:
+    """The static frontier: the upper concave envelope of the static points as (bytes per fp32 byte,
+    cosine, label), left to right - what storing a fraction of the K/V in one static format and the
+    rest in the next achieves, to first order (linear in bytes per element)."""
+    pts = sorted((1 / r[task]["bytes_ratio"], r[task]["cosine_mean"], r["label"]) for r in rows if is_static(r, task))
+    hull: list[tuple[float, float, str]] = []
+    for p in pts:  # same-bytes points: the best one
         if hull and p[0] == hull[-1][0]:
             if p[1] <= hull[-1][1]:
                 continue
@@ -197,20 +203,37 @@ def static_at(rows: list[dict], task: str, ratio: float) -> float | None:
                 >= (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0]):
             hull.pop()
         hull.append(p)
-    x = 1 / ratio
-    if not hull or not hull[0][0] <= x <= hull[-1][0]:
+    return hull
+
+
+def segment(hull: list[tuple[float, float, str]], x: float) -> tuple[int, float] | None:
+    """(i, f): x lies between hull[i] and hull[i + 1], a fraction f of the way."""
+    for i in range(len(hull) - 1):
+        if hull[i][0] <= x <= hull[i + 1][0]:
+            return i, (x - hull[i][0]) / (hull[i + 1][0] - hull[i][0])
+    return None
+
+
+def static_at(rows: list[dict], task: str, ratio: float) -> float | None:
+    """The static frontier's cosine at ``ratio`` x fewer bytes."""
+    hull = frontier(rows, task)
+    seg = segment(hull, 1 / ratio)
+    if seg is None:
         return None
-    return float(np.interp(x, [p[0] for p in hull], [p[1] for p in hull]))
+    i, f = seg
+    return (1 - f) * hull[i][1] + f * hull[i + 1][1]
+
+
+def _row(label: str, n_test: str) -> dict:
+    rec = json.loads(eval_path(label, n_test).read_text())
+    bits, rule, thr, factor = rec["grid"]
+    compile_cmd = build_cmd(label, rec["compile"][rec["compile"].index("--kv-granularity") + 1])
+    return {"label": label, "bits": bits, "rule": rule or "static", "threshold": thr, "factor": factor,
+            "compile": compile_cmd, "command": rec["meta"]["command"], **rec["tasks"]}
 
 
 def report(labels: list[str], stamp: str, n_test: str, name: str, chart: bool = True) -> tuple[Path, Path]:
-    rows = []
-    for label in labels:
-        rec = json.loads(eval_path(label, n_test).read_text())
-        bits, rule, thr, factor = rec["grid"]
-        rec["compile"] = build_cmd(label, rec["compile"][rec["compile"].index("--kv-granularity") + 1])
-        rows.append({"label": label, "bits": bits, "rule": rule or "static", "threshold": thr, "factor": factor,
-                     "compile": rec["compile"], "command": rec["meta"]["command"], **rec["tasks"]})
+    rows = [_row(label, n_test) for label in labels]
     t0 = rows[0]
     lines = [f"Test sets: IMDB {t0['imdb']['n_test']} (probe train {t0['imdb']['n_train']}), SST-2 "
              f"{t0['sst2']['n_test']} (probe train {t0['sst2']['n_train']}); dense accuracy IMDB "
@@ -243,6 +266,53 @@ def report(labels: list[str], stamp: str, n_test: str, name: str, chart: bool = 
     if chart:
         plot(rows, png)
     return md, png
+
+
+def paired(labels: list[str], stamp: str, args: argparse.Namespace) -> Path:
+    """Per-text paired comparison of each progressive candidate with the static frontier at its
+    bytes: the frontier's error on a text is the byte-weighted mix of the two bracketing static
+    models' errors on it. 95% bootstrap interval of the mean difference in 1 - cosine."""
+    rows = [_row(label, args.n_test) for label in labels]
+    eargs = ee.build_parser().parse_args(["--dense", str(DENSE), "--n-train", args.n_train, "--n-test", args.n_test])
+    tok_path = common.find_tokenizer(DENSE)
+    tok, tok_sha = common.load_tokenizer(tok_path, eargs.max_len), hashlib.sha256(tok_path.read_bytes()).hexdigest()
+
+    def errors(label: str, path: Path, test: Any, dense: np.ndarray) -> np.ndarray:
+        cache = ee.Embedder(common.ModelSpec(label, path), tok, tok_sha, eargs)._cache_path(test)
+        if not cache.exists():
+            raise SystemExit(f"no cached embeddings of {label} for this test set: run eval first")
+        e = np.load(cache)["mean"]
+        return 1 - (e * dense).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(dense, axis=1)
+
+    lines = ["Paired per-text comparison with the static frontier (1 - cosine to dense; frontier = the two "
+             "bracketing static models mixed at the candidate's bytes; 95% bootstrap CI, 2000 resamples).", "",
+             "| candidate | task | texts | bytes vs fp32 | frontier between | 1 - cos | frontier 1 - cos | ratio | "
+             "difference [95% CI] | texts better |", "|" + "---|" * 10]
+    rng = np.random.default_rng(0)
+    for task in ("imdb", "sst2"):
+        tdef = ee.TASKS[task]
+        test = ee.load_split(eargs.data_dir / tdef.test, eargs.n_test.get(task, tdef.n_test), eargs.seed)
+        dense = ee.Embedder(common.ModelSpec("dense", DENSE), tok, tok_sha, eargs)
+        d = np.load(dense._cache_path(test))["mean"]
+        hull = frontier(rows, task)
+        for r in rows:
+            seg = None if is_static(r, task) else segment(hull, 1 / r[task]["bytes_ratio"])
+            if seg is None:
+                continue
+            i, f = seg
+            lo, hi = hull[i][2], hull[i + 1][2]
+            mine = errors(r["label"], model_path(r["label"]), test, d)
+            front = (1 - f) * errors(lo, model_path(lo), test, d) + f * errors(hi, model_path(hi), test, d)
+            diff = mine - front
+            boot = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)])
+            lines.append(f"| {r['label']} | {task} | {len(diff)} | {r[task]['bytes_ratio']:.2f}x | {lo} .. {hi} "
+                         f"({f:.2f}) | {mine.mean():.5f} | {front.mean():.5f} | {mine.mean() / front.mean():.2f} | "
+                         f"{diff.mean():+.6f} [{np.percentile(boot, 2.5):+.6f}, {np.percentile(boot, 97.5):+.6f}] | "
+                         f"{(diff < 0).mean():.0%} |")
+    lines += ["", "Command:", "", "```", "python " + " ".join(sys.argv), "```"]
+    md = ROOT / "bench" / "results" / f"{stamp}-{args.name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
 
 
 def plot(rows: list[dict], png: Path) -> None:
@@ -306,7 +376,7 @@ def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("steps", nargs="+", choices=("build", "eval", "eval-one", "report"))
+    p.add_argument("steps", nargs="+", choices=("build", "eval", "eval-one", "report", "paired"))
     p.add_argument("--only", nargs="*", default=list(GRID), help="candidate labels (default: all, in GRID order)")
     p.add_argument("--granularity", default="token")
     p.add_argument("--n-train", default="imdb=all,sst2=4000", help="probe training sizes (embed_eval syntax)")
@@ -329,6 +399,8 @@ def main() -> int:
         md, png = report(labels, time.strftime("%Y%m%d-%H%M%S", time.gmtime()), args.n_test, args.name,
                          not args.no_chart)
         log.info("wrote %s and %s", md, png)
+    if "paired" in args.steps:
+        log.info("wrote %s", paired(labels, time.strftime("%Y%m%d-%H%M%S", time.gmtime()), args))
     return 0
 
 
