@@ -12,6 +12,15 @@ valid query rows only (rows whose ``attention_mask`` entry is 1; for a KV-cache 
   with the head of the same index in layer 3, so nothing is carried across layers);
 - ``cascade``: SpAtten's rule on the calibration scores - scores accumulated over the earlier
   layers, top-k among the groups still kept, a pruned group stays pruned.
+
+``ablation`` importance (:func:`ablation_scores`) replaces SpAtten's magnitude by what removing the
+head does to the output: a group's score is the mean cosine distance, over the calibration inputs,
+between the model's first output mean-pooled over valid tokens (sentence-transformers' pooling; a
+rank-3 output ``[B, S, D]``, other ranks are flattened) with every head and with only that group
+removed. Removing a group is done by zeroing its ``E`` rows, which is exactly what slicing its
+Q/K/V columns and output-projection rows computes. Heads are then chosen per layer as with ``layer``.
+It costs ``1 + layers * groups`` passes over the calibration data at compile time (only the layers
+that lose heads are ablated).
 """
 
 from __future__ import annotations
@@ -47,26 +56,11 @@ def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
 
 def calibration_scores(model: ir.Model, sites: list[AttentionSite], path: str | Path) -> np.ndarray:
     """``[layers, groups]`` scores of the model on the calibration inputs."""
-    import onnxruntime as ort
-
     feeds = load_calibration(path)
-    graph = model.graph
-    names = {i.name for i in graph.inputs}
-    missing = names - set(feeds)
-    if missing:
-        raise OptionError(f"--head-calibration {path}: no array for model input(s) {sorted(missing)}")
+    names = _check_feeds(model, feeds, path)
     taps = [s.pv.outputs[0] for s in sites]
-    added = [t for t in taps if t not in graph.outputs]
-    graph.outputs.extend(added)
     with tempfile.TemporaryDirectory() as tmp:
-        try:  # a file beside its weights: models with external data cannot be handed over as bytes
-            ir.save(model, f"{tmp}/calibration.onnx", external_data="calibration.onnx.data")
-        finally:
-            for t in added:
-                graph.outputs.remove(t)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(f"{tmp}/calibration.onnx", so, providers=["CPUExecutionProvider"])
+        sess = _session(model, tmp, taps)
     groups = sites[0].num_kv_heads
     scores = np.zeros((len(sites), groups))
     n = len(next(iter(feeds.values())))
@@ -82,12 +76,110 @@ def calibration_scores(model: ir.Model, sites: list[AttentionSite], path: str | 
     return scores
 
 
+def _check_feeds(model: ir.Model, feeds: dict[str, np.ndarray], path: str | Path) -> set[str]:
+    names = {i.name for i in model.graph.inputs}
+    missing = names - set(feeds)
+    if missing:
+        raise OptionError(f"--head-calibration {path}: no array for model input(s) {sorted(missing)}")
+    return names
+
+
+def _session(model: ir.Model, tmp: str, extra_outputs: list[ir.Value], extra_inputs: list[ir.Value] = (),
+             wraps: list[tuple[ir.Value, ir.Value]] = ()):
+    """An onnxruntime session of ``model`` with temporary extra graph inputs/outputs; ``wraps``: each
+    ``(value, mask)`` makes every consumer of ``value`` read ``value * mask`` instead. The model is
+    restored before returning."""
+    import onnxruntime as ort
+
+    graph = model.graph
+    added = [t for t in extra_outputs if t not in graph.outputs]
+    graph.outputs.extend(added)
+    graph.inputs.extend(extra_inputs)
+    muls, restore = [], []
+    for value, mask in wraps:
+        uses = list(value.uses())
+        mul = ir.node("Mul", [value, mask], name=f"ablation_{mask.name}")
+        graph.insert_after(value.producer(), mul)  # saved graphs must stay in topological order
+        muls.append(mul)
+        for use in uses:
+            use.node.replace_input_with(use.idx, mul.outputs[0])
+            restore.append((use.node, use.idx, value))
+    try:  # a file beside its weights: models with external data cannot be handed over as bytes
+        ir.save(model, f"{tmp}/calibration.onnx", external_data="calibration.onnx.data")
+    finally:
+        for node, idx, value in restore:
+            node.replace_input_with(idx, value)
+        for mul in muls:
+            graph.remove(mul, safe=True)
+        for t in added:
+            graph.outputs.remove(t)
+        for i in extra_inputs:
+            graph.inputs.remove(i)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(f"{tmp}/calibration.onnx", so, providers=["CPUExecutionProvider"])
+
+
+def _pooled(out: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``[B, F]``: a rank-3 output mean-pooled over its valid rows (the last rows of the mask), else flattened."""
+    out = out.astype(np.float64)
+    if out.ndim == 3:
+        w = np.ones(out.shape[:2]) if mask is None else mask[:, -out.shape[1]:].astype(np.float64)
+        return (out * w[..., None]).sum(axis=1) / np.maximum(w.sum(axis=1, keepdims=True), 1e-9)
+    return out.reshape(len(out), -1)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def ablation_scores(model: ir.Model, sites: list[AttentionSite], path: str | Path,
+                    layers: list[int] | None = None) -> np.ndarray:
+    """``[layers, groups]``: mean cosine distance of the pooled first output when only that group is
+    removed; only the rows of ``layers`` (default all) are computed, the others are 0."""
+    feeds = load_calibration(path)
+    names = _check_feeds(model, feeds, path)
+    graph = model.graph
+    groups, heads = sites[0].num_kv_heads, sites[0].num_heads
+    out = graph.outputs[0]
+    masks = []
+    for i, site in enumerate(sites):
+        e = site.pv.outputs[0]
+        dtype = e.type.dtype if e.type is not None else ir.DataType.FLOAT
+        masks.append(ir.Value(name=f"spatten_ablation_mask_{i}", type=ir.TensorType(dtype),
+                              shape=ir.Shape([1, heads, 1, 1])))
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = _session(model, tmp, [], masks, [(s.pv.outputs[0], m) for s, m in zip(sites, masks)])
+    dtypes = [m.type.dtype.numpy() for m in masks]
+    ones = [np.ones((1, heads, 1, 1), dt) for dt in dtypes]
+    n = len(next(iter(feeds.values())))
+    scores = np.zeros((len(sites), groups))
+    per = heads // groups
+    for start in range(0, n, BATCH):
+        batch = {k: v[start:start + BATCH] for k, v in feeds.items() if k in names}
+        mask = batch.get("attention_mask")
+
+        def run(ms: list[np.ndarray], batch=batch, mask=mask) -> np.ndarray:
+            return _pooled(sess.run([out.name], {**batch, **{m.name: a for m, a in zip(masks, ms)}})[0], mask)
+
+        dense = run(ones)
+        for layer in range(len(sites)) if layers is None else layers:
+            for g in range(groups):
+                ms = list(ones)
+                ms[layer] = ones[layer].copy()
+                ms[layer][0, g * per:(g + 1) * per] = 0
+                scores[layer, g] += (1 - _cosine(dense, run(ms))).sum()
+    logger.info("head ablation: %d inputs from %s, %d ablations", n, path,
+                groups * (len(sites) if layers is None else len(layers)))
+    return scores / n
+
+
 def choose_heads(scores: np.ndarray, counts: list[int], importance: str) -> list[list[int]]:
     """Kept groups per layer (ascending); ties: the lower index wins."""
     groups = scores.shape[1]
     kept, acc, sel = [], np.zeros(groups), np.arange(groups)
     for layer, n in enumerate(counts):
-        if importance == "layer":
+        if importance in ("layer", "ablation"):
             order = np.argsort(-scores[layer], kind="stable")[:n]
             kept.append(sorted(order.tolist()))
             continue

@@ -20,9 +20,11 @@ costs onnxruntime the prepacked B matrices (bench/README.md, head pruning sectio
 ``n_l = ceil(G * ratio_l)`` (at least ``min_keep``); SpAtten's schedule leaves the first 30% of
 layers unpruned, layer 0 always (no scores exist before it). A pruned group never comes back under
 the paper rule (``HeadSelect`` ranks only the groups still kept). An explicit schedule is a cascade
-(layer 0 keeps 1.0, never increasing) except under the calibrated rule with ``layer`` importance:
-each layer's heads are chosen alone, so its ratio is taken as given and layer 0 may be pruned
-(``0.5,1``: layer 0 keeps half, the rest all; missing entries repeat the last). The Q/K/V MatMuls
+(layer 0 keeps 1.0, never increasing) except under the calibrated rule with ``layer`` or
+``ablation`` importance: each layer's heads are chosen alone, so its ratio is taken as given and
+layer 0 may be pruned (``0.5,1``: layer 0 keeps half, the rest all; missing entries repeat the
+last). ``ablation`` ranks a layer's heads by the output change when the head alone is removed
+(:func:`.head_calibration.ablation_scores`) instead of by |attention output|. The Q/K/V MatMuls
 of a pruned layer have width ``n_l * Dh`` and the output projection reads ``n_l * Dh`` rows.
 
 Design choices (the paper runs batch 1, MHA only):
@@ -157,11 +159,12 @@ class PruneHeads(Pass):
     min_keep: int = 1
     rule: str = "paper"
     calibration: str = ""
-    importance: str = "layer"  # calibrated: each layer's own scores (layer) or SpAtten's accumulation (cascade)
+    importance: str = "layer"  # calibrated: each layer's own scores (layer), SpAtten's accumulation (cascade),
+    # or each layer's own ablation costs (ablation: output change when the head alone is removed)
     heads: tuple[tuple[int, ...], ...] = ()
 
     def ratios(self, layers: int) -> list[float]:
-        if self.schedule and self.rule == "calibrated" and self.importance == "layer":
+        if self.schedule and self.rule == "calibrated" and self.importance in ("layer", "ablation"):
             return full_schedule(list(self.schedule), layers)  # heads chosen per layer: no cascade needed
         if self.schedule:
             return check_schedule(list(self.schedule), layers)
@@ -172,8 +175,8 @@ class PruneHeads(Pass):
             raise OptionError(f"min_keep must be >= 1, got {self.min_keep}")
         if self.rule not in ("paper", "calibrated"):
             raise OptionError(f"head rule must be paper or calibrated, got {self.rule!r}")
-        if self.importance not in ("layer", "cascade"):
-            raise OptionError(f"head importance must be layer or cascade, got {self.importance!r}")
+        if self.importance not in ("layer", "cascade", "ablation"):
+            raise OptionError(f"head importance must be layer, cascade or ablation, got {self.importance!r}")
         if self.rule == "calibrated" and not self.heads and not self.calibration:
             raise OptionError("the calibrated head rule needs a calibration file (--head-calibration) or explicit heads")
         sites = find_attention(model).sites
@@ -200,9 +203,13 @@ class PruneHeads(Pass):
                 _Rewrite(model, sites, counts).run()
                 logger.info("prune-heads (paper rule, run time): kept head groups per layer %s", counts)
                 return PassResult(model, True)
-            from .head_calibration import calibration_scores, choose_heads
+            from .head_calibration import ablation_scores, calibration_scores, choose_heads
 
-            scores = calibration_scores(model, sites, self.calibration)
+            if self.importance == "ablation":  # only the layers that lose heads are worth ablating
+                pruned = [i for i, n in enumerate(counts) if n < groups]
+                scores = ablation_scores(model, sites, self.calibration, pruned)
+            else:
+                scores = calibration_scores(model, sites, self.calibration)
             kept = choose_heads(scores, counts, self.importance)
         if all(len(k) == groups for k in kept):
             return PassResult(model, False)

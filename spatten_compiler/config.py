@@ -47,7 +47,7 @@ class CompileConfig:
     head_keep_schedule: tuple[float, ...] = ()
     head_rule: str | None = None  # paper (run time) | calibrated (compile time); default: calibrated iff a file is given
     head_calibration: str | None = None  # .npz of input feeds for the calibrated rule
-    head_importance: str = "layer"  # calibrated rule: layer (each layer's own scores) | cascade (SpAtten's)
+    head_importance: str = "layer"  # calibrated rule: layer (each layer's own scores) | cascade (SpAtten's) | ablation
     value_keep: float | None = None  # local value pruning (per query row, not cascaded)
     kv_bits: str | None = None  # progressive quantization: "6+4" (MSB+LSB) or "8" (static MSB only)
     lsb_threshold: float | None = None  # the rule's threshold (default: the rule's own, quantize_kv.RULES)
@@ -64,8 +64,11 @@ class CompileConfig:
                 raise OptionError(f"{flag} must be in (0, 1], got {value}")
         if self.head_rule not in (None, "paper", "calibrated"):
             raise OptionError(f"--head-rule must be paper or calibrated, got {self.head_rule!r}")
-        if self.head_importance not in ("layer", "cascade"):
-            raise OptionError(f"--head-importance must be layer or cascade, got {self.head_importance!r}")
+        if self.head_importance not in ("layer", "cascade", "ablation"):
+            raise OptionError(f"--head-importance must be layer, cascade or ablation, got {self.head_importance!r}")
+        if self.head_importance != "layer" and not self.head_calibration:
+            raise OptionError(f"--head-importance {self.head_importance} needs --head-calibration FILE.npz "
+                              "(it ranks heads on calibration data)")
         if self.head_rule == "calibrated" and not self.head_calibration:
             raise OptionError("--head-rule calibrated needs --head-calibration FILE.npz")
         if self.head_calibration and self.head_rule == "paper":

@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="average head keep ratio with SpAtten's schedule (first 30%% of layers unpruned)")
     h.add_argument("--head-keep-schedule", metavar="R,R,...",
                    help="explicit head keep ratio per layer, missing trailing entries repeat the last; a cascade "
-                   "(first 1.0, never increasing) except with --head-rule calibrated and --head-importance layer, "
+                   "(first 1.0, never increasing) except with --head-rule calibrated and --head-importance layer or ablation, "
                    "where any layer may be pruned (0.5,1: layer 0 keeps half, the rest all)")
     h.add_argument("--head-rule", choices=("paper", "calibrated"),
                    help="paper: heads chosen at run time from each input's scores (SpAtten); calibrated: chosen "
@@ -70,9 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--head-calibration", metavar="NPZ",
                    help="calibration inputs (.npz of the model's input arrays, batch first; "
                    "bench/head_calibration.py writes one)")
-    h.add_argument("--head-importance", choices=("layer", "cascade"),
-                   help="calibrated rule: each layer ranks its own heads (layer, default) or SpAtten's "
-                   "accumulated cascade")
+    h.add_argument("--head-importance", choices=("layer", "cascade", "ablation"),
+                   help="calibrated rule: each layer ranks its own heads by |attention output| (layer, default), "
+                   "SpAtten's accumulated cascade, or by the cosine change of the mean-pooled output when the "
+                   "head alone is removed (ablation; one run over the calibration data per head of each pruned layer)")
     h.add_argument("--value-keep", type=float, metavar="R",
                    help="local value pruning: per query row, only this fraction of V rows (largest P) contribute")
     q = p.add_argument_group("progressive quantization of K/V")
