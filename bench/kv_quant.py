@@ -341,7 +341,16 @@ def plot(rows: list[dict], png: Path) -> None:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color, markersize=7,
                     label=name if task == "imdb" else None, zorder=2)
-            labels += [(x, y, lab, color) for x, y, lab in pts]
+            if rule in ("static", "msb-only"):
+                labels += [(x, y, lab, color) for x, y, lab in pts]
+                continue
+            # progressive: one line per format through its thresholds, labelled once (the table has each point)
+            for bits in sorted({r["bits"] for r in rows if r["rule"] == rule}):
+                fam = sorted((x, y) for x, y, lab in pts if GRID[lab][0] == bits)
+                if not fam:  # e.g. only its MSB-only point (threshold 0), drawn as static
+                    continue
+                ax.plot([p[0] for p in fam], [p[1] for p in fam], "-", color=color, linewidth=0.8, alpha=0.6, zorder=1)
+                labels.append((fam[-1][0], fam[-1][1], f"{bits} {rule}", color))
         ax.set_yscale("log")
         ax.set_xlim(right=max(ax.get_xlim()[1], 6.8))
         _place_labels(ax, labels)
