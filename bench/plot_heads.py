@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 SERIES = {  # label prefix -> series, first match wins; value pruning is its own point
     "heads only, calibrated, layer 0 only": lambda c: c.startswith("cal-l0"),
     "tokens + calibrated heads in layer 0 only": lambda c: c.startswith("t") and "-cal-l0" in c,
+    "tokens + ablation-ranked heads": lambda c: c.startswith("t") and "-abl-" in c,
+    "tokens + magnitude-ranked heads (ablation's schedule)": lambda c: c.startswith("t") and "-mag-" in c,
     "tokens only (spattenc rule)": lambda c: c.startswith("spattenc-") or c.startswith("t") and "-h" not in c,
     "heads only, paper rule (run time)": lambda c: c.startswith("paper-h"),
     "heads only, calibrated (compile time)": lambda c: c.startswith("cal-h"),
@@ -35,7 +37,9 @@ STYLE = {"tokens only (spattenc rule)": ("C0", "o", "-"), "heads only, paper rul
          "heads only, calibrated, cascade importance": ("C5", "P", ""), "tokens + calibrated heads": ("C1", "s", "-"),
          "tokens + paper-rule heads": ("C4", "D", ""), "values only": ("C7", "x", ""),
          "heads only, calibrated, layer 0 only": ("C8", "<", ""),
-         "tokens + calibrated heads in layer 0 only": ("C6", "D", "")}
+         "tokens + calibrated heads in layer 0 only": ("C6", "D", ""),
+         "tokens + ablation-ranked heads": ("C9", "*", ""),
+         "tokens + magnitude-ranked heads (ablation's schedule)": ("C4", "X", "")}
 # (task, y value of a candidate's result, panel title); the second set with --cross-fitted
 PANELS = [("imdb", lambda c: c["delta_refit_pts"], "IMDB: refit probe (protocol b)"),
           ("sst2", lambda c: c["delta_refit_pts"], "SST-2: refit probe (protocol b)")]
