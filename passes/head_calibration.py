@@ -155,7 +155,11 @@ def ablation_scores(model: ir.Model, sites: list[AttentionSite], path: str | Pat
     n = len(next(iter(feeds.values())))
     scores = np.zeros((len(sites), groups))
     per = heads // groups
+    ablations = groups * (len(sites) if layers is None else len(layers))
+    logger.info("head ablation: %d inputs x %d ablations (one model run each, plus the unablated one)", n, ablations)
     for start in range(0, n, BATCH):
+        if start:  # long work: one line per batch
+            logger.info("head ablation: %d/%d inputs done", start, n)
         batch = {k: v[start:start + BATCH] for k, v in feeds.items() if k in names}
         mask = batch.get("attention_mask")
 
@@ -169,8 +173,7 @@ def ablation_scores(model: ir.Model, sites: list[AttentionSite], path: str | Pat
                 ms[layer] = ones[layer].copy()
                 ms[layer][0, g * per:(g + 1) * per] = 0
                 scores[layer, g] += (1 - _cosine(dense, run(ms))).sum()
-    logger.info("head ablation: %d inputs from %s, %d ablations", n, path,
-                groups * (len(sites) if layers is None else len(layers)))
+    logger.info("head ablation: %d inputs from %s, %d ablations", n, path, ablations)
     return scores / n
 
 
