@@ -418,17 +418,20 @@ def test_cli_bad_kv_options_are_one_line(args: list[str], config: dict | None, m
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_composes_with_in_layer_token_pruning(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("rule", "decision"), [("fixed", "LowConfidence"), ("peak", "Not")])
+def test_composes_with_in_layer_token_pruning(rule: str, decision: str, tmp_path: Path) -> None:
     """The spattenc token rule prunes inside the deciding layer (GatherRows of the probabilities'
     query rows before P @ V): TokenImportance reads Where(low, P_full, P_msb), the token selection is
-    not cloned into the two score paths, and the confidence decision is gathered to the kept rows."""
-    config = CompileConfig(token_keep=0.6, token_min_keep=1, kv_bits="6+4", kv_rule="fixed", lsb_threshold=0.3, kv_stats=True)
+    not cloned into the two score paths, and the confidence decision is gathered to the kept rows.
+    Both the paper's rule and the default (peak, the negated test)."""
+    config = CompileConfig(token_keep=0.6, token_min_keep=1, kv_bits="6+4", kv_rule=rule, lsb_threshold=0.3,
+                           kv_stats=True)
     model = ir.load(MODELS / "bert_torchscript.onnx")
     Pipeline(config.passes())(model)
     nodes = list(model.graph)
     importance = [n for n in nodes if n.op_type.startswith("TokenImportance")]
     assert importance and all(n.inputs[0].producer().op_type == "Where" for n in importance)
-    assert all(n.inputs[0].producer().inputs[0].producer().op_type == "LowConfidence" for n in importance)
+    assert all(n.inputs[0].producer().inputs[0].producer().op_type == decision for n in importance)
     assert sum(n.op_type == "TokenSelect" for n in nodes) == len(importance)  # one selection per pruning layer
     gathers = [n for n in nodes if n.op_type == "GatherRows"]
     assert len(gathers) == 3 * len(importance)  # P_msb, P_full and the LSB decision, same kept rows
