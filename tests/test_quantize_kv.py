@@ -36,7 +36,7 @@ BITS = [(4, 4), (6, 4), (8, 4), (4, 0), (6, 0), (8, 0)]
 ENCODERS = [n for n in fixture_names() if not load_meta(n)["kv_cache"] and not load_meta(n).get("fused_attention")]
 REJECTED = ["bert_attention_op23"]  # fused (the CLI decomposes it first)
 KV_CACHE = [n for n in fixture_names() if load_meta(n)["kv_cache"] and not load_meta(n).get("fused_attention")]
-CONFIGS = [("6+2", "fixed", 0.5), ("4+4", "uniform", 2.0), ("4+4", "min", 0.4), ("6", "fixed", 0.1)]
+CONFIGS = [("6+2", "fixed", 0.5), ("4+4", "uniform", 2.0), ("4+4", "min", 0.4), ("4+4", "peak", 0.3), ("6", "fixed", 0.1)]
 
 
 @cache
