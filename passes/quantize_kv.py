@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -84,8 +85,34 @@ GRANULARITY: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "channel": ((3,), (2,)),
     "token": ((2,), (3,)),
 }
-# Confidence rules -> their default --lsb-threshold (see the module docstring for each test).
-RULES: dict[str, float] = {"fixed": 0.1, "uniform": 4.0, "min": 0.1, "peak": 0.3}
+
+
+def _fixed(r: _Rewrite, p: ir.Value) -> ir.Value:
+    return r.call("LowConfidence", p, r.thr)
+
+
+def _uniform(r: _Rewrite, p: ir.Value) -> ir.Value:
+    return r.call("LowConfidenceUniform", p, r.thr)
+
+
+def _min(r: _Rewrite, p: ir.Value) -> ir.Value:  # max p <= min(t, c / n): both tests
+    factor = r.e.const("factor", np.float32(r.opts.factor))
+    return r.e.op("And", [_fixed(r, p), r.call("LowConfidenceUniform", p, factor)])
+
+
+def _peak(r: _Rewrite, p: ir.Value) -> ir.Value:  # the opposite test: LSBs for rows with max p > t
+    return r.e.op("Not", [_fixed(r, p)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    threshold: float  # the default --lsb-threshold
+    low: Callable[[_Rewrite, ir.Value], ir.Value]  # MSB-only probabilities -> rows needing LSBs [B, H, Sq, 1]
+
+
+# Confidence rules (see the module docstring for each test).
+RULES: dict[str, Rule] = {"fixed": Rule(0.1, _fixed), "uniform": Rule(4.0, _uniform), "min": Rule(0.1, _min),
+                          "peak": Rule(0.3, _peak)}
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -160,7 +187,9 @@ class QuantizeKV(Pass):
 
     @property
     def resolved_threshold(self) -> float:
-        return RULES.get(self.rule, 0.0) if self.threshold is None else self.threshold
+        if self.threshold is not None:
+            return self.threshold
+        return RULES[self.rule].threshold if self.rule in RULES else 0.0
 
     def check(self) -> tuple[int, int]:
         m, lo = parse_bits(self.bits)
@@ -249,7 +278,7 @@ class _Rewrite:
         k_m, k_f = self._split(kt, k_axes)
         v_m, v_f = self._split(v, v_axes) if self.opts.values else (v, v)
         msb, full = self._clone(chain, kt, k_m), self._clone(chain, kt, k_f)
-        low = self._low(msb[id(site.probs)])
+        low = RULES[self.opts.rule].low(self, msb[id(site.probs)])
         low_used, qvalid = low, self._qvalid(msb[id(site.probs)])
         for node in chain:
             if node.domain == DOMAIN and node.op_type == "GatherRows":  # in-layer token pruning: kept rows
@@ -264,16 +293,6 @@ class _Rewrite:
             self.e.replace_uses(site.probs, where, keep=[pv, *chain])
         if self.opts.emit_stats:
             self._stats(site.layer, need, qvalid)
-
-    def _low(self, p: ir.Value) -> ir.Value:
-        if self.opts.rule == "fixed":
-            return self.call("LowConfidence", p, self.thr)
-        if self.opts.rule == "uniform":
-            return self.call("LowConfidenceUniform", p, self.thr)
-        if self.opts.rule == "peak":  # the opposite test: LSBs for rows with max p > t
-            return self.e.op("Not", [self.call("LowConfidence", p, self.thr)])
-        factor = self.e.const("factor", np.float32(self.opts.factor))  # max p <= min(t, c / n): both tests
-        return self.e.op("And", [self.call("LowConfidence", p, self.thr), self.call("LowConfidenceUniform", p, factor)])
 
     def _static(self, x: ir.Value, axes: tuple[int, ...]) -> ir.Value:
         s = self.scale(x, axes)
@@ -309,7 +328,8 @@ class _Rewrite:
         # With a KV cache the keys are past + new tokens and the query rows are the new ones: the
         # last Sq key positions (a no-op slice in self-attention).
         rows = e.op("Neg", [e.op("Shape", [p], start=2, end=3)])
-        last = e.op("Slice", [last, rows, e.const("end", np.array([2**62], np.int64)), e.const("axes", np.array([1], np.int64))])
+        end, axis1 = e.const("end", np.array([2**62], np.int64)), e.const("axes", np.array([1], np.int64))
+        last = e.op("Slice", [last, rows, end, axis1])
         return e.op("Ceil", [last])
 
     def _stats(self, layer: int, need: ir.Value, qvalid: ir.Value) -> None:

@@ -43,9 +43,9 @@ def split(x: np.ndarray, scale: np.ndarray, step: np.ndarray, qmax: np.ndarray) 
     """The high m and low l bits of the (m+l)-bit quantization ``Quantize(x, scale, qmax)``:
     msb = floor(q / 2^l) (int8), lsb = q - msb * 2^l in [0, 2^l) (uint8)."""
     q = _quantize(x, scale, qmax)
-    lo = int(round(float(step)))
-    msb = np.floor_divide(q, lo)
-    return msb.astype(np.int8), (q - msb * lo).astype(np.uint8)
+    k = int(round(float(step)))  # 2^l
+    msb = np.floor_divide(q, k)
+    return msb.astype(np.int8), (q - msb * k).astype(np.uint8)
 
 
 @spatten_op
