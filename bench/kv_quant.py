@@ -27,6 +27,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,15 +143,19 @@ class FetchCounter:
                 "bytes_ratio_head_policy": tot["bytes_fp32"] / tot["bytes_read_head_policy"]}
 
 
+def _embedders(eargs: argparse.Namespace) -> Callable[[str, Path], ee.Embedder]:
+    """embed_eval Embedders sharing the dense model's tokenizer (and so its embedding cache keys)."""
+    tok_path = common.find_tokenizer(DENSE)
+    tok, tok_sha = common.load_tokenizer(tok_path, eargs.max_len), hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    return lambda label, path: ee.Embedder(common.ModelSpec(label, path), tok, tok_sha, eargs)
+
+
 def eval_one(label: str, args: argparse.Namespace) -> Path:
     """Cosine, drop-in accuracy and fetch statistics of one candidate on each task's test set."""
     eargs = ee.build_parser().parse_args(["--dense", str(DENSE), "--threads", "2", "--n-train", args.n_train,
                                           "--n-test", args.n_test])
-    tok_path = common.find_tokenizer(DENSE)
-    tok = common.load_tokenizer(tok_path, eargs.max_len)
-    tok_sha = hashlib.sha256(tok_path.read_bytes()).hexdigest()
-    dense = ee.Embedder(common.ModelSpec("dense", DENSE), tok, tok_sha, eargs)
-    cand = ee.Embedder(common.ModelSpec(label, model_path(label)), tok, tok_sha, eargs)
+    embedder = _embedders(eargs)
+    dense, cand = embedder("dense", DENSE), embedder(label, model_path(label))
     bits = GRID[label][0]
     out: dict[str, Any] = {"label": label, "grid": GRID[label], "sha256": cand.sha256,
                            "compile": build_cmd(label, args.granularity),
@@ -274,11 +279,10 @@ def paired(labels: list[str], stamp: str, args: argparse.Namespace) -> Path:
     models' errors on it. 95% bootstrap interval of the mean difference in 1 - cosine."""
     rows = [_row(label, args.n_test) for label in labels]
     eargs = ee.build_parser().parse_args(["--dense", str(DENSE), "--n-train", args.n_train, "--n-test", args.n_test])
-    tok_path = common.find_tokenizer(DENSE)
-    tok, tok_sha = common.load_tokenizer(tok_path, eargs.max_len), hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    embedder = _embedders(eargs)
 
     def errors(label: str, path: Path, test: Any, dense: np.ndarray) -> np.ndarray:
-        cache = ee.Embedder(common.ModelSpec(label, path), tok, tok_sha, eargs)._cache_path(test)
+        cache = embedder(label, path)._cache_path(test)
         if not cache.exists():
             raise SystemExit(f"no cached embeddings of {label} for this test set: run eval first")
         e = np.load(cache)["mean"]
@@ -292,8 +296,7 @@ def paired(labels: list[str], stamp: str, args: argparse.Namespace) -> Path:
     for task in ("imdb", "sst2"):
         tdef = ee.TASKS[task]
         test = ee.load_split(eargs.data_dir / tdef.test, eargs.n_test.get(task, tdef.n_test), eargs.seed)
-        dense = ee.Embedder(common.ModelSpec("dense", DENSE), tok, tok_sha, eargs)
-        d = np.load(dense._cache_path(test))["mean"]
+        d = np.load(embedder("dense", DENSE)._cache_path(test))["mean"]
         hull = frontier(rows, task)
         for r in rows:
             seg = None if is_static(r, task) else segment(hull, 1 / r[task]["bytes_ratio"])
