@@ -228,7 +228,7 @@ def cross_fit(dense_x: np.ndarray, cand_x: np.ndarray, y: np.ndarray, k: int, ar
         ok_d[te] = probe.predict(dense_x[te]) == y[te]
         ok_a[te] = probe.predict(cand_x[te]) == y[te]
         ok_b[te] = fit_probe(cand_x[tr], y[tr], args.C, args.max_iter).predict(cand_x[te]) == y[te]
-    return {"folds": k, "n": len(y), "dense_acc": float(ok_d.mean()),
+    return {"folds": k, "n": len(y), "dense_acc": float(ok_d.mean()), "_correct": (ok_a, ok_b),
             "delta_dropin_pts": 100.0 * float(ok_a.mean() - ok_d.mean()),
             "delta_refit_pts": 100.0 * float(ok_b.mean() - ok_d.mean()),
             "delta_dropin_ci95": paired_ci95(ok_a, ok_d), "delta_refit_ci95": paired_ci95(ok_b, ok_d)}
@@ -288,9 +288,29 @@ def evaluate_task(name: str, dense: Embedder, cands: Sequence[Embedder],
                 rows[-1]["cross_fit"] = cross_fit(np.concatenate([d_tr.mean, d_te.mean]),
                                                   np.concatenate([x_tr, x_te]),
                                                   np.concatenate([train.labels, test.labels]), args.cross_fit, args)
+    if args.versus:
+        paired_versus(rows, args.versus)
+    for r in rows:
+        r.get("cross_fit", {}).pop("_correct", None)
     return {"task": name, "train": train.describe(), "test": test.describe(),
             "dense": {"accuracy": dense_acc, **timing(d_tr, d_te, len(train.texts), len(test.texts))},
             "candidates": rows}
+
+
+def paired_versus(rows: list[dict[str, Any]], base_label: str) -> None:
+    """Cross-fitted deltas of every other candidate against the candidate ``base_label`` (same
+    pooling), paired per item: does A beat B, not only each the dense model."""
+    for r in rows:
+        base = next((b for b in rows if b["label"] == base_label and b["pooling"] == r["pooling"]), None)
+        if base is None:
+            raise SystemExit(f"--versus {base_label}: no such candidate (labels: {', '.join(x['label'] for x in rows)})")
+        if r is base or "cross_fit" not in r:
+            continue
+        (a, b), (a0, b0) = r["cross_fit"]["_correct"], base["cross_fit"]["_correct"]
+        r["cross_fit"]["versus"] = {
+            "label": base_label,
+            "delta_dropin_pts": 100.0 * float(a.mean() - a0.mean()), "delta_dropin_ci95": paired_ci95(a, a0),
+            "delta_refit_pts": 100.0 * float(b.mean() - b0.mean()), "delta_refit_ci95": paired_ci95(b, b0)}
 
 
 MD_HEADER = ("| task | candidate | pooling | kept % | cos mean | cos p5 | dense acc | drop-in acc (Δ pts [95% CI]) "
@@ -329,15 +349,25 @@ def render_markdown(result: dict[str, Any]) -> str:
         head.extend(markdown_rows(task))
     cv = [(t["task"], r) for t in result["tasks"] for r in t["candidates"] if "cross_fit" in r]
     if cv:
-        head += ["", f"Cross-fitted over train+test ({cv[0][1]['cross_fit']['folds']} stratified folds, every item "
-                 "scored once by probes that did not see it):", "",
-                 "| task | candidate | pooling | n | dense acc | drop-in Δ pts [95% CI] | refit Δ pts [95% CI] |",
-                 "|---|---|---|---|---|---|---|"]
-        for name, r in cv:
-            c = r["cross_fit"]
-            head.append(f"| {name} | {r['label']} | {r['pooling']} | {c['n']} | {c['dense_acc']:.4f} | "
-                        f"{_delta(c, 'dropin')} | {_delta(c, 'refit')} |")
+        head += _delta_table(f"Cross-fitted over train+test ({cv[0][1]['cross_fit']['folds']} stratified folds, every "
+                             "item scored once by probes that did not see it):", ["n", "dense acc"],
+                             [(name, r, r["cross_fit"], [str(r["cross_fit"]["n"]), f"{r['cross_fit']['dense_acc']:.4f}"])
+                              for name, r in cv])
+        vs = [(name, r, r["cross_fit"]["versus"], []) for name, r in cv if "versus" in r["cross_fit"]]
+        if vs:
+            head += _delta_table(f"Cross-fitted, paired against candidate {vs[0][2]['label']} (same items, same "
+                                 "folds; positive = better than it):", [], vs)
     return "\n".join(head) + "\n"
+
+
+def _delta_table(title: str, extra: list[str], rows: list[tuple[str, dict, dict, list[str]]]) -> list[str]:
+    """A markdown table of drop-in and refit deltas: one ``(task, row, deltas, extra cells)`` per line."""
+    cols = ["task", "candidate", "pooling", *extra, "drop-in Δ pts [95% CI]", "refit Δ pts [95% CI]"]
+    lines = ["", title, "", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for name, r, d, cells in rows:
+        lines.append("| " + " | ".join([name, r["label"], r["pooling"], *cells, _delta(d, "dropin"),
+                                        _delta(d, "refit")]) + " |")
+    return lines
 
 
 def parse_sizes(text: str) -> dict[str, int | None]:
@@ -371,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="subsampling seed")
     p.add_argument("--cross-fit", type=int, default=0, metavar="K",
                    help="also report both protocols cross-fitted over train+test in K folds (0: off)")
+    p.add_argument("--versus", metavar="LABEL",
+                   help="with --cross-fit: also report every candidate's deltas paired against this candidate")
     p.add_argument("--no-cache", action="store_true", help="recompute embeddings, write no cache")
     common.add_common_options(p)
     return p
@@ -396,7 +428,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.versus and not args.cross_fit:
+        parser.error("--versus needs --cross-fit K")
     common.setup_logging(args.verbose)
     result = run(args)
     md = render_markdown(result)
