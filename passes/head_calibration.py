@@ -21,6 +21,10 @@ removed. Removing a group is done by zeroing its ``E`` rows, which is exactly wh
 Q/K/V columns and output-projection rows computes. Heads are then chosen per layer as with ``layer``.
 It costs ``1 + layers * groups`` passes over the calibration data at compile time (only the layers
 that lose heads are ablated).
+
+Head reconstruction (:func:`context_stats`, :func:`reconstruct_output`) needs one more pass: the
+second moments of each pruned layer's attention contexts, from which the output projection of
+the kept heads is refitted in closed form.
 """
 
 from __future__ import annotations
@@ -56,24 +60,67 @@ def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
 
 def calibration_scores(model: ir.Model, sites: list[AttentionSite], path: str | Path) -> np.ndarray:
     """``[layers, groups]`` scores of the model on the calibration inputs."""
-    feeds = load_calibration(path)
-    names = _check_feeds(model, feeds, path)
-    taps = [s.pv.outputs[0] for s in sites]
-    with tempfile.TemporaryDirectory() as tmp:
-        sess = _session(model, tmp, taps)
     groups = sites[0].num_kv_heads
     scores = np.zeros((len(sites), groups))
+    for i, e, valid in _contexts(model, sites, path):
+        per_head = np.einsum("bhid,bi->h", np.abs(e), valid)
+        scores[i] += per_head.reshape(groups, -1).sum(axis=1)
+    return scores
+
+
+def context_stats(model: ir.Model, sites: list[AttentionSite], path: str | Path,
+                  layers: list[int]) -> dict[int, tuple[np.ndarray, int]]:
+    """Per layer of ``layers``: ``(sum x x^T, rows)`` over the attention contexts ``x`` of the
+    calibration inputs (one valid query row of ``E`` with its heads side by side, ``[H * Dh]``
+    head-major: what the output projection reads)."""
+    stats = {i: [0.0, 0] for i in layers}
+    for i, e, valid in _contexts(model, sites, path, layers, "head reconstruction"):
+        b, h, s, d = e.shape
+        x = e.transpose(0, 2, 1, 3).reshape(b * s, h * d)[valid.reshape(-1) > 0]
+        acc = stats[i]
+        acc[0] = acc[0] + x.T @ x
+        acc[1] += len(x)
+    return {i: (g, n) for i, (g, n) in stats.items()}
+
+
+def _contexts(model: ir.Model, sites: list[AttentionSite], path: str | Path, layers: list[int] | None = None,
+              what: str = "head calibration"):
+    """Yields ``(layer, E, valid)`` for every calibration batch: ``E = MatMul(P, V)`` of that layer as
+    float64 ``[B, H, S_q, Dh]`` and ``valid`` ``[B, S_q]`` (1 for the query rows of real tokens)."""
+    feeds = load_calibration(path)
+    names = _check_feeds(model, feeds, path)
+    chosen = list(range(len(sites))) if layers is None else list(layers)
+    taps = [sites[i].pv.outputs[0] for i in chosen]
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = _session(model, tmp, taps)
     n = len(next(iter(feeds.values())))
     for start in range(0, n, BATCH):
         batch = {k: v[start:start + BATCH] for k, v in feeds.items() if k in names}
-        es = sess.run([t.name for t in taps], batch)
-        for i, (site, e) in enumerate(zip(sites, es)):
-            mask = batch.get("attention_mask")
+        mask = batch.get("attention_mask")
+        for i, e in zip(chosen, sess.run([t.name for t in taps], batch)):
             valid = np.ones((e.shape[0], e.shape[2])) if mask is None else mask[:, -e.shape[2]:].astype(np.float64)
-            per_head = np.einsum("bhid,bi->h", np.abs(e.astype(np.float64)), valid)
-            scores[i] += per_head.reshape(groups, -1).sum(axis=1)
-    logger.info("head calibration: %d inputs from %s", n, path)
-    return scores
+            yield i, e.astype(np.float64), valid
+    logger.info("%s: %d inputs from %s", what, n, path)
+
+
+def reconstruct_output(weight: np.ndarray, stats: tuple[np.ndarray, int], kept: np.ndarray,
+                       ridge: float) -> np.ndarray:
+    """Output-projection rows for the ``kept`` context columns that reproduce the full projection
+    ``x @ weight`` (``weight`` ``[H * Dh, D]``) best on the calibration contexts: the pruned columns
+    are regressed on the kept ones, ``x_P ~ x_K A`` (ridge ``ridge`` times the kept columns' mean
+    second moment), and folded in, ``W_K + A W_P``. There is no constant term: a pruned head's mean
+    depends on the text (bench/README.md, mean compensation), and on other text a fitted
+    offset did more harm than good."""
+    gram, rows = stats
+    if rows < 1:
+        raise OptionError("head reconstruction: the calibration inputs have no valid tokens")
+    second = gram / rows
+    pruned = np.setdiff1d(np.arange(len(weight)), kept)
+    ckk = second[np.ix_(kept, kept)]
+    lam = ridge * max(float(np.trace(ckk)) / max(len(kept), 1), 1e-30)
+    a = np.linalg.solve(ckk + lam * np.eye(len(kept)), second[np.ix_(kept, pruned)])
+    w = weight.astype(np.float64)
+    return w[kept] + a @ w[pruned]
 
 
 def _check_feeds(model: ir.Model, feeds: dict[str, np.ndarray], path: str | Path) -> set[str]:

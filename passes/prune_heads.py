@@ -27,6 +27,13 @@ last). ``ablation`` ranks a layer's heads by the output change when the head alo
 (:func:`.head_calibration.ablation_scores`) instead of by |attention output|. The Q/K/V MatMuls
 of a pruned layer have width ``n_l * Dh`` and the output projection reads ``n_l * Dh`` rows.
 
+``reconstruct`` (calibrated rule, with calibration data): the output projection of a pruned layer
+gets refitted rows instead of the plain slice, ``W_K + A W_P`` with ``A`` the ridge regression of
+the pruned heads' contexts on the kept heads' (:func:`.head_calibration.reconstruct_output`), so
+the kept heads stand in for the pruned ones as far as a linear map can; same shapes, no run-time
+cost. On MiniLM it brings the embedding closer to the dense one, not the task accuracy
+(bench/README.md, head reconstruction).
+
 Design choices (the paper runs batch 1, MHA only):
 - Batch: one head set per batch (scores summed over the batch), so weight slices are shared.
 - Valid tokens: the score sums ``|E|`` over query rows whose token is a valid key of the last query
@@ -162,6 +169,8 @@ class PruneHeads(Pass):
     importance: str = "layer"  # calibrated: each layer's own scores (layer), SpAtten's accumulation (cascade),
     # or each layer's own ablation costs (ablation: output change when the head alone is removed)
     heads: tuple[tuple[int, ...], ...] = ()
+    reconstruct: bool = False  # calibrated: refit the output projection to make up for the pruned heads
+    ridge: float = 0.3
 
     def ratios(self, layers: int) -> list[float]:
         if self.schedule and self.rule == "calibrated" and self.importance in ("layer", "ablation"):
@@ -179,6 +188,10 @@ class PruneHeads(Pass):
             raise OptionError(f"head importance must be layer, cascade or ablation, got {self.importance!r}")
         if self.rule == "calibrated" and not self.heads and not self.calibration:
             raise OptionError("the calibrated head rule needs a calibration file (--head-calibration) or explicit heads")
+        if self.reconstruct and (self.rule != "calibrated" or not self.calibration):
+            raise OptionError("head reconstruction needs the calibrated rule and a calibration file (--head-calibration)")
+        if self.ridge < 0:
+            raise OptionError(f"ridge must be >= 0, got {self.ridge}")
         sites = find_attention(model).sites
         if not sites:
             raise NoAttentionError("no attention found: nothing to prune")
@@ -213,11 +226,32 @@ class PruneHeads(Pass):
             kept = choose_heads(scores, counts, self.importance)
         if all(len(k) == groups for k in kept):
             return PassResult(model, False)
-        _Rewrite(model, sites, [len(k) for k in kept]).run([np.array(k, np.int64) for k in kept])
+        outputs = self._reconstructed(model, sites, kept) if self.reconstruct else {}
+        _Rewrite(model, sites, [len(k) for k in kept]).run([np.array(k, np.int64) for k in kept], outputs)
         model.metadata_props["spatten.heads_kept"] = json.dumps([list(map(int, k)) for k in kept])
         logger.info("prune-heads (calibrated, compile time): kept head groups per layer %s", [len(k) for k in kept])
         logger.debug("prune-heads: kept head groups %s", kept)
         return PassResult(model, True)
+
+    def _reconstructed(self, model: ir.Model, sites: list[AttentionSite],
+                       kept: list[list[int]]) -> dict[int, np.ndarray]:
+        """Per pruned layer: the refitted output-projection rows of its kept heads, ``[n * Dh, D]``."""
+        from .head_calibration import context_stats, reconstruct_output
+
+        groups = sites[0].num_kv_heads
+        layers = [i for i, k in enumerate(kept) if len(k) < groups]
+        stats = context_stats(model, sites, self.calibration, layers)
+        out = {}
+        for i in layers:
+            site = sites[i]
+            g, dh = site.num_heads // groups, site.head_dim
+            heads = (np.array(kept[i])[:, None] * g + np.arange(g)).reshape(-1)
+            cols = (heads[:, None] * dh + np.arange(dh)).reshape(-1)
+            w = const_array(site.out_proj.weight)
+            w = w.T if site.out_proj.transposed_weight else w
+            out[i] = reconstruct_output(w, stats[i], cols, self.ridge)
+        logger.info("prune-heads: output projections of layers %s refitted for their pruned heads", layers)
+        return out
 
 
 def _check_heads(heads: tuple[tuple[int, ...], ...], layers: int, groups: int) -> list[list[int]]:
@@ -243,14 +277,17 @@ class _Rewrite:
     def call(self, name: str, *inputs: ir.Value, **attrs: object) -> ir.Value:
         return self.e.op(name, list(inputs), domain=DOMAIN, hint=name, **attrs)
 
-    def run(self, static: list[np.ndarray] | None = None) -> None:
+    def run(self, static: list[np.ndarray] | None = None,
+            outputs: dict[int, np.ndarray] | None = None) -> None:
+        """``outputs`` (static only): per layer, output-projection rows ``[n * Dh, D]`` that replace
+        the plain slice (head reconstruction)."""
         e = self.e
         groups = self.sites[0].num_kv_heads
         if static is not None:  # only KV-cache layers need an op at run time: the kept heads of the cache
             ensure_functions(self.model, ["KeptHeads"] if any(s.kv_cache for s in self.sites) else [])
-            for site, sel, n in zip(self.sites, static, self.counts):
+            for i, (site, sel, n) in enumerate(zip(self.sites, static, self.counts)):
                 if n < groups:
-                    self._slice_layer(site, sel, n)
+                    self._slice_layer(site, sel, n, (outputs or {}).get(i))
             e.commit()
             RemoveUnusedNodesPass()(self.model)  # the full weights, now unused, leave the file
             self._reinfer_shapes()
@@ -344,7 +381,8 @@ class _Rewrite:
                 if use.node is not picked.producer():
                     use.node.replace_input_with(use.idx, picked)
 
-    def _slice_layer(self, site: AttentionSite, sel, n: int) -> None:
+    def _slice_layer(self, site: AttentionSite, sel, n: int,
+                     output: np.ndarray | None = None) -> None:
         G, H, dh = site.num_kv_heads, site.num_heads, site.head_dim
         g = H // G
         cache = site.kv_cache
@@ -359,7 +397,9 @@ class _Rewrite:
             self._gather_cached(site, sel, g)
         out = site.out_proj
         d = int(out.weight.shape[0 if out.transposed_weight else 1])
-        if out.transposed_weight:
+        if output is not None:
+            self._set_output(out, output)
+        elif out.transposed_weight:
             self._slice(_weight_slot(out), out.weight, sel, [d, G, g * dh], 1, [d, n * g * dh])
         else:
             self._slice(_weight_slot(out), out.weight, sel, [G, g * dh, d], 0, [n * g * dh, d])
@@ -382,6 +422,13 @@ class _Rewrite:
                                else counts.get(v, v) if size == 4 and pos in (1, 2) else v)
             elif node.op_type == "Expand":  # GQA repeat [1, G, g, S, Dh]
                 self._retarget(node, lambda pos, size, v: counts.get(v, v) if pos == 1 and v == G else v)
+
+    def _set_output(self, proj: Projection, rows: np.ndarray) -> None:
+        """Write refitted output-projection rows (``[n * Dh, D]``; transposed if the weight is)."""
+        w = rows.T if proj.transposed_weight else rows
+        slot = _weight_slot(proj)
+        arr = np.ascontiguousarray(w).astype(const_array(proj.weight).dtype)
+        slot[0].replace_input_with(slot[1], self.e.const("head_refit", arr))
 
     def _set_split(self, node: ir.Node, sizes: list[int]) -> None:
         """Packed QKV with a KV cache: Q is narrower than K and V now, so the split gets explicit sizes."""

@@ -48,6 +48,7 @@ class CompileConfig:
     head_rule: str | None = None  # paper (run time) | calibrated (compile time); default: calibrated iff a file is given
     head_calibration: str | None = None  # .npz of input feeds for the calibrated rule
     head_importance: str = "layer"  # calibrated rule: layer (each layer's own scores) | cascade (SpAtten's) | ablation
+    head_reconstruct: bool = False  # calibrated rule: refit each pruned layer's output projection (least squares)
     value_keep: float | None = None  # local value pruning (per query row, not cascaded)
     kv_bits: str | None = None  # progressive quantization: "6+4" (MSB+LSB) or "8" (static MSB only)
     lsb_threshold: float | None = None  # the rule's threshold (default: the rule's own, quantize_kv.RULES)
@@ -69,6 +70,8 @@ class CompileConfig:
         if self.head_importance != "layer" and not self.head_calibration:
             raise OptionError(f"--head-importance {self.head_importance} needs --head-calibration FILE.npz "
                               "(it ranks heads on calibration data)")
+        if self.head_reconstruct and not self.head_calibration:
+            raise OptionError("--head-reconstruct needs --head-calibration FILE.npz (it fits on calibration data)")
         if self.head_rule == "calibrated" and not self.head_calibration:
             raise OptionError("--head-rule calibrated needs --head-calibration FILE.npz")
         if self.head_calibration and self.head_rule == "paper":
@@ -117,7 +120,8 @@ class CompileConfig:
             rule = self.head_rule or ("calibrated" if self.head_calibration else "paper")
             passes.append(make_pass("prune-heads", keep=self.head_keep if self.head_keep is not None else 1.0,
                                     schedule=tuple(self.head_keep_schedule), rule=rule,
-                                    calibration=str(self.head_calibration or ""), importance=self.head_importance))
+                                    calibration=str(self.head_calibration or ""), importance=self.head_importance,
+                                    reconstruct=self.head_reconstruct))
         if self.prunes_tokens:
             passes.append(self._token_pass())
         if self.value_keep is not None:

@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibrated rule: each layer ranks its own heads by |attention output| (layer, default), "
                    "SpAtten's accumulated cascade, or by the cosine change of the mean-pooled output when the "
                    "head alone is removed (ablation; one run over the calibration data per head of each pruned layer)")
+    h.add_argument("--head-reconstruct", action="store_true",
+                   help="calibrated rule: refit each pruned layer's output projection so its kept heads "
+                   "reproduce the full layer's output on the calibration data (least squares; no run-time cost)")
     h.add_argument("--value-keep", type=float, metavar="R",
                    help="local value pruning: per query row, only this fraction of V rows (largest P) contribute")
     q = p.add_argument_group("progressive quantization of K/V")
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         "head_rule": args.head_rule,
         "head_calibration": args.head_calibration,
         "head_importance": args.head_importance,
+        "head_reconstruct": args.head_reconstruct or None,
         "value_keep": args.value_keep,
         "kv_bits": args.kv_bits,
         "lsb_threshold": args.lsb_threshold,
