@@ -3,6 +3,8 @@ and one latency run (latency.py) into a table and one plot of refit accuracy (pr
 measured speedup at 512 tokens, with tokens-only, heads-only and token+head candidates as series.
 ``--cross-fitted``: the panels are IMDB cosine, drop-in (a) and refit (b) deltas cross-fitted over
 all 3000 reviews, with their 95% paired-bootstrap intervals (runs made with ``--cross-fit 5``).
+``--speed-on imdb``: the x axis is the speedup measured on the latency run's IMDB reviews (the
+inputs whose accuracy is plotted) instead of on 512-token windows.
 
     python bench/plot_heads.py --quality bench/results/*-minilm-heads-*.json \
         --latency bench/results/<stamp>-minilm-heads-latency-512.json --out bench/results/<stamp>-minilm-heads
@@ -22,7 +24,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 SERIES = {  # label prefix -> series, first match wins; value pruning is its own point
     "heads only, calibrated, layer 0 only": lambda c: c.startswith("cal-l0"),
     "tokens + calibrated heads in layer 0 only": lambda c: c.startswith("t") and "-cal-l0" in c,
+    "tokens (min_keep 32/48) + ablation-ranked heads": lambda c: c.startswith("t") and "-abl-" in c and "-m" in c,
     "tokens + ablation-ranked heads": lambda c: c.startswith("t") and "-abl-" in c,
+    "tokens only, min_keep 32/48": lambda c: c.startswith("t") and c.endswith(("-m32", "-m48")),
     "tokens + magnitude-ranked heads (ablation's schedule)": lambda c: c.startswith("t") and "-mag-" in c,
     "tokens only (spattenc rule)": lambda c: c.startswith("spattenc-") or c.startswith("t") and "-h" not in c,
     "heads only, paper rule (run time)": lambda c: c.startswith("paper-h"),
@@ -39,6 +43,8 @@ STYLE = {"tokens only (spattenc rule)": ("C0", "o", "-"), "heads only, paper rul
          "heads only, calibrated, layer 0 only": ("C8", "<", ""),
          "tokens + calibrated heads in layer 0 only": ("C6", "D", ""),
          "tokens + ablation-ranked heads": ("C9", "*", ""),
+         "tokens (min_keep 32/48) + ablation-ranked heads": ("C3", "*", ""),
+         "tokens only, min_keep 32/48": ("C0", "s", "--"),
          "tokens + magnitude-ranked heads (ablation's schedule)": ("C4", "X", "")}
 # (task, y value of a candidate's result, panel title); the second set with --cross-fitted
 PANELS = [("imdb", lambda c: c["delta_refit_pts"], "IMDB: refit probe (protocol b)"),
@@ -53,9 +59,19 @@ def series_of(label: str) -> str:
     return next(name for name, test in SERIES.items() if test(label))
 
 
-def collect(quality: list[Path], latency: Path) -> tuple[list[dict], dict]:
+def speed_group(lat: dict, speed_on: str) -> dict:
+    """The latency run's group the x axis comes from: 512-token windows or the IMDB reviews."""
+    return next(g for g in lat["groups"] if (g["length"] == 512 if speed_on == "512" else g["name"] == "imdb"))
+
+
+def speed_name(info: dict) -> str:
+    g = speed_group(info["latency"], info["speed_on"])
+    return "at 512 tokens" if info["speed_on"] == "512" else f"on {g['n_inputs']} IMDB reviews (mean {g['mean_tokens']:.0f} tokens)"
+
+
+def collect(quality: list[Path], latency: Path, speed_on: str = "512") -> tuple[list[dict], dict]:
     lat = json.loads(latency.read_text())
-    group = next(g for g in lat["groups"] if g["length"] == 512)
+    group = speed_group(lat, speed_on)
     speed = {m["label"]: m for m in group["models"]}
     rows, dense = {}, {}
     for path in quality:
@@ -71,7 +87,8 @@ def collect(quality: list[Path], latency: Path) -> tuple[list[dict], dict]:
         row.update(speedup=s["speedup"] if s else None, paired=s["speedup_paired"] if s else None,
                    flop=s["flop_ratio"] if s else None, series=series_of(label))
         out.append(row)
-    return sorted(out, key=lambda r: (r["series"], r["speedup"] or 0)), {"dense": dense, "latency": lat}
+    return sorted(out, key=lambda r: (r["series"], r["speedup"] or 0)), {"dense": dense, "latency": lat,
+                                                                          "speed_on": speed_on}
 
 
 def _cv(c: dict | None, key: str) -> str:
@@ -84,12 +101,13 @@ def _cv(c: dict | None, key: str) -> str:
 
 def table(rows: list[dict], info: dict) -> str:
     lat = info["latency"]
-    dense_ms = next(m["median_ms"] for g in lat["groups"] if g["length"] == 512 for m in g["models"] if m["role"] == "dense")
+    dense_ms = next(m["median_ms"] for m in speed_group(lat, info["speed_on"])["models"] if m["role"] == "dense")
     d = info["dense"]
     lines = [f"Dense: IMDB {100 * d['imdb'][0]:.1f} (n={d['imdb'][1]}/{d['imdb'][2]}), SST-2 {100 * d['sst2'][0]:.1f} "
-             f"(n={d['sst2'][1]}/{d['sst2'][2]}); dense latency at 512 tokens {dense_ms:.1f} ms "
+             f"(n={d['sst2'][1]}/{d['sst2'][2]}); dense latency {speed_name(info)} {dense_ms:.1f} ms "
              f"(load average {lat['meta']['load_avg_1m']:.1f}). cv = cross-fitted over train+test, 95% CI.", "",
-             "| candidate | series | speedup 512 (paired) | ideal FLOP ratio | IMDB cos | IMDB (a) | IMDB (b) "
+             f"| candidate | series | speedup {'512' if info['speed_on'] == '512' else 'IMDB'} (paired) | ideal FLOP ratio "
+             "| IMDB cos | IMDB (a) | IMDB (b) "
              "| IMDB (a) cv | IMDB (b) cv | SST-2 cos | SST-2 (a) | SST-2 (b) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -133,12 +151,12 @@ def plot(rows: list[dict], info: dict, out: Path, cross_fitted: bool = False) ->
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
         n = info["dense"][task]
         ax.set_title(f"{title}\n(train {n[1]} / test {n[2]})", fontsize=10)
-        ax.set_xlabel("measured speedup at 512 tokens (dense median / candidate median)")
+        ax.set_xlabel(f"measured speedup {speed_name(info)}\n(dense median / candidate median)")
         ax.set_ylabel("cosine" if cosine else "accuracy change vs dense (points)")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
-    fig.suptitle("all-MiniLM-L6-v2, onnxruntime CPU batch 1: quality vs measured speedup at 512 tokens\n"
+    fig.suptitle(f"all-MiniLM-L6-v2, onnxruntime CPU batch 1: quality vs measured speedup {speed_name(info)}\n"
                  f"(latency run at load average {info['latency']['meta']['load_avg_1m']:.1f})", fontsize=11)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=130)
@@ -151,8 +169,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.png")
     ap.add_argument("--cross-fitted", action="store_true",
                     help="plot IMDB cosine and the cross-fitted drop-in / refit deltas with their intervals")
+    ap.add_argument("--speed-on", choices=("512", "imdb"), default="512",
+                    help="x axis: speedup on the latency run's 512-token windows or on its IMDB reviews")
     args = ap.parse_args()
-    rows, info = collect(args.quality, args.latency)
+    rows, info = collect(args.quality, args.latency, args.speed_on)
     args.out.with_suffix(".md").write_text(table(rows, info))
     plot(rows, info, args.out.with_suffix(".png"), args.cross_fitted)
     print(args.out.with_suffix(".md").read_text())
