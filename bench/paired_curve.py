@@ -73,7 +73,7 @@ def per_item(emb: dict[str, Any], dense_all: np.ndarray, y: np.ndarray, args: ar
     return {"cosine": cos, "dropin": a.astype(np.float64), "refit": b.astype(np.float64)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = ev.build_parser()
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--slower", required=True, metavar="LABEL=PATH", help="the curve's slower end (point A)")
@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=Path, required=True, help="a latency.py result JSON with all three labels")
     p.add_argument("--speed-on", choices=("512", "imdb"), default="imdb")
     p.set_defaults(task=["imdb"], cross_fit=5)
-    args = p.parse_args(argv)
-    if len(args.candidate) != 1:
-        p.error("give exactly one --candidate")
-    common.setup_logging(args.verbose)
+    return p
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The candidate against the curve on every task: (result dictionary, markdown)."""
     specs = {"cand": common.parse_model_spec(args.candidate[0]), "slower": common.parse_model_spec(args.slower),
              "faster": common.parse_model_spec(args.faster)}
     lat = json.loads(args.latency.read_text())
@@ -127,10 +128,20 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {name} | {measure if measure == 'cosine' else measure + ' acc (cv)'} | "
                          f"{scale * c.mean():{fmt}} | {scale * mix.mean():{fmt}} | "
                          f"{scale * diff.mean():+{fmt}}{unit} [{ci[0]:+{fmt}}, {ci[1]:+{fmt}}] |")
-    md = "\n".join(lines) + "\n"
+    return results, "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if len(args.candidate) != 1:
+        p.error("give exactly one --candidate")
+    common.setup_logging(args.verbose)
+    results, md = run(args)
     print(md)
     if not args.no_save:
-        j, m = common.write_results(args.out_dir, args.name or f"paired-curve-{specs['cand'].label}",
+        label = common.parse_model_spec(args.candidate[0]).label
+        j, m = common.write_results(args.out_dir, args.name or f"paired-curve-{label}",
                                     {**common.run_metadata(args.threads), **results}, md)
         log.info("wrote %s and %s", j, m)
     return 0

@@ -19,7 +19,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common, embed_eval, latency  # noqa: E402
+from bench import common, embed_eval, latency, paired_curve  # noqa: E402
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(60)] + ["good", "bad", "film"]
 
@@ -121,6 +121,32 @@ def main() -> int:
                   f"{task['task']}: kept pooling uses the mask (kept {kk['kept_fraction_test']:.2f})")
             check(("same", "kept") not in rows, f"{task['task']}: kept pooling skipped without the output")
         check("| sst2 |" in embed_eval.render_markdown(res), "markdown table rendered")
+        vargs = embed_eval.build_parser().parse_args([
+            "--dense", str(root / "dense.onnx"), "--candidate", f"same={root / 'dense.onnx'}",
+            "--candidate", f"kept={root / 'cand.onnx'}", "--data-dir", str(root / "data"), "--cross-fit", "3",
+            "--versus", "same", "--task", "imdb", "--no-cache", "--no-save"])
+        vrow = {r["label"]: r for r in embed_eval.run(vargs)["tasks"][0]["candidates"]}
+        versus = vrow["kept"]["cross_fit"]["versus"]
+        check("versus" not in vrow["same"]["cross_fit"] and versus["label"] == "same"
+              and abs(versus["delta_refit_pts"] - vrow["kept"]["cross_fit"]["delta_refit_pts"]) < 1e-9
+              and "_correct" not in vrow["kept"]["cross_fit"],
+              "--versus: deltas against a candidate equal to dense are the deltas against dense")
+        fake = {"groups": [{"name": "imdb", "length": None, "models": [
+            {"label": "dense", "role": "dense", "median_ms": 40.0}, {"label": "a", "role": "candidate", "median_ms": 20.0},
+            {"label": "c", "role": "candidate", "median_ms": 15.0}, {"label": "b", "role": "candidate", "median_ms": 10.0}]}]}
+        check(paired_curve.mixture_fraction(fake, "imdb", "c", "a", "b")[0] == 0.5,
+              "paired_curve: the mixture takes the candidate's time")
+        lat_path = root / "lat.json"
+        lat_path.write_text(json.dumps(fake))
+        dense_spec = root / "dense.onnx"
+        pres, _ = paired_curve.run(paired_curve.build_parser().parse_args([
+            "--dense", str(dense_spec), "--candidate", f"c={dense_spec}", "--slower", f"a={dense_spec}",
+            "--faster", f"b={root / 'cand.onnx'}", "--latency", str(lat_path), "--data-dir", str(root / "data"),
+            "--cross-fit", "3", "--no-cache", "--no-save"]))
+        m = pres["tasks"]["imdb"]
+        check(abs(m["cosine"]["candidate"] - 1) < 1e-6 and abs(m["refit"]["difference"]) < 1e-9
+              and abs(m["cosine"]["curve"] - m["cosine"]["candidate"]) < 1e-9,  # b = cand.onnx: same mean-pooled output
+              "paired_curve: a model against a curve of itself differs by 0")
 
         tok = common.load_tokenizer(tok_path, None)
         g = latency.wikitext_group(root / "data" / "wikitext2" / "test.txt", tok, 32, 4)
