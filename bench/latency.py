@@ -103,12 +103,18 @@ def wikitext_group(path: Path, tok: Any, n_tokens: int, count: int) -> InputGrou
     return InputGroup(f"wikitext2-{n_tokens}", str(path), n_tokens, windows)
 
 
-def imdb_group(path: Path, tok: Any, count: int, seed: int) -> InputGroup:
-    """``count`` seeded IMDB test reviews at natural length (``tok`` truncates)."""
+def text_group(name: str, path: Path, tok: Any, count: int, seed: int) -> InputGroup:
+    """``count`` seeded texts of a labelled TSV (IMDB reviews, SST-2 sentences) at natural length
+    (``tok`` truncates)."""
     texts, _ = common.read_labeled_tsv(path)
     idx = common.seeded_subset(len(texts), count, seed)
     encs = tok.encode_batch([texts[i] for i in idx])
-    return InputGroup("imdb", str(path), None, [list(e.ids) for e in encs])
+    return InputGroup(name, str(path), None, [list(e.ids) for e in encs])
+
+
+def imdb_group(path: Path, tok: Any, count: int, seed: int) -> InputGroup:
+    """``count`` seeded IMDB test reviews at natural length (``tok`` truncates)."""
+    return text_group("imdb", path, tok, count, seed)
 
 
 def load_flop_ratios(model: Path, explicit: Path | None) -> tuple[Path | None, dict[str, float]]:
@@ -226,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="128,256,512", help="comma-separated WikiText-2 window lengths")
     p.add_argument("--n-inputs", type=int, default=20, help="WikiText-2 windows per length")
     p.add_argument("--n-imdb", type=int, default=50, help="IMDB test reviews (0: skip IMDB)")
+    p.add_argument("--n-sst2", type=int, default=0, help="SST-2 dev sentences (0: skip SST-2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per model per input")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per model per group")
     p.add_argument("--seed", type=int, default=0, help="IMDB subsampling seed")
@@ -266,6 +273,8 @@ def build_groups(args: argparse.Namespace) -> list[InputGroup]:
         groups.append(wikitext_group(args.data_dir / "wikitext2" / "test.txt", free, n, args.n_inputs))
     if args.n_imdb > 0:
         groups.append(imdb_group(args.data_dir / "imdb" / "test.tsv", tok, args.n_imdb, args.seed))
+    if args.n_sst2 > 0:
+        groups.append(text_group("sst2", args.data_dir / "sst2" / "dev.tsv", tok, args.n_sst2, args.seed))
     return groups
 
 
@@ -281,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "schema": "spattenc.bench.latency/1",
         "meta": common.run_metadata(args.threads),
-        "config": {"lengths": args.lengths, "n_inputs": args.n_inputs, "n_imdb": args.n_imdb,
+        "config": {"lengths": args.lengths, "n_inputs": args.n_inputs, "n_imdb": args.n_imdb, "n_sst2": args.n_sst2,
                    "repeats": args.repeats, "warmup": args.warmup, "max_len": args.max_len,
                    "spin": args.spin, "batch": 1, "order": "interleaved, rotating start",
                    "data_dir": str(args.data_dir)},

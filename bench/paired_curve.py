@@ -42,7 +42,7 @@ log = logging.getLogger("bench.paired_curve")
 
 def mixture_fraction(latency: dict, speed_on: str, cand: str, slower: str, faster: str) -> tuple[float, dict]:
     """``f`` such that ``(1 - f) T_slower + f T_faster = T_cand`` (median ms in the chosen group)."""
-    group = next((g for g in latency["groups"] if (g["length"] == 512 if speed_on == "512" else g["name"] == "imdb")),
+    group = next((g for g in latency["groups"] if (g["length"] == 512 if speed_on == "512" else g["name"] == speed_on)),
                  None)
     if group is None:
         raise SystemExit(f"the latency run has no {speed_on} group")
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slower", required=True, metavar="LABEL=PATH", help="the curve's slower end (point A)")
     p.add_argument("--faster", required=True, metavar="LABEL=PATH", help="the curve's faster end (point B)")
     p.add_argument("--latency", type=Path, required=True, help="a latency.py result JSON with all three labels")
-    p.add_argument("--speed-on", choices=("512", "imdb"), default="imdb")
+    p.add_argument("--speed-on", choices=("512", "imdb", "sst2"), default="imdb")
     p.set_defaults(task=["imdb"], cross_fit=5)
     return p
 

@@ -24,9 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 SERIES = {  # label prefix -> series, first match wins; value pruning is its own point
     "heads only, calibrated, layer 0 only": lambda c: c.startswith("cal-l0"),
     "tokens + calibrated heads in layer 0 only": lambda c: c.startswith("t") and "-cal-l0" in c,
+    "tokens + ablation-ranked heads outside layer 0": lambda c: c.startswith("t") and "-abl-g" in c and c.endswith("n"),
     "tokens (min_keep 32/48) + ablation-ranked heads": lambda c: c.startswith("t") and "-abl-" in c and "-m" in c,
     "tokens + ablation-ranked heads": lambda c: c.startswith("t") and "-abl-" in c,
-    "tokens only, min_keep 32/48": lambda c: c.startswith("t") and c.endswith(("-m32", "-m48")),
+    "tokens only, min_keep 16-48": lambda c: c.startswith("t") and c.endswith(("-m16", "-m32", "-m48")),
     "tokens + magnitude-ranked heads (ablation's schedule)": lambda c: c.startswith("t") and "-mag-" in c,
     "tokens only (spattenc rule)": lambda c: c.startswith("spattenc-") or c.startswith("t") and "-h" not in c,
     "heads only, paper rule (run time)": lambda c: c.startswith("paper-h"),
@@ -44,7 +45,8 @@ STYLE = {"tokens only (spattenc rule)": ("C0", "o", "-"), "heads only, paper rul
          "tokens + calibrated heads in layer 0 only": ("C6", "D", ""),
          "tokens + ablation-ranked heads": ("C9", "*", ""),
          "tokens (min_keep 32/48) + ablation-ranked heads": ("C3", "*", ""),
-         "tokens only, min_keep 32/48": ("C0", "s", "--"),
+         "tokens only, min_keep 16-48": ("C0", "s", "--"),
+         "tokens + ablation-ranked heads outside layer 0": ("C2", "P", ""),
          "tokens + magnitude-ranked heads (ablation's schedule)": ("C4", "X", "")}
 # (task, y value of a candidate's result, panel title); the second set with --cross-fitted
 PANELS = [("imdb", lambda c: c["delta_refit_pts"], "IMDB: refit probe (protocol b)"),
@@ -61,12 +63,13 @@ def series_of(label: str) -> str:
 
 def speed_group(lat: dict, speed_on: str) -> dict:
     """The latency run's group the x axis comes from: 512-token windows or the IMDB reviews."""
-    return next(g for g in lat["groups"] if (g["length"] == 512 if speed_on == "512" else g["name"] == "imdb"))
+    return next(g for g in lat["groups"] if (g["length"] == 512 if speed_on == "512" else g["name"] == speed_on))
 
 
 def speed_name(info: dict) -> str:
     g = speed_group(info["latency"], info["speed_on"])
-    return "at 512 tokens" if info["speed_on"] == "512" else f"on {g['n_inputs']} IMDB reviews (mean {g['mean_tokens']:.0f} tokens)"
+    what = {"imdb": "IMDB reviews", "sst2": "SST-2 sentences"}.get(info["speed_on"])
+    return "at 512 tokens" if what is None else f"on {g['n_inputs']} {what} (mean {g['mean_tokens']:.0f} tokens)"
 
 
 def collect(quality: list[Path], latency: Path, speed_on: str = "512") -> tuple[list[dict], dict]:
@@ -106,7 +109,7 @@ def table(rows: list[dict], info: dict) -> str:
     lines = [f"Dense: IMDB {100 * d['imdb'][0]:.1f} (n={d['imdb'][1]}/{d['imdb'][2]}), SST-2 {100 * d['sst2'][0]:.1f} "
              f"(n={d['sst2'][1]}/{d['sst2'][2]}); dense latency {speed_name(info)} {dense_ms:.1f} ms "
              f"(load average {lat['meta']['load_avg_1m']:.1f}). cv = cross-fitted over train+test, 95% CI.", "",
-             f"| candidate | series | speedup {'512' if info['speed_on'] == '512' else 'IMDB'} (paired) | ideal FLOP ratio "
+             f"| candidate | series | speedup {info['speed_on']} (paired) | ideal FLOP ratio "
              "| IMDB cos | IMDB (a) | IMDB (b) "
              "| IMDB (a) cv | IMDB (b) cv | SST-2 cos | SST-2 (a) | SST-2 (b) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -169,7 +172,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.png")
     ap.add_argument("--cross-fitted", action="store_true",
                     help="plot IMDB cosine and the cross-fitted drop-in / refit deltas with their intervals")
-    ap.add_argument("--speed-on", choices=("512", "imdb"), default="512",
+    ap.add_argument("--speed-on", choices=("512", "imdb", "sst2"), default="512",
                     help="x axis: speedup on the latency run's 512-token windows or on its IMDB reviews")
     args = ap.parse_args()
     rows, info = collect(args.quality, args.latency, args.speed_on)
