@@ -29,17 +29,20 @@ from bench import common  # noqa: E402
 from spatten_compiler.modelio import load_model  # noqa: E402
 
 
-def global_schedule(cost: np.ndarray, fraction: float) -> tuple[list[int], str]:
+def global_schedule(cost: np.ndarray, fraction: float, whole: tuple[int, ...] = ()) -> tuple[list[int], str]:
     """Heads kept per layer when the ``fraction`` cheapest heads of the whole model are pruned
-    (at least one kept per layer), and the ``--head-keep-schedule`` that keeps those counts."""
+    (at least one kept per layer, every head in the ``whole`` layers), and the
+    ``--head-keep-schedule`` that keeps those counts."""
     layers, groups = cost.shape
     drop = int(round(fraction * cost.size))
     kept = [groups] * layers
+    cost = cost.astype(np.float64).copy()
+    cost[list(whole)] = np.inf
     for i in np.argsort(cost, axis=None, kind="stable"):
         if drop == 0:
             break
         layer = int(i) // groups
-        if kept[layer] > 1:
+        if kept[layer] > 1 and np.isfinite(cost.flat[i]):
             kept[layer] -= 1
             drop -= 1
     return kept, ",".join(f"{k / groups:.10g}" for k in kept)  # ceil(G * r) must give back k
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration", type=Path, required=True, help=".npz of input feeds (bench/head_calibration.py)")
     ap.add_argument("--prune", default="0.2,0.35", help="fractions of all heads to prune, cheapest first")
     ap.add_argument("--cheap", type=float, default=0.002, help="cosine distance below which a head counts as cheap")
+    ap.add_argument("--whole-layers", default="", metavar="L,L",
+                    help="layers that keep every head in the printed schedules (e.g. 0: with token pruning, "
+                    "layer 0 ranks the tokens from all its heads)")
     ap.add_argument("--out-dir", type=Path, default=common.DEFAULT_RESULTS)
     ap.add_argument("--name", default="head-ablation")
     args = ap.parse_args(argv)
@@ -80,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                f"{np.corrcoef(np.argsort(np.argsort(c)), np.argsort(np.argsort(m)))[0, 1]:+.2f}"
                for c, m in zip(cost, magnitude)), ""]
     schedules = {}
+    whole = tuple(int(x) for x in args.whole_layers.split(",") if x.strip())
     for frac in (float(x) for x in args.prune.split(",") if x.strip()):
-        kept, sched = global_schedule(cost, frac)
+        kept, sched = global_schedule(cost, frac, whole)
         schedules[frac] = {"kept": kept, "schedule": sched}
-        md.append(f"- prune the cheapest {frac:.0%} globally: kept {kept}, "
+        md.append(f"- prune the cheapest {frac:.0%} globally{f' (layers {whole} whole)' if whole else ''}: kept {kept}, "
                   f"`--head-importance ablation --head-keep-schedule {sched}`")
     text = "\n".join(md) + "\n"
     print(text)

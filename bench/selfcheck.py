@@ -19,7 +19,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common, embed_eval, latency, paired_curve  # noqa: E402
+from bench import common, embed_eval, head_ablation, latency, paired_curve  # noqa: E402
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(60)] + ["good", "bad", "film"]
 
@@ -96,6 +96,10 @@ def main() -> int:
         make_model(root / "cand.onnx", with_kept=True)
         make_data(root / "data")
 
+        cost = np.array([[0.1, 0.2, 0.9], [0.3, 0.4, 0.5], [0.05, 0.6, 0.7]])
+        check(head_ablation.global_schedule(cost, 3 / 9)[0] == [1, 3, 2]
+              and head_ablation.global_schedule(cost, 3 / 9, (0,)) == ([3, 1, 2], "1,0.3333333333,0.6666666667"),
+              "head_ablation: cheapest heads globally, whole layers kept whole")
         h = np.arange(24, dtype=np.float32).reshape(1, 4, 6)
         check(np.allclose(embed_eval.masked_mean(h, np.array([[1, 1, 0, 0]])), h[0, :2].mean(0)),
               "masked mean ignores padded rows")
