@@ -64,7 +64,8 @@ def bootstrap(diff: np.ndarray, scale: float, resamples: int = 2000, seed: int =
     return [float(scale * np.percentile(means, 2.5)), float(scale * np.percentile(means, 97.5))]
 
 
-def per_item(emb: dict[str, Any], dense_all: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict[str, np.ndarray]:
+def per_item(emb: dict[str, Any], dense_all: np.ndarray, y: np.ndarray,
+             args: argparse.Namespace) -> dict[str, np.ndarray]:
     """Cosine to dense and cross-fitted drop-in / refit correctness of one model, per item."""
     x = np.concatenate([emb["train"].mean, emb["test"].mean])
     cv = ev.cross_fit(dense_all, x, y, args.cross_fit, args)
@@ -114,8 +115,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         y = np.concatenate([train.labels, test.labels])
         d = {s: dense.embed(sp, f"{name} {s} dense") for s, sp in (("train", train), ("test", test))}
         dense_all = np.concatenate([d["train"].mean, d["test"].mean])
-        items = {k: per_item({s: m.embed(sp, f"{name} {s} {m.spec.label}") for s, sp in (("train", train), ("test", test))},
-                             dense_all, y, args) for k, m in models.items()}
+        splits = (("train", train), ("test", test))
+        items = {k: per_item({s: m.embed(sp, f"{name} {s} {m.spec.label}") for s, sp in splits}, dense_all, y, args)
+                 for k, m in models.items()}
         results["tasks"][name] = {}
         for measure, scale, fmt in (("cosine", 1.0, ".4f"), ("dropin", 100.0, ".2f"), ("refit", 100.0, ".2f")):
             c = items["cand"][measure]

@@ -136,8 +136,8 @@ def main() -> int:
               and "_correct" not in vrow["kept"]["cross_fit"],
               "--versus: deltas against a candidate equal to dense are the deltas against dense")
         fake = {"groups": [{"name": "imdb", "length": None, "models": [
-            {"label": "dense", "role": "dense", "median_ms": 40.0}, {"label": "a", "role": "candidate", "median_ms": 20.0},
-            {"label": "c", "role": "candidate", "median_ms": 15.0}, {"label": "b", "role": "candidate", "median_ms": 10.0}]}]}
+            {"label": label, "role": "dense" if label == "dense" else "candidate", "median_ms": ms}
+            for label, ms in (("dense", 40.0), ("a", 20.0), ("c", 15.0), ("b", 10.0))]}]}
         check(paired_curve.mixture_fraction(fake, "imdb", "c", "a", "b")[0] == 0.5,
               "paired_curve: the mixture takes the candidate's time")
         lat_path = root / "lat.json"

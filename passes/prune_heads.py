@@ -74,8 +74,8 @@ from spatten_compiler.schedule import check_schedule, full_schedule, spatten_sch
 
 from .attention_trace import Projection
 from .find_attention import AttentionSite, find_attention
-from .prune_tokens import _reads_input_seq_len
 from .head_functions import FUNCTIONS
+from .prune_tokens import _reads_input_seq_len
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ class PruneHeads(Pass):
         if self.rule == "calibrated" and not self.heads and not self.calibration:
             raise OptionError("the calibrated head rule needs a calibration file (--head-calibration) or explicit heads")
         if self.reconstruct and (self.rule != "calibrated" or not self.calibration):
-            raise OptionError("head reconstruction needs the calibrated rule and a calibration file (--head-calibration)")
+            raise OptionError("head reconstruction needs the calibrated rule and a calibration file "
+                              "(--head-calibration)")
         if self.ridge < 0:
             raise OptionError(f"ridge must be >= 0, got {self.ridge}")
         sites = find_attention(model).sites

@@ -11,13 +11,13 @@ import numpy as np
 import onnx
 import pytest
 from conftest import MODELS, load_meta, reference_io, run_ort
-from test_prune_heads import compile_ir, save, with_taps
-
-from spatten_compiler.errors import OptionError
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.head_calibration import reconstruct_output
 from spatten_compiler.passes.prune_heads import PruneHeads
 from spatten_compiler.runtime.reference import ReferenceRuntime
+from test_prune_heads import compile_ir, save, with_taps
+
+from spatten_compiler.errors import OptionError
 
 
 def oracle_rows(x: np.ndarray, w: np.ndarray, kept: np.ndarray, ridge: float) -> np.ndarray:
