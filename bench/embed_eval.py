@@ -205,14 +205,15 @@ def fit_probe(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> Any:
     return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
 
 
-def paired_ci95(correct: np.ndarray, reference: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
-    """95% paired-bootstrap interval of 100 * (accuracy - reference accuracy), in points: test items
-    are resampled together, so the interval reflects which reviews happen to be in the test set
-    (not the probe's training sample)."""
+def paired_ci95(correct: np.ndarray, reference: np.ndarray, resamples: int = 2000, seed: int = 0,
+                scale: float = 100.0) -> list[float]:
+    """95% paired-bootstrap interval of ``scale`` * (mean - reference mean); by default accuracy
+    points: test items are resampled together, so the interval reflects which reviews happen to be
+    in the test set (not the probe's training sample)."""
     diff = correct.astype(np.float64) - reference.astype(np.float64)
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
-    return [float(100 * np.percentile(means, 2.5)), float(100 * np.percentile(means, 97.5))]
+    return [float(scale * np.percentile(means, 2.5)), float(scale * np.percentile(means, 97.5))]
 
 
 def cross_fit(dense_x: np.ndarray, cand_x: np.ndarray, y: np.ndarray, k: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -112,9 +112,11 @@ def text_group(name: str, path: Path, tok: Any, count: int, seed: int) -> InputG
     return InputGroup(name, str(path), None, [list(e.ids) for e in encs])
 
 
-def imdb_group(path: Path, tok: Any, count: int, seed: int) -> InputGroup:
-    """``count`` seeded IMDB test reviews at natural length (``tok`` truncates)."""
-    return text_group("imdb", path, tok, count, seed)
+def result_group(result: dict[str, Any], which: str) -> dict[str, Any] | None:
+    """A group of a latency result: ``"512"`` (any number) the WikiText-2 windows of that length,
+    else the group of that name (``imdb``, ``sst2``); None if the run has none."""
+    return next((g for g in result["groups"] if (g["length"] == int(which) if which.isdigit() else g["name"] == which)),
+                None)
 
 
 def load_flop_ratios(model: Path, explicit: Path | None) -> tuple[Path | None, dict[str, float]]:
@@ -272,7 +274,7 @@ def build_groups(args: argparse.Namespace) -> list[InputGroup]:
             continue
         groups.append(wikitext_group(args.data_dir / "wikitext2" / "test.txt", free, n, args.n_inputs))
     if args.n_imdb > 0:
-        groups.append(imdb_group(args.data_dir / "imdb" / "test.tsv", tok, args.n_imdb, args.seed))
+        groups.append(text_group("imdb", args.data_dir / "imdb" / "test.tsv", tok, args.n_imdb, args.seed))
     if args.n_sst2 > 0:
         groups.append(text_group("sst2", args.data_dir / "sst2" / "dev.tsv", tok, args.n_sst2, args.seed))
     return groups

@@ -36,14 +36,14 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench import common  # noqa: E402
 from bench import embed_eval as ev  # noqa: E402
+from bench.latency import result_group  # noqa: E402
 
 log = logging.getLogger("bench.paired_curve")
 
 
 def mixture_fraction(latency: dict, speed_on: str, cand: str, slower: str, faster: str) -> tuple[float, dict]:
     """``f`` such that ``(1 - f) T_slower + f T_faster = T_cand`` (median ms in the chosen group)."""
-    group = next((g for g in latency["groups"] if (g["length"] == 512 if speed_on == "512" else g["name"] == speed_on)),
-                 None)
+    group = result_group(latency, speed_on)
     if group is None:
         raise SystemExit(f"the latency run has no {speed_on} group")
     ms = {m["label"]: m["median_ms"] for m in group["models"]}
@@ -56,12 +56,6 @@ def mixture_fraction(latency: dict, speed_on: str, cand: str, slower: str, faste
         raise SystemExit(f"{cand} ({tc:.2f} ms) is not between {faster} ({tb:.2f} ms) and {slower} ({ta:.2f} ms)")
     f = (ta - tc) / (ta - tb) if ta > tb else 0.5
     return f, {"group": group["name"], "dense_ms": ms["dense"], "ms": {k: ms[k] for k in (cand, slower, faster)}}
-
-
-def bootstrap(diff: np.ndarray, scale: float, resamples: int = 2000, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
-    return [float(scale * np.percentile(means, 2.5)), float(scale * np.percentile(means, 97.5))]
 
 
 def per_item(emb: dict[str, Any], dense_all: np.ndarray, y: np.ndarray,
@@ -122,8 +116,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         for measure, scale, fmt in (("cosine", 1.0, ".4f"), ("dropin", 100.0, ".2f"), ("refit", 100.0, ".2f")):
             c = items["cand"][measure]
             mix = (1 - f) * items["slower"][measure] + f * items["faster"][measure]
+            ci = ev.paired_ci95(c, mix, scale=scale)
             diff = c - mix
-            ci = bootstrap(diff, scale)
             results["tasks"][name][measure] = {"candidate": float(scale * c.mean()), "curve": float(scale * mix.mean()),
                                                "difference": float(scale * diff.mean()), "ci95": ci}
             unit = "" if measure == "cosine" else " pts"

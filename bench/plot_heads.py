@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.latency import result_group  # noqa: E402
 
 SERIES = {  # label prefix -> series, first match wins; value pruning is its own point
     "heads only, calibrated, layer 0 only": lambda c: c.startswith("cal-l0"),
@@ -61,20 +67,15 @@ def series_of(label: str) -> str:
     return next(name for name, test in SERIES.items() if test(label))
 
 
-def speed_group(lat: dict, speed_on: str) -> dict:
-    """The latency run's group the x axis comes from: 512-token windows or the IMDB reviews."""
-    return next(g for g in lat["groups"] if (g["length"] == 512 if speed_on == "512" else g["name"] == speed_on))
-
-
 def speed_name(info: dict) -> str:
-    g = speed_group(info["latency"], info["speed_on"])
+    g = result_group(info["latency"], info["speed_on"])
     what = {"imdb": "IMDB reviews", "sst2": "SST-2 sentences"}.get(info["speed_on"])
     return "at 512 tokens" if what is None else f"on {g['n_inputs']} {what} (mean {g['mean_tokens']:.0f} tokens)"
 
 
 def collect(quality: list[Path], latency: Path, speed_on: str = "512") -> tuple[list[dict], dict]:
     lat = json.loads(latency.read_text())
-    group = speed_group(lat, speed_on)
+    group = result_group(lat, speed_on)
     speed = {m["label"]: m for m in group["models"]}
     rows, dense = {}, {}
     for path in quality:
@@ -104,7 +105,7 @@ def _cv(c: dict | None, key: str) -> str:
 
 def table(rows: list[dict], info: dict) -> str:
     lat = info["latency"]
-    dense_ms = next(m["median_ms"] for m in speed_group(lat, info["speed_on"])["models"] if m["role"] == "dense")
+    dense_ms = next(m["median_ms"] for m in result_group(lat, info["speed_on"])["models"] if m["role"] == "dense")
     d = info["dense"]
     lines = [f"Dense: IMDB {100 * d['imdb'][0]:.1f} (n={d['imdb'][1]}/{d['imdb'][2]}), SST-2 {100 * d['sst2'][0]:.1f} "
              f"(n={d['sst2'][1]}/{d['sst2'][2]}); dense latency {speed_name(info)} {dense_ms:.1f} ms "

@@ -246,13 +246,17 @@ class PruneHeads(Pass):
         for i in layers:
             site = sites[i]
             g, dh = site.num_heads // groups, site.head_dim
-            heads = (np.array(kept[i])[:, None] * g + np.arange(g)).reshape(-1)
-            cols = (heads[:, None] * dh + np.arange(dh)).reshape(-1)
+            cols = (_query_heads(np.array(kept[i]), g)[:, None] * dh + np.arange(dh)).reshape(-1)
             w = const_array(site.out_proj.weight)
             w = w.T if site.out_proj.transposed_weight else w
             out[i] = reconstruct_output(w, stats[i], cols, self.ridge)
         logger.info("prune-heads: output projections of layers %s refitted for their pruned heads", layers)
         return out
+
+
+def _query_heads(groups: np.ndarray, g: int) -> np.ndarray:
+    """The query heads of the KV groups ``groups`` (``g`` query heads per group), ascending."""
+    return (groups[:, None] * g + np.arange(g)).reshape(-1)
 
 
 def _check_heads(heads: tuple[tuple[int, ...], ...], layers: int, groups: int) -> list[list[int]]:
@@ -363,7 +367,7 @@ class _Rewrite:
         if g == 1:
             return sel
         if isinstance(sel, np.ndarray):
-            return (sel[:, None] * g + np.arange(g)).reshape(-1)
+            return _query_heads(sel, g)
         e = self.e
         base = e.op("Unsqueeze", [e.op("Mul", [sel, e.const("g", np.array(g, np.int64))]),
                                   e.const("axes", np.array([1], np.int64))])
