@@ -56,6 +56,7 @@ class CompileConfig:
     kv_granularity: str | None = None  # scale per token | head | channel | tensor (default token)
     kv_factor: float | None = None  # rule min: LSBs when max p <= min(threshold, factor / n_keys)
     kv_stats: bool = False  # diagnostic outputs: LSB rows per layer, LSB fraction
+    prune_min_length: int | None = None  # inputs of at most N tokens run without token and head pruning
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -88,6 +89,19 @@ class CompileConfig:
         if self.token_min_keep is not None and self.token_min_keep < 1:
             raise OptionError(f"--token-min-keep must be >= 1, got {self.token_min_keep}")
         self._check_kv()
+        self._check_gate()
+
+    def _check_gate(self) -> None:
+        n = self.prune_min_length
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise OptionError(f"--prune-min-length must be a whole number of tokens >= 1, got {n!r}")
+        if not (self.prunes_tokens or self.prunes_heads):
+            raise OptionError("--prune-min-length gates token and head pruning; give --token-keep or --head-keep too")
+        if self.emit_kept:
+            raise OptionError("--prune-min-length cannot be combined with --emit-kept (the unpruned branch has "
+                              "no kept-token outputs)")
 
     def _check_kv(self) -> None:
         from spatten_compiler.passes.quantize_kv import GRANULARITY, RULES
@@ -109,6 +123,18 @@ class CompileConfig:
     def prunes_tokens(self) -> bool:
         return self.token_keep is not None or bool(self.token_keep_schedule)
 
+    @property
+    def prunes_heads(self) -> bool:
+        return self.head_keep is not None or bool(self.head_keep_schedule)
+
+    def unpruned(self) -> CompileConfig:
+        """The options for the length gate's short-input branch: everything but token and head
+        pruning (value pruning and K/V quantization do not depend on the length)."""
+        return dataclasses.replace(
+            self, token_keep=None, token_keep_schedule=(), token_min_keep=None, head_keep=None,
+            head_keep_schedule=(), head_rule=None, head_calibration=None, head_importance="layer",
+            head_reconstruct=False, emit_kept=False, prune_min_length=None)
+
     def passes(self) -> list[Pass]:
         """normalize, decompose-attention, then prune-heads, prune-tokens, prune-values, quantize-kv
         (each if asked).
@@ -116,7 +142,7 @@ class CompileConfig:
         Order matters: each later pass finds attention again in the graph the earlier ones wrote.
         """
         passes: list[Pass] = []
-        if self.head_keep is not None or self.head_keep_schedule:
+        if self.prunes_heads:
             rule = self.head_rule or ("calibrated" if self.head_calibration else "paper")
             passes.append(make_pass("prune-heads", keep=self.head_keep if self.head_keep is not None else 1.0,
                                     schedule=tuple(self.head_keep_schedule), rule=rule,

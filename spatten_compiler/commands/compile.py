@@ -12,6 +12,7 @@ from spatten_compiler.commands import Command, register
 from spatten_compiler.config import CompileConfig, parse_ratio_list
 from spatten_compiler.errors import OptionError
 from spatten_compiler.modelio import load_model, same_file, save_model
+from spatten_compiler.passes.length_gate import compile_gated, refuse_gated
 from spatten_compiler.pipeline import Pipeline, parse_pipeline
 from spatten_compiler.progress import Reporter
 
@@ -93,6 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one scale per (head, token) (default), head, (head, channel) or batch element")
     q.add_argument("--kv-stats", action="store_const", const=True,
                    help="diagnostic outputs spatten_lsb_rows.<layer> [B,H,S] and spatten_lsb_fraction [layers]")
+    g = p.add_argument_group("length gate")
+    g.add_argument("--prune-min-length", type=int, metavar="N",
+                   help="prune tokens and heads only for inputs longer than N tokens; shorter inputs run the "
+                   "model without them (one If on input_ids' length; unchanged weights are stored once)")
     p.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_factor": args.kv_factor,
         "kv_granularity": args.kv_granularity,
         "kv_stats": args.kv_stats,
+        "prune_min_length": args.prune_min_length,
     })
     if args.pipeline and config.passes():
         raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
@@ -137,16 +143,21 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with report.step(f"loading {args.model}"):
         model = load_model(args.model)
+    if passes:
+        refuse_gated(model, args.model)
     summary = _report(args.model, passes) if args.report else None
-    pipeline = Pipeline(passes, check=not args.no_check, on_pass=report.pass_done)
-    pipeline(model)
+    if config.prune_min_length:
+        compile_gated(model, passes, config.unpruned().passes(), config.prune_min_length,
+                      check=not args.no_check, on_pass=report.pass_done)
+    else:
+        Pipeline(passes, check=not args.no_check, on_pass=report.pass_done)(model)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     with report.step(f"writing {args.output}"):
         files = save_model(model, args.output, external_data=external)
     if summary is not None:
         args.report.write_text(json.dumps(summary, indent=2) + "\n")
     size = sum(f.stat().st_size for f in files) / 1e6
-    report.done(f"wrote {args.output} ({len(model.graph)} nodes, {size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    report.done(f"wrote {args.output} ({sum(1 for _ in model.graph.all_nodes())} nodes, {size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

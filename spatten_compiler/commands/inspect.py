@@ -12,6 +12,7 @@ from spatten_compiler.commands import Command, register
 from spatten_compiler.errors import NoAttentionError
 from spatten_compiler.modelio import load_model
 from spatten_compiler.passes.find_attention import AttentionReport, AttentionSite, find_attention
+from spatten_compiler.passes.length_gate import refuse_gated
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.progress import Reporter
 
@@ -74,6 +75,7 @@ def render_rejected(report: AttentionReport) -> str:
 
 def inspect_model(path: Path) -> AttentionReport:
     model = load_model(path)
+    refuse_gated(model, path)
     Normalize()(model)
     return find_attention(model)
 
