@@ -3,8 +3,9 @@ and one latency run (latency.py) into a table and one plot of refit accuracy (pr
 measured speedup at 512 tokens, with tokens-only, heads-only and token+head candidates as series.
 ``--cross-fitted``: the panels are IMDB cosine, drop-in (a) and refit (b) deltas cross-fitted over
 all 3000 reviews, with their 95% paired-bootstrap intervals (runs made with ``--cross-fit 5``).
-``--speed-on imdb``: the x axis is the speedup measured on the latency run's IMDB reviews (the
-inputs whose accuracy is plotted) instead of on 512-token windows.
+``--cv-task sst2``: the same three panels for SST-2. ``--speed-on imdb``: the x axis is the speedup
+measured on the latency run's IMDB reviews (the inputs whose accuracy is plotted) instead of on
+512-token windows.
 
     python bench/plot_heads.py --quality bench/results/*-minilm-heads-*.json \
         --latency bench/results/<stamp>-minilm-heads-latency-512.json --out bench/results/<stamp>-minilm-heads
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +29,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench.latency import result_group  # noqa: E402
 
+GATED = re.compile(r"-n\d+$")  # --prune-min-length N
 SERIES = {  # label prefix -> series, first match wins; value pruning is its own point
+    "tokens + ablation-ranked heads, length-gated": lambda c: bool(GATED.search(c)) and "-abl-" in c,
+    "tokens only, length-gated": lambda c: c.startswith("t") and bool(GATED.search(c)),
     "heads only, calibrated, layer 0 only": lambda c: c.startswith("cal-l0"),
     "tokens + calibrated heads in layer 0 only": lambda c: c.startswith("t") and "-cal-l0" in c,
     "tokens + ablation-ranked heads outside layer 0": lambda c: c.startswith("t") and "-abl-g" in c and c.endswith("n"),
@@ -43,7 +48,9 @@ SERIES = {  # label prefix -> series, first match wins; value pruning is its own
     "tokens + paper-rule heads": lambda c: c.startswith("t") and "-paper-" in c,
     "values only": lambda c: c.startswith("v"),
 }
-STYLE = {"tokens only (spattenc rule)": ("C0", "o", "-"), "heads only, paper rule (run time)": ("C3", "v", "-"),
+STYLE = {"tokens + ablation-ranked heads, length-gated": ("C3", "P", ""),
+         "tokens only, length-gated": ("C0", "o", "-"),
+         "tokens only (spattenc rule)": ("C0", "o", "-"), "heads only, paper rule (run time)": ("C3", "v", "-"),
          "heads only, calibrated (compile time)": ("C2", "^", "-"),
          "heads only, calibrated, cascade importance": ("C5", "P", ""), "tokens + calibrated heads": ("C1", "s", "-"),
          "tokens + paper-rule heads": ("C4", "D", ""), "values only": ("C7", "x", ""),
@@ -57,9 +64,17 @@ STYLE = {"tokens only (spattenc rule)": ("C0", "o", "-"), "heads only, paper rul
 # (task, y value of a candidate's result, panel title); the second set with --cross-fitted
 PANELS = [("imdb", lambda c: c["delta_refit_pts"], "IMDB: refit probe (protocol b)"),
           ("sst2", lambda c: c["delta_refit_pts"], "SST-2: refit probe (protocol b)")]
-CV_PANELS = [("imdb", lambda c: c["cosine_mean"], "IMDB: cosine to the dense embedding"),
-             ("imdb", lambda c: c["cross_fit"]["delta_dropin_pts"], "IMDB, cross-fitted: drop-in probe (a)"),
-             ("imdb", lambda c: c["cross_fit"]["delta_refit_pts"], "IMDB, cross-fitted: refit probe (b)")]
+TASK_NAMES = {"imdb": "IMDB", "sst2": "SST-2"}
+
+
+def cv_panels(task: str) -> list:
+    name = TASK_NAMES[task]
+    return [(task, lambda c: c["cosine_mean"], f"{name}: cosine to the dense embedding"),
+            (task, lambda c: c["cross_fit"]["delta_dropin_pts"], f"{name}, cross-fitted: drop-in probe (a)"),
+            (task, lambda c: c["cross_fit"]["delta_refit_pts"], f"{name}, cross-fitted: refit probe (b)")]
+
+
+CV_PANELS = cv_panels("imdb")
 CV_CI = {1: "delta_dropin_ci95", 2: "delta_refit_ci95"}  # panel index -> interval key
 
 
@@ -128,10 +143,10 @@ def table(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], info: dict, out: Path, cross_fitted: bool = False) -> None:
-    panels = CV_PANELS if cross_fitted else PANELS
+def plot(rows: list[dict], info: dict, out: Path, cross_fitted: bool = False, cv_task: str = "imdb") -> None:
+    panels = cv_panels(cv_task) if cross_fitted else PANELS
     if cross_fitted:
-        rows = [r for r in rows if r.get("imdb") and "cross_fit" in r["imdb"]]
+        rows = [r for r in rows if r.get(cv_task) and "cross_fit" in r[cv_task]]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6.2), sharex=True)
     for i, (ax, (task, value, title)) in enumerate(zip(axes, panels)):
         cosine = cross_fitted and i == 0
@@ -175,10 +190,12 @@ def main() -> None:
                     help="plot IMDB cosine and the cross-fitted drop-in / refit deltas with their intervals")
     ap.add_argument("--speed-on", choices=("512", "imdb", "sst2"), default="512",
                     help="x axis: speedup on the latency run's 512-token windows or on its IMDB reviews")
+    ap.add_argument("--cv-task", choices=tuple(TASK_NAMES), default="imdb",
+                    help="with --cross-fitted: the task whose cosine and cross-fitted deltas are plotted")
     args = ap.parse_args()
     rows, info = collect(args.quality, args.latency, args.speed_on)
     args.out.with_suffix(".md").write_text(table(rows, info))
-    plot(rows, info, args.out.with_suffix(".png"), args.cross_fitted)
+    plot(rows, info, args.out.with_suffix(".png"), args.cross_fitted, args.cv_task)
     print(args.out.with_suffix(".md").read_text())
 
 

@@ -81,8 +81,9 @@ def head_fractions(p: Pass, sites: list[AttentionSite]) -> list[float]:
     return [kept_groups(groups, r, p.min_keep) / groups for r in p.ratios(len(sites))]
 
 
-def compile_report(source: ir.Model, passes: list[Pass]) -> dict[str, Any]:
-    """Report for ``passes`` applied to ``source`` (a normalized copy of the input model)."""
+def compile_report(source: ir.Model, passes: list[Pass], prune_min_length: int | None = None) -> dict[str, Any]:
+    """Report for ``passes`` applied to ``source`` (a normalized copy of the input model); with a length
+    gate, lengths up to ``prune_min_length`` run unpruned (ratio 1)."""
     sites = find_attention(source).sites
     report: dict[str, Any] = {"passes": [p.describe() for p in passes], "layers": len(sites)}
     schedule, min_keep, in_layer, heads = [1.0] * len(sites), 1, False, None
@@ -98,5 +99,7 @@ def compile_report(source: ir.Model, passes: list[Pass]) -> dict[str, Any]:
         in_layer = getattr(p, "prune_point", "layer-input") == "after-attention"
     if "token_schedule" in report or heads:
         report["flop_ratio"] = {str(n): round(token_flop_ratio(sites, schedule, n, min_keep, in_layer, heads), 4)
-                                for n in LENGTHS}
+                                if prune_min_length is None or n > prune_min_length else 1.0 for n in LENGTHS}
+    if prune_min_length is not None:
+        report["prune_min_length"] = prune_min_length
     return report

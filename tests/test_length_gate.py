@@ -126,3 +126,16 @@ def test_compile_help_lists_the_gate() -> None:
 
     r = subprocess.run([sys.executable, "-m", "spatten_compiler", "compile", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--prune-min-length N" in r.stdout
+
+
+def test_report_counts_gated_lengths_as_unpruned(tmp_path: Path) -> None:
+    import json
+
+    src, report = MODELS / "bert_torchscript.onnx", tmp_path / "r.json"
+    compile_to(src, tmp_path / "plain.onnx", "--token-keep", "0.5", "--report", str(report))
+    plain = json.loads(report.read_text())
+    compile_to(src, tmp_path / "gated.onnx", "--token-keep", "0.5", "--prune-min-length", "256", "--report", str(report))
+    gated = json.loads(report.read_text())
+    assert gated["prune_min_length"] == 256
+    assert gated["flop_ratio"]["128"] == gated["flop_ratio"]["256"] == 1.0
+    assert gated["flop_ratio"]["512"] == plain["flop_ratio"]["512"] > 1.0

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model)
     if passes:
         refuse_gated(model, args.model)
-    summary = _report(args.model, passes) if args.report else None
+    summary = _report(args.model, passes, config.prune_min_length) if args.report else None
     if config.prune_min_length:
         compile_gated(model, passes, config.unpruned().passes(), config.prune_min_length,
                       check=not args.no_check, on_pass=report.pass_done)
@@ -161,13 +161,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(path: Path, passes: list) -> dict:
+def _report(path: Path, passes: list, prune_min_length: int | None) -> dict:
     from spatten_compiler.passes.normalize import Normalize
     from spatten_compiler.report import compile_report
 
     source = load_model(path, check=False)
     Normalize()(source)
-    return compile_report(source, passes)
+    return compile_report(source, passes, prune_min_length)
 
 
 register(
