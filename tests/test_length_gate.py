@@ -139,3 +139,12 @@ def test_report_counts_gated_lengths_as_unpruned(tmp_path: Path) -> None:
     assert gated["prune_min_length"] == 256
     assert gated["flop_ratio"]["128"] == gated["flop_ratio"]["256"] == 1.0
     assert gated["flop_ratio"]["512"] == plain["flop_ratio"]["512"] > 1.0
+
+
+def test_gate_from_a_config_file(tmp_path: Path) -> None:
+    import json
+
+    cfg = tmp_path / "spatten.json"
+    cfg.write_text(json.dumps({"token_keep": 0.5, "token_min_keep": 2, "prune_min_length": 8}))
+    gated = compile_to(MODELS / "bert_torchscript.onnx", tmp_path / "gated.onnx", "--config", str(cfg))
+    assert {m.key: m.value for m in onnx.load(gated).metadata_props}["spatten.prune_min_length"] == "8"
