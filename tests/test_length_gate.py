@@ -134,7 +134,8 @@ def test_report_counts_gated_lengths_as_unpruned(tmp_path: Path) -> None:
     src, report = MODELS / "bert_torchscript.onnx", tmp_path / "r.json"
     compile_to(src, tmp_path / "plain.onnx", "--token-keep", "0.5", "--report", str(report))
     plain = json.loads(report.read_text())
-    compile_to(src, tmp_path / "gated.onnx", "--token-keep", "0.5", "--prune-min-length", "256", "--report", str(report))
+    compile_to(src, tmp_path / "gated.onnx", "--token-keep", "0.5", "--prune-min-length", "256",
+               "--report", str(report))
     gated = json.loads(report.read_text())
     assert gated["prune_min_length"] == 256
     assert gated["flop_ratio"]["128"] == gated["flop_ratio"]["256"] == 1.0

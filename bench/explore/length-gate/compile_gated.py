@@ -9,12 +9,14 @@ matching ``--head-keep-schedule`` plus ``--prune-min-length GATE``, without the 
 import json
 import sys
 
-from spatten_compiler.config import CompileConfig
-from spatten_compiler.modelio import load_model, save_model
 from spatten_compiler.passes.length_gate import compile_gated
 from spatten_compiler.passes.prune_heads import PruneHeads
 
-heads_file, out, token_keep, min_keep, gate = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+from spatten_compiler.config import CompileConfig
+from spatten_compiler.modelio import load_model, save_model
+
+heads_file, out = sys.argv[1], sys.argv[2]
+token_keep, min_keep, gate = float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 heads = tuple(map(tuple, json.load(open(heads_file))))
 config = CompileConfig(token_keep=token_keep, token_min_keep=min_keep, prune_min_length=gate)
 passes = config.passes()
