@@ -37,6 +37,7 @@ def compile_to(src: Path, out: Path, *flags: str) -> Path:
     ("distilbert_torchscript", ["--token-keep", "0.5", "--token-min-keep", "2", "--kv-bits", "6+2", "--kv-rule",
                                 "fixed", "--lsb-threshold", "0.5", "--kv-granularity", "head"]),  # no rounding ties
     ("gpt2_torchscript", ["--head-keep", "0.5"]),  # packed QKV, heads only
+    ("bert_attention_op23", PRUNE),  # fused ONNX Attention: decomposed in the pruned branch only
 ])
 def test_gate_runs_each_branch_exactly(name: str, flags: list[str], tmp_path: Path) -> None:
     src = MODELS / f"{name}.onnx"
