@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import CommonSubexpressionEliminationPass
 from spatten_compiler.passes.find_attention import find_attention
+from spatten_compiler.passes.normalize import Normalize
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import OptionError
@@ -134,10 +135,19 @@ def short_input_model(model: ir.Model) -> ir.Model:
                     functions=list(model.functions.values()))
 
 
+def _refuse_kv_cache(model: ir.Model) -> None:
+    if any(site.kv_cache for site in find_attention(model).sites):
+        raise OptionError("--prune-min-length is for models without a KV cache (at a decode step input_ids "
+                          "holds only the new tokens, and both branches would have to share one cache layout)")
+
+
 def compile_gated(model: ir.Model, passes: Sequence[Pass], short_passes: Sequence[Pass], min_length: int,
                   **pipeline: Any) -> ir.Model:
     """Run ``passes`` on ``model`` and ``short_passes`` on a clone, then gate them by length (in place)."""
     short = short_input_model(model)
+    probe = short_input_model(model)  # refuse KV-cache models before the (possibly long) passes run
+    Normalize()(probe)
+    _refuse_kv_cache(probe)
     Pipeline(passes, **pipeline)(model)
     Pipeline(short_passes, **pipeline)(short)
     gate_by_length(model, short, min_length)
@@ -156,9 +166,7 @@ def gate_by_length(pruned: ir.Model, unpruned: ir.Model, min_length: int) -> ir.
     for a, b in zip(a_outs, b_outs):
         if a.dtype != b.dtype:
             raise OptionError(f"--prune-min-length: output {a.name!r} is {a.dtype} pruned and {b.dtype} unpruned")
-    if any(site.kv_cache for site in find_attention(pruned).sites):
-        raise OptionError("--prune-min-length is for models without a KV cache (at a decode step input_ids "
-                          "holds only the new tokens, and both branches would have to share one cache layout)")
+    _refuse_kv_cache(pruned)
     names = [v.name for v in a_outs]
     meta = [(v.type, v.shape) for v in a_outs]
     for model in (pruned, unpruned):
