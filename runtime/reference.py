@@ -2,7 +2,8 @@
 
 Built on ``onnx.reference.ReferenceEvaluator``; the ``spatten`` domain functions are replaced by
 the plain implementations in :mod:`.spatten_ops`, so the ONNX bodies that onnxruntime runs are
-checked against an independent implementation of the same rule.
+checked against an independent implementation of the same rule. :mod:`.std_ops` corrects
+``onnx.reference``'s own ops where they are wrong (GatherElements past 64 entries).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
-from . import spatten_ops
+from . import spatten_ops, std_ops
 
 # Modules that add NumPy implementations register them in spatten_ops.SPATTEN_OPS when imported.
 for _module in ("head_ops", "quant_ops"):
@@ -45,7 +46,7 @@ class ReferenceRuntime:
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         self.output_names = [o.name for o in proto.graph.output]
         self.input_names = [i.name for i in proto.graph.input]
-        self.session = ReferenceEvaluator(proto, new_ops=spatten_ops.SPATTEN_OPS)
+        self.session = ReferenceEvaluator(proto, new_ops=[*std_ops.STD_OPS, *spatten_ops.SPATTEN_OPS])
 
     def run(self, feeds: dict[str, np.ndarray]) -> RunReport:
         spatten_ops.CURRENT = trace = spatten_ops.Trace()
