@@ -204,6 +204,13 @@ def test_each_spatten_op_matches_numpy_on_onnxruntime_inputs(name: str, bits: st
     """Default (per-token) scales: every spatten node's onnxruntime outputs equal the NumPy oracle
     applied to the same onnxruntime inputs (planes exactly, floats to 1e-5)."""
     model = _compile(MODELS / f"{name}.onnx", make_pass("quantize-kv", bits=bits, rule="uniform", threshold=4.0))
+    f, _ = reference_io(load_meta(name))
+    assert_ops_match_numpy(model, f, tmp_path)
+
+
+def assert_ops_match_numpy(model: ir.Model, feeds: dict[str, np.ndarray], tmp_path: Path) -> None:
+    """Run ``model`` in onnxruntime with every spatten node's inputs and outputs exposed, and check each
+    node's outputs against its NumPy implementation applied to onnxruntime's own inputs."""
     proto = ir.serde.serialize_model(model)
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     calls = [n for n in proto.graph.node if n.domain == DOMAIN]
@@ -223,8 +230,7 @@ def test_each_spatten_op_matches_numpy_on_onnxruntime_inputs(name: str, bits: st
                 kind = kinds.get(n.op_type, [TensorProto.FLOAT] * 2)[i]
                 proto.graph.output.append(helper.make_tensor_value_info(out, kind, None))
     onnx.save(proto, tmp_path / "io.onnx")
-    f, _ = reference_io(load_meta(name))
-    values = {**consts, **f, **run_ort(tmp_path / "io.onnx", f)}
+    values = {**consts, **feeds, **run_ort(tmp_path / "io.onnx", feeds)}
     for n in calls:
         inputs = [values[i] for i in n.input]
         expected = getattr(quant_ops, n.op_type)._run(None, *inputs)
