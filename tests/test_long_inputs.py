@@ -49,6 +49,11 @@ def test_fixture_at_100_tokens(config: str, tmp_path: Path) -> None:
     check(MODELS / "bert_torchscript.onnx", CONFIGS[config], long_feeds(100, 90), tmp_path)
 
 
+@pytest.mark.parametrize("config", ["heads-paper", "values"])
+def test_decoder_fixture_at_100_tokens(config: str, tmp_path: Path) -> None:
+    check(MODELS / "gpt2_torchscript.onnx", CONFIGS[config], long_feeds(100, 90), tmp_path)
+
+
 def test_kv_ops_at_100_tokens(tmp_path: Path) -> None:
     """K/V quantization end to end is exact only while no float difference upstream lands on a
     rounding tie (test_quantize_kv); at 100 tokens some do, so each quantizer op is checked on
