@@ -178,6 +178,7 @@ register(
         run=run,
         epilog="examples:\n  spattenc model.onnx -o model.spatten.onnx --token-keep 0.5\n"
         "  spattenc model.onnx -o out.onnx --token-keep-schedule 1,1,0.8,0.6,0.4,0.3 --emit-kept\n"
+        "  spattenc model.onnx -o out.onnx --token-keep 0.15 --token-min-keep 32 --prune-min-length 32\n"
         "  spattenc model.onnx -o out.onnx --config spatten.json",
     )
 )
