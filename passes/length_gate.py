@@ -144,10 +144,11 @@ def _refuse_kv_cache(model: ir.Model) -> None:
 def compile_gated(model: ir.Model, passes: Sequence[Pass], short_passes: Sequence[Pass], min_length: int,
                   **pipeline: Any) -> ir.Model:
     """Run ``passes`` on ``model`` and ``short_passes`` on a clone, then gate them by length (in place)."""
-    short = short_input_model(model)
-    probe = short_input_model(model)  # refuse KV-cache models before the (possibly long) passes run
+    length_input(model.graph)  # refuse unfit models before the (possibly long) passes run
+    probe = short_input_model(model)
     Normalize()(probe)
     _refuse_kv_cache(probe)
+    short = short_input_model(model)
     Pipeline(passes, **pipeline)(model)
     Pipeline(short_passes, **pipeline)(short)
     gate_by_length(model, short, min_length)
@@ -157,7 +158,8 @@ def compile_gated(model: ir.Model, passes: Sequence[Pass], short_passes: Sequenc
 
 
 def gate_by_length(pruned: ir.Model, unpruned: ir.Model, min_length: int) -> ir.Model:
-    """Turn ``pruned`` into ``If(length > min_length, pruned graph, unpruned graph)``, in place."""
+    """Turn ``pruned`` into ``If(length > min_length, pruned graph, unpruned graph)``, in place.
+    :func:`compile_gated` has refused KV-cache models (checked once, before the passes)."""
     a_outs, b_outs = pruned.graph.outputs, unpruned.graph.outputs
     if [v.name for v in a_outs] != [v.name for v in b_outs]:
         raise OptionError("--prune-min-length: the pruned model's outputs "
@@ -166,7 +168,6 @@ def gate_by_length(pruned: ir.Model, unpruned: ir.Model, min_length: int) -> ir.
     for a, b in zip(a_outs, b_outs):
         if a.dtype != b.dtype:
             raise OptionError(f"--prune-min-length: output {a.name!r} is {a.dtype} pruned and {b.dtype} unpruned")
-    _refuse_kv_cache(pruned)
     names = [v.name for v in a_outs]
     meta = [(v.type, v.shape) for v in a_outs]
     for model in (pruned, unpruned):

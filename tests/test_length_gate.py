@@ -3,6 +3,7 @@ token and head pruning, longer ones the pruned model, each exactly."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from conftest import MODELS, run_ort, tiny_model
 from spatten_compiler.passes.length_gate import length_input
 from spatten_compiler.runtime.reference import ReferenceRuntime
+from test_cli import spattenc
 
 from spatten_compiler.cli import main
 from spatten_compiler.errors import OptionError
@@ -122,16 +124,11 @@ def test_gated_model_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_compile_help_lists_the_gate() -> None:
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "spatten_compiler", "compile", "--help"], capture_output=True, text=True)
+    r = spattenc("compile", "--help")
     assert r.returncode == 0 and "--prune-min-length N" in r.stdout
 
 
 def test_report_counts_gated_lengths_as_unpruned(tmp_path: Path) -> None:
-    import json
-
     src, report = MODELS / "bert_torchscript.onnx", tmp_path / "r.json"
     compile_to(src, tmp_path / "plain.onnx", "--token-keep", "0.5", "--report", str(report))
     plain = json.loads(report.read_text())
@@ -144,8 +141,6 @@ def test_report_counts_gated_lengths_as_unpruned(tmp_path: Path) -> None:
 
 
 def test_gate_from_a_config_file(tmp_path: Path) -> None:
-    import json
-
     cfg = tmp_path / "spatten.json"
     cfg.write_text(json.dumps({"token_keep": 0.5, "token_min_keep": 2, "prune_min_length": 8}))
     gated = compile_to(MODELS / "bert_torchscript.onnx", tmp_path / "gated.onnx", "--config", str(cfg))
