@@ -8,12 +8,11 @@ import logging
 import time
 from pathlib import Path
 
+from spatten_compiler import api
 from spatten_compiler.commands import Command, register
 from spatten_compiler.config import CompileConfig, parse_ratio_list
 from spatten_compiler.errors import OptionError
-from spatten_compiler.modelio import load_model, same_file, save_model
-from spatten_compiler.passes.length_gate import compile_gated, refuse_gated
-from spatten_compiler.pipeline import Pipeline, parse_pipeline
+from spatten_compiler.modelio import same_file, save_model
 from spatten_compiler.progress import Reporter
 
 logger = logging.getLogger(__name__)
@@ -137,20 +136,11 @@ def run(args: argparse.Namespace) -> int:
         "kv_stats": args.kv_stats,
         "prune_min_length": args.prune_min_length,
     })
-    if args.pipeline and config.passes():
-        raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
-    passes = parse_pipeline(args.pipeline) if args.pipeline else config.passes()
     t0 = time.perf_counter()
-    with report.step(f"loading {args.model}"):
-        model = load_model(args.model)
-    if passes:
-        refuse_gated(model, args.model)
-    summary = _report(args.model, passes, config.prune_min_length) if args.report else None
-    if config.prune_min_length:
-        compile_gated(model, passes, config.unpruned().passes(), config.prune_min_length,
-                      check=not args.no_check, on_pass=report.pass_done)
-    else:
-        Pipeline(passes, check=not args.no_check, on_pass=report.pass_done)(model)
+    with report.step(f"compiling {args.model}"):
+        result = api.compile(args.model, config=config, pipeline=args.pipeline, check=not args.no_check,
+                             report=args.report is not None, on_pass=report.pass_done)
+    model, summary = result.model, result.report
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     with report.step(f"writing {args.output}"):
         files = save_model(model, args.output, external_data=external)
@@ -159,15 +149,6 @@ def run(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in files) / 1e6
     report.done(f"wrote {args.output} ({sum(1 for _ in model.graph.all_nodes())} nodes, {size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def _report(path: Path, passes: list, prune_min_length: int | None) -> dict:
-    from spatten_compiler.passes.normalize import Normalize
-    from spatten_compiler.report import compile_report
-
-    source = load_model(path, check=False)
-    Normalize()(source)
-    return compile_report(source, passes, prune_min_length)
 
 
 register(

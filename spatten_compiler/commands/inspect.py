@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from spatten_compiler import api
 from spatten_compiler.commands import Command, register
 from spatten_compiler.errors import NoAttentionError
-from spatten_compiler.modelio import load_model
-from spatten_compiler.passes.find_attention import AttentionReport, AttentionSite, find_attention
-from spatten_compiler.passes.length_gate import refuse_gated
-from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.passes.find_attention import AttentionReport, AttentionSite
 from spatten_compiler.progress import Reporter
 
 
@@ -74,10 +72,7 @@ def render_rejected(report: AttentionReport) -> str:
 
 
 def inspect_model(path: Path) -> AttentionReport:
-    model = load_model(path)
-    refuse_gated(model, path)
-    Normalize()(model)
-    return find_attention(model)
+    return api.inspect_report(path)
 
 
 def run(args: argparse.Namespace) -> int:

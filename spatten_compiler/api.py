@@ -1,0 +1,158 @@
+"""The Python API: :func:`compile` and :func:`inspect`, the two things the CLI does, for notebooks
+and scripts. The ``spattenc`` command calls these functions.
+
+Options are the fields of :class:`~spatten_compiler.config.CompileConfig`, with the flags' names in
+snake case and the same defaults (``--token-keep 0.5`` is ``token_keep=0.5``). Bad input raises the
+same one-line :class:`~spatten_compiler.errors.SpattencError` the CLI prints.
+
+>>> import spatten_compiler as sc
+>>> sites = sc.inspect("models/bert_torchscript.onnx")
+>>> len(sites), sites[0].num_heads, sites[0].mask_kind
+(4, 4, 'padding')
+>>> result = sc.compile("models/bert_torchscript.onnx", token_keep=0.5)
+>>> result.report["token_schedule"]
+[1.0, 0.5, 0.5, 0.5]
+>>> files = result.save("bert.spatten.onnx")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import CheckerPass
+
+from spatten_compiler.config import CompileConfig
+from spatten_compiler.errors import ModelLoadError, OptionError
+from spatten_compiler.modelio import load_model, save_model
+from spatten_compiler.passes.find_attention import AttentionReport, AttentionSite, find_attention
+from spatten_compiler.passes.length_gate import compile_gated, refuse_gated, short_input_model
+from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.pipeline import Pass, Pipeline, parse_pipeline
+
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """The rewritten model and the compile report (passes, layers, the token and head schedules
+    chosen and the ideal FLOP ratio at 128/256/512 tokens; ``None`` if ``report=False``)."""
+
+    model: ir.Model
+    report: dict[str, Any] | None
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
+        """Write the model atomically (``external_data=None``: external data only when the input had
+        it or the weights exceed 1.8 GB); return the files written."""
+        return save_model(self.model, path, external_data=external_data)
+
+    def to_proto(self) -> onnx.ModelProto:
+        """The model as an ``onnx.ModelProto`` (e.g. for ``onnxruntime.InferenceSession(p.SerializeToString())``)."""
+        return ir.serde.serialize_model(self.model)
+
+
+def as_model(model: ModelLike, *, copy: bool = False) -> tuple[ir.Model, str]:
+    """``model`` as a checked ``ir.Model`` and a name for messages. A path is loaded (external data
+    beside it is followed); a ``ModelProto`` is converted (the proto itself is never changed); an
+    ``ir.Model`` is used as is, or cloned (sharing its weights) when ``copy``."""
+    if isinstance(model, ir.Model):
+        return (short_input_model(model) if copy else model), "model"
+    if isinstance(model, onnx.ModelProto):
+        converted = ir.serde.deserialize_model(model)
+        try:
+            CheckerPass(full_check=False)(converted)
+        except onnx.checker.ValidationError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"model: invalid ONNX graph: {first}") from e
+        return converted, "model"
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model), str(model)
+    raise OptionError(f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def make_config(config: CompileConfig | None = None, **options: Any) -> CompileConfig:
+    """``config`` (default: all defaults) with ``options`` (CompileConfig field names) applied on top."""
+    known = {f.name for f in dataclasses.fields(CompileConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise OptionError(f"unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}")
+    for key in ("token_keep_schedule", "head_keep_schedule"):
+        if key in options and options[key] is not None:
+            options[key] = tuple(float(x) for x in options[key])
+    base = config if config is not None else CompileConfig()
+    return dataclasses.replace(base, **{k: v for k, v in options.items() if v is not None})
+
+
+def _source_report(model: ir.Model, passes: list[Pass], prune_min_length: int | None) -> dict[str, Any]:
+    from spatten_compiler.report import compile_report
+
+    source = short_input_model(model)  # a clone sharing the weights: the report never edits the input
+    Normalize()(source)
+    return compile_report(source, passes, prune_min_length)
+
+
+def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, not builtins.compile
+    model: ModelLike,
+    *,
+    config: CompileConfig | None = None,
+    pipeline: str | Sequence[Pass] | None = None,
+    check: bool = True,
+    report: bool = True,
+    on_pass: Callable[[Pass, float], None] | None = None,
+    **options: Any,
+) -> CompileResult:
+    """Rewrite ``model`` with SpAtten's pruning and quantization, as ``spattenc MODEL -o OUT`` does.
+
+    ``model``: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (rewritten in place).
+    ``options``: any :class:`CompileConfig` field, e.g. ``token_keep=0.5``, ``head_keep=0.75``,
+    ``kv_bits="6+4"``, ``prune_min_length=64``; or pass ``config=CompileConfig(...)`` (options win).
+    ``pipeline``: an explicit pass list (``"normalize,prune-tokens{keep=0.5}"``) instead of options.
+    ``check``: onnx.checker after each pass. ``report``: also compute the compile report.
+
+    >>> result = compile("models/bert_torchscript.onnx", token_keep=0.5, kv_bits="6+4")
+    >>> [p.split("{")[0] for p in result.report["passes"]]
+    ['normalize', 'decompose-attention', 'prune-tokens', 'quantize-kv']
+    >>> result.report["flop_ratio"]["512"]  # ideal dense/pruned FLOPs at 512 tokens
+    2.3133
+    """
+    cfg = make_config(config, **options)
+    planned = cfg.passes()
+    if pipeline and planned:
+        raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
+    if pipeline:
+        passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    else:
+        passes = planned
+    m, name = as_model(model)
+    if passes:
+        refuse_gated(m, name)
+    summary = _source_report(m, passes, cfg.prune_min_length) if report else None
+    if cfg.prune_min_length:
+        compile_gated(m, passes, cfg.unpruned().passes(), cfg.prune_min_length, check=check, on_pass=on_pass)
+    else:
+        Pipeline(passes, check=check, on_pass=on_pass)(m)
+    return CompileResult(m, summary)
+
+
+def inspect_report(model: ModelLike) -> AttentionReport:
+    """The attention sites found and, for every other Softmax, why it was not taken. The input is
+    not changed (an ``ir.Model`` is normalized on a clone)."""
+    m, name = as_model(model, copy=True)
+    refuse_gated(m, name)
+    Normalize()(m)
+    return find_attention(m)
+
+
+def inspect(model: ModelLike) -> list[AttentionSite]:
+    """The attention blocks spattenc finds (``spattenc inspect``), one :class:`AttentionSite` per
+    layer, in order; empty if there are none.
+
+    >>> [(s.layer, s.num_heads, s.head_dim) for s in inspect("models/gpt2_torchscript.onnx")]
+    [(0, 4, 16), (1, 4, 16), (2, 4, 16), (3, 4, 16)]
+    """
+    return list(inspect_report(model).sites)
