@@ -50,7 +50,7 @@ def run(kind: str, path: Path, extra: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--ort-model-type", default="gpt2")
@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = []
     for path in args.models:
         size_mb = sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) / 2**20

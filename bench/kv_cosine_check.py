@@ -37,8 +37,12 @@ def embed(path: Path, texts: list[str], tok, pad: int) -> np.ndarray:
     return result
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 3:
+        print("usage: python -m bench kv_cosine_check N_IMDB N_SST2 MODEL.onnx...", file=sys.stderr)
+        return 2
     n_imdb, n_sst2, paths = int(argv[0]), int(argv[1]), [Path(p) for p in argv[2:]]
     tok = common.load_tokenizer(common.find_tokenizer(DENSE), 512)
     pad = common.pad_id_of(tok)

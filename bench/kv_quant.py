@@ -386,7 +386,7 @@ def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
                     ha="left" if dx > 0 else "right")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("steps", nargs="+", choices=("build", "eval", "eval-one", "report", "paired"))
     p.add_argument("--only", nargs="*", default=list(GRID), help="candidate labels (default: all, in GRID order)")
@@ -395,7 +395,7 @@ def main() -> int:
     p.add_argument("--n-test", default="all", help="test sizes (embed_eval syntax)")
     p.add_argument("--name", default="kvquant-full", help="report: result file name after the time stamp")
     p.add_argument("--no-chart", action="store_true", help="report: table only")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     labels = args.only
     if "build" in args.steps:

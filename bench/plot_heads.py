@@ -181,7 +181,7 @@ def plot(rows: list[dict], info: dict, out: Path, cross_fitted: bool = False, cv
     fig.savefig(out, dpi=130)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quality", type=Path, nargs="+", required=True)
     ap.add_argument("--latency", type=Path, required=True)
@@ -192,12 +192,13 @@ def main() -> None:
                     help="x axis: speedup on the latency run's 512-token windows or on its IMDB reviews")
     ap.add_argument("--cv-task", choices=tuple(TASK_NAMES), default="imdb",
                     help="with --cross-fitted: the task whose cosine and cross-fitted deltas are plotted")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows, info = collect(args.quality, args.latency, args.speed_on)
     args.out.with_suffix(".md").write_text(table(rows, info))
     plot(rows, info, args.out.with_suffix(".png"), args.cross_fitted, args.cv_task)
     print(args.out.with_suffix(".md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

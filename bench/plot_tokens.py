@@ -141,13 +141,13 @@ def plot(quality: dict, latency: dict, out: Path, group: str) -> None:
     fig.savefig(out, dpi=120)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quality", type=Path, nargs="+", required=True, help="embed_eval JSON files (merged)")
     ap.add_argument("--latency", type=Path)
     ap.add_argument("--group", default="wikitext2-512", help="latency group on the x axis")
     ap.add_argument("--out", type=Path, required=True, help="output prefix (.md and .png)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     quality = merge([load(q) for q in args.quality])
     latency = load(args.latency) if args.latency else None
     lines = table(quality, latency)

@@ -40,7 +40,7 @@ def profile(path: str, feeds: dict[str, np.ndarray], runs: int, threads: int,
     return float(np.median(run_us)) / 1e3, per_op
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dense")
     ap.add_argument("candidates", nargs="+")
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--per-node", action="store_true", help="kernel time per node (op:name) instead of per op type")
     ap.add_argument("--top", type=int, default=12, help="rows per candidate")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(1000, 20000, (1, args.tokens)), "attention_mask": np.ones((1, args.tokens), np.int64),
              "token_type_ids": np.zeros((1, args.tokens), np.int64)}
@@ -60,7 +60,8 @@ def main() -> None:
         print(f"\n{path}: {ms:.1f} ms per run, speedup {dense_ms / ms:.2f}x")
         for op, _ in (dense_ops + ops).most_common(args.top):
             print(f"  {op[:60]:20} dense {dense_ops[op] / 1e3:7.2f} ms   candidate {ops[op] / 1e3:7.2f} ms")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -87,7 +87,7 @@ def check(cond: bool, what: str) -> None:
     print(f"ok   {what}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
