@@ -109,7 +109,7 @@ def reconstruct_output(weight: np.ndarray, stats: tuple[np.ndarray, int], kept: 
     ``x @ weight`` (``weight`` ``[H * Dh, D]``) best on the calibration contexts: the pruned columns
     are regressed on the kept ones, ``x_P ~ x_K A`` (ridge ``ridge`` times the kept columns' mean
     second moment), and folded in, ``W_K + A W_P``. There is no constant term: a pruned head's mean
-    depends on the text (bench/README.md, mean compensation), and on other text a fitted
+    depends on the text (docs/experiments.md, mean compensation), and on other text a fitted
     offset did more harm than good."""
     gram, rows = stats
     if rows < 1:

@@ -6,7 +6,7 @@
 
 Short inputs are where pruning pays least and costs most: a 25-token SST-2 sentence keeps every
 token under the usual floors, so the importance and gather ops are pure overhead, and a head set
-chosen for long inputs loses more on it than pruning tokens would (bench/README.md, length gate).
+chosen for long inputs loses more on it than pruning tokens would (docs/experiments.md, length gate).
 The gate makes the choice once per run from the padded sequence length, so a batch is gated as a
 whole.
 

@@ -15,7 +15,7 @@ ascending) carried from layer to layer::
 calibration inputs (:mod:`.head_calibration`) or given explicitly (``heads``), and the weights are
 sliced here: the output has smaller initializers and no extra op (encoders), so onnxruntime keeps
 its constant-weight prepacking and fusions. The paper rule gathers weights on every run; that
-costs onnxruntime the prepacked B matrices (bench/README.md, head pruning section).
+costs onnxruntime the prepacked B matrices (docs/experiments.md, head pruning section).
 
 ``n_l = ceil(G * ratio_l)`` (at least ``min_keep``); SpAtten's schedule leaves the first 30% of
 layers unpruned, layer 0 always (no scores exist before it). A pruned group never comes back under
@@ -32,7 +32,7 @@ gets refitted rows instead of the plain slice, ``W_K + A W_P`` with ``A`` the ri
 the pruned heads' contexts on the kept heads' (:func:`.head_calibration.reconstruct_output`), so
 the kept heads stand in for the pruned ones as far as a linear map can; same shapes, no run-time
 cost. On MiniLM it brings the embedding closer to the dense one, not the task accuracy
-(bench/README.md, head reconstruction).
+(docs/experiments.md, head reconstruction).
 
 Design choices (the paper runs batch 1, MHA only):
 - Batch: one head set per batch (scores summed over the batch), so weight slices are shared.

@@ -35,7 +35,7 @@ uniform one on long rows. Rule ``peak`` (the default, threshold 0.3) is the oppo
 threshold: the output error of a row from K and V quantization grows with how concentrated the row
 is (roughly sum_j p_j^2; a flat row averages the errors of many keys away), so the rows the paper's
 rule skips are the ones whose error does not average out. On MiniLM it is the rule whose refetches
-beat spending the same bytes on static bits (bench/README.md). onnxruntime computes both
+beat spending the same bytes on static bits (docs/experiments.md). onnxruntime computes both
 paths and selects (no CPU time is saved); the saving is K/V memory traffic, which the accelerator
 backend realises and the reference runtime counts. Layout of the planes and scales:
 :mod:`.quant_functions`.
@@ -43,7 +43,7 @@ backend realises and the reference runtime counts. Layout of the planes and scal
 Scale granularity (default ``token``: one scale per batch element, KV head and token, over the
 head's channels). It is the natural KV-cache form - a new token is quantized alone, nothing already
 stored is rescaled - and on MiniLM it was clearly the most accurate (4-bit static embedding cosine
-0.996 vs 0.991 per channel and 0.984 per head; bench/README.md), at the price of one float32 scale
+0.996 vs 0.991 per channel and 0.984 per head; docs/experiments.md), at the price of one float32 scale
 per token and head (4 bytes next to Dh * bits / 8; counted in the byte statistics). Also ``head``
 (per head over all tokens and channels: what SpAtten's per-head K/V buffers hold, 4 bytes per
 head), ``channel`` (per head and channel, over tokens) and ``tensor`` (per batch element). Scales

@@ -93,7 +93,7 @@ def test_bit_planes_round_trip_and_error_bound(bits: tuple[int, int], x: np.ndar
 
 
 def test_each_rule_has_its_default_threshold() -> None:
-    assert QuantizeKV().rule == "peak" and QuantizeKV().resolved_threshold == 0.3  # the default (bench/README.md)
+    assert QuantizeKV().rule == "peak" and QuantizeKV().resolved_threshold == 0.3  # the default (docs/experiments.md)
     assert QuantizeKV(rule="fixed").resolved_threshold == 0.1  # the paper's
     assert QuantizeKV(rule="peak").resolved_threshold == 0.3
     assert QuantizeKV(rule="peak", threshold=0.0).resolved_threshold == 0.0  # explicit wins, 0 included

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -62,8 +63,17 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpro
 def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
     if importlib.util.find_spec("build") is None:
         pytest.skip("the `build` package is not installed (it is in the dev extra)")
+    # Build from a copy of the packaged sources: setuptools reuses build/ in the source tree, where a
+    # stale module could slip into the wheel, and the repository stays untouched.
+    src = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            src.mkdir(exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    for rel in {str(d) for d in _pyproject()["tool"]["setuptools"]["package-dir"].values()}:
+        shutil.copytree(ROOT / rel, src / rel, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)], cwd=tmp_path)
+    _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)], cwd=tmp_path)
     wheels = list(dist.glob("spattenc-*.whl"))
     assert len(wheels) == 1, wheels
 
