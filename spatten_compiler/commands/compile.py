@@ -19,89 +19,80 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # One or two lines per flag, each with its default; the rules behind them: docs/rules.md.
     p.add_argument("model", type=Path, help="input ONNX model (external data beside it is followed)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output ONNX model")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output ONNX model (required)")
     p.add_argument("--in-place", action="store_true", help="allow -o to be the input file")
-    p.add_argument(
-        "--pipeline",
-        default="",
-        help="explicit pass pipeline, e.g. 'normalize,prune-tokens{keep=0.5}' (default: from options)",
-    )
+    p.add_argument("--pipeline", default="",
+                   help="explicit passes, e.g. 'normalize,prune-tokens{keep=0.5}' (default: built from the options)")
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker after each pass")
     p.add_argument("--report", type=Path, metavar="JSON",
-                   help="write a compile report: schedules chosen and the ideal FLOP ratio at 128/256/512 tokens")
-    p.add_argument("--config", type=Path, help="JSON file with any of the options below (flags win)")
-    t = p.add_argument_group("cascade token pruning (encoders)")
+                   help="write the schedules chosen and the ideal FLOP ratio at 128/256/512 tokens (default: none)")
+    p.add_argument("--config", type=Path, help="JSON file with any option below, flags win (default: none)")
+    t = p.add_argument_group("cascade token pruning (encoders)",
+                             "defaults marked 'rule' come from --token-rule: spattenc's / the paper's")
     t.add_argument("--token-keep", type=float, metavar="R",
-                   help="average keep ratio with SpAtten's schedule (first 15%% of layers unpruned, then linear)")
+                   help="average fraction of tokens kept per pruned layer (default: no token pruning)")
     t.add_argument("--token-keep-schedule", metavar="R,R,...",
-                   help="explicit keep ratio per layer (fractions of the input length), e.g. 1,1,0.8,0.6")
-    t.add_argument("--token-unpruned", type=float, metavar="F", help="leading fraction of layers kept whole (0.15)")
-    t.add_argument("--token-min-keep", type=int, metavar="N", help="never keep fewer than N tokens (preset: paper 1, spattenc 64)")
+                   help="explicit keep ratio per layer, e.g. 1,1,0.8,0.6 (default: from --token-keep)")
+    t.add_argument("--token-unpruned", type=float, metavar="F", help="leading fraction of layers kept whole (default 0.15)")
+    t.add_argument("--token-min-keep", type=int, metavar="N", help="never keep fewer than N tokens (rule: 64 / 1)")
     t.add_argument("--token-rule", choices=("paper", "spattenc"),
-                   help="preset (default spattenc): paper = SpAtten as published (sum importance, CLS kept, linear "
-                   "schedule, stale restore, prune at the layer input); spattenc = value-weighted per-layer importance, "
-                   "CLS+SEP kept, flat schedule, mean restore, >= 64 tokens kept, prune after attention")
+                   help="preset for the options below: spattenc (default; wins on models used without "
+                   "fine-tuning) or paper (SpAtten as published)")
     t.add_argument("--token-importance", choices=("sum", "mean", "value"),
-                   help="sum: column sums accumulated (paper); mean: each layer's sums / its valid query rows; "
-                   "value: mean with each head's column weighted by the token's value norm")
+                   help="accumulated column sums, per-layer mean, or mean weighted by value norms (rule: value / sum)")
     t.add_argument("--token-protect", choices=("first", "first+last", "none"),
-                   help="tokens never pruned: CLS, CLS and the last real token (SEP), or none")
+                   help="tokens never pruned: CLS, CLS and SEP, or none (rule: first+last / first)")
     t.add_argument("--token-schedule-shape", choices=("linear", "flat"),
-                   help="linear: SpAtten's ramp around the average; flat: every pruned layer keeps the average")
+                   help="SpAtten's ramp around the average, or the average in every pruned layer (rule: flat / linear)")
     t.add_argument("--token-prune-point", choices=("layer-input", "after-attention"),
-                   help="drop tokens at the next layer's input, or already after the deciding layer's softmax "
-                   "(same kept outputs, that layer's FFN runs on the kept tokens only)")
+                   help="drop tokens at the next layer's input or right after the deciding softmax "
+                   "(rule: after-attention / layer-input)")
     t.add_argument("--restore", choices=("stale", "zero", "mean"),
-                   help="output row of a pruned token: its last computed state, zeros, or the mean of the kept rows")
+                   help="output row of a pruned token: last state, zeros or the kept rows' mean (rule: mean / stale)")
     t.add_argument("--emit-kept", action="store_const", const=True,
-                   help="extra outputs: spatten_kept_mask [B,S] and the kept positions per pruning layer")
+                   help="add outputs spatten_kept_mask [B,S] and the kept positions per layer (default off)")
     h = p.add_argument_group("cascade head pruning and local value pruning")
     h.add_argument("--head-keep", type=float, metavar="R",
-                   help="average head keep ratio with SpAtten's schedule (first 30%% of layers unpruned)")
+                   help="average fraction of heads kept, first 30%% of layers whole (default: no head pruning)")
     h.add_argument("--head-keep-schedule", metavar="R,R,...",
-                   help="explicit head keep ratio per layer, missing trailing entries repeat the last; a cascade "
-                   "(first 1.0, never increasing) except with --head-rule calibrated and --head-importance layer or ablation, "
-                   "where any layer may be pruned (0.5,1: layer 0 keeps half, the rest all)")
+                   help="explicit head keep ratio per layer, the last repeats; calibrated per-layer rules may "
+                   "prune layer 0 (default: from --head-keep)")
     h.add_argument("--head-rule", choices=("paper", "calibrated"),
-                   help="paper: heads chosen at run time from each input's scores (SpAtten); calibrated: chosen "
-                   "once from --head-calibration data and sliced out of the weights at compile time "
-                   "(default: calibrated when a calibration file is given, else paper)")
+                   help="heads picked per input at run time, or once at compile time from calibration data "
+                   "(default: calibrated iff --head-calibration)")
     h.add_argument("--head-calibration", metavar="NPZ",
-                   help="calibration inputs (.npz of the model's input arrays, batch first; "
-                   "bench/head_calibration.py writes one)")
+                   help="calibration inputs, .npz of input arrays (python -m bench head_calibration; default: none)")
     h.add_argument("--head-importance", choices=("layer", "cascade", "ablation"),
-                   help="calibrated rule: each layer ranks its own heads by |attention output| (layer, default), "
-                   "SpAtten's accumulated cascade, or by the cosine change of the mean-pooled output when the "
-                   "head alone is removed (ablation; one run over the calibration data per head of each pruned layer)")
+                   help="calibrated rule: rank heads per layer by |output|, by SpAtten's cascade, or by the cost of "
+                   "removing each (default layer)")
     h.add_argument("--head-reconstruct", action="store_true",
-                   help="calibrated rule: refit each pruned layer's output projection so its kept heads "
-                   "reproduce the full layer's output on the calibration data (least squares; no run-time cost). "
-                   "On MiniLM it helped head pruning alone and hurt it combined with token pruning")
+                   help="calibrated rule: refit each pruned layer's output projection on the calibration data "
+                   "(default off)")
     h.add_argument("--value-keep", type=float, metavar="R",
-                   help="local value pruning: per query row, only this fraction of V rows (largest P) contribute")
+                   help="per query row, keep this fraction of V rows with the largest P (default: no value pruning)")
     q = p.add_argument_group("progressive quantization of K/V")
     q.add_argument("--kv-bits", metavar="M+L",
-                   help="split-precision K/V: MSB+LSB bits (4+4, 6+4, 8+4) or static MSB only (4, 6, 8)")
+                   help="split-precision K/V, MSB+LSB bits (4+1, 6+4) or static bits (4, 8) (default: float K/V)")
     q.add_argument("--lsb-threshold", type=float, metavar="T",
-                   help="the confidence rule's threshold (default per rule: fixed 0.1, peak 0.3, min 0.1, uniform 4)")
+                   help="the rule's threshold (default per rule: peak 0.3, fixed 0.1, min 0.1, uniform 4)")
     q.add_argument("--kv-rule", choices=("fixed", "uniform", "min", "peak"),
-                   help="LSBs when max p > T (peak, the default: concentrated rows, whose errors do not average "
-                   "out), max p <= T (fixed, the paper's), max p <= T / n_keys (uniform), or max p <= min(T, F / n_keys) (min)")
+                   help="rows that also fetch LSBs: max p > T (peak, default), max p <= T (fixed, the paper's), "
+                   "max p <= T/n (uniform), max p <= min(T, F/n) (min)")
     q.add_argument("--kv-factor", type=float, metavar="F", help="the min rule's F (default 8)")
     q.add_argument("--kv-granularity", choices=("token", "head", "channel", "tensor"),
-                   help="one scale per (head, token) (default), head, (head, channel) or batch element")
+                   help="one scale per (head, token), head, (head, channel) or batch element (default token)")
     q.add_argument("--kv-stats", action="store_const", const=True,
-                   help="diagnostic outputs spatten_lsb_rows.<layer> [B,H,S] and spatten_lsb_fraction [layers]")
+                   help="add outputs spatten_lsb_rows.<layer> and spatten_lsb_fraction (default off)")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
-                   help="prune tokens and heads only for inputs longer than N tokens; shorter inputs run the "
-                   "model without them (one If on input_ids' length; unchanged weights are stored once)")
+                   help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
     p.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="write weights to <output>.data (auto: when the input had external data or is > 1.8 GB)",
+        help="write weights to <output>.data: yes, no, or auto (default: if the input had them or is > 1.8 GB)",
     )
 
 
