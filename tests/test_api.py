@@ -81,6 +81,18 @@ def test_config_and_options_combine() -> None:
     assert c.report["token_schedule"] == [1.0, 1.0, 0.5, 0.5]
 
 
+@pytest.mark.parametrize("name", ["bert_torchscript", "gpt2_torchscript"])
+def test_no_option_compile_equals_cli(name: str, tmp_path: Path) -> None:
+    """A compile without options (whatever the defaults do) is the same from the API and the CLI."""
+    src = MODELS / f"{name}.onnx"
+    cli_out, cli_report = tmp_path / "cli.onnx", tmp_path / "cli.json"
+    assert main([str(src), "-o", str(cli_out), "-q", "--report", str(cli_report)]) == 0
+    result = sc.compile(src)
+    result.save(tmp_path / "api.onnx")
+    assert (tmp_path / "api.onnx").read_bytes() == cli_out.read_bytes()
+    assert result.report == json.loads(cli_report.read_text())
+
+
 def test_defaults_are_the_flags_defaults() -> None:
     """An option left out means what a flag left out means: the CLI builds its config from
     CompileConfig too, so the API's no-option compile is the CLI's no-option compile."""
