@@ -10,11 +10,15 @@ from pathlib import Path
 
 from spatten_compiler.commands import Command, register
 from spatten_compiler.config import CompileConfig, parse_ratio_list
+from spatten_compiler.defaults import PRESET_NAMES
 from spatten_compiler.errors import OptionError
 from spatten_compiler.modelio import load_model, same_file, save_model
-from spatten_compiler.passes.length_gate import compile_gated, refuse_gated
+from spatten_compiler.passes.length_gate import compile_gated
 from spatten_compiler.pipeline import Pipeline, parse_pipeline
+from spatten_compiler.plan import plan
 from spatten_compiler.progress import Reporter
+from spatten_compiler.report import compile_report
+from spatten_compiler.summary import summary_lines
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="write a compile report: schedules chosen and the ideal FLOP ratio at 128/256/512 tokens")
     p.add_argument("--config", type=Path, help="JSON file with any of the options below (flags win)")
+    d = p.add_argument_group("measured defaults (applied when no option below turns a rewrite on)")
+    d.add_argument("--preset", choices=PRESET_NAMES,
+                   help="measured settings for the model's kind (docs/presets.md); 'default' applies when no option "
+                   "turns a rewrite on; with --preset, explicit options override its entries")
+    for part in ("token", "head", "value"):
+        d.add_argument(f"--no-{part}-pruning", action="store_const", const=True,
+                       help=f"leave {part} pruning out of the preset" + ("; K/V: --kv-bits none" * (part == "value")))
     t = p.add_argument_group("cascade token pruning (encoders)")
     t.add_argument("--token-keep", type=float, metavar="R",
                    help="average keep ratio with SpAtten's schedule (first 15%% of layers unpruned, then linear)")
@@ -83,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local value pruning: per query row, only this fraction of V rows (largest P) contribute")
     q = p.add_argument_group("progressive quantization of K/V")
     q.add_argument("--kv-bits", metavar="M+L",
-                   help="split-precision K/V: MSB+LSB bits (4+4, 6+4, 8+4) or static MSB only (4, 6, 8)")
+                   help="split-precision K/V: MSB+LSB bits (4+1, 6+4, ...) or static MSB only (4, 6, 8); none: off")
     q.add_argument("--lsb-threshold", type=float, metavar="T",
                    help="the confidence rule's threshold (default per rule: fixed 0.1, peak 0.3, min 0.1, uniform 4)")
     q.add_argument("--kv-rule", choices=("fixed", "uniform", "min", "peak"),
@@ -110,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if same_file(args.model, args.output) and not args.in_place:
         raise OptionError(f"-o {args.output} is the input model; pass --in-place to overwrite it")
     report = Reporter.from_args(args)
-    config = CompileConfig.load(args.config, {
+    options = CompileConfig.read_options(args.config, {
         "token_keep": args.token_keep,
         "token_keep_schedule": parse_ratio_list(args.token_keep_schedule) if args.token_keep_schedule else None,
         "token_unpruned": args.token_unpruned,
@@ -136,16 +147,22 @@ def run(args: argparse.Namespace) -> int:
         "kv_granularity": args.kv_granularity,
         "kv_stats": args.kv_stats,
         "prune_min_length": args.prune_min_length,
+        "preset": args.preset,
+        "no_token_pruning": args.no_token_pruning,
+        "no_head_pruning": args.no_head_pruning,
+        "no_value_pruning": args.no_value_pruning,
     })
-    if args.pipeline and config.passes():
-        raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
-    passes = parse_pipeline(args.pipeline) if args.pipeline else config.passes()
     t0 = time.perf_counter()
     with report.step(f"loading {args.model}"):
         model = load_model(args.model)
-    if passes:
-        refuse_gated(model, args.model)
-    summary = _report(args.model, passes, config.prune_min_length) if args.report else None
+    config, chosen, probe = plan(options, model, args.model, args.pipeline)
+    if args.pipeline and config.passes():
+        raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
+    passes = parse_pipeline(args.pipeline) if args.pipeline else config.passes()
+    summary = compile_report(probe, passes, config.prune_min_length) if args.report or report.verbosity >= 0 else None
+    if summary is not None and chosen.preset is not None:
+        summary["preset"] = {"kind": chosen.kind, "name": chosen.preset.name, "applied": chosen.applied,
+                             "off": list(chosen.off), "replaced": list(chosen.replaced)}
     if config.prune_min_length:
         compile_gated(model, passes, config.unpruned().passes(), config.prune_min_length,
                       check=not args.no_check, on_pass=report.pass_done)
@@ -154,20 +171,13 @@ def run(args: argparse.Namespace) -> int:
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     with report.step(f"writing {args.output}"):
         files = save_model(model, args.output, external_data=external)
-    if summary is not None:
+    if summary is not None and args.report:
         args.report.write_text(json.dumps(summary, indent=2) + "\n")
+    for line in summary_lines(chosen, passes, summary, args.pipeline) if summary is not None else ():
+        report.done(line)
     size = sum(f.stat().st_size for f in files) / 1e6
     report.done(f"wrote {args.output} ({sum(1 for _ in model.graph.all_nodes())} nodes, {size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def _report(path: Path, passes: list, prune_min_length: int | None) -> dict:
-    from spatten_compiler.passes.normalize import Normalize
-    from spatten_compiler.report import compile_report
-
-    source = load_model(path, check=False)
-    Normalize()(source)
-    return compile_report(source, passes, prune_min_length)
 
 
 register(
@@ -176,7 +186,9 @@ register(
         help="rewrite a model with SpAtten pruning/quantization (the default verb)",
         add_arguments=add_arguments,
         run=run,
-        epilog="examples:\n  spattenc model.onnx -o model.spatten.onnx --token-keep 0.5\n"
+        epilog="examples:\n  spattenc model.onnx -o model.spatten.onnx        (the measured default preset)\n"
+        "  spattenc model.onnx -o out.onnx --preset aggressive --kv-bits none\n"
+        "  spattenc model.onnx -o model.spatten.onnx --token-keep 0.5\n"
         "  spattenc model.onnx -o out.onnx --token-keep-schedule 1,1,0.8,0.6,0.4,0.3 --emit-kept\n"
         "  spattenc model.onnx -o out.onnx --token-keep 0.15 --token-min-keep 32 --prune-min-length 32\n"
         "  spattenc model.onnx -o out.onnx --config spatten.json",
