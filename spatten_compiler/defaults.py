@@ -29,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from spatten_compiler.errors import OptionError
+
 R = "bench/results/"
 TOKENS_SPEED = R + "20261129-060059-minilm-token-latency-nospin.md"
 KV_FULL = R + "20261129-071831-kvquant-bitsplit-full.md"
@@ -164,9 +166,12 @@ class Resolution:
 
 def resolve(options: dict[str, Any], kind: str, pipeline: str = "") -> tuple[dict[str, Any], Resolution]:
     """``options`` with the preset for ``kind`` filled in where the user left them unset."""
+    name = options.get("preset")
+    if name is not None and name not in PRESET_NAMES:
+        raise OptionError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {name!r}")
     if not wants_preset(options, pipeline) or kind == "none":
         return options, Resolution(None, kind, {}, (), ())
-    preset = PRESETS[(kind, options.get("preset") or "default")]
+    preset = PRESETS[(kind, name or "default")]
     out, applied, off, replaced = dict(options), {}, [], []
     for key, part in PARTS.items():
         values = preset.values(key)
