@@ -104,7 +104,7 @@ def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[st
         lines.append(f"  measured: docs/presets.md ({res.preset.note})")
     if "quantize-kv" in names:
         lines.append("  note: K/V planes save memory traffic on an accelerator; onnxruntime on CPU computes both "
-                     "precisions and runs slower - use --kv-bits none for CPU serving")
+                     "precisions (slower there) - use --kv-bits none for CPU serving")
     return lines
 
 
