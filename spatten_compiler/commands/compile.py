@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with report.step(f"loading {args.model}"):
         model = load_model(args.model)
-    config, chosen, probe = plan(options, model, args.model, args.pipeline)
+    with report.step("finding attention (model kind, preset)"):
+        config, chosen, probe = plan(options, model, args.model, args.pipeline)
     if args.pipeline and config.passes():
         raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
     passes = parse_pipeline(args.pipeline) if args.pipeline else config.passes()
