@@ -133,7 +133,6 @@ PRESETS: dict[tuple[str, str], Preset] = {(p.kind, p.name): p for p in (
     Preset("decoder", "aggressive", KV_AGGRESSIVE, _DECODER_NOTE),
 )}
 PRESET_NAMES = ("conservative", "default", "aggressive")
-KINDS = ("encoder", "decoder")
 
 
 def model_kind(sites: list[Any]) -> str:
