@@ -45,6 +45,7 @@ class CompileResult:
 
     model: ir.Model
     report: dict[str, Any] | None
+    summary: list[str] = dataclasses.field(default_factory=list)  # what was applied, how to change it
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
         """Write the model atomically (``external_data=None``: external data only when the input had
@@ -76,24 +77,39 @@ def as_model(model: ModelLike, *, copy: bool = False) -> tuple[ir.Model, str]:
 
 
 def make_config(config: CompileConfig | None = None, **options: Any) -> CompileConfig:
-    """``config`` (default: all defaults) with ``options`` (CompileConfig field names) applied on top."""
+    """``config`` (default: all defaults) with ``options`` (CompileConfig field names) applied on top.
+    No preset is applied: this is the configuration exactly as given."""
+    return CompileConfig.build({**_fields(config), **_given(options)})
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    """The non-None ``options``, checked against CompileConfig's fields, schedules as tuples."""
     known = {f.name for f in dataclasses.fields(CompileConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise OptionError(f"unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}")
+    given = {k: v for k, v in options.items() if v is not None}
     for key in ("token_keep_schedule", "head_keep_schedule"):
-        if key in options and options[key] is not None:
-            options[key] = tuple(float(x) for x in options[key])
-    base = config if config is not None else CompileConfig()
-    return dataclasses.replace(base, **{k: v for k, v in options.items() if v is not None})
+        if key in given:
+            given[key] = tuple(float(x) for x in given[key])
+    return given
 
 
-def _source_report(model: ir.Model, passes: list[Pass], prune_min_length: int | None) -> dict[str, Any]:
-    from spatten_compiler.report import compile_report
+def _fields(config: CompileConfig | None) -> dict[str, Any]:
+    """The fields of ``config`` that differ from the defaults: what a user set."""
+    if config is None:
+        return {}
+    default = CompileConfig()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(CompileConfig)
+            if getattr(config, f.name) != getattr(default, f.name)}
 
-    source = short_input_model(model)  # a clone sharing the weights: the report never edits the input
-    Normalize()(source)
-    return compile_report(source, passes, prune_min_length)
+
+@dataclasses.dataclass
+class _Planned:
+    config: CompileConfig
+    passes: list[Pass]
+    report: dict[str, Any] | None
+    summary: list[str]
 
 
 def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, not builtins.compile
@@ -110,9 +126,11 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
 
     ``model``: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (rewritten in place).
     ``options``: any :class:`CompileConfig` field, e.g. ``token_keep=0.5``, ``head_keep=0.75``,
-    ``kv_bits="6+4"``, ``prune_min_length=64``; or pass ``config=CompileConfig(...)`` (options win).
+    ``kv_bits="6+4"``, ``preset="aggressive"``, ``no_token_pruning=True``; or pass
+    ``config=CompileConfig(...)`` (options win). With no option that turns a rewrite on, the measured
+    preset for the model's kind applies (:mod:`spatten_compiler.defaults`), as on the command line.
     ``pipeline``: an explicit pass list (``"normalize,prune-tokens{keep=0.5}"``) instead of options.
-    ``check``: onnx.checker after each pass. ``report``: also compute the compile report.
+    ``check``: onnx.checker after each pass. ``report``: also compute the compile report and summary.
 
     >>> result = compile("models/bert_torchscript.onnx", token_keep=0.5, kv_bits="6+4")
     >>> [p.split("{")[0] for p in result.report["passes"]]
@@ -120,7 +138,25 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     >>> result.report["flop_ratio"]["512"]  # ideal dense/pruned FLOPs at 512 tokens
     2.3133
     """
-    cfg = make_config(config, **options)
+    m, name = as_model(model)
+    planned = _plan(m, name, {**_fields(config), **_given(options)}, pipeline, report)
+    if planned.config.prune_min_length:
+        compile_gated(m, planned.passes, planned.config.unpruned().passes(), planned.config.prune_min_length,
+                      check=check, on_pass=on_pass)
+    else:
+        Pipeline(planned.passes, check=check, on_pass=on_pass)(m)
+    return CompileResult(m, planned.report, planned.summary)
+
+
+def _plan(m: ir.Model, name: str, options: dict[str, Any], pipeline: str | Sequence[Pass] | None,
+          report: bool) -> _Planned:
+    """The options with the preset for ``m``'s kind resolved, the passes they make, and the report."""
+    from spatten_compiler.plan import plan
+    from spatten_compiler.report import compile_report
+    from spatten_compiler.summary import summary_lines
+
+    text = pipeline if isinstance(pipeline, str) else ",".join(p.name for p in pipeline or ())
+    cfg, chosen, probe = plan(options, m, Path(name), text)
     planned = cfg.passes()
     if pipeline and planned:
         raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
@@ -128,15 +164,13 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
         passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     else:
         passes = planned
-    m, name = as_model(model)
-    if passes:
-        refuse_gated(m, name)
-    summary = _source_report(m, passes, cfg.prune_min_length) if report else None
-    if cfg.prune_min_length:
-        compile_gated(m, passes, cfg.unpruned().passes(), cfg.prune_min_length, check=check, on_pass=on_pass)
-    else:
-        Pipeline(passes, check=check, on_pass=on_pass)(m)
-    return CompileResult(m, summary)
+    if not report:
+        return _Planned(cfg, passes, None, [])
+    summary = compile_report(probe, passes, cfg.prune_min_length)
+    if chosen.preset is not None:
+        summary["preset"] = {"kind": chosen.kind, "name": chosen.preset.name, "applied": chosen.applied,
+                             "off": list(chosen.off), "replaced": list(chosen.replaced)}
+    return _Planned(cfg, passes, summary, summary_lines(chosen, passes, summary, text))
 
 
 def inspect_report(model: ModelLike) -> AttentionReport:

@@ -57,6 +57,10 @@ class CompileConfig:
     kv_factor: float | None = None  # rule min: LSBs when max p <= min(threshold, factor / n_keys)
     kv_stats: bool = False  # diagnostic outputs: LSB rows per layer, LSB fraction
     prune_min_length: int | None = None  # inputs of at most N tokens run without token and head pruning
+    preset: str | None = None  # measured defaults (spatten_compiler/defaults.py); applied by defaults.resolve
+    no_token_pruning: bool = False  # off-switches for the preset's parts (kv_bits "none" for K/V)
+    no_head_pruning: bool = False
+    no_value_pruning: bool = False
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -90,6 +94,19 @@ class CompileConfig:
             raise OptionError(f"--token-min-keep must be >= 1, got {self.token_min_keep}")
         self._check_kv()
         self._check_gate()
+        self._check_preset()
+
+    def _check_preset(self) -> None:
+        from spatten_compiler.defaults import PARTS, PRESET_NAMES
+
+        if self.preset is not None and self.preset not in PRESET_NAMES:
+            raise OptionError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
+        options = dataclasses.asdict(self)
+        for part in PARTS.values():
+            given = part.given(options, part.amount)
+            if part.is_off(options) and given and part.off_key not in part.amount:
+                raise OptionError(f"{part.off_flag} turns {part.name} off, but --{given[0].replace('_', '-')} "
+                                  "asks for it; give one or the other")
 
     def _check_gate(self) -> None:
         n = self.prune_min_length
@@ -116,8 +133,9 @@ class CompileConfig:
         given = [f for f, v in (("--kv-rule", self.kv_rule), ("--kv-granularity", self.kv_granularity),
                                 ("--kv-factor", self.kv_factor), ("--kv-stats", self.kv_stats or None),
                                 ("--lsb-threshold", self.lsb_threshold)) if v is not None]
-        if given and self.kv_bits is None:
-            raise OptionError(f"{given[0]} needs --kv-bits")
+        if given and self.kv_bits in (None, "none"):
+            off = " (--kv-bits none turns K/V quantization off)" if self.kv_bits == "none" else ""
+            raise OptionError(f"{given[0]} needs --kv-bits{off}")
 
     @property
     def prunes_tokens(self) -> bool:
@@ -152,7 +170,7 @@ class CompileConfig:
             passes.append(self._token_pass())
         if self.value_keep is not None:
             passes.append(make_pass("prune-values", keep=self.value_keep))
-        if self.kv_bits is not None:
+        if self.kv_bits not in (None, "none"):
             opts: dict[str, Any] = {"bits": self.kv_bits}
             for key, value in (("threshold", self.lsb_threshold), ("rule", self.kv_rule),
                                ("granularity", self.kv_granularity), ("factor", self.kv_factor)):
@@ -189,6 +207,18 @@ class CompileConfig:
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, Any]) -> CompileConfig:
+        return cls.build(cls.read_options(path, overrides), path)
+
+    @classmethod
+    def build(cls, data: dict[str, Any], path: Path | None = None) -> CompileConfig:
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise OptionError(f"--config {path}: {e}") from e
+
+    @classmethod
+    def read_options(cls, path: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The JSON file's keys with the command line's non-None values on top (no preset applied)."""
         data: dict[str, Any] = {}
         if path is not None:
             try:
@@ -207,10 +237,7 @@ class CompileConfig:
         for key in ("token_keep_schedule", "head_keep_schedule"):
             if key in data:
                 data[key] = tuple(float(x) for x in data[key])
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise OptionError(f"--config {path}: {e}") from e
+        return data
 
 
 def parse_ratio_list(text: str) -> tuple[float, ...]:

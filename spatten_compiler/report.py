@@ -1,5 +1,6 @@
 """Compile report (``spattenc ... --report out.json``): the sites, the schedules the passes chose,
-and the ideal FLOP ratio of the token schedule (dense / pruned) at a few sequence lengths.
+and the ideal FLOP ratio of the token schedule (dense / pruned) at a few sequence lengths, and the
+ideal K/V-byte ratio (fp32 dense / rewritten; MSB planes only and with every LSB plane re-read).
 
 FLOPs per layer are counted from the graph itself: every MatMul/Gemm with a constant weight between
 the layer's hidden-state input and output is a per-token cost (2 * in * out), plus attention's
@@ -100,6 +101,36 @@ def compile_report(source: ir.Model, passes: list[Pass], prune_min_length: int |
     if "token_schedule" in report or heads:
         report["flop_ratio"] = {str(n): round(token_flop_ratio(sites, schedule, n, min_keep, in_layer, heads), 4)
                                 if prune_min_length is None or n > prune_min_length else 1.0 for n in LENGTHS}
+    kv = next((p for p in passes if p.name == "quantize-kv"), None)
+    if sites and (kv is not None or "flop_ratio" in report):
+        report["kv_byte_ratio"] = {
+            str(n): [round(kv_byte_ratio(sites, schedule if prune_min_length is None or n > prune_min_length
+                                         else [1.0] * len(sites), n, min_keep, heads, kv, lsb), 4)
+                     for lsb in (False, True)] for n in LENGTHS}
     if prune_min_length is not None:
         report["prune_min_length"] = prune_min_length
     return report
+
+
+def kv_byte_ratio(sites: list[AttentionSite], ratios: list[float], seq: int, min_keep: int = 1,
+                  heads: list[float] | None = None, kv: Pass | None = None, lsb: bool = False) -> float:
+    """fp32 K/V bytes of the dense model / the rewritten model's, each layer's K and V read once for
+    its keys (token pruning: the tokens entering the layer; head pruning without a KV cache: the kept
+    heads' only). ``kv``: the quantize-kv pass - MSB planes plus a float32 scale per (token, head) for
+    per-token granularity, and with ``lsb`` the LSB planes too (every row re-reading them: the upper
+    bound; the share of rows that do is data-dependent, ``--kv-stats`` measures it)."""
+    from spatten_compiler.passes.quantize_kv import parse_bits
+
+    m, lo = parse_bits(kv.bits) if kv is not None else (32, 0)
+    tensors = 2 if kv is None or getattr(kv, "values", True) else 1
+    dense = pruned = 0.0
+    for i, site in enumerate(sites):
+        dh, hkv = site.head_dim or 0, site.num_kv_heads or site.num_heads or 0
+        n = min(seq, max(min_keep, math.ceil(seq * ratios[i])))
+        f = heads[i] if heads and not site.kv_cache else 1.0
+        scale = 4 if kv is not None and kv.granularity == "token" else 0  # float32 per (token, head)
+        quant = tensors * (dh * (m + (lo if lsb else 0)) / 8 + scale)
+        fp32 = (2 - tensors) * dh * 4  # an unquantized V
+        dense += seq * hkv * 2 * dh * 4
+        pruned += n * hkv * f * (quant + fp32)
+    return dense / pruned if pruned else 1.0

@@ -90,7 +90,7 @@ def test_gate_keeps_model_inputs_and_outputs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags, message", [
     (["--token-keep", "0.5", "--prune-min-length", "0"], "--prune-min-length must be a whole number"),
-    (["--prune-min-length", "8"], "give --token-keep or --head-keep too"),
+    (["--prune-min-length", "8", "--no-token-pruning"], "give --token-keep or --head-keep too"),
     (["--token-keep", "0.5", "--emit-kept", "--prune-min-length", "8"], "cannot be combined with --emit-kept"),
 ])
 def test_bad_gate_options(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

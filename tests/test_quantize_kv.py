@@ -408,12 +408,12 @@ def test_cli_and_config_set_rule_granularity_factor_stats(tmp_path: Path) -> Non
     (["--kv-bits", "4+4", "--kv-granularity", "row"], None, "--kv-granularity"),
     (["--kv-bits", "4+4", "--kv-factor", "x"], None, "--kv-factor"),
     (["--kv-bits", "4+4", "--kv-factor", "-1"], None, "factor"),
-    (["--kv-rule", "min"], None, "--kv-rule needs --kv-bits"),
+    (["--kv-rule", "min", "--kv-bits", "none"], None, "--kv-rule needs --kv-bits"),  # alone: the preset's bits
     (["--kv-bits", "4+4", "--lsb-threshold", "3"], None, "--lsb-threshold"),
     ([], {"kv_bits": "4+4", "kv_rule": "odd"}, "--kv-rule must be one of"),
     ([], {"kv_bits": "4+4", "kv_granularity": 3}, "--kv-granularity must be one of"),
     ([], {"kv_bits": "4+4", "kv_factor": "x"}, "--kv-factor must be a number"),
-    ([], {"kv_stats": True}, "--kv-stats needs --kv-bits"),
+    ([], {"kv_stats": True, "kv_bits": "none"}, "--kv-stats needs --kv-bits"),
 ])
 def test_cli_bad_kv_options_are_one_line(args: list[str], config: dict | None, message: str, tmp_path: Path) -> None:
     if config is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from spatten_compiler import api
 from spatten_compiler.commands import Command, register
 from spatten_compiler.config import CompileConfig, parse_ratio_list
+from spatten_compiler.defaults import PRESET_NAMES
 from spatten_compiler.errors import OptionError
 from spatten_compiler.modelio import same_file, save_model
 from spatten_compiler.progress import Reporter
@@ -29,10 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="write the schedules chosen and the ideal FLOP ratio at 128/256/512 tokens (default: none)")
     p.add_argument("--config", type=Path, help="JSON file with any option below, flags win (default: none)")
+    d = p.add_argument_group("measured defaults (applied when no option below turns a rewrite on)")
+    d.add_argument("--preset", choices=PRESET_NAMES,
+                   help="measured settings for the model's kind (docs/presets.md); 'default' applies when no option "
+                   "turns a rewrite on; with --preset, explicit options override its entries")
+    for part in ("token", "head", "value"):
+        d.add_argument(f"--no-{part}-pruning", action="store_const", const=True,
+                       help=f"leave {part} pruning out of the preset" + ("; K/V: --kv-bits none" * (part == "value")))
     t = p.add_argument_group("cascade token pruning (encoders)",
                              "defaults marked 'rule' come from --token-rule: spattenc's / the paper's")
     t.add_argument("--token-keep", type=float, metavar="R",
-                   help="average fraction of tokens kept per pruned layer (default: no token pruning)")
+                   help="average fraction of tokens kept per pruned layer (default: the preset's)")
     t.add_argument("--token-keep-schedule", metavar="R,R,...",
                    help="explicit keep ratio per layer, e.g. 1,1,0.8,0.6 (default: from --token-keep)")
     t.add_argument("--token-unpruned", type=float, metavar="F", help="leading fraction of layers kept whole (default 0.15)")
@@ -55,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add outputs spatten_kept_mask [B,S] and the kept positions per layer (default off)")
     h = p.add_argument_group("cascade head pruning and local value pruning")
     h.add_argument("--head-keep", type=float, metavar="R",
-                   help="average fraction of heads kept, first 30%% of layers whole (default: no head pruning)")
+                   help="average fraction of heads kept, first 30%% of layers whole (default: none)")
     h.add_argument("--head-keep-schedule", metavar="R,R,...",
                    help="explicit head keep ratio per layer, the last repeats; calibrated per-layer rules may "
                    "prune layer 0 (default: from --head-keep)")
@@ -71,10 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibrated rule: refit each pruned layer's output projection on the calibration data "
                    "(default off)")
     h.add_argument("--value-keep", type=float, metavar="R",
-                   help="per query row, keep this fraction of V rows with the largest P (default: no value pruning)")
+                   help="per query row, keep this fraction of V rows with the largest P (default: none)")
     q = p.add_argument_group("progressive quantization of K/V")
     q.add_argument("--kv-bits", metavar="M+L",
-                   help="split-precision K/V, MSB+LSB bits (4+1, 6+4) or static bits (4, 8) (default: float K/V)")
+                   help="split-precision K/V: MSB+LSB bits (4+1, 6+4), static bits (4, 8) or none "
+                   "(default: the preset's)")
     q.add_argument("--lsb-threshold", type=float, metavar="T",
                    help="the rule's threshold (default per rule: peak 0.3, fixed 0.1, min 0.1, uniform 4)")
     q.add_argument("--kv-rule", choices=("fixed", "uniform", "min", "peak"),
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if same_file(args.model, args.output) and not args.in_place:
         raise OptionError(f"-o {args.output} is the input model; pass --in-place to overwrite it")
     report = Reporter.from_args(args)
-    config = CompileConfig.load(args.config, {
+    options = CompileConfig.read_options(args.config, {
         "token_keep": args.token_keep,
         "token_keep_schedule": parse_ratio_list(args.token_keep_schedule) if args.token_keep_schedule else None,
         "token_unpruned": args.token_unpruned,
@@ -126,17 +135,24 @@ def run(args: argparse.Namespace) -> int:
         "kv_granularity": args.kv_granularity,
         "kv_stats": args.kv_stats,
         "prune_min_length": args.prune_min_length,
+        "preset": args.preset,
+        "no_token_pruning": args.no_token_pruning,
+        "no_head_pruning": args.no_head_pruning,
+        "no_value_pruning": args.no_value_pruning,
     })
     t0 = time.perf_counter()
     with report.step(f"compiling {args.model}"):
-        result = api.compile(args.model, config=config, pipeline=args.pipeline, check=not args.no_check,
-                             report=args.report is not None, on_pass=report.pass_done)
+        result = api.compile(args.model, pipeline=args.pipeline, check=not args.no_check,
+                             report=args.report is not None or report.verbosity >= 0, on_pass=report.pass_done,
+                             **options)
     model, summary = result.model, result.report
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     with report.step(f"writing {args.output}"):
         files = save_model(model, args.output, external_data=external)
-    if summary is not None:
+    if summary is not None and args.report:
         args.report.write_text(json.dumps(summary, indent=2) + "\n")
+    for line in result.summary:
+        report.done(line)
     size = sum(f.stat().st_size for f in files) / 1e6
     report.done(f"wrote {args.output} ({sum(1 for _ in model.graph.all_nodes())} nodes, {size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -148,7 +164,9 @@ register(
         help="rewrite a model with SpAtten pruning/quantization (the default verb)",
         add_arguments=add_arguments,
         run=run,
-        epilog="examples:\n  spattenc model.onnx -o model.spatten.onnx --token-keep 0.5\n"
+        epilog="examples:\n  spattenc model.onnx -o model.spatten.onnx        (the measured default preset)\n"
+        "  spattenc model.onnx -o out.onnx --preset aggressive --kv-bits none\n"
+        "  spattenc model.onnx -o model.spatten.onnx --token-keep 0.5\n"
         "  spattenc model.onnx -o out.onnx --token-keep-schedule 1,1,0.8,0.6,0.4,0.3 --emit-kept\n"
         "  spattenc model.onnx -o out.onnx --token-keep 0.15 --token-min-keep 32 --prune-min-length 32\n"
         "  spattenc model.onnx -o out.onnx --config spatten.json",

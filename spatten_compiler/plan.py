@@ -1,0 +1,61 @@
+"""From the user's options and the loaded model to the final compile options.
+
+The model's kind (encoder / decoder / none) is read from the attention sites of a normalized probe
+(a clone sharing the weights; the model itself is left to the pass pipeline), then the preset for
+that kind fills in what the options leave open (:func:`spatten_compiler.defaults.resolve`). The probe
+is returned for the compile report, which counts FLOPs on the normalized graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from spatten_compiler.config import CompileConfig
+from spatten_compiler.defaults import PARTS, Resolution, model_kind, resolve
+from spatten_compiler.errors import NoAttentionError, OptionError, SpattencError
+
+logger = logging.getLogger(__name__)
+
+
+def plan(options: dict[str, Any], model: ir.Model, path: Path, pipeline: str = "") -> tuple[
+        CompileConfig, Resolution, ir.Model]:
+    from spatten_compiler.passes.find_attention import find_attention
+    from spatten_compiler.passes.length_gate import refuse_gated, short_input_model
+    from spatten_compiler.passes.normalize import Normalize
+
+    if pipeline and (options.get("preset") or any(p.is_off(options) for p in PARTS.values())):
+        raise OptionError("--pipeline runs exactly the passes it names; --preset and the off-switches do not "
+                          "combine with it")
+    refuse_gated(model, path)
+    probe = short_input_model(model)
+    Normalize()(probe)
+    sites = find_attention(probe).sites
+    if any(s.fused is not None for s in sites):
+        _decompose_quietly(probe)
+    kind = model_kind(sites)
+    if kind == "none" and options.get("preset"):
+        raise NoAttentionError(f"--preset {options['preset']}: no attention found in {path}; nothing to apply")
+    resolved, chosen = resolve(options, kind, pipeline)
+    if chosen.preset is not None:
+        logger.debug("preset %s for %s: %s", chosen.preset.name, kind, chosen.applied)
+    return CompileConfig.build(resolved, path), chosen, probe
+
+
+def _decompose_quietly(probe: ir.Model) -> None:
+    """Fused attention as the pruning passes will see it, so the report counts the same FLOPs; the
+    pipeline decomposes (and reports it, or refuses with the reason) on the model itself."""
+    from spatten_compiler.passes.decompose_attention import DecomposeAttention
+
+    log = logging.getLogger(DecomposeAttention.__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        DecomposeAttention()(probe)
+    except SpattencError:
+        pass
+    finally:
+        log.setLevel(level)

@@ -1,0 +1,235 @@
+"""Presets (#20): a compile with no options applies the measured default for the model's kind, the
+summary says what it applied, explicit options override entries, off-switches remove parts, and bad
+values are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS, fixture_names, load_meta, reference_io, run_ort
+from test_long_inputs import long_feeds
+
+from spatten_compiler.cli import main
+from spatten_compiler.defaults import PARTS, PRESET_NAMES, PRESETS, model_kind, resolve
+
+ROOT = MODELS.parent
+ENCODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "encoder"]
+DECODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "decoder"]
+SEQ = 100  # over the spattenc rule's 64-token floor, so the default's keep 0.4 really drops tokens
+
+
+def compile_(src: Path, out: Path, *flags: str) -> dict:
+    report = out.with_suffix(".json")
+    assert main([str(src), "-o", str(out), "-q", "--report", str(report), *flags]) == 0
+    return json.loads(report.read_text())
+
+
+def op_types(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_no_option_compile_prunes_tokens_and_quantizes_kv_on_encoders(name: str, tmp_path: Path) -> None:
+    """No options: tokens shrink in onnxruntime (kept mask of the same compile plus --emit-kept: 64
+    of 100 and of 75 real tokens reach the last layer, the floor above 0.4 x length), and K/V run
+    from split planes."""
+    src = MODELS / f"{name}.onnx"
+    report = compile_(src, tmp_path / "plain.onnx")
+    assert report["preset"]["name"] == "default" and report["preset"]["kind"] == "encoder"
+    assert report["token_schedule"][1:] == [0.4] * (report["layers"] - 1)
+    assert {"QuantizeSplit", "DequantizeMSB", "DequantizeSplit"} <= op_types(tmp_path / "plain.onnx")
+    compile_(src, tmp_path / "kept.onnx", "--emit-kept")
+    feeds = long_feeds(SEQ, 90)
+    kept = run_ort(tmp_path / "kept.onnx", feeds)
+    plain = run_ort(tmp_path / "plain.onnx", feeds)
+    real = feeds["attention_mask"].sum(axis=1)
+    assert list(real) == [SEQ, SEQ * 3 // 4]
+    np.testing.assert_array_equal(kept["spatten_kept_mask"].sum(axis=1), [64, 64])
+    for key, value in plain.items():  # --emit-kept only adds outputs
+        np.testing.assert_array_equal(kept[key], value, err_msg=key)
+    dense = run_ort(src, feeds)
+    for key, value in dense.items():
+        assert plain[key].shape == value.shape and np.isfinite(plain[key]).all()
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_no_option_compile_quantizes_kv_on_decoders(name: str, tmp_path: Path) -> None:
+    """Decoders get what they support today: K/V quantization, no token pruning. The model is the one
+    the explicit K/V options give (quantize-kv itself is checked against the reference runtime in
+    test_quantize_kv), and its outputs stay correlated with the dense ones (4-bit K/V on random tiny
+    models: logits move by up to ~0.5, correlation 0.98 on llama_attention_op23)."""
+    src = MODELS / f"{name}.onnx"
+    report = compile_(src, tmp_path / "out.onnx")
+    assert report["preset"] == {"kind": "decoder", "name": "default", "off": [], "replaced": [],
+                                "applied": {"kv": {"kv_bits": "4+1", "kv_rule": "peak", "lsb_threshold": 0.3}}}
+    assert "token_schedule" not in report and any(p.startswith("quantize-kv{bits=4+1") for p in report["passes"])
+    ops = op_types(tmp_path / "out.onnx")
+    assert "QuantizeSplit" in ops and "TokenImportance" not in ops
+    assert main([str(src), "-o", str(tmp_path / "explicit.onnx"), "-q", "--kv-bits", "4+1", "--kv-rule", "peak",
+                 "--lsb-threshold", "0.3"]) == 0
+    feeds, _ = reference_io(load_meta(name))
+    before, after = run_ort(src, feeds), run_ort(tmp_path / "out.onnx", feeds)
+    explicit = run_ort(tmp_path / "explicit.onnx", feeds)
+    assert before.keys() == after.keys() == explicit.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], explicit[key], err_msg=key)
+        assert after[key].shape == before[key].shape
+        assert np.corrcoef(after[key].ravel(), before[key].ravel())[0, 1] > 0.95, key  # sanity: broken ~ 0
+
+
+def test_summary_names_what_it_applied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(tmp_path / "e.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "spattenc: preset default for an encoder" in err
+    assert "tokens kept per layer (of the input length, at least 64): 1.00, 0.40 x3" in err
+    assert "K/V in every layer: 4-bit MSB + 1-bit LSB planes" in err and "threshold 0.3" in err
+    assert "fewer FLOPs" in err and "fewer K/V bytes" in err
+    assert "--no-token-pruning, --kv-bits none" in err and "--pipeline normalize" in err
+    assert err.strip().splitlines()[-1].startswith("wrote ")
+    assert main([str(MODELS / "gpt2_kv_torchscript.onnx"), "-o", str(tmp_path / "d.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "preset default for a decoder" in err and "tokens kept" not in err and "FLOPs unchanged" in err
+    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(tmp_path / "q.onnx"), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--pipeline", "normalize"], "--pipeline normalize has no rewriting pass"),
+    (["--no-token-pruning", "--kv-bits", "none"], "every part is switched off"),
+])
+def test_identity_compile_says_so(flags: list[str], why: str, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(tmp_path / "o.onnx"), *flags]) == 0
+    err = capsys.readouterr().err
+    assert "no rewrite applied" in err and why in err
+
+
+def test_no_attention_model_is_written_unchanged_and_says_so(tiny_path: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tiny_path), "-o", str(tmp_path / "o.onnx")]) == 0
+    assert "no attention found" in capsys.readouterr().err
+
+
+def test_presets_differ_as_documented(tmp_path: Path) -> None:
+    """Each encoder preset compiles to the registry's values; the three differ in tokens and K/V."""
+    seen = set()
+    for name in PRESET_NAMES:
+        report = compile_(MODELS / "bert_torchscript.onnx", tmp_path / f"{name}.onnx", "--preset", name)
+        values = {s.key: s.value for s in PRESETS[("encoder", name)].settings}
+        assert report["token_schedule"][-1] == values["token_keep"]
+        kv = next(p for p in report["passes"] if p.startswith("quantize-kv"))
+        assert f"bits={values['kv_bits']};" in kv and f"threshold={values['lsb_threshold']};" in kv
+        seen.add((values["token_keep"], values["kv_bits"], values["lsb_threshold"]))
+        assert report["flop_ratio"]["512"] > 1 and report["kv_byte_ratio"]["512"][0] > 1
+    assert len(seen) == 3
+    keeps = [PRESETS[("encoder", n)].values("tokens")["token_keep"] for n in PRESET_NAMES]
+    assert keeps == sorted(keeps, reverse=True)  # conservative keeps the most
+
+
+def test_every_setting_cites_a_recorded_result() -> None:
+    docs = (ROOT / "docs" / "presets.md").read_text()
+    for preset in PRESETS.values():
+        assert preset.kind in ("encoder", "decoder") and preset.name in PRESET_NAMES
+        for s in preset.settings:
+            assert (ROOT / s.evidence).is_file(), s.evidence
+            assert Path(s.evidence).name in docs, s.evidence
+            assert s.part in PARTS
+
+
+@pytest.mark.parametrize("flags, tokens, kv", [
+    (["--no-token-pruning"], None, "bits=4+1;threshold=0.3;"),
+    (["--kv-bits", "none"], 0.4, None),
+    (["--token-keep", "0.5"], 0.5, None),  # an explicit rewrite option: exactly that, no preset
+    (["--kv-bits", "4"], None, "bits=4;"),
+    (["--preset", "aggressive", "--token-keep", "0.5"], 0.5, "bits=4+1;threshold=0.5;"),
+    (["--preset", "conservative", "--kv-bits", "none"], 0.5, None),
+    (["--kv-rule", "fixed"], 0.4, "bits=4+1;threshold=None;granularity=token;rule=fixed;"),
+    (["--lsb-threshold", "0.5"], 0.4, "bits=4+1;threshold=0.5;granularity=token;rule=peak;"),
+    (["--token-min-keep", "8"], 0.4, "bits=4+1;"),
+])
+def test_overrides_and_off_switches(flags: list[str], tokens: float | None, kv: str | None, tmp_path: Path) -> None:
+    report = compile_(MODELS / "bert_torchscript.onnx", tmp_path / "o.onnx", *flags)
+    assert (report["token_schedule"][-1] if "token_schedule" in report else None) == tokens
+    passes = [p for p in report["passes"] if p.startswith("quantize-kv")]
+    assert (passes[0] if passes else None) is None if kv is None else kv in passes[0], passes
+    if "--token-min-keep" in flags:
+        assert "min_keep=8;" in next(p for p in report["passes"] if p.startswith("prune-tokens"))
+
+
+def test_config_file_keys(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"preset": "aggressive", "kv_bits": "none"}))
+    report = compile_(MODELS / "bert_torchscript.onnx", tmp_path / "o.onnx", "--config", str(cfg))
+    assert report["token_schedule"][-1] == 0.3 and not any(p.startswith("quantize-kv") for p in report["passes"])
+    cfg.write_text(json.dumps({"no_token_pruning": True}))
+    report = compile_(MODELS / "bert_torchscript.onnx", tmp_path / "o.onnx", "--config", str(cfg))
+    assert "token_schedule" not in report and any(p.startswith("quantize-kv") for p in report["passes"])
+
+
+def test_kind_comes_from_the_sites_not_the_name(tmp_path: Path) -> None:
+    src = tmp_path / "gpt2_llama_decoder.onnx"
+    shutil.copy(MODELS / "bert_torchscript.onnx", src)
+    assert compile_(src, tmp_path / "o.onnx")["preset"]["kind"] == "encoder"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "fast"], "invalid choice: 'fast'"),
+    (["--no-token-pruning", "--token-keep", "0.5"], "--no-token-pruning turns token pruning off, but --token-keep"),
+    (["--preset", "default", "--pipeline", "normalize"], "--pipeline runs exactly the passes it names"),
+    (["--no-token-pruning", "--pipeline", "normalize"], "--pipeline runs exactly the passes it names"),
+    (["--kv-bits", "none", "--kv-rule", "fixed"], "--kv-rule needs --kv-bits (--kv-bits none turns"),
+    (["--kv-bits", "3+x"], "--kv-bits must look like"),
+])
+def test_bad_values_one_line_exit_2(flags: list[str], message: str, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o.onnx"
+    try:
+        code = main([str(MODELS / "bert_torchscript.onnx"), "-o", str(out), *flags])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_bad_config_preset_and_preset_without_attention(tiny_path: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"preset": "fast"}))
+    out = tmp_path / "o.onnx"
+    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(out), "--config", str(cfg)]) == 2
+    assert "--preset must be one of conservative, default, aggressive" in capsys.readouterr().err
+    assert main([str(tiny_path), "-o", str(out), "--preset", "default"]) == 2
+    assert "no attention found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resolve_rules() -> None:
+    """The precedence rules on plain option dicts (no model)."""
+    opts, res = resolve({}, "encoder")
+    assert opts["token_keep"] == 0.4 and opts["kv_bits"] == "4+1" and res.preset.name == "default"
+    opts, res = resolve({"token_keep": 0.3}, "encoder")
+    assert res.preset is None and "kv_bits" not in opts
+    opts, res = resolve({"preset": "default", "token_keep_schedule": (1.0, 0.5)}, "encoder")
+    assert "token_keep" not in opts and res.replaced == ("tokens",) and opts["kv_bits"] == "4+1"
+    opts, res = resolve({"kv_granularity": "head"}, "decoder")
+    assert opts["kv_bits"] == "4+1" and "lsb_threshold" not in opts and "token_keep" not in opts
+    assert resolve({}, "none")[1].preset is None
+    assert resolve({}, "encoder", pipeline="normalize")[1].preset is None
+
+
+def test_model_kind() -> None:
+    class Site:
+        def __init__(self, kv: bool, mask: str) -> None:
+            self.kv_cache, self.mask_kind = kv, mask
+
+    assert model_kind([]) == "none"
+    assert model_kind([Site(False, "padding")]) == "encoder"
+    assert model_kind([Site(False, "padding"), Site(False, "causal+padding")]) == "decoder"
+    assert model_kind([Site(True, "none")]) == "decoder"
