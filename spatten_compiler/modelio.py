@@ -3,8 +3,8 @@
 * :func:`load_model` validates: the file exists, parses as an ONNX ModelProto (inline weights are
   left in the file and memory-mapped, see :mod:`.lazyproto`), every
   external-data reference points at readable bytes, and the graph passes ``onnx.checker`` (run
-  with large weights hidden, so models over 2 GB work and the file is parsed only once). External data is memory-mapped by
-  onnx-ir, not copied, so loading a large model costs little more than its graph.
+  with large weights hidden, so models over 2 GB work and the file is parsed only once). External
+  data is memory-mapped by onnx-ir, not copied, so loading a large model costs little more than its graph.
 * :func:`save_model` writes into a private temporary folder next to the destination and renames the
   finished files into place, so a failure never leaves a partial output and never touches the input.
   Models whose weights exceed the protobuf limit (or that came with external data) are written with
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import CheckerPass
 from google.protobuf.message import DecodeError
+from onnx_ir.passes.common import CheckerPass
 
 from spatten_compiler.errors import ModelLoadError, SpattencError
 from spatten_compiler.lazyproto import read_model
