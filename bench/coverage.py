@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from spatten_compiler.passes.find_attention import find_attention
+from spatten_compiler.passes.normalize import Normalize
 
 from spatten_compiler.errors import SpattencError
 from spatten_compiler.match import const_array
 from spatten_compiler.modelio import load_model, save_model
-from spatten_compiler.passes.find_attention import find_attention
-from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.pipeline import Pipeline, make_pass
 
 log = logging.getLogger("bench.coverage")

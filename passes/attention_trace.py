@@ -50,6 +50,7 @@ class Branch:
     head_dim: int | None = None
     repeated: bool = False  # GQA repeat of KV heads
     flat_width: int | None = None  # heads * head_dim before the head split, when known
+    transform: list[ir.Node] = dataclasses.field(default_factory=list)  # per-head ops (transform_region)
 
     def finish(self) -> Branch:
         """Heads from the flat width when the head-split Reshape used -1 for them."""
@@ -101,13 +102,17 @@ def _view(node, value, branch, graph):
     branch.views.append(node)
     if node.op_type == "Reshape":
         dims = _reshape_target(node)
+        src = node.inputs[0].shape
         if len(dims) == 4 and dims[-1] is not None:
             # Walking backwards: the last rank-4 reshape seen is the one next to the projection,
-            # [B, S, H, Dh]; a GQA repeat reshapes to [B, H, S, Dh] closer to the core.
-            heads = dims[2] if dims[1] is None or dims[2] is not None else dims[1]
-            branch.heads, branch.head_dim = heads, dims[3]
-            src = node.inputs[0].shape
+            # [B, S, H*Dh] -> [B, S, H, Dh] (heads from the widths when the target leaves them
+            # symbolic); a GQA repeat reshapes [B, G, n, S, Dh] -> [B, H, S, Dh] closer to the core.
             width = src.dims[-1] if src is not None and src.rank() == 3 else None
+            if src is not None and src.rank() == 3:
+                heads = dims[2] or (width // dims[3] if isinstance(width, int) and width % dims[3] == 0 else None)
+            else:
+                heads = dims[2] if dims[1] is None or dims[2] is not None else dims[1]
+            branch.heads, branch.head_dim = heads, dims[3]
             branch.flat_width = width if isinstance(width, int) else None
     if node.op_type == "Expand":
         branch.repeated = True
@@ -228,12 +233,44 @@ def trace_branch(value: ir.Value, graph: ir.Graph, max_steps: int = 32) -> Branc
         if node is None:
             return branch.finish()  # a graph input: no projection in this graph
         step = STEPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if step is None:
-            return NoMatch(f"unexpected {node.op_type} '{node.name}' between projection and attention")
-        nxt = step(node, value, branch, graph)
+        nxt = step(node, value, branch, graph) if step is not None else NoMatch(
+            f"unexpected {node.op_type} '{node.name}' between projection and attention")
         if isinstance(nxt, NoMatch):
-            return nxt
+            return _structural(value, branch, graph, nxt)
         if nxt is None:
             return branch.finish()
         value = nxt
     return NoMatch("no projection within 32 ops")
+
+
+def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) -> Branch | NoMatch:
+    """The table could not explain ``value``: find its projection through a per-head transform."""
+    from .transform_region import transform_region
+
+    found = transform_region(value, graph)
+    if isinstance(found, NoMatch):
+        return NoMatch(f"{why.reason}; {found.reason}")
+    node, region = found
+    proj = _projection(node)
+    if isinstance(proj, NoMatch):
+        return proj
+    first = next((u.node for u in node.outputs[0].uses()), None)
+    if first is not None and first.op_type == "Add" and first in region and len(node.outputs[0].uses()) == 1:
+        bias = next((i for i in first.inputs if _is_weight(i)), None)
+        if bias is not None:  # the projection's bias, sliced with its weight by head pruning
+            proj.bias = bias
+            region.remove(first)
+    inside = {id(n) for n in region}
+    for n in region:
+        if n.op_type == "Concat" and any(i is not None and i in graph.inputs for i in n.inputs):
+            return NoMatch(f"{why.reason}; KV-cache Concat '{n.name}' inside a per-head transform")
+    branch.projection, branch.transform = proj, region
+    for n in reversed(region):  # from the core outwards, as the table walks
+        if n.op_type in VIEW_OPS:
+            _view(n, n.outputs[0], branch, graph)
+    if branch.rope is None and any(
+        i is not None and const_array(i) is None and i.producer() is not node and id(i.producer()) not in inside
+        and i not in (proj.bias,) for n in region for i in n.inputs
+    ):
+        branch.rope = region[-1]  # reads positions: a rotary/positional transform
+    return branch.finish()

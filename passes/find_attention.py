@@ -20,6 +20,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, VIEW_OPS
 from .attention_trace import Branch, Projection, _projection, trace_branch
+from .score_chain import score_chain
 from .site_io import layer_outputs, mask_info, rope_position_source
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class AttentionSite:
     layer_output: ir.Value | None = None
     fused: ir.Node | None = None
     rope_source: str | None = None  # position_ids input, or computed from the sequence length
+    bias_terms: list[ir.Value] = dataclasses.field(default_factory=list)  # additive position terms on the scores
 
     @property
     def rope(self) -> bool:
@@ -86,6 +88,7 @@ class AttentionSite:
             "layer_input": name(self.layer_input),
             "layer_output": name(self.layer_output),
             "residual": name(self.residual),
+            "bias_terms": [name(t) for t in self.bias_terms],
         }
         for key, br in (("q", self.q), ("k", self.k), ("v", self.v)):
             if br is None:
@@ -165,7 +168,10 @@ def _sliced_heads(br: Branch) -> int | None:
 def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     found = match(CORE, node.outputs[0])
     if not found:
-        return NoMatch(f"core: {found.reason}")
+        structural = score_chain(node)
+        if isinstance(structural, NoMatch):
+            return NoMatch(f"core: {structural.reason}")
+        found = structural
     q, kt = found["q"], found["kt"]
     if is_const(kt) or is_const(q):
         return NoMatch("one side of the score MatMul is a constant: a linear layer followed by Softmax")
@@ -182,6 +188,10 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
                                                 for u in use.node.outputs[0].uses()):
             pv_in = use.node.outputs[0]
     pvs = [u.node for u in pv_in.uses() if u.node.op_type == "MatMul" and u.idx == 0]
+    dropout = next((u.node for u in pv_in.uses() if u.node.op_type == "Dropout"), None)
+    if not pvs and dropout is not None:
+        return NoMatch(f"the probabilities go through Dropout '{dropout.name}' in training mode before "
+                       "MatMul(P, V): export the model in eval mode")
     if len(pvs) != 1:
         return NoMatch("the probabilities do not feed exactly one MatMul(P, V)")
     pv = pvs[0]
@@ -205,7 +215,9 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         return NoMatch("cannot tell the number of heads / head size from the head-split Reshape")
     scale = 1.0
     for key in ("scale", "q_scale", "k_scale"):
-        if f"{key}:value" in found:
+        if f"{key}:value" in found and "bias_terms" in found:  # score_chain: the product already
+            scale *= float(found[f"{key}:value"].reshape(-1)[0])
+        elif f"{key}:value" in found:
             s = float(found[f"{key}:value"].reshape(()))
             scale *= 1.0 / s if found[f"{key}_node"].op_type == "Div" else s
     for br in (qb, kb):
@@ -217,6 +229,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         layer=-1, softmax=node, probs=probs, variant=variant, q=qb, k=kb, v=vb,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         scale=scale if found["scale_variant"] != "none" or scale != 1.0 else None,
+        bias_terms=list(found.get("bias_terms", [])),
         mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_proj=out_proj, residual=residual,
     )
     if residual is not None:

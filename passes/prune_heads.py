@@ -93,6 +93,9 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
+        if s.bias_terms:
+            raise OptionError(f"layer {s.layer}: additive position terms on the scores ({s.bias_terms[0].name}) "
+                              "are not sliced to the kept heads by prune-heads yet")
         if s.num_heads % s.num_kv_heads:
             raise OptionError(f"layer {s.layer}: {s.num_heads} query heads do not divide into "
                               f"{s.num_kv_heads} KV heads")
