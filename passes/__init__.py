@@ -4,12 +4,6 @@ package registers them all in :data:`spatten_compiler.pipeline.PASSES`."""
 from __future__ import annotations
 
 # Register every pass (import order is irrelevant; each module registers itself).
-from . import (  # noqa: E402,F401  # noqa: E402,F401  (head and value pruning)
-    decompose_attention,
-    find_attention,
-    normalize,
-    prune_heads,
-    prune_tokens,
-    prune_values,
-    quantize_kv,  # noqa: E402,F401
-)
+from . import decompose_attention, find_attention, normalize, prune_tokens  # noqa: E402,F401
+from . import prune_heads, prune_values  # noqa: E402,F401  (head and value pruning)
+from . import quantize_kv  # noqa: E402,F401
