@@ -65,22 +65,22 @@ class Branch:
 
 
 def _reshape_target(node: ir.Node) -> list[int | None]:
-    """Target shape of a Reshape: constant, or a Concat of pieces some of which are constant."""
+    """Target shape of a Reshape: the inferred output shape, with the dims it leaves symbolic taken
+    from the target when that is constant or a Concat of pieces some of which are constant."""
     out = node.outputs[0].shape
-    if out is not None and any(isinstance(d, int) for d in out.dims[2:]):
-        return [d if isinstance(d, int) else None for d in out.dims]
+    inferred = [d if isinstance(d, int) else None for d in out.dims] if out is not None else []
     shape = node.inputs[1]
     array = const_array(shape)
+    target: list[int | None] = []
     if array is not None:
-        return [int(x) if x > 0 else None for x in array.tolist()]
-    concat = shape.producer() if shape is not None else None
-    if concat is None or concat.op_type != "Concat":
-        return []
-    dims: list[int | None] = []
-    for piece in concat.inputs:
-        a = const_array(piece)
-        dims.extend([int(x) if x > 0 else None for x in a.tolist()] if a is not None else [None])
-    return dims
+        target = [int(x) if x > 0 else None for x in array.tolist()]
+    elif (concat := shape.producer() if shape is not None else None) is not None and concat.op_type == "Concat":
+        for piece in concat.inputs:
+            a = const_array(piece)
+            target.extend([int(x) if x > 0 else None for x in a.tolist()] if a is not None else [None])
+    if not inferred or len(target) != len(inferred):
+        return inferred if inferred and any(isinstance(d, int) for d in inferred[2:]) else target
+    return [a if a is not None else b for a, b in zip(inferred, target)]
 
 
 def _graph_input(value: ir.Value, graph: ir.Graph) -> ir.Value | None:
@@ -103,6 +103,10 @@ def _view(node, value, branch, graph):
     if node.op_type == "Reshape":
         dims = _reshape_target(node)
         src = node.inputs[0].shape
+        if len(dims) == 5 and dims[2] == 3 and dims[-1] is not None:  # packed [B, S, 3, H, Dh] (ModernBERT)
+            width = src.dims[-1] if src is not None and isinstance(src.dims[-1], int) else None
+            branch.heads = dims[3] or (width // (3 * dims[4]) if width and width % (3 * dims[4]) == 0 else None)
+            branch.head_dim = dims[4]
         if len(dims) == 4 and dims[-1] is not None:
             # Walking backwards: the last rank-4 reshape seen is the one next to the projection,
             # [B, S, H*Dh] -> [B, S, H, Dh] (heads from the widths when the target leaves them
@@ -268,9 +272,25 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
     for n in reversed(region):  # from the core outwards, as the table walks
         if n.op_type in VIEW_OPS:
             _view(n, n.outputs[0], branch, graph)
-    if branch.rope is None and any(
-        i is not None and const_array(i) is None and i.producer() is not node and id(i.producer()) not in inside
-        and i not in (proj.bias,) for n in region for i in n.inputs
-    ):
+    outside = [i for n in region for i in n.inputs if i is not None and const_array(i) is None
+               and i.producer() is not node and id(i.producer()) not in inside and i is not proj.bias]
+    if branch.rope is None and any(_positional(i, graph) for i in outside):
         branch.rope = region[-1]  # reads positions: a rotary/positional transform
     return branch.finish()
+
+
+def _positional(value: ir.Value, graph: ir.Graph, limit: int = 60) -> bool:
+    """Computed from positions: a Range, Cos/Sin, or a graph input (position_ids) - not a shape-derived scale."""
+    todo, seen = [value], 0
+    while todo and seen < limit:
+        v = todo.pop()
+        seen += 1
+        if v in graph.inputs:
+            return True
+        p = v.producer()
+        if p is None or p.op_type in ("Shape", "Size"):
+            continue
+        if p.op_type in ("Range", "Cos", "Sin"):
+            return True
+        todo.extend(i for i in p.inputs if i is not None)
+    return False

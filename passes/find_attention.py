@@ -210,7 +210,9 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     heads = heads or (node.inputs[0].shape.dims[1] if node.inputs[0].shape is not None else None)
     heads = heads if isinstance(heads, int) else None
     kv_heads = kb.heads or _sliced_heads(kb) or heads
-    head_dim = qb.head_dim or kb.head_dim
+    core = q.shape  # the head size is what the score MatMul contracts over, whatever the views said
+    head_dim = core.dims[-1] if core is not None and core.rank() == 4 and isinstance(core.dims[-1], int) else None
+    head_dim = head_dim or qb.head_dim or kb.head_dim
     if heads is None or head_dim is None:
         return NoMatch("cannot tell the number of heads / head size from the head-split Reshape")
     scale = 1.0
