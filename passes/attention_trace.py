@@ -103,20 +103,25 @@ def _view(node, value, branch, graph):
     if node.op_type == "Reshape":
         dims = _reshape_target(node)
         src = node.inputs[0].shape
-        if len(dims) == 5 and dims[2] == 3 and dims[-1] is not None:  # packed [B, S, 3, H, Dh] (ModernBERT)
-            width = src.dims[-1] if src is not None and isinstance(src.dims[-1], int) else None
-            branch.heads = dims[3] or (width // (3 * dims[4]) if width and width % (3 * dims[4]) == 0 else None)
+        width = src.dims[-1] if src is not None and isinstance(src.dims[-1], int) else None
+        if len(dims) == 5 and 3 in dims[2:4] and dims[-1] is not None:
+            # packed [B, S, 3, H, Dh] (ModernBERT) or [B, S, H, 3, Dh] (BLOOM); -1 heads from the width
+            h = dims[3] if dims[2] == 3 else dims[2]
+            branch.heads = h or (width // (3 * dims[4]) if width and width % (3 * dims[4]) == 0 else None)
             branch.head_dim = dims[4]
+        if len(dims) == 4 and src is not None and src.rank() == 3 and dims[2] and dims[3] is None and width:
+            dims[3] = width // dims[2] if width % dims[2] == 0 else None  # [B, S, H, -1]
         if len(dims) == 4 and dims[-1] is not None:
             # Walking backwards: the last rank-4 reshape seen is the one next to the projection,
             # [B, S, H*Dh] -> [B, S, H, Dh] (heads from the widths when the target leaves them
             # symbolic); a GQA repeat reshapes [B, G, n, S, Dh] -> [B, H, S, Dh] closer to the core.
-            width = src.dims[-1] if src is not None and src.rank() == 3 else None
+            width = width if src is not None and src.rank() == 3 else None
             if src is not None and src.rank() == 3:
                 heads = dims[2] or (width // dims[3] if isinstance(width, int) and width % dims[3] == 0 else None)
             else:
                 heads = dims[2] if dims[1] is None or dims[2] is not None else dims[1]
-            branch.heads, branch.head_dim = heads, dims[3]
+            per_head_packed = branch.head_dim is not None and dims[3] != branch.head_dim and branch.packed is not None
+            branch.heads, branch.head_dim = heads, branch.head_dim if per_head_packed else dims[3]
             branch.flat_width = width if isinstance(width, int) else None
     if node.op_type == "Expand":
         branch.repeated = True
@@ -179,6 +184,9 @@ def _split(node, value, branch, graph):
     else:  # Slice: the start offset along the last axis identifies q/k/v in a packed projection
         starts = const_array(node.inputs[1])
         branch.packed = int(starts.reshape(-1)[0]) if starts is not None else -1
+    last = value.shape.dims[-1] if value.shape is not None and value.shape.rank() == 4 else None
+    if branch.head_dim is None and isinstance(last, int):
+        branch.head_dim = last  # per-head packing [B, S, H, 3*Dh] split after the head split
     branch.views.append(node)
     return node.inputs[0]
 
@@ -272,6 +280,9 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
     for n in reversed(region):  # from the core outwards, as the table walks
         if n.op_type in VIEW_OPS:
             _view(n, n.outputs[0], branch, graph)
+    packed = _per_head_slice(node, region)
+    if packed is not None and branch.head_dim and packed[1] < branch.head_dim:
+        branch.packed, branch.head_dim = packed  # [B, S, H, 3*Dh] sliced into q, k, v per head
     outside = [i for n in region for i in n.inputs if i is not None and const_array(i) is None
                and i.producer() is not node and id(i.producer()) not in inside and i is not proj.bias]
     if branch.rope is None and any(_positional(i, graph) for i in outside):
@@ -294,3 +305,18 @@ def _positional(value: ir.Value, graph: ir.Graph, limit: int = 60) -> bool:
             return True
         todo.extend(i for i in p.inputs if i is not None)
     return False
+
+
+def _per_head_slice(proj: ir.Node, region: list[ir.Node]) -> tuple[int, int] | None:
+    """(start, width) of the first last-axis Slice after the projection's head split, if any."""
+    for n in region:
+        if n.op_type == "Slice":
+            starts, ends = const_array(n.inputs[1]), const_array(n.inputs[2])
+            axes = const_array(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] is not None else None
+            rank = n.inputs[0].shape.rank() if n.inputs[0].shape is not None else None
+            if starts is None or ends is None or starts.size != 1 or axes is None or axes.size != 1:
+                return None
+            if int(axes.reshape(())) not in (-1, (rank or 0) - 1):
+                return None
+            return int(starts.reshape(())), int(ends.reshape(())) - int(starts.reshape(()))
+    return None

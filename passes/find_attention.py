@@ -187,6 +187,11 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         if use.node.domain == "spatten" and any(u.node.op_type == "MatMul" and u.idx == 0
                                                 for u in use.node.outputs[0].uses()):
             pv_in = use.node.outputs[0]
+    for _ in range(4 if found.get("folded") else 0):  # 3-D layout: P is re-folded (and masked) for the bmm
+        uses = [u for u in pv_in.uses() if u.node.op_type not in ("Shape", "Size")]
+        if len(uses) != 1 or uses[0].node.op_type not in ("Reshape", "Where", "Cast", "Identity"):
+            break
+        pv_in = uses[0].node.outputs[0]
     pvs = [u.node for u in pv_in.uses() if u.node.op_type == "MatMul" and u.idx == 0]
     dropout = next((u.node for u in pv_in.uses() if u.node.op_type == "Dropout"), None)
     if not pvs and dropout is not None:
@@ -226,7 +231,14 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         if br.pre_scale is not None:
             scale *= br.pre_scale
     variant = {"scale": found["scale_variant"], "mask": found["mask_variant"]}
+    if found.get("folded"):
+        variant["layout"] = "folded"  # 3-D scores [B*H, S, S]: found, not rewritten
     merge, out_proj, residual = _follow_output(pv, graph)
+    dims = out_proj.weight.shape if out_proj is not None else None
+    rows = dims[1 if out_proj.transposed_weight else 0] if dims is not None and dims.rank() == 2 else None
+    if isinstance(rows, int) and rows % heads == 0 and rows // heads != head_dim and (
+            core is None or not isinstance(core.dims[-1], int)):
+        head_dim = rows // heads  # the output projection reads heads x head_dim (per-head packed QKV)
     site = AttentionSite(
         layer=-1, softmax=node, probs=probs, variant=variant, q=qb, k=kb, v=vb,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,

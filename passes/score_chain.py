@@ -10,6 +10,8 @@ from the Softmax input to the score MatMul through :data:`CHAIN` ops:
     Mul/Div(scores, scalar)   # the 1/sqrt(d) scale (several multiply)
     Where(cond, scores, fill) # a boolean mask (either branch)
     Tanh, Cast, Identity      # soft-capping, dtype changes: element-wise, carried along
+    Reshape                   # [B*H, S, S] -> [B, H, S, S]: heads folded into the batch axis (BLOOM,
+                              # DeBERTa-v2 use 3-D bmm); found, tagged layout=folded, and not rewritten
 
 An ``Add`` continues on the input that itself reaches the score MatMul through these ops; the other
 input is a term. A term is the *mask* when it is built from no float tensor other than scalars (masks
@@ -26,7 +28,7 @@ import onnx_ir as ir
 
 from spatten_compiler.match import NoMatch, const_array, is_const
 
-PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh"})
+PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape"})
 CHAIN = frozenset({"Add", "Mul", "Div", "Where", *PASS_THROUGH})
 FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
@@ -84,7 +86,7 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
     rank = softmax.inputs[0].shape.rank() if softmax.inputs[0].shape is not None else None
     if axis not in (-1, None) and (rank is None or axis != rank - 1):
         return NoMatch(f"Softmax over axis {axis}, not the key axis")
-    value, scale, scale_node, capped = softmax.inputs[0], 1.0, None, False
+    value, scale, scale_node, capped, folded = softmax.inputs[0], 1.0, None, False, False
     masks: list[tuple[ir.Node, ir.Value]] = []
     biases: list[ir.Value] = []
     where: ir.Node | None = None
@@ -110,12 +112,14 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
                 found["mask_variant"] = "none"
             found["mask_variant"] += "+bias" if biases else ""
             found["scale_variant"] += "+softcap" if capped else ""
+            found["folded"] = folded
             return found
         op = node.op_type
         if op not in CHAIN:
             return NoMatch(f"{op} '{node.name}' between the score MatMul and Softmax")
         if op in PASS_THROUGH:
             capped |= op == "Tanh"
+            folded |= op == "Reshape"
             value = node.inputs[0]
         elif op == "Where":
             sides = [i for i in (1, 2) if _reaches_scores(node.inputs[i])]
