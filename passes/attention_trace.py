@@ -281,7 +281,7 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
         if n.op_type in VIEW_OPS:
             _view(n, n.outputs[0], branch, graph)
     packed = _per_head_slice(node, region)
-    if packed is not None and branch.head_dim and packed[1] < branch.head_dim:
+    if packed is not None and branch.head_dim and 3 * packed[1] == branch.head_dim:
         branch.packed, branch.head_dim = packed  # [B, S, H, 3*Dh] sliced into q, k, v per head
     outside = [i for n in region for i in n.inputs if i is not None and const_array(i) is None
                and i.producer() is not node and id(i.producer()) not in inside and i is not proj.bias]
