@@ -43,7 +43,7 @@ SEED = 0
 # Applied where the config has the attribute (attribute_map aliases such as n_embd included).
 TINY: dict[str, Any] = {
     "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-    "vocab_size": 256, "max_position_embeddings": 128, "initializer_range": 0.1, "head_dim": 16,
+    "vocab_size": 256, "max_position_embeddings": 128, "initializer_range": 0.1, "head_dim": 16, "rotary_dim": 8,
     "num_key_value_heads": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
     "attention_dropout": 0.0, "dropout": 0.0, "embed_dim": 64, "ffn_dim": 128,
     "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
