@@ -50,6 +50,7 @@ class Branch:
     head_dim: int | None = None
     repeated: bool = False  # GQA repeat of KV heads
     flat_width: int | None = None  # heads * head_dim before the head split, when known
+    transform: list[ir.Node] = dataclasses.field(default_factory=list)  # per-head ops (transform_region)
 
     def finish(self) -> Branch:
         """Heads from the flat width when the head-split Reshape used -1 for them."""
@@ -64,22 +65,22 @@ class Branch:
 
 
 def _reshape_target(node: ir.Node) -> list[int | None]:
-    """Target shape of a Reshape: constant, or a Concat of pieces some of which are constant."""
+    """Target shape of a Reshape: the inferred output shape, with the dims it leaves symbolic taken
+    from the target when that is constant or a Concat of pieces some of which are constant."""
     out = node.outputs[0].shape
-    if out is not None and any(isinstance(d, int) for d in out.dims[2:]):
-        return [d if isinstance(d, int) else None for d in out.dims]
+    inferred = [d if isinstance(d, int) else None for d in out.dims] if out is not None else []
     shape = node.inputs[1]
     array = const_array(shape)
+    target: list[int | None] = []
     if array is not None:
-        return [int(x) if x > 0 else None for x in array.tolist()]
-    concat = shape.producer() if shape is not None else None
-    if concat is None or concat.op_type != "Concat":
-        return []
-    dims: list[int | None] = []
-    for piece in concat.inputs:
-        a = const_array(piece)
-        dims.extend([int(x) if x > 0 else None for x in a.tolist()] if a is not None else [None])
-    return dims
+        target = [int(x) if x > 0 else None for x in array.tolist()]
+    elif (concat := shape.producer() if shape is not None else None) is not None and concat.op_type == "Concat":
+        for piece in concat.inputs:
+            a = const_array(piece)
+            target.extend([int(x) if x > 0 else None for x in a.tolist()] if a is not None else [None])
+    if not inferred or len(target) != len(inferred):
+        return inferred if inferred and any(isinstance(d, int) for d in inferred[2:]) else target
+    return [a if a is not None else b for a, b in zip(inferred, target)]
 
 
 def _graph_input(value: ir.Value, graph: ir.Graph) -> ir.Value | None:
@@ -101,13 +102,26 @@ def _view(node, value, branch, graph):
     branch.views.append(node)
     if node.op_type == "Reshape":
         dims = _reshape_target(node)
+        src = node.inputs[0].shape
+        width = src.dims[-1] if src is not None and isinstance(src.dims[-1], int) else None
+        if len(dims) == 5 and 3 in dims[2:4] and dims[-1] is not None:
+            # packed [B, S, 3, H, Dh] (ModernBERT) or [B, S, H, 3, Dh] (BLOOM); -1 heads from the width
+            h = dims[3] if dims[2] == 3 else dims[2]
+            branch.heads = h or (width // (3 * dims[4]) if width and width % (3 * dims[4]) == 0 else None)
+            branch.head_dim = dims[4]
+        if len(dims) == 4 and src is not None and src.rank() == 3 and dims[2] and dims[3] is None and width:
+            dims[3] = width // dims[2] if width % dims[2] == 0 else None  # [B, S, H, -1]
         if len(dims) == 4 and dims[-1] is not None:
             # Walking backwards: the last rank-4 reshape seen is the one next to the projection,
-            # [B, S, H, Dh]; a GQA repeat reshapes to [B, H, S, Dh] closer to the core.
-            heads = dims[2] if dims[1] is None or dims[2] is not None else dims[1]
-            branch.heads, branch.head_dim = heads, dims[3]
-            src = node.inputs[0].shape
-            width = src.dims[-1] if src is not None and src.rank() == 3 else None
+            # [B, S, H*Dh] -> [B, S, H, Dh] (heads from the widths when the target leaves them
+            # symbolic); a GQA repeat reshapes [B, G, n, S, Dh] -> [B, H, S, Dh] closer to the core.
+            width = width if src is not None and src.rank() == 3 else None
+            if src is not None and src.rank() == 3:
+                heads = dims[2] or (width // dims[3] if isinstance(width, int) and width % dims[3] == 0 else None)
+            else:
+                heads = dims[2] if dims[1] is None or dims[2] is not None else dims[1]
+            per_head_packed = branch.head_dim is not None and dims[3] != branch.head_dim and branch.packed is not None
+            branch.heads, branch.head_dim = heads, branch.head_dim if per_head_packed else dims[3]
             branch.flat_width = width if isinstance(width, int) else None
     if node.op_type == "Expand":
         branch.repeated = True
@@ -170,6 +184,9 @@ def _split(node, value, branch, graph):
     else:  # Slice: the start offset along the last axis identifies q/k/v in a packed projection
         starts = const_array(node.inputs[1])
         branch.packed = int(starts.reshape(-1)[0]) if starts is not None else -1
+    last = value.shape.dims[-1] if value.shape is not None and value.shape.rank() == 4 else None
+    if branch.head_dim is None and isinstance(last, int):
+        branch.head_dim = last  # per-head packing [B, S, H, 3*Dh] split after the head split
     branch.views.append(node)
     return node.inputs[0]
 
@@ -228,12 +245,78 @@ def trace_branch(value: ir.Value, graph: ir.Graph, max_steps: int = 32) -> Branc
         if node is None:
             return branch.finish()  # a graph input: no projection in this graph
         step = STEPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if step is None:
-            return NoMatch(f"unexpected {node.op_type} '{node.name}' between projection and attention")
-        nxt = step(node, value, branch, graph)
+        nxt = step(node, value, branch, graph) if step is not None else NoMatch(
+            f"unexpected {node.op_type} '{node.name}' between projection and attention")
         if isinstance(nxt, NoMatch):
-            return nxt
+            return _structural(value, branch, graph, nxt)
         if nxt is None:
             return branch.finish()
         value = nxt
     return NoMatch("no projection within 32 ops")
+
+
+def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) -> Branch | NoMatch:
+    """The table could not explain ``value``: find its projection through a per-head transform."""
+    from .transform_region import transform_region
+
+    found = transform_region(value, graph)
+    if isinstance(found, NoMatch):
+        return NoMatch(f"{why.reason}; {found.reason}")
+    node, region = found
+    proj = _projection(node)
+    if isinstance(proj, NoMatch):
+        return proj
+    first = next((u.node for u in node.outputs[0].uses()), None)
+    if first is not None and first.op_type == "Add" and first in region and len(node.outputs[0].uses()) == 1:
+        bias = next((i for i in first.inputs if _is_weight(i)), None)
+        if bias is not None:  # the projection's bias, sliced with its weight by head pruning
+            proj.bias = bias
+            region.remove(first)
+    inside = {id(n) for n in region}
+    for n in region:
+        if n.op_type == "Concat" and any(i is not None and i in graph.inputs for i in n.inputs):
+            return NoMatch(f"{why.reason}; KV-cache Concat '{n.name}' inside a per-head transform")
+    branch.projection, branch.transform = proj, region
+    for n in reversed(region):  # from the core outwards, as the table walks
+        if n.op_type in VIEW_OPS:
+            _view(n, n.outputs[0], branch, graph)
+    packed = _per_head_slice(node, region)
+    if packed is not None and branch.head_dim and 3 * packed[1] == branch.head_dim:
+        branch.packed, branch.head_dim = packed  # [B, S, H, 3*Dh] sliced into q, k, v per head
+    outside = [i for n in region for i in n.inputs if i is not None and const_array(i) is None
+               and i.producer() is not node and id(i.producer()) not in inside and i is not proj.bias]
+    if branch.rope is None and any(_positional(i, graph) for i in outside):
+        branch.rope = region[-1]  # reads positions: a rotary/positional transform
+    return branch.finish()
+
+
+def _positional(value: ir.Value, graph: ir.Graph, limit: int = 60) -> bool:
+    """Computed from positions: a Range, Cos/Sin, or a graph input (position_ids) - not a shape-derived scale."""
+    todo, seen = [value], 0
+    while todo and seen < limit:
+        v = todo.pop()
+        seen += 1
+        if v in graph.inputs:
+            return True
+        p = v.producer()
+        if p is None or p.op_type in ("Shape", "Size"):
+            continue
+        if p.op_type in ("Range", "Cos", "Sin"):
+            return True
+        todo.extend(i for i in p.inputs if i is not None)
+    return False
+
+
+def _per_head_slice(proj: ir.Node, region: list[ir.Node]) -> tuple[int, int] | None:
+    """(start, width) of the first last-axis Slice after the projection's head split, if any."""
+    for n in region:
+        if n.op_type == "Slice":
+            starts, ends = const_array(n.inputs[1]), const_array(n.inputs[2])
+            axes = const_array(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] is not None else None
+            rank = n.inputs[0].shape.rank() if n.inputs[0].shape is not None else None
+            if starts is None or ends is None or starts.size != 1 or axes is None or axes.size != 1:
+                return None
+            if int(axes.reshape(())) not in (-1, (rank or 0) - 1):
+                return None
+            return int(starts.reshape(())), int(ends.reshape(())) - int(starts.reshape(()))
+    return None

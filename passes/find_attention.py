@@ -20,6 +20,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, VIEW_OPS
 from .attention_trace import Branch, Projection, _projection, trace_branch
+from .score_chain import score_chain
 from .site_io import layer_outputs, mask_info, rope_position_source
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class AttentionSite:
     layer_output: ir.Value | None = None
     fused: ir.Node | None = None
     rope_source: str | None = None  # position_ids input, or computed from the sequence length
+    bias_terms: list[ir.Value] = dataclasses.field(default_factory=list)  # additive position terms on the scores
 
     @property
     def rope(self) -> bool:
@@ -86,6 +88,7 @@ class AttentionSite:
             "layer_input": name(self.layer_input),
             "layer_output": name(self.layer_output),
             "residual": name(self.residual),
+            "bias_terms": [name(t) for t in self.bias_terms],
         }
         for key, br in (("q", self.q), ("k", self.k), ("v", self.v)):
             if br is None:
@@ -165,7 +168,10 @@ def _sliced_heads(br: Branch) -> int | None:
 def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     found = match(CORE, node.outputs[0])
     if not found:
-        return NoMatch(f"core: {found.reason}")
+        structural = score_chain(node)
+        if isinstance(structural, NoMatch):
+            return NoMatch(f"core: {structural.reason}")
+        found = structural
     q, kt = found["q"], found["kt"]
     if is_const(kt) or is_const(q):
         return NoMatch("one side of the score MatMul is a constant: a linear layer followed by Softmax")
@@ -181,7 +187,16 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         if use.node.domain == "spatten" and any(u.node.op_type == "MatMul" and u.idx == 0
                                                 for u in use.node.outputs[0].uses()):
             pv_in = use.node.outputs[0]
+    for _ in range(4 if found.get("folded") else 0):  # 3-D layout: P is re-folded (and masked) for the bmm
+        uses = [u for u in pv_in.uses() if u.node.op_type not in ("Shape", "Size")]
+        if len(uses) != 1 or uses[0].node.op_type not in ("Reshape", "Where", "Cast", "Identity"):
+            break
+        pv_in = uses[0].node.outputs[0]
     pvs = [u.node for u in pv_in.uses() if u.node.op_type == "MatMul" and u.idx == 0]
+    dropout = next((u.node for u in pv_in.uses() if u.node.op_type == "Dropout"), None)
+    if not pvs and dropout is not None:
+        return NoMatch(f"the probabilities go through Dropout '{dropout.name}' in training mode before "
+                       "MatMul(P, V): export the model in eval mode")
     if len(pvs) != 1:
         return NoMatch("the probabilities do not feed exactly one MatMul(P, V)")
     pv = pvs[0]
@@ -200,23 +215,35 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     heads = heads or (node.inputs[0].shape.dims[1] if node.inputs[0].shape is not None else None)
     heads = heads if isinstance(heads, int) else None
     kv_heads = kb.heads or _sliced_heads(kb) or heads
-    head_dim = qb.head_dim or kb.head_dim
+    core = q.shape  # the head size is what the score MatMul contracts over, whatever the views said
+    head_dim = core.dims[-1] if core is not None and core.rank() == 4 and isinstance(core.dims[-1], int) else None
+    head_dim = head_dim or qb.head_dim or kb.head_dim
     if heads is None or head_dim is None:
         return NoMatch("cannot tell the number of heads / head size from the head-split Reshape")
     scale = 1.0
     for key in ("scale", "q_scale", "k_scale"):
-        if f"{key}:value" in found:
+        if f"{key}:value" in found and "bias_terms" in found:  # score_chain: the product already
+            scale *= float(found[f"{key}:value"].reshape(-1)[0])
+        elif f"{key}:value" in found:
             s = float(found[f"{key}:value"].reshape(()))
             scale *= 1.0 / s if found[f"{key}_node"].op_type == "Div" else s
     for br in (qb, kb):
         if br.pre_scale is not None:
             scale *= br.pre_scale
     variant = {"scale": found["scale_variant"], "mask": found["mask_variant"]}
+    if found.get("folded"):
+        variant["layout"] = "folded"  # 3-D scores [B*H, S, S]: found, not rewritten
     merge, out_proj, residual = _follow_output(pv, graph)
+    dims = out_proj.weight.shape if out_proj is not None else None
+    rows = dims[1 if out_proj.transposed_weight else 0] if dims is not None and dims.rank() == 2 else None
+    if isinstance(rows, int) and rows % heads == 0 and rows // heads != head_dim and (
+            core is None or not isinstance(core.dims[-1], int)):
+        head_dim = rows // heads  # the output projection reads heads x head_dim (per-head packed QKV)
     site = AttentionSite(
         layer=-1, softmax=node, probs=probs, variant=variant, q=qb, k=kb, v=vb,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         scale=scale if found["scale_variant"] != "none" or scale != 1.0 else None,
+        bias_terms=list(found.get("bias_terms", [])),
         mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_proj=out_proj, residual=residual,
     )
     if residual is not None:

@@ -93,6 +93,12 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
+        if s.variant.get("layout") == "folded":
+            raise OptionError(f"layer {s.layer}: heads folded into the batch axis (3-D scores [B*H, S, S]) are "
+                              "not rewritten by prune-heads yet")
+        if s.bias_terms:
+            raise OptionError(f"layer {s.layer}: additive position terms on the scores ({s.bias_terms[0].name}) "
+                              "are not sliced to the kept heads by prune-heads yet")
         if s.num_heads % s.num_kv_heads:
             raise OptionError(f"layer {s.layer}: {s.num_heads} query heads do not divide into "
                               f"{s.num_kv_heads} KV heads")
@@ -102,7 +108,16 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                         s.num_heads, s.num_kv_heads) or (s.num_heads != s.num_kv_heads and not b.repeated):
                     raise OptionError(f"layer {s.layer}: KV cache whose K/V are not [B, heads, ., .] at the "
                                       "attention core; prune-heads cannot pick heads there")
+        if s.q.packed is None and s.q.projection.node is s.k.projection.node:
+            raise OptionError(f"layer {s.layer}: Q and K come from one projection in a layout prune-heads does not "
+                              "know (not a Split of [B, S, 3*H*Dh])")
         if s.q.packed is not None:
+            order = [n.op_type for n in s.q.views]
+            split = next((i for i, t in enumerate(order) if t in ("Split", "Slice")), None)
+            reshape = next((i for i, t in enumerate(order) if t == "Reshape"), None)
+            if split is not None and reshape is not None and split < reshape:  # split after the head split
+                raise OptionError(f"layer {s.layer}: QKV packed per head ([B, S, H, 3*Dh], split after the head "
+                                  "split) is not supported by prune-heads")
             if s.num_kv_heads != s.num_heads:
                 raise OptionError(f"layer {s.layer}: packed QKV with grouped-query attention is not supported")
             split = next((n for n in s.q.views if n.op_type in ("Split", "Slice")), None)

@@ -58,6 +58,12 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             )
         if s.rope:
             raise OptionError(f"layer {s.layer}: RoPE encoders are not supported by prune-tokens yet")
+        if s.variant.get("layout") == "folded":
+            raise OptionError(f"layer {s.layer}: heads folded into the batch axis (3-D scores [B*H, S, S]) are "
+                              "not rewritten by prune-tokens yet")
+        if s.bias_terms:
+            raise OptionError(f"layer {s.layer}: additive position terms on the scores ({s.bias_terms[0].name}) "
+                              "are not gathered to the kept tokens by prune-tokens yet")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
         if s.mask is not None and s.variant.get("mask") not in ("additive", "where"):

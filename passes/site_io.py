@@ -44,7 +44,8 @@ def _ancestors(value: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[i
                     nodes.append(ir.Node("", "Trilu", [], name="<constant tril>"))
             continue
         nodes.append(node)
-        todo.extend(node.inputs)
+        if node.op_type not in ("Shape", "Size"):  # a mask built from a shape is not built from that input
+            todo.extend(node.inputs)
     return nodes, inputs
 
 

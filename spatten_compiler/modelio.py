@@ -3,8 +3,8 @@
 * :func:`load_model` validates: the file exists, parses as an ONNX ModelProto (inline weights are
   left in the file and memory-mapped, see :mod:`.lazyproto`), every
   external-data reference points at readable bytes, and the graph passes ``onnx.checker`` (run
-  with large weights hidden, so models over 2 GB work and the file is parsed only once). External data is memory-mapped by
-  onnx-ir, not copied, so loading a large model costs little more than its graph.
+  with large weights hidden, so models over 2 GB work and the file is parsed only once). External
+  data is memory-mapped by onnx-ir, not copied, so loading a large model costs little more than its graph.
 * :func:`save_model` writes into a private temporary folder next to the destination and renames the
   finished files into place, so a failure never leaves a partial output and never touches the input.
   Models whose weights exceed the protobuf limit (or that came with external data) are written with
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import CheckerPass
 from google.protobuf.message import DecodeError
+from onnx_ir.passes.common import CheckerPass
 
 from spatten_compiler.errors import ModelLoadError, SpattencError
 from spatten_compiler.lazyproto import read_model
@@ -80,6 +80,20 @@ def _check_external_data(path: Path, proto: onnx.ModelProto) -> None:
                 )
 
 
+# onnx-ir hands tensors up to this size to the onnx C API (checker, shape inference) as they are;
+# an external one would be looked up relative to the working directory, not the model's folder.
+_SMALL_TENSOR_BYTES = 1000  # onnx_ir.passes.common._c_api_utils._BIG_TENSOR_SIZE_LIMIT
+
+
+def _inline_small_external(model: ir.Model) -> None:
+    """Read small external initializers into memory (a dynamo export stores even scalars outside)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= _SMALL_TENSOR_BYTES:
+                value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
+
+
 def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     """Load and validate an ONNX model; raise :class:`ModelLoadError` with one line if it is bad."""
     path = Path(path)
@@ -96,6 +110,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
     finally:
         serde_log.setLevel(level)
+    # Resolve relative external-data paths against the model's folder (memory-mapped on access).
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    _inline_small_external(model)
     if check:
         try:
             # onnx-ir's checker pass hides large weights from the C++ checker, so the graph is
@@ -104,8 +121,6 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         except onnx.checker.ValidationError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(f"{path}: invalid ONNX graph: {first}") from e
-    # Resolve relative external-data paths against the model's folder (memory-mapped on access).
-    ir.external_data.set_base_dir(model.graph, str(path.parent))
     model.meta[SELF_MAPPED] = path.name  # inline weights left in the .onnx itself (lazyproto)
     logger.debug("loaded %s: %d nodes", path, len(model.graph))
     return model

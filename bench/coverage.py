@@ -1,0 +1,222 @@
+"""Coverage over the model corpus (models/corpus.py): family x exporter x {discovered exactly, token
+pruning exact at keep 1.0, head pruning exact at keep 1.0, K/V quantization runs}, with the reason
+for every miss (issue #16).
+
+    python -m bench.coverage                       # every model in models/cache/corpus/manifest.jsonl
+    python -m bench.coverage --only llama,bert     # families
+
+* discovered: one site per layer (no false sites), each with the config's heads, KV heads and head dim.
+* tokens: ``prune-tokens`` at keep 1.0 with ``emit_kept`` (which forces the full rewrite: importance,
+  TopK over all tokens, gathers and restore), <= 1e-5 against the input model in onnxruntime.
+* heads: ``--head-keep 1.0`` (site checks, normalize and decompose run) and, where the model has
+  more than one KV group, the last layer's group 0 sliced out of the weights at compile time
+  against the input model with that group's output-projection rows zeroed (<= 1e-5).
+* kv: ``--kv-bits 8+4`` compiles and runs to finite outputs (quantization is not exact).
+
+Writes bench/results/<ts>-coverage.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from spatten_compiler.passes.find_attention import find_attention
+from spatten_compiler.passes.normalize import Normalize
+
+from spatten_compiler.errors import SpattencError
+from spatten_compiler.match import const_array
+from spatten_compiler.modelio import load_model, save_model
+from spatten_compiler.pipeline import Pipeline, make_pass
+
+log = logging.getLogger("bench.coverage")
+CORPUS = Path(__file__).resolve().parents[1] / "models" / "cache" / "corpus"
+ATOL = 1e-5
+CHECKS = ("discovered", "tokens", "heads", "kv")
+
+
+def _run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
+
+
+def _diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) if a[k].size else 0.0 for k in a)
+
+
+def discovered(path: Path, rec: dict[str, Any]) -> tuple[bool, str]:
+    model = load_model(path)
+    Normalize()(model)
+    report = find_attention(model)
+    want = (rec["num_heads"], rec["num_kv_heads"], rec["head_dim"])
+    if len(report.sites) != rec["num_layers"]:
+        first = f"; first not taken: {report.rejected[0][0]}: {report.rejected[0][1]}" if report.rejected else ""
+        return False, f"{len(report.sites)} sites for {rec['num_layers']} layers{first}"
+    for s in report.sites:
+        got = (s.num_heads, s.num_kv_heads, s.head_dim)
+        if got != want:
+            return False, f"layer {s.layer}: heads/kv/dim {got}, config says {want}"
+    return True, ""
+
+
+def _compile(path: Path, passes: list, out: Path) -> None:
+    model = load_model(path)
+    Pipeline([make_pass("normalize"), make_pass("decompose-attention"), *passes], check=True)(model)
+    save_model(model, out, external_data=False)
+
+
+def _exact(path: Path, feeds: dict[str, np.ndarray], passes: list, tmp: Path, base: Path | None = None) -> tuple[bool, str]:
+    out = tmp / "out.onnx"
+    _compile(path, passes, out)
+    want = _run(base or path, feeds)
+    got = _run(out, feeds)
+    d = _diff(want, {k: got[k] for k in want})
+    return d <= ATOL, f"max |diff| {d:.2g}" + ("" if d <= ATOL else f" > {ATOL:g}")
+
+
+def tokens(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
+    return _exact(path, feeds, [make_pass("prune-tokens", keep=1.0, min_keep=1, emit_kept=True)], tmp)
+
+
+def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
+    ok, why = _exact(path, feeds, [make_pass("prune-heads", keep=1.0)], tmp)
+    if not ok:
+        return ok, why
+    model = load_model(path)
+    Normalize()(model)
+    sites = find_attention(model).sites
+    groups = sites[-1].num_kv_heads
+    if groups < 2 or sites[-1].out_proj is None:
+        return True, why + " (one KV group: no slice tested)"
+    site = sites[-1]
+    w = const_array(site.out_proj.weight).copy()
+    g, dh = site.num_heads // groups, site.head_dim
+    rows = slice(0, g * dh)  # group 0's query heads come first in the merged head axis
+    if site.out_proj.transposed_weight:
+        w[:, rows] = 0
+    else:
+        w[rows] = 0
+    import onnx_ir as ir
+
+    site.out_proj.weight.const_value = ir.tensor(w)
+    zeroed = tmp / "zeroed.onnx"
+    save_model(model, zeroed, external_data=False)
+    kept = tuple(() for _ in sites[:-1]) + (tuple(range(1, groups)),)
+    ok, why2 = _exact(path, feeds, [make_pass("prune-heads", rule="calibrated", heads=kept)], tmp, base=zeroed)
+    return ok, f"{why}; last layer without group 0: {why2}"
+
+
+def kv(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
+    out = tmp / "kv.onnx"
+    _compile(path, [make_pass("quantize-kv", bits="8+4")], out)
+    got = _run(out, feeds)
+    want = _run(path, feeds)
+    if not all(np.isfinite(v).all() for v in got.values() if v.dtype.kind == "f"):
+        return False, "non-finite outputs"
+    return True, f"max |diff| {_diff(want, {k: got[k] for k in want}):.2g}"
+
+
+def evaluate(rec: dict[str, Any], corpus: Path = CORPUS) -> dict[str, Any]:
+    """One corpus model: each check -> {ok, reason}. A check that raises is a refusal (its message)."""
+    path = corpus / rec["onnx"]
+    feeds = dict(np.load(corpus / f"{rec['name']}.npz"))
+    row: dict[str, Any] = {k: rec[k] for k in ("name", "family", "exporter", "kind", "kv_cache")}
+    with tempfile.TemporaryDirectory(prefix="coverage-") as d:
+        for check, fn in (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d))),
+                          ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d)))):
+            t0 = time.perf_counter()
+            try:
+                ok, why = fn()
+                row[check] = {"ok": ok, "reason": why}
+            except SpattencError as e:
+                row[check] = {"ok": False, "refused": True, "reason": str(e).splitlines()[0]}
+            except Exception as e:  # noqa: BLE001 - a crash is a miss too, recorded as such
+                row[check] = {"ok": False, "crash": True, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            row[check]["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def corpus_records(corpus: Path = CORPUS) -> list[dict[str, Any]]:
+    """The manifest's latest record per model (models/corpus.py appends; no torch needed here)."""
+    path = corpus / "manifest.jsonl"
+    latest: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if line.strip():
+            rec = json.loads(line)
+            latest[rec["name"]] = rec
+    return list(latest.values())
+
+
+def render(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
+    mark = lambda c: "yes" if c["ok"] else ("refused" if c.get("refused") else "NO")  # noqa: E731
+    lines = ["| model | exporter | discovered | tokens | heads | kv |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['family']}{' (KV cache)' if r['kv_cache'] else ''} | {r['exporter']} | "
+                     + " | ".join(mark(r[c]) for c in CHECKS) + " |")
+    n = len(rows)
+    totals = {c: sum(r[c]["ok"] for r in rows) for c in CHECKS}
+    lines += ["", "| check | passed | of | % |", "|---|---|---|---|"]
+    lines += [f"| {c} | {totals[c]} | {n} | {100 * totals[c] / max(n, 1):.0f} |" for c in CHECKS]
+    lines += ["", "## Reasons for every miss", ""]
+    for r in rows:
+        for c in CHECKS:
+            if not r[c]["ok"]:
+                lines.append(f"- {r['name']} / {c}: {r[c]['reason']}")
+    if failed:
+        lines += ["", "## Exports that failed (not in the table)", ""]
+        lines += [f"- {f['name']}: {f.get('reason', '?')}" for f in failed]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=CORPUS)
+    p.add_argument("--only", help="comma-separated families")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    recs = corpus_records(args.corpus)
+    if args.only:
+        recs = [r for r in recs if r["family"] in args.only.split(",")]
+    ok = [r for r in recs if r.get("status") == "ok"]
+    failed = [r for r in recs if r.get("status") != "ok"]
+    rows = []
+    t0 = time.perf_counter()
+    for rec in ok:
+        rows.append(evaluate(rec, args.corpus))
+        print(rec["name"], " ".join(f"{c}={'ok' if rows[-1][c]['ok'] else rows[-1][c]['reason']}" for c in CHECKS),
+              flush=True)
+    table = render(rows, failed)
+    print(table)
+    if args.no_write:
+        return 0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    cmd = "python -m bench.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
+    head = (f"# Coverage over the model corpus\n\ncommand: `{cmd}`\n\nmachine: {platform.machine()}, "
+            f"{os.cpu_count()} cores shared with other jobs; onnxruntime 1 thread; {time.perf_counter() - t0:.0f} s\n\n")
+    (args.out / f"{stamp}-coverage.md").write_text(head + table)
+    (args.out / f"{stamp}-coverage.json").write_text(json.dumps({"command": cmd, "rows": rows, "export_failures": failed},
+                                                                indent=1) + "\n")
+    print(f"wrote {args.out / f'{stamp}-coverage.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

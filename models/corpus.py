@@ -1,0 +1,244 @@
+"""Export a corpus of tiny random-weight transformers (one per architecture family) with both
+torch.onnx exporters, for discovery and coverage tests (issue #16). Not committed: it is generated.
+
+    python models/corpus.py                      # every family, both exporters
+    python models/corpus.py --only llama,bert    # a sample
+    python models/corpus.py --exporters dynamo --resume
+
+Writes ``models/cache/corpus/<name>.onnx`` and ``<name>.npz`` (the reference inputs) and appends
+one JSON line per model to ``manifest.jsonl``: family, exporter, kind, the layer/head/KV-head/head-dim
+numbers read from the Hugging Face config (what discovery must find), and for a failed export the
+reason. ``name`` is ``<family>_<exporter>`` plus ``_kv`` for a decoder with a KV cache.
+
+Families are data (:data:`FAMILIES`): a transformers ``model_type``, the kind of model, and config
+overrides. Every config gets the same tiny sizes (:data:`TINY`) where it has the attribute.
+Optimum's exporter (optimum-onnx) needs transformers < 5 and is not used; see docs/coverage.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _export_core as core  # noqa: E402
+from _wrappers import KVCacheLM, Logits, _NamedInputs  # noqa: E402
+
+log = logging.getLogger("spattenc.corpus")
+OUT = Path(__file__).resolve().parent / "cache" / "corpus"
+ATOL = 1e-4
+SEED = 0
+
+# Applied where the config has the attribute (attribute_map aliases such as n_embd included).
+TINY: dict[str, Any] = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+    "vocab_size": 256, "max_position_embeddings": 128, "initializer_range": 0.1, "head_dim": 16, "rotary_dim": 8,
+    "num_key_value_heads": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+    "attention_dropout": 0.0, "dropout": 0.0, "embed_dim": 64, "ffn_dim": 128,
+    "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_heads": 4,
+    "num_layers": 2, "image_size": 32, "patch_size": 8, "num_channels": 3, "pad_token_id": 0,
+    "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1, "tie_word_embeddings": False,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    kind: str  # encoder | decoder | seq2seq-encoder | vision | audio-encoder
+    overrides: dict[str, Any] = field(default_factory=dict)
+    kv: bool = True  # decoders: also export with a KV cache
+    heads_attr: str = "num_attention_heads"
+    layers_attr: str = "num_hidden_layers"
+
+
+def _fam(model_type: str, kind: str, kv: bool = True, **overrides: Any) -> Family:
+    return Family(model_type, kind, overrides, kv)
+
+
+FAMILIES: list[Family] = [
+    *[_fam(t, "encoder") for t in ("bert", "roberta", "electra", "distilbert", "xlm-roberta", "ernie",
+                                  "megatron-bert", "data2vec-text", "mpnet", "roformer", "esm")],
+    _fam("albert", "encoder", embedding_size=32),
+    _fam("deberta", "encoder", relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=16),
+    _fam("deberta-v2", "encoder", relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8),
+    _fam("modernbert", "encoder", global_attn_every_n_layers=1, local_attention=16),
+    _fam("big_bird", "encoder", attention_type="original_full"),
+    *[_fam(t, "decoder") for t in ("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "bloom", "codegen",
+                                  "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
+                                  "stablelm", "starcoder2", "granite", "xglm", "biogpt", "smollm3",
+                                  "helium", "glm", "cohere", "phi3")],
+    _fam("gpt_bigcode", "decoder", multi_query=True),
+    _fam("falcon", "decoder", new_decoder_architecture=False, multi_query=True, alibi=False),
+    _fam("phi", "decoder", partial_rotary_factor=0.5),
+    _fam("persimmon", "decoder", partial_rotary_factor=0.5),
+    _fam("gemma3_text", "decoder", sliding_window=64),
+    _fam("mixtral", "decoder", num_local_experts=2, num_experts_per_tok=1),
+    _fam("mpt", "decoder", d_model=64, n_heads=4, n_layers=2, expansion_ratio=2),
+    *[_fam(t, "seq2seq-encoder") for t in ("t5", "bart", "pegasus", "marian", "m2m_100", "mt5")],
+    _fam("whisper", "audio-encoder", num_mel_bins=16, max_source_positions=16),
+    *[_fam(t, "vision") for t in ("vit", "deit", "dinov2", "beit", "clip_vision_model", "siglip_vision_model",
+                                 "yolos")],
+]
+FAMILIES_BY_TYPE = {f.model_type: f for f in FAMILIES}
+
+
+def make_config(fam: Family) -> Any:
+    config = transformers.AutoConfig.for_model(fam.model_type)
+    for key, value in {**TINY, **fam.overrides}.items():
+        if hasattr(config, key) or key in fam.overrides:
+            setattr(config, key, value)
+    if getattr(config, "num_key_value_heads", None) and fam.model_type not in ("falcon", "gpt_bigcode"):
+        config.num_key_value_heads = 2
+    config._attn_implementation = "eager"
+    return config
+
+
+def expected_dims(config: Any, fam: Family) -> dict[str, int]:
+    """What discovery must report, from the config alone."""
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), None)  # noqa: E731
+    heads = int(get("encoder_attention_heads", "num_attention_heads", "num_heads", "n_heads")
+                if fam.kind == "seq2seq-encoder" or fam.kind == "audio-encoder"
+                else get("num_attention_heads", "num_heads", "n_heads"))
+    layers = int(get("encoder_layers", "num_layers", "num_hidden_layers")
+                 if fam.kind in ("seq2seq-encoder", "audio-encoder") else get("num_hidden_layers", "n_layers"))
+    hidden = int(get("hidden_size", "d_model", "n_embd"))
+    kv = get("num_key_value_heads") or heads
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        kv = 1
+    head_dim = get("head_dim", "d_kv") or hidden // heads
+    return {"num_layers": layers, "num_heads": heads, "num_kv_heads": int(kv), "head_dim": int(head_dim),
+            "hidden_size": hidden}
+
+
+class Encoder(_NamedInputs):
+    """Any module returning ``last_hidden_state`` (an encoder, or a seq2seq model's encoder)."""
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.model(**self._kwargs(inputs)).last_hidden_state,)
+
+
+def build(fam: Family, kv: bool) -> tuple[torch.nn.Module, Any, list[str], list[str], dict[str, np.ndarray]]:
+    torch.manual_seed(SEED)
+    config = make_config(fam)
+    rng = np.random.default_rng(SEED)
+    dims = expected_dims(config, fam)
+    batch, seq = 2, 7
+    ids = rng.integers(3, min(int(getattr(config, "vocab_size", 256) or 256), 256), size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    if fam.kind == "vision":
+        model = transformers.AutoModel.from_config(config)
+        size = int(config.image_size)
+        feeds = {"pixel_values": rng.standard_normal((batch, 3, size, size)).astype(np.float32)}
+        return Encoder(model.eval(), ["pixel_values"]), config, ["pixel_values"], ["last_hidden_state"], feeds
+    if fam.kind == "audio-encoder":
+        model = transformers.AutoModel.from_config(config).get_encoder()
+        frames = 2 * int(config.max_source_positions)
+        feeds = {"input_features": rng.standard_normal((batch, config.num_mel_bins, frames)).astype(np.float32)}
+        return Encoder(model.eval(), ["input_features"]), config, ["input_features"], ["last_hidden_state"], feeds
+    mask[-1, -2:] = 0
+    if fam.kind in ("encoder", "seq2seq-encoder"):
+        model = transformers.AutoModel.from_config(config)
+        model = model.get_encoder() if fam.kind == "seq2seq-encoder" else model
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        return Encoder(model.eval(), list(feeds)), config, list(feeds), ["last_hidden_state"], feeds
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if not kv:
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        return Logits(model, list(feeds)), config, list(feeds), ["logits"], feeds
+    past = 3
+    full = np.ones((batch, past + seq), dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": full}
+    shape = (batch, dims["num_kv_heads"], past, dims["head_dim"])
+    for i in range(dims["num_layers"]):
+        for t in ("key", "value"):
+            feeds[f"past_key_values.{i}.{t}"] = rng.standard_normal(shape).astype(np.float32)
+    outs = ["logits", *[f"present.{i}.{t}" for i in range(dims["num_layers"]) for t in ("key", "value")]]
+    return KVCacheLM(model, list(feeds)), config, list(feeds), outs, feeds
+
+
+def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any]:
+    name = f"{fam.model_type.replace('-', '_')}_{exporter}{'_kv' if kv else ''}"
+    record: dict[str, Any] = {"name": name, "family": fam.model_type, "exporter": exporter, "kind": fam.kind,
+                              "kv_cache": kv, "onnx": f"{name}.onnx"}
+    path = out / f"{name}.onnx"
+    t0 = time.perf_counter()
+    try:
+        wrapper, config, inputs, outputs, feeds = build(fam, kv)
+        record.update(expected_dims(config, fam))
+        expected = core.run_torch(wrapper, feeds, inputs, outputs)
+        axes = core.dynamic_axes_for(inputs, outputs, kv)
+        for name_ in inputs:
+            if name_ in ("pixel_values", "input_features"):
+                axes[name_] = {0: "batch"}
+        core.export_onnx(wrapper, [torch.from_numpy(feeds[n]) for n in inputs], path, exporter=exporter,
+                         opset=17 if exporter == "torchscript" else None, input_names=inputs,
+                         output_names=outputs, dynamic_axes=axes)
+        got = core.run_onnx(path, feeds)
+        diff = max(float(np.abs(expected[k].astype(np.float64) - got[k]).max()) for k in outputs if expected[k].size)
+        record["max_abs_diff"] = diff
+        if not np.isfinite(diff) or diff > ATOL:
+            raise AssertionError(f"onnxruntime differs from torch by {diff:.3g}")
+        np.savez(out / f"{name}.npz", **feeds)
+        record["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - every failure is recorded with its reason
+        path.unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        record.update(status="failed", reason=f"{type(e).__name__}: {first}")
+        log.debug("%s", traceback.format_exc())
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+def read_manifest(out: Path = OUT) -> list[dict[str, Any]]:
+    path = out / "manifest.jsonl"
+    if not path.exists():
+        return []
+    latest: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            latest[rec["name"]] = rec
+    return list(latest.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help="comma-separated model_types (default: all)")
+    p.add_argument("--exporters", default="torchscript,dynamo")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--resume", action="store_true", help="skip models already in the manifest")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    core.set_offline()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = {r["name"] for r in read_manifest(args.out)} if args.resume else set()
+    fams = [FAMILIES_BY_TYPE[t] for t in args.only.split(",")] if args.only else FAMILIES
+    with (args.out / "manifest.jsonl").open("a") as manifest:
+        for fam in fams:
+            for exporter in args.exporters.split(","):
+                for kv in ((False, True) if fam.kind == "decoder" and fam.kv else (False,)):
+                    name = f"{fam.model_type.replace('-', '_')}_{exporter}{'_kv' if kv else ''}"
+                    if name in done:
+                        continue
+                    rec = export_one(fam, exporter, kv, args.out)
+                    log.info("%-32s %-6s %5.1fs %s", rec["name"], rec["status"], rec["seconds"], rec.get("reason", ""))
+                    manifest.write(json.dumps(rec) + "\n")
+                    manifest.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Structural fallback of the attention core: Softmax over the key axis of scores computed from one
+MatMul of two activations, through any scale, mask and additive score terms (issue #16).
+
+:data:`.attention_patterns.CORE` lists the chains exporters write for BERT/GPT/Llama. Other
+families add position information to the scores (T5's and MPNet's relative-position buckets, ALiBi
+slopes, DeBERTa's disentangled c2p/p2c terms) or cap them (Gemma 2's tanh). :func:`score_chain` walks
+from the Softmax input to the score MatMul through :data:`CHAIN` ops:
+
+    Add(scores, term)         # term: the padding/causal mask or an additive position bias
+    Mul/Div(scores, scalar)   # the 1/sqrt(d) scale (several multiply)
+    Where(cond, scores, fill) # a boolean mask (either branch)
+    Tanh, Cast, Identity      # soft-capping, dtype changes: element-wise, carried along
+    Reshape                   # [B*H, S, S] -> [B, H, S, S]: heads folded into the batch axis (BLOOM,
+                              # DeBERTa-v2 use 3-D bmm); found, tagged layout=folded, and not rewritten
+
+An ``Add`` continues on the input that itself reaches the score MatMul through these ops; the other
+input is a term. A term is the *mask* when it is built from no float tensor other than scalars (masks
+are booleans/integers with a fill value); otherwise it is a *position bias*, kept untouched as part
+of the scores (rewrites that would have to gather or slice it refuse, with that reason).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import onnx_ir as ir
+
+from spatten_compiler.match import NoMatch, const_array, is_const
+
+PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape"})
+CHAIN = frozenset({"Add", "Mul", "Div", "Where", *PASS_THROUGH})
+FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+def _score_matmul(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type == "MatMul" and not is_const(node.inputs[0]) and not is_const(node.inputs[1])
+
+
+def _reaches_scores(value: ir.Value | None, depth: int = 10) -> bool:
+    node = value.producer() if value is not None else None
+    if node is None or depth == 0:
+        return False
+    if _score_matmul(node):
+        return True
+    if node.op_type not in CHAIN:
+        return False
+    data = node.inputs[1:] if node.op_type == "Where" else node.inputs
+    return any(_reaches_scores(i, depth - 1) for i in data if i is not None and not is_const(i))
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    a = const_array(value, max_elements=1)
+    return float(a.reshape(())) if a is not None and a.size == 1 else None
+
+
+def is_mask_term(term: ir.Value, limit: int = 200) -> bool:
+    """A mask reads no non-scalar float constant and no projection (MatMul with a weight)."""
+    todo, seen = deque([term]), 0
+    while todo and seen < limit:
+        v = todo.popleft()
+        if v is None:
+            continue
+        seen += 1
+        node = v.producer()
+        if node is None:
+            if v.const_value is not None and v.dtype in FLOAT and v.const_value.size > 1:
+                return False
+            continue
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if node.op_type in ("MatMul", "Gemm", "Einsum"):
+            return False
+        if node.op_type == "Constant":
+            a = const_array(v)
+            if a is not None and a.dtype.kind == "f" and a.size > 1:
+                return False
+            continue
+        todo.extend(node.inputs)
+    return True
+
+
+def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
+    """Bindings like :data:`CORE`'s (q, kt, scale, mask, mask_node, variants) plus ``bias_terms``."""
+    axis = softmax.attributes.get_int("axis", -1)
+    rank = softmax.inputs[0].shape.rank() if softmax.inputs[0].shape is not None else None
+    if axis not in (-1, None) and (rank is None or axis != rank - 1):
+        return NoMatch(f"Softmax over axis {axis}, not the key axis")
+    value, scale, scale_node, capped, folded = softmax.inputs[0], 1.0, None, False, False
+    masks: list[tuple[ir.Node, ir.Value]] = []
+    biases: list[ir.Value] = []
+    where: ir.Node | None = None
+    for _ in range(24):
+        node = value.producer()
+        if node is None:
+            return NoMatch("the Softmax input is not computed from a MatMul of two activations")
+        if _score_matmul(node):
+            found: dict[str, Any] = {"q": node.inputs[0], "kt": node.inputs[1], "qk": node, "bias_terms": biases,
+                                     "scale_variant": "after" if scale_node is not None else "none"}
+            if scale_node is not None:
+                found["scale:value"] = ir.tensor([scale]).numpy()
+                found["scale_node"] = scale_node
+            if len(masks) == 1 and where is None:
+                found["mask_node"], found["mask"] = masks[0]
+                found["mask_variant"] = "additive"
+            elif where is not None and not masks:
+                found["mask_node"], found["mask"] = where, where.inputs[0]
+                found["mask_variant"] = "where" if _reaches_scores(where.inputs[2]) else "where_scores_true"
+            elif masks or where is not None:
+                return NoMatch(f"{len(masks) + (where is not None)} masks applied to the scores")
+            else:
+                found["mask_variant"] = "none"
+            found["mask_variant"] += "+bias" if biases else ""
+            found["scale_variant"] += "+softcap" if capped else ""
+            found["folded"] = folded
+            return found
+        op = node.op_type
+        if op not in CHAIN:
+            return NoMatch(f"{op} '{node.name}' between the score MatMul and Softmax")
+        if op in PASS_THROUGH:
+            capped |= op == "Tanh"
+            folded |= op == "Reshape"
+            value = node.inputs[0]
+        elif op == "Where":
+            sides = [i for i in (1, 2) if _reaches_scores(node.inputs[i])]
+            if len(sides) != 1 or where is not None:
+                return NoMatch(f"Where '{node.name}' is not one mask on the scores")
+            where, value = node, node.inputs[sides[0]]
+        elif op in ("Mul", "Div"):
+            data = [i for i in node.inputs if _reaches_scores(i)]
+            other = next((i for i in node.inputs if i is not (data[0] if data else None)), None)
+            s = _scalar(other)
+            if len(data) != 1 or s is None or (op == "Div" and other is node.inputs[0]):
+                return NoMatch(f"{op} '{node.name}' scales the scores by something other than a scalar")
+            scale *= 1.0 / s if op == "Div" else s
+            scale_node = scale_node or node
+            value = data[0]
+        else:  # Add: one side is the scores, the other a term
+            sides = [i for i in node.inputs if _reaches_scores(i)]
+            if len(sides) != 1:
+                return NoMatch(f"Add '{node.name}': {len(sides)} inputs come from score MatMuls")
+            term = next(i for i in node.inputs if i is not sides[0])
+            (masks.append((node, term)) if is_mask_term(term) else biases.append(term))
+            value = sides[0]
+    return NoMatch("no score MatMul within 24 ops of the Softmax")

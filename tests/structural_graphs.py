@@ -1,0 +1,148 @@
+"""Tiny hand-built attention layers for the structural discovery cases of issue #16: per-head
+transforms of q/k (RMS norm, partial and interleaved rotary), additive position terms on the scores
+(relative-position buckets, ALiBi), a training-mode Dropout, and negatives (a transform that mixes
+heads or projections, scores scaled by a tensor).
+
+``build(...)`` returns a model of one layer on ``x`` [B, S, D] with padding ``mask`` [B, S] (int64)
+and output ``y`` (the residual stream after the output projection).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+D, H, DH = 8, 2, 4
+N = helper.make_node
+
+
+def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "") -> onnx.ModelProto:
+    """qk: plain | norm | partial_rope | interleaved_rope; bias: none | buckets | alibi;
+    negative: "" | mix_heads | two_projections | tensor_scale."""
+    rng = np.random.default_rng(0)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def c(name: str, array) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    for t in "qkv":
+        nodes.append(N("MatMul", ["x", c(f"w_{t}", rng.standard_normal((D, H * DH)).astype(np.float32) * 0.3)],
+                       [f"{t}_mm"]))
+        nodes.append(N("Add", [f"{t}_mm", c(f"b_{t}", rng.standard_normal(H * DH).astype(np.float32) * 0.1)],
+                       [f"{t}_flat"]))
+        nodes.append(N("Reshape", [f"{t}_flat", c(f"shape_{t}", [0, 0, H, DH])], [f"{t}_4d"]))
+        nodes.append(N("Transpose", [f"{t}_4d"], [f"{t}_h"], perm=[0, 2, 1, 3]))
+    nodes.append(N("Shape", ["x"], ["seq"], start=1, end=2))
+    nodes.append(N("Squeeze", ["seq"], ["seq0"]))
+    nodes.append(N("Range", [c("r0", np.int64(0)), "seq0", c("r1", np.int64(1))], ["pos"]))
+    nodes.append(N("Cast", ["pos"], ["posf"], to=TensorProto.FLOAT))
+    q, k = "q_h", "k_h"
+    for t in "qk":
+        src = f"{t}_h"
+        if qk == "norm":  # RMSNorm over each head's Dh
+            nodes += [N("Pow", [src, c(f"{t}_two", np.float32(2))], [f"{t}_sq"]),
+                      N("ReduceMean", [f"{t}_sq", c(f"{t}_axes", [-1])], [f"{t}_ms"], keepdims=1),
+                      N("Add", [f"{t}_ms", c(f"{t}_eps", np.float32(1e-6))], [f"{t}_mse"]),
+                      N("Sqrt", [f"{t}_mse"], [f"{t}_rms"]),
+                      N("Div", [src, f"{t}_rms"], [f"{t}_n"]),
+                      N("Mul", [f"{t}_n", c(f"{t}_g", (1 + 0.1 * rng.standard_normal(DH)).astype(np.float32))],
+                        [f"{t}_t"])]
+        elif qk in ("partial_rope", "interleaved_rope"):
+            rot = DH // 2 if qk == "partial_rope" else DH
+            inv = (1.0 / 100 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
+            nodes.append(N("Unsqueeze", ["posf", c(f"{t}_ax1", [1])], [f"{t}_p2"]))
+            nodes.append(N("Mul", [f"{t}_p2", c(f"{t}_inv", inv)], [f"{t}_ang"]))  # [S, rot/2]
+            nodes.append(N("Cos", [f"{t}_ang"], [f"{t}_cos"]))
+            nodes.append(N("Sin", [f"{t}_ang"], [f"{t}_sin"]))
+            if qk == "partial_rope":  # rotate-half on the first half of the head, the rest passes through
+                ends = [("a", 0, rot // 2), ("b", rot // 2, rot), ("pass", rot, DH)]
+                for nm, s0, s1 in ends:
+                    nodes.append(N("Slice", [src, c(f"{t}_{nm}0", [s0]), c(f"{t}_{nm}1", [s1]), c(f"{t}_{nm}x", [3])],
+                                   [f"{t}_{nm}"]))
+                nodes += [N("Concat", [f"{t}_cos", f"{t}_cos"], [f"{t}_cc"], axis=-1),
+                          N("Concat", [f"{t}_sin", f"{t}_sin"], [f"{t}_ss"], axis=-1),
+                          N("Concat", [f"{t}_a", f"{t}_b"], [f"{t}_rotin"], axis=-1),
+                          N("Neg", [f"{t}_b"], [f"{t}_nb"]),
+                          N("Concat", [f"{t}_nb", f"{t}_a"], [f"{t}_half"], axis=-1),
+                          N("Mul", [f"{t}_rotin", f"{t}_cc"], [f"{t}_x1"]),
+                          N("Mul", [f"{t}_half", f"{t}_ss"], [f"{t}_x2"]),
+                          N("Add", [f"{t}_x1", f"{t}_x2"], [f"{t}_roped"]),
+                          N("Concat", [f"{t}_roped", f"{t}_pass"], [f"{t}_t"], axis=-1)]
+            else:  # GPT-J: pairs (x0, x1) rotate; rotate_every_two = stack(-x1, x0).flatten
+                for nm, s0 in (("ev", 0), ("od", 1)):
+                    nodes.append(N("Slice", [src, c(f"{t}_{nm}0", [s0]), c(f"{t}_{nm}1", [DH]), c(f"{t}_{nm}x", [3]),
+                                             c(f"{t}_{nm}s", [2])], [f"{t}_{nm}"]))
+                    nodes.append(N("Unsqueeze", [f"{t}_{nm}", c(f"{t}_{nm}u", [-1])], [f"{t}_{nm}5"]))
+                nodes += [N("Neg", [f"{t}_od5"], [f"{t}_nod5"]),
+                          N("Concat", [f"{t}_nod5", f"{t}_ev5"], [f"{t}_st"], axis=-1),
+                          N("Reshape", [f"{t}_st", c(f"{t}_flat2", [0, 0, 0, DH])], [f"{t}_rot"]),
+                          N("Unsqueeze", [f"{t}_cos", c(f"{t}_cu", [-1])], [f"{t}_c5"]),
+                          N("Concat", [f"{t}_c5", f"{t}_c5"], [f"{t}_c6"], axis=-1),
+                          N("Reshape", [f"{t}_c6", c(f"{t}_cr", [0, DH])], [f"{t}_cos2"]),
+                          N("Unsqueeze", [f"{t}_sin", c(f"{t}_su", [-1])], [f"{t}_s5"]),
+                          N("Concat", [f"{t}_s5", f"{t}_s5"], [f"{t}_s6"], axis=-1),
+                          N("Reshape", [f"{t}_s6", c(f"{t}_sr", [0, DH])], [f"{t}_sin2"]),
+                          N("Mul", [src, f"{t}_cos2"], [f"{t}_x1"]),
+                          N("Mul", [f"{t}_rot", f"{t}_sin2"], [f"{t}_x2"]),
+                          N("Add", [f"{t}_x1", f"{t}_x2"], [f"{t}_t"])]
+        if qk != "plain":
+            q, k = ("q_t", k) if t == "q" else (q, "k_t")
+    if negative == "mix_heads":  # q mixed across heads by an activation product: not per-head
+        nodes.append(N("MatMul", [q, "k_h"], ["qk_mix"]))
+        nodes.append(N("MatMul", ["qk_mix", q], ["q_mixed"]))
+        q = "q_mixed"
+    if negative == "two_projections":
+        nodes.append(N("Add", [q, "v_h"], ["q_plus_v"]))
+        q = "q_plus_v"
+    nodes.append(N("Transpose", [k], ["kt"], perm=[0, 1, 3, 2]))
+    nodes.append(N("MatMul", [q, "kt"], ["qk"]))
+    if negative == "tensor_scale":
+        nodes.append(N("Mul", ["qk", c("scale_t", rng.standard_normal((1, H, 1, 1)).astype(np.float32))], ["scores"]))
+    else:
+        nodes.append(N("Mul", ["qk", c("scale", np.float32(DH ** -0.5))], ["scores"]))
+    scores = "scores"
+    if bias == "buckets":  # T5: a learned per-head bias indexed by a bucket of (key - query) position
+        nodes += [N("Unsqueeze", ["pos", c("bu0", [0])], ["pk"]), N("Unsqueeze", ["pos", c("bu1", [1])], ["pq"]),
+                  N("Sub", ["pk", "pq"], ["rel"]),
+                  N("Clip", ["rel", c("lo", np.int64(-3)), c("hi", np.int64(3))], ["relc"]),
+                  N("Add", ["relc", c("off", np.int64(3))], ["bucket"]),
+                  N("Gather", [c("rel_table", rng.standard_normal((7, H)).astype(np.float32)), "bucket"], ["rb"]),
+                  N("Transpose", ["rb"], ["rbh"], perm=[2, 0, 1]),
+                  N("Unsqueeze", ["rbh", c("bu2", [0])], ["pos_bias"])]
+    elif bias == "alibi":  # slopes[h] * key position
+        nodes += [N("Mul", [c("slopes", np.array([0.5, 0.25], np.float32).reshape(1, H, 1, 1)), "posf"], ["pos_bias"])]
+    if bias != "none":
+        nodes.append(N("Add", [scores, "pos_bias"], ["biased"]))
+        scores = "biased"
+    nodes += [N("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
+              N("Sub", [c("one", np.float32(1)), "maskf"], ["inv"]),
+              N("Mul", ["inv", c("neg", np.float32(-1e4))], ["add2d"]),
+              N("Unsqueeze", ["add2d", c("mu", [1, 2])], ["add4d"]),
+              N("Add", [scores, "add4d"], ["masked"]),
+              N("Softmax", ["masked"], ["probs"], axis=-1)]
+    probs = "probs"
+    if dropout:
+        nodes.append(N("Dropout", ["probs", c("ratio", np.float32(0.1)), c("training", np.bool_(True))], ["dropped"]))
+        probs = "dropped"
+    nodes += [N("MatMul", [probs, "v_h"], ["ctx"]),
+              N("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              N("Reshape", ["ctx_t", c("merge", [0, 0, H * DH])], ["ctx_flat"]),
+              N("MatMul", ["ctx_flat", c("w_o", rng.standard_normal((H * DH, D)).astype(np.float32) * 0.3)], ["o"]),
+              N("Add", ["o", c("b_o", np.zeros(D, np.float32))], ["ob"]),
+              N("Add", ["x", "ob"], ["y"])]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", D]),
+                                               helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def feeds(batch: int = 2, seq: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    mask = np.ones((batch, seq), np.int64)
+    mask[-1, -2:] = 0
+    return {"x": rng.standard_normal((batch, seq, D)).astype(np.float32), "mask": mask}

@@ -1,0 +1,113 @@
+"""Structural discovery (issue #16) on tiny hand-built layers: per-head q/k transforms, additive
+position terms, training-mode Dropout (positive and negative cases, no torch), and the corpus
+(``corpus`` marker: models/cache/corpus from models/corpus.py, skipped when absent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from structural_graphs import DH, H, build, feeds
+
+from spatten_compiler.passes.find_attention import find_attention
+from spatten_compiler.passes.normalize import Normalize
+
+CORPUS = Path(__file__).resolve().parents[1] / "models" / "cache" / "corpus"
+
+
+def _find(proto: onnx.ModelProto):
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    return find_attention(model)
+
+
+def _run(proto: onnx.ModelProto) -> np.ndarray:
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(["y"], feeds())[0]
+
+
+POSITIVE = [dict(qk="norm"), dict(qk="partial_rope"), dict(qk="interleaved_rope"), dict(bias="buckets"),
+            dict(bias="alibi"), dict(qk="partial_rope", bias="alibi")]
+
+
+@pytest.mark.parametrize("kw", POSITIVE, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_structural_site_found(kw: dict) -> None:
+    proto = build(**kw)
+    assert np.isfinite(_run(proto)).all()  # the hand-built graph is valid
+    report = _find(proto)
+    assert len(report.sites) == 1 and not report.rejected, report.rejected
+    s = report.sites[0]
+    assert (s.num_heads, s.num_kv_heads, s.head_dim) == (H, H, DH)
+    assert s.q.projection.weight.name == "w_q" and s.k.projection.weight.name == "w_k"
+    assert s.q.projection.bias.name == "b_q"  # the bias is the projection's, sliced with it
+    assert s.mask_kind == "padding" and s.out_proj is not None and s.residual is not None
+    assert s.scale == pytest.approx(DH ** -0.5)
+    assert bool(s.bias_terms) == (kw.get("bias", "none") != "none")
+    if kw.get("qk", "plain") != "plain":
+        assert s.q.transform and s.k.transform  # carried along by the rewrites
+
+
+@pytest.mark.parametrize("qk", ["norm", "partial_rope", "interleaved_rope"])
+def test_head_slice_exact_through_transform(qk: str, tmp_path: Path) -> None:
+    """Head 0 sliced out of the weights == the input model with head 0's output rows zeroed."""
+    from bench.coverage import heads
+
+    path = tmp_path / "m.onnx"
+    onnx.save(build(qk=qk), path)
+    ok, why = heads(path, feeds(), tmp_path)
+    assert ok, why
+
+
+@pytest.mark.parametrize(("kw", "reason"), [
+    (dict(negative="mix_heads"), "MatMul 'node_"),
+    (dict(negative="two_projections"), "reaches 2 projections"),
+    (dict(negative="tensor_scale"), "scales the scores by something other than a scalar"),
+    (dict(dropout=True), "Dropout"),
+])
+def test_structural_refusals_name_the_reason(kw: dict, reason: str) -> None:
+    report = _find(build(**kw))
+    assert not report.sites
+    assert len(report.rejected) == 1
+    got = report.rejected[0][1]
+    assert reason.split("'")[0] in got, got
+
+
+def test_position_terms_refused_by_token_and_head_pruning() -> None:
+    from spatten_compiler.errors import OptionError
+    from spatten_compiler.passes import prune_heads, prune_tokens
+
+    sites = _find(build(bias="buckets")).sites
+    for module, word in ((prune_tokens, "gathered"), (prune_heads, "sliced")):
+        with pytest.raises(OptionError, match=f"position terms .* not {word}"):
+            module._check_sites(sites)
+
+
+def _corpus() -> list[dict]:
+    path = CORPUS / "manifest.jsonl"
+    if not path.exists():
+        return []
+    latest = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        latest[rec["name"]] = rec
+    return [r for r in latest.values() if r.get("status") == "ok" and (CORPUS / r["onnx"]).exists()]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("rec", _corpus() or [None], ids=lambda r: r["name"] if r else "absent")
+def test_corpus_model(rec: dict | None) -> None:
+    """Discovery exact, or every miss a one-line refusal (never a crash or a wrong rewrite)."""
+    if rec is None:
+        pytest.skip("no corpus: run python models/corpus.py")
+    from bench.coverage import CHECKS, evaluate
+
+    row = evaluate(rec, CORPUS)
+    for check in CHECKS:
+        r = row[check]
+        assert r["ok"] or r.get("refused"), f"{check}: {r['reason']}"
+        assert "\n" not in r["reason"]
