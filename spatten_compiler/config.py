@@ -136,7 +136,7 @@ class CompileConfig:
             head_reconstruct=False, emit_kept=False, prune_min_length=None)
 
     def passes(self) -> list[Pass]:
-        """normalize, decompose-attention, then prune-heads, prune-tokens, prune-values, quantize-kv
+        """unfuse-ort, normalize, decompose-attention, then prune-heads, prune-tokens, prune-values, quantize-kv
         (each if asked).
 
         Order matters: each later pass finds attention again in the graph the earlier ones wrote.
@@ -160,7 +160,8 @@ class CompileConfig:
                     opts[key] = value
             opts["emit_stats"] = self.kv_stats
             passes.append(make_pass("quantize-kv", **opts))
-        return [make_pass("normalize"), make_pass("decompose-attention"), *passes] if passes else []
+        front = [make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention")]
+        return [*front, *passes] if passes else []
 
     def token_options(self) -> dict[str, Any]:
         """The preset's choices with explicit options applied on top."""
