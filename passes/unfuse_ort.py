@@ -76,6 +76,15 @@ def _tanh_gelu(e: GraphEditor, x: ir.Value) -> ir.Value:
     return e.op("Mul", [half_x, e.op("Add", [tanh, e.const("one", np.float32(1.0))])])
 
 
+def trust_initializer_shapes(graph: ir.Graph) -> int:
+    """The optimizer folds Transpose(W) into W but keeps W's old value_info: trust the tensor."""
+    stale = [v for v in graph.initializers.values()
+             if v.const_value is not None and v.shape is not None and v.shape.dims != v.const_value.shape.dims]
+    for v in stale:
+        v.shape = ir.Shape(v.const_value.shape.dims)
+    return len(stale)
+
+
 # Each rewrite returns the replacement for every output it supports (None: output must be unused).
 Rewrite = Callable[[GraphEditor, ir.Node], list[ir.Value | None]]
 
@@ -145,11 +154,7 @@ class UnfuseOrt(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         nodes = [n for n in model.graph if n.domain == MS and n.op_type in UNFUSE]
-        # The optimizer folds Transpose(W) into W but keeps W's old value_info: trust the tensor.
-        stale = [v for v in model.graph.initializers.values()
-                 if v.const_value is not None and v.shape is not None and v.shape.dims != v.const_value.shape.dims]
-        for v in stale:
-            v.shape = ir.Shape(v.const_value.shape.dims)
+        stale = trust_initializer_shapes(model.graph)
         if not nodes:
             return PassResult(model, bool(stale))
         if model.opset_imports.get("", 0) < 17:

@@ -57,6 +57,8 @@ class CompileConfig:
     kv_factor: float | None = None  # rule min: LSBs when max p <= min(threshold, factor / n_keys)
     kv_stats: bool = False  # diagnostic outputs: LSB rows per layer, LSB fraction
     prune_min_length: int | None = None  # inputs of at most N tokens run without token and head pruning
+    optimize: bool = False  # then onnxruntime's transformer fusions (passes/ort_fusions.py)
+    weights: str | None = None  # then onnxruntime weight quantization: int8 (dynamic) | int4 (MatMulNBits)
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -90,6 +92,18 @@ class CompileConfig:
             raise OptionError(f"--token-min-keep must be >= 1, got {self.token_min_keep}")
         self._check_kv()
         self._check_gate()
+        self._check_ort()
+
+    def _check_ort(self) -> None:
+        from spatten_compiler.passes.ort_quantize import WEIGHTS
+
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise OptionError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if not isinstance(self.optimize, bool):
+            raise OptionError(f"optimize must be true or false, got {self.optimize!r}")
+        if self.prune_min_length is not None and (self.optimize or self.weights):
+            raise OptionError("--optimize / --weights are not applied inside the length gate's branches yet; "
+                              "drop --prune-min-length or run onnxruntime's tools on each branch")
 
     def _check_gate(self) -> None:
         n = self.prune_min_length
@@ -137,7 +151,7 @@ class CompileConfig:
 
     def passes(self) -> list[Pass]:
         """unfuse-ort, normalize, decompose-attention, then prune-heads, prune-tokens, prune-values, quantize-kv
-        (each if asked).
+        (each if asked), then onnxruntime's fusions and weight quantization (each if asked).
 
         Order matters: each later pass finds attention again in the graph the earlier ones wrote.
         """
@@ -161,7 +175,16 @@ class CompileConfig:
             opts["emit_stats"] = self.kv_stats
             passes.append(make_pass("quantize-kv", **opts))
         front = [make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention")]
-        return [*front, *passes] if passes else []
+        return [*front, *passes, *self.ort_passes()] if passes else self.ort_passes()
+
+    def ort_passes(self) -> list[Pass]:
+        """onnxruntime's fusions, then its weight quantization (its recommended order)."""
+        post: list[Pass] = []
+        if self.optimize:
+            post.append(make_pass("ort-fusions", attention="no-attention" if self.prunes_heads else "all"))
+        if self.weights is not None:
+            post.append(make_pass("ort-quantize", weights=self.weights))
+        return post
 
     def token_options(self) -> dict[str, Any]:
         """The preset's choices with explicit options applied on top."""

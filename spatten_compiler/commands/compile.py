@@ -98,6 +98,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens; shorter inputs run the "
                    "model without them (one If on input_ids' length; unchanged weights are stored once)")
+    o = p.add_argument_group("onnxruntime fusions and weight quantization (after the SpAtten rewrites)")
+    o.add_argument("--optimize", action="store_const", const=True,
+                   help="apply onnxruntime's transformer fusions to what spattenc did not rewrite (layer norms, "
+                   "GELU, embeddings, attention of unpruned layers)")
+    o.add_argument("--weights", choices=("int8", "int4"),
+                   help="quantize projection weights with onnxruntime: int8 (dynamic) or int4 (MatMulNBits, decoders)")
     p.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),
@@ -136,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         "kv_granularity": args.kv_granularity,
         "kv_stats": args.kv_stats,
         "prune_min_length": args.prune_min_length,
+        "optimize": args.optimize,
+        "weights": args.weights,
     })
     if args.pipeline and config.passes():
         raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
