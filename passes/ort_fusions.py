@@ -91,6 +91,9 @@ class OrtFusions(Pass):
         # Decoders: the bert attention fusion knows no causal mask or KV cache; norms and GELU still fuse.
         options.enable_attention = self.attention == "all" and not decoder and heads > 0
         options.enable_embed_layer_norm = not decoder
+        # A raw [batch, key] 0/1 mask, not lengths: after token pruning the kept tokens of a padded
+        # sample are not a prefix, and lengths would assume they are.
+        options.use_raw_attention_mask(True)
         with quiet():  # the optimizer warns (on its own top-level loggers) for every pattern it does not fuse
             optimized = optimizer.optimize_model(to_proto(model), model_type="bert", num_heads=heads,
                                                  hidden_size=hidden, optimization_options=options, opt_level=0)

@@ -62,7 +62,11 @@ def test_fusions_keep_pruned_outputs(tmp_path: Path) -> None:
     fused = _compile(src, tmp_path / "fused.onnx", *args, "--optimize")
     feeds, _ = reference_io(load_meta("bert_torchscript"))
     assert _max_diff(plain, fused, feeds) <= 1e-4
-    assert "SkipLayerNormalization" in _ops(fused)
+    model = onnx.load(fused)
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    # layer 0 decides which tokens stay (its probabilities feed the importance); layers 1-3 need none
+    assert len(attention) == 3 and "SkipLayerNormalization" in _ops(fused)
+    assert sum(n.op_type == "Softmax" for n in model.graph.node) == 1
 
 
 def test_int4_weights_on_a_decoder(tmp_path: Path) -> None:
