@@ -272,7 +272,6 @@ class _Rewrite:
         e, node = self.e, site.mask_node
         if node is None or site.mask is None:
             return
-        axes = e.const("axes", np.array([1, 2], np.int64))
         if site.variant["mask"] == "additive":
             # Where(bool(1 - valid[:, None, None]), bias, 0): the SDPA mask form onnxruntime's attention
             # fusion recognizes (a no-op Expand included), so --optimize fuses the layers that need no
@@ -281,8 +280,10 @@ class _Rewrite:
                                      e.const("axis", np.array([2], np.int64))])
             inv = e.op("Sub", [e.const("one", np.float32(1)),
                                e.op("Expand", [col, e.const("shape", np.array([1], np.int64))])])
-            new = e.op("Where", [e.op("Cast", [inv], to=ir.DataType.BOOL), e.const("bias", np.float32(MASK_BIAS)), inv])
+            new = e.op("Where", [e.op("Cast", [inv], to=ir.DataType.BOOL),
+                                 e.const("bias", np.float32(MASK_BIAS)), inv])
         else:  # Where(mask_is_padding, fill, scores)
+            axes = e.const("axes", np.array([1, 2], np.int64))
             new = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])
         for i, inp in enumerate(node.inputs):
             if inp is site.mask:
