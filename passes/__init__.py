@@ -6,4 +6,4 @@ from __future__ import annotations
 # Register every pass (import order is irrelevant; each module registers itself).
 from . import decompose_attention, find_attention, normalize, prune_tokens  # noqa: E402,F401
 from . import prune_heads, prune_values  # noqa: E402,F401  (head and value pruning)
-from . import quantize_kv  # noqa: E402,F401
+from . import ort_fusions, ort_quantize, quantize_kv, unfuse_ort  # noqa: E402,F401  (unfuse_ort: onnxruntime optimizer ops -> standard ops)

@@ -84,11 +84,34 @@ def _packed_refusal(node: ir.Node) -> str | None:
         return "qkv_hidden_sizes / do_rotary are not decomposed yet"
     if ins[2] is not None and const_array(ins[2]) is None:
         return "a computed (non-constant) bias is not decomposed yet"
-    if ins[3] is not None and (ins[3].shape is None or ins[3].shape.rank() != 2):
-        return "only a [batch, key] 0/1 mask_index is decomposed (not lengths or 3-D masks)"
+    if ins[3] is not None and (reason := _mask_index_refusal(ins[3], ins[0])):
+        return reason
     if ins[4] is not None or (len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:])):
         return "past / present state is not decomposed yet"
     return None
+
+
+def _is_lengths(mask: ir.Value, data: ir.Value) -> bool:
+    """A 1-D mask_index is [batch] end positions (what the optimizer writes: ReduceSum over the key
+    axis, or EmbedLayerNormalization's output) or [2 * batch] end and start positions: tell which."""
+    producer = mask.producer()
+    if producer is not None and producer.op_type == "ReduceSum" and not producer.attributes.get_int("keepdims", 1):
+        axes = const_array(producer.inputs[1]) if len(producer.inputs) > 1 else None
+        return axes is not None and axes.tolist() in ([1], [-1]) and producer.inputs[0].shape is not None \
+            and producer.inputs[0].shape.rank() == 2
+    dims = (mask.shape.dims[0], data.shape.dims[0]) if data is not None and data.shape is not None else (None, 0)
+    return dims[0] is not None and dims[0] == dims[1]
+
+
+def _mask_index_refusal(mask: ir.Value, data: ir.Value) -> str | None:
+    rank = mask.shape.rank() if mask.shape is not None else None
+    if rank in (2, 3):
+        return None
+    if rank == 1:
+        return None if _is_lengths(mask, data) else (
+            "a 1-D mask_index that is not [batch] lengths (ReduceSum over keys or of batch size) is not "
+            "decomposed ([2 * batch] end and start positions are not yet)")
+    return f"a mask_index of rank {rank} is not decomposed (only [batch] lengths, [batch, key], [batch, query, key])"
 
 
 def _mha_refusal(node: ir.Node) -> str | None:
@@ -191,11 +214,16 @@ class DecomposeAttention(Pass):
         scores = e.op("Mul", [e.op("MatMul", [q, e.op("Transpose", [k], perm=[0, 1, 3, 2])]),
                               e.const("scale", np.float32(scale))])
         terms = []
-        if key_mask is not None:  # [B, L]: 1 keeps a key, 0 masks it
+        if key_mask is not None:  # [B, L] or [B, S, L]: 1 keeps a key, 0 masks it; [B]: keys < length kept
             fill = node.attributes.get_float("mask_filter_value", -10000.0)
+            rank = key_mask.shape.rank()
+            if rank == 1:
+                key_mask = self._lengths_mask(e, key_mask, k)
             keep = e.op("Cast", [key_mask], to=ir.DataType.FLOAT)
-            masked = e.op("Mul", [e.op("Sub", [e.const("one", np.float32(1)), keep]), e.const("fill", np.float32(fill))])
-            terms.append(e.op("Unsqueeze", [masked, e.const("axes", np.array([1, 2], np.int64))]))
+            masked = e.op("Mul", [e.op("Sub", [e.const("one", np.float32(1)), keep]),
+                                  e.const("fill", np.float32(fill))])
+            axes = [1] if rank == 3 else [1, 2]
+            terms.append(e.op("Unsqueeze", [masked, e.const("axes", np.array(axes, np.int64))]))
         if attn_bias is not None:
             terms.append(attn_bias)
         if node.attributes.get_int("unidirectional", 0):
@@ -210,6 +238,15 @@ class DecomposeAttention(Pass):
                                e.const("merge", np.array([0, 0, width], np.int64))])
         e.replace_uses(node.outputs[0], out)
         e.graph.remove(node, safe=True)
+
+    @staticmethod
+    def _lengths_mask(e: GraphEditor, lengths: ir.Value, k: ir.Value) -> ir.Value:
+        """[B] end positions -> [B, L] with key j kept iff j < length_b (L = the key axis of K)."""
+        n_keys = e.op("Gather", [e.op("Shape", [k]), e.const("key_axis", np.int64(2))])
+        keys = e.op("Range", [e.const("zero", np.int64(0)), n_keys, e.const("step", np.int64(1))])
+        ends = e.op("Unsqueeze", [e.op("Cast", [lengths], to=ir.DataType.INT64),
+                                  e.const("axes", np.array([1], np.int64))])
+        return e.op("Less", [e.op("Unsqueeze", [keys, e.const("axes", np.array([0], np.int64))]), ends])
 
     @staticmethod
     def _causal_bias(e: GraphEditor, scores: ir.Value) -> ir.Value:

@@ -278,11 +278,18 @@ class _Rewrite:
         e, node = self.e, site.mask_node
         if node is None or site.mask is None:
             return
-        axes = e.const("axes", np.array([1, 2], np.int64))
         if site.variant["mask"] == "additive":
-            inv = e.op("Sub", [e.const("one", np.float32(1)), valid])
-            new = e.op("Unsqueeze", [e.op("Mul", [inv, e.const("bias", np.float32(MASK_BIAS))]), axes])
+            # Where(bool(1 - valid[:, None, None]), bias, 0): the SDPA mask form onnxruntime's attention
+            # fusion recognizes (a no-op Expand included), so --optimize fuses the layers that need no
+            # importance. Its raw 2-D mask is used as is: the kept tokens need not be a prefix.
+            col = e.op("Unsqueeze", [e.op("Unsqueeze", [valid, e.const("axis", np.array([1], np.int64))]),
+                                     e.const("axis", np.array([2], np.int64))])
+            inv = e.op("Sub", [e.const("one", np.float32(1)),
+                               e.op("Expand", [col, e.const("shape", np.array([1], np.int64))])])
+            new = e.op("Where", [e.op("Cast", [inv], to=ir.DataType.BOOL),
+                                 e.const("bias", np.float32(MASK_BIAS)), inv])
         else:  # Where(mask_is_padding, fill, scores)
+            axes = e.const("axes", np.array([1, 2], np.int64))
             new = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])
         for i, inp in enumerate(node.inputs):
             if inp is site.mask:

@@ -61,6 +61,8 @@ class CompileConfig:
     no_token_pruning: bool = False  # off-switches for the preset's parts (kv_bits "none" for K/V)
     no_head_pruning: bool = False
     no_value_pruning: bool = False
+    optimize: bool = False  # then onnxruntime's transformer fusions (passes/ort_fusions.py)
+    weights: str | None = None  # then onnxruntime weight quantization: int8 (dynamic) | int4 (MatMulNBits)
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -95,6 +97,7 @@ class CompileConfig:
         self._check_kv()
         self._check_gate()
         self._check_preset()
+        self._check_ort()
 
     def _check_preset(self) -> None:
         from spatten_compiler.defaults import PARTS, PRESET_NAMES
@@ -107,6 +110,17 @@ class CompileConfig:
             if part.is_off(options) and given and part.off_key not in part.amount:
                 raise OptionError(f"{part.off_flag} turns {part.name} off, but --{given[0].replace('_', '-')} "
                                   "asks for it; give one or the other")
+
+    def _check_ort(self) -> None:
+        from spatten_compiler.passes.ort_quantize import WEIGHTS
+
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise OptionError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if not isinstance(self.optimize, bool):
+            raise OptionError(f"optimize must be true or false, got {self.optimize!r}")
+        if self.prune_min_length is not None and (self.optimize or self.weights):
+            raise OptionError("--optimize / --weights are not applied inside the length gate's branches yet; "
+                              "drop --prune-min-length or run onnxruntime's tools on each branch")
 
     def _check_gate(self) -> None:
         n = self.prune_min_length
@@ -154,8 +168,8 @@ class CompileConfig:
             head_reconstruct=False, emit_kept=False, prune_min_length=None)
 
     def passes(self) -> list[Pass]:
-        """normalize, decompose-attention, then prune-heads, prune-tokens, prune-values, quantize-kv
-        (each if asked).
+        """unfuse-ort, normalize, decompose-attention, then prune-heads, prune-tokens, prune-values, quantize-kv
+        (each if asked), then onnxruntime's fusions and weight quantization (each if asked).
 
         Order matters: each later pass finds attention again in the graph the earlier ones wrote.
         """
@@ -178,7 +192,17 @@ class CompileConfig:
                     opts[key] = value
             opts["emit_stats"] = self.kv_stats
             passes.append(make_pass("quantize-kv", **opts))
-        return [make_pass("normalize"), make_pass("decompose-attention"), *passes] if passes else []
+        front = [make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention")]
+        return [*front, *passes, *self.ort_passes()] if passes else self.ort_passes()
+
+    def ort_passes(self) -> list[Pass]:
+        """onnxruntime's fusions, then its weight quantization (its recommended order)."""
+        post: list[Pass] = []
+        if self.optimize:
+            post.append(make_pass("ort-fusions", attention="no-attention" if self.prunes_heads else "all"))
+        if self.weights is not None:
+            post.append(make_pass("ort-quantize", weights=self.weights))
+        return post
 
     def token_options(self) -> dict[str, Any]:
         """The preset's choices with explicit options applied on top."""

@@ -97,6 +97,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
+    o = p.add_argument_group("onnxruntime fusions and weight quantization (after the SpAtten rewrites)")
+    o.add_argument("--optimize", action="store_const", const=True,
+                   help="apply onnxruntime's transformer fusions to what spattenc did not rewrite (layer norms, "
+                   "GELU, embeddings, attention of unpruned layers)")
+    o.add_argument("--weights", choices=("int8", "int4"),
+                   help="quantize projection weights with onnxruntime: int8 (dynamic) or int4 (MatMulNBits, decoders)")
     p.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),
@@ -139,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         "no_token_pruning": args.no_token_pruning,
         "no_head_pruning": args.no_head_pruning,
         "no_value_pruning": args.no_value_pruning,
+        "optimize": args.optimize,
+        "weights": args.weights,
     })
     t0 = time.perf_counter()
     with report.step(f"compiling {args.model}"):

@@ -1,0 +1,296 @@
+"""spattenc against the best dense model onnxruntime's own tools build, in one run.
+
+Four compositions, each as a dense model and as the pruned one (``--token-keep R``):
+
+    raw             the export as is                      | spattenc --token-keep R
+    optimized       spattenc --optimize (= onnxruntime.transformers fusions on the export)
+    int8            spattenc --weights int8 (= onnxruntime quantize_dynamic)
+    optimized+int8  spattenc --optimize --weights int8
+
+Latency: batch 1, WikiText-2 windows of exactly 128/256/512 tokens and IMDB test reviews at natural
+length, all eight models interleaved per input (bench/latency.py's loop, rotating order, no spinning).
+Reported per pair: candidate vs its own dense counterpart, vs the raw fp32 dense model, and the
+fraction of the ideal FLOP ratio (the compiler's ``--report``) that the raw pair reaches.
+Quality (``--quality``): the issue-#4 protocols (bench/embed_eval.py: cosine, drop-in, refit) on
+IMDB and SST-2, each candidate against its own dense counterpart with paired 95% bootstrap intervals;
+embeddings come from bench/.cache when bench/embed_eval.py already computed them.
+
+    python -m bench.vs_ort --model models/cache/minilm/model.onnx --token-keep 0.3 --quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common, latency  # noqa: E402
+from bench.common import ModelSpec  # noqa: E402
+from bench.embed_eval import parse_sizes  # noqa: E402
+
+log = logging.getLogger("bench.vs_ort")
+COMPOSITIONS: dict[str, list[str]] = {
+    "raw": [],
+    "optimized": ["--optimize"],
+    "int8": ["--weights", "int8"],
+    "optimized+int8": ["--optimize", "--weights", "int8"],
+}
+QUALITY_PAIRS = ("raw", "int8", "optimized+int8")  # optimized == raw to 4e-6 (tests/test_ort_compose.py)
+
+
+def _slug(comp: str) -> str:
+    return comp.replace("+", "-")
+
+
+def build_models(model: Path, keep: float, out: Path, reuse: bool) -> dict[str, dict[str, Path]]:
+    """Compile every (composition, dense | pruned) model with the spattenc CLI; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (model.parent / name).exists():
+            (out / name).write_bytes((model.parent / name).read_bytes())
+    paths: dict[str, dict[str, Path]] = {}
+    for comp, flags in COMPOSITIONS.items():
+        dense, pruned = out / f"dense-{_slug(comp)}.onnx", out / f"k{keep:g}-{_slug(comp)}.onnx"
+        jobs = [(pruned, ["--token-keep", str(keep), *flags, "--report", str(pruned) + ".spatten.json"])]
+        jobs.append((dense, flags) if flags else (dense, None))
+        for path, args in jobs:
+            if reuse and path.exists():
+                continue
+            if args is None:
+                path.write_bytes(model.read_bytes())
+                continue
+            cmd = [sys.executable, "-m", "spatten_compiler", str(model), "-o", str(path), *args]
+            log.info("%s", " ".join(cmd[2:]))
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        paths[comp] = {"dense": dense, "pruned": pruned}
+    return paths
+
+
+def run_latency(paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> dict[str, Any]:
+    specs = [(f"{role}-{comp}", p[role]) for comp, p in paths.items() for role in ("dense", "pruned")]
+    models = []
+    for label, path in specs:
+        sess = common.make_session(path, args.threads, spin=False)
+        sidecar, ratios = latency.load_flop_ratios(path, None)
+        models.append(latency.Model(ModelSpec(label, path), sess, common.file_sha256(path), sidecar, ratios))
+    ns = argparse.Namespace(
+        dense=paths["raw"]["dense"],
+        tokenizer=None,
+        max_len=args.max_len,
+        lengths=args.lengths,
+        data_dir=args.data_dir,
+        n_inputs=args.n_inputs,
+        n_imdb=args.n_imdb,
+        n_sst2=0,
+        seed=args.seed,
+    )
+    groups = []
+    for g in latency.build_groups(ns):
+        res = latency.time_group(models, g, args.repeats, args.warmup)
+        med = {r["label"]: r["median_ms"] for r in res["models"]}
+        ratio = next((r["flop_ratio"] for r in res["models"] if r["label"] == "pruned-raw"), None)
+        pairs = []
+        for comp in paths:
+            d, c = med[f"dense-{comp}"], med[f"pruned-{comp}"]
+            pairs.append(
+                {
+                    "composition": comp,
+                    "dense_ms": d,
+                    "pruned_ms": c,
+                    "speedup_vs_own_dense": d / c,
+                    "dense_vs_raw_fp32": med["dense-raw"] / d,
+                    "pruned_vs_raw_fp32": med["dense-raw"] / c,
+                }
+            )
+        raw = pairs[0]["speedup_vs_own_dense"]
+        groups.append(
+            {**res, "pairs": pairs, "ideal_flop_ratio": ratio, "fraction_of_ideal": raw / ratio if ratio else None}
+        )
+        log.info("%s: %s", g.name, ", ".join(f"{p['composition']} {p['speedup_vs_own_dense']:.2f}x" for p in pairs))
+    return {"groups": groups}
+
+
+def run_quality(paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each candidate against its own dense counterpart under the issue-#4 protocols."""
+    from bench import embed_eval as ee
+
+    ea = ee.build_parser().parse_args(
+        [
+            "--dense",
+            str(paths["raw"]["dense"]),
+            "--data-dir",
+            str(args.data_dir),
+            "--max-len",
+            str(args.max_len),
+            "--threads",
+            str(args.threads),
+        ]
+    )
+    import hashlib
+
+    tok_path = common.find_tokenizer(paths["raw"]["dense"], None)
+    tok, tok_sha = common.load_tokenizer(tok_path, args.max_len), hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    out = []
+    for task in args.tasks:
+        tdef = ee.TASKS[task]
+        n_train = args.n_train.get(task, args.n_train.get("*", tdef.n_train))
+        n_test = args.n_test.get(task, args.n_test.get("*", tdef.n_test))
+        train = ee.load_split(args.data_dir / tdef.train, n_train, ea.seed)
+        test = ee.load_split(args.data_dir / tdef.test, n_test, ea.seed)
+        for comp in QUALITY_PAIRS:
+            emb = {}
+            for role in ("dense", "pruned"):
+                e = ee.Embedder(ModelSpec(f"{role}-{comp}", paths[comp][role]), tok, tok_sha, ea)
+                emb[role] = (
+                    e.embed(train, f"{task} train {role}-{comp}").mean,
+                    e.embed(test, f"{task} test {role}-{comp}").mean,
+                )
+            (d_tr, d_te), (c_tr, c_te) = emb["dense"], emb["pruned"]
+            probe = ee.fit_probe(d_tr, train.labels, ea.C, ea.max_iter)
+            d_ok = probe.predict(d_te) == test.labels
+            a_ok = probe.predict(c_te) == test.labels
+            b_ok = ee.fit_probe(c_tr, train.labels, ea.C, ea.max_iter).predict(c_te) == test.labels
+            out.append(
+                {
+                    "task": task,
+                    "composition": comp,
+                    "n_train": len(train.texts),
+                    "n_test": len(test.texts),
+                    "dense_acc": float(d_ok.mean()),
+                    "dropin_acc": float(a_ok.mean()),
+                    "refit_acc": float(b_ok.mean()),
+                    "delta_dropin_pts": 100 * float(a_ok.mean() - d_ok.mean()),
+                    "delta_dropin_ci95": ee.paired_ci95(a_ok, d_ok),
+                    "delta_refit_pts": 100 * float(b_ok.mean() - d_ok.mean()),
+                    "delta_refit_ci95": ee.paired_ci95(b_ok, d_ok),
+                    **ee.cosine_stats(c_te, d_te),
+                }
+            )
+            log.info("%s %s: refit %+.2f pts vs own dense", task, comp, out[-1]["delta_refit_pts"])
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    m, c = result["meta"], result["config"]
+    lines = [
+        f"# spattenc vs onnxruntime's tools {m['date_utc']}",
+        "",
+        f"`{m['command']}`",
+        "",
+        f"MiniLM (`{c['model']}`), `--token-keep {c['token_keep']}`, onnxruntime {m['onnxruntime_version']}, batch 1, "
+        f"{m['intra_op_threads']} intra-op threads, no spinning, {c['n_inputs']} WikiText-2 windows per length and "
+        f"{c['n_imdb']} IMDB reviews x {c['repeats']} repeats, all 8 models interleaved per input; load average "
+        f"{m['load_avg_1m']:.1f} at start on {m['cpu_count']} cores (machine shared with other jobs), "
+        f"git {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}.",
+        "",
+        "## Latency (median ms; speedups are ratios of medians)",
+        "",
+        "| input | tokens | composition | dense ms | pruned ms | pruned vs own dense | dense vs raw fp32 "
+        "| pruned vs raw fp32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in result["latency"]["groups"]:
+        for p in g["pairs"]:
+            lines.append(
+                f"| {g['name']} | {g['mean_tokens']:.0f} | {p['composition']} | {p['dense_ms']:.1f} | "
+                f"{p['pruned_ms']:.1f} | {p['speedup_vs_own_dense']:.2f}x | {p['dense_vs_raw_fp32']:.2f}x | "
+                f"{p['pruned_vs_raw_fp32']:.2f}x |"
+            )
+    lines += ["", "| input | ideal FLOP ratio | measured raw speedup | fraction of ideal |", "|---|---|---|---|"]
+    for g in result["latency"]["groups"]:
+        if g["ideal_flop_ratio"]:
+            lines.append(
+                f"| {g['name']} | {g['ideal_flop_ratio']:.2f} | {g['pairs'][0]['speedup_vs_own_dense']:.2f}x | "
+                f"{100 * g['fraction_of_ideal']:.0f}% |"
+            )
+    if result.get("quality"):
+        lines += [
+            "",
+            "## Quality: each pruned model against its own dense counterpart (accuracy points, 95% paired bootstrap)",
+            "",
+            "| task | composition | dense acc | drop-in delta | refit delta | cosine mean / p5 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for q in result["quality"]:
+            a, b = q["delta_dropin_ci95"], q["delta_refit_ci95"]
+            lines.append(
+                f"| {q['task']} ({q['n_train']}/{q['n_test']}) | {q['composition']} | {100 * q['dense_acc']:.1f} | "
+                f"{q['delta_dropin_pts']:+.2f} [{a[0]:+.1f}, {a[1]:+.1f}] | {q['delta_refit_pts']:+.2f} "
+                f"[{b[0]:+.1f}, {b[1]:+.1f}] | {q['cosine_mean']:.4f} / {q['cosine_p5']:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--model", type=Path, required=True, help="the exported dense model (MiniLM)")
+    p.add_argument("--token-keep", type=float, default=0.3)
+    p.add_argument("--work-dir", type=Path, default=Path("bench/out/vs_ort"), help="compiled models go here")
+    p.add_argument("--reuse", action="store_true", help="keep models already compiled in --work-dir")
+    p.add_argument("--lengths", default="128,256,512")
+    p.add_argument("--n-inputs", type=int, default=8, help="WikiText-2 windows per length")
+    p.add_argument("--n-imdb", type=int, default=16, help="IMDB test reviews timed")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality", action="store_true", help="also the issue-#4 quality protocols per pair")
+    p.add_argument("--tasks", nargs="+", default=["imdb", "sst2"])
+    p.add_argument(
+        "--n-train",
+        type=parse_sizes,
+        default={},
+        metavar="N|TASK=N,...",
+        help="train texts per task (bench/embed_eval.py's sizes by default: all of IMDB, 4000 SST-2)",
+    )
+    p.add_argument("--n-test", type=parse_sizes, default={}, metavar="N|TASK=N,...", help="test texts per task")
+    p.add_argument("--skip-latency", action="store_true", help="quality only (e.g. to fill the embedding cache)")
+    common.add_common_options(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.setup_logging(args.verbose)
+    paths = build_models(args.model, args.token_keep, args.work_dir, args.reuse)
+    result = {
+        "schema": "spattenc.bench.vs_ort/1",
+        "meta": common.run_metadata(args.threads),
+        "config": {
+            "model": str(args.model),
+            "token_keep": args.token_keep,
+            "lengths": args.lengths,
+            "n_inputs": args.n_inputs,
+            "n_imdb": args.n_imdb,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "max_len": args.max_len,
+            "spin": False,
+            "batch": 1,
+        },
+        "models": {comp: {k: str(v) for k, v in p.items()} for comp, p in paths.items()},
+    }
+    result["latency"] = {"groups": []} if args.skip_latency else run_latency(paths, args)
+    if args.quality:
+        result["quality"] = run_quality(paths, args)
+    md = render(result)
+    print(md)
+    if not args.no_save:
+        j, m = common.write_results(
+            args.out_dir, args.name or "vs-ort", json.loads(json.dumps(result, default=str)), md
+        )
+        log.info("wrote %s and %s", j, m)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

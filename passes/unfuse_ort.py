@@ -1,0 +1,178 @@
+"""unfuse-ort: rewrite onnxruntime's transformer-optimizer ops back into standard ONNX ops.
+
+A model written by ``onnxruntime.transformers.optimizer.optimize_model(..., model_type='bert')``
+carries com.microsoft ops that onnx shape inference and spattenc's matchers do not understand. Each
+is rewritten exactly into the ops it fused (so ``--optimize`` can fuse them again afterwards)::
+
+    EmbedLayerNormalization(ids, seg, W, P, S, g, b, mask, pos)
+        -> LayerNormalization(Gather(W, ids) + Gather(P, pos | Range(S)) + Gather(S, seg), g, b)
+           mask_index = ReduceSum(mask, axis 1)       (int32 lengths, as the fused kernel computes)
+    SkipLayerNormalization(x, skip, g, b, bias)   -> LayerNormalization(x + skip + bias, g, b)
+    SkipSimplifiedLayerNormalization(x, skip, g, bias) -> RMS norm of (x + skip + bias), times g
+    SimplifiedLayerNormalization(x, g)            -> x / sqrt(mean(x^2) + eps) * g
+    BiasGelu(x, bias) -> Gelu(x + bias);  Gelu(x) -> 0.5 x (1 + erf(x / sqrt 2))   (exporters' form)
+    FastGelu(x, bias) -> 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))           (x + bias first)
+
+The fused Attention op itself (every mask_index form the optimizer writes) is decompose-attention's
+job. Fused ops whose extra outputs (mean, inverse std) are read are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from spatten_compiler.editor import GraphEditor
+from spatten_compiler.errors import OptionError
+from spatten_compiler.pipeline import Pass, PassResult, register_pass
+
+logger = logging.getLogger(__name__)
+MS = "com.microsoft"
+
+
+def _inputs(node: ir.Node, n: int) -> list[ir.Value | None]:
+    return list(node.inputs) + [None] * (n - len(node.inputs))
+
+
+def _used(node: ir.Node, index: int) -> bool:
+    return len(node.outputs) > index and bool(node.outputs[index].uses())
+
+
+def _sum(e: GraphEditor, terms: list[ir.Value | None]) -> ir.Value:
+    total = terms[0]
+    for t in terms[1:]:
+        if t is not None:
+            total = e.op("Add", [total, t])
+    return total
+
+
+def _layer_norm(e: GraphEditor, node: ir.Node, x: ir.Value, gamma: ir.Value, beta: ir.Value | None) -> ir.Value:
+    eps = node.attributes.get_float("epsilon", 1e-12)
+    return e.op("LayerNormalization", [x, gamma, beta] if beta is not None else [x, gamma], axis=-1, epsilon=eps)
+
+
+def _rms_norm(e: GraphEditor, node: ir.Node, x: ir.Value, gamma: ir.Value) -> ir.Value:
+    eps = node.attributes.get_float("epsilon", 1e-6)
+    mean_sq = e.op("ReduceMean", [e.op("Mul", [x, x]), e.const("axes", np.array([-1], np.int64))], keepdims=1)
+    inv = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [mean_sq, e.const("eps", np.float32(eps))])])])
+    return e.op("Mul", [e.op("Mul", [x, inv]), gamma])
+
+
+def _erf_gelu(e: GraphEditor, x: ir.Value) -> ir.Value:
+    erf = e.op("Erf", [e.op("Div", [x, e.const("sqrt2", np.float32(np.sqrt(2.0)))])])
+    inner = e.op("Mul", [x, e.op("Add", [erf, e.const("one", np.float32(1.0))])])
+    return e.op("Mul", [inner, e.const("half", np.float32(0.5))])
+
+
+def _tanh_gelu(e: GraphEditor, x: ir.Value) -> ir.Value:
+    cube = e.op("Pow", [x, e.const("three", np.float32(3.0))])
+    inner = e.op("Add", [x, e.op("Mul", [cube, e.const("c", np.float32(0.044715))])])
+    tanh = e.op("Tanh", [e.op("Mul", [inner, e.const("k", np.float32(np.sqrt(2.0 / np.pi)))])])
+    half_x = e.op("Mul", [x, e.const("half", np.float32(0.5))])
+    return e.op("Mul", [half_x, e.op("Add", [tanh, e.const("one", np.float32(1.0))])])
+
+
+def trust_initializer_shapes(graph: ir.Graph) -> int:
+    """The optimizer folds Transpose(W) into W but keeps W's old value_info: trust the tensor."""
+    stale = [v for v in graph.initializers.values()
+             if v.const_value is not None and v.shape is not None and v.shape.dims != v.const_value.shape.dims]
+    for v in stale:
+        v.shape = ir.Shape(v.const_value.shape.dims)
+    return len(stale)
+
+
+# Each rewrite returns the replacement for every output it supports (None: output must be unused).
+Rewrite = Callable[[GraphEditor, ir.Node], list[ir.Value | None]]
+
+
+def _embed_layer_norm(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    ids, seg, word, pos_w, seg_w, gamma, beta, mask, pos_ids = _inputs(node, 9)
+    if pos_ids is None:
+        length = e.op("Gather", [e.op("Shape", [ids]), e.const("one", np.int64(1))])
+        pos_ids = e.op("Range", [e.const("zero", np.int64(0)), length, e.const("step", np.int64(1))])
+    terms = [e.op("Gather", [word, ids]), e.op("Gather", [pos_w, pos_ids])]
+    if seg is not None and seg_w is not None:
+        terms.append(e.op("Gather", [seg_w, seg]))
+    emb_sum = _sum(e, terms)
+    mask_index = None
+    if mask is not None:
+        ones = e.op("Cast", [e.op("Cast", [mask], to=ir.DataType.BOOL)], to=ir.DataType.INT32)
+        mask_index = e.op("ReduceSum", [ones, e.const("axes", np.array([1], np.int64))], keepdims=0)
+    return [_layer_norm(e, node, emb_sum, gamma, beta), mask_index, emb_sum]
+
+
+def _skip_layer_norm(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    x, skip, gamma, beta, bias = _inputs(node, 5)
+    total = _sum(e, [x, skip, bias])
+    return [_layer_norm(e, node, total, gamma, beta), None, None, total]
+
+
+def _skip_simplified(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    x, skip, gamma, bias = _inputs(node, 4)
+    total = _sum(e, [x, skip, bias])
+    return [_rms_norm(e, node, total, gamma), None, None, total]
+
+
+def _simplified(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    if node.attributes.get_int("axis", -1) != -1:
+        return [None]
+    x, gamma = _inputs(node, 2)
+    return [_rms_norm(e, node, x, gamma), None]
+
+
+def _bias_gelu(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    x, bias = _inputs(node, 2)
+    return [_erf_gelu(e, _sum(e, [x, bias]))]
+
+
+def _fast_gelu(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    x, bias = _inputs(node, 2)
+    return [_tanh_gelu(e, _sum(e, [x, bias]))]
+
+
+UNFUSE: dict[str, Rewrite] = {
+    "EmbedLayerNormalization": _embed_layer_norm,
+    "SkipLayerNormalization": _skip_layer_norm,
+    "SkipSimplifiedLayerNormalization": _skip_simplified,
+    "SimplifiedLayerNormalization": _simplified,
+    "BiasGelu": _bias_gelu,
+    "Gelu": lambda e, node: [_erf_gelu(e, node.inputs[0])],
+    "FastGelu": _fast_gelu,
+}
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class UnfuseOrt(Pass):
+    """onnxruntime transformer-optimizer ops -> the standard ONNX ops they fused."""
+
+    name = "unfuse-ort"
+
+    def call(self, model: ir.Model) -> PassResult:
+        nodes = [n for n in model.graph if n.domain == MS and n.op_type in UNFUSE]
+        stale = trust_initializer_shapes(model.graph)
+        if not nodes:
+            return PassResult(model, bool(stale))
+        if model.opset_imports.get("", 0) < 17:
+            raise OptionError(f"{nodes[0].op_type} '{nodes[0].name}': unfusing needs ONNX opset >= 17 "
+                              f"(LayerNormalization); the model imports opset {model.opset_imports.get('', 0)}")
+        e = GraphEditor(model, "spatten/unfuse")
+        for node in nodes:
+            replacements = UNFUSE[node.op_type](e, node)
+            for i, out in enumerate(node.outputs):
+                new = replacements[i] if i < len(replacements) else None
+                if new is not None:
+                    e.replace_uses(out, new)
+                elif out.uses() or out in model.graph.outputs:
+                    raise OptionError(f"{node.op_type} '{node.name}': output {i} ({out.name}) is used and has no "
+                                      "standard-op equivalent here")
+        for node in nodes:
+            model.graph.remove(node, safe=True)
+        e.forget_shapes()  # the optimizer's value_info can be stale too; normalize infers shapes again
+        e.commit()
+        logger.info("unfused %d onnxruntime ops", len(nodes))
+        return PassResult(model, True)
