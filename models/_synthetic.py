@@ -15,8 +15,10 @@ from pathlib import Path
 
 try:  # imported as ``models._synthetic`` or run from ``models/export.py``
     from ._fixtures import _FAMILIES, GPT2, FixtureSpec
+    from ._synthetic_large import LARGE, export_large
 except ImportError:  # pragma: no cover - script mode
     from _fixtures import _FAMILIES, GPT2, FixtureSpec  # type: ignore[no-redef]
+    from _synthetic_large import LARGE, export_large  # type: ignore[no-redef]
 
 _GPT2 = {**GPT2, "initializer_range": 0.02, "vocab_size": 50257, "n_positions": 1024}
 _BERT_BASE = {
@@ -53,6 +55,8 @@ def export_synthetic(name: str, cache_dir: Path) -> Path:
         import _export_core as core  # type: ignore[no-redef]
         from _build import build_fixture  # type: ignore[no-redef]
 
+    if name in LARGE:  # weights streamed to external data (_synthetic_large)
+        return export_large(name, cache_dir)
     core.set_offline()
     out_dir = cache_dir / name
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@
     python models/export.py --real minilm [--exporter dynamo]   # into models/cache/ (ignored)
     python models/export.py --real smollm2 [--exporter dynamo]
     python models/export.py --synthetic gpt2-small     # paper-shaped, random weights, into models/cache/
+    python models/export.py --synthetic llama-1b       # 1.5B params, weights streamed to external data
 
 Fixtures are tiny random-weight Hugging Face models built from configs (no hub access); each
 produces ``models/<name>.onnx`` and a sidecar ``models/<name>.json`` (see models/README.md).
@@ -151,10 +152,10 @@ def export_synthetic(name: str) -> None:
 
 def _synthetic_names() -> tuple[str, ...]:
     try:
-        from ._synthetic import SYNTHETIC
+        from ._synthetic import LARGE, SYNTHETIC
     except ImportError:
-        from _synthetic import SYNTHETIC  # type: ignore[no-redef]
-    return tuple(SYNTHETIC)
+        from _synthetic import LARGE, SYNTHETIC  # type: ignore[no-redef]
+    return (*SYNTHETIC, *LARGE)
 
 
 def main(argv: list[str] | None = None) -> int:
