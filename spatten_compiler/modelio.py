@@ -113,7 +113,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     return model
 
 
-def _initializer_bytes(model: ir.Model) -> int:
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's initializers (what writing the model streams)."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
@@ -153,7 +154,7 @@ def save_model(
     if not parent.is_dir():
         raise SpattencError(f"{path}: output folder '{parent}' does not exist")
     if external_data is None:
-        external_data = _has_external_data(model) or _initializer_bytes(model) > threshold
+        external_data = _has_external_data(model) or weight_bytes(model) > threshold
     data_name = path.name + ".data" if external_data else None
     tmp = Path(tempfile.mkdtemp(prefix=".spattenc-", dir=parent))
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 from spatten_compiler.commands import Command, register
 from spatten_compiler.config import CompileConfig, parse_ratio_list
 from spatten_compiler.errors import OptionError
-from spatten_compiler.modelio import load_model, same_file, save_model
+from spatten_compiler.modelio import load_model, same_file, save_model, weight_bytes
 from spatten_compiler.passes.length_gate import compile_gated, refuse_gated
 from spatten_compiler.pipeline import Pipeline, parse_pipeline
 from spatten_compiler.progress import Reporter
@@ -146,14 +146,18 @@ def run(args: argparse.Namespace) -> int:
     if passes:
         refuse_gated(model, args.model)
     summary = _report(args.model, passes, config.prune_min_length) if args.report else None
-    if config.prune_min_length:
-        compile_gated(model, passes, config.unpruned().passes(), config.prune_min_length,
-                      check=not args.no_check, on_pass=report.pass_done)
-    else:
-        Pipeline(passes, check=not args.no_check, on_pass=report.pass_done)(model)
+    with report.bar(len(passes) * (2 if config.prune_min_length else 1), "passes", unit="pass") as bar:
+        hooks = {"on_start": lambda p: bar.set_postfix_str(p.name),
+                 "on_pass": lambda p, s: (report.pass_done(p, s), bar.update())}
+        if config.prune_min_length:
+            compile_gated(model, passes, config.unpruned().passes(), config.prune_min_length,
+                          check=not args.no_check, **hooks)
+        else:
+            Pipeline(passes, check=not args.no_check, **hooks)(model)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    with report.step(f"writing {args.output}"):
-        files = save_model(model, args.output, external_data=external)
+    with report.step(f"writing {args.output}"), \
+            report.bar(weight_bytes(model), "writing weights", unit="B", unit_scale=True) as bar:
+        files = save_model(model, args.output, external_data=external, progress=lambda t, n: bar.update(n))
     if summary is not None:
         args.report.write_text(json.dumps(summary, indent=2) + "\n")
     size = sum(f.stat().st_size for f in files) / 1e6
