@@ -82,6 +82,20 @@ def _check_external_data(path: Path, proto: onnx.ModelProto) -> None:
                 )
 
 
+# onnx-ir hands tensors up to this size to the onnx C API (checker, shape inference) as they are;
+# an external one would be looked up relative to the working directory, not the model's folder.
+_SMALL_TENSOR_BYTES = 1000  # onnx_ir.passes.common._c_api_utils._BIG_TENSOR_SIZE_LIMIT
+
+
+def _inline_small_external(model: ir.Model) -> None:
+    """Read small external initializers into memory (a dynamo export stores even scalars outside)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= _SMALL_TENSOR_BYTES:
+                value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
+
+
 def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     """Load and validate an ONNX model; raise :class:`ModelLoadError` with one line if it is bad."""
     path = Path(path)
@@ -98,6 +112,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
     finally:
         serde_log.setLevel(level)
+    # Resolve relative external-data paths against the model's folder (memory-mapped on access).
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    _inline_small_external(model)
     if check:
         try:
             # onnx-ir's checker pass hides large weights from the C++ checker, so the graph is
@@ -106,8 +123,6 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         except onnx.checker.ValidationError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(f"{path}: invalid ONNX graph: {first}") from e
-    # Resolve relative external-data paths against the model's folder (memory-mapped on access).
-    ir.external_data.set_base_dir(model.graph, str(path.parent))
     model.meta[SELF_MAPPED] = path.name  # inline weights left in the .onnx itself (lazyproto)
     logger.debug("loaded %s: %d nodes", path, len(model.graph))
     return model
