@@ -139,3 +139,16 @@ def test_streamed_inline_file_round_trips_every_dtype(tmp_path: Path) -> None:
     for k, a in {**arrays, "f32": new}.items():
         np.testing.assert_array_equal(got[k], a)
         assert got[k].dtype == a.dtype
+
+
+def test_in_place_rewrite_streams_from_the_file_it_replaces(tmp_path: Path) -> None:
+    """--in-place: the weights are copied out of the input (inline, then its own .data file) before
+    the finished output replaces it; the model computes the same after each rewrite."""
+    src = tmp_path / "big.onnx"
+    _big_model(src, layers=3, dim=256)  # 256 KB weights: above the lazy reader's threshold
+    x = np.ones((1, 256), np.float32)
+    expected = run_ort(src, {"x": x})["h3"]
+    for external in ("yes", "yes", "no"):  # inline -> external, external -> same .data name, -> inline
+        assert main([str(src), "-o", str(src), "--in-place", "-q", "--external-data", external]) == 0
+        np.testing.assert_array_equal(run_ort(src, {"x": x})["h3"], expected)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".spattenc-")]  # no temporary folder left
