@@ -5,6 +5,8 @@
     python models/export.py --list
     python models/export.py --real minilm [--exporter dynamo]   # into models/cache/ (ignored)
     python models/export.py --real smollm2 [--exporter dynamo]
+    python models/export.py --synthetic gpt2-small     # paper-shaped, random weights, into models/cache/
+    python models/export.py --synthetic llama-1b       # 1.5B params, weights streamed to external data
 
 Fixtures are tiny random-weight Hugging Face models built from configs (no hub access); each
 produces ``models/<name>.onnx`` and a sidecar ``models/<name>.json`` (see models/README.md).
@@ -137,6 +139,25 @@ def export_real(which: str, exporter: str) -> None:
     _real.export_real(which, exporter, MODELS_DIR / "cache", require=_require)
 
 
+def export_synthetic(name: str) -> None:
+    """Export a paper-shaped random-weight model (``_synthetic.SYNTHETIC``) into models/cache/."""
+    _require("torch", "transformers", "onnx", "onnxruntime", "onnxscript")
+    try:
+        from . import _synthetic
+    except ImportError:
+        import _synthetic  # type: ignore[no-redef]
+
+    log.info("synthetic %s -> %s", name, _synthetic.export_synthetic(name, MODELS_DIR / "cache"))
+
+
+def _synthetic_names() -> tuple[str, ...]:
+    try:
+        from ._synthetic import LARGE, SYNTHETIC
+    except ImportError:
+        from _synthetic import LARGE, SYNTHETIC  # type: ignore[no-redef]
+    return (*SYNTHETIC, *LARGE)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     parser = argparse.ArgumentParser(
@@ -146,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--list", action="store_true", help="list the fixtures and exit")
     group.add_argument("--only", metavar="NAME[,NAME]", help="export only these fixtures")
     group.add_argument("--real", choices=("minilm", "smollm2"), help="export a real trained model into models/cache/")
+    group.add_argument("--synthetic", choices=_synthetic_names(), help="export a paper-shaped random-weight model")
     parser.add_argument(
         "--exporter",
         choices=("torchscript", "dynamo"),
@@ -174,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.debug("%s", traceback.format_exc())
                 log.error("%s export failed: %s: %s (-v for the traceback)", args.real, type(exc).__name__, exc)
                 return 1
+            return 0
+        if args.synthetic:
+            export_synthetic(args.synthetic)
             return 0
         names = None
         if args.only:

@@ -120,6 +120,7 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     check: bool = True,
     report: bool = True,
     on_pass: Callable[[Pass, float], None] | None = None,
+    on_start: Callable[[Pass], None] | None = None,
     **options: Any,
 ) -> CompileResult:
     """Rewrite ``model`` with SpAtten's pruning and quantization, as ``spattenc MODEL -o OUT`` does.
@@ -131,6 +132,7 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     preset for the model's kind applies (:mod:`spatten_compiler.defaults`), as on the command line.
     ``pipeline``: an explicit pass list (``"normalize,prune-tokens{keep=0.5}"``) instead of options.
     ``check``: onnx.checker after each pass. ``report``: also compute the compile report and summary.
+    ``on_start(pass)`` / ``on_pass(pass, seconds)``: progress hooks around each pass.
 
     >>> result = compile("models/bert_torchscript.onnx", token_keep=0.5, kv_bits="6+4")
     >>> [p.split("{")[0] for p in result.report["passes"]]
@@ -142,9 +144,9 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     planned = _plan(m, name, {**_fields(config), **_given(options)}, pipeline, report)
     if planned.config.prune_min_length:
         compile_gated(m, planned.passes, planned.config.unpruned().passes(), planned.config.prune_min_length,
-                      check=check, on_pass=on_pass)
+                      check=check, on_pass=on_pass, on_start=on_start)
     else:
-        Pipeline(planned.passes, check=check, on_pass=on_pass)(m)
+        Pipeline(planned.passes, check=check, on_pass=on_pass, on_start=on_start)(m)
     return CompileResult(m, planned.report, planned.summary)
 
 

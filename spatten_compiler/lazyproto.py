@@ -1,16 +1,19 @@
 """Read an ONNX file without copying its inline weights into memory.
 
 Protobuf has no lazy parsing, so ``onnx.load`` of a 600 MB model holds the file's bytes and the
-parsed message at once (2x the file). Here the wire format is walked field by field over a memory
-map: every field is parsed as usual except the ``raw_data`` of large initializers, which becomes an
-external-data reference into the ``.onnx`` file itself (location = the file's own name, offset and
-length of the bytes). onnx-ir then memory-maps those weights like any external data. Wire format:
+parsed message at once (2x the file). Here the wire format is walked field by field with small
+positioned reads (``os.pread``; not a memory map: on kernels with large page-cache folios, touching
+one byte of a mapped file maps up to 2 MB of it, and a walk over 300 tensor headers put 300 MB of
+the file into the process's resident memory): every field is parsed as usual except the
+``raw_data`` of large initializers, which becomes an external-data reference into the ``.onnx``
+file itself (location = the file's own name, offset and length of the bytes). onnx-ir then
+memory-maps those weights like any external data. Wire format:
 key = varint(field << 3 | wire_type); wire type 2 is varint length + payload.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 from pathlib import Path
 
 import onnx
@@ -19,9 +22,29 @@ GRAPH_FIELD = 7  # ModelProto.graph
 INITIALIZER_FIELD = 5  # GraphProto.initializer
 RAW_DATA_FIELD = 9  # TensorProto.raw_data
 MIN_LAZY_BYTES = 1 << 16
+WINDOW = 1 << 12  # bytes read at a time while decoding keys and lengths
 
 
-def _varint(buf: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
+class _File:
+    """Random access to a file's bytes through ``os.pread``, with one small window for headers."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self._start, self._window = 0, b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: int | slice) -> int | bytes:
+        if isinstance(key, slice):
+            return os.pread(self.fd, key.stop - key.start, key.start)
+        if not self._start <= key < self._start + len(self._window):
+            self._start, self._window = key, os.pread(self.fd, WINDOW, key)
+        return self._window[key - self._start]
+
+
+def _varint(buf: _File | bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf):
@@ -34,7 +57,7 @@ def _varint(buf: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: mmap.mmap, start: int, end: int):
+def _fields(buf: _File, start: int, end: int):
     """Yield (field number, wire type, field start, payload start, field end)."""
     pos = start
     while pos < end:
@@ -57,7 +80,7 @@ def _fields(buf: mmap.mmap, start: int, end: int):
             raise ValueError("field runs past the end of its message (truncated file?)")
 
 
-def _tensor(buf: mmap.mmap, start: int, end: int, location: str) -> onnx.TensorProto:
+def _tensor(buf: _File, start: int, end: int, location: str) -> onnx.TensorProto:
     tensor = onnx.TensorProto()
     raw: tuple[int, int] | None = None
     for field, wire, f_start, p_start, f_end in _fields(buf, start, end):
@@ -76,7 +99,8 @@ def _tensor(buf: mmap.mmap, start: int, end: int, location: str) -> onnx.TensorP
 def read_model(path: Path) -> onnx.ModelProto:
     """Parse ``path`` with large inline initializers left in the file as self-references."""
     model = onnx.ModelProto()
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    with open(path, "rb") as f:
+        buf = _File(f.fileno())
         for field, wire, f_start, p_start, f_end in _fields(buf, 0, len(buf)):
             if field != GRAPH_FIELD or wire != 2:
                 model.MergeFromString(buf[f_start:f_end])

@@ -8,7 +8,8 @@
 * :func:`save_model` writes into a private temporary folder next to the destination and renames the
   finished files into place, so a failure never leaves a partial output and never touches the input.
   Models whose weights exceed the protobuf limit (or that came with external data) are written with
-  external data in ``<name>.data`` beside the ``.onnx``.
+  external data in ``<name>.data`` beside the ``.onnx``. Weights are never gathered in memory to
+  be written: each is streamed from where it is (the input file, or a new array) to the output.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from onnx_ir.passes.common import CheckerPass
 
 from spatten_compiler.errors import ModelLoadError, SpattencError
 from spatten_compiler.lazyproto import read_model
+from spatten_compiler.weightio import Progress, write_external, write_inline
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +128,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     return model
 
 
-def _initializer_bytes(model: ir.Model) -> int:
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's initializers (what writing the model streams)."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
@@ -147,42 +150,33 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return pa.resolve() == pb.resolve()
 
 
-def _load_to_memory(model: ir.Model) -> None:
-    """Replace every memory-mapped initializer with an in-memory copy. Unlike onnx-ir's
-    ``load_to_model`` this does not close the mappings: a pass may still hold a NumPy view of a
-    weight (closing would raise BufferError); the mapping is released when the last view goes."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
-
-
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
     *,
     external_data: bool | None = None,
     threshold: int = EXTERNAL_DATA_THRESHOLD,
+    progress: Progress | None = None,
 ) -> list[Path]:
     """Write ``model`` to ``path`` atomically; return the files written.
 
     ``external_data=None`` chooses: external data (``<name>.data``) when the model came with it or
-    its weights exceed ``threshold`` bytes, inline otherwise.
+    its weights exceed ``threshold`` bytes, inline otherwise. Either way weights are streamed to the
+    file one tensor at a time (:mod:`.weightio`); ``progress(tensor, nbytes)`` is called after each.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise SpattencError(f"{path}: output folder '{parent}' does not exist")
     if external_data is None:
-        external_data = _has_external_data(model) or _initializer_bytes(model) > threshold
+        external_data = _has_external_data(model) or weight_bytes(model) > threshold
     data_name = path.name + ".data" if external_data else None
-    if not external_data:
-        # Weights mapped from the input (inline or external) are written inline: bring them in.
-        _load_to_memory(model)
     tmp = Path(tempfile.mkdtemp(prefix=".spattenc-", dir=parent))
     try:
-        ir.save(model, tmp / path.name, external_data=data_name)
+        if data_name:
+            write_external(model, tmp / path.name, data_name, progress=progress)
+        else:
+            write_inline(model, tmp / path.name, progress=progress)
         written = [tmp / data_name] if data_name else []
         # Data first, then the .onnx that refers to it: the model file appears only when complete.
         final: list[Path] = []

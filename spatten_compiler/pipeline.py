@@ -128,12 +128,15 @@ class Pipeline:
     passes: Sequence[Pass]
     check: bool = True
     on_pass: Callable[[Pass, float], None] | None = None  # progress hook: (pass, seconds)
+    on_start: Callable[[Pass], None] | None = None  # progress hook: the pass about to run
 
     def __call__(self, model: ir.Model) -> PassResult:
         modified = False
         for p in self.passes:
             t0 = time.perf_counter()
             logger.info("running pass %s", p.describe())
+            if self.on_start:
+                self.on_start(p)
             try:
                 result = p(model)
             except SpattencError:

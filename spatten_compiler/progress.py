@@ -1,4 +1,8 @@
-"""Progress and summary lines on stderr: quiet with -q, timing per step with -v."""
+"""Progress and summary lines on stderr: quiet with -q, timing per step with -v.
+
+Long steps (the pass pipeline, writing the weights) also show a tqdm bar when stderr is a terminal
+(never with -q, never in logs or pipes).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 
 class Reporter:
@@ -29,6 +35,13 @@ class Reporter:
         self._say(f"{what} ...", level=1)
         yield
         self._say(f"{what}: {time.perf_counter() - t0:.2f} s", level=1)
+
+    @contextlib.contextmanager
+    def bar(self, total: float | None, desc: str, **options: Any) -> Iterator[tqdm]:
+        """A progress bar on the stream (disabled with -q or when the stream is not a terminal)."""
+        disable = True if self.verbosity < 0 else None  # None: tqdm shows it on a TTY only
+        with tqdm(total=total, desc=desc, file=self.stream, disable=disable, leave=False, **options) as bar:
+            yield bar
 
     def pass_done(self, p: object, seconds: float) -> None:
         describe = getattr(p, "describe", lambda: str(p))

@@ -53,7 +53,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(modelio.ir, "save", broken_save)
+    monkeypatch.setattr(modelio, "write_inline", broken_save)
     with pytest.raises(SpattencError, match="disk full"):
         save_model(model, tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.onnx"]
@@ -64,7 +64,7 @@ def test_overwriting_existing_output_is_atomic(tmp_path: Path, monkeypatch: pyte
     onnx.save(tiny_model(), src)
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous result")
-    monkeypatch.setattr(modelio.ir, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(modelio, "write_inline", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(SpattencError):
         save_model(load_model(src), out)
     assert out.read_bytes() == b"previous result"
@@ -118,7 +118,7 @@ def test_truncated_inside_a_weight_is_a_load_error(tmp_path: Path) -> None:
 
 def test_inline_save_while_a_pass_still_holds_a_weight_view(tmp_path: Path) -> None:
     """A pass may keep a NumPy view of a memory-mapped weight (analysis caches, slicing); writing the
-    model inline must copy the weights in without closing the mapping under that view (it raised
+    model inline must stream the weights out without closing the mapping under that view (it raised
     BufferError on gpt2_kv_dynamo with --value-keep before)."""
     from conftest import MODELS
 

@@ -13,7 +13,7 @@ from spatten_compiler.commands import Command, register
 from spatten_compiler.config import CompileConfig, parse_ratio_list
 from spatten_compiler.defaults import PRESET_NAMES
 from spatten_compiler.errors import OptionError
-from spatten_compiler.modelio import same_file, save_model
+from spatten_compiler.modelio import same_file, save_model, weight_bytes
 from spatten_compiler.progress import Reporter
 
 logger = logging.getLogger(__name__)
@@ -149,14 +149,17 @@ def run(args: argparse.Namespace) -> int:
         "weights": args.weights,
     })
     t0 = time.perf_counter()
-    with report.step(f"compiling {args.model}"):
+    with report.step(f"compiling {args.model}"), report.bar(None, "passes", unit="pass") as bar:
         result = api.compile(args.model, pipeline=args.pipeline, check=not args.no_check,
-                             report=args.report is not None or report.verbosity >= 0, on_pass=report.pass_done,
+                             report=args.report is not None or report.verbosity >= 0,
+                             on_start=lambda p: bar.set_postfix_str(p.name),
+                             on_pass=lambda p, s: (report.pass_done(p, s), bar.update()),
                              **options)
     model, summary = result.model, result.report
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    with report.step(f"writing {args.output}"):
-        files = save_model(model, args.output, external_data=external)
+    with report.step(f"writing {args.output}"), \
+            report.bar(weight_bytes(model), "writing weights", unit="B", unit_scale=True) as bar:
+        files = save_model(model, args.output, external_data=external, progress=lambda t, n: bar.update(n))
     if summary is not None and args.report:
         args.report.write_text(json.dumps(summary, indent=2) + "\n")
     for line in result.summary:
