@@ -7,3 +7,4 @@ from __future__ import annotations
 from . import decompose_attention, find_attention, normalize, prune_tokens  # noqa: E402,F401
 from . import prune_heads, prune_values  # noqa: E402,F401  (head and value pruning)
 from . import quantize_kv  # noqa: E402,F401
+from . import evict_kv  # noqa: E402,F401  (decoder KV-cache eviction)
