@@ -229,7 +229,7 @@ class EvictKV(Pass):
                                    ed.op("GatherElements", [pos, keep], axis=1), i64("m1", -1)])
         kept_imp = ed.op("GatherElements", [imp, keep], axis=1)
         idx4 = ed.op("Unsqueeze", [keep, i64("a13", [1, 3])])  # [B, 1, k, 1]
-        for cache, kind in ((kc, "key"), (vc, "value")):
+        for cache in (kc, vc):
             present = cache.present
             full = ed.op("Expand", [idx4, ed.op("Concat", [
                 ed.op("Shape", [present], start=0, end=2), ed.op("Shape", [keep], start=1, end=2),

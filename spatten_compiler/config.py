@@ -57,6 +57,10 @@ class CompileConfig:
     kv_factor: float | None = None  # rule min: LSBs when max p <= min(threshold, factor / n_keys)
     kv_stats: bool = False  # diagnostic outputs: LSB rows per layer, LSB fraction
     prune_min_length: int | None = None  # inputs of at most N tokens run without token and head pruning
+    kv_budget: float | None = None  # decoders: cache budget per layer, fraction of the length so far or tokens
+    kv_sinks: int | None = None  # decoders: first real tokens never evicted (evict-kv default)
+    kv_recent: int | None = None  # decoders: most recent tokens never evicted (evict-kv default)
+    kv_evict: str | None = None  # decoders: layer (H2O-style, default) | cascade (SpAtten)
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -118,6 +122,10 @@ class CompileConfig:
                                 ("--lsb-threshold", self.lsb_threshold)) if v is not None]
         if given and self.kv_bits is None:
             raise OptionError(f"{given[0]} needs --kv-bits")
+        evict = [f for f, v in (("--kv-sinks", self.kv_sinks), ("--kv-recent", self.kv_recent),
+                                ("--kv-evict", self.kv_evict)) if v is not None]
+        if evict and self.kv_budget is None:
+            raise OptionError(f"{evict[0]} needs --kv-budget")
 
     @property
     def prunes_tokens(self) -> bool:
@@ -160,6 +168,10 @@ class CompileConfig:
                     opts[key] = value
             opts["emit_stats"] = self.kv_stats
             passes.append(make_pass("quantize-kv", **opts))
+        if self.kv_budget is not None:
+            passes.append(make_pass("evict-kv", budget=float(self.kv_budget), **{
+                k: v for k, v in (("sinks", self.kv_sinks), ("recent", self.kv_recent), ("mode", self.kv_evict))
+                if v is not None}))
         return [make_pass("normalize"), make_pass("decompose-attention"), *passes] if passes else []
 
     def token_options(self) -> dict[str, Any]:

@@ -94,6 +94,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one scale per (head, token) (default), head, (head, channel) or batch element")
     q.add_argument("--kv-stats", action="store_const", const=True,
                    help="diagnostic outputs spatten_lsb_rows.<layer> [B,H,S] and spatten_lsb_fraction [layers]")
+    d = p.add_argument_group("decoder KV-cache eviction (docs/decoders.md)")
+    d.add_argument("--kv-budget", type=float, metavar="B",
+                   help="keep each layer's cache within B: a fraction of the length so far (0.25) or tokens (256)")
+    d.add_argument("--kv-sinks", type=int, metavar="N", help="first N real tokens are never evicted (default 4)")
+    d.add_argument("--kv-recent", type=int, metavar="N", help="the N most recent tokens are never evicted")
+    d.add_argument("--kv-evict", choices=("layer", "cascade"),
+                   help="layer: each layer keeps its own top tokens by accumulated attention (H2O-style, default); "
+                   "cascade: SpAtten's, a token dropped at layer l is dropped at every deeper layer")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens; shorter inputs run the "
@@ -136,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
         "kv_granularity": args.kv_granularity,
         "kv_stats": args.kv_stats,
         "prune_min_length": args.prune_min_length,
+        "kv_budget": args.kv_budget,
+        "kv_sinks": args.kv_sinks,
+        "kv_recent": args.kv_recent,
+        "kv_evict": args.kv_evict,
     })
     if args.pipeline and config.passes():
         raise OptionError("--pipeline replaces the option-built pipeline; give one or the other")
