@@ -209,8 +209,8 @@ class EvictKV(Pass):
         s = ed.op("Where", [valid, s, f32("nbig", -BIG)])
         if self.mode == "cascade" and prev_kept is not None:
             eq = ed.op("Equal", [ed.op("Unsqueeze", [pos, i64("a2", [2])]), ed.op("Unsqueeze", [prev_kept, i64("a1", [1])])])
-            member = ed.op("Cast", [ed.op("ReduceMax", [ed.op("Cast", [eq], to=ir.DataType.INT32), i64("ax2", [2])],
-                                          keepdims=0)], to=ir.DataType.BOOL)
+            hits = ed.op("ReduceSum", [ed.op("Cast", [eq], to=ir.DataType.INT32), i64("ax2", [2])], keepdims=0)
+            member = ed.op("Greater", [hits, ed.const("z32", np.array(0, np.int32))])  # ReduceSum: axes input at opset 13+
             s = ed.op("Where", [member, s, f32("nbig", -BIG)])
         # k = min(n, max(budget(T), sinks + recent))
         b = self.layer_budget(l)
