@@ -88,15 +88,19 @@ def _position_gather(graph: ir.Graph) -> ir.Node | None:
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class EvictKV(Pass):
-    """Options: ``budget`` (fraction <= 1 or tokens), ``sinks``, ``recent``, ``mode`` layer|cascade,
-    ``schedule`` (per-layer budget multipliers, missing entries repeat the last; cascade: non-increasing)."""
+    """Options: ``budget`` (fraction <= 1 or tokens), ``sinks``, ``recent`` (tokens), ``recent_share``
+    (the recent window also spans this share of the kept slots after the sinks: 1.0 = StreamingLLM),
+    ``mode`` layer|cascade, ``schedule`` (per-layer budget multipliers, missing entries repeat the
+    last; cascade: non-increasing), ``tunable`` (budget/sinks/recent/share as overridable inputs)."""
 
     name = "evict-kv"
     budget: float = 0.25
     sinks: int = 4
     recent: int = 0
+    recent_share: float = 0.0
     mode: str = "layer"
     schedule: tuple[float, ...] = ()
+    tunable: bool = False
 
     def layer_budget(self, layer: int) -> float:
         if not self.schedule:
@@ -109,6 +113,8 @@ class EvictKV(Pass):
             raise OptionError(f"--kv-evict must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.budget <= 0 or (self.budget > 1 and self.budget != int(self.budget)):
             raise OptionError(f"--kv-budget must be a fraction in (0, 1] or a whole number of tokens, got {self.budget}")
+        if not 0 <= self.recent_share <= 1:
+            raise OptionError(f"the recent share must be in [0, 1], got {self.recent_share}")
         if self.sinks < 0 or self.recent < 0:
             raise OptionError("--kv-sinks and --kv-recent must be >= 0")
         if self.budget > 1 and self.budget < self.sinks + self.recent:
@@ -143,21 +149,36 @@ class EvictKV(Pass):
         valid_new = ed.op("Cast", [new_mask], to=ir.DataType.BOOL)  # [B, q]
         new_pos = ed.op("Where", [valid_new, positions, ed.const("m1", np.array(-1, np.int64))])
         causal = self._new_block(ed, positions, valid_new)  # [B, 1, q, q] additive
+        knobs = self._knobs(ed, graph)
         prev_kept: ir.Value | None = None
         layers = []
         for site in sites:
-            prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept)
+            prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept, knobs)
             layers.append(site.layer)
         ed.forget_shapes()
         ed.commit()
         RemoveUnusedNodesPass()(model)
         model.metadata_props[META_KEY] = json.dumps({
             "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "mode": self.mode,
+            "recent_share": self.recent_share,
             "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
             "state": {"importance": "past_importance.{l}", "positions": "past_positions.{l}"}})
         logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d, %s", len(layers), self.budget,
                     self.sinks, self.recent, self.mode)
         return PassResult(model, True)
+
+    def _knobs(self, ed: GraphEditor, graph: ir.Graph) -> dict[str, ir.Value]:
+        """budget, sinks, recent, recent_share as constants, or (``tunable``) as graph inputs whose
+        initializers are the compiled values: a benchmark overrides them per run, one model for all."""
+        values = {"budget": np.array(self.budget if self.budget <= 1 else 1.0, np.float32),
+                  "sinks": np.array([self.sinks], np.int64), "recent": np.array([self.recent], np.int64),
+                  "recent_share": np.array(self.recent_share, np.float32)}
+        knobs = {k: ed.const(k, v) for k, v in values.items()}
+        if self.tunable:
+            for key, value in knobs.items():
+                value.name = f"spatten.kv_{key}"
+                graph.inputs.append(value)
+        return knobs
 
     @staticmethod
     def _new_block(ed: GraphEditor, positions: ir.Value, valid_new: ir.Value) -> ir.Value:
@@ -170,7 +191,8 @@ class EvictKV(Pass):
         return ed.op("Where", [ok, ed.const("z", np.array(0, np.float32)), ed.const("min", np.array(MIN, np.float32))])
 
     def _rewrite(self, ed: GraphEditor, graph: ir.Graph, site: AttentionSite, new_pos: ir.Value,
-                 valid_new: ir.Value, causal: ir.Value, prev_kept: ir.Value | None) -> ir.Value:
+                 valid_new: ir.Value, causal: ir.Value, prev_kept: ir.Value | None,
+                 knobs: dict[str, ir.Value]) -> ir.Value:
         l = site.layer
         kc, vc = site.k.cache, site.v.cache
         past_imp = ir.Value(name=f"past_importance.{l}", shape=ir.Shape(["batch", f"past_sequence.{l}"]),
@@ -200,28 +222,34 @@ class EvictKV(Pass):
         pos = ed.op("Concat", [past_pos, new_pos], axis=1)
         valid = ed.op("GreaterOrEqual", [pos, i64("z", 0)])
         n = ed.op("Shape", [pos], start=1, end=2)
-        # forced: sinks (first real tokens) and the recent window (last slots)
-        rank = ed.op("CumSum", [ed.op("Cast", [valid], to=ir.DataType.INT64), i64("ax1", 1)])
-        sink = ed.op("And", [valid, ed.op("LessOrEqual", [rank, i64("s", self.sinks)])])
-        slot = ed.op("Range", [i64("r0", 0), ed.op("Squeeze", [n]), i64("r1", 1)])
-        recent = ed.op("GreaterOrEqual", [slot, ed.op("Sub", [ed.op("Squeeze", [n]), i64("rec", self.recent)])])
-        s = ed.op("Where", [ed.op("Or", [sink, recent]), f32("big", BIG), imp])
-        s = ed.op("Where", [valid, s, f32("nbig", -BIG)])
-        if self.mode == "cascade" and prev_kept is not None:
-            eq = ed.op("Equal", [ed.op("Unsqueeze", [pos, i64("a2", [2])]), ed.op("Unsqueeze", [prev_kept, i64("a1", [1])])])
-            hits = ed.op("ReduceSum", [ed.op("Cast", [eq], to=ir.DataType.INT32), i64("ax2", [2])], keepdims=0)
-            member = ed.op("Greater", [hits, ed.const("z32", np.array(0, np.int32))])  # ReduceSum: axes input at opset 13+
-            s = ed.op("Where", [member, s, f32("nbig", -BIG)])
-        # k = min(n, max(budget(T), sinks + recent))
-        b = self.layer_budget(l)
-        if b <= 1:
+        # k = min(n, max(budget(T), sinks + recent)); the recent window also covers share * (k - sinks)
+        sinks, recent, share = knobs["sinks"], knobs["recent"], knobs["recent_share"]
+        if self.budget <= 1:
             total = ed.op("Add", [ed.op("ReduceMax", [pos], keepdims=0), i64("one", 1)])
-            want = ed.op("Cast", [ed.op("Ceil", [ed.op("Mul", [ed.op("Cast", [total], to=ir.DataType.FLOAT),
-                                                             f32("b", b)])])], to=ir.DataType.INT64)
+            frac = ed.op("Mul", [knobs["budget"], f32("m", self.layer_budget(l) / self.budget)])
+            want = ed.op("Cast", [ed.op("Ceil", [ed.op("Mul", [ed.op("Cast", [total], to=ir.DataType.FLOAT), frac])])],
+                         to=ir.DataType.INT64)
             want = ed.op("Reshape", [want, i64("r", [1])])
         else:
-            want = i64("b", [int(b)])
-        k = ed.op("Min", [n, ed.op("Max", [want, i64("sr", [self.sinks + self.recent])])])
+            want = i64("b", [int(self.layer_budget(l))])
+        k = ed.op("Min", [n, ed.op("Max", [want, ed.op("Add", [sinks, recent])])])
+        by_share = ed.op("Cast", [ed.op("Floor", [ed.op("Mul", [share, ed.op("Cast", [ed.op("Sub", [k, sinks])],
+                                                                            to=ir.DataType.FLOAT)])])],
+                         to=ir.DataType.INT64)
+        window = ed.op("Squeeze", [ed.op("Max", [recent, by_share])])
+        # forced: sinks (first real tokens) and the recent window (last slots)
+        rank = ed.op("CumSum", [ed.op("Cast", [valid], to=ir.DataType.INT64), i64("ax1", 1)])
+        sink = ed.op("And", [valid, ed.op("LessOrEqual", [rank, ed.op("Squeeze", [sinks])])])
+        slot = ed.op("Range", [i64("r0", 0), ed.op("Squeeze", [n]), i64("r1", 1)])
+        in_window = ed.op("GreaterOrEqual", [slot, ed.op("Sub", [ed.op("Squeeze", [n]), window])])
+        s = ed.op("Where", [ed.op("Or", [sink, in_window]), f32("big", BIG), imp])
+        s = ed.op("Where", [valid, s, f32("nbig", -BIG)])
+        if self.mode == "cascade" and prev_kept is not None:
+            eq = ed.op("Equal", [ed.op("Unsqueeze", [pos, i64("a2", [2])]),
+                                 ed.op("Unsqueeze", [prev_kept, i64("a1", [1])])])
+            hits = ed.op("ReduceSum", [ed.op("Cast", [eq], to=ir.DataType.INT32), i64("ax2", [2])], keepdims=0)
+            member = ed.op("Greater", [hits, ed.const("z32", np.array(0, np.int32))])  # axes input: opset 13+
+            s = ed.op("Where", [member, s, f32("nbig", -BIG)])
         top_s, top_i = ed.op("TopK", [s, k], outputs=2, largest=1, sorted=1)
         keep, order = ed.op("TopK", [top_i, k], outputs=2, largest=0, sorted=1)
         kept_s = ed.op("GatherElements", [top_s, order], axis=1)

@@ -59,7 +59,7 @@ class CompileConfig:
     prune_min_length: int | None = None  # inputs of at most N tokens run without token and head pruning
     kv_budget: float | None = None  # decoders: cache budget per layer, fraction of the length so far or tokens
     kv_sinks: int | None = None  # decoders: first real tokens never evicted (evict-kv default)
-    kv_recent: int | None = None  # decoders: most recent tokens never evicted (evict-kv default)
+    kv_recent: int | str | None = None  # decoders: most recent tokens never evicted: N tokens or "P%" of the budget
     kv_evict: str | None = None  # decoders: layer (H2O-style, default) | cascade (SpAtten)
 
     def __post_init__(self) -> None:
@@ -170,7 +170,7 @@ class CompileConfig:
             passes.append(make_pass("quantize-kv", **opts))
         if self.kv_budget is not None:
             passes.append(make_pass("evict-kv", budget=float(self.kv_budget), **{
-                k: v for k, v in (("sinks", self.kv_sinks), ("recent", self.kv_recent), ("mode", self.kv_evict))
+                k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), *_recent(self.kv_recent))
                 if v is not None}))
         return [make_pass("normalize"), make_pass("decompose-attention"), *passes] if passes else []
 
@@ -223,6 +223,19 @@ class CompileConfig:
             return cls(**data)
         except TypeError as e:
             raise OptionError(f"--config {path}: {e}") from e
+
+
+def _recent(value: int | str | None) -> list[tuple[str, Any]]:
+    """--kv-recent N (tokens) or P% (of the kept slots after the sinks)."""
+    if value is None:
+        return []
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            return [("recent_share", float(text[:-1]) / 100)]
+        return [("recent", int(text))]
+    except ValueError as e:
+        raise OptionError(f"--kv-recent takes a number of tokens or a percentage of the budget (50%), got {text!r}") from e
 
 
 def parse_ratio_list(text: str) -> tuple[float, ...]:

@@ -84,13 +84,14 @@ def test_ort_equals_reference_with_eviction(name: str, tmp_path_factory: pytest.
 
 def numpy_rule(probs: np.ndarray, past_imp: np.ndarray, past_pos: np.ndarray, new_pos: np.ndarray,
                valid_q: np.ndarray, budget: float, sinks: int, recent: int,
-               above: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+               above: np.ndarray | None, share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The eviction rule written directly: returns (kept positions with -1 for empty, kept importance)."""
     imp = np.concatenate([past_imp, np.zeros_like(new_pos, np.float32)], 1)
     imp = imp + (probs * valid_q[:, None, :, None]).sum(axis=(1, 2))
     pos = np.concatenate([past_pos, np.where(valid_q > 0, new_pos, -1)], 1)
     b, n = pos.shape
     k = budget_tokens(budget, int(pos.max()) + 1, sinks, recent, n)
+    recent = max(recent, int(np.floor(np.float32(share) * np.float32(k - sinks))))
     kept_pos, kept_imp = np.full((b, k), -1), np.zeros((b, k), np.float32)
     for r in range(b):
         valid = pos[r] >= 0
@@ -107,12 +108,13 @@ def numpy_rule(probs: np.ndarray, past_imp: np.ndarray, past_pos: np.ndarray, ne
     return kept_pos, kept_imp
 
 
-@pytest.mark.parametrize("mode", ["layer", "cascade"])
+@pytest.mark.parametrize(("mode", "share"), [("layer", 0.0), ("cascade", 0.0), ("layer", 0.5), ("layer", 1.0)])
 @pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_kv_torchscript"])
-def test_kept_tokens_equal_numpy_rule(name: str, mode: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    budget, sinks, recent = 0.4, 2, 3
+def test_kept_tokens_equal_numpy_rule(name: str, mode: str, share: float,
+                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    budget, sinks, recent = 0.4, 2, 1
     path = compiled(name, str(tmp_path_factory.getbasetemp()), probs=True, budget=budget, sinks=sinks,
-                    recent=recent, mode=mode)
+                    recent=recent, mode=mode, recent_share=share)
     s = DecoderSession(path)
     softmax = [o for o in s.output_names if not o.startswith(("present", "logits"))]
     captured: dict[str, np.ndarray] = {}
@@ -138,7 +140,7 @@ def test_kept_tokens_equal_numpy_rule(name: str, mode: str, tmp_path_factory: py
             want_pos, want_imp = numpy_rule(
                 captured[f"out:{softmax[layer]}"], captured[f"past_importance.{layer}"],
                 captured[f"past_positions.{layer}"], captured["position_ids"], valid_q.astype(np.float32),
-                budget, sinks, recent, above if mode == "cascade" else None)
+                budget, sinks, recent, above if mode == "cascade" else None, share)
             np.testing.assert_array_equal(got_pos, want_pos)
             np.testing.assert_allclose(got_imp, want_imp, rtol=1e-5, atol=1e-5)
             above = got_pos
