@@ -11,6 +11,7 @@ length (GPT-2; ``evict-kv`` gave them a ``position_ids`` input). Batches are lef
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -57,6 +58,7 @@ class DecoderSession:
         self.vocab = _dim(proto.graph.output[0].type.tensor_type.shape.dim[-1])
         del proto
         self.runtime = runtime
+        self.overrides: dict[str, np.ndarray] = {}  # e.g. evict-kv's tunable spatten.kv_budget
         if runtime == "ort":
             import onnxruntime as ort
 
@@ -102,7 +104,7 @@ class DecoderSession:
             pos = np.clip(np.cumsum(full, axis=1) - 1, 0, None)[:, -q:]
         else:
             pos = np.broadcast_to(np.arange(full.shape[1] - q, full.shape[1], dtype=np.int64), ids.shape).copy()
-        feeds = {"input_ids": ids, "position_ids": pos, **self.cache}
+        feeds = {"input_ids": ids, "position_ids": pos, **self.cache, **self.overrides}
         if self.evict is None:
             feeds["attention_mask"] = full
         else:  # only the new tokens' columns are read; the past's validity is in past_positions
@@ -115,12 +117,20 @@ class DecoderSession:
         self.steps += 1
         return out["logits"]
 
+    def fork(self) -> DecoderSession:
+        """Another sequence state over the same loaded runtime (benchmarks step several in lockstep)."""
+        twin = copy.copy(self)
+        twin.overrides = dict(self.overrides)
+        twin.reset(self.batch)
+        return twin
+
     def cache_lengths(self) -> list[int]:
         return [self.cache[f"past_key_values.{layer}.key"].shape[2] for layer in sorted(self.layers)]
 
-    def cache_bytes(self) -> int:
-        """Bytes of the cache state handed from one step to the next (K/V and eviction state)."""
-        return int(sum(v.nbytes for v in self.cache.values()))
+    def cache_bytes(self, kv_only: bool = False) -> int:
+        """Bytes of the cache state the runtime returned and gets back next step (K/V, and the
+        eviction state unless ``kv_only``): the arrays really held between steps."""
+        return int(sum(v.nbytes for k, v in self.cache.items() if not kv_only or k.startswith("past_key_values")))
 
     def kept_positions(self) -> list[np.ndarray] | None:
         if self.evict is None:
