@@ -8,3 +8,4 @@ from . import decompose_attention, find_attention, normalize, prune_tokens  # no
 from . import prune_heads, prune_values  # noqa: E402,F401  (head and value pruning)
 from . import quantize_kv  # noqa: E402,F401
 from . import evict_kv  # noqa: E402,F401  (decoder KV-cache eviction)
+from . import pack_kv  # noqa: E402,F401  (decoder cache stored as packed planes)

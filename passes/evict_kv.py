@@ -35,7 +35,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
@@ -158,6 +158,7 @@ class EvictKV(Pass):
         ed.forget_shapes()
         ed.commit()
         RemoveUnusedNodesPass()(model)
+        ShapeInferencePass()(model)  # fresh shapes from the per-layer cache lengths (later passes read heads)
         model.metadata_props[META_KEY] = json.dumps({
             "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "mode": self.mode,
             "recent_share": self.recent_share,

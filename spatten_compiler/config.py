@@ -160,6 +160,10 @@ class CompileConfig:
             passes.append(self._token_pass())
         if self.value_keep is not None:
             passes.append(make_pass("prune-values", keep=self.value_keep))
+        if self.kv_budget is not None:  # before quantize-kv: it finds the attention it rewrites
+            passes.append(make_pass("evict-kv", budget=float(self.kv_budget), **{
+                k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), *_recent(self.kv_recent))
+                if v is not None}))
         if self.kv_bits is not None:
             opts: dict[str, Any] = {"bits": self.kv_bits}
             for key, value in (("threshold", self.lsb_threshold), ("rule", self.kv_rule),
@@ -168,10 +172,7 @@ class CompileConfig:
                     opts[key] = value
             opts["emit_stats"] = self.kv_stats
             passes.append(make_pass("quantize-kv", **opts))
-        if self.kv_budget is not None:
-            passes.append(make_pass("evict-kv", budget=float(self.kv_budget), **{
-                k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), *_recent(self.kv_recent))
-                if v is not None}))
+            passes.append(make_pass("pack-kv-cache", bits=self.kv_bits))  # decoders: the cache itself as planes
         return [make_pass("normalize"), make_pass("decompose-attention"), *passes] if passes else []
 
     def token_options(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import onnx
 from spatten_compiler.errors import OptionError
 
 logger = logging.getLogger(__name__)
-PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)")  # .msb/.lsb/.scale when stored as planes
 EVICT_META = "spatten.evict_kv"
 
 
@@ -40,16 +40,20 @@ class DecoderSession:
         proto = onnx.load(str(path), load_external_data=False)
         self.input_names = [i.name for i in proto.graph.input]
         self.output_names = [o.name for o in proto.graph.output]
-        self.layers: dict[int, tuple[int | None, int | None]] = {}
+        self.layers: dict[int, str] = {}  # layer -> the name of one of its cache inputs
+        self.state: dict[str, tuple[np.dtype, list[int | None]]] = {}  # every past_* input: dtype, dims
         for i in proto.graph.input:
+            if not i.name.startswith("past_"):
+                continue
+            t = i.type.tensor_type
+            self.state[i.name] = (onnx.helper.tensor_dtype_to_np_dtype(t.elem_type), [_dim(d) for d in t.shape.dim])
             m = PAST.match(i.name)
-            if m and m.group(2) == "key":
-                dims = i.type.tensor_type.shape.dim
-                self.layers[int(m.group(1))] = (_dim(dims[1]), _dim(dims[3]))
+            if m:
+                self.layers.setdefault(int(m.group(1)), i.name)
         if not self.layers:
             raise OptionError(f"{path}: no KV cache inputs (past_key_values.<l>.key); generation needs a decoder "
                               "exported with a KV cache")
-        if any(h is None or d is None for h, d in self.layers.values()):
+        if any(len(dims) == 4 and (dims[1] is None or dims[3] is None) for _, dims in self.state.values()):
             raise OptionError(f"{path}: the KV cache inputs need static head and head-size dimensions")
         meta = {p.key: p.value for p in proto.metadata_props}
         self.evict: dict[str, Any] | None = json.loads(meta[EVICT_META]) if EVICT_META in meta else None
@@ -79,12 +83,9 @@ class DecoderSession:
         """Empty caches for ``batch`` sequences."""
         self.batch = batch
         self.cache: dict[str, np.ndarray] = {}
-        for layer, (heads, dim) in self.layers.items():
-            for kind in ("key", "value"):
-                self.cache[f"past_key_values.{layer}.{kind}"] = np.zeros((batch, heads, 0, dim), np.float32)
-            if self.evict is not None:
-                self.cache[f"past_importance.{layer}"] = np.zeros((batch, 0), np.float32)
-                self.cache[f"past_positions.{layer}"] = np.zeros((batch, 0), np.int64)
+        for name, (dtype, dims) in self.state.items():  # [batch, (heads,) 0 tokens, (size)]
+            shape = [batch, 0] if len(dims) == 2 else [batch, dims[1], 0, *dims[3:]]
+            self.cache[name] = np.zeros(shape, dtype)
         self.mask = np.zeros((batch, 0), np.int64)  # every token so far (dense models read all of it)
         self.steps = 0
 
@@ -108,7 +109,7 @@ class DecoderSession:
         if self.evict is None:
             feeds["attention_mask"] = full
         else:  # only the new tokens' columns are read; the past's validity is in past_positions
-            past0 = self.cache[f"past_key_values.{min(self.layers)}.key"].shape[2]
+            past0 = self.cache[self.layers[min(self.layers)]].shape[2]
             feeds["attention_mask"] = np.concatenate([np.ones((ids.shape[0], past0), np.int64), new], axis=1)
         out = self._run(feeds)
         for name in list(self.cache):
@@ -125,7 +126,7 @@ class DecoderSession:
         return twin
 
     def cache_lengths(self) -> list[int]:
-        return [self.cache[f"past_key_values.{layer}.key"].shape[2] for layer in sorted(self.layers)]
+        return [self.cache[self.layers[layer]].shape[2] for layer in sorted(self.layers)]
 
     def cache_bytes(self, kv_only: bool = False) -> int:
         """Bytes of the cache state the runtime returned and gets back next step (K/V, and the
