@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
 from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results
 
@@ -40,11 +39,15 @@ METHODS: dict[str, tuple[str, dict[str, float]]] = {
     "layer-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25}),
     "cascade": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.0}),  # SpAtten's plain cascade
     "cascade-r50": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    # the cache stored as packed 4+4-bit planes (quantize-kv's peak rule) on top of eviction
+    "layer-s4-r50-q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    "q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),  # run with budget 1: bits alone
 }
 
 
 def compiled(mode: str, cache: Path, model: Path) -> Path:
     import spatten_compiler.passes  # noqa: F401  (registers the passes)
+
     from spatten_compiler.modelio import load_model, save_model
     from spatten_compiler.pipeline import Pipeline, make_pass
 
@@ -52,8 +55,10 @@ def compiled(mode: str, cache: Path, model: Path) -> Path:
     if not out.exists():
         log.info("compiling %s (%s)", out, mode)
         m = load_model(model)
+        evict, _, bits = mode.partition("+")
+        extra = [make_pass("quantize-kv", bits=bits), make_pass("pack-kv-cache", bits=bits)] if bits else []
         Pipeline([make_pass("normalize"), make_pass("decompose-attention"),
-                  make_pass("evict-kv", budget=0.25, sinks=4, mode=mode, tunable=True)])(m)
+                  make_pass("evict-kv", budget=0.25, sinks=4, mode=evict, tunable=True), *extra])(m)
         save_model(m, out)
     return out
 
@@ -77,7 +82,7 @@ def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, b
     configs: dict[tuple[str, float], DecoderSession] = {("dense", 1.0): sessions["dense"].fork()}
     for m in methods:
         mode, k = METHODS[m]
-        for b in budgets:
+        for b in [1.0] if m == "q44" else budgets:
             s = sessions[mode].fork()
             s.overrides = knobs(b, k)
             configs[(m, b)] = s

@@ -112,7 +112,8 @@ class EvictKV(Pass):
         if self.mode not in MODES:
             raise OptionError(f"--kv-evict must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.budget <= 0 or (self.budget > 1 and self.budget != int(self.budget)):
-            raise OptionError(f"--kv-budget must be a fraction in (0, 1] or a whole number of tokens, got {self.budget}")
+            raise OptionError(f"--kv-budget must be a fraction in (0, 1] or a whole number of tokens, "
+                              f"got {self.budget}")
         if not 0 <= self.recent_share <= 1:
             raise OptionError(f"the recent share must be in [0, 1], got {self.recent_share}")
         if self.sinks < 0 or self.recent < 0:
@@ -121,7 +122,8 @@ class EvictKV(Pass):
             raise OptionError(f"--kv-budget {int(self.budget)} is below --kv-sinks + --kv-recent "
                               f"({self.sinks} + {self.recent}): the budget could never be kept")
         if self.mode == "cascade" and any(b > a for a, b in zip(self.schedule, self.schedule[1:])):
-            raise OptionError("cascade eviction: deeper layers keep no more than shallower ones (schedule must not increase)")
+            raise OptionError("cascade eviction: deeper layers keep no more than shallower ones "
+                              "(the schedule must not increase)")
 
     def call(self, model: ir.Model) -> PassResult:
         self._validate()
@@ -163,7 +165,7 @@ class EvictKV(Pass):
             "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "mode": self.mode,
             "recent_share": self.recent_share,
             "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
-            "state": {"importance": "past_importance.{l}", "positions": "past_positions.{l}"}})
+            "state": {"importance": "past_importance.{layer}", "positions": "past_positions.{layer}"}})
         logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d, %s", len(layers), self.budget,
                     self.sinks, self.recent, self.mode)
         return PassResult(model, True)
@@ -194,17 +196,17 @@ class EvictKV(Pass):
     def _rewrite(self, ed: GraphEditor, graph: ir.Graph, site: AttentionSite, new_pos: ir.Value,
                  valid_new: ir.Value, causal: ir.Value, prev_kept: ir.Value | None,
                  knobs: dict[str, ir.Value]) -> ir.Value:
-        l = site.layer
+        layer = site.layer
         kc, vc = site.k.cache, site.v.cache
-        past_imp = ir.Value(name=f"past_importance.{l}", shape=ir.Shape(["batch", f"past_sequence.{l}"]),
+        past_imp = ir.Value(name=f"past_importance.{layer}", shape=ir.Shape(["batch", f"past_sequence.{layer}"]),
                             type=ir.TensorType(ir.DataType.FLOAT))
-        past_pos = ir.Value(name=f"past_positions.{l}", shape=ir.Shape(["batch", f"past_sequence.{l}"]),
+        past_pos = ir.Value(name=f"past_positions.{layer}", shape=ir.Shape(["batch", f"past_sequence.{layer}"]),
                             type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.extend([past_imp, past_pos])
         for cache in (kc, vc):  # each layer's cache has its own length now
             d = cache.past.shape.dims if cache.past.shape is not None else None
             if d is not None and len(d) == 4:
-                cache.past.shape = ir.Shape([d[0], d[1], f"past_sequence.{l}", d[3]])
+                cache.past.shape = ir.Shape([d[0], d[1], f"past_sequence.{layer}", d[3]])
         i64 = lambda h, a: ed.const(h, np.array(a, np.int64))  # noqa: E731
         f32 = lambda h, a: ed.const(h, np.array(a, np.float32))  # noqa: E731
         # mask for this layer's own cache length
@@ -227,12 +229,12 @@ class EvictKV(Pass):
         sinks, recent, share = knobs["sinks"], knobs["recent"], knobs["recent_share"]
         if self.budget <= 1:
             total = ed.op("Add", [ed.op("ReduceMax", [pos], keepdims=0), i64("one", 1)])
-            frac = ed.op("Mul", [knobs["budget"], f32("m", self.layer_budget(l) / self.budget)])
+            frac = ed.op("Mul", [knobs["budget"], f32("m", self.layer_budget(layer) / self.budget)])
             want = ed.op("Cast", [ed.op("Ceil", [ed.op("Mul", [ed.op("Cast", [total], to=ir.DataType.FLOAT), frac])])],
                          to=ir.DataType.INT64)
             want = ed.op("Reshape", [want, i64("r", [1])])
         else:
-            want = i64("b", [int(self.layer_budget(l))])
+            want = i64("b", [int(self.layer_budget(layer))])
         k = ed.op("Min", [n, ed.op("Max", [want, ed.op("Add", [sinks, recent])])])
         by_share = ed.op("Cast", [ed.op("Floor", [ed.op("Mul", [share, ed.op("Cast", [ed.op("Sub", [k, sinks])],
                                                                             to=ir.DataType.FLOAT)])])],
@@ -265,9 +267,9 @@ class EvictKV(Pass):
                 ed.op("Shape", [present], start=3, end=4)], axis=0)])
             pruned = ed.op("GatherElements", [present, full], axis=2)
             self._swap_output(ed, graph, present, pruned)
-        for value, name, dtype in ((kept_imp, f"present_importance.{l}", ir.DataType.FLOAT),
-                                   (kept_pos, f"present_positions.{l}", ir.DataType.INT64)):
-            value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", f"kept.{l}"])
+        for value, name, dtype in ((kept_imp, f"present_importance.{layer}", ir.DataType.FLOAT),
+                                   (kept_pos, f"present_positions.{layer}", ir.DataType.INT64)):
+            value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", f"kept.{layer}"])
             graph.outputs.append(value)
         return kept_pos
 

@@ -236,7 +236,8 @@ def _recent(value: int | str | None) -> list[tuple[str, Any]]:
             return [("recent_share", float(text[:-1]) / 100)]
         return [("recent", int(text))]
     except ValueError as e:
-        raise OptionError(f"--kv-recent takes a number of tokens or a percentage of the budget (50%), got {text!r}") from e
+        raise OptionError(f"--kv-recent takes a number of tokens or a percentage of the budget (50%), "
+                          f"got {text!r}") from e
 
 
 def parse_ratio_list(text: str) -> tuple[float, ...]:

@@ -3,22 +3,21 @@ kept tokens equal a NumPy computation of the rule, and properties over budgets/s
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+import spatten_compiler.passes  # noqa: F401  (registers the passes)
+from conftest import MODELS, load_meta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import spatten_compiler.passes  # noqa: F401  (registers the passes)
-from spatten_compiler.decoding import DecoderSession, left_pad
 from spatten_compiler.passes.evict_kv import budget_tokens
-from spatten_compiler.pipeline import Pipeline, make_pass
 
-from conftest import MODELS, load_meta
+from spatten_compiler.decoding import DecoderSession, left_pad
+from spatten_compiler.pipeline import Pipeline, make_pass
 
 DECODERS = ["gpt2_kv_dynamo", "gpt2_kv_torchscript", "llama_torchscript", "llama_dynamo", "llama_sdpa_dynamo",
             "llama_attention_op23"]
@@ -26,7 +25,7 @@ PROMPTS = [[5, 17, 33, 2, 9, 11, 40, 7, 21], [8, 3, 100, 42]]
 STEPS = 16
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiled(name: str, tmp: str, probs: bool = False, **options: object) -> Path:
     """The fixture rewritten by evict-kv (``probs``: the probabilities as extra outputs, for the NumPy rule)."""
     model = ir.load(str(MODELS / f"{name}.onnx"))
@@ -164,10 +163,11 @@ def test_properties(budget: float, sinks: int, recent: int, lengths: list[int], 
     s.reset(len(lengths))
     s.step(ids, mask)
     total = ids.shape[1]
+    prev = total - 1
     for step in range(6):
         lens = s.cache_lengths()
         n = lens[0]
-        want = budget_tokens(budget, total, sinks, recent, (total if step == 0 else prev + 1))
+        want = budget_tokens(budget, total, sinks, recent, prev + 1)
         assert lens == [want] * 4
         for layer, kept in enumerate(s.kept_positions()):
             for row, real in enumerate(lengths):

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
+import spatten_compiler.passes  # noqa: F401
 from conftest import MODELS
 from test_evict_kv import DECODERS, PROMPTS
 
-import spatten_compiler.passes  # noqa: F401
 from spatten_compiler.decoding import DecoderSession, left_pad
 from spatten_compiler.pipeline import Pipeline, make_pass
 
