@@ -98,6 +98,8 @@ def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, b
         log.info("prefill %s %d tokens: %.1f s", c, prefix, time.perf_counter() - t0)
         last[c] = logits[0, -1]
     for t in range(prefix, context):
+        if (t - prefix) % 16 == 0:
+            log.info("context %d: decode step %d/%d", context, t - prefix, decode)
         for c, s in configs.items():
             losses[c].append(nll(last[c], int(win[t])))
             if t + 1 < context:

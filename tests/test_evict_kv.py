@@ -191,3 +191,14 @@ def test_properties(budget: float, sinks: int, recent: int, lengths: list[int], 
 def test_gqa_fixture_has_grouped_heads() -> None:
     meta = load_meta("llama_dynamo")
     assert meta["num_kv_heads"] < meta["num_heads"]  # the mapping rule (sum over all query heads) is exercised
+
+
+def test_tunable_knobs_equal_compiled_values(tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = str(tmp_path_factory.getbasetemp())
+    fixed = DecoderSession(compiled("llama_dynamo", base, budget=0.3, sinks=1, recent=0, recent_share=0.5))
+    tuned = DecoderSession(compiled("llama_dynamo", base, budget=0.7, sinks=4, recent=2, tunable=True))
+    tuned.overrides = {"spatten.kv_budget": np.array(0.3, np.float32), "spatten.kv_sinks": np.array([1]),
+                       "spatten.kv_recent": np.array([0]), "spatten.kv_recent_share": np.array(0.5, np.float32)}
+    assert max(_run(fixed, tuned, steps=6)) == 0.0
+    for a, b in zip(fixed.kept_positions(), tuned.kept_positions()):
+        np.testing.assert_array_equal(a, b)
