@@ -43,6 +43,7 @@ PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 class PackKVCache(Pass):
     name = "pack-kv-cache"
     bits: str = "4+4"
+    granularity: str = "token"  # quantize-kv's; only per-token scales can be stored exactly
 
     def call(self, model: ir.Model) -> PassResult:
         m, lo = parse_bits(self.bits)
@@ -51,6 +52,9 @@ class PackKVCache(Pass):
         pasts = [v for v in graph.inputs if PAST.match(v.name or "")]
         if not pasts:  # an encoder: quantize-kv alone applies
             return PassResult(model, False)
+        if self.granularity != "token":
+            raise OptionError(f"--kv-bits on a decoder stores the cache with per-token scales; --kv-granularity "
+                              f"{self.granularity} scales change as tokens arrive and cannot be stored")
         ensure_functions(model, list(FUNCTIONS))
         ed = GraphEditor(model, "spatten/packkv")
         packer = _Packer(ed, m, lo, ed.const("qmax", np.float32(qmax_for(m + lo))), ed.const("step", np.float32(2**lo)),

@@ -172,7 +172,7 @@ class CompileConfig:
                     opts[key] = value
             opts["emit_stats"] = self.kv_stats
             passes.append(make_pass("quantize-kv", **opts))
-            passes.append(make_pass("pack-kv-cache", bits=self.kv_bits))  # decoders: the cache itself as planes
+            passes.append(make_pass("pack-kv-cache", bits=self.kv_bits, granularity=self.kv_granularity or "token"))  # decoders: the cache itself as planes
         return [make_pass("normalize"), make_pass("decompose-attention"), *passes] if passes else []
 
     def token_options(self) -> dict[str, Any]:

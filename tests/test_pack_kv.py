@@ -70,3 +70,11 @@ def test_kv_bits_on_decoder_via_cli(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     s = DecoderSession(out)
     assert "past_key_values.0.value.lsb" in s.state and "past_importance.0" in s.state
+
+
+def test_non_token_scales_are_refused_on_decoders(tmp_path: Path) -> None:
+    from test_generate import spattenc
+
+    out = tmp_path / "x.onnx"
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-bits", "4+4", "--kv-granularity", "head")
+    assert r.returncode == 2 and "per-token scales" in r.stderr and not out.exists()
