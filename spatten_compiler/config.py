@@ -63,6 +63,10 @@ class CompileConfig:
     no_value_pruning: bool = False
     optimize: bool = False  # then onnxruntime's transformer fusions (passes/ort_fusions.py)
     weights: str | None = None  # then onnxruntime weight quantization: int8 (dynamic) | int4 (MatMulNBits)
+    kv_budget: float | None = None  # decoders: cache budget per layer, fraction of the length so far or tokens
+    kv_sinks: int | None = None  # decoders: first real tokens never evicted (evict-kv default)
+    kv_recent: int | str | None = None  # decoders: most recent tokens never evicted: N tokens or "P%" of the budget
+    kv_evict: str | None = None  # decoders: layer (H2O-style, default) | cascade (SpAtten)
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -150,6 +154,10 @@ class CompileConfig:
         if given and self.kv_bits in (None, "none"):
             off = " (--kv-bits none turns K/V quantization off)" if self.kv_bits == "none" else ""
             raise OptionError(f"{given[0]} needs --kv-bits{off}")
+        evict = [f for f, v in (("--kv-sinks", self.kv_sinks), ("--kv-recent", self.kv_recent),
+                                ("--kv-evict", self.kv_evict)) if v is not None]
+        if evict and self.kv_budget is None:
+            raise OptionError(f"{evict[0]} needs --kv-budget")
 
     @property
     def prunes_tokens(self) -> bool:
@@ -184,6 +192,10 @@ class CompileConfig:
             passes.append(self._token_pass())
         if self.value_keep is not None:
             passes.append(make_pass("prune-values", keep=self.value_keep))
+        if self.kv_budget is not None:  # before quantize-kv: it finds the attention it rewrites
+            passes.append(make_pass("evict-kv", budget=float(self.kv_budget), **{
+                k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), *_recent(self.kv_recent))
+                if v is not None}))
         if self.kv_bits not in (None, "none"):
             opts: dict[str, Any] = {"bits": self.kv_bits}
             for key, value in (("threshold", self.lsb_threshold), ("rule", self.kv_rule),
@@ -192,6 +204,7 @@ class CompileConfig:
                     opts[key] = value
             opts["emit_stats"] = self.kv_stats
             passes.append(make_pass("quantize-kv", **opts))
+            passes.append(make_pass("pack-kv-cache", bits=self.kv_bits, granularity=self.kv_granularity or "token"))  # decoders: the cache itself as planes
         front = [make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention")]
         return [*front, *passes, *self.ort_passes()] if passes else self.ort_passes()
 
@@ -262,6 +275,20 @@ class CompileConfig:
             if key in data:
                 data[key] = tuple(float(x) for x in data[key])
         return data
+
+
+def _recent(value: int | str | None) -> list[tuple[str, Any]]:
+    """--kv-recent N (tokens) or P% (of the kept slots after the sinks)."""
+    if value is None:
+        return []
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            return [("recent_share", float(text[:-1]) / 100)]
+        return [("recent", int(text))]
+    except ValueError as e:
+        raise OptionError(f"--kv-recent takes a number of tokens or a percentage of the budget (50%), "
+                          f"got {text!r}") from e
 
 
 def parse_ratio_list(text: str) -> tuple[float, ...]:

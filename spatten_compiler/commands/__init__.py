@@ -26,6 +26,7 @@ def register(command: Command) -> Command:
 def load_all() -> dict[str, Command]:
     # Imported for their registration side effect; the order is the order shown in --help.
     from spatten_compiler.commands import compile as _compile  # noqa: F401
+    from spatten_compiler.commands import generate as _generate  # noqa: F401
     from spatten_compiler.commands import inspect as _inspect  # noqa: F401
 
 

@@ -94,6 +94,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one scale per (head, token), head, (head, channel) or batch element (default token)")
     q.add_argument("--kv-stats", action="store_const", const=True,
                    help="add outputs spatten_lsb_rows.<layer> and spatten_lsb_fraction (default off)")
+    e = p.add_argument_group("decoder KV-cache eviction (docs/decoders.md)")
+    e.add_argument("--kv-budget", type=float, metavar="B",
+                   help="keep each layer's cache within B: a fraction of the length so far (0.25) or tokens (256)")
+    e.add_argument("--kv-sinks", type=int, metavar="N", help="first N real tokens are never evicted (default 4)")
+    e.add_argument("--kv-recent", metavar="N|P%",
+                   help="the N most recent tokens, or a share P%% of the budget, are never evicted")
+    e.add_argument("--kv-evict", choices=("layer", "cascade"),
+                   help="layer: each layer keeps its own top tokens by accumulated attention (H2O-style, default); "
+                   "cascade: SpAtten's, a token dropped at layer l is dropped at every deeper layer")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
@@ -147,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
         "no_value_pruning": args.no_value_pruning,
         "optimize": args.optimize,
         "weights": args.weights,
+        "kv_budget": args.kv_budget,
+        "kv_sinks": args.kv_sinks,
+        "kv_recent": args.kv_recent,
+        "kv_evict": args.kv_evict,
     })
     t0 = time.perf_counter()
     with report.step(f"compiling {args.model}"), report.bar(None, "passes", unit="pass") as bar:

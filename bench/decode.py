@@ -1,0 +1,218 @@
+"""Decode-mode benchmark of KV-cache eviction (evict-kv) on a real decoder (SmolLM2-135M).
+
+For each context C and window of WikiText-2 test tokens: prefill the first C - D tokens, then
+teacher-force the next D tokens one decode step at a time through each configuration's cache; the
+perplexity is over those D predictions. All configurations (dense; StreamingLLM-style sinks + recent
+window; H2O-style accumulated attention per layer with a recent window of half the budget; spattenc's
+variants; SpAtten's plain cascade) run the same tokens in the same process, stepped in lockstep so
+their step times interleave. Eviction models are compiled once with ``tunable`` knobs and the
+budget / sinks / window share are fed per configuration.
+
+    python -m bench.decode --contexts 512,1024,2048 --budgets 0.125,0.25,0.5 --decode 128 --windows 1
+
+Reported per (context, budget, method): perplexity, K/V bytes held between steps (the arrays
+onnxruntime returned, at the last step; the importance/position state separately), median decode
+step latency (intra-op threads as given, the machine shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results
+
+log = logging.getLogger("bench.decode")
+MODEL = REPO_ROOT / "models" / "cache" / "smollm2" / "model.onnx"
+DATA = next((d / "shared" / "data" / "wikitext2" / "test.txt" for d in REPO_ROOT.parents
+             if (d / "shared" / "data" / "wikitext2" / "test.txt").exists()), Path("wikitext2/test.txt"))
+# method -> (compiled mode, knobs); budget is the sweep variable
+METHODS: dict[str, tuple[str, dict[str, float]]] = {
+    "streaming": ("layer", {"sinks": 4, "recent": 0, "recent_share": 1.0}),  # StreamingLLM: sinks + window
+    "h2o": ("layer", {"sinks": 0, "recent": 0, "recent_share": 0.5}),  # H2O: heavy hitters + recent half
+    "layer-s4-r50": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    "layer-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25}),
+    "cascade": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.0}),  # SpAtten's plain cascade
+    "cascade-r50": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    # the cache stored as packed 4+4-bit planes (quantize-kv's peak rule) on top of eviction
+    "layer-s4-r50-q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    "q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),  # run with budget 1: bits alone
+}
+
+
+def compiled(mode: str, cache: Path, model: Path) -> Path:
+    import spatten_compiler.passes  # noqa: F401  (registers the passes)
+
+    from spatten_compiler.modelio import load_model, save_model
+    from spatten_compiler.pipeline import Pipeline, make_pass
+
+    out = cache / f"{model.parent.name}.evict-{mode}.onnx"
+    if not out.exists():
+        log.info("compiling %s (%s)", out, mode)
+        m = load_model(model)
+        evict, _, bits = mode.partition("+")
+        extra = [make_pass("quantize-kv", bits=bits), make_pass("pack-kv-cache", bits=bits)] if bits else []
+        Pipeline([make_pass("normalize"), make_pass("decompose-attention"),
+                  make_pass("evict-kv", budget=0.25, sinks=4, mode=evict, tunable=True), *extra])(m)
+        save_model(m, out)
+    return out
+
+
+def knobs(budget: float, k: dict[str, float]) -> dict[str, np.ndarray]:
+    return {"spatten.kv_budget": np.array(budget, np.float32), "spatten.kv_sinks": np.array([k["sinks"]], np.int64),
+            "spatten.kv_recent": np.array([k["recent"]], np.int64),
+            "spatten.kv_recent_share": np.array(k["recent_share"], np.float32)}
+
+
+def nll(logits: np.ndarray, target: int) -> float:
+    z = logits.astype(np.float64)
+    m = z.max()
+    return float(m + np.log(np.exp(z - m).sum()) - z[target])
+
+
+def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, budgets: list[float],
+                methods: list[str]) -> list[dict]:
+    from spatten_compiler.decoding import DecoderSession
+
+    configs: dict[tuple[str, float], DecoderSession] = {("dense", 1.0): sessions["dense"].fork()}
+    for m in methods:
+        mode, k = METHODS[m]
+        for b in [1.0] if m == "q44" else budgets:
+            s = sessions[mode].fork()
+            s.overrides = knobs(b, k)
+            configs[(m, b)] = s
+    prefix = context - decode
+    win = tokens[:context]
+    losses = {c: [] for c in configs}
+    times = {c: [] for c in configs}
+    last = {}
+    for c, s in configs.items():
+        s.reset(1)
+        t0 = time.perf_counter()
+        logits = s.step(win[None, :prefix])
+        log.info("prefill %s %d tokens: %.1f s", c, prefix, time.perf_counter() - t0)
+        last[c] = logits[0, -1]
+    for t in range(prefix, context):
+        if (t - prefix) % 16 == 0:
+            log.info("context %d: decode step %d/%d", context, t - prefix, decode)
+        for c, s in configs.items():
+            losses[c].append(nll(last[c], int(win[t])))
+            if t + 1 < context:
+                t0 = time.perf_counter()
+                last[c] = s.step(win[None, t:t + 1])[0, -1]
+                times[c].append(time.perf_counter() - t0)
+    rows = []
+    for (m, b), s in configs.items():
+        rows.append({"context": context, "method": m, "budget": b, "nll": float(np.mean(losses[(m, b)])),
+                     "kv_bytes": s.cache_bytes(kv_only=True), "state_bytes": s.cache_bytes() - s.cache_bytes(True),
+                     "cache_len": s.cache_lengths()[0], "step_ms": float(np.median(times[(m, b)]) * 1e3)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=MODEL)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--contexts", default="512,1024,2048")
+    p.add_argument("--budgets", default="0.125,0.25,0.5")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--decode", type=int, default=128, help="teacher-forced decode steps per window")
+    p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", type=Path, default=REPO_ROOT / "models" / "cache")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--name", default="decode-smollm2")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tokenizers import Tokenizer
+
+    from spatten_compiler.decoding import DecoderSession
+
+    contexts = [int(x) for x in args.contexts.split(",")]
+    budgets = [float(x) for x in args.budgets.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    tok = Tokenizer.from_file(str(args.model.parent / "tokenizer.json"))
+    ids = np.array(tok.encode(args.data.read_text()).ids, np.int64)
+    sessions = {"dense": DecoderSession(args.model, threads=args.threads)}
+    for mode in sorted({METHODS[m][0] for m in methods}):
+        sessions[mode] = DecoderSession(compiled(mode, args.cache, args.model), threads=args.threads)
+    rows: list[dict] = []
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for context in contexts:
+        for w in range(args.windows):
+            start = (w + 1) * (len(ids) // (args.windows + 1)) - context // 2
+            for r in run_context(sessions, ids[start:start + context], context, args.decode, budgets, methods):
+                rows.append({**r, "window": w})
+            log.info("context %d window %d done", context, w)
+            (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
+    summary = summarize(rows)
+    meta = run_metadata(args.threads)
+    md = render(summary, meta, args)
+    _, md_path = write_results(args.out_dir, args.name, {"meta": meta, "rows": rows, "summary": summary}, md)
+    plot(summary, md_path.with_suffix(".png"))
+    (args.out_dir / f"partial-{args.name}.json").unlink(missing_ok=True)
+    print(md)
+    return 0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    keys = sorted({(r["context"], r["method"], r["budget"]) for r in rows})
+    out = []
+    for c, m, b in keys:
+        sel = [r for r in rows if (r["context"], r["method"], r["budget"]) == (c, m, b)]
+        dense = [r for r in rows if (r["context"], r["method"]) == (c, "dense")]
+        out.append({"context": c, "method": m, "budget": b, "ppl": float(np.exp(np.mean([r["nll"] for r in sel]))),
+                    "dense_ppl": float(np.exp(np.mean([r["nll"] for r in dense]))),
+                    "kv_bytes": int(np.mean([r["kv_bytes"] for r in sel])),
+                    "dense_kv_bytes": int(np.mean([r["kv_bytes"] for r in dense])),
+                    "state_bytes": int(np.mean([r["state_bytes"] for r in sel])),
+                    "step_ms": float(np.median([r["step_ms"] for r in sel])),
+                    "dense_step_ms": float(np.median([r["step_ms"] for r in dense]))})
+    return out
+
+
+def render(summary: list[dict], meta: dict, args: argparse.Namespace) -> str:
+    lines = [f"# Decode-mode KV eviction: {args.model.parent.name}, WikiText-2 test", "",
+             f"Command: `{meta['command']}`  ", f"Date: {meta['date_utc']}, git {meta['git_commit']}, "
+             f"onnxruntime {meta['onnxruntime_version']}, {args.threads} intra-op threads, load avg "
+             f"{meta['load_avg_1m']:.1f} on {meta['cpu_count']} cores (machine shared with other jobs: latency is noisy).",
+             f"Windows per context: {args.windows}; decode steps per window: {args.decode} (prefix = context - decode). "
+             "Few windows: perplexity differences under ~3% are within noise.", "",
+             "| context | method | budget | ppl | ppl vs dense | KV bytes | KV vs dense | state bytes | step ms | "
+             "step vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['context']} | {s['method']} | {s['budget']:g} | {s['ppl']:.2f} | "
+                     f"{s['ppl'] / s['dense_ppl'] - 1:+.1%} | {s['kv_bytes'] / 1e6:.2f} MB | "
+                     f"{s['kv_bytes'] / s['dense_kv_bytes']:.3f} | {s['state_bytes'] / 1e3:.1f} kB | "
+                     f"{s['step_ms']:.1f} | {s['dense_step_ms'] / s['step_ms']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({s["context"] for s in summary})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+    for ax, c in zip(axes[0], contexts):
+        for m in sorted({s["method"] for s in summary}):
+            pts = sorted((s["kv_bytes"] / 1e6, s["ppl"]) for s in summary if s["context"] == c and s["method"] == m)
+            ax.plot(*zip(*pts), "o-" if m != "dense" else "k*", label=m, markersize=8 if m == "dense" else 4)
+        ax.set_title(f"context {c}")
+        ax.set_xlabel("KV cache held (MB)")
+        ax.set_ylabel("perplexity")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

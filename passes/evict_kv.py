@@ -1,0 +1,283 @@
+"""evict-kv: keep each decoder layer's KV cache within a budget, by accumulated attention (H2O /
+SpAtten token importance carried across generation steps).
+
+Rewrite of each attention site ``l`` of a decoder with ``past.*``/``present.*`` cache tensors
+(``P_l`` = the probabilities ``[B, H, q, n]``, ``n = L_l + q`` = this layer's kept cache + new tokens)::
+
+    pos_l   = Concat(past_positions.l, Where(valid_new, position_ids, -1))      [B, n] int64, -1 = empty
+    bias_l  = Concat(Where(past_positions.l < 0, MIN, 0), causal+padding of the q new tokens)
+    scores  = MatMul(Q, K^T) * s + bias_l            (replaces the exporter's mask: cache lengths differ)
+    imp_l   = Concat(past_importance.l, 0) + ReduceSum(P_l * valid_query, axes=[heads, queries])
+    s_l     = Where(sink | recent, +BIG, imp_l);  Where(pos_l < 0, -BIG, s_l)
+              cascade: Where(pos_l in kept_{l-1}, s_l, -BIG)   (dropped above = dropped here)
+    k       = min(n, max(budget(T), sinks + recent))   T = max(pos) + 1: the length so far
+    keep    = Sort(TopK(s_l, k).indices)                 kept tokens stay in order
+    present.l.key/value     = GatherElements(present, keep) along the sequence axis
+    present_importance.l    = Gather(imp_l, keep);  present_positions.l = Gather(pos_l, keep) (-1 if -BIG)
+
+``budget(T)`` is ``ceil(b * T)`` for a fraction ``b <= 1`` or ``b`` tokens. Sinks are the first
+``sinks`` real tokens (rank among the valid slots, so left padding does not take their place); the
+recent window is the last ``recent`` slots. GQA: the query heads' probabilities are summed over all
+heads, so every KV head of a layer keeps the same tokens (one decision per layer, like SpAtten's
+token pruning; a KV head shared by a group is charged the group's attention). RoPE: the cache holds
+post-RoPE keys and the caller feeds true absolute ``position_ids``; a model that computes its
+positions from the cache length (GPT-2's learned positions) gets a ``position_ids`` input wired into
+its position-embedding Gather. Per-layer cache lengths may differ (``schedule``), so the exporter's
+mask (built for one cache length) is replaced by ``bias_l``; ``attention_mask``'s last ``q`` columns
+still give the new tokens' padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+
+from spatten_compiler.editor import GraphEditor
+from spatten_compiler.errors import NoAttentionError, OptionError
+from spatten_compiler.pipeline import Pass, PassResult, register_pass
+
+from .find_attention import AttentionSite, find_attention
+from .site_io import _ancestors
+
+logger = logging.getLogger(__name__)
+MIN = float(np.finfo(np.float32).min)
+BIG = 1e30
+MODES = ("layer", "cascade")
+META_KEY = "spatten.evict_kv"
+
+
+def budget_tokens(budget: float, total: int, sinks: int, recent: int, n: int) -> int:
+    """The number of cache slots a layer keeps (NumPy twin of the graph's arithmetic)."""
+    want = int(np.ceil(np.float32(budget) * np.float32(total))) if budget <= 1 else int(budget)
+    return min(n, max(want, sinks + recent))
+
+
+def _check(sites: list[AttentionSite]) -> None:
+    if not sites:
+        raise NoAttentionError("evict-kv: no attention site found")
+    for s in sites:
+        if s.fused is not None:
+            raise OptionError(f"layer {s.layer}: fused {s.fused.op_type}; run decompose-attention first")
+        cache = s.k.cache if s.k else None
+        if cache is None or s.v is None or s.v.cache is None or cache.present is None or s.v.cache.present is None:
+            raise OptionError(f"layer {s.layer} has no KV cache (past/present inputs and outputs): "
+                              "--kv-budget applies to decoders exported with a KV cache")
+        if s.mask_node is None or s.variant.get("mask") != "additive":
+            raise OptionError(f"layer {s.layer}: mask form {s.variant.get('mask')} is not supported by evict-kv")
+        if s.rope and s.rope_source and "position" not in s.rope_source:
+            raise OptionError(f"layer {s.layer}: RoPE positions are computed from the cache length; "
+                              "evict-kv needs a position_ids input")
+
+
+def _position_gather(graph: ir.Graph) -> ir.Node | None:
+    """GPT-2 style learned positions: Gather(table, f(Range(past_len, past_len + q)))."""
+    for node in graph:
+        if node.op_type != "Gather" or node.inputs[0].const_value is None:
+            continue
+        nodes, inputs = _ancestors(node.inputs[1], limit=60)
+        if any(n.op_type == "Range" for n in nodes) and any("past" in (v.name or "") for v in inputs):
+            return node
+    return None
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class EvictKV(Pass):
+    """Options: ``budget`` (fraction <= 1 or tokens), ``sinks``, ``recent`` (tokens), ``recent_share``
+    (the recent window also spans this share of the kept slots after the sinks: 1.0 = StreamingLLM),
+    ``mode`` layer|cascade, ``schedule`` (per-layer budget multipliers, missing entries repeat the
+    last; cascade: non-increasing), ``tunable`` (budget/sinks/recent/share as overridable inputs)."""
+
+    name = "evict-kv"
+    budget: float = 0.25
+    sinks: int = 4
+    recent: int = 0
+    recent_share: float = 0.0
+    mode: str = "layer"
+    schedule: tuple[float, ...] = ()
+    tunable: bool = False
+
+    def layer_budget(self, layer: int) -> float:
+        if not self.schedule:
+            return self.budget
+        m = self.schedule[min(layer, len(self.schedule) - 1)]
+        return self.budget * m if self.budget <= 1 else float(max(1, round(self.budget * m)))
+
+    def _validate(self) -> None:
+        if self.mode not in MODES:
+            raise OptionError(f"--kv-evict must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.budget <= 0 or (self.budget > 1 and self.budget != int(self.budget)):
+            raise OptionError(f"--kv-budget must be a fraction in (0, 1] or a whole number of tokens, "
+                              f"got {self.budget}")
+        if not 0 <= self.recent_share <= 1:
+            raise OptionError(f"the recent share must be in [0, 1], got {self.recent_share}")
+        if self.sinks < 0 or self.recent < 0:
+            raise OptionError("--kv-sinks and --kv-recent must be >= 0")
+        if self.budget > 1 and self.budget < self.sinks + self.recent:
+            raise OptionError(f"--kv-budget {int(self.budget)} is below --kv-sinks + --kv-recent "
+                              f"({self.sinks} + {self.recent}): the budget could never be kept")
+        if self.mode == "cascade" and any(b > a for a, b in zip(self.schedule, self.schedule[1:])):
+            raise OptionError("cascade eviction: deeper layers keep no more than shallower ones "
+                              "(the schedule must not increase)")
+
+    def call(self, model: ir.Model) -> PassResult:
+        self._validate()
+        sites = find_attention(model).sites
+        _check(sites)
+        graph = model.graph
+        ed = GraphEditor(model, "spatten/evict")
+        names = {v.name: v for v in graph.inputs}
+        amask = names.get("attention_mask")
+        if amask is None:
+            raise OptionError("evict-kv needs an attention_mask input (it gives the new tokens' padding)")
+        positions, convention = names.get("position_ids"), "input"
+        if positions is None:
+            gather = _position_gather(graph)
+            if gather is None:
+                raise OptionError("evict-kv: the model has no position_ids input and no learned position table")
+            positions = ir.Value(name="position_ids", shape=ir.Shape(["batch", "sequence"]),
+                                 type=ir.TensorType(ir.DataType.INT64))
+            graph.inputs.append(positions)
+            gather.replace_input_with(1, positions)
+            convention = "arange"  # GPT-2's own default: past length + arange(q), padding included
+        new_mask = ed.op("Slice", [amask, ed.op("Sub", [ed.op("Shape", [amask], start=1, end=2),
+                                                        ed.op("Shape", [positions], start=1, end=2)]),
+                                   ed.op("Shape", [amask], start=1, end=2), ed.const("ax1", np.array([1], np.int64))])
+        valid_new = ed.op("Cast", [new_mask], to=ir.DataType.BOOL)  # [B, q]
+        new_pos = ed.op("Where", [valid_new, positions, ed.const("m1", np.array(-1, np.int64))])
+        causal = self._new_block(ed, positions, valid_new)  # [B, 1, q, q] additive
+        knobs = self._knobs(ed, graph)
+        prev_kept: ir.Value | None = None
+        layers = []
+        for site in sites:
+            prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept, knobs)
+            layers.append(site.layer)
+        ed.forget_shapes()
+        ed.commit()
+        RemoveUnusedNodesPass()(model)
+        ShapeInferencePass()(model)  # fresh shapes from the per-layer cache lengths (later passes read heads)
+        model.metadata_props[META_KEY] = json.dumps({
+            "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "mode": self.mode,
+            "recent_share": self.recent_share,
+            "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
+            "state": {"importance": "past_importance.{layer}", "positions": "past_positions.{layer}"}})
+        logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d, %s", len(layers), self.budget,
+                    self.sinks, self.recent, self.mode)
+        return PassResult(model, True)
+
+    def _knobs(self, ed: GraphEditor, graph: ir.Graph) -> dict[str, ir.Value]:
+        """budget, sinks, recent, recent_share as constants, or (``tunable``) as graph inputs whose
+        initializers are the compiled values: a benchmark overrides them per run, one model for all."""
+        values = {"budget": np.array(self.budget if self.budget <= 1 else 1.0, np.float32),
+                  "sinks": np.array([self.sinks], np.int64), "recent": np.array([self.recent], np.int64),
+                  "recent_share": np.array(self.recent_share, np.float32)}
+        knobs = {k: ed.const(k, v) for k, v in values.items()}
+        if self.tunable:
+            for key, value in knobs.items():
+                value.name = f"spatten.kv_{key}"
+                graph.inputs.append(value)
+        return knobs
+
+    @staticmethod
+    def _new_block(ed: GraphEditor, positions: ir.Value, valid_new: ir.Value) -> ir.Value:
+        q = ed.op("Squeeze", [ed.op("Shape", [positions], start=1, end=2)])
+        r = ed.op("Range", [ed.const("r0", np.array(0, np.int64)), q, ed.const("r1", np.array(1, np.int64))])
+        tri = ed.op("LessOrEqual", [ed.op("Unsqueeze", [r, ed.const("a0", np.array([0], np.int64))]),
+                                    ed.op("Unsqueeze", [r, ed.const("a1", np.array([1], np.int64))])])  # [q, q]: j <= i
+        keys = ed.op("Unsqueeze", [valid_new, ed.const("a12", np.array([1, 2], np.int64))])  # [B, 1, 1, q]
+        ok = ed.op("And", [tri, keys])
+        return ed.op("Where", [ok, ed.const("z", np.array(0, np.float32)), ed.const("min", np.array(MIN, np.float32))])
+
+    def _rewrite(self, ed: GraphEditor, graph: ir.Graph, site: AttentionSite, new_pos: ir.Value,
+                 valid_new: ir.Value, causal: ir.Value, prev_kept: ir.Value | None,
+                 knobs: dict[str, ir.Value]) -> ir.Value:
+        layer = site.layer
+        kc, vc = site.k.cache, site.v.cache
+        past_imp = ir.Value(name=f"past_importance.{layer}", shape=ir.Shape(["batch", f"past_sequence.{layer}"]),
+                            type=ir.TensorType(ir.DataType.FLOAT))
+        past_pos = ir.Value(name=f"past_positions.{layer}", shape=ir.Shape(["batch", f"past_sequence.{layer}"]),
+                            type=ir.TensorType(ir.DataType.INT64))
+        graph.inputs.extend([past_imp, past_pos])
+        for cache in (kc, vc):  # each layer's cache has its own length now
+            d = cache.past.shape.dims if cache.past.shape is not None else None
+            if d is not None and len(d) == 4:
+                cache.past.shape = ir.Shape([d[0], d[1], f"past_sequence.{layer}", d[3]])
+        i64 = lambda h, a: ed.const(h, np.array(a, np.int64))  # noqa: E731
+        f32 = lambda h, a: ed.const(h, np.array(a, np.float32))  # noqa: E731
+        # mask for this layer's own cache length
+        past_bias = ed.op("Where", [ed.op("Less", [past_pos, i64("z", 0)]), f32("min", MIN), f32("z", 0.0)])
+        past_bias = ed.op("Unsqueeze", [past_bias, i64("a12", [1, 2])])  # [B, 1, 1, L]
+        rows = ed.op("Shape", [causal], start=2, end=3)
+        past_bias = ed.op("Expand", [past_bias, ed.op("Concat", [i64("one", [1, 1]), rows, i64("one", [1])], axis=0)])
+        bias = ed.op("Concat", [past_bias, causal], axis=-1)  # [B, 1, q, L + q]
+        mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
+        site.mask_node.replace_input_with(mask_slot, bias)
+        # importance
+        vq = ed.op("Cast", [valid_new], to=ir.DataType.FLOAT)  # [B, q]
+        weighted = ed.op("Mul", [site.probs, ed.op("Unsqueeze", [vq, i64("a13", [1, 3])])])
+        score = ed.op("ReduceSum", [weighted, i64("ax", [1, 2])], keepdims=0)  # [B, n]
+        imp = ed.op("Add", [ed.op("Concat", [past_imp, ed.op("Mul", [vq, f32("z", 0.0)])], axis=1), score])
+        pos = ed.op("Concat", [past_pos, new_pos], axis=1)
+        valid = ed.op("GreaterOrEqual", [pos, i64("z", 0)])
+        n = ed.op("Shape", [pos], start=1, end=2)
+        # k = min(n, max(budget(T), sinks + recent)); the recent window also covers share * (k - sinks)
+        sinks, recent, share = knobs["sinks"], knobs["recent"], knobs["recent_share"]
+        if self.budget <= 1:
+            total = ed.op("Add", [ed.op("ReduceMax", [pos], keepdims=0), i64("one", 1)])
+            frac = ed.op("Mul", [knobs["budget"], f32("m", self.layer_budget(layer) / self.budget)])
+            want = ed.op("Cast", [ed.op("Ceil", [ed.op("Mul", [ed.op("Cast", [total], to=ir.DataType.FLOAT), frac])])],
+                         to=ir.DataType.INT64)
+            want = ed.op("Reshape", [want, i64("r", [1])])
+        else:
+            want = i64("b", [int(self.layer_budget(layer))])
+        k = ed.op("Min", [n, ed.op("Max", [want, ed.op("Add", [sinks, recent])])])
+        by_share = ed.op("Cast", [ed.op("Floor", [ed.op("Mul", [share, ed.op("Cast", [ed.op("Sub", [k, sinks])],
+                                                                            to=ir.DataType.FLOAT)])])],
+                         to=ir.DataType.INT64)
+        window = ed.op("Squeeze", [ed.op("Max", [recent, by_share])])
+        # forced: sinks (first real tokens) and the recent window (last slots)
+        rank = ed.op("CumSum", [ed.op("Cast", [valid], to=ir.DataType.INT64), i64("ax1", 1)])
+        sink = ed.op("And", [valid, ed.op("LessOrEqual", [rank, ed.op("Squeeze", [sinks])])])
+        slot = ed.op("Range", [i64("r0", 0), ed.op("Squeeze", [n]), i64("r1", 1)])
+        in_window = ed.op("GreaterOrEqual", [slot, ed.op("Sub", [ed.op("Squeeze", [n]), window])])
+        s = ed.op("Where", [ed.op("Or", [sink, in_window]), f32("big", BIG), imp])
+        s = ed.op("Where", [valid, s, f32("nbig", -BIG)])
+        if self.mode == "cascade" and prev_kept is not None:
+            eq = ed.op("Equal", [ed.op("Unsqueeze", [pos, i64("a2", [2])]),
+                                 ed.op("Unsqueeze", [prev_kept, i64("a1", [1])])])
+            hits = ed.op("ReduceSum", [ed.op("Cast", [eq], to=ir.DataType.INT32), i64("ax2", [2])], keepdims=0)
+            member = ed.op("Greater", [hits, ed.const("z32", np.array(0, np.int32))])  # axes input: opset 13+
+            s = ed.op("Where", [member, s, f32("nbig", -BIG)])
+        top_s, top_i = ed.op("TopK", [s, k], outputs=2, largest=1, sorted=1)
+        keep, order = ed.op("TopK", [top_i, k], outputs=2, largest=0, sorted=1)
+        kept_s = ed.op("GatherElements", [top_s, order], axis=1)
+        kept_pos = ed.op("Where", [ed.op("Greater", [kept_s, f32("thr", -BIG / 2)]),
+                                   ed.op("GatherElements", [pos, keep], axis=1), i64("m1", -1)])
+        kept_imp = ed.op("GatherElements", [imp, keep], axis=1)
+        idx4 = ed.op("Unsqueeze", [keep, i64("a13", [1, 3])])  # [B, 1, k, 1]
+        for cache in (kc, vc):
+            present = cache.present
+            full = ed.op("Expand", [idx4, ed.op("Concat", [
+                ed.op("Shape", [present], start=0, end=2), ed.op("Shape", [keep], start=1, end=2),
+                ed.op("Shape", [present], start=3, end=4)], axis=0)])
+            pruned = ed.op("GatherElements", [present, full], axis=2)
+            self._swap_output(ed, graph, present, pruned)
+        for value, name, dtype in ((kept_imp, f"present_importance.{layer}", ir.DataType.FLOAT),
+                                   (kept_pos, f"present_positions.{layer}", ir.DataType.INT64)):
+            value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", f"kept.{layer}"])
+            graph.outputs.append(value)
+        return kept_pos
+
+    @staticmethod
+    def _swap_output(ed: GraphEditor, graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+        i = next(i for i, o in enumerate(graph.outputs) if o is old)
+        name = old.name
+        old.name = ed._name("full_cache")
+        new.name, new.type = name, old.type
+        new.shape = ir.Shape([old.shape.dims[0], old.shape.dims[1], "kept", old.shape.dims[3]]) if old.shape else None
+        graph.outputs[i] = new

@@ -1,0 +1,150 @@
+"""One decoder step at a time over onnxruntime or the reference runtime, cache state handled.
+
+:class:`DecoderSession` reads a decoder's cache interface from its graph (``past_key_values.<l>.key``
+-> ``present.<l>.key``), and, for a model rewritten by ``evict-kv``, the importance and position
+state next to each layer's cache (``past_importance.<l>`` / ``past_positions.<l>``). Every layer's
+cache may have its own length. Positions are true absolute positions whatever the cache keeps:
+``clip(cumsum(attention_mask) - 1, 0)`` for models with a ``position_ids`` input (what the export
+and transformers use), ``tokens so far + arange(q)`` for models that computed them from the cache
+length (GPT-2; ``evict-kv`` gave them a ``position_ids`` input). Batches are left-padded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from spatten_compiler.errors import OptionError
+
+logger = logging.getLogger(__name__)
+PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)")  # .msb/.lsb/.scale when stored as planes
+EVICT_META = "spatten.evict_kv"
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> int | None:
+    return d.dim_value if d.HasField("dim_value") else None
+
+
+class DecoderSession:
+    """Runs a decoder step by step. ``runtime``: ``ort`` (onnxruntime) or ``reference``."""
+
+    def __init__(self, model: str | Path, runtime: str = "ort", threads: int | None = None) -> None:
+        path = Path(model)
+        proto = onnx.load(str(path), load_external_data=False)
+        self.input_names = [i.name for i in proto.graph.input]
+        self.output_names = [o.name for o in proto.graph.output]
+        self.layers: dict[int, str] = {}  # layer -> the name of one of its cache inputs
+        self.state: dict[str, tuple[np.dtype, list[int | None]]] = {}  # every past_* input: dtype, dims
+        for i in proto.graph.input:
+            if not i.name.startswith("past_"):
+                continue
+            t = i.type.tensor_type
+            self.state[i.name] = (onnx.helper.tensor_dtype_to_np_dtype(t.elem_type), [_dim(d) for d in t.shape.dim])
+            m = PAST.match(i.name)
+            if m:
+                self.layers.setdefault(int(m.group(1)), i.name)
+        if not self.layers:
+            raise OptionError(f"{path}: no KV cache inputs (past_key_values.<l>.key); generation needs a decoder "
+                              "exported with a KV cache")
+        if any(len(dims) == 4 and (dims[1] is None or dims[3] is None) for _, dims in self.state.values()):
+            raise OptionError(f"{path}: the KV cache inputs need static head and head-size dimensions")
+        meta = {p.key: p.value for p in proto.metadata_props}
+        self.evict: dict[str, Any] | None = json.loads(meta[EVICT_META]) if EVICT_META in meta else None
+        has_pos = "position_ids" in self.input_names
+        self.positions = (self.evict or {}).get("positions", "input" if has_pos else "arange")
+        self.vocab = _dim(proto.graph.output[0].type.tensor_type.shape.dim[-1])
+        del proto
+        self.runtime = runtime
+        self.overrides: dict[str, np.ndarray] = {}  # e.g. evict-kv's tunable spatten.kv_budget
+        if runtime == "ort":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+                opts.inter_op_num_threads = 1
+            self._ort = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        elif runtime == "reference":
+            from spatten_compiler.runtime.reference import ReferenceRuntime
+
+            self._ref = ReferenceRuntime(str(path))
+        else:
+            raise OptionError(f"runtime must be ort or reference, got {runtime!r}")
+        self.reset(1)
+
+    def reset(self, batch: int) -> None:
+        """Empty caches for ``batch`` sequences."""
+        self.batch = batch
+        self.cache: dict[str, np.ndarray] = {}
+        for name, (dtype, dims) in self.state.items():  # [batch, (heads,) 0 tokens, (size)]
+            shape = [batch, 0] if len(dims) == 2 else [batch, dims[1], 0, *dims[3:]]
+            self.cache[name] = np.zeros(shape, dtype)
+        self.mask = np.zeros((batch, 0), np.int64)  # every token so far (dense models read all of it)
+        self.steps = 0
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        if self.runtime == "ort":
+            return dict(zip(self.output_names, self._ort.run(None, feeds)))
+        return self._ref.run(feeds).outputs
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Feed ``q`` new tokens per sequence ([B, q], mask 0 = left padding); returns logits [B, q, V]."""
+        ids = np.asarray(input_ids, np.int64)
+        new = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        full = np.concatenate([self.mask, new], axis=1)
+        q = ids.shape[1]
+        if self.positions == "input":
+            pos = np.clip(np.cumsum(full, axis=1) - 1, 0, None)[:, -q:]
+        else:
+            pos = np.broadcast_to(np.arange(full.shape[1] - q, full.shape[1], dtype=np.int64), ids.shape).copy()
+        feeds = {"input_ids": ids, "position_ids": pos, **self.cache, **self.overrides}
+        if self.evict is None:
+            feeds["attention_mask"] = full
+        else:  # only the new tokens' columns are read; the past's validity is in past_positions
+            past0 = self.cache[self.layers[min(self.layers)]].shape[2]
+            feeds["attention_mask"] = np.concatenate([np.ones((ids.shape[0], past0), np.int64), new], axis=1)
+        out = self._run(feeds)
+        for name in list(self.cache):
+            self.cache[name] = out[name.replace("past_key_values.", "present.").replace("past_", "present_")]
+        self.mask = full
+        self.steps += 1
+        return out["logits"]
+
+    def fork(self) -> DecoderSession:
+        """Another sequence state over the same loaded runtime (benchmarks step several in lockstep)."""
+        twin = copy.copy(self)
+        twin.overrides = dict(self.overrides)
+        twin.reset(self.batch)
+        return twin
+
+    def cache_lengths(self) -> list[int]:
+        return [self.cache[self.layers[layer]].shape[2] for layer in sorted(self.layers)]
+
+    def cache_bytes(self, kv_only: bool = False) -> int:
+        """Bytes of the cache state the runtime returned and gets back next step (K/V, and the
+        eviction state unless ``kv_only``): the arrays really held between steps."""
+        return int(sum(v.nbytes for k, v in self.cache.items() if not kv_only or k.startswith("past_key_values")))
+
+    def kept_positions(self) -> list[np.ndarray] | None:
+        if self.evict is None:
+            return None
+        return [self.cache[f"past_positions.{layer}"] for layer in sorted(self.layers)]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """[B, max_len] ids and mask, left-padded."""
+    n = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), n), pad_id, np.int64)
+    mask = np.zeros_like(ids)
+    for row, s in enumerate(sequences):
+        if s:
+            ids[row, n - len(s):], mask[row, n - len(s):] = s, 1
+    return ids, mask

@@ -1,0 +1,80 @@
+"""pack-kv-cache: the decoder cache crosses steps as packed MSB/LSB planes + scales; attention
+computes exactly what quantize-kv computes over a float cache, and the held bytes really shrink."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import spatten_compiler.passes  # noqa: F401
+from conftest import MODELS
+from test_evict_kv import DECODERS, PROMPTS
+
+from spatten_compiler.decoding import DecoderSession, left_pad
+from spatten_compiler.pipeline import Pipeline, make_pass
+
+
+def build(name: str, out: Path, bits: str, pack: bool, budget: float = 0.5) -> Path:
+    model = ir.load(str(MODELS / f"{name}.onnx"))
+    passes = [make_pass("normalize"), make_pass("decompose-attention"),
+              make_pass("evict-kv", budget=budget, sinks=2, recent=2), make_pass("quantize-kv", bits=bits)]
+    Pipeline([*passes, *([make_pass("pack-kv-cache", bits=bits)] if pack else [])])(model)
+    ir.save(model, str(out))
+    return out
+
+
+def lockstep(a: DecoderSession, b: DecoderSession, steps: int = 10) -> float:
+    ids, mask = left_pad(PROMPTS)
+    a.reset(2)
+    b.reset(2)
+    x, y = a.step(ids, mask), b.step(ids, mask)
+    err = float(np.abs(x - y)[mask.astype(bool)].max())
+    tok = x[:, -1].argmax(-1)
+    for _ in range(steps):
+        x, y = a.step(tok[:, None]), b.step(tok[:, None])
+        err = max(err, float(np.abs(x - y).max()))
+        tok = x[:, -1].argmax(-1)
+    return err
+
+
+@pytest.mark.parametrize(("name", "bits"), [(n, "4+4") for n in DECODERS] + [("llama_dynamo", "6+4"),
+                                                                           ("gpt2_kv_dynamo", "8")])
+def test_packed_cache_equals_float_cache(name: str, bits: str, tmp_path: Path) -> None:
+    plain = DecoderSession(build(name, tmp_path / "q.onnx", bits, pack=False))
+    packed = DecoderSession(build(name, tmp_path / "p.onnx", bits, pack=True))
+    assert lockstep(plain, packed) == 0.0  # per-token re-quantization of a dequantized token is exact
+    m, _, lo = bits.partition("+")
+    planes = [k for k in packed.cache if k.startswith("past_key_values.0.key")]
+    assert sorted(planes) == sorted(f"past_key_values.0.key.{p}" for p in ("msb", "scale", *(("lsb",) if lo else ())))
+    dh = plain.cache["past_key_values.0.key"].shape[-1]
+    per_value = sum(dh // 2 if int(b) <= 4 else dh for b in (m, lo) if b) + 4  # plane bytes + fp32 scale
+    tokens = sum(v.shape[2] for k, v in plain.cache.items() if k.startswith("past_key_values"))
+    heads = plain.cache["past_key_values.0.key"].shape[1]
+    assert packed.cache_bytes(kv_only=True) == tokens * heads * 2 * per_value  # batch 2
+    assert packed.cache_bytes(kv_only=True) < plain.cache_bytes(kv_only=True) * (per_value / (4 * dh) + 1e-9)
+    assert packed.cache["past_key_values.0.key.msb"].dtype == np.uint8
+
+
+def test_packed_ort_equals_reference(tmp_path: Path) -> None:
+    path = build("llama_dynamo", tmp_path / "p.onnx", "4+4", pack=True, budget=0.4)
+    assert lockstep(DecoderSession(path), DecoderSession(path, runtime="reference"), steps=6) <= 1e-4
+
+
+def test_kv_bits_on_decoder_via_cli(tmp_path: Path) -> None:
+    from test_generate import spattenc
+
+    out = tmp_path / "x.onnx"
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-budget", "0.5", "--kv-bits", "4+4")
+    assert r.returncode == 0, r.stderr
+    s = DecoderSession(out)
+    assert "past_key_values.0.value.lsb" in s.state and "past_importance.0" in s.state
+
+
+def test_non_token_scales_are_refused_on_decoders(tmp_path: Path) -> None:
+    from test_generate import spattenc
+
+    out = tmp_path / "x.onnx"
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-bits", "4+4", "--kv-granularity", "head")
+    assert r.returncode == 2 and "per-token scales" in r.stderr and not out.exists()
