@@ -207,15 +207,20 @@ class GraphInfo:
                 if pv or c.op_type in ("ProgressiveContext", "TokenSelect", "HeadImportance", "HeadSelect"):
                     continue  # the attention output (or a decision) ends the template
                 frontier.extend(o for o in c.output if o)
-        # SpAtten functions feeding the template (K/V planes)
-        for qk in grp.qk:
-            for i in qk.input:
-                n = self.producer.get(i)
-                while n is not None and n.domain == "spatten" or (n is not None and n.op_type in VIEW_OPS):
-                    if n.domain == "spatten":
-                        grp.spatten.setdefault(n.op_type, []).append(n)
-                        grp.nodes.add(id(n))
-                    n = self.producer.get(n.input[0]) if n.input else None
+        # SpAtten functions feeding the template (the K/V planes), a few producers upstream
+        frontier = [(i, 0) for n in grp.qk + grp.spatten.get("ProgressiveContext", []) for i in n.input]
+        seen: set[str] = set()
+        while frontier:
+            v, depth = frontier.pop()
+            n = self.producer.get(v)
+            if n is None or v in seen or depth > 6 or n.op_type == "Softmax":
+                continue
+            seen.add(v)
+            if n.domain == "spatten" and n.op_type.startswith(("Quantize", "Dequantize")):
+                if id(n) not in grp.nodes:
+                    grp.spatten.setdefault(n.op_type, []).append(n)
+                    grp.nodes.add(id(n))
+            frontier.extend((i, depth + 1) for i in n.input if i and i not in self.inits)
 
     def group_of_node(self) -> dict[int, Group]:
         return {nid: g for g in self.groups for nid in g.nodes}

@@ -66,12 +66,13 @@ class Lowering:
         self.group_of = gi.group_of_node()
         self.input_slots: dict[str, int] = {}
         self.weights = {name: self.e.region(f"w{i}", "weight", tensor_bytes(t), _bits(t), name)
-                        for i, (name, t) in enumerate(gi.inits.items())}
+                        for i, (name, t) in enumerate(gi.inits.items()) if tensor_bytes(t)}  # empty: no bytes
         for inp in gi.model.graph.input:
             if inp.name in gi.inits or "past" in inp.name:
                 continue
             tt = inp.type.tensor_type
-            per_row = _row_elems(gi.shape(inp.name)) * _itemsize(tt.elem_type)
+            shape = gi.shape(inp.name) or []
+            per_row = int(np.prod([d or 1 for d in shape[2:]])) * _itemsize(tt.elem_type)  # [batch, token, ...]
             self.e.region(f"in.{inp.name}", "input", self.max_rows * per_row, 8 * _itemsize(tt.elem_type), inp.name)
         self.kv = attn.KVPlanes(self)
 

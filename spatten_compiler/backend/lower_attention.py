@@ -27,7 +27,14 @@ import onnx
 from spatten_compiler.backend.emitter import ACT_BYTES, LINE, LoweringError
 from spatten_compiler.backend.graphinfo import Group, tensor_bytes
 from spatten_compiler.backend.opcodes import (
-    ACCUM_KINDS, BUFFERS, ELT_OPS, FIXED, ILIST_OPS, PLANES, SCORE_RULES, TOPK_KINDS,
+    ACCUM_KINDS,
+    BUFFERS,
+    ELT_OPS,
+    FIXED,
+    ILIST_OPS,
+    PLANES,
+    SCORE_RULES,
+    TOPK_KINDS,
 )
 
 if TYPE_CHECKING:
