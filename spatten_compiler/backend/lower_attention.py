@@ -105,7 +105,7 @@ def _const(lw: Lowering, name: str) -> float | None:
 
 
 def _pv_and_v(lw: Lowering, g: Group) -> tuple[str | None, list[str]]:
-    nodes = [n for n in lw.gi.nodes if id(n) in g.nodes]
+    nodes = [lw.gi.by_id[i] for i in sorted(g.nodes, key=lambda i: lw.gi.position[i])]
     if g.qk[0].op_type == "Attention":
         return g.qk[0].input[2], list(g.qk[0].output[:1])
     v = None
