@@ -28,6 +28,7 @@ def load_all() -> dict[str, Command]:
     from spatten_compiler.commands import compile as _compile  # noqa: F401
     from spatten_compiler.commands import generate as _generate  # noqa: F401
     from spatten_compiler.commands import inspect as _inspect  # noqa: F401
+    from spatten_compiler.commands import spbin as _spbin  # noqa: F401  (backend: emit, asm, disasm)
 
 
     return COMMANDS
