@@ -1,15 +1,17 @@
 """The simulator's view of a hardware description: the few numbers the timing model charges.
 
-``SimHw.from_description`` reads them from the backend's hardware description (whatever fields it
-has; missing ones keep the paper's values, listed here with where they come from). Cycle counts
-are in accelerator clock cycles.
+``SimHw.from_description`` reads them from the backend's hardware description
+(:mod:`spatten_compiler.backend.hw`); the pipeline latencies, which the description does not hold,
+keep the authors' cycle-model values. Cycle counts are in accelerator clock cycles.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from pathlib import Path
+
+from spatten_compiler.backend.hw import HwDesc, load_hw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,31 +64,19 @@ class SimHw:
         return rows * math.ceil(keys / self.softmax_parallelism)
 
     @classmethod
-    def from_description(cls, desc: Any) -> SimHw:
-        """Map a backend hardware description (object or dict) onto the fields above.
-
-        Each field is looked up under its own name and the aliases in ``_ALIASES``; absent ones keep
-        the defaults.
-        """
-        get = desc.get if isinstance(desc, dict) else (lambda k, d=None: getattr(desc, k, d))
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            for key in (field.name, *_ALIASES.get(field.name, ())):
-                v = get(key, None)
-                if v is not None and not callable(v):
-                    values[field.name] = type(field.default)(v)
-                    break
-        return cls(**values)
+    def from_description(cls, desc: HwDesc) -> SimHw:
+        """The figures of a backend hardware description; the pipeline latencies keep the authors' values."""
+        return cls(
+            name=desc.name, clock_ghz=desc.clock_mhz / 1000, qk_multipliers=desc.qk_multipliers,
+            pv_multipliers=desc.pv_multipliers, dram_channels=desc.hbm_channels, channel_gbps=desc.channel_gbps,
+            transaction_bytes=desc.transaction_bytes, topk_parallelism=desc.topk_parallelism,
+            softmax_parallelism=desc.softmax_parallelism, gemm_multipliers=desc.gemm_multipliers,
+        )
 
 
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "clock_ghz": ("clock", "clock_ghz"),
-    "dram_channels": ("hbm_channels", "channels"),
-    "channel_gbps": ("channel_bandwidth_gbps", "hbm_channel_gbps", "bandwidth_per_channel_gbps"),
-    "transaction_bytes": ("transaction_size", "dram_transaction_bytes"),
-    "qk_multipliers": ("qk_parallelism_multipliers", "multipliers_qk"),
-    "pv_multipliers": ("multipliers_pv",),
-    "topk_parallelism": ("topk_comparators",),
-}
+def sim_hw(spec: str | Path | None) -> SimHw:
+    """``--hw``: a built-in name or a TOML file, read and checked by the backend."""
+    return SimHw.from_description(load_hw(spec))
+
 
 SPATTEN = SimHw()

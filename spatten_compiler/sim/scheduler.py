@@ -43,8 +43,11 @@ class Schedule:
     end: list[float]
 
 
-def run(deps: Sequence[Deps], execute: Callable[[int, float], float], labels: Callable[[int], str] = str) -> Schedule:
-    """Schedule ``deps`` (program order); ``execute(i, start)`` charges instruction i and returns its finish."""
+def run(deps: Sequence[Deps], execute: Callable[[int, float], float | tuple[float, float]],
+        labels: Callable[[int], str] = str) -> Schedule:
+    """Schedule ``deps`` (program order); ``execute(i, start)`` charges instruction i and returns its finish,
+    or (stage free again, result ready) when the stage hands the work to a unit that runs on its own;
+    tokens it pushes carry the ready cycle."""
     n = len(deps)
     queues: dict[tuple[int, int], collections.deque[float]] = collections.defaultdict(collections.deque)
     order: list[list[int]] = [[] for _ in STAGES]
@@ -55,6 +58,7 @@ def run(deps: Sequence[Deps], execute: Callable[[int, float], float], labels: Ca
     busy = [0.0] * len(STAGES)
     start, end = [0.0] * n, [0.0] * n
     done = 0
+    last = 0.0
     while done < n:
         progressed = False
         for s in range(len(STAGES)):
@@ -66,20 +70,22 @@ def run(deps: Sequence[Deps], execute: Callable[[int, float], float], labels: Ca
                 if any(not queues[q] for q in need):
                     break
                 t = max([free[s], *(queues[q].popleft() for q in need)])
-                f = execute(i, t)
-                start[i], end[i] = t, f
+                res = execute(i, t)
+                f, ready = res if isinstance(res, tuple) else (res, res)
+                start[i], end[i] = t, ready
                 busy[s] += f - t
                 free[s] = f
+                last = max(last, ready)
                 if d.push_prev:
-                    queues[(s, s - 1)].append(f)
+                    queues[(s, s - 1)].append(ready)
                 if d.push_next:
-                    queues[(s, s + 1)].append(f)
+                    queues[(s, s + 1)].append(ready)
                 heads[s] += 1
                 done += 1
                 progressed = True
         if not progressed:
             raise Deadlock(_blocked(deps, order, heads, queues, labels), done, n)
-    return Schedule(max(free), dict(zip(STAGES, busy)), start, end)
+    return Schedule(max(last, *free), dict(zip(STAGES, busy)), start, end)
 
 
 def _blocked(deps: Sequence[Deps], order: list[list[int]], heads: list[int],
