@@ -255,7 +255,8 @@ def _pv(ctx: Ctx, ins: Instr, t: float) -> float | tuple[float, float]:
     rows, values = rk
     dim = ctx.m.cfg.head_dim
     ctx.flops += 2.0 * rows * values * dim
-    return ctx.run_unit("pv", t, ctx.hw.pv_cycles(rows, values, dim), ctx.hw.pv_latency, ins["head"])
+    # row-streaming behind softmax (each row's probabilities, then its V rows); the V fetch token is in t
+    return ctx.run_unit("pv", t, ctx.hw.pv_cycles(rows, values, dim), ctx.hw.pv_latency, ins["head"], streams=True)
 
 
 @charges("gemm")
