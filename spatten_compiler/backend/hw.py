@@ -116,6 +116,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "max_head_dim": (lambda v: 1 <= v <= 1023, "between 1 and 1023 (10-bit head dims)"),
 }
 _POSITIVE = "a positive integer"
+for _buf in ("q", "k", "v", "index", "score", "weight", "act"):  # 16-bit SRAM line addresses
+    _RULES[f"{_buf}_sram_kb"] = (lambda v: 1 <= v <= 2048, "between 1 and 2048 (16-bit 32-byte line addresses)")
 
 
 def _check_value(name: str, value: Any, where: str) -> None:

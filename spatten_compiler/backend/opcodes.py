@@ -23,11 +23,12 @@ ACCUM_KINDS = ("token", "head")
 SCORE_RULES = ("sum", "mean", "value")
 ELT_OPS = ("copy", "add", "sub", "mul", "div", "neg", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh",
            "exp", "sqrt", "recip", "layernorm", "rmsnorm", "rope", "pow", "max", "min")
+ILIST_OPS = ("iota", "append", "copy")
 FIXED = 1 << 15  # scale of ratios and thresholds
 
 
 def _sram(name: str, doc: str) -> Field:
-    return Field(name, 20, doc + " (32-byte lines)", hex=True)
+    return Field(name, 16, doc + " (32-byte lines)", hex=True)
 
 
 def _ratio(name: str, doc: str) -> Field:
@@ -51,8 +52,10 @@ _MEMORY = (
     DRAM,
     ROWS,
     ROW_BYTES,
-    Field("stride", 24, "DRAM bytes between rows (0 = row_bytes)"),
+    Field("stride", 19, "DRAM bytes between rows (0 = row_bytes)"),
     LIVE,
+    Field("hmask", 1, "skip this transfer when head `head` is pruned"),
+    HEAD,
 )
 
 TABLE: tuple[InstrSpec, ...] = (
@@ -63,7 +66,8 @@ TABLE: tuple[InstrSpec, ...] = (
         Field("kv_heads", 8, "key/value heads (GQA groups)"),
         Field("head_dim", 10, "dimension per head"),
         Field("tokens", 16, "tokens in the context (upper bound)"),
-        Field("causal", 1, "mask keys after the query position"),
+        Field("causal", 1, "mask keys whose row number > the query's position (past + query row)"),
+        Field("past", 16, "position of the first query row (decoder steps)"),
         Field("scale", 16, "Q x K scale (fixed point, 1.0 = 4096)", scale=4096),
     ), "attention dimensions of the following instructions"),
     InstrSpec("cfg.quant", 3, "compute", (
@@ -95,7 +99,7 @@ TABLE: tuple[InstrSpec, ...] = (
     ), "quantize one head's K/V rows and write one bit plane"),
     InstrSpec("qk", 9, "compute", (
         HEAD,
-        _sram("q", "Q buffer address"),
+        _sram("q", "activation buffer address of the head's Q columns"),
         _sram("k", "K buffer address"),
         _sram("out", "score buffer address"),
         IDX, PRED,
@@ -118,7 +122,8 @@ TABLE: tuple[InstrSpec, ...] = (
         HEAD,
         _sram("src", "probabilities (token) / head output (head)"),
         _sram("dst", "score buffer address of the accumulator"),
-    ), "token importance += column sums; head importance += sum |E|"),
+        Field("idx", 12, "index slot naming the key row of each column (token)"),
+    ), "token importance acc[idx[j]] += column sum j; head importance acc[head] += sum |E|"),
     InstrSpec("pv", 14, "compute", (
         HEAD,
         _sram("prob", "score buffer address"),
@@ -135,7 +140,8 @@ TABLE: tuple[InstrSpec, ...] = (
         Field("n", 14, "output columns"),
         Field("acc", 1, "accumulate into out"),
         LIVE,
-        Field("hmask", 1, "skip output column groups of pruned heads"),
+        Field("hmask", 1, "skip this GEMM when head `head` is pruned"),
+        HEAD,
     ), "dense GEMM for projections and the FFN"),
     InstrSpec("elt", 16, "compute", (
         Field("op", 5, "operation", symbols=ELT_OPS),
@@ -146,10 +152,26 @@ TABLE: tuple[InstrSpec, ...] = (
         Field("bcast", 1, "b is one row broadcast over all rows"),
     ), "element-wise and normalization ops"),
     InstrSpec("compact", 17, "compute", (
-        _sram("src", "activation buffer address"),
-        _sram("dst", "activation buffer address"),
+        Field("buf", 1, "buffer", symbols=("act", "score")),
+        _sram("src", "buffer address"),
+        _sram("dst", "buffer address"),
         IDX, COLS,
-    ), "keep the rows listed in index slot idx (cascade token pruning of activations)"),
+    ), "keep the rows listed in index slot idx, in order (cascade token pruning of activations)"),
+    InstrSpec("ilist", 18, "compute", (
+        Field("op", 2, "list operation", symbols=ILIST_OPS),
+        Field("dst", 12, "index slot written"),
+        Field("src", 12, "index slot read (copy)"),
+        Field("value", 16, "iota: length; append: the row number appended"),
+        LIVE,
+    ), "index lists: iota dst=[0,value) (live: [0,min(value,live))), append value, copy src"),
+    InstrSpec("fetch.rows", 19, "load", (
+        Field("buf", 3, "on-chip buffer", symbols=BUFFERS),
+        _sram("sram", "buffer address"),
+        DRAM, ROW_BYTES, IDX,
+    ), "gather table rows (embeddings) whose row numbers are the entries of index slot idx"),
+    InstrSpec("sync.load", 20, "load", (), "no operation; carries dependency tokens"),
+    InstrSpec("sync.compute", 21, "compute", (), "no operation; carries dependency tokens"),
+    InstrSpec("sync.store", 22, "store", (), "no operation; carries dependency tokens"),
 )
 
 for _spec in TABLE:
