@@ -87,19 +87,26 @@ class Dram:
     def transfer_arrays(self, t0: float, category: str, layer: int, starts: np.ndarray, lengths: np.ndarray,
                         write: bool = False) -> float:
         counts, first, n = self.channel_counts(starts, lengths)
+        tx = None
+        if self.trace is not None:
+            tx = np.concatenate([np.arange(f, f + c) for f, c in zip(first.tolist(), n.tolist()) if c] or [first[:0]])
+        return self.occupy(t0, category, layer, counts, int(lengths.sum()), write, tx)
+
+    def occupy(self, t0: float, category: str, layer: int, counts: np.ndarray, requested: int, write: bool,
+               tx: np.ndarray | None = None) -> float:
+        """Charge ``counts`` transactions per channel from cycle ``t0``; return the finish cycle."""
         total = int(counts.sum())
         if total == 0:
             return t0
         self.transactions += total
         self.bytes[(category, layer)] += total * self.tx_bytes
-        self.requested[category] += int(lengths.sum())
+        self.requested[category] += requested
         used = counts > 0
         start = np.maximum(self.free, t0)
         done = start + counts * self.tx_cycles
         self.free = np.where(used, done, self.free)
         self.busy += counts * self.tx_cycles
-        if self.trace is not None:
-            tx = np.concatenate([np.arange(f, f + c) for f, c in zip(first.tolist(), n.tolist()) if c])
+        if self.trace is not None and tx is not None:
             self.trace.write(tx, write, t0)
         return float(done[used].max()) + self.hw.dram_latency
 

@@ -1,44 +1,35 @@
-"""The accelerator's state that the stream itself never holds.
+"""The accelerator's run-time state that the stream itself never holds (docs/backend.md, "Machine
+state"): the configuration set by ``cfg.*``, the index buffer (slot 0 = the live-token list, whose
+length is the live-token count and the number of query rows; slot 1 = the live-head list, empty =
+every head; the others written by ``topk`` / ``ilist``) and each head's requantization predicate.
 
-Two kinds:
-- :class:`Config`, set by ``cfg.attn`` / ``cfg.quant`` / ``cfg.prune``. Every stage sees the
-  configuration in *program order* (the instruction fetch unit hands it to all three stages), so
-  the simulator snapshots it per instruction before the stages start (:func:`config_snapshots`).
-- :class:`Machine`, the run-time decisions made by the hardware's own instructions: the live-token
-  count, the live heads, the index lists and each head's requantization predicate. Stages see these
-  only as far as dependency tokens order them, exactly like data.
-
-Conventions (see docs/simulator.md):
-- index slot 0 is the identity list: every live token ``0 .. live - 1``; ``topk`` writes the others;
-- ``load buf=q`` sets the number of query rows that ``qk`` / ``softmax`` / ``pv`` process;
-- ``cfg.attn layer=0`` starts a new pass (prompt or generation step): every token and head is live
-  again until a ``topk`` of that pass says otherwise;
-- an instruction naming a head that ``topk kind=heads`` dropped does nothing and moves no byte;
-- ``requant`` sets the head's predicated rows; ``fetch.kv pred=1`` reads the head's LSB plane when
-  any of its rows is predicated, ``qk`` / ``softmax pred=1`` recompute only those rows.
+The simulator updates this state in program order (the stream's sequential meaning); the timing
+of the three stages is scheduled afterwards from what each instruction was found to do, so a
+stream whose dependency tokens are too weak gets optimistic times, never wrong amounts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import numpy as np
 
-from spatten_compiler.backend.isa import Instr
 from spatten_compiler.backend.opcodes import FIXED
 
+LIVE_TOKENS, LIVE_HEADS = 0, 1
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    pass_id: int = 0
+
+@dataclasses.dataclass
+class Machine:
+    length: int | None = None  # the input's true length L (slot 0 = [0, L) at reset); None: first cfg.attn's tokens
     layer: int = 0
     heads: int = 1
     kv_heads: int = 1
     head_dim: int = 64
-    tokens: int = 0  # context upper bound of cfg.attn
+    tokens: int = 0
     causal: bool = False
+    past: int = 0
     q_bits: int = 32
     k_msb: int = 32
     k_lsb: int = 0
@@ -49,93 +40,48 @@ class Config:
     value_keep: float = 1.0
     protect_first: int = 0
     protect_recent: int = 0
-
-
-def _attn(c: Config, f: dict[str, int]) -> Config:
-    return dataclasses.replace(c, pass_id=c.pass_id + (f["layer"] == 0), layer=f["layer"], heads=f["heads"],
-                               kv_heads=f["kv_heads"], head_dim=f["head_dim"], tokens=f["tokens"],
-                               causal=bool(f["causal"]))
-
-
-def _quant(c: Config, f: dict[str, int]) -> Config:
-    return dataclasses.replace(c, q_bits=f["q_bits"], k_msb=f["k_msb"], k_lsb=f["k_lsb"], v_bits=f["v_bits"],
-                               threshold=f["threshold"] / FIXED)
-
-
-def _prune(c: Config, f: dict[str, int]) -> Config:
-    return dataclasses.replace(c, token_keep=f["token_keep"] / FIXED, head_keep=f["head_keep"] / FIXED,
-                               value_keep=f["value_keep"] / FIXED, protect_first=f["protect_first"],
-                               protect_recent=f["protect_recent"])
-
-
-CONFIGURE = {"cfg.attn": _attn, "cfg.quant": _quant, "cfg.prune": _prune}
-
-
-def config_snapshots(instrs: Sequence[Instr]) -> list[Config]:
-    """The configuration each instruction runs under (after its own effect, for cfg.* themselves)."""
-    cfg, out = Config(), []
-    for ins in instrs:
-        step = CONFIGURE.get(ins.mnemonic)
-        if step is not None:
-            cfg = step(cfg, ins.fields)
-        out.append(cfg)
-    return out
-
-
-@dataclasses.dataclass
-class Machine:
-    cfg: Config = dataclasses.field(default_factory=Config)
-    _q_rows: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # (pass, layer) -> rows
     score_keys: int = 0  # width of the last qk's score rows
-    _live: tuple[int, int] | None = None  # (pass, live-token count)
-    _heads: tuple[int, np.ndarray] | None = None  # (pass, live heads)
     slots: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
-    predicated: dict[tuple[int, int, int], int] = dataclasses.field(default_factory=dict)  # (pass, layer, head)
+    predicated: dict[int, int] = dataclasses.field(default_factory=dict)  # head -> predicated query rows
+
+    def configure_attention(self, f: dict[str, int]) -> None:
+        self.layer, self.heads, self.kv_heads, self.head_dim = f["layer"], f["heads"], f["kv_heads"], f["head_dim"]
+        self.tokens, self.causal, self.past = f["tokens"], bool(f["causal"]), f.get("past", 0)
+        if self.length is None:
+            self.length = self.tokens
+
+    def configure_quant(self, f: dict[str, int]) -> None:
+        self.q_bits, self.k_msb, self.k_lsb, self.v_bits = f["q_bits"], f["k_msb"], f["k_lsb"], f["v_bits"]
+        self.threshold = f["threshold"] / FIXED
+
+    def configure_prune(self, f: dict[str, int]) -> None:
+        self.token_keep, self.head_keep, self.value_keep = (
+            f[k] / FIXED for k in ("token_keep", "head_keep", "value_keep"))
+        self.protect_first, self.protect_recent = f["protect_first"], f["protect_recent"]
+
+    def slot(self, idx: int) -> np.ndarray:
+        if idx in self.slots:
+            return self.slots[idx]
+        if idx == LIVE_TOKENS:
+            return np.arange(self.length if self.length is not None else self.tokens)
+        return np.zeros(0, dtype=np.int64)
 
     @property
     def live(self) -> int:
-        if self._live is not None and self._live[0] == self.cfg.pass_id:
-            return min(self._live[1], self.cfg.tokens)
-        return self.cfg.tokens
-
-    @live.setter
-    def live(self, n: int) -> None:
-        self._live = (self.cfg.pass_id, n)
+        return int(self.slot(LIVE_TOKENS).size)
 
     @property
     def live_heads(self) -> np.ndarray:
-        if self._heads is not None and self._heads[0] == self.cfg.pass_id:
-            return self._heads[1]
-        return np.arange(self.cfg.heads)
-
-    @live_heads.setter
-    def live_heads(self, heads: np.ndarray) -> None:
-        self._heads = (self.cfg.pass_id, heads)
-
-    @property
-    def q_rows(self) -> int:
-        """Query rows of this pass and layer (the load stage may already be loading later layers' Q)."""
-        return self._q_rows.get((self.cfg.pass_id, self.cfg.layer), 1)
-
-    @q_rows.setter
-    def q_rows(self, rows: int) -> None:
-        self._q_rows[(self.cfg.pass_id, self.cfg.layer)] = rows
+        heads = self.slot(LIVE_HEADS)
+        return heads if heads.size else np.arange(self.heads)
 
     def head_live(self, head: int) -> bool:
-        return self._heads is None or self._heads[0] != self.cfg.pass_id or bool(np.isin(head, self._heads[1]))
-
-    def pred_key(self, head: int) -> tuple[int, int, int]:
-        return (self.cfg.pass_id, self.cfg.layer, head)
-
-    def slot(self, idx: int) -> np.ndarray:
-        """The token (or V row) positions of index slot ``idx``; slot 0 = every live token."""
-        if idx == 0 or idx not in self.slots:
-            return np.arange(self.live)
-        return self.slots[idx]
+        heads = self.slot(LIVE_HEADS)
+        return heads.size == 0 or bool(np.isin(head, heads))
 
     def rows(self, rows: int, live: int) -> int:
         return min(rows, self.live) if live else rows
 
     @staticmethod
-    def keep_count(n: int, ratio: float, protect: int = 0) -> int:
-        return min(n, max(1, math.ceil(n * ratio - 1e-9), protect))
+    def keep_count(n: int, ratio: float) -> int:
+        return min(n, max(1, math.ceil(n * ratio - 1e-9))) if n else 0

@@ -1,13 +1,14 @@
 """Timing mode: what each instruction class costs, in cycles and DRAM bytes.
 
-One handler per mnemonic in :data:`CHARGES` (registered with :func:`charges`; nothing dispatches
-with if/elif over opcodes). A handler gets the run context, the instruction and its start cycle,
-updates the machine state and returns the finish cycle. Compute latencies come from the hardware
-description (:class:`~spatten_compiler.sim.hw.SimHw`); DRAM time from :class:`~spatten_compiler.sim.dram.Dram`.
+One handler per mnemonic in :data:`PLAN` (registered with :func:`plans`; nothing dispatches with
+if/elif over opcodes). Handlers run in program order: each updates the machine state and returns
+the instruction's :class:`DramWork` (bytes, channels) or :class:`UnitWork` (a compute unit's
+cycles) or None (an issue cycle). The engine then schedules that work on the three stages.
 
-Decisions that depend on data (which tokens/heads survive, which rows need LSBs) come from the
-functional run when there is one (``ctx.oracle``), else from the stream's own ratios: top-k keeps
-``ceil(n * ratio)`` (positions spread evenly) and a fixed fraction of head-rows need LSBs.
+Decisions that depend on data (which tokens and heads survive, which rows need LSBs) come from a
+functional run when there is one (``Ctx.decide``), else from the stream's own ratios: top-k keeps
+``ceil(n * ratio)`` (protected tokens, the rest spread evenly) and a fixed fraction of head-rows
+needs LSBs.
 """
 
 from __future__ import annotations
@@ -16,28 +17,54 @@ import collections
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from spatten_compiler.backend.isa import Instr
 from spatten_compiler.sim.dram import Dram
 from spatten_compiler.sim.hw import SimHw
-from spatten_compiler.sim.machine import Machine
+from spatten_compiler.sim.machine import LIVE_HEADS, Machine
 from spatten_compiler.sim.topk import topk_cycles
-
-Handler = Callable[["Ctx", Instr, float], "float | tuple[float, float]"]
-CHARGES: dict[str, Handler] = {}
 
 BUFFER_CATEGORY = {"q": "q", "k": "k_msb", "v": "v", "index": "indices", "score": "activations",
                    "weight": "weights", "act": "activations"}
+TENSOR_CATEGORY = {"weight": "weights", "k_full": "k_msb", "k_msb": "k_msb", "k_lsb": "k_lsb", "v": "v",
+                   "activation": "activations", "input": "activations", "output": "activations",
+                   "index": "indices", "scratch": "activations"}
 PLANE_CATEGORY = {("k", "full"): "k_msb", ("k", "msb"): "k_msb", ("k", "lsb"): "k_lsb",
                   ("v", "full"): "v", ("v", "msb"): "v", ("v", "lsb"): "v"}
+NO_LAYER = 0xFFFF
 
 
-def charges(*mnemonics: str) -> Callable[[Handler], Handler]:
+@dataclasses.dataclass
+class DramWork:
+    category: str
+    layer: int
+    counts: np.ndarray  # transactions per channel
+    requested: int
+    write: bool
+    tx: np.ndarray | None = None  # transaction numbers, only when tracing
+
+
+@dataclasses.dataclass
+class UnitWork:
+    unit: str
+    cycles: float
+    latency: float
+    head: int = -1
+    streams: bool = False
+
+
+Work = DramWork | UnitWork | None
+Handler = Callable[["Ctx", Instr], Work]
+PLAN: dict[str, Handler] = {}
+
+
+def plans(*mnemonics: str) -> Callable[[Handler], Handler]:
     def deco(fn: Handler) -> Handler:
         for m in mnemonics:
-            CHARGES[m] = fn
+            PLAN[m] = fn
         return fn
     return deco
 
@@ -48,228 +75,278 @@ class Ctx:
     dram: Dram
     m: Machine = dataclasses.field(default_factory=Machine)
     lsb_fraction: float = 0.07  # head-rows needing LSBs when no functional run decides (authors' GPT-2: 7%)
+    decide: Any = None  # functional run: .topk(ctx, ins, cand, k) -> kept, .lsb_rows(ctx, head) -> rows
+    tensor: Any = None  # the tensor-table entry of the current instruction (from its relocation), if any
     flops: float = 0.0
     counters: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    decide_lsb: Callable[[int], int] | None = None  # functional runs: head -> predicated rows
     unit_free: dict[str, float] = dataclasses.field(default_factory=dict)
     unit_busy: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    chain: dict[int, tuple[float, float, float]] = dataclasses.field(default_factory=dict)  # head -> start/end/ready
+    chain: dict[int, tuple[float, float, float]] = dataclasses.field(default_factory=dict)
     _lsb_acc: float = 0.0
 
     def predicate_rows(self, rows: int) -> int:
         """Predicated rows of one head: error diffusion keeps the run's total at ``lsb_fraction``."""
         self._lsb_acc += rows * self.lsb_fraction
-        n = min(rows, int(self._lsb_acc))
+        n = min(rows, int(self._lsb_acc + 1e-9))
         self._lsb_acc -= n
         return n
 
+    def layer(self) -> int:
+        t = self.tensor
+        return t.layer if t is not None and t.layer != NO_LAYER else self.m.layer
 
-    def run_unit(self, unit: str, t: float, cycles: float, latency: float, head: int = -1,
-                 streams: bool = False) -> tuple[float, float]:
-        """Occupy a compute unit; return (compute-stage issue done, result ready).
+    def transfer(self, category: str, starts: np.ndarray, lengths: np.ndarray, write: bool = False) -> DramWork:
+        counts, first, n = self.dram.channel_counts(starts, lengths)
+        tx = None
+        if self.dram.trace is not None:
+            tx = np.concatenate([np.arange(f, f + c) for f, c in zip(first.tolist(), n.tolist()) if c] or [first[:0]])
+        return DramWork(category, self.layer(), counts, int(lengths.sum()), write, tx)
+
+    def run_unit(self, w: UnitWork, t: float) -> tuple[float, float]:
+        """Occupy a compute unit; return (compute stage free to issue again, result ready).
 
         The compute stage issues one instruction per cycle to its units (Q x K array, softmax, P x V
-        array, top-k engine, accumulators, GEMM, element-wise), which run concurrently. An instruction
-        waits for its unit and for the previous result of the same head: a streaming consumer
-        (softmax behind Q x K, accumulation behind softmax) starts once the producer's first results
-        leave its pipeline and cannot finish before it; others wait for the whole result.
+        array, top-k engines, accumulators, GEMM, element-wise), which run concurrently. An
+        instruction waits for its unit and for the previous result of the same head: a streaming
+        consumer (softmax behind Q x K, P x V behind softmax) starts once the producer's first
+        results leave its pipeline and cannot finish before it; others wait for the whole result.
         """
-        start = max(t, self.unit_free.get(unit, 0.0))
-        prev = self.chain.get(head)
-        end = start + cycles
+        start = max(t, self.unit_free.get(w.unit, 0.0))
+        prev = self.chain.get(w.head) if w.head >= 0 else None
+        end = start + w.cycles
         if prev is not None:
             p_start, p_end, p_ready = prev
-            if streams:
+            if w.streams:
                 start = max(start, p_start + (p_ready - p_end))
-                end = max(start + cycles, p_end + 1)
+                end = max(start + w.cycles, p_end + 1)
             else:
                 start = max(start, p_ready)
-                end = start + cycles
-        self.unit_free[unit] = end
-        self.unit_busy[unit] += cycles
-        ready = end + latency
-        if head >= 0:
-            self.chain[head] = (start, end, ready)
+                end = start + w.cycles
+        self.unit_free[w.unit] = end
+        self.unit_busy[w.unit] += w.cycles
+        ready = end + w.latency
+        if w.head >= 0:
+            self.chain[w.head] = (start, end, ready)
         return t + 1, ready
 
 
 def _spread(n: int, total: int) -> np.ndarray:
-    """n positions spread evenly over 0..total-1 (where timing-only runs put kept tokens)."""
+    """n of 0..total-1, evenly spread (where timing-only runs put the kept entries)."""
     if n >= total:
         return np.arange(total)
     return np.floor(np.arange(n) * (total / max(n, 1))).astype(np.int64)
 
 
-@charges("finish", "cfg.attn", "cfg.quant", "cfg.prune")
-def _configure(ctx: Ctx, ins: Instr, t: float) -> float:
-    return t + 1  # the configuration itself is snapshot in program order (machine.config_snapshots)
+@plans("finish", "sync.compute")
+def _issue(ctx: Ctx, ins: Instr) -> Work:
+    return None
 
 
-@charges("load", "store")
-def _dma(ctx: Ctx, ins: Instr, t: float) -> float:
+@plans("sync.load", "sync.store")
+def _nothing(ctx: Ctx, ins: Instr) -> Work:
+    return UnitWork("sync", 0, 0)
+
+
+CONFIGURE = {"cfg.attn": Machine.configure_attention, "cfg.quant": Machine.configure_quant,
+             "cfg.prune": Machine.configure_prune}
+
+
+@plans(*CONFIGURE)
+def _configure(ctx: Ctx, ins: Instr) -> Work:
+    CONFIGURE[ins.mnemonic](ctx.m, ins.fields)
+    return None
+
+
+def _category(ctx: Ctx, buf: str) -> str:
+    if buf != "q" and ctx.tensor is not None:
+        return TENSOR_CATEGORY[ctx.tensor.kind]
+    return BUFFER_CATEGORY[buf]
+
+
+@plans("load", "store")
+def _dma(ctx: Ctx, ins: Instr) -> Work:
     f = ins.fields
-    rows = ctx.m.rows(f["rows"], f["live"])
-    if ins.symbol("buf") == "q":
-        ctx.m.q_rows = rows
-    stride = f["stride"] or f["row_bytes"]
-    starts = f["dram"] + np.arange(rows, dtype=np.int64) * stride
-    lengths = np.full(rows, f["row_bytes"], dtype=np.int64)
-    if stride == f["row_bytes"] and rows:  # one contiguous region
-        starts, lengths = starts[:1], np.array([rows * f["row_bytes"]], dtype=np.int64)
-    return ctx.dram.transfer_arrays(t, BUFFER_CATEGORY[ins.symbol("buf")], ctx.m.cfg.layer, starts, lengths,
-                                    write=ins.mnemonic == "store")
+    if f.get("hmask") and not ctx.m.head_live(f["head"]):
+        ctx.counters["skipped_transfers"] += 1
+        return UnitWork("sync", 0, 0)
+    rows, row = ctx.m.rows(f["rows"], f["live"]), f["row_bytes"]
+    stride = f["stride"] or row
+    if stride == row:  # one contiguous region
+        starts, lengths = np.array([f["dram"]], dtype=np.int64), np.array([rows * row], dtype=np.int64)
+    else:
+        starts = f["dram"] + np.arange(rows, dtype=np.int64) * stride
+        lengths = np.full(rows, row, dtype=np.int64)
+    return ctx.transfer(_category(ctx, ins.symbol("buf")), starts, lengths, write=ins.mnemonic == "store")
 
 
-@charges("fetch.kv")
-def _fetch_kv(ctx: Ctx, ins: Instr, t: float) -> float:
+@plans("fetch.rows")
+def _gather(ctx: Ctx, ins: Instr) -> Work:
+    f = ins.fields
+    rows = ctx.m.slot(f["idx"])
+    return ctx.transfer(_category(ctx, ins.symbol("buf")), f["dram"] + rows * f["row_bytes"],
+                        np.full(rows.size, f["row_bytes"], dtype=np.int64))
+
+
+@plans("fetch.kv")
+def _fetch_kv(ctx: Ctx, ins: Instr) -> Work:
     f, m = ins.fields, ctx.m
-    if not m.head_live(f["head"]) or (f["pred"] and not m.predicated.get(m.pred_key(f["head"]), 0)):
+    if not m.head_live(f["head"]) or (f["pred"] and not m.predicated.get(f["head"], 0)):
         ctx.counters["skipped_fetches"] += 1
-        return t
+        return UnitWork("sync", 0, 0)
     rows = m.slot(f["idx"])
     cat = PLANE_CATEGORY[(ins.symbol("kv"), ins.symbol("plane"))]
     ctx.counters[f"rows_{cat}"] += rows.size
-    return ctx.dram.transfer_arrays(t, cat, m.cfg.layer, f["dram"] + rows * f["row_bytes"],
-                                    np.full(rows.size, f["row_bytes"], dtype=np.int64))
+    return ctx.transfer(cat, f["dram"] + rows * f["row_bytes"], np.full(rows.size, f["row_bytes"], dtype=np.int64))
 
 
-@charges("store.kv")
-def _store_kv(ctx: Ctx, ins: Instr, t: float) -> float:
-    f, m = ins.fields, ctx.m
-    rows = m.rows(f["rows"], f["live"])
-    cat = PLANE_CATEGORY[(ins.symbol("kv"), ins.symbol("plane"))]
-    return ctx.dram.transfer_arrays(t, cat, m.cfg.layer, np.array([f["dram"]], dtype=np.int64),
-                                    np.array([rows * f["row_bytes"]], dtype=np.int64), write=True)
-
-
-def _head_rows(ctx: Ctx, ins: Instr) -> tuple[int, int] | None:
-    """(query rows, key rows) an attention instruction works on, or None for a dropped head."""
+@plans("store.kv")
+def _store_kv(ctx: Ctx, ins: Instr) -> Work:
     f, m = ins.fields, ctx.m
     if not m.head_live(f["head"]):
-        ctx.counters["skipped_head_ops"] += 1
+        return UnitWork("sync", 0, 0)
+    rows = m.rows(f["rows"], f["live"])
+    cat = PLANE_CATEGORY[(ins.symbol("kv"), ins.symbol("plane"))]
+    return ctx.transfer(cat, np.array([f["dram"]], dtype=np.int64), np.array([rows * f["row_bytes"]], dtype=np.int64),
+                        write=True)
+
+
+def _live_head(ctx: Ctx, ins: Instr) -> bool:
+    if ctx.m.head_live(ins["head"]):
+        return True
+    ctx.counters["skipped_head_ops"] += 1
+    return False
+
+
+@plans("qk")
+def _qk(ctx: Ctx, ins: Instr) -> Work:
+    if not _live_head(ctx, ins):
         return None
-    rows = m.predicated.get(m.pred_key(f["head"]), 0) if f.get("pred") else m.q_rows
-    keys = m.slot(f.get("idx", 0)).size if "idx" in f else m.live
-    return rows, keys
+    m, head = ctx.m, ins["head"]
+    rows = m.predicated.get(head, 0) if ins["pred"] else m.live
+    keys = m.slot(ins["idx"]).size
+    m.score_keys = keys
+    if not rows:
+        return None
+    ctx.flops += 2.0 * rows * keys * m.head_dim
+    return UnitWork("qk", ctx.hw.qk_cycles(rows, keys, m.head_dim), ctx.hw.qk_latency, head, bool(ins["pred"]))
 
 
-@charges("qk")
-def _qk(ctx: Ctx, ins: Instr, t: float) -> float | tuple[float, float]:
-    rk = _head_rows(ctx, ins)
-    if rk is None or not rk[0]:
-        return t
-    rows, keys = rk
-    dim = ctx.m.cfg.head_dim
-    ctx.flops += 2.0 * rows * keys * dim
-    ctx.m.score_keys = keys  # the score row width that softmax / accum / topk values see
-    return ctx.run_unit("qk", t, ctx.hw.qk_cycles(rows, keys, dim), ctx.hw.qk_latency, ins["head"],
-                        streams=bool(ins["pred"]))
+@plans("softmax")
+def _softmax(ctx: Ctx, ins: Instr) -> Work:
+    if not _live_head(ctx, ins):
+        return None
+    m, head = ctx.m, ins["head"]
+    rows = m.predicated.get(head, 0) if ins["pred"] else m.live
+    if not rows:
+        return None
+    return UnitWork("softmax", ctx.hw.softmax_cycles(rows, m.score_keys), ctx.hw.softmax_latency, head, True)
 
 
-@charges("softmax")
-def _softmax(ctx: Ctx, ins: Instr, t: float) -> float | tuple[float, float]:
-    rk = _head_rows(ctx, ins)
-    if rk is None or not rk[0]:
-        return t
-    keys = ctx.m.score_keys or rk[1]
-    return ctx.run_unit("softmax", t, ctx.hw.softmax_cycles(rk[0], keys), ctx.hw.softmax_latency, ins["head"],
-                        streams=True)
-
-
-@charges("requant")
-def _requant(ctx: Ctx, ins: Instr, t: float) -> float | tuple[float, float]:
-    rk = _head_rows(ctx, ins)
-    if rk is None:
-        return t
-    head, rows = ins["head"], ctx.m.q_rows
-    pred = ctx.decide_lsb(head) if ctx.decide_lsb is not None else ctx.predicate_rows(rows)
-    ctx.m.predicated[ctx.m.pred_key(head)] = pred
+@plans("requant")
+def _requant(ctx: Ctx, ins: Instr) -> Work:
+    if not _live_head(ctx, ins):
+        return None
+    head, rows = ins["head"], ctx.m.live
+    pred = ctx.decide.lsb_rows(ctx, head) if ctx.decide is not None else ctx.predicate_rows(rows)
+    ctx.m.predicated[head] = pred
     ctx.counters["rows"] += rows
     ctx.counters["rows_lsb"] += pred
-    # the row maximum is known when the row leaves softmax: no extra pass over the scores
-    return ctx.run_unit("requant", t, 0, ctx.hw.requant_latency, head, streams=True)
+    # the row maximum is known as the row leaves softmax: no extra pass over the scores
+    return UnitWork("requant", 0, ctx.hw.requant_latency, head, True)
 
 
-@charges("accum")
-def _accum(ctx: Ctx, ins: Instr, t: float) -> float | tuple[float, float]:
-    rk = _head_rows(ctx, ins)
-    if rk is None:
-        return t
-    token = ins.symbol("kind") == "token"
-    width = (ctx.m.score_keys or rk[1]) if token else ctx.m.cfg.head_dim
-    return ctx.run_unit(f"accum.{ins.symbol('kind')}", t, math.ceil(rk[0] * width / ctx.hw.softmax_parallelism), 1,
-                        ins["head"], streams=True)
-
-
-def _topk_tokens(ctx: Ctx, ins: Instr) -> tuple[int, int]:
-    m = ctx.m
-    cand = m.slot(ins["idx_in"])
-    k = m.keep_count(cand.size, m.cfg.token_keep, m.cfg.protect_first + m.cfg.protect_recent)
-    m.slots[ins["idx_out"]] = cand[_spread(k, cand.size)]
-    m.live = k
-    ctx.counters["tokens_in"] += cand.size
-    ctx.counters["tokens_kept"] += k
-    return cand.size, k
-
-
-def _topk_values(ctx: Ctx, ins: Instr) -> tuple[int, int]:
-    m = ctx.m
-    cand = m.slot(ins["idx_in"])
-    k = m.keep_count(cand.size, m.cfg.value_keep)
-    m.slots[ins["idx_out"]] = cand[_spread(k, cand.size)]
-    return cand.size, k
-
-
-def _topk_heads(ctx: Ctx, ins: Instr) -> tuple[int, int]:
-    m = ctx.m
-    cand = m.live_heads
-    k = m.keep_count(cand.size, m.cfg.head_keep)
-    m.live_heads = cand[:k]  # which heads survive is data; timing-only runs keep the first k
-    m.slots[ins["idx_out"]] = m.live_heads
-    ctx.counters["heads_in"] += cand.size
-    ctx.counters["heads_kept"] += k
-    return cand.size, k
-
-
-TOPK_KINDS: dict[str, Callable[[Ctx, Instr], tuple[int, int]]] = {
-    "tokens": _topk_tokens, "values": _topk_values, "heads": _topk_heads}
-
-
-@charges("topk")
-def _topk(ctx: Ctx, ins: Instr, t: float) -> float | tuple[float, float]:
+@plans("accum")
+def _accum(ctx: Ctx, ins: Instr) -> Work:
+    if not _live_head(ctx, ins):
+        return None
     kind = ins.symbol("kind")
-    if kind == "values" and not ctx.m.head_live(ins["head"]):
-        return t
-    n, k = TOPK_KINDS[kind](ctx, ins)
-    head = ins["head"] if kind == "values" else -1
-    # tokens/heads and local V have one engine each
-    return ctx.run_unit(f"topk.{'values' if kind == 'values' else 'tokens'}", t,
-                        topk_cycles(n, k, ctx.hw.topk_parallelism), 0, head)
+    width = ctx.m.score_keys if kind == "token" else ctx.m.head_dim
+    cycles = math.ceil(ctx.m.live * width / ctx.hw.softmax_parallelism)
+    return UnitWork(f"accum.{kind}", cycles, 1, ins["head"], True)
 
 
-@charges("pv")
-def _pv(ctx: Ctx, ins: Instr, t: float) -> float | tuple[float, float]:
-    rk = _head_rows(ctx, ins)
-    if rk is None:
-        return t
-    rows, values = rk
-    dim = ctx.m.cfg.head_dim
-    ctx.flops += 2.0 * rows * values * dim
-    # row-streaming behind softmax (each row's probabilities, then its V rows); the V fetch token is in t
-    return ctx.run_unit("pv", t, ctx.hw.pv_cycles(rows, values, dim), ctx.hw.pv_latency, ins["head"], streams=True)
+def _keep(ctx: Ctx, ins: Instr, cand: np.ndarray, k: int) -> np.ndarray:
+    """The kept candidates (ascending). Timing-only: protected tokens, then evenly spread."""
+    if ctx.decide is not None:
+        return ctx.decide.topk(ctx, ins, cand, k)
+    if ins.symbol("kind") == "heads":
+        return cand[:k]
+    if ins.symbol("kind") == "tokens":
+        m = ctx.m
+        prot = np.zeros(cand.size, dtype=bool)
+        prot[:m.protect_first] = True
+        if m.protect_recent:
+            prot[-m.protect_recent:] = True
+        rest = np.flatnonzero(~prot)
+        pick = rest[_spread(max(0, k - int(prot.sum())), rest.size)]
+        return cand[np.sort(np.concatenate([np.flatnonzero(prot), pick]))]
+    return cand[_spread(k, cand.size)]
 
 
-@charges("gemm")
-def _gemm(ctx: Ctx, ins: Instr, t: float) -> float | tuple[float, float]:
+@plans("topk")
+def _topk(ctx: Ctx, ins: Instr) -> Work:
+    m, kind = ctx.m, ins.symbol("kind")
+    if kind == "values" and not _live_head(ctx, ins):
+        return None
+    if kind == "heads":
+        cand = m.slot(ins["idx_in"])
+        cand = cand if cand.size or ins["idx_in"] != LIVE_HEADS else m.live_heads
+        k = m.keep_count(cand.size, m.head_keep)
+    else:
+        cand = m.slot(ins["idx_in"])
+        ratio = m.token_keep if kind == "tokens" else m.value_keep
+        protect = m.protect_first + m.protect_recent if kind == "tokens" else 0
+        k = min(cand.size, max(m.keep_count(cand.size, ratio), protect))
+    kept = _keep(ctx, ins, cand, k)
+    m.slots[ins["idx_out"]] = kept
+    ctx.counters[f"{kind}_in"] += cand.size
+    ctx.counters[f"{kind}_kept"] += kept.size
+    engine = "topk.values" if kind == "values" else "topk.tokens"  # two engines (tokens/heads, local V)
+    return UnitWork(engine, topk_cycles(int(cand.size), int(kept.size), ctx.hw.topk_parallelism), 0,
+                    ins["head"] if kind == "values" else -1)
+
+
+@plans("pv")
+def _pv(ctx: Ctx, ins: Instr) -> Work:
+    if not _live_head(ctx, ins):
+        return None
+    m = ctx.m
+    rows, values = m.live, m.slot(ins["idx"]).size
+    ctx.flops += 2.0 * rows * values * m.head_dim
+    # row-streaming behind softmax; the V fetch's token is already in the start time
+    return UnitWork("pv", ctx.hw.pv_cycles(rows, values, m.head_dim), ctx.hw.pv_latency, ins["head"], True)
+
+
+@plans("gemm")
+def _gemm(ctx: Ctx, ins: Instr) -> Work:
     f = ins.fields
-    rows = ctx.m.rows(f["rows"], f["live"])
-    macs = rows * f["k"] * f["n"]
+    if f.get("hmask") and not ctx.m.head_live(f["head"]):
+        ctx.counters["skipped_head_ops"] += 1
+        return None
+    macs = ctx.m.rows(f["rows"], f["live"]) * f["k"] * f["n"]
     ctx.flops += 2.0 * macs
-    return ctx.run_unit("gemm", t, math.ceil(macs / ctx.hw.gemm_multipliers), 2)
+    return UnitWork("gemm", math.ceil(macs / ctx.hw.gemm_multipliers), 2)
 
 
-@charges("elt", "compact")
-def _elementwise(ctx: Ctx, ins: Instr, t: float) -> float | tuple[float, float]:
+@plans("elt")
+def _elt(ctx: Ctx, ins: Instr) -> Work:
     f = ins.fields
-    rows = ctx.m.slot(f["idx"]).size if "idx" in f else ctx.m.rows(f["rows"], f["live"])
-    return ctx.run_unit("elt", t, math.ceil(rows * f["cols"] / ctx.hw.elementwise_lanes), 1)
+    return UnitWork("elt", math.ceil(ctx.m.rows(f["rows"], f["live"]) * f["cols"] / ctx.hw.elementwise_lanes), 1)
+
+
+@plans("compact")
+def _compact(ctx: Ctx, ins: Instr) -> Work:
+    return UnitWork("elt", math.ceil(ctx.m.slot(ins["idx"]).size * ins["cols"] / ctx.hw.elementwise_lanes), 1)
+
+
+ILIST = {
+    "iota": lambda m, f: np.arange(min(f["value"], m.live) if f["live"] else f["value"]),
+    "append": lambda m, f: np.append(m.slot(f["dst"]), f["value"]),
+    "copy": lambda m, f: m.slot(f["src"]).copy(),
+}
+
+
+@plans("ilist")
+def _ilist(ctx: Ctx, ins: Instr) -> Work:
+    ctx.m.slots[ins["dst"]] = ILIST[ins.symbol("op")](ctx.m, ins.fields).astype(np.int64)
+    return None

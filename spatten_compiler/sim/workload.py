@@ -6,6 +6,7 @@ files. :func:`attention_stream` writes such a workload with the same instruction
 backend emits, so the simulator runs it like any other stream. Per (iteration, layer):
 
     cfg.attn / cfg.quant / cfg.prune
+    [ilist ...]                        first layer: reset the live tokens / heads (and the cache keys)
     [topk tokens, topk heads]          cascade pruning: the kept sets for this layer
     load q                             the iteration's query rows
     per head h, software-pipelined one head ahead:
@@ -25,7 +26,9 @@ from collections.abc import Sequence
 from spatten_compiler.backend.isa import POP_NEXT, POP_PREV, PUSH_NEXT, PUSH_PREV, Instr, spec
 from spatten_compiler.backend.opcodes import FIXED
 
-TOKENS, VALUES = 1, 2  # index slots: kept tokens of this layer, local-V rows of the current head
+# index slots (docs/backend.md): 0 = live tokens = query rows, 1 = live heads; ours: the kept keys of a
+# generation step, the local-V rows of the current head, and one left empty
+LIVE, HEADS, KEYS, VALUES, EMPTY = 0, 1, 2, 3, 4095
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,8 @@ def attention_stream(w: Workload) -> list[Instr]:
     emit = out.append
     for it, (ctx, rows) in enumerate(zip(w.context, w.query_rows)):
         live, live_heads = ctx, w.heads
+        decode = rows < ctx  # a generation step: the query rows are new tokens, the keys the cache
+        slot = KEYS if decode else LIVE
         for layer in range(w.layers):
             keep, heads = w.keys[it][layer], w.kept_heads[it][layer]
             emit(make("cfg.attn", layer=layer, heads=w.heads, kv_heads=w.heads, head_dim=w.head_dim, tokens=ctx,
@@ -124,23 +129,27 @@ def attention_stream(w: Workload) -> list[Instr]:
                       v_bits=min(q.v_bits, 31), threshold=_ratio(q.threshold)))
             emit(make("cfg.prune", token_keep=_ratio(keep / live), head_keep=_ratio(heads / live_heads),
                       value_keep=_ratio(w.value_keep), protect_first=0, protect_recent=0))
-            gate = 0  # the first load waits for the pruning decisions
-            slot = 0
+            gate = 0  # the first load waits for the index lists
+            if layer == 0:  # a new pass: every token and head is live again
+                emit(make("ilist", op="iota", dst=LIVE, value=rows))
+                emit(make("ilist", op="copy", dst=HEADS, src=EMPTY))
+                if decode:
+                    emit(make("ilist", op="iota", dst=KEYS, value=ctx))
+                gate = 1
             if keep < live:
-                emit(make("topk", kind="tokens", idx_in=0, idx_out=TOKENS))
-                slot, live, gate = TOKENS, keep, 1
+                emit(make("topk", kind="tokens", idx_in=slot, idx_out=slot))
+                live, gate = keep, 1
             if heads < live_heads:
-                emit(make("topk", kind="heads", idx_in=0, idx_out=3))
+                emit(make("topk", kind="heads", idx_in=HEADS, idx_out=HEADS))
                 live_heads, gate = heads, 1
             if gate:
                 out[-1] = out[-1].with_deps(PUSH_PREV)
-            many = int(rows > 1)  # prompt / encoder: the query rows are the live tokens
-            emit(make("load", buf="q", dram=lay.rows("q", layer), rows=rows, row_bytes=lay.q_row, live=many,
+            emit(make("load", buf="q", dram=lay.rows("q", layer), rows=rows, row_bytes=lay.q_row, live=1,
                       deps=POP_NEXT if gate else 0))
             _heads(out, w, lay, layer, slot, rows)
-            emit(make("store", buf="act", dram=lay.rows("o", layer), rows=rows, row_bytes=lay.o_row, live=many,
+            emit(make("store", buf="act", dram=lay.rows("o", layer), rows=rows, row_bytes=lay.o_row, live=1,
                       deps=POP_PREV))
-            if rows == 1:  # generation step: the new token's K / V planes
+            if decode:  # generation step: the new token's K / V planes
                 for h in range(w.heads):
                     pos = ctx - 1
                     emit(make("store.kv", kv="k", plane="msb", head=h, dram=lay.plane("k", layer, h) + pos * lay.k_row,
@@ -175,7 +184,7 @@ def _heads(out: list[Instr], w: Workload, lay: _Layout, layer: int, slot: int, r
             lsb = [make("fetch.kv", kv="k", plane="lsb", head=h, dram=lay.plane("l", layer, h), row_bytes=lay.l_row,
                         idx=slot, pred=1, deps=POP_NEXT | PUSH_NEXT)]
             b += [make("qk", head=h, idx=slot, pred=1, deps=POP_PREV), make("softmax", head=h, pred=1)]
-        b.append(make("accum", kind="token", head=h))
+        b.append(make("accum", kind="token", head=h, idx=slot))
         if vprune:
             b.append(make("topk", kind="values", head=h, idx_in=slot, idx_out=VALUES, deps=PUSH_PREV))
         fv = make("fetch.kv", kv="v", plane="msb" if q.v_bits < 32 else "full", head=h, dram=lay.plane("v", layer, h),
