@@ -22,6 +22,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from spatten_compiler.backend.isa import POP_NEXT, POP_PREV, PUSH_NEXT, PUSH_PREV, Instr, spec
 from spatten_compiler.backend.opcodes import FIXED
@@ -204,3 +207,32 @@ def _heads(out: list[Instr], w: Workload, lay: _Layout, layer: int, slot: int, r
         out.append(loads[h][-1])
         out += comps[h][2]
     out[-1] = out[-1].with_deps(PUSH_NEXT)
+
+
+def to_program(w: Workload, hw: Any = None) -> Any:
+    """The workload as a backend :class:`~spatten_compiler.backend.program.Program` (tensor table with
+    one region per K MSB / K LSB / V plane of each layer and head, Q and outputs per layer, and a
+    relocation for every DRAM address), so it can be written as a ``.spbin`` and run by ``spattenc sim``."""
+    from spatten_compiler.backend.hw import SPATTEN
+    from spatten_compiler.backend.program import Program, Reloc, Tensor
+
+    lay, instrs = _Layout(w), attention_stream(w)
+    tensors: list[Tensor] = []
+    planes = [("k", "k_msb" if w.quant.k_msb < 32 else "k_full", lay.k_row, w.quant.k_msb),
+              ("v", "v", lay.v_row, w.quant.v_bits)]
+    if w.quant.k_lsb:
+        planes.insert(1, ("l", "k_lsb", lay.l_row, w.quant.k_lsb))
+    for key, kind, row, bits in planes:
+        for layer in range(w.layers):
+            for h in range(w.heads):
+                tensors.append(Tensor(f"L{layer}.h{h}.{kind}", kind, lay.plane(key, layer, h), w.max_tokens * row,
+                                      bits, "", layer))
+    for key, row, what in (("q", lay.q_row, "q"), ("o", lay.o_row, "attn_out")):
+        for layer in range(w.layers):
+            tensors.append(Tensor(f"L{layer}.{what}", "activation", lay.rows(key, layer), w.max_tokens * row, 16, "",
+                                  layer))
+    tensors.sort(key=lambda t: t.dram)
+    starts = np.array([t.dram for t in tensors])
+    relocs = [Reloc(i, int(np.searchsorted(starts, ins["dram"], side="right") - 1))
+              for i, ins in enumerate(instrs) if "dram" in ins.spec.field_names]
+    return Program(hw or SPATTEN, instrs, tensors, relocs, [(0, f"{w.name} attention")])
