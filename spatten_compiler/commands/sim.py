@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.chart:
         from spatten_compiler.sim.report import plot_bytes
 
-        plot_bytes({args.binary.stem: report}, args.chart)
+        plot_bytes({args.binary.name: {args.binary.stem: report}}, args.chart)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 0
 

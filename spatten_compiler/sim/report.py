@@ -81,29 +81,35 @@ class SimReport:
         return "\n".join(lines)
 
 
-def plot_bytes(reports: dict[str, SimReport], path: Path, title: str = "DRAM bytes by category") -> Path:
-    """Stacked bars, one per report (e.g. dense vs SpAtten), MiB per category."""
+def plot_bytes(panels: dict[str, dict[str, SimReport]], path: Path, title: str = "DRAM bytes by category") -> Path:
+    """One panel per model (own y scale), stacked bars per run (e.g. dense vs SpAtten), MiB per category;
+    each bar is labelled with its total and, after the first, the reduction against the first."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(reports) + 3), 4.2))
-    names = list(reports)
-    bottom = [0.0] * len(names)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5, 3.2 * len(panels)), 4.4), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for ci, cat in enumerate(CATEGORIES):
-        vals = [reports[n].dram_bytes.get(cat, 0) / 2**20 for n in names]
-        if not any(vals):
-            continue
-        ax.bar(names, vals, bottom=bottom, label=cat, color=cmap(ci))
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    for x, total in enumerate(bottom):
-        ax.annotate(f"{total:,.1f}", (x, total), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("MiB moved (32-byte transactions)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    shown: dict[str, object] = {}
+    for ax, (panel, reports) in zip(axes[0], panels.items()):
+        names = list(reports)
+        bottom = [0.0] * len(names)
+        for ci, cat in enumerate(CATEGORIES):
+            vals = [reports[n].dram_bytes.get(cat, 0) / 2**20 for n in names]
+            if not any(vals):
+                continue
+            shown[cat] = ax.bar(names, vals, bottom=bottom, color=cmap(ci), label=cat)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        for x, total in enumerate(bottom):
+            label = f"{total:,.1f}" + (f"\n({bottom[0] / total:.1f}x less)" if x and total else "")
+            ax.annotate(label, (x, total), ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, max(bottom) * 1.25 if max(bottom) else 1)
+        ax.set_title(panel, fontsize=10)
+        ax.set_ylabel("MiB moved (32-byte transactions)" if ax is axes[0][0] else "")
+    fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=len(shown), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
