@@ -66,14 +66,17 @@ class Dram:
 
     def channel_counts(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Transactions per channel for the regions, and each region's first transaction and count."""
+        c = self.channels
         first = starts // self.tx_bytes
         n = (starts + lengths + self.tx_bytes - 1) // self.tx_bytes - first
-        n = np.where(lengths > 0, n, 0)
-        counts = np.full(self.channels, int((n // self.channels).sum()), dtype=np.int64)
-        rem = n % self.channels
-        if rem.any():
-            offs = (self._lanes[None, :] - (first % self.channels)[:, None]) % self.channels
-            counts += (offs < rem[:, None]).sum(axis=0)
+        n[lengths <= 0] = 0
+        full = n // c
+        rem = n - full * c
+        counts = np.full(c, int(full.sum()), dtype=np.int64)
+        extra = int(rem.sum())
+        if extra:  # the partial round of each region starts at its own channel
+            offset = np.arange(extra) - np.repeat(np.cumsum(rem) - rem, rem)
+            counts += np.bincount((np.repeat(first % c, rem) + offset) % c, minlength=c)
         return counts, first, n
 
     def transfer(self, t0: float, category: str, layer: int, regions: Iterable[tuple[int, int]] | np.ndarray,

@@ -42,6 +42,7 @@ class Machine:
     protect_recent: int = 0
     score_keys: int = 0  # width of the last qk's score rows
     slots: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    _head_set: frozenset[int] = frozenset()  # slot 1 as a set (empty = every head)
     predicated: dict[int, int] = dataclasses.field(default_factory=dict)  # head -> predicated query rows
 
     def configure_attention(self, f: dict[str, int]) -> None:
@@ -58,6 +59,11 @@ class Machine:
         self.token_keep, self.head_keep, self.value_keep = (
             f[k] / FIXED for k in ("token_keep", "head_keep", "value_keep"))
         self.protect_first, self.protect_recent = f["protect_first"], f["protect_recent"]
+
+    def set_slot(self, idx: int, rows: np.ndarray) -> None:
+        self.slots[idx] = rows
+        if idx == LIVE_HEADS:
+            self._head_set = frozenset(rows.tolist())
 
     def slot(self, idx: int) -> np.ndarray:
         if idx in self.slots:
@@ -76,8 +82,7 @@ class Machine:
         return heads if heads.size else np.arange(self.heads)
 
     def head_live(self, head: int) -> bool:
-        heads = self.slot(LIVE_HEADS)
-        return heads.size == 0 or bool(np.isin(head, heads))
+        return not self._head_set or head in self._head_set
 
     def rows(self, rows: int, live: int) -> int:
         return min(rows, self.live) if live else rows

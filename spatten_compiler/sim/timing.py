@@ -298,7 +298,7 @@ def _topk(ctx: Ctx, ins: Instr) -> Work:
         protect = m.protect_first + m.protect_recent if kind == "tokens" else 0
         k = min(cand.size, max(m.keep_count(cand.size, ratio), protect))
     kept = _keep(ctx, ins, cand, k)
-    m.slots[ins["idx_out"]] = kept
+    m.set_slot(ins["idx_out"], kept)
     ctx.counters[f"{kind}_in"] += cand.size
     ctx.counters[f"{kind}_kept"] += kept.size
     engine = "topk.values" if kind == "values" else "topk.tokens"  # two engines (tokens/heads, local V)
@@ -348,5 +348,5 @@ ILIST = {
 
 @plans("ilist")
 def _ilist(ctx: Ctx, ins: Instr) -> Work:
-    ctx.m.slots[ins["dst"]] = ILIST[ins.symbol("op")](ctx.m, ins.fields).astype(np.int64)
+    ctx.m.set_slot(ins["dst"], ILIST[ins.symbol("op")](ctx.m, ins.fields).astype(np.int64))
     return None
