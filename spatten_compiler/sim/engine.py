@@ -43,8 +43,13 @@ def plan(instrs: list[Instr], ctx: Ctx, tensors: dict[int, Any] | None = None) -
         raise SpattencError(f"the simulator has no timing model for {', '.join(missing)}")
     tensors = tensors or {}
     work = []
+    step = getattr(ctx.decide, "step", None)
+    if step is not None:
+        ctx.decide.ctx = ctx
     for k, ins in enumerate(instrs):
         ctx.tensor = tensors.get(k)
+        if step is not None:  # functional run: the numbers first, so the decisions below are the data's
+            step(ins)
         work.append(PLAN[ins.mnemonic](ctx, ins))
     ctx.tensor = None
     return work

@@ -77,7 +77,13 @@ def make(mnemonic: str, deps: int = 0, **values: int | str) -> Instr:
 
 
 def _ratio(x: float) -> int:
+    """A threshold in fixed point (rounded up)."""
     return min(FIXED, max(0, math.ceil(x * FIXED)))
+
+
+def _keep(x: float) -> int:
+    """A keep ratio k / n in fixed point, rounded down so that ceil(n * ratio) == k for n < 32768."""
+    return min(FIXED, max(0, math.floor(x * FIXED)))
 
 
 class _Layout:
@@ -127,11 +133,11 @@ def attention_stream(w: Workload) -> list[Instr]:
         for layer in range(w.layers):
             keep, heads = w.keys[it][layer], w.kept_heads[it][layer]
             emit(make("cfg.attn", layer=layer, heads=w.heads, kv_heads=w.heads, head_dim=w.head_dim, tokens=ctx,
-                      causal=1, scale=round(4096 / math.sqrt(w.head_dim))))
+                      causal=1, past=ctx - rows, scale=round(4096 / math.sqrt(w.head_dim))))
             emit(make("cfg.quant", q_bits=min(q.q_bits, 31), k_msb=min(q.k_msb, 31), k_lsb=q.k_lsb,
                       v_bits=min(q.v_bits, 31), threshold=_ratio(q.threshold)))
-            emit(make("cfg.prune", token_keep=_ratio(keep / live), head_keep=_ratio(heads / live_heads),
-                      value_keep=_ratio(w.value_keep), protect_first=0, protect_recent=0))
+            emit(make("cfg.prune", token_keep=_keep(keep / live), head_keep=_keep(heads / live_heads),
+                      value_keep=_keep(w.value_keep), protect_first=0, protect_recent=0))
             gate = 0  # the first load waits for the index lists
             if layer == 0:  # a new pass: every token and head is live again
                 emit(make("ilist", op="iota", dst=LIVE, value=rows))
