@@ -27,6 +27,7 @@ def load_all() -> dict[str, Command]:
     # Imported for their registration side effect; the order is the order shown in --help.
     from spatten_compiler.commands import compile as _compile  # noqa: F401
     from spatten_compiler.commands import inspect as _inspect  # noqa: F401
+    from spatten_compiler.commands import spbin as _spbin  # noqa: F401  (backend: emit, asm, disasm)
     from spatten_compiler.commands import sim as _sim  # noqa: F401
 
 

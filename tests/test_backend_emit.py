@@ -1,0 +1,150 @@
+"""`spattenc emit` on every fixture (compiled with SpAtten passes, and dense), decoders, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MODELS, fixture_names, load_meta
+
+from spatten_compiler.backend import asm, hw, program
+from spatten_compiler.backend.deps import DeadlockError, check_deps
+from spatten_compiler.backend.graphinfo import GraphInfo, load_onnx, tensor_bytes
+from spatten_compiler.backend.lower import emit_model
+from spatten_compiler.cli import main as spattenc
+from spatten_compiler.errors import SpattencError
+
+ENCODER_OPTS = ["--token-keep", "0.5", "--head-keep", "0.75", "--value-keep", "0.5", "--kv-bits", "6+4"]
+DECODER_OPTS = ["--head-keep", "0.75", "--value-keep", "0.5", "--kv-bits", "6+4"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out_dir = tmp_path_factory.mktemp("compiled")
+    out = {}
+    for name in fixture_names():
+        opts = DECODER_OPTS if load_meta(name)["kind"] == "decoder" else ENCODER_OPTS
+        dst = out_dir / f"{name}.spatten.onnx"
+        assert spattenc(["compile", str(MODELS / f"{name}.onnx"), "-o", str(dst), "-q", *opts]) == 0
+        out[name] = dst
+    return out
+
+
+def _check(path: Path, p: program.Program) -> None:
+    check_deps(p.instrs)  # tokens balance, no deadlock
+    gi = GraphInfo(load_onnx(path), 16)
+    weights = [t for t in p.tensors if t.kind == "weight"]
+    assert {t.source for t in weights} == {name for name, t in gi.inits.items() if tensor_bytes(t)}
+    assert sum(t.size for t in weights) == sum(tensor_bytes(t) for t in gi.inits.values())
+    data = program.to_bytes(p)
+    back = program.from_bytes(data, p.hw)
+    assert program.to_bytes(back) == data
+    text = asm.disassemble(back)
+    assert asm.disassemble(asm.assemble(text)) == text
+
+
+@pytest.mark.parametrize("name", fixture_names())
+def test_emit_every_fixture_compiled(name: str, compiled: dict[str, Path]) -> None:
+    decoder = load_meta(name)["kind"] == "decoder"
+    p = emit_model(compiled[name], 24, gen_steps=2 if decoder else 0)
+    _check(compiled[name], p)
+    mix = p.mix()
+    assert mix["qk"] >= 2 * mix["cfg.attn"]  # MSB pass + predicated recompute
+    assert mix["requant"] and mix["topk"] and mix["fetch.kv"]
+    assert any(t.kind == "k_lsb" for t in p.tensors)
+
+
+@pytest.mark.parametrize("name", fixture_names())
+def test_emit_every_fixture_dense(name: str) -> None:
+    path = MODELS / f"{name}.onnx"
+    p = emit_model(path, 24)
+    _check(path, p)
+    mix = p.mix()
+    assert mix["qk"] == mix["softmax"] == mix["pv"] > 0 and not mix["requant"] and not mix["topk"]
+
+
+def test_token_pruning_is_decided_by_the_hardware(compiled: dict[str, Path]) -> None:
+    p = emit_model(compiled["bert_torchscript"], 128)  # >= 64 tokens are always kept; 128 positions
+    cfg = [i for i in p.instrs if i.mnemonic == "cfg.prune" and i["token_keep"] < 32768]
+    assert cfg, "the layer that prunes tokens configures a keep ratio"
+    topk = [i for i in p.instrs if i.mnemonic == "topk" and i.symbol("kind") == "tokens"]
+    assert topk and any(i.mnemonic == "compact" for i in p.instrs)
+    # row counts are bounds: every GEMM runs on the live rows only (the restore at the end is full length)
+    assert all(i["live"] for i in p.instrs if i.mnemonic == "gemm")
+    assert [i.symbol("op") for i in p.instrs if i.mnemonic == "elt" and not i["live"]] == ["copy"]
+
+
+def test_same_stream_for_any_input_length(compiled: dict[str, Path]) -> None:
+    a = emit_model(compiled["bert_torchscript"], 48)
+    b = emit_model(compiled["bert_torchscript"], 48)
+    assert program.to_bytes(a) == program.to_bytes(b)
+
+
+def test_decoder_blocks_grow_the_key_lists() -> None:
+    p = emit_model(MODELS / "gpt2_kv_torchscript.onnx", 8, gen_steps=3)
+    appends = [i for i in p.instrs if i.mnemonic == "ilist" and i.symbol("op") == "append"]
+    assert len(appends) >= 3 * 4  # one per layer and step (plus the position ids)
+    past = sorted({i["past"] for i in p.instrs if i.mnemonic == "cfg.attn"})
+    assert past == [0, 8, 9, 10]
+    assert all(i["causal"] for i in p.instrs if i.mnemonic == "cfg.attn")
+
+
+def test_emit_for_the_small_hardware() -> None:
+    p = emit_model(MODELS / "bert_dynamo.onnx", 32, hw=hw.SPATTEN_1_8)
+    assert p.hw.name == "spatten-1/8"
+    with pytest.raises(SpattencError, match="built for hardware 'spatten-1/8'"):
+        program.from_bytes(program.to_bytes(p), hw.SPATTEN)
+
+
+def test_deadlocking_emitted_stream_is_refused_before_writing(tmp_path: Path) -> None:
+    p = emit_model(MODELS / "bert_dynamo.onnx", 16)
+    first_pop = next(k for k, i in enumerate(p.instrs) if i.dep("pop_prev"))
+    p.instrs[first_pop] = p.instrs[first_pop].with_deps(p.instrs[first_pop].deps | 2)  # also wait for a store
+    with pytest.raises(DeadlockError):
+        check_deps(p.instrs)
+    with pytest.raises(SpattencError, match="deadlock|balance"):
+        program.write_program(p, tmp_path / "x.spbin")
+    assert not list(tmp_path.iterdir())
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "spatten_compiler", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_emit_disasm_asm_round_trip(tmp_path: Path) -> None:
+    out = tmp_path / "m.spbin"
+    r = _cli("emit", str(MODELS / "llama_dynamo.onnx"), "--prompt-len", "8", "--gen-steps", "2", "-o", str(out),
+             "--stats")
+    assert r.returncode == 0, r.stderr
+    assert "instruction mix:" in r.stdout and "weight" in r.stdout
+    r = _cli("disasm", str(out))
+    assert r.returncode == 0 and "; node " in r.stdout and r.stdout.startswith(".hw spatten\n")
+    (tmp_path / "m.s").write_text(r.stdout)
+    assert _cli("asm", str(tmp_path / "m.s"), "-o", str(tmp_path / "again.spbin")).returncode == 0
+    assert (tmp_path / "again.spbin").read_bytes() == out.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seq-len", "8", "--prompt-len", "8"], "exactly one of --seq-len"),
+        (["--seq-len", "8", "--gen-steps", "2"], "--gen-steps needs --prompt-len"),
+        (["--seq-len", "0"], "must be in 1..4096"),
+        (["--seq-len", "8", "--hw", "nope.toml"], "neither a built-in"),
+    ],
+)
+def test_cli_emit_bad_options(args: list[str], message: str, tmp_path: Path) -> None:
+    r = _cli("emit", str(MODELS / "bert_dynamo.onnx"), "-o", str(tmp_path / "x.spbin"), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.spbin").exists()
+
+
+def test_cli_emit_not_onnx(tmp_path: Path) -> None:
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"\x08\x01garbage")
+    r = _cli("emit", str(bad), "--seq-len", "8", "-o", str(tmp_path / "x.spbin"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
