@@ -47,3 +47,18 @@ def test_emitted_streams_simulate(name: str, compiled: dict[str, Path]) -> None:
     if not decoder:
         assert r.counters["tokens_kept"] < r.counters["tokens_in"]
         assert r.baseline["speedup"] > 1
+
+
+REAL_MINILM = MODELS / "cache" / "minilm" / "model.onnx"
+
+
+@pytest.mark.real
+def test_real_minilm_emitted_and_simulated(tmp_path: Path) -> None:
+    if not REAL_MINILM.exists():
+        pytest.skip("python models/export.py --real minilm")
+    dst = tmp_path / "minilm.spatten.onnx"
+    assert spattenc(["compile", str(REAL_MINILM), "-o", str(dst), "-q", *ENCODER_OPTS]) == 0
+    r = run_binary(emit_model(dst, 256), dense=emit_model(REAL_MINILM, 256))
+    assert r.counters["tokens_kept"] < r.counters["tokens_in"] and r.counters["heads_kept"] < r.counters["heads_in"]
+    assert r.baseline["speedup"] > 1.5  # half the tokens after the first layers: the GEMMs shrink too
+    assert sum(r.dram_bytes[c] for c in KV) < sum(r.baseline["dram_bytes"][c] for c in KV)
