@@ -64,7 +64,7 @@ class SimReport:
     def render(self) -> str:
         lines = [
             f"{self.mode} run on {self.hw}: {self.instructions} instructions, {self.cycles:,.0f} cycles "
-            f"= {self.seconds * 1e6:,.1f} us at {self.clock_ghz:g} GHz",
+            f"= {_duration(self.seconds)} at {self.clock_ghz:g} GHz",
             f"arithmetic {self.flops / 1e9:,.3f} GFLOP -> {self.flops_per_s / 1e12:.3f} TFLOP/s achieved",
             f"DRAM {self.total_bytes / 2**20:,.2f} MiB: "
             + ", ".join(f"{c} {b / 2**20:,.2f}" for c, b in self.dram_bytes.items() if b),
@@ -79,6 +79,13 @@ class SimReport:
         if self.sim_seconds:
             lines.append(f"simulated in {self.sim_seconds:.2f} s ({self.instructions / self.sim_seconds:,.0f} instr/s)")
         return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:,.2f} {unit}"
+    return f"{seconds * 1e9:,.0f} ns"
 
 
 def plot_bytes(panels: dict[str, dict[str, SimReport]], path: Path, title: str = "DRAM bytes by category") -> Path:
