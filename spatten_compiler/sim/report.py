@@ -69,6 +69,10 @@ class SimReport:
             f"DRAM {self.total_bytes / 2**20:,.2f} MiB: "
             + ", ".join(f"{c} {b / 2**20:,.2f}" for c, b in self.dram_bytes.items() if b),
         ]
+        layers = {k: v for k, v in self.dram_bytes_by_layer.items() if k >= 0}
+        if layers:
+            lines.append("DRAM by layer (MiB): " + ", ".join(
+                f"{k}: {sum(v.values()) / 2**20:,.2f}" for k, v in sorted(layers.items())))
         if self.stage_busy:
             lines.append("stage busy: " + ", ".join(f"{s} {b / max(self.cycles, 1):.0%}"
                                                    for s, b in self.stage_busy.items()))
