@@ -29,6 +29,7 @@ def load_all() -> dict[str, Command]:
     from spatten_compiler.commands import generate as _generate  # noqa: F401
     from spatten_compiler.commands import inspect as _inspect  # noqa: F401
     from spatten_compiler.commands import spbin as _spbin  # noqa: F401  (backend: emit, asm, disasm)
+    from spatten_compiler.commands import sim as _sim  # noqa: F401
 
 
     return COMMANDS

@@ -1,0 +1,61 @@
+"""``spattenc sim``: run a ``.spbin`` on the accelerator simulator and report cycles and DRAM traffic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from spatten_compiler.commands import Command, register
+from spatten_compiler.errors import OptionError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("binary", type=Path, help="instruction binary (.spbin) from `spattenc emit`")
+    p.add_argument("--input", type=Path, help="feeds (.npz); timing mode takes the input length from it")
+    p.add_argument("--hw", help="hardware: built-in name or TOML file (default: the one the binary was built for; "
+                                "another one must have the same digest)")
+    p.add_argument("--mode", choices=("timing", "functional"), default="timing",
+                   help="timing: cycles and DRAM traffic (default); functional: see docs/simulator.md")
+    p.add_argument("--dense", type=Path, help="the dense stream of the same model: adds speedup and DRAM reduction")
+    p.add_argument("--length", type=int, help="the input's true length (default: the stream's maximum)")
+    p.add_argument("--lsb-fraction", type=float, default=0.07,
+                   help="share of head-rows that refetch K LSBs when no functional run decides (default 0.07)")
+    p.add_argument("--report", type=Path, help="write the report as JSON")
+    p.add_argument("--chart", type=Path, help="write a PNG chart of DRAM bytes by category")
+    p.add_argument("--trace", type=Path, help="write every DRAM transaction (Ramulator or DRAMsim3 trace)")
+    p.add_argument("--trace-format", choices=("ramulator", "dramsim3"), default="ramulator")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from spatten_compiler.sim.api import run_binary
+
+    if args.mode == "functional":
+        raise OptionError("--mode functional runs attention streams through the Python API only "
+                          "(spatten_compiler.sim.functional); whole-model binaries are not supported yet")
+    if not 0.0 <= args.lsb_fraction <= 1.0:
+        raise OptionError(f"--lsb-fraction {args.lsb_fraction} must be between 0 and 1")
+    report = run_binary(args.binary, hw=args.hw, feeds=args.input, dense=args.dense, length=args.length,
+                        lsb_fraction=args.lsb_fraction, trace=args.trace, trace_format=args.trace_format)
+    if args.report:
+        report.write_json(args.report)
+    if args.chart:
+        from spatten_compiler.sim.report import plot_bytes
+
+        plot_bytes({args.binary.name: {args.binary.stem: report}}, args.chart)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return 0
+
+
+register(
+    Command(
+        name="sim",
+        help="simulate a .spbin: cycles, time, FLOP/s and DRAM traffic by category and layer",
+        add_arguments=add_arguments,
+        run=run,
+        epilog="examples:\n  spattenc sim model.spbin\n"
+        "  spattenc sim model.spbin --dense model.dense.spbin --report sim.json --chart dram.png\n"
+        "  spattenc sim model.spbin --input feeds.npz --trace dram.trace --trace-format dramsim3",
+    )
+)
