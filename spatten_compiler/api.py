@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     check: bool = True,
     report: bool = True,
     on_pass: Callable[[Pass, float], None] | None = None,
+    hooks: Mapping[str, Callable[..., Any]] | None = None,
     **options: Any,
 ) -> CompileResult:
     """Rewrite ``model`` with SpAtten's pruning and quantization, as ``spattenc MODEL -o OUT`` does.
@@ -113,6 +114,8 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     ``kv_bits="6+4"``, ``prune_min_length=64``; or pass ``config=CompileConfig(...)`` (options win).
     ``pipeline``: an explicit pass list (``"normalize,prune-tokens{keep=0.5}"``) instead of options.
     ``check``: onnx.checker after each pass. ``report``: also compute the compile report.
+    ``on_pass(pass, seconds)``: called after each pass; ``hooks``: any other keyword the pass
+    pipeline takes (progress callbacks), passed through unchanged.
 
     >>> result = compile("models/bert_torchscript.onnx", token_keep=0.5, kv_bits="6+4")
     >>> [p.split("{")[0] for p in result.report["passes"]]
@@ -132,10 +135,13 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     if passes:
         refuse_gated(m, name)
     summary = _source_report(m, passes, cfg.prune_min_length) if report else None
+    extra = dict(hooks or {})
+    if on_pass is not None:
+        extra["on_pass"] = on_pass
     if cfg.prune_min_length:
-        compile_gated(m, passes, cfg.unpruned().passes(), cfg.prune_min_length, check=check, on_pass=on_pass)
+        compile_gated(m, passes, cfg.unpruned().passes(), cfg.prune_min_length, check=check, **extra)
     else:
-        Pipeline(passes, check=check, on_pass=on_pass)(m)
+        Pipeline(passes, check=check, **extra)(m)
     return CompileResult(m, summary)
 
 
