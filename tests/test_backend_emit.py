@@ -161,3 +161,12 @@ def test_cli_emit_not_onnx(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "spatten_compiler", "emit", str(bad), "--seq-len", "8", "-o",
                         str(tmp_path / "x.spbin")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_length_gated_model_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gated = tmp_path / "gated.onnx"
+    assert spattenc(["compile", str(MODELS / "bert_dynamo.onnx"), "-o", str(gated), "-q", "--token-keep", "0.5",
+                     "--prune-min-length", "64"]) == 0
+    capsys.readouterr()
+    rc, _, err = _cli(capsys, "emit", str(gated), "--seq-len", "32", "-o", str(tmp_path / "g.spbin"))
+    assert rc == 2 and "length-gated" in err and len(err.strip().splitlines()) == 1

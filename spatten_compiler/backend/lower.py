@@ -252,6 +252,9 @@ def emit_model(path: Path, seq_len: int, gen_steps: int = 0, hw: HwDesc | None =
     if not 1 <= seq_len <= hw.max_seq_len or seq_len + gen_steps > hw.max_seq_len:
         raise LoweringError(f"--seq-len/--prompt-len + --gen-steps must be in 1..{hw.max_seq_len} on '{hw.name}'")
     model = load_onnx(path)
+    if any(p.key == "spatten.prune_min_length" for p in model.metadata_props):
+        raise LoweringError(f"{path}: a length-gated model (--prune-min-length); emit the model compiled without "
+                            "the gate - the stream's keep ratios already apply to the live length at run time")
     gi = GraphInfo(model, seq_len)
     if not gi.groups:
         raise LoweringError(f"{path}: no attention block found (no Softmax over a 4-D score tensor)")
