@@ -170,3 +170,12 @@ def test_length_gated_model_is_refused_in_one_line(tmp_path: Path, capsys: pytes
     capsys.readouterr()
     rc, _, err = _cli(capsys, "emit", str(gated), "--seq-len", "32", "-o", str(tmp_path / "g.spbin"))
     assert rc == 2 and "length-gated" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", fixture_names())
+def test_attention_blocks_match_the_fixture_metadata(name: str) -> None:
+    meta = load_meta(name)
+    gi = GraphInfo(load_onnx(MODELS / f"{name}.onnx"), 16)
+    assert len(gi.groups) == meta["num_layers"]
+    assert {(g.heads, g.kv_heads, g.head_dim) for g in gi.groups} == {
+        (meta["num_heads"], meta["num_kv_heads"], meta["head_dim"])}
