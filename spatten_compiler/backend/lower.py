@@ -87,11 +87,16 @@ class Lowering:
         return [self._evaluated[n] for n in names]
 
     def act_rows(self, value: str) -> int:
-        """Rows of an activation: dims between batch and the last; token dims become the block rows."""
+        """Rows of an activation: dims between batch and the last; token dims become the block rows
+        ([batch, heads, tokens, dim] tensors: an unknown heads dim is the model's head count)."""
         shape = self.gi.shape(value) or [1, None, None]
+        heads = self.gi.groups[0].heads if self.gi.groups else 1
         rows = 1
-        for d in shape[1:-1]:
-            rows *= self.rows if d is None or d == self.opts.seq_len else d
+        for k, d in enumerate(shape[1:-1], 1):
+            if d is None and len(shape) == 4 and k == 1:
+                rows *= heads
+            else:
+                rows *= self.rows if d is None or d == self.opts.seq_len else d
         return max(1, min(rows, 65535))
 
     def cols(self, value: str) -> int | None:
