@@ -143,3 +143,12 @@ def test_string_table_checks() -> None:
         container.read_string(blob, 2, "t")
     with pytest.raises(ContainerError, match="outside"):
         container.read_string(blob, 99, "t")
+
+
+def test_python_api_in_one_place(tmp_path: Path) -> None:
+    import spatten_compiler.backend as backend
+
+    p = backend.assemble(SMALL)
+    backend.write_program(p, tmp_path / "s.spbin")
+    assert backend.disassemble(backend.read_program(tmp_path / "s.spbin", backend.load_hw("spatten"))) == SMALL
+    assert set(backend.__all__) >= {"emit_model", "assemble", "disassemble", "read_program", "write_program"}

@@ -91,6 +91,15 @@ def test_decoder_blocks_grow_the_key_lists() -> None:
     assert all(i["causal"] for i in p.instrs if i.mnemonic == "cfg.attn")
 
 
+@pytest.mark.parametrize("name", ["gpt2_kv_torchscript", "llama_dynamo"])
+def test_replayed_decoder_steps_equal_lowered_steps(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spatten_compiler.backend.emitter import Emitter
+
+    fast = program.to_bytes(emit_model(MODELS / f"{name}.onnx", 8, gen_steps=5))
+    monkeypatch.setattr(Emitter, "replay", lambda *a: False)  # lower every step by walking the graph
+    assert program.to_bytes(emit_model(MODELS / f"{name}.onnx", 8, gen_steps=5)) == fast
+
+
 def test_emit_for_the_small_hardware() -> None:
     p = emit_model(MODELS / "bert_dynamo.onnx", 32, hw=hw.SPATTEN_1_8)
     assert p.hw.name == "spatten-1/8"

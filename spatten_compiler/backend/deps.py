@@ -18,6 +18,7 @@ comes; the message names the waiting instructions), and tokens pushed but never 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 from spatten_compiler.backend.isa import DEP_NAMES, Instr, IsaError
@@ -45,21 +46,30 @@ class DepStats:
     pushed: dict[str, int]  # tokens per queue (each also popped: the stream balances)
 
 
-def _queues_of(instr: Instr, index: int) -> tuple[list[str], list[str]]:
+@functools.lru_cache(maxsize=512)
+def _queues(stage: str, deps: int) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
+    """(pops, pushes) of a dependency nibble in a stage, or the name of a bit with no queue."""
     pops, pushes = [], []
     for bit, name in enumerate(DEP_NAMES):
-        if instr.deps >> bit & 1:
-            queue = QUEUES.get((instr.stage, name))
+        if deps >> bit & 1:
+            queue = QUEUES.get((stage, name))
             if queue is None:
-                raise DeadlockError(f"instruction {index} ({instr.mnemonic}, {instr.stage} stage): "
-                                    f"'{name}' names a stage that does not exist")
+                return name
             (pops if name.startswith("pop") else pushes).append(queue)
-    return pops, pushes
+    return tuple(pops), tuple(pushes)
+
+
+def _queues_of(instr: Instr, index: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    got = _queues(instr.stage, instr.deps)
+    if isinstance(got, str):
+        raise DeadlockError(f"instruction {index} ({instr.mnemonic}, {instr.stage} stage): "
+                            f"'{got}' names a stage that does not exist")
+    return got
 
 
 def check_deps(instrs: Sequence[Instr]) -> DepStats:
     """Replay the stages; raise :class:`DeadlockError` naming the problem, else return the counts."""
-    by_stage: dict[str, list[tuple[int, list[str], list[str]]]] = {"load": [], "compute": [], "store": []}
+    by_stage: dict[str, list[tuple[int, tuple[str, ...], tuple[str, ...]]]] = {"load": [], "compute": [], "store": []}
     for i, ins in enumerate(instrs):
         pops, pushes = _queues_of(ins, i)
         by_stage[ins.stage].append((i, pops, pushes))

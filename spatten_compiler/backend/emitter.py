@@ -2,7 +2,7 @@
 
 Rules (``lower.py``, ``lower_attention.py``) call :meth:`Emitter.emit`; nobody else appends
 instructions. The logical stream has no dependency tokens: :func:`finish` inserts them
-(:func:`spatten_compiler.backend.tokens.insert_tokens`) and validates the program.
+(:func:`spatten_compiler.backend.tokens.insert_tokens`); the program is validated when serialized.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 
 from spatten_compiler.backend.hw import HwDesc
 from spatten_compiler.backend.isa import Instr, make
-from spatten_compiler.backend.program import NO_LAYER, Program, Reloc, Tensor, validate
+from spatten_compiler.backend.program import NO_LAYER, Program, Reloc, Tensor
 from spatten_compiler.backend.tokens import insert_tokens
 from spatten_compiler.errors import SpattencError
 
@@ -33,7 +33,7 @@ class Emitter:
         self.by_name: dict[str, int] = {}
         self.barriers: set[int] = set()
         self._dram = 0
-        self._ring: dict[str, int] = {}
+        self._ring: dict[str, int] = {"score": self.RESERVED}
         self._node: str | None = None
         self._where: str | None = None
 
@@ -65,9 +65,15 @@ class Emitter:
         lines = min(lines, cap)
         at = self._ring.get(buf, 0)
         if at + lines > cap:
-            at = 0
+            at = self.RESERVED if buf == "score" else 0
         self._ring[buf] = at + lines
         return at
+
+    HEAD_ACC = 0  # score-buffer lines 0..RESERVED-1 hold the head-importance accumulator (kept across blocks)
+    RESERVED = 32
+
+    def reset_sram(self) -> None:
+        self._ring = {"score": self.RESERVED}
 
     # ---- instructions -------------------------------------------------------------------------
     def node(self, name: str) -> None:
@@ -89,6 +95,26 @@ class Emitter:
             self.relocs.append(Reloc(len(self.instrs), tensor))
         self.instrs.append(ins)
 
+    def replay(self, a: int, b: int, c: int, k: int) -> bool:
+        """Append block ``k`` of an arithmetic series of blocks: instrs[a:b] is block 0 and
+        instrs[b:c] block 1 (same classes in the same order); every field changes by k times its
+        step (positions, K/V row offsets). Returns False, appending nothing, when they differ in shape."""
+        first, second = self.instrs[a:b], self.instrs[b:c]
+        if len(first) != len(second) or any(x.spec is not y.spec for x, y in zip(first, second)):
+            return False
+        base = len(self.instrs)
+        try:
+            new = [x.spec.make(0, **{n: v0 + k * (v1 - v0)
+                                     for n, v0, v1 in zip(x.spec.field_names, x.values, y.values)})
+                   for x, y in zip(first, second)]
+        except SpattencError:
+            return False
+        self.instrs.extend(new)
+        self.relocs.extend(Reloc(base + r.instr - a, r.tensor, r.field) for r in self.relocs if a <= r.instr < b)
+        self.debug.extend((base + i - a, name) for i, name in self.debug if a <= i < b)
+        self.barriers.update(base + i - a for i in list(self.barriers) if a <= i < b)
+        return True
+
     def barrier(self) -> None:
         """DRAM written by earlier stores is read by later loads (e.g. K/V planes)."""
         self.barriers.add(len(self.instrs))
@@ -99,6 +125,4 @@ class Emitter:
         instrs, index = insert_tokens(self.instrs, self.barriers)
         relocs = [Reloc(index[r.instr], r.tensor, r.field) for r in self.relocs]
         debug = [(index[i], name) for i, name in self.debug]
-        program = Program(self.hw, instrs, self.tensors, relocs, debug)
-        validate(program, "emitted program")
-        return program
+        return Program(self.hw, instrs, self.tensors, relocs, debug)  # validated when written (to_bytes)

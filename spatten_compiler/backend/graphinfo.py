@@ -24,6 +24,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from spatten_compiler.errors import ModelLoadError
+from spatten_compiler.lazyproto import read_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class GraphInfo:
         self.seq_len = seq_len
         g = model.graph
         self.nodes = list(g.node)
+        self.by_id = {id(n): n for n in self.nodes}
+        self.position = {id(n): k for k, n in enumerate(self.nodes)}
         self.inits: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
         for n in self.nodes:  # Constant nodes with real payloads are weights too
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
@@ -154,7 +157,7 @@ class GraphInfo:
                 grp = groups[q] = Group(len(groups), q, [], [], set(), h, kvh, d)
             grp.qk.append(qk)
             grp.softmax.append(n)
-        ordered = sorted(groups.values(), key=lambda g: self.nodes.index(g.qk[0]))
+        ordered = sorted(groups.values(), key=lambda g: self.position[id(g.qk[0])])
         for i, grp in enumerate(ordered):
             grp.layer = i
             if grp.qk[0].op_type != "Attention":
@@ -276,11 +279,11 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
-    """The model proto with external weights left on disk (only their shapes are needed)."""
+    """The model proto with weights left on disk (only their shapes are needed; see lazyproto)."""
+    if not Path(path).is_file():
+        raise ModelLoadError(f"{path}: no such file")
     try:
-        return onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: no such file") from None
+        return read_model(Path(path))
     except Exception as e:  # noqa: BLE001 - protobuf raises several types for garbage input
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
 

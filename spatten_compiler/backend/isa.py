@@ -20,6 +20,7 @@ The table itself (which classes exist, their fields) is in :mod:`spatten_compile
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -111,20 +112,25 @@ class InstrSpec:
         if self.stage not in STAGES:
             raise ValueError(f"{self.mnemonic}: unknown stage {self.stage}")
 
-    @property
+    @functools.cached_property
     def field_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, tuple[int, Field]]:
+        return {f.name: (k, f) for k, f in enumerate(self.fields)}
+
     def field(self, name: str) -> Field:
-        for f in self.fields:
-            if f.name == name:
-                return f
+        hit = self._by_name.get(name)
+        if hit is not None:
+            return hit[1]
         raise IsaError(f"'{self.mnemonic}' has no field '{name}' (fields: {', '.join(self.field_names)})")
 
     def make(self, deps: int = 0, **values: int) -> Instr:
         """Build a checked instruction; omitted fields are 0; unknown or out-of-range ones refused."""
         for name in values:
-            self.field(name)
+            if name not in self._by_name:
+                self.field(name)
         if not 0 <= deps < 1 << DEP_BITS:
             raise IsaError(f"{self.mnemonic}: dependency bits {deps} out of range 0..15")
         vals = tuple(f.check(values.get(f.name, 0), self.mnemonic) for f in self.fields)
@@ -209,7 +215,8 @@ class Instr:
         return dict(zip(self.spec.field_names, self.values))
 
     def __getitem__(self, name: str) -> int:
-        return self.values[self.spec.fields.index(self.spec.field(name))]
+        hit = self.spec._by_name.get(name)
+        return self.values[hit[0]] if hit is not None else self.values[self.spec.fields.index(self.spec.field(name))]
 
     def symbol(self, name: str) -> str:
         """An enum field's value by name (e.g. ``instr.symbol('buf') == 'weight'``)."""

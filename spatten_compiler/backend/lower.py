@@ -56,7 +56,6 @@ class Lowering:
     def __init__(self, gi: GraphInfo, opts: EmitOptions, path: Path) -> None:
         self.gi, self.opts, self.path = gi, opts, path
         self.live_bound = opts.seq_len  # rows left after the token pruning seen so far (for keep ratios)
-        self._head_acc: int | None = None
         self._evaluated: dict[str, np.ndarray | None] = {}
         self.e = Emitter(opts.hw)
         self.addr: dict[str, int] = {}
@@ -78,9 +77,7 @@ class Lowering:
 
     # ---- helpers used by the rules --------------------------------------------------------------
     def head_acc(self) -> int:
-        if self._head_acc is None:
-            self._head_acc = self.e.sram("score", 4 * 256)
-        return self._head_acc
+        return self.e.HEAD_ACC
 
     def evaluate(self, names: list[str]) -> list[np.ndarray | None]:
         """Values that depend only on the input length (keep counts), for a full block of N tokens."""
@@ -130,6 +127,7 @@ class Lowering:
     def block(self, rows: int, past: int) -> None:
         self.rows, self.past = rows, past
         self.addr = {}
+        self.e.reset_sram()  # every block starts with empty buffers: step blocks get the same addresses
         if self.opts.decoder or past:
             self.e.emit("ilist", op=attn.ILIST["iota"], dst=SLOT_TOKENS, value=rows)
         for n in self.gi.nodes:
@@ -265,8 +263,13 @@ def emit_model(path: Path, seq_len: int, gen_steps: int = 0, hw: HwDesc | None =
     opts = EmitOptions(seq_len, gen_steps, hw)
     lw = Lowering(gi, opts, path)
     lw.block(seq_len, 0)
+    marks = [len(lw.e.instrs)]
     for step in range(gen_steps):
-        lw.block(1, seq_len + step)
+        # generated tokens: the first two blocks are lowered; later ones follow their arithmetic series
+        # (positions and K/V row offsets grow by one per step) unless the two differ in shape
+        if step < 2 or not lw.e.replay(marks[0], marks[1], marks[2], step):
+            lw.block(1, seq_len + step)
+        marks.append(len(lw.e.instrs))
     return lw.e.finish()
 
 

@@ -105,7 +105,7 @@ def _const(lw: Lowering, name: str) -> float | None:
 
 
 def _pv_and_v(lw: Lowering, g: Group) -> tuple[str | None, list[str]]:
-    nodes = [n for n in lw.gi.nodes if id(n) in g.nodes]
+    nodes = [lw.gi.by_id[i] for i in sorted(g.nodes, key=lambda i: lw.gi.position[i])]
     if g.qk[0].op_type == "Attention":
         return g.qk[0].input[2], list(g.qk[0].output[:1])
     v = None
@@ -279,7 +279,9 @@ def lower_gemm(lw: Lowering, n: onnx.NodeProto, w: str) -> None:
                        row_bytes=load["row_bytes"], stride=load["stride"], dram=e.dram(lw.weights[w], load["off"]),
                        **mask)
                 acc = int(k0 > k_lo or bool(axis == 0 and head))
-                e.emit("gemm", inp=a, wgt=wbuf, out=out, rows=rows, k=ck, n=cn, acc=acc, live=1, **mask)
+                # operands start at the tile's column offsets (activation rows are ACT_BYTES per element)
+                e.emit("gemm", inp=(a + k0 * ACT_BYTES // LINE) % (1 << 16), wgt=wbuf,
+                       out=(out + n0 * ACT_BYTES // LINE) % (1 << 16), rows=rows, k=ck, n=cn, acc=acc, live=1, **mask)
                 tile += 1
     if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in lw.gi.inits:
         b = lw.load_weight_row(n.input[2])

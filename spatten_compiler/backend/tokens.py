@@ -22,6 +22,7 @@ replays the result.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -80,13 +81,15 @@ def insert_tokens(instrs: Sequence[Instr], barriers: set[int]) -> tuple[list[Ins
         c = next_compute[stores[j + 1][0]]
         if c < n:
             token(stores[j][-1], "push_prev", c, "pop_next")
+    store_ends = [g[-1] for g in stores]
+    load_starts = [g[0] for g in loads]
     for b in sorted(barriers):
-        before = [g[-1] for g in stores if g[-1] < b]
-        if before:
-            token(before[-1], "push_prev", b, "pop_next")
-        after = next((g[0] for g in loads if g[0] > b), None)
-        if after is not None:
-            token(b, "push_prev", after, "pop_next")
+        k = bisect.bisect_left(store_ends, b)
+        if k:
+            token(store_ends[k - 1], "push_prev", b, "pop_next")
+        k = bisect.bisect_right(load_starts, b)
+        if k < len(load_starts):
+            token(b, "push_prev", load_starts[k], "pop_next")
     if stores and stages[-1] == "compute":
         token(stores[-1][-1], "push_prev", n - 1, "pop_next")
 
