@@ -135,6 +135,8 @@ def test_every_setting_cites_a_recorded_result() -> None:
     docs = (ROOT / "docs" / "presets.md").read_text()
     for preset in PRESETS.values():
         assert preset.kind in ("encoder", "decoder") and preset.name in PRESET_NAMES
+        if preset.together:
+            assert (ROOT / preset.together).is_file() and Path(preset.together).name in docs
         for s in preset.settings:
             assert (ROOT / s.evidence).is_file(), s.evidence
             assert Path(s.evidence).name in docs, s.evidence
