@@ -226,6 +226,20 @@ def test_resolve_rules() -> None:
     assert resolve({}, "encoder", pipeline="normalize")[1].preset is None
 
 
+def test_plan_takes_a_compile_config(tmp_path: Path) -> None:
+    """The Python API's form (a CompileConfig whose unset fields are None) resolves as the CLI's dict."""
+    import onnx_ir as ir
+
+    from spatten_compiler.config import CompileConfig
+    from spatten_compiler.plan import plan
+
+    model = ir.load(MODELS / "bert_torchscript.onnx")
+    config, res, _ = plan(CompileConfig(), model, "bert")
+    assert res.preset.name == "default" and config.token_keep == 0.4 and config.kv_bits == "4+1"
+    config, res, _ = plan(CompileConfig(token_keep=0.5), model, "bert")
+    assert res.preset is None and config.kv_bits is None
+
+
 def test_model_kind() -> None:
     class Site:
         def __init__(self, kv: bool, mask: str) -> None:
