@@ -97,7 +97,7 @@ class EvictKV(Pass):
     budget: float = 0.25
     sinks: int = 4
     recent: int = 0
-    recent_share: float = 0.0
+    recent_share: float = 0.5  # H2O's split: half the budget is the recent window (bench/decode.py: best)
     mode: str = "layer"
     schedule: tuple[float, ...] = ()
     tunable: bool = False
