@@ -76,7 +76,7 @@ def nll(logits: np.ndarray, target: int) -> float:
 
 
 def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, budgets: list[float],
-                methods: list[str]) -> list[dict]:
+                methods: list[str], chunk: int = 0) -> list[dict]:
     from spatten_compiler.decoding import DecoderSession
 
     configs: dict[tuple[str, float], DecoderSession] = {("dense", 1.0): sessions["dense"].fork()}
@@ -94,7 +94,9 @@ def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, b
     for c, s in configs.items():
         s.reset(1)
         t0 = time.perf_counter()
-        logits = s.step(win[None, :prefix])
+        step = chunk or prefix  # chunked prefill bounds the attention probabilities' memory
+        for i in range(0, prefix, step):
+            logits = s.step(win[None, i:min(prefix, i + step)])
         log.info("prefill %s %d tokens: %.1f s", c, prefix, time.perf_counter() - t0)
         last[c] = logits[0, -1]
     for t in range(prefix, context):
@@ -108,7 +110,7 @@ def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, b
                 times[c].append(time.perf_counter() - t0)
     rows = []
     for (m, b), s in configs.items():
-        rows.append({"context": context, "method": m, "budget": b, "decode": decode,
+        rows.append({"context": context, "method": m, "budget": b, "decode": decode, "prefill_chunk": chunk,
                      "nll": float(np.mean(losses[(m, b)])),
                      "kv_bytes": s.cache_bytes(kv_only=True), "state_bytes": s.cache_bytes() - s.cache_bytes(True),
                      "cache_len": s.cache_lengths()[0], "step_ms": float(np.median(times[(m, b)]) * 1e3)})
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--decode", type=int, default=128, help="teacher-forced decode steps per window")
     p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                   help="prefill the prefix N tokens per step (0: one step); eviction runs after every chunk")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=REPO_ROOT / "models" / "cache")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     for context in contexts:
         for w in range(args.windows):
             start = (w + 1) * (len(ids) // (args.windows + 1)) - context // 2
-            for r in run_context(sessions, ids[start:start + context], context, args.decode, budgets, methods):
+            for r in run_context(sessions, ids[start:start + context], context, args.decode, budgets, methods,
+                                 args.prefill_chunk):
                 rows.append({**r, "window": w})
             log.info("context %d window %d done", context, w)
             (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
