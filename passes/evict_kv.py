@@ -166,8 +166,8 @@ class EvictKV(Pass):
             "recent_share": self.recent_share,
             "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
             "state": {"importance": "past_importance.{layer}", "positions": "past_positions.{layer}"}})
-        logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d, %s", len(layers), self.budget,
-                    self.sinks, self.recent, self.mode)
+        logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d tokens / %.0f%% of the budget, %s",
+                    len(layers), self.budget, self.sinks, self.recent, 100 * self.recent_share, self.mode)
         return PassResult(model, True)
 
     def _knobs(self, ed: GraphEditor, graph: ir.Graph) -> dict[str, ir.Value]:
