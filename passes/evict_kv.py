@@ -74,6 +74,20 @@ def _check(sites: list[AttentionSite]) -> None:
                               "evict-kv needs a position_ids input")
 
 
+def _shares_cache_length(sites: list[AttentionSite]) -> str | None:
+    """A K/V view (GQA repeat, head merge) whose target shape reads another layer's cache length
+    (dynamo exports dedupe the symbolic length): per-layer lengths would break it."""
+    for site in sites:
+        for node in (*site.k.views, *site.v.views):
+            for shape in node.inputs[1:]:
+                _, inputs = _ancestors(shape, limit=60) if shape is not None else ([], [])
+                for v in inputs:
+                    parts = (v.name or "").split(".")
+                    if v.name.startswith("past_key_values.") and parts[1] != str(site.layer):
+                        return f"layer {site.layer}'s {node.op_type} reads the length of {v.name}"
+    return None
+
+
 def _position_gather(graph: ir.Graph) -> ir.Node | None:
     """GPT-2 style learned positions: Gather(table, f(Range(past_len, past_len + q)))."""
     for node in graph:
@@ -129,6 +143,9 @@ class EvictKV(Pass):
         self._validate()
         sites = find_attention(model).sites
         _check(sites)
+        if len({self.layer_budget(s.layer) for s in sites}) > 1 and (why := _shares_cache_length(sites)):
+            raise OptionError(f"per-layer budgets need per-layer cache lengths, but {why} "
+                              "(a dynamo export); use one budget for all layers or a TorchScript export")
         graph = model.graph
         ed = GraphEditor(model, "spatten/evict")
         names = {v.name: v for v in graph.inputs}
