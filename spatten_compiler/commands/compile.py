@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep each layer's cache within B: a fraction of the length so far (0.25) or tokens (256)")
     e.add_argument("--kv-sinks", type=int, metavar="N", help="first N real tokens are never evicted (default 4)")
     e.add_argument("--kv-recent", metavar="N|P%",
-                   help="the N most recent tokens, or a share P%% of the budget, are never evicted")
+                   help="the N most recent tokens, or a share P%% of the budget, are never evicted (default 50%%)")
     e.add_argument("--kv-evict", choices=("layer", "cascade"),
                    help="layer: each layer keeps its own top tokens by accumulated attention (H2O-style, default); "
                    "cascade: SpAtten's, a token dropped at layer l is dropped at every deeper layer")
