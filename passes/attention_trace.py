@@ -89,7 +89,7 @@ def _graph_input(value: ir.Value, graph: ir.Graph) -> ir.Value | None:
         if value in graph.inputs:
             return value
         node = value.producer()
-        if node is None or node.op_type not in (*VIEW_OPS, "Gather"):
+        if node is None or node.op_type not in (*VIEW_OPS, "Gather", "Slice"):  # Slice: a sliding-window cache
             return None
         value = node.inputs[0]
     return None
@@ -274,7 +274,7 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
             region.remove(first)
     inside = {id(n) for n in region}
     for n in region:
-        if n.op_type == "Concat" and any(i is not None and i in graph.inputs for i in n.inputs):
+        if n.op_type == "Concat" and any(i is not None and _graph_input(i, graph) is not None for i in n.inputs):
             return NoMatch(f"{why.reason}; KV-cache Concat '{n.name}' inside a per-head transform")
     branch.projection, branch.transform = proj, region
     for n in reversed(region):  # from the core outwards, as the table walks
