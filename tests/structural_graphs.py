@@ -133,6 +133,8 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
               N("MatMul", ["ctx_flat", c("w_o", rng.standard_normal((H * DH, D)).astype(np.float32) * 0.3)], ["o"]),
               N("Add", ["o", c("b_o", np.zeros(D, np.float32))], ["ob"]),
               N("Add", ["x", "ob"], ["y"])]
+    for node in nodes:
+        node.name = node.name or node.output[0]
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", D]),
                                                helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])], inits)

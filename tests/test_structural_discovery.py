@@ -64,7 +64,7 @@ def test_head_slice_exact_through_transform(qk: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("kw", "reason"), [
-    (dict(negative="mix_heads"), "MatMul 'node_"),
+    (dict(negative="mix_heads"), "MatMul 'q_mixed' of two activations"),
     (dict(negative="two_projections"), "reaches 2 projections"),
     (dict(negative="tensor_scale"), "scales the scores by something other than a scalar"),
     (dict(dropout=True), "Dropout"),
@@ -75,6 +75,19 @@ def test_structural_refusals_name_the_reason(kw: dict, reason: str) -> None:
     assert len(report.rejected) == 1
     got = report.rejected[0][1]
     assert reason.split("'")[0] in got, got
+
+
+def test_inspect_explain_names_the_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spatten_compiler.cli import main
+
+    path = tmp_path / "mixed.onnx"
+    onnx.save(build(negative="mix_heads"), path)
+    assert main(["inspect", str(path), "--explain"]) == 2
+    assert "MatMul 'q_mixed' of two activations" in capsys.readouterr().err
+    path = tmp_path / "norm.onnx"
+    onnx.save(build(qk="norm"), path)
+    assert main(["inspect", str(path), "--explain"]) == 0
+    assert "every Softmax is an attention site" in capsys.readouterr().out
 
 
 def test_position_terms_refused_by_token_and_head_pruning() -> None:
