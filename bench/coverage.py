@@ -80,7 +80,8 @@ def _compile(path: Path, passes: list, out: Path) -> None:
     save_model(model, out, external_data=False)
 
 
-def _exact(path: Path, feeds: dict[str, np.ndarray], passes: list, tmp: Path, base: Path | None = None) -> tuple[bool, str]:
+def _exact(path: Path, feeds: dict[str, np.ndarray], passes: list, tmp: Path,
+           base: Path | None = None) -> tuple[bool, str]:
     out = tmp / "out.onnx"
     _compile(path, passes, out)
     want = _run(base or path, feeds)
@@ -137,8 +138,9 @@ def evaluate(rec: dict[str, Any], corpus: Path = CORPUS) -> dict[str, Any]:
     feeds = dict(np.load(corpus / f"{rec['name']}.npz"))
     row: dict[str, Any] = {k: rec[k] for k in ("name", "family", "exporter", "kind", "kv_cache")}
     with tempfile.TemporaryDirectory(prefix="coverage-") as d:
-        for check, fn in (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d))),
-                          ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d)))):
+        checks = (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d))),
+                  ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d))))
+        for check, fn in checks:
             t0 = time.perf_counter()
             try:
                 ok, why = fn()
@@ -146,7 +148,8 @@ def evaluate(rec: dict[str, Any], corpus: Path = CORPUS) -> dict[str, Any]:
             except SpattencError as e:
                 row[check] = {"ok": False, "refused": True, "reason": str(e).splitlines()[0]}
             except Exception as e:  # noqa: BLE001 - a crash is a miss too, recorded as such
-                row[check] = {"ok": False, "crash": True, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                row[check] = {"ok": False, "crash": True, "reason": f"{type(e).__name__}: {first}"}
             row[check]["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -210,10 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m bench.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
     head = (f"# Coverage over the model corpus\n\ncommand: `{cmd}`\n\nmachine: {platform.machine()}, "
-            f"{os.cpu_count()} cores shared with other jobs; onnxruntime 1 thread; {time.perf_counter() - t0:.0f} s\n\n")
+            f"{os.cpu_count()} cores shared with other jobs; onnxruntime 1 thread; "
+            f"{time.perf_counter() - t0:.0f} s\n\n")
     (args.out / f"{stamp}-coverage.md").write_text(head + table)
-    (args.out / f"{stamp}-coverage.json").write_text(json.dumps({"command": cmd, "rows": rows, "export_failures": failed},
-                                                                indent=1) + "\n")
+    record = {"command": cmd, "rows": rows, "export_failures": failed}
+    (args.out / f"{stamp}-coverage.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out / f'{stamp}-coverage.md'}")
     return 0
 

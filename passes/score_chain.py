@@ -34,7 +34,8 @@ FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataTy
 
 
 def _score_matmul(node: ir.Node | None) -> bool:
-    return node is not None and node.op_type == "MatMul" and not is_const(node.inputs[0]) and not is_const(node.inputs[1])
+    return (node is not None and node.op_type == "MatMul"
+            and not is_const(node.inputs[0]) and not is_const(node.inputs[1]))
 
 
 def _reaches_scores(value: ir.Value | None, depth: int = 10) -> bool:

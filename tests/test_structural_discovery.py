@@ -12,10 +12,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from structural_graphs import DH, H, build, feeds
-
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
+from structural_graphs import DH, H, build, feeds
 
 CORPUS = Path(__file__).resolve().parents[1] / "models" / "cache" / "corpus"
 
@@ -91,8 +90,9 @@ def test_inspect_explain_names_the_node(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_position_terms_refused_by_token_and_head_pruning() -> None:
-    from spatten_compiler.errors import OptionError
     from spatten_compiler.passes import prune_heads, prune_tokens
+
+    from spatten_compiler.errors import OptionError
 
     sites = _find(build(bias="buckets")).sites
     for module, word in ((prune_tokens, "gathered"), (prune_heads, "sliced")):
