@@ -90,6 +90,7 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
     value, scale, scale_node, capped, folded = softmax.inputs[0], 1.0, None, False, False
     masks: list[tuple[ir.Node, ir.Value]] = []
     biases: list[ir.Value] = []
+    bias_adds: list[ir.Node] = []
     where: ir.Node | None = None
     for _ in range(24):
         node = value.producer()
@@ -97,6 +98,7 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
             return NoMatch("the Softmax input is not computed from a MatMul of two activations")
         if _score_matmul(node):
             found: dict[str, Any] = {"q": node.inputs[0], "kt": node.inputs[1], "qk": node, "bias_terms": biases,
+                                     "bias_adds": bias_adds,
                                      "scale_variant": "after" if scale_node is not None else "none"}
             if scale_node is not None:
                 found["scale:value"] = ir.tensor([scale]).numpy()
@@ -141,6 +143,25 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
             if len(sides) != 1:
                 return NoMatch(f"Add '{node.name}': {len(sides)} inputs come from score MatMuls")
             term = next(i for i in node.inputs if i is not sides[0])
-            (masks.append((node, term)) if is_mask_term(term) else biases.append(term))
+            if is_mask_term(term):
+                masks.append((node, term))
+            else:
+                biases.append(term)
+                bias_adds.append(node)
             value = sides[0]
     return NoMatch("no score MatMul within 24 ops of the Softmax")
+
+
+def reads_projection(term: ir.Value, limit: int = 200) -> bool:
+    """True when a score term is computed from activations (DeBERTa's c2p/p2c read q and k)."""
+    todo, seen = deque([term]), 0
+    while todo and seen < limit:
+        v = todo.popleft()
+        seen += 1
+        node = v.producer() if v is not None else None
+        if node is None or node.op_type in ("Shape", "Size"):
+            continue
+        if node.op_type in ("MatMul", "Gemm", "Einsum"):
+            return True
+        todo.extend(node.inputs)
+    return False
