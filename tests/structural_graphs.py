@@ -19,7 +19,7 @@ N = helper.make_node
 
 def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "") -> onnx.ModelProto:
     """qk: plain | norm | partial_rope | interleaved_rope; bias: none | buckets | alibi;
-    negative: "" | mix_heads | two_projections | tensor_scale."""
+    negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens."""
     rng = np.random.default_rng(0)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -94,6 +94,10 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
         nodes.append(N("MatMul", [q, "k_h"], ["qk_mix"]))
         nodes.append(N("MatMul", ["qk_mix", q], ["q_mixed"]))
         q = "q_mixed"
+    if negative == "gather_tokens":  # q rows re-ordered over tokens: not a per-head transform
+        nodes.append(N("Gather", [q, c("token_order", np.array([0], np.int64))], ["q_gathered"], axis=2))
+        nodes.append(N("Add", ["q_gathered", c("zero_q", np.float32(0))], ["q_g"]))
+        q = "q_g"
     if negative == "two_projections":
         nodes.append(N("Add", [q, "v_h"], ["q_plus_v"]))
         q = "q_plus_v"

@@ -67,6 +67,7 @@ def test_head_slice_exact_through_transform(kw: dict, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("kw", "reason"), [
     (dict(negative="mix_heads"), "MatMul 'q_mixed' of two activations"),
     (dict(negative="two_projections"), "reaches 2 projections"),
+    (dict(negative="gather_tokens"), "gathers from the projected values"),
     (dict(negative="tensor_scale"), "scales the scores by something other than a scalar"),
     (dict(dropout=True), "Dropout"),
 ])
