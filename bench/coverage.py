@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated families")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--merge", type=Path, metavar="JSON",
+                   help="an earlier run's .json: its rows for models not evaluated now are carried over")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     recs = corpus_records(args.corpus)
@@ -205,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(evaluate(rec, args.corpus))
         print(rec["name"], " ".join(f"{c}={'ok' if rows[-1][c]['ok'] else rows[-1][c]['reason']}" for c in CHECKS),
               flush=True)
+    if args.merge:
+        done = {r["name"] for r in rows}
+        earlier = json.loads(args.merge.read_text())["rows"]
+        rows += [{**r, "from": args.merge.name} for r in earlier if r["name"] not in done]
+        order = {r["name"]: i for i, r in enumerate(corpus_records(args.corpus))}
+        rows.sort(key=lambda r: order.get(r["name"], len(order)))
     table = render(rows, failed)
     print(table)
     if args.no_write:
