@@ -175,6 +175,12 @@ def render(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
     totals = {c: sum(r[c]["ok"] for r in rows) for c in CHECKS}
     lines += ["", "| check | passed | of | % |", "|---|---|---|---|"]
     lines += [f"| {c} | {totals[c]} | {n} | {100 * totals[c] / max(n, 1):.0f} |" for c in CHECKS]
+    enc = [r for r in rows if r["kind"] != "decoder"]  # token pruning is for encoders (decoders: refused)
+    ok = sum(r["tokens"]["ok"] for r in enc)
+    lines.append(f"| tokens, encoders only | {ok} | {len(enc)} | {100 * ok / max(len(enc), 1):.0f} |")
+    missed = [r[c] for r in rows for c in CHECKS if not r[c]["ok"]]
+    lines.append(f"| misses refused with a reason | {sum(bool(m.get('refused')) for m in missed)} | {len(missed)} | "
+                 f"{100 * sum(bool(m.get('refused')) for m in missed) / max(len(missed), 1):.0f} |")
     lines += ["", "## Reasons for every miss", ""]
     for r in rows:
         for c in CHECKS:
