@@ -145,6 +145,8 @@ def evaluate(rec: dict[str, Any], corpus: Path = CORPUS) -> dict[str, Any]:
             try:
                 ok, why = fn()
                 row[check] = {"ok": ok, "reason": why}
+                if not ok and "first not taken" in why:  # Softmax not taken, with inspect --explain's reason
+                    row[check]["refused"] = True
             except SpattencError as e:
                 row[check] = {"ok": False, "refused": True, "reason": str(e).splitlines()[0]}
             except Exception as e:  # noqa: BLE001 - a crash is a miss too, recorded as such
