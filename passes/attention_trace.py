@@ -51,9 +51,13 @@ class Branch:
     repeated: bool = False  # GQA repeat of KV heads
     flat_width: int | None = None  # heads * head_dim before the head split, when known
     transform: list[ir.Node] = dataclasses.field(default_factory=list)  # per-head ops (transform_region)
+    cross_head: ir.Node | None = None  # a normalization over all heads before the head split (OLMo 2)
 
     def finish(self) -> Branch:
-        """Heads from the flat width when the head-split Reshape used -1 for them."""
+        """Heads from the flat width when the head-split Reshape used -1 for them (or when the only
+        rank-4 reshape seen is the GQA/multi-query repeat, which shows the repeated count)."""
+        if self.repeated and self.flat_width and self.head_dim and self.flat_width % self.head_dim == 0:
+            self.heads = self.flat_width // self.head_dim
         if self.heads is None and self.head_dim:
             width = self.flat_width
             if width is None and self.projection is not None and self.packed is None:
@@ -94,6 +98,9 @@ def _graph_input(value: ir.Value, graph: ir.Graph) -> ir.Value | None:
         value = node.inputs[0]
     return None
 
+
+REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "LayerNormalization",
+                        "SimplifiedLayerNormalization", "RMSNormalization"})
 
 Step = Callable[[ir.Node, ir.Value, Branch, ir.Graph], "ir.Value | NoMatch | None"]
 
@@ -181,6 +188,9 @@ def _scale(node, value, branch, graph):
 def _split(node, value, branch, graph):
     if node.op_type == "Split":
         branch.packed = list(node.outputs).index(value)
+        sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if sizes is not None and sizes.size == len(node.outputs) and branch.flat_width is None:
+            branch.flat_width = int(sizes.reshape(-1)[branch.packed])  # multi-query: K/V narrower than Q
     else:  # Slice: the start offset along the last axis identifies q/k/v in a packed projection
         starts = const_array(node.inputs[1])
         branch.packed = int(starts.reshape(-1)[0]) if starts is not None else -1
@@ -277,6 +287,8 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
         if n.op_type == "Concat" and any(i is not None and _graph_input(i, graph) is not None for i in n.inputs):
             return NoMatch(f"{why.reason}; KV-cache Concat '{n.name}' inside a per-head transform")
     branch.projection, branch.transform = proj, region
+    split = next((i for i, n in enumerate(region) if n.op_type == "Reshape"), len(region))
+    branch.cross_head = next((n for n in region[:split] if n.op_type in REDUCTIONS), None)
     for n in reversed(region):  # from the core outwards, as the table walks
         if n.op_type in VIEW_OPS:
             _view(n, n.outputs[0], branch, graph)

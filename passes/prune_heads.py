@@ -105,6 +105,10 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if s.variant.get("layout") == "folded":
             raise OptionError(f"layer {s.layer}: heads folded into the batch axis (3-D scores [B*H, S, S]) are "
                               "not rewritten by prune-heads yet")
+        for b in (s.q, s.k):
+            if b is not None and b.cross_head is not None:
+                raise OptionError(f"layer {s.layer}: {b.cross_head.op_type} '{b.cross_head.name}' normalizes over all "
+                                  "heads before the head split; removing heads would change it")
         for term in s.bias_terms:
             if reads_projection(term):
                 raise OptionError(f"layer {s.layer}: score term {term.name} is computed from activations "

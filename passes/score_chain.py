@@ -10,6 +10,7 @@ from the Softmax input to the score MatMul through :data:`CHAIN` ops:
     Mul/Div(scores, scalar)   # the 1/sqrt(d) scale (several multiply)
     Where(cond, scores, fill) # a boolean mask (either branch)
     Tanh, Cast, Identity      # soft-capping, dtype changes: element-wise, carried along
+    Max/Min/Clip(scores, c)   # clamping by a scalar (XGLM's max(scores, finfo.min))
     Reshape                   # [B*H, S, S] -> [B, H, S, S]: heads folded into the batch axis (BLOOM,
                               # DeBERTa-v2 use 3-D bmm); found, tagged layout=folded, and not rewritten
 
@@ -29,7 +30,8 @@ import onnx_ir as ir
 from spatten_compiler.match import NoMatch, const_array, is_const
 
 PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape"})
-CHAIN = frozenset({"Add", "Mul", "Div", "Where", *PASS_THROUGH})
+CLAMPS = frozenset({"Max", "Min", "Clip"})
+CHAIN = frozenset({"Add", "Mul", "Div", "Where", *PASS_THROUGH, *CLAMPS})
 FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
@@ -120,6 +122,14 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
         op = node.op_type
         if op not in CHAIN:
             return NoMatch(f"{op} '{node.name}' between the score MatMul and Softmax")
+        if op in CLAMPS:  # Max(scores, finfo.min) and the like: element-wise, carried along
+            data = [i for i in node.inputs if _reaches_scores(i)]
+            rest = [i for i in node.inputs[1:] if i is not None and i not in data] if op == "Clip" else \
+                [i for i in node.inputs if i is not None and i not in data]
+            if len(data) != 1 or any(_scalar(i) is None for i in rest):
+                return NoMatch(f"{op} '{node.name}' clamps the scores by something other than a scalar")
+            value = data[0]
+            continue
         if op in PASS_THROUGH:
             capped |= op == "Tanh"
             folded |= op == "Reshape"

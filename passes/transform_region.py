@@ -84,7 +84,8 @@ def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir
         return NoMatch(f"the transform before attention reaches {kinds}")
     proj = next(iter(projections.values()))
     region = _descendants(proj, {id(n) for n in visited})
-    ordered = [n for n in visited[::-1] if id(n) in region]
+    position = {id(n): i for i, n in enumerate(graph)}  # graph order is a topological order
+    ordered = sorted((n for n in visited if id(n) in region), key=lambda n: position.get(id(n), -1))
     for n in ordered:  # on the data path a gather picks tokens or heads: not a per-head transform
         if n.op_type in GATHERS and not (n.op_type == "Gather" and (a := const_array(n.inputs[1])) is not None
                                          and a.ndim == 0):

@@ -18,7 +18,7 @@ N = helper.make_node
 
 
 def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "") -> onnx.ModelProto:
-    """qk: plain | norm | partial_rope | interleaved_rope; bias: none | buckets | alibi;
+    """qk: plain | norm | norm_full | partial_rope | interleaved_rope; bias: none | buckets | alibi;
     negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens."""
     rng = np.random.default_rng(0)
     nodes: list[onnx.NodeProto] = []
@@ -33,7 +33,14 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
                        [f"{t}_mm"]))
         nodes.append(N("Add", [f"{t}_mm", c(f"b_{t}", rng.standard_normal(H * DH).astype(np.float32) * 0.1)],
                        [f"{t}_flat"]))
-        nodes.append(N("Reshape", [f"{t}_flat", c(f"shape_{t}", [0, 0, H, DH])], [f"{t}_4d"]))
+        flat = f"{t}_flat"
+        if qk == "norm_full" and t in "qk":  # OLMo 2: RMSNorm over all heads, before the head split
+            nodes += [N("Pow", [flat, c(f"{t}_f2", np.float32(2))], [f"{t}_fsq"]),
+                      N("ReduceMean", [f"{t}_fsq", c(f"{t}_fax", [-1])], [f"{t}_fms"], keepdims=1),
+                      N("Sqrt", [f"{t}_fms"], [f"{t}_frms"]),
+                      N("Div", [flat, f"{t}_frms"], [f"{t}_fn"])]
+            flat = f"{t}_fn"
+        nodes.append(N("Reshape", [flat, c(f"shape_{t}", [0, 0, H, DH])], [f"{t}_4d"]))
         nodes.append(N("Transpose", [f"{t}_4d"], [f"{t}_h"], perm=[0, 2, 1, 3]))
     nodes.append(N("Shape", ["x"], ["seq"], start=1, end=2))
     nodes.append(N("Squeeze", ["seq"], ["seq0"]))
@@ -88,7 +95,7 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
                           N("Mul", [src, f"{t}_cos2"], [f"{t}_x1"]),
                           N("Mul", [f"{t}_rot", f"{t}_sin2"], [f"{t}_x2"]),
                           N("Add", [f"{t}_x1", f"{t}_x2"], [f"{t}_t"])]
-        if qk != "plain":
+        if qk not in ("plain", "norm_full"):
             q, k = ("q_t", k) if t == "q" else (q, "k_t")
     if negative == "mix_heads":  # q mixed across heads by an activation product: not per-head
         nodes.append(N("MatMul", [q, "k_h"], ["qk_mix"]))

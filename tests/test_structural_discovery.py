@@ -127,3 +127,14 @@ def test_corpus_model(rec: dict | None) -> None:
         r = row[check]
         assert r["ok"] or r.get("refused"), f"{check}: {r['reason']}"
         assert "\n" not in r["reason"]
+
+
+def test_norm_over_all_heads_found_but_not_head_pruned() -> None:
+    from spatten_compiler.passes import prune_heads
+
+    from spatten_compiler.errors import OptionError
+
+    sites = _find(build(qk="norm_full")).sites
+    assert len(sites) == 1 and sites[0].num_heads == H and sites[0].q.cross_head is not None
+    with pytest.raises(OptionError, match="normalizes over all heads"):
+        prune_heads._check_sites(sites)
