@@ -52,6 +52,7 @@ class Branch:
     flat_width: int | None = None  # heads * head_dim before the head split, when known
     transform: list[ir.Node] = dataclasses.field(default_factory=list)  # per-head ops (transform_region)
     cross_head: ir.Node | None = None  # a normalization over all heads before the head split (OLMo 2)
+    head_slice: tuple[int, int] | None = None  # (start, end) of a Slice on the head axis after the split
 
     def finish(self) -> Branch:
         """Heads from the flat width when the head-split Reshape used -1 for them (or when the only
@@ -127,9 +128,13 @@ def _view(node, value, branch, graph):
                 heads = dims[2] or (width // dims[3] if isinstance(width, int) and width % dims[3] == 0 else None)
             else:
                 heads = dims[2] if dims[1] is None or dims[2] is not None else dims[1]
+            if branch.head_slice is not None and isinstance(heads, int):
+                heads = len(range(heads)[slice(*branch.head_slice)])
             per_head_packed = branch.head_dim is not None and dims[3] != branch.head_dim and branch.packed is not None
             branch.heads, branch.head_dim = heads, branch.head_dim if per_head_packed else dims[3]
             branch.flat_width = width if isinstance(width, int) else None
+            if branch.head_slice is not None and isinstance(heads, int) and branch.head_dim:
+                branch.flat_width = heads * branch.head_dim  # this branch's share of the fused width
     if node.op_type == "Expand":
         branch.repeated = True
     return node.inputs[VIEW_OPS[node.op_type]]
@@ -189,11 +194,24 @@ def _split(node, value, branch, graph):
     if node.op_type == "Split":
         branch.packed = list(node.outputs).index(value)
         sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if sizes is not None and sizes.size == len(node.outputs) and branch.flat_width is None:
-            branch.flat_width = int(sizes.reshape(-1)[branch.packed])  # multi-query: K/V narrower than Q
+        axis = node.attributes.get_int("axis", 0)
+        rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+        if sizes is not None and sizes.size == len(node.outputs):
+            sizes = [int(x) for x in sizes.reshape(-1)]
+            if (axis == -1 or rank is not None and axis == rank - 1) and branch.flat_width is None:
+                branch.flat_width = sizes[branch.packed]  # multi-query: K/V narrower than Q
+            elif rank == 4 and axis in (2, -2):  # [B, S, H + 2*G, Dh] split on the head axis (Falcon)
+                start = sum(sizes[:branch.packed])
+                branch.head_slice = (start, start + sizes[branch.packed])
     else:  # Slice: the start offset along the last axis identifies q/k/v in a packed projection
         starts = const_array(node.inputs[1])
         branch.packed = int(starts.reshape(-1)[0]) if starts is not None else -1
+    axes = const_array(node.inputs[3]) if node.op_type == "Slice" and len(node.inputs) > 3 else None
+    ends = const_array(node.inputs[2]) if node.op_type == "Slice" else None
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    if axes is not None and axes.size == 1 and ends is not None and rank == 4 and int(axes.reshape(())) in (2, -2):
+        # [B, S, H + 2*G, Dh] sliced on the head axis (Falcon multi-query): heads = the slice's length
+        branch.head_slice = (int(const_array(node.inputs[1]).reshape(())), int(ends.reshape(())))
     last = value.shape.dims[-1] if value.shape is not None and value.shape.rank() == 4 else None
     if branch.head_dim is None and isinstance(last, int):
         branch.head_dim = last  # per-head packing [B, S, H, 3*Dh] split after the head split

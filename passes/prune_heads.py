@@ -133,8 +133,8 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             split = next((i for i, t in enumerate(order) if t in ("Split", "Slice")), None)
             reshape = next((i for i, t in enumerate(order) if t == "Reshape"), None)
             if split is not None and reshape is not None and split < reshape:  # split after the head split
-                raise OptionError(f"layer {s.layer}: QKV packed per head ([B, S, H, 3*Dh], split after the head "
-                                  "split) is not supported by prune-heads")
+                raise OptionError(f"layer {s.layer}: QKV packed in one head-split tensor ([B, S, H, 3*Dh] or "
+                                  "[B, S, H+2G, Dh]) is not supported by prune-heads")
             if s.num_kv_heads != s.num_heads:
                 raise OptionError(f"layer {s.layer}: packed QKV with grouped-query attention is not supported")
             split = next((n for n in s.q.views if n.op_type in ("Split", "Slice")), None)
