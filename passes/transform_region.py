@@ -87,8 +87,9 @@ def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir
     position = {id(n): i for i, n in enumerate(graph)}  # graph order is a topological order
     ordered = sorted((n for n in visited if id(n) in region), key=lambda n: position.get(id(n), -1))
     for n in ordered:  # on the data path a gather picks tokens or heads: not a per-head transform
-        if n.op_type in GATHERS and not (n.op_type == "Gather" and (a := const_array(n.inputs[1])) is not None
-                                         and a.ndim == 0):
+        shape_math = n.inputs[0].dtype in (ir.DataType.INT64, ir.DataType.INT32)  # Gather(Shape(x), i)
+        if n.op_type in GATHERS and not shape_math and not (
+                n.op_type == "Gather" and (a := const_array(n.inputs[1])) is not None and a.ndim == 0):
             return NoMatch(f"{n.op_type} '{n.name}' gathers from the projected values: not a per-head transform")
     return proj, ordered
 
