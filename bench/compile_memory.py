@@ -75,7 +75,8 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]
     return {"seconds": seconds, "peak_bytes": kb * 1024 if kb else None, "status": proc.returncode}
 
 
-def commands(path: Path, kind: str, out: Path, onnx_baseline: bool) -> list[tuple[str, list[str]]]:
+def commands(path: Path, kind: str, out: Path, onnx_baseline: bool,
+             options: list[tuple[str, list[str]]] | None = None) -> list[tuple[str, list[str]]]:
     spattenc = [sys.executable, "-m", "spatten_compiler"]
     external = "1" if path.with_name(path.name + ".data").exists() else "0"
     cmds: list[tuple[str, list[str]]] = [
@@ -85,11 +86,12 @@ def commands(path: Path, kind: str, out: Path, onnx_baseline: bool) -> list[tupl
     if onnx_baseline:
         cmds.append(("baseline: onnx load+save", [sys.executable, "-c", ONNX_COPY, str(path), str(out), external]))
     cmds.append(("inspect", [*spattenc, "inspect", str(path), "-q"]))
-    cmds += [(label, [*spattenc, str(path), "-o", str(out), "-q", *args]) for label, args in OPTIONS[kind]]
+    cmds += [(label, [*spattenc, str(path), "-o", str(out), "-q", *args]) for label, args in options or OPTIONS[kind]]
     return cmds
 
 
-def run_model(label: str, path: Path, repeats: int, work: Path) -> dict[str, Any]:
+def run_model(label: str, path: Path, repeats: int, work: Path,
+              options: list[tuple[str, list[str]]] | None = None) -> dict[str, Any]:
     meta_path = path.with_name("model.json")
     kind = json.loads(meta_path.read_text()).get("kind", "decoder") if meta_path.exists() else "decoder"
     wbytes = weight_bytes(path)
@@ -97,7 +99,7 @@ def run_model(label: str, path: Path, repeats: int, work: Path) -> dict[str, Any
     onnx_baseline = avail is None or avail > 2.5 * wbytes
     out_dir = work / label
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmds = commands(path, kind, out_dir / "out.onnx", onnx_baseline)
+    cmds = commands(path, kind, out_dir / "out.onnx", onnx_baseline, options)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cmds}
     for r in range(repeats):
         for name, cmd in cmds:
@@ -202,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--work-dir", type=Path, default=None, help="where outputs are written (default: a temp dir "
                         "beside the models, same filesystem)")
+    parser.add_argument("--option", action="append", default=[], metavar="ARGS",
+                        help="compile options to measure instead of the built-in list (repeatable), e.g. "
+                        "--option='--kv-budget 0.5'")
+    parser.add_argument("--name", default="compile_memory", help="what was measured (result file names)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -217,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(path)
             wbytes = weight_bytes(path)
             repeats = args.large_repeats if wbytes > 2e9 else args.repeats
-            results.append(run_model(label, path, repeats, Path(work)))
+            options = [(o, shlex.split(o)) for o in args.option] or None
+            results.append(run_model(label, path, repeats, Path(work), options))
     markdown = render(results, meta)
     print(markdown)
     if not args.no_save:
-        json_path, md_path = write_results(args.out_dir, "compile_memory", {"meta": meta, "results": results},
+        json_path, md_path = write_results(args.out_dir, args.name, {"meta": meta, "results": results},
                                            markdown)
         png = md_path.with_suffix(".png")
         plot(results, png)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,7 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     report: bool = True,
     on_pass: Callable[[Pass, float], None] | None = None,
     on_start: Callable[[Pass], None] | None = None,
+    hooks: Mapping[str, Callable[..., Any]] | None = None,
     **options: Any,
 ) -> CompileResult:
     """Rewrite ``model`` with SpAtten's pruning and quantization, as ``spattenc MODEL -o OUT`` does.
@@ -133,6 +134,7 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     ``pipeline``: an explicit pass list (``"normalize,prune-tokens{keep=0.5}"``) instead of options.
     ``check``: onnx.checker after each pass. ``report``: also compute the compile report and summary.
     ``on_start(pass)`` / ``on_pass(pass, seconds)``: progress hooks around each pass.
+    ``hooks``: any other keyword the pass pipeline takes (progress callbacks), passed through unchanged.
 
     >>> result = compile("models/bert_torchscript.onnx", token_keep=0.5, kv_bits="6+4")
     >>> [p.split("{")[0] for p in result.report["passes"]]  # pack-kv-cache packs decoders' caches only
@@ -142,11 +144,13 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     """
     m, name = as_model(model)
     planned = _plan(m, name, {**_fields(config), **_given(options)}, pipeline, report)
+    extra = dict(hooks or {})
+    extra.update({k: v for k, v in (("on_pass", on_pass), ("on_start", on_start)) if v is not None})
     if planned.config.prune_min_length:
         compile_gated(m, planned.passes, planned.config.unpruned().passes(), planned.config.prune_min_length,
-                      check=check, on_pass=on_pass, on_start=on_start)
+                      check=check, **extra)
     else:
-        Pipeline(planned.passes, check=check, on_pass=on_pass, on_start=on_start)(m)
+        Pipeline(planned.passes, check=check, **extra)(m)
     return CompileResult(m, planned.report, planned.summary)
 
 

@@ -80,11 +80,11 @@ def _fields(buf: _File, start: int, end: int):
             raise ValueError("field runs past the end of its message (truncated file?)")
 
 
-def _tensor(buf: _File, start: int, end: int, location: str) -> onnx.TensorProto:
+def _tensor(buf: _File, start: int, end: int, location: str | None) -> onnx.TensorProto:
     tensor = onnx.TensorProto()
     raw: tuple[int, int] | None = None
     for field, wire, f_start, p_start, f_end in _fields(buf, start, end):
-        if field == RAW_DATA_FIELD and wire == 2 and f_end - p_start >= MIN_LAZY_BYTES:
+        if location and field == RAW_DATA_FIELD and wire == 2 and f_end - p_start >= MIN_LAZY_BYTES:
             raw = (p_start, f_end - p_start)
         else:
             tensor.MergeFromString(buf[f_start:f_end])
@@ -96,8 +96,9 @@ def _tensor(buf: _File, start: int, end: int, location: str) -> onnx.TensorProto
     return tensor
 
 
-def read_model(path: Path) -> onnx.ModelProto:
-    """Parse ``path`` with large inline initializers left in the file as self-references."""
+def read_model(path: Path, *, lazy: bool = True) -> onnx.ModelProto:
+    """Parse ``path`` with large inline initializers left in the file as self-references
+    (``lazy=False``: parsed into memory like ``onnx.load``)."""
     model = onnx.ModelProto()
     with open(path, "rb") as f:
         buf = _File(f.fileno())
@@ -108,7 +109,7 @@ def read_model(path: Path) -> onnx.ModelProto:
             graph = onnx.GraphProto()
             for g_field, g_wire, g_start, gp_start, g_end in _fields(buf, p_start, f_end):
                 if g_field == INITIALIZER_FIELD and g_wire == 2:
-                    graph.initializer.append(_tensor(buf, gp_start, g_end, path.name))
+                    graph.initializer.append(_tensor(buf, gp_start, g_end, path.name if lazy else None))
                 else:
                     graph.MergeFromString(buf[g_start:g_end])
             model.graph.MergeFrom(graph)

@@ -40,8 +40,10 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 def _read_proto(path: Path) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: not an ONNX model (the file is empty)")
+    # onnx-ir refuses to map a file with several hard links (its guard against a linked-in secret),
+    # so a hard-linked model's inline weights are read into memory instead of mapped.
     try:
-        proto = read_model(path)
+        proto = read_model(path, lazy=path.stat().st_nlink == 1)
     except (DecodeError, ValueError, IndexError) as e:
         raise ModelLoadError(f"{path}: not an ONNX model (the protobuf is truncated or corrupt)") from e
     except OSError as e:
@@ -73,6 +75,10 @@ def _check_external_data(path: Path, proto: onnx.ModelProto) -> None:
             raise ModelLoadError(f"{path}: tensor '{name}' has an invalid external data location {location!r}")
         if not data_file.is_file() or not os.access(data_file, os.R_OK):
             raise ModelLoadError(f"{path}: external data file '{location}' (tensor '{name}') is missing or unreadable")
+        links = data_file.stat().st_nlink
+        if links > 1:
+            raise ModelLoadError(f"{path}: external data file '{location}' has {links} hard links; onnx-ir refuses "
+                                 "to read those (a guard against linked-in files): copy it instead")
         size = data_file.stat().st_size
         for tname, offset, length in tensors:
             if length >= 0 and offset + length > size:

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+# Loggers whose lines are printed above a live bar instead of through it (see cli._configure_logging).
+_LOGGERS = ("", "spatten_compiler.passes")
 
 
 class Reporter:
@@ -27,7 +32,7 @@ class Reporter:
 
     def _say(self, text: str, level: int = 0) -> None:
         if self.verbosity >= level:
-            print(text, file=self.stream, flush=True)
+            tqdm.write(text, file=self.stream)  # above a live progress bar, if there is one
 
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
@@ -41,7 +46,11 @@ class Reporter:
         """A progress bar on the stream (disabled with -q or when the stream is not a terminal)."""
         disable = True if self.verbosity < 0 else None  # None: tqdm shows it on a TTY only
         with tqdm(total=total, desc=desc, file=self.stream, disable=disable, leave=False, **options) as bar:
-            yield bar
+            if bar.disable:
+                yield bar
+                return
+            with logging_redirect_tqdm(loggers=[logging.getLogger(n) for n in _LOGGERS], tqdm_class=tqdm):
+                yield bar
 
     def pass_done(self, p: object, seconds: float) -> None:
         describe = getattr(p, "describe", lambda: str(p))

@@ -93,6 +93,13 @@ def test_no_option_compile_equals_cli(name: str, tmp_path: Path) -> None:
     assert result.report == json.loads(cli_report.read_text())
 
 
+def test_progress_hooks_are_called() -> None:
+    seen: list[str] = []
+    sc.compile(MODELS / "bert_torchscript.onnx", token_keep=0.5, report=False,
+               hooks={"on_pass": lambda p, seconds: seen.append(p.name)})
+    assert seen == ["normalize", "decompose-attention", "prune-tokens"]
+
+
 def test_defaults_are_the_flags_defaults() -> None:
     """An option left out means what a flag left out means: the CLI builds its config from
     CompileConfig too, so the API's no-option compile is the CLI's no-option compile."""

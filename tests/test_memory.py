@@ -152,3 +152,22 @@ def test_in_place_rewrite_streams_from_the_file_it_replaces(tmp_path: Path) -> N
         assert main([str(src), "-o", str(src), "--in-place", "-q", "--external-data", external]) == 0
         np.testing.assert_array_equal(run_ort(src, {"x": x})["h3"], expected)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".spattenc-")]  # no temporary folder left
+
+
+def test_hard_linked_models(tmp_path: Path) -> None:
+    """onnx-ir will not map a file with several hard links: a hard-linked model is read into memory
+    (and compiles); hard-linked external data is a one-line load error, not an internal error."""
+    import os
+
+    from spatten_compiler.errors import ModelLoadError
+    from spatten_compiler.modelio import load_model
+
+    src = tmp_path / "big.onnx"
+    _big_model(src, layers=2, dim=256)
+    os.link(src, tmp_path / "link.onnx")
+    x = np.ones((1, 256), np.float32)
+    assert main([str(tmp_path / "link.onnx"), "-o", str(tmp_path / "out.onnx"), "-q", "--external-data", "yes"]) == 0
+    np.testing.assert_array_equal(run_ort(tmp_path / "out.onnx", {"x": x})["h2"], run_ort(src, {"x": x})["h2"])
+    os.link(tmp_path / "out.onnx.data", tmp_path / "second.data")
+    with pytest.raises(ModelLoadError, match="hard links"):
+        load_model(tmp_path / "out.onnx")

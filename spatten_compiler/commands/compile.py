@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="average fraction of tokens kept per pruned layer (default: the preset's)")
     t.add_argument("--token-keep-schedule", metavar="R,R,...",
                    help="explicit keep ratio per layer, e.g. 1,1,0.8,0.6 (default: from --token-keep)")
-    t.add_argument("--token-unpruned", type=float, metavar="F", help="leading fraction of layers kept whole (default 0.15)")
+    t.add_argument("--token-unpruned", type=float, metavar="F",
+                   help="leading fraction of layers kept whole (default 0.15)")
     t.add_argument("--token-min-keep", type=int, metavar="N", help="never keep fewer than N tokens (rule: 64 / 1)")
     t.add_argument("--token-rule", choices=("paper", "spattenc"),
                    help="preset for the options below: spattenc (default; wins on models used without "
