@@ -118,21 +118,23 @@ def test_deadlocking_emitted_stream_is_refused_before_writing(tmp_path: Path) ->
     assert not list(tmp_path.iterdir())
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "spatten_compiler", *args], capture_output=True, text=True,
-                          timeout=120)
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The CLI in-process (a subprocess costs seconds of imports on the shared machine)."""
+    rc = spattenc(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
-def test_cli_emit_disasm_asm_round_trip(tmp_path: Path) -> None:
+def test_cli_emit_disasm_asm_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "m.spbin"
-    r = _cli("emit", str(MODELS / "llama_dynamo.onnx"), "--prompt-len", "8", "--gen-steps", "2", "-o", str(out),
-             "--stats")
-    assert r.returncode == 0, r.stderr
-    assert "instruction mix:" in r.stdout and "weight" in r.stdout
-    r = _cli("disasm", str(out))
-    assert r.returncode == 0 and "; node " in r.stdout and r.stdout.startswith(".hw spatten\n")
-    (tmp_path / "m.s").write_text(r.stdout)
-    assert _cli("asm", str(tmp_path / "m.s"), "-o", str(tmp_path / "again.spbin")).returncode == 0
+    rc, stdout, err = _cli(capsys, "emit", str(MODELS / "llama_dynamo.onnx"), "--prompt-len", "8", "--gen-steps", "2",
+                           "-o", str(out), "--stats")
+    assert rc == 0, err
+    assert "instruction mix:" in stdout and "weight" in stdout
+    rc, stdout, _ = _cli(capsys, "disasm", str(out))
+    assert rc == 0 and "; node " in stdout and stdout.startswith(".hw spatten\n")
+    (tmp_path / "m.s").write_text(stdout)
+    assert _cli(capsys, "asm", str(tmp_path / "m.s"), "-o", str(tmp_path / "again.spbin"))[0] == 0
     assert (tmp_path / "again.spbin").read_bytes() == out.read_bytes()
 
 
@@ -145,15 +147,51 @@ def test_cli_emit_disasm_asm_round_trip(tmp_path: Path) -> None:
         (["--seq-len", "8", "--hw", "nope.toml"], "neither a built-in"),
     ],
 )
-def test_cli_emit_bad_options(args: list[str], message: str, tmp_path: Path) -> None:
-    r = _cli("emit", str(MODELS / "bert_dynamo.onnx"), "-o", str(tmp_path / "x.spbin"), *args)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_cli_emit_bad_options(args: list[str], message: str, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = _cli(capsys, "emit", str(MODELS / "bert_dynamo.onnx"), "-o", str(tmp_path / "x.spbin"), *args)
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.spbin").exists()
 
 
 def test_cli_emit_not_onnx(tmp_path: Path) -> None:
     bad = tmp_path / "x.onnx"
     bad.write_bytes(b"\x08\x01garbage")
-    r = _cli("emit", str(bad), "--seq-len", "8", "-o", str(tmp_path / "x.spbin"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "spatten_compiler", "emit", str(bad), "--seq-len", "8", "-o",
+                        str(tmp_path / "x.spbin")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_length_gated_model_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gated = tmp_path / "gated.onnx"
+    assert spattenc(["compile", str(MODELS / "bert_dynamo.onnx"), "-o", str(gated), "-q", "--token-keep", "0.5",
+                     "--prune-min-length", "64"]) == 0
+    capsys.readouterr()
+    rc, _, err = _cli(capsys, "emit", str(gated), "--seq-len", "32", "-o", str(tmp_path / "g.spbin"))
+    assert rc == 2 and "length-gated" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", fixture_names())
+def test_attention_blocks_match_the_fixture_metadata(name: str) -> None:
+    meta = load_meta(name)
+    gi = GraphInfo(load_onnx(MODELS / f"{name}.onnx"), 16)
+    assert len(gi.groups) == meta["num_layers"]
+    assert {(g.heads, g.kv_heads, g.head_dim) for g in gi.groups} == {
+        (meta["num_heads"], meta["num_kv_heads"], meta["head_dim"])}
+
+
+def test_activations_that_do_not_fit_go_through_dram() -> None:
+    import dataclasses
+
+    small = dataclasses.replace(hw.SPATTEN, name="small-act", act_sram_kb=8)  # 4 KB per resident activation
+    p = emit_model(MODELS / "bert_dynamo.onnx", 64, hw=small)
+    scratch = {k for k, t in enumerate(p.tensors) if t.kind == "scratch"}
+    assert scratch, "64 x 64 x 2-byte activations exceed half of 8 KB"
+    by_tensor = {r.instr: r.tensor for r in p.relocs}
+    stores = [k for k, i in enumerate(p.instrs) if i.mnemonic == "store" and by_tensor[k] in scratch]
+    loads = [k for k, i in enumerate(p.instrs) if i.mnemonic == "load" and by_tensor[k] in scratch]
+    assert stores and loads and min(stores) < min(loads)
+    assert program.from_bytes(program.to_bytes(p)).mix() == p.mix()  # validated: tokens balance
+    resident = emit_model(MODELS / "bert_dynamo.onnx", 64)
+    assert not any(t.kind == "scratch" for t in resident.tensors)

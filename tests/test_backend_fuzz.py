@@ -13,6 +13,7 @@ from conftest import MODELS
 from spatten_compiler.backend import program
 from spatten_compiler.backend.fuzz import classify, mutate, mutate_deep
 from spatten_compiler.backend.lower import emit_model
+from spatten_compiler.cli import main as spattenc
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +52,18 @@ def test_every_header_byte_is_checked(binary: bytes) -> None:
         assert classify(bad)[0] != "ACCEPTED", i
 
 
-def test_cli_refuses_corrupt_binaries_with_exit_2(binary: bytes, tmp_path: Path) -> None:
+def test_cli_refuses_corrupt_binaries_with_exit_2(binary: bytes, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     r = random.Random(2)
-    for k in range(2):  # each run starts the CLI (a few seconds on the shared machine)
+    for k in range(20):
         _, bad = mutate(r, binary)
         f = tmp_path / f"bad{k}.spbin"
         f.write_bytes(bad)
-        res = subprocess.run([sys.executable, "-m", "spatten_compiler", "disasm", str(f)], capture_output=True,
-                             text=True, timeout=60)
-        assert res.returncode == 2 and "Traceback" not in res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1 and res.stdout == ""
+        assert spattenc(["disasm", str(f)]) == 2
+        out = capsys.readouterr()
+        assert len(out.err.strip().splitlines()) == 1 and out.out == "" and "Traceback" not in out.err
+    # and once as a real process: exit status 2, one line, no traceback
+    res = subprocess.run([sys.executable, "-m", "spatten_compiler", "disasm", str(f)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stdout == ""

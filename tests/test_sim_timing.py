@@ -126,3 +126,12 @@ def test_a_deadlocking_stream_is_reported_not_hung() -> None:
     with pytest.raises(Deadlock, match=r"deadlock after 1/4 instructions: load #2 fetch.kv waits .*compute->load"
                                        r".*compute #1 qk waits for a token load->compute"):
         simulate(stream)
+
+
+def test_embedding_gathers_read_one_row_per_index_entry() -> None:
+    stream = [make("load", buf="index", sram=3, dram=0, rows=10, row_bytes=8, deps=0),
+              make("fetch.rows", buf="act", dram=1 << 20, row_bytes=128, idx=3),
+              make("finish")]
+    r = simulate(stream)
+    assert r.dram_bytes["indices"] == 96  # 80 bytes of ids -> 3 transactions
+    assert r.dram_bytes["weights"] == 10 * 128

@@ -135,8 +135,11 @@ class GraphInfo:
             if n.op_type == "Attention" and len(n.input) >= 3:  # opset-23 fused attention
                 qshape = self.shape(n.input[0]) or [None] * 4
                 h = _attr(n, "q_num_heads") or (qshape[1] if len(qshape) == 4 else None) or 1
-                kvh = _attr(n, "kv_num_heads") or h
                 d = (qshape[-1] if len(qshape) == 4 else (qshape[-1] or 64) // h) or 64
+                kshape = self.shape(n.input[1]) or []
+                kvh = _attr(n, "kv_num_heads") or self._proj_width(n.input[1], d) or (
+                    kshape[1] if len(kshape) == 4 and kshape[1] else h)
+                kvh = kvh if kvh <= h and h % kvh == 0 else h
                 groups[n.input[0]] = Group(len(groups), n.input[0], [n], [n], {id(n)}, h, kvh, d)
                 continue
             if n.op_type != "Softmax" or n.input[0] not in self.act:
@@ -173,7 +176,8 @@ class GraphInfo:
             w = self.weight_source(n.input[1]) if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 else None
             if w is not None:
                 dims = self.inits[w].dims
-                width = dims[0] if n.op_type == "Gemm" and _attr(n, "transB") else dims[-1]
+                width = self.last_dim(n.output[0]) or (
+                    dims[0] if n.op_type == "Gemm" and _attr(n, "transB") else dims[-1])
                 return width // d if width % d == 0 else None
             name = next((i for i in n.input if i in self.act), n.input[0] if n.input else "")
         return None

@@ -87,11 +87,16 @@ class Lowering:
         return [self._evaluated[n] for n in names]
 
     def act_rows(self, value: str) -> int:
-        """Rows of an activation: dims between batch and the last; token dims become the block rows."""
+        """Rows of an activation: dims between batch and the last; token dims become the block rows
+        ([batch, heads, tokens, dim] tensors: an unknown heads dim is the model's head count)."""
         shape = self.gi.shape(value) or [1, None, None]
+        heads = self.gi.groups[0].heads if self.gi.groups else 1
         rows = 1
-        for d in shape[1:-1]:
-            rows *= self.rows if d is None or d == self.opts.seq_len else d
+        for k, d in enumerate(shape[1:-1], 1):
+            if d is None and len(shape) == 4 and k == 1:
+                rows *= heads
+            else:
+                rows *= self.rows if d is None or d == self.opts.seq_len else d
         return max(1, min(rows, 65535))
 
     def cols(self, value: str) -> int | None:
@@ -102,17 +107,52 @@ class Lowering:
         cols = self.cols(value) or 1
         a = self.e.sram("act", self.act_rows(value) * cols * ACT_BYTES)
         self.addr[value] = a
+        self._fresh.append(value)
         return a
 
-    def addr_of(self, value: str) -> int:
+    def resolve(self, value: str) -> str | None:
+        """The value whose address ``value`` shares (through view ops), or None."""
         for _ in range(32):
             if value in self.addr:
-                return self.addr[value]
+                return value
             n = self.gi.producer.get(value)
             if n is None or not n.input:
-                break
+                return None
             value = next((i for i in n.input if i in self.gi.act), n.input[0])
-        return 0
+        return None
+
+    def addr_of(self, value: str) -> int:
+        """SRAM address of an activation; a spilled one is loaded back from DRAM first."""
+        key = self.resolve(value)
+        if key is None:
+            return 0
+        if key in self.spill:
+            t, rows, row_bytes, live = self.spill[key]
+            a = self.e.sram("act", rows * row_bytes)
+            self.e.emit("load", t, buf=attn.BUF["act"], sram=a, rows=rows, row_bytes=row_bytes, live=live)
+            return a
+        return self.addr[key]
+
+    def layout(self, rows: int, cols: int) -> tuple[int, int, int]:
+        """(rows field, row_bytes, live) of a DMA of rows x cols activations (rows longer than the
+        14-bit row_bytes are split in equal parts; then the row count is exact, not live)."""
+        total = cols * ACT_BYTES
+        parts = -(-total // 16383)
+        return min(rows * parts, 65535), -(-total // parts), int(parts == 1)
+
+    def spill_large(self) -> None:
+        """Activations produced by the last node that do not fit half the activation SRAM go to DRAM."""
+        for v in self._fresh:
+            cols = self.cols(v) or 1
+            rows = self.act_rows(v)
+            if rows * cols * ACT_BYTES <= self.opts.hw.sram_bytes("act") // 2:
+                continue
+            rf, rb, live = self.layout(rows, cols)
+            t = self.e.region(f"act.{v}", "scratch", rf * rb, 16, v)
+            self.e.emit("store", t, buf=attn.BUF["act"], sram=self.addr[v], rows=rf, row_bytes=rb, live=live)
+            self.e.barrier()
+            self.spill[v] = (t, rf, rb, live)
+        self._fresh = []
 
     def load_weight_row(self, init: str) -> int:
         """A bias / gamma vector into the weight buffer; returns its address."""
@@ -127,6 +167,8 @@ class Lowering:
     def block(self, rows: int, past: int) -> None:
         self.rows, self.past = rows, past
         self.addr = {}
+        self.spill: dict[str, tuple[int, int, int, int]] = {}  # value -> (tensor, rows, row_bytes, live)
+        self._fresh: list[str] = []
         self.e.reset_sram()  # every block starts with empty buffers: step blocks get the same addresses
         if self.opts.decoder or past:
             self.e.emit("ilist", op=attn.ILIST["iota"], dst=SLOT_TOKENS, value=rows)
@@ -143,6 +185,7 @@ class Lowering:
                 rule = _elementwise if key in attn.ELT_OF else _alias
             self.e.node(n.name or n.output[0])
             rule(self, n)
+            self.spill_large()
         self._outputs()
 
     def _outputs(self) -> None:
@@ -150,12 +193,12 @@ class Lowering:
             shape = self.gi.shape(out.name)
             if out.name not in self.gi.act or (shape and len(shape) > 3) or out.name.startswith("present"):
                 continue
-            cols = self.cols(out.name) or 1
-            rows = self.act_rows(out.name)
+            cols = self.cols(out.name) or _row_elems(shape)
+            rf, rb, live = self.layout(self.act_rows(out.name), cols)
             t = self.e.region(f"out.{out.name}", "output", self.max_rows * _row_elems(shape) * ACT_BYTES, 16, out.name)
-            row_bytes = min(cols * ACT_BYTES, 16383)
-            self.e.emit("store", t, buf=attn.BUF["act"], sram=self.addr_of(out.name), rows=rows, row_bytes=row_bytes,
-                        dram=self.e.dram(t, self.past * row_bytes), live=1)
+            sram = self.addr_of(out.name)
+            self.e.emit("store", t, buf=attn.BUF["act"], sram=sram, rows=rf, row_bytes=rb, live=live,
+                        dram=self.e.dram(t, self.past * _row_elems(shape) * ACT_BYTES))
 
 
 def _bits(t: onnx.TensorProto) -> int:
@@ -180,9 +223,12 @@ Rule = Callable[[Lowering, onnx.NodeProto], None]
 def _alias(lw: Lowering, n: onnx.NodeProto) -> None:
     """View, shape and mask ops: no instruction; outputs share the input's address."""
     src = next((i for i in n.input if i in lw.gi.act), None)
-    if src is not None:
+    key = lw.resolve(src) if src is not None else None
+    if key is not None:
         for o in n.output:
-            lw.addr[o] = lw.addr_of(src)
+            lw.addr[o] = lw.addr[key]
+            if key in lw.spill:
+                lw.spill[o] = lw.spill[key]
 
 
 def _elementwise(lw: Lowering, n: onnx.NodeProto) -> None:
@@ -252,6 +298,9 @@ def emit_model(path: Path, seq_len: int, gen_steps: int = 0, hw: HwDesc | None =
     if not 1 <= seq_len <= hw.max_seq_len or seq_len + gen_steps > hw.max_seq_len:
         raise LoweringError(f"--seq-len/--prompt-len + --gen-steps must be in 1..{hw.max_seq_len} on '{hw.name}'")
     model = load_onnx(path)
+    if any(p.key == "spatten.prune_min_length" for p in model.metadata_props):
+        raise LoweringError(f"{path}: a length-gated model (--prune-min-length); emit the model compiled without "
+                            "the gate - the stream's keep ratios already apply to the live length at run time")
     gi = GraphInfo(model, seq_len)
     if not gi.groups:
         raise LoweringError(f"{path}: no attention block found (no Softmax over a 4-D score tensor)")

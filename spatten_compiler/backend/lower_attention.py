@@ -279,7 +279,9 @@ def lower_gemm(lw: Lowering, n: onnx.NodeProto, w: str) -> None:
                        row_bytes=load["row_bytes"], stride=load["stride"], dram=e.dram(lw.weights[w], load["off"]),
                        **mask)
                 acc = int(k0 > k_lo or bool(axis == 0 and head))
-                e.emit("gemm", inp=a, wgt=wbuf, out=out, rows=rows, k=ck, n=cn, acc=acc, live=1, **mask)
+                # operands start at the tile's column offsets (activation rows are ACT_BYTES per element)
+                e.emit("gemm", inp=(a + k0 * ACT_BYTES // LINE) % (1 << 16), wgt=wbuf,
+                       out=(out + n0 * ACT_BYTES // LINE) % (1 << 16), rows=rows, k=ck, n=cn, acc=acc, live=1, **mask)
                 tile += 1
     if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in lw.gi.inits:
         b = lw.load_weight_row(n.input[2])

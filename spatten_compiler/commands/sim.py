@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from spatten_compiler.commands import Command, register
 from spatten_compiler.errors import OptionError
@@ -47,7 +48,13 @@ def run(args: argparse.Namespace) -> int:
     if args.chart:
         from spatten_compiler.sim.report import plot_bytes
 
-        plot_bytes({args.binary.name: {args.binary.stem: report}}, args.chart)
+        runs: dict[str, object] = {}
+        if report.baseline is not None:  # dense first: the candidate's bar says how much less it moves
+            stem = args.dense.stem
+            label = stem if "dense" in stem else f"{stem} (dense)"
+            runs[label] = SimpleNamespace(dram_bytes=report.baseline["dram_bytes"])
+        runs[args.binary.stem] = report
+        plot_bytes({args.binary.name: runs}, args.chart)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 0
 

@@ -21,6 +21,14 @@ from spatten_compiler.sim.hw import SimHw
 
 # What a transfer carries; the report keeps this order.
 CATEGORIES = ("q", "k_msb", "k_lsb", "v", "indices", "weights", "activations", "instructions")
+# How transfers are tagged: by the relocated tensor's kind, else by the buffer / K-V plane they fill.
+BUFFER_CATEGORY = {"q": "q", "k": "k_msb", "v": "v", "index": "indices", "score": "activations",
+                   "weight": "weights", "act": "activations"}
+TENSOR_CATEGORY = {"weight": "weights", "k_full": "k_msb", "k_msb": "k_msb", "k_lsb": "k_lsb", "v": "v",
+                   "activation": "activations", "input": "activations", "output": "activations",
+                   "index": "indices", "scratch": "activations"}
+PLANE_CATEGORY = {("k", "full"): "k_msb", ("k", "msb"): "k_msb", ("k", "lsb"): "k_lsb",
+                  ("v", "full"): "v", ("v", "msb"): "v", ("v", "lsb"): "v"}
 
 
 class TraceWriter:

@@ -118,9 +118,10 @@ def plot_bytes(panels: dict[str, dict[str, SimReport]], path: Path, title: str =
         ax.set_ylim(0, max(bottom) * 1.25 if max(bottom) else 1)
         ax.set_title(panel, fontsize=10)
         ax.set_ylabel("MiB moved (32-byte transactions)" if ax is axes[0][0] else "")
-    fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=len(shown), fontsize=8, frameon=False)
+    fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=min(len(shown), 4), fontsize=8,
+               frameon=False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 * (1 + (len(shown) - 1) // 4) + 0.02, 1, 1))
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -22,18 +22,11 @@ from typing import Any
 import numpy as np
 
 from spatten_compiler.backend.isa import Instr
-from spatten_compiler.sim.dram import Dram
+from spatten_compiler.sim.dram import BUFFER_CATEGORY, PLANE_CATEGORY, TENSOR_CATEGORY, Dram
 from spatten_compiler.sim.hw import SimHw
 from spatten_compiler.sim.machine import LIVE_HEADS, Machine
 from spatten_compiler.sim.topk import topk_cycles
 
-BUFFER_CATEGORY = {"q": "q", "k": "k_msb", "v": "v", "index": "indices", "score": "activations",
-                   "weight": "weights", "act": "activations"}
-TENSOR_CATEGORY = {"weight": "weights", "k_full": "k_msb", "k_msb": "k_msb", "k_lsb": "k_lsb", "v": "v",
-                   "activation": "activations", "input": "activations", "output": "activations",
-                   "index": "indices", "scratch": "activations"}
-PLANE_CATEGORY = {("k", "full"): "k_msb", ("k", "msb"): "k_msb", ("k", "lsb"): "k_lsb",
-                  ("v", "full"): "v", ("v", "msb"): "v", ("v", "lsb"): "v"}
 NO_LAYER = 0xFFFF
 
 
@@ -170,6 +163,10 @@ def _dma(ctx: Ctx, ins: Instr) -> Work:
         ctx.counters["skipped_transfers"] += 1
         return UnitWork("sync", 0, 0)
     rows, row = ctx.m.rows(f["rows"], f["live"]), f["row_bytes"]
+    if ins.mnemonic == "load" and ins.symbol("buf") == "index":
+        # `sram` names the index slot filled, one entry per row (token ids for embedding gathers);
+        # timing-only runs do not know the ids: rows 0..n-1 stand in for them
+        ctx.m.set_slot(f["sram"], np.arange(rows, dtype=np.int64))
     stride = f["stride"] or row
     if stride == row:  # one contiguous region
         starts, lengths = np.array([f["dram"]], dtype=np.int64), np.array([rows * row], dtype=np.int64)
@@ -183,8 +180,8 @@ def _dma(ctx: Ctx, ins: Instr) -> Work:
 def _gather(ctx: Ctx, ins: Instr) -> Work:
     f = ins.fields
     rows = ctx.m.slot(f["idx"])
-    return ctx.transfer(_category(ctx, ins.symbol("buf")), f["dram"] + rows * f["row_bytes"],
-                        np.full(rows.size, f["row_bytes"], dtype=np.int64))
+    cat = TENSOR_CATEGORY[ctx.tensor.kind] if ctx.tensor is not None else "weights"  # tables are weights
+    return ctx.transfer(cat, f["dram"] + rows * f["row_bytes"], np.full(rows.size, f["row_bytes"], dtype=np.int64))
 
 
 @plans("fetch.kv")
