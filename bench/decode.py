@@ -76,7 +76,7 @@ def nll(logits: np.ndarray, target: int) -> float:
 
 
 def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, budgets: list[float],
-                methods: list[str]) -> list[dict]:
+                methods: list[str], chunk: int = 0) -> list[dict]:
     from spatten_compiler.decoding import DecoderSession
 
     configs: dict[tuple[str, float], DecoderSession] = {("dense", 1.0): sessions["dense"].fork()}
@@ -94,7 +94,9 @@ def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, b
     for c, s in configs.items():
         s.reset(1)
         t0 = time.perf_counter()
-        logits = s.step(win[None, :prefix])
+        step = chunk or prefix  # chunked prefill bounds the attention probabilities' memory
+        for i in range(0, prefix, step):
+            logits = s.step(win[None, i:min(prefix, i + step)])
         log.info("prefill %s %d tokens: %.1f s", c, prefix, time.perf_counter() - t0)
         last[c] = logits[0, -1]
     for t in range(prefix, context):
@@ -108,7 +110,8 @@ def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, b
                 times[c].append(time.perf_counter() - t0)
     rows = []
     for (m, b), s in configs.items():
-        rows.append({"context": context, "method": m, "budget": b, "nll": float(np.mean(losses[(m, b)])),
+        rows.append({"context": context, "method": m, "budget": b, "decode": decode, "prefill_chunk": chunk,
+                     "nll": float(np.mean(losses[(m, b)])),
                      "kv_bytes": s.cache_bytes(kv_only=True), "state_bytes": s.cache_bytes() - s.cache_bytes(True),
                      "cache_len": s.cache_lengths()[0], "step_ms": float(np.median(times[(m, b)]) * 1e3)})
     return rows
@@ -123,12 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--decode", type=int, default=128, help="teacher-forced decode steps per window")
     p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                   help="prefill the prefix N tokens per step (0: one step); eviction runs after every chunk")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=REPO_ROOT / "models" / "cache")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--name", default="decode-smollm2")
+    p.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                   help="no runs: merge the rows of earlier result / partial JSON files into one table and plot")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.render:
+        return render_files(args)
     from tokenizers import Tokenizer
 
     from spatten_compiler.decoding import DecoderSession
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     for context in contexts:
         for w in range(args.windows):
             start = (w + 1) * (len(ids) // (args.windows + 1)) - context // 2
-            for r in run_context(sessions, ids[start:start + context], context, args.decode, budgets, methods):
+            for r in run_context(sessions, ids[start:start + context], context, args.decode, budgets, methods,
+                                 args.prefill_chunk):
                 rows.append({**r, "window": w})
             log.info("context %d window %d done", context, w)
             (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
@@ -160,6 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def render_files(args: argparse.Namespace) -> int:
+    rows: list[dict] = []
+    for path in args.render:
+        data = json.loads(path.read_text())
+        rows += data["rows"] if isinstance(data, dict) else data
+    summary = summarize(rows)
+    meta = run_metadata(args.threads)
+    md = render(summary, meta, args) + "\nMerged from: " + ", ".join(f"`{p.name}`" for p in args.render) + "\n"
+    _, md_path = write_results(args.out_dir, args.name, {"meta": meta, "rows": rows, "summary": summary}, md)
+    plot(summary, md_path.with_suffix(".png"))
+    print(md)
+    return 0
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     keys = sorted({(r["context"], r["method"], r["budget"]) for r in rows})
     out = []
@@ -167,6 +191,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         sel = [r for r in rows if (r["context"], r["method"], r["budget"]) == (c, m, b)]
         dense = [r for r in rows if (r["context"], r["method"]) == (c, "dense")]
         out.append({"context": c, "method": m, "budget": b, "ppl": float(np.exp(np.mean([r["nll"] for r in sel]))),
+                    "decode": int(sel[0].get("decode", 0)),
                     "dense_ppl": float(np.exp(np.mean([r["nll"] for r in dense]))),
                     "kv_bytes": int(np.mean([r["kv_bytes"] for r in sel])),
                     "dense_kv_bytes": int(np.mean([r["kv_bytes"] for r in dense])),
@@ -177,11 +202,15 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def render(summary: list[dict], meta: dict, args: argparse.Namespace) -> str:
-    lines = [f"# Decode-mode KV eviction: {args.model.parent.name}, WikiText-2 test", "",
+    title = f"# Decode-mode KV eviction: {args.model.parent.name}, WikiText-2 test"
+    lines = [title, "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date_utc']}, git {meta['git_commit']}, "
              f"onnxruntime {meta['onnxruntime_version']}, {args.threads} intra-op threads, load avg "
-             f"{meta['load_avg_1m']:.1f} on {meta['cpu_count']} cores (machine shared with other jobs: latency is noisy).",
-             f"Windows per context: {args.windows}; decode steps per window: {args.decode} (prefix = context - decode). "
+             f"{meta['load_avg_1m']:.1f} on {meta['cpu_count']} cores (machine shared with other jobs: "
+             "latency is noisy).",
+             f"Windows per context: {args.windows}; decode steps per window (prefix = context - decode): "
+             + ", ".join(f"{c}: {d or args.decode}" for c, d in sorted({(s['context'], s['decode']) for s in summary}))
+             + ". "
              "Few windows: perplexity differences under ~3% are within noise.", "",
              "| context | method | budget | ppl | ppl vs dense | KV bytes | KV vs dense | state bytes | step ms | "
              "step vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -204,10 +233,12 @@ def plot(summary: list[dict], path: Path) -> None:
     for ax, c in zip(axes[0], contexts):
         for m in sorted({s["method"] for s in summary}):
             pts = sorted((s["kv_bytes"] / 1e6, s["ppl"]) for s in summary if s["context"] == c and s["method"] == m)
-            ax.plot(*zip(*pts), "o-" if m != "dense" else "k*", label=m, markersize=8 if m == "dense" else 4)
+            style = "k*" if m == "dense" else "o-"
+            ax.plot(*zip(*pts), style, label=m, markersize=10 if m == "dense" else 4)
         ax.set_title(f"context {c}")
         ax.set_xlabel("KV cache held (MB)")
-        ax.set_ylabel("perplexity")
+        ax.set_ylabel("perplexity (log)")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

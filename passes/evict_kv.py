@@ -74,6 +74,20 @@ def _check(sites: list[AttentionSite]) -> None:
                               "evict-kv needs a position_ids input")
 
 
+def _shares_cache_length(sites: list[AttentionSite]) -> str | None:
+    """A K/V view (GQA repeat, head merge) whose target shape reads another layer's cache length
+    (dynamo exports dedupe the symbolic length): per-layer lengths would break it."""
+    for site in sites:
+        for node in (*site.k.views, *site.v.views):
+            for shape in node.inputs[1:]:
+                _, inputs = _ancestors(shape, limit=60) if shape is not None else ([], [])
+                for v in inputs:
+                    parts = (v.name or "").split(".")
+                    if v.name.startswith("past_key_values.") and parts[1] != str(site.layer):
+                        return f"layer {site.layer}'s {node.op_type} reads the length of {v.name}"
+    return None
+
+
 def _position_gather(graph: ir.Graph) -> ir.Node | None:
     """GPT-2 style learned positions: Gather(table, f(Range(past_len, past_len + q)))."""
     for node in graph:
@@ -97,7 +111,7 @@ class EvictKV(Pass):
     budget: float = 0.25
     sinks: int = 4
     recent: int = 0
-    recent_share: float = 0.0
+    recent_share: float = 0.5  # H2O's split: half the budget is the recent window (bench/decode.py: best)
     mode: str = "layer"
     schedule: tuple[float, ...] = ()
     tunable: bool = False
@@ -129,6 +143,9 @@ class EvictKV(Pass):
         self._validate()
         sites = find_attention(model).sites
         _check(sites)
+        if len({self.layer_budget(s.layer) for s in sites}) > 1 and (why := _shares_cache_length(sites)):
+            raise OptionError(f"per-layer budgets need per-layer cache lengths, but {why} "
+                              "(a dynamo export); use one budget for all layers or a TorchScript export")
         graph = model.graph
         ed = GraphEditor(model, "spatten/evict")
         names = {v.name: v for v in graph.inputs}
@@ -166,8 +183,8 @@ class EvictKV(Pass):
             "recent_share": self.recent_share,
             "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
             "state": {"importance": "past_importance.{layer}", "positions": "past_positions.{layer}"}})
-        logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d, %s", len(layers), self.budget,
-                    self.sinks, self.recent, self.mode)
+        logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d tokens / %.0f%% of the budget, %s",
+                    len(layers), self.budget, self.sinks, self.recent, 100 * self.recent_share, self.mode)
         return PassResult(model, True)
 
     def _knobs(self, ed: GraphEditor, graph: ir.Graph) -> dict[str, ir.Value]:

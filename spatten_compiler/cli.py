@@ -19,7 +19,7 @@ from spatten_compiler.errors import SpattencError
 
 EXAMPLES = """\
 examples:
-  spattenc model.onnx -o model.spatten.onnx          compile (the default verb)
+  spattenc model.onnx -o model.spatten.onnx          compile with the measured default preset
   spattenc inspect model.onnx                         list the attention blocks found
   spattenc inspect model.onnx --explain               ... and why other Softmax ops were not taken
   python -m spatten_compiler --help                   the same command as a module

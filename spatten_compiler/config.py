@@ -204,7 +204,8 @@ class CompileConfig:
                     opts[key] = value
             opts["emit_stats"] = self.kv_stats
             passes.append(make_pass("quantize-kv", **opts))
-            passes.append(make_pass("pack-kv-cache", bits=self.kv_bits, granularity=self.kv_granularity or "token"))  # decoders: the cache itself as planes
+            # decoders: the cache itself crosses steps as packed planes (a no-op on encoders)
+            passes.append(make_pass("pack-kv-cache", bits=self.kv_bits, granularity=self.kv_granularity or "token"))
         front = [make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention")]
         return [*front, *passes, *self.ort_passes()] if passes else self.ort_passes()
 

@@ -88,6 +88,7 @@ class Preset:
     name: str
     settings: tuple[Setting, ...]
     note: str = ""  # one line on what the numbers do not cover
+    together: str = ""  # the recorded run of the preset as shipped (all its parts at once), if any
 
     def values(self, part: str) -> dict[str, Any]:
         return {s.key: s.value for s in self.settings if s.part == part}
@@ -112,22 +113,23 @@ KV_AGGRESSIVE = _kv("4+1", 0.5, KV_FULL, "6.23x fewer K/V bytes, IMDB cosine 0.9
                     "SST-2 5.90x, 0.99758, +0.0")
 _DECODER_NOTE = ("K/V numbers measured on the MiniLM encoder; token pruning waits for the decoder work (#13); "
                  "no decoder quality run yet")
-_ENCODER_NOTE = "token and K/V settings measured separately on MiniLM; the combination not benchmarked for quality"
+COMBINED = R + "20261204-232558-minilm-presets-quality.md"  # each preset as shipped, IMDB 600 / SST-2 1372 texts
+_ENCODER_NOTE = "MiniLM; tokens and K/V together measured on a subset only"
 
 PRESETS: dict[tuple[str, str], Preset] = {(p.kind, p.name): p for p in (
     Preset("encoder", "conservative", (
         _tokens(0.5, "IMDB cosine 0.895, drop-in -0.2 [-1.4, +0.9], refit -0.1 [-1.3, +1.0] cross-fitted",
                 "1.80x at 512 tokens, 1.71x on IMDB", "20261129-051740-tokens-full-spattenc-value-r0.5-m64.md"),
-        *KV_CONSERVATIVE), _ENCODER_NOTE),
+        *KV_CONSERVATIVE), _ENCODER_NOTE, COMBINED),
     Preset("encoder", "default", (
         _tokens(0.4, "IMDB cosine 0.863, drop-in -1.1 [-2.2, +0.1], refit -0.9 [-2.1, +0.4] cross-fitted "
                 "(+0.0 on the test split: issue 4's target)", "2.08x at 512 tokens, 1.98x on IMDB",
                 "20261129-051002-tokens-full-spattenc-value-r0.4-m64.md"),
-        *KV_DEFAULT), _ENCODER_NOTE),
+        *KV_DEFAULT), _ENCODER_NOTE, COMBINED),
     Preset("encoder", "aggressive", (
         _tokens(0.3, "IMDB cosine 0.830, drop-in -2.0 [-3.3, -0.7], refit -1.1 [-2.4, +0.2] cross-fitted",
                 "2.53x at 512 tokens, 2.18x on IMDB", "20261129-050529-tokens-full-spattenc-value-r0.3-m64.md"),
-        *KV_AGGRESSIVE), _ENCODER_NOTE),
+        *KV_AGGRESSIVE), _ENCODER_NOTE, COMBINED),
     Preset("decoder", "conservative", KV_CONSERVATIVE, _DECODER_NOTE),
     Preset("decoder", "default", KV_DEFAULT, _DECODER_NOTE),
     Preset("decoder", "aggressive", KV_AGGRESSIVE, _DECODER_NOTE),

@@ -8,6 +8,7 @@ is returned for the compile report, which counts FLOPs on the normalized graph.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,12 @@ from spatten_compiler.errors import NoAttentionError, OptionError, SpattencError
 logger = logging.getLogger(__name__)
 
 
-def plan(options: dict[str, Any], model: ir.Model, path: Path, pipeline: str = "") -> tuple[
+def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | str, pipeline: str = "") -> tuple[
         CompileConfig, Resolution, ir.Model]:
+    """``options``: the user's options (unset = None), or a CompileConfig built from them (the Python
+    API's form: its None fields count as unset, so it resolves the same way)."""
+    if isinstance(options, CompileConfig):
+        options = dataclasses.asdict(options)
     from spatten_compiler.passes.find_attention import find_attention
     from spatten_compiler.passes.length_gate import refuse_gated, short_input_model
     from spatten_compiler.passes.normalize import Normalize

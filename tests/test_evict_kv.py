@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from spatten_compiler.passes.evict_kv import budget_tokens
 
 from spatten_compiler.decoding import DecoderSession, left_pad
+from spatten_compiler.errors import OptionError
 from spatten_compiler.pipeline import Pipeline, make_pass
 
 DECODERS = ["gpt2_kv_dynamo", "gpt2_kv_torchscript", "llama_torchscript", "llama_dynamo", "llama_sdpa_dynamo",
@@ -202,3 +203,44 @@ def test_tunable_knobs_equal_compiled_values(tmp_path_factory: pytest.TempPathFa
     assert max(_run(fixed, tuned, steps=6)) == 0.0
     for a, b in zip(fixed.kept_positions(), tuned.kept_positions()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_kv_torchscript"])
+def test_chunked_prefill_equals_dense(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Multi-token steps over a non-empty cache (a chunked prefill; one chunk is all padding)."""
+    path = compiled(name, str(tmp_path_factory.getbasetemp()), budget=1.0, sinks=2, recent=2, mode="layer")
+    dense, ours = DecoderSession(MODELS / f"{name}.onnx"), DecoderSession(path)
+    ids, mask = left_pad([[5, 17, 33, 2, 9, 11, 40, 7, 8], [8, 3, 100, 4]])
+    dense.reset(2)
+    ours.reset(2)
+    for i in range(0, 9, 3):
+        a, b = dense.step(ids[:, i:i + 3], mask[:, i:i + 3]), ours.step(ids[:, i:i + 3], mask[:, i:i + 3])
+        real = mask[:, i:i + 3].astype(bool)
+        assert not real.any() or np.abs(a - b)[real].max() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["layer", "cascade"])
+@pytest.mark.parametrize("name", ["llama_torchscript", "gpt2_kv_torchscript", "llama_dynamo"])
+def test_per_layer_cache_lengths_differ(name: str, mode: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A schedule gives each layer its own budget: the caches differ in length, and onnxruntime and
+    the reference runtime still agree step by step. Dynamo exports read one layer's cache length for
+    every layer's GQA repeat shape: refused with the reason."""
+    if "dynamo" in name:
+        with pytest.raises(OptionError, match="reads the length of past_key_values"):
+            compiled(name, str(tmp_path_factory.getbasetemp()), budget=0.6, schedule=(1.0, 0.5), mode=mode)
+        return
+    path = compiled(name, str(tmp_path_factory.getbasetemp()), budget=0.6, sinks=1, recent=1, mode=mode,
+                    schedule=(1.0, 0.5))
+    ort_s, ref_s = DecoderSession(path), DecoderSession(path, runtime="reference")
+    ids, mask = left_pad(PROMPTS)
+    ort_s.reset(2)
+    ref_s.reset(2)
+    a, b = ort_s.step(ids, mask), ref_s.step(ids, mask)
+    tok = a[:, -1].argmax(-1)
+    for step in range(4):
+        a, b = ort_s.step(tok[:, None]), ref_s.step(tok[:, None])
+        assert np.abs(a - b).max() <= 1e-4
+        total = 9 + step + 1
+        want = [budget_tokens(0.6, total, 1, 1, 99), *[budget_tokens(0.3, total, 1, 1, 99)] * 3]
+        assert ort_s.cache_lengths() == want and want[0] > want[1]
+        tok = a[:, -1].argmax(-1)

@@ -94,3 +94,28 @@ def test_optimizer_written_model_prunes(tmp_path: Path) -> None:
     feeds, _ = reference_io(load_meta("bert_torchscript"))
     kept = run_ort(out, feeds)["spatten_kept_mask"]
     assert (kept.sum(axis=1) < feeds["attention_mask"].sum(axis=1)).all()
+
+
+@pytest.mark.real
+def test_real_minilm_optimizer_written_compiles_exactly(tmp_path: Path) -> None:
+    real = MODELS / "cache" / "minilm" / "model.onnx"
+    if not real.exists():
+        pytest.skip("python models/export.py --real minilm")
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    src = tmp_path / "opt.onnx"
+    optimizer.optimize_model(str(real), model_type="bert", num_heads=12, hidden_size=384,
+                             opt_level=0).save_model_to_file(str(src))
+    written = {n.op_type for n in onnx.load(src).graph.node}
+    assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization"} <= written, written
+    out = tmp_path / "out.onnx"
+    assert spattenc(str(src), "-o", str(out), "--token-keep", "1.0").returncode == 0
+    feeds, _ = reference_io(load_meta_path(real.with_suffix(".json")))
+    mask = feeds["attention_mask"].astype(bool)  # padding rows are meaningless (see test_prune_tokens)
+    a, b = run_ort(src, feeds)["last_hidden_state"], run_ort(out, feeds)["last_hidden_state"]
+    assert float(np.abs(a[mask] - b[mask]).max()) <= 1e-4
+
+
+def load_meta_path(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())

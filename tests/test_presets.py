@@ -159,6 +159,8 @@ def test_every_setting_cites_a_recorded_result() -> None:
     docs = (ROOT / "docs" / "presets.md").read_text()
     for preset in PRESETS.values():
         assert preset.kind in ("encoder", "decoder") and preset.name in PRESET_NAMES
+        if preset.together:
+            assert (ROOT / preset.together).is_file() and Path(preset.together).name in docs
         for s in preset.settings:
             assert (ROOT / s.evidence).is_file(), s.evidence
             assert Path(s.evidence).name in docs, s.evidence
@@ -246,6 +248,20 @@ def test_resolve_rules() -> None:
     assert opts["kv_bits"] == "4+1" and "lsb_threshold" not in opts and "token_keep" not in opts
     assert resolve({}, "none")[1].preset is None
     assert resolve({}, "encoder", pipeline="normalize")[1].preset is None
+
+
+def test_plan_takes_a_compile_config(tmp_path: Path) -> None:
+    """The Python API's form (a CompileConfig whose unset fields are None) resolves as the CLI's dict."""
+    import onnx_ir as ir
+
+    from spatten_compiler.config import CompileConfig
+    from spatten_compiler.plan import plan
+
+    model = ir.load(MODELS / "bert_torchscript.onnx")
+    config, res, _ = plan(CompileConfig(), model, "bert")
+    assert res.preset.name == "default" and config.token_keep == 0.4 and config.kv_bits == "4+1"
+    config, res, _ = plan(CompileConfig(token_keep=0.5), model, "bert")
+    assert res.preset is None and config.kv_bits is None
 
 
 def test_model_kind() -> None:

@@ -101,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "default: no eviction")
     e.add_argument("--kv-sinks", type=int, metavar="N", help="first N real tokens are never evicted (default 4)")
     e.add_argument("--kv-recent", metavar="N|P%",
-                   help="the N most recent tokens, or a share P%% of the budget, are never evicted (default 0)")
+                   help="the N most recent tokens, or a share P%% of the budget, are never evicted (default 50%%)")
     e.add_argument("--kv-evict", choices=("layer", "cascade"),
                    help="layer (default): each layer keeps its top tokens by accumulated attention (H2O); "
                    "cascade: SpAtten's, a token dropped once stays dropped deeper")
