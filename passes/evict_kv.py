@@ -93,7 +93,7 @@ def _position_gather(graph: ir.Graph) -> ir.Node | None:
     for node in graph:
         if node.op_type != "Gather" or node.inputs[0].const_value is None:
             continue
-        nodes, inputs = _ancestors(node.inputs[1], limit=60)
+        nodes, inputs = _ancestors(node.inputs[1], limit=60, through_shapes=True)
         if any(n.op_type == "Range" for n in nodes) and any("past" in (v.name or "") for v in inputs):
             return node
     return None

@@ -25,7 +25,11 @@ COMPARISONS = {"Less", "LessOrEqual", "Greater", "GreaterOrEqual"}
 POSITION_INPUTS = {"input_ids", "position_ids", "token_type_ids", "cache_position"}
 
 
-def _ancestors(value: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[ir.Value]]:
+def _ancestors(value: ir.Value, limit: int = 400, *,
+               through_shapes: bool = False) -> tuple[list[ir.Node], list[ir.Value]]:
+    """Producers of ``value`` (breadth first, at most ``limit``) and the graph inputs reached. The walk
+    stops at Shape/Size (a mask built from a shape is not built from that input) unless
+    ``through_shapes`` (evict-kv: GPT-2's positions are a Range over the past cache's length)."""
     nodes: list[ir.Node] = []
     inputs: list[ir.Value] = []
     seen: set[int] = set()
@@ -44,7 +48,7 @@ def _ancestors(value: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[i
                     nodes.append(ir.Node("", "Trilu", [], name="<constant tril>"))
             continue
         nodes.append(node)
-        if node.op_type not in ("Shape", "Size"):  # a mask built from a shape is not built from that input
+        if through_shapes or node.op_type not in ("Shape", "Size"):
             todo.extend(node.inputs)
     return nodes, inputs
 

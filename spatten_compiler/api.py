@@ -137,8 +137,8 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     ``hooks``: any other keyword the pass pipeline takes (progress callbacks), passed through unchanged.
 
     >>> result = compile("models/bert_torchscript.onnx", token_keep=0.5, kv_bits="6+4")
-    >>> [p.split("{")[0] for p in result.report["passes"]]
-    ['normalize', 'decompose-attention', 'prune-tokens', 'quantize-kv']
+    >>> [p.split("{")[0] for p in result.report["passes"]]  # pack-kv-cache packs decoders' caches only
+    ['unfuse-ort', 'normalize', 'decompose-attention', 'prune-tokens', 'quantize-kv', 'pack-kv-cache']
     >>> result.report["flop_ratio"]["512"]  # ideal dense/pruned FLOPs at 512 tokens
     2.3133
     """

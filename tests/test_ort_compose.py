@@ -20,6 +20,7 @@ COMPOSITIONS = {
     "int8": ["--weights", "int8"],
     "optimize+int8": ["--optimize", "--weights", "int8"],
 }
+DENSE = ["--no-token-pruning", "--kv-bits", "none"]  # --optimize/--weights alone still apply the preset
 
 
 def _compile(src: Path, out: Path, *args: str) -> Path:
@@ -43,7 +44,7 @@ CASES = [("bert_torchscript", c) for c in COMPOSITIONS] + [("distilbert_dynamo",
 @pytest.mark.parametrize(("name", "composition"), CASES)
 def test_composition_equals_dense_composition_at_keep_1(name: str, composition: str, tmp_path: Path) -> None:
     src, flags = MODELS / f"{name}.onnx", COMPOSITIONS[composition]
-    dense = _compile(src, tmp_path / "dense.onnx", *flags)
+    dense = _compile(src, tmp_path / "dense.onnx", *DENSE, *flags)
     sparse = _compile(src, tmp_path / "sparse.onnx", "--token-keep", "1.0", *flags)
     feeds, _ = reference_io(load_meta(name))
     assert _max_diff(dense, sparse, feeds) <= 1e-4
@@ -71,7 +72,7 @@ def test_fusions_keep_pruned_outputs(tmp_path: Path) -> None:
 
 def test_int4_weights_on_a_decoder(tmp_path: Path) -> None:
     src = MODELS / "gpt2_torchscript.onnx"
-    dense = _compile(src, tmp_path / "dense.onnx", "--weights", "int4")
+    dense = _compile(src, tmp_path / "dense.onnx", *DENSE, "--weights", "int4")
     sparse = _compile(src, tmp_path / "sparse.onnx", "--head-keep", "1.0", "--weights", "int4")
     assert "MatMulNBits" in _ops(sparse)
     feeds, _ = reference_io(load_meta("gpt2_torchscript"))

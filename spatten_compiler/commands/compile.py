@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="JSON file with any option below, flags win (default: none)")
     d = p.add_argument_group("measured defaults (applied when no option below turns a rewrite on)")
     d.add_argument("--preset", choices=PRESET_NAMES,
-                   help="measured settings for the model's kind (docs/presets.md); 'default' applies when no option "
-                   "turns a rewrite on; with --preset, explicit options override its entries")
+                   help="measured settings for the model's kind (docs/presets.md); default: 'default' when no "
+                   "option turns a rewrite on; explicit options override its entries")
     for part in ("token", "head", "value"):
         d.add_argument(f"--no-{part}-pruning", action="store_const", const=True,
                        help=f"leave {part} pruning out of the preset" + ("; K/V: --kv-bits none" * (part == "value")))
@@ -97,13 +97,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add outputs spatten_lsb_rows.<layer> and spatten_lsb_fraction (default off)")
     e = p.add_argument_group("decoder KV-cache eviction (docs/decoders.md)")
     e.add_argument("--kv-budget", type=float, metavar="B",
-                   help="keep each layer's cache within B: a fraction of the length so far (0.25) or tokens (256)")
+                   help="keep each layer's cache within B: a fraction of the length so far (0.25) or tokens (256); "
+                   "default: no eviction")
     e.add_argument("--kv-sinks", type=int, metavar="N", help="first N real tokens are never evicted (default 4)")
     e.add_argument("--kv-recent", metavar="N|P%",
                    help="the N most recent tokens, or a share P%% of the budget, are never evicted (default 50%%)")
     e.add_argument("--kv-evict", choices=("layer", "cascade"),
-                   help="layer: each layer keeps its own top tokens by accumulated attention (H2O-style, default); "
-                   "cascade: SpAtten's, a token dropped at layer l is dropped at every deeper layer")
+                   help="layer (default): each layer keeps its top tokens by accumulated attention (H2O); "
+                   "cascade: SpAtten's, a token dropped once stays dropped deeper")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
@@ -112,7 +113,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="apply onnxruntime's transformer fusions to what spattenc did not rewrite (layer norms, "
                    "GELU, embeddings, attention of unpruned layers)")
     o.add_argument("--weights", choices=("int8", "int4"),
-                   help="quantize projection weights with onnxruntime: int8 (dynamic) or int4 (MatMulNBits, decoders)")
+                   help="quantize projection weights with onnxruntime: int8 (dynamic) or int4 (MatMulNBits, decoders); "
+                   "default: float weights")
     p.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),

@@ -11,16 +11,20 @@ from spatten_compiler.commands import Command, register
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="decoder ONNX model with a KV cache (dense, or compiled with --kv-budget)")
-    p.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json (the export's folder)")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--tokenizer", type=Path, required=True,
+                   help="folder with tokenizer.json (the export's folder; required)")
+    p.add_argument("--prompt", required=True, help="prompt text (required)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate at most (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1)")
-    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="sampling seed (default: a fresh random seed; greedy decoding ignores it)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--runtime", choices=("ort", "reference"), default="ort",
                    help="onnxruntime (default) or the NumPy reference runtime")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="onnxruntime intra-op threads (default: onnxruntime's choice)")
 
 
 def run(args: argparse.Namespace) -> int:

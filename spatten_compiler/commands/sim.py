@@ -13,19 +13,23 @@ from spatten_compiler.errors import OptionError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("binary", type=Path, help="instruction binary (.spbin) from `spattenc emit`")
-    p.add_argument("--input", type=Path, help="feeds (.npz); timing mode takes the input length from it")
+    p.add_argument("--input", type=Path,
+                   help="feeds (.npz); timing mode takes the input length from it (default: none, see --length)")
     p.add_argument("--hw", help="hardware: built-in name or TOML file (default: the one the binary was built for; "
                                 "another one must have the same digest)")
     p.add_argument("--mode", choices=("timing", "functional"), default="timing",
                    help="timing: cycles and DRAM traffic (default); functional: see docs/simulator.md")
-    p.add_argument("--dense", type=Path, help="the dense stream of the same model: adds speedup and DRAM reduction")
+    p.add_argument("--dense", type=Path,
+                   help="the dense stream of the same model: adds speedup and DRAM reduction (default: none)")
     p.add_argument("--length", type=int, help="the input's true length (default: the stream's maximum)")
     p.add_argument("--lsb-fraction", type=float, default=0.07,
                    help="share of head-rows that refetch K LSBs when no functional run decides (default 0.07)")
-    p.add_argument("--report", type=Path, help="write the report as JSON")
-    p.add_argument("--chart", type=Path, help="write a PNG chart of DRAM bytes by category")
-    p.add_argument("--trace", type=Path, help="write every DRAM transaction (Ramulator or DRAMsim3 trace)")
-    p.add_argument("--trace-format", choices=("ramulator", "dramsim3"), default="ramulator")
+    p.add_argument("--report", type=Path, help="write the report as JSON (default: not written)")
+    p.add_argument("--chart", type=Path, help="write a PNG chart of DRAM bytes by category (default: none)")
+    p.add_argument("--trace", type=Path,
+                   help="write every DRAM transaction as a Ramulator or DRAMsim3 trace (default: none)")
+    p.add_argument("--trace-format", choices=("ramulator", "dramsim3"), default="ramulator",
+                   help="the --trace file's format (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
 
 

@@ -30,10 +30,13 @@ def _out_path(args: argparse.Namespace, source: Path) -> Path:
 # ---- emit ----------------------------------------------------------------------------------------
 def add_emit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="ONNX model (a spattenc output, or a dense model for the baseline)")
-    p.add_argument("-o", "--output", required=True, help="output .spbin")
-    p.add_argument("--seq-len", type=int, help="encoder: longest input (tokens) the stream handles")
-    p.add_argument("--prompt-len", type=int, help="decoder: prompt tokens (processed as one block)")
-    p.add_argument("--gen-steps", type=int, default=0, help="decoder: tokens generated after the prompt")
+    p.add_argument("-o", "--output", required=True, help="output .spbin (required)")
+    p.add_argument("--seq-len", type=int,
+                   help="encoder: longest input (tokens) the stream handles (required for encoders, default none)")
+    p.add_argument("--prompt-len", type=int,
+                   help="decoder: prompt tokens, processed as one block (required for decoders, default none)")
+    p.add_argument("--gen-steps", type=int, default=0,
+                   help="decoder: tokens generated after the prompt (default %(default)s)")
     p.add_argument("--hw", default="spatten", help=HW_HELP)
     p.add_argument("--stats", action="store_true", help="print the instruction mix and DRAM bytes per tensor kind")
 
@@ -75,7 +78,7 @@ def run_emit(args: argparse.Namespace) -> int:
 # ---- asm / disasm --------------------------------------------------------------------------------
 def add_asm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", type=Path, help="assembly text (as printed by 'spattenc disasm')")
-    p.add_argument("-o", "--output", required=True, help="output .spbin")
+    p.add_argument("-o", "--output", required=True, help="output .spbin (required)")
     p.add_argument("--hw", default=None, help=HW_HELP + "; used when the text has no .hw line")
 
 
@@ -95,8 +98,9 @@ def run_asm(args: argparse.Namespace) -> int:
 
 def add_disasm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("binary", type=Path, help=".spbin file")
-    p.add_argument("-o", "--output", help="write the text here instead of stdout")
-    p.add_argument("--hw", default=None, help="refuse the binary unless it was built for this hardware")
+    p.add_argument("-o", "--output", help="write the text here (default: stdout)")
+    p.add_argument("--hw", default=None,
+                   help="refuse the binary unless it was built for this hardware (default: accept any)")
     p.add_argument("--addresses", action="store_true", help="number every instruction (a comment; asm ignores it)")
 
 
