@@ -80,7 +80,9 @@ def _position_gather(graph: ir.Graph) -> ir.Node | None:
         if node.op_type != "Gather" or node.inputs[0].const_value is None:
             continue
         nodes, inputs = _ancestors(node.inputs[1], limit=60)
-        if any(n.op_type == "Range" for n in nodes) and any("past" in (v.name or "") for v in inputs):
+        # past_len is a Shape of the cache input; _ancestors stops at Shape nodes, so look at their inputs
+        shaped = [n.inputs[0] for n in nodes if n.op_type in ("Shape", "Size") and n.inputs]
+        if any(n.op_type == "Range" for n in nodes) and any("past" in (v.name or "") for v in [*inputs, *shaped]):
             return node
     return None
 
