@@ -9,13 +9,13 @@ from pathlib import Path
 import onnx_ir as ir
 import pytest
 from conftest import MODELS, fixture_names, load_meta
+from spatten_compiler.passes.evict_kv import budget_tokens
 
 from spatten_compiler.backend import program
 from spatten_compiler.backend.deps import check_deps
 from spatten_compiler.backend.emitter import Emitter, LoweringError
 from spatten_compiler.backend.lower import emit_model
 from spatten_compiler.cli import main as spattenc
-from spatten_compiler.passes.evict_kv import budget_tokens
 from spatten_compiler.pipeline import Pipeline, make_pass
 from spatten_compiler.sim.api import run_binary
 from spatten_compiler.sim.machine import Machine
