@@ -137,3 +137,12 @@ def test_cascade_with_a_schedule_is_refused(tmp: Path) -> None:
     ir.save(model, str(tmp / "sched.onnx"))
     with pytest.raises(LoweringError, match="schedule"):
         emit_model(tmp / "sched.onnx", 16, gen_steps=2)
+
+
+def test_token_budget_and_recent_share(tmp: Path) -> None:
+    """--kv-budget 12 --kv-recent 50%: 12 rows kept (4 sinks, a window of half the other 8), 13 read per step."""
+    p = emit_model(compiled(tmp, "gpt2_kv_dynamo", "12", "none", "--kv-recent", "50%"), 8, gen_steps=10)
+    rows = kv_fetch_rows(p)
+    assert [blk[0] for blk in rows] == [8, 9, 10, 11, 12, 13, 13, 13, 13, 13, 13]
+    prunes = [i for i in p.instrs if i.mnemonic == "cfg.prune"]
+    assert {(i["protect_first"], i["protect_recent"]) for i in prunes[-4:]} == {(SINKS, 4)}
