@@ -146,3 +146,18 @@ def test_token_budget_and_recent_share(tmp: Path) -> None:
     assert [blk[0] for blk in rows] == [8, 9, 10, 11, 12, 13, 13, 13, 13, 13, 13]
     prunes = [i for i in p.instrs if i.mnemonic == "cfg.prune"]
     assert {(i["protect_first"], i["protect_recent"]) for i in prunes[-4:]} == {(SINKS, 4)}
+
+
+@pytest.mark.real
+def test_smollm2_with_eviction(tmp: Path) -> None:
+    """The real SmolLM2 (30 layers, GQA 9/3): every layer's list is bounded by the budget at every step."""
+    path = MODELS / "cache" / "smollm2" / "model.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} not exported (python models/export.py --real smollm2)")
+    dst = tmp / "smol.kv.onnx"
+    assert spattenc(["compile", str(path), "-o", str(dst), "-q", "--kv-budget", "0.25", "--kv-bits", "none"]) == 0
+    p = emit_model(dst, 64, gen_steps=6)
+    check_deps(p.instrs)
+    rows = kv_fetch_rows(p)
+    assert rows[1:] == [dict.fromkeys(range(30), n) for n in expected_rows(64, 6, 0.25, 30)[1:]]
+    assert max(rows[-1].values()) <= math.ceil(0.25 * 69) + 1
