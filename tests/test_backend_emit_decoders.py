@@ -161,3 +161,10 @@ def test_smollm2_with_eviction(tmp: Path) -> None:
     rows = kv_fetch_rows(p)
     assert rows[1:] == [dict.fromkeys(range(30), n) for n in expected_rows(64, 6, 0.25, 30)[1:]]
     assert max(rows[-1].values()) <= math.ceil(0.25 * 69) + 1
+
+
+def test_accumulators_that_do_not_fit_are_refused_in_one_line(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, out = compiled(tmp, "llama_dynamo"), tmp / "big.spbin"
+    assert spattenc(["emit", str(path), "--prompt-len", "2040", "--gen-steps", "8", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "score buffer" in err and len(err.splitlines()) == 1 and not out.exists()
