@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         report.write_json(args.report)
     if args.chart:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise OptionError("--chart needs matplotlib: pip install 'spattenc[bench]'") from e
         from spatten_compiler.sim.report import plot_bytes
 
         runs: dict[str, object] = {}
