@@ -12,7 +12,7 @@ from typing import Any
 from spatten_compiler.defaults import PARTS, PRESET_NAMES, Resolution
 from spatten_compiler.pipeline import Pass
 
-REWRITES = ("prune-heads", "prune-tokens", "prune-values", "quantize-kv")
+REWRITES = ("prune-heads", "prune-tokens", "prune-values", "quantize-kv", "evict-kv")
 
 
 def _runs(values: Sequence[Any], fmt: str = "{}") -> str:
@@ -64,6 +64,11 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
         lines.append(f"  heads (KV groups) kept per layer: {_runs(report['head_keep_per_layer'])}")
     if "prune-values" in by_name:
         lines.append(f"  values: each query row reads the top {by_name['prune-values'].keep:.0%} of V rows (by P)")
+    if "evict-kv" in by_name:
+        e = by_name["evict-kv"]
+        budget = f"{e.budget:.0%} of the length so far" if e.budget <= 1 else f"{e.budget:g} tokens"
+        lines.append(f"  KV cache per layer kept within {budget} across generation steps ({e.mode} eviction by "
+                     f"accumulated attention; first {e.sinks} tokens and the recent window never evicted)")
     if "quantize-kv" in by_name:
         q = by_name["quantize-kv"]
         m, _, lo = q.bits.partition("+")
@@ -92,7 +97,7 @@ def _ratios(report: dict[str, Any]) -> list[str]:
 def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[str]:
     names = {p.name for p in passes}
     parts = {"prune-tokens": "tokens", "prune-heads": "heads", "prune-values": "values", "quantize-kv": "kv"}
-    on = [PARTS[parts[n]] for n in REWRITES if n in names]
+    on = [PARTS[parts[n]] for n in REWRITES if n in names and n in parts]
     lines: list[str] = []
     if on and not pipeline:
         lines.append("  change: " + "; ".join(f"{p.change}" for p in on) +
@@ -100,6 +105,9 @@ def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[st
         lines.append("  off: " + ", ".join(p.off_flag for p in on) + "; nothing at all: --pipeline normalize")
     elif pipeline:
         lines.append("  (an explicit --pipeline runs exactly those passes; drop it for the measured defaults)")
+    if "evict-kv" in names and not pipeline:
+        lines.append("  eviction: --kv-budget B|N, --kv-sinks N, --kv-recent N|P%, --kv-evict layer|cascade "
+                     "(docs/decoders.md); off: drop --kv-budget")
     if res.preset is not None:
         lines.append(f"  measured: docs/presets.md ({res.preset.note})")
     if "quantize-kv" in names:
