@@ -80,7 +80,7 @@ def _shares_cache_length(sites: list[AttentionSite]) -> str | None:
     for site in sites:
         for node in (*site.k.views, *site.v.views):
             for shape in node.inputs[1:]:
-                _, inputs = _ancestors(shape, limit=60) if shape is not None else ([], [])
+                _, inputs = _ancestors(shape, limit=60, through_shapes=True) if shape is not None else ([], [])
                 for v in inputs:
                     parts = (v.name or "").split(".")
                     if v.name.startswith("past_key_values.") and parts[1] != str(site.layer):
