@@ -80,7 +80,8 @@ def _compile(path: Path, passes: list, out: Path) -> None:
     save_model(model, out, external_data=False)
 
 
-def _exact(path: Path, feeds: dict[str, np.ndarray], passes: list, tmp: Path, base: Path | None = None) -> tuple[bool, str]:
+def _exact(path: Path, feeds: dict[str, np.ndarray], passes: list, tmp: Path,
+           base: Path | None = None) -> tuple[bool, str]:
     out = tmp / "out.onnx"
     _compile(path, passes, out)
     want = _run(base or path, feeds)
@@ -137,16 +138,20 @@ def evaluate(rec: dict[str, Any], corpus: Path = CORPUS) -> dict[str, Any]:
     feeds = dict(np.load(corpus / f"{rec['name']}.npz"))
     row: dict[str, Any] = {k: rec[k] for k in ("name", "family", "exporter", "kind", "kv_cache")}
     with tempfile.TemporaryDirectory(prefix="coverage-") as d:
-        for check, fn in (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d))),
-                          ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d)))):
+        checks = (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d))),
+                  ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d))))
+        for check, fn in checks:
             t0 = time.perf_counter()
             try:
                 ok, why = fn()
                 row[check] = {"ok": ok, "reason": why}
+                if not ok and "first not taken" in why:  # Softmax not taken, with inspect --explain's reason
+                    row[check]["refused"] = True
             except SpattencError as e:
                 row[check] = {"ok": False, "refused": True, "reason": str(e).splitlines()[0]}
             except Exception as e:  # noqa: BLE001 - a crash is a miss too, recorded as such
-                row[check] = {"ok": False, "crash": True, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                row[check] = {"ok": False, "crash": True, "reason": f"{type(e).__name__}: {first}"}
             row[check]["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -172,6 +177,12 @@ def render(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
     totals = {c: sum(r[c]["ok"] for r in rows) for c in CHECKS}
     lines += ["", "| check | passed | of | % |", "|---|---|---|---|"]
     lines += [f"| {c} | {totals[c]} | {n} | {100 * totals[c] / max(n, 1):.0f} |" for c in CHECKS]
+    enc = [r for r in rows if r["kind"] != "decoder"]  # token pruning is for encoders (decoders: refused)
+    ok = sum(r["tokens"]["ok"] for r in enc)
+    lines.append(f"| tokens, encoders only | {ok} | {len(enc)} | {100 * ok / max(len(enc), 1):.0f} |")
+    missed = [r[c] for r in rows for c in CHECKS if not r[c]["ok"]]
+    lines.append(f"| misses refused with a reason | {sum(bool(m.get('refused')) for m in missed)} | {len(missed)} | "
+                 f"{100 * sum(bool(m.get('refused')) for m in missed) / max(len(missed), 1):.0f} |")
     lines += ["", "## Reasons for every miss", ""]
     for r in rows:
         for c in CHECKS:
@@ -189,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated families")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--merge", type=Path, metavar="JSON",
+                   help="an earlier run's .json: its rows for models not evaluated now are carried over")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     recs = corpus_records(args.corpus)
@@ -202,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(evaluate(rec, args.corpus))
         print(rec["name"], " ".join(f"{c}={'ok' if rows[-1][c]['ok'] else rows[-1][c]['reason']}" for c in CHECKS),
               flush=True)
+    if args.merge:
+        done = {r["name"] for r in rows}
+        earlier = json.loads(args.merge.read_text())["rows"]
+        rows += [{**r, "from": args.merge.name} for r in earlier if r["name"] not in done]
+        order = {r["name"]: i for i, r in enumerate(corpus_records(args.corpus))}
+        rows.sort(key=lambda r: order.get(r["name"], len(order)))
     table = render(rows, failed)
     print(table)
     if args.no_write:
@@ -210,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m bench.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
     head = (f"# Coverage over the model corpus\n\ncommand: `{cmd}`\n\nmachine: {platform.machine()}, "
-            f"{os.cpu_count()} cores shared with other jobs; onnxruntime 1 thread; {time.perf_counter() - t0:.0f} s\n\n")
+            f"{os.cpu_count()} cores shared with other jobs; onnxruntime 1 thread; "
+            f"{time.perf_counter() - t0:.0f} s\n\n")
     (args.out / f"{stamp}-coverage.md").write_text(head + table)
-    (args.out / f"{stamp}-coverage.json").write_text(json.dumps({"command": cmd, "rows": rows, "export_failures": failed},
-                                                                indent=1) + "\n")
+    record = {"command": cmd, "rows": rows, "export_failures": failed}
+    (args.out / f"{stamp}-coverage.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out / f'{stamp}-coverage.md'}")
     return 0
 

@@ -98,7 +98,10 @@ def make_config(fam: Family) -> Any:
     config = transformers.AutoConfig.for_model(fam.model_type)
     for key, value in {**TINY, **fam.overrides}.items():
         if hasattr(config, key) or key in fam.overrides:
-            setattr(config, key, value)
+            try:
+                setattr(config, key, value)
+            except AttributeError:  # a derived property (Falcon's head_dim)
+                pass
     if getattr(config, "num_key_value_heads", None) and fam.model_type not in ("falcon", "gpt_bigcode"):
         config.num_key_value_heads = 2
     config._attn_implementation = "eager"

@@ -51,9 +51,14 @@ class Branch:
     repeated: bool = False  # GQA repeat of KV heads
     flat_width: int | None = None  # heads * head_dim before the head split, when known
     transform: list[ir.Node] = dataclasses.field(default_factory=list)  # per-head ops (transform_region)
+    cross_head: ir.Node | None = None  # a normalization over all heads before the head split (OLMo 2)
+    head_slice: tuple[int, int] | None = None  # (start, end) of a Slice on the head axis after the split
 
     def finish(self) -> Branch:
-        """Heads from the flat width when the head-split Reshape used -1 for them."""
+        """Heads from the flat width when the head-split Reshape used -1 for them (or when the only
+        rank-4 reshape seen is the GQA/multi-query repeat, which shows the repeated count)."""
+        if self.repeated and self.flat_width and self.head_dim and self.flat_width % self.head_dim == 0:
+            self.heads = self.flat_width // self.head_dim
         if self.heads is None and self.head_dim:
             width = self.flat_width
             if width is None and self.projection is not None and self.packed is None:
@@ -89,11 +94,14 @@ def _graph_input(value: ir.Value, graph: ir.Graph) -> ir.Value | None:
         if value in graph.inputs:
             return value
         node = value.producer()
-        if node is None or node.op_type not in (*VIEW_OPS, "Gather"):
+        if node is None or node.op_type not in (*VIEW_OPS, "Gather", "Slice"):  # Slice: a sliding-window cache
             return None
         value = node.inputs[0]
     return None
 
+
+REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "LayerNormalization",
+                        "SimplifiedLayerNormalization", "RMSNormalization"})
 
 Step = Callable[[ir.Node, ir.Value, Branch, ir.Graph], "ir.Value | NoMatch | None"]
 
@@ -120,9 +128,13 @@ def _view(node, value, branch, graph):
                 heads = dims[2] or (width // dims[3] if isinstance(width, int) and width % dims[3] == 0 else None)
             else:
                 heads = dims[2] if dims[1] is None or dims[2] is not None else dims[1]
+            if branch.head_slice is not None and isinstance(heads, int):
+                heads = len(range(heads)[slice(*branch.head_slice)])
             per_head_packed = branch.head_dim is not None and dims[3] != branch.head_dim and branch.packed is not None
             branch.heads, branch.head_dim = heads, branch.head_dim if per_head_packed else dims[3]
             branch.flat_width = width if isinstance(width, int) else None
+            if branch.head_slice is not None and isinstance(heads, int) and branch.head_dim:
+                branch.flat_width = heads * branch.head_dim  # this branch's share of the fused width
     if node.op_type == "Expand":
         branch.repeated = True
     return node.inputs[VIEW_OPS[node.op_type]]
@@ -181,9 +193,25 @@ def _scale(node, value, branch, graph):
 def _split(node, value, branch, graph):
     if node.op_type == "Split":
         branch.packed = list(node.outputs).index(value)
+        sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        axis = node.attributes.get_int("axis", 0)
+        rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+        if sizes is not None and sizes.size == len(node.outputs):
+            sizes = [int(x) for x in sizes.reshape(-1)]
+            if (axis == -1 or rank is not None and axis == rank - 1) and branch.flat_width is None:
+                branch.flat_width = sizes[branch.packed]  # multi-query: K/V narrower than Q
+            elif rank == 4 and axis in (2, -2):  # [B, S, H + 2*G, Dh] split on the head axis (Falcon)
+                start = sum(sizes[:branch.packed])
+                branch.head_slice = (start, start + sizes[branch.packed])
     else:  # Slice: the start offset along the last axis identifies q/k/v in a packed projection
         starts = const_array(node.inputs[1])
         branch.packed = int(starts.reshape(-1)[0]) if starts is not None else -1
+    axes = const_array(node.inputs[3]) if node.op_type == "Slice" and len(node.inputs) > 3 else None
+    ends = const_array(node.inputs[2]) if node.op_type == "Slice" else None
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    if axes is not None and axes.size == 1 and ends is not None and rank == 4 and int(axes.reshape(())) in (2, -2):
+        # [B, S, H + 2*G, Dh] sliced on the head axis (Falcon multi-query): heads = the slice's length
+        branch.head_slice = (int(const_array(node.inputs[1]).reshape(())), int(ends.reshape(())))
     last = value.shape.dims[-1] if value.shape is not None and value.shape.rank() == 4 else None
     if branch.head_dim is None and isinstance(last, int):
         branch.head_dim = last  # per-head packing [B, S, H, 3*Dh] split after the head split
@@ -274,9 +302,11 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
             region.remove(first)
     inside = {id(n) for n in region}
     for n in region:
-        if n.op_type == "Concat" and any(i is not None and i in graph.inputs for i in n.inputs):
+        if n.op_type == "Concat" and any(i is not None and _graph_input(i, graph) is not None for i in n.inputs):
             return NoMatch(f"{why.reason}; KV-cache Concat '{n.name}' inside a per-head transform")
     branch.projection, branch.transform = proj, region
+    split = next((i for i, n in enumerate(region) if n.op_type == "Reshape"), len(region))
+    branch.cross_head = next((n for n in region[:split] if n.op_type in REDUCTIONS), None)
     for n in reversed(region):  # from the core outwards, as the table walks
         if n.op_type in VIEW_OPS:
             _view(n, n.outputs[0], branch, graph)

@@ -52,6 +52,7 @@ class AttentionSite:
     fused: ir.Node | None = None
     rope_source: str | None = None  # position_ids input, or computed from the sequence length
     bias_terms: list[ir.Value] = dataclasses.field(default_factory=list)  # additive position terms on the scores
+    bias_adds: list[ir.Node] = dataclasses.field(default_factory=list)  # the Add applying each term
 
     @property
     def rope(self) -> bool:
@@ -243,7 +244,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         layer=-1, softmax=node, probs=probs, variant=variant, q=qb, k=kb, v=vb,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         scale=scale if found["scale_variant"] != "none" or scale != 1.0 else None,
-        bias_terms=list(found.get("bias_terms", [])),
+        bias_terms=list(found.get("bias_terms", [])), bias_adds=list(found.get("bias_adds", [])),
         mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_proj=out_proj, residual=residual,
     )
     if residual is not None:

@@ -76,6 +76,7 @@ from .attention_trace import Projection
 from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
 from .prune_tokens import _reads_input_seq_len
+from .score_chain import reads_projection
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,14 @@ def kept_groups(groups: int, ratio: float, min_keep: int = 1) -> int:
     return max(min(min_keep, groups), min(groups, math.ceil(round(groups * ratio, 6))))
 
 
+def _term_heads(term: ir.Value) -> int | None:
+    """Head axis size of an additive score term [B|1, H|1, S, S] (None: unknown)."""
+    shape = term.shape
+    if shape is None or shape.rank() != 4 or not isinstance(shape.dims[1], int):
+        return None
+    return int(shape.dims[1])
+
+
 def _check_sites(sites: list[AttentionSite]) -> None:
     for s in sites:
         if s.fused is not None:
@@ -96,9 +105,17 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if s.variant.get("layout") == "folded":
             raise OptionError(f"layer {s.layer}: heads folded into the batch axis (3-D scores [B*H, S, S]) are "
                               "not rewritten by prune-heads yet")
-        if s.bias_terms:
-            raise OptionError(f"layer {s.layer}: additive position terms on the scores ({s.bias_terms[0].name}) "
-                              "are not sliced to the kept heads by prune-heads yet")
+        for b in (s.q, s.k):
+            if b is not None and b.cross_head is not None:
+                raise OptionError(f"layer {s.layer}: {b.cross_head.op_type} '{b.cross_head.name}' normalizes over all "
+                                  "heads before the head split; removing heads would change it")
+        for term in s.bias_terms:
+            if reads_projection(term):
+                raise OptionError(f"layer {s.layer}: score term {term.name} is computed from activations "
+                                  "(disentangled attention); prune-heads does not narrow it")
+            if _term_heads(term) not in (1, s.num_heads):
+                raise OptionError(f"layer {s.layer}: score term {term.name} has no static head axis "
+                                  f"(shape {term.shape}); prune-heads cannot slice it")
         if s.num_heads % s.num_kv_heads:
             raise OptionError(f"layer {s.layer}: {s.num_heads} query heads do not divide into "
                               f"{s.num_kv_heads} KV heads")
@@ -116,8 +133,8 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             split = next((i for i, t in enumerate(order) if t in ("Split", "Slice")), None)
             reshape = next((i for i, t in enumerate(order) if t == "Reshape"), None)
             if split is not None and reshape is not None and split < reshape:  # split after the head split
-                raise OptionError(f"layer {s.layer}: QKV packed per head ([B, S, H, 3*Dh], split after the head "
-                                  "split) is not supported by prune-heads")
+                raise OptionError(f"layer {s.layer}: QKV packed in one head-split tensor ([B, S, H, 3*Dh] or "
+                                  "[B, S, H+2G, Dh]) is not supported by prune-heads")
             if s.num_kv_heads != s.num_heads:
                 raise OptionError(f"layer {s.layer}: packed QKV with grouped-query attention is not supported")
             split = next((n for n in s.q.views if n.op_type in ("Split", "Slice")), None)
@@ -415,6 +432,11 @@ class _Rewrite:
                 self._slice_projection(site.v.projection, sel, G, dh, n, 1)
         if cache:
             self._gather_cached(site, sel, g)
+        for term, add in zip(site.bias_terms, site.bias_adds):  # per-head position bias: the kept heads' rows
+            if _term_heads(term) == H:
+                idx = self._head_index(sel, g)
+                idx = self.e.const("kept_heads", idx) if isinstance(idx, np.ndarray) else idx
+                add.replace_input_with(list(add.inputs).index(term), self.e.op("Gather", [term, idx], axis=1))
         out = site.out_proj
         d = int(out.weight.shape[0 if out.transposed_weight else 1])
         if output is not None:

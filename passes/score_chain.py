@@ -10,6 +10,7 @@ from the Softmax input to the score MatMul through :data:`CHAIN` ops:
     Mul/Div(scores, scalar)   # the 1/sqrt(d) scale (several multiply)
     Where(cond, scores, fill) # a boolean mask (either branch)
     Tanh, Cast, Identity      # soft-capping, dtype changes: element-wise, carried along
+    Max/Min/Clip(scores, c)   # clamping by a scalar (XGLM's max(scores, finfo.min))
     Reshape                   # [B*H, S, S] -> [B, H, S, S]: heads folded into the batch axis (BLOOM,
                               # DeBERTa-v2 use 3-D bmm); found, tagged layout=folded, and not rewritten
 
@@ -29,12 +30,14 @@ import onnx_ir as ir
 from spatten_compiler.match import NoMatch, const_array, is_const
 
 PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape"})
-CHAIN = frozenset({"Add", "Mul", "Div", "Where", *PASS_THROUGH})
+CLAMPS = frozenset({"Max", "Min", "Clip"})
+CHAIN = frozenset({"Add", "Mul", "Div", "Where", *PASS_THROUGH, *CLAMPS})
 FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
 def _score_matmul(node: ir.Node | None) -> bool:
-    return node is not None and node.op_type == "MatMul" and not is_const(node.inputs[0]) and not is_const(node.inputs[1])
+    return (node is not None and node.op_type == "MatMul"
+            and not is_const(node.inputs[0]) and not is_const(node.inputs[1]))
 
 
 def _reaches_scores(value: ir.Value | None, depth: int = 10) -> bool:
@@ -89,6 +92,7 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
     value, scale, scale_node, capped, folded = softmax.inputs[0], 1.0, None, False, False
     masks: list[tuple[ir.Node, ir.Value]] = []
     biases: list[ir.Value] = []
+    bias_adds: list[ir.Node] = []
     where: ir.Node | None = None
     for _ in range(24):
         node = value.producer()
@@ -96,6 +100,7 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
             return NoMatch("the Softmax input is not computed from a MatMul of two activations")
         if _score_matmul(node):
             found: dict[str, Any] = {"q": node.inputs[0], "kt": node.inputs[1], "qk": node, "bias_terms": biases,
+                                     "bias_adds": bias_adds,
                                      "scale_variant": "after" if scale_node is not None else "none"}
             if scale_node is not None:
                 found["scale:value"] = ir.tensor([scale]).numpy()
@@ -117,6 +122,14 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
         op = node.op_type
         if op not in CHAIN:
             return NoMatch(f"{op} '{node.name}' between the score MatMul and Softmax")
+        if op in CLAMPS:  # Max(scores, finfo.min) and the like: element-wise, carried along
+            data = [i for i in node.inputs if _reaches_scores(i)]
+            rest = [i for i in node.inputs[1:] if i is not None and i not in data] if op == "Clip" else \
+                [i for i in node.inputs if i is not None and i not in data]
+            if len(data) != 1 or any(_scalar(i) is None for i in rest):
+                return NoMatch(f"{op} '{node.name}' clamps the scores by something other than a scalar")
+            value = data[0]
+            continue
         if op in PASS_THROUGH:
             capped |= op == "Tanh"
             folded |= op == "Reshape"
@@ -140,6 +153,25 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
             if len(sides) != 1:
                 return NoMatch(f"Add '{node.name}': {len(sides)} inputs come from score MatMuls")
             term = next(i for i in node.inputs if i is not sides[0])
-            (masks.append((node, term)) if is_mask_term(term) else biases.append(term))
+            if is_mask_term(term):
+                masks.append((node, term))
+            else:
+                biases.append(term)
+                bias_adds.append(node)
             value = sides[0]
     return NoMatch("no score MatMul within 24 ops of the Softmax")
+
+
+def reads_projection(term: ir.Value, limit: int = 200) -> bool:
+    """True when a score term is computed from activations (DeBERTa's c2p/p2c read q and k)."""
+    todo, seen = deque([term]), 0
+    while todo and seen < limit:
+        v = todo.popleft()
+        seen += 1
+        node = v.producer() if v is not None else None
+        if node is None or node.op_type in ("Shape", "Size"):
+            continue
+        if node.op_type in ("MatMul", "Gemm", "Einsum"):
+            return True
+        todo.extend(node.inputs)
+    return False

@@ -30,6 +30,7 @@ REGION_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Tanh", "Sigmoid", "Erf", "Abs",
     "Cos", "Sin", "Cast", "CastLike", "Identity", "Where", "Equal", "Less", "Greater", "Not", "And", "Or",
     "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand", "Flatten", "Slice", "Split", "Concat", "Gather",
+    "GatherND", "GatherElements",  # position lookups (cos/sin tables by position id); not on the data path
     "ReduceMean", "ReduceSum", "ReduceMax", "LayerNormalization", "SimplifiedLayerNormalization",
     "RMSNormalization", "Shape", "Size", "Range", "ConstantOfShape", "Tile", "Max", "Min", "Clip", "Floor",
     "Mod", "Trilu", "Constant", "MatMul", "Gemm", "Einsum",
@@ -37,6 +38,7 @@ REGION_OPS = frozenset({
 # Values computed only from these are positions or shapes, not hidden state.
 POSITION_OPS = frozenset({"Shape", "Size", "Range", "ConstantOfShape", "Constant"})
 LIMIT = 160
+GATHERS = frozenset({"Gather", "GatherND", "GatherElements"})
 
 
 def _is_const_weight(value: ir.Value | None) -> bool:
@@ -82,7 +84,14 @@ def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir
         return NoMatch(f"the transform before attention reaches {kinds}")
     proj = next(iter(projections.values()))
     region = _descendants(proj, {id(n) for n in visited})
-    return proj, [n for n in visited[::-1] if id(n) in region]
+    position = {id(n): i for i, n in enumerate(graph)}  # graph order is a topological order
+    ordered = sorted((n for n in visited if id(n) in region), key=lambda n: position.get(id(n), -1))
+    for n in ordered:  # on the data path a gather picks tokens or heads: not a per-head transform
+        shape_math = n.inputs[0].dtype in (ir.DataType.INT64, ir.DataType.INT32)  # Gather(Shape(x), i)
+        if n.op_type in GATHERS and not shape_math and not (
+                n.op_type == "Gather" and (a := const_array(n.inputs[1])) is not None and a.ndim == 0):
+            return NoMatch(f"{n.op_type} '{n.name}' gathers from the projected values: not a per-head transform")
+    return proj, ordered
 
 
 def _positional(node: ir.Node, graph_inputs: set[int], limit: int = 40) -> bool:

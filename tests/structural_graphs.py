@@ -18,8 +18,8 @@ N = helper.make_node
 
 
 def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "") -> onnx.ModelProto:
-    """qk: plain | norm | partial_rope | interleaved_rope; bias: none | buckets | alibi;
-    negative: "" | mix_heads | two_projections | tensor_scale."""
+    """qk: plain | norm | norm_full | partial_rope | interleaved_rope; bias: none | buckets | alibi;
+    negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens."""
     rng = np.random.default_rng(0)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -33,7 +33,14 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
                        [f"{t}_mm"]))
         nodes.append(N("Add", [f"{t}_mm", c(f"b_{t}", rng.standard_normal(H * DH).astype(np.float32) * 0.1)],
                        [f"{t}_flat"]))
-        nodes.append(N("Reshape", [f"{t}_flat", c(f"shape_{t}", [0, 0, H, DH])], [f"{t}_4d"]))
+        flat = f"{t}_flat"
+        if qk == "norm_full" and t in "qk":  # OLMo 2: RMSNorm over all heads, before the head split
+            nodes += [N("Pow", [flat, c(f"{t}_f2", np.float32(2))], [f"{t}_fsq"]),
+                      N("ReduceMean", [f"{t}_fsq", c(f"{t}_fax", [-1])], [f"{t}_fms"], keepdims=1),
+                      N("Sqrt", [f"{t}_fms"], [f"{t}_frms"]),
+                      N("Div", [flat, f"{t}_frms"], [f"{t}_fn"])]
+            flat = f"{t}_fn"
+        nodes.append(N("Reshape", [flat, c(f"shape_{t}", [0, 0, H, DH])], [f"{t}_4d"]))
         nodes.append(N("Transpose", [f"{t}_4d"], [f"{t}_h"], perm=[0, 2, 1, 3]))
     nodes.append(N("Shape", ["x"], ["seq"], start=1, end=2))
     nodes.append(N("Squeeze", ["seq"], ["seq0"]))
@@ -88,12 +95,16 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
                           N("Mul", [src, f"{t}_cos2"], [f"{t}_x1"]),
                           N("Mul", [f"{t}_rot", f"{t}_sin2"], [f"{t}_x2"]),
                           N("Add", [f"{t}_x1", f"{t}_x2"], [f"{t}_t"])]
-        if qk != "plain":
+        if qk not in ("plain", "norm_full"):
             q, k = ("q_t", k) if t == "q" else (q, "k_t")
     if negative == "mix_heads":  # q mixed across heads by an activation product: not per-head
         nodes.append(N("MatMul", [q, "k_h"], ["qk_mix"]))
         nodes.append(N("MatMul", ["qk_mix", q], ["q_mixed"]))
         q = "q_mixed"
+    if negative == "gather_tokens":  # q rows re-ordered over tokens: not a per-head transform
+        nodes.append(N("Gather", [q, c("token_order", np.array([0], np.int64))], ["q_gathered"], axis=2))
+        nodes.append(N("Add", ["q_gathered", c("zero_q", np.float32(0))], ["q_g"]))
+        q = "q_g"
     if negative == "two_projections":
         nodes.append(N("Add", [q, "v_h"], ["q_plus_v"]))
         q = "q_plus_v"
@@ -133,6 +144,8 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
               N("MatMul", ["ctx_flat", c("w_o", rng.standard_normal((H * DH, D)).astype(np.float32) * 0.3)], ["o"]),
               N("Add", ["o", c("b_o", np.zeros(D, np.float32))], ["ob"]),
               N("Add", ["x", "ob"], ["y"])]
+    for node in nodes:
+        node.name = node.name or node.output[0]
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", D]),
                                                helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])], inits)

@@ -12,10 +12,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from structural_graphs import DH, H, build, feeds
-
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
+from structural_graphs import DH, H, build, feeds
 
 CORPUS = Path(__file__).resolve().parents[1] / "models" / "cache" / "corpus"
 
@@ -52,20 +51,23 @@ def test_structural_site_found(kw: dict) -> None:
         assert s.q.transform and s.k.transform  # carried along by the rewrites
 
 
-@pytest.mark.parametrize("qk", ["norm", "partial_rope", "interleaved_rope"])
-def test_head_slice_exact_through_transform(qk: str, tmp_path: Path) -> None:
-    """Head 0 sliced out of the weights == the input model with head 0's output rows zeroed."""
+@pytest.mark.parametrize("kw", [dict(qk="norm"), dict(qk="partial_rope"), dict(qk="interleaved_rope"),
+                                dict(bias="buckets"), dict(bias="alibi")], ids=lambda kw: next(iter(kw.values())))
+def test_head_slice_exact_through_transform(kw: dict, tmp_path: Path) -> None:
+    """Head 0 sliced out of the weights (and out of a per-head position bias) == the input model with
+    head 0's output rows zeroed."""
     from bench.coverage import heads
 
     path = tmp_path / "m.onnx"
-    onnx.save(build(qk=qk), path)
+    onnx.save(build(**kw), path)
     ok, why = heads(path, feeds(), tmp_path)
     assert ok, why
 
 
 @pytest.mark.parametrize(("kw", "reason"), [
-    (dict(negative="mix_heads"), "MatMul 'node_"),
+    (dict(negative="mix_heads"), "MatMul 'q_mixed' of two activations"),
     (dict(negative="two_projections"), "reaches 2 projections"),
+    (dict(negative="gather_tokens"), "gathers from the projected values"),
     (dict(negative="tensor_scale"), "scales the scores by something other than a scalar"),
     (dict(dropout=True), "Dropout"),
 ])
@@ -77,14 +79,28 @@ def test_structural_refusals_name_the_reason(kw: dict, reason: str) -> None:
     assert reason.split("'")[0] in got, got
 
 
-def test_position_terms_refused_by_token_and_head_pruning() -> None:
-    from spatten_compiler.errors import OptionError
+def test_inspect_explain_names_the_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spatten_compiler.cli import main
+
+    path = tmp_path / "mixed.onnx"
+    onnx.save(build(negative="mix_heads"), path)
+    assert main(["inspect", str(path), "--explain"]) == 2
+    assert "MatMul 'q_mixed' of two activations" in capsys.readouterr().err
+    path = tmp_path / "norm.onnx"
+    onnx.save(build(qk="norm"), path)
+    assert main(["inspect", str(path), "--explain"]) == 0
+    assert "every Softmax is an attention site" in capsys.readouterr().out
+
+
+def test_position_terms_refused_by_token_pruning() -> None:
     from spatten_compiler.passes import prune_heads, prune_tokens
 
+    from spatten_compiler.errors import OptionError
+
     sites = _find(build(bias="buckets")).sites
-    for module, word in ((prune_tokens, "gathered"), (prune_heads, "sliced")):
-        with pytest.raises(OptionError, match=f"position terms .* not {word}"):
-            module._check_sites(sites)
+    with pytest.raises(OptionError, match="position terms .* not gathered"):
+        prune_tokens._check_sites(sites)
+    prune_heads._check_sites(sites)  # a per-head bias is sliced with the heads
 
 
 def _corpus() -> list[dict]:
@@ -111,3 +127,14 @@ def test_corpus_model(rec: dict | None) -> None:
         r = row[check]
         assert r["ok"] or r.get("refused"), f"{check}: {r['reason']}"
         assert "\n" not in r["reason"]
+
+
+def test_norm_over_all_heads_found_but_not_head_pruned() -> None:
+    from spatten_compiler.passes import prune_heads
+
+    from spatten_compiler.errors import OptionError
+
+    sites = _find(build(qk="norm_full")).sites
+    assert len(sites) == 1 and sites[0].num_heads == H and sites[0].q.cross_head is not None
+    with pytest.raises(OptionError, match="normalizes over all heads"):
+        prune_heads._check_sites(sites)

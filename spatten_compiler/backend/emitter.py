@@ -33,7 +33,8 @@ class Emitter:
         self.by_name: dict[str, int] = {}
         self.barriers: set[int] = set()
         self._dram = 0
-        self._ring: dict[str, int] = {"score": self.RESERVED}
+        self.reserved = self.RESERVED  # score-buffer lines kept across blocks (accumulators)
+        self._ring: dict[str, int] = {"score": self.reserved}
         self._node: str | None = None
         self._where: str | None = None
 
@@ -65,7 +66,7 @@ class Emitter:
         lines = min(lines, cap)
         at = self._ring.get(buf, 0)
         if at + lines > cap:
-            at = self.RESERVED if buf == "score" else 0
+            at = self.reserved if buf == "score" else 0
         self._ring[buf] = at + lines
         return at
 
@@ -73,7 +74,19 @@ class Emitter:
     RESERVED = 32
 
     def reset_sram(self) -> None:
-        self._ring = {"score": self.RESERVED}
+        self._ring = {"score": self.reserved}
+
+    def reserve(self, buf: str, nbytes: int) -> int:
+        """Score-buffer lines kept across blocks (e.g. a layer's token-importance accumulator)."""
+        if buf != "score":
+            raise ValueError("only score-buffer lines can be reserved")
+        at, lines = self.reserved, max(1, -(-nbytes // LINE))
+        if at + lines > self.hw.sram_bytes("score") // LINE // 2:
+            raise LoweringError(f"accumulators kept across tokens need more than half the score buffer "
+                                f"({self.hw.score_sram_kb} KB) of hardware '{self.hw.name}'; use fewer tokens")
+        self.reserved = at + lines
+        self.reset_sram()
+        return at
 
     # ---- instructions -------------------------------------------------------------------------
     def node(self, name: str) -> None:
@@ -114,6 +127,12 @@ class Emitter:
         self.debug.extend((base + i - a, name) for i, name in self.debug if a <= i < b)
         self.barriers.update(base + i - a for i in list(self.barriers) if a <= i < b)
         return True
+
+    def patch(self, at: int, mnemonic: str, **fields: int) -> None:
+        """Replace instruction ``at`` (same class) with new field values (step-dependent fields)."""
+        if self.instrs[at].mnemonic != mnemonic:
+            raise LoweringError(f"internal: instruction {at} is {self.instrs[at].mnemonic}, not {mnemonic}")
+        self.instrs[at] = make(mnemonic, **fields)
 
     def barrier(self) -> None:
         """DRAM written by earlier stores is read by later loads (e.g. K/V planes)."""

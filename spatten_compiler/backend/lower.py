@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from spatten_compiler.backend import lower_attention as attn
+from spatten_compiler.backend import lower_evict
 from spatten_compiler.backend.emitter import ACT_BYTES, Emitter, LoweringError
 from spatten_compiler.backend.graphinfo import VIEW_OPS, GraphInfo, load_onnx, tensor_bytes
 from spatten_compiler.backend.hw import HwDesc, load_hw
@@ -74,6 +75,8 @@ class Lowering:
             per_row = int(np.prod([d or 1 for d in shape[2:]])) * _itemsize(tt.elem_type)  # [batch, token, ...]
             self.e.region(f"in.{inp.name}", "input", self.max_rows * per_row, 8 * _itemsize(tt.elem_type), inp.name)
         self.kv = attn.KVPlanes(self)
+        plan = lower_evict.EvictPlan.from_model(gi.model)
+        self.evict = lower_evict.EvictLowering(self, plan) if plan is not None and opts.decoder else None
 
     # ---- helpers used by the rules --------------------------------------------------------------
     def head_acc(self) -> int:
@@ -180,6 +183,7 @@ class Lowering:
                     attn.lower_group(self, grp)
                 continue
             key = f"spatten.{n.op_type}" if n.domain == "spatten" else n.op_type
+            key = lower_evict.RULE_KEY if n.name.startswith(lower_evict.NODE_PREFIX) else key
             rule = RULES.get(key)
             if rule is None:
                 rule = _elementwise if key in attn.ELT_OF else _alias
@@ -289,6 +293,7 @@ RULES: dict[str, Rule] = {
     "spatten.HeadSelect": attn.lower_head_select,
     "spatten.GatherTokens": attn.lower_gather_tokens,
     "spatten.ScatterTokens": attn.lower_scatter_tokens,
+    lower_evict.RULE_KEY: _alias,  # evict-kv's mask / importance / TopK nodes: the template's top-k does it
 }
 
 
@@ -318,6 +323,8 @@ def emit_model(path: Path, seq_len: int, gen_steps: int = 0, hw: HwDesc | None =
         # (positions and K/V row offsets grow by one per step) unless the two differ in shape
         if step < 2 or not lw.e.replay(marks[0], marks[1], marks[2], step):
             lw.block(1, seq_len + step)
+        elif lw.evict is not None:  # the eviction's keep ratio is not an arithmetic series
+            lw.evict.patch(marks[0], marks[1], marks[-1], 1, seq_len + step)
         marks.append(len(lw.e.instrs))
     return lw.e.finish()
 

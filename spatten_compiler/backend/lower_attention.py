@@ -162,6 +162,8 @@ def lower_group(lw: Lowering, g: Group) -> None:
     kbuf_half = max(1, lw.opts.hw.sram_bytes("k") // LINE // 2)
     score = e.sram("score", rows * min(lw.max_rows, 4096) * 2)
     tacc = e.sram("score", 4 * lw.max_rows) if token is not None or "TokenImportance" in "".join(sp) else None
+    if lw.evict is not None:  # KV-cache eviction: importance accumulated across blocks (lower_evict)
+        tacc = lw.evict.accumulator(g.layer)
     for h in range(g.heads):
         kvh = h * g.kv_heads // g.heads
         buf = (h % 2) * kbuf_half
@@ -195,6 +197,8 @@ def lower_group(lw: Lowering, g: Group) -> None:
     if token is not None and tacc is not None:
         e.emit("topk", kind=TOPK["tokens"], head=0, src=tacc, idx_in=keys, idx_out=0)
         e.emit("compact", buf=1, src=tacc, dst=tacc, idx=0, cols=1)
+    if lw.evict is not None:
+        lw.evict.lower(g.layer)
     for o in exits:
         lw.addr[o] = out
 

@@ -1,0 +1,122 @@
+"""Lowering of decoder KV-cache eviction (``evict-kv``, docs/decoders.md) to the accelerator's own
+top-k: every token block (the prompt and each generated token) ends each evicting layer's attention with
+
+    accum kind=token  (per head, already in the template) acc_l[row] += column sums of P_h
+    cfg.prune         token_keep = k / n of this step, protect_first = sinks, protect_recent = window
+    topk kind=tokens  src=acc_l idx_in=<candidates> idx_out=16+l      (the layer's K/V list shrinks)
+
+``acc_l`` is a per-layer importance accumulator in reserved score-buffer lines (kept across blocks,
+indexed by K/V row number, like ``past_importance``). Candidates are the layer's own list (``layer``
+mode) or, in ``cascade`` mode, the list the layer above kept this step. The next block appends its
+new row to the list, so its ``fetch.kv`` read only kept rows: K/V bytes per step follow the budget.
+
+``n`` and ``k`` are compile-time numbers for a batch-1 sequence without padding (``k`` = the
+pass's own :func:`budget_tokens`, ``T`` = the length so far), so ``cfg.prune`` differs from step
+to step: :meth:`EvictLowering.patch` rewrites those fields after the emitter replays a step block.
+The ``spatten/evict/*`` nodes of the graph (mask, importance, TopK, GatherElements) emit nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import TYPE_CHECKING
+
+import onnx
+
+from spatten_compiler.backend.emitter import LoweringError
+from spatten_compiler.backend.opcodes import FIXED, SCORE_RULES, TOPK_KINDS
+from spatten_compiler.passes.evict_kv import META_KEY, budget_tokens
+
+if TYPE_CHECKING:
+    from spatten_compiler.backend.lower import Lowering
+
+NODE_PREFIX = "spatten/evict/"  # the pass's node names (GraphEditor namespace)
+RULE_KEY = "spatten.evict"  # the RULES key of those nodes
+SLOT_CACHE = 16  # index slot 16 + l: layer l's K/V list (lower_attention.SLOT_CACHE)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictPlan:
+    budget: float
+    sinks: int
+    recent: int
+    share: float
+    mode: str
+    schedule: tuple[float, ...]
+    layers: int
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> EvictPlan | None:
+        meta = next((p.value for p in model.metadata_props if p.key == META_KEY), None)
+        if meta is None:
+            return None
+        try:
+            d = json.loads(meta)
+            plan = cls(float(d["budget"]), int(d["sinks"]), int(d.get("recent", 0)), float(d.get("recent_share", 0)),
+                       str(d.get("mode", "layer")), tuple(float(x) for x in d.get("schedule", [])), int(d["layers"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise LoweringError(f"metadata '{META_KEY}' is malformed ({e})") from None
+        if plan.mode == "cascade" and len(set(plan.schedule)) > 1:
+            raise LoweringError("cascade eviction with a per-layer schedule cannot be lowered: the top-k would need "
+                                "the intersection of a layer's list with the list kept above (no such instruction)")
+        if plan.sinks > 255:
+            raise LoweringError(f"--kv-sinks {plan.sinks} exceeds the 8-bit protect_first field (max 255)")
+        return plan
+
+    def layer_budget(self, layer: int) -> float:
+        if not self.schedule:
+            return self.budget
+        m = self.schedule[min(layer, len(self.schedule) - 1)]
+        return self.budget * m if self.budget <= 1 else float(max(1, round(self.budget * m)))
+
+    def keep(self, layer: int, total: int, n: int) -> tuple[int, int]:
+        """(kept slots, recent window) of ``n`` candidates when the sequence has ``total`` tokens."""
+        k = budget_tokens(self.layer_budget(layer), total, self.sinks, self.recent, n)
+        return k, max(self.recent, int(math.floor(self.share * (k - self.sinks))))
+
+
+class EvictLowering:
+    """Per-lowering state: accumulator addresses, each layer's list length, the cfg.prune to patch."""
+
+    def __init__(self, lw: Lowering, plan: EvictPlan) -> None:
+        layers = [g.layer for g in lw.gi.groups]
+        if sorted(layers) != list(range(plan.layers)):
+            raise LoweringError(f"evict-kv rewrote {plan.layers} layers but {len(layers)} attention blocks were "
+                                f"found (layers {layers})")
+        self.plan, self.lw = plan, lw
+        self.acc = {layer: lw.e.reserve("score", 4 * lw.max_rows) for layer in range(plan.layers)}
+        self.kept: dict[int, int] = {}  # layer -> list length after its last eviction
+        self.sites: list[tuple[int, int]] = []  # (instruction index of cfg.prune, layer)
+
+    def accumulator(self, layer: int) -> int:
+        return self.acc[layer]
+
+    def fields(self, layer: int, rows: int, past: int) -> tuple[dict[str, int], int]:
+        """cfg.prune fields of this block's eviction in ``layer`` and the candidates' slot; advances the
+        layer's list length (call once per layer and block, in layer order)."""
+        cascade = self.plan.mode == "cascade" and layer > 0
+        n = self.kept[layer - 1] if cascade else self.kept.get(layer, 0) + rows
+        k, window = self.plan.keep(layer, past + rows, n)
+        self.kept[layer] = k
+        # keep_count = ceil(ratio * n): aim half a slot below k so the 15-bit floor never rounds it away
+        ratio = FIXED if k >= n else int(math.floor((k - 0.5) / n * FIXED))
+        prune = {"token_keep": ratio, "head_keep": FIXED, "value_keep": FIXED, "protect_first": self.plan.sinks,
+                 "protect_recent": min(window, 65535), "score": SCORE_RULES.index("sum")}
+        return prune, SLOT_CACHE + (layer - 1 if cascade else layer)
+
+    def lower(self, layer: int) -> None:
+        """After the layer's heads: choose the rows its K/V list keeps (hardware top-k)."""
+        lw = self.lw
+        prune, cand = self.fields(layer, lw.rows, lw.past)
+        self.sites.append((len(lw.e.instrs), layer))
+        lw.e.emit("cfg.prune", **prune)
+        lw.e.emit("topk", kind=TOPK_KINDS.index("tokens"), head=0, src=self.acc[layer], idx_in=cand,
+                  idx_out=SLOT_CACHE + layer)
+
+    def patch(self, first: int, last: int, base: int, rows: int, past: int) -> None:
+        """A replayed block at ``base`` copies instrs[first:last]: give its cfg.prune this step's values."""
+        for at, layer in [s for s in self.sites if first <= s[0] < last]:
+            prune, _ = self.fields(layer, rows, past)
+            self.lw.e.patch(base + at - first, "cfg.prune", **prune)
