@@ -131,7 +131,7 @@ def test_cascade_takes_the_layer_above_as_candidates(tmp: Path) -> None:
 
 
 def test_cascade_with_a_schedule_is_refused(tmp: Path) -> None:
-    model = ir.load(str(MODELS / "llama_dynamo.onnx"))
+    model = ir.load(str(MODELS / "llama_torchscript.onnx"))
     Pipeline([make_pass("normalize"), make_pass("decompose-attention"),
               make_pass("evict-kv", budget=0.5, mode="cascade", schedule=(1.0, 0.5))])(model)
     ir.save(model, str(tmp / "sched.onnx"))
