@@ -43,7 +43,8 @@ def _ancestors(value: ir.Value, limit: int = 400, *,
         if node is None:
             if v.const_value is None and v.graph is not None:
                 inputs.append(v)
-            elif (a := const_array(v, max_elements=1 << 16)) is not None and a.ndim >= 2 and a.shape[-1] == a.shape[-2] > 1:
+            elif ((a := const_array(v, max_elements=1 << 16)) is not None and a.ndim >= 2
+                  and a.shape[-1] == a.shape[-2] > 1):
                 if np.array_equal(a.astype(bool), np.tril(a.astype(bool))):
                     nodes.append(ir.Node("", "Trilu", [], name="<constant tril>"))
             continue

@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     for line in result.summary:
         report.done(line)
     size = sum(f.stat().st_size for f in files) / 1e6
-    report.done(f"wrote {args.output} ({sum(1 for _ in model.graph.all_nodes())} nodes, {size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    nodes = sum(1 for _ in model.graph.all_nodes())
+    report.done(f"wrote {args.output} ({nodes} nodes, {size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
