@@ -58,6 +58,14 @@ TASKS: dict[str, TaskDef] = {
 }
 
 
+def task_splits(name: str, data_dir: Path, n_train: dict[str, int], n_test: dict[str, int],
+                seed: int) -> tuple[Split, Split]:
+    """A task's train and test splits at the sizes asked for (per task, or "*" for every task)."""
+    tdef = TASKS[name]
+    return (load_split(data_dir / tdef.train, n_train.get(name, n_train.get("*", tdef.n_train)), seed),
+            load_split(data_dir / tdef.test, n_test.get(name, n_test.get("*", tdef.n_test)), seed))
+
+
 @dataclass
 class Split:
     """A (possibly subsampled) labelled text file."""
@@ -252,11 +260,7 @@ def timing(train: Embeddings, test: Embeddings, n_train: int, n_test: int) -> di
 def evaluate_task(name: str, dense: Embedder, cands: Sequence[Embedder],
                   args: argparse.Namespace) -> dict[str, Any]:
     """All numbers for one task: dense reference plus one row per (candidate, pooling mode)."""
-    tdef = TASKS[name]
-    n_train = args.n_train.get(name, args.n_train.get("*", tdef.n_train))
-    n_test = args.n_test.get(name, args.n_test.get("*", tdef.n_test))
-    train = load_split(args.data_dir / tdef.train, n_train, args.seed)
-    test = load_split(args.data_dir / tdef.test, n_test, args.seed)
+    train, test = task_splits(name, args.data_dir, args.n_train, args.n_test, args.seed)
     d_tr = dense.embed(train, f"{name} train dense")
     d_te = dense.embed(test, f"{name} test dense")
     probe = fit_probe(d_tr.mean, train.labels, args.C, args.max_iter)

@@ -22,7 +22,6 @@ bytes).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     f, speed = mixture_fraction(lat, args.speed_on, specs["cand"].label, specs["slower"].label, specs["faster"].label)
     tok_path = common.find_tokenizer(args.dense, args.tokenizer)
     tok = common.load_tokenizer(tok_path, args.max_len)
-    tok_sha = hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    tok_sha = common.file_sha256(tok_path)
     dense = ev.Embedder(common.ModelSpec("dense", args.dense), tok, tok_sha, args)
     models = {k: ev.Embedder(s, tok, tok_sha, args) for k, s in specs.items()}
     t = speed["ms"]
@@ -101,11 +100,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
              "| task | measure | candidate | curve (mixture) | candidate - curve [95% CI] |", "|---|---|---|---|---|"]
     results: dict[str, Any] = {"fraction_faster": f, "speed": speed, "tasks": {}}
     for name in args.task:
-        tdef = ev.TASKS[name]
-        n_train = args.n_train.get(name, args.n_train.get("*", tdef.n_train))
-        n_test = args.n_test.get(name, args.n_test.get("*", tdef.n_test))
-        train = ev.load_split(args.data_dir / tdef.train, n_train, args.seed)
-        test = ev.load_split(args.data_dir / tdef.test, n_test, args.seed)
+        train, test = ev.task_splits(name, args.data_dir, args.n_train, args.n_test, args.seed)
         y = np.concatenate([train.labels, test.labels])
         d = {s: dense.embed(sp, f"{name} {s} dense") for s, sp in (("train", train), ("test", test))}
         dense_all = np.concatenate([d["train"].mean, d["test"].mean])

@@ -134,17 +134,11 @@ def run_quality(paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> 
             str(args.threads),
         ]
     )
-    import hashlib
-
     tok_path = common.find_tokenizer(paths["raw"]["dense"], None)
-    tok, tok_sha = common.load_tokenizer(tok_path, args.max_len), hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    tok, tok_sha = common.load_tokenizer(tok_path, args.max_len), common.file_sha256(tok_path)
     out = []
     for task in args.tasks:
-        tdef = ee.TASKS[task]
-        n_train = args.n_train.get(task, args.n_train.get("*", tdef.n_train))
-        n_test = args.n_test.get(task, args.n_test.get("*", tdef.n_test))
-        train = ee.load_split(args.data_dir / tdef.train, n_train, ea.seed)
-        test = ee.load_split(args.data_dir / tdef.test, n_test, ea.seed)
+        train, test = ee.task_splits(task, args.data_dir, args.n_train, args.n_test, ea.seed)
         for comp in QUALITY_PAIRS:
             emb = {}
             for role in ("dense", "pruned"):
