@@ -21,11 +21,11 @@ from onnx_ir.passes.common import (
     IdentityEliminationPass,
     InlinePass,
     RemoveUnusedNodesPass,
-    ShapeInferencePass,
 )
 from onnxscript import optimizer
 
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
+from spatten_compiler.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Normalize(Pass):
             output_size_limit=self.fold_limit,
         )
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
-        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        infer_shapes(model)
         removed = remove_noops(model.graph)
         IdentityEliminationPass()(model)
         RemoveUnusedNodesPass()(model)
