@@ -16,10 +16,10 @@ from spatten_compiler.backend.isa import OPCODES, WORD_BYTES, IsaError, decode_w
 GOLDEN = [
     ("finish deps=pop_prev",
      "41000000000000000000000000000000"),
-    ("cfg.attn layer=5 heads=42 kv_heads=79 head_dim=116 tokens=153 causal=0 past=227 scale=0.064453125 deps=pop_next",
+    ("cfg.attn layer=5 heads=42 kv_heads=79 head_dim=116 tokens=153 causal=0 past=227 scale=1.5735626220703125e-05 deps=pop_next",
      "8214a83cd19109601c00210000000000"),
-    ("cfg.quant q_bits=5 k_msb=10 k_lsb=15 v_bits=20 threshold=0.004669189453125 deps=pop_prev|pop_next",
-     "c314f568260000000000000000000000"),
+    ("cfg.quant q_bits=5 k_msb=10 k_lsb=15 v_bits=20 threshold=0.004669189453125 rule=uniform deps=pop_prev|pop_next",
+     "c314f568268000000000000000000000"),
     ("cfg.prune token_keep=0.000152587890625 head_keep=0.00128173828125 value_keep=0.002410888671875 protect_first=116 protect_recent=153 score=mean deps=push_prev",
      "041500a8003c01d06502040000000000"),
     ("load buf=weight sram=0x2a dram=0x4f rows=116 row_bytes=153 stride=190 live=1 hmask=0 head=45 deps=pop_prev|push_prev",
