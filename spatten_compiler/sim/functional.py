@@ -188,10 +188,11 @@ def _new_layer(f: Functional, ins: Instr) -> None:
 def _scores(f: Functional, head: int, rows: np.ndarray, keys: np.ndarray, full: bool) -> np.ndarray:
     """Scores of query rows ``rows`` (rows of Q; position past + row) against key rows ``keys``."""
     m = f.ctx.m
-    q = f.layer_data().q[rows, head]
-    k = f.read("k", keys, head, full)
+    q = np.ascontiguousarray(f.layer_data().q[:, head])
+    k = np.ascontiguousarray(f.read("k", keys, head, full).T)
     scale = np.float32(m.scale) if m.scale else np.float32(1) / np.float32(np.sqrt(m.head_dim))
-    s = (q @ k.T) * scale
+    # every Q row in one product, then the live rows (the same float rounding as the graph's MatMul)
+    s = ((q @ k) * scale)[rows]
     if m.causal:
         s = np.where(keys[None, :] > (m.past + rows)[:, None], -np.inf, s)
     return s.astype(np.float32)
@@ -211,8 +212,8 @@ def _qk(f: Functional, ins: Instr) -> None:
     live = m.slot(0)  # the live query rows (cascade: pruned tokens' queries are gone too)
     if ins["pred"]:
         sel = np.flatnonzero(f.pred.get(h, np.zeros(live.size, bool)))
-        if sel.size:
-            f.scores[h][sel] = _scores(f, h, live[sel], keys, True)
+        if sel.size:  # the predicated rows' scores with MSB+LSB (evaluated as one product, as the graph does)
+            f.scores[h][sel] = _scores(f, h, live, keys, True)[sel]
         f.recompute = sel
     else:
         f.scores[h], f.keys[h], f.rows[h] = _scores(f, h, live, keys, m.k_lsb == 0), keys, live
@@ -228,7 +229,7 @@ def _softmax_rows(f: Functional, ins: Instr) -> None:
     if ins["pred"]:
         rows = f.recompute
         if rows.size:
-            f.scores[h][rows] = _softmax(f.scores[h][rows])
+            f.scores[h][rows] = _softmax(f.scores[h])[rows]
     else:
         f.scores[h] = _softmax(f.scores[h])
 
@@ -272,14 +273,17 @@ def _pv(f: Functional, ins: Instr) -> None:
     m, h = f.ctx.m, ins["head"]
     if h not in f.scores:
         return
-    kept = np.isin(f.keys[h], m.slot(ins["idx"]))  # local value pruning: the other rows are never read
+    keys = f.keys[h]
+    kept = np.isin(keys, m.slot(ins["idx"]))  # local value pruning: the other rows are never read
     p = f.scores[h] if h not in f.vmask else np.where(f.vmask[h], f.scores[h], np.float32(0))
-    rows, keys = f.rows[h], f.keys[h][kept]
+    p = np.where(kept[None, :], p, np.float32(0))
+    rows = f.rows[h]
     pred = f.pred.get(h, np.zeros(rows.size, bool))
-    o = np.empty((rows.size, f.out[m.layer].shape[-1]), np.float32)
-    for sel, full in ((~pred, False), (pred, True)):  # predicated rows read the V LSB plane too
-        if sel.any():
-            o[sel] = p[sel][:, kept] @ f.read("v", keys, h, full)
+    # unread V rows have probability 0: the sum runs over every key (same terms, the graph's rounding);
+    # predicated rows read the V LSB plane too
+    o = p @ f.read("v", keys, h, not pred.size or False)
+    if pred.any():
+        o = np.where(pred[:, None], p @ f.read("v", keys, h, True), o)
     f.out[m.layer][rows, h] = o
     f.out_rows[m.layer] = rows
 

@@ -226,7 +226,11 @@ class ModelRun(Functional):
         names = [n.name or n.output[0] for n in model.graph.node]
         index = {name: k for k, name in enumerate(names)}
         self.blocks = {index[g.qk[0].name or g.qk[0].output[0]]: _block(self.gi, g) for g in self.gi.groups}
-        skip = {k for k, n in enumerate(model.graph.node) if id(n) in self.gi.group_of_node()}
+        # the host also runs the block's (de)quantization nodes: the graph may read them outside the block
+        # (a K cache concatenated from the planes, a scale applied after dequantization); their numbers
+        # never reach the accelerator, which writes its own planes with store.kv
+        skip = {k for k, n in enumerate(model.graph.node) if id(n) in self.gi.group_of_node()
+                and not (n.domain == "spatten" and n.op_type.startswith(("Quantize", "Dequantize")))}
         self.head_select = {k for k, n in enumerate(model.graph.node)
                             if n.domain == "spatten" and n.op_type == "HeadSelect"}
         self.host = Host(model, feeds, skip | self.head_select)
@@ -304,7 +308,8 @@ class ModelRun(Functional):
             return
         b: Block = what
         for value, node, k in b.exits:
-            self.host.env[value] = self._exit(b, node, k)
+            if self.host.producer[value] in self.host.skip:  # not the host's own (de)quantization nodes
+                self.host.env[value] = self._exit(b, node, k)
 
     def _exit(self, b: Block, node: onnx.NodeProto, k: int) -> np.ndarray:
         g, m = b.group, self.ctx.m
