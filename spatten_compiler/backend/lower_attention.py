@@ -139,7 +139,26 @@ def score_scale(lw: Lowering, g: Group) -> float:
         elif c is not None and n.op_type == "Div":
             scale /= c
         value = n.output[0]
-    return scale
+    return scale * _dequantized_k_factor(lw, g)
+
+
+def _dequantized_k_factor(lw: Lowering, g: Group) -> float:
+    """Constant factors applied to K between its dequantization and Q x K (exporters that scale Q and
+    K by sqrt(scale) each): store.kv quantizes K before them, so the score scale carries them."""
+    factor, value = 1.0, g.qk[0].input[1]
+    for _ in range(8):
+        n = lw.gi.producer.get(value)
+        if n is None or (n.domain == "spatten" and n.op_type.startswith("Dequantize")):
+            return factor if n is not None else 1.0
+        c = next((_const(lw, i) for i in n.input[1:] if _const(lw, i) is not None), None)
+        if n.op_type == "Mul" and c is not None:
+            factor *= c
+        elif n.op_type == "Div" and c is not None:
+            factor /= c
+        elif n.op_type not in ("Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze", "Expand"):
+            return 1.0
+        value = n.input[0]
+    return 1.0
 
 
 def requant_rule(lw: Lowering, g: Group) -> str:
