@@ -193,7 +193,7 @@ def lower_group(lw: Lowering, g: Group) -> None:
     value_keep = next((_const(lw, n.input[1]) for n in sp.get("LocalValuePrune", [])), None)
     token = token_plan(lw, g)
     score_rule = next((SCORE_OF[k] for k in SCORE_OF if k in sp), "sum")
-    if value_keep is not None or token is not None or "HeadImportance" in sp:
+    if value_keep is not None or token is not None or any(k.startswith("HeadImportance") for k in sp):
         keep, first, recent = token or (1.0, 0, 0)
         e.emit("cfg.prune", token_keep=fixed(keep), head_keep=FIXED, value_keep=fixed(value_keep or 1.0),
                protect_first=min(first, 255), protect_recent=min(recent, 65535), score=SCORE_RULES.index(score_rule))
@@ -254,7 +254,7 @@ def lower_group(lw: Lowering, g: Group) -> None:
             e.emit("fetch.kv", t, kv=1, plane=PLANE[plane], row_bytes=rb, pred=int(plane == "lsb"),
                    dram=e.dram(t, kvh * lw.max_rows * rb), head=kvh, idx=vlist, sram=buf)
         e.emit("pv", head=h, prob=score, v=buf, out=out + h * head_lines, idx=vlist)
-        if "HeadImportance" in sp:
+        if any(k.startswith("HeadImportance") for k in sp):
             e.emit("accum", kind=ACCUM["head"], head=h, src=out + h * head_lines, dst=lw.head_acc())
 
     def select_tokens() -> None:
