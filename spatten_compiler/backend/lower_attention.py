@@ -388,8 +388,9 @@ def lower_norm(lw: Lowering, n: onnx.NodeProto) -> None:
 
 def lower_head_select(lw: Lowering, n: onnx.NodeProto) -> None:
     k = _const(lw, n.input[2]) if len(n.input) > 2 else None
-    heads = lw.gi.groups[0].heads
-    keep = (k or heads) / heads
+    before = lw.heads_live  # a cascade ranks the heads kept so far: the ratio is of those
+    keep = (k or before) / before
+    lw.heads_live = int(k or before)
     lw.e.emit("cfg.prune", token_keep=FIXED, head_keep=fixed(keep), value_keep=FIXED)
     lw.e.emit("topk", kind=TOPK["heads"], head=0, src=lw.head_acc(), idx_in=1, idx_out=1)
 
