@@ -120,26 +120,33 @@ def _pv_and_v(lw: Lowering, g: Group) -> tuple[str | None, list[str]]:
     return v, exits
 
 
-def score_scale(lw: Lowering, g: Group) -> float:
-    """The factor between Q x K and the softmax: the constant Mul / Div scalars on that path (1.0 when
-    the exporter scaled Q or K before the MatMul); the fused Attention op's ``scale`` attribute."""
+def score_scale(lw: Lowering, g: Group) -> tuple[float, bool]:
+    """(factor, divide) between Q x K and the softmax: the graph's one constant Mul or Div on that path
+    (kept as that operation, so a functional run rounds as the graph does; several are folded into
+    one multiplier; 1.0 when the exporter scaled Q or K before the MatMul); the fused Attention op's
+    ``scale`` attribute."""
     qk = g.qk[0]
     if qk.op_type == "Attention":
         attr = next((a.f for a in qk.attribute if a.name == "scale"), None)
-        return float(attr) if attr else 1.0 / math.sqrt(g.head_dim)
-    scale, value = 1.0, qk.output[0]
+        return (float(attr) if attr else 1.0 / math.sqrt(g.head_dim)), False
+    ops: list[tuple[float, bool]] = []
+    value = qk.output[0]
     for _ in range(8):
         nxt = [c for c in lw.gi.consumers.get(value, []) if id(c) in g.nodes and c.op_type != "Softmax"]
         if not nxt or nxt[0].op_type not in ("Mul", "Div", "Add", "Sub", "Where", "Cast"):
             break
         n = nxt[0]
         c = next((_const(lw, i) for i in n.input if i != value and _const(lw, i) is not None), None)
-        if c is not None and n.op_type == "Mul":
-            scale *= c
-        elif c is not None and n.op_type == "Div":
-            scale /= c
+        if c is not None and n.op_type in ("Mul", "Div"):
+            ops.append((c, n.op_type == "Div"))
         value = n.output[0]
-    return scale * _dequantized_k_factor(lw, g)
+    k_factor = _dequantized_k_factor(lw, g)
+    if len(ops) == 1 and k_factor == 1.0:
+        return ops[0]
+    factor = k_factor
+    for c, div in ops:
+        factor = factor / c if div else factor * c
+    return factor, False
 
 
 def _dequantized_k_factor(lw: Lowering, g: Group) -> float:
@@ -181,10 +188,10 @@ def lower_group(lw: Lowering, g: Group) -> None:
     progressive = lsb > 0
     sp = g.spatten
     causal = int(decoder or lw.gi.causal)
-    scale = score_scale(lw, g)
+    scale, divide = score_scale(lw, g)
     e.emit("cfg.attn", layer=g.layer % 256, heads=g.heads, kv_heads=g.kv_heads, head_dim=g.head_dim,
            tokens=min(lw.max_rows, 65535), causal=causal, past=lw.past,
-           scale=max(0, min((1 << 32) - 1, round(scale * (1 << 24)))))
+           scale=int(np.array([scale], np.float32).view(np.uint32)[0]), div=int(divide))
     if msb != 16:
         thr = next((_const(lw, n.input[1]) for n in sp.get("LowConfidence", []) + sp.get("LowConfidenceUniform", [])),
                    None)

@@ -69,7 +69,8 @@ TABLE: tuple[InstrSpec, ...] = (
         Field("tokens", 16, "tokens in the context (upper bound)"),
         Field("causal", 1, "mask keys whose row number > the query's position (past + query row)"),
         Field("past", 16, "position of the first query row (decoder steps)"),
-        Field("scale", 32, "Q x K scale (fixed point, 1.0 = 2^24)", scale=1 << 24),
+        Field("scale", 32, "Q x K scale (float32)", f32=True),
+        Field("div", 1, "scores are divided by scale (the graph's Div), not multiplied"),
     ), "attention dimensions of the following instructions"),
     InstrSpec("cfg.quant", 3, "compute", (
         Field("q_bits", 5, "Q width"),

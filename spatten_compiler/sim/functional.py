@@ -192,7 +192,7 @@ def _scores(f: Functional, head: int, rows: np.ndarray, keys: np.ndarray, full: 
     k = np.ascontiguousarray(f.read("k", keys, head, full).T)
     scale = np.float32(m.scale) if m.scale else np.float32(1) / np.float32(np.sqrt(m.head_dim))
     # every Q row in one product, then the live rows (the same float rounding as the graph's MatMul)
-    s = ((q @ k) * scale)[rows]
+    s = ((q @ k) / scale if m.scale_div else (q @ k) * scale)[rows]
     if m.causal:
         s = np.where(keys[None, :] > (m.past + rows)[:, None], -np.inf, s)
     return s.astype(np.float32)

@@ -37,6 +37,7 @@ class Machine:
     threshold: float = 0.0
     rule: str = "low"  # requantization rule (cfg.quant): low = max P <= threshold, peak = max P > threshold
     scale: float = 0.0  # Q x K scale (cfg.attn); 0 = 1 / sqrt(head_dim)
+    scale_div: bool = False  # scores divided by scale (the graph's Div)
     token_keep: float = 1.0
     head_keep: float = 1.0
     value_keep: float = 1.0
@@ -51,7 +52,8 @@ class Machine:
     def configure_attention(self, f: dict[str, int]) -> None:
         self.layer, self.heads, self.kv_heads, self.head_dim = f["layer"], f["heads"], f["kv_heads"], f["head_dim"]
         self.tokens, self.causal, self.past = f["tokens"], bool(f["causal"]), f.get("past", 0)
-        self.scale = f.get("scale", 0) / (1 << 24)
+        self.scale = float(np.array([f.get("scale", 0)], np.uint32).view(np.float32)[0])
+        self.scale_div = bool(f.get("div", 0))
         if self.length is None:
             self.length = self.tokens
 
