@@ -208,6 +208,24 @@ class FunctionalResult:
     lsb_rows: list[tuple[int, int, list[int]]]  # (layer, head, query rows that fetched LSBs)
     timing: SimReport | None = None
 
+    def render(self) -> str:
+        lines = ["functional run (accelerator: attention; host: the other nodes, reference runtime ops)", "outputs:"]
+        for k, v in self.outputs.items():
+            v = np.asarray(v)
+            stat = f"mean {float(v.mean()):.6g}, max |x| {float(np.abs(v).max()):.6g}" if v.size else "empty"
+            lines.append(f"  {k:<28} {str(list(v.shape)):<16} {v.dtype}  {stat}")
+        for title, sets in (("kept tokens", self.kept_tokens), ("kept heads", self.kept_heads)):
+            lines.append(f"{title} (each top-k in order): " + ("none" if not sets else ""))
+            lines += [f"  #{i}: {len(s)} kept: {_ranges(s)}" for i, s in enumerate(sets)]
+        by_layer: dict[int, list[str]] = {}
+        for layer, h, rows in self.lsb_rows:
+            by_layer.setdefault(layer, []).append(f"h{h}:{len(rows)}")
+        lines.append("rows fetching K/V LSBs (layer: head:rows): " + ("none" if not by_layer else ""))
+        lines += [f"  layer {layer}: {' '.join(v)}" for layer, v in sorted(by_layer.items())]
+        if self.timing is not None:
+            lines.append(self.timing.render())
+        return "\n".join(lines)
+
     def summary(self) -> dict[str, Any]:
         return {
             "outputs": {k: {"shape": list(np.shape(v)), "mean": float(np.mean(v)), "absmax": float(np.abs(v).max())}
@@ -338,6 +356,19 @@ class ModelRun(Functional):
 def _host_heads(host: Host, b: Block, g: Group) -> int:
     q = np.asarray(host.env[b.q])
     return q.shape[1] if q.ndim == 4 else q.shape[-1] // g.head_dim
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2 5 7-8'."""
+    out: list[str] = []
+    for x in xs:
+        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == x - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{x}"
+        elif out and "-" not in out[-1] and int(out[-1]) == x - 1:
+            out[-1] = f"{out[-1]}-{x}"
+        else:
+            out.append(str(x))
+    return " ".join(out)
 
 
 # ---- entry points ---------------------------------------------------------------------------------
