@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MODELS, fixture_names, load_meta
+from spatten_compiler.runtime import quant_ops, spatten_ops
+from spatten_compiler.runtime.reference import ReferenceRuntime
 
 from spatten_compiler.backend.lower import emit_model
 from spatten_compiler.cli import main as spattenc
-from spatten_compiler.runtime import quant_ops, spatten_ops
-from spatten_compiler.runtime.reference import ReferenceRuntime
 from spatten_compiler.sim.model_run import FunctionalResult, run_functional
 
 ENCODER_OPTS = ["--token-keep", "0.5", "--head-keep", "0.75", "--value-keep", "0.5", "--kv-bits", "6+4"]
