@@ -8,7 +8,8 @@ Four compositions, each as a dense model and as the pruned one (``--token-keep R
     optimized+int8  spattenc --optimize --weights int8
 
 Latency: batch 1, WikiText-2 windows of exactly 128/256/512 tokens and IMDB test reviews at natural
-length, all eight models interleaved per input (bench/latency.py's loop, rotating order, no spinning).
+length, all models (eight, or two per --compositions entry) interleaved per input (bench/latency.py's loop,
+rotating order, no spinning).
 Reported per pair: candidate vs its own dense counterpart, vs the raw fp32 dense model, and the
 fraction of the ideal FLOP ratio (the compiler's ``--report``) that the raw pair reaches.
 Quality (``--quality``): the issue-#4 protocols (bench/embed_eval.py: cosine, drop-in, refit) on
