@@ -11,7 +11,7 @@ Latency: batch 1, WikiText-2 windows of exactly 128/256/512 tokens and IMDB test
 length, all models (eight, or two per --compositions entry) interleaved per input (bench/latency.py's loop,
 rotating order, no spinning).
 Reported per pair: candidate vs its own dense counterpart, vs the raw fp32 dense model, and the
-fraction of the ideal FLOP ratio (the compiler's ``--report``) that the raw pair reaches.
+fraction of the ideal FLOP ratio (the compiler's ``--report``, docs/optimize.md) each pair reaches.
 Quality (``--quality``): the issue-#4 protocols (bench/embed_eval.py: cosine, drop-in, refit) on
 IMDB and SST-2, each candidate against its own dense counterpart with paired 95% bootstrap intervals;
 embeddings come from bench/.cache when bench/embed_eval.py already computed them.
