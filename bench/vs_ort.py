@@ -200,7 +200,8 @@ def render(result: dict[str, Any]) -> str:
         f"MiniLM (`{c['model']}`), `--token-keep {c['token_keep']}`, onnxruntime {m['onnxruntime_version']}, batch 1, "
         f"{m['intra_op_threads']} intra-op threads, no spinning, {c['n_inputs']} WikiText-2 windows per length and "
         f"{c['n_imdb']} IMDB reviews x {c['repeats']} repeats, all {2 * len(result['models'])} models interleaved "
-        f"per input; load average {m['load_avg_1m']:.1f} at start on {m['cpu_count']} cores (machine shared with other jobs), "
+        f"per input; load average {m['load_avg_1m']:.1f} at start on {m['cpu_count']} cores "
+        "(machine shared with other jobs), "
         f"git {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}.",
         "",
         "## Latency (median ms; speedups are ratios of medians)",
