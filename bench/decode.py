@@ -113,12 +113,14 @@ def run_context(sessions: dict, windows: np.ndarray, context: int, decode: int, 
     losses = {c: [] for c in configs}
     times = {c: [] for c in configs}
     last = {}
+    shared: dict[float, DecoderSession] = {}  # decay -> the prefix but its last token, at a full budget
     for c, s in configs.items():
-        s.reset(len(windows))
         t0 = time.perf_counter()
-        step = chunk or prefix  # chunked prefill bounds the attention probabilities' memory
-        for i in range(0, prefix, step):
-            logits = s.step(windows[:, i:min(prefix, i + step)])
+        if c[0] != "dense" and METHODS[c[0]][0] in ("layer", "cascade"):
+            logits = _prefill_shared(s, sessions["layer"], shared, windows[:, :prefix], chunk)
+        else:
+            s.reset(len(windows))
+            logits = _prefill(s, windows[:, :prefix], chunk)
         log.info("prefill %s %d x %d tokens: %.1f s", c, len(windows), prefix, time.perf_counter() - t0)
         last[c] = logits[:, -1]
     for t in range(prefix, context):
@@ -139,6 +141,31 @@ def run_context(sessions: dict, windows: np.ndarray, context: int, decode: int, 
                      "state_bytes": (s.cache_bytes() - s.cache_bytes(True)) // len(windows),
                      "cache_len": s.cache_lengths()[0], "step_ms": float(np.median(times[(m, b)]) * 1e3)})
     return rows
+
+
+def _prefill(s, tokens: np.ndarray, chunk: int) -> np.ndarray:
+    step = chunk or tokens.shape[1]  # chunked prefill bounds the attention probabilities' memory
+    for i in range(0, tokens.shape[1], step):
+        logits = s.step(tokens[:, i:i + step])
+    return logits
+
+
+def _prefill_shared(s, layer_session, shared: dict, prefix: np.ndarray, chunk: int) -> np.ndarray:
+    """A one-shot prefill of ``prefix`` through ``s``, computed once per decay for all configurations:
+    prefill all but the last token at a full budget (nothing evicted; the importance only depends on
+    the decay), then step the last token through ``s``: its query sees every earlier token and the
+    eviction runs on the same importance, positions and length as after a one-shot prefill."""
+    decay = float(s.overrides["spatten.kv_decay"])
+    if decay not in shared:
+        base = layer_session.fork()
+        base.overrides = {**s.overrides, "spatten.kv_budget": np.array(1.0, np.float32)}
+        base.reset(len(prefix))
+        _prefill(base, prefix[:, :-1], chunk)
+        shared[decay] = base
+    base = shared[decay]
+    s.reset(len(prefix))
+    s.cache, s.mask, s.steps = dict(base.cache), base.mask.copy(), base.steps  # arrays are replaced, never mutated
+    return s.step(prefix[:, -1:])
 
 
 def window_starts(n_tokens: int, context: int, windows: int, split: str) -> list[int]:
@@ -182,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer.from_file(str(args.model.parent / "tokenizer.json"))
     ids = np.array(tok.encode(args.data.read_text()).ids, np.int64)
     sessions = {"dense": DecoderSession(args.model, threads=args.threads)}
-    for mode in sorted({METHODS[m][0] for m in methods}):
+    modes = {METHODS[m][0] for m in methods}
+    for mode in sorted(modes | ({"layer"} if "cascade" in modes else set())):  # layer prefills for cascade
         sessions[mode] = DecoderSession(compiled(mode, args.cache, args.model), threads=args.threads)
     rows: list[dict] = []
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -128,8 +128,9 @@ def _position_gather(graph: ir.Graph) -> ir.Node | None:
 class EvictKV(Pass):
     """Options: ``budget`` (fraction <= 1 or tokens), ``sinks``, ``recent`` (tokens), ``recent_share``
     (the recent window also spans this share of the kept slots after the sinks: 1.0 = StreamingLLM),
-    ``mode`` layer|cascade, ``score`` (a rule of ``SCORES``), ``schedule`` (per-layer budget multipliers, missing entries repeat the
-    last; cascade: non-increasing), ``tunable`` (budget/sinks/recent/share as overridable inputs)."""
+    ``mode`` layer|cascade, ``score`` (a rule of ``SCORES``), ``schedule`` (per-layer budget
+    multipliers, missing entries repeat the last; cascade: non-increasing), ``tunable``
+    (budget/sinks/recent/share/decay/norm as overridable inputs)."""
 
     name = "evict-kv"
     budget: float = 0.25
