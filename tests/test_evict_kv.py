@@ -253,3 +253,59 @@ def test_per_layer_cache_lengths_differ(name: str, mode: str, tmp_path_factory: 
         want = [budget_tokens(0.6, total, 1, 1, 99), *[budget_tokens(0.3, total, 1, 1, 99)] * 3]
         assert ort_s.cache_lengths() == want and want[0] > want[1]
         tok = a[:, -1].argmax(-1)
+
+
+@pytest.mark.parametrize("score", [s for s in SCORES if s != "accumulated"])
+def test_scores_full_budget_dense_and_ort_equals_reference(score: str,
+                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every scoring rule: a full budget is the dense model; with eviction onnxruntime == reference."""
+    base = str(tmp_path_factory.getbasetemp())
+    full = compiled("llama_torchscript", base, budget=1.0, sinks=1, recent=1, score=score)
+    assert max(_run(DecoderSession(MODELS / "llama_torchscript.onnx"), DecoderSession(full), steps=6)) <= 1e-4
+    path = compiled("llama_torchscript", base, budget=0.3, sinks=1, recent=1, score=score, recent_share=0.25)
+    ort_s, ref_s = DecoderSession(path), DecoderSession(path, runtime="reference")
+    ids, mask = left_pad(PROMPTS)
+    ort_s.reset(2)
+    ref_s.reset(2)
+    a, b = ort_s.step(ids, mask), ref_s.step(ids, mask)
+    tok = a[:, -1].argmax(-1)
+    for _ in range(5):
+        a, b = ort_s.step(tok[:, None]), ref_s.step(tok[:, None])
+        assert np.abs(a - b).max() <= 1e-4
+        for x, y in zip(ort_s.kept_positions(), ref_s.kept_positions()):
+            np.testing.assert_array_equal(x, y)
+        tok = a[:, -1].argmax(-1)
+
+
+def test_tunable_score_knobs_equal_compiled_rule(tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = str(tmp_path_factory.getbasetemp())
+    fixed = DecoderSession(compiled("llama_dynamo", base, budget=0.3, sinks=1, recent_share=0.25, score="ema"))
+    tuned = DecoderSession(compiled("llama_dynamo", base, budget=0.3, sinks=1, recent_share=0.25, tunable=True))
+    tuned.overrides = {"spatten.kv_decay": np.array(SCORES["ema"].decay, np.float32),
+                       "spatten.kv_norm": np.array(SCORES["ema"].norm, np.float32)}
+    assert max(_run(fixed, tuned, steps=6)) == 0.0
+    for a, b in zip(fixed.kept_positions(), tuned.kept_positions()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_score_is_refused() -> None:
+    model = ir.load(str(MODELS / "llama_dynamo.onnx"))
+    with pytest.raises(OptionError, match="--kv-score must be one of"):
+        Pipeline([make_pass("normalize"), make_pass("decompose-attention"),
+                  make_pass("evict-kv", score="nope")])(model)
+
+
+def test_cli_kv_score(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def spattenc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "spatten_compiler", *args], capture_output=True, text=True)
+
+    out = tmp_path / "s.onnx"
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-score", "mean")
+    assert r.returncode == 2 and "needs --kv-budget" in r.stderr and not out.exists()
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-budget", "0.5", "--kv-score", "last")
+    assert r.returncode == 0, r.stderr
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert '"score": "last"' in meta["spatten.evict_kv"]
