@@ -292,7 +292,19 @@ def render(summary: list[dict], meta: dict, args: argparse.Namespace) -> str:
                      f"{fmt_change(s['vs_dense'])} | {vs[0]} | {vs[1]} | "
                      f"{s['kv_bytes'] / s['dense_kv_bytes']:.3f} | "
                      f"{s['step_ms']:.1f} | {s['dense_step_ms'] / s['step_ms']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *pivot(summary)]) + "\n"
+
+
+def pivot(summary: list[dict]) -> list[str]:
+    """One row per (context, budget): every method's perplexity change vs dense [95% interval]."""
+    methods = [m for m in dict.fromkeys(s["method"] for s in summary) if m != "dense"]
+    by = {(s["context"], s["budget"], s["method"]): s for s in summary}
+    points = sorted({(s["context"], s["budget"]) for s in summary if s["method"] != "dense"})
+    lines = ["| context | budget | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for c, b in points:
+        cells = [fmt_change(by[(c, b, m)]["vs_dense"]) if (c, b, m) in by else "-" for m in methods]
+        lines.append(f"| {c} | {b:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(summary: list[dict], path: Path) -> None:
