@@ -75,6 +75,7 @@ from spatten_compiler.schedule import check_schedule, full_schedule, spatten_sch
 from .attention_trace import Projection
 from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
+from .head_narrow import narrow_layer, needs_rows
 from .prune_tokens import _reads_input_seq_len
 from .score_chain import reads_projection
 from .spatten_ops import DOMAIN, ensure_functions
@@ -102,13 +103,6 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
-        if s.variant.get("layout") == "folded":
-            raise OptionError(f"layer {s.layer}: heads folded into the batch axis (3-D scores [B*H, S, S]) are "
-                              "not rewritten by prune-heads yet")
-        for b in (s.q, s.k):
-            if b is not None and b.cross_head is not None:
-                raise OptionError(f"layer {s.layer}: {b.cross_head.op_type} '{b.cross_head.name}' normalizes over all "
-                                  "heads before the head split; removing heads would change it")
         for term in s.bias_terms:
             if reads_projection(term):
                 raise OptionError(f"layer {s.layer}: score term {term.name} is computed from activations "
@@ -125,21 +119,6 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                         s.num_heads, s.num_kv_heads) or (s.num_heads != s.num_kv_heads and not b.repeated):
                     raise OptionError(f"layer {s.layer}: KV cache whose K/V are not [B, heads, ., .] at the "
                                       "attention core; prune-heads cannot pick heads there")
-        if s.q.packed is None and s.q.projection.node is s.k.projection.node:
-            raise OptionError(f"layer {s.layer}: Q and K come from one projection in a layout prune-heads does not "
-                              "know (not a Split of [B, S, 3*H*Dh])")
-        if s.q.packed is not None:
-            order = [n.op_type for n in s.q.views]
-            split = next((i for i, t in enumerate(order) if t in ("Split", "Slice")), None)
-            reshape = next((i for i, t in enumerate(order) if t == "Reshape"), None)
-            if split is not None and reshape is not None and split < reshape:  # split after the head split
-                raise OptionError(f"layer {s.layer}: QKV packed in one head-split tensor ([B, S, H, 3*Dh] or "
-                                  "[B, S, H+2G, Dh]) is not supported by prune-heads")
-            if s.num_kv_heads != s.num_heads:
-                raise OptionError(f"layer {s.layer}: packed QKV with grouped-query attention is not supported")
-            split = next((n for n in s.q.views if n.op_type in ("Split", "Slice")), None)
-            if split is None or split.op_type != "Split":
-                raise OptionError(f"layer {s.layer}: packed QKV split by Slice is not supported by prune-heads")
 
 
 def _from(value: ir.Value | None, node: ir.Node) -> bool:
@@ -243,6 +222,10 @@ class PruneHeads(Pass):
             if all(n == groups for n in counts):
                 return PassResult(model, False)
             if self.rule == "paper":
+                layout = next(((s, why) for s, n in zip(sites, counts) if n < groups and (why := needs_rows(s))), None)
+                if layout is not None:
+                    raise OptionError(f"layer {layout[0].layer}: {layout[1]}: the paper rule does not prune this "
+                                      "layout at run time yet; use the calibrated rule (--head-rule calibrated)")
                 if counts[0] < groups:
                     raise OptionError("the first attention layer cannot be head-pruned: "
                                       "head scores come from earlier layers")
@@ -423,7 +406,14 @@ class _Rewrite:
         G, H, dh = site.num_kv_heads, site.num_heads, site.head_dim
         g = H // G
         cache = site.kv_cache
-        if site.q.packed is not None:
+        layout = needs_rows(site)
+        if layout is not None and not isinstance(sel, np.ndarray):
+            raise OptionError(f"layer {site.layer}: {layout}: the paper rule does not prune this layout at run "
+                              "time yet; use the calibrated rule (--head-rule calibrated)")
+        if layout is not None:
+            done = narrow_layer(self.e, site, sel, _query_heads(sel, g))
+            logger.info("prune-heads layer %d (%s): %s", site.layer, layout, "; ".join(done))
+        elif site.q.packed is not None:
             self._slice_projection(site.q.projection, sel, G, dh, n, 3, q_only=cache)
         else:
             self._slice_projection(site.q.projection, sel, G, g * dh, n, 1)
@@ -450,6 +440,7 @@ class _Rewrite:
         counts = {H: n * g, G: n}
         seen: set[int] = set()
         views = [*site.q.views, *site.merge] if cache else [*site.q.views, *site.k.views, *site.v.views, *site.merge]
+        views = site.merge if layout is not None else views
         for node in views:
             if id(node) in seen:
                 continue

@@ -1,0 +1,146 @@
+"""prune-heads for any Q/K/V layout: narrow each projection to the kept heads' columns found by
+:mod:`.head_rows`, or keep it whole and gather the kept heads at the attention core (issue #16).
+
+For one layer with kept KV groups ``sel`` (compile time)::
+
+    per projection P feeding Q, K and/or V (one for packed QKV, three for separate ones):
+        cols      = columns of P read by the kept heads (row map), + columns no head reads
+        W_P, b_P  = W_P[:, cols], b_P[cols]                 # a smaller initializer
+        views     = head-split Reshape / head-axis Slice / Split / Gather / repeat Expand retargeted
+    if the narrowed chain does not verify (a norm over all heads before the head split, a packing whose
+    kept columns are not a box, heads folded with a KV cache):
+        P stays whole; core input X -> Gather(X, kept heads, axis=1)
+
+A KV-cache layer keeps K and V whole (the cache must stay complete): only Q's columns are narrowed
+(where the packing allows) and the core reads the kept heads of K/V (``spatten.KeptHeads``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from spatten_compiler.errors import OptionError
+from spatten_compiler.match import const_array
+
+from . import head_rows
+from .find_attention import AttentionSite
+
+logger = logging.getLogger(__name__)
+
+
+def needs_rows(site: AttentionSite) -> str | None:
+    """Why ``site``'s Q/K/V layout is beyond the declared slicing of prune-heads (None: it is not)."""
+    if site.variant.get("layout") == "folded":
+        return "heads folded into the batch axis"
+    if any(b.cross_head is not None for b in (site.q, site.k)):
+        return "a norm over all heads before the head split"
+    if site.q.packed is None and site.q.projection.node is site.k.projection.node:
+        return "Q and K from one projection in a per-head packing"
+    if site.q.packed is not None:
+        order = [n.op_type for n in site.q.views]
+        split = next((i for i, t in enumerate(order) if t in ("Split", "Slice")), None)
+        reshape = next((i for i, t in enumerate(order) if t == "Reshape"), None)
+        if split is not None and reshape is not None and split < reshape:
+            return "QKV packed in one head-split tensor"
+        if site.num_kv_heads != site.num_heads:
+            return "packed QKV with fewer KV heads"
+        if next((n.op_type for n in site.q.views if n.op_type in ("Split", "Slice")), None) != "Split":
+            return "packed QKV split by Slice"
+    return None
+
+
+def _core_heads(core: np.ndarray, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarray) -> np.ndarray:
+    count = core.shape[head_rows.head_axis(core)]
+    if count == site.num_heads:
+        return q_heads
+    if count == site.num_kv_heads:
+        return sel
+    raise head_rows.RowMapError(f"{count} heads at the core, expected {site.num_heads} or {site.num_kv_heads}")
+
+
+def _columns(cores: list[np.ndarray], heads: list[np.ndarray | None], width: int) -> np.ndarray:
+    """Kept columns: those of the kept heads, and those no head reads; a column both kept and removed
+    (two heads sharing it) cannot be sliced."""
+    kept, removed, used = set(), set(), set()
+    for core, h in zip(cores, heads):
+        cols = head_rows.head_columns(core)
+        for i, c in enumerate(cols):
+            used.update(c.tolist())
+            (kept if h is None or i in set(h.tolist()) else removed).update(c.tolist())
+    if kept & removed:
+        raise head_rows.RowMapError("kept and removed heads share projection columns")
+    return np.array(sorted(set(range(width)) - removed), np.int64)
+
+
+def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarray) -> list[str]:
+    """Narrow (or gather) Q/K/V of one layer to the kept groups ``sel``; returns how each projection
+    was handled (for the log)."""
+    by_proj: dict[int, tuple[ir.Node, list[tuple[str, ir.Value]]]] = {}
+    for name, b in (("q", site.q), ("k", site.k), ("v", site.v)):
+        by_proj.setdefault(id(b.projection.node), (b.projection.node, []))[1].append((name, b.value))
+    done = []
+    for proj, branches in by_proj.values():
+        cores = [v for _, v in branches]
+        try:
+            ev, idx = head_rows.evaluate(proj, cores)
+            heads = [None if site.kv_cache and n in "kv" else _core_heads(c, site, sel, q_heads)
+                     for (n, _), c in zip(branches, idx)]
+            plan = head_rows.narrow(proj, cores, heads, _columns(idx, heads, ev.columns.size))
+        except head_rows.RowMapError as why:
+            if any(v.shape is None or v.shape.rank() != 4 for v in cores):
+                raise OptionError(f"layer {site.layer}: {why}; prune-heads cannot gather heads folded into "
+                                  "the batch axis") from None
+            for name, v in branches:  # whole projection; the core reads the kept heads
+                if not (site.kv_cache and name in "kv"):
+                    _gather(editor, v, q_heads if v.shape.dims[1] == site.num_heads else sel)
+            done.append(f"{proj.name}: whole, heads gathered at the core ({why})")
+            continue
+        _apply(editor, plan, ev)
+        done.append(f"{proj.name}: {plan.columns.size} of {ev.columns.size} columns")
+    return done
+
+
+def _gather(editor, value: ir.Value, heads: np.ndarray) -> None:
+    picked = editor.op("Gather", [value, editor.const("kept_heads", heads.astype(np.int64))], axis=1)
+    picked.type = value.type
+    for use in list(value.uses()):
+        if use.node is not picked.producer():
+            use.node.replace_input_with(use.idx, picked)
+
+
+def _apply(editor, plan: head_rows.Narrowing, ev: head_rows.Evaluator) -> None:
+    proj, cols = plan.proj, plan.columns
+    weight = proj.inputs[1]
+    slot_node, slot = proj, 1
+    transposed = proj.op_type == "Gemm" and bool(proj.attributes.get_int("transB", 0))
+    if const_array(weight) is None and weight.producer() is not None and weight.producer().op_type == "Transpose":
+        slot_node, slot, weight = weight.producer(), 0, weight.producer().inputs[0]
+        transposed = True
+    w = const_array(weight)
+    slot_node.replace_input_with(slot, editor.const("head_cols", np.ascontiguousarray(
+        w[cols] if transposed else w[:, cols])))
+    if proj.op_type == "Gemm" and len(proj.inputs) > 2 and proj.inputs[2] is not None:
+        b = const_array(proj.inputs[2])
+        proj.replace_input_with(2, editor.const("head_bias", b[..., cols] if b.shape[-1] == w.shape[
+            0 if transposed else 1] else b))
+    clones: dict[int, dict[int, np.ndarray]] = {}
+    for (nid, s), arr in plan.constants.items():
+        node = plan.nodes[nid]
+        if node.op_type == "Concat" and id(node.outputs[0]) not in ev.data:
+            clones.setdefault(nid, {})[s] = arr  # a shape target: cloned, other readers keep the original
+            continue
+        if s >= len(node.inputs):
+            node.resize_inputs(s + 1)
+            if "num_outputs" in node.attributes:
+                del node.attributes["num_outputs"]
+        node.replace_input_with(s, editor.const("head_target", arr))
+    for nid, pieces in clones.items():
+        concat = plan.nodes[nid]
+        new = editor.op("Concat", [editor.const("head_target", pieces[i]) if i in pieces else x
+                                   for i, x in enumerate(concat.inputs)], axis=concat.attributes["axis"].value)
+        for use in list(concat.outputs[0].uses()):
+            if any(i is not None and id(i) in ev.data for i in use.node.inputs):
+                use.node.replace_input_with(use.idx, new)
