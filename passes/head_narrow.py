@@ -18,6 +18,7 @@ A KV-cache layer keeps K and V whole (the cache must stay complete): only Q's co
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 import numpy as np
 import onnx_ir as ir
@@ -90,12 +91,12 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarr
                      for (n, _), c in zip(branches, idx)]
             plan = head_rows.narrow(proj, cores, heads, _columns(idx, heads, ev.columns.size))
         except head_rows.RowMapError as why:
-            if any(v.shape is None or v.shape.rank() != 4 for v in cores):
-                raise OptionError(f"layer {site.layer}: {why}; prune-heads cannot gather heads folded into "
-                                  "the batch axis") from None
+            if any(v.shape is None or v.shape.rank() not in (3, 4) for v in cores):
+                raise OptionError(f"layer {site.layer}: {why}; the core inputs have no known head axis") from None
             for name, v in branches:  # whole projection; the core reads the kept heads
                 if not (site.kv_cache and name in "kv"):
-                    _gather(editor, v, q_heads if v.shape.dims[1] == site.num_heads else sel)
+                    count = v.shape.dims[1] if v.shape.rank() == 4 else site.num_heads
+                    gather_heads(editor, v, q_heads if count == site.num_heads else sel, count)
             done.append(f"{proj.name}: whole, heads gathered at the core ({why})")
             continue
         _apply(editor, plan, ev)
@@ -103,12 +104,24 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarr
     return done
 
 
-def _gather(editor, value: ir.Value, heads: np.ndarray) -> None:
-    picked = editor.op("Gather", [value, editor.const("kept_heads", heads.astype(np.int64))], axis=1)
+def gather_heads(editor, value: ir.Value, heads: np.ndarray, count: int,
+                 reader: ir.Node | None = None) -> None:
+    """Readers of ``value`` get its kept heads: ``[B, H, ., .]`` -> Gather on axis 1; heads folded into
+    the batch, ``[B*H, ., .]`` (batch-major, as every folding exporter writes it) -> viewed as
+    ``[B, H, ., .]``, gathered, folded back."""
+    uses = [u for u in value.uses() if reader is None or u.node is reader]
+    idx = editor.const("kept_heads", np.asarray(heads, np.int64))
+    if value.shape is not None and value.shape.rank() == 4:
+        picked = editor.op("Gather", [value, idx], axis=1)
+    else:
+        rest = editor.op("Shape", [value], start=1)
+        split = editor.op("Concat", [editor.const("batch_heads", np.array([-1, count], np.int64)), rest], axis=0)
+        heads4 = editor.op("Gather", [editor.op("Reshape", [value, split]), idx], axis=1)
+        picked = editor.op("Reshape", [heads4, editor.op("Concat", [editor.const("fold", np.array([-1], np.int64)),
+                                                                     rest], axis=0)])
     picked.type = value.type
-    for use in list(value.uses()):
-        if use.node is not picked.producer():
-            use.node.replace_input_with(use.idx, picked)
+    for use in uses:
+        use.node.replace_input_with(use.idx, picked)
 
 
 def _apply(editor, plan: head_rows.Narrowing, ev: head_rows.Evaluator) -> None:
@@ -144,3 +157,43 @@ def _apply(editor, plan: head_rows.Narrowing, ev: head_rows.Evaluator) -> None:
         for use in list(concat.outputs[0].uses()):
             if any(i is not None and id(i) in ev.data for i in use.node.inputs):
                 use.node.replace_input_with(use.idx, new)
+
+
+def _forward(start: ir.Value, stop: ir.Node, limit: int = 60) -> dict[int, ir.Node]:
+    out: dict[int, ir.Node] = {}
+    todo = deque([start])
+    while todo and len(out) < limit:
+        for use in todo.popleft().uses():
+            n = use.node
+            if n is stop or id(n) in out or n.op_type in ("Shape", "Size"):
+                continue
+            out[id(n)] = n
+            todo.extend(n.outputs)
+    return out
+
+
+def score_views(site: AttentionSite) -> list[ir.Node]:
+    """The Reshapes between the score MatMul and ``MatMul(P, V)`` (heads folded into the batch: the
+    scores are viewed as ``[B, H, S, S]`` for the mask and back): their head counts follow the pruning."""
+    score = next((u.node for u in site.q.value.uses() if u.node.op_type == "MatMul"), None)
+    if score is None or site.softmax is None:
+        return []
+    before = _forward(score.outputs[0], site.softmax)
+    after = _forward(site.softmax.outputs[0], site.pv)
+    back: set[int] = set()
+    todo = deque([site.softmax.inputs[0]])
+    while todo:
+        v = todo.popleft()
+        p = v.producer() if v is not None else None
+        if p is None or id(p) in back or id(p) not in before:
+            continue
+        back.add(id(p))
+        todo.extend(p.inputs)
+    nodes = [n for i, n in before.items() if i in back] + [n for n in after.values() if _reaches(n, site.pv)]
+    return [n for n in nodes if n.op_type == "Reshape"]
+
+
+def _reaches(node: ir.Node, target: ir.Node, depth: int = 8) -> bool:
+    if depth == 0:
+        return False
+    return any(u.node is target or _reaches(u.node, target, depth - 1) for o in node.outputs for u in o.uses())

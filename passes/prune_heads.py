@@ -75,7 +75,7 @@ from spatten_compiler.schedule import check_schedule, full_schedule, spatten_sch
 from .attention_trace import Projection
 from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
-from .head_narrow import narrow_layer, needs_rows
+from .head_narrow import gather_heads, narrow_layer, needs_rows, score_views
 from .prune_tokens import _reads_input_seq_len
 from .score_chain import reads_projection
 from .spatten_ops import DOMAIN, ensure_functions
@@ -97,6 +97,21 @@ def _term_heads(term: ir.Value) -> int | None:
     return int(shape.dims[1])
 
 
+def _folded(site: AttentionSite) -> bool:
+    return site.variant.get("layout") == "folded"
+
+
+def _folded_term(site: AttentionSite, term: ir.Value) -> bool:
+    """A score term on heads folded into the batch, ``[B*H | 1, ., .]`` (BLOOM's ALiBi)."""
+    return _folded(site) and term.shape is not None and term.shape.rank() == 3
+
+
+def _folds(node: ir.Node) -> tuple[int, int] | None:
+    """(input rank, output rank) of a Reshape."""
+    src, dst = node.inputs[0].shape, node.outputs[0].shape
+    return None if src is None or dst is None else (src.rank(), dst.rank())
+
+
 def _check_sites(sites: list[AttentionSite]) -> None:
     for s in sites:
         if s.fused is not None:
@@ -107,7 +122,7 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             if reads_projection(term):
                 raise OptionError(f"layer {s.layer}: score term {term.name} is computed from activations "
                                   "(disentangled attention); prune-heads does not narrow it")
-            if _term_heads(term) not in (1, s.num_heads):
+            if _term_heads(term) not in (1, s.num_heads) and not _folded_term(s, term):
                 raise OptionError(f"layer {s.layer}: score term {term.name} has no static head axis "
                                   f"(shape {term.shape}); prune-heads cannot slice it")
         if s.num_heads % s.num_kv_heads:
@@ -115,6 +130,8 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                               f"{s.num_kv_heads} KV heads")
         if s.kv_cache:
             for b in (s.k, s.v):  # the kept heads are gathered from the cached K/V the core reads
+                if _folded(s) and b.value.shape is not None and b.value.shape.rank() == 3:
+                    continue
                 if b.value.shape is None or b.value.shape.rank() != 4 or b.value.shape.dims[1] not in (
                         s.num_heads, s.num_kv_heads) or (s.num_heads != s.num_kv_heads and not b.repeated):
                     raise OptionError(f"layer {s.layer}: KV cache whose K/V are not [B, heads, ., .] at the "
@@ -407,6 +424,7 @@ class _Rewrite:
         g = H // G
         cache = site.kv_cache
         layout = needs_rows(site)
+        scores = score_views(site) if layout is not None else []  # before the core's inputs are redirected
         if layout is not None and not isinstance(sel, np.ndarray):
             raise OptionError(f"layer {site.layer}: {layout}: the paper rule does not prune this layout at run "
                               "time yet; use the calibrated rule (--head-rule calibrated)")
@@ -420,10 +438,15 @@ class _Rewrite:
             if not cache:
                 self._slice_projection(site.k.projection, sel, G, dh, n, 1)
                 self._slice_projection(site.v.projection, sel, G, dh, n, 1)
-        if cache:
+        if cache and _folded(site):
+            for b in (site.k, site.v):
+                gather_heads(self.e, b.value, _query_heads(sel, g), H)
+        elif cache:
             self._gather_cached(site, sel, g)
         for term, add in zip(site.bias_terms, site.bias_adds):  # per-head position bias: the kept heads' rows
-            if _term_heads(term) == H:
+            if _folded_term(site, term) and term.shape.dims[0] != 1:
+                gather_heads(self.e, term, _query_heads(sel, g), H, reader=add)
+            elif _term_heads(term) == H:
                 idx = self._head_index(sel, g)
                 idx = self.e.const("kept_heads", idx) if isinstance(idx, np.ndarray) else idx
                 add.replace_input_with(list(add.inputs).index(term), self.e.op("Gather", [term, idx], axis=1))
@@ -440,7 +463,8 @@ class _Rewrite:
         counts = {H: n * g, G: n}
         seen: set[int] = set()
         views = [*site.q.views, *site.merge] if cache else [*site.q.views, *site.k.views, *site.v.views, *site.merge]
-        views = site.merge if layout is not None else views
+        fold_ids = {id(x) for x in scores}
+        views = [*site.merge, *scores] if layout is not None else views
         for node in views:
             if id(node) in seen:
                 continue
@@ -449,6 +473,14 @@ class _Rewrite:
                 self._set_split(node, [n * g * dh, G * dh, G * dh])
             elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
                 self._retarget(node, lambda pos, size, v: widths.get(v, v))
+            elif node.op_type == "Reshape" and _folded(site) and (
+                    _folds(node) == (3, 4) or _folds(node) == (4, 3) and id(node) in fold_ids):
+                # [B, H, S, T] <-> [B*H, S, T] (heads folded into the batch): B may be computed as B*H / H
+                # from the folded shape; the views are rebuilt from the input's shape and the kept heads
+                lead = [-1] if _folds(node) == (4, 3) else [-1, n * g]
+                rest = self.e.op("Shape", [node.inputs[0]], start=len(lead) + 1 if len(lead) == 1 else 1)
+                node.replace_input_with(1, self.e.op("Concat", [self.e.const("fold", np.array(lead, np.int64)), rest],
+                                                     axis=0))
             elif node.op_type == "Reshape":
                 self._copy_seq_dim(node)
                 self._retarget(node, lambda pos, size, v: widths.get(v, v) if pos == size - 1 and size <= 3
