@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.compose
 import onnx_ir as ir
 import packed_graphs
 import pytest
@@ -96,10 +97,12 @@ def test_narrowing_refused_when_a_reduction_mixes_heads() -> None:
 def test_paper_rule_refuses_packed_layouts_in_one_line() -> None:
     from spatten_compiler.passes.prune_heads import PruneHeads
 
-    model = ir.serde.deserialize_model(build("neox"))
+    one = build("neox")
+    two = onnx.compose.merge_models(one, onnx.compose.add_prefix(one, "l1_"), io_map=[("y", "l1_x")])
+    model = ir.serde.deserialize_model(two)
     Normalize()(model)
     with pytest.raises(OptionError, match="paper rule does not prune this layout") as err:
-        PruneHeads(keep=0.5, unpruned=0.0)(model)
+        PruneHeads(schedule=(1.0, 0.5))(model)
     assert "\n" not in str(err.value)
 
 
