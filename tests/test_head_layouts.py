@@ -131,3 +131,21 @@ def test_corpus_heads_exact(rec: dict | None, tmp_path: Path) -> None:
 
     ok, why = heads(CORPUS / rec["onnx"], dict(np.load(CORPUS / f"{rec['name']}.npz")), tmp_path)
     assert ok, why
+
+
+@pytest.mark.parametrize("bits", ["8+4", "6"])
+def test_quantize_kv_on_folded_heads(bits: str, tmp_path: Path) -> None:
+    """quantize-kv on a 3-D core (heads folded into the batch): runs, onnxruntime == reference
+    runtime, and at threshold 1.0 (every row MSB + LSB) it is static 12-bit quantization: close."""
+    path, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(build("folded"), path)
+    model = load_model(path)
+    Pipeline([make_pass("normalize"), make_pass("quantize-kv", bits=bits, rule="fixed", threshold=1.0)], check=True)(model)
+    save_model(model, out, external_data=False)
+    import onnxruntime as ort
+
+    dense = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], feeds())[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["y"], feeds())[0]
+    ref = ReferenceRuntime(out).run(feeds()).outputs["y"]
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    assert np.abs(got - dense).max() < (2e-3 if bits == "8+4" else 5e-2)
