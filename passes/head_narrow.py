@@ -85,6 +85,7 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarr
     done = []
     for proj, branches in by_proj.values():
         cores = [v for _, v in branches]
+        idx: list[np.ndarray] = []
         try:
             ev, idx = head_rows.evaluate(proj, cores)
             heads = [None if site.kv_cache and n in "kv" else _core_heads(c, site, sel, q_heads)
@@ -93,9 +94,13 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarr
         except head_rows.RowMapError as why:
             if any(v.shape is None or v.shape.rank() not in (3, 4) for v in cores):
                 raise OptionError(f"layer {site.layer}: {why}; the core inputs have no known head axis") from None
-            for name, v in branches:  # whole projection; the core reads the kept heads
+            for i, (name, v) in enumerate(branches):  # whole projection; the core reads the kept heads
                 if not (site.kv_cache and name in "kv"):
-                    count = v.shape.dims[1] if v.shape.rank() == 4 else site.num_heads
+                    count = (idx[i].shape[head_rows.head_axis(idx[i])] if idx else
+                             v.shape.dims[1] if v.shape.rank() == 4 else site.num_heads)
+                    if count not in (site.num_heads, site.num_kv_heads):
+                        raise OptionError(f"layer {site.layer}: {why}; the head count of {v.name} at the core "
+                                          "is not known") from None
                     gather_heads(editor, v, q_heads if count == site.num_heads else sel, count)
             done.append(f"{proj.name}: whole, heads gathered at the core ({why})")
             continue
