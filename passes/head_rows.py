@@ -423,6 +423,20 @@ def narrow(proj: ir.Node, cores: list[ir.Value], heads: list[np.ndarray | None],
         m = _mask(x, kept)
         if (m.any(axis=tuple(axes)) != m.all(axis=tuple(axes))).any():
             raise RowMapError(f"{node.op_type} '{node.name}' reduces over kept and removed heads together")
+    graph_outputs = {id(v) for v in (proj.graph.outputs if proj.graph is not None else [])}
+    core_ids = {id(c) for c in cores}
+    for vid, v in ev.data.items():  # read outside the chain (a KV-cache output, a position term): must not change
+        if vid in core_ids:
+            continue
+        escapes = vid in graph_outputs or any(
+            u.node.op_type not in ("Shape", "Size") and not any(id(o) in ev.data for o in u.node.outputs)
+            for u in v.uses())
+        try:
+            full = ev(v) if escapes else None
+        except (ValueError, IndexError, TypeError, KeyError, RowMapError) as e:
+            raise RowMapError(f"{v.name} is read outside the attention core ({e})") from None
+        if full is not None and not _mask(full, kept).all():
+            raise RowMapError(f"{v.name} is read outside the attention core and would lose columns")
     order = {id(n): i for i, n in enumerate(proj.graph or [])}
     nodes = {id(u.node): u.node for vid in ev.data for u in _uses(proj, vid, ev)}
     for node in sorted(nodes.values(), key=lambda n: order.get(id(n), 0)):

@@ -48,7 +48,9 @@ def columns(layout: str) -> dict[str, list[list[int]]]:
     return {t: [[h * 3 * DH + i * DH + d for d in r] for h in range(H)] for i, t in enumerate("qkv")}
 
 
-def build(layout: str) -> onnx.ModelProto:
+def build(layout: str, escape: bool = False) -> onnx.ModelProto:
+    """``escape``: the head-split QKV is also a graph output (as a KV cache's ``present`` is): the
+    projection must then stay whole."""
     rng = np.random.default_rng(1)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -123,9 +125,12 @@ def build(layout: str) -> onnx.ModelProto:
               N("Reshape", ["ctx_t", c("merge", [0, 0, H * DH])], ["ctx_m"]),
               N("MatMul", ["ctx_m", c("w_o", rng.standard_normal((H * DH, D)).astype(np.float32) * 0.3)], ["o"]),
               N("Add", ["o", "x"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])]
+    if escape:
+        nodes.append(N("Identity", ["qkv4"], ["qkv_out"]))
+        outputs.append(helper.make_tensor_value_info("qkv_out", TensorProto.FLOAT, ["B", "S", "P", DH * 3 if layout == "neox" else DH]))
     graph = helper.make_graph(nodes, f"packed_{layout}",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", D])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])], inits)
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", D])], outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 

@@ -78,6 +78,22 @@ def test_group_removed_exact(layout: str, tmp_path: Path) -> None:
         assert any(n.op_type == "Gather" and n.attributes.get_int("axis", 0) == 1 for n in model.graph)
 
 
+@pytest.mark.parametrize("layout", ["neox", "falcon"])
+def test_value_read_outside_the_core_keeps_the_projection_whole(layout: str, tmp_path: Path) -> None:
+    """A view of the packed projection that is also a graph output must not lose columns: the
+    narrowing is refused (its reason) and the kept heads are gathered at the core instead; exact."""
+    from bench.coverage import heads
+
+    _, s = _site(build(layout, escape=True))
+    cores = [s.q.value, s.k.value, s.v.value]
+    with pytest.raises(head_rows.RowMapError, match="read outside the attention core"):
+        head_rows.narrow(s.q.projection.node, cores, [np.array([1, 2, 3])] * 3, np.arange(12, 48))
+    path = tmp_path / "m.onnx"
+    onnx.save(build(layout, escape=True), path)
+    ok, why = heads(path, feeds(), tmp_path)
+    assert ok, why
+
+
 def test_norm_over_all_heads_gathers_at_core(tmp_path: Path) -> None:
     """OLMo 2's q/k norm over all heads: q and k stay whole (the norm sees every head), v is narrowed."""
     from bench.coverage import heads
