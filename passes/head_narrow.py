@@ -28,12 +28,15 @@ from spatten_compiler.match import const_array
 
 from . import head_rows
 from .find_attention import AttentionSite
+from .score_chain import reads_projection
 
 logger = logging.getLogger(__name__)
 
 
 def needs_rows(site: AttentionSite) -> str | None:
     """Why ``site``'s Q/K/V layout is beyond the declared slicing of prune-heads (None: it is not)."""
+    if any(reads_projection(t) for t in site.bias_terms):  # DeBERTa c2p/p2c: read Q and K whole
+        return "a position term computed from activations (disentangled attention)"
     if site.variant.get("layout") == "folded":
         return "heads folded into the batch axis"
     if any(b.cross_head is not None for b in (site.q, site.k)):
@@ -101,12 +104,38 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarr
                     if count not in (site.num_heads, site.num_kv_heads):
                         raise OptionError(f"layer {site.layer}: {why}; the head count of {v.name} at the core "
                                           "is not known") from None
-                    gather_heads(editor, v, q_heads if count == site.num_heads else sel, count)
+                    gather_heads(editor, v, q_heads if count == site.num_heads else sel, count,
+                                 reader=_core_reader(site, name))
             done.append(f"{proj.name}: whole, heads gathered at the core ({why})")
             continue
         _apply(editor, plan, ev)
         done.append(f"{proj.name}: {plan.columns.size} of {ev.columns.size} columns")
     return done
+
+
+def _core_reader(site: AttentionSite, name: str) -> ir.Node | None:
+    """The attention op reading Q, K^T or V (other readers, e.g. DeBERTa's c2p term, keep all heads):
+    the score MatMul reads Q and (maybe through a scalar scale) K^T."""
+    if name == "v":
+        return site.pv
+    score = next((u.node for u in site.q.value.uses() if u.node.op_type == "MatMul"
+                  and _near(u.node.inputs[1 - u.idx], site.k.value)), None)
+    if name == "q" or score is None:
+        return score
+    return next((u.node for u in site.k.value.uses() if u.node is score or _near(score.inputs[1], u.node.outputs[0])),
+                None)
+
+
+def _near(value: ir.Value | None, target: ir.Value, steps: int = 3) -> bool:
+    """``value`` is ``target`` or computed from it through at most ``steps`` single-data-input ops."""
+    for _ in range(steps + 1):
+        if value is target:
+            return True
+        p = value.producer() if value is not None else None
+        if p is None or p.op_type not in ("Mul", "Div", "Cast", "Transpose", "Identity"):
+            return False
+        value = p.inputs[0]
+    return False
 
 
 def gather_heads(editor, value: ir.Value, heads: np.ndarray, count: int,

@@ -161,8 +161,9 @@ def forward_region(proj: ir.Node, stops: list[ir.Value]) -> dict[int, ir.Value]:
             continue
         for use in v.uses():
             n = use.node
-            if n.op_type in ("Shape", "Size") or n.op_type not in REGION_OPS or n.domain not in ("", "ai.onnx"):
-                continue
+            if (n.op_type in ("Shape", "Size", "MatMul", "Gemm", "Einsum") or n.op_type not in REGION_OPS
+                    or n.domain not in ("", "ai.onnx")):
+                continue  # a product with another activation (a score, DeBERTa's c2p) is a reader, not a view
             for out in n.outputs:
                 if id(out) not in seen:
                     seen[id(out)] = out
@@ -437,6 +438,10 @@ def narrow(proj: ir.Node, cores: list[ir.Value], heads: list[np.ndarray | None],
             raise RowMapError(f"{v.name} is read outside the attention core ({e})") from None
         if full is not None and not _mask(full, kept).all():
             raise RowMapError(f"{v.name} is read outside the attention core and would lose columns")
+    for core, h in zip(cores, heads):  # the core op is its one reader; another (DeBERTa's c2p) needs all heads
+        readers = [u for u in core.uses() if u.node.op_type not in ("Shape", "Size")]
+        if h is not None and (len(readers) > 1 or id(core) in graph_outputs):
+            raise RowMapError(f"{core.name} is read outside the attention core and would lose heads")
     order = {id(n): i for i, n in enumerate(proj.graph or [])}
     nodes = {id(u.node): u.node for vid in ev.data for u in _uses(proj, vid, ev)}
     for node in sorted(nodes.values(), key=lambda n: order.get(id(n), 0)):

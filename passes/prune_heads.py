@@ -77,7 +77,6 @@ from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
 from .head_narrow import gather_heads, narrow_layer, needs_rows, score_views
 from .prune_tokens import _reads_input_seq_len
-from .score_chain import reads_projection
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -87,14 +86,6 @@ logger = logging.getLogger(__name__)
 def kept_groups(groups: int, ratio: float, min_keep: int = 1) -> int:
     """How many head groups a layer with keep ``ratio`` runs: ceil(G * ratio) in [min_keep, G]."""
     return max(min(min_keep, groups), min(groups, math.ceil(round(groups * ratio, 6))))
-
-
-def _term_heads(term: ir.Value) -> int | None:
-    """Head axis size of an additive score term [B|1, H|1, S, S] (None: unknown)."""
-    shape = term.shape
-    if shape is None or shape.rank() != 4 or not isinstance(shape.dims[1], int):
-        return None
-    return int(shape.dims[1])
 
 
 def _folded(site: AttentionSite) -> bool:
@@ -119,10 +110,8 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
         for term in s.bias_terms:
-            if reads_projection(term):
-                raise OptionError(f"layer {s.layer}: score term {term.name} is computed from activations "
-                                  "(disentangled attention); prune-heads does not narrow it")
-            if _term_heads(term) not in (1, s.num_heads) and not _folded_term(s, term):
+            if term.shape is None or term.shape.rank() not in (1, 2, 3, 4) or (
+                    _folded(s) and term.shape.rank() == 4):
                 raise OptionError(f"layer {s.layer}: score term {term.name} has no static head axis "
                                   f"(shape {term.shape}); prune-heads cannot slice it")
         if s.num_heads % s.num_kv_heads:
@@ -446,10 +435,16 @@ class _Rewrite:
         for term, add in zip(site.bias_terms, site.bias_adds):  # per-head position bias: the kept heads' rows
             if _folded_term(site, term) and term.shape.dims[0] != 1:
                 gather_heads(self.e, term, _query_heads(sel, g), H, reader=add)
-            elif _term_heads(term) == H:
+            elif not _folded(site) and term.shape.rank() >= 3 and term.shape.dims[term.shape.rank() - 3] != 1:
+                # [B|1, H|1, S, S] or [H|1, S, S] aligned with the scores: the head axis is rank - 3
+                axis = term.shape.rank() - 3
                 idx = self._head_index(sel, g)
                 idx = self.e.const("kept_heads", idx) if isinstance(idx, np.ndarray) else idx
-                add.replace_input_with(list(add.inputs).index(term), self.e.op("Gather", [term, idx], axis=1))
+                if term.shape.dims[axis] != H:  # not static: a broadcast axis of 1 reads row 0 for every head
+                    last = self.e.op("Sub", [self.e.op("Shape", [term], start=axis, end=axis + 1),
+                                             self.e.const("one", np.array([1], np.int64))])
+                    idx = self.e.op("Min", [idx, last])
+                add.replace_input_with(list(add.inputs).index(term), self.e.op("Gather", [term, idx], axis=axis))
         out = site.out_proj
         d = int(out.weight.shape[0 if out.transposed_weight else 1])
         if output is not None:
