@@ -45,7 +45,11 @@ Design choices (the paper runs batch 1, MHA only):
   its score is the sum of its query heads' scores. Pruning a query head alone would still need its
   KV head, and would make the GQA repeat uneven. For MHA a group is one head.
 - Packed QKV (GPT-2 ``Gemm -> Split``): the packed weight is viewed as ``[D, 3, H, Dh]`` and sliced
-  on the head axis; the Split sizes shrink. Packed GQA and Slice-packed QKV are refused.
+  on the head axis; the Split sizes shrink. Every other layout (per-head packing ``[B, S, H, 3*Dh]``,
+  ``[B, S, H+2G, Dh]``, ``[B, S, 3, H, Dh]``, packed GQA, heads folded into the batch, a norm over all
+  heads, Q/K read by a position term) goes through :mod:`.head_narrow`: the projection is narrowed
+  by its row map (:mod:`.head_rows`) or kept whole with the kept heads gathered at the core; the
+  calibrated rule only (the paper rule refuses these layouts in one line).
 - Decoders with a KV cache: the cache must stay complete for later steps, so K and V of every head
   are still projected, concatenated with the past and written to ``present``; the attention core
   reads only the kept heads of it (``spatten.KeptHeads``, a Gather on the head axis after the GQA
