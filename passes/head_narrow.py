@@ -37,7 +37,7 @@ def needs_rows(site: AttentionSite) -> str | None:
     """Why ``site``'s Q/K/V layout is beyond the declared slicing of prune-heads (None: it is not)."""
     if any(reads_projection(t) for t in site.bias_terms):  # DeBERTa c2p/p2c: read Q and K whole
         return "a position term computed from activations (disentangled attention)"
-    if site.variant.get("layout") == "folded":
+    if site.variant.get("layout") == "folded" or site.q.value.shape is not None and site.q.value.shape.rank() == 3:
         return "heads folded into the batch axis"
     if any(b.cross_head is not None for b in (site.q, site.k)):
         return "a norm over all heads before the head split"
@@ -79,9 +79,10 @@ def _columns(cores: list[np.ndarray], heads: list[np.ndarray | None], width: int
     return np.array(sorted(set(range(width)) - removed), np.int64)
 
 
-def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarray) -> list[str]:
+def narrow_layer(editor, site: AttentionSite, sel: np.ndarray | ir.Value, q_heads: np.ndarray | ir.Value) -> list[str]:
     """Narrow (or gather) Q/K/V of one layer to the kept groups ``sel``; returns how each projection
-    was handled (for the log)."""
+    was handled (for the log). A run-time ``sel`` (the paper rule) always gathers at the core: the
+    weights cannot be sliced before the heads are known."""
     by_proj: dict[int, tuple[ir.Node, list[tuple[str, ir.Value]]]] = {}
     for name, b in (("q", site.q), ("k", site.k), ("v", site.v)):
         by_proj.setdefault(id(b.projection.node), (b.projection.node, []))[1].append((name, b.value))
@@ -91,6 +92,8 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarr
         idx: list[np.ndarray] = []
         try:
             ev, idx = head_rows.evaluate(proj, cores)
+            if not isinstance(sel, np.ndarray):
+                raise head_rows.RowMapError("heads chosen at run time")
             heads = [None if site.kv_cache and n in "kv" else _core_heads(c, site, sel, q_heads)
                      for (n, _), c in zip(branches, idx)]
             plan = head_rows.narrow(proj, cores, heads, _columns(idx, heads, ev.columns.size))
@@ -105,7 +108,7 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarr
                         raise OptionError(f"layer {site.layer}: {why}; the head count of {v.name} at the core "
                                           "is not known") from None
                     gather_heads(editor, v, q_heads if count == site.num_heads else sel, count,
-                                 reader=_core_reader(site, name))
+                                 reader=core_reader(site, name))
             done.append(f"{proj.name}: whole, heads gathered at the core ({why})")
             continue
         _apply(editor, plan, ev)
@@ -113,7 +116,7 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray, q_heads: np.ndarr
     return done
 
 
-def _core_reader(site: AttentionSite, name: str) -> ir.Node | None:
+def core_reader(site: AttentionSite, name: str) -> ir.Node | None:
     """The attention op reading Q, K^T or V (other readers, e.g. DeBERTa's c2p term, keep all heads):
     the score MatMul reads Q and (maybe through a scalar scale) K^T."""
     if name == "v":
@@ -138,13 +141,13 @@ def _near(value: ir.Value | None, target: ir.Value, steps: int = 3) -> bool:
     return False
 
 
-def gather_heads(editor, value: ir.Value, heads: np.ndarray, count: int,
+def gather_heads(editor, value: ir.Value, heads: np.ndarray | ir.Value, count: int,
                  reader: ir.Node | None = None) -> None:
     """Readers of ``value`` get its kept heads: ``[B, H, ., .]`` -> Gather on axis 1; heads folded into
     the batch, ``[B*H, ., .]`` (batch-major, as every folding exporter writes it) -> viewed as
     ``[B, H, ., .]``, gathered, folded back."""
     uses = [u for u in value.uses() if reader is None or u.node is reader]
-    idx = editor.const("kept_heads", np.asarray(heads, np.int64))
+    idx = editor.const("kept_heads", np.asarray(heads, np.int64)) if isinstance(heads, np.ndarray) else heads
     if value.shape is not None and value.shape.rank() == 4:
         picked = editor.op("Gather", [value, idx], axis=1)
     else:

@@ -79,7 +79,7 @@ from spatten_compiler.schedule import check_schedule, full_schedule, spatten_sch
 from .attention_trace import Projection
 from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
-from .head_narrow import gather_heads, narrow_layer, needs_rows, score_views
+from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, score_views
 from .prune_tokens import _reads_input_seq_len
 from .spatten_ops import DOMAIN, ensure_functions
 
@@ -93,7 +93,9 @@ def kept_groups(groups: int, ratio: float, min_keep: int = 1) -> int:
 
 
 def _folded(site: AttentionSite) -> bool:
-    return site.variant.get("layout") == "folded"
+    """Heads folded into the batch: 3-D scores (tagged by discovery) or a 3-D Q at the core."""
+    shape = site.q.value.shape if site.q is not None else None
+    return site.variant.get("layout") == "folded" or (shape is not None and shape.rank() == 3)
 
 
 def _folded_term(site: AttentionSite, term: ir.Value) -> bool:
@@ -232,10 +234,10 @@ class PruneHeads(Pass):
             if all(n == groups for n in counts):
                 return PassResult(model, False)
             if self.rule == "paper":
-                layout = next(((s, why) for s, n in zip(sites, counts) if n < groups and (why := needs_rows(s))), None)
-                if layout is not None:
-                    raise OptionError(f"layer {layout[0].layer}: {layout[1]}: the paper rule does not prune this "
-                                      "layout at run time yet; use the calibrated rule (--head-rule calibrated)")
+                folded = next((s for s in sites if _folded(s)), None)
+                if folded is not None:
+                    raise OptionError(f"layer {folded.layer}: heads folded into the batch axis: the paper rule's "
+                                      "run-time head scores need [B, H, S, S] probabilities; use --head-rule calibrated")
                 if counts[0] < groups:
                     raise OptionError("the first attention layer cannot be head-pruned: "
                                       "head scores come from earlier layers")
@@ -418,11 +420,8 @@ class _Rewrite:
         cache = site.kv_cache
         layout = needs_rows(site)
         scores = score_views(site) if layout is not None else []  # before the core's inputs are redirected
-        if layout is not None and not isinstance(sel, np.ndarray):
-            raise OptionError(f"layer {site.layer}: {layout}: the paper rule does not prune this layout at run "
-                              "time yet; use the calibrated rule (--head-rule calibrated)")
         if layout is not None:
-            done = narrow_layer(self.e, site, sel, _query_heads(sel, g))
+            done = narrow_layer(self.e, site, sel, self._head_index(sel, g))
             logger.info("prune-heads layer %d (%s): %s", site.layer, layout, "; ".join(done))
         elif site.q.packed is not None:
             self._slice_projection(site.q.projection, sel, G, dh, n, 3, q_only=cache)
@@ -433,12 +432,12 @@ class _Rewrite:
                 self._slice_projection(site.v.projection, sel, G, dh, n, 1)
         if cache and _folded(site):
             for b in (site.k, site.v):
-                gather_heads(self.e, b.value, _query_heads(sel, g), H)
+                gather_heads(self.e, b.value, self._head_index(sel, g), H, reader=core_reader(site, "v" if b is site.v else "k"))
         elif cache:
             self._gather_cached(site, sel, g)
         for term, add in zip(site.bias_terms, site.bias_adds):  # per-head position bias: the kept heads' rows
             if _folded_term(site, term) and term.shape.dims[0] != 1:
-                gather_heads(self.e, term, _query_heads(sel, g), H, reader=add)
+                gather_heads(self.e, term, self._head_index(sel, g), H, reader=add)
             elif not _folded(site) and term.shape.rank() >= 3 and term.shape.dims[term.shape.rank() - 3] != 1:
                 # [B|1, H|1, S, S] or [H|1, S, S] aligned with the scores: the head axis is rank - 3
                 axis = term.shape.rank() - 3
