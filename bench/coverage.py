@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated families")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
-    p.add_argument("--merge", type=Path, metavar="JSON",
-                   help="an earlier run's .json: its rows for models not evaluated now are carried over")
+    p.add_argument("--merge", type=Path, metavar="JSON", nargs="+",
+                   help="earlier runs' .json: their rows for models not evaluated now are carried over "
+                        "(the first file that has a model wins)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     recs = corpus_records(args.corpus)
@@ -215,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(evaluate(rec, args.corpus))
         print(rec["name"], " ".join(f"{c}={'ok' if rows[-1][c]['ok'] else rows[-1][c]['reason']}" for c in CHECKS),
               flush=True)
-    if args.merge:
+    for merged in args.merge or []:
         done = {r["name"] for r in rows}
-        earlier = json.loads(args.merge.read_text())["rows"]
-        rows += [{**r, "from": args.merge.name} for r in earlier if r["name"] not in done]
+        earlier = json.loads(merged.read_text())["rows"]
+        rows += [{**r, "from": r.get("from", merged.name)} for r in earlier if r["name"] not in done]
+    if args.merge:
         order = {r["name"]: i for i, r in enumerate(corpus_records(args.corpus))}
         rows.sort(key=lambda r: order.get(r["name"], len(order)))
     table = render(rows, failed)
