@@ -237,7 +237,8 @@ class PruneHeads(Pass):
                 folded = next((s for s in sites if _folded(s)), None)
                 if folded is not None:
                     raise OptionError(f"layer {folded.layer}: heads folded into the batch axis: the paper rule's "
-                                      "run-time head scores need [B, H, S, S] probabilities; use --head-rule calibrated")
+                                      "run-time head scores need [B, H, S, S] probabilities; "
+                                      "use --head-rule calibrated")
                 if counts[0] < groups:
                     raise OptionError("the first attention layer cannot be head-pruned: "
                                       "head scores come from earlier layers")
@@ -432,7 +433,8 @@ class _Rewrite:
                 self._slice_projection(site.v.projection, sel, G, dh, n, 1)
         if cache and _folded(site):
             for b in (site.k, site.v):
-                gather_heads(self.e, b.value, self._head_index(sel, g), H, reader=core_reader(site, "v" if b is site.v else "k"))
+                reader = core_reader(site, "v" if b is site.v else "k")
+                gather_heads(self.e, b.value, self._head_index(sel, g), H, reader=reader)
         elif cache:
             self._gather_cached(site, sel, g)
         for term, add in zip(site.bias_terms, site.bias_adds):  # per-head position bias: the kept heads' rows

@@ -128,7 +128,8 @@ def build(layout: str, escape: bool = False) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])]
     if escape:
         nodes.append(N("Identity", ["qkv4"], ["qkv_out"]))
-        outputs.append(helper.make_tensor_value_info("qkv_out", TensorProto.FLOAT, ["B", "S", "P", DH * 3 if layout == "neox" else DH]))
+        dims = ["B", "S", "P", DH * 3 if layout == "neox" else DH]
+        outputs.append(helper.make_tensor_value_info("qkv_out", TensorProto.FLOAT, dims))
     graph = helper.make_graph(nodes, f"packed_{layout}",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", D])], outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

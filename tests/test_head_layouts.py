@@ -177,7 +177,8 @@ def test_quantize_kv_on_folded_heads(bits: str, tmp_path: Path) -> None:
     path, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
     onnx.save(build("folded"), path)
     model = load_model(path)
-    Pipeline([make_pass("normalize"), make_pass("quantize-kv", bits=bits, rule="fixed", threshold=1.0)], check=True)(model)
+    quantize = make_pass("quantize-kv", bits=bits, rule="fixed", threshold=1.0)
+    Pipeline([make_pass("normalize"), quantize], check=True)(model)
     save_model(model, out, external_data=False)
     import onnxruntime as ort
 
