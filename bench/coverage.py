@@ -235,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(rec["name"], " ".join(f"{c}={'ok' if rows[-1][c]['ok'] else rows[-1][c]['reason']}" for c in CHECKS),
               flush=True)
-    for merged in args.merge or []:
-        done = {r["name"] for r in rows}
-        earlier = json.loads(merged.read_text())["rows"]
-        rows += [{**r, "from": r.get("from", merged.name)} for r in earlier if r["name"] not in done]
+    runs = [(m, json.loads(m.read_text())["rows"]) for m in args.merge or []]
+    for fresh in (True, False):  # rows a run evaluated itself win over rows it carried from another
+        for merged, earlier in runs:
+            done = {r["name"] for r in rows}
+            rows += [{**r, "from": r.get("from", merged.name)} for r in earlier
+                     if r["name"] not in done and ("from" not in r) == fresh]
     if args.merge:
         order = {r["name"]: i for i, r in enumerate(corpus_records(args.corpus))}
         rows.sort(key=lambda r: order.get(r["name"], len(order)))
