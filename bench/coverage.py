@@ -132,8 +132,9 @@ def kv(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
     return True, f"max |diff| {_diff(want, {k: got[k] for k in want}):.2g}"
 
 
-def evaluate(rec: dict[str, Any], corpus: Path = CORPUS) -> dict[str, Any]:
-    """One corpus model: each check -> {ok, reason}. A check that raises is a refusal (its message)."""
+def evaluate(rec: dict[str, Any], corpus: Path = CORPUS, only: tuple[str, ...] = CHECKS) -> dict[str, Any]:
+    """One corpus model: each check (of ``only``) -> {ok, reason}. A check that raises is a refusal
+    (its message)."""
     path = corpus / rec["onnx"]
     feeds = dict(np.load(corpus / f"{rec['name']}.npz"))
     row: dict[str, Any] = {k: rec[k] for k in ("name", "family", "exporter", "kind", "kv_cache")}
@@ -141,6 +142,8 @@ def evaluate(rec: dict[str, Any], corpus: Path = CORPUS) -> dict[str, Any]:
         checks = (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d))),
                   ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d))))
         for check, fn in checks:
+            if check not in only:
+                continue
             t0 = time.perf_counter()
             try:
                 ok, why = fn()
@@ -200,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated families")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
-    p.add_argument("--merge", type=Path, metavar="JSON",
-                   help="an earlier run's .json: its rows for models not evaluated now are carried over")
+    p.add_argument("--checks", help="comma-separated checks to run (default all); the others are carried "
+                                    "over from the --merge runs' row of the same model")
+    p.add_argument("--merge", type=Path, metavar="JSON", nargs="+",
+                   help="earlier runs' .json: their rows for models not evaluated now are carried over "
+                        "(the first file that has a model wins)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     recs = corpus_records(args.corpus)
@@ -211,14 +217,31 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in recs if r.get("status") != "ok"]
     rows = []
     t0 = time.perf_counter()
+    only = tuple(args.checks.split(",")) if args.checks else CHECKS
+    if set(only) - set(CHECKS) or (only != CHECKS and not args.merge):
+        p.error(f"--checks takes {','.join(CHECKS)} and needs --merge for the checks not run")
+    carried = {}
+    for merged in reversed(args.merge or []):
+        carried.update({r["name"]: {**r, "from": r.get("from", merged.name)}
+                        for r in json.loads(merged.read_text())["rows"]})
     for rec in ok:
-        rows.append(evaluate(rec, args.corpus))
+        row = evaluate(rec, args.corpus, only)
+        old = carried.get(rec["name"])
+        if only != CHECKS and old is None:
+            continue  # nothing to carry the other checks from: not reported
+        for c in CHECKS:
+            if c not in only:
+                row[c] = {**old[c], "from": old["from"]}
+        rows.append(row)
         print(rec["name"], " ".join(f"{c}={'ok' if rows[-1][c]['ok'] else rows[-1][c]['reason']}" for c in CHECKS),
               flush=True)
+    runs = [(m, json.loads(m.read_text())["rows"]) for m in args.merge or []]
+    for fresh in (True, False):  # rows a run evaluated itself win over rows it carried from another
+        for merged, earlier in runs:
+            done = {r["name"] for r in rows}
+            rows += [{**r, "from": r.get("from", merged.name)} for r in earlier
+                     if r["name"] not in done and ("from" not in r) == fresh]
     if args.merge:
-        done = {r["name"] for r in rows}
-        earlier = json.loads(args.merge.read_text())["rows"]
-        rows += [{**r, "from": args.merge.name} for r in earlier if r["name"] not in done]
         order = {r["name"]: i for i, r in enumerate(corpus_records(args.corpus))}
         rows.sort(key=lambda r: order.get(r["name"], len(order)))
     table = render(rows, failed)
