@@ -2,6 +2,7 @@
 (issue #13, ``bench/genai_step.py``) use it.
 
     python models/_genai.py smollm2            # models/cache/genai-smollm2-{hf,fp32,int4}/
+    python models/_genai.py fixtures           # models/builder/llama_{fp32,int4}.onnx (committed, tiny)
 
 The builder reads a Hugging Face folder (config, safetensors, tokenizer) and writes ``model.onnx``
 with com.microsoft ``GroupQueryAttention`` (packed QKV, rotary inside), ``RotaryEmbedding``,
@@ -99,11 +100,47 @@ def smollm2(cache: Path = CACHE, precisions: tuple[str, ...] = PRECISIONS) -> li
     return outs
 
 
+def fixtures(out: Path = Path(__file__).resolve().parent / "builder") -> list[Path]:
+    """Tiny random-weight Llama (2 layers, 4 heads, 2 KV heads, head dim 16 - GroupQueryAttention's CPU
+    kernel wants a multiple of 16 - vocab 32) through the builder, weights inline: the committed test
+    models of the builder's graph form."""
+    import tempfile
+
+    import onnx
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=32,
+                                      max_position_embeddings=64, initializer_range=0.2, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with tempfile.TemporaryDirectory(prefix="builder-fixture-") as tmp:
+        hf = Path(tmp) / "hf"
+        model.save_pretrained(hf)
+        save_tiny_tokenizer(hf, 32)
+        for p in PRECISIONS:
+            build(hf, Path(tmp) / p, p)
+            proto = onnx.load(str(Path(tmp) / p / "model.onnx"))
+            path = out / f"llama_{p}.onnx"
+            onnx.save(proto, str(path))
+            paths.append(path)
+    version = importlib.metadata.version("onnxruntime-genai")
+    (out / "README.md").write_text(
+        "Tiny random-weight Llama (2 layers, 4 heads, 2 KV heads, head dim 16, hidden 64, vocab 32) built by\n"
+        f"onnxruntime-genai {version}'s model builder (`python models/_genai.py fixtures`; `-p fp32|int4 -e cpu`),\n"
+        "weights inline. Not in the fixture sidecar schema on purpose: tests/test_unfuse_gqa.py uses them.\n")
+    return paths
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if sys.argv[1:] != ["smollm2"]:
-        sys.exit("usage: python models/_genai.py smollm2")
+    if sys.argv[1:] not in (["smollm2"], ["fixtures"]):
+        sys.exit("usage: python models/_genai.py smollm2|fixtures")
     if not available():
         sys.exit("onnxruntime-genai is not installed (pip install onnxruntime-genai)")
-    for path in smollm2():
+    for path in (smollm2() if sys.argv[1] == "smollm2" else fixtures()):
         print(path)

@@ -231,6 +231,8 @@ def export_builder(fam: Family, exporter: str, out: Path) -> dict[str, Any]:
     try:
         torch.manual_seed(SEED)
         config = make_config(fam)
+        if isinstance(getattr(config, "layer_types", None), list):  # save_pretrained validates its length
+            config.layer_types = config.layer_types[:config.num_hidden_layers]
         record.update(expected_dims(config, fam))
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
         rng = np.random.default_rng(SEED)
