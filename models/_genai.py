@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -57,7 +58,9 @@ def build(hf_dir: Path, out_dir: Path, precision: str, extra: dict[str, Any] | N
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not (out_dir / "model.onnx").exists():
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and not ln.startswith(" ")]
-        raise RuntimeError(f"model builder failed: {(lines or ['no output'])[-1][:300]}")
+        errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]  # a traceback's last line
+        why = (errors or lines or [f"exit code {proc.returncode}"])[-1]
+        raise RuntimeError(f"model builder failed (exit {proc.returncode}): {why[:300]}")
     return time.perf_counter() - t0
 
 
@@ -100,10 +103,14 @@ def smollm2(cache: Path = CACHE, precisions: tuple[str, ...] = PRECISIONS) -> li
     return outs
 
 
-def fixtures(out: Path = Path(__file__).resolve().parent / "builder") -> list[Path]:
-    """Tiny random-weight Llama (2 layers, 4 heads, 2 KV heads, head dim 16 - GroupQueryAttention's CPU
-    kernel wants a multiple of 16 - vocab 32) through the builder, weights inline: the committed test
-    models of the builder's graph form."""
+FIXTURES = Path(__file__).resolve().parent / "builder"
+
+
+def fixtures(out: Path = FIXTURES) -> list[Path]:
+    """Tiny random-weight Llama (2 layers, 4 heads, 2 KV heads, head dim 16, vocab 48) through the
+    builder, weights inline: the committed test models of the builder's graph form. GroupQueryAttention's
+    CPU kernel wants a head size multiple of 16; the vocabulary differs from the MLP width because the
+    builder takes the first Linear with vocabulary-many outputs for the LM head."""
     import tempfile
 
     import onnx
@@ -111,7 +118,7 @@ def fixtures(out: Path = Path(__file__).resolve().parent / "builder") -> list[Pa
     import transformers
 
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=32,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=48,
                                       max_position_embeddings=64, initializer_range=0.2, pad_token_id=0,
                                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -121,7 +128,7 @@ def fixtures(out: Path = Path(__file__).resolve().parent / "builder") -> list[Pa
     with tempfile.TemporaryDirectory(prefix="builder-fixture-") as tmp:
         hf = Path(tmp) / "hf"
         model.save_pretrained(hf)
-        save_tiny_tokenizer(hf, 32)
+        save_tiny_tokenizer(hf, 48)
         for p in PRECISIONS:
             build(hf, Path(tmp) / p, p)
             proto = onnx.load(str(Path(tmp) / p / "model.onnx"))
@@ -130,7 +137,7 @@ def fixtures(out: Path = Path(__file__).resolve().parent / "builder") -> list[Pa
             paths.append(path)
     version = importlib.metadata.version("onnxruntime-genai")
     (out / "README.md").write_text(
-        "Tiny random-weight Llama (2 layers, 4 heads, 2 KV heads, head dim 16, hidden 64, vocab 32) built by\n"
+        "Tiny random-weight Llama (2 layers, 4 heads, 2 KV heads, head dim 16, hidden 64, vocab 48) built by\n"
         f"onnxruntime-genai {version}'s model builder (`python models/_genai.py fixtures`; `-p fp32|int4 -e cpu`),\n"
         "weights inline. Not in the fixture sidecar schema on purpose: tests/test_unfuse_gqa.py uses them.\n")
     return paths

@@ -140,7 +140,8 @@ def group_query_attention(e: GraphEditor, node: ir.Node) -> list[ir.Value | None
     for i, what in ((10, "attention_bias"), (11, "head_sink")):
         if _in(node, i) is not None:
             raise _refuse(node, f"input {what} is not decomposed")
-    if a.get_int("smooth_softmax", 0) or a.get_int("qk_output", 0) or (len(node.outputs) > 3 and node.outputs[3].uses()):
+    qk_used = len(node.outputs) > 3 and bool(node.outputs[3].uses())
+    if a.get_int("smooth_softmax", 0) or a.get_int("qk_output", 0) or qk_used:
         raise _refuse(node, "smooth_softmax / qk output are not decomposed")
     if a.get_int("rotary_interleaved", 0):
         raise _refuse(node, "interleaved rotary is not decomposed (only rotate-half)")

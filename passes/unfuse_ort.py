@@ -163,7 +163,8 @@ class UnfuseOrt(Pass):
     name = "unfuse-ort"
 
     def call(self, model: ir.Model) -> PassResult:
-        nodes = [n for n in model.graph if (n.domain == MS and n.op_type in UNFUSE) or (n.domain in ("", "ai.onnx") and n.op_type in ONNX_DOMAIN)]
+        nodes = [n for n in model.graph if (n.domain == MS and n.op_type in UNFUSE)
+                 or (n.domain in ("", "ai.onnx") and n.op_type in ONNX_DOMAIN)]
         stale = trust_initializer_shapes(model.graph)
         if not nodes:
             return PassResult(model, bool(stale))

@@ -9,16 +9,17 @@ import onnx
 import pytest
 from conftest import MODELS, run_ort
 from onnx import TensorProto, helper, numpy_helper
-
-from spatten_compiler.errors import OptionError
-from spatten_compiler.modelio import load_model, save_model
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.unfuse_ort import UnfuseOrt
+
+from spatten_compiler.errors import OptionError
+from spatten_compiler.modelio import load_model, save_model
 from spatten_compiler.pipeline import Pipeline, make_pass
 
 BUILDER = MODELS / "builder"
 N, KV, H, MAXPOS = 4, 2, 16, 32  # GroupQueryAttention's CPU kernel: head size % 16 == 0
+OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
 SHAPES = [(2, 0, 5), (1, 3, 1), (2, 4, 1), (1, 4, 3)]  # (batch, past, new): GQA wants batch 1 for S > 1 with past
 
 
@@ -48,7 +49,7 @@ def _gqa_model(packed: bool = True, rotary: int = H, softcap: float = 0.0, windo
             helper.make_tensor_value_info("present_k", f, ["B", KV, "T", H]),
             helper.make_tensor_value_info("present_v", f, ["B", KV, "T", H])]
     graph = helper.make_graph([node], "gqa", ins, outs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(graph, opset_imports=OPSETS)
 
 
 def _feeds(b: int, p: int, s: int, packed: bool = True, h: int = H) -> dict[str, np.ndarray]:
@@ -115,7 +116,7 @@ def _rotary_model(rank: int, offset: bool) -> onnx.ModelProto:
                             **({"num_heads": N} if rank == 3 else {}))
     graph = helper.make_graph([node], "rope", [helper.make_tensor_value_info("x", f, shape), pos],
                               [helper.make_tensor_value_info("y", f, shape)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(graph, opset_imports=OPSETS)
 
 
 @pytest.mark.parametrize(("rank", "offset"), [(3, False), (3, True), (4, False)])
@@ -141,11 +142,13 @@ def _decode_ref(path, ids: np.ndarray, prefill: int, layers: int = 2) -> list[np
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    cache = {f"past_key_values.{i}.{t}": np.zeros((1, KV, 0, H), np.float32) for i in range(layers) for t in ("key", "value")}
+    cache = {f"past_key_values.{i}.{t}": np.zeros((1, KV, 0, H), np.float32)
+             for i in range(layers) for t in ("key", "value")}
     logits, n = [], 0
     for chunk in [ids[:prefill], *[ids[j:j + 1] for j in range(prefill, len(ids))]]:
         n += len(chunk)
-        out = dict(zip(names, sess.run(None, {"input_ids": chunk[None], "attention_mask": np.ones((1, n), np.int64), **cache})))
+        feeds = {"input_ids": chunk[None], "attention_mask": np.ones((1, n), np.int64), **cache}
+        out = dict(zip(names, sess.run(None, feeds)))
         cache = {k: out[k.replace("past_key_values", "present")] for k in cache}
         logits.append(out["logits"])
     return logits
@@ -168,7 +171,7 @@ def test_builder_model_eviction(tmp_path, precision) -> None:
     from spatten_compiler.decoding import DecoderSession
 
     path = _builder(precision)
-    ids = np.random.default_rng(4).integers(3, 32, 14).astype(np.int64)
+    ids = np.random.default_rng(4).integers(3, 48, 14).astype(np.int64)
     want = _decode_ref(path, ids, 8)
     for budget in (1.0, 0.5):
         model = load_model(path)
@@ -202,7 +205,7 @@ def test_builder_int4_head_pruning_refused_with_reason() -> None:
 def test_builder_fp32_heads_and_kv_bits_exact_at_keep_1(tmp_path) -> None:
     path = _builder("fp32")
     rng = np.random.default_rng(5)
-    feeds = {"input_ids": rng.integers(3, 32, (1, 4)).astype(np.int64), "attention_mask": np.ones((1, 7), np.int64),
+    feeds = {"input_ids": rng.integers(3, 48, (1, 4)).astype(np.int64), "attention_mask": np.ones((1, 7), np.int64),
              "position_ids": np.arange(3, 7)[None].astype(np.int64),
              **{f"past_key_values.{i}.{t}": rng.standard_normal((1, KV, 3, H)).astype(np.float32)
                 for i in range(2) for t in ("key", "value")}}
