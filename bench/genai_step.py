@@ -4,9 +4,12 @@ model builder (fp32 and int4), the engine a user would otherwise pick (issue #13
     python models/_genai.py smollm2          # the builder's models (once)
     python -m bench genai_step --contexts 512,1024,2048 --steps 24
 
-For each context C: C WikiText-2 test tokens are prefilled into every configuration, then the next
-``steps`` tokens are teacher-forced one decode step at a time, the configurations stepped in lockstep
-(rotating order) so their step times interleave. Configurations (a missing model is skipped, noted):
+For each context C every configuration is brought to C - warmup tokens, then ``warmup + steps``
+WikiText-2 test tokens are teacher-forced one decode step at a time, the configurations stepped in
+lockstep (rotating order) so their step times interleave; the median is over the ``steps`` after the
+warm-up. onnxruntime models get a synthesized cache of that length (what an eviction model keeps at
+that length: see ``OrtRunner``); onnxruntime-genai prefills the real tokens (one sequence continued
+from context to context). Configurations (a missing model is skipped, noted):
 
 * ``dense``: the TorchScript export (models/cache/smollm2), onnxruntime, fp32 cache.
 * ``spattenc-evict50``: ``spattenc smollm2 --kv-budget 0.5``; ``spattenc-evict50-int4-opt``: the same
@@ -53,14 +56,33 @@ CONFIGS: dict[str, tuple[str, Path, str]] = {
 
 
 class OrtRunner:
+    """A decode step over onnxruntime. The cache before the timed steps is synthesized at the
+    context's length (random K/V; for an eviction model the ``ceil(budget * C)`` slots it keeps, with
+    4 sinks, the newest half and evenly spread positions between): a step's cost depends on the
+    shapes, not the values, and prefilling 2048 tokens into every model took minutes on the shared
+    machine."""
+
     def __init__(self, path: Path, threads: int) -> None:
         from spatten_compiler.decoding import DecoderSession
 
         self.session = DecoderSession(path, threads=threads)
 
     def prefill(self, ids: np.ndarray) -> None:
-        self.session.reset(1)
-        self.session.step(ids[None])
+        s, context = self.session, len(ids)
+        s.reset(1)
+        kept = context if s.evict is None else int(np.ceil(float(s.evict["budget"]) * context))
+        recent = kept // 2
+        middle = np.linspace(4, context - recent - 1, kept - 4 - recent).astype(np.int64)
+        positions = np.concatenate([np.arange(4), middle, np.arange(context - recent, context)])[None]
+        rng = np.random.default_rng(0)
+        for name, (dtype, dims) in s.state.items():
+            if name.startswith("past_positions"):
+                s.cache[name] = positions.astype(dtype)
+            elif name.startswith("past_importance"):
+                s.cache[name] = rng.random((1, kept)).astype(dtype)
+            else:
+                s.cache[name] = rng.standard_normal((1, dims[1], kept, dims[3])).astype(dtype)
+        s.mask = np.ones((1, context), np.int64)
 
     def step(self, token: int) -> None:
         self.session.step(np.array([[token]], np.int64))
@@ -70,6 +92,9 @@ class OrtRunner:
 
 
 class GenaiRunner:
+    """onnxruntime-genai has no way to hand it a cache: it prefills the real tokens, continuing the
+    same sequence from one context to the next (512, then up to 1024, then up to 2048)."""
+
     def __init__(self, folder: Path, max_length: int) -> None:
         import onnxruntime_genai as og
 
@@ -78,10 +103,12 @@ class GenaiRunner:
         self.length = 0
 
     def prefill(self, ids: np.ndarray) -> None:
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=self.max_length, do_sample=False)
-        self.generator = self.og.Generator(self.model, params)
-        self.generator.append_tokens(ids.astype(np.int32))
+        if self.generator is None:
+            params = self.og.GeneratorParams(self.model)
+            params.set_search_options(max_length=self.max_length, do_sample=False)
+            self.generator = self.og.Generator(self.model, params)
+        if len(ids) > self.length:
+            self.generator.append_tokens(ids[self.length:].astype(np.int32))
         self.length = len(ids)
 
     def step(self, token: int) -> None:
@@ -96,14 +123,14 @@ def run_context(runners: dict, ids: np.ndarray, context: int, steps: int, warmup
     times: dict[str, list[float]] = {name: [] for name in runners}
     for name, r in runners.items():
         t0 = time.perf_counter()
-        r.prefill(ids[:context])
+        r.prefill(ids[:context - warmup])  # the warm-up steps bring every model to `context` tokens
         log.info("  %s: prefill %d tokens %.1f s", name, context, time.perf_counter() - t0)
     names = list(runners)
     for i in range(warmup + steps):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
             t0 = time.perf_counter()
-            runners[name].step(int(ids[context + i]))
+            runners[name].step(int(ids[context - warmup + i]))  # genai: these tokens join its sequence
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     rows = []
