@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for part in ("token", "head", "value"):
         d.add_argument(f"--no-{part}-pruning", action="store_const", const=True,
                        help=f"leave {part} pruning out of the preset" + ("; K/V: --kv-bits none" * (part == "value")))
+    d.add_argument("--no-kv-eviction", action="store_const", const=True,
+                   help="leave KV-cache eviction out of the decoder preset")
     t = p.add_argument_group("cascade token pruning (encoders)",
                              "defaults marked 'rule' come from --token-rule: spattenc's / the paper's")
     t.add_argument("--token-keep", type=float, metavar="R",
@@ -105,6 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-evict", choices=("layer", "cascade"),
                    help="layer (default): each layer keeps its top tokens by accumulated attention (H2O); "
                    "cascade: SpAtten's, a token dropped once stays dropped deeper")
+    e.add_argument("--kv-min-keep", type=int, metavar="N",
+                   help="no eviction while a layer's cache holds at most N tokens: a floor for short prompts "
+                   "(default 0; the decoder presets set it)")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
@@ -157,12 +162,14 @@ def run(args: argparse.Namespace) -> int:
         "no_token_pruning": args.no_token_pruning,
         "no_head_pruning": args.no_head_pruning,
         "no_value_pruning": args.no_value_pruning,
+        "no_kv_eviction": args.no_kv_eviction,
         "optimize": args.optimize,
         "weights": args.weights,
         "kv_budget": args.kv_budget,
         "kv_sinks": args.kv_sinks,
         "kv_recent": args.kv_recent,
         "kv_evict": args.kv_evict,
+        "kv_min_keep": args.kv_min_keep,
     })
     t0 = time.perf_counter()
     with report.step(f"compiling {args.model}"), report.bar(None, "passes", unit="pass") as bar:
