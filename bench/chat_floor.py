@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         [(float(b), int(f)) for b in args.budgets.split(",") for f in args.floors.split(",")]
     rows: list[dict] = []
     t0 = time.perf_counter()
-    for i, (text, ids) in enumerate(chosen):
+    for i, (_, ids) in enumerate(chosen):
         ref, _ = greedy(dense, ids, args.new_tokens, tok.eos_ids)
         extra = bool(args.example) and i == len(chosen) - 1
         rows.append({"prompt": i, "extra": extra, "length": len(ids), "budget": 1.0, "floor": -1, "tokens": ref,

@@ -71,10 +71,16 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
     if "evict-kv" in by_name:
         e = by_name["evict-kv"]
         budget = f"{e.budget:.0%} of the length so far" if e.budget <= 1 else f"{e.budget:g} tokens"
-        window = f"the last {e.recent} tokens" if e.recent else f"a recent window of {e.recent_share:.0%} of the kept slots"
+        window = (f"the last {e.recent} tokens" if e.recent
+                  else f"a recent window of {e.recent_share:.0%} of the kept slots")
         floor = f"; nothing evicted while a layer holds at most {e.min_keep} tokens" if e.min_keep else ""
         lines.append(f"  KV cache per layer kept within {budget} across generation steps ({e.mode} eviction by "
                      f"accumulated attention; the first {e.sinks} tokens and {window} never evicted{floor})")
+        from spatten_compiler.passes.evict_kv import budget_tokens
+
+        held = [n / budget_tokens(e.layer_budget(0), n, e.sinks, e.recent, n, e.min_keep) for n in (128, 512, 2048)]
+        lines.append(f"  ideal at 128 / 512 / 2048 tokens so far: {' / '.join(f'{h:.1f}x' for h in held)} "
+                     "smaller KV cache held (layer 0)")
     if "quantize-kv" in by_name:
         q = by_name["quantize-kv"]
         m, _, lo = q.bits.partition("+")
