@@ -286,7 +286,7 @@ def test_kind_comes_from_the_sites_not_the_name(tmp_path: Path) -> None:
     (["--kv-bits", "3+x"], "--kv-bits must look like"),
     (["--no-kv-eviction", "--kv-budget", "0.5"], "--no-kv-eviction turns KV-cache eviction off, but --kv-budget"),
     (["--no-kv-eviction", "--pipeline", "normalize"], "--pipeline runs exactly the passes it names"),
-    (["--kv-min-keep", "-4"], "--kv-min-keep must be a whole number of tokens >= 0, got -4"),
+    (["--kv-min-keep", "16"], "--kv-min-keep needs --kv-budget"),  # an encoder: no preset eviction to refine
 ])
 def test_bad_values_one_line_exit_2(flags: list[str], message: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
