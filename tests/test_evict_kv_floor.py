@@ -158,7 +158,7 @@ def test_cli_floor(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags, message", [
     (["--kv-budget", "0.5", "--kv-min-keep", "-1"], "--kv-min-keep must be a whole number of tokens >= 0, got -1"),
-    (["--kv-min-keep", "16"], "--kv-min-keep needs --kv-budget"),
+    (["--kv-bits", "4", "--kv-min-keep", "16"], "--kv-min-keep needs --kv-budget"),  # explicit options: no preset
     (["--pipeline", "normalize,decompose-attention,evict-kv{budget=0.5;min_keep=-3}"],
      "--kv-min-keep must be a whole number of tokens >= 0, got -3"),
 ])
