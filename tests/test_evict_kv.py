@@ -303,8 +303,12 @@ def test_cli_kv_score(tmp_path: Path) -> None:
         return subprocess.run([sys.executable, "-m", "spatten_compiler", *args], capture_output=True, text=True)
 
     out = tmp_path / "s.onnx"
-    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-score", "mean")
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--no-kv-eviction", "--kv-score", "mean")
     assert r.returncode == 2 and "needs --kv-budget" in r.stderr and not out.exists()
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-score", "mean")  # the preset's eviction
+    assert r.returncode == 0, r.stderr
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert '"score": "mean"' in meta["spatten.evict_kv"] and '"min_keep": 256' in meta["spatten.evict_kv"]
     r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-budget", "0.5", "--kv-score", "last")
     assert r.returncode == 0, r.stderr
     meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
