@@ -46,7 +46,7 @@ def _patch(data: bytes, offset: int, raw: bytes) -> bytes:
     ("mutate", "message"),
     [
         (lambda d: b"XXXX" + d[4:], "bad magic"),
-        (lambda d: _patch(d, 4, struct.pack("<H", 9)), "unsupported version 9.0"),
+        (lambda d: _patch(d, 4, struct.pack("<H", 9)), "unsupported version 9.1"),
         (lambda d: _patch(d, 8, struct.pack("<I", 0x04030201)), "bad endianness mark"),
         (lambda d: d[:40], "truncated header"),
         (lambda d: d[:100], "truncated section table"),

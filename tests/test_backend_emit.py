@@ -135,7 +135,15 @@ def test_cli_emit_disasm_asm_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
     assert rc == 0 and "; node " in stdout and stdout.startswith(".hw spatten\n")
     (tmp_path / "m.s").write_text(stdout)
     assert _cli(capsys, "asm", str(tmp_path / "m.s"), "-o", str(tmp_path / "again.spbin"))[0] == 0
-    assert (tmp_path / "again.spbin").read_bytes() == out.read_bytes()
+    # the text holds the stream, not the embedded model (MODEL section): asm gives the --no-weights binary
+    embedded = program.from_bytes(out.read_bytes())
+    assert embedded.model == (MODELS / "llama_dynamo.onnx").read_bytes()
+    embedded.model = None
+    assert (tmp_path / "again.spbin").read_bytes() == program.to_bytes(embedded)
+    slim = tmp_path / "slim.spbin"
+    assert _cli(capsys, "emit", str(MODELS / "llama_dynamo.onnx"), "--prompt-len", "8", "--gen-steps", "2",
+                "-o", str(slim), "--no-weights")[0] == 0
+    assert (tmp_path / "again.spbin").read_bytes() == slim.read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,10 @@ from spatten_compiler.backend.isa import OPCODES, WORD_BYTES, IsaError, decode_w
 GOLDEN = [
     ("finish deps=pop_prev",
      "41000000000000000000000000000000"),
-    ("cfg.attn layer=5 heads=42 kv_heads=79 head_dim=116 tokens=153 causal=0 past=227 scale=0.064453125 deps=pop_next",
-     "8214a83cd19109601c00210000000000"),
-    ("cfg.quant q_bits=5 k_msb=10 k_lsb=15 v_bits=20 threshold=0.004669189453125 deps=pop_prev|pop_next",
-     "c314f568260000000000000000000000"),
+    ("cfg.attn layer=5 heads=42 kv_heads=79 head_dim=116 tokens=153 causal=0 past=227 scale=3.699427945817517e-43 div=1 deps=pop_next",
+     "8214a83cd19109601c00210000200000"),
+    ("cfg.quant q_bits=5 k_msb=10 k_lsb=15 v_bits=20 threshold=0.004669189453125 rule=uniform deps=pop_prev|pop_next",
+     "c314f568268000000000000000000000"),
     ("cfg.prune token_keep=0.000152587890625 head_keep=0.00128173828125 value_keep=0.002410888671875 protect_first=116 protect_recent=153 score=mean deps=push_prev",
      "041500a8003c01d06502040000000000"),
     ("load buf=weight sram=0x2a dram=0x4f rows=116 row_bytes=153 stride=190 live=1 hmask=0 head=45 deps=pop_prev|push_prev",
@@ -102,9 +102,20 @@ def test_every_field_out_of_range_is_refused_by_name(spec: isa.InstrSpec) -> Non
             spec.make(**{f.name: f.max + 1})
         with pytest.raises(IsaError, match=f"field '{f.name}'"):
             spec.make(**{f.name: -1})
-        bad = f"{f.name}={f.max + 1}" if not f.symbols and f.scale == 1 else f"{f.name}=nonsense"
+        bad = f"{f.name}={f.max + 1}" if not f.symbols and f.scale == 1 and not f.f32 else f"{f.name}=nonsense"
         with pytest.raises(IsaError, match=f"field '{f.name}'"):
             spec.parse([bad], "t")
+
+
+def test_float32_fields_refuse_nan_and_infinity() -> None:
+    attn = isa.spec("cfg.attn")
+    for bits in (0x7FC00000, 0x7F800000, 0xFF800000):
+        with pytest.raises(IsaError, match="field 'scale' .* is not a finite float32"):
+            attn.make(scale=bits)
+    with pytest.raises(IsaError, match="field 'scale'"):
+        attn.parse(["scale=inf"], "t")
+    assert attn.parse(["scale=0.17677669"], "t").asm() == "cfg.attn layer=0 heads=0 kv_heads=0 head_dim=0 tokens=0 " \
+        "causal=0 past=0 scale=0.1767766922712326 div=0"
 
 
 def test_enum_value_beyond_symbols_is_refused_when_decoding() -> None:

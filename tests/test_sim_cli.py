@@ -50,7 +50,7 @@ def test_tensor_kinds_tag_the_traffic(binaries) -> None:
 @pytest.mark.parametrize("args,msg", [
     (["--hw", "spatten-1/8"], "built for hardware 'spatten'"),
     (["--lsb-fraction", "2"], "between 0 and 1"),
-    (["--mode", "functional"], "Python API only"),
+    (["--mode", "functional"], "--mode functional needs --input"),  # whole models run since #15
 ])
 def test_sim_cli_refuses_in_one_line(binaries, capsys, args: list[str], msg: str) -> None:
     spbin, _ = binaries

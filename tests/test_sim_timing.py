@@ -119,7 +119,7 @@ def test_prompt_is_compute_bound_at_the_multiplier_rate() -> None:
 
 
 def test_a_deadlocking_stream_is_reported_not_hung() -> None:
-    stream = [make("cfg.attn", layer=0, heads=1, kv_heads=1, head_dim=64, tokens=8, causal=0, scale=512),
+    stream = [make("cfg.attn", layer=0, heads=1, kv_heads=1, head_dim=64, tokens=8, causal=0, scale=0x3E000000),
               make("qk", head=0, deps=1),  # pop_prev: waits for a load that never pushes
               make("fetch.kv", kv="k", plane="full", head=0, dram=0, row_bytes=256, deps=2),  # pop_next
               make("finish")]

@@ -8,7 +8,11 @@ Layout (all integers little-endian)::
       48 file size u64          56 header CRC32 u32 (bytes 0-55 + 60-63 + section table)  60 zero u32
     section table: one 24-byte entry per section
       kind u16, zero u16, count u32, offset u64, size u32, CRC32 u32
-    sections, contiguous and in kind order: HWDESC, STRINGS, TENSORS, INSTR, RELOCS, DEBUG
+    sections, contiguous and in kind order: HWDESC, STRINGS, TENSORS, INSTR, RELOCS, DEBUG[, MODEL]
+
+MODEL (optional, version 1.1) holds the ONNX model the stream was lowered from - its graph names the
+nodes of the debug map and its initializers are the data of the ``weight`` tensors - so the binary is
+data-complete for the functional simulator (``spattenc emit --no-weights`` leaves it out).
 
 Every byte is covered by a CRC or an exact-layout rule, so any flipped, inserted or removed byte is
 refused with one line (bad magic / version / endianness / hardware digest / CRC / section bounds /
@@ -25,7 +29,7 @@ import zlib
 from spatten_compiler.errors import SpattencError
 
 MAGIC = b"SPBN"
-VERSION = (1, 0)
+VERSION = (1, 1)
 ENDIAN_MARK = 0x01020304
 HEADER = struct.Struct("<4sHHIHH32sQII")
 ENTRY = struct.Struct("<HHIQII")
@@ -39,7 +43,9 @@ SECTIONS: dict[int, tuple[str, int]] = {
     4: ("instr", 16),
     5: ("relocs", 12),
     6: ("debug", 8),
+    7: ("model", 0),
 }
+OPTIONAL = ("model",)  # trailing sections a binary may leave out
 KIND_BY_NAME = {name: kind for kind, (name, _) in SECTIONS.items()}
 MAX_SECTION = 1 << 32
 
@@ -60,13 +66,16 @@ def _header_crc(header: bytes, table: bytes) -> int:
 
 
 def pack(hw_digest: bytes, sections: dict[str, Section]) -> bytes:
-    """Serialize the six sections (all must be present) into one container."""
-    if sorted(sections) != sorted(KIND_BY_NAME):
-        raise ContainerError(f"sections must be exactly {', '.join(KIND_BY_NAME)}")
-    n = len(SECTIONS)
+    """Serialize the sections (all but the trailing optional ones must be present) into one container."""
+    required = [k for k in KIND_BY_NAME if k not in OPTIONAL]
+    present = [k for k in KIND_BY_NAME if k in sections]
+    if any(k not in KIND_BY_NAME for k in sections) or present[:len(required)] != required or \
+            present != list(KIND_BY_NAME)[:len(present)]:
+        raise ContainerError(f"sections must be exactly {', '.join(required)} (then optionally {', '.join(OPTIONAL)})")
+    n = len(present)
     offset = HEADER.size + n * ENTRY.size
     table, blobs = b"", []
-    for kind, (name, _) in SECTIONS.items():
+    for kind, (name, _) in list(SECTIONS.items())[:n]:
         sec = sections[name]
         if len(sec.data) >= MAX_SECTION:
             raise ContainerError(f"section {name} is too large ({len(sec.data)} bytes)")
@@ -90,8 +99,8 @@ def unpack(data: bytes, where: str = "spbin") -> tuple[bytes, dict[str, Section]
         raise ContainerError(f"{where}: bad endianness mark 0x{mark:08x} (expected little-endian 0x{ENDIAN_MARK:08x})")
     if major != VERSION[0]:
         raise ContainerError(f"{where}: unsupported version {major}.{minor} (this spattenc reads {VERSION[0]}.x)")
-    if n != len(SECTIONS):
-        raise ContainerError(f"{where}: section count {n}, expected {len(SECTIONS)}")
+    if not len(SECTIONS) - len(OPTIONAL) <= n <= len(SECTIONS):
+        raise ContainerError(f"{where}: section count {n}, expected {len(SECTIONS) - len(OPTIONAL)} to {len(SECTIONS)}")
     if flags or zero:
         raise ContainerError(f"{where}: reserved header bytes are not zero")
     table_end = HEADER.size + n * ENTRY.size
@@ -104,7 +113,7 @@ def unpack(data: bytes, where: str = "spbin") -> tuple[bytes, dict[str, Section]
         raise ContainerError(f"{where}: file is {len(data)} bytes but the header says {size} (truncated or padded)")
     sections: dict[str, Section] = {}
     expect_offset = table_end
-    for i, (kind, (name, record)) in enumerate(SECTIONS.items()):
+    for i, (kind, (name, record)) in enumerate(list(SECTIONS.items())[:n]):
         k, zero16, count, offset, length, scrc = ENTRY.unpack_from(table, i * ENTRY.size)
         if k != kind or zero16:
             raise ContainerError(f"{where}: section {i} has kind {k}, expected {kind} ({name})")

@@ -68,7 +68,7 @@ def mutate(r: random.Random, data: bytes) -> tuple[str, bytes]:
 
 def mutate_deep(r: random.Random, data: bytes) -> tuple[str, bytes]:
     """Flip or overwrite bytes inside one section (not the hardware JSON), then fix every CRC."""
-    n = len(ct.SECTIONS)
+    n = struct.unpack_from("<H", data, 12)[0]  # the binary's section count (MODEL is optional)
     table = ct.HEADER.size
     entries = [ct.ENTRY.unpack_from(data, table + i * ct.ENTRY.size) for i in range(n)]
     candidates = [i for i, e in enumerate(entries) if e[4] and ct.SECTIONS[e[0]][0] != "hwdesc"]

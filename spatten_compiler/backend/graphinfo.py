@@ -161,6 +161,14 @@ class GraphInfo:
             grp.qk.append(qk)
             grp.softmax.append(n)
         ordered = sorted(groups.values(), key=lambda g: self.position[id(g.qk[0])])
+        if ordered and any(n.domain == "spatten" and n.op_type == "HeadSelect" for n in self.nodes):
+            # head pruning slices the projections: static shapes after it show the kept heads only, but
+            # the stream numbers heads as the model does (the live-head list names them)
+            full = max(g.heads for g in ordered)
+            for g in ordered:
+                if g.heads < full:
+                    g.kv_heads = full if g.kv_heads == g.heads else g.kv_heads
+                    g.heads = full
         for i, grp in enumerate(ordered):
             grp.layer = i
             if grp.qk[0].op_type != "Attention":
@@ -211,7 +219,13 @@ class GraphInfo:
                     grp.spatten.setdefault(c.op_type, []).append(c)
                 pv = c.op_type == "MatMul" and all(i not in self.inits for i in c.input)
                 grp.nodes.add(id(c))
-                if pv or c.op_type in ("ProgressiveContext", "TokenSelect", "HeadImportance", "HeadSelect"):
+                if pv or c.op_type == "ProgressiveContext":  # the attention output: its head importance
+                    for h in (h for o in c.output for h in self.consumers.get(o, [])):  # is the template's too
+                        if h.domain == "spatten" and h.op_type.startswith("HeadImportance") and id(h) not in grp.nodes:
+                            grp.spatten.setdefault(h.op_type, []).append(h)
+                            grp.nodes.add(id(h))
+                if pv or c.op_type in ("ProgressiveContext", "TokenSelect", "HeadImportance", "HeadImportanceAll",
+                                       "HeadSelect"):
                     continue  # the attention output (or a decision) ends the template
                 frontier.extend(o for o in c.output if o)
         # SpAtten functions feeding the template (the K/V planes), a few producers upstream

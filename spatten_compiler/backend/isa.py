@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 
 from spatten_compiler.errors import SpattencError
@@ -52,6 +53,7 @@ class Field:
     scale: int = 1
     hi: int | None = None
     hex: bool = False
+    f32: bool = False  # the bits of an IEEE float32 (exact scales the graph multiplies or divides by)
 
     @property
     def max(self) -> int:
@@ -66,11 +68,15 @@ class Field:
             raise IsaError(f"{where}: field '{self.name}' must be an integer, got {value!r}")
         if not 0 <= value <= self.max:
             raise IsaError(f"{where}: field '{self.name}' = {value} out of range 0..{self.max}")
+        if self.f32 and (value >> 23) & 0xFF == 0xFF:
+            raise IsaError(f"{where}: field '{self.name}' = 0x{value:08x} is not a finite float32")
         return value
 
     def format(self, value: int) -> str:
         if self.symbols:
             return self.symbols[value]
+        if self.f32:
+            return repr(struct.unpack("<f", struct.pack("<I", value))[0])
         if self.scale != 1:
             return repr(value / self.scale)
         return hex(value) if self.hex else str(value)
@@ -80,6 +86,15 @@ class Field:
             if text in self.symbols:
                 return self.symbols.index(text)
             raise IsaError(f"{where}: field '{self.name}' must be one of {'|'.join(self.symbols)}, got '{text}'")
+        if self.f32:
+            try:
+                value = float(text)
+                bits = struct.unpack("<I", struct.pack("<f", value))[0]
+            except (ValueError, OverflowError):
+                raise IsaError(f"{where}: field '{self.name}' must be a float32 number, got '{text}'") from None
+            if not math.isfinite(value):
+                raise IsaError(f"{where}: field '{self.name}' = {text} is not finite")
+            return self.check(bits, where)
         if self.scale != 1:
             try:
                 raw = float(text) * self.scale

@@ -57,6 +57,7 @@ class Lowering:
     def __init__(self, gi: GraphInfo, opts: EmitOptions, path: Path) -> None:
         self.gi, self.opts, self.path = gi, opts, path
         self.live_bound = opts.seq_len  # rows left after the token pruning seen so far (for keep ratios)
+        self.heads_live = gi.groups[0].heads if gi.groups else 1  # heads left after head pruning so far
         self._evaluated: dict[str, np.ndarray | None] = {}
         self.e = Emitter(opts.hw)
         self.addr: dict[str, int] = {}
@@ -169,6 +170,7 @@ class Lowering:
     # ---- the walk ---------------------------------------------------------------------------
     def block(self, rows: int, past: int) -> None:
         self.rows, self.past = rows, past
+        self.heads_live = self.gi.groups[0].heads if self.gi.groups else 1
         self.addr = {}
         self.spill: dict[str, tuple[int, int, int, int]] = {}  # value -> (tensor, rows, row_bytes, live)
         self._fresh: list[str] = []
@@ -297,8 +299,11 @@ RULES: dict[str, Rule] = {
 }
 
 
-def emit_model(path: Path, seq_len: int, gen_steps: int = 0, hw: HwDesc | None = None) -> Program:
-    """Lower the model at ``path`` for blocks of ``seq_len`` rows (+ ``gen_steps`` decoder steps)."""
+def emit_model(path: Path, seq_len: int, gen_steps: int = 0, hw: HwDesc | None = None,
+               weights: bool = False) -> Program:
+    """Lower the model at ``path`` for blocks of ``seq_len`` rows (+ ``gen_steps`` decoder steps);
+    ``weights``: the program carries the model itself (graph + weight data: the MODEL section that
+    makes the binary data-complete for the functional simulator)."""
     hw = hw or load_hw(None)
     if not 1 <= seq_len <= hw.max_seq_len or seq_len + gen_steps > hw.max_seq_len:
         raise LoweringError(f"--seq-len/--prompt-len + --gen-steps must be in 1..{hw.max_seq_len} on '{hw.name}'")
@@ -326,7 +331,22 @@ def emit_model(path: Path, seq_len: int, gen_steps: int = 0, hw: HwDesc | None =
         elif lw.evict is not None:  # the eviction's keep ratio is not an arithmetic series
             lw.evict.patch(marks[0], marks[1], marks[-1], 1, seq_len + step)
         marks.append(len(lw.e.instrs))
-    return lw.e.finish()
+    program = lw.e.finish()
+    if weights:
+        program.model = model_bytes(Path(path), model)
+    return program
+
+
+def model_bytes(path: Path, model: onnx.ModelProto) -> bytes:
+    """The model file as one self-contained ONNX blob (external weight files inlined)."""
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if not external:
+        return path.read_bytes()
+    full = onnx.load(str(path))
+    if full.ByteSize() >= 2**31:
+        raise LoweringError(f"{path}: the model is larger than 2 GB and cannot be embedded; emit with --no-weights "
+                            "and give it to the functional simulator with --model")
+    return full.SerializeToString()
 
 
 def evaluate_for_length(path: Path, names: list[str], seq_len: int) -> list[np.ndarray | None]:

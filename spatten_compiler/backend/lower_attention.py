@@ -33,6 +33,7 @@ from spatten_compiler.backend.opcodes import (
     FIXED,
     ILIST_OPS,
     PLANES,
+    REQUANT_RULES,
     SCORE_RULES,
     TOPK_KINDS,
 )
@@ -55,7 +56,7 @@ ELT_OF = {op: _ELT[e] for op, e in {
     "ReduceMean": "add", "ReduceSum": "add", "Softplus": "exp", "Softmax": "exp", "QuickGelu": "gelu",
 }.items()}
 NORM_OF = {"LayerNormalization": "layernorm", "SkipLayerNormalization": "layernorm"}
-SLOT_CACHE, SLOT_VALUES = 16, 1024
+SLOT_CACHE, SLOT_VALUES, SLOT_KEPT = 16, 1024, 15
 SCORE_OF = {"TokenImportance": "sum", "TokenImportanceMean": "mean", "TokenImportanceValue": "value"}
 
 
@@ -119,23 +120,87 @@ def _pv_and_v(lw: Lowering, g: Group) -> tuple[str | None, list[str]]:
     return v, exits
 
 
+def score_scale(lw: Lowering, g: Group) -> tuple[float, bool]:
+    """(factor, divide) between Q x K and the softmax: the graph's one constant Mul or Div on that path
+    (kept as that operation, so a functional run rounds as the graph does; several are folded into
+    one multiplier; 1.0 when the exporter scaled Q or K before the MatMul); the fused Attention op's
+    ``scale`` attribute."""
+    qk = g.qk[0]
+    if qk.op_type == "Attention":
+        attr = next((a.f for a in qk.attribute if a.name == "scale"), None)
+        return (float(attr) if attr else 1.0 / math.sqrt(g.head_dim)), False
+    ops: list[tuple[float, bool]] = []
+    value = qk.output[0]
+    for _ in range(8):
+        nxt = [c for c in lw.gi.consumers.get(value, []) if id(c) in g.nodes and c.op_type != "Softmax"]
+        if not nxt or nxt[0].op_type not in ("Mul", "Div", "Add", "Sub", "Where", "Cast"):
+            break
+        n = nxt[0]
+        c = next((_const(lw, i) for i in n.input if i != value and _const(lw, i) is not None), None)
+        if c is not None and n.op_type in ("Mul", "Div"):
+            ops.append((c, n.op_type == "Div"))
+        value = n.output[0]
+    k_factor = _dequantized_k_factor(lw, g)
+    if len(ops) == 1 and k_factor == 1.0:
+        return ops[0]
+    factor = k_factor
+    for c, div in ops:
+        factor = factor / c if div else factor * c
+    return factor, False
+
+
+def _dequantized_k_factor(lw: Lowering, g: Group) -> float:
+    """Constant factors applied to K between its dequantization and Q x K (exporters that scale Q and
+    K by sqrt(scale) each): store.kv quantizes K before them, so the score scale carries them."""
+    factor, value = 1.0, g.qk[0].input[1]
+    for _ in range(8):
+        n = lw.gi.producer.get(value)
+        if n is None or (n.domain == "spatten" and n.op_type.startswith("Dequantize")):
+            return factor if n is not None else 1.0
+        c = next((_const(lw, i) for i in n.input[1:] if _const(lw, i) is not None), None)
+        if n.op_type == "Mul" and c is not None:
+            factor *= c
+        elif n.op_type == "Div" and c is not None:
+            factor /= c
+        elif n.op_type not in ("Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze", "Expand"):
+            return 1.0
+        value = n.input[0]
+    return 1.0
+
+
+def requant_rule(lw: Lowering, g: Group) -> str:
+    """The quantize-kv confidence rule of the block (``--lsb-rule``): which rows fetch K/V LSBs."""
+    low = g.spatten.get("LowConfidence", [])
+    if low and g.spatten.get("LowConfidenceUniform"):
+        return "min"
+    if g.spatten.get("LowConfidenceUniform"):
+        return "uniform"
+    negated = any(c.op_type == "Not" for n in low for c in lw.gi.consumers.get(n.output[0], []))
+    return "peak" if negated else "low"
+
+
 def lower_group(lw: Lowering, g: Group) -> None:
+    """One attention block. With token pruning that gathers the kept query rows before P x V
+    (``spatten.GatherRows``, encoders) the heads run twice: scores and importance of every live row,
+    the token top-k, then scores, values and P x V of the kept rows only (what the graph computes)."""
     e, rows, decoder = lw.e, lw.rows, lw.opts.decoder
     msb, lsb = lw.kv.bits(g)
     progressive = lsb > 0
     sp = g.spatten
     causal = int(decoder or lw.gi.causal)
-    scale = 1.0 / math.sqrt(g.head_dim)
+    scale, divide = score_scale(lw, g)
     e.emit("cfg.attn", layer=g.layer % 256, heads=g.heads, kv_heads=g.kv_heads, head_dim=g.head_dim,
-           tokens=min(lw.max_rows, 65535), causal=causal, past=lw.past, scale=min(65535, round(scale * 4096)))
+           tokens=min(lw.max_rows, 65535), causal=causal, past=lw.past,
+           scale=int(np.array([scale], np.float32).view(np.uint32)[0]), div=int(divide))
     if msb != 16:
         thr = next((_const(lw, n.input[1]) for n in sp.get("LowConfidence", []) + sp.get("LowConfidenceUniform", [])),
                    None)
-        e.emit("cfg.quant", q_bits=16, k_msb=msb, k_lsb=lsb, v_bits=msb, threshold=fixed(thr if thr is not None else 0))
+        e.emit("cfg.quant", q_bits=16, k_msb=msb, k_lsb=lsb, v_bits=msb, threshold=fixed(thr if thr is not None else 0),
+               rule=REQUANT_RULES.index(requant_rule(lw, g)))
     value_keep = next((_const(lw, n.input[1]) for n in sp.get("LocalValuePrune", [])), None)
     token = token_plan(lw, g)
     score_rule = next((SCORE_OF[k] for k in SCORE_OF if k in sp), "sum")
-    if value_keep is not None or token is not None or "HeadImportance" in sp:
+    if value_keep is not None or token is not None or any(k.startswith("HeadImportance") for k in sp):
         keep, first, recent = token or (1.0, 0, 0)
         e.emit("cfg.prune", token_keep=fixed(keep), head_keep=FIXED, value_keep=fixed(value_keep or 1.0),
                protect_first=min(first, 255), protect_recent=min(recent, 65535), score=SCORE_RULES.index(score_rule))
@@ -164,25 +229,29 @@ def lower_group(lw: Lowering, g: Group) -> None:
     tacc = e.sram("score", 4 * lw.max_rows) if token is not None or "TokenImportance" in "".join(sp) else None
     if lw.evict is not None:  # KV-cache eviction: importance accumulated across blocks (lower_evict)
         tacc = lw.evict.accumulator(g.layer)
-    for h in range(g.heads):
+
+    def scores(h: int, accumulate: bool) -> None:
         kvh = h * g.kv_heads // g.heads
-        buf = (h % 2) * kbuf_half
-        fetch = {"head": kvh, "idx": keys, "sram": buf}
+        fetch = {"head": kvh, "idx": keys, "sram": (h % 2) * kbuf_half}
         t, rb = lw.kv.plane(g, "k", planes[0])
         e.emit("fetch.kv", t, kv=0, plane=PLANE[planes[0]], row_bytes=rb, dram=e.dram(t, kvh * lw.max_rows * rb),
                **fetch)
         q = q_addr + h * head_lines
-        e.emit("qk", head=h, q=q, k=buf, out=score, idx=keys)
+        e.emit("qk", head=h, q=q, k=fetch["sram"], out=score, idx=keys)
         e.emit("softmax", head=h, src=score, dst=score)
         if progressive:
             e.emit("requant", head=h, src=score)
             t, rb = lw.kv.plane(g, "k", "lsb")
             e.emit("fetch.kv", t, kv=0, plane=PLANE["lsb"], row_bytes=rb, pred=1,
                    dram=e.dram(t, kvh * lw.max_rows * rb), **fetch)
-            e.emit("qk", head=h, q=q, k=buf, out=score, idx=keys, pred=1)
+            e.emit("qk", head=h, q=q, k=fetch["sram"], out=score, idx=keys, pred=1)
             e.emit("softmax", head=h, src=score, dst=score, pred=1)
-        if tacc is not None:
+        if accumulate and tacc is not None:
             e.emit("accum", kind=ACCUM["token"], head=h, src=score, dst=tacc, idx=keys)
+
+    def values(h: int) -> None:
+        kvh = h * g.kv_heads // g.heads
+        buf = (h % 2) * kbuf_half
         vlist = keys
         if value_keep is not None:
             vlist = SLOT_VALUES + h
@@ -192,11 +261,30 @@ def lower_group(lw: Lowering, g: Group) -> None:
             e.emit("fetch.kv", t, kv=1, plane=PLANE[plane], row_bytes=rb, pred=int(plane == "lsb"),
                    dram=e.dram(t, kvh * lw.max_rows * rb), head=kvh, idx=vlist, sram=buf)
         e.emit("pv", head=h, prob=score, v=buf, out=out + h * head_lines, idx=vlist)
-        if "HeadImportance" in sp:
+        if any(k.startswith("HeadImportance") for k in sp):
             e.emit("accum", kind=ACCUM["head"], head=h, src=out + h * head_lines, dst=lw.head_acc())
-    if token is not None and tacc is not None:
+
+    def select_tokens() -> None:
         e.emit("topk", kind=TOPK["tokens"], head=0, src=tacc, idx_in=keys, idx_out=0)
         e.emit("compact", buf=1, src=tacc, dst=tacc, idx=0, cols=1)
+        e.emit("ilist", op=ILIST["copy"], dst=SLOT_KEPT, src=0)  # this layer's compacts of activations
+
+    prunes = token is not None and tacc is not None
+    if prunes and "GatherRows" in sp:  # the graph gathers the kept query rows before P x V
+        for h in range(g.heads):
+            scores(h, True)
+        select_tokens()
+        for h in range(g.heads):
+            scores(h, False)
+            values(h)
+    else:
+        for h in range(g.heads):
+            scores(h, True)
+            values(h)
+        if prunes:
+            select_tokens()
+    if prunes:  # later layers address the compacted rows 0..kept-1
+        e.emit("ilist", op=ILIST["iota"], dst=0, value=min(rows, 65535), live=1)
     if lw.evict is not None:
         lw.evict.lower(g.layer)
     for o in exits:
@@ -307,15 +395,16 @@ def lower_norm(lw: Lowering, n: onnx.NodeProto) -> None:
 
 def lower_head_select(lw: Lowering, n: onnx.NodeProto) -> None:
     k = _const(lw, n.input[2]) if len(n.input) > 2 else None
-    heads = lw.gi.groups[0].heads
-    keep = (k or heads) / heads
+    before = lw.heads_live  # a cascade ranks the heads kept so far: the ratio is of those
+    keep = (k or before) / before
+    lw.heads_live = int(k or before)
     lw.e.emit("cfg.prune", token_keep=FIXED, head_keep=fixed(keep), value_keep=FIXED)
     lw.e.emit("topk", kind=TOPK["heads"], head=0, src=lw.head_acc(), idx_in=1, idx_out=1)
 
 
 def lower_gather_tokens(lw: Lowering, n: onnx.NodeProto) -> None:
     cols = lw.cols(n.output[0]) or lw.cols(n.input[0]) or 1
-    lw.e.emit("compact", buf=0, src=lw.addr_of(n.input[0]), dst=lw.new_act(n.output[0]), idx=0, cols=cols)
+    lw.e.emit("compact", buf=0, src=lw.addr_of(n.input[0]), dst=lw.new_act(n.output[0]), idx=SLOT_KEPT, cols=cols)
 
 
 def lower_scatter_tokens(lw: Lowering, n: onnx.NodeProto) -> None:

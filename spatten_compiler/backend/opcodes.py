@@ -24,6 +24,7 @@ SCORE_RULES = ("sum", "mean", "value")
 ELT_OPS = ("copy", "add", "sub", "mul", "div", "neg", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh",
            "exp", "sqrt", "recip", "layernorm", "rmsnorm", "rope", "pow", "max", "min")
 ILIST_OPS = ("iota", "append", "copy")
+REQUANT_RULES = ("low", "peak", "uniform", "min")  # quantize-kv --lsb-rule fixed / peak / uniform / min
 FIXED = 1 << 15  # scale of ratios and thresholds
 
 
@@ -68,15 +69,18 @@ TABLE: tuple[InstrSpec, ...] = (
         Field("tokens", 16, "tokens in the context (upper bound)"),
         Field("causal", 1, "mask keys whose row number > the query's position (past + query row)"),
         Field("past", 16, "position of the first query row (decoder steps)"),
-        Field("scale", 16, "Q x K scale (fixed point, 1.0 = 4096)", scale=4096),
+        Field("scale", 32, "Q x K scale (float32)", f32=True),
+        Field("div", 1, "scores are divided by scale (the graph's Div), not multiplied"),
     ), "attention dimensions of the following instructions"),
     InstrSpec("cfg.quant", 3, "compute", (
         Field("q_bits", 5, "Q width"),
         Field("k_msb", 5, "K MSB-plane bits (the full width when k_lsb = 0)"),
         Field("k_lsb", 5, "K LSB-plane bits (0 = no progressive quantization)"),
         Field("v_bits", 5, "V width"),
-        _ratio("threshold", "fetch LSBs when the row's max probability is below this"),
-    ), "bit widths and the requantization threshold"),
+        _ratio("threshold", "the requantization rule's threshold on the row's max probability"),
+        Field("rule", 2, "which rows fetch K/V LSBs: low = max P <= threshold, peak = max P > threshold",
+              symbols=REQUANT_RULES),
+    ), "bit widths and the requantization rule"),
     InstrSpec("cfg.prune", 4, "compute", (
         _ratio("token_keep", "fraction of live tokens topk kind=tokens keeps"),
         _ratio("head_keep", "fraction of live heads topk kind=heads keeps"),

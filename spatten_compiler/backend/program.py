@@ -59,6 +59,7 @@ class Program:
     tensors: list[Tensor]
     relocs: list[Reloc]
     debug: list[tuple[int, str]]  # (first instruction, ONNX node name), increasing
+    model: bytes | None = None  # the ONNX model lowered (graph + weight data), the optional MODEL section
 
     def node_of(self) -> dict[int, str]:
         """Instruction index -> ONNX node name for the first instruction of each node's run."""
@@ -136,6 +137,8 @@ def to_bytes(p: Program) -> bytes:
         "relocs": ct.Section("relocs", len(p.relocs), relocs),
         "debug": ct.Section("debug", len(p.debug), debug),
     }
+    if p.model is not None:
+        sections["model"] = ct.Section("model", len(p.model), p.model)
     return ct.pack(p.hw.digest(), sections)
 
 
@@ -174,7 +177,8 @@ def from_bytes(data: bytes, hw: HwDesc | None = None, where: str = "spbin") -> P
         relocs.append(Reloc(i, t, instrs[i].spec.fields[f].name))
     debug = [(i, ct.read_string(strings, off, f"{where}: debug entry {k}"))
              for k, (i, off) in enumerate(DEBUG.iter_unpack(s["debug"].data))]
-    program = Program(desc, instrs, tensors, relocs, debug)
+    model = s["model"].data if "model" in s else None
+    program = Program(desc, instrs, tensors, relocs, debug, model)
     validate(program, where)
     return program
 

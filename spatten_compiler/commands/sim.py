@@ -31,14 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-format", choices=("ramulator", "dramsim3"), default="ramulator",
                    help="the --trace file's format (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    p.add_argument("--model", type=Path,
+                   help="functional: the ONNX model the binary was lowered from, when it was emitted with "
+                        "--no-weights (default: the model embedded in the binary)")
+    p.add_argument("--outputs", type=Path, help="functional: write the model's outputs to this .npz (default: none)")
 
 
 def run(args: argparse.Namespace) -> int:
     from spatten_compiler.sim.api import run_binary
 
     if args.mode == "functional":
-        raise OptionError("--mode functional runs attention streams through the Python API only "
-                          "(spatten_compiler.sim.functional); whole-model binaries are not supported yet")
+        return run_functional_mode(args)
+    if args.model or args.outputs:
+        raise OptionError("--model and --outputs are for --mode functional")
     if not 0.0 <= args.lsb_fraction <= 1.0:
         raise OptionError(f"--lsb-fraction {args.lsb_fraction} must be between 0 and 1")
     report = run_binary(args.binary, hw=args.hw, feeds=args.input, dense=args.dense, length=args.length,
@@ -63,6 +68,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_functional_mode(args: argparse.Namespace) -> int:
+    """Outputs, kept tokens / heads and LSB rows of one input, computed by the stream (docs/simulator.md)."""
+    import numpy as np
+
+    from spatten_compiler.backend.hw import load_hw
+    from spatten_compiler.backend.program import read_program
+    from spatten_compiler.sim.api import load_feeds
+    from spatten_compiler.sim.model_run import run_functional
+
+    if args.input is None:
+        raise OptionError("--mode functional needs --input FEEDS.npz")
+    for name in ("dense", "trace", "chart", "length"):
+        if getattr(args, name):
+            raise OptionError(f"--{name} is for timing runs, not --mode functional")
+    program = read_program(args.binary, load_hw(args.hw) if args.hw else None)
+    result = run_functional(program, load_feeds(args.input), model=args.model)
+    if args.outputs:
+        np.savez(args.outputs, **result.outputs)
+    doc = {"functional": result.summary(), "timing": result.timing.to_dict()}
+    if args.report:
+        args.report.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(doc, indent=2) if args.json else result.render())
+    return 0
+
+
 register(
     Command(
         name="sim",
@@ -71,6 +101,7 @@ register(
         run=run,
         epilog="examples:\n  spattenc sim model.spbin\n"
         "  spattenc sim model.spbin --dense model.dense.spbin --report sim.json --chart dram.png\n"
-        "  spattenc sim model.spbin --input feeds.npz --trace dram.trace --trace-format dramsim3",
+        "  spattenc sim model.spbin --input feeds.npz --trace dram.trace --trace-format dramsim3\n"
+        "  spattenc sim model.spbin --input feeds.npz --mode functional --outputs out.npz",
     )
 )

@@ -39,6 +39,9 @@ def add_emit_arguments(p: argparse.ArgumentParser) -> None:
                    help="decoder: tokens generated after the prompt (default %(default)s)")
     p.add_argument("--hw", default="spatten", help=HW_HELP)
     p.add_argument("--stats", action="store_true", help="print the instruction mix and DRAM bytes per tensor kind")
+    p.add_argument("--no-weights", action="store_true",
+                   help="leave the model (graph + weight data) out of the binary: enough for timing runs; "
+                        "functional runs then need --model (default: embedded)")
 
 
 def stats_text(p: Program, top: int = 8) -> str:
@@ -66,7 +69,7 @@ def run_emit(args: argparse.Namespace) -> int:
     report = Reporter.from_args(args)
     steps = f" + {args.gen_steps} steps" if args.gen_steps else ""
     with report.step(f"lowering {args.model} for {n} tokens{steps}"):
-        program = emit_model(args.model, n, args.gen_steps, hw)
+        program = emit_model(args.model, n, args.gen_steps, hw, weights=not args.no_weights)
     size = write_program(program, out)
     if not args.quiet:
         print(f"wrote {out} ({len(program.instrs)} instructions, {size:,} bytes, hardware '{hw.name}')")

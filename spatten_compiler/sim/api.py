@@ -15,19 +15,32 @@ from spatten_compiler.sim.hw import SimHw
 from spatten_compiler.sim.report import SimReport
 
 
+def load_feeds(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise OptionError(f"--input {path}: not a readable .npz ({str(e).splitlines()[0] if str(e) else e})") from None
+
+
 def input_length(feeds: Path | dict[str, np.ndarray]) -> int:
     """The true length of a feeds file: the attention mask's real tokens, else the ids' sequence axis."""
     if isinstance(feeds, Path):
-        try:
-            with np.load(feeds) as data:
-                feeds = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise OptionError(f"--input {feeds}: not a readable .npz ({e})") from None
+        feeds = load_feeds(feeds)
     if "attention_mask" in feeds:
         return int(np.asarray(feeds["attention_mask"]).sum(axis=-1).max())
     if "input_ids" in feeds:
         return int(np.asarray(feeds["input_ids"]).shape[-1])
     raise OptionError("--input: no attention_mask or input_ids to take the length from")
+
+
+def run_functional_binary(binary: Path | Program, feeds: Path | dict[str, np.ndarray], *, hw: str | None = None,
+                          model: Path | None = None) -> Any:
+    """Functional run of a whole emitted model (``sim.model_run``): outputs, kept tokens / heads,
+    LSB rows, and the timing report of the same run with the data's decisions."""
+    from spatten_compiler.sim.model_run import run_functional
+
+    return run_functional(load(binary, hw), load_feeds(feeds) if isinstance(feeds, Path) else feeds, model=model)
 
 
 def load(binary: Path | Program, hw: str | None = None) -> Program:

@@ -8,10 +8,15 @@ and ``fetch.kv`` / ``qk pred=1`` read them back plane by plane. It also serves a
 ``decide`` (kept sets and LSB rows come from the data instead of the ratios), so one call gives both.
 
 Rules follow the reference runtime's SpAtten ops: token importance = column sums of P over live
-query rows and heads, accumulated across layers; top-k keeps the highest scores, ties to the lower
-index, ascending order out; the LSB predicate is ``max P <= threshold``; P x V uses the kept V rows
-without renormalising. Not covered: whole-model binaries from ``emit`` (projections, FFN, norms),
-and data read from DRAM bytes (the arrays are addressed by layer, head and row).
+query rows and heads (``score=mean`` / ``value``: per valid row / weighted by the key's V norm),
+accumulated across layers and compacted with the kept tokens; top-k keeps the highest scores, ties
+to the lower index, ascending order out; the LSB predicate is ``max P <= threshold`` (``rule=low``)
+or ``max P > threshold`` (``rule=peak``); predicated rows use the K and V LSB planes; local value
+pruning keeps, per query row, the ``ceil(n x keep)`` largest probabilities (ties kept; ``topk
+kind=values`` lists the union of the rows' V rows, the ones fetched); P x V without renormalising.
+Query row ``r`` of ``qk`` / ``pv`` is entry ``r`` of index slot 0, a row number of the Q activation.
+Whole emitted models run through :mod:`.model_run` (this class for attention, the reference
+runtime for the host ops).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from spatten_compiler.backend.isa import Instr
+from spatten_compiler.errors import SpattencError
 from spatten_compiler.runtime.quant_ops import dequantize_msb, split
 
 Exec = Callable[["Functional", Instr], None]
@@ -38,31 +44,34 @@ def executes(*mnemonics: str) -> Callable[[Exec], Exec]:
 
 @dataclasses.dataclass
 class AttentionData:
-    """One layer's inputs: q [query rows, heads, dim], k / v [tokens, heads, dim] (float32)."""
+    """One layer's inputs: q [query rows, heads, dim], k / v [tokens, kv heads, dim] (float32);
+    ``k_planes`` / ``v_planes``: the planes ``store.kv`` wrote (default: per-head quantization of k / v)."""
 
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
+    k_planes: Planes | None = None
+    v_planes: Planes | None = None
 
 
 @dataclasses.dataclass
 class Planes:
     msb: np.ndarray
     lsb: np.ndarray
-    scale: np.ndarray  # per head
+    scale: np.ndarray  # per head, or per element ([rows, heads, dim], broadcast from the graph's scale)
     step: float
 
     def read(self, rows: np.ndarray, head: int, full: bool) -> np.ndarray:
-        s = self.scale[head]
+        s = self.scale[head] if self.scale.ndim == 1 else self.scale[rows, head]
         if full or self.step == 1:
-            q = self.msb[rows, head].astype(np.float32) * self.step + self.lsb[rows, head]
-            return (q * s).astype(np.float32)
+            q = self.msb[rows, head].astype(np.int32) * int(round(self.step)) + self.lsb[rows, head].astype(np.int32)
+            return (q.astype(np.float32) * s).astype(np.float32)
         return dequantize_msb(self.msb[rows, head], s, np.float32(self.step))
 
 
 def quantize_planes(x: np.ndarray, msb_bits: int, lsb_bits: int) -> Planes | None:
     """Symmetric per-head quantization into MSB / LSB planes; None for float32 (32-bit) storage."""
-    if msb_bits >= 31:
+    if msb_bits >= 16:
         return None
     qmax = np.float32(2 ** (msb_bits + lsb_bits - 1) - 1)
     scale = (np.abs(x).max(axis=(0, 2)) / qmax).astype(np.float32)
@@ -75,24 +84,30 @@ def quantize_planes(x: np.ndarray, msb_bits: int, lsb_bits: int) -> Planes | Non
 class Functional:
     """Runs the attention instructions in program order on ``data`` (one AttentionData per layer)."""
 
-    def __init__(self, data: list[AttentionData]) -> None:
+    def __init__(self, data: list[AttentionData] | dict[int, AttentionData]) -> None:
         self.data = data
         self.ctx = None  # the timing Ctx whose machine state (config, index slots) we share
         self.planes: dict[tuple[int, str], Planes | None] = {}
         self.scores: dict[int, np.ndarray] = {}  # head -> S / P of the current layer [rows, keys]
         self.keys: dict[int, np.ndarray] = {}  # head -> key rows of its scores
+        self.rows: dict[int, np.ndarray] = {}  # head -> query rows of its scores
         self.pred: dict[int, np.ndarray] = {}  # head -> predicated rows (bool)
+        self.vmask: dict[int, np.ndarray] = {}  # head -> probabilities local value pruning keeps (bool)
         self.out: dict[int, np.ndarray] = {}  # layer -> attention output [rows, heads, dim]
+        self.out_rows: dict[int, np.ndarray] = {}  # layer -> query rows P x V wrote
         self.token_acc: np.ndarray | None = None
         self.head_acc: np.ndarray | None = None
         self.kept_tokens: list[np.ndarray] = []  # each topk kind=tokens, in order
         self.kept_heads: list[np.ndarray] = []
         self.lsb_log: list[tuple[int, int, int]] = []  # (layer, head, predicated rows)
+        self.lsb_sets: list[tuple[int, int, np.ndarray]] = []  # (layer, head, predicated query rows)
         self.recompute = np.zeros(0, np.int64)  # score rows of the last qk pred=1
 
     # ---- the timing run's "decide" protocol --------------------------------------------------
     def topk(self, ctx, ins: Instr, cand: np.ndarray, k: int) -> np.ndarray:
         kind = ins.symbol("kind")
+        if kind == "values":
+            return self._values(ins["head"], cand, ctx.m.value_keep)
         if kind == "tokens":
             score = self.token_acc[cand].astype(np.float64)
             m = ctx.m
@@ -101,17 +116,26 @@ class Functional:
             if m.protect_recent:
                 prot[-m.protect_recent:] = True
             score = np.where(prot, np.inf, score)
-        elif kind == "heads":
-            score = self.head_acc[cand].astype(np.float64)
         else:
-            p = self.scores[ins["head"]]
-            col = np.zeros(int(cand.max()) + 1 if cand.size else 0)
-            col[self.keys[ins["head"]]] = p.sum(axis=0)
-            score = col[cand]
+            score = self.head_acc[cand].astype(np.float64)
         order = np.argsort(-score, kind="stable")[:k]  # ties: the lower index first
         kept = cand[np.sort(order)]
-        (self.kept_tokens if kind == "tokens" else self.kept_heads if kind == "heads" else []).append(kept)
+        (self.kept_tokens if kind == "tokens" else self.kept_heads).append(kept)
         return kept
+
+    def _values(self, head: int, cand: np.ndarray, keep: float) -> np.ndarray:
+        """Local value pruning (runtime LocalValuePrune): per query row the ceil(n x keep) largest
+        probabilities, n = keys with P > 0; the V rows fetched are the union over the rows."""
+        p = self.scores[head]
+        keep32 = np.float32(keep)
+        kmax = max(1, int(np.ceil(np.float32(p.shape[-1]) * keep32)))
+        n = (p > 0).sum(axis=-1, keepdims=True).astype(np.float32)
+        k = np.clip(np.ceil(n * keep32), 1, kmax).astype(np.int64)
+        top = -np.sort(-p, axis=-1)[..., :kmax]
+        thr = np.take_along_axis(top, k - 1, axis=-1)
+        self.vmask[head] = p >= thr
+        used = self.keys[head][self.vmask[head].any(axis=0)]
+        return cand[np.isin(cand, used)]
 
     def lsb_rows(self, ctx, head: int) -> int:
         return int(self.pred.get(head, np.zeros(0, bool)).sum())
@@ -130,15 +154,19 @@ class Functional:
         key = (m.layer, which)
         if key not in self.planes:
             d = self.layer_data()
-            self.planes[key] = (quantize_planes(d.k, m.k_msb, m.k_lsb) if which == "k"
-                                else quantize_planes(d.v, m.v_bits, 0))
+            given = d.k_planes if which == "k" else d.v_planes
+            self.planes[key] = given if given is not None else (
+                quantize_planes(d.k, m.k_msb, m.k_lsb) if which == "k" else quantize_planes(d.v, m.v_bits, 0))
         return self.planes[key]
 
     def read(self, which: str, rows: np.ndarray, head: int, full: bool) -> np.ndarray:
+        """K or V rows of query head ``head`` (its K/V head under GQA), one plane or both."""
+        d = self.layer_data()
+        kvh = head * d.k.shape[1] // d.q.shape[1]
         planes = self.kv(which)
         if planes is None:
-            return getattr(self.layer_data(), which)[rows, head]
-        return planes.read(rows, head, full)
+            return getattr(d, which)[rows, kvh]
+        return planes.read(rows, kvh, full)
 
 
 @executes("cfg.attn")
@@ -147,18 +175,24 @@ def _new_layer(f: Functional, ins: Instr) -> None:
     f.scores.clear()
     f.keys.clear()
     f.pred.clear()
+    f.vmask.clear()
+    f.planes.pop((ins["layer"], "k"), None)  # this block's K/V (a decoder block adds rows)
+    f.planes.pop((ins["layer"], "v"), None)
     if ins["layer"] == 0:  # a new pass: importance starts from zero
         f.token_acc = np.zeros(max(ins["tokens"], 1), np.float32)
         f.head_acc = np.zeros(ins["heads"], np.float32)
-    f.out.setdefault(ins["layer"], np.zeros_like(f.data[ins["layer"]].q))
+    f.out[ins["layer"]] = np.zeros_like(f.data[ins["layer"]].q)
+    f.out_rows.pop(ins["layer"], None)
 
 
 def _scores(f: Functional, head: int, rows: np.ndarray, keys: np.ndarray, full: bool) -> np.ndarray:
     """Scores of query rows ``rows`` (rows of Q; position past + row) against key rows ``keys``."""
     m = f.ctx.m
-    q = f.layer_data().q[rows, head]
-    k = f.read("k", keys, head, full)
-    s = (q @ k.T) / np.float32(np.sqrt(m.head_dim))
+    q = np.ascontiguousarray(f.layer_data().q[:, head])
+    k = np.ascontiguousarray(f.read("k", keys, head, full).T)
+    scale = np.float32(m.scale) if m.scale else np.float32(1) / np.float32(np.sqrt(m.head_dim))
+    # every Q row in one product, then the live rows (the same float rounding as the graph's MatMul)
+    s = ((q @ k) / scale if m.scale_div else (q @ k) * scale)[rows]
     if m.causal:
         s = np.where(keys[None, :] > (m.past + rows)[:, None], -np.inf, s)
     return s.astype(np.float32)
@@ -178,11 +212,13 @@ def _qk(f: Functional, ins: Instr) -> None:
     live = m.slot(0)  # the live query rows (cascade: pruned tokens' queries are gone too)
     if ins["pred"]:
         sel = np.flatnonzero(f.pred.get(h, np.zeros(live.size, bool)))
-        if sel.size:
-            f.scores[h][sel] = _scores(f, h, live[sel], keys, True)
+        if sel.size:  # the predicated rows' scores with MSB+LSB (evaluated as one product, as the graph does)
+            f.scores[h][sel] = _scores(f, h, live, keys, True)[sel]
         f.recompute = sel
     else:
-        f.scores[h], f.keys[h] = _scores(f, h, live, keys, m.k_lsb == 0), keys
+        f.scores[h], f.keys[h], f.rows[h] = _scores(f, h, live, keys, m.k_lsb == 0), keys, live
+        f.pred.pop(h, None)
+        f.vmask.pop(h, None)
 
 
 @executes("softmax")
@@ -193,27 +229,43 @@ def _softmax_rows(f: Functional, ins: Instr) -> None:
     if ins["pred"]:
         rows = f.recompute
         if rows.size:
-            f.scores[h][rows] = _softmax(f.scores[h][rows])
+            f.scores[h][rows] = _softmax(f.scores[h])[rows]
     else:
         f.scores[h] = _softmax(f.scores[h])
 
 
+REQUANT = {  # cfg.quant rule -> rows that fetch LSBs, from the MSB-only probabilities
+    "low": lambda p, thr: p.max(axis=-1) <= thr,
+    "peak": lambda p, thr: ~(p.max(axis=-1) <= thr),
+}
+
+
 @executes("requant")
 def _requant(f: Functional, ins: Instr) -> None:
-    h = ins["head"]
+    h, m = ins["head"], f.ctx.m
     if h not in f.scores:
         return
-    f.pred[h] = f.scores[h].max(axis=-1) <= np.float32(f.ctx.m.threshold)
-    f.lsb_log.append((f.ctx.m.layer, h, int(f.pred[h].sum())))
+    rule = REQUANT.get(m.rule)
+    if rule is None:
+        raise SpattencError(f"functional mode: requantization rule '{m.rule}' is not implemented (low, peak are)")
+    f.pred[h] = rule(f.scores[h], np.float32(m.threshold))
+    f.lsb_log.append((m.layer, h, int(f.pred[h].sum())))
+    f.lsb_sets.append((m.layer, h, f.rows[h][f.pred[h]]))
 
 
 @executes("accum")
 def _accum(f: Functional, ins: Instr) -> None:
-    h = ins["head"]
+    h, m = ins["head"], f.ctx.m
     if ins.symbol("kind") == "token" and h in f.scores:
-        np.add.at(f.token_acc, f.keys[h], f.scores[h].sum(axis=0))
-    elif ins.symbol("kind") == "head" and f.ctx.m.head_live(h):
-        f.head_acc[h] += np.abs(f.out[f.ctx.m.layer][f.ctx.m.slot(0), h]).sum()
+        col = f.scores[h].sum(axis=0)
+        if m.score_rule == "value":
+            col = col * np.linalg.norm(f.layer_data().v[f.keys[h], h * f.layer_data().v.shape[1] // m.heads], axis=-1)
+        if m.score_rule in ("mean", "value"):
+            col = col / max(1, f.scores[h].shape[0])
+        np.add.at(f.token_acc, f.keys[h], col.astype(np.float32))
+    elif ins.symbol("kind") == "head" and m.head_live(h):
+        rows = f.out_rows.get(m.layer, m.slot(0))
+        f.head_acc[h] += np.abs(f.out[m.layer][rows, h]).sum()
 
 
 @executes("pv")
@@ -221,5 +273,25 @@ def _pv(f: Functional, ins: Instr) -> None:
     m, h = f.ctx.m, ins["head"]
     if h not in f.scores:
         return
-    kept = np.isin(f.keys[h], m.slot(ins["idx"]))  # local V pruning: the other rows are never read
-    f.out[m.layer][m.slot(0), h] = f.scores[h][:, kept] @ f.read("v", f.keys[h][kept], h, True)
+    keys = f.keys[h]
+    kept = np.isin(keys, m.slot(ins["idx"]))  # local value pruning: the other rows are never read
+    p = f.scores[h] if h not in f.vmask else np.where(f.vmask[h], f.scores[h], np.float32(0))
+    p = np.where(kept[None, :], p, np.float32(0))
+    rows = f.rows[h]
+    pred = f.pred.get(h, np.zeros(rows.size, bool))
+    # unread V rows have probability 0: the sum runs over every key (same terms, the graph's rounding);
+    # predicated rows read the V LSB plane too
+    o = p @ f.read("v", keys, h, not pred.size or False)
+    if pred.any():
+        o = np.where(pred[:, None], p @ f.read("v", keys, h, True), o)
+    f.out[m.layer][rows, h] = o
+    f.out_rows[m.layer] = rows
+
+
+@executes("compact")
+def _compact(f: Functional, ins: Instr) -> None:
+    if ins.symbol("buf") == "score" and f.token_acc is not None:  # the token accumulator follows the kept rows
+        idx = f.ctx.m.slot(ins["idx"])
+        acc = np.zeros_like(f.token_acc)
+        acc[:idx.size] = f.token_acc[idx]
+        f.token_acc = acc

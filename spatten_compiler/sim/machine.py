@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from spatten_compiler.backend.opcodes import FIXED
+from spatten_compiler.backend.opcodes import FIXED, REQUANT_RULES, SCORE_RULES
 
 LIVE_TOKENS, LIVE_HEADS = 0, 1
 
@@ -35,11 +35,15 @@ class Machine:
     k_lsb: int = 0
     v_bits: int = 32
     threshold: float = 0.0
+    rule: str = "low"  # requantization rule (cfg.quant): low = max P <= threshold, peak = max P > threshold
+    scale: float = 0.0  # Q x K scale (cfg.attn); 0 = 1 / sqrt(head_dim)
+    scale_div: bool = False  # scores divided by scale (the graph's Div)
     token_keep: float = 1.0
     head_keep: float = 1.0
     value_keep: float = 1.0
     protect_first: int = 0
     protect_recent: int = 0
+    score_rule: str = "sum"  # token importance rule (cfg.prune score)
     score_keys: int = 0  # width of the last qk's score rows
     slots: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     _head_set: frozenset[int] = frozenset()  # slot 1 as a set (empty = every head)
@@ -48,17 +52,21 @@ class Machine:
     def configure_attention(self, f: dict[str, int]) -> None:
         self.layer, self.heads, self.kv_heads, self.head_dim = f["layer"], f["heads"], f["kv_heads"], f["head_dim"]
         self.tokens, self.causal, self.past = f["tokens"], bool(f["causal"]), f.get("past", 0)
+        self.scale = float(np.array([f.get("scale", 0)], np.uint32).view(np.float32)[0])
+        self.scale_div = bool(f.get("div", 0))
         if self.length is None:
             self.length = self.tokens
 
     def configure_quant(self, f: dict[str, int]) -> None:
         self.q_bits, self.k_msb, self.k_lsb, self.v_bits = f["q_bits"], f["k_msb"], f["k_lsb"], f["v_bits"]
         self.threshold = f["threshold"] / FIXED
+        self.rule = REQUANT_RULES[f.get("rule", 0)]
 
     def configure_prune(self, f: dict[str, int]) -> None:
         self.token_keep, self.head_keep, self.value_keep = (
             f[k] / FIXED for k in ("token_keep", "head_keep", "value_keep"))
         self.protect_first, self.protect_recent = f["protect_first"], f["protect_recent"]
+        self.score_rule = SCORE_RULES[f.get("score", 0)]
 
     def set_slot(self, idx: int, rows: np.ndarray) -> None:
         self.slots[idx] = rows

@@ -133,7 +133,7 @@ def attention_stream(w: Workload) -> list[Instr]:
         for layer in range(w.layers):
             keep, heads = w.keys[it][layer], w.kept_heads[it][layer]
             emit(make("cfg.attn", layer=layer, heads=w.heads, kv_heads=w.heads, head_dim=w.head_dim, tokens=ctx,
-                      causal=1, past=ctx - rows, scale=round(4096 / math.sqrt(w.head_dim))))
+                      causal=1, past=ctx - rows, scale=_f32_bits(1 / math.sqrt(w.head_dim))))
             emit(make("cfg.quant", q_bits=min(q.q_bits, 31), k_msb=min(q.k_msb, 31), k_lsb=q.k_lsb,
                       v_bits=min(q.v_bits, 31), threshold=_ratio(q.threshold)))
             emit(make("cfg.prune", token_keep=_keep(keep / live), head_keep=_keep(heads / live_heads),
@@ -242,3 +242,7 @@ def to_program(w: Workload, hw: Any = None) -> Any:
     relocs = [Reloc(i, int(np.searchsorted(starts, ins["dram"], side="right") - 1))
               for i, ins in enumerate(instrs) if "dram" in ins.spec.field_names]
     return Program(hw or SPATTEN, instrs, tensors, relocs, [(0, f"{w.name} attention")])
+
+
+def _f32_bits(x: float) -> int:
+    return int(np.array([x], np.float32).view(np.uint32)[0])
