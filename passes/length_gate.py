@@ -17,6 +17,9 @@ compiles left untouched (same tensor, or equal bytes) is stored once; weights a 
 outputs; options that add outputs to one branch only (``--emit-kept``) are refused by the config.
 
 This is a model-level composition that runs after every pass: the passes never see an ``If``.
+onnxruntime's post-passes (``--optimize``, ``--weights``: ort-fusions, ort-quantize) are part of each
+branch's pass list, so each branch is fused / quantized on its own, before the gate joins them (the
+short branch is then exactly the same composition applied to the dense model).
 
 Two clean-ups keep the branches as fast as the same graphs at the top level in onnxruntime (1.32),
 whose graph optimizations do less inside subgraphs: common subexpressions are merged here (the

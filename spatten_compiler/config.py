@@ -122,9 +122,6 @@ class CompileConfig:
             raise OptionError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if not isinstance(self.optimize, bool):
             raise OptionError(f"optimize must be true or false, got {self.optimize!r}")
-        if self.prune_min_length is not None and (self.optimize or self.weights):
-            raise OptionError("--optimize / --weights are not applied inside the length gate's branches yet; "
-                              "drop --prune-min-length or run onnxruntime's tools on each branch")
 
     def _check_gate(self) -> None:
         n = self.prune_min_length

@@ -91,7 +91,6 @@ def test_int4_keeps_spattens_kv_planes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--weights", "int3"], "invalid choice"),
-    (["--optimize", "--token-keep", "0.5", "--prune-min-length", "8"], "length gate"),
 ])
 def test_bad_values(args: list[str], expected: str, tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
@@ -107,3 +106,36 @@ def test_bad_weights_in_config(tmp_path: Path) -> None:
     r = spattenc(str(MODELS / "bert_torchscript.onnx"), "-o", str(out), "--config", str(cfg))
     assert r.returncode == 2 and "--weights must be one of int8, int4" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+GATE = ["--token-min-keep", "2", "--prune-min-length", "8"]
+
+
+@pytest.mark.parametrize(("name", "composition"), [("bert_torchscript", "optimize+int8"), ("gpt2_torchscript", "int4")])
+def test_length_gate_composes(name: str, composition: str, tmp_path: Path) -> None:
+    """--optimize / --weights apply to both branches of the length gate: at keep 1.0 the gated model
+    equals the same composition on the dense model on both sides of the gate."""
+    from test_length_gate import feeds
+
+    flags = COMPOSITIONS.get(composition, ["--weights", composition])
+    keep = ["--head-keep", "1.0"] if name.startswith("gpt2") else ["--token-keep", "1.0"]
+    src = MODELS / f"{name}.onnx"
+    dense = _compile(src, tmp_path / "dense.onnx", *DENSE, *flags)
+    gated = _compile(src, tmp_path / "gated.onnx", *keep, *GATE, *flags)
+    model = onnx.load(gated)
+    assert [n.op_type for n in model.graph.node][-1] == "If"
+    branches = {a.name: {n.op_type for n in a.g.node} for a in model.graph.node[-1].attribute}
+    for ops in branches.values():  # the post-passes ran on each branch
+        if "int8" in composition:
+            assert "MatMulInteger" in ops, ops
+        if composition.startswith("optimize"):
+            assert "SkipLayerNormalization" in ops, ops
+        if composition == "int4":
+            assert "MatMulNBits" in ops, ops
+    for seq in (5, 16):  # short (unpruned branch) and long (pruned branch)
+        f = feeds(seq)
+        if name.startswith("gpt2"):
+            f = {k: v for k, v in f.items() if k != "token_type_ids"}
+        got, want = run_ort(gated, f), run_ort(dense, f)
+        assert got.keys() == want.keys()
+        assert max(float(np.abs(got[k] - want[k]).max()) for k in want) <= 1e-4, seq
