@@ -8,7 +8,12 @@ variants; SpAtten's plain cascade) run the same tokens in the same process, step
 their step times interleave. Eviction models are compiled once with ``tunable`` knobs and the
 budget / sinks / window share are fed per configuration.
 
-    python -m bench.decode --contexts 512,1024,2048 --budgets 0.125,0.25,0.5 --decode 128 --windows 1
+    python -m bench.decode --contexts 512,1024,2048 --budgets 0.125,0.25,0.5 --decode 64 --windows 4 --split test
+
+Windows of a context run as one batch (equal lengths, no padding); ``--split tune`` and ``test`` are
+disjoint sets of offsets, so a rule picked on one is reported on the other. Every configuration's
+per-token NLLs are kept: changes vs dense and vs each baseline are paired on the same tokens with a
+block-bootstrap interval (``bench/_decode_stats.py``).
 
 Reported per (context, budget, method): perplexity, K/V bytes held between steps (the arrays
 onnxruntime returned, at the last step; the importance/position state separately), median decode
@@ -25,24 +30,34 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._decode_stats import fmt_change, paired_change
 from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results
 
 log = logging.getLogger("bench.decode")
 MODEL = REPO_ROOT / "models" / "cache" / "smollm2" / "model.onnx"
 DATA = next((d / "shared" / "data" / "wikitext2" / "test.txt" for d in REPO_ROOT.parents
              if (d / "shared" / "data" / "wikitext2" / "test.txt").exists()), Path("wikitext2/test.txt"))
-# method -> (compiled mode, knobs); budget is the sweep variable
-METHODS: dict[str, tuple[str, dict[str, float]]] = {
+# method -> (compiled mode, knobs); budget is the sweep variable; score: a rule of evict_kv.SCORES
+METHODS: dict[str, tuple[str, dict]] = {
     "streaming": ("layer", {"sinks": 4, "recent": 0, "recent_share": 1.0}),  # StreamingLLM: sinks + window
     "h2o": ("layer", {"sinks": 0, "recent": 0, "recent_share": 0.5}),  # H2O: heavy hitters + recent half
-    "layer-s4-r50": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    "layer-s4-r50": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.5}),  # the old default
     "layer-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25}),
+    "mean-s4-r50": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.5, "score": "mean"}),
+    "mean-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25, "score": "mean"}),
+    "mean-s4-r10": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.1, "score": "mean"}),
+    "sqrt-s4-r50": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.5, "score": "sqrt"}),
+    "sqrt-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25, "score": "sqrt"}),
+    "ema95-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25, "score": "ema"}),
+    "ema99-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25, "score": "ema", "decay": 0.99}),
+    "last-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25, "score": "last"}),
     "cascade": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.0}),  # SpAtten's plain cascade
     "cascade-r50": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     # the cache stored as packed 4+4-bit planes (quantize-kv's peak rule) on top of eviction
     "layer-s4-r50-q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     "q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),  # run with budget 1: bits alone
 }
+BASELINES = ("streaming", "h2o")
 
 
 def compiled(mode: str, cache: Path, model: Path) -> Path:
@@ -51,7 +66,8 @@ def compiled(mode: str, cache: Path, model: Path) -> Path:
     from spatten_compiler.modelio import load_model, save_model
     from spatten_compiler.pipeline import Pipeline, make_pass
 
-    out = cache / f"{model.parent.name}.evict-{mode}.onnx"
+    out = cache / "decq-evict" / f"{model.parent.name}.evict-{mode}.onnx"  # tunable score knobs
+    out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():
         log.info("compiling %s (%s)", out, mode)
         m = load_model(model)
@@ -63,20 +79,27 @@ def compiled(mode: str, cache: Path, model: Path) -> Path:
     return out
 
 
-def knobs(budget: float, k: dict[str, float]) -> dict[str, np.ndarray]:
+def knobs(budget: float, k: dict) -> dict[str, np.ndarray]:
+    from spatten_compiler.passes.evict_kv import SCORES
+
+    rule = SCORES[k.get("score", "accumulated")]
     return {"spatten.kv_budget": np.array(budget, np.float32), "spatten.kv_sinks": np.array([k["sinks"]], np.int64),
             "spatten.kv_recent": np.array([k["recent"]], np.int64),
-            "spatten.kv_recent_share": np.array(k["recent_share"], np.float32)}
+            "spatten.kv_recent_share": np.array(k["recent_share"], np.float32),
+            "spatten.kv_decay": np.array(k.get("decay", rule.decay), np.float32),
+            "spatten.kv_norm": np.array(k.get("norm", rule.norm), np.float32)}
 
 
-def nll(logits: np.ndarray, target: int) -> float:
+def nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-row negative log-likelihood of ``targets`` [B] under ``logits`` [B, V]."""
     z = logits.astype(np.float64)
-    m = z.max()
-    return float(m + np.log(np.exp(z - m).sum()) - z[target])
+    m = z.max(axis=1, keepdims=True)
+    return (m[:, 0] + np.log(np.exp(z - m).sum(axis=1))) - z[np.arange(len(targets)), targets]
 
 
-def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, budgets: list[float],
+def run_context(sessions: dict, windows: np.ndarray, context: int, decode: int, budgets: list[float],
                 methods: list[str], chunk: int = 0) -> list[dict]:
+    """All windows ([W, context] tokens, equal lengths: no padding) as one batch per configuration."""
     from spatten_compiler.decoding import DecoderSession
 
     configs: dict[tuple[str, float], DecoderSession] = {("dense", 1.0): sessions["dense"].fork()}
@@ -87,34 +110,70 @@ def run_context(sessions: dict, tokens: np.ndarray, context: int, decode: int, b
             s.overrides = knobs(b, k)
             configs[(m, b)] = s
     prefix = context - decode
-    win = tokens[:context]
     losses = {c: [] for c in configs}
     times = {c: [] for c in configs}
     last = {}
+    shared: dict[float, DecoderSession] = {}  # decay -> the prefix but its last token, at a full budget
     for c, s in configs.items():
-        s.reset(1)
         t0 = time.perf_counter()
-        step = chunk or prefix  # chunked prefill bounds the attention probabilities' memory
-        for i in range(0, prefix, step):
-            logits = s.step(win[None, i:min(prefix, i + step)])
-        log.info("prefill %s %d tokens: %.1f s", c, prefix, time.perf_counter() - t0)
-        last[c] = logits[0, -1]
+        if c[0] != "dense" and METHODS[c[0]][0] in ("layer", "cascade"):
+            logits = _prefill_shared(s, sessions["layer"], shared, windows[:, :prefix], chunk)
+        else:
+            s.reset(len(windows))
+            logits = _prefill(s, windows[:, :prefix], chunk)
+        log.info("prefill %s %d x %d tokens: %.1f s", c, len(windows), prefix, time.perf_counter() - t0)
+        last[c] = logits[:, -1]
     for t in range(prefix, context):
         if (t - prefix) % 16 == 0:
             log.info("context %d: decode step %d/%d", context, t - prefix, decode)
         for c, s in configs.items():
-            losses[c].append(nll(last[c], int(win[t])))
+            losses[c].append(nll_rows(last[c], windows[:, t]))
             if t + 1 < context:
                 t0 = time.perf_counter()
-                last[c] = s.step(win[None, t:t + 1])[0, -1]
+                last[c] = s.step(windows[:, t:t + 1])[:, -1]
                 times[c].append(time.perf_counter() - t0)
     rows = []
     for (m, b), s in configs.items():
+        per_token = np.stack(losses[(m, b)], axis=1)  # [W, decode]
         rows.append({"context": context, "method": m, "budget": b, "decode": decode, "prefill_chunk": chunk,
-                     "nll": float(np.mean(losses[(m, b)])),
-                     "kv_bytes": s.cache_bytes(kv_only=True), "state_bytes": s.cache_bytes() - s.cache_bytes(True),
+                     "windows": len(windows), "nll": float(per_token.mean()), "nll_tokens": per_token.tolist(),
+                     "kv_bytes": s.cache_bytes(kv_only=True) // len(windows),
+                     "state_bytes": (s.cache_bytes() - s.cache_bytes(True)) // len(windows),
                      "cache_len": s.cache_lengths()[0], "step_ms": float(np.median(times[(m, b)]) * 1e3)})
     return rows
+
+
+def _prefill(s, tokens: np.ndarray, chunk: int) -> np.ndarray:
+    step = chunk or tokens.shape[1]  # chunked prefill bounds the attention probabilities' memory
+    for i in range(0, tokens.shape[1], step):
+        logits = s.step(tokens[:, i:i + step])
+    return logits
+
+
+def _prefill_shared(s, layer_session, shared: dict, prefix: np.ndarray, chunk: int) -> np.ndarray:
+    """A one-shot prefill of ``prefix`` through ``s``, computed once per decay for all configurations:
+    prefill all but the last token at a full budget (nothing evicted; the importance only depends on
+    the decay), then step the last token through ``s``: its query sees every earlier token and the
+    eviction runs on the same importance, positions and length as after a one-shot prefill."""
+    decay = float(s.overrides["spatten.kv_decay"])
+    if decay not in shared:
+        base = layer_session.fork()
+        base.overrides = {**s.overrides, "spatten.kv_budget": np.array(1.0, np.float32)}
+        base.reset(len(prefix))
+        _prefill(base, prefix[:, :-1], chunk)
+        shared[decay] = base
+    base = shared[decay]
+    s.reset(len(prefix))
+    s.cache, s.mask, s.steps = dict(base.cache), base.mask.copy(), base.steps  # arrays are replaced, never mutated
+    return s.step(prefix[:, -1:])
+
+
+def window_starts(n_tokens: int, context: int, windows: int, split: str) -> list[int]:
+    """``windows`` evenly spaced starts; ``tune`` sits half a spacing after ``test``: disjoint sets
+    (pick a rule on one, report on the other)."""
+    gap = n_tokens // (windows + 1)
+    shift = gap // 2 if split == "tune" else 0
+    return [(w + 1) * gap - context // 2 + shift for w in range(windows)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="0.125,0.25,0.5")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--decode", type=int, default=128, help="teacher-forced decode steps per window")
-    p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--windows", type=int, default=1, help="windows per context, run as one batch")
+    p.add_argument("--split", choices=("test", "tune"), default="test",
+                   help="which disjoint set of window offsets (pick rules on tune, report on test)")
     p.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
                    help="prefill the prefix N tokens per step (0: one step); eviction runs after every chunk")
     p.add_argument("--threads", type=int, default=2)
@@ -148,18 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer.from_file(str(args.model.parent / "tokenizer.json"))
     ids = np.array(tok.encode(args.data.read_text()).ids, np.int64)
     sessions = {"dense": DecoderSession(args.model, threads=args.threads)}
-    for mode in sorted({METHODS[m][0] for m in methods}):
+    modes = {METHODS[m][0] for m in methods}
+    for mode in sorted(modes | ({"layer"} if "cascade" in modes else set())):  # layer prefills for cascade
         sessions[mode] = DecoderSession(compiled(mode, args.cache, args.model), threads=args.threads)
     rows: list[dict] = []
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for context in contexts:
-        for w in range(args.windows):
-            start = (w + 1) * (len(ids) // (args.windows + 1)) - context // 2
-            for r in run_context(sessions, ids[start:start + context], context, args.decode, budgets, methods,
-                                 args.prefill_chunk):
-                rows.append({**r, "window": w})
-            log.info("context %d window %d done", context, w)
-            (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
+        starts = window_starts(len(ids), context, args.windows, args.split)
+        windows = np.stack([ids[s:s + context] for s in starts])
+        for r in run_context(sessions, windows, context, args.decode, budgets, methods, args.prefill_chunk):
+            rows.append({**r, "starts": starts, "split": args.split})
+        log.info("context %d done (%d windows)", context, len(starts))
+        (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
     summary = summarize(rows)
     meta = run_metadata(args.threads)
     md = render(summary, meta, args)
@@ -184,20 +245,31 @@ def render_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokens(rows: list[dict]) -> np.ndarray:
+    return np.concatenate([np.asarray(r["nll_tokens"]) for r in rows], axis=0)  # [windows, decode]
+
+
 def summarize(rows: list[dict]) -> list[dict]:
+    """Per (context, method, budget): perplexity, change vs dense and vs each baseline on the same
+    tokens with a paired 95% interval (rows of several runs of the same key are pooled as windows)."""
     keys = sorted({(r["context"], r["method"], r["budget"]) for r in rows})
+    pick = {k: [r for r in rows if (r["context"], r["method"], r["budget"]) == k] for k in keys}
     out = []
     for c, m, b in keys:
-        sel = [r for r in rows if (r["context"], r["method"], r["budget"]) == (c, m, b)]
-        dense = [r for r in rows if (r["context"], r["method"]) == (c, "dense")]
-        out.append({"context": c, "method": m, "budget": b, "ppl": float(np.exp(np.mean([r["nll"] for r in sel]))),
-                    "decode": int(sel[0].get("decode", 0)),
-                    "dense_ppl": float(np.exp(np.mean([r["nll"] for r in dense]))),
-                    "kv_bytes": int(np.mean([r["kv_bytes"] for r in sel])),
-                    "dense_kv_bytes": int(np.mean([r["kv_bytes"] for r in dense])),
-                    "state_bytes": int(np.mean([r["state_bytes"] for r in sel])),
-                    "step_ms": float(np.median([r["step_ms"] for r in sel])),
-                    "dense_step_ms": float(np.median([r["step_ms"] for r in dense]))})
+        sel, dense = pick[(c, m, b)], pick[(c, "dense", 1.0)]
+        nll, ref = _tokens(sel), _tokens(dense)
+        entry = {"context": c, "method": m, "budget": b, "ppl": float(np.exp(nll.mean())),
+                 "decode": int(sel[0].get("decode", 0)), "windows": int(nll.shape[0]),
+                 "dense_ppl": float(np.exp(ref.mean())), "vs_dense": paired_change(nll, ref),
+                 "kv_bytes": int(np.mean([r["kv_bytes"] for r in sel])),
+                 "dense_kv_bytes": int(np.mean([r["kv_bytes"] for r in dense])),
+                 "state_bytes": int(np.mean([r["state_bytes"] for r in sel])),
+                 "step_ms": float(np.median([r["step_ms"] for r in sel])),
+                 "dense_step_ms": float(np.median([r["step_ms"] for r in dense]))}
+        for base in BASELINES:
+            if (c, base, b) in pick and base != m:
+                entry[f"vs_{base}"] = paired_change(nll, _tokens(pick[(c, base, b)]))
+        out.append(entry)
     return out
 
 
@@ -208,18 +280,31 @@ def render(summary: list[dict], meta: dict, args: argparse.Namespace) -> str:
              f"onnxruntime {meta['onnxruntime_version']}, {args.threads} intra-op threads, load avg "
              f"{meta['load_avg_1m']:.1f} on {meta['cpu_count']} cores (machine shared with other jobs: "
              "latency is noisy).",
-             f"Windows per context: {args.windows}; decode steps per window (prefix = context - decode): "
-             + ", ".join(f"{c}: {d or args.decode}" for c, d in sorted({(s['context'], s['decode']) for s in summary}))
-             + ". "
-             "Few windows: perplexity differences under ~3% are within noise.", "",
-             "| context | method | budget | ppl | ppl vs dense | KV bytes | KV vs dense | state bytes | step ms | "
+             "Windows x decode steps per context (prefix = context - decode; all windows one batch): "
+             + ", ".join(f"{c}: {w} x {d}" for c, w, d in sorted({(s['context'], s['windows'], s['decode'])
+                                                                  for s in summary})) + ". "
+             "Changes are on the same tokens, `mean [95% block-bootstrap interval]` (blocks of 8 tokens).", "",
+             "| context | method | budget | ppl | vs dense | vs StreamingLLM | vs H2O | KV vs dense | step ms | "
              "step vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
+        vs = [fmt_change(s[k]) if k in s else "-" for k in ("vs_streaming", "vs_h2o")]
         lines.append(f"| {s['context']} | {s['method']} | {s['budget']:g} | {s['ppl']:.2f} | "
-                     f"{s['ppl'] / s['dense_ppl'] - 1:+.1%} | {s['kv_bytes'] / 1e6:.2f} MB | "
-                     f"{s['kv_bytes'] / s['dense_kv_bytes']:.3f} | {s['state_bytes'] / 1e3:.1f} kB | "
+                     f"{fmt_change(s['vs_dense'])} | {vs[0]} | {vs[1]} | "
+                     f"{s['kv_bytes'] / s['dense_kv_bytes']:.3f} | "
                      f"{s['step_ms']:.1f} | {s['dense_step_ms'] / s['step_ms']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *pivot(summary)]) + "\n"
+
+
+def pivot(summary: list[dict]) -> list[str]:
+    """One row per (context, budget): every method's perplexity change vs dense [95% interval]."""
+    methods = [m for m in dict.fromkeys(s["method"] for s in summary) if m != "dense"]
+    by = {(s["context"], s["budget"], s["method"]): s for s in summary}
+    points = sorted({(s["context"], s["budget"]) for s in summary if s["method"] != "dense"})
+    lines = ["| context | budget | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for c, b in points:
+        cells = [fmt_change(by[(c, b, m)]["vs_dense"]) if (c, b, m) in by else "-" for m in methods]
+        lines.append(f"| {c} | {b:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(summary: list[dict], path: Path) -> None:

@@ -7,14 +7,20 @@ Rewrite of each attention site ``l`` of a decoder with ``past.*``/``present.*`` 
     pos_l   = Concat(past_positions.l, Where(valid_new, position_ids, -1))      [B, n] int64, -1 = empty
     bias_l  = Concat(Where(past_positions.l < 0, MIN, 0), causal+padding of the q new tokens)
     scores  = MatMul(Q, K^T) * s + bias_l            (replaces the exporter's mask: cache lengths differ)
-    imp_l   = Concat(past_importance.l, 0) + ReduceSum(P_l * valid_query, axes=[heads, queries])
-    s_l     = Where(sink | recent, +BIG, imp_l);  Where(pos_l < 0, -BIG, s_l)
+    w_q     = decay ^ (last_l - position of query q)  (0 for padding)    last_l = max(pos_l) per row
+    imp_l   = Concat(past_importance.l * decay ^ (#new queries), 0) + ReduceSum(P_l * w_q, axes=[heads, queries])
+    s_l     = imp_l / (last_l + 1 - pos_l) ^ norm     (the queries that could see each token)
+    s_l     = Where(sink | recent, +BIG, s_l);  Where(pos_l < 0, -BIG, s_l)
               cascade: Where(pos_l in kept_{l-1}, s_l, -BIG)   (dropped above = dropped here)
     k       = min(n, max(budget(T), sinks + recent))   T = max(pos) + 1: the length so far
     keep    = Sort(TopK(s_l, k).indices)                 kept tokens stay in order
     present.l.key/value     = GatherElements(present, keep) along the sequence axis
     present_importance.l    = Gather(imp_l, keep);  present_positions.l = Gather(pos_l, keep) (-1 if -BIG)
 
+``decay``/``norm`` come from the scoring rule (``SCORES``): ``accumulated`` (decay 1, norm 0: H2O's and
+SpAtten's sum), ``mean`` (norm 1: attention per query that could see the token, without H2O's bias
+toward old tokens), ``ema`` (an exponential moving average: old attention fades), ``last`` (decay
+0: the newest query alone, TOVA). decay 1 and norm 0 are exact identities (``1^x``, ``x^0``).
 ``budget(T)`` is ``ceil(b * T)`` for a fraction ``b <= 1`` or ``b`` tokens. Sinks are the first
 ``sinks`` real tokens (rank among the valid slots, so left padding does not take their place); the
 recent window is the last ``recent`` slots. GQA: the query heads' probabilities are summed over all
@@ -48,6 +54,24 @@ logger = logging.getLogger(__name__)
 MIN = float(np.finfo(np.float32).min)
 BIG = 1e30
 MODES = ("layer", "cascade")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreRule:
+    """How a token's importance is accumulated (``decay`` per query) and ranked (``/ seen^norm``)."""
+
+    decay: float
+    norm: float
+    why: str
+
+
+SCORES: dict[str, ScoreRule] = {
+    "accumulated": ScoreRule(1.0, 0.0, "H2O / SpAtten: all attention a token has received (favours old tokens)"),
+    "mean": ScoreRule(1.0, 1.0, "accumulated / the queries that could see it: no bias toward old tokens"),
+    "sqrt": ScoreRule(1.0, 0.5, "accumulated / sqrt(queries that could see it): between sum and mean"),
+    "ema": ScoreRule(0.95, 0.0, "exponential moving average of attention: old attention fades"),
+    "last": ScoreRule(0.0, 0.0, "TOVA: the newest query's attention alone"),
+}
 META_KEY = "spatten.evict_kv"
 
 
@@ -104,8 +128,9 @@ def _position_gather(graph: ir.Graph) -> ir.Node | None:
 class EvictKV(Pass):
     """Options: ``budget`` (fraction <= 1 or tokens), ``sinks``, ``recent`` (tokens), ``recent_share``
     (the recent window also spans this share of the kept slots after the sinks: 1.0 = StreamingLLM),
-    ``mode`` layer|cascade, ``schedule`` (per-layer budget multipliers, missing entries repeat the
-    last; cascade: non-increasing), ``tunable`` (budget/sinks/recent/share as overridable inputs)."""
+    ``mode`` layer|cascade, ``score`` (a rule of ``SCORES``), ``schedule`` (per-layer budget
+    multipliers, missing entries repeat the last; cascade: non-increasing), ``tunable``
+    (budget/sinks/recent/share/decay/norm as overridable inputs)."""
 
     name = "evict-kv"
     budget: float = 0.25
@@ -113,6 +138,7 @@ class EvictKV(Pass):
     recent: int = 0
     recent_share: float = 0.5  # H2O's split: half the budget is the recent window (bench/decode.py: best)
     mode: str = "layer"
+    score: str = "accumulated"
     schedule: tuple[float, ...] = ()
     tunable: bool = False
 
@@ -125,6 +151,8 @@ class EvictKV(Pass):
     def _validate(self) -> None:
         if self.mode not in MODES:
             raise OptionError(f"--kv-evict must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.score not in SCORES:
+            raise OptionError(f"--kv-score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.budget <= 0 or (self.budget > 1 and self.budget != int(self.budget)):
             raise OptionError(f"--kv-budget must be a fraction in (0, 1] or a whole number of tokens, "
                               f"got {self.budget}")
@@ -180,19 +208,21 @@ class EvictKV(Pass):
         ShapeInferencePass()(model)  # fresh shapes from the per-layer cache lengths (later passes read heads)
         model.metadata_props[META_KEY] = json.dumps({
             "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "mode": self.mode,
-            "recent_share": self.recent_share,
+            "recent_share": self.recent_share, "score": self.score,
             "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
             "state": {"importance": "past_importance.{layer}", "positions": "past_positions.{layer}"}})
-        logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d tokens / %.0f%% of the budget, %s",
-                    len(layers), self.budget, self.sinks, self.recent, 100 * self.recent_share, self.mode)
+        logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d tokens / %.0f%% of the budget, %s, %s",
+                    len(layers), self.budget, self.sinks, self.recent, 100 * self.recent_share, self.mode, self.score)
         return PassResult(model, True)
 
     def _knobs(self, ed: GraphEditor, graph: ir.Graph) -> dict[str, ir.Value]:
-        """budget, sinks, recent, recent_share as constants, or (``tunable``) as graph inputs whose
+        """budget, sinks, recent, recent_share, decay, norm as constants, or (``tunable``) as graph inputs whose
         initializers are the compiled values: a benchmark overrides them per run, one model for all."""
         values = {"budget": np.array(self.budget if self.budget <= 1 else 1.0, np.float32),
                   "sinks": np.array([self.sinks], np.int64), "recent": np.array([self.recent], np.int64),
-                  "recent_share": np.array(self.recent_share, np.float32)}
+                  "recent_share": np.array(self.recent_share, np.float32),
+                  "decay": np.array(SCORES[self.score].decay, np.float32),
+                  "norm": np.array(SCORES[self.score].norm, np.float32)}
         knobs = {k: ed.const(k, v) for k, v in values.items()}
         if self.tunable:
             for key, value in knobs.items():
@@ -235,11 +265,19 @@ class EvictKV(Pass):
         mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
         site.mask_node.replace_input_with(mask_slot, bias)
         # importance
-        vq = ed.op("Cast", [valid_new], to=ir.DataType.FLOAT)  # [B, q]
-        weighted = ed.op("Mul", [site.probs, ed.op("Unsqueeze", [vq, i64("a13", [1, 3])])])
-        score = ed.op("ReduceSum", [weighted, i64("ax", [1, 2])], keepdims=0)  # [B, n]
-        imp = ed.op("Add", [ed.op("Concat", [past_imp, ed.op("Mul", [vq, f32("z", 0.0)])], axis=1), score])
         pos = ed.op("Concat", [past_pos, new_pos], axis=1)
+        posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
+        last, _ = ed.op("TopK", [posf, i64("one", [1])], outputs=2, axis=1)  # [B, 1]: this row's newest position
+        vq = ed.op("Cast", [valid_new], to=ir.DataType.FLOAT)  # [B, q]
+        age = ed.op("Sub", [last, ed.op("Cast", [new_pos], to=ir.DataType.FLOAT)])
+        w_q = ed.op("Mul", [ed.op("Pow", [knobs["decay"], age]), vq])  # decay^age; 1^age = 1 exactly
+        weighted = ed.op("Mul", [site.probs, ed.op("Unsqueeze", [w_q, i64("a13", [1, 3])])])
+        score = ed.op("ReduceSum", [weighted, i64("ax", [1, 2])], keepdims=0)  # [B, n]
+        carry = ed.op("Pow", [knobs["decay"], ed.op("ReduceSum", [vq, i64("ax1", [1])], keepdims=1)])  # [B, 1]
+        imp = ed.op("Add", [ed.op("Concat", [ed.op("Mul", [past_imp, carry]), ed.op("Mul", [vq, f32("z", 0.0)])],
+                                      axis=1), score])
+        seen = ed.op("Sub", [ed.op("Add", [last, f32("one", 1.0)]), posf])  # queries that could see each token
+        rank_by = ed.op("Div", [imp, ed.op("Pow", [seen, knobs["norm"]])])  # x^0 = 1 exactly
         valid = ed.op("GreaterOrEqual", [pos, i64("z", 0)])
         n = ed.op("Shape", [pos], start=1, end=2)
         # k = min(n, max(budget(T), sinks + recent)); the recent window also covers share * (k - sinks)
@@ -262,7 +300,7 @@ class EvictKV(Pass):
         sink = ed.op("And", [valid, ed.op("LessOrEqual", [rank, ed.op("Squeeze", [sinks])])])
         slot = ed.op("Range", [i64("r0", 0), ed.op("Squeeze", [n]), i64("r1", 1)])
         in_window = ed.op("GreaterOrEqual", [slot, ed.op("Sub", [ed.op("Squeeze", [n]), window])])
-        s = ed.op("Where", [ed.op("Or", [sink, in_window]), f32("big", BIG), imp])
+        s = ed.op("Where", [ed.op("Or", [sink, in_window]), f32("big", BIG), rank_by])
         s = ed.op("Where", [valid, s, f32("nbig", -BIG)])
         if self.mode == "cascade" and prev_kept is not None:
             eq = ed.op("Equal", [ed.op("Unsqueeze", [pos, i64("a2", [2])]),

@@ -67,6 +67,7 @@ class CompileConfig:
     kv_sinks: int | None = None  # decoders: first real tokens never evicted (evict-kv default)
     kv_recent: int | str | None = None  # decoders: most recent tokens never evicted: N tokens or "P%" of the budget
     kv_evict: str | None = None  # decoders: layer (H2O-style, default) | cascade (SpAtten)
+    kv_score: str | None = None  # decoders: evict-kv's scoring rule (passes/evict_kv.py SCORES)
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -152,7 +153,7 @@ class CompileConfig:
             off = " (--kv-bits none turns K/V quantization off)" if self.kv_bits == "none" else ""
             raise OptionError(f"{given[0]} needs --kv-bits{off}")
         evict = [f for f, v in (("--kv-sinks", self.kv_sinks), ("--kv-recent", self.kv_recent),
-                                ("--kv-evict", self.kv_evict)) if v is not None]
+                                ("--kv-evict", self.kv_evict), ("--kv-score", self.kv_score)) if v is not None]
         if evict and self.kv_budget is None:
             raise OptionError(f"{evict[0]} needs --kv-budget")
 
@@ -191,7 +192,8 @@ class CompileConfig:
             passes.append(make_pass("prune-values", keep=self.value_keep))
         if self.kv_budget is not None:  # before quantize-kv: it finds the attention it rewrites
             passes.append(make_pass("evict-kv", budget=float(self.kv_budget), **{
-                k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), *_recent(self.kv_recent))
+                k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), ("score", self.kv_score),
+                                  *_recent(self.kv_recent))
                 if v is not None}))
         if self.kv_bits not in (None, "none"):
             opts: dict[str, Any] = {"bits": self.kv_bits}

@@ -106,8 +106,8 @@ def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[st
     elif pipeline:
         lines.append("  (an explicit --pipeline runs exactly those passes; drop it for the measured defaults)")
     if "evict-kv" in names and not pipeline:
-        lines.append("  eviction: --kv-budget B|N, --kv-sinks N, --kv-recent N|P%, --kv-evict layer|cascade "
-                     "(docs/decoders.md); off: drop --kv-budget")
+        lines.append("  eviction: --kv-budget B|N, --kv-sinks N, --kv-recent N|P%, --kv-evict layer|cascade, "
+                     "--kv-score RULE (docs/decoders.md); off: drop --kv-budget")
     if res.preset is not None:
         lines.append(f"  measured: docs/presets.md ({res.preset.note})")
     if "quantize-kv" in names:

@@ -14,7 +14,7 @@ import spatten_compiler.passes  # noqa: F401  (registers the passes)
 from conftest import MODELS, load_meta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spatten_compiler.passes.evict_kv import budget_tokens
+from spatten_compiler.passes.evict_kv import SCORES, budget_tokens
 
 from spatten_compiler.decoding import DecoderSession, left_pad
 from spatten_compiler.errors import OptionError
@@ -84,11 +84,16 @@ def test_ort_equals_reference_with_eviction(name: str, tmp_path_factory: pytest.
 
 def numpy_rule(probs: np.ndarray, past_imp: np.ndarray, past_pos: np.ndarray, new_pos: np.ndarray,
                valid_q: np.ndarray, budget: float, sinks: int, recent: int,
-               above: np.ndarray | None, share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+               above: np.ndarray | None, share: float = 0.0, decay: float = 1.0,
+               norm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The eviction rule written directly: returns (kept positions with -1 for empty, kept importance)."""
-    imp = np.concatenate([past_imp, np.zeros_like(new_pos, np.float32)], 1)
-    imp = imp + (probs * valid_q[:, None, :, None]).sum(axis=(1, 2))
     pos = np.concatenate([past_pos, np.where(valid_q > 0, new_pos, -1)], 1)
+    last = pos.max(axis=1, keepdims=True)
+    w = np.float64(decay) ** (last - new_pos) * valid_q  # each query's weight: decay^(its age)
+    carry = np.float64(decay) ** valid_q.sum(axis=1, keepdims=True)
+    imp = np.concatenate([past_imp * carry, np.zeros_like(new_pos, np.float32)], 1)
+    imp = (imp + (probs * w[:, None, :, None]).sum(axis=(1, 2))).astype(np.float32)
+    ranked = imp / (last + 1.0 - pos) ** norm
     b, n = pos.shape
     k = budget_tokens(budget, int(pos.max()) + 1, sinks, recent, n)
     recent = max(recent, int(np.floor(np.float32(share) * np.float32(k - sinks))))
@@ -97,7 +102,7 @@ def numpy_rule(probs: np.ndarray, past_imp: np.ndarray, past_pos: np.ndarray, ne
         valid = pos[r] >= 0
         rank = np.cumsum(valid)
         forced = (valid & (rank <= sinks)) | (np.arange(n) >= n - recent)
-        score = np.where(forced, 1e30, imp[r]).astype(np.float32)
+        score = np.where(forced, 1e30, ranked[r]).astype(np.float32)
         score = np.where(valid, score, -1e30)
         if above is not None:
             score = np.where(np.isin(pos[r], above[r][above[r] >= 0]), score, -1e30)
@@ -108,13 +113,17 @@ def numpy_rule(probs: np.ndarray, past_imp: np.ndarray, past_pos: np.ndarray, ne
     return kept_pos, kept_imp
 
 
-@pytest.mark.parametrize(("mode", "share"), [("layer", 0.0), ("cascade", 0.0), ("layer", 0.5), ("layer", 1.0)])
+@pytest.mark.parametrize(("mode", "share", "score"), [
+    ("layer", 0.0, "accumulated"), ("cascade", 0.0, "accumulated"), ("layer", 0.5, "accumulated"),
+    ("layer", 1.0, "accumulated"), *[("layer", 0.25, s) for s in SCORES if s != "accumulated"],
+    ("cascade", 0.25, "mean")])
 @pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_kv_torchscript"])
-def test_kept_tokens_equal_numpy_rule(name: str, mode: str, share: float,
+def test_kept_tokens_equal_numpy_rule(name: str, mode: str, share: float, score: str,
                                       tmp_path_factory: pytest.TempPathFactory) -> None:
     budget, sinks, recent = 0.4, 2, 1
+    rule = SCORES[score]
     path = compiled(name, str(tmp_path_factory.getbasetemp()), probs=True, budget=budget, sinks=sinks,
-                    recent=recent, mode=mode, recent_share=share)
+                    recent=recent, mode=mode, recent_share=share, score=score)
     s = DecoderSession(path)
     softmax = [o for o in s.output_names if not o.startswith(("present", "logits"))]
     captured: dict[str, np.ndarray] = {}
@@ -140,7 +149,7 @@ def test_kept_tokens_equal_numpy_rule(name: str, mode: str, share: float,
             want_pos, want_imp = numpy_rule(
                 captured[f"out:{softmax[layer]}"], captured[f"past_importance.{layer}"],
                 captured[f"past_positions.{layer}"], captured["position_ids"], valid_q.astype(np.float32),
-                budget, sinks, recent, above if mode == "cascade" else None, share)
+                budget, sinks, recent, above if mode == "cascade" else None, share, rule.decay, rule.norm)
             np.testing.assert_array_equal(got_pos, want_pos)
             np.testing.assert_allclose(got_imp, want_imp, rtol=1e-5, atol=1e-5)
             above = got_pos
@@ -244,3 +253,59 @@ def test_per_layer_cache_lengths_differ(name: str, mode: str, tmp_path_factory: 
         want = [budget_tokens(0.6, total, 1, 1, 99), *[budget_tokens(0.3, total, 1, 1, 99)] * 3]
         assert ort_s.cache_lengths() == want and want[0] > want[1]
         tok = a[:, -1].argmax(-1)
+
+
+@pytest.mark.parametrize("score", [s for s in SCORES if s != "accumulated"])
+def test_scores_full_budget_dense_and_ort_equals_reference(score: str,
+                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every scoring rule: a full budget is the dense model; with eviction onnxruntime == reference."""
+    base = str(tmp_path_factory.getbasetemp())
+    full = compiled("llama_torchscript", base, budget=1.0, sinks=1, recent=1, score=score)
+    assert max(_run(DecoderSession(MODELS / "llama_torchscript.onnx"), DecoderSession(full), steps=6)) <= 1e-4
+    path = compiled("llama_torchscript", base, budget=0.3, sinks=1, recent=1, score=score, recent_share=0.25)
+    ort_s, ref_s = DecoderSession(path), DecoderSession(path, runtime="reference")
+    ids, mask = left_pad(PROMPTS)
+    ort_s.reset(2)
+    ref_s.reset(2)
+    a, b = ort_s.step(ids, mask), ref_s.step(ids, mask)
+    tok = a[:, -1].argmax(-1)
+    for _ in range(5):
+        a, b = ort_s.step(tok[:, None]), ref_s.step(tok[:, None])
+        assert np.abs(a - b).max() <= 1e-4
+        for x, y in zip(ort_s.kept_positions(), ref_s.kept_positions()):
+            np.testing.assert_array_equal(x, y)
+        tok = a[:, -1].argmax(-1)
+
+
+def test_tunable_score_knobs_equal_compiled_rule(tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = str(tmp_path_factory.getbasetemp())
+    fixed = DecoderSession(compiled("llama_dynamo", base, budget=0.3, sinks=1, recent_share=0.25, score="ema"))
+    tuned = DecoderSession(compiled("llama_dynamo", base, budget=0.3, sinks=1, recent_share=0.25, tunable=True))
+    tuned.overrides = {"spatten.kv_decay": np.array(SCORES["ema"].decay, np.float32),
+                       "spatten.kv_norm": np.array(SCORES["ema"].norm, np.float32)}
+    assert max(_run(fixed, tuned, steps=6)) == 0.0
+    for a, b in zip(fixed.kept_positions(), tuned.kept_positions()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_score_is_refused() -> None:
+    model = ir.load(str(MODELS / "llama_dynamo.onnx"))
+    with pytest.raises(OptionError, match="--kv-score must be one of"):
+        Pipeline([make_pass("normalize"), make_pass("decompose-attention"),
+                  make_pass("evict-kv", score="nope")])(model)
+
+
+def test_cli_kv_score(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def spattenc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "spatten_compiler", *args], capture_output=True, text=True)
+
+    out = tmp_path / "s.onnx"
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-score", "mean")
+    assert r.returncode == 2 and "needs --kv-budget" in r.stderr and not out.exists()
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-budget", "0.5", "--kv-score", "last")
+    assert r.returncode == 0, r.stderr
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert '"score": "last"' in meta["spatten.evict_kv"]

@@ -14,6 +14,7 @@ from spatten_compiler.config import CompileConfig, parse_ratio_list
 from spatten_compiler.defaults import PRESET_NAMES
 from spatten_compiler.errors import OptionError
 from spatten_compiler.modelio import same_file, save_model, weight_bytes
+from spatten_compiler.passes.evict_kv import SCORES
 from spatten_compiler.progress import Reporter
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-evict", choices=("layer", "cascade"),
                    help="layer (default): each layer keeps its top tokens by accumulated attention (H2O); "
                    "cascade: SpAtten's, a token dropped once stays dropped deeper")
+    e.add_argument("--kv-score", choices=tuple(SCORES),
+                   help="how a token's importance is ranked (docs/decoders.md): accumulated (H2O / SpAtten sum), "
+                   "mean (per query that could see it), sqrt, ema, last (TOVA); default: the measured best")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
@@ -163,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_sinks": args.kv_sinks,
         "kv_recent": args.kv_recent,
         "kv_evict": args.kv_evict,
+        "kv_score": args.kv_score,
     })
     t0 = time.perf_counter()
     with report.step(f"compiling {args.model}"), report.bar(None, "passes", unit="pass") as bar:
