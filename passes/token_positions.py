@@ -1,0 +1,127 @@
+"""What a token-pruned layer reads by position, gathered to the kept tokens (prune-tokens' helper).
+
+prune-tokens gathers a layer's hidden state to the kept tokens (``pos[b, i]`` = the original
+position of kept token ``i``). Everything else the layer reads that is indexed by token position is
+gathered with the same ``pos``, so kept tokens see exactly what they saw in the full sequence:
+
+* an additive **score term** ``[1|B, 1|H, S, S]`` - T5/MPNet relative-position buckets, ALiBi, and a
+  decoder's causal+padding (and sliding-window) mask: query rows and key columns,
+  ``term'[b, h, i, j] = term[b, h, pos[b, i], pos[b, j]]``. Causal among the kept tokens is the
+  original mask's rows/cols at the kept positions, because kept tokens stay in their original order;
+* a **position-indexed input** of the layer - a float tensor read from outside the layer that is
+  computed from positions or shapes (no hidden state): RoPE's cos/sin ``[1|B, S, D]`` (token axis 1)
+  or ``[1|B, 1, S, D]`` / ``[1|B, S, 1, D]`` (the non-unit axis of 1 and 2): the token axis.
+
+What cannot be gathered is refused by :func:`check_term` / :func:`positional_inputs` with the reason:
+a score term computed from the layer's activations (DeBERTa c2p/p2c), a term or input computed from
+the pruned length itself (it would describe positions ``0..k-1``, not the kept ones), a
+position-indexed input whose token axis the shape does not tell.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import onnx_ir as ir
+
+from spatten_compiler.editor import GraphEditor
+from spatten_compiler.errors import OptionError
+from spatten_compiler.match import const_array
+
+from .site_io import POSITION_INPUTS, _ancestors
+
+FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+
+
+def gather_positions(e: GraphEditor, value: ir.Value, pos: ir.Value, batch: ir.Value,
+                     axes: tuple[int, ...]) -> ir.Value:
+    """``value`` broadcast to the batch and gathered along each of ``axes`` by ``pos`` [B, k]."""
+    rank = value.shape.rank()
+    ones = e.const("ones", np.ones(rank - 1, np.int64))
+    out = e.op("Expand", [value, e.op("Concat", [batch, ones], axis=0)])
+    k = e.op("Shape", [pos], start=1, end=2)
+    for axis in axes:
+        axis = axis % rank
+        pieces = [e.op("Shape", [out], start=0, end=axis), k] if axis else [k]
+        if axis + 1 < rank:
+            pieces.append(e.op("Shape", [out], start=axis + 1))
+        others = [a for a in range(1, rank) if a != axis]
+        index = e.op("Unsqueeze", [pos, e.const("axes", np.array(others, np.int64))]) if others else pos
+        index = e.op("Expand", [index, e.op("Concat", pieces, axis=0)])
+        out = e.op("GatherElements", [out, index], axis=axis)
+    return out
+
+
+def _reaches(value: ir.Value, target: ir.Value, limit: int = 600) -> bool:
+    """True if ``target`` is an ancestor of ``value`` (through shape reads)."""
+    seen: set[int] = set()
+    todo = deque([value])
+    while todo and len(seen) < limit:
+        v = todo.popleft()
+        if v is None or id(v) in seen:
+            continue
+        if v is target:
+            return True
+        seen.add(id(v))
+        node = v.producer()
+        if node is not None:
+            todo.extend(node.inputs)
+    return False
+
+
+def check_term(layer: int, term: ir.Value, region: list[ir.Node], pruned: ir.Value, what: str) -> None:
+    """Refuse a score term that cannot be gathered: computed inside the layer, or from the pruned length."""
+    inside = {id(o) for n in region for o in n.outputs}
+    if id(term) in inside:
+        raise OptionError(f"layer {layer}: {what} {term.name} is computed from the layer's activations "
+                          "(disentangled attention); prune-tokens cannot gather it")
+    if term.shape is None or term.shape.rank() != 4:
+        raise OptionError(f"layer {layer}: {what} {term.name} is not [B, H, S, S] "
+                          f"(shape {term.shape}); prune-tokens cannot gather its rows and columns")
+    if _reaches(term, pruned):
+        raise OptionError(f"layer {layer}: {what} {term.name} is computed from the pruned layer input's "
+                          "length; prune a later layer (the schedule's first entries 1.0)")
+
+
+def _token_axis(value: ir.Value) -> int | None:
+    dims = value.shape.dims
+    if len(dims) == 3:
+        return 1
+    if len(dims) == 4:
+        unit = [a for a in (1, 2) if dims[a] == 1]
+        return ({1, 2} - set(unit)).pop() if len(unit) == 1 else None
+    return None
+
+
+def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned: ir.Value,
+                      graph: ir.Graph, mask_source: str | None) -> list[tuple[ir.Value, int]]:
+    """(value, token axis) of every position-indexed float the layer reads from outside itself."""
+    inside = {id(o) for n in region for o in n.outputs}
+    allowed = (POSITION_INPUTS - {"input_ids"}) | {mask_source, "attention_mask"}
+    found: dict[int, tuple[ir.Value, int]] = {}
+    for node in region:
+        if node.op_type in ("Shape", "Size"):
+            continue
+        for v in node.inputs:
+            if (v is None or id(v) in inside or id(v) in skip or id(v) in found or v.dtype not in FLOATS
+                    or v.const_value is not None or const_array(v) is not None):
+                continue
+            nodes, inputs = _ancestors(v, limit=300)
+            if not inputs and not any(n.op_type in ("Shape", "Size", "Range") for n in nodes):
+                continue  # computed from constants only: not indexed by position
+            if any(i.name not in allowed for i in inputs):
+                raise OptionError(f"layer {layer} reads {v.name} from outside the layer, computed from the hidden "
+                                  f"state ({', '.join(sorted({str(i.name) for i in inputs}))}); prune-tokens "
+                                  "cannot gather it")
+            if v.shape is None or v.shape.rank() < 2:
+                continue  # a scalar or per-channel value
+            axis = _token_axis(v)
+            if axis is None:
+                raise OptionError(f"layer {layer}: position-indexed input {v.name} of shape {v.shape}: "
+                                  "prune-tokens cannot tell its token axis")
+            if _reaches(v, pruned):
+                raise OptionError(f"layer {layer}: {v.name} is computed from the pruned layer input's length; "
+                                  "prune a later layer (the schedule's first entries 1.0)")
+            found[id(v)] = (v, axis)
+    return list(found.values())
