@@ -38,7 +38,7 @@ from spatten_compiler.schedule import check_schedule, spatten_schedule
 from .find_attention import AttentionSite, find_attention
 from .site_io import layer_region
 from .spatten_ops import DOMAIN, ensure_functions
-from .token_positions import check_term, gather_positions, positional_inputs
+from .token_positions import check_term, gather_positions, positional_inputs, shrinks_causal
 
 logger = logging.getLogger(__name__)
 RESTORE = ("stale", "zero", "mean")
@@ -46,8 +46,9 @@ IMPORTANCE = {"sum": "TokenImportance", "mean": "TokenImportanceMean", "value": 
 PROTECT = ("first", "first+last", "none")
 PRUNE_POINTS = ("layer-input", "after-attention")
 MASK_BIAS = -1e9
-# How the mask meets the scores: an additive term, Where(masked, fill, s), Where(kept, s, fill).
-MASK_FORMS = ("additive", "where", "where_scores_true")
+# How the mask meets the scores: an additive term, Where(masked, fill, s), Where(kept, s, fill), and
+# (decoders) Where(causal, s, fill) + an additive padding mask.
+MASK_FORMS = ("additive", "where", "where_scores_true", "causal+additive")
 
 
 def _check_sites(sites: list[AttentionSite]) -> None:
@@ -323,6 +324,13 @@ class _Rewrite:
         if node is None or site.mask is None:
             return
         form, axes = _mask_form(site), e.const("axes", np.array([1, 2], np.int64))
+        if self.decoder and form == "causal+additive":  # GPT-Neo: Where(causal, scores, fill) + padding mask
+            where = next(p for i in node.inputs if (p := i.producer()) is not None and p.op_type == "Where")
+            cond = where.inputs[0]
+            if not shrinks_causal(cond, x):
+                check_term(site.layer, cond, region, x, "causal condition")
+                where.replace_input_with(0, self._gathered(cond, (2, 3)))
+            form = "additive"
         if self.decoder:
             # The exporter's causal(+padding, +sliding window) mask at the kept rows and columns: kept
             # tokens stay in order, so this is causal among them; plus the tokens each sample drops.

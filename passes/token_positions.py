@@ -84,6 +84,31 @@ def check_term(layer: int, term: ir.Value, region: list[ir.Node], pruned: ir.Val
                           "length; prune a later layer (the schedule's first entries 1.0)")
 
 
+def shrinks_causal(cond: ir.Value, pruned: ir.Value, limit: int = 400) -> bool:
+    """True when a causal condition is sliced to the pruned length from a full lower triangle (GPT-Neo's
+    ``bias[:, :, k-q:k, :k]``): the slice of the reduced length is causal among the kept tokens, which
+    stay in order. A banded (sliding-window) buffer is not: the window must count original positions."""
+    if not _reaches(cond, pruned):
+        return False
+    seen: set[int] = set()
+    todo, squares = deque([cond]), []
+    while todo and len(seen) < limit:
+        v = todo.popleft()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        a = const_array(v, max_elements=1 << 22)
+        if a is not None and a.ndim >= 2 and a.shape[-1] == a.shape[-2] > 1 and np.isin(a, (0, 1)).all():
+            squares.append(a)  # a 0/1 square: a mask buffer (weights on the walk are not)
+        if (node := v.producer()) is not None:
+            todo.extend(node.inputs)
+    return len(squares) == 1 and a_is_tril(squares[0])
+
+
+def a_is_tril(a: np.ndarray) -> bool:
+    return bool(np.array_equal(a.astype(bool), np.broadcast_to(np.tril(np.ones(a.shape[-2:], bool)), a.shape)))
+
+
 def _token_axis(value: ir.Value) -> int | None:
     dims = value.shape.dims
     if len(dims) == 3:
