@@ -171,7 +171,7 @@ def kv(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
     return True, f"max |diff| {_diff(want, {k: got[k] for k in want}):.2g}"
 
 
-def evaluate(rec: dict[str, Any], corpus: Path = CORPUS) -> dict[str, Any]:
+def evaluate(rec: dict[str, Any], corpus: Path = CORPUS, only: tuple[str, ...] = CHECKS) -> dict[str, Any]:
     """One corpus model: each check -> {ok, reason}. A check that raises is a refusal (its message)."""
     path = corpus / rec["onnx"]
     feeds = dict(np.load(corpus / f"{rec['name']}.npz"))
@@ -180,6 +180,8 @@ def evaluate(rec: dict[str, Any], corpus: Path = CORPUS) -> dict[str, Any]:
         checks = (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d), rec)),
                   ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d))))
         for check, fn in checks:
+            if check not in only:
+                continue
             t0 = time.perf_counter()
             try:
                 ok, why = fn()
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated families")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--checks", default=",".join(CHECKS),
+                   help="comma-separated checks to run; with --merge the others come from the earlier run")
     p.add_argument("--merge", type=Path, metavar="JSON",
                    help="an earlier run's .json: its rows for models not evaluated now are carried over")
     args = p.parse_args(argv)
@@ -250,13 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in recs if r.get("status") != "ok"]
     rows = []
     t0 = time.perf_counter()
+    only = tuple(c for c in args.checks.split(",") if c in CHECKS)
+    earlier = json.loads(args.merge.read_text())["rows"] if args.merge else []
+    before = {r["name"]: r for r in earlier}
     for rec in ok:
-        rows.append(evaluate(rec, args.corpus))
-        print(rec["name"], " ".join(f"{c}={'ok' if rows[-1][c]['ok'] else rows[-1][c]['reason']}" for c in CHECKS),
-              flush=True)
+        row = evaluate(rec, args.corpus, only)
+        if any(c not in row for c in CHECKS):  # checks not run now: the earlier run's result, marked
+            if rec["name"] not in before:
+                log.warning("%s: not in %s; running every check", rec["name"], args.merge)
+                row = evaluate(rec, args.corpus)
+            else:
+                row.update({c: {**before[rec["name"]][c], "from": args.merge.name} for c in CHECKS if c not in row})
+        rows.append(row)
+        print(rec["name"], " ".join(f"{c}={'ok' if row[c]['ok'] else row[c]['reason']}" for c in CHECKS), flush=True)
     if args.merge:
         done = {r["name"] for r in rows}
-        earlier = json.loads(args.merge.read_text())["rows"]
         rows += [{**r, "from": args.merge.name} for r in earlier if r["name"] not in done]
         order = {r["name"]: i for i, r in enumerate(corpus_records(args.corpus))}
         rows.sort(key=lambda r: order.get(r["name"], len(order)))

@@ -165,7 +165,7 @@ class _Rewrite:
         seq = e.op("Cast", [e.op("Shape", [x0], start=1, end=2)], to=ir.DataType.FLOAT)
         lens = e.op("ReduceSum", [valid, e.const("axes", np.array([1], np.int64))], keepdims=0)
         self.pos, self.valid, self.seq, self.lens = pos, valid, seq, lens
-        self.batch = e.op("Shape", [x0], start=0, end=1)
+        self.full = full
         self.gathered: dict[tuple[int, int], ir.Value] = {}
         self.acc: ir.Value | None = None
         self.buf: ir.Value | None = None
@@ -300,17 +300,17 @@ class _Rewrite:
                 if inp is term:
                     add.replace_input_with(i, new)
         skip = {id(v) for v in (x, site.layer_input, site.mask, *site.bias_terms) if v is not None}
-        for value, axis in positional_inputs(site.layer, region, skip, x, self.model.graph, site.mask_source):
-            new = self._gathered(value, (axis,))
+        for value, axis, lift in positional_inputs(site.layer, region, skip, x, self.model.graph, site.mask_source):
+            new = self._gathered(value, (axis,), lift)
             for node in region:
                 for i, inp in enumerate(node.inputs):
                     if inp is value:
                         node.replace_input_with(i, new)
 
-    def _gathered(self, value: ir.Value, axes: tuple[int, ...]) -> ir.Value:
+    def _gathered(self, value: ir.Value, axes: tuple[int, ...], lift: int = 0) -> ir.Value:
         key = (id(value), id(self.pos))
         if key not in self.gathered:
-            self.gathered[key] = gather_positions(self.e, value, self.pos, self.batch, axes)
+            self.gathered[key] = gather_positions(self.e, value, self.pos, self.full, axes, lift)
         return self.gathered[key]
 
     def _valid_bias(self) -> ir.Value:

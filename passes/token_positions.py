@@ -34,22 +34,28 @@ from .site_io import POSITION_INPUTS, _ancestors
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 
-def gather_positions(e: GraphEditor, value: ir.Value, pos: ir.Value, batch: ir.Value,
-                     axes: tuple[int, ...]) -> ir.Value:
-    """``value`` broadcast to the batch and gathered along each of ``axes`` by ``pos`` [B, k]."""
+def gather_positions(e: GraphEditor, value: ir.Value, pos: ir.Value, full: ir.Value,
+                     axes: tuple[int, ...], lift: int = 0) -> ir.Value:
+    """``value`` broadcast to ``[B, .., S at each of axes, ..]`` (``full`` = [B, S]) and gathered along
+    ``axes`` by ``pos`` [B, k]. A batch-less ``[S, D]`` table (``lift`` >= 0 for rank 2) gets a batch
+    axis first and ``lift`` unit axes after it, to broadcast like the table did against its consumer."""
     rank = value.shape.rank()
-    ones = e.const("ones", np.ones(rank - 1, np.int64))
-    out = e.op("Expand", [value, e.op("Concat", [batch, ones], axis=0)])
+    if rank == 2:
+        value, rank, axes = e.op("Unsqueeze", [value, e.const("axes", np.array([0], np.int64))]), 3, (1,)
+    one = e.const("one", np.array([1], np.int64))
+    batch, seq = e.op("Slice", [full, e.const("z", np.array([0], np.int64)), one]), e.op("Slice", [full, one, e.const("two", np.array([2], np.int64))])
+    out = e.op("Expand", [value, e.op("Concat", [batch, *[seq if a in axes else one for a in range(1, rank)]], axis=0)])
     k = e.op("Shape", [pos], start=1, end=2)
     for axis in axes:
-        axis = axis % rank
-        pieces = [e.op("Shape", [out], start=0, end=axis), k] if axis else [k]
+        pieces = [e.op("Shape", [out], start=0, end=axis), k]
         if axis + 1 < rank:
             pieces.append(e.op("Shape", [out], start=axis + 1))
         others = [a for a in range(1, rank) if a != axis]
         index = e.op("Unsqueeze", [pos, e.const("axes", np.array(others, np.int64))]) if others else pos
         index = e.op("Expand", [index, e.op("Concat", pieces, axis=0)])
         out = e.op("GatherElements", [out, index], axis=axis)
+    if lift:
+        out = e.op("Unsqueeze", [out, e.const("axes", np.arange(1, 1 + lift, dtype=np.int64))])
     return out
 
 
@@ -87,9 +93,13 @@ def check_term(layer: int, term: ir.Value, region: list[ir.Node], pruned: ir.Val
 def shrinks_causal(cond: ir.Value, pruned: ir.Value, limit: int = 400) -> bool:
     """True when a causal condition is sliced to the pruned length from a full lower triangle (GPT-Neo's
     ``bias[:, :, k-q:k, :k]``): the slice of the reduced length is causal among the kept tokens, which
-    stay in order. A banded (sliding-window) buffer is not: the window must count original positions."""
+    stay in order; so is a comparison of two Ranges. A banded (sliding-window) buffer is not: the window
+    must count original positions."""
     if not _reaches(cond, pruned):
         return False
+    node = cond.producer()
+    if node is not None and node.op_type in ("LessOrEqual", "GreaterOrEqual") and all(map(_range, node.inputs)):
+        return True  # Range(k)[None] <= Range(k)[:, None]: a causal mask of the reduced length
     seen: set[int] = set()
     todo, squares = deque([cond]), []
     while todo and len(seen) < limit:
@@ -105,12 +115,25 @@ def shrinks_causal(cond: ir.Value, pruned: ir.Value, limit: int = 400) -> bool:
     return len(squares) == 1 and a_is_tril(squares[0])
 
 
+def _range(value: ir.Value | None) -> bool:
+    for _ in range(4):
+        node = value.producer() if value is not None else None
+        if node is None or node.op_type not in ("Unsqueeze", "Reshape", "Cast", "Range"):
+            return False
+        if node.op_type == "Range":
+            return True
+        value = node.inputs[0]
+    return False
+
+
 def a_is_tril(a: np.ndarray) -> bool:
     return bool(np.array_equal(a.astype(bool), np.broadcast_to(np.tril(np.ones(a.shape[-2:], bool)), a.shape)))
 
 
 def _token_axis(value: ir.Value) -> int | None:
     dims = value.shape.dims
+    if len(dims) == 2:
+        return 0  # [S, D]: no batch, broadcast from the right against its consumer
     if len(dims) == 3:
         return 1
     if len(dims) == 4:
@@ -120,11 +143,12 @@ def _token_axis(value: ir.Value) -> int | None:
 
 
 def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned: ir.Value,
-                      graph: ir.Graph, mask_source: str | None) -> list[tuple[ir.Value, int]]:
-    """(value, token axis) of every position-indexed float the layer reads from outside itself."""
+                      graph: ir.Graph, mask_source: str | None) -> list[tuple[ir.Value, int, int]]:
+    """(value, token axis, lift) of every position-indexed float the layer reads from outside itself;
+    ``lift``: for an [S, D] table, the unit axes between batch and tokens of its consumer's rank."""
     inside = {id(o) for n in region for o in n.outputs}
     allowed = (POSITION_INPUTS - {"input_ids"}) | {mask_source, "attention_mask"}
-    found: dict[int, tuple[ir.Value, int]] = {}
+    found: dict[int, tuple[ir.Value, int, int]] = {}
     for node in region:
         if node.op_type in ("Shape", "Size"):
             continue
@@ -148,5 +172,12 @@ def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned:
             if _reaches(v, pruned):
                 raise OptionError(f"layer {layer}: {v.name} is computed from the pruned layer input's length; "
                                   "prune a later layer (the schedule's first entries 1.0)")
-            found[id(v)] = (v, axis)
+            lift = 0
+            if v.shape.rank() == 2:
+                out = node.outputs[0].shape
+                if out is None or out.rank() < 3:
+                    raise OptionError(f"layer {layer}: position table {v.name} [S, D] read by {node.op_type} "
+                                      "of unknown rank; prune-tokens cannot gather it")
+                lift = out.rank() - 3
+            found[id(v)] = (v, axis, lift)
     return list(found.values())
