@@ -75,6 +75,22 @@ def _mask_form(site: AttentionSite) -> str:
     return str(site.variant.get("mask", "none")).replace("+bias", "")
 
 
+def _check_serial(site: AttentionSite) -> None:
+    """after-attention gathers the attention output's rows and the residual's: a parallel block (GPT-J,
+    NeoX: (attn + mlp(x)) + x) also adds an MLP of the full-length input in between."""
+    value = next(i for i in site.residual.inputs if i is not site.layer_input)
+    for _ in range(32):
+        node = value.producer()
+        if node is None or node is site.pv:
+            return
+        data = [i for i in node.inputs if i is not None and const_array(i) is None and i.const_value is None
+                and i.dtype in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
+        if len(data) != 1:
+            raise OptionError(f"layer {site.layer}: {node.op_type} '{node.name}' joins the attention output with "
+                              "another branch before the residual (a parallel block); use prune point layer-input")
+        value = data[0]
+
+
 def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool:
     """True if ``value`` is dim 1 of the shape of one of ``sources`` (graph inputs, or the layer's
     own input): Shape(in)[1:2] or Gather(Shape(in), 1), possibly through Reshape/Unsqueeze/Squeeze/Cast."""
@@ -192,6 +208,7 @@ class _Rewrite:
                 score = self.call(self.importance, site.probs, self.valid, *values)
                 self.acc = score if self.acc is None else e.op("Add", [self.acc, score])
             if here:
+                _check_serial(site)
                 rows = self.call("GatherRows", site.pv.inputs[0], None)  # sel filled below
                 xk = self._select(x, nxt, rows_node=rows.producer())
                 site.pv.replace_input_with(0, rows)

@@ -139,6 +139,20 @@ def test_all_tokens_selected_equals_input(case: str, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
+    """Pruning right after layer 0's softmax; a parallel block (MLP of the full input added to the
+    attention output) is refused in one line."""
+    proto = stack(CASES[case]())
+    if case == "parallel_residual":
+        with pytest.raises(OptionError, match="parallel block"):
+            _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
+        return
+    feeds = _feeds(pad=False)
+    got = _run(_compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention"), feeds)
+    np.testing.assert_allclose(got["l1_y"], _run(proto, feeds)["l1_y"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_pruned_ort_equals_reference_and_numpy_rule(case: str, tmp_path) -> None:
     proto = stack(CASES[case]())
     feeds = _feeds()
