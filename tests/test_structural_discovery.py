@@ -98,6 +98,7 @@ def test_position_terms_gathered_by_token_pruning() -> None:
     from spatten_compiler.passes import prune_heads, prune_tokens
 
     sites = _find(build(bias="buckets")).sites
+    sites[0].layer_output = sites[0].residual.outputs[0]  # one layer: no next layer to end at
     prune_tokens._check_sites(sites)
     prune_heads._check_sites(sites)  # a per-head bias is sliced with the heads
 
