@@ -87,7 +87,8 @@ def _check_serial(site: AttentionSite) -> None:
                 and i.dtype in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
         if len(data) != 1:
             raise OptionError(f"layer {site.layer}: {node.op_type} '{node.name}' joins the attention output with "
-                              "another branch before the residual (a parallel block); use prune point layer-input")
+                              "another value before the residual (a parallel block, a norm on the branch); use prune point "
+                              "layer-input")
         value = data[0]
 
 

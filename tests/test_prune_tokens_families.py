@@ -36,6 +36,23 @@ def _layer_scale(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _post_norm(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Gemma 2 / OLMo 2: a norm of the attention branch before the residual Add (RMSNorm, decomposed)."""
+    g = proto.graph
+    add = next(n for n in g.node if n.output[0] == "y")
+    g.initializer.extend([numpy_helper.from_array(np.float32(2), "pn_two"), numpy_helper.from_array(np.array([-1]), "pn_ax"),
+                          numpy_helper.from_array(np.float32(1e-6), "pn_eps")])
+    at = list(g.node).index(add)
+    for i, node in enumerate([helper.make_node("Pow", [add.input[1], "pn_two"], ["pn_sq"], name="pn_sq"),
+                              helper.make_node("ReduceMean", ["pn_sq", "pn_ax"], ["pn_ms"], name="pn_ms", keepdims=1),
+                              helper.make_node("Add", ["pn_ms", "pn_eps"], ["pn_mse"], name="pn_mse"),
+                              helper.make_node("Sqrt", ["pn_mse"], ["pn_rms"], name="pn_rms"),
+                              helper.make_node("Div", [add.input[1], "pn_rms"], ["pn_out"], name="pn_out")]):
+        g.node.insert(at + i, node)
+    add.input[1] = "pn_out"
+    return proto
+
+
 def _parallel(proto: onnx.ModelProto) -> onnx.ModelProto:
     """GPT-J/NeoX: y = (attn + mlp(x)) + x."""
     g = proto.graph
@@ -89,6 +106,7 @@ CASES = {
     "interleaved_rope": lambda: structural_graphs.build(qk="interleaved_rope"),
     "rope_table": lambda: attention_graphs.build(rope=True),
     "layer_scale": lambda: _layer_scale(structural_graphs.build()),
+    "post_norm": lambda: _post_norm(structural_graphs.build()),
     "parallel_residual": lambda: _parallel(structural_graphs.build()),
     "decoder": lambda: attention_graphs.build(mask="causal+additive"),
     "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
@@ -143,8 +161,8 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
     """Pruning right after layer 0's softmax; a parallel block (MLP of the full input added to the
     attention output) is refused in one line."""
     proto = stack(CASES[case]())
-    if case == "parallel_residual":
-        with pytest.raises(OptionError, match="parallel block"):
+    if case in ("parallel_residual", "post_norm"):  # the branch joins another before the residual
+        with pytest.raises(OptionError, match="before the residual"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
         return
     feeds = _feeds(pad=False)
