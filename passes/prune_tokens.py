@@ -87,8 +87,8 @@ def _check_serial(site: AttentionSite) -> None:
                 and i.dtype in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
         if len(data) != 1:
             raise OptionError(f"layer {site.layer}: {node.op_type} '{node.name}' joins the attention output with "
-                              "another value before the residual (a parallel block, a norm on the branch); use prune point "
-                              "layer-input")
+                              "another value before the residual (a parallel block, a norm on the branch); "
+                              "use prune point layer-input")
         value = data[0]
 
 
@@ -334,7 +334,8 @@ class _Rewrite:
     def _valid_bias(self) -> ir.Value:
         """[B, 1, 1, k]: 0 for valid kept tokens, MASK_BIAS for padding and the tokens a sample drops."""
         e = self.e
-        bias = e.op("Mul", [e.op("Sub", [e.const("one", np.float32(1)), self.valid]), e.const("bias", np.float32(MASK_BIAS))])
+        dropped = e.op("Sub", [e.const("one", np.float32(1)), self.valid])
+        bias = e.op("Mul", [dropped, e.const("bias", np.float32(MASK_BIAS))])
         return e.op("Unsqueeze", [bias, e.const("axes", np.array([1, 2], np.int64))])
 
     def _replace_mask(self, site: AttentionSite, valid: ir.Value, region: list[ir.Node], x: ir.Value) -> None:

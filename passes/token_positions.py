@@ -43,7 +43,8 @@ def gather_positions(e: GraphEditor, value: ir.Value, pos: ir.Value, full: ir.Va
     if rank == 2:
         value, rank, axes = e.op("Unsqueeze", [value, e.const("axes", np.array([0], np.int64))]), 3, (1,)
     one = e.const("one", np.array([1], np.int64))
-    batch, seq = e.op("Slice", [full, e.const("z", np.array([0], np.int64)), one]), e.op("Slice", [full, one, e.const("two", np.array([2], np.int64))])
+    batch = e.op("Slice", [full, e.const("z", np.array([0], np.int64)), one])
+    seq = e.op("Slice", [full, one, e.const("two", np.array([2], np.int64))])
     out = e.op("Expand", [value, e.op("Concat", [batch, *[seq if a in axes else one for a in range(1, rank)]], axis=0)])
     k = e.op("Shape", [pos], start=1, end=2)
     for axis in axes:

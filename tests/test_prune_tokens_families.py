@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import structural_graphs
 from onnx import TensorProto, helper, numpy_helper
+from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.prune_tokens import PruneTokens
 from spatten_compiler.runtime.reference import ReferenceRuntime
@@ -22,7 +23,6 @@ from test_prune_tokens import _rule_in_numpy
 from test_structural_discovery import CORPUS, _corpus
 
 from spatten_compiler.errors import OptionError
-from spatten_compiler.passes.find_attention import find_attention
 
 
 def _layer_scale(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -40,7 +40,8 @@ def _post_norm(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Gemma 2 / OLMo 2: a norm of the attention branch before the residual Add (RMSNorm, decomposed)."""
     g = proto.graph
     add = next(n for n in g.node if n.output[0] == "y")
-    g.initializer.extend([numpy_helper.from_array(np.float32(2), "pn_two"), numpy_helper.from_array(np.array([-1]), "pn_ax"),
+    g.initializer.extend([numpy_helper.from_array(np.float32(2), "pn_two"),
+                          numpy_helper.from_array(np.array([-1]), "pn_ax"),
                           numpy_helper.from_array(np.float32(1e-6), "pn_eps")])
     at = list(g.node).index(add)
     for i, node in enumerate([helper.make_node("Pow", [add.input[1], "pn_two"], ["pn_sq"], name="pn_sq"),
@@ -195,8 +196,8 @@ def test_pruned_ort_equals_reference_and_numpy_rule(case: str, tmp_path) -> None
 
 
 def test_decoder_last_row_is_computed_at_any_keep(tmp_path) -> None:
-    """At keep 0.2 (2 of 6 tokens) a decoder keeps only its protected tokens: the first and the last; the last row of the
-    output is the layer's real computation on them (the rest restored from the layer input)."""
+    """At keep 0.2 (2 of 6 tokens) a decoder keeps only its protected tokens: the first and the last;
+    the last row of the output is the layer's real computation on them (the rest restored)."""
     proto = stack(CASES["decoder"]())
     feeds = _feeds(pad=False)
     got = _run(_compile(proto, tmp_path, schedule=(1.0, 0.2)), feeds)
