@@ -218,9 +218,14 @@ def render(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
     totals = {c: sum(r[c]["ok"] for r in rows) for c in CHECKS}
     lines += ["", "| check | passed | of | % |", "|---|---|---|---|"]
     lines += [f"| {c} | {totals[c]} | {n} | {100 * totals[c] / max(n, 1):.0f} |" for c in CHECKS]
-    enc = [r for r in rows if r["kind"] != "decoder"]
-    ok = sum(r["tokens"]["ok"] for r in enc)
-    lines.append(f"| tokens, encoders only | {ok} | {len(enc)} | {100 * ok / max(len(enc), 1):.0f} |")
+    groups = (("encoders (prune-tokens)", lambda r: r["kind"] != "decoder"),
+              ("decoders without a cache (prune-tokens on the prompt)", lambda r: r["kind"] == "decoder"
+               and not r["kv_cache"]),
+              ("decoders with a KV cache (evict-kv)", lambda r: r["kv_cache"]))
+    for label, member in groups:
+        group = [r for r in rows if member(r)]
+        ok = sum(r["tokens"]["ok"] for r in group)
+        lines.append(f"| tokens, {label} | {ok} | {len(group)} | {100 * ok / max(len(group), 1):.0f} |")
     missed = [r[c] for r in rows for c in CHECKS if not r[c]["ok"]]
     lines.append(f"| misses refused with a reason | {sum(bool(m.get('refused')) for m in missed)} | {len(missed)} | "
                  f"{100 * sum(bool(m.get('refused')) for m in missed) / max(len(missed), 1):.0f} |")
