@@ -260,8 +260,9 @@ class _Rewrite:
         """Dynamo exports build reshape targets from the graph inputs' shapes (TorchScript's head merge
         from the layer input's); inside a pruned layer those sequence-length pieces must read the
         current token count. The target Concat is cloned with each such piece replaced by dim 1 of
-        ``x``, the hidden state the nodes run on (not of the Reshape's data: a Gemm's [B*S, D] or a GQA
-        repeat's [B, G, rep, S, Dh] has no token count at dim 1)."""
+        the Reshape's own data input when it is a [B, S, ...] view (rank 3 or 4; node-local, so a walk
+        that strays into a later layer stays right), else of ``x`` (a Gemm's [B*S, D] or a GQA repeat's
+        [B, G, rep, S, Dh] has no token count at dim 1)."""
         sources = {*self.model.graph.inputs, *([also] if also is not None else [])}
         done: dict[tuple[int, int], ir.Value] = {}
         for node in nodes:
@@ -272,9 +273,12 @@ class _Rewrite:
                 reads = [j for j, p in enumerate(concat.inputs) if _reads_input_seq_len(p, sources)]
                 if not reads:
                     continue
-                key = (id(concat), id(x))
+                data = node.inputs[0] if node.op_type == "Reshape" else x
+                rank = data.shape.rank() if data.shape is not None else None
+                data = data if rank in (3, 4) else x  # [B*S, D] (Gemm) or [B, G, rep, S, Dh] (GQA): x's
+                key = (id(concat), id(data))
                 if key not in done:
-                    seq = self.e.op("Shape", [x], start=1, end=2)
+                    seq = self.e.op("Shape", [data], start=1, end=2)
                     pieces = [seq if j in reads else p for j, p in enumerate(concat.inputs)]
                     done[key] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
                 node.replace_input_with(i, done[key])

@@ -15,7 +15,8 @@ gathered with the same ``pos``, so kept tokens see exactly what they saw in the 
 What cannot be gathered is refused by :func:`check_term` / :func:`positional_inputs` with the reason:
 a score term computed from the layer's activations (DeBERTa c2p/p2c), a term or input computed from
 the pruned length itself (it would describe positions ``0..k-1``, not the kept ones), a
-position-indexed input whose token axis the shape does not tell.
+position-indexed input whose token axis the shape does not tell. Floats computed from the hidden state
+(prune-heads' run-time weight slices) are not position tables and are left alone.
 """
 
 from __future__ import annotations
@@ -161,9 +162,7 @@ def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned:
             if not inputs and not any(n.op_type in ("Shape", "Size", "Range") for n in nodes):
                 continue  # computed from constants only: not indexed by position
             if any(i.name not in allowed for i in inputs):
-                raise OptionError(f"layer {layer} reads {v.name} from outside the layer, computed from the hidden "
-                                  f"state ({', '.join(sorted({str(i.name) for i in inputs}))}); prune-tokens "
-                                  "cannot gather it")
+                continue  # computed from the hidden state: not a position table (e.g. prune-heads' kept weights)
             if v.shape is None or v.shape.rank() < 2:
                 continue  # a scalar or per-channel value
             axis = _token_axis(v)
