@@ -36,6 +36,7 @@ import numpy as np
 import onnxruntime as ort
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.passes.unfuse_ort import UnfuseOrt
 
 from spatten_compiler.errors import SpattencError
 from spatten_compiler.match import const_array
@@ -64,6 +65,7 @@ def _diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 def discovered(path: Path, rec: dict[str, Any]) -> tuple[bool, str]:
     model = load_model(path)
+    UnfuseOrt()(model)  # the model builder's GroupQueryAttention, as compile reads it
     Normalize()(model)
     report = find_attention(model)
     want = (rec["num_heads"], rec["num_kv_heads"], rec["head_dim"])
@@ -79,7 +81,8 @@ def discovered(path: Path, rec: dict[str, Any]) -> tuple[bool, str]:
 
 def _compile(path: Path, passes: list, out: Path) -> None:
     model = load_model(path)
-    Pipeline([make_pass("normalize"), make_pass("decompose-attention"), *passes], check=True)(model)
+    Pipeline([make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention"), *passes],
+             check=True)(model)
     save_model(model, out, external_data=False)
 
 
@@ -138,6 +141,7 @@ def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, st
     if not ok:
         return ok, why
     model = load_model(path)
+    UnfuseOrt()(model)
     Normalize()(model)
     sites = find_attention(model).sites
     groups = sites[-1].num_kv_heads

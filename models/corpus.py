@@ -13,6 +13,14 @@ reason. ``name`` is ``<family>_<exporter>`` plus ``_kv`` for a decoder with a KV
 Families are data (:data:`FAMILIES`): a transformers ``model_type``, the kind of model, and config
 overrides. Every config gets the same tiny sizes (:data:`TINY`) where it has the attribute.
 Optimum's exporter (optimum-onnx) needs transformers < 5 and is not used; see docs/coverage.md.
+
+Exporters ``builder`` and ``builder_int4`` (when onnxruntime-genai is installed; skipped otherwise):
+the decoder families onnxruntime-genai's model builder supports (:data:`BUILDER_FAMILIES`) are saved
+with ``save_pretrained`` (and a tiny tokenizer) into a temporary folder and built with
+``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu`` (``models/_genai.py``): KV cache,
+com.microsoft GroupQueryAttention, RotaryEmbedding, MatMulNBits. fp32 builds are verified against
+torch on a prompt without past (int4 records its difference); the reference inputs are one sequence
+of 7 tokens after a random 3-token past, with the ``position_ids`` the decomposed model reads.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _export_core as core  # noqa: E402
+import _genai  # noqa: E402
 from _wrappers import KVCacheLM, Logits, _NamedInputs  # noqa: E402
 
 log = logging.getLogger("spattenc.corpus")
@@ -92,6 +101,10 @@ FAMILIES: list[Family] = [
                                  "yolos")],
 ]
 FAMILIES_BY_TYPE = {f.model_type: f for f in FAMILIES}
+# Decoder families whose architecture onnxruntime-genai's model builder lists (builder.py).
+BUILDER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "phi", "gemma", "gemma2", "gemma3_text",
+                    "olmo", "granite", "smollm3")
+BUILDERS = {"builder": "fp32", "builder_int4": "int4"}
 
 
 def make_config(fam: Family) -> Any:
@@ -204,6 +217,59 @@ def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any
     return record
 
 
+def export_builder(fam: Family, exporter: str, out: Path) -> dict[str, Any]:
+    """One family through onnxruntime-genai's model builder (``exporter`` in :data:`BUILDERS`)."""
+    import tempfile
+
+    import onnx
+
+    name = f"{fam.model_type.replace('-', '_')}_{exporter}_kv"
+    record: dict[str, Any] = {"name": name, "family": fam.model_type, "exporter": exporter, "kind": fam.kind,
+                              "kv_cache": True, "onnx": f"{name}.onnx"}
+    path = out / f"{name}.onnx"
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(SEED)
+        config = make_config(fam)
+        if isinstance(getattr(config, "layer_types", None), list):  # save_pretrained validates its length
+            config.layer_types = config.layer_types[:config.num_hidden_layers]
+        record.update(expected_dims(config, fam))
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        rng = np.random.default_rng(SEED)
+        with tempfile.TemporaryDirectory(prefix="corpus-builder-") as tmp:
+            hf, built = Path(tmp) / "hf", Path(tmp) / "onnx"
+            model.save_pretrained(hf)
+            _genai.save_tiny_tokenizer(hf, int(config.vocab_size))
+            _genai.build(hf, built, BUILDERS[exporter], timeout=600)
+            proto = onnx.load(str(built / "model.onnx"))  # tiny: weights inline, one file per model
+        onnx.save(proto, str(path))
+        past, seq, dims = 3, 7, record
+        ids = rng.integers(3, 256, size=(1, seq), dtype=np.int64)
+        empty = {f"past_key_values.{i}.{t}": np.zeros((1, dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
+                 for i in range(dims["num_layers"]) for t in ("key", "value")}
+        got = core.run_onnx(path, {"input_ids": ids, "attention_mask": np.ones_like(ids), **empty})
+        with torch.no_grad():
+            want = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+        record["max_abs_diff"] = diff = float(np.abs(want - got["logits"]).max())
+        if BUILDERS[exporter] == "fp32" and (not np.isfinite(diff) or diff > ATOL):
+            raise AssertionError(f"onnxruntime differs from torch by {diff:.3g}")
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, past + seq), np.int64),
+                 "position_ids": np.arange(past, past + seq, dtype=np.int64)[None]}
+        for i in range(dims["num_layers"]):
+            for t in ("key", "value"):
+                feeds[f"past_key_values.{i}.{t}"] = rng.standard_normal(
+                    (1, dims["num_kv_heads"], past, dims["head_dim"])).astype(np.float32)
+        np.savez(out / f"{name}.npz", **feeds)
+        record["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - every failure is recorded with its reason
+        path.unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        record.update(status="failed", reason=f"{type(e).__name__}: {first}")
+        log.debug("%s", traceback.format_exc())
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
 def read_manifest(out: Path = OUT) -> list[dict[str, Any]]:
     path = out / "manifest.jsonl"
     if not path.exists():
@@ -219,7 +285,8 @@ def read_manifest(out: Path = OUT) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated model_types (default: all)")
-    p.add_argument("--exporters", default="torchscript,dynamo")
+    p.add_argument("--exporters", default="torchscript,dynamo,builder,builder_int4",
+                   help="torchscript, dynamo, builder, builder_int4 (the last two: onnxruntime-genai, if installed)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--resume", action="store_true", help="skip models already in the manifest")
     args = p.parse_args(argv)
@@ -232,6 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     with (args.out / "manifest.jsonl").open("a") as manifest:
         for fam in fams:
             for exporter in args.exporters.split(","):
+                if exporter in BUILDERS:
+                    name = f"{fam.model_type.replace('-', '_')}_{exporter}_kv"
+                    if fam.model_type not in BUILDER_FAMILIES or name in done:
+                        continue
+                    if not _genai.available():
+                        log.info("%-32s skipped: onnxruntime-genai is not installed", name)
+                        continue
+                    rec = export_builder(fam, exporter, args.out)
+                    log.info("%-32s %-6s %5.1fs %s", rec["name"], rec["status"], rec["seconds"], rec.get("reason", ""))
+                    manifest.write(json.dumps(rec) + "\n")
+                    manifest.flush()
+                    continue
                 for kv in ((False, True) if fam.kind == "decoder" and fam.kv else (False,)):
                     name = f"{fam.model_type.replace('-', '_')}_{exporter}{'_kv' if kv else ''}"
                     if name in done:

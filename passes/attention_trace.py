@@ -265,6 +265,11 @@ STEPS: dict[str, Step] = {
 }
 
 
+# int4/int8 weights (onnxruntime-genai's model builder): a projection whose weight is packed blocks;
+# passes that read or slice projection weights check ``node.op_type`` and refuse.
+MS_STEPS: dict[tuple[str, str], Step] = {("com.microsoft", "MatMulNBits"): _matmul}
+
+
 def trace_branch(value: ir.Value, graph: ir.Graph, max_steps: int = 32) -> Branch | NoMatch:
     """Follow ``value`` back to its projection (or a graph input, for cross-attention)."""
     branch = Branch(value=value)
@@ -272,7 +277,7 @@ def trace_branch(value: ir.Value, graph: ir.Graph, max_steps: int = 32) -> Branc
         node = value.producer()
         if node is None:
             return branch.finish()  # a graph input: no projection in this graph
-        step = STEPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        step = STEPS.get(node.op_type) if node.domain in ("", "ai.onnx") else MS_STEPS.get((node.domain, node.op_type))
         nxt = step(node, value, branch, graph) if step is not None else NoMatch(
             f"unexpected {node.op_type} '{node.name}' between projection and attention")
         if isinstance(nxt, NoMatch):

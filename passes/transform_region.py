@@ -67,7 +67,8 @@ def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir
         node = v.producer()
         if node is None:
             continue  # a graph input (positions) or an initializer
-        if node.op_type in ("MatMul", "Gemm") and _is_const_weight(node.inputs[1]):
+        if (node.op_type in ("MatMul", "Gemm") and _is_const_weight(node.inputs[1])) or (
+                node.domain, node.op_type) == ("com.microsoft", "MatMulNBits"):  # int4 blocks: a projection
             projections[id(node)] = node
             continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in REGION_OPS:
@@ -105,7 +106,7 @@ def _positional(node: ir.Node, graph_inputs: set[int], limit: int = 40) -> bool:
         p = v.producer()
         if p is None or p.op_type in ("Shape", "Size"):
             continue
-        if p.op_type in ("MatMul", "Gemm") and _is_const_weight(p.inputs[1]):
+        if (p.op_type in ("MatMul", "Gemm") and _is_const_weight(p.inputs[1])) or p.op_type == "MatMulNBits":
             return False
         todo.extend(p.inputs)
     return seen < limit

@@ -13,6 +13,10 @@ is rewritten exactly into the ops it fused (so ``--optimize`` can fuse them agai
     BiasGelu(x, bias) -> Gelu(x + bias);  Gelu(x) -> 0.5 x (1 + erf(x / sqrt 2))   (exporters' form)
     FastGelu(x, bias) -> 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))           (x + bias first)
 
+onnxruntime-genai's model builder writes ``GroupQueryAttention`` (packed QKV, rotary inside, past and
+present buffers) and ``RotaryEmbedding``: see :mod:`passes.unfuse_gqa` for their rewrites and when
+they are exact. ``MatMulNBits`` (int4 weights) is a weight format and stays.
+
 The fused Attention op itself (every mask_index form the optimizer writes) is decompose-attention's
 job. Fused ops whose extra outputs (mean, inverse std) are read are refused with the reason.
 """
@@ -29,6 +33,8 @@ import onnx_ir as ir
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import OptionError
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
+
+from .unfuse_gqa import group_query_attention, rotary_embedding
 
 logger = logging.getLogger(__name__)
 MS = "com.microsoft"
@@ -142,7 +148,11 @@ UNFUSE: dict[str, Rewrite] = {
     "BiasGelu": _bias_gelu,
     "Gelu": lambda e, node: [_erf_gelu(e, node.inputs[0])],
     "FastGelu": _fast_gelu,
+    "GroupQueryAttention": group_query_attention,  # onnxruntime-genai's model builder
+    "RotaryEmbedding": rotary_embedding,
 }
+# onnxruntime also registers this one in the ONNX domain (the model builder writes it there).
+ONNX_DOMAIN = frozenset({"SimplifiedLayerNormalization"})
 
 
 @register_pass
@@ -153,7 +163,8 @@ class UnfuseOrt(Pass):
     name = "unfuse-ort"
 
     def call(self, model: ir.Model) -> PassResult:
-        nodes = [n for n in model.graph if n.domain == MS and n.op_type in UNFUSE]
+        nodes = [n for n in model.graph if (n.domain == MS and n.op_type in UNFUSE)
+                 or (n.domain in ("", "ai.onnx") and n.op_type in ONNX_DOMAIN)]
         stale = trust_initializer_shapes(model.graph)
         if not nodes:
             return PassResult(model, bool(stale))

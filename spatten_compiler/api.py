@@ -18,6 +18,7 @@ same one-line :class:`~spatten_compiler.errors.SpattencError` the CLI prints.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,11 @@ from spatten_compiler.modelio import load_model, save_model
 from spatten_compiler.passes.find_attention import AttentionReport, AttentionSite, find_attention
 from spatten_compiler.passes.length_gate import compile_gated, refuse_gated, short_input_model
 from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.passes.unfuse_ort import UnfuseOrt
 from spatten_compiler.pipeline import Pass, Pipeline, parse_pipeline
+
+logger = logging.getLogger(__name__)
+GENAI_ATTENTION = frozenset({"GroupQueryAttention", "RotaryEmbedding"})
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -184,6 +189,12 @@ def inspect_report(model: ModelLike) -> AttentionReport:
     not changed (an ``ir.Model`` is normalized on a clone)."""
     m, name = as_model(model, copy=True)
     refuse_gated(m, name)
+    if any(n.domain == "com.microsoft" and n.op_type in GENAI_ATTENTION for n in m.graph):
+        try:  # onnxruntime-genai's fused attention: read it as compile will, decomposed
+            UnfuseOrt()(m)
+        except OptionError as e:  # refused: report the fused op as it is
+            logger.warning("%s", e)
+            m, name = as_model(model, copy=True)
     Normalize()(m)
     return find_attention(m)
 

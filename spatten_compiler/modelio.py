@@ -31,6 +31,34 @@ from spatten_compiler.weightio import Progress, write_external, write_inline
 
 logger = logging.getLogger(__name__)
 
+
+def _register_ort_onnx_domain_ops() -> None:
+    """onnxruntime registers SimplifiedLayerNormalization (RMS norm) in the ONNX domain and
+    onnxruntime-genai's model builder writes it there; declare it so onnx's checker accepts such a
+    model (unfuse-ort rewrites it into standard ops)."""
+    try:
+        onnx.defs.get_schema("SimplifiedLayerNormalization", 1, "")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    p = onnx.defs.OpSchema.FormalParameter
+    opt = onnx.defs.OpSchema.FormalParameterOption.Optional
+    attr = onnx.defs.OpSchema.Attribute
+    types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    schema = onnx.defs.OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[p("X", "T"), p("scale", "V")],
+        outputs=[p("Y", "V"), p("mean", "U", param_option=opt), p("inv_std_var", "U", param_option=opt)],
+        type_constraints=[("T", types, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", types, "")],
+        attributes=[attr("axis", onnx.defs.OpSchema.AttrType.INT, "", required=False),
+                    attr("epsilon", onnx.defs.OpSchema.AttrType.FLOAT, "", required=False),
+                    attr("stash_type", onnx.defs.OpSchema.AttrType.INT, "", required=False)],
+    )
+    onnx.defs.register_schema(schema)
+
+
+_register_ort_onnx_domain_ops()
+
 SELF_MAPPED = "spattenc.self_mapped_file"
 
 # Protobuf cannot serialize a message over 2 GiB; leave headroom for the graph itself.
