@@ -176,7 +176,8 @@ def kv(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
 
 
 def evaluate(rec: dict[str, Any], corpus: Path = CORPUS, only: tuple[str, ...] = CHECKS) -> dict[str, Any]:
-    """One corpus model: each check -> {ok, reason}. A check that raises is a refusal (its message)."""
+    """One corpus model: each check (of ``only``) -> {ok, reason}. A check that raises is a refusal
+    (its message)."""
     path = corpus / rec["onnx"]
     feeds = dict(np.load(corpus / f"{rec['name']}.npz"))
     row: dict[str, Any] = {k: rec[k] for k in ("name", "family", "exporter", "kind", "kv_cache")}
@@ -250,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated families")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
-    p.add_argument("--checks", default=",".join(CHECKS),
-                   help="comma-separated checks to run; with --merge the others come from the earlier run")
-    p.add_argument("--merge", type=Path, metavar="JSON",
-                   help="an earlier run's .json: its rows for models not evaluated now are carried over")
+    p.add_argument("--checks", help="comma-separated checks to run (default all); the others are carried "
+                                    "over from the --merge runs' row of the same model")
+    p.add_argument("--merge", type=Path, metavar="JSON", nargs="+",
+                   help="earlier runs' .json: their rows for models not evaluated now are carried over "
+                        "(the first file that has a model wins)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     recs = corpus_records(args.corpus)
@@ -263,22 +265,32 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in recs if r.get("status") != "ok"]
     rows = []
     t0 = time.perf_counter()
-    only = tuple(c for c in args.checks.split(",") if c in CHECKS)
-    earlier = json.loads(args.merge.read_text())["rows"] if args.merge else []
-    before = {r["name"]: r for r in earlier}
+    only = tuple(args.checks.split(",")) if args.checks else CHECKS
+    if set(only) - set(CHECKS) or (only != CHECKS and not args.merge):
+        p.error(f"--checks takes {','.join(CHECKS)} and needs --merge for the checks not run")
+    carried = {}
+    for merged in reversed(args.merge or []):
+        carried.update({r["name"]: {**r, "from": r.get("from", merged.name)}
+                        for r in json.loads(merged.read_text())["rows"]})
     for rec in ok:
         row = evaluate(rec, args.corpus, only)
-        if any(c not in row for c in CHECKS):  # checks not run now: the earlier run's result, marked
-            if rec["name"] not in before:
-                log.warning("%s: not in %s; running every check", rec["name"], args.merge)
-                row = evaluate(rec, args.corpus)
-            else:
-                row.update({c: {**before[rec["name"]][c], "from": args.merge.name} for c in CHECKS if c not in row})
+        old = carried.get(rec["name"])
+        if only != CHECKS and old is None:  # nothing to carry the other checks from: run them all
+            log.warning("%s: not in the --merge runs; running every check", rec["name"])
+            old, row = {}, evaluate(rec, args.corpus)
+        for c in CHECKS:
+            if c not in row:
+                row[c] = {**old[c], "from": old["from"]}
         rows.append(row)
-        print(rec["name"], " ".join(f"{c}={'ok' if row[c]['ok'] else row[c]['reason']}" for c in CHECKS), flush=True)
+        print(rec["name"], " ".join(f"{c}={'ok' if rows[-1][c]['ok'] else rows[-1][c]['reason']}" for c in CHECKS),
+              flush=True)
+    runs = [(m, json.loads(m.read_text())["rows"]) for m in args.merge or []]
+    for fresh in (True, False):  # rows a run evaluated itself win over rows it carried from another
+        for merged, earlier in runs:
+            done = {r["name"] for r in rows}
+            rows += [{**r, "from": r.get("from", merged.name)} for r in earlier
+                     if r["name"] not in done and ("from" not in r) == fresh]
     if args.merge:
-        done = {r["name"] for r in rows}
-        rows += [{**r, "from": args.merge.name} for r in earlier if r["name"] not in done]
         order = {r["name"]: i for i, r in enumerate(corpus_records(args.corpus))}
         rows.sort(key=lambda r: order.get(r["name"], len(order)))
     table = render(rows, failed)

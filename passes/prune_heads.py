@@ -45,7 +45,11 @@ Design choices (the paper runs batch 1, MHA only):
   its score is the sum of its query heads' scores. Pruning a query head alone would still need its
   KV head, and would make the GQA repeat uneven. For MHA a group is one head.
 - Packed QKV (GPT-2 ``Gemm -> Split``): the packed weight is viewed as ``[D, 3, H, Dh]`` and sliced
-  on the head axis; the Split sizes shrink. Packed GQA and Slice-packed QKV are refused.
+  on the head axis; the Split sizes shrink. Every other layout (per-head packing ``[B, S, H, 3*Dh]``,
+  ``[B, S, H+2G, Dh]``, ``[B, S, 3, H, Dh]``, packed GQA, heads folded into the batch, a norm over all
+  heads, Q/K read by a position term) goes through :mod:`.head_narrow`: the projection is narrowed
+  by its row map (:mod:`.head_rows`) or kept whole with the kept heads gathered at the core; the
+  calibrated rule only (the paper rule refuses these layouts in one line).
 - Decoders with a KV cache: the cache must stay complete for later steps, so K and V of every head
   are still projected, concatenated with the past and written to ``present``; the attention core
   reads only the kept heads of it (``spatten.KeptHeads``, a Gather on the head axis after the GQA
@@ -75,8 +79,8 @@ from spatten_compiler.schedule import check_schedule, full_schedule, spatten_sch
 from .attention_trace import Projection
 from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
+from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, score_views
 from .prune_tokens import _reads_input_seq_len
-from .score_chain import reads_projection
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -88,12 +92,21 @@ def kept_groups(groups: int, ratio: float, min_keep: int = 1) -> int:
     return max(min(min_keep, groups), min(groups, math.ceil(round(groups * ratio, 6))))
 
 
-def _term_heads(term: ir.Value) -> int | None:
-    """Head axis size of an additive score term [B|1, H|1, S, S] (None: unknown)."""
-    shape = term.shape
-    if shape is None or shape.rank() != 4 or not isinstance(shape.dims[1], int):
-        return None
-    return int(shape.dims[1])
+def _folded(site: AttentionSite) -> bool:
+    """Heads folded into the batch: 3-D scores (tagged by discovery) or a 3-D Q at the core."""
+    shape = site.q.value.shape if site.q is not None else None
+    return site.variant.get("layout") == "folded" or (shape is not None and shape.rank() == 3)
+
+
+def _folded_term(site: AttentionSite, term: ir.Value) -> bool:
+    """A score term on heads folded into the batch, ``[B*H | 1, ., .]`` (BLOOM's ALiBi)."""
+    return _folded(site) and term.shape is not None and term.shape.rank() == 3
+
+
+def _folds(node: ir.Node) -> tuple[int, int] | None:
+    """(input rank, output rank) of a Reshape."""
+    src, dst = node.inputs[0].shape, node.outputs[0].shape
+    return None if src is None or dst is None else (src.rank(), dst.rank())
 
 
 def _check_sites(sites: list[AttentionSite]) -> None:
@@ -102,18 +115,9 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
-        if s.variant.get("layout") == "folded":
-            raise OptionError(f"layer {s.layer}: heads folded into the batch axis (3-D scores [B*H, S, S]) are "
-                              "not rewritten by prune-heads yet")
-        for b in (s.q, s.k):
-            if b is not None and b.cross_head is not None:
-                raise OptionError(f"layer {s.layer}: {b.cross_head.op_type} '{b.cross_head.name}' normalizes over all "
-                                  "heads before the head split; removing heads would change it")
         for term in s.bias_terms:
-            if reads_projection(term):
-                raise OptionError(f"layer {s.layer}: score term {term.name} is computed from activations "
-                                  "(disentangled attention); prune-heads does not narrow it")
-            if _term_heads(term) not in (1, s.num_heads):
+            if term.shape is None or term.shape.rank() not in (1, 2, 3, 4) or (
+                    _folded(s) and term.shape.rank() == 4):
                 raise OptionError(f"layer {s.layer}: score term {term.name} has no static head axis "
                                   f"(shape {term.shape}); prune-heads cannot slice it")
         if s.num_heads % s.num_kv_heads:
@@ -121,25 +125,12 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                               f"{s.num_kv_heads} KV heads")
         if s.kv_cache:
             for b in (s.k, s.v):  # the kept heads are gathered from the cached K/V the core reads
+                if _folded(s) and b.value.shape is not None and b.value.shape.rank() == 3:
+                    continue
                 if b.value.shape is None or b.value.shape.rank() != 4 or b.value.shape.dims[1] not in (
                         s.num_heads, s.num_kv_heads) or (s.num_heads != s.num_kv_heads and not b.repeated):
                     raise OptionError(f"layer {s.layer}: KV cache whose K/V are not [B, heads, ., .] at the "
                                       "attention core; prune-heads cannot pick heads there")
-        if s.q.packed is None and s.q.projection.node is s.k.projection.node:
-            raise OptionError(f"layer {s.layer}: Q and K come from one projection in a layout prune-heads does not "
-                              "know (not a Split of [B, S, 3*H*Dh])")
-        if s.q.packed is not None:
-            order = [n.op_type for n in s.q.views]
-            split = next((i for i, t in enumerate(order) if t in ("Split", "Slice")), None)
-            reshape = next((i for i, t in enumerate(order) if t == "Reshape"), None)
-            if split is not None and reshape is not None and split < reshape:  # split after the head split
-                raise OptionError(f"layer {s.layer}: QKV packed in one head-split tensor ([B, S, H, 3*Dh] or "
-                                  "[B, S, H+2G, Dh]) is not supported by prune-heads")
-            if s.num_kv_heads != s.num_heads:
-                raise OptionError(f"layer {s.layer}: packed QKV with grouped-query attention is not supported")
-            split = next((n for n in s.q.views if n.op_type in ("Split", "Slice")), None)
-            if split is None or split.op_type != "Split":
-                raise OptionError(f"layer {s.layer}: packed QKV split by Slice is not supported by prune-heads")
 
 
 def _from(value: ir.Value | None, node: ir.Node) -> bool:
@@ -243,6 +234,11 @@ class PruneHeads(Pass):
             if all(n == groups for n in counts):
                 return PassResult(model, False)
             if self.rule == "paper":
+                folded = next((s for s in sites if _folded(s)), None)
+                if folded is not None:
+                    raise OptionError(f"layer {folded.layer}: heads folded into the batch axis: the paper rule's "
+                                      "run-time head scores need [B, H, S, S] probabilities; "
+                                      "use --head-rule calibrated")
                 if counts[0] < groups:
                     raise OptionError("the first attention layer cannot be head-pruned: "
                                       "head scores come from earlier layers")
@@ -423,20 +419,37 @@ class _Rewrite:
         G, H, dh = site.num_kv_heads, site.num_heads, site.head_dim
         g = H // G
         cache = site.kv_cache
-        if site.q.packed is not None:
+        layout = needs_rows(site)
+        scores = score_views(site) if layout is not None else []  # before the core's inputs are redirected
+        if layout is not None:
+            done = narrow_layer(self.e, site, sel, self._head_index(sel, g))
+            logger.info("prune-heads layer %d (%s): %s", site.layer, layout, "; ".join(done))
+        elif site.q.packed is not None:
             self._slice_projection(site.q.projection, sel, G, dh, n, 3, q_only=cache)
         else:
             self._slice_projection(site.q.projection, sel, G, g * dh, n, 1)
             if not cache:
                 self._slice_projection(site.k.projection, sel, G, dh, n, 1)
                 self._slice_projection(site.v.projection, sel, G, dh, n, 1)
-        if cache:
+        if cache and _folded(site):
+            for b in (site.k, site.v):
+                reader = core_reader(site, "v" if b is site.v else "k")
+                gather_heads(self.e, b.value, self._head_index(sel, g), H, reader=reader)
+        elif cache:
             self._gather_cached(site, sel, g)
         for term, add in zip(site.bias_terms, site.bias_adds):  # per-head position bias: the kept heads' rows
-            if _term_heads(term) == H:
+            if _folded_term(site, term) and term.shape.dims[0] != 1:
+                gather_heads(self.e, term, self._head_index(sel, g), H, reader=add)
+            elif not _folded(site) and term.shape.rank() >= 3 and term.shape.dims[term.shape.rank() - 3] != 1:
+                # [B|1, H|1, S, S] or [H|1, S, S] aligned with the scores: the head axis is rank - 3
+                axis = term.shape.rank() - 3
                 idx = self._head_index(sel, g)
                 idx = self.e.const("kept_heads", idx) if isinstance(idx, np.ndarray) else idx
-                add.replace_input_with(list(add.inputs).index(term), self.e.op("Gather", [term, idx], axis=1))
+                if term.shape.dims[axis] != H:  # not static: a broadcast axis of 1 reads row 0 for every head
+                    last = self.e.op("Sub", [self.e.op("Shape", [term], start=axis, end=axis + 1),
+                                             self.e.const("one", np.array([1], np.int64))])
+                    idx = self.e.op("Min", [idx, last])
+                add.replace_input_with(list(add.inputs).index(term), self.e.op("Gather", [term, idx], axis=axis))
         out = site.out_proj
         d = int(out.weight.shape[0 if out.transposed_weight else 1])
         if output is not None:
@@ -450,6 +463,8 @@ class _Rewrite:
         counts = {H: n * g, G: n}
         seen: set[int] = set()
         views = [*site.q.views, *site.merge] if cache else [*site.q.views, *site.k.views, *site.v.views, *site.merge]
+        fold_ids = {id(x) for x in scores}
+        views = [*site.merge, *scores] if layout is not None else views
         for node in views:
             if id(node) in seen:
                 continue
@@ -458,6 +473,14 @@ class _Rewrite:
                 self._set_split(node, [n * g * dh, G * dh, G * dh])
             elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
                 self._retarget(node, lambda pos, size, v: widths.get(v, v))
+            elif node.op_type == "Reshape" and _folded(site) and (
+                    _folds(node) == (3, 4) or _folds(node) == (4, 3) and id(node) in fold_ids):
+                # [B, H, S, T] <-> [B*H, S, T] (heads folded into the batch): B may be computed as B*H / H
+                # from the folded shape; the views are rebuilt from the input's shape and the kept heads
+                lead = [-1] if _folds(node) == (4, 3) else [-1, n * g]
+                rest = self.e.op("Shape", [node.inputs[0]], start=len(lead) + 1 if len(lead) == 1 else 1)
+                node.replace_input_with(1, self.e.op("Concat", [self.e.const("fold", np.array(lead, np.int64)), rest],
+                                                     axis=0))
             elif node.op_type == "Reshape":
                 self._copy_seq_dim(node)
                 self._retarget(node, lambda pos, size, v: widths.get(v, v) if pos == size - 1 and size <= 3

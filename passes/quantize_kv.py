@@ -219,8 +219,9 @@ class QuantizeKV(Pass):
             if s.pv is None or s.probs is None:
                 raise OptionError(f"layer {s.layer}: cannot locate MatMul(P, V)")
             shape = s.k.value.shape
-            if shape is not None and shape.rank() != 4:
-                raise OptionError(f"layer {s.layer}: K^T has rank {shape.rank()}, expected [B, H, Dh, S]")
+            if shape is not None and shape.rank() not in (3, 4):
+                raise OptionError(f"layer {s.layer}: K^T has rank {shape.rank()}, expected [B, H, Dh, S] "
+                                  "or heads folded into the batch [B*H, Dh, S]")
         rewrite = _Rewrite(model, self, m, lo)
         for site in sites:
             rewrite.site(site)
@@ -258,37 +259,56 @@ class _Rewrite:
         amax = e.op("Max", [amax, e.const("tiny", np.float32(1e-12))])  # an all-zero group stays finite
         return e.op("Div", [amax, self.qmax])
 
+    def _as4(self, x: ir.Value, folded: bool) -> ir.Value:
+        """Heads folded into the batch, [B*H, ., .]: viewed as [1, B*H, ., .] for the quantization ops
+        (each folded head is one head of one batch element: per-token and per-head scales are the same)."""
+        return self.e.op("Unsqueeze", [x, self.e.const("axes", np.array([0], np.int64))]) if folded else x
+
+    def _as3(self, x: ir.Value, folded: bool) -> ir.Value:
+        return self.e.op("Squeeze", [x, self.e.const("axes", np.array([0], np.int64))]) if folded else x
+
     def site(self, site: AttentionSite) -> None:
         kt, v, pv = site.k.value, site.pv.inputs[1], site.pv
+        folded = kt.shape is not None and kt.shape.rank() == 3
         p_used = pv.inputs[0]  # the probabilities, or prune-values' LocalValuePrune of them
         k_axes, v_axes = GRANULARITY[self.opts.granularity]
         chain = score_chain(kt, site.probs)
         if not chain:
             raise OptionError(f"layer {site.layer}: K^T does not reach the probabilities")
         chain += probs_path(site.probs, p_used)
+        if folded and any(n.domain == DOMAIN and n.op_type == "GatherRows" for n in chain):
+            raise OptionError(f"layer {site.layer}: in-layer token pruning on heads folded into the batch")
+        as4, as3 = (lambda x: self._as4(x, folded)), (lambda x: self._as3(x, folded))
         if self.lo == 0:
-            k_m = self._static(kt, k_axes)
+            k_m = as3(self._static(as4(kt), k_axes))
             for node in chain:
                 for i, inp in enumerate(node.inputs):
                     if inp is kt:
                         node.replace_input_with(i, k_m)
             if self.opts.values:
-                pv.replace_input_with(1, self._static(v, v_axes))
+                pv.replace_input_with(1, as3(self._static(as4(v), v_axes)))
             return
-        k_m, k_f = self._split(kt, k_axes)
-        v_m, v_f = self._split(v, v_axes) if self.opts.values else (v, v)
+        k_m, k_f = (as3(x) for x in self._split(as4(kt), k_axes))
+        v_m, v_f = self._split(as4(v), v_axes) if self.opts.values else (as4(v), as4(v))
         msb, full = self._clone(chain, kt, k_m), self._clone(chain, kt, k_f)
-        low = RULES[self.opts.rule].low(self, msb[id(site.probs)])
-        low_used, qvalid = low, self._qvalid(msb[id(site.probs)])
+        # folded: the decision is taken on the probabilities as P @ V reads them (BLOOM's Softmax is on
+        # a [B, H, S, S] view of the scores, P @ V on [B*H, S, S])
+        rows = as4(msb[id(p_used if folded else site.probs)])
+        low = RULES[self.opts.rule].low(self, rows)
+        low_used, qvalid = low, self._qvalid(rows)
         for node in chain:
             if node.domain == DOMAIN and node.op_type == "GatherRows":  # in-layer token pruning: kept rows
                 low_used = self.call("GatherRows", low_used, node.inputs[1])
                 qvalid = self.e.op("GatherElements", [qvalid, node.inputs[1]], axis=1)
-        ctx, need = self.call("ProgressiveContext", low_used, msb[id(p_used)], full[id(p_used)], v_m, v_f, qvalid,
-                              outputs=2)
-        self.e.replace_uses(pv.outputs[0], ctx)
-        if any(u.node is not pv and u.node not in chain for u in site.probs.uses()):
+        ctx, need = self.call("ProgressiveContext", low_used, as4(msb[id(p_used)]), as4(full[id(p_used)]), v_m, v_f,
+                              qvalid, outputs=2)
+        self.e.replace_uses(pv.outputs[0], as3(ctx))
+        if any(u.node is not pv and u.node not in chain and u.node.op_type not in ("Shape", "Size")
+               for u in site.probs.uses()):
             # e.g. TokenImportance: it sees the probabilities P @ V used
+            if folded:
+                raise OptionError(f"layer {site.layer}: the probabilities of heads folded into the batch have "
+                                  "readers besides P @ V; quantize-kv does not rewrite them")
             where = self.e.op("Where", [low, full[id(site.probs)], msb[id(site.probs)]])
             self.e.replace_uses(site.probs, where, keep=[pv, *chain])
         if self.opts.emit_stats:

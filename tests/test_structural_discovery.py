@@ -129,12 +129,12 @@ def test_corpus_model(rec: dict | None) -> None:
         assert "\n" not in r["reason"]
 
 
-def test_norm_over_all_heads_found_but_not_head_pruned() -> None:
-    from spatten_compiler.passes import prune_heads
-
-    from spatten_compiler.errors import OptionError
+def test_norm_over_all_heads_found_and_head_pruned_at_the_core() -> None:
+    """Found with its cross-head norm; prune-heads keeps q/k whole and gathers the kept heads at the
+    core (exactness: tests/test_head_layouts.py::test_norm_over_all_heads_gathers_at_core)."""
+    from spatten_compiler.passes import head_narrow, prune_heads
 
     sites = _find(build(qk="norm_full")).sites
     assert len(sites) == 1 and sites[0].num_heads == H and sites[0].q.cross_head is not None
-    with pytest.raises(OptionError, match="normalizes over all heads"):
-        prune_heads._check_sites(sites)
+    prune_heads._check_sites(sites)
+    assert head_narrow.needs_rows(sites[0]) == "a norm over all heads before the head split"
