@@ -12,7 +12,7 @@ Rewrite of each attention site ``l`` of a decoder with ``past.*``/``present.*`` 
               cascade: Where(pos_l in kept_{l-1}, s_l, -BIG)   (dropped above = dropped here)
     k       = min(n, max(budget(T), sinks + recent))   T = max(pos) + 1: the length so far
     keep    = Sort(TopK(s_l, k).indices)                 kept tokens stay in order
-    present.l.key/value     = GatherElements(present, keep) along the sequence axis
+    present.l.key/value     = Gather(Reshape(present, [B*H*n, Dh]), (b*H + h)*n + keep)   (row gather)
     present_importance.l    = Gather(imp_l, keep);  present_positions.l = Gather(pos_l, keep) (-1 if -BIG)
 
 ``budget(T)`` is ``ceil(b * T)`` for a fraction ``b <= 1`` or ``b`` tokens. Sinks are the first
@@ -86,6 +86,28 @@ def _shares_cache_length(sites: list[AttentionSite]) -> str | None:
                     if v.name.startswith("past_key_values.") and parts[1] != str(site.layer):
                         return f"layer {site.layer}'s {node.op_type} reads the length of {v.name}"
     return None
+
+
+def row_index(ed: GraphEditor, cache: ir.Value, keep: ir.Value) -> ir.Value:
+    """Flat row indices ``[B, H, k]`` of the kept slots ``keep [B, k]`` in ``cache [B, H, n, D]`` viewed
+    as ``[B * H * n, D]``: ``(b * H + h) * n + keep[b, j]``. B * H * k int64s, not the
+    ``[B, H, k, D]`` index GatherElements needs (which cost as much as the gather itself)."""
+    i64 = lambda h, a: ed.const(h, np.array(a, np.int64))  # noqa: E731
+    bh = ed.op("ReduceProd", [ed.op("Shape", [cache], start=0, end=2)], keepdims=0)
+    n = ed.op("Shape", [cache], start=2, end=3)
+    base = ed.op("Mul", [ed.op("Range", [i64("r0", 0), bh, i64("r1", 1)]), n])  # [B * H]
+    base = ed.op("Reshape", [base, ed.op("Concat", [ed.op("Shape", [cache], start=0, end=2), i64("one", [1])],
+                                         axis=0)])  # [B, H, 1]
+    return ed.op("Add", [base, ed.op("Unsqueeze", [keep, i64("a1", [1])])])
+
+
+def gather_rows(ed: GraphEditor, cache: ir.Value, keep: ir.Value, rows: ir.Value | None = None) -> ir.Value:
+    """``cache [B, H, n, D]`` -> its kept slots ``[B, H, k, D]``, in order: one row Gather over the
+    cache viewed as ``[B * H * n, D]`` (contiguous D-element rows; a free Reshape)."""
+    rows = row_index(ed, cache, keep) if rows is None else rows
+    flat = ed.op("Reshape", [cache, ed.op("Concat", [ed.const("m1", np.array([-1], np.int64)),
+                                                     ed.op("Shape", [cache], start=3, end=4)], axis=0)])
+    return ed.op("Gather", [flat, rows], axis=0)
 
 
 def _position_gather(graph: ir.Graph) -> ir.Node | None:
@@ -276,14 +298,9 @@ class EvictKV(Pass):
         kept_pos = ed.op("Where", [ed.op("Greater", [kept_s, f32("thr", -BIG / 2)]),
                                    ed.op("GatherElements", [pos, keep], axis=1), i64("m1", -1)])
         kept_imp = ed.op("GatherElements", [imp, keep], axis=1)
-        idx4 = ed.op("Unsqueeze", [keep, i64("a13", [1, 3])])  # [B, 1, k, 1]
         for cache in (kc, vc):
-            present = cache.present
-            full = ed.op("Expand", [idx4, ed.op("Concat", [
-                ed.op("Shape", [present], start=0, end=2), ed.op("Shape", [keep], start=1, end=2),
-                ed.op("Shape", [present], start=3, end=4)], axis=0)])
-            pruned = ed.op("GatherElements", [present, full], axis=2)
-            self._swap_output(ed, graph, present, pruned)
+            pruned = gather_rows(ed, cache.present, keep)
+            self._swap_output(ed, graph, cache.present, pruned)
         for value, name, dtype in ((kept_imp, f"present_importance.{layer}", ir.DataType.FLOAT),
                                    (kept_pos, f"present_positions.{layer}", ir.DataType.INT64)):
             value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", f"kept.{layer}"])
