@@ -10,7 +10,7 @@ Rewrite of each attention site ``l`` of a decoder with ``past.*``/``present.*`` 
     imp_l   = Concat(past_importance.l, 0) + ReduceSum(P_l * valid_query, axes=[heads, queries])
     s_l     = Where(sink | recent, +BIG, imp_l);  Where(pos_l < 0, -BIG, s_l)
               cascade: Where(pos_l in kept_{l-1}, s_l, -BIG)   (dropped above = dropped here)
-    k       = min(n, max(budget(T), sinks + recent))   T = max(pos) + 1: the length so far
+    k       = min(n, max(budget(T), sinks + recent))   T = max(new positions) + 1: the length so far
     keep    = Sort(TopK(s_l, k).indices)                 kept tokens stay in order
     present.l.key/value     = Gather(Reshape(present, [B*H*n, Dh]), (b*H + h)*n + keep)   (row gather)
     present_importance.l    = Gather(imp_l, keep);  present_positions.l = Gather(pos_l, keep) (-1 if -BIG)
@@ -105,9 +105,23 @@ def gather_rows(ed: GraphEditor, cache: ir.Value, keep: ir.Value, rows: ir.Value
     """``cache [B, H, n, D]`` -> its kept slots ``[B, H, k, D]``, in order: one row Gather over the
     cache viewed as ``[B * H * n, D]`` (contiguous D-element rows; a free Reshape)."""
     rows = row_index(ed, cache, keep) if rows is None else rows
-    flat = ed.op("Reshape", [cache, ed.op("Concat", [ed.const("m1", np.array([-1], np.int64)),
-                                                     ed.op("Shape", [cache], start=3, end=4)], axis=0)])
+    dh = _dims(cache)[3] if len(_dims(cache)) == 4 else None
+    shape = (ed.const("flat", np.array([-1, dh], np.int64)) if isinstance(dh, int) else
+             ed.op("Concat", [ed.const("m1", np.array([-1], np.int64)), ed.op("Shape", [cache], start=3, end=4)],
+                   axis=0))
+    flat = ed.op("Reshape", [cache, shape])
     return ed.op("Gather", [flat, rows], axis=0)
+
+
+def _once(memo: dict, key: str, build):
+    """``memo[key]``, built on first use: one node shared by every layer."""
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
+
+
+def _dims(v: ir.Value) -> tuple:
+    return tuple(v.shape.dims) if v.shape is not None else ()
 
 
 def _position_gather(graph: ir.Graph) -> ir.Node | None:
@@ -257,24 +271,30 @@ class EvictKV(Pass):
         mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
         site.mask_node.replace_input_with(mask_slot, bias)
         # importance
-        vq = ed.op("Cast", [valid_new], to=ir.DataType.FLOAT)  # [B, q]
-        weighted = ed.op("Mul", [site.probs, ed.op("Unsqueeze", [vq, i64("a13", [1, 3])])])
+        # values every layer computes alike are built once (one op per step, not one per layer)
+        vq = _once(knobs, "vq", lambda: ed.op("Cast", [valid_new], to=ir.DataType.FLOAT))  # [B, q]
+        vq4 = _once(knobs, "vq4", lambda: ed.op("Unsqueeze", [vq, i64("a13", [1, 3])]))
+        weighted = ed.op("Mul", [site.probs, vq4])
         score = ed.op("ReduceSum", [weighted, i64("ax", [1, 2])], keepdims=0)  # [B, n]
-        imp = ed.op("Add", [ed.op("Concat", [past_imp, ed.op("Mul", [vq, f32("z", 0.0)])], axis=1), score])
+        zeros = _once(knobs, "zeros", lambda: ed.op("Mul", [vq, f32("z", 0.0)]))
+        imp = ed.op("Add", [ed.op("Concat", [past_imp, zeros], axis=1), score])
         pos = ed.op("Concat", [past_pos, new_pos], axis=1)
         valid = ed.op("GreaterOrEqual", [pos, i64("z", 0)])
         n = ed.op("Shape", [pos], start=1, end=2)
         # k = min(n, max(budget(T), sinks + recent)); the recent window also covers share * (k - sinks)
         sinks, recent, share = knobs["sinks"], knobs["recent"], knobs["recent_share"]
         if self.budget <= 1:
-            total = ed.op("Add", [ed.op("ReduceMax", [pos], keepdims=0), i64("one", 1)])
-            frac = ed.op("Mul", [knobs["budget"], f32("m", self.layer_budget(layer) / self.budget)])
-            want = ed.op("Cast", [ed.op("Ceil", [ed.op("Mul", [ed.op("Cast", [total], to=ir.DataType.FLOAT), frac])])],
-                         to=ir.DataType.INT64)
-            want = ed.op("Reshape", [want, i64("r", [1])])
+            # T = the newest token's position + 1 (the new tokens are the latest of every sample)
+            total = _once(knobs, "total", lambda: ed.op("Cast", [ed.op("Add", [
+                ed.op("ReduceMax", [new_pos], keepdims=0), i64("one", 1)])], to=ir.DataType.FLOAT))
+            mult = self.layer_budget(layer) / self.budget
+            frac = knobs["budget"] if mult == 1 else ed.op("Mul", [knobs["budget"], f32("m", mult)])
+            want = _once(knobs, f"want{mult}", lambda: ed.op("Reshape", [ed.op("Cast", [ed.op("Ceil", [
+                ed.op("Mul", [total, frac])])], to=ir.DataType.INT64), i64("r", [1])]))
         else:
             want = i64("b", [int(self.layer_budget(layer))])
-        k = ed.op("Min", [n, ed.op("Max", [want, ed.op("Add", [sinks, recent])])])
+        forced = _once(knobs, "forced", lambda: ed.op("Add", [sinks, recent]))
+        k = ed.op("Min", [n, ed.op("Max", [want, forced])])
         by_share = ed.op("Cast", [ed.op("Floor", [ed.op("Mul", [share, ed.op("Cast", [ed.op("Sub", [k, sinks])],
                                                                             to=ir.DataType.FLOAT)])])],
                          to=ir.DataType.INT64)
@@ -298,8 +318,11 @@ class EvictKV(Pass):
         kept_pos = ed.op("Where", [ed.op("Greater", [kept_s, f32("thr", -BIG / 2)]),
                                    ed.op("GatherElements", [pos, keep], axis=1), i64("m1", -1)])
         kept_imp = ed.op("GatherElements", [imp, keep], axis=1)
+        rows = row_index(ed, kc.present, keep)  # K and V: the same [B, H, n] layout
         for cache in (kc, vc):
-            pruned = gather_rows(ed, cache.present, keep)
+            dk, dv = _dims(kc.present), _dims(cache.present)  # same heads: same rows (lengths are equal)
+            same = len(dk) == len(dv) == 4 and isinstance(dk[1], int) and dk[1] == dv[1]
+            pruned = gather_rows(ed, cache.present, keep, rows if same else None)
             self._swap_output(ed, graph, cache.present, pruned)
         for value, name, dtype in ((kept_imp, f"present_importance.{layer}", ir.DataType.FLOAT),
                                    (kept_pos, f"present_positions.{layer}", ir.DataType.INT64)):
