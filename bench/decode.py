@@ -56,6 +56,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     # the cache stored as packed 4+4-bit planes (quantize-kv's peak rule) on top of eviction
     "layer-s4-r50-q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     "q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),  # run with budget 1: bits alone
+    # the decoder presets' K/V parts (quantize-kv's peak rule, threshold after @) on top of eviction
+    "layer-s4-r50-q51": ("layer+5+1", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    "layer-s4-r50-q41": ("layer+4+1", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    "layer-s4-r50-q41t5": ("layer+4+1@0.5", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
 }
 BASELINES = ("streaming", "h2o")
 
@@ -71,23 +75,30 @@ def compiled(mode: str, cache: Path, model: Path) -> Path:
     if not out.exists():
         log.info("compiling %s (%s)", out, mode)
         m = load_model(model)
-        evict, _, bits = mode.partition("+")
-        extra = [make_pass("quantize-kv", bits=bits), make_pass("pack-kv-cache", bits=bits)] if bits else []
+        evict, _, spec = mode.partition("+")
+        bits, _, thr = spec.partition("@")
+        q = {"threshold": float(thr)} if thr else {}
+        extra = [make_pass("quantize-kv", bits=bits, **q), make_pass("pack-kv-cache", bits=bits)] if bits else []
         Pipeline([make_pass("normalize"), make_pass("decompose-attention"),
                   make_pass("evict-kv", budget=0.25, sinks=4, mode=evict, tunable=True), *extra])(m)
         save_model(m, out)
     return out
 
 
-def knobs(budget: float, k: dict) -> dict[str, np.ndarray]:
+def knobs(budget: float, k: dict, min_keep: int | None = None) -> dict[str, np.ndarray]:
+    """The tunable inputs for one configuration (``min_keep`` only when given: older compiled models
+    have no such input)."""
     from spatten_compiler.passes.evict_kv import SCORES
 
     rule = SCORES[k.get("score", "accumulated")]
-    return {"spatten.kv_budget": np.array(budget, np.float32), "spatten.kv_sinks": np.array([k["sinks"]], np.int64),
-            "spatten.kv_recent": np.array([k["recent"]], np.int64),
-            "spatten.kv_recent_share": np.array(k["recent_share"], np.float32),
-            "spatten.kv_decay": np.array(k.get("decay", rule.decay), np.float32),
-            "spatten.kv_norm": np.array(k.get("norm", rule.norm), np.float32)}
+    out = {"spatten.kv_budget": np.array(budget, np.float32), "spatten.kv_sinks": np.array([k["sinks"]], np.int64),
+           "spatten.kv_recent": np.array([k["recent"]], np.int64),
+           "spatten.kv_recent_share": np.array(k["recent_share"], np.float32),
+           "spatten.kv_decay": np.array(k.get("decay", rule.decay), np.float32),
+           "spatten.kv_norm": np.array(k.get("norm", rule.norm), np.float32)}
+    if min_keep is not None:
+        out["spatten.kv_min_keep"] = np.array([min_keep], np.int64)
+    return out
 
 
 def nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -98,17 +109,19 @@ def nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def run_context(sessions: dict, windows: np.ndarray, context: int, decode: int, budgets: list[float],
-                methods: list[str], chunk: int = 0) -> list[dict]:
+                methods: list[str], chunk: int = 0, floors: list[int] | None = None,
+                pairs: list[tuple[str, float, int | None]] | None = None) -> list[dict]:
     """All windows ([W, context] tokens, equal lengths: no padding) as one batch per configuration."""
     from spatten_compiler.decoding import DecoderSession
 
     configs: dict[tuple[str, float], DecoderSession] = {("dense", 1.0): sessions["dense"].fork()}
-    for m in methods:
+    todo = pairs or [(m, b, None) for m in methods for b in ([1.0] if m == "q44" else budgets)]
+    for m, b, floor in todo:
         mode, k = METHODS[m]
-        for b in [1.0] if m == "q44" else budgets:
+        for f in [floor] if floor is not None else floors or [None]:
             s = sessions[mode].fork()
-            s.overrides = knobs(b, k)
-            configs[(m, b)] = s
+            s.overrides = knobs(b, k, f)
+            configs[(m if f is None else f"{m}-f{f}", b)] = s
     prefix = context - decode
     losses = {c: [] for c in configs}
     times = {c: [] for c in configs}
@@ -189,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="which disjoint set of window offsets (pick rules on tune, report on test)")
     p.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
                    help="prefill the prefix N tokens per step (0: one step); eviction runs after every chunk")
+    p.add_argument("--pairs", default="", metavar="METHOD@B[@FLOOR],...",
+                   help="run exactly these (method, budget[, floor]) instead of --methods x --budgets")
+    p.add_argument("--min-keep", default="", metavar="N,N,...",
+                   help="also sweep the token floor (evict-kv's min_keep); methods are named <method>-f<N> "
+                   "(default: the compiled value, 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=REPO_ROOT / "models" / "cache")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
@@ -206,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [int(x) for x in args.contexts.split(",")]
     budgets = [float(x) for x in args.budgets.split(",")]
     methods = [m for m in args.methods.split(",") if m]
+    pairs = [_pair(x) for x in args.pairs.split(",") if x]
+    if pairs:
+        methods = sorted({m for m, _, _ in pairs})
     tok = Tokenizer.from_file(str(args.model.parent / "tokenizer.json"))
     ids = np.array(tok.encode(args.data.read_text()).ids, np.int64)
     sessions = {"dense": DecoderSession(args.model, threads=args.threads)}
@@ -217,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     for context in contexts:
         starts = window_starts(len(ids), context, args.windows, args.split)
         windows = np.stack([ids[s:s + context] for s in starts])
-        for r in run_context(sessions, windows, context, args.decode, budgets, methods, args.prefill_chunk):
+        for r in run_context(sessions, windows, context, args.decode, budgets, methods, args.prefill_chunk,
+                             [int(x) for x in args.min_keep.split(",") if x] or None, pairs or None):
             rows.append({**r, "starts": starts, "split": args.split})
         log.info("context %d done (%d windows)", context, len(starts))
         (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
@@ -229,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / f"partial-{args.name}.json").unlink(missing_ok=True)
     print(md)
     return 0
+
+
+def _pair(text: str) -> tuple[str, float, int | None]:
+    """``method@budget`` or ``method@budget@floor``."""
+    method, budget, *floor = text.split("@")
+    return method, float(budget), int(floor[0]) if floor else None
 
 
 def render_files(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ Rewrite of each attention site ``l`` of a decoder with ``past.*``/``present.*`` 
     s_l     = imp_l / (last_l + 1 - pos_l) ^ norm     (the queries that could see each token)
     s_l     = Where(sink | recent, +BIG, s_l);  Where(pos_l < 0, -BIG, s_l)
               cascade: Where(pos_l in kept_{l-1}, s_l, -BIG)   (dropped above = dropped here)
-    k       = min(n, max(budget(T), sinks + recent))   T = max(new positions) + 1: the length so far
+    k       = min(n, max(budget(T), sinks + recent, min_keep))   T = max(new positions) + 1: the length so far
     keep    = Sort(TopK(s_l, k).indices)                 kept tokens stay in order
     present.l.key/value     = Gather(Reshape(present, [B*H*n, Dh]), (b*H + h)*n + keep)   (row gather)
     present_importance.l    = Gather(imp_l, keep);  present_positions.l = Gather(pos_l, keep) (-1 if -BIG)
@@ -21,7 +21,10 @@ Rewrite of each attention site ``l`` of a decoder with ``past.*``/``present.*`` 
 SpAtten's sum), ``mean`` (norm 1: attention per query that could see the token, without H2O's bias
 toward old tokens), ``ema`` (an exponential moving average: old attention fades), ``last`` (decay
 0: the newest query alone, TOVA). decay 1 and norm 0 are exact identities (``1^x``, ``x^0``).
-``budget(T)`` is ``ceil(b * T)`` for a fraction ``b <= 1`` or ``b`` tokens. Sinks are the first
+``budget(T)`` is ``ceil(b * T)`` for a fraction ``b <= 1`` or ``b`` tokens. ``min_keep`` is a floor
+for short sequences: nothing is evicted until a layer holds more than ``min_keep`` tokens, so a
+fractional budget does not halve a short chat prompt at prefill (the floor is independent of how
+tokens are scored). Sinks are the first
 ``sinks`` real tokens (rank among the valid slots, so left padding does not take their place); the
 recent window is the last ``recent`` slots. GQA: the query heads' probabilities are summed over all
 heads, so every KV head of a layer keeps the same tokens (one decision per layer, like SpAtten's
@@ -75,10 +78,10 @@ SCORES: dict[str, ScoreRule] = {
 META_KEY = "spatten.evict_kv"
 
 
-def budget_tokens(budget: float, total: int, sinks: int, recent: int, n: int) -> int:
+def budget_tokens(budget: float, total: int, sinks: int, recent: int, n: int, min_keep: int = 0) -> int:
     """The number of cache slots a layer keeps (NumPy twin of the graph's arithmetic)."""
     want = int(np.ceil(np.float32(budget) * np.float32(total))) if budget <= 1 else int(budget)
-    return min(n, max(want, sinks + recent))
+    return min(n, max(want, sinks + recent, min_keep))
 
 
 def _check(sites: list[AttentionSite]) -> None:
@@ -165,8 +168,9 @@ class EvictKV(Pass):
     """Options: ``budget`` (fraction <= 1 or tokens), ``sinks``, ``recent`` (tokens), ``recent_share``
     (the recent window also spans this share of the kept slots after the sinks: 1.0 = StreamingLLM),
     ``mode`` layer|cascade, ``score`` (a rule of ``SCORES``), ``schedule`` (per-layer budget
-    multipliers, missing entries repeat the last; cascade: non-increasing), ``tunable``
-    (budget/sinks/recent/share/decay/norm as overridable inputs)."""
+    multipliers, missing entries repeat the last; cascade: non-increasing), ``min_keep`` (tokens: no
+    eviction below this cache length, the floor for short prompts), ``tunable``
+    (budget/sinks/recent/share/min_keep/decay/norm as overridable inputs)."""
 
     name = "evict-kv"
     budget: float = 0.25
@@ -176,6 +180,7 @@ class EvictKV(Pass):
     mode: str = "layer"
     score: str = "accumulated"
     schedule: tuple[float, ...] = ()
+    min_keep: int = 0
     tunable: bool = False
 
     def layer_budget(self, layer: int) -> float:
@@ -196,6 +201,8 @@ class EvictKV(Pass):
             raise OptionError(f"the recent share must be in [0, 1], got {self.recent_share}")
         if self.sinks < 0 or self.recent < 0:
             raise OptionError("--kv-sinks and --kv-recent must be >= 0")
+        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int) or self.min_keep < 0:
+            raise OptionError(f"--kv-min-keep must be a whole number of tokens >= 0, got {self.min_keep!r}")
         if self.budget > 1 and self.budget < self.sinks + self.recent:
             raise OptionError(f"--kv-budget {int(self.budget)} is below --kv-sinks + --kv-recent "
                               f"({self.sinks} + {self.recent}): the budget could never be kept")
@@ -244,19 +251,21 @@ class EvictKV(Pass):
         ShapeInferencePass()(model)  # fresh shapes from the per-layer cache lengths (later passes read heads)
         model.metadata_props[META_KEY] = json.dumps({
             "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "mode": self.mode,
-            "recent_share": self.recent_share, "score": self.score,
+            "recent_share": self.recent_share, "min_keep": self.min_keep, "score": self.score,
             "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
             "state": {"importance": "past_importance.{layer}", "positions": "past_positions.{layer}"}})
-        logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d tokens / %.0f%% of the budget, %s, %s",
-                    len(layers), self.budget, self.sinks, self.recent, 100 * self.recent_share, self.mode, self.score)
+        logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d tokens / %.0f%% of the budget, "
+                    "at least %d tokens, %s, %s", len(layers), self.budget, self.sinks, self.recent,
+                    100 * self.recent_share, self.min_keep, self.mode, self.score)
         return PassResult(model, True)
 
     def _knobs(self, ed: GraphEditor, graph: ir.Graph) -> dict[str, ir.Value]:
-        """budget, sinks, recent, recent_share, decay, norm as constants, or (``tunable``) as graph inputs whose
+        """budget, sinks, recent, recent_share, min_keep, decay, norm as constants, or (``tunable``) as graph
         initializers are the compiled values: a benchmark overrides them per run, one model for all."""
         values = {"budget": np.array(self.budget if self.budget <= 1 else 1.0, np.float32),
                   "sinks": np.array([self.sinks], np.int64), "recent": np.array([self.recent], np.int64),
                   "recent_share": np.array(self.recent_share, np.float32),
+                  "min_keep": np.array([self.min_keep], np.int64),
                   "decay": np.array(SCORES[self.score].decay, np.float32),
                   "norm": np.array(SCORES[self.score].norm, np.float32)}
         knobs = {k: ed.const(k, v) for k, v in values.items()}
@@ -320,7 +329,7 @@ class EvictKV(Pass):
         rank_by = ed.op("Div", [imp, ed.op("Pow", [seen, knobs["norm"]])])  # x^0 = 1 exactly
         valid = ed.op("GreaterOrEqual", [pos, i64("z", 0)])
         n = ed.op("Shape", [pos], start=1, end=2)
-        # k = min(n, max(budget(T), sinks + recent)); the recent window also covers share * (k - sinks)
+        # k = min(n, max(budget(T), sinks + recent, min_keep)); the recent window also covers share * (k - sinks)
         sinks, recent, share = knobs["sinks"], knobs["recent"], knobs["recent_share"]
         if self.budget <= 1:
             # T = the newest token's position + 1 (the new tokens are the latest of every sample)
@@ -332,7 +341,7 @@ class EvictKV(Pass):
                 ed.op("Mul", [total, frac])])], to=ir.DataType.INT64), i64("r", [1])]))
         else:
             want = i64("b", [int(self.layer_budget(layer))])
-        forced = _once(knobs, "forced", lambda: ed.op("Add", [sinks, recent]))
+        forced = _once(knobs, "forced", lambda: ed.op("Max", [ed.op("Add", [sinks, recent]), knobs["min_keep"]]))
         k = ed.op("Min", [n, ed.op("Max", [want, forced])])
         by_share = ed.op("Cast", [ed.op("Floor", [ed.op("Mul", [share, ed.op("Cast", [ed.op("Sub", [k, sinks])],
                                                                             to=ir.DataType.FLOAT)])])],

@@ -180,7 +180,8 @@ def _plan(m: ir.Model, name: str, options: dict[str, Any], pipeline: str | Seque
     summary = compile_report(probe, passes, cfg.prune_min_length)
     if chosen.preset is not None:
         summary["preset"] = {"kind": chosen.kind, "name": chosen.preset.name, "applied": chosen.applied,
-                             "off": list(chosen.off), "replaced": list(chosen.replaced)}
+                             "off": list(chosen.off), "replaced": list(chosen.replaced),
+                             "skipped": list(chosen.skipped)}
     return _Planned(cfg, passes, summary, summary_lines(chosen, passes, summary, text))
 
 

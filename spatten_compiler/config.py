@@ -61,6 +61,7 @@ class CompileConfig:
     no_token_pruning: bool = False  # off-switches for the preset's parts (kv_bits "none" for K/V)
     no_head_pruning: bool = False
     no_value_pruning: bool = False
+    no_kv_eviction: bool = False
     optimize: bool = False  # then onnxruntime's transformer fusions (passes/ort_fusions.py)
     weights: str | None = None  # then onnxruntime weight quantization: int8 (dynamic) | int4 (MatMulNBits)
     kv_budget: float | None = None  # decoders: cache budget per layer, fraction of the length so far or tokens
@@ -68,6 +69,7 @@ class CompileConfig:
     kv_recent: int | str | None = None  # decoders: most recent tokens never evicted: N tokens or "P%" of the budget
     kv_evict: str | None = None  # decoders: layer (H2O-style, default) | cascade (SpAtten)
     kv_score: str | None = None  # decoders: evict-kv's scoring rule (passes/evict_kv.py SCORES)
+    kv_min_keep: int | None = None  # decoders: no eviction while a layer's cache holds at most N tokens
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -153,9 +155,13 @@ class CompileConfig:
             off = " (--kv-bits none turns K/V quantization off)" if self.kv_bits == "none" else ""
             raise OptionError(f"{given[0]} needs --kv-bits{off}")
         evict = [f for f, v in (("--kv-sinks", self.kv_sinks), ("--kv-recent", self.kv_recent),
-                                ("--kv-evict", self.kv_evict), ("--kv-score", self.kv_score)) if v is not None]
+                               ("--kv-evict", self.kv_evict), ("--kv-score", self.kv_score),
+                               ("--kv-min-keep", self.kv_min_keep)) if v is not None]
         if evict and self.kv_budget is None:
             raise OptionError(f"{evict[0]} needs --kv-budget")
+        n = self.kv_min_keep
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise OptionError(f"--kv-min-keep must be a whole number of tokens >= 0, got {n!r}")
 
     @property
     def prunes_tokens(self) -> bool:
@@ -193,6 +199,7 @@ class CompileConfig:
         if self.kv_budget is not None:  # before quantize-kv: it finds the attention it rewrites
             passes.append(make_pass("evict-kv", budget=float(self.kv_budget), **{
                 k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), ("score", self.kv_score),
+                                  ("min_keep", self.kv_min_keep),
                                   *_recent(self.kv_recent))
                 if v is not None}))
         if self.kv_bits not in (None, "none"):

@@ -4,7 +4,9 @@ One registry, :data:`PRESETS`, keyed by (model kind, preset name). Every setting
 benchmark run that justifies it (``bench/results/...``); when a benchmark moves, the entry here
 moves with it and nothing else changes. The kind comes from the attention sites the compiler finds
 (:func:`model_kind`), never from the file name: ``decoder`` when any site is causal or reads a KV
-cache, ``encoder`` otherwise, ``none`` when no attention was found (nothing to apply).
+cache, ``encoder`` otherwise, ``none`` when no attention was found (nothing to apply). A part may
+need a feature of the model (:func:`model_features`): KV-cache eviction needs a KV cache, so a
+causal model exported without one gets the decoder preset's other parts and the summary says why.
 
 How a preset combines with explicit options (:func:`resolve`):
 
@@ -16,12 +18,16 @@ How a preset combines with explicit options (:func:`resolve`):
   part; an explicit amount (``--token-keep 0.3``) replaces the preset's amount and its details; with
   an explicit detail (``--kv-rule fixed``) the preset's amount stays, and the preset's other details
   of that part give way to the pass's own defaults (a threshold chosen for one rule is no default
-  for another).
+  for another) - except in a part whose details are independent knobs (eviction: ``--kv-sinks 8``
+  keeps the preset's budget, window and floor).
 
 Head pruning is in no preset: without calibration data only SpAtten's run-time rule is available,
 which measured worse than tokens alone on MiniLM (bench/README.md, head pruning). Value pruning is a
-mask on CPU (0.19x). Decoders with a KV cache refuse token pruning today, so their preset is K/V
-quantization only; the decoder work (#13) changes the ``decoder`` entries, nothing else.
+mask on CPU (0.19x). Decoders with a KV cache refuse token pruning; their presets are KV-cache
+eviction (#13, passes/evict_kv.py) with a token floor for short prompts. The encoders' K/V
+quantization is not in them: 4+1 bits on top of eviction cost SmolLM2 +20% perplexity
+(``BITS_ON_DECODER``); a causal model without a KV cache therefore gets no preset rewrite (the summary
+says why).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class Part:
     off_value: Any  # ... when set to this value
     off_flag: str
     change: str  # the one-line way to change it
+    needs: str = ""  # a model feature (model_features) without which the part is skipped
+    independent: bool = False  # an explicit detail replaces only itself (the details are separate knobs)
 
     def is_off(self, options: dict[str, Any]) -> bool:
         return options.get(self.off_key) == self.off_value
@@ -67,10 +75,11 @@ PARTS: dict[str, Part] = {
                    "--value-keep R"),
     "kv": Part("K/V quantization", ("kv_bits",), ("kv_rule", "lsb_threshold", "kv_granularity", "kv_factor"),
                "kv_bits", "none", "--kv-bits none", "--kv-bits M+L (e.g. 5+1, 4)"),
+    "evict": Part("KV-cache eviction", ("kv_budget",), ("kv_sinks", "kv_recent", "kv_evict", "kv_score", "kv_min_keep"),
+                  "no_kv_eviction", True, "--no-kv-eviction", "--kv-budget B|N (e.g. 0.25, 256), --kv-min-keep N",
+                  needs="kv_cache", independent=True),
 }
-# --kv-budget (decoder KV-cache eviction, passes/evict_kv.py) is a rewrite of its own: asking for it means
-# the options say what to apply, as for the parts above (no preset entry carries it yet).
-ENABLING = (*(k for p in PARTS.values() for k in p.amount), "kv_budget")
+ENABLING = tuple(k for p in PARTS.values() for k in p.amount)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +122,35 @@ KV_DEFAULT = _kv("4+1", 0.3, KV_FULL, "6.05x fewer K/V bytes, IMDB cosine 0.9977
                  "bits at equal bytes), drop-in -0.7; SST-2 5.65x, 0.99864, +0.2")
 KV_AGGRESSIVE = _kv("4+1", 0.5, KV_FULL, "6.23x fewer K/V bytes, IMDB cosine 0.99702, drop-in -0.3; "
                     "SST-2 5.90x, 0.99758, +0.0")
-_DECODER_NOTE = ("K/V numbers measured on the MiniLM encoder, no decoder quality run yet; KV-cache eviction "
-                 "(--kv-budget, docs/decoders.md) is not in the decoder presets yet")
+DECODE_RULE = R + "20261204-232622-decode-smollm2-512-1024.md"  # the eviction rule's comparison (docs/decoders.md)
+DECODE_FLOOR = R + "20261205-032027-decode-smollm2-floor.md"  # budgets with and without the floor, 512 tokens
+CHAT_FLOOR = R + "20261205-032145-chat-floor-smollm2.md"  # greedy agreement on short chat prompts per floor
+BITS_ON_DECODER = R + "20261205-025715-decode-smollm2-preset-bits.md"  # eviction 0.5 + 4+1 peak 0.3, 512
+FLOOR = 256
+BUDGETS = {  # SmolLM2 ppl vs dense, same tokens (one window each: differences of a few % are noise)
+    0.75: "not in this session's run; 0.5 and 0.25 were within +0.3% at 512 tokens",
+    0.5: "+0.2% ppl at 512 tokens, half the cache (floor 256: -0.6%); +3.0% at 1024, +1.0% at 2048 (" + DECODE_RULE
+    + ", 20261204-235054-decode-smollm2-2048.md)",
+    0.25: "+0.3% ppl at 512 tokens, a quarter of the cache (floor 256 holds half there: -0.6%); +8.1% at 1024, "
+    "+1.8% at 2048 (" + DECODE_RULE + ", 20261204-235054-decode-smollm2-2048.md)",
+}
+FLOOR_MEASURED = ("16 chat prompts of 42-169 tokens, 16 greedy tokens: floor 0 at budget 0.5 keeps 5.5 tokens of "
+                  "the dense answer (6% identical), floor 64 11.2 (56%), floor 128 15.1 (94%); a floor of 256 "
+                  "evicts nothing below 256 tokens (= dense)")
+
+
+def _evict(budget: float) -> tuple[Setting, ...]:
+    rule = "H2O-style accumulated attention per layer + 4 sinks + recent half: best or within noise of H2O at " \
+           "every budget, StreamingLLM 15-50% worse (SmolLM2, WikiText-2)"
+    return (Setting("evict", "kv_budget", budget, DECODE_FLOOR, BUDGETS[budget]),
+            Setting("evict", "kv_sinks", 4, DECODE_RULE, rule),
+            Setting("evict", "kv_recent", "50%", DECODE_RULE, rule),
+            Setting("evict", "kv_evict", "layer", DECODE_RULE, rule + "; SpAtten's plain cascade x4-x60 ppl"),
+            Setting("evict", "kv_min_keep", FLOOR, CHAT_FLOOR, FLOOR_MEASURED))
+
+
+_DECODER_NOTE = ("SmolLM2-135M: WikiText-2 perplexity, one window per context, and greedy agreement on 16 short chat "
+                 "prompts; budget 0.75 not measured on its own")
 COMBINED = R + "20261204-232558-minilm-presets-quality.md"  # each preset as shipped, IMDB 600 / SST-2 1372 texts
 _ENCODER_NOTE = "MiniLM; tokens and K/V together measured on a subset only"
 
@@ -132,9 +168,9 @@ PRESETS: dict[tuple[str, str], Preset] = {(p.kind, p.name): p for p in (
         _tokens(0.3, "IMDB cosine 0.830, drop-in -2.0 [-3.3, -0.7], refit -1.1 [-2.4, +0.2] cross-fitted",
                 "2.53x at 512 tokens, 2.18x on IMDB", "20261129-050529-tokens-full-spattenc-value-r0.3-m64.md"),
         *KV_AGGRESSIVE), _ENCODER_NOTE, COMBINED),
-    Preset("decoder", "conservative", KV_CONSERVATIVE, _DECODER_NOTE),
-    Preset("decoder", "default", KV_DEFAULT, _DECODER_NOTE),
-    Preset("decoder", "aggressive", KV_AGGRESSIVE, _DECODER_NOTE),
+    Preset("decoder", "conservative", _evict(0.75), _DECODER_NOTE),
+    Preset("decoder", "default", _evict(0.5), _DECODER_NOTE),
+    Preset("decoder", "aggressive", _evict(0.25), _DECODER_NOTE),
 )}
 PRESET_NAMES = ("conservative", "default", "aggressive")
 
@@ -147,6 +183,11 @@ def model_kind(sites: list[Any]) -> str:
     if any(s.kv_cache or s.mask_kind.startswith("causal") for s in sites):
         return "decoder"
     return "encoder"
+
+
+def model_features(sites: list[Any]) -> frozenset[str]:
+    """What the model offers the parts that need something: ``kv_cache`` when every site reads one."""
+    return frozenset({"kv_cache"} if sites and all(s.kv_cache for s in sites) else set())
 
 
 def wants_preset(options: dict[str, Any], pipeline: str = "") -> bool:
@@ -165,17 +206,20 @@ class Resolution:
     applied: dict[str, dict[str, Any]]  # part -> the preset's values that were used
     off: tuple[str, ...]  # parts the user switched off
     replaced: tuple[str, ...]  # parts whose amount the user gave explicitly
+    skipped: tuple[str, ...] = ()  # parts of the preset the model cannot take (Part.needs)
 
 
-def resolve(options: dict[str, Any], kind: str, pipeline: str = "") -> tuple[dict[str, Any], Resolution]:
-    """``options`` with the preset for ``kind`` filled in where the user left them unset."""
+def resolve(options: dict[str, Any], kind: str, pipeline: str = "",
+            features: frozenset[str] | None = None) -> tuple[dict[str, Any], Resolution]:
+    """``options`` with the preset for ``kind`` filled in where the user left them unset (``features``:
+    :func:`model_features`; None = the model has every feature a part needs)."""
     name = options.get("preset")
     if name is not None and name not in PRESET_NAMES:
         raise OptionError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {name!r}")
     if not wants_preset(options, pipeline) or kind == "none":
         return options, Resolution(None, kind, {}, (), ())
     preset = PRESETS[(kind, name or "default")]
-    out, applied, off, replaced = dict(options), {}, [], []
+    out, applied, off, replaced, skipped = dict(options), {}, [], [], []
     for key, part in PARTS.items():
         values = preset.values(key)
         if part.is_off(options):
@@ -186,9 +230,12 @@ def resolve(options: dict[str, Any], kind: str, pipeline: str = "") -> tuple[dic
         if part.given(options, part.amount):
             replaced.append(key)
             continue
-        if part.given(options, part.details):  # the user's details with the pass's own defaults for the rest
-            values = {k: v for k, v in values.items() if k in part.amount}
+        if part.needs and features is not None and part.needs not in features:
+            skipped.append(key)
+            continue
+        if part.given(options, part.details) and not part.independent:
+            values = {k: v for k, v in values.items() if k in part.amount}  # the pass's defaults for the rest
         used = {k: v for k, v in values.items() if options.get(k) is None}
         out.update(used)
         applied[key] = used
-    return out, Resolution(preset, kind, applied, tuple(off), tuple(replaced))
+    return out, Resolution(preset, kind, applied, tuple(off), tuple(replaced), tuple(skipped))

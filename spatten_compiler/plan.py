@@ -16,7 +16,7 @@ from typing import Any
 import onnx_ir as ir
 
 from spatten_compiler.config import CompileConfig
-from spatten_compiler.defaults import PARTS, Resolution, model_kind, resolve
+from spatten_compiler.defaults import PARTS, Resolution, model_features, model_kind, resolve
 from spatten_compiler.errors import NoAttentionError, OptionError, SpattencError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
     kind = model_kind(sites)
     if kind == "none" and options.get("preset"):
         raise NoAttentionError(f"--preset {options['preset']}: no attention found in {path}; nothing to apply")
-    resolved, chosen = resolve(options, kind, pipeline)
+    resolved, chosen = resolve(options, kind, pipeline, model_features(sites))
     if chosen.preset is not None:
         logger.debug("preset %s for %s: %s", chosen.preset.name, kind, chosen.applied)
     return CompileConfig.build(resolved, path), chosen, probe

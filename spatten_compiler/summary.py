@@ -33,7 +33,8 @@ def _headline(res: Resolution, passes: Sequence[Pass], pipeline: str, layers: in
     kind = {"encoder": "an encoder (no KV cache, not causal)",
             "decoder": "a decoder (causal or KV cache)"}.get(res.kind, "")
     if res.preset is not None:
-        changed = [f"{PARTS[p].name} off" for p in res.off] + [f"your {PARTS[p].name}" for p in res.replaced]
+        changed = [f"{PARTS[p].name} off" for p in res.off] + [f"your {PARTS[p].name}" for p in res.replaced] + \
+            [f"{PARTS[p].name} skipped: the model has no {PARTS[p].needs.replace('_', ' ')}" for p in res.skipped]
         extra = f" ({'; '.join(changed)})" if changed else ""
         return f"spattenc: preset {res.preset.name} for {kind}, {layers} attention layers{extra}:"
     if pipeline:
@@ -46,6 +47,9 @@ def _identity(res: Resolution, pipeline: str) -> list[str]:
         why = "no attention found (spattenc inspect MODEL --explain says why)"
     elif pipeline:
         why = f"--pipeline {pipeline} has no rewriting pass"
+    elif res.skipped:
+        why = "; ".join(f"the preset's {PARTS[p].name} needs a {PARTS[p].needs.replace('_', ' ')}, which the model "
+                        "does not have (export it with past_key_values)" for p in res.skipped)
     else:
         why = "every part is switched off"
     return [f"spattenc: no rewrite applied - the output computes what the input does: {why}",
@@ -67,8 +71,16 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
     if "evict-kv" in by_name:
         e = by_name["evict-kv"]
         budget = f"{e.budget:.0%} of the length so far" if e.budget <= 1 else f"{e.budget:g} tokens"
+        window = (f"the last {e.recent} tokens" if e.recent
+                  else f"a recent window of {e.recent_share:.0%} of the kept slots")
+        floor = f"; nothing evicted while a layer holds at most {e.min_keep} tokens" if e.min_keep else ""
         lines.append(f"  KV cache per layer kept within {budget} across generation steps ({e.mode} eviction by "
-                     f"accumulated attention; first {e.sinks} tokens and the recent window never evicted)")
+                     f"accumulated attention; the first {e.sinks} tokens and {window} never evicted{floor})")
+        from spatten_compiler.passes.evict_kv import budget_tokens
+
+        held = [n / budget_tokens(e.layer_budget(0), n, e.sinks, e.recent, n, e.min_keep) for n in (128, 512, 2048)]
+        lines.append(f"  ideal at 128 / 512 / 2048 tokens so far: {' / '.join(f'{h:.1f}x' for h in held)} "
+                     "smaller KV cache held (layer 0)")
     if "quantize-kv" in by_name:
         q = by_name["quantize-kv"]
         m, _, lo = q.bits.partition("+")
@@ -96,18 +108,21 @@ def _ratios(report: dict[str, Any]) -> list[str]:
 
 def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[str]:
     names = {p.name for p in passes}
-    parts = {"prune-tokens": "tokens", "prune-heads": "heads", "prune-values": "values", "quantize-kv": "kv"}
-    on = [PARTS[parts[n]] for n in REWRITES if n in names and n in parts]
+    parts = {"prune-tokens": "tokens", "prune-heads": "heads", "prune-values": "values", "quantize-kv": "kv",
+             "evict-kv": "evict"}
+    on = [parts[n] for n in REWRITES if n in names and n in parts]
     lines: list[str] = []
     if on and not pipeline:
-        lines.append("  change: " + "; ".join(f"{p.change}" for p in on) +
+        lines.append("  change: " + "; ".join(f"{PARTS[p].change}" for p in on) +
                      ("; --preset " + "|".join(n for n in PRESET_NAMES if res.preset is None or n != res.preset.name)))
-        lines.append("  off: " + ", ".join(p.off_flag for p in on) + "; nothing at all: --pipeline normalize")
+        # a part the user asked for explicitly is switched off by dropping the option
+        off = [PARTS[p].off_flag if p in res.applied or p != "evict" else "drop --kv-budget" for p in on]
+        lines.append("  off: " + ", ".join(off) + "; nothing at all: --pipeline normalize")
     elif pipeline:
         lines.append("  (an explicit --pipeline runs exactly those passes; drop it for the measured defaults)")
     if "evict-kv" in names and not pipeline:
-        lines.append("  eviction: --kv-budget B|N, --kv-sinks N, --kv-recent N|P%, --kv-evict layer|cascade, "
-                     "--kv-score RULE (docs/decoders.md); off: drop --kv-budget")
+        lines.append("  eviction knobs: --kv-budget B|N, --kv-min-keep N, --kv-sinks N, --kv-recent N|P%, "
+                     "--kv-evict layer|cascade, --kv-score RULE (docs/decoders.md)")
     if res.preset is not None:
         lines.append(f"  measured: docs/presets.md ({res.preset.note})")
     if "quantize-kv" in names:

@@ -38,7 +38,8 @@ def test_default_verb_is_compile(tiny_path: Path, tmp_path: Path) -> None:
     assert np.array_equal(run_ort(out, {"x": x})["y"], run_ort(tiny_path, {"x": x})["y"])
 
 
-IDENTITY = {"pipeline": ["--pipeline", "normalize"], "all-off": ["--no-token-pruning", "--kv-bits", "none"]}
+IDENTITY = {"pipeline": ["--pipeline", "normalize"],
+            "all-off": ["--no-token-pruning", "--kv-bits", "none", "--no-kv-eviction"]}
 
 
 @pytest.mark.parametrize("how", list(IDENTITY))

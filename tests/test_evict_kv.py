@@ -85,7 +85,7 @@ def test_ort_equals_reference_with_eviction(name: str, tmp_path_factory: pytest.
 def numpy_rule(probs: np.ndarray, past_imp: np.ndarray, past_pos: np.ndarray, new_pos: np.ndarray,
                valid_q: np.ndarray, budget: float, sinks: int, recent: int,
                above: np.ndarray | None, share: float = 0.0, decay: float = 1.0,
-               norm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+               norm: float = 0.0, min_keep: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The eviction rule written directly: returns (kept positions with -1 for empty, kept importance)."""
     pos = np.concatenate([past_pos, np.where(valid_q > 0, new_pos, -1)], 1)
     last = pos.max(axis=1, keepdims=True)
@@ -95,7 +95,7 @@ def numpy_rule(probs: np.ndarray, past_imp: np.ndarray, past_pos: np.ndarray, ne
     imp = (imp + (probs * w[:, None, :, None]).sum(axis=(1, 2))).astype(np.float32)
     ranked = imp / (last + 1.0 - pos) ** norm
     b, n = pos.shape
-    k = budget_tokens(budget, int(pos.max()) + 1, sinks, recent, n)
+    k = budget_tokens(budget, int(pos.max()) + 1, sinks, recent, n, min_keep)
     recent = max(recent, int(np.floor(np.float32(share) * np.float32(k - sinks))))
     kept_pos, kept_imp = np.full((b, k), -1), np.zeros((b, k), np.float32)
     for r in range(b):

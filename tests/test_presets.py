@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import MODELS, fixture_names, load_meta, reference_io, run_ort
+from conftest import MODELS, fixture_names, load_meta, run_ort
 from test_evict_kv import PROMPTS
 from test_long_inputs import long_feeds
 
@@ -59,35 +59,75 @@ def test_no_option_compile_prunes_tokens_and_quantizes_kv_on_encoders(name: str,
         assert plain[key].shape == value.shape and np.isfinite(plain[key]).all()
 
 
+DEFAULT_DECODER = {s.key: s.value for s in PRESETS[("decoder", "default")].settings}
+EVICT_KEYS = ("kv_budget", "kv_sinks", "kv_recent", "kv_evict", "kv_min_keep")
+EXPLICIT = ["--kv-budget", str(DEFAULT_DECODER["kv_budget"]), "--kv-sinks", str(DEFAULT_DECODER["kv_sinks"]),
+            "--kv-recent", DEFAULT_DECODER["kv_recent"], "--kv-evict", DEFAULT_DECODER["kv_evict"],
+            "--kv-min-keep", str(DEFAULT_DECODER["kv_min_keep"])]
+
+
+def _has_cache(src: Path) -> bool:
+    return any(i.name.startswith("past_key_values.") for i in onnx.load(str(src), load_external_data=False).graph.input)
+
+
 @pytest.mark.parametrize("name", DECODERS)
-def test_no_option_compile_quantizes_kv_on_decoders(name: str, tmp_path: Path) -> None:
-    """Decoders get what they support today: K/V quantization, no token pruning; with a KV cache the
-    cache itself is stored as packed planes (pack-kv-cache runs whenever K/V bits are set). The model is
-    the one the explicit K/V options give (quantize-kv itself is checked against the reference runtime in
-    test_quantize_kv, the packed cache against the float one in test_pack_kv), and its outputs stay
-    correlated with the dense ones (4-bit K/V on random tiny models: logits move by up to ~0.5,
-    correlation 0.98 on llama_attention_op23)."""
+def test_no_option_compile_evicts_on_decoders(name: str, tmp_path: Path) -> None:
+    """Decoders with a KV cache get the default preset's eviction (budget, sinks, window, floor) and no
+    K/V bits; the model is the one the explicit options give, and since the fixtures' sequences stay
+    under the floor, it computes the dense logits (<= 1e-4) at every step. A causal model without a KV
+    cache has nothing in the decoder preset it can take: written unchanged, and the report says why."""
     src = MODELS / f"{name}.onnx"
     report = compile_(src, tmp_path / "out.onnx")
+    cache = _has_cache(src)
     assert report["preset"] == {"kind": "decoder", "name": "default", "off": [], "replaced": [],
-                                "applied": {"kv": {"kv_bits": "4+1", "kv_rule": "peak", "lsb_threshold": 0.3}}}
-    assert "token_schedule" not in report and any(p.startswith("quantize-kv{bits=4+1") for p in report["passes"])
+                                "applied": {"evict": {k: DEFAULT_DECODER[k] for k in EVICT_KEYS}} if cache else {},
+                                "skipped": [] if cache else ["evict"]}
+    assert "token_schedule" not in report and not any(p.startswith("quantize-kv") for p in report["passes"])
+    assert any(p.startswith("evict-kv{budget=0.5;") for p in report["passes"]) == cache
     ops = op_types(tmp_path / "out.onnx")
-    assert "QuantizeSplit" in ops and "TokenImportance" not in ops
-    assert main([str(src), "-o", str(tmp_path / "explicit.onnx"), "-q", "--kv-bits", "4+1", "--kv-rule", "peak",
-                 "--lsb-threshold", "0.3"]) == 0
-    if any(i.name.startswith("past_key_values.") for i in onnx.load(str(src), load_external_data=False).graph.input):
-        before, after, explicit = _decode([src, tmp_path / "out.onnx", tmp_path / "explicit.onnx"])
-        assert "past_key_values.0.key.msb" in DecoderSession(tmp_path / "out.onnx").state  # the packed cache
-    else:
-        feeds, _ = reference_io(load_meta(name))
-        before, after = run_ort(src, feeds), run_ort(tmp_path / "out.onnx", feeds)
-        explicit = run_ort(tmp_path / "explicit.onnx", feeds)
-    assert before.keys() == after.keys() == explicit.keys()
-    for key in before:
-        np.testing.assert_array_equal(after[key], explicit[key], err_msg=key)
-        assert after[key].shape == before[key].shape
-        assert np.corrcoef(after[key].ravel(), before[key].ravel())[0, 1] > 0.95, key  # sanity: broken ~ 0
+    assert "QuantizeSplit" not in ops and "TokenImportance" not in ops
+    if not cache:
+        assert report["passes"] == []
+        return
+    assert main([str(src), "-o", str(tmp_path / "explicit.onnx"), "-q", *EXPLICIT]) == 0
+    before, after, explicit_out = _decode([src, tmp_path / "out.onnx", tmp_path / "explicit.onnx"])
+    assert "past_importance.0" in DecoderSession(tmp_path / "out.onnx").state
+    np.testing.assert_array_equal(after["logits"], explicit_out["logits"])
+    np.testing.assert_allclose(after["logits"], before["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_kv_torchscript"])
+def test_decoder_preset_evicts_past_its_floor(name: str, tmp_path: Path) -> None:
+    """The preset's floor keeps a short prompt whole (every token seen stays cached); with the floor
+    lowered (a detail: the preset's budget, sinks and window stay) the same compile evicts to half the
+    length."""
+    src = MODELS / f"{name}.onnx"
+    compile_(src, tmp_path / "floor.onnx", "--preset", "default")
+    low = compile_(src, tmp_path / "low.onnx", "--kv-min-keep", "4")
+    assert low["preset"]["applied"]["evict"] == {**{k: DEFAULT_DECODER[k] for k in
+                                                    ("kv_budget", "kv_sinks", "kv_recent", "kv_evict")}}
+    lengths = {}
+    for tag in ("floor", "low"):
+        s = DecoderSession(tmp_path / f"{tag}.onnx")
+        ids, mask = left_pad(PROMPTS)
+        s.reset(len(PROMPTS))
+        logits = s.step(ids, mask)
+        for _ in range(10):
+            logits = s.step(logits[:, -1].argmax(-1)[:, None])
+        lengths[tag] = s.cache_lengths()
+    seen = len(PROMPTS[0]) + 10  # the longest row's tokens so far
+    assert DEFAULT_DECODER["kv_min_keep"] >= seen and lengths["floor"] == [seen] * 4
+    assert lengths["low"] == [int(np.ceil(DEFAULT_DECODER["kv_budget"] * seen))] * 4
+
+
+@pytest.mark.parametrize("name", ["llama_torchscript", "gpt2_kv_dynamo"])
+def test_decoder_preset_at_full_budget_equals_dense(name: str, tmp_path: Path) -> None:
+    """The preset with its budget replaced by a full one computes the dense logits."""
+    src = MODELS / f"{name}.onnx"
+    report = compile_(src, tmp_path / "full.onnx", "--preset", "default", "--kv-budget", "1")
+    assert report["preset"]["replaced"] == ["evict"] and report["preset"]["applied"] == {}
+    dense, full = _decode([src, tmp_path / "full.onnx"], steps=8)
+    np.testing.assert_allclose(full["logits"], dense["logits"], atol=1e-4, rtol=0)
 
 
 def _decode(paths: list[Path], steps: int = 6) -> list[dict[str, np.ndarray]]:
@@ -117,20 +157,38 @@ def test_summary_names_what_it_applied(tmp_path: Path, capsys: pytest.CaptureFix
     assert err.strip().splitlines()[-1].startswith("wrote ")
     assert main([str(MODELS / "gpt2_kv_torchscript.onnx"), "-o", str(tmp_path / "d.onnx")]) == 0
     err = capsys.readouterr().err
-    assert "preset default for a decoder" in err and "tokens kept" not in err and "FLOPs unchanged" in err
+    assert "preset default for a decoder" in err and "tokens kept" not in err
+    assert "ideal at 128 / 512 / 2048 tokens so far: 1.0x / 2.0x / 2.0x smaller KV cache held" in err
+    floor = DEFAULT_DECODER["kv_min_keep"]
+    assert ("KV cache per layer kept within 50% of the length so far across generation steps (layer eviction by "
+            "accumulated attention; the first 4 tokens and a recent window of 50% of the kept slots never evicted; "
+            f"nothing evicted while a layer holds at most {floor} tokens)") in err
+    assert "--no-kv-eviction" in err and "--kv-min-keep N" in err and "K/V in every layer" not in err
+    assert main([str(MODELS / "gpt2_torchscript.onnx"), "-o", str(tmp_path / "n.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "no rewrite applied" in err and "the preset's KV-cache eviction needs a kv cache" in err
+    assert main([str(MODELS / "llama_dynamo.onnx"), "-o", str(tmp_path / "x.onnx"), "--kv-budget", "0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "your options only" in err and "drop --kv-budget" in err and "K/V in every layer" not in err
     assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(tmp_path / "q.onnx"), "-q"]) == 0
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("flags, why", [
-    (["--pipeline", "normalize"], "--pipeline normalize has no rewriting pass"),
-    (["--no-token-pruning", "--kv-bits", "none"], "every part is switched off"),
+@pytest.mark.parametrize("model, flags, why", [
+    ("bert_torchscript", ["--pipeline", "normalize"], "--pipeline normalize has no rewriting pass"),
+    ("bert_torchscript", ["--no-token-pruning", "--kv-bits", "none"], "every part is switched off"),
+    ("llama_dynamo", ["--pipeline", "normalize"], "--pipeline normalize has no rewriting pass"),
+    ("llama_dynamo", ["--no-kv-eviction", "--kv-bits", "none"], "every part is switched off"),
 ])
-def test_identity_compile_says_so(flags: list[str], why: str, tmp_path: Path,
+def test_identity_compile_says_so(model: str, flags: list[str], why: str, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(tmp_path / "o.onnx"), *flags]) == 0
+    src, out = MODELS / f"{model}.onnx", tmp_path / "o.onnx"
+    assert main([str(src), "-o", str(out), *flags]) == 0
     err = capsys.readouterr().err
     assert "no rewrite applied" in err and why in err
+    if model.startswith("llama"):  # the decoder's interface is unchanged: no eviction state, float cache
+        names = lambda p: [i.name for i in onnx.load(str(p)).graph.input]  # noqa: E731
+        assert names(out) == names(src)
 
 
 def test_no_attention_model_is_written_unchanged_and_says_so(tiny_path: Path, tmp_path: Path,
@@ -153,6 +211,22 @@ def test_presets_differ_as_documented(tmp_path: Path) -> None:
     assert len(seen) == 3
     keeps = [PRESETS[("encoder", n)].values("tokens")["token_keep"] for n in PRESET_NAMES]
     assert keeps == sorted(keeps, reverse=True)  # conservative keeps the most
+
+
+def test_decoder_presets_differ_as_documented(tmp_path: Path) -> None:
+    """Each decoder preset compiles to the registry's eviction values (no K/V bits); budgets shrink from
+    conservative to aggressive, the floor is the same (it protects short prompts, not a quality knob)."""
+    budgets, floors = [], set()
+    for name in PRESET_NAMES:
+        values = {s.key: s.value for s in PRESETS[("decoder", name)].settings}
+        report = compile_(MODELS / "llama_dynamo.onnx", tmp_path / f"{name}.onnx", "--preset", name)
+        evict = next(p for p in report["passes"] if p.startswith("evict-kv"))
+        assert f"budget={values['kv_budget']};sinks=4;" in evict and f"min_keep={values['kv_min_keep']};" in evict
+        assert "recent_share=0.5;mode=layer;" in evict
+        assert not any(p.startswith("quantize-kv") for p in report["passes"])
+        budgets.append(values["kv_budget"])
+        floors.add(values["kv_min_keep"])
+    assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == 3 and len(floors) == 1
 
 
 def test_every_setting_cites_a_recorded_result() -> None:
@@ -210,6 +284,9 @@ def test_kind_comes_from_the_sites_not_the_name(tmp_path: Path) -> None:
     (["--no-token-pruning", "--pipeline", "normalize"], "--pipeline runs exactly the passes it names"),
     (["--kv-bits", "none", "--kv-rule", "fixed"], "--kv-rule needs --kv-bits (--kv-bits none turns"),
     (["--kv-bits", "3+x"], "--kv-bits must look like"),
+    (["--no-kv-eviction", "--kv-budget", "0.5"], "--no-kv-eviction turns KV-cache eviction off, but --kv-budget"),
+    (["--no-kv-eviction", "--pipeline", "normalize"], "--pipeline runs exactly the passes it names"),
+    (["--kv-min-keep", "16"], "--kv-min-keep needs --kv-budget"),  # an encoder: no preset eviction to refine
 ])
 def test_bad_values_one_line_exit_2(flags: list[str], message: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -244,8 +321,18 @@ def test_resolve_rules() -> None:
     assert res.preset is None and "kv_bits" not in opts
     opts, res = resolve({"preset": "default", "token_keep_schedule": (1.0, 0.5)}, "encoder")
     assert "token_keep" not in opts and res.replaced == ("tokens",) and opts["kv_bits"] == "4+1"
-    opts, res = resolve({"kv_granularity": "head"}, "decoder")
-    assert opts["kv_bits"] == "4+1" and "lsb_threshold" not in opts and "token_keep" not in opts
+    opts, res = resolve({"kv_granularity": "head"}, "encoder")
+    assert opts["kv_bits"] == "4+1" and "lsb_threshold" not in opts and opts["token_keep"] == 0.4
+    opts, res = resolve({}, "decoder")
+    assert opts["kv_budget"] == 0.5 and opts["kv_min_keep"] == DEFAULT_DECODER["kv_min_keep"] and not res.skipped
+    opts, res = resolve({}, "decoder", features=frozenset())  # a causal model without a KV cache
+    assert "kv_budget" not in opts and res.skipped == ("evict",) and "kv_bits" not in opts
+    opts, res = resolve({"kv_sinks": 8}, "decoder")  # eviction's details are independent knobs
+    assert opts["kv_sinks"] == 8 and opts["kv_budget"] == 0.5 and opts["kv_min_keep"] == DEFAULT_DECODER["kv_min_keep"]
+    opts, res = resolve({"kv_budget": 0.3}, "decoder")  # an explicit rewrite option: exactly that
+    assert res.preset is None and "kv_bits" not in opts and "kv_min_keep" not in opts
+    opts, res = resolve({"preset": "aggressive", "kv_budget": 0.3}, "decoder")
+    assert res.replaced == ("evict",) and "kv_min_keep" not in opts and "kv_bits" not in opts
     assert resolve({}, "none")[1].preset is None
     assert resolve({}, "encoder", pipeline="normalize")[1].preset is None
 

@@ -46,6 +46,7 @@ class EvictPlan:
     mode: str
     schedule: tuple[float, ...]
     layers: int
+    min_keep: int = 0  # the floor for short sequences (no eviction below it)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> EvictPlan | None:
@@ -55,7 +56,8 @@ class EvictPlan:
         try:
             d = json.loads(meta)
             plan = cls(float(d["budget"]), int(d["sinks"]), int(d.get("recent", 0)), float(d.get("recent_share", 0)),
-                       str(d.get("mode", "layer")), tuple(float(x) for x in d.get("schedule", [])), int(d["layers"]))
+                       str(d.get("mode", "layer")), tuple(float(x) for x in d.get("schedule", [])), int(d["layers"]),
+                       int(d.get("min_keep", 0)))
         except (ValueError, KeyError, TypeError) as e:
             raise LoweringError(f"metadata '{META_KEY}' is malformed ({e})") from None
         if plan.mode == "cascade" and len(set(plan.schedule)) > 1:
@@ -73,7 +75,7 @@ class EvictPlan:
 
     def keep(self, layer: int, total: int, n: int) -> tuple[int, int]:
         """(kept slots, recent window) of ``n`` candidates when the sequence has ``total`` tokens."""
-        k = budget_tokens(self.layer_budget(layer), total, self.sinks, self.recent, n)
+        k = budget_tokens(self.layer_budget(layer), total, self.sinks, self.recent, n, self.min_keep)
         return k, max(self.recent, int(math.floor(self.share * (k - self.sinks))))
 
 

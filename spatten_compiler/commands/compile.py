@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for part in ("token", "head", "value"):
         d.add_argument(f"--no-{part}-pruning", action="store_const", const=True,
                        help=f"leave {part} pruning out of the preset" + ("; K/V: --kv-bits none" * (part == "value")))
+    d.add_argument("--no-kv-eviction", action="store_const", const=True,
+                   help="leave KV-cache eviction out of the decoder preset")
     t = p.add_argument_group("cascade token pruning (encoders)",
                              "defaults marked 'rule' come from --token-rule: spattenc's / the paper's")
     t.add_argument("--token-keep", type=float, metavar="R",
@@ -109,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-score", choices=tuple(SCORES),
                    help="how a token's importance is ranked (docs/decoders.md): accumulated (H2O / SpAtten sum), "
                    "mean (per query that could see it), sqrt, ema, last (TOVA); default: the measured best")
+    e.add_argument("--kv-min-keep", type=int, metavar="N",
+                   help="no eviction while a layer's cache holds at most N tokens: a floor for short prompts "
+                   "(default 0; the decoder presets set it)")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
@@ -161,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         "no_token_pruning": args.no_token_pruning,
         "no_head_pruning": args.no_head_pruning,
         "no_value_pruning": args.no_value_pruning,
+        "no_kv_eviction": args.no_kv_eviction,
         "optimize": args.optimize,
         "weights": args.weights,
         "kv_budget": args.kv_budget,
@@ -168,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_recent": args.kv_recent,
         "kv_evict": args.kv_evict,
         "kv_score": args.kv_score,
+        "kv_min_keep": args.kv_min_keep,
     })
     t0 = time.perf_counter()
     with report.step(f"compiling {args.model}"), report.bar(None, "passes", unit="pass") as bar:
