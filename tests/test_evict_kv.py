@@ -63,9 +63,9 @@ def test_full_budget_equals_dense(name: str, mode: str, tmp_path_factory: pytest
     assert len(errs) == STEPS + 1 and max(errs) <= 1e-4, errs
 
 
-@pytest.mark.parametrize("name", DECODERS)
-def test_ort_equals_reference_with_eviction(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    path = compiled(name, str(tmp_path_factory.getbasetemp()), budget=0.3, sinks=2, recent=2, mode="cascade")
+def step_ort_and_reference(path: Path, steps: int) -> DecoderSession:
+    """Prefill PROMPTS, then ``steps`` greedy steps in onnxruntime and the reference runtime side by
+    side: logits within 1e-4 and the same kept positions at every step. Returns the onnxruntime session."""
     ort_s, ref_s = DecoderSession(path), DecoderSession(path, runtime="reference")
     ids, mask = left_pad(PROMPTS)
     ort_s.reset(2)
@@ -73,12 +73,19 @@ def test_ort_equals_reference_with_eviction(name: str, tmp_path_factory: pytest.
     a, b = ort_s.step(ids, mask), ref_s.step(ids, mask)
     assert np.abs(a - b)[mask.astype(bool)].max() <= 1e-4
     tok = a[:, -1].argmax(-1)
-    for _ in range(8):
+    for _ in range(steps):
         a, b = ort_s.step(tok[:, None]), ref_s.step(tok[:, None])
         assert np.abs(a - b).max() <= 1e-4
         for x, y in zip(ort_s.kept_positions(), ref_s.kept_positions()):
             np.testing.assert_array_equal(x, y)
         tok = a[:, -1].argmax(-1)
+    return ort_s
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_ort_equals_reference_with_eviction(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = compiled(name, str(tmp_path_factory.getbasetemp()), budget=0.3, sinks=2, recent=2, mode="cascade")
+    ort_s = step_ort_and_reference(path, 8)
     assert ort_s.cache_lengths() == [budget_tokens(0.3, 9 + 8, 2, 2, 10**9)] * 4
 
 
@@ -303,8 +310,12 @@ def test_cli_kv_score(tmp_path: Path) -> None:
         return subprocess.run([sys.executable, "-m", "spatten_compiler", *args], capture_output=True, text=True)
 
     out = tmp_path / "s.onnx"
-    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-score", "mean")
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--no-kv-eviction", "--kv-score", "mean")
     assert r.returncode == 2 and "needs --kv-budget" in r.stderr and not out.exists()
+    r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-score", "mean")  # the preset's eviction
+    assert r.returncode == 0, r.stderr
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert '"score": "mean"' in meta["spatten.evict_kv"] and '"min_keep": 256' in meta["spatten.evict_kv"]
     r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-budget", "0.5", "--kv-score", "last")
     assert r.returncode == 0, r.stderr
     meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}

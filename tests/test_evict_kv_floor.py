@@ -14,7 +14,7 @@ from conftest import MODELS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spatten_compiler.passes.evict_kv import META_KEY, budget_tokens
-from test_evict_kv import PROMPTS, STEPS, _run, compiled, numpy_rule
+from test_evict_kv import PROMPTS, STEPS, _run, compiled, numpy_rule, step_ort_and_reference
 
 from spatten_compiler.backend.lower_evict import EvictPlan
 from spatten_compiler.cli import main
@@ -105,19 +105,7 @@ def test_floor_properties(budget: float, sinks: int, min_keep: int, lengths: lis
 def test_ort_equals_reference_with_floor(tmp_path_factory: pytest.TempPathFactory) -> None:
     path = compiled("llama_torchscript", str(tmp_path_factory.getbasetemp()), budget=0.3, sinks=2, recent=1,
                     mode="cascade", min_keep=FLOOR)
-    ort_s, ref_s = DecoderSession(path), DecoderSession(path, runtime="reference")
-    ids, mask = left_pad(PROMPTS)
-    ort_s.reset(2)
-    ref_s.reset(2)
-    a, b = ort_s.step(ids, mask), ref_s.step(ids, mask)
-    assert np.abs(a - b)[mask.astype(bool)].max() <= 1e-4
-    tok = a[:, -1].argmax(-1)
-    for _ in range(6):
-        a, b = ort_s.step(tok[:, None]), ref_s.step(tok[:, None])
-        assert np.abs(a - b).max() <= 1e-4
-        for x, y in zip(ort_s.kept_positions(), ref_s.kept_positions()):
-            np.testing.assert_array_equal(x, y)
-        tok = a[:, -1].argmax(-1)
+    ort_s = step_ort_and_reference(path, 6)
     assert ort_s.cache_lengths() == [FLOOR] * 4
 
 

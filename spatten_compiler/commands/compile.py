@@ -109,8 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="layer (default): each layer keeps its top tokens by accumulated attention (H2O); "
                    "cascade: SpAtten's, a token dropped once stays dropped deeper")
     e.add_argument("--kv-score", choices=tuple(SCORES),
-                   help="how a token's importance is ranked (docs/decoders.md): accumulated (H2O / SpAtten sum), "
-                   "mean (per query that could see it), sqrt, ema, last (TOVA); default: the measured best")
+                   help="token ranking for eviction: accumulated (H2O / SpAtten), mean, sqrt, ema, last "
+                   "(TOVA) (docs/decoders.md; default accumulated)")
     e.add_argument("--kv-min-keep", type=int, metavar="N",
                    help="no eviction while a layer's cache holds at most N tokens: a floor for short prompts "
                    "(default 0; the decoder presets set it)")
