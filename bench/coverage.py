@@ -6,8 +6,11 @@ for every miss (issue #16).
     python -m bench.coverage --only llama,bert     # families
 
 * discovered: one site per layer (no false sites), each with the config's heads, KV heads and head dim.
-* tokens: ``prune-tokens`` at keep 1.0 with ``emit_kept`` (which forces the full rewrite: importance,
-  TopK over all tokens, gathers and restore), <= 1e-5 against the input model in onnxruntime.
+* tokens: the token rewrite of the model, <= 1e-5 against the input model in onnxruntime. Without a
+  KV cache (encoders, a decoder's prompt): ``prune-tokens`` at keep 1.0 (``emit_kept``), and with a
+  schedule of 1.0 then 0.999 (every layer after the first selects all S tokens: TopK, token, mask,
+  position-term and RoPE gathers and the restore all run) on the inputs with attention_mask all ones.
+  With a KV cache: ``evict-kv`` at budget 1.0 (every slot kept) fed an empty eviction state.
 * heads: ``--head-keep 1.0`` (site checks, normalize and decompose run) and, where the model has
   more than one KV group, the last layer's group 0 sliced out of the weights at compile time
   against the input model with that group's output-projection rows zeroed (<= 1e-5).
@@ -93,8 +96,44 @@ def _exact(path: Path, feeds: dict[str, np.ndarray], passes: list, tmp: Path,
     return d <= ATOL, f"max |diff| {d:.2g}" + ("" if d <= ATOL else f" > {ATOL:g}")
 
 
-def tokens(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
-    return _exact(path, feeds, [make_pass("prune-tokens", keep=1.0, min_keep=1, emit_kept=True)], tmp)
+def tokens(path: Path, feeds: dict[str, np.ndarray], tmp: Path, rec: dict[str, Any]) -> tuple[bool, str]:
+    """prune-tokens (no cache) or, for a KV-cache decoder, evict-kv at a full budget."""
+    if rec.get("kv_cache"):
+        return evict_full(path, feeds, tmp)
+    ok, why = _exact(path, feeds, [make_pass("prune-tokens", keep=1.0, min_keep=1, emit_kept=True)], tmp)
+    if not ok:
+        return ok, why
+    # keep 1.0 selects nothing; 0.999 after the first layer selects every token (k = ceil(0.999 S) = S),
+    # so the TopK, gathers, mask/position-term gathers and restore all run: exact when nothing is padding.
+    ones = {k: np.ones_like(v) if k == "attention_mask" else v for k, v in feeds.items()}
+    schedule = (1.0,) + (0.999,) * (rec["num_layers"] - 1)
+    ok2, why2 = _exact(path, ones, [make_pass("prune-tokens", schedule=schedule, min_keep=1, emit_kept=True)], tmp)
+    return ok2, f"keep 1.0: {why}; all tokens selected after layer 0 (no padding): {why2}"
+
+
+def evict_full(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
+    """evict-kv with budget 1.0 (keeps every cache slot) against the input model: the cache state it
+    adds starts empty-of-history (importance 0, past positions 0..P-1, position_ids P..P+q-1)."""
+    out = tmp / "evict.onnx"
+    _compile(path, [make_pass("evict-kv", budget=1.0)], out)
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    batch, q = ids.shape
+    past = mask.shape[1] - q
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    names = [i.name for i in ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).get_inputs()]
+    extra: dict[str, np.ndarray] = {}
+    for name in names:
+        if name.startswith("past_importance."):
+            extra[name] = np.zeros((batch, past), np.float32)
+        elif name.startswith("past_positions."):
+            extra[name] = np.broadcast_to(np.arange(past, dtype=np.int64), (batch, past)).copy()
+        elif name == "position_ids" and name not in feeds:
+            extra[name] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -q:].astype(np.int64)
+    want = _run(path, feeds)
+    got = _run(out, {**feeds, **extra})
+    d = _diff(want, {k: got[k] for k in want})
+    return d <= ATOL, f"evict-kv budget 1.0: max |diff| {d:.2g}" + ("" if d <= ATOL else f" > {ATOL:g}")
 
 
 def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
@@ -143,7 +182,7 @@ def evaluate(rec: dict[str, Any], corpus: Path = CORPUS, only: tuple[str, ...] =
     feeds = dict(np.load(corpus / f"{rec['name']}.npz"))
     row: dict[str, Any] = {k: rec[k] for k in ("name", "family", "exporter", "kind", "kv_cache")}
     with tempfile.TemporaryDirectory(prefix="coverage-") as d:
-        checks = (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d))),
+        checks = (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d), rec)),
                   ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d))))
         for check, fn in checks:
             if check not in only:
@@ -184,9 +223,14 @@ def render(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
     totals = {c: sum(r[c]["ok"] for r in rows) for c in CHECKS}
     lines += ["", "| check | passed | of | % |", "|---|---|---|---|"]
     lines += [f"| {c} | {totals[c]} | {n} | {100 * totals[c] / max(n, 1):.0f} |" for c in CHECKS]
-    enc = [r for r in rows if r["kind"] != "decoder"]  # token pruning is for encoders (decoders: refused)
-    ok = sum(r["tokens"]["ok"] for r in enc)
-    lines.append(f"| tokens, encoders only | {ok} | {len(enc)} | {100 * ok / max(len(enc), 1):.0f} |")
+    groups = (("encoders (prune-tokens)", lambda r: r["kind"] != "decoder"),
+              ("decoders without a cache (prune-tokens on the prompt)", lambda r: r["kind"] == "decoder"
+               and not r["kv_cache"]),
+              ("decoders with a KV cache (evict-kv)", lambda r: r["kv_cache"]))
+    for label, member in groups:
+        group = [r for r in rows if member(r)]
+        ok = sum(r["tokens"]["ok"] for r in group)
+        lines.append(f"| tokens, {label} | {ok} | {len(group)} | {100 * ok / max(len(group), 1):.0f} |")
     missed = [r[c] for r in rows for c in CHECKS if not r[c]["ok"]]
     lines.append(f"| misses refused with a reason | {sum(bool(m.get('refused')) for m in missed)} | {len(missed)} | "
                  f"{100 * sum(bool(m.get('refused')) for m in missed) / max(len(missed), 1):.0f} |")
@@ -231,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     for rec in ok:
         row = evaluate(rec, args.corpus, only)
         old = carried.get(rec["name"])
-        if only != CHECKS and old is None:
-            continue  # nothing to carry the other checks from: not reported
+        if only != CHECKS and old is None:  # nothing to carry the other checks from: run them all
+            log.warning("%s: not in the --merge runs; running every check", rec["name"])
+            old, row = {}, evaluate(rec, args.corpus)
         for c in CHECKS:
-            if c not in only:
+            if c not in row:
                 row[c] = {**old[c], "from": old["from"]}
         rows.append(row)
         print(rec["name"], " ".join(f"{c}={'ok' if rows[-1][c]['ok'] else rows[-1][c]['reason']}" for c in CHECKS),

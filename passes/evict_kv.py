@@ -12,9 +12,9 @@ Rewrite of each attention site ``l`` of a decoder with ``past.*``/``present.*`` 
     s_l     = imp_l / (last_l + 1 - pos_l) ^ norm     (the queries that could see each token)
     s_l     = Where(sink | recent, +BIG, s_l);  Where(pos_l < 0, -BIG, s_l)
               cascade: Where(pos_l in kept_{l-1}, s_l, -BIG)   (dropped above = dropped here)
-    k       = min(n, max(budget(T), sinks + recent, min_keep))   T = max(pos) + 1: the length so far
+    k       = min(n, max(budget(T), sinks + recent, min_keep))   T = max(new positions) + 1: the length so far
     keep    = Sort(TopK(s_l, k).indices)                 kept tokens stay in order
-    present.l.key/value     = GatherElements(present, keep) along the sequence axis
+    present.l.key/value     = Gather(Reshape(present, [B*H*n, Dh]), (b*H + h)*n + keep)   (row gather)
     present_importance.l    = Gather(imp_l, keep);  present_positions.l = Gather(pos_l, keep) (-1 if -BIG)
 
 ``decay``/``norm`` come from the scoring rule (``SCORES``): ``accumulated`` (decay 1, norm 0: H2O's and
@@ -113,6 +113,42 @@ def _shares_cache_length(sites: list[AttentionSite]) -> str | None:
                     if v.name.startswith("past_key_values.") and parts[1] != str(site.layer):
                         return f"layer {site.layer}'s {node.op_type} reads the length of {v.name}"
     return None
+
+
+def row_index(ed: GraphEditor, cache: ir.Value, keep: ir.Value) -> ir.Value:
+    """Flat row indices ``[B, H, k]`` of the kept slots ``keep [B, k]`` in ``cache [B, H, n, D]`` viewed
+    as ``[B * H * n, D]``: ``(b * H + h) * n + keep[b, j]``. B * H * k int64s, not the
+    ``[B, H, k, D]`` index GatherElements needs (which cost as much as the gather itself)."""
+    i64 = lambda h, a: ed.const(h, np.array(a, np.int64))  # noqa: E731
+    bh = ed.op("ReduceProd", [ed.op("Shape", [cache], start=0, end=2)], keepdims=0)
+    n = ed.op("Shape", [cache], start=2, end=3)
+    base = ed.op("Mul", [ed.op("Range", [i64("r0", 0), bh, i64("r1", 1)]), n])  # [B * H]
+    base = ed.op("Reshape", [base, ed.op("Concat", [ed.op("Shape", [cache], start=0, end=2), i64("one", [1])],
+                                         axis=0)])  # [B, H, 1]
+    return ed.op("Add", [base, ed.op("Unsqueeze", [keep, i64("a1", [1])])])
+
+
+def gather_rows(ed: GraphEditor, cache: ir.Value, keep: ir.Value, rows: ir.Value | None = None) -> ir.Value:
+    """``cache [B, H, n, D]`` -> its kept slots ``[B, H, k, D]``, in order: one row Gather over the
+    cache viewed as ``[B * H * n, D]`` (contiguous D-element rows; a free Reshape)."""
+    rows = row_index(ed, cache, keep) if rows is None else rows
+    dh = _dims(cache)[3] if len(_dims(cache)) == 4 else None
+    shape = (ed.const("flat", np.array([-1, dh], np.int64)) if isinstance(dh, int) else
+             ed.op("Concat", [ed.const("m1", np.array([-1], np.int64)), ed.op("Shape", [cache], start=3, end=4)],
+                   axis=0))
+    flat = ed.op("Reshape", [cache, shape])
+    return ed.op("Gather", [flat, rows], axis=0)
+
+
+def _once(memo: dict, key: str, build):
+    """``memo[key]``, built on first use: one node shared by every layer."""
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
+
+
+def _dims(v: ir.Value) -> tuple:
+    return tuple(v.shape.dims) if v.shape is not None else ()
 
 
 def _position_gather(graph: ir.Graph) -> ir.Node | None:
@@ -276,15 +312,19 @@ class EvictKV(Pass):
         # importance
         pos = ed.op("Concat", [past_pos, new_pos], axis=1)
         posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
-        last, _ = ed.op("TopK", [posf, i64("one", [1])], outputs=2, axis=1)  # [B, 1]: this row's newest position
-        vq = ed.op("Cast", [valid_new], to=ir.DataType.FLOAT)  # [B, q]
-        age = ed.op("Sub", [last, ed.op("Cast", [new_pos], to=ir.DataType.FLOAT)])
-        w_q = ed.op("Mul", [ed.op("Pow", [knobs["decay"], age]), vq])  # decay^age; 1^age = 1 exactly
-        weighted = ed.op("Mul", [site.probs, ed.op("Unsqueeze", [w_q, i64("a13", [1, 3])])])
+        # values every layer computes alike are built once (one op per step, not one per layer);
+        # each row's newest position is its newest new token's (every row has one, as in T below)
+        vq = _once(knobs, "vq", lambda: ed.op("Cast", [valid_new], to=ir.DataType.FLOAT))  # [B, q]
+        zeros = _once(knobs, "zeros", lambda: ed.op("Mul", [vq, f32("z", 0.0)]))
+        last = _once(knobs, "last", lambda: ed.op("TopK", [ed.op("Cast", [new_pos], to=ir.DataType.FLOAT),
+                                                          i64("one", [1])], outputs=2, axis=1)[0])  # [B, 1]
+        w_q = _once(knobs, "w_q", lambda: ed.op("Unsqueeze", [ed.op("Mul", [ed.op("Pow", [knobs["decay"], ed.op(
+            "Sub", [last, ed.op("Cast", [new_pos], to=ir.DataType.FLOAT)])]), vq]), i64("a13", [1, 3])]))  # decay^age
+        weighted = ed.op("Mul", [site.probs, w_q])
         score = ed.op("ReduceSum", [weighted, i64("ax", [1, 2])], keepdims=0)  # [B, n]
-        carry = ed.op("Pow", [knobs["decay"], ed.op("ReduceSum", [vq, i64("ax1", [1])], keepdims=1)])  # [B, 1]
-        imp = ed.op("Add", [ed.op("Concat", [ed.op("Mul", [past_imp, carry]), ed.op("Mul", [vq, f32("z", 0.0)])],
-                                      axis=1), score])
+        carry = _once(knobs, "carry", lambda: ed.op("Pow", [knobs["decay"], ed.op("ReduceSum", [vq, i64("ax1", [1])],
+                                                                                   keepdims=1)]))  # [B, 1]
+        imp = ed.op("Add", [ed.op("Concat", [ed.op("Mul", [past_imp, carry]), zeros], axis=1), score])
         seen = ed.op("Sub", [ed.op("Add", [last, f32("one", 1.0)]), posf])  # queries that could see each token
         rank_by = ed.op("Div", [imp, ed.op("Pow", [seen, knobs["norm"]])])  # x^0 = 1 exactly
         valid = ed.op("GreaterOrEqual", [pos, i64("z", 0)])
@@ -292,15 +332,17 @@ class EvictKV(Pass):
         # k = min(n, max(budget(T), sinks + recent, min_keep)); the recent window also covers share * (k - sinks)
         sinks, recent, share = knobs["sinks"], knobs["recent"], knobs["recent_share"]
         if self.budget <= 1:
-            total = ed.op("Add", [ed.op("ReduceMax", [pos], keepdims=0), i64("one", 1)])
-            frac = ed.op("Mul", [knobs["budget"], f32("m", self.layer_budget(layer) / self.budget)])
-            want = ed.op("Cast", [ed.op("Ceil", [ed.op("Mul", [ed.op("Cast", [total], to=ir.DataType.FLOAT), frac])])],
-                         to=ir.DataType.INT64)
-            want = ed.op("Reshape", [want, i64("r", [1])])
+            # T = the newest token's position + 1 (the new tokens are the latest of every sample)
+            total = _once(knobs, "total", lambda: ed.op("Cast", [ed.op("Add", [
+                ed.op("ReduceMax", [new_pos], keepdims=0), i64("one", 1)])], to=ir.DataType.FLOAT))
+            mult = self.layer_budget(layer) / self.budget
+            frac = knobs["budget"] if mult == 1 else ed.op("Mul", [knobs["budget"], f32("m", mult)])
+            want = _once(knobs, f"want{mult}", lambda: ed.op("Reshape", [ed.op("Cast", [ed.op("Ceil", [
+                ed.op("Mul", [total, frac])])], to=ir.DataType.INT64), i64("r", [1])]))
         else:
             want = i64("b", [int(self.layer_budget(layer))])
-        floor = ed.op("Max", [ed.op("Add", [sinks, recent]), knobs["min_keep"]])
-        k = ed.op("Min", [n, ed.op("Max", [want, floor])])
+        forced = _once(knobs, "forced", lambda: ed.op("Max", [ed.op("Add", [sinks, recent]), knobs["min_keep"]]))
+        k = ed.op("Min", [n, ed.op("Max", [want, forced])])
         by_share = ed.op("Cast", [ed.op("Floor", [ed.op("Mul", [share, ed.op("Cast", [ed.op("Sub", [k, sinks])],
                                                                             to=ir.DataType.FLOAT)])])],
                          to=ir.DataType.INT64)
@@ -324,14 +366,12 @@ class EvictKV(Pass):
         kept_pos = ed.op("Where", [ed.op("Greater", [kept_s, f32("thr", -BIG / 2)]),
                                    ed.op("GatherElements", [pos, keep], axis=1), i64("m1", -1)])
         kept_imp = ed.op("GatherElements", [imp, keep], axis=1)
-        idx4 = ed.op("Unsqueeze", [keep, i64("a13", [1, 3])])  # [B, 1, k, 1]
+        rows = row_index(ed, kc.present, keep)  # K and V: the same [B, H, n] layout
         for cache in (kc, vc):
-            present = cache.present
-            full = ed.op("Expand", [idx4, ed.op("Concat", [
-                ed.op("Shape", [present], start=0, end=2), ed.op("Shape", [keep], start=1, end=2),
-                ed.op("Shape", [present], start=3, end=4)], axis=0)])
-            pruned = ed.op("GatherElements", [present, full], axis=2)
-            self._swap_output(ed, graph, present, pruned)
+            dk, dv = _dims(kc.present), _dims(cache.present)  # same heads: same rows (lengths are equal)
+            same = len(dk) == len(dv) == 4 and isinstance(dk[1], int) and dk[1] == dv[1]
+            pruned = gather_rows(ed, cache.present, keep, rows if same else None)
+            self._swap_output(ed, graph, cache.present, pruned)
         for value, name, dtype in ((kept_imp, f"present_importance.{layer}", ir.DataType.FLOAT),
                                    (kept_pos, f"present_positions.{layer}", ir.DataType.INT64)):
             value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", f"kept.{layer}"])

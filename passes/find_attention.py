@@ -21,7 +21,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, VIEW_OPS
 from .attention_trace import Branch, Projection, _projection, trace_branch
 from .score_chain import score_chain
-from .site_io import layer_outputs, mask_info, rope_position_source
+from .site_io import _ancestors, layer_outputs, mask_info, rope_position_source
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,58 @@ def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Project
     if node is not None and node.op_type == "Add" and any(is_const(i) for i in node.inputs):
         proj.bias = next(i for i in node.inputs if is_const(i))
         value, node = node.outputs[0], _single_consumer(node.outputs[0])
+    while node is not None and node.op_type == "Mul" and any(is_const(i) for i in node.inputs):
+        value, node = node.outputs[0], _single_consumer(node.outputs[0])  # layer scale (DINOv2, BEiT)
     residual = node if node is not None and node.op_type == "Add" else None
     return merge, proj, residual
+
+
+def _feeds_q(q: Branch) -> set[int]:
+    src = q.projection.input if q is not None and q.projection is not None else None
+    if src is None:
+        return set()
+    nodes, inputs = _ancestors(src, limit=80)
+    return {id(n) for n in nodes} | {id(v) for v in (*inputs, src)}
+
+
+def _residual_after(start: ir.Value, q: Branch, limit: int = 40) -> tuple[ir.Node | None, ir.Value | None]:
+    """The first Add downstream of ``start`` (the output projection) whose other input is the hidden
+    state feeding Q's projection: the residual, with any per-token ops (a post-norm) on the branch."""
+    feeds_q = _feeds_q(q)
+    branch, todo = {id(start)}, [start]
+    while todo and len(branch) < limit:
+        v = todo.pop(0)
+        for use in v.uses():
+            node = use.node
+            if node.op_type in ("Shape", "Size"):
+                continue
+            if node.op_type == "Add":
+                other = node.inputs[1 - use.idx]
+                if other is not None and id(other) not in branch and not is_const(other) and (
+                        id(other) in feeds_q or id(other.producer()) in feeds_q):
+                    return node, other
+            for out in node.outputs:
+                if id(out) not in branch:
+                    branch.add(id(out))
+                    todo.append(out)
+    return None, None
+
+
+def _residual_stream(add: ir.Node, pv: ir.Node, q: Branch) -> tuple[ir.Node | None, ir.Value | None]:
+    """The residual Add and the hidden state it adds back, which also feeds Q's projection (through a
+    norm). A parallel block (GPT-J, GPT-NeoX, CodeGen: ``(attn + mlp) + x``) has the MLP output in the
+    first Add after the output projection; the hidden state is one Add further."""
+    feeds_q = _feeds_q(q)
+    attn_out = next(i for i in add.inputs if _descends_from(i, pv))
+    for _ in range(2):
+        other = next((i for i in add.inputs if i is not attn_out), None)
+        if other is None or not feeds_q or id(other) in feeds_q or id(other.producer()) in feeds_q:
+            return add, other
+        nxt = _single_consumer(add.outputs[0])
+        if nxt is None or nxt.op_type != "Add":
+            break
+        attn_out, add = add.outputs[0], nxt
+    return None, None
 
 
 def _sliced_heads(br: Branch) -> int | None:
@@ -248,8 +298,9 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_proj=out_proj, residual=residual,
     )
     if residual is not None:
-        attn_out = next(i for i in residual.inputs if _descends_from(i, pv))
-        site.layer_input = next(i for i in residual.inputs if i is not attn_out)
+        site.residual, site.layer_input = _residual_stream(residual, pv, qb)
+    elif out_proj is not None:  # a norm on the branch before the residual (Gemma 2, OLMo 2 post-norms)
+        site.residual, site.layer_input = _residual_after(out_proj.node.outputs[0], qb)
     site.mask_kind, site.mask_source = mask_info(site.mask, graph, found.get("causal_cond"))
     site.rope_source = rope_position_source(qb.rope_cos, graph)
     return site

@@ -38,6 +38,7 @@ from spatten_compiler.schedule import check_schedule, spatten_schedule
 from .find_attention import AttentionSite, find_attention
 from .site_io import layer_region
 from .spatten_ops import DOMAIN, ensure_functions
+from .token_positions import check_term, gather_positions, positional_inputs, shrinks_causal
 
 logger = logging.getLogger(__name__)
 RESTORE = ("stale", "zero", "mean")
@@ -45,29 +46,50 @@ IMPORTANCE = {"sum": "TokenImportance", "mean": "TokenImportanceMean", "value": 
 PROTECT = ("first", "first+last", "none")
 PRUNE_POINTS = ("layer-input", "after-attention")
 MASK_BIAS = -1e9
+# How the mask meets the scores: an additive term, Where(masked, fill, s), Where(kept, s, fill), and
+# (decoders) Where(causal, s, fill) + an additive padding mask.
+MASK_FORMS = ("additive", "where", "where_scores_true", "causal+additive")
 
 
 def _check_sites(sites: list[AttentionSite]) -> None:
     for s in sites:
         if s.fused is not None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; run decompose-attention first")
-        if s.mask_kind.startswith("causal") or s.kv_cache:
-            raise OptionError(
-                f"layer {s.layer} is decoder attention ({s.mask_kind}{', KV cache' if s.kv_cache else ''}); "
-                "prune-tokens handles encoders - decoder KV-cache pruning needs a decoder strategy"
-            )
-        if s.rope:
-            raise OptionError(f"layer {s.layer}: RoPE encoders are not supported by prune-tokens yet")
+        if s.kv_cache:
+            raise OptionError(f"layer {s.layer} reads a KV cache: the token rewrite of a KV-cache decoder is "
+                              "evict-kv (--kv-budget); prune-tokens prunes a prompt without a cache")
         if s.variant.get("layout") == "folded":
             raise OptionError(f"layer {s.layer}: heads folded into the batch axis (3-D scores [B*H, S, S]) are "
                               "not rewritten by prune-tokens yet")
-        if s.bias_terms:
-            raise OptionError(f"layer {s.layer}: additive position terms on the scores ({s.bias_terms[0].name}) "
-                              "are not gathered to the kept tokens by prune-tokens yet")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
-        if s.mask is not None and s.variant.get("mask") not in ("additive", "where"):
-            raise OptionError(f"layer {s.layer}: mask form {s.variant.get('mask')} is not supported")
+        form = _mask_form(s)
+        if s.mask is not None and form not in MASK_FORMS:
+            raise OptionError(f"layer {s.layer}: mask form {form} is not supported")
+        if s.mask_kind.startswith("causal") and s.mask is None:
+            raise OptionError(f"layer {s.layer}: causal attention without a mask tensor on the scores "
+                              f"({form}); prune-tokens gathers the mask's rows and columns")
+
+
+def _mask_form(site: AttentionSite) -> str:
+    return str(site.variant.get("mask", "none")).replace("+bias", "")
+
+
+def _check_serial(site: AttentionSite) -> None:
+    """after-attention gathers the attention output's rows and the residual's: a parallel block (GPT-J,
+    NeoX: (attn + mlp(x)) + x) also adds an MLP of the full-length input in between."""
+    value = next(i for i in site.residual.inputs if i is not site.layer_input)
+    for _ in range(32):
+        node = value.producer()
+        if node is None or node is site.pv:
+            return
+        data = [i for i in node.inputs if i is not None and const_array(i) is None and i.const_value is None
+                and i.dtype in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
+        if len(data) != 1:
+            raise OptionError(f"layer {site.layer}: {node.op_type} '{node.name}' joins the attention output with "
+                              "another value before the residual (a parallel block, a norm on the branch); "
+                              "use prune point layer-input")
+        value = data[0]
 
 
 def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool:
@@ -143,6 +165,7 @@ class _Rewrite:
         self.e = GraphEditor(model, "spatten")
         self.model, self.sites, self.ratios, self.opts = model, sites, ratios, opts
         self.importance = IMPORTANCE[opts.importance]
+        self.decoder = any(s.mask_kind.startswith("causal") for s in sites)
         ensure_functions(model, [self.importance, "TokenSelect", "GatherTokens", "ScatterTokens", "GatherRows"])
 
     def call(self, name: str, *inputs: ir.Value, outputs: int = 1):
@@ -159,6 +182,8 @@ class _Rewrite:
         seq = e.op("Cast", [e.op("Shape", [x0], start=1, end=2)], to=ir.DataType.FLOAT)
         lens = e.op("ReduceSum", [valid, e.const("axes", np.array([1], np.int64))], keepdims=0)
         self.pos, self.valid, self.seq, self.lens = pos, valid, seq, lens
+        self.full = full
+        self.gathered: dict[tuple[int, int], ir.Value] = {}
         self.acc: ir.Value | None = None
         self.buf: ir.Value | None = None
         self.kept_outputs: list[ir.Value] = []
@@ -175,14 +200,16 @@ class _Rewrite:
             if pruned:
                 post = set(map(id, post_nodes))
                 full_region = layer_region(x, site.layer_output)
+                self._gather_positional(site, full_region, x)
                 self._rebind_seq_shapes([n for n in full_region if id(n) not in post], x)
-                self._replace_mask(site, self.valid)
+                self._replace_mask(site, self.valid, full_region, x)
             if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
                 # Scores are only needed while a later layer still prunes.
                 values = [site.pv.inputs[1]] if self.opts.importance == "value" else []
                 score = self.call(self.importance, site.probs, self.valid, *values)
                 self.acc = score if self.acc is None else e.op("Add", [self.acc, score])
             if here:
+                _check_serial(site)
                 rows = self.call("GatherRows", site.pv.inputs[0], None)  # sel filled below
                 xk = self._select(x, nxt, rows_node=rows.producer())
                 site.pv.replace_input_with(0, rows)
@@ -233,8 +260,9 @@ class _Rewrite:
         """Dynamo exports build reshape targets from the graph inputs' shapes (TorchScript's head merge
         from the layer input's); inside a pruned layer those sequence-length pieces must read the
         current token count. The target Concat is cloned with each such piece replaced by dim 1 of
-        the Reshape's own data input ([B, S, ...] for every split/merge view of an encoder layer), or
-        of ``x`` for other consumers. Node-local, so a walk that strays into a later layer stays right."""
+        the Reshape's own data input when it is a [B, S, ...] view (rank 3 or 4; node-local, so a walk
+        that strays into a later layer stays right), else of ``x`` (a Gemm's [B*S, D] or a GQA repeat's
+        [B, G, rep, S, Dh] has no token count at dim 1)."""
         sources = {*self.model.graph.inputs, *([also] if also is not None else [])}
         done: dict[tuple[int, int], ir.Value] = {}
         for node in nodes:
@@ -246,6 +274,8 @@ class _Rewrite:
                 if not reads:
                     continue
                 data = node.inputs[0] if node.op_type == "Reshape" else x
+                rank = data.shape.rank() if data.shape is not None else None
+                data = data if rank in (3, 4) else x  # [B*S, D] (Gemm) or [B, G, rep, S, Dh] (GQA): x's
                 key = (id(concat), id(data))
                 if key not in done:
                     seq = self.e.op("Shape", [data], start=1, end=2)
@@ -258,6 +288,12 @@ class _Rewrite:
         token (SEP), which BERT-style encoders use as an attention sink."""
         e = self.e
         first = e.op("Equal", [pos, e.const("zero", np.int64(0))])
+        if self.decoder:  # the last token (left or right padded) makes the next-token logits: always kept
+            last = e.op("Sub", [e.op("Cast", [lens], to=ir.DataType.INT64), e.const("one", np.int64(1))])
+            axes = e.const("axes", np.array([1], np.int64))
+            end = e.op("Sub", [e.op("Cast", [self.seq], to=ir.DataType.INT64), e.const("one", np.int64(1))])
+            first = e.op("Or", [first, e.op("Or", [e.op("Equal", [pos, e.op("Unsqueeze", [last, axes])]),
+                                                   e.op("Equal", [pos, end])])])
         if self.opts.protect == "first+last":
             last = e.op("Sub", [e.op("Cast", [lens], to=ir.DataType.INT64), e.const("one", np.int64(1))])
             axes = e.const("axes", np.array([1], np.int64))
@@ -274,11 +310,60 @@ class _Rewrite:
         kper = e.op("Cast", [e.op("Ceil", [e.op("Mul", [lens, r])])], to=ir.DataType.INT64)
         return k, e.op("Max", [kper, lo])
 
-    def _replace_mask(self, site: AttentionSite, valid: ir.Value) -> None:
+    def _gather_positional(self, site: AttentionSite, region: list[ir.Node], x: ir.Value) -> None:
+        """Score terms and position-indexed inputs (RoPE cos/sin) of a pruned layer, at the kept positions."""
+        e = self.e
+        for term, add in zip(site.bias_terms, site.bias_adds):
+            check_term(site.layer, term, region, x, "additive position term on the scores")
+            new = self._gathered(term, (2, 3))
+            if site.mask is None:  # the padding mask is inside the term: tokens a sample drops are masked here
+                new = e.op("Add", [new, self._valid_bias()])
+            for i, inp in enumerate(add.inputs):
+                if inp is term:
+                    add.replace_input_with(i, new)
+        skip = {id(v) for v in (x, site.layer_input, site.mask, *site.bias_terms) if v is not None}
+        for value, axis, lift in positional_inputs(site.layer, region, skip, x, self.model.graph, site.mask_source):
+            new = self._gathered(value, (axis,), lift)
+            for node in region:
+                for i, inp in enumerate(node.inputs):
+                    if inp is value:
+                        node.replace_input_with(i, new)
+
+    def _gathered(self, value: ir.Value, axes: tuple[int, ...], lift: int = 0) -> ir.Value:
+        key = (id(value), id(self.pos))
+        if key not in self.gathered:
+            self.gathered[key] = gather_positions(self.e, value, self.pos, self.full, axes, lift)
+        return self.gathered[key]
+
+    def _valid_bias(self) -> ir.Value:
+        """[B, 1, 1, k]: 0 for valid kept tokens, MASK_BIAS for padding and the tokens a sample drops."""
+        e = self.e
+        dropped = e.op("Sub", [e.const("one", np.float32(1)), self.valid])
+        bias = e.op("Mul", [dropped, e.const("bias", np.float32(MASK_BIAS))])
+        return e.op("Unsqueeze", [bias, e.const("axes", np.array([1, 2], np.int64))])
+
+    def _replace_mask(self, site: AttentionSite, valid: ir.Value, region: list[ir.Node], x: ir.Value) -> None:
         e, node = self.e, site.mask_node
         if node is None or site.mask is None:
             return
-        if site.variant["mask"] == "additive":
+        form, axes = _mask_form(site), e.const("axes", np.array([1, 2], np.int64))
+        if self.decoder and form == "causal+additive":  # GPT-Neo: Where(causal, scores, fill) + padding mask
+            where = next(p for i in node.inputs if (p := i.producer()) is not None and p.op_type == "Where")
+            cond = where.inputs[0]
+            if not shrinks_causal(cond, x):
+                check_term(site.layer, cond, region, x, "causal condition")
+                where.replace_input_with(0, self._gathered(cond, (2, 3)))
+            form = "additive"
+        if self.decoder:
+            # The exporter's causal(+padding, +sliding window) mask at the kept rows and columns: kept
+            # tokens stay in order, so this is causal among them; plus the tokens each sample drops.
+            check_term(site.layer, site.mask, region, x, "mask")
+            gathered = self._gathered(site.mask, (2, 3))
+            dropped = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])
+            new = {"additive": lambda: e.op("Add", [gathered, e.op("CastLike", [self._valid_bias(), gathered])]),
+                   "where": lambda: e.op("Or", [gathered, dropped]),
+                   "where_scores_true": lambda: e.op("And", [gathered, e.op("Not", [dropped])])}[form]()
+        elif form == "additive":
             # Where(bool(1 - valid[:, None, None]), bias, 0): the SDPA mask form onnxruntime's attention
             # fusion recognizes (a no-op Expand included), so --optimize fuses the layers that need no
             # importance. Its raw 2-D mask is used as is: the kept tokens need not be a prefix.
@@ -288,9 +373,9 @@ class _Rewrite:
                                e.op("Expand", [col, e.const("shape", np.array([1], np.int64))])])
             new = e.op("Where", [e.op("Cast", [inv], to=ir.DataType.BOOL),
                                  e.const("bias", np.float32(MASK_BIAS)), inv])
-        else:  # Where(mask_is_padding, fill, scores)
-            axes = e.const("axes", np.array([1, 2], np.int64))
+        else:  # Where(mask_is_padding, fill, scores) or Where(mask_is_kept, scores, fill)
             new = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])
+            new = e.op("Not", [new]) if form == "where_scores_true" else new
         for i, inp in enumerate(node.inputs):
             if inp is site.mask:
                 node.replace_input_with(i, new)

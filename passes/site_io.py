@@ -87,7 +87,7 @@ def rope_position_source(cos: ir.Value | None, graph: ir.Graph) -> str | None:
     return named[0] if named else "sequence length (computed)"
 
 
-def _stream_path(start: ir.Value, end: ir.Value, limit: int = 400) -> list[tuple[str, int]] | None:
+def _stream_path(start: ir.Value, end: ir.Value, limit: int = 4000) -> list[tuple[str, int]] | None:
     """Op types (and the input slot used) on the shortest forward path from start to end."""
     parents: dict[int, tuple[ir.Value, ir.Node, int]] = {}
     todo = deque([start])

@@ -78,3 +78,24 @@ def test_non_token_scales_are_refused_on_decoders(tmp_path: Path) -> None:
     out = tmp_path / "x.onnx"
     r = spattenc(str(MODELS / "llama_dynamo.onnx"), "-o", str(out), "--kv-bits", "4+4", "--kv-granularity", "head")
     assert r.returncode == 2 and "per-token scales" in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["llama_torchscript", "llama_sdpa_dynamo", "gpt2_kv_torchscript"])
+def test_append_only_form(name: str, tmp_path: Path) -> None:
+    """Only the new tokens are quantized: no quantizer reads the stored planes (the kept cache is
+    concatenated and gathered as bytes, and dequantized by table lookup, never re-quantized)."""
+    model = ir.load(str(build(name, tmp_path / "p.onnx", "4+4", pack=True)))
+    past = {v for v in model.graph.inputs if v.name.startswith("past_key_values")}
+
+    def reads_past(value: ir.Value, seen: set) -> bool:
+        if value in past:
+            return True
+        node = value.producer()
+        if node is None or id(node) in seen or node.op_type in ("Shape", "MatMul", "Gemm"):  # lengths; earlier layers
+            return False
+        seen.add(id(node))
+        return any(i is not None and reads_past(i, seen) for i in node.inputs)
+
+    quantizers = [n for n in model.graph if n.op_type == "QuantizeSplit"]
+    assert len(quantizers) == len(past) // 3  # one per K/V tensor (msb, lsb, scale planes per tensor)
+    assert not any(reads_past(q.inputs[0], set()) for q in quantizers)

@@ -191,11 +191,25 @@ def test_bad_options_exit_2(args: list[str], message: str, tmp_path: Path) -> No
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", DECODERS[:2])
-def test_decoder_needs_a_decoder_strategy(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["gpt2_dynamo", "gpt2_torchscript", "gpt2_kv_dynamo"])
+def test_decoder_prompt_pruned_kv_cache_refused(name: str, tmp_path: Path) -> None:
+    """A decoder without a KV cache: its prompt is pruned (onnxruntime == reference runtime, each sample's
+    last token kept); with a KV cache the token rewrite is evict-kv: one-line refusal naming it."""
+    out = tmp_path / "o.onnx"
     r = subprocess.run([sys.executable, "-m", "spatten_compiler", str(MODELS / f"{name}.onnx"), "-o",
-                        str(tmp_path / "o.onnx"), "--token-keep", "0.5", "-q"], capture_output=True, text=True)
-    assert r.returncode == 2 and "decoder" in r.stderr
+                        str(out), "--token-keep", "0.5", "-q"], capture_output=True, text=True)
+    if load_meta(name)["kv_cache"]:
+        assert r.returncode == 2 and "evict-kv" in r.stderr and "Traceback" not in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    path = compile_model(name, tmp_path, keep=0.5, emit_kept=True)
+    feeds, _ = reference_io(load_meta(name))
+    got = run_ort(path, feeds)
+    reference = ReferenceRuntime(path).run(feeds).outputs
+    for k, v in got.items():
+        np.testing.assert_allclose(reference[k], v, atol=1e-4, rtol=0, err_msg=k)
+    last = feeds["attention_mask"].sum(1) - 1
+    assert all(got["spatten_kept_mask"][b, n] == 1 for b, n in enumerate(last))
 
 
 def test_config_file(tmp_path: Path) -> None:

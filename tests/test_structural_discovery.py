@@ -92,14 +92,14 @@ def test_inspect_explain_names_the_node(tmp_path: Path, capsys: pytest.CaptureFi
     assert "every Softmax is an attention site" in capsys.readouterr().out
 
 
-def test_position_terms_refused_by_token_pruning() -> None:
+def test_position_terms_gathered_by_token_pruning() -> None:
+    """Token pruning takes a position term (gathered to the kept tokens at rewrite time, see
+    test_prune_tokens_families); head pruning slices its heads."""
     from spatten_compiler.passes import prune_heads, prune_tokens
 
-    from spatten_compiler.errors import OptionError
-
     sites = _find(build(bias="buckets")).sites
-    with pytest.raises(OptionError, match="position terms .* not gathered"):
-        prune_tokens._check_sites(sites)
+    sites[0].layer_output = sites[0].residual.outputs[0]  # one layer: no next layer to end at
+    prune_tokens._check_sites(sites)
     prune_heads._check_sites(sites)  # a per-head bias is sliced with the heads
 
 

@@ -1,0 +1,183 @@
+"""What a token-pruned layer reads by position, gathered to the kept tokens (prune-tokens' helper).
+
+prune-tokens gathers a layer's hidden state to the kept tokens (``pos[b, i]`` = the original
+position of kept token ``i``). Everything else the layer reads that is indexed by token position is
+gathered with the same ``pos``, so kept tokens see exactly what they saw in the full sequence:
+
+* an additive **score term** ``[1|B, 1|H, S, S]`` - T5/MPNet relative-position buckets, ALiBi, and a
+  decoder's causal+padding (and sliding-window) mask: query rows and key columns,
+  ``term'[b, h, i, j] = term[b, h, pos[b, i], pos[b, j]]``. Causal among the kept tokens is the
+  original mask's rows/cols at the kept positions, because kept tokens stay in their original order;
+* a **position-indexed input** of the layer - a float tensor read from outside the layer that is
+  computed from positions or shapes (no hidden state): RoPE's cos/sin ``[1|B, S, D]`` (token axis 1)
+  or ``[1|B, 1, S, D]`` / ``[1|B, S, 1, D]`` (the non-unit axis of 1 and 2): the token axis.
+
+What cannot be gathered is refused by :func:`check_term` / :func:`positional_inputs` with the reason:
+a score term computed from the layer's activations (DeBERTa c2p/p2c), a term or input computed from
+the pruned length itself (it would describe positions ``0..k-1``, not the kept ones), a
+position-indexed input whose token axis the shape does not tell. Floats computed from the hidden state
+(prune-heads' run-time weight slices) are not position tables and are left alone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import onnx_ir as ir
+
+from spatten_compiler.editor import GraphEditor
+from spatten_compiler.errors import OptionError
+from spatten_compiler.match import const_array
+
+from .site_io import POSITION_INPUTS, _ancestors
+
+FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+
+
+def gather_positions(e: GraphEditor, value: ir.Value, pos: ir.Value, full: ir.Value,
+                     axes: tuple[int, ...], lift: int = 0) -> ir.Value:
+    """``value`` broadcast to ``[B, .., S at each of axes, ..]`` (``full`` = [B, S]) and gathered along
+    ``axes`` by ``pos`` [B, k]. A batch-less ``[S, D]`` table (``lift`` >= 0 for rank 2) gets a batch
+    axis first and ``lift`` unit axes after it, to broadcast like the table did against its consumer."""
+    rank = value.shape.rank()
+    if rank == 2:
+        value, rank, axes = e.op("Unsqueeze", [value, e.const("axes", np.array([0], np.int64))]), 3, (1,)
+    one = e.const("one", np.array([1], np.int64))
+    batch = e.op("Slice", [full, e.const("z", np.array([0], np.int64)), one])
+    seq = e.op("Slice", [full, one, e.const("two", np.array([2], np.int64))])
+    out = e.op("Expand", [value, e.op("Concat", [batch, *[seq if a in axes else one for a in range(1, rank)]], axis=0)])
+    k = e.op("Shape", [pos], start=1, end=2)
+    for axis in axes:
+        pieces = [e.op("Shape", [out], start=0, end=axis), k]
+        if axis + 1 < rank:
+            pieces.append(e.op("Shape", [out], start=axis + 1))
+        others = [a for a in range(1, rank) if a != axis]
+        index = e.op("Unsqueeze", [pos, e.const("axes", np.array(others, np.int64))]) if others else pos
+        index = e.op("Expand", [index, e.op("Concat", pieces, axis=0)])
+        out = e.op("GatherElements", [out, index], axis=axis)
+    if lift:
+        out = e.op("Unsqueeze", [out, e.const("axes", np.arange(1, 1 + lift, dtype=np.int64))])
+    return out
+
+
+def _reaches(value: ir.Value, target: ir.Value, limit: int = 600) -> bool:
+    """True if ``target`` is an ancestor of ``value`` (through shape reads)."""
+    seen: set[int] = set()
+    todo = deque([value])
+    while todo and len(seen) < limit:
+        v = todo.popleft()
+        if v is None or id(v) in seen:
+            continue
+        if v is target:
+            return True
+        seen.add(id(v))
+        node = v.producer()
+        if node is not None:
+            todo.extend(node.inputs)
+    return False
+
+
+def check_term(layer: int, term: ir.Value, region: list[ir.Node], pruned: ir.Value, what: str) -> None:
+    """Refuse a score term that cannot be gathered: computed inside the layer, or from the pruned length."""
+    inside = {id(o) for n in region for o in n.outputs}
+    if id(term) in inside:
+        raise OptionError(f"layer {layer}: {what} {term.name} is computed from the layer's activations "
+                          "(disentangled attention); prune-tokens cannot gather it")
+    if term.shape is None or term.shape.rank() != 4:
+        raise OptionError(f"layer {layer}: {what} {term.name} is not [B, H, S, S] "
+                          f"(shape {term.shape}); prune-tokens cannot gather its rows and columns")
+    if _reaches(term, pruned):
+        raise OptionError(f"layer {layer}: {what} {term.name} is computed from the pruned layer input's "
+                          "length; prune a later layer (the schedule's first entries 1.0)")
+
+
+def shrinks_causal(cond: ir.Value, pruned: ir.Value, limit: int = 400) -> bool:
+    """True when a causal condition is sliced to the pruned length from a full lower triangle (GPT-Neo's
+    ``bias[:, :, k-q:k, :k]``): the slice of the reduced length is causal among the kept tokens, which
+    stay in order; so is a comparison of two Ranges. A banded (sliding-window) buffer is not: the window
+    must count original positions."""
+    if not _reaches(cond, pruned):
+        return False
+    node = cond.producer()
+    if node is not None and node.op_type in ("LessOrEqual", "GreaterOrEqual") and all(map(_range, node.inputs)):
+        return True  # Range(k)[None] <= Range(k)[:, None]: a causal mask of the reduced length
+    seen: set[int] = set()
+    todo, squares = deque([cond]), []
+    while todo and len(seen) < limit:
+        v = todo.popleft()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        a = const_array(v, max_elements=1 << 22)
+        if a is not None and a.ndim >= 2 and a.shape[-1] == a.shape[-2] > 1 and np.isin(a, (0, 1)).all():
+            squares.append(a)  # a 0/1 square: a mask buffer (weights on the walk are not)
+        if (node := v.producer()) is not None:
+            todo.extend(node.inputs)
+    return len(squares) == 1 and a_is_tril(squares[0])
+
+
+def _range(value: ir.Value | None) -> bool:
+    for _ in range(4):
+        node = value.producer() if value is not None else None
+        if node is None or node.op_type not in ("Unsqueeze", "Reshape", "Cast", "Range"):
+            return False
+        if node.op_type == "Range":
+            return True
+        value = node.inputs[0]
+    return False
+
+
+def a_is_tril(a: np.ndarray) -> bool:
+    return bool(np.array_equal(a.astype(bool), np.broadcast_to(np.tril(np.ones(a.shape[-2:], bool)), a.shape)))
+
+
+def _token_axis(value: ir.Value) -> int | None:
+    dims = value.shape.dims
+    if len(dims) == 2:
+        return 0  # [S, D]: no batch, broadcast from the right against its consumer
+    if len(dims) == 3:
+        return 1
+    if len(dims) == 4:
+        unit = [a for a in (1, 2) if dims[a] == 1]
+        return ({1, 2} - set(unit)).pop() if len(unit) == 1 else None
+    return None
+
+
+def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned: ir.Value,
+                      graph: ir.Graph, mask_source: str | None) -> list[tuple[ir.Value, int, int]]:
+    """(value, token axis, lift) of every position-indexed float the layer reads from outside itself;
+    ``lift``: for an [S, D] table, the unit axes between batch and tokens of its consumer's rank."""
+    inside = {id(o) for n in region for o in n.outputs}
+    allowed = (POSITION_INPUTS - {"input_ids"}) | {mask_source, "attention_mask"}
+    found: dict[int, tuple[ir.Value, int, int]] = {}
+    for node in region:
+        if node.op_type in ("Shape", "Size"):
+            continue
+        for v in node.inputs:
+            if (v is None or id(v) in inside or id(v) in skip or id(v) in found or v.dtype not in FLOATS
+                    or v.const_value is not None or const_array(v) is not None):
+                continue
+            nodes, inputs = _ancestors(v, limit=300)
+            if not inputs and not any(n.op_type in ("Shape", "Size", "Range") for n in nodes):
+                continue  # computed from constants only: not indexed by position
+            if any(i.name not in allowed for i in inputs):
+                continue  # computed from the hidden state: not a position table (e.g. prune-heads' kept weights)
+            if v.shape is None or v.shape.rank() < 2:
+                continue  # a scalar or per-channel value
+            axis = _token_axis(v)
+            if axis is None:
+                raise OptionError(f"layer {layer}: position-indexed input {v.name} of shape {v.shape}: "
+                                  "prune-tokens cannot tell its token axis")
+            if _reaches(v, pruned):
+                raise OptionError(f"layer {layer}: {v.name} is computed from the pruned layer input's length; "
+                                  "prune a later layer (the schedule's first entries 1.0)")
+            lift = 0
+            if v.shape.rank() == 2:
+                out = node.outputs[0].shape
+                if out is None or out.rank() < 3:
+                    raise OptionError(f"layer {layer}: position table {v.name} [S, D] read by {node.op_type} "
+                                      "of unknown rank; prune-tokens cannot gather it")
+                lift = out.rank() - 3
+            found[id(v)] = (v, axis, lift)
+    return list(found.values())

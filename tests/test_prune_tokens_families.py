@@ -1,0 +1,283 @@
+"""prune-tokens beyond plain encoders (issue #16): position terms on the scores, RoPE, decoder prompts
+(causal mask, last token kept), a layer scale and a parallel residual, on two-layer hand-built graphs
+and on the corpus (``corpus`` marker). Checks: all tokens selected == the input model; keep < 1:
+onnxruntime == reference runtime and the kept set == a NumPy computation of the rule."""
+
+from __future__ import annotations
+
+import math
+
+import attention_graphs
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import structural_graphs
+from onnx import TensorProto, helper, numpy_helper
+from spatten_compiler.passes.find_attention import find_attention
+from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.passes.prune_tokens import PruneTokens
+from spatten_compiler.runtime.reference import ReferenceRuntime
+from test_prune_tokens import _rule_in_numpy
+from test_structural_discovery import CORPUS, _corpus
+
+from spatten_compiler.errors import OptionError
+
+
+def _layer_scale(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """DINOv2/BEiT: the output projection is scaled per channel before the residual Add."""
+    g = proto.graph
+    add = next(n for n in g.node if n.output[0] == "y")
+    gamma = numpy_helper.from_array(np.linspace(0.5, 1.5, structural_graphs.D).astype(np.float32), "gamma")
+    g.initializer.append(gamma)
+    g.node.insert(list(g.node).index(add), helper.make_node("Mul", [add.input[1], "gamma"], ["scaled"], name="ls"))
+    add.input[1] = "scaled"
+    return proto
+
+
+def _post_norm(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Gemma 2 / OLMo 2: a norm of the attention branch before the residual Add (RMSNorm, decomposed)."""
+    g = proto.graph
+    add = next(n for n in g.node if n.output[0] == "y")
+    g.initializer.extend([numpy_helper.from_array(np.float32(2), "pn_two"),
+                          numpy_helper.from_array(np.array([-1]), "pn_ax"),
+                          numpy_helper.from_array(np.float32(1e-6), "pn_eps")])
+    at = list(g.node).index(add)
+    for i, node in enumerate([helper.make_node("Pow", [add.input[1], "pn_two"], ["pn_sq"], name="pn_sq"),
+                              helper.make_node("ReduceMean", ["pn_sq", "pn_ax"], ["pn_ms"], name="pn_ms", keepdims=1),
+                              helper.make_node("Add", ["pn_ms", "pn_eps"], ["pn_mse"], name="pn_mse"),
+                              helper.make_node("Sqrt", ["pn_mse"], ["pn_rms"], name="pn_rms"),
+                              helper.make_node("Div", [add.input[1], "pn_rms"], ["pn_out"], name="pn_out")]):
+        g.node.insert(at + i, node)
+    add.input[1] = "pn_out"
+    return proto
+
+
+def _parallel(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """GPT-J/NeoX: y = (attn + mlp(x)) + x."""
+    g = proto.graph
+    add = next(n for n in g.node if n.output[0] == "y")
+    w = numpy_helper.from_array(np.random.default_rng(3).standard_normal((structural_graphs.D,) * 2)
+                                .astype(np.float32) * 0.3, "w_mlp")
+    g.initializer.append(w)
+    g.node.extend([helper.make_node("MatMul", ["x", "w_mlp"], ["mlp"], name="mlp"),
+                   helper.make_node("Add", [add.input[1], "mlp"], ["attn_mlp"], name="par")])
+    g.node.remove(add)
+    g.node.append(helper.make_node("Add", ["attn_mlp", "x"], ["y"], name="res"))
+    return proto
+
+
+def stack(proto: onnx.ModelProto, shared_positions: bool = True) -> onnx.ModelProto:
+    """Two copies of a one-layer graph (x, mask -> y) in sequence. Positions and shapes in both read
+    the graph input ``x`` (as exporters compute them once from input_ids; unless not
+    ``shared_positions``: layer 1 measures its own input), the data path layer 1's input."""
+    nodes, inits = [], []
+    for layer in (0, 1):
+        rename = lambda n, layer=layer: n if n in ("mask", "") else (  # noqa: E731
+            "x" if n == "x" and layer == 0 else f"l{layer}_{n}")
+        for init in proto.graph.initializer:
+            t = onnx.TensorProto()
+            t.CopyFrom(init)
+            t.name = rename(init.name)
+            inits.append(t)
+        for node in proto.graph.node:
+            n = onnx.NodeProto()
+            n.CopyFrom(node)
+            n.name = f"l{layer}_{node.name or node.output[0]}"
+            for i, name in enumerate(node.input):
+                n.input[i] = "x" if name == "x" and (layer == 0 or node.op_type == "Shape" and shared_positions) else (
+                    "l0_y" if name == "x" else rename(name))
+            for i, name in enumerate(node.output):
+                n.output[i] = rename(name)
+            nodes.append(n)
+    x, mask = proto.graph.input[0], proto.graph.input[1]
+    out = helper.make_tensor_value_info("l1_y", TensorProto.FLOAT, ["B", "S", structural_graphs.D])
+    model = helper.make_model(helper.make_graph(nodes, "two", [x, mask], [out], inits),
+                              opset_imports=list(proto.opset_import))
+    model.ir_version = proto.ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+CASES = {
+    "t5_buckets": lambda: structural_graphs.build(bias="buckets"),
+    "alibi": lambda: structural_graphs.build(bias="alibi"),
+    "partial_rope": lambda: structural_graphs.build(qk="partial_rope"),
+    "interleaved_rope": lambda: structural_graphs.build(qk="interleaved_rope"),
+    "rope_table": lambda: attention_graphs.build(rope=True),
+    "layer_scale": lambda: _layer_scale(structural_graphs.build()),
+    "post_norm": lambda: _post_norm(structural_graphs.build()),
+    "parallel_residual": lambda: _parallel(structural_graphs.build()),
+    "decoder": lambda: attention_graphs.build(mask="causal+additive"),
+    "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
+}
+DECODER = {"decoder", "decoder_rope"}
+
+
+def _compile(proto: onnx.ModelProto, tmp_path, name: str = "o", **opts) -> str:
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    PruneTokens(emit_kept=True, min_keep=1, **opts)(model)
+    path = str(tmp_path / f"{name}.onnx")
+    ir.save(model, path)
+    return path
+
+
+def _run(path_or_proto, feeds: dict) -> dict:
+    src = path_or_proto if isinstance(path_or_proto, str) else path_or_proto.SerializeToString()
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def _feeds(seq: int = 6, pad: bool = True) -> dict:
+    x = np.random.default_rng(5).standard_normal((2, seq, structural_graphs.D)).astype(np.float32)
+    mask = np.ones((2, seq), np.int64)
+    if pad:
+        mask[1, -2:] = 0
+    return {"x": x, "mask": mask}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_discovered_with_layer_io(case: str) -> None:
+    model = ir.serde.deserialize_model(stack(CASES[case]()))
+    Normalize()(model)
+    sites = find_attention(model).sites
+    assert len(sites) == 2 and all(s.layer_input is not None and s.layer_output is not None for s in sites)
+    assert sites[1].layer_input.name == "l0_y" and (case not in DECODER or sites[1].mask_kind.startswith("causal"))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_all_tokens_selected_equals_input(case: str, tmp_path) -> None:
+    """Layer 1 selects all S tokens (0.999): token, mask, position-term and RoPE gathers run, exactly."""
+    proto = stack(CASES[case]())
+    feeds = _feeds(pad=False)
+    got = _run(_compile(proto, tmp_path, schedule=(1.0, 0.999)), feeds)
+    assert got["spatten_kept_positions.0"].shape == (2, 6)
+    np.testing.assert_allclose(got["l1_y"], _run(proto, feeds)["l1_y"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
+    """Pruning right after layer 0's softmax; a parallel block (MLP of the full input added to the
+    attention output) is refused in one line."""
+    proto = stack(CASES[case]())
+    if case in ("parallel_residual", "post_norm"):  # the branch joins another before the residual
+        with pytest.raises(OptionError, match="before the residual"):
+            _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
+        return
+    feeds = _feeds(pad=False)
+    got = _run(_compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention"), feeds)
+    np.testing.assert_allclose(got["l1_y"], _run(proto, feeds)["l1_y"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pruned_ort_equals_reference_and_numpy_rule(case: str, tmp_path) -> None:
+    proto = stack(CASES[case]())
+    feeds = _feeds()
+    path = _compile(proto, tmp_path, schedule=(1.0, 0.5))
+    got = _run(path, feeds)
+    reference = ReferenceRuntime(path).run(feeds).outputs
+    for k, v in got.items():
+        np.testing.assert_allclose(reference[k], v, atol=1e-4, rtol=0, err_msg=k)
+    # the kept set: SpAtten's rule on layer 0's probabilities (the input model's own Softmax)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.append(helper.make_empty_tensor_value_info("l0_probs"))
+    probs = _run(probe, feeds)["l0_probs"]
+    protect = "first+last" if case in DECODER else "first"
+    expected = _rule_in_numpy([probs], feeds["mask"], [1.0, 0.5], protect=protect)
+    kept = got["spatten_kept_positions.0"]
+    assert kept.shape[1] == math.ceil(6 * 0.5)
+    for b in range(2):
+        np.testing.assert_array_equal(np.flatnonzero(got["spatten_kept_mask"][b]), expected[b][0])
+        if case in DECODER:  # the last real token is computed, not restored
+            assert int(feeds["mask"][b].sum()) - 1 in kept[b]
+
+
+def test_decoder_last_row_is_computed_at_any_keep(tmp_path) -> None:
+    """At keep 0.2 (2 of 6 tokens) a decoder keeps only its protected tokens: the first and the last;
+    the last row of the output is the layer's real computation on them (the rest restored)."""
+    proto = stack(CASES["decoder"]())
+    feeds = _feeds(pad=False)
+    got = _run(_compile(proto, tmp_path, schedule=(1.0, 0.2)), feeds)
+    np.testing.assert_array_equal(got["spatten_kept_positions.0"], [[0, 5], [0, 5]])
+    # layer 1 of the input model run on layer 0's outputs at tokens {0, 5} alone
+    x1 = _run(_probe(proto, "l0_y"), feeds)["l0_y"][:, [0, 5]]
+    layer1 = _single_layer(proto)
+    want = _run(layer1, {"x": x1, "mask": np.ones((2, 2), np.int64)})["y"]
+    np.testing.assert_allclose(got["l1_y"][:, 5], want[:, 1], atol=1e-5, rtol=0)
+
+
+def _probe(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return probe
+
+
+def _single_layer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Layer 1 of a stacked model as its own model: input x = layer 1's input (l0_y)."""
+    g = proto.graph
+    nodes = []
+    for n in g.node:
+        if not n.name.startswith("l1_"):
+            continue
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        for i, name in enumerate(m.input):
+            m.input[i] = "x" if name == "l0_y" else name
+        nodes.append(m)
+    inits = [i for i in g.initializer if i.name.startswith("l1_")]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes[-1].output[0] = "y" if nodes[-1].output[0] == "l1_y" else nodes[-1].output[0]
+    for n in nodes:
+        for i, name in enumerate(n.input):
+            n.input[i] = "y" if name == "l1_y" else name
+        for i, name in enumerate(n.output):
+            n.output[i] = "y" if name == "l1_y" else name
+    return helper.make_model(helper.make_graph(nodes, "l1", list(g.input), [out], inits),
+                             opset_imports=list(proto.opset_import))
+
+
+def test_term_from_the_pruned_length_is_refused(tmp_path) -> None:
+    """Layer 1's T5 bias / RoPE angles computed from layer 1's own (pruned) input length would describe
+    positions 0..k-1, not the kept ones: a one-line refusal, not a wrong rewrite."""
+    for proto in (structural_graphs.build(bias="buckets"), structural_graphs.build(qk="partial_rope")):
+        with pytest.raises(OptionError, match="computed from the pruned layer input's length"):
+            _compile(stack(proto, shared_positions=False), tmp_path, schedule=(1.0, 0.5))
+
+
+def test_kv_cache_points_to_evict_kv(tmp_path) -> None:
+    with pytest.raises(OptionError, match="evict-kv"):
+        _compile(attention_graphs.build(mask="causal+additive", cache=True), tmp_path, schedule=(1.0,))
+
+
+def _corpus_tokens() -> list:
+    wanted = {"mpnet", "roformer", "modernbert", "t5", "gpt2", "gpt_neo", "gptj", "llama", "dinov2", "beit"}
+    return [r for r in _corpus() if r["family"] in wanted and not r["kv_cache"]]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("rec", _corpus_tokens() or [None], ids=lambda r: r["name"] if r else "absent")
+def test_corpus_pruned_ort_equals_reference(rec: dict | None, tmp_path) -> None:
+    """keep 0.5 after layer 0 on a corpus model: onnxruntime == reference runtime, last token kept."""
+    if rec is None:
+        pytest.skip("no corpus: run python models/corpus.py")
+    from bench.coverage import tokens
+
+    feeds = dict(np.load(CORPUS / f"{rec['name']}.npz"))
+    ok, why = tokens(CORPUS / rec["onnx"], feeds, tmp_path, rec)
+    assert ok, why
+    model = ir.load(str(CORPUS / rec["onnx"]))
+    Normalize()(model)
+    PruneTokens(schedule=(1.0, 0.5), emit_kept=True)(model)
+    path = str(tmp_path / "p.onnx")
+    ir.save(model, path)
+    got = _run(path, feeds)
+    reference = ReferenceRuntime(path).run(feeds).outputs
+    for k, v in got.items():
+        np.testing.assert_allclose(reference[k], v, atol=1e-4, rtol=0, err_msg=k)
+    if rec["kind"] == "decoder":
+        lens = feeds["attention_mask"].sum(1) - 1
+        assert all(int(n) in row for n, row in zip(lens, got["spatten_kept_positions.0"]))
