@@ -51,6 +51,7 @@ from spatten_compiler.errors import NoAttentionError, OptionError
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .find_attention import AttentionSite, find_attention
+from .positions_input import wire_positions
 from .site_io import _ancestors
 
 logger = logging.getLogger(__name__)
@@ -84,21 +85,25 @@ def budget_tokens(budget: float, total: int, sinks: int, recent: int, n: int, mi
     return min(n, max(want, sinks + recent, min_keep))
 
 
-def _check(sites: list[AttentionSite]) -> None:
+def _check(sites: list[AttentionSite], positions_why: str | None = None) -> None:
     if not sites:
         raise NoAttentionError("evict-kv: no attention site found")
     for s in sites:
         if s.fused is not None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type}; run decompose-attention first")
         cache = s.k.cache if s.k else None
+        if cache is not None and cache.present is None and any(o.name.startswith("present") for o in
+                                                                 s.softmax.graph.outputs):
+            raise OptionError(f"layer {s.layer}: the present cache output is not the past + new concat (a "
+                              "sliding-window cache slices it: Mistral, Gemma 2/3); evict-kv does not rewrite it yet")
         if cache is None or s.v is None or s.v.cache is None or cache.present is None or s.v.cache.present is None:
             raise OptionError(f"layer {s.layer} has no KV cache (past/present inputs and outputs): "
                               "--kv-budget applies to decoders exported with a KV cache")
         if s.mask_node is None or s.variant.get("mask") != "additive":
             raise OptionError(f"layer {s.layer}: mask form {s.variant.get('mask')} is not supported by evict-kv")
         if s.rope and s.rope_source and "position" not in s.rope_source:
-            raise OptionError(f"layer {s.layer}: RoPE positions are computed from the cache length; "
-                              "evict-kv needs a position_ids input")
+            raise OptionError(f"layer {s.layer}: RoPE positions are computed from the cache length"
+                              f"{f' ({positions_why})' if positions_why else ''}; evict-kv needs a position_ids input")
 
 
 def _shares_cache_length(sites: list[AttentionSite]) -> str | None:
@@ -212,8 +217,9 @@ class EvictKV(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         self._validate()
+        wired, positions_why = wire_positions(model)  # positions from the cache length -> a position_ids input
         sites = find_attention(model).sites
-        _check(sites)
+        _check(sites, positions_why)
         if len({self.layer_budget(s.layer) for s in sites}) > 1 and (why := _shares_cache_length(sites)):
             raise OptionError(f"per-layer budgets need per-layer cache lengths, but {why} "
                               "(a dynamo export); use one budget for all layers or a TorchScript export")
@@ -223,11 +229,12 @@ class EvictKV(Pass):
         amask = names.get("attention_mask")
         if amask is None:
             raise OptionError("evict-kv needs an attention_mask input (it gives the new tokens' padding)")
-        positions, convention = names.get("position_ids"), "input"
+        positions, convention = names.get("position_ids"), "arange" if wired else "input"
         if positions is None:
             gather = _position_gather(graph)
             if gather is None:
-                raise OptionError("evict-kv: the model has no position_ids input and no learned position table")
+                raise OptionError("evict-kv: the model has no position_ids input and no learned position table"
+                                  + (f" ({positions_why})" if positions_why else ""))
             positions = ir.Value(name="position_ids", shape=ir.Shape(["batch", "sequence"]),
                                  type=ir.TensorType(ir.DataType.INT64))
             graph.inputs.append(positions)

@@ -36,9 +36,8 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, spatten_schedule
 
 from .find_attention import AttentionSite, find_attention
-from .site_io import layer_region
 from .spatten_ops import DOMAIN, ensure_functions
-from .token_positions import check_term, gather_positions, positional_inputs, shrinks_causal
+from .token_positions import check_term, gather_positions, own_region, positional_inputs, shrinks_causal
 
 logger = logging.getLogger(__name__)
 RESTORE = ("stale", "zero", "mean")
@@ -166,6 +165,7 @@ class _Rewrite:
         self.model, self.sites, self.ratios, self.opts = model, sites, ratios, opts
         self.importance = IMPORTANCE[opts.importance]
         self.decoder = any(s.mask_kind.startswith("causal") for s in sites)
+        self.site_terms = {id(v) for s in sites for v in (s.mask, *s.bias_terms) if v is not None}
         ensure_functions(model, [self.importance, "TokenSelect", "GatherTokens", "ScatterTokens", "GatherRows"])
 
     def call(self, name: str, *inputs: ir.Value, outputs: int = 1):
@@ -199,7 +199,7 @@ class _Rewrite:
             post_nodes = self._post_attention(site) if here else []
             if pruned:
                 post = set(map(id, post_nodes))
-                full_region = layer_region(x, site.layer_output)
+                full_region = own_region(x, site.layer_output)
                 self._gather_positional(site, full_region, x)
                 self._rebind_seq_shapes([n for n in full_region if id(n) not in post], x)
                 self._replace_mask(site, self.valid, full_region, x)
@@ -252,7 +252,7 @@ class _Rewrite:
         projection, residual and FFN - the part that runs on kept tokens when pruning in-layer."""
         found: dict[int, ir.Node] = {id(site.pv): site.pv, id(site.residual): site.residual}
         for start in (site.pv.outputs[0], site.residual.outputs[0]):
-            for node in layer_region(start, site.layer_output):
+            for node in own_region(start, site.layer_output):
                 found[id(node)] = node
         return list(found.values())
 
@@ -321,9 +321,10 @@ class _Rewrite:
             for i, inp in enumerate(add.inputs):
                 if inp is term:
                     add.replace_input_with(i, new)
-        skip = {id(v) for v in (x, site.layer_input, site.mask, *site.bias_terms) if v is not None}
-        for value, axis, lift in positional_inputs(site.layer, region, skip, x, self.model.graph, site.mask_source):
-            new = self._gathered(value, (axis,), lift)
+        # Every site's own mask and score terms are rewritten with that site's kept positions.
+        skip = {id(v) for v in (x, site.layer_input) if v is not None} | self.site_terms
+        for value, axes, lift in positional_inputs(site.layer, region, skip, x, self.model.graph, site.mask_source):
+            new = self._gathered(value, axes, lift)
             for node in region:
                 for i, inp in enumerate(node.inputs):
                     if inp is value:

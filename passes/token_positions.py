@@ -30,7 +30,8 @@ from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import OptionError
 from spatten_compiler.match import const_array
 
-from .site_io import POSITION_INPUTS, _ancestors
+from .score_chain import _reaches_scores
+from .site_io import POSITION_INPUTS, _ancestors, layer_region
 
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
@@ -59,6 +60,14 @@ def gather_positions(e: GraphEditor, value: ir.Value, pos: ir.Value, full: ir.Va
     if lift:
         out = e.op("Unsqueeze", [out, e.const("axes", np.arange(1, 1 + lift, dtype=np.int64))])
     return out
+
+
+def own_region(start: ir.Value, end: ir.Value | None) -> list[ir.Node]:
+    """:func:`layer_region` without the nodes downstream of ``end``: run-time head pruning carries
+    head scores from layer to layer (HeadImportance -> HeadSelect -> a later layer's weight slice), a
+    path that leaks the region into every later layer, whose own terms carry other kept positions."""
+    later = {id(n) for n in layer_region(end, None)} if end is not None else set()
+    return [n for n in layer_region(start, end) if id(n) not in later]
 
 
 def _reaches(value: ir.Value, target: ir.Value, limit: int = 600) -> bool:
@@ -132,25 +141,37 @@ def a_is_tril(a: np.ndarray) -> bool:
     return bool(np.array_equal(a.astype(bool), np.broadcast_to(np.tril(np.ones(a.shape[-2:], bool)), a.shape)))
 
 
-def _token_axis(value: ir.Value) -> int | None:
+def _token_axes(value: ir.Value, score_term: bool) -> tuple[int, ...] | None:
     dims = value.shape.dims
+    if score_term:  # added to [B, H, S, S] scores: every query/key axis it has at full length
+        axes = tuple(a for a in (2, 3) if dims[a] != 1) if len(dims) == 4 else ()
+        return axes or None
     if len(dims) == 2:
-        return 0  # [S, D]: no batch, broadcast from the right against its consumer
+        return (0,)  # [S, D]: no batch, broadcast from the right against its consumer
     if len(dims) == 3:
-        return 1
+        return (1,)
     if len(dims) == 4:
         unit = [a for a in (1, 2) if dims[a] == 1]
-        return ({1, 2} - set(unit)).pop() if len(unit) == 1 else None
+        return tuple({1, 2} - set(unit)) if len(unit) == 1 else None
     return None
 
 
+def _is_score_term(node: ir.Node, value: ir.Value) -> bool:
+    """``value`` is added to (or selects) attention scores at ``node``."""
+    if node.op_type not in ("Add", "Where"):
+        return False
+    return any(i is not value and _reaches_scores(i) for i in node.inputs[node.op_type == "Where":])
+
+
 def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned: ir.Value,
-                      graph: ir.Graph, mask_source: str | None) -> list[tuple[ir.Value, int, int]]:
-    """(value, token axis, lift) of every position-indexed float the layer reads from outside itself;
-    ``lift``: for an [S, D] table, the unit axes between batch and tokens of its consumer's rank."""
+                      graph: ir.Graph, mask_source: str | None) -> list[tuple[ir.Value, tuple[int, ...], int]]:
+    """(value, token axes, lift) of every position-indexed float the layer reads from outside itself;
+    ``lift``: for an [S, D] table, the unit axes between batch and tokens of its consumer's rank. A
+    term added to the scores (a mask or bias whatever produced it) is gathered on its query and key
+    axes."""
     inside = {id(o) for n in region for o in n.outputs}
     allowed = (POSITION_INPUTS - {"input_ids"}) | {mask_source, "attention_mask"}
-    found: dict[int, tuple[ir.Value, int, int]] = {}
+    found: dict[int, tuple[ir.Value, tuple[int, ...], int]] = {}
     for node in region:
         if node.op_type in ("Shape", "Size"):
             continue
@@ -165,8 +186,8 @@ def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned:
                 continue  # computed from the hidden state: not a position table (e.g. prune-heads' kept weights)
             if v.shape is None or v.shape.rank() < 2:
                 continue  # a scalar or per-channel value
-            axis = _token_axis(v)
-            if axis is None:
+            axes = _token_axes(v, _is_score_term(node, v))
+            if axes is None:
                 raise OptionError(f"layer {layer}: position-indexed input {v.name} of shape {v.shape}: "
                                   "prune-tokens cannot tell its token axis")
             if _reaches(v, pruned):
@@ -179,5 +200,5 @@ def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned:
                     raise OptionError(f"layer {layer}: position table {v.name} [S, D] read by {node.op_type} "
                                       "of unknown rank; prune-tokens cannot gather it")
                 lift = out.rank() - 3
-            found[id(v)] = (v, axis, lift)
+            found[id(v)] = (v, axes, lift)
     return list(found.values())

@@ -68,12 +68,28 @@ def _parallel(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def stack(proto: onnx.ModelProto, shared_positions: bool = True) -> onnx.ModelProto:
-    """Two copies of a one-layer graph (x, mask -> y) in sequence. Positions and shapes in both read
-    the graph input ``x`` (as exporters compute them once from input_ids; unless not
-    ``shared_positions``: layer 1 measures its own input), the data path layer 1's input."""
+def _square_mask(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """SDPA / opset-23 Attention exports: the padding mask expanded to [B, 1, S, S] (query rows too)."""
+    g = proto.graph
+    add = next(n for n in g.node if n.output[0] == "masked")
+    g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "sq_one"))
+    at = list(g.node).index(add)
+    for i, node in enumerate([helper.make_node("Shape", ["x"], ["sq_b"], start=0, end=1, name="sq_b"),
+                              helper.make_node("Shape", ["x"], ["sq_s"], start=1, end=2, name="sq_s"),
+                              helper.make_node("Concat", ["sq_b", "sq_one", "sq_s", "sq_s"], ["sq_shape"], axis=0,
+                                               name="sq_shape"),
+                              helper.make_node("Expand", ["add4d", "sq_shape"], ["sq_mask"], name="sq_mask")]):
+        g.node.insert(at + i, node)
+    add.input[1] = "sq_mask"
+    return proto
+
+
+def stack(proto: onnx.ModelProto, shared_positions: bool = True, layers: int = 2) -> onnx.ModelProto:
+    """``layers`` copies of a one-layer graph (x, mask -> y) in sequence. Positions and shapes in all
+    read the graph input ``x`` (as exporters compute them once from input_ids; unless not
+    ``shared_positions``: a layer measures its own input), the data path the previous layer's output."""
     nodes, inits = [], []
-    for layer in (0, 1):
+    for layer in range(layers):
         rename = lambda n, layer=layer: n if n in ("mask", "") else (  # noqa: E731
             "x" if n == "x" and layer == 0 else f"l{layer}_{n}")
         for init in proto.graph.initializer:
@@ -87,12 +103,12 @@ def stack(proto: onnx.ModelProto, shared_positions: bool = True) -> onnx.ModelPr
             n.name = f"l{layer}_{node.name or node.output[0]}"
             for i, name in enumerate(node.input):
                 n.input[i] = "x" if name == "x" and (layer == 0 or node.op_type == "Shape" and shared_positions) else (
-                    "l0_y" if name == "x" else rename(name))
+                    f"l{layer - 1}_y" if name == "x" else rename(name))
             for i, name in enumerate(node.output):
                 n.output[i] = rename(name)
             nodes.append(n)
     x, mask = proto.graph.input[0], proto.graph.input[1]
-    out = helper.make_tensor_value_info("l1_y", TensorProto.FLOAT, ["B", "S", structural_graphs.D])
+    out = helper.make_tensor_value_info(f"l{layers - 1}_y", TensorProto.FLOAT, ["B", "S", structural_graphs.D])
     model = helper.make_model(helper.make_graph(nodes, "two", [x, mask], [out], inits),
                               opset_imports=list(proto.opset_import))
     model.ir_version = proto.ir_version
@@ -110,6 +126,7 @@ CASES = {
     "post_norm": lambda: _post_norm(structural_graphs.build()),
     "parallel_residual": lambda: _parallel(structural_graphs.build()),
     "decoder": lambda: attention_graphs.build(mask="causal+additive"),
+    "square_mask": lambda: _square_mask(structural_graphs.build()),
     "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
 }
 DECODER = {"decoder", "decoder_rope"}
@@ -238,6 +255,23 @@ def _single_layer(proto: onnx.ModelProto) -> onnx.ModelProto:
             n.output[i] = "y" if name == "l1_y" else name
     return helper.make_model(helper.make_graph(nodes, "l1", list(g.input), [out], inits),
                              opset_imports=list(proto.opset_import))
+
+
+def test_square_masks_with_run_time_heads(tmp_path) -> None:
+    """Run-time head pruning carries head scores from layer to layer, so layer 0's data path reaches
+    layer 1's scores; layer 1's own [B, 1, S, S] mask must still be rewritten with layer 1's kept
+    tokens (not gathered on one axis with layer 0's): onnxruntime == the reference runtime."""
+    from spatten_compiler.cli import main
+
+    src, out = tmp_path / "sq.onnx", tmp_path / "sq_out.onnx"
+    onnx.save(stack(_square_mask(structural_graphs.build()), layers=3), src)
+    assert main([str(src), "-o", str(out), "-q", "--token-keep", "0.5", "--token-min-keep", "1",
+                 "--head-keep", "0.5"]) == 0
+    feeds = _feeds(seq=8)
+    got = _run(str(out), feeds)
+    reference = ReferenceRuntime(str(out)).run(feeds).outputs
+    for k, v in got.items():
+        np.testing.assert_allclose(reference[k], v, atol=1e-4, rtol=0, err_msg=k)
 
 
 def test_term_from_the_pruned_length_is_refused(tmp_path) -> None:
