@@ -141,8 +141,8 @@ FLOOR_MEASURED = ("16 chat prompts of 42-169 tokens, 16 greedy tokens: floor 0 a
 
 
 HEAD_MEASURED = ("one kept set per KV head (H2O's own granularity): paired ppl vs H2O on held-out windows "
-                 "-15.7/-14.4/-2.7% at 512 and -9.9/-1.8/-0.7% at 1024 (budgets 12.5/25/50%), at or below the "
-                 "better baseline at every point; the per-layer rule (the old default) +0.5..-3.4%; "
+                 "-15.7/-14.4/-2.7% at 512 and -9.9/-1.8/-0.7% at 1024 (budgets 12.5/25/50%), -2.4/+0.8/-5.8% "
+                 "at 2048 (2 windows; +0.8% within noise); the per-layer rule (the old default) -3.4..+1.7%; "
                  "SpAtten's plain cascade x4-x60 ppl")
 
 
