@@ -106,8 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-recent", metavar="N|P%",
                    help="the N most recent tokens, or a share P%% of the budget, are never evicted (default 50%%)")
     e.add_argument("--kv-evict", choices=MODES,
-                   help="layer (default): each layer keeps its top tokens by accumulated attention (H2O); "
-                   "cascade: SpAtten's, a token dropped once stays dropped deeper; head: each KV head keeps its own")
+                   help="one kept set per KV head (head: the presets), per layer (layer: H2O; default with "
+                   "--kv-budget) or SpAtten's cascade")
     e.add_argument("--kv-score", choices=tuple(SCORES),
                    help="token ranking for eviction: accumulated (H2O / SpAtten), mean, sqrt, ema, last "
                    "(TOVA) (docs/decoders.md; default accumulated)")
