@@ -51,6 +51,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "ema95-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25, "score": "ema"}),
     "ema99-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25, "score": "ema", "decay": 0.99}),
     "last-s4-r25": ("layer", {"sinks": 4, "recent": 0, "recent_share": 0.25, "score": "last"}),
+    # per KV head (H2O's own granularity): each KV head keeps its own tokens, scored by its query group
+    "head-s4-r50": ("head", {"sinks": 4, "recent": 0, "recent_share": 0.5}),  # the default's knobs, per head
+    "head-h2o": ("head", {"sinks": 0, "recent": 0, "recent_share": 0.5}),  # H2O exactly: per head, no sinks
     "cascade": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.0}),  # SpAtten's plain cascade
     "cascade-r50": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     # the cache stored as packed 4+4-bit planes (quantize-kv's peak rule) on top of eviction
@@ -62,15 +65,16 @@ METHODS: dict[str, tuple[str, dict]] = {
     "layer-s4-r50-q41t5": ("layer+4+1@0.5", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
 }
 BASELINES = ("streaming", "h2o")
+SHARED_PREFILL = {"layer": "layer", "cascade": "layer", "head": "head"}  # mode -> the session that prefills it
 
 
-def compiled(mode: str, cache: Path, model: Path) -> Path:
+def compiled(mode: str, cache: Path, model: Path, folder: str = "decq-evict") -> Path:
     import spatten_compiler.passes  # noqa: F401  (registers the passes)
 
     from spatten_compiler.modelio import load_model, save_model
     from spatten_compiler.pipeline import Pipeline, make_pass
 
-    out = cache / "decq-evict" / f"{model.parent.name}.evict-{mode}.onnx"  # tunable score knobs
+    out = cache / folder / f"{model.parent.name}.evict-{mode}.onnx"  # tunable score knobs
     out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():
         log.info("compiling %s (%s)", out, mode)
@@ -126,11 +130,12 @@ def run_context(sessions: dict, windows: np.ndarray, context: int, decode: int, 
     losses = {c: [] for c in configs}
     times = {c: [] for c in configs}
     last = {}
-    shared: dict[float, DecoderSession] = {}  # decay -> the prefix but its last token, at a full budget
+    shared: dict[tuple, DecoderSession] = {}  # (state layout, decay) -> the prefix but its last token, full budget
     for c, s in configs.items():
         t0 = time.perf_counter()
-        if c[0] != "dense" and METHODS[c[0]][0] in ("layer", "cascade"):
-            logits = _prefill_shared(s, sessions["layer"], shared, windows[:, :prefix], chunk)
+        mode = METHODS[c[0]][0] if c[0] != "dense" else "dense"
+        if mode in SHARED_PREFILL:  # cascade at a full budget is layer: one prefill; head has its own state
+            logits = _prefill_shared(s, sessions[SHARED_PREFILL[mode]], shared, windows[:, :prefix], chunk)
         else:
             s.reset(len(windows))
             logits = _prefill(s, windows[:, :prefix], chunk)
@@ -168,14 +173,14 @@ def _prefill_shared(s, layer_session, shared: dict, prefix: np.ndarray, chunk: i
     prefill all but the last token at a full budget (nothing evicted; the importance only depends on
     the decay), then step the last token through ``s``: its query sees every earlier token and the
     eviction runs on the same importance, positions and length as after a one-shot prefill."""
-    decay = float(s.overrides["spatten.kv_decay"])
-    if decay not in shared:
+    key = (id(layer_session), float(s.overrides["spatten.kv_decay"]))  # one per prefilling model and decay
+    if key not in shared:
         base = layer_session.fork()
         base.overrides = {**s.overrides, "spatten.kv_budget": np.array(1.0, np.float32)}
         base.reset(len(prefix))
         _prefill(base, prefix[:, :-1], chunk)
-        shared[decay] = base
-    base = shared[decay]
+        shared[key] = base
+    base = shared[key]
     s.reset(len(prefix))
     s.cache, s.mask, s.steps = dict(base.cache), base.mask.copy(), base.steps  # arrays are replaced, never mutated
     return s.step(prefix[:, -1:])
@@ -209,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the compiled value, 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=REPO_ROOT / "models" / "cache")
+    p.add_argument("--compiled-dir", default="decq-evict", metavar="DIR",
+                   help="folder under --cache for the tunable eviction models (compiled on first use)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--name", default="decode-smollm2")
     p.add_argument("--render", type=Path, nargs="+", metavar="JSON",
@@ -232,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     sessions = {"dense": DecoderSession(args.model, threads=args.threads)}
     modes = {METHODS[m][0] for m in methods}
     for mode in sorted(modes | ({"layer"} if "cascade" in modes else set())):  # layer prefills for cascade
-        sessions[mode] = DecoderSession(compiled(mode, args.cache, args.model), threads=args.threads)
+        sessions[mode] = DecoderSession(compiled(mode, args.cache, args.model, args.compiled_dir),
+                                        threads=args.threads)
     rows: list[dict] = []
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for context in contexts:

@@ -39,9 +39,10 @@ def state_feeds(session, context: int, budget: float, rng: np.random.Generator, 
         keep = np.sort(np.concatenate([np.arange(sinks), rest, np.arange(past - length // 2, past)]))
     feeds: dict[str, np.ndarray] = {}
     for name, (dtype, dims) in session.state.items():
-        if len(dims) == 2:
-            feeds[name] = (keep[None].astype(dtype) if "positions" in name
-                           else rng.random((1, length)).astype(dtype))
+        if len(dims) in (2, 3):  # eviction state: per layer [1, n] or per KV head [1, Hkv, n]
+            heads = (dims[1],) if len(dims) == 3 else ()
+            feeds[name] = (np.broadcast_to(keep, (1, *heads, length)).astype(dtype) if "positions" in name
+                           else rng.random((1, *heads, length)).astype(dtype))
         elif dtype == np.uint8:
             feeds[name] = rng.integers(0, 256, (1, dims[1], length, dims[3]), dtype=np.uint8)
         elif name.endswith(".scale"):

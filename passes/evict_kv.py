@@ -26,9 +26,14 @@ for short sequences: nothing is evicted until a layer holds more than ``min_keep
 fractional budget does not halve a short chat prompt at prefill (the floor is independent of how
 tokens are scored). Sinks are the first
 ``sinks`` real tokens (rank among the valid slots, so left padding does not take their place); the
-recent window is the last ``recent`` slots. GQA: the query heads' probabilities are summed over all
-heads, so every KV head of a layer keeps the same tokens (one decision per layer, like SpAtten's
-token pruning; a KV head shared by a group is charged the group's attention). RoPE: the cache holds
+recent window is the last ``recent`` slots. GQA, ``layer``/``cascade``: the query heads' probabilities
+are summed over all heads, so every KV head of a layer keeps the same tokens (one decision per layer,
+like SpAtten's token pruning). ``head`` (H2O's own per-head rule): each KV head ``j`` keeps its own
+top-``k`` tokens, scored by the probabilities of the query heads that read it,
+``h in [j * g, (j + 1) * g)`` with ``g = H / H_kv`` (the exporters' ``repeat_kv``: Unsqueeze at axis 2,
+Expand, Reshape - KV head major); the state is ``[B, H_kv, n]``, ``k`` is the same for every head (the
+cache stays one ``[B, H_kv, k, Dh]`` tensor), the row Gather takes the ``[B, H_kv, k]`` index as it is,
+and the mask becomes per query head (``bias_l``: ``[B, H, q, n]``). RoPE: the cache holds
 post-RoPE keys and the caller feeds true absolute ``position_ids``; a model that computes its
 positions from the cache length (GPT-2's learned positions) gets a ``position_ids`` input wired into
 its position-embedding Gather. Per-layer cache lengths may differ (``schedule``), so the exporter's
@@ -57,7 +62,7 @@ from .site_io import _ancestors
 logger = logging.getLogger(__name__)
 MIN = float(np.finfo(np.float32).min)
 BIG = 1e30
-MODES = ("layer", "cascade")
+MODES = ("layer", "cascade", "head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,16 +126,17 @@ def _shares_cache_length(sites: list[AttentionSite]) -> str | None:
 
 
 def row_index(ed: GraphEditor, cache: ir.Value, keep: ir.Value) -> ir.Value:
-    """Flat row indices ``[B, H, k]`` of the kept slots ``keep [B, k]`` in ``cache [B, H, n, D]`` viewed
-    as ``[B * H * n, D]``: ``(b * H + h) * n + keep[b, j]``. B * H * k int64s, not the
-    ``[B, H, k, D]`` index GatherElements needs (which cost as much as the gather itself)."""
+    """Flat row indices ``[B, H, k]`` of the kept slots ``keep [B, k]`` (or per head, ``[B, H, k]``) in
+    ``cache [B, H, n, D]`` viewed as ``[B * H * n, D]``: ``(b * H + h) * n + keep[b, (h,) j]``. B * H * k
+    int64s, not the ``[B, H, k, D]`` index GatherElements needs (which cost as much as the gather itself)."""
     i64 = lambda h, a: ed.const(h, np.array(a, np.int64))  # noqa: E731
     bh = ed.op("ReduceProd", [ed.op("Shape", [cache], start=0, end=2)], keepdims=0)
     n = ed.op("Shape", [cache], start=2, end=3)
     base = ed.op("Mul", [ed.op("Range", [i64("r0", 0), bh, i64("r1", 1)]), n])  # [B * H]
     base = ed.op("Reshape", [base, ed.op("Concat", [ed.op("Shape", [cache], start=0, end=2), i64("one", [1])],
                                          axis=0)])  # [B, H, 1]
-    return ed.op("Add", [base, ed.op("Unsqueeze", [keep, i64("a1", [1])])])
+    per_head = len(_dims(keep)) == 3
+    return ed.op("Add", [base, keep if per_head else ed.op("Unsqueeze", [keep, i64("a1", [1])])])
 
 
 def gather_rows(ed: GraphEditor, cache: ir.Value, keep: ir.Value, rows: ir.Value | None = None) -> ir.Value:
@@ -156,6 +162,24 @@ def _dims(v: ir.Value) -> tuple:
     return tuple(v.shape.dims) if v.shape is not None else ()
 
 
+def kv_heads(site: AttentionSite) -> tuple[int, int]:
+    """(KV heads, query heads per KV head) of a site, for per-head eviction: static counts, and a GQA
+    repeat that is KV-head major (query head ``h`` reads KV head ``h // g``), or the reason it is not."""
+    hk, hv = (_dims(c.present)[1] if len(_dims(c.present)) == 4 else None for c in (site.k.cache, site.v.cache))
+    hq = site.num_heads or next((d for d in _dims(site.probs)[1:2] if isinstance(d, int)), None)
+    if not isinstance(hk, int) or hk != hv or not hq or hq % hk:
+        raise OptionError(f"layer {site.layer}: --kv-evict head needs static, equal K/V head counts dividing the "
+                          f"query heads (K {hk}, V {hv}, queries {hq})")
+    if hq > hk:  # repeat_kv: [B, Hkv, n, D] -> Unsqueeze(2) -> Expand [B, Hkv, g, n, D] -> Reshape
+        ups = [n for n in site.k.views if n.op_type == "Unsqueeze"]
+        axes = [n.inputs[1].const_value.numpy().tolist() if len(n.inputs) > 1 and n.inputs[1].const_value is not None
+                else None for n in ups]
+        if not any(a in ([2], 2) for a in axes) or not any(n.op_type == "Expand" for n in site.k.views):
+            raise OptionError(f"layer {site.layer}: the GQA repeat of K is not Unsqueeze(axis 2) + Expand "
+                              "(KV-head major); --kv-evict head cannot map query heads to KV heads")
+    return hk, hq // hk
+
+
 def _position_gather(graph: ir.Graph) -> ir.Node | None:
     """GPT-2 style learned positions: Gather(table, f(Range(past_len, past_len + q)))."""
     for node in graph:
@@ -172,7 +196,7 @@ def _position_gather(graph: ir.Graph) -> ir.Node | None:
 class EvictKV(Pass):
     """Options: ``budget`` (fraction <= 1 or tokens), ``sinks``, ``recent`` (tokens), ``recent_share``
     (the recent window also spans this share of the kept slots after the sinks: 1.0 = StreamingLLM),
-    ``mode`` layer|cascade, ``score`` (a rule of ``SCORES``), ``schedule`` (per-layer budget
+    ``mode`` layer|cascade|head (head: one kept set per KV head), ``score`` (a rule of ``SCORES``), ``schedule`` (per-layer budget
     multipliers, missing entries repeat the last; cascade: non-increasing), ``min_keep`` (tokens: no
     eviction below this cache length, the floor for short prompts), ``tunable``
     (budget/sinks/recent/share/min_keep/decay/norm as overridable inputs)."""
@@ -297,9 +321,13 @@ class EvictKV(Pass):
                  knobs: dict[str, ir.Value]) -> ir.Value:
         layer = site.layer
         kc, vc = site.k.cache, site.v.cache
-        past_imp = ir.Value(name=f"past_importance.{layer}", shape=ir.Shape(["batch", f"past_sequence.{layer}"]),
+        # the state: [B, n] per layer, or [B, Hkv, n] per KV head (``ax``: its slot axis)
+        hkv, group = kv_heads(site) if self.mode == "head" else (None, 1)
+        ax = 1 if hkv is None else 2
+        heads = [] if hkv is None else [hkv]
+        past_imp = ir.Value(name=f"past_importance.{layer}", shape=ir.Shape(["batch", *heads, f"past_sequence.{layer}"]),
                             type=ir.TensorType(ir.DataType.FLOAT))
-        past_pos = ir.Value(name=f"past_positions.{layer}", shape=ir.Shape(["batch", f"past_sequence.{layer}"]),
+        past_pos = ir.Value(name=f"past_positions.{layer}", shape=ir.Shape(["batch", *heads, f"past_sequence.{layer}"]),
                             type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.extend([past_imp, past_pos])
         for cache in (kc, vc):  # each layer's cache has its own length now
@@ -308,16 +336,26 @@ class EvictKV(Pass):
                 cache.past.shape = ir.Shape([d[0], d[1], f"past_sequence.{layer}", d[3]])
         i64 = lambda h, a: ed.const(h, np.array(a, np.int64))  # noqa: E731
         f32 = lambda h, a: ed.const(h, np.array(a, np.float32))  # noqa: E731
-        # mask for this layer's own cache length
+        per_head = lambda key, v, axes: v if hkv is None else _once(knobs, f"{key}{hkv}", lambda: ed.op(  # noqa: E731
+            "Unsqueeze", [v, i64("a1", axes)]))  # a per-layer value, broadcast over the KV heads
+        spread = lambda key, v: v if hkv is None else _once(knobs, f"{key}{hkv}", lambda: ed.op(  # noqa: E731
+            "Expand", [ed.op("Unsqueeze", [v, i64("a1", [1])]), i64("hk", [1, hkv, 1])]))  # [B, q] -> [B, Hkv, q]
+        # mask for this layer's own cache length (per query head when each KV head keeps its own tokens)
         past_bias = ed.op("Where", [ed.op("Less", [past_pos, i64("z", 0)]), f32("min", MIN), f32("z", 0.0)])
-        past_bias = ed.op("Unsqueeze", [past_bias, i64("a12", [1, 2])])  # [B, 1, 1, L]
+        if hkv is None:
+            past_bias = ed.op("Unsqueeze", [past_bias, i64("a12", [1, 2])])  # [B, 1, 1, L]
+        else:  # [B, Hkv, L] -> [B, H, 1, L]: query head h reads KV head h // g
+            past_bias = ed.op("Unsqueeze", [ed.op("Gather", [past_bias, i64("kvh", np.arange(hkv * group) // group)],
+                                                  axis=1), i64("a2", [2])])
+            causal = _once(knobs, f"causal{hkv * group}", lambda: ed.op("Expand", [causal, i64(
+                "hq", [1, hkv * group, 1, 1])]))  # [B, H, q, q]
         rows = ed.op("Shape", [causal], start=2, end=3)
         past_bias = ed.op("Expand", [past_bias, ed.op("Concat", [i64("one", [1, 1]), rows, i64("one", [1])], axis=0)])
-        bias = ed.op("Concat", [past_bias, causal], axis=-1)  # [B, 1, q, L + q]
+        bias = ed.op("Concat", [past_bias, causal], axis=-1)  # [B, 1 or H, q, L + q]
         mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
         site.mask_node.replace_input_with(mask_slot, bias)
         # importance
-        pos = ed.op("Concat", [past_pos, new_pos], axis=1)
+        pos = ed.op("Concat", [past_pos, spread("new_pos", new_pos)], axis=ax)
         posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
         # values every layer computes alike are built once (one op per step, not one per layer);
         # each row's newest position is its newest new token's (every row has one, as in T below)
@@ -328,14 +366,20 @@ class EvictKV(Pass):
         w_q = _once(knobs, "w_q", lambda: ed.op("Unsqueeze", [ed.op("Mul", [ed.op("Pow", [knobs["decay"], ed.op(
             "Sub", [last, ed.op("Cast", [new_pos], to=ir.DataType.FLOAT)])]), vq]), i64("a13", [1, 3])]))  # decay^age
         weighted = ed.op("Mul", [site.probs, w_q])
-        score = ed.op("ReduceSum", [weighted, i64("ax", [1, 2])], keepdims=0)  # [B, n]
+        if hkv is None:
+            score = ed.op("ReduceSum", [weighted, i64("ax", [1, 2])], keepdims=0)  # [B, n]
+        else:  # [B, H, q, n] -> [B, H, n] -> [B, Hkv, g, n] -> [B, Hkv, n]: a KV head's query group
+            score = ed.op("ReduceSum", [weighted, i64("ax2", [2])], keepdims=0)
+            score = ed.op("ReduceSum", [ed.op("Reshape", [score, i64("grp", [0, hkv, group, -1])]), i64("ax2", [2])],
+                          keepdims=0)
         carry = _once(knobs, "carry", lambda: ed.op("Pow", [knobs["decay"], ed.op("ReduceSum", [vq, i64("ax1", [1])],
                                                                                    keepdims=1)]))  # [B, 1]
-        imp = ed.op("Add", [ed.op("Concat", [ed.op("Mul", [past_imp, carry]), zeros], axis=1), score])
-        seen = ed.op("Sub", [ed.op("Add", [last, f32("one", 1.0)]), posf])  # queries that could see each token
+        imp = ed.op("Add", [ed.op("Concat", [ed.op("Mul", [past_imp, per_head("carry", carry, [1])]),
+                                             spread("zeros", zeros)], axis=ax), score])
+        seen = ed.op("Sub", [ed.op("Add", [per_head("last", last, [1]), f32("one", 1.0)]), posf])  # queries that saw it
         rank_by = ed.op("Div", [imp, ed.op("Pow", [seen, knobs["norm"]])])  # x^0 = 1 exactly
         valid = ed.op("GreaterOrEqual", [pos, i64("z", 0)])
-        n = ed.op("Shape", [pos], start=1, end=2)
+        n = ed.op("Shape", [pos], start=ax, end=ax + 1)
         # k = min(n, max(budget(T), sinks + recent, min_keep)); the recent window also covers share * (k - sinks)
         sinks, recent, share = knobs["sinks"], knobs["recent"], knobs["recent_share"]
         if self.budget <= 1:
@@ -355,7 +399,7 @@ class EvictKV(Pass):
                          to=ir.DataType.INT64)
         window = ed.op("Squeeze", [ed.op("Max", [recent, by_share])])
         # forced: sinks (first real tokens) and the recent window (last slots)
-        rank = ed.op("CumSum", [ed.op("Cast", [valid], to=ir.DataType.INT64), i64("ax1", 1)])
+        rank = ed.op("CumSum", [ed.op("Cast", [valid], to=ir.DataType.INT64), i64(f"ax{ax}", ax)])
         sink = ed.op("And", [valid, ed.op("LessOrEqual", [rank, ed.op("Squeeze", [sinks])])])
         slot = ed.op("Range", [i64("r0", 0), ed.op("Squeeze", [n]), i64("r1", 1)])
         in_window = ed.op("GreaterOrEqual", [slot, ed.op("Sub", [ed.op("Squeeze", [n]), window])])
@@ -369,10 +413,11 @@ class EvictKV(Pass):
             s = ed.op("Where", [member, s, f32("nbig", -BIG)])
         top_s, top_i = ed.op("TopK", [s, k], outputs=2, largest=1, sorted=1)
         keep, order = ed.op("TopK", [top_i, k], outputs=2, largest=0, sorted=1)
-        kept_s = ed.op("GatherElements", [top_s, order], axis=1)
+        keep.shape = ir.Shape(["batch", *heads, "kept"])  # row_index reads the rank
+        kept_s = ed.op("GatherElements", [top_s, order], axis=ax)
         kept_pos = ed.op("Where", [ed.op("Greater", [kept_s, f32("thr", -BIG / 2)]),
-                                   ed.op("GatherElements", [pos, keep], axis=1), i64("m1", -1)])
-        kept_imp = ed.op("GatherElements", [imp, keep], axis=1)
+                                   ed.op("GatherElements", [pos, keep], axis=ax), i64("m1", -1)])
+        kept_imp = ed.op("GatherElements", [imp, keep], axis=ax)
         rows = row_index(ed, kc.present, keep)  # K and V: the same [B, H, n] layout
         for cache in (kc, vc):
             dk, dv = _dims(kc.present), _dims(cache.present)  # same heads: same rows (lengths are equal)
@@ -381,7 +426,7 @@ class EvictKV(Pass):
             self._swap_output(ed, graph, cache.present, pruned)
         for value, name, dtype in ((kept_imp, f"present_importance.{layer}", ir.DataType.FLOAT),
                                    (kept_pos, f"present_positions.{layer}", ir.DataType.INT64)):
-            value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", f"kept.{layer}"])
+            value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", *heads, f"kept.{layer}"])
             graph.outputs.append(value)
         return kept_pos
 

@@ -67,7 +67,7 @@ class CompileConfig:
     kv_budget: float | None = None  # decoders: cache budget per layer, fraction of the length so far or tokens
     kv_sinks: int | None = None  # decoders: first real tokens never evicted (evict-kv default)
     kv_recent: int | str | None = None  # decoders: most recent tokens never evicted: N tokens or "P%" of the budget
-    kv_evict: str | None = None  # decoders: layer (H2O-style, default) | cascade (SpAtten)
+    kv_evict: str | None = None  # decoders: layer (H2O-style, default) | cascade (SpAtten) | head (per KV head)
     kv_score: str | None = None  # decoders: evict-kv's scoring rule (passes/evict_kv.py SCORES)
     kv_min_keep: int | None = None  # decoders: no eviction while a layer's cache holds at most N tokens
 

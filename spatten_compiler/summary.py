@@ -13,6 +13,7 @@ from spatten_compiler.defaults import PARTS, PRESET_NAMES, Resolution
 from spatten_compiler.pipeline import Pass
 
 REWRITES = ("prune-heads", "prune-tokens", "prune-values", "quantize-kv", "evict-kv")
+MODE_TEXT = {"head": "per-KV-head"}  # evict-kv modes whose name does not read as a granularity
 
 
 def _runs(values: Sequence[Any], fmt: str = "{}") -> str:
@@ -74,7 +75,7 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
         window = (f"the last {e.recent} tokens" if e.recent
                   else f"a recent window of {e.recent_share:.0%} of the kept slots")
         floor = f"; nothing evicted while a layer holds at most {e.min_keep} tokens" if e.min_keep else ""
-        lines.append(f"  KV cache per layer kept within {budget} across generation steps ({e.mode} eviction by "
+        lines.append(f"  KV cache per layer kept within {budget} across generation steps ({MODE_TEXT.get(e.mode, e.mode)} eviction by "
                      f"accumulated attention; the first {e.sinks} tokens and {window} never evicted{floor})")
         from spatten_compiler.passes.evict_kv import budget_tokens
 
@@ -122,7 +123,7 @@ def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[st
         lines.append("  (an explicit --pipeline runs exactly those passes; drop it for the measured defaults)")
     if "evict-kv" in names and not pipeline:
         lines.append("  eviction knobs: --kv-budget B|N, --kv-min-keep N, --kv-sinks N, --kv-recent N|P%, "
-                     "--kv-evict layer|cascade, --kv-score RULE (docs/decoders.md)")
+                     "--kv-evict layer|cascade|head, --kv-score RULE (docs/decoders.md)")
     if res.preset is not None:
         lines.append(f"  measured: docs/presets.md ({res.preset.note})")
     if "quantize-kv" in names:

@@ -160,7 +160,7 @@ def test_summary_names_what_it_applied(tmp_path: Path, capsys: pytest.CaptureFix
     assert "preset default for a decoder" in err and "tokens kept" not in err
     assert "ideal at 128 / 512 / 2048 tokens so far: 1.0x / 2.0x / 2.0x smaller KV cache held" in err
     floor = DEFAULT_DECODER["kv_min_keep"]
-    assert ("KV cache per layer kept within 50% of the length so far across generation steps (layer eviction by "
+    assert ("KV cache per layer kept within 50% of the length so far across generation steps (per-KV-head eviction by "
             "accumulated attention; the first 4 tokens and a recent window of 50% of the kept slots never evicted; "
             f"nothing evicted while a layer holds at most {floor} tokens)") in err
     assert "--no-kv-eviction" in err and "--kv-min-keep N" in err and "K/V in every layer" not in err
@@ -222,7 +222,7 @@ def test_decoder_presets_differ_as_documented(tmp_path: Path) -> None:
         report = compile_(MODELS / "llama_dynamo.onnx", tmp_path / f"{name}.onnx", "--preset", name)
         evict = next(p for p in report["passes"] if p.startswith("evict-kv"))
         assert f"budget={values['kv_budget']};sinks=4;" in evict and f"min_keep={values['kv_min_keep']};" in evict
-        assert "recent_share=0.5;mode=layer;" in evict
+        assert f"recent_share=0.5;mode={values['kv_evict']};" in evict
         assert not any(p.startswith("quantize-kv") for p in report["passes"])
         budgets.append(values["kv_budget"])
         floors.add(values["kv_min_keep"])

@@ -60,6 +60,9 @@ class EvictPlan:
                        int(d.get("min_keep", 0)))
         except (ValueError, KeyError, TypeError) as e:
             raise LoweringError(f"metadata '{META_KEY}' is malformed ({e})") from None
+        if plan.mode == "head":
+            raise LoweringError("per-KV-head eviction (--kv-evict head) cannot be lowered: the token top-k keeps one "
+                                "K/V list per layer (use --kv-evict layer for emit / sim)")
         if plan.mode == "cascade" and len(set(plan.schedule)) > 1:
             raise LoweringError("cascade eviction with a per-layer schedule cannot be lowered: the top-k would need "
                                 "the intersection of a layer's list with the list kept above (no such instruction)")

@@ -14,7 +14,7 @@ from spatten_compiler.config import CompileConfig, parse_ratio_list
 from spatten_compiler.defaults import PRESET_NAMES
 from spatten_compiler.errors import OptionError
 from spatten_compiler.modelio import same_file, save_model, weight_bytes
-from spatten_compiler.passes.evict_kv import SCORES
+from spatten_compiler.passes.evict_kv import MODES, SCORES
 from spatten_compiler.progress import Reporter
 
 logger = logging.getLogger(__name__)
@@ -105,9 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-sinks", type=int, metavar="N", help="first N real tokens are never evicted (default 4)")
     e.add_argument("--kv-recent", metavar="N|P%",
                    help="the N most recent tokens, or a share P%% of the budget, are never evicted (default 50%%)")
-    e.add_argument("--kv-evict", choices=("layer", "cascade"),
-                   help="layer (default): each layer keeps its top tokens by accumulated attention (H2O); "
-                   "cascade: SpAtten's, a token dropped once stays dropped deeper")
+    e.add_argument("--kv-evict", choices=MODES,
+                   help="one kept set per KV head (head: the presets), per layer (layer: H2O; default with "
+                   "--kv-budget) or SpAtten's cascade")
     e.add_argument("--kv-score", choices=tuple(SCORES),
                    help="token ranking for eviction: accumulated (H2O / SpAtten), mean, sqrt, ema, last "
                    "(TOVA) (docs/decoders.md; default accumulated)")
