@@ -76,6 +76,7 @@ class Lowering:
             per_row = int(np.prod([d or 1 for d in shape[2:]])) * _itemsize(tt.elem_type)  # [batch, token, ...]
             self.e.region(f"in.{inp.name}", "input", self.max_rows * per_row, 8 * _itemsize(tt.elem_type), inp.name)
         self.kv = attn.KVPlanes(self)
+        self.prunes_heads = any(n.domain == "spatten" and n.op_type == "HeadSelect" for n in gi.nodes)
         plan = lower_evict.EvictPlan.from_model(gi.model)
         self.evict = lower_evict.EvictLowering(self, plan) if plan is not None and opts.decoder else None
 
@@ -177,6 +178,8 @@ class Lowering:
         self.e.reset_sram()  # every block starts with empty buffers: step blocks get the same addresses
         if self.opts.decoder or past:
             self.e.emit("ilist", op=attn.ILIST["iota"], dst=SLOT_TOKENS, value=rows)
+            if self.prunes_heads:  # every block ranks the heads anew (the graph's HeadSelect runs per step)
+                self.e.emit("ilist", op=attn.ILIST["iota"], dst=SLOT_HEADS, value=0)
         for n in self.gi.nodes:
             grp = self.group_of.get(id(n))
             if grp is not None:
