@@ -57,7 +57,7 @@ class Lowering:
     def __init__(self, gi: GraphInfo, opts: EmitOptions, path: Path) -> None:
         self.gi, self.opts, self.path = gi, opts, path
         self.live_bound = opts.seq_len  # rows left after the token pruning seen so far (for keep ratios)
-        self.heads_live = gi.groups[0].heads if gi.groups else 1  # heads left after head pruning so far
+        self.heads_live = gi.groups[0].kv_heads if gi.groups else 1  # K/V groups left after head pruning so far
         self._evaluated: dict[str, np.ndarray | None] = {}
         self.e = Emitter(opts.hw)
         self.addr: dict[str, int] = {}
@@ -171,7 +171,7 @@ class Lowering:
     # ---- the walk ---------------------------------------------------------------------------
     def block(self, rows: int, past: int) -> None:
         self.rows, self.past = rows, past
-        self.heads_live = self.gi.groups[0].heads if self.gi.groups else 1
+        self.heads_live = self.gi.groups[0].kv_heads if self.gi.groups else 1
         self.addr = {}
         self.spill: dict[str, tuple[int, int, int, int]] = {}  # value -> (tensor, rows, row_bytes, live)
         self._fresh: list[str] = []

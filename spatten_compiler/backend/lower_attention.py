@@ -395,7 +395,7 @@ def lower_norm(lw: Lowering, n: onnx.NodeProto) -> None:
 
 def lower_head_select(lw: Lowering, n: onnx.NodeProto) -> None:
     k = _const(lw, n.input[2]) if len(n.input) > 2 else None
-    before = lw.heads_live  # a cascade ranks the heads kept so far: the ratio is of those
+    before = lw.heads_live  # a cascade ranks the groups kept so far: the ratio is of those
     keep = (k or before) / before
     lw.heads_live = int(k or before)
     lw.e.emit("cfg.prune", token_keep=FIXED, head_keep=fixed(keep), value_keep=FIXED)

@@ -133,8 +133,8 @@ class Functional:
             if m.protect_recent:
                 prot[-m.protect_recent:] = True
             score = np.where(prot, np.inf, score)
-        else:
-            score = self.head_acc[cand].astype(np.float64)
+        else:  # K/V groups: a group's score is the sum of its query heads' (prune-heads' rule)
+            score = self.head_acc.reshape(-1, ctx.m.group).sum(axis=1)[cand].astype(np.float64)
         order = np.argsort(-score, kind="stable")[:k]  # ties: the lower index first
         kept = cand[np.sort(order)]
         (self.kept_tokens if kind == "tokens" else self.kept_heads).append(kept)

@@ -364,19 +364,42 @@ class ModelRun(Functional):
         k_raw, v_raw = h.value(b.kt), h.value(b.v)
         k = self._rows_heads(k_raw, g, fused, transposed=not fused)
         v = self._rows_heads(v_raw, g, fused)
-        # head pruning: the host holds the kept heads only; GQA: K/V have their own (fewer) heads
+        # head pruning: the host holds the kept heads only (sliced projections, or a KV cache's heads
+        # gathered by spatten.KeptHeads); GQA: K/V have their own (fewer) heads
         sliced = k.shape[1] == live.size and live.size != g.heads and g.kv_heads == g.heads
+        kept_k, kept_v = (self._kept_heads(b.kt), self._kept_heads(b.v))
 
-        def lay(a: np.ndarray) -> np.ndarray:
-            return _place(a, live, g.heads) if sliced else a
+        def layout(kept: tuple[np.ndarray, int] | None) -> Any:
+            def lay(a: np.ndarray) -> np.ndarray:
+                if kept is not None:  # host head j -> head kept[j] of the gathered tensor's layout
+                    out = np.zeros((a.shape[0], kept[1], *a.shape[2:]), a.dtype)
+                    out[:, kept[0]] = a
+                    return out
+                return _place(a, live, g.heads) if sliced else a
+            return lay
 
-        kp = _planes(h, b.k_quant, k_raw, lay, not fused)
-        vp = _planes(h, b.v_quant, v_raw, lay, False)
-        k, v = lay(k), lay(v)
+        kp = _planes(h, b.k_quant, k_raw, layout(kept_k), not fused)
+        vp = _planes(h, b.v_quant, v_raw, layout(kept_v), False)
+        k, v = layout(kept_k)(k), layout(kept_v)(v)
         if self.session is not None:  # rows of the host's K/V -> row numbers in the accelerator's DRAM
             k, v, kp, vp = self._store(g.layer, k.shape[0], k, v, kp, vp)
         self.data[g.layer] = AttentionData(q, k, v, kp, vp)
         self.head_acc_before = None if self.head_acc is None or g.layer == 0 else self.head_acc.copy()
+
+    def _kept_heads(self, value: str) -> tuple[np.ndarray, int] | None:
+        """(kept head indices, heads of the tensor they were gathered from) when ``value`` comes from a
+        ``spatten.KeptHeads`` (head pruning of a KV-cache decoder: the cache keeps every head)."""
+        for _ in range(16):  # along the operand's own chain (views, scaling, quantization), not further up
+            node = self.gi.producer.get(value)
+            if node is None:
+                return None
+            if node.domain == "spatten" and node.op_type == "KeptHeads":
+                return (np.asarray(self.host.value(node.input[1]), np.int64).reshape(-1),
+                        int(np.shape(self.host.value(node.input[0]))[1]))
+            if node.op_type not in OPERAND_CHAIN and not node.op_type.startswith(("Quantize", "Dequantize")):
+                return None
+            value = node.input[0]
+        return None
 
     def _store(self, layer: int, n: int, *arrays: Any) -> list[Any]:
         """Write the host's K/V rows at their row numbers (store.kv writes each token's row once; rows
@@ -424,7 +447,7 @@ class ModelRun(Functional):
         self.open = None
         if kind == "heads":
             node = self.host.nodes[what]
-            self.host.env[node.output[0]] = self.ctx.m.live_heads.astype(np.int64)
+            self.host.env[node.output[0]] = np.unique(self.ctx.m.live_heads // self.ctx.m.group).astype(np.int64)
             self.host.done.add(what)
             return
         b: Block = what
@@ -491,6 +514,9 @@ EVICT_EXITS = {  # evict-kv's outputs of an attention block (value name prefix) 
     "present_importance": ModelRun._exit_importance,
     "present": ModelRun._exit_cache,
 }
+
+
+OPERAND_CHAIN = {"Transpose", "Reshape", "Identity", "Cast", "Expand", "Unsqueeze", "Squeeze", "Mul", "Div"}
 
 
 def _host_heads(host: Host, b: Block, g: Group) -> int:
