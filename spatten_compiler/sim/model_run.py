@@ -595,6 +595,12 @@ def run_functional(program: Program, feeds: dict[str, np.ndarray], model: Path |
                                   f"prompt and {steps} steps (give {prompt} tokens, or {prompt + steps} to feed the "
                                   "generated ones; padding is not modelled)")
         length = prompt
+        from spatten_compiler.backend.lower_evict import EvictPlan
+
+        plan = EvictPlan.from_model(proto)
+        if plan is not None and plan.mode == "cascade":
+            raise FunctionalError("generated steps with cascade eviction (--kv-evict cascade) are not modelled in "
+                                  "functional mode; compile with --kv-evict layer (timing mode runs it)")
     else:
         stream_rows = cfg[0]["tokens"] if cfg else length
         if length != stream_rows:
