@@ -308,13 +308,15 @@ def _topk(ctx: Ctx, ins: Instr) -> Work:
         protect = m.protect_first + m.protect_recent if kind == "tokens" else 0
         k = min(cand.size, max(m.keep_count(cand.size, ratio), protect))
     kept = _keep(ctx, ins, cand, k)
-    if kind == "heads":
-        kept = (kept[:, None] * m.group + np.arange(m.group)).reshape(-1)
+    n_in = cand.size
+    if kind == "heads":  # counters in query heads
+        kept, n_in = (kept[:, None] * m.group + np.arange(m.group)).reshape(-1), cand.size * m.group
     m.set_slot(ins["idx_out"], kept)
-    ctx.counters[f"{kind}_in"] += cand.size
+    ctx.counters[f"{kind}_in"] += n_in
     ctx.counters[f"{kind}_kept"] += kept.size
     engine = "topk.values" if kind == "values" else "topk.tokens"  # two engines (tokens/heads, local V)
-    return UnitWork(engine, topk_cycles(int(cand.size), int(kept.size), ctx.hw.topk_parallelism), 0,
+    return UnitWork(engine, topk_cycles(int(cand.size), int(kept.size) // (m.group if kind == "heads" else 1),
+                                      ctx.hw.topk_parallelism), 0,
                     ins["head"] if kind == "values" else -1)
 
 
