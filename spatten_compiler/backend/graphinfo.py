@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -165,9 +167,12 @@ class GraphInfo:
             # head pruning slices the projections: static shapes after it show the kept heads only, but
             # the stream numbers heads as the model does (the live-head list names them)
             full = max(g.heads for g in ordered)
+            # K/V heads as the unpruned layers have them (GQA: a pruned layer's K/V width can equal its
+            # kept query heads, e.g. SmolLM2 keeping 1 of 3 groups = 3 query heads next to 3 K/V heads)
+            kv = collections.Counter(g.kv_heads for g in ordered if g.heads == full).most_common(1)[0][0]
             for g in ordered:
                 if g.heads < full:
-                    g.kv_heads = full if g.kv_heads == g.heads else g.kv_heads
+                    g.kv_heads = kv if g.kv_heads in (g.heads, kv) else g.kv_heads
                     g.heads = full
         for i, grp in enumerate(ordered):
             grp.layer = i

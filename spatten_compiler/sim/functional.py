@@ -52,6 +52,9 @@ class AttentionData:
     v: np.ndarray
     k_planes: Planes | None = None
     v_planes: Planes | None = None
+    # the graph's K^T operand is a transposed view (K rows contiguous): a one-row Q x K then rounds as
+    # BLAS does on that layout (gemv over rows), which differs from a contiguous K^T by an ulp
+    kt_view: bool = False
 
 
 @dataclasses.dataclass
@@ -213,7 +216,8 @@ def _scores(f: Functional, head: int, rows: np.ndarray, keys: np.ndarray, full: 
     """Scores of query rows ``rows`` (rows of Q; position past + row) against key rows ``keys``."""
     m = f.ctx.m
     q = np.ascontiguousarray(f.layer_data().q[:, head])
-    k = np.ascontiguousarray(f.read("k", keys, head, full).T)
+    rows_k = np.ascontiguousarray(f.read("k", keys, head, full))
+    k = rows_k.T if f.layer_data().kt_view else np.ascontiguousarray(rows_k.T)
     scale = np.float32(m.scale) if m.scale else np.float32(1) / np.float32(np.sqrt(m.head_dim))
     # every Q row in one product, then the live rows (the same float rounding as the graph's MatMul)
     s = ((q @ k) / scale if m.scale_div else (q @ k) * scale)[rows]

@@ -383,7 +383,7 @@ class ModelRun(Functional):
         k, v = layout(kept_k)(k), layout(kept_v)(v)
         if self.session is not None:  # rows of the host's K/V -> row numbers in the accelerator's DRAM
             k, v, kp, vp = self._store(g.layer, k.shape[0], k, v, kp, vp)
-        self.data[g.layer] = AttentionData(q, k, v, kp, vp)
+        self.data[g.layer] = AttentionData(q, k, v, kp, vp, kt_view=_transposed_view(h, g.qk[0]))
         self.head_acc_before = None if self.head_acc is None or g.layer == 0 else self.head_acc.copy()
 
     def _kept_heads(self, value: str) -> tuple[np.ndarray, int] | None:
@@ -517,6 +517,14 @@ EVICT_EXITS = {  # evict-kv's outputs of an attention block (value name prefix) 
 
 
 OPERAND_CHAIN = {"Transpose", "Reshape", "Identity", "Cast", "Expand", "Unsqueeze", "Squeeze", "Mul", "Div"}
+
+
+def _transposed_view(host: Host, qk: onnx.NodeProto) -> bool:
+    """Whether the graph's K^T operand of Q x K is K's rows transposed (not contiguous in its last dim)."""
+    if qk.op_type != "MatMul" or host.producer.get(qk.input[1]) in host.skip:
+        return False
+    kt = host.value(qk.input[1])
+    return isinstance(kt, np.ndarray) and kt.ndim >= 2 and kt.strides[-1] != kt.itemsize
 
 
 def _host_heads(host: Host, b: Block, g: Group) -> int:
