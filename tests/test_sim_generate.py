@@ -25,18 +25,21 @@ PROMPT, STEPS = 8, 4
 # head pruning (MHA: 2 of 4 heads; GQA 4/2: 1 of 2 KV groups), local value pruning, float K/V cache
 HEADS = ["--head-keep", "0.5", "--value-keep", "0.5", "--kv-bits", "none"]
 EVICT = [*HEADS, "--kv-budget", "0.5", "--kv-sinks", "1", "--kv-recent", "2"]
+PACKED = ["--head-keep", "0.5", "--value-keep", "0.5", "--kv-bits", "6+4"]  # pack-kv-cache: 6+4 planes in the cache
+OPTS = {"heads": HEADS, "evict": EVICT, "packed": PACKED}
 DECODERS = ["gpt2_kv_torchscript", "gpt2_kv_dynamo", "llama_torchscript", "llama_dynamo", "llama_sdpa_dynamo",
             "llama_attention_op23"]
-QUICK = {("gpt2_kv_torchscript", "heads"), ("llama_dynamo", "heads"), ("llama_dynamo", "evict")}
+QUICK = {("gpt2_kv_torchscript", "heads"), ("llama_dynamo", "heads"), ("llama_dynamo", "evict"),
+         ("llama_dynamo", "packed")}
 CASES = [pytest.param(n, o, marks=[] if (n, o) in QUICK else [pytest.mark.slow])
-         for n in DECODERS for o in ("heads", "evict")]
+         for n in DECODERS for o in OPTS]
 
 
 def compiled(name: str, opts: str, out: Path, src: Path | None = None) -> Path:
     dst = out / f"{name}.{opts}.spatten.onnx"
     if not dst.exists():
         assert spattenc(["compile", str(src or MODELS / f"{name}.onnx"), "-o", str(dst), "-q",
-                         *(HEADS if opts == "heads" else EVICT)]) == 0
+                         *OPTS[opts]]) == 0
     return dst
 
 
@@ -71,6 +74,8 @@ def test_generated_steps_equal_the_reference_runtime(name: str, opts: str,
     s = assert_steps_equal_reference(path, r, feeds["input_ids"], STEPS)
     # not vacuous: heads were pruned at every step (and ranked per step), eviction dropped rows
     assert len(r.kept_heads) >= STEPS + 1 and all(len(h) < 4 for h in r.kept_heads)
+    if opts == "packed":  # the steps refetched LSBs too
+        assert all(any(rows for *_, rows in block) for block in r.step_lsb_rows)
     if opts == "evict":
         assert all(n < PROMPT + STEPS for n in s.cache_lengths())
         assert r.timing.counters["tokens_kept"] < r.timing.counters["tokens_in"]

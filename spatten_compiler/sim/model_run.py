@@ -126,6 +126,8 @@ class Block:
     k_quant: onnx.NodeProto | None  # QuantizeSplit / Quantize writing the K planes
     v_quant: onnx.NodeProto | None
     exits: list[tuple[str, onnx.NodeProto, int]]  # (value, producer, output index) read outside
+    k_transposed: bool = True  # kt is [B, H, D, T] (quantize-kv's K^T; not pack-kv-cache's new tokens)
+    v_transposed: bool = False
 
 
 def _block(gi: GraphInfo, g: Group) -> Block:
@@ -137,6 +139,10 @@ def _block(gi: GraphInfo, g: Group) -> Block:
               if o in {x.name for x in gi.model.graph.output} and all(o != e[0] for e in exits)]
     if qk.op_type == "Attention":
         return Block(g, qk.input[0], qk.input[1], qk.input[2], None, None, exits)
+    if g.k_src is not None and g.k_src.quant is not None and g.v_src is not None and g.v_src.quant is not None:
+        k, v = g.k_src, g.v_src  # the quantizers behind the operands (backend.kvsource)
+        return Block(g, qk.input[0], k.quant.input[0], v.quant.input[0], k.quant, v.quant, exits,
+                     k.transposed, v.transposed)
     quants = g.spatten.get("QuantizeSplit", []) + g.spatten.get("Quantize", [])
     feeds_qk = _upstream(gi, qk.input[1], {id(n) for n in quants})
     k_quant = next((n for n in quants if id(n) in feeds_qk), None)
@@ -273,8 +279,8 @@ class ModelRun(Functional):
         # the host also runs the block's (de)quantization nodes: the graph may read them outside the block
         # (a K cache concatenated from the planes, a scale applied after dequantization); their numbers
         # never reach the accelerator, which writes its own planes with store.kv
-        skip = {k for k, n in enumerate(model.graph.node) if id(n) in self.gi.group_of_node()
-                and not (n.domain == "spatten" and n.op_type.startswith(("Quantize", "Dequantize")))}
+        storage = self.gi.storage_nodes()
+        skip = {k for k, n in enumerate(model.graph.node) if id(n) in self.gi.group_of_node() and id(n) not in storage}
         self.head_select = {k for k, n in enumerate(model.graph.node)
                             if n.domain == "spatten" and n.op_type == "HeadSelect"}
         self.session = None
@@ -362,8 +368,8 @@ class ModelRun(Functional):
         fused = g.qk[0].op_type == "Attention"
         q = _place(self._rows_heads(h.value(b.q), g, fused), live, g.heads)
         k_raw, v_raw = h.value(b.kt), h.value(b.v)
-        k = self._rows_heads(k_raw, g, fused, transposed=not fused)
-        v = self._rows_heads(v_raw, g, fused)
+        k = self._rows_heads(k_raw, g, fused, transposed=b.k_transposed and not fused)
+        v = self._rows_heads(v_raw, g, fused, transposed=b.v_transposed)
         # head pruning: the host holds the kept heads only (sliced projections, or a KV cache's heads
         # gathered by spatten.KeptHeads); GQA: K/V have their own (fewer) heads
         sliced = k.shape[1] == live.size and live.size != g.heads and g.kv_heads == g.heads
@@ -378,8 +384,8 @@ class ModelRun(Functional):
                 return _place(a, live, g.heads) if sliced else a
             return lay
 
-        kp = _planes(h, b.k_quant, k_raw, layout(kept_k), not fused)
-        vp = _planes(h, b.v_quant, v_raw, layout(kept_v), False)
+        kp = _planes(h, b.k_quant, k_raw, layout(kept_k), b.k_transposed and not fused)
+        vp = _planes(h, b.v_quant, v_raw, layout(kept_v), b.v_transposed)
         k, v = layout(kept_k)(k), layout(kept_v)(v)
         if self.session is not None:  # rows of the host's K/V -> row numbers in the accelerator's DRAM
             k, v, kp, vp = self._store(g.layer, k.shape[0], k, v, kp, vp)
@@ -407,8 +413,9 @@ class ModelRun(Functional):
         ``past_positions``, else 0..) then the block's new rows."""
         h = self.host
         past = h.env.get(f"past_positions.{layer}")
-        if past is None:
-            rows = np.arange(n)
+        if past is None:  # the cache then the new rows; pack-kv-cache's quantizer input: the new rows only
+            total = self.session._pending_mask.shape[1]
+            rows = np.arange(total - n, total)
         else:
             past = np.asarray(past, np.int64)[0]
             rows = np.concatenate([past, np.asarray(h.env["position_ids"], np.int64)[0, :n - past.size]])
