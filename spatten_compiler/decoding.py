@@ -123,14 +123,14 @@ class DecoderSession:
         else:  # only the new tokens' columns are read; the past's validity is in past_positions
             past0 = self.cache[self.layers[min(self.layers)]].shape[2]
             feeds["attention_mask"] = np.concatenate([np.ones((ids.shape[0], past0), np.int64), new], axis=1)
-        self._pending_mask = full
+        self.next_mask = full  # every token once the step fed last is committed
         return {k: v for k, v in feeds.items() if k in self.input_names}
 
     def commit(self, out: dict[str, np.ndarray]) -> None:
         """Take the step's outputs (``present*``) as the cache state of the next step."""
         for name in list(self.cache):
             self.cache[name] = out[name.replace("past_key_values.", "present.").replace("past_", "present_")]
-        self.mask = self._pending_mask
+        self.mask = self.next_mask
         self.steps += 1
 
     def fork(self) -> DecoderSession:

@@ -116,16 +116,18 @@ def test_generated_steps_refusals(tmp_path_factory: pytest.TempPathFactory, tmp_
     assert "prompt + 2 generated steps" in text
     with np.load(out) as got:
         assert got["generated_ids"].shape == (3,) and "logits" in got.files
-    # cascade eviction is refused in one line
-    cascade = tmp_path / "cascade.onnx"
-    assert spattenc(["compile", str(MODELS / "llama_dynamo.onnx"), "-o", str(cascade), "-q", "--kv-bits", "none",
-                     "--kv-budget", "0.5", "--kv-evict", "cascade"]) == 0
-    assert spattenc(["emit", str(cascade), "--prompt-len", str(PROMPT), "--gen-steps", "1", "-o",
-                     str(tmp_path / "c.spbin"), "-q"]) == 0
-    capsys.readouterr()
-    assert spattenc(["sim", str(tmp_path / "c.spbin"), "--input", str(tmp_path / "f.npz"), "--mode", "functional"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "cascade" in err and "\n" not in err
+    # cascade eviction, eviction of the packed cache: refused in one line
+    for opts, word in ((["--kv-bits", "none", "--kv-evict", "cascade"], "cascade"), (["--kv-bits", "6+4"], "packed")):
+        evicting = tmp_path / f"{word}.onnx"
+        assert spattenc(["compile", str(MODELS / "llama_dynamo.onnx"), "-o", str(evicting), "-q", "--kv-budget", "0.5",
+                         *opts]) == 0
+        assert spattenc(["emit", str(evicting), "--prompt-len", str(PROMPT), "--gen-steps", "1", "-o",
+                         str(tmp_path / "c.spbin"), "-q"]) == 0
+        capsys.readouterr()
+        assert spattenc(["sim", str(tmp_path / "c.spbin"), "--input", str(tmp_path / "f.npz"),
+                         "--mode", "functional"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert word in err and "\n" not in err and "Traceback" not in err
     # a decoder exported without a KV cache cannot run a one-token step
     dense = tmp_path / "nocache.spbin"
     assert spattenc(["emit", str(MODELS / "gpt2_torchscript.onnx"), "--prompt-len", str(PROMPT), "--gen-steps", "1",

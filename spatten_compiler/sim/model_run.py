@@ -414,7 +414,7 @@ class ModelRun(Functional):
         h = self.host
         past = h.env.get(f"past_positions.{layer}")
         if past is None:  # the cache then the new rows; pack-kv-cache's quantizer input: the new rows only
-            total = self.session._pending_mask.shape[1]
+            total = self.session.next_mask.shape[1]
             rows = np.arange(total - n, total)
         else:
             past = np.asarray(past, np.int64)[0]
@@ -616,6 +616,10 @@ def run_functional(program: Program, feeds: dict[str, np.ndarray], model: Path |
         if plan is not None and plan.mode == "cascade":
             raise FunctionalError("generated steps with cascade eviction (--kv-evict cascade) are not modelled in "
                                   "functional mode; compile with --kv-evict layer (timing mode runs it)")
+        if plan is not None and any(p.key == "spatten.kv_cache_bits" for p in proto.metadata_props):
+            raise FunctionalError("generated steps with eviction of the packed K/V cache (--kv-budget with --kv-bits "
+                                  "M+L) are not modelled in functional mode; compile with --kv-bits none (timing mode "
+                                  "runs it)")
     else:
         stream_rows = cfg[0]["tokens"] if cfg else length
         if length != stream_rows:
