@@ -33,11 +33,18 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> int | None:
 
 
 class DecoderSession:
-    """Runs a decoder step by step. ``runtime``: ``ort`` (onnxruntime) or ``reference``."""
+    """Runs a decoder step by step. ``runtime``: ``ort`` (onnxruntime), ``reference``, or ``none``
+    (no engine: :meth:`feeds` / :meth:`commit` keep the cache state for a caller that runs the graph
+    itself, e.g. the functional simulator; ``model`` may then be a ModelProto)."""
 
-    def __init__(self, model: str | Path, runtime: str = "ort", threads: int | None = None) -> None:
-        path = Path(model)
-        proto = onnx.load(str(path), load_external_data=False)
+    def __init__(self, model: str | Path | onnx.ModelProto, runtime: str = "ort", threads: int | None = None) -> None:
+        if isinstance(model, onnx.ModelProto):
+            if runtime != "none":
+                raise OptionError("DecoderSession: a ModelProto needs runtime='none'")
+            path, proto = Path(model.graph.name or "model"), model
+        else:
+            path = Path(model)
+            proto = onnx.load(str(path), load_external_data=False)
         self.input_names = [i.name for i in proto.graph.input]
         self.output_names = [o.name for o in proto.graph.output]
         self.layers: dict[int, str] = {}  # layer -> the name of one of its cache inputs
@@ -75,8 +82,8 @@ class DecoderSession:
             from spatten_compiler.runtime.reference import ReferenceRuntime
 
             self._ref = ReferenceRuntime(str(path))
-        else:
-            raise OptionError(f"runtime must be ort or reference, got {runtime!r}")
+        elif runtime != "none":
+            raise OptionError(f"runtime must be ort, reference or none, got {runtime!r}")
         self.reset(1)
 
     def reset(self, batch: int) -> None:
@@ -90,13 +97,18 @@ class DecoderSession:
         self.steps = 0
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         if self.runtime == "ort":
             return dict(zip(self.output_names, self._ort.run(None, feeds)))
         return self._ref.run(feeds).outputs
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Feed ``q`` new tokens per sequence ([B, q], mask 0 = left padding); returns logits [B, q, V]."""
+        out = self._run(self.feeds(input_ids, attention_mask))
+        self.commit(out)
+        return out["logits"]
+
+    def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The graph inputs of the next step (ids, mask, positions, the cache state so far)."""
         ids = np.asarray(input_ids, np.int64)
         new = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
         full = np.concatenate([self.mask, new], axis=1)
@@ -111,12 +123,15 @@ class DecoderSession:
         else:  # only the new tokens' columns are read; the past's validity is in past_positions
             past0 = self.cache[self.layers[min(self.layers)]].shape[2]
             feeds["attention_mask"] = np.concatenate([np.ones((ids.shape[0], past0), np.int64), new], axis=1)
-        out = self._run(feeds)
+        self.next_mask = full  # every token once the step fed last is committed
+        return {k: v for k, v in feeds.items() if k in self.input_names}
+
+    def commit(self, out: dict[str, np.ndarray]) -> None:
+        """Take the step's outputs (``present*``) as the cache state of the next step."""
         for name in list(self.cache):
             self.cache[name] = out[name.replace("past_key_values.", "present.").replace("past_", "present_")]
-        self.mask = full
+        self.mask = self.next_mask
         self.steps += 1
-        return out["logits"]
 
     def fork(self) -> DecoderSession:
         """Another sequence state over the same loaded runtime (benchmarks step several in lockstep)."""

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -23,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
+from spatten_compiler.backend.kvsource import KVSource, packing, trace
 from spatten_compiler.errors import ModelLoadError
 from spatten_compiler.lazyproto import read_model
 
@@ -48,6 +51,9 @@ class Group:
     kv_heads: int
     head_dim: int
     spatten: dict[str, list[onnx.NodeProto]] = dataclasses.field(default_factory=dict)
+    k_src: KVSource | None = None  # how the stored K reaches Q x K (backend.kvsource)
+    v_src: KVSource | None = None
+    storage: set[int] = dataclasses.field(default_factory=set)  # ids of the (de)quantization / packing nodes
 
 
 class GraphInfo:
@@ -165,15 +171,56 @@ class GraphInfo:
             # head pruning slices the projections: static shapes after it show the kept heads only, but
             # the stream numbers heads as the model does (the live-head list names them)
             full = max(g.heads for g in ordered)
+            # K/V heads as the unpruned layers have them (GQA: a pruned layer's K/V width can equal its
+            # kept query heads, e.g. SmolLM2 keeping 1 of 3 groups = 3 query heads next to 3 K/V heads)
+            kv = collections.Counter(g.kv_heads for g in ordered if g.heads == full).most_common(1)[0][0]
             for g in ordered:
                 if g.heads < full:
-                    g.kv_heads = full if g.kv_heads == g.heads else g.kv_heads
+                    g.kv_heads = kv if g.kv_heads in (g.heads, kv) else g.kv_heads
                     g.heads = full
         for i, grp in enumerate(ordered):
             grp.layer = i
             if grp.qk[0].op_type != "Attention":
                 self._absorb(grp)
+                self._sources(grp)
         return ordered
+
+    def _sources(self, grp: Group) -> None:
+        """K and V sources (the codes, scales and quantizer behind the operands: MSB-only and full reads
+        with progressive quantization); the storage nodes - quantizers, dequantizers, and the
+        append-only cache's table lookups and packing - belong to the template (store.kv / fetch.kv)."""
+        pc = grp.spatten.get("ProgressiveContext", [])
+        pv = sorted((self.by_id[i] for i in grp.nodes if self.by_id[i].op_type == "MatMul"
+                     and self.by_id[i] not in grp.qk), key=lambda n: self.position[id(n)])
+        vs = list(pc[0].input[3:5]) if pc else [pv[0].input[1]] if pv else []
+        for attr, operands, transposed in (("k_src", [q.input[1] for q in grp.qk], True), ("v_src", vs, False)):
+            for operand in operands:
+                src = trace(self, operand, transposed)
+                if isinstance(src, str):
+                    logger.debug("layer %d %s: no stored source (%s)", grp.layer, attr[0], src)
+                    continue
+                if getattr(grp, attr) is None:
+                    setattr(grp, attr, src)
+                    kvh = self._proj_width(src.quant.input[0], grp.head_dim) if src.quant is not None else None
+                    if kvh and kvh < grp.kv_heads and grp.heads % kvh == 0:  # the cache stores K/V heads (GQA)
+                        grp.kv_heads = kvh
+                self._own(grp, src)
+        grp.storage.update(id(n) for kind, ns in grp.spatten.items() if kind.startswith(("Quantize", "Dequantize"))
+                           for n in ns)
+
+    def _own(self, grp: Group, src: KVSource) -> None:
+        nodes = list(src.nodes)
+        if src.quant is not None:
+            nodes.append(src.quant)
+            if src.quant not in grp.spatten.get(src.quant.op_type, []):
+                grp.spatten.setdefault(src.quant.op_type, []).append(src.quant)
+            if src.form == "lookup":
+                planes = {i for n in src.nodes if n.op_type == "Gather" for i in n.input[1:]}
+                planes |= {self.producer[p].input[0] for p in planes
+                           if p in self.producer and self.producer[p].op_type == "Cast"}
+                nodes += packing(self, src.quant, planes)
+        grp.nodes.update(id(n) for n in nodes)
+        grp.storage.update(id(n) for n in nodes)
 
     def _proj_width(self, name: str, d: int) -> int | None:
         """Heads of the projection a Q/K/V operand comes from (before any GQA expansion)."""
@@ -245,6 +292,11 @@ class GraphInfo:
 
     def group_of_node(self) -> dict[int, Group]:
         return {nid: g for g in self.groups for nid in g.nodes}
+
+    def storage_nodes(self) -> set[int]:
+        """Ids of the template's K/V storage nodes: their numbers never reach the accelerator (store.kv
+        writes its own planes), but the graph may read them outside the block (present.* outputs, shapes)."""
+        return {nid for g in self.groups for nid in g.storage}
 
     def topo(self) -> Iterable[onnx.NodeProto]:
         return self.nodes  # ONNX graphs are stored in topological order (checked by onnx.checker)

@@ -57,7 +57,7 @@ class Lowering:
     def __init__(self, gi: GraphInfo, opts: EmitOptions, path: Path) -> None:
         self.gi, self.opts, self.path = gi, opts, path
         self.live_bound = opts.seq_len  # rows left after the token pruning seen so far (for keep ratios)
-        self.heads_live = gi.groups[0].heads if gi.groups else 1  # heads left after head pruning so far
+        self.heads_live = gi.groups[0].kv_heads if gi.groups else 1  # K/V groups left after head pruning so far
         self._evaluated: dict[str, np.ndarray | None] = {}
         self.e = Emitter(opts.hw)
         self.addr: dict[str, int] = {}
@@ -76,6 +76,7 @@ class Lowering:
             per_row = int(np.prod([d or 1 for d in shape[2:]])) * _itemsize(tt.elem_type)  # [batch, token, ...]
             self.e.region(f"in.{inp.name}", "input", self.max_rows * per_row, 8 * _itemsize(tt.elem_type), inp.name)
         self.kv = attn.KVPlanes(self)
+        self.prunes_heads = any(n.domain == "spatten" and n.op_type == "HeadSelect" for n in gi.nodes)
         plan = lower_evict.EvictPlan.from_model(gi.model)
         self.evict = lower_evict.EvictLowering(self, plan) if plan is not None and opts.decoder else None
 
@@ -170,13 +171,15 @@ class Lowering:
     # ---- the walk ---------------------------------------------------------------------------
     def block(self, rows: int, past: int) -> None:
         self.rows, self.past = rows, past
-        self.heads_live = self.gi.groups[0].heads if self.gi.groups else 1
+        self.heads_live = self.gi.groups[0].kv_heads if self.gi.groups else 1
         self.addr = {}
         self.spill: dict[str, tuple[int, int, int, int]] = {}  # value -> (tensor, rows, row_bytes, live)
         self._fresh: list[str] = []
         self.e.reset_sram()  # every block starts with empty buffers: step blocks get the same addresses
         if self.opts.decoder or past:
             self.e.emit("ilist", op=attn.ILIST["iota"], dst=SLOT_TOKENS, value=rows)
+            if self.prunes_heads:  # every block ranks the heads anew (the graph's HeadSelect runs per step)
+                self.e.emit("ilist", op=attn.ILIST["iota"], dst=SLOT_HEADS, value=0)
         for n in self.gi.nodes:
             grp = self.group_of.get(id(n))
             if grp is not None:

@@ -73,7 +73,10 @@ class KVPlanes:
         self.regions: dict[tuple[int, str, str], tuple[int, int]] = {}  # (layer, k|v, plane) -> (tensor, row bytes)
 
     def bits(self, g: Group) -> tuple[int, int]:
-        """(MSB bits, LSB bits); (16, 0) for an unquantized model."""
+        """(MSB bits, LSB bits); (16, 0) for an unquantized model. From the stored K's source (the
+        codes its dequantization reads, backend.kvsource), else the block's quantizer constants."""
+        if g.k_src is not None:
+            return g.k_src.msb_bits, g.k_src.lsb_bits
         for node in g.spatten.get("QuantizeSplit", []):
             step, qmax = (self.lw.gi.const_value(i) for i in node.input[2:4])
             if step is not None and qmax is not None:
@@ -152,6 +155,8 @@ def score_scale(lw: Lowering, g: Group) -> tuple[float, bool]:
 def _dequantized_k_factor(lw: Lowering, g: Group) -> float:
     """Constant factors applied to K between its dequantization and Q x K (exporters that scale Q and
     K by sqrt(scale) each): store.kv quantizes K before them, so the score scale carries them."""
+    if g.k_src is not None:
+        return g.k_src.factor
     factor, value = 1.0, g.qk[0].input[1]
     for _ in range(8):
         n = lw.gi.producer.get(value)
@@ -395,7 +400,7 @@ def lower_norm(lw: Lowering, n: onnx.NodeProto) -> None:
 
 def lower_head_select(lw: Lowering, n: onnx.NodeProto) -> None:
     k = _const(lw, n.input[2]) if len(n.input) > 2 else None
-    before = lw.heads_live  # a cascade ranks the heads kept so far: the ratio is of those
+    before = lw.heads_live  # a cascade ranks the groups kept so far: the ratio is of those
     keep = (k or before) / before
     lw.heads_live = int(k or before)
     lw.e.emit("cfg.prune", token_keep=FIXED, head_keep=fixed(keep), value_keep=FIXED)

@@ -85,7 +85,8 @@ def run_functional_mode(args: argparse.Namespace) -> int:
     program = read_program(args.binary, load_hw(args.hw) if args.hw else None)
     result = run_functional(program, load_feeds(args.input), model=args.model)
     if args.outputs:
-        np.savez(args.outputs, **result.outputs)
+        generated = {"generated_ids": np.array(result.generated, np.int64)} if result.generated else {}
+        np.savez(args.outputs, **result.outputs, **generated)
     doc = {"functional": result.summary(), "timing": result.timing.to_dict()}
     if args.report:
         args.report.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -52,6 +52,9 @@ class AttentionData:
     v: np.ndarray
     k_planes: Planes | None = None
     v_planes: Planes | None = None
+    # the graph's K^T operand is a transposed view (K rows contiguous): a one-row Q x K then rounds as
+    # BLAS does on that layout (gemv over rows), which differs from a contiguous K^T by an ulp
+    kt_view: bool = False
 
 
 @dataclasses.dataclass
@@ -96,6 +99,11 @@ class Functional:
         self.out: dict[int, np.ndarray] = {}  # layer -> attention output [rows, heads, dim]
         self.out_rows: dict[int, np.ndarray] = {}  # layer -> query rows P x V wrote
         self.token_acc: np.ndarray | None = None
+        # token accumulators kept across token blocks (a decoder's KV-cache eviction, evict-kv's
+        # past_importance): score-buffer address -> importance by K/V row number
+        self.acc_at: dict[int, np.ndarray] = {}
+        self.kv_kept: list[tuple[int, np.ndarray]] = []  # (layer, K/V rows kept) of each eviction top-k
+        self.kv_importance: dict[int, np.ndarray] = {}  # layer -> its eviction accumulator (by row number)
         self.head_acc: np.ndarray | None = None
         self.kept_tokens: list[np.ndarray] = []  # each topk kind=tokens, in order
         self.kept_heads: list[np.ndarray] = []
@@ -108,6 +116,18 @@ class Functional:
         kind = ins.symbol("kind")
         if kind == "values":
             return self._values(ins["head"], cand, ctx.m.value_keep)
+        if kind == "tokens" and _kv_list(ins["idx_out"]):  # KV-cache eviction: the layer's own accumulator
+            score = self.acc_at[ins["src"]][cand].astype(np.float64)
+            m = ctx.m
+            prot = np.zeros(cand.size, dtype=bool)
+            prot[:m.protect_first] = True
+            if m.protect_recent:
+                prot[-m.protect_recent:] = True
+            score = np.where(prot, np.inf, score)
+            kept = cand[np.sort(np.argsort(-score, kind="stable")[:k])]
+            self.kv_kept.append((m.layer, kept))
+            self.kv_importance[m.layer] = self.acc_at[ins["src"]]
+            return kept
         if kind == "tokens":
             score = self.token_acc[cand].astype(np.float64)
             m = ctx.m
@@ -116,8 +136,8 @@ class Functional:
             if m.protect_recent:
                 prot[-m.protect_recent:] = True
             score = np.where(prot, np.inf, score)
-        else:
-            score = self.head_acc[cand].astype(np.float64)
+        else:  # K/V groups: a group's score is the sum of its query heads' (prune-heads' rule)
+            score = self.head_acc.reshape(-1, ctx.m.group).sum(axis=1)[cand].astype(np.float64)
         order = np.argsort(-score, kind="stable")[:k]  # ties: the lower index first
         kept = cand[np.sort(order)]
         (self.kept_tokens if kind == "tokens" else self.kept_heads).append(kept)
@@ -169,6 +189,11 @@ class Functional:
         return planes.read(rows, kvh, full)
 
 
+def _kv_list(slot: int) -> bool:
+    """Index slots 16..1023 hold the decoders' per-layer K/V lists (row numbers kept across blocks)."""
+    return 16 <= slot < 1024
+
+
 @executes("cfg.attn")
 def _new_layer(f: Functional, ins: Instr) -> None:
     # runs before the timing handler configures the machine: read the fields themselves
@@ -181,6 +206,8 @@ def _new_layer(f: Functional, ins: Instr) -> None:
     if ins["layer"] == 0:  # a new pass: importance starts from zero
         f.token_acc = np.zeros(max(ins["tokens"], 1), np.float32)
         f.head_acc = np.zeros(ins["heads"], np.float32)
+        if ins["past"] == 0:  # the prompt block: accumulators kept across blocks start too
+            f.acc_at.clear()
     f.out[ins["layer"]] = np.zeros_like(f.data[ins["layer"]].q)
     f.out_rows.pop(ins["layer"], None)
 
@@ -189,7 +216,8 @@ def _scores(f: Functional, head: int, rows: np.ndarray, keys: np.ndarray, full: 
     """Scores of query rows ``rows`` (rows of Q; position past + row) against key rows ``keys``."""
     m = f.ctx.m
     q = np.ascontiguousarray(f.layer_data().q[:, head])
-    k = np.ascontiguousarray(f.read("k", keys, head, full).T)
+    rows_k = np.ascontiguousarray(f.read("k", keys, head, full))
+    k = rows_k.T if f.layer_data().kt_view else np.ascontiguousarray(rows_k.T)
     scale = np.float32(m.scale) if m.scale else np.float32(1) / np.float32(np.sqrt(m.head_dim))
     # every Q row in one product, then the live rows (the same float rounding as the graph's MatMul)
     s = ((q @ k) / scale if m.scale_div else (q @ k) * scale)[rows]
@@ -256,7 +284,10 @@ def _requant(f: Functional, ins: Instr) -> None:
 @executes("accum")
 def _accum(f: Functional, ins: Instr) -> None:
     h, m = ins["head"], f.ctx.m
-    if ins.symbol("kind") == "token" and h in f.scores:
+    if ins.symbol("kind") == "token" and h in f.scores and _kv_list(ins["idx"]):
+        acc = f.acc_at.setdefault(ins["dst"], np.zeros(max(m.tokens, 1), np.float32))
+        np.add.at(acc, f.keys[h], f.scores[h].sum(axis=0).astype(np.float32))
+    elif ins.symbol("kind") == "token" and h in f.scores:
         col = f.scores[h].sum(axis=0)
         if m.score_rule == "value":
             col = col * np.linalg.norm(f.layer_data().v[f.keys[h], h * f.layer_data().v.shape[1] // m.heads], axis=-1)

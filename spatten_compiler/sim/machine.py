@@ -92,6 +92,16 @@ class Machine:
     def head_live(self, head: int) -> bool:
         return not self._head_set or head in self._head_set
 
+    @property
+    def group(self) -> int:
+        """Query heads per K/V head (GQA; 1 for multi-head attention)."""
+        return max(1, self.heads // max(1, self.kv_heads))
+
+    def kv_head_live(self, kv_head: int) -> bool:
+        """A K/V head is live while one of its group's query heads is."""
+        g = self.group
+        return not self._head_set or any(h in self._head_set for h in range(kv_head * g, (kv_head + 1) * g))
+
     def rows(self, rows: int, live: int) -> int:
         return min(rows, self.live) if live else rows
 

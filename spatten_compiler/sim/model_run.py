@@ -58,11 +58,15 @@ class Host:
         self.nodes = list(self.ev.rt_nodes_)
         self.names = [n.name or n.output[0] for n in model.graph.node]
         self.index = {name: k for k, name in enumerate(self.names)}
-        self.env: dict[str, Any] = dict(self.ev.rt_inits_)
-        inputs = {i.name for i in model.graph.input}
-        self.env.update({k: v for k, v in feeds.items() if k in inputs})
+        self.inputs = {i.name for i in model.graph.input}
         self.producer = {o: k for k, n in enumerate(self.nodes) for o in n.output if o}
         self.skip = skip  # node indices the accelerator computes
+        self.reset(feeds)
+
+    def reset(self, feeds: dict[str, np.ndarray]) -> None:
+        """A new run of the graph (a decoder's next token block) on ``feeds``."""
+        self.env: dict[str, Any] = dict(self.ev.rt_inits_)
+        self.env.update({k: v for k, v in feeds.items() if k in self.inputs})
         self.done: set[int] = set()
         self.cursor = 0
 
@@ -122,6 +126,8 @@ class Block:
     k_quant: onnx.NodeProto | None  # QuantizeSplit / Quantize writing the K planes
     v_quant: onnx.NodeProto | None
     exits: list[tuple[str, onnx.NodeProto, int]]  # (value, producer, output index) read outside
+    k_transposed: bool = True  # kt is [B, H, D, T] (quantize-kv's K^T; not pack-kv-cache's new tokens)
+    v_transposed: bool = False
 
 
 def _block(gi: GraphInfo, g: Group) -> Block:
@@ -133,6 +139,10 @@ def _block(gi: GraphInfo, g: Group) -> Block:
               if o in {x.name for x in gi.model.graph.output} and all(o != e[0] for e in exits)]
     if qk.op_type == "Attention":
         return Block(g, qk.input[0], qk.input[1], qk.input[2], None, None, exits)
+    if g.k_src is not None and g.k_src.quant is not None and g.v_src is not None and g.v_src.quant is not None:
+        k, v = g.k_src, g.v_src  # the quantizers behind the operands (backend.kvsource)
+        return Block(g, qk.input[0], k.quant.input[0], v.quant.input[0], k.quant, v.quant, exits,
+                     k.transposed, v.transposed)
     quants = g.spatten.get("QuantizeSplit", []) + g.spatten.get("Quantize", [])
     feeds_qk = _upstream(gi, qk.input[1], {id(n) for n in quants})
     k_quant = next((n for n in quants if id(n) in feeds_qk), None)
@@ -202,11 +212,16 @@ def _planes(host: Host, node: onnx.NodeProto | None, value: np.ndarray, place: A
 # ---- the run -----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class FunctionalResult:
-    outputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]  # the graph outputs of the last token block (the prompt for encoders)
     kept_tokens: list[list[int]]  # each token top-k (encoder cascade), in order
-    kept_heads: list[list[int]]  # each head top-k
+    kept_heads: list[list[int]]  # each head top-k, in order (every block of a decoder)
     lsb_rows: list[tuple[int, int, list[int]]]  # (layer, head, query rows that fetched LSBs)
     timing: SimReport | None = None
+    # decoders with generated steps: one entry per token block (the prompt, then each step)
+    step_outputs: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    generated: list[int] = dataclasses.field(default_factory=list)  # the token each block chose (or was fed)
+    kv_lists: list[list[list[int]]] = dataclasses.field(default_factory=list)  # [block][layer] K/V rows kept
+    step_lsb_rows: list[list[tuple[int, int, list[int]]]] = dataclasses.field(default_factory=list)
 
     def render(self) -> str:
         lines = ["functional run (accelerator: attention; host: the other nodes, reference runtime ops)", "outputs:"]
@@ -214,6 +229,12 @@ class FunctionalResult:
             v = np.asarray(v)
             stat = f"mean {float(v.mean()):.6g}, max |x| {float(np.abs(v).max()):.6g}" if v.size else "empty"
             lines.append(f"  {k:<28} {str(list(v.shape)):<16} {v.dtype}  {stat}")
+        if len(self.step_outputs) > 1:
+            lines.append(f"token blocks: prompt + {len(self.step_outputs) - 1} generated steps; tokens chosen: "
+                         + " ".join(str(t) for t in self.generated))
+            for b, lists in enumerate(self.kv_lists):
+                if lists:
+                    lines.append(f"  block {b}: K/V rows kept per layer: " + ", ".join(str(len(x)) for x in lists))
         for title, sets in (("kept tokens", self.kept_tokens), ("kept heads", self.kept_heads)):
             lines.append(f"{title} (each top-k in order): " + ("none" if not sets else ""))
             lines += [f"  #{i}: {len(s)} kept: {_ranges(s)}" for i, s in enumerate(sets)]
@@ -227,18 +248,29 @@ class FunctionalResult:
         return "\n".join(lines)
 
     def summary(self) -> dict[str, Any]:
-        return {
+        doc = {
             "outputs": {k: {"shape": list(np.shape(v)), "mean": float(np.mean(v)), "absmax": float(np.abs(v).max())}
                         for k, v in self.outputs.items() if np.size(v)},
             "kept_tokens": self.kept_tokens, "kept_heads": self.kept_heads,
             "lsb_rows": [[layer, h, rows] for layer, h, rows in self.lsb_rows],
         }
+        if len(self.step_outputs) > 1:
+            doc["generated"] = self.generated
+            doc["kv_lists"] = self.kv_lists
+        return doc
 
 
 class ModelRun(Functional):
-    """Functional run of a whole program; ``step`` is called by the timing pass in program order."""
+    """Functional run of a whole program; ``step`` is called by the timing pass in program order.
 
-    def __init__(self, program: Program, model: onnx.ModelProto, feeds: dict[str, np.ndarray], length: int) -> None:
+    A decoder stream holds one token block per token (the prompt, then each generated step; the
+    debug map starts again at the graph's first node). Between blocks the host's graph run ends,
+    its ``present*`` outputs become the next block's cache inputs (:class:`DecoderSession` state),
+    and the next token is the block's greedy choice or the next fed id. The accelerator's K/V
+    planes persist across blocks by row number, as ``store.kv`` leaves them in DRAM."""
+
+    def __init__(self, program: Program, model: onnx.ModelProto, feeds: dict[str, np.ndarray], length: int,
+                 blocks: int = 1, fed: list[int] | None = None, max_rows: int = 0) -> None:
         super().__init__({})
         self.gi = GraphInfo(model, length)
         names = [n.name or n.output[0] for n in model.graph.node]
@@ -247,10 +279,22 @@ class ModelRun(Functional):
         # the host also runs the block's (de)quantization nodes: the graph may read them outside the block
         # (a K cache concatenated from the planes, a scale applied after dequantization); their numbers
         # never reach the accelerator, which writes its own planes with store.kv
-        skip = {k for k, n in enumerate(model.graph.node) if id(n) in self.gi.group_of_node()
-                and not (n.domain == "spatten" and n.op_type.startswith(("Quantize", "Dequantize")))}
+        storage = self.gi.storage_nodes()
+        skip = {k for k, n in enumerate(model.graph.node) if id(n) in self.gi.group_of_node() and id(n) not in storage}
         self.head_select = {k for k, n in enumerate(model.graph.node)
                             if n.domain == "spatten" and n.op_type == "HeadSelect"}
+        self.session = None
+        self.fed = list(fed or [])
+        self.n_blocks, self.max_rows = blocks, max_rows
+        if blocks > 1:
+            from spatten_compiler.decoding import DecoderSession
+
+            try:
+                self.session = DecoderSession(model, runtime="none")
+            except SpattencError as e:
+                raise FunctionalError(f"generated steps: {str(e).split(': ', 1)[-1]}") from None
+            prompt = np.asarray(feeds["input_ids"], np.int64)[:, :length]
+            feeds = self.session.feeds(prompt)
         self.host = Host(model, feeds, skip | self.head_select)
         self.entries: dict[int, int] = {}
         for i, name in program.debug:
@@ -259,8 +303,16 @@ class ModelRun(Functional):
                                       "(the stream was lowered from another model)")
             self.entries[i] = index[name]
         self.k = 0
+        self.last_node = -1
         self.open: tuple[str, Any] | None = None
         self.head_acc_before: np.ndarray | None = None
+        self.mem: dict[tuple[int, str], Any] = {}  # (layer, k|v|kp|vp) -> K/V by row number (the DRAM planes)
+        self.host_rows: dict[int, np.ndarray] = {}  # layer -> the row number of each row of the host's K/V
+        self.step_outputs: list[dict[str, np.ndarray]] = []
+        self.generated: list[int] = []
+        self.kv_lists: list[list[list[int]]] = []
+        self.step_lsb: list[list[tuple[int, int, list[int]]]] = []
+        self._lsb_mark = 0
 
     # ---- program order -----------------------------------------------------------------------
     def step(self, ins) -> None:
@@ -269,10 +321,35 @@ class ModelRun(Functional):
         if node is not None or ins.mnemonic == "finish":
             self._close()
             if node is None:
-                self.host.advance(len(self.host.nodes))
+                self._end_block(last=True)
             else:
+                if node <= self.last_node:  # the debug map starts again: the next token block
+                    self._end_block(last=False)
+                self.last_node = node
                 self._enter(node)
         super().step(ins)
+
+    def _end_block(self, last: bool) -> None:
+        """The host finishes the graph run; a decoder takes the block's outputs as the next step's state."""
+        h = self.host
+        h.advance(len(h.nodes))
+        outs = {o: np.asarray(h.env[o]) for o in h.ev.output_names if o in h.env}
+        self.step_outputs.append(outs)
+        self.step_lsb.append([(layer, hd, r.tolist()) for layer, hd, r in self.lsb_sets[self._lsb_mark:]])
+        self._lsb_mark = len(self.lsb_sets)
+        m = self.ctx.m
+        self.kv_lists.append([m.slot(16 + g.layer).tolist() for g in self.gi.groups] if self.session else [])
+        if self.session is None:
+            return
+        if "logits" not in outs:
+            raise FunctionalError("generated steps: the model has no 'logits' output to choose the next token from")
+        nxt = len(self.generated)
+        token = self.fed[nxt] if nxt < len(self.fed) else int(np.asarray(outs["logits"])[0, -1].argmax())
+        self.generated.append(token)
+        self.session.commit(outs)
+        if not last:
+            h.reset(self.session.feeds(np.array([[token]], np.int64)))
+            self.last_node = -1
 
     def _enter(self, k: int) -> None:
         self.host.advance(k)
@@ -291,19 +368,75 @@ class ModelRun(Functional):
         fused = g.qk[0].op_type == "Attention"
         q = _place(self._rows_heads(h.value(b.q), g, fused), live, g.heads)
         k_raw, v_raw = h.value(b.kt), h.value(b.v)
-        k = self._rows_heads(k_raw, g, fused, transposed=not fused)
-        v = self._rows_heads(v_raw, g, fused)
-        # head pruning: the host holds the kept heads only; GQA: K/V have their own (fewer) heads
+        k = self._rows_heads(k_raw, g, fused, transposed=b.k_transposed and not fused)
+        v = self._rows_heads(v_raw, g, fused, transposed=b.v_transposed)
+        # head pruning: the host holds the kept heads only (sliced projections, or a KV cache's heads
+        # gathered by spatten.KeptHeads); GQA: K/V have their own (fewer) heads
         sliced = k.shape[1] == live.size and live.size != g.heads and g.kv_heads == g.heads
+        kept_k, kept_v = (self._kept_heads(b.kt), self._kept_heads(b.v))
 
-        def lay(a: np.ndarray) -> np.ndarray:
-            return _place(a, live, g.heads) if sliced else a
+        def layout(kept: tuple[np.ndarray, int] | None) -> Any:
+            def lay(a: np.ndarray) -> np.ndarray:
+                if kept is not None:  # host head j -> head kept[j] of the gathered tensor's layout
+                    out = np.zeros((a.shape[0], kept[1], *a.shape[2:]), a.dtype)
+                    out[:, kept[0]] = a
+                    return out
+                return _place(a, live, g.heads) if sliced else a
+            return lay
 
-        kp = _planes(h, b.k_quant, k_raw, lay, not fused)
-        vp = _planes(h, b.v_quant, v_raw, lay, False)
-        k, v = lay(k), lay(v)
-        self.data[g.layer] = AttentionData(q, k, v, kp, vp)
+        kp = _planes(h, b.k_quant, k_raw, layout(kept_k), b.k_transposed and not fused)
+        vp = _planes(h, b.v_quant, v_raw, layout(kept_v), b.v_transposed)
+        k, v = layout(kept_k)(k), layout(kept_v)(v)
+        if self.session is not None:  # rows of the host's K/V -> row numbers in the accelerator's DRAM
+            k, v, kp, vp = self._store(g.layer, k.shape[0], k, v, kp, vp)
+        self.data[g.layer] = AttentionData(q, k, v, kp, vp, kt_view=_transposed_view(h, g.qk[0]))
         self.head_acc_before = None if self.head_acc is None or g.layer == 0 else self.head_acc.copy()
+
+    def _kept_heads(self, value: str) -> tuple[np.ndarray, int] | None:
+        """(kept head indices, heads of the tensor they were gathered from) when ``value`` comes from a
+        ``spatten.KeptHeads`` (head pruning of a KV-cache decoder: the cache keeps every head)."""
+        for _ in range(16):  # along the operand's own chain (views, scaling, quantization), not further up
+            node = self.gi.producer.get(value)
+            if node is None:
+                return None
+            if node.domain == "spatten" and node.op_type == "KeptHeads":
+                return (np.asarray(self.host.value(node.input[1]), np.int64).reshape(-1),
+                        int(np.shape(self.host.value(node.input[0]))[1]))
+            if node.op_type not in OPERAND_CHAIN and not node.op_type.startswith(("Quantize", "Dequantize")):
+                return None
+            value = node.input[0]
+        return None
+
+    def _store(self, layer: int, n: int, *arrays: Any) -> list[Any]:
+        """Write the host's K/V rows at their row numbers (store.kv writes each token's row once; rows
+        an eviction dropped stay in DRAM, unread). The host's rows are its cache (row numbers: evict-kv's
+        ``past_positions``, else 0..) then the block's new rows."""
+        h = self.host
+        past = h.env.get(f"past_positions.{layer}")
+        if past is None:  # the cache then the new rows; pack-kv-cache's quantizer input: the new rows only
+            total = self.session.next_mask.shape[1]
+            rows = np.arange(total - n, total)
+        else:
+            past = np.asarray(past, np.int64)[0]
+            rows = np.concatenate([past, np.asarray(h.env["position_ids"], np.int64)[0, :n - past.size]])
+        self.host_rows[layer] = rows
+        size = max(self.max_rows, int(rows.max()) + 1)
+        out = []
+        for name, a in zip(("k", "v", "kp", "vp"), arrays):
+            if a is None:
+                out.append(None)
+                continue
+            if isinstance(a, Planes):
+                mem = self.mem.get((layer, name))
+                if mem is None:
+                    mem = Planes(*(np.zeros((size, *x.shape[1:]), x.dtype) for x in (a.msb, a.lsb, a.scale)), a.step)
+                    self.mem[(layer, name)] = mem
+                mem.msb[rows], mem.lsb[rows], mem.scale[rows] = a.msb, a.lsb, a.scale
+            else:
+                mem = self.mem.setdefault((layer, name), np.zeros((size, *a.shape[1:]), a.dtype))
+                mem[rows] = a
+            out.append(mem)
+        return out
 
     @staticmethod
     def _rows_heads(x: Any, g: Group, fused: bool, transposed: bool = False) -> np.ndarray:
@@ -321,18 +454,21 @@ class ModelRun(Functional):
         self.open = None
         if kind == "heads":
             node = self.host.nodes[what]
-            self.host.env[node.output[0]] = self.ctx.m.live_heads.astype(np.int64)
+            self.host.env[node.output[0]] = np.unique(self.ctx.m.live_heads // self.ctx.m.group).astype(np.int64)
             self.host.done.add(what)
             return
         b: Block = what
         for value, node, k in b.exits:
             if self.host.producer[value] in self.host.skip:  # not the host's own (de)quantization nodes
-                self.host.env[value] = self._exit(b, node, k)
+                self.host.env[value] = self._exit(b, node, k, value)
 
-    def _exit(self, b: Block, node: onnx.NodeProto, k: int) -> np.ndarray:
+    def _exit(self, b: Block, node: onnx.NodeProto, k: int, value: str = "") -> np.ndarray:
         g, m = b.group, self.ctx.m
         op = node.op_type
         live = m.live_heads
+        evicted = EVICT_EXITS.get(value.split(".")[0])
+        if evicted is not None and f"past_positions.{g.layer}" in self.host.env:
+            return evicted(self, g.layer, node)
         if (op == "MatMul" and node not in g.qk) or (op in ("ProgressiveContext", "Attention") and k == 0):
             rows = self.out_rows.get(g.layer, m.slot(0))
             out = self.out[g.layer][rows]  # [rows, H, D]
@@ -351,6 +487,51 @@ class ModelRun(Functional):
             return delta[live] if heads == live.size and heads != g.heads else delta
         raise FunctionalError(f"layer {g.layer}: the graph reads '{node.output[k]}' ({op}) of the attention block, "
                               "which the accelerator does not produce")
+
+    # ---- KV-cache eviction: the graph's next cache is the accelerator's kept list ------------------
+    def _evicted(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(kept row numbers, their places in the host's K/V rows, their importance) of this block."""
+        kept = self.ctx.m.slot(16 + layer)
+        place = {int(r): j for j, r in enumerate(self.host_rows[layer])}
+        missing = [int(r) for r in kept if int(r) not in place]
+        if missing:
+            raise FunctionalError(f"layer {layer}: the stream keeps K/V row {missing[0]}, which the graph's cache "
+                                  "does not hold")
+        return kept, np.array([place[int(r)] for r in kept], np.int64), self.kv_importance[layer][kept]
+
+    def _exit_positions(self, layer: int, node: onnx.NodeProto) -> np.ndarray:
+        return self._evicted(layer)[0][None].astype(np.int64)
+
+    def _exit_importance(self, layer: int, node: onnx.NodeProto) -> np.ndarray:
+        return self._evicted(layer)[2][None].astype(np.float32)
+
+    def _exit_cache(self, layer: int, node: onnx.NodeProto) -> np.ndarray:
+        """present.<l>.key/value: the host's cache rows (float, as the graph carries them) the stream kept."""
+        value = node.input[0]
+        for _ in range(8):
+            x = self.host.value(value)
+            if np.ndim(x) == 4 and np.shape(x)[2] == self.host_rows[layer].size:
+                return np.ascontiguousarray(np.asarray(x)[:, :, self._evicted(layer)[1]])
+            value = self.host.nodes[self.host.producer[value]].input[0]
+        raise FunctionalError(f"layer {layer}: cannot find the cache that '{node.output[0]}' gathers from")
+
+
+EVICT_EXITS = {  # evict-kv's outputs of an attention block (value name prefix) -> the accelerator's
+    "present_positions": ModelRun._exit_positions,
+    "present_importance": ModelRun._exit_importance,
+    "present": ModelRun._exit_cache,
+}
+
+
+OPERAND_CHAIN = {"Transpose", "Reshape", "Identity", "Cast", "Expand", "Unsqueeze", "Squeeze", "Mul", "Div"}
+
+
+def _transposed_view(host: Host, qk: onnx.NodeProto) -> bool:
+    """Whether the graph's K^T operand of Q x K is K's rows transposed (not contiguous in its last dim)."""
+    if qk.op_type != "MatMul" or host.producer.get(qk.input[1]) in host.skip:
+        return False
+    kt = host.value(qk.input[1])
+    return isinstance(kt, np.ndarray) and kt.ndim >= 2 and kt.strides[-1] != kt.itemsize
 
 
 def _host_heads(host: Host, b: Block, g: Group) -> int:
@@ -417,20 +598,42 @@ def run_functional(program: Program, feeds: dict[str, np.ndarray], model: Path |
     """Execute ``program`` on ``feeds``; returns outputs, decisions and the timing report of the same run."""
     proto = model_of(program, model)
     cfg = [i for i in program.instrs if i.mnemonic == "cfg.attn"]
-    if any(i["past"] for i in cfg):
-        raise FunctionalError("functional mode runs one token block (an encoder or a decoder's prompt); "
-                              "emit the decoder with --gen-steps 0")
+    starts = sorted({i["past"] for i in cfg if i["layer"] == 0})  # one token block per position it starts at
     length = _length(proto, feeds)
-    stream_rows = cfg[0]["tokens"] if cfg else length
-    if length != stream_rows:
-        raise FunctionalError(f"the input has {length} tokens but the stream was emitted for {stream_rows} "
-                              f"(emit with --seq-len {length}; padding is not modelled)")
-    run = ModelRun(program, proto, feeds, length)
+    fed: list[int] = []
+    if len(starts) > 1:  # a decoder's prompt, then one block per generated token
+        prompt, steps = starts[1], len(starts) - 1
+        if length == prompt + steps:  # the generated tokens are given: feed them instead of choosing
+            fed = [int(t) for t in np.asarray(feeds["input_ids"])[0, prompt:]]
+        elif length != prompt:
+            raise FunctionalError(f"the input has {length} tokens but the stream was emitted for a {prompt}-token "
+                                  f"prompt and {steps} steps (give {prompt} tokens, or {prompt + steps} to feed the "
+                                  "generated ones; padding is not modelled)")
+        length = prompt
+        from spatten_compiler.backend.lower_evict import EvictPlan
+
+        plan = EvictPlan.from_model(proto)
+        if plan is not None and plan.mode == "cascade":
+            raise FunctionalError("generated steps with cascade eviction (--kv-evict cascade) are not modelled in "
+                                  "functional mode; compile with --kv-evict layer (timing mode runs it)")
+        if plan is not None and any(p.key == "spatten.kv_cache_bits" for p in proto.metadata_props):
+            raise FunctionalError("generated steps with eviction of the packed K/V cache (--kv-budget with --kv-bits "
+                                  "M+L) are not modelled in functional mode; compile with --kv-bits none (timing mode "
+                                  "runs it)")
+    else:
+        stream_rows = cfg[0]["tokens"] if cfg else length
+        if length != stream_rows:
+            raise FunctionalError(f"the input has {length} tokens but the stream was emitted for {stream_rows} "
+                                  f"(emit with --seq-len {length}; padding is not modelled)")
+    run = ModelRun(program, proto, feeds, length, blocks=len(starts), fed=fed,
+                   max_rows=cfg[0]["tokens"] if cfg else length)
     report = simulate(program, hw or SimHw.from_description(program.hw), length=length, decide=run)
     report.mode = "functional"
-    outputs = {o.name: np.asarray(run.host.env[o.name]) for o in proto.graph.output if o.name in run.host.env}
+    outputs = run.step_outputs[-1] if run.step_outputs else {}
+    outputs = {o.name: outputs[o.name] for o in proto.graph.output if o.name in outputs}
     return FunctionalResult(outputs, [k.tolist() for k in run.kept_tokens], [k.tolist() for k in run.kept_heads],
-                            [(layer, h, r.tolist()) for layer, h, r in run.lsb_sets], report)
+                            [(layer, h, r.tolist()) for layer, h, r in run.lsb_sets], report,
+                            run.step_outputs, run.generated, run.kv_lists, run.step_lsb)
 
 
 def _length(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:

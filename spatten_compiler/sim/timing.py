@@ -76,6 +76,7 @@ class Ctx:
     unit_busy: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     chain: dict[int, tuple[float, float, float]] = dataclasses.field(default_factory=dict)
     _lsb_acc: float = 0.0
+    current_head: int = 0  # query head of the last live per-head instruction
 
     def predicate_rows(self, rows: int) -> int:
         """Predicated rows of one head: error diffusion keeps the run's total at ``lsb_fraction``."""
@@ -83,6 +84,12 @@ class Ctx:
         n = min(rows, int(self._lsb_acc + 1e-9))
         self._lsb_acc -= n
         return n
+
+    def query_head(self, kv_head: int) -> int:
+        """The query head a K/V fetch serves: the one whose per-head instructions ran last (the stream
+        fetches each query head's K/V right before or after them), if it is of that K/V head's group."""
+        g = self.m.group
+        return self.current_head if self.current_head // g == kv_head else kv_head * g
 
     def layer(self) -> int:
         t = self.tensor
@@ -187,7 +194,9 @@ def _gather(ctx: Ctx, ins: Instr) -> Work:
 @plans("fetch.kv")
 def _fetch_kv(ctx: Ctx, ins: Instr) -> Work:
     f, m = ins.fields, ctx.m
-    if not m.head_live(f["head"]) or (f["pred"] and not m.predicated.get(f["head"], 0)):
+    # `head` is a K/V head; the predicate belongs to the query head the fetch serves (its group's first
+    # live one under GQA, where each query head fetches its group's rows)
+    if not m.kv_head_live(f["head"]) or (f["pred"] and not m.predicated.get(ctx.query_head(f["head"]), 0)):
         ctx.counters["skipped_fetches"] += 1
         return UnitWork("sync", 0, 0)
     rows = m.slot(f["idx"])
@@ -199,7 +208,9 @@ def _fetch_kv(ctx: Ctx, ins: Instr) -> Work:
 @plans("store.kv")
 def _store_kv(ctx: Ctx, ins: Instr) -> Work:
     f, m = ins.fields, ctx.m
-    if not m.head_live(f["head"]):
+    # a K/V head none of whose query heads is live is not written - unless later token blocks read the
+    # cache again (a decoder: cfg.attn tokens beyond this block), where a later step may keep it
+    if not m.kv_head_live(f["head"]) and m.tokens <= m.past + m.live:
         return UnitWork("sync", 0, 0)
     rows = m.rows(f["rows"], f["live"])
     cat = PLANE_CATEGORY[(ins.symbol("kv"), ins.symbol("plane"))]
@@ -209,6 +220,7 @@ def _store_kv(ctx: Ctx, ins: Instr) -> Work:
 
 def _live_head(ctx: Ctx, ins: Instr) -> bool:
     if ctx.m.head_live(ins["head"]):
+        ctx.current_head = ins["head"]
         return True
     ctx.counters["skipped_head_ops"] += 1
     return False
@@ -285,9 +297,10 @@ def _topk(ctx: Ctx, ins: Instr) -> Work:
     m, kind = ctx.m, ins.symbol("kind")
     if kind == "values" and not _live_head(ctx, ins):
         return None
-    if kind == "heads":
-        cand = m.slot(ins["idx_in"])
-        cand = cand if cand.size or ins["idx_in"] != LIVE_HEADS else m.live_heads
+    if kind == "heads":  # ranks K/V groups (GQA; a group is one head otherwise): their query heads stay or go
+        heads = m.slot(ins["idx_in"])
+        heads = heads if heads.size or ins["idx_in"] != LIVE_HEADS else m.live_heads
+        cand = np.unique(heads // m.group)
         k = m.keep_count(cand.size, m.head_keep)
     else:
         cand = m.slot(ins["idx_in"])
@@ -295,11 +308,15 @@ def _topk(ctx: Ctx, ins: Instr) -> Work:
         protect = m.protect_first + m.protect_recent if kind == "tokens" else 0
         k = min(cand.size, max(m.keep_count(cand.size, ratio), protect))
     kept = _keep(ctx, ins, cand, k)
+    n_in = cand.size
+    if kind == "heads":  # counters in query heads
+        kept, n_in = (kept[:, None] * m.group + np.arange(m.group)).reshape(-1), cand.size * m.group
     m.set_slot(ins["idx_out"], kept)
-    ctx.counters[f"{kind}_in"] += cand.size
+    ctx.counters[f"{kind}_in"] += n_in
     ctx.counters[f"{kind}_kept"] += kept.size
     engine = "topk.values" if kind == "values" else "topk.tokens"  # two engines (tokens/heads, local V)
-    return UnitWork(engine, topk_cycles(int(cand.size), int(kept.size), ctx.hw.topk_parallelism), 0,
+    return UnitWork(engine, topk_cycles(int(cand.size), int(kept.size) // (m.group if kind == "heads" else 1),
+                                      ctx.hw.topk_parallelism), 0,
                     ins["head"] if kind == "values" else -1)
 
 
