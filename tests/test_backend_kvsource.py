@@ -79,17 +79,16 @@ def test_dense_operands_have_no_source() -> None:
     assert all(g.k_src is None and g.v_src is None for g in gi.groups)
 
 
-@pytest.mark.parametrize("general", [False, True])
-def test_packed_decoder_simulates_as_the_reference_runtime(general: bool, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Functional simulation of a packed-cache decoder (both pack-kv-cache forms) == reference runtime:
-    the planes store.kv writes come from the quantizer the source names, in its layout."""
+def test_general_packed_form_simulates_as_the_reference_runtime(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Functional simulation of a decoder with pack-kv-cache's general form == reference runtime (the
+    append-only form: tests/test_sim_model.py's decoders): the planes store.kv writes come from the
+    quantizer the source names, in its layout (K^T here, the new tokens there)."""
     from test_sim_model import assert_same, feeds_for, reference
 
     from spatten_compiler.sim.model_run import run_functional
 
-    if general:
-        monkeypatch.setattr(_Packer, "append", lambda *a: "forced general form (test)")
+    monkeypatch.setattr(_Packer, "append", lambda *a: "forced general form (test)")
     path = compile_(tmp_path, "llama_torchscript", "--kv-bits", "6+4", "--value-keep", "0.5")
     feeds = feeds_for(path, 24)
     r = run_functional(emit_model(path, 24), feeds, model=path)
