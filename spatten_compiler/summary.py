@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from spatten_compiler.defaults import PARTS, PRESET_NAMES, Resolution
+from spatten_compiler.defaults import KINDS, PARTS, PRESET_NAMES, PRESETS, Resolution
 from spatten_compiler.pipeline import Pass
 
 REWRITES = ("prune-heads", "prune-tokens", "prune-values", "quantize-kv", "evict-kv")
@@ -31,8 +31,7 @@ def _runs(values: Sequence[Any], fmt: str = "{}") -> str:
 
 
 def _headline(res: Resolution, passes: Sequence[Pass], pipeline: str, layers: int) -> str:
-    kind = {"encoder": "an encoder (no KV cache, not causal)",
-            "decoder": "a decoder (causal or KV cache)"}.get(res.kind, "")
+    kind = KINDS.get(res.kind, "")
     if res.preset is not None:
         changed = [f"{PARTS[p].name} off" for p in res.off] + [f"your {PARTS[p].name}" for p in res.replaced] + \
             [f"{PARTS[p].name} skipped: the model has no {PARTS[p].needs.replace('_', ' ')}" for p in res.skipped]
@@ -48,6 +47,9 @@ def _identity(res: Resolution, pipeline: str) -> list[str]:
         why = "no attention found (spattenc inspect MODEL --explain says why)"
     elif pipeline:
         why = f"--pipeline {pipeline} has no rewriting pass"
+    elif not any(kind == res.kind for kind, _ in PRESETS):
+        why = (f"no measured preset for {KINDS.get(res.kind, res.kind)} yet (docs/presets.md); --token-keep R "
+               "prunes its prompt")
     elif res.skipped:
         why = "; ".join(f"the preset's {PARTS[p].name} needs a {PARTS[p].needs.replace('_', ' ')}, which the model "
                         "does not have (export it with past_key_values)" for p in res.skipped)

@@ -18,10 +18,13 @@ from test_long_inputs import long_feeds
 from spatten_compiler.cli import main
 from spatten_compiler.decoding import DecoderSession, left_pad
 from spatten_compiler.defaults import PARTS, PRESET_NAMES, PRESETS, model_kind, resolve
+from spatten_compiler.errors import OptionError
+from spatten_compiler.runtime.reference import ReferenceRuntime
 
 ROOT = MODELS.parent
 ENCODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "encoder"]
-DECODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "decoder"]
+DECODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "decoder" and load_meta(n)["kv_cache"]]
+NOCACHE_DECODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "decoder" and not load_meta(n)["kv_cache"]]
 SEQ = 100  # over the spattenc rule's 64-token floor, so the default's keep 0.4 really drops tokens
 
 
@@ -74,26 +77,58 @@ def _has_cache(src: Path) -> bool:
 def test_no_option_compile_evicts_on_decoders(name: str, tmp_path: Path) -> None:
     """Decoders with a KV cache get the default preset's eviction (budget, sinks, window, floor) and no
     K/V bits; the model is the one the explicit options give, and since the fixtures' sequences stay
-    under the floor, it computes the dense logits (<= 1e-4) at every step. A causal model without a KV
-    cache has nothing in the decoder preset it can take: written unchanged, and the report says why."""
+    under the floor, it computes the dense logits (<= 1e-4) at every step."""
     src = MODELS / f"{name}.onnx"
+    assert _has_cache(src)
     report = compile_(src, tmp_path / "out.onnx")
-    cache = _has_cache(src)
     assert report["preset"] == {"kind": "decoder", "name": "default", "off": [], "replaced": [],
-                                "applied": {"evict": {k: DEFAULT_DECODER[k] for k in EVICT_KEYS}} if cache else {},
-                                "skipped": [] if cache else ["evict"]}
+                                "applied": {"evict": {k: DEFAULT_DECODER[k] for k in EVICT_KEYS}}, "skipped": []}
     assert "token_schedule" not in report and not any(p.startswith("quantize-kv") for p in report["passes"])
-    assert any(p.startswith("evict-kv{budget=0.5;") for p in report["passes"]) == cache
+    assert any(p.startswith("evict-kv{budget=0.5;") for p in report["passes"])
     ops = op_types(tmp_path / "out.onnx")
     assert "QuantizeSplit" not in ops and "TokenImportance" not in ops
-    if not cache:
-        assert report["passes"] == []
-        return
     assert main([str(src), "-o", str(tmp_path / "explicit.onnx"), "-q", *EXPLICIT]) == 0
     before, after, explicit_out = _decode([src, tmp_path / "out.onnx", tmp_path / "explicit.onnx"])
     assert "past_importance.0" in DecoderSession(tmp_path / "out.onnx").state
     np.testing.assert_array_equal(after["logits"], explicit_out["logits"])
     np.testing.assert_allclose(after["logits"], before["logits"], atol=1e-4, rtol=0)
+
+
+NOCACHE_KEEP = 0.4  # what a no-cache decoder preset would set (none is registered until measured)
+
+
+def test_every_decoder_fixture_is_covered() -> None:
+    assert len(DECODERS) >= 4 and len(NOCACHE_DECODERS) >= 2
+
+
+@pytest.mark.parametrize("name", NOCACHE_DECODERS)
+def test_nocache_decoders_prune_the_prompt(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A causal model without a KV cache is kind decoder-nocache. No preset is registered for it until
+    measured: the no-option compile is the identity and says why. Prompt token pruning (what such a
+    preset would set) shrinks the tokens in onnxruntime: 64 of 100 and of 75 real tokens reach the last
+    layer (the floor), the last real token among them, equal to the reference runtime; under the floor
+    the dense logits."""
+    src = MODELS / f"{name}.onnx"
+    assert not _has_cache(src)
+    assert main([str(src), "-o", str(tmp_path / "id.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "no rewrite applied" in err and "no measured preset for a decoder without a KV cache" in err
+    report = compile_(src, tmp_path / "plain.onnx", "--token-keep", str(NOCACHE_KEEP))
+    assert report["token_schedule"][1:] == [NOCACHE_KEEP] * (report["layers"] - 1)
+    compile_(src, tmp_path / "kept.onnx", "--token-keep", str(NOCACHE_KEEP), "--emit-kept")
+    feeds = long_feeds(SEQ, 90)
+    kept, plain = run_ort(tmp_path / "kept.onnx", feeds), run_ort(tmp_path / "plain.onnx", feeds)
+    real = feeds["attention_mask"].sum(axis=1)
+    np.testing.assert_array_equal(kept["spatten_kept_mask"].sum(axis=1), [64, 64])
+    np.testing.assert_array_equal(kept["spatten_kept_mask"][np.arange(2), real - 1], [1, 1])  # the last token
+    for key, value in plain.items():
+        np.testing.assert_array_equal(kept[key], value, err_msg=key)
+    ref = ReferenceRuntime(tmp_path / "plain.onnx").run(feeds).outputs
+    np.testing.assert_allclose(ref["logits"], plain["logits"], atol=1e-4, rtol=0)
+    short = {k: v[:, :40] for k, v in feeds.items()}  # under the floor: nothing pruned, the dense logits
+    short["attention_mask"] = np.ones_like(short["input_ids"])
+    np.testing.assert_allclose(run_ort(tmp_path / "plain.onnx", short)["logits"], run_ort(src, short)["logits"],
+                               atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_kv_torchscript"])
@@ -166,7 +201,7 @@ def test_summary_names_what_it_applied(tmp_path: Path, capsys: pytest.CaptureFix
     assert "--no-kv-eviction" in err and "--kv-min-keep N" in err and "K/V in every layer" not in err
     assert main([str(MODELS / "gpt2_torchscript.onnx"), "-o", str(tmp_path / "n.onnx")]) == 0
     err = capsys.readouterr().err
-    assert "no rewrite applied" in err and "the preset's KV-cache eviction needs a kv cache" in err
+    assert "no rewrite applied" in err and "no measured preset for a decoder without a KV cache" in err
     assert main([str(MODELS / "llama_dynamo.onnx"), "-o", str(tmp_path / "x.onnx"), "--kv-budget", "0.3"]) == 0
     err = capsys.readouterr().err
     assert "your options only" in err and "drop --kv-budget" in err and "K/V in every layer" not in err
@@ -179,6 +214,8 @@ def test_summary_names_what_it_applied(tmp_path: Path, capsys: pytest.CaptureFix
     ("bert_torchscript", ["--no-token-pruning", "--kv-bits", "none"], "every part is switched off"),
     ("llama_dynamo", ["--pipeline", "normalize"], "--pipeline normalize has no rewriting pass"),
     ("llama_dynamo", ["--no-kv-eviction", "--kv-bits", "none"], "every part is switched off"),
+    ("gpt2_torchscript", ["--pipeline", "normalize"], "--pipeline normalize has no rewriting pass"),
+    ("gpt2_dynamo", [], "no measured preset for a decoder without a KV cache"),
 ])
 def test_identity_compile_says_so(model: str, flags: list[str], why: str, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -325,7 +362,7 @@ def test_resolve_rules() -> None:
     assert opts["kv_bits"] == "4+1" and "lsb_threshold" not in opts and opts["token_keep"] == 0.4
     opts, res = resolve({}, "decoder")
     assert opts["kv_budget"] == 0.5 and opts["kv_min_keep"] == DEFAULT_DECODER["kv_min_keep"] and not res.skipped
-    opts, res = resolve({}, "decoder", features=frozenset())  # a causal model without a KV cache
+    opts, res = resolve({}, "decoder", features=frozenset())  # a KV cache in only some layers
     assert "kv_budget" not in opts and res.skipped == ("evict",) and "kv_bits" not in opts
     opts, res = resolve({"kv_sinks": 8}, "decoder")  # eviction's details are independent knobs
     assert opts["kv_sinks"] == 8 and opts["kv_budget"] == 0.5 and opts["kv_min_keep"] == DEFAULT_DECODER["kv_min_keep"]
@@ -333,6 +370,10 @@ def test_resolve_rules() -> None:
     assert res.preset is None and "kv_bits" not in opts and "kv_min_keep" not in opts
     opts, res = resolve({"preset": "aggressive", "kv_budget": 0.3}, "decoder")
     assert res.replaced == ("evict",) and "kv_min_keep" not in opts and "kv_bits" not in opts
+    opts, res = resolve({}, "decoder-nocache", features=frozenset())  # no preset registered: nothing applied
+    assert res.preset is None and opts == {}
+    with pytest.raises(OptionError, match="no measured preset for a decoder without a KV cache"):
+        resolve({"preset": "aggressive"}, "decoder-nocache", features=frozenset())
     assert resolve({}, "none")[1].preset is None
     assert resolve({}, "encoder", pipeline="normalize")[1].preset is None
 
@@ -358,5 +399,19 @@ def test_model_kind() -> None:
 
     assert model_kind([]) == "none"
     assert model_kind([Site(False, "padding")]) == "encoder"
-    assert model_kind([Site(False, "padding"), Site(False, "causal+padding")]) == "decoder"
+    assert model_kind([Site(False, "padding"), Site(False, "causal+padding")]) == "decoder-nocache"
+    assert model_kind([Site(False, "causal")]) == "decoder-nocache"
     assert model_kind([Site(True, "none")]) == "decoder"
+    assert model_kind([Site(True, "causal"), Site(False, "causal")]) == "decoder"  # a cache in some layers
+
+
+def test_a_registered_nocache_preset_applies_by_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry is keyed by kind: an entry for decoder-nocache is what its no-option compile gets."""
+    from spatten_compiler import defaults
+
+    entry = defaults.Preset("decoder-nocache", "default", (defaults.Setting("tokens", "token_keep", NOCACHE_KEEP,
+                                                                            "x", "x"),))
+    monkeypatch.setitem(defaults.PRESETS, ("decoder-nocache", "default"), entry)
+    opts, res = resolve({}, "decoder-nocache", features=frozenset())
+    assert opts["token_keep"] == NOCACHE_KEEP and res.applied == {"tokens": {"token_keep": NOCACHE_KEEP}}
+    assert resolve({}, "encoder")[0]["token_keep"] == 0.4 and "token_keep" not in resolve({}, "decoder")[0]

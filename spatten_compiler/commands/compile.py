@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"leave {part} pruning out of the preset" + ("; K/V: --kv-bits none" * (part == "value")))
     d.add_argument("--no-kv-eviction", action="store_const", const=True,
                    help="leave KV-cache eviction out of the decoder preset")
-    t = p.add_argument_group("cascade token pruning (encoders)",
+    t = p.add_argument_group("cascade token pruning (encoders; decoders without a KV cache: the prompt)",
                              "defaults marked 'rule' come from --token-rule: spattenc's / the paper's")
     t.add_argument("--token-keep", type=float, metavar="R",
                    help="average fraction of tokens kept per pruned layer (default: the preset's)")

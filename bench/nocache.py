@@ -1,0 +1,174 @@
+"""No-cache decoders: next-token quality at the last prompt position under prompt token pruning / K/V bits.
+
+A decoder exported without a KV cache recomputes the whole prompt at every generation step and uses
+only the last position's logits. spattenc can prune the prompt's tokens (prune-tokens; the last token
+is always kept) and quantize K/V (quantize-kv) in it. This run picks the no-option default for such
+models: SmolLM2-135M-Instruct exported without a cache (``python models/export.py --real
+smollm2-nocache``), WikiText-2 test, many windows of ``L`` tokens; each configuration (compiled by
+the ``spattenc`` CLI from the same export) predicts token ``L+1`` from the window's last position.
+Reported per configuration, paired with dense on the same windows: perplexity change of that
+prediction ``exp(mean(nll - nll_dense)) - 1`` with a 95% bootstrap interval over windows, top-1
+agreement with dense, mean KL(dense || config) of the next-token distribution.
+
+    python -m bench nocache --lengths 256,512 --windows 64 \\
+        --configs "t0.5=--token-keep 0.5;kv4+1=--kv-bits 4+1 --no-token-pruning"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results
+
+log = logging.getLogger("bench.nocache")
+MODEL = REPO_ROOT / "models" / "cache" / "nocache-smollm2" / "model.onnx"
+DATA = next((d / "shared" / "data" / "wikitext2" / "test.txt" for d in REPO_ROOT.parents
+             if (d / "shared" / "data" / "wikitext2" / "test.txt").is_file()), Path("test.txt"))
+CONFIGS = ("t0.75=--token-keep 0.75 --kv-bits none;t0.5=--token-keep 0.5 --kv-bits none;"
+           "t0.4=--token-keep 0.4 --kv-bits none;t0.3=--token-keep 0.3 --kv-bits none;"
+           "kv5+1=--kv-bits 5+1 --kv-rule peak --lsb-threshold 0.3 --no-token-pruning;"
+           "kv4+1=--kv-bits 4+1 --kv-rule peak --lsb-threshold 0.3 --no-token-pruning;"
+           "kv4+4=--kv-bits 4+4 --no-token-pruning")
+
+
+def parse_configs(text: str) -> dict[str, list[str]]:
+    """``name=spattenc options;...`` -> {name: argv}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        name, _, opts = item.partition("=")
+        out[name.strip()] = shlex.split(opts)
+    return out
+
+
+def compile_config(model: Path, name: str, opts: list[str], cache: Path) -> Path:
+    """One configuration compiled by the CLI (cached by name and options)."""
+    out = cache / f"{name}.onnx"
+    stamp = out.with_suffix(".opts")
+    if out.exists() and stamp.exists() and stamp.read_text() == " ".join(opts):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "spatten_compiler", str(model), "-o", str(out), *opts]
+    log.info("compile %s: %s", name, " ".join(opts))
+    subprocess.run(cmd, check=True)
+    stamp.write_text(" ".join(opts))
+    return out
+
+
+def window_starts(n_tokens: int, length: int, windows: int, split: str) -> list[int]:
+    """``windows`` evenly spaced windows of ``length + 1`` tokens; ``tune`` sits half a spacing later."""
+    gap = (n_tokens - length - 1) // windows
+    shift = gap // 2 if split == "tune" else 0
+    return [w * gap + shift for w in range(windows)]
+
+
+def last_logits(session, ids: np.ndarray, batch: int) -> np.ndarray:
+    """Logits [W, V] at the last position of every window, ``batch`` windows per run."""
+    names = {i.name for i in session.get_inputs()}
+    out = []
+    for i in range(0, len(ids), batch):
+        x = ids[i:i + batch]
+        feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
+        out.append(session.run(None, {k: v for k, v in feeds.items() if k in names})[0][:, -1])
+    return np.concatenate(out).astype(np.float64)
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+
+
+def compare(dense: np.ndarray, cand: np.ndarray, targets: np.ndarray, seed: int = 0) -> dict:
+    """Paired next-token metrics of ``cand`` against ``dense`` ([W, V] logits) on the same windows."""
+    lp_d, lp_c = log_softmax(dense), log_softmax(cand)
+    rows = np.arange(len(targets))
+    d = lp_d[rows, targets] - lp_c[rows, targets]  # nll_cand - nll_dense
+    boot = np.random.default_rng(seed).integers(0, len(d), (2000, len(d)))
+    lo, hi = np.percentile(d[boot].mean(axis=1), [2.5, 97.5])
+    kl = (np.exp(lp_d) * (lp_d - lp_c)).sum(axis=1)
+    return {"ppl": float(np.exp(-lp_c[rows, targets].mean())), "change": float(np.expm1(d.mean())),
+            "lo": float(np.expm1(lo)), "hi": float(np.expm1(hi)),
+            "top1_agree": float((dense.argmax(1) == cand.argmax(1)).mean()),
+            "top1_acc": float((cand.argmax(1) == targets).mean()), "kl": float(kl.mean())}
+
+
+def render(rows: list[dict], meta: dict, argv: list[str]) -> str:
+    lines = ["# No-cache decoder: next-token quality at the last prompt position (SmolLM2-135M, WikiText-2)", "",
+             f"Command: `python bench/nocache.py {' '.join(shlex.quote(a) for a in argv)}`  ",
+             f"Date: {meta.get('date_utc')}, git {meta.get('git_commit')}, onnxruntime {meta.get('onnxruntime_version', meta.get('onnxruntime'))}, "
+             f"{meta.get('intra_op_threads')} threads, load avg {meta.get('load_avg_1m'):.1f} on 2 cores.",
+             "Change = `exp(mean(nll - nll_dense)) - 1` of the token after each window [95% bootstrap over "
+             "windows]; agree = top-1 equal to dense; KL(dense || config) in nats.", "",
+             "| length | config | options | windows | ppl | vs dense | top-1 agree | top-1 acc | KL |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['length']} | {r['config']} | `{r['options']}` | {r['windows']} | {r['ppl']:.2f} | "
+                     f"{r['change']:+.1%} [{r['lo']:+.1%}, {r['hi']:+.1%}] | {r['top1_agree']:.1%} | "
+                     f"{r['top1_acc']:.1%} | {r['kl']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=MODEL)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--lengths", default="256,512", help="prompt lengths (tokens)")
+    p.add_argument("--windows", type=int, default=64, help="windows per length")
+    p.add_argument("--split", choices=("test", "tune"), default="test")
+    p.add_argument("--configs", default=CONFIGS, help="name=spattenc options;... (dense is always run)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", type=Path, default=REPO_ROOT / "models" / "cache" / "nocache-bench" / "nocache")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--name", default="nocache-smollm2")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    if not args.model.is_file():
+        print(f"nocache: no model {args.model} (python models/export.py --real smollm2-nocache)", file=sys.stderr)
+        return 2
+    configs = parse_configs(args.configs)
+    paths = {name: compile_config(args.model, name, opts, args.cache) for name, opts in configs.items()}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+    tok = Tokenizer.from_file(str(args.model.parent / "tokenizer.json"))
+    ids = np.array(tok.encode(args.data.read_text()).ids, np.int64)
+    rows: list[dict] = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        starts = window_starts(len(ids), length, args.windows, args.split)
+        win = np.stack([ids[s:s + length + 1] for s in starts])
+        prompts, targets = win[:, :length], win[:, length]
+        t0 = time.perf_counter()
+        dense = last_logits(ort.InferenceSession(str(args.model), so), prompts, args.batch)
+        log.info("length %d dense: %.1f s", length, time.perf_counter() - t0)
+        base = compare(dense, dense, targets)
+        rows.append({"length": length, "config": "dense", "options": "", "windows": len(starts), **base})
+        for name, path in paths.items():
+            t0 = time.perf_counter()
+            logits = last_logits(ort.InferenceSession(str(path), so), prompts, args.batch)
+            r = compare(dense, logits, targets)
+            log.info("length %d %s: %+.1f%% ppl, agree %.1f%% (%.1f s)", length, name, 100 * r["change"],
+                     100 * r["top1_agree"], time.perf_counter() - t0)
+            rows.append({"length": length, "config": name, "options": " ".join(configs[name]),
+                         "windows": len(starts), **r})
+        (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
+    meta = run_metadata(args.threads)
+    md = render(rows, meta, argv if argv is not None else sys.argv[1:])
+    write_results(args.out_dir, args.name, {"meta": meta, "rows": rows, "starts_split": args.split}, md)
+    (args.out_dir / f"partial-{args.name}.json").unlink(missing_ok=True)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
