@@ -179,7 +179,9 @@ def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned:
             if (v is None or id(v) in inside or id(v) in skip or id(v) in found or v.dtype not in FLOATS
                     or v.const_value is not None or const_array(v) is not None):
                 continue
-            nodes, inputs = _ancestors(v, limit=300)
+            # the whole ancestry, not a bounded walk: a deep layer's run-time weight slice (prune-heads) reaches
+            # the graph's inputs only through every earlier layer, and a walk cut short misses the hidden state
+            nodes, inputs = _ancestors(v, limit=1 << 20)
             if not inputs and not any(n.op_type in ("Shape", "Size", "Range") for n in nodes):
                 continue  # computed from constants only: not indexed by position
             if any(i.name not in allowed for i in inputs):

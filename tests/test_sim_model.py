@@ -165,7 +165,7 @@ def test_real_models_functional_equals_the_reference_runtime(name: str, n: int, 
     feeds = feeds_for(model, n, vocab=1000)
     r = run_functional(emit_model(model, n), feeds, model=model)
     assert_same(r, reference(model, feeds))
-    if "--head-keep" in opts:
+    if name == "smollm2" and "--head-keep" in opts:
         assert r.kept_heads and all(len(h) < 3 for h in r.kept_heads)  # KV groups, as the graph ranks them
-    else:
+    if opts[opts.index("--kv-bits") + 1] != "none":
         assert sum(len(rows) for *_, rows in r.lsb_rows) > 0
