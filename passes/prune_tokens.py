@@ -48,6 +48,10 @@ MASK_BIAS = -1e9
 # How the mask meets the scores: an additive term, Where(masked, fill, s), Where(kept, s, fill), and
 # (decoders) Where(causal, s, fill) + an additive padding mask.
 MASK_FORMS = ("additive", "where", "where_scores_true", "causal+additive")
+# Ops that keep a [B, S, D] value's token rows (elementwise with broadcast weights, row-wise norms):
+# a shape read from their output before the in-layer gather is the layer input's full length.
+ROW_OPS = frozenset({"Mul", "Add", "Sub", "Div", "Pow", "Sqrt", "Reciprocal", "ReduceMean", "Cast", "Neg",
+                     "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"})
 
 
 def _check_sites(sites: list[AttentionSite]) -> None:
@@ -89,6 +93,21 @@ def _check_serial(site: AttentionSite) -> None:
                               "another value before the residual (a parallel block, a norm on the branch); "
                               "use prune point layer-input")
         value = data[0]
+
+
+def _row_aligned(x: ir.Value, post: set[int], limit: int = 64) -> set[ir.Value]:
+    """``x`` and the values computed from it row by row before the attention (Llama's RMSNorm output,
+    whose shape the exporter reads for the head merge's ``reshape(*input_shape, -1)``)."""
+    found, todo = {x}, [x]
+    while todo and len(found) < limit:
+        for use in todo.pop().uses():
+            node = use.node
+            if node.op_type in ROW_OPS and id(node) not in post:
+                for out in node.outputs:
+                    if out not in found:
+                        found.add(out)
+                        todo.append(out)
+    return found
 
 
 def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool:
@@ -215,7 +234,7 @@ class _Rewrite:
                 site.pv.replace_input_with(0, rows)
                 slot = next(i for i, v in enumerate(site.residual.inputs) if v is site.layer_input or v is x)
                 site.residual.replace_input_with(slot, xk)
-                self._rebind_seq_shapes(post_nodes, xk, also=x)
+                self._rebind_seq_shapes(post_nodes, xk, also=_row_aligned(x, set(map(id, post_nodes))))
                 pruned = True
         pos, valid, buf, kept_outputs = self.pos, self.valid, self.buf, self.kept_outputs
         if pruned:
@@ -256,14 +275,15 @@ class _Rewrite:
                 found[id(node)] = node
         return list(found.values())
 
-    def _rebind_seq_shapes(self, nodes: list[ir.Node], x: ir.Value, also: ir.Value | None = None) -> None:
+    def _rebind_seq_shapes(self, nodes: list[ir.Node], x: ir.Value, also: set[ir.Value] = frozenset()) -> None:
         """Dynamo exports build reshape targets from the graph inputs' shapes (TorchScript's head merge
         from the layer input's); inside a pruned layer those sequence-length pieces must read the
         current token count. The target Concat is cloned with each such piece replaced by dim 1 of
         the Reshape's own data input when it is a [B, S, ...] view (rank 3 or 4; node-local, so a walk
         that strays into a later layer stays right), else of ``x`` (a Gemm's [B*S, D] or a GQA repeat's
-        [B, G, rep, S, Dh] has no token count at dim 1)."""
-        sources = {*self.model.graph.inputs, *([also] if also is not None else [])}
+        [B, G, rep, S, Dh] has no token count at dim 1). ``also``: more full-length values whose
+        shape is read (after-attention: the layer input and its row-wise norm)."""
+        sources = {*self.model.graph.inputs, *also}
         done: dict[tuple[int, int], ir.Value] = {}
         for node in nodes:
             for i, shape in enumerate(node.inputs):
