@@ -150,6 +150,7 @@ class PruneTokens(Pass):
     importance: str = "sum"
     emit_kept: bool = False
     prune_point: str = "layer-input"
+    recent: float = 0.0  # decoders: this fraction of each sample's budget is its most recent tokens (kept)
 
     def ratios(self, layers: int) -> list[float]:
         if self.schedule:
@@ -164,6 +165,8 @@ class PruneTokens(Pass):
                 raise OptionError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.min_keep < 1:
             raise OptionError(f"min_keep must be >= 1, got {self.min_keep}")
+        if not 0.0 <= self.recent < 1.0:
+            raise OptionError(f"recent must be in [0, 1), got {self.recent}")
         sites = find_attention(model).sites
         if not sites:
             raise NoAttentionError("no attention found: nothing to prune")
@@ -256,7 +259,7 @@ class _Rewrite:
             old = self.call("GatherTokens", self.buf, self.pos)
             self.buf = self.call("ScatterTokens", self.buf, self.pos, e.op("Where", [vcol, x, old]))
         k, kper = self._budget(ratio, self.seq, self.lens, x)
-        protect = self._protected(self.pos, self.lens)
+        protect = self._protected(self.pos, self.lens, kper)
         sel, self.valid = self.call("TokenSelect", self.acc, self.valid, protect, k, kper, outputs=2)
         if rows_node is not None:
             rows_node.replace_input_with(1, sel)
@@ -303,11 +306,20 @@ class _Rewrite:
                     done[key] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
                 node.replace_input_with(i, done[key])
 
-    def _protected(self, pos: ir.Value, lens: ir.Value) -> ir.Value:
+    def _protected(self, pos: ir.Value, lens: ir.Value, kper: ir.Value) -> ir.Value:
         """1.0 for tokens never pruned: the first (CLS), and with first+last each sample's last real
-        token (SEP), which BERT-style encoders use as an attention sink."""
+        token (SEP), which BERT-style encoders use as an attention sink. Decoders with ``recent``: also
+        each sample's last ``floor(recent * kper)`` real tokens (a causal model's column sums favour
+        early tokens, every later row reads them; the next token depends most on the recent ones)."""
         e = self.e
         first = e.op("Equal", [pos, e.const("zero", np.int64(0))])
+        if self.decoder and self.opts.recent > 0:
+            window = e.op("Cast", [e.op("Floor", [e.op("Mul", [e.op("Cast", [kper], to=ir.DataType.FLOAT),
+                                                               e.const("recent", np.float32(self.opts.recent))])])],
+                          to=ir.DataType.INT64)
+            start = e.op("Unsqueeze", [e.op("Sub", [e.op("Cast", [lens], to=ir.DataType.INT64), window]),
+                                       e.const("axes", np.array([1], np.int64))])
+            first = e.op("Or", [first, e.op("GreaterOrEqual", [pos, start])])
         if self.decoder:  # the last token (left or right padded) makes the next-token logits: always kept
             last = e.op("Sub", [e.op("Cast", [lens], to=ir.DataType.INT64), e.const("one", np.int64(1))])
             axes = e.const("axes", np.array([1], np.int64))

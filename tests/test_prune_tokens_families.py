@@ -269,6 +269,23 @@ def test_decoder_last_row_is_computed_at_any_keep(tmp_path) -> None:
     np.testing.assert_allclose(got["l1_y"][:, 5], want[:, 1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["decoder", "llama"])
+def test_decoder_recent_window_is_kept(case: str, tmp_path) -> None:
+    """``recent=0.5``: each sample keeps its last ``floor(0.5 * kper)`` real tokens (8 tokens, keep 0.75:
+    k = 6, the full sample keeps 5..7; the one with 6 real tokens has kper 5, keeps 4..5), plus the
+    first; onnxruntime == reference runtime, at both prune points."""
+    proto = stack(CASES[case]())
+    feeds = _feeds(seq=8)
+    for point in ("layer-input", "after-attention"):
+        path = _compile(proto, tmp_path, schedule=(1.0, 0.75), recent=0.5, prune_point=point)
+        got = _run(path, feeds)
+        mask = got["spatten_kept_mask"]
+        assert mask[0, [0, 5, 6, 7]].all() and mask[1, [0, 4, 5]].all() and not mask[1, 6:].any()
+        reference = ReferenceRuntime(path).run(feeds).outputs
+        for k, v in got.items():
+            np.testing.assert_allclose(reference[k], v, atol=1e-4, rtol=0, err_msg=k)
+
+
 def _probe(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
