@@ -41,9 +41,18 @@ CONFIGS = ("t0.75=--token-keep 0.75 --kv-bits none;t0.5=--token-keep 0.5 --kv-bi
 
 
 def parse_configs(text: str) -> dict[str, list[str]]:
-    """``name=spattenc options;...`` -> {name: argv}."""
-    out = {}
-    for item in filter(None, (x.strip() for x in text.split(";"))):
+    """``name=spattenc options;...`` -> {name: argv}; a ``;`` inside ``{}`` (a --pipeline pass's options)
+    does not separate configurations."""
+    out, items, depth, cur = {}, [], 0, ""
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == ";" and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    for item in filter(None, (x.strip() for x in items)):
         name, _, opts = item.partition("=")
         out[name.strip()] = shlex.split(opts)
     return out

@@ -48,6 +48,10 @@ MASK_BIAS = -1e9
 # How the mask meets the scores: an additive term, Where(masked, fill, s), Where(kept, s, fill), and
 # (decoders) Where(causal, s, fill) + an additive padding mask.
 MASK_FORMS = ("additive", "where", "where_scores_true", "causal+additive")
+# Ops that keep a [B, S, D] value's token rows (elementwise with broadcast weights, row-wise norms):
+# a shape read from their output before the in-layer gather is the layer input's full length.
+ROW_OPS = frozenset({"Mul", "Add", "Sub", "Div", "Pow", "Sqrt", "Reciprocal", "ReduceMean", "Cast", "Neg",
+                     "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"})
 
 
 def _check_sites(sites: list[AttentionSite]) -> None:
@@ -91,6 +95,21 @@ def _check_serial(site: AttentionSite) -> None:
         value = data[0]
 
 
+def _row_aligned(x: ir.Value, post: set[int], limit: int = 64) -> set[ir.Value]:
+    """``x`` and the values computed from it row by row before the attention (Llama's RMSNorm output,
+    whose shape the exporter reads for the head merge's ``reshape(*input_shape, -1)``)."""
+    found, todo = {x}, [x]
+    while todo and len(found) < limit:
+        for use in todo.pop().uses():
+            node = use.node
+            if node.op_type in ROW_OPS and id(node) not in post:
+                for out in node.outputs:
+                    if out not in found:
+                        found.add(out)
+                        todo.append(out)
+    return found
+
+
 def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool:
     """True if ``value`` is dim 1 of the shape of one of ``sources`` (graph inputs, or the layer's
     own input): Shape(in)[1:2] or Gather(Shape(in), 1), possibly through Reshape/Unsqueeze/Squeeze/Cast."""
@@ -131,6 +150,7 @@ class PruneTokens(Pass):
     importance: str = "sum"
     emit_kept: bool = False
     prune_point: str = "layer-input"
+    recent: float = 0.0  # decoders: this fraction of each sample's budget is its most recent tokens (kept)
 
     def ratios(self, layers: int) -> list[float]:
         if self.schedule:
@@ -145,6 +165,8 @@ class PruneTokens(Pass):
                 raise OptionError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.min_keep < 1:
             raise OptionError(f"min_keep must be >= 1, got {self.min_keep}")
+        if not 0.0 <= self.recent < 1.0:
+            raise OptionError(f"recent must be in [0, 1), got {self.recent}")
         sites = find_attention(model).sites
         if not sites:
             raise NoAttentionError("no attention found: nothing to prune")
@@ -215,7 +237,7 @@ class _Rewrite:
                 site.pv.replace_input_with(0, rows)
                 slot = next(i for i, v in enumerate(site.residual.inputs) if v is site.layer_input or v is x)
                 site.residual.replace_input_with(slot, xk)
-                self._rebind_seq_shapes(post_nodes, xk, also=x)
+                self._rebind_seq_shapes(post_nodes, xk, also=_row_aligned(x, set(map(id, post_nodes))))
                 pruned = True
         pos, valid, buf, kept_outputs = self.pos, self.valid, self.buf, self.kept_outputs
         if pruned:
@@ -237,7 +259,7 @@ class _Rewrite:
             old = self.call("GatherTokens", self.buf, self.pos)
             self.buf = self.call("ScatterTokens", self.buf, self.pos, e.op("Where", [vcol, x, old]))
         k, kper = self._budget(ratio, self.seq, self.lens, x)
-        protect = self._protected(self.pos, self.lens)
+        protect = self._protected(self.pos, self.lens, kper)
         sel, self.valid = self.call("TokenSelect", self.acc, self.valid, protect, k, kper, outputs=2)
         if rows_node is not None:
             rows_node.replace_input_with(1, sel)
@@ -256,14 +278,15 @@ class _Rewrite:
                 found[id(node)] = node
         return list(found.values())
 
-    def _rebind_seq_shapes(self, nodes: list[ir.Node], x: ir.Value, also: ir.Value | None = None) -> None:
+    def _rebind_seq_shapes(self, nodes: list[ir.Node], x: ir.Value, also: set[ir.Value] = frozenset()) -> None:
         """Dynamo exports build reshape targets from the graph inputs' shapes (TorchScript's head merge
         from the layer input's); inside a pruned layer those sequence-length pieces must read the
         current token count. The target Concat is cloned with each such piece replaced by dim 1 of
         the Reshape's own data input when it is a [B, S, ...] view (rank 3 or 4; node-local, so a walk
         that strays into a later layer stays right), else of ``x`` (a Gemm's [B*S, D] or a GQA repeat's
-        [B, G, rep, S, Dh] has no token count at dim 1)."""
-        sources = {*self.model.graph.inputs, *([also] if also is not None else [])}
+        [B, G, rep, S, Dh] has no token count at dim 1). ``also``: more full-length values whose
+        shape is read (after-attention: the layer input and its row-wise norm)."""
+        sources = {*self.model.graph.inputs, *also}
         done: dict[tuple[int, int], ir.Value] = {}
         for node in nodes:
             for i, shape in enumerate(node.inputs):
@@ -283,11 +306,20 @@ class _Rewrite:
                     done[key] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
                 node.replace_input_with(i, done[key])
 
-    def _protected(self, pos: ir.Value, lens: ir.Value) -> ir.Value:
+    def _protected(self, pos: ir.Value, lens: ir.Value, kper: ir.Value) -> ir.Value:
         """1.0 for tokens never pruned: the first (CLS), and with first+last each sample's last real
-        token (SEP), which BERT-style encoders use as an attention sink."""
+        token (SEP), which BERT-style encoders use as an attention sink. Decoders with ``recent``: also
+        each sample's last ``floor(recent * kper)`` real tokens (a causal model's column sums favour
+        early tokens, every later row reads them; the next token depends most on the recent ones)."""
         e = self.e
         first = e.op("Equal", [pos, e.const("zero", np.int64(0))])
+        if self.decoder and self.opts.recent > 0:
+            window = e.op("Cast", [e.op("Floor", [e.op("Mul", [e.op("Cast", [kper], to=ir.DataType.FLOAT),
+                                                               e.const("recent", np.float32(self.opts.recent))])])],
+                          to=ir.DataType.INT64)
+            start = e.op("Unsqueeze", [e.op("Sub", [e.op("Cast", [lens], to=ir.DataType.INT64), window]),
+                                       e.const("axes", np.array([1], np.int64))])
+            first = e.op("Or", [first, e.op("GreaterOrEqual", [pos, start])])
         if self.decoder:  # the last token (left or right padded) makes the next-token logits: always kept
             last = e.op("Sub", [e.op("Cast", [lens], to=ir.DataType.INT64), e.const("one", np.int64(1))])
             axes = e.const("axes", np.array([1], np.int64))

@@ -84,6 +84,30 @@ def _square_mask(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _llama(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Llama/SmolLM2 (TorchScript): q/k/v read an RMSNorm-like ``xn = x * g`` and the head merge is
+    ``reshape(*xn.shape[:-1], -1)``: its target reads the *normed* input's length, not the layer input's."""
+    g = proto.graph
+    N = helper.make_node
+    g.initializer.extend([numpy_helper.from_array(np.linspace(0.5, 1.5, structural_graphs.D).astype(np.float32), "g_norm"),
+                          numpy_helper.from_array(np.array(0, np.int64), "i0"),
+                          numpy_helper.from_array(np.array(1, np.int64), "i1"),
+                          numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+                          numpy_helper.from_array(np.array([-1], np.int64), "minus1")])
+    for n in g.node:
+        if n.op_type == "MatMul" and n.input[0] == "x":
+            n.input[0] = "xn"
+        if n.op_type == "Reshape" and n.input[1] == "merge":
+            n.input[1] = "merge_shape"
+    merge = [N("Shape", ["xn"], ["xn_shape"]), N("Gather", ["xn_shape", "i0"], ["xn_b"], axis=0),
+             N("Gather", ["xn_shape", "i1"], ["xn_s"], axis=0), N("Unsqueeze", ["xn_b", "ax0"], ["xn_b1"]),
+             N("Unsqueeze", ["xn_s", "ax0"], ["xn_s1"]),
+             N("Concat", ["xn_b1", "xn_s1", "minus1"], ["merge_shape"], axis=0)]
+    for i, node in enumerate([N("Mul", ["x", "g_norm"], ["xn"]), *merge]):
+        g.node.insert(i, node)
+    return proto
+
+
 def stack(proto: onnx.ModelProto, shared_positions: bool = True, layers: int = 2) -> onnx.ModelProto:
     """``layers`` copies of a one-layer graph (x, mask -> y) in sequence. Positions and shapes in all
     read the graph input ``x`` (as exporters compute them once from input_ids; unless not
@@ -128,8 +152,9 @@ CASES = {
     "decoder": lambda: attention_graphs.build(mask="causal+additive"),
     "square_mask": lambda: _square_mask(structural_graphs.build()),
     "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
+    "llama": lambda: _llama(attention_graphs.build(mask="causal+additive", rope=True, kv_heads=1)),
 }
-DECODER = {"decoder", "decoder_rope"}
+DECODER = {"decoder", "decoder_rope", "llama"}
 
 
 def _compile(proto: onnx.ModelProto, tmp_path, name: str = "o", **opts) -> str:
@@ -188,6 +213,24 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
     np.testing.assert_allclose(got["l1_y"], _run(proto, feeds)["l1_y"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "post_norm"}))
+def test_after_attention_pruned_ort_equals_reference(case: str, tmp_path) -> None:
+    """keep 0.5 right after layer 0's softmax (the decoder presets' prune point): the post-attention
+    part runs on 3 of 6 tokens - reshape targets read the kept count, including Llama's head merge
+    built from the normed input's shape (SmolLM2 no-cache failed at o_proj before) - and onnxruntime
+    equals the reference runtime; a decoder's last real token is among the kept."""
+    proto = stack(CASES[case]())
+    feeds = _feeds()
+    path = _compile(proto, tmp_path, schedule=(1.0, 0.5), prune_point="after-attention")
+    got = _run(path, feeds)
+    reference = ReferenceRuntime(path).run(feeds).outputs
+    for k, v in got.items():
+        np.testing.assert_allclose(reference[k], v, atol=1e-4, rtol=0, err_msg=k)
+    assert got["spatten_kept_positions.0"].shape == (2, 3)
+    if case in DECODER:
+        assert all(int(feeds["mask"][b].sum()) - 1 in got["spatten_kept_positions.0"][b] for b in range(2))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pruned_ort_equals_reference_and_numpy_rule(case: str, tmp_path) -> None:
     proto = stack(CASES[case]())
@@ -224,6 +267,23 @@ def test_decoder_last_row_is_computed_at_any_keep(tmp_path) -> None:
     layer1 = _single_layer(proto)
     want = _run(layer1, {"x": x1, "mask": np.ones((2, 2), np.int64)})["y"]
     np.testing.assert_allclose(got["l1_y"][:, 5], want[:, 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["decoder", "llama"])
+def test_decoder_recent_window_is_kept(case: str, tmp_path) -> None:
+    """``recent=0.5``: each sample keeps its last ``floor(0.5 * kper)`` real tokens (8 tokens, keep 0.75:
+    k = 6, the full sample keeps 5..7; the one with 6 real tokens has kper 5, keeps 4..5), plus the
+    first; onnxruntime == reference runtime, at both prune points."""
+    proto = stack(CASES[case]())
+    feeds = _feeds(seq=8)
+    for point in ("layer-input", "after-attention"):
+        path = _compile(proto, tmp_path, schedule=(1.0, 0.75), recent=0.5, prune_point=point)
+        got = _run(path, feeds)
+        mask = got["spatten_kept_mask"]
+        assert mask[0, [0, 5, 6, 7]].all() and mask[1, [0, 4, 5]].all() and not mask[1, 6:].any()
+        reference = ReferenceRuntime(path).run(feeds).outputs
+        for k, v in got.items():
+            np.testing.assert_allclose(reference[k], v, atol=1e-4, rtol=0, err_msg=k)
 
 
 def _probe(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
