@@ -148,22 +148,7 @@ class _Packer:
         graph.inputs[i:i + 1] = list(planes.values())
 
     def output(self, graph: ir.Graph, present: ir.Value, dh: int) -> None:
-        ed = self.ed
-        a = ed.op("Abs", [present])
-        if self.opset >= 18:
-            amax = ed.op("ReduceMax", [a, ed.const("axes", np.array([-1], np.int64))], keepdims=1)
-        else:
-            amax = ed.op("ReduceMax", [a], axes=[-1], keepdims=1)
-        s = ed.op("Div", [ed.op("Max", [amax, ed.const("tiny", np.float32(1e-12))]), self.qmax])
-        if self.lo:
-            msb, lsb = ed.op("QuantizeSplit", [present, s, self.step, self.qmax], domain=DOMAIN, outputs=2)
-        else:
-            msb, lsb = ed.op("Quantize", [present, s, self.qmax], domain=DOMAIN), None
-        shifted = ed.op("Add", [ed.op("Cast", [msb], to=ir.DataType.INT32),
-                                ed.const("off", np.array(2 ** (self.m - 1), np.int32))])
-        values = {"msb": self._pack(shifted, self.m, dh), "scale": s}
-        if lsb is not None:
-            values["lsb"] = self._pack(lsb, self.lo, dh)
+        values = self._encode(present, dh)
         i = graph.outputs.index(present)
         new = []
         for plane, spec in self._planes(present.name, present.shape or ir.Shape(["batch", None, "kept", dh]), dh):

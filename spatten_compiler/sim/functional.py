@@ -118,24 +118,14 @@ class Functional:
             return self._values(ins["head"], cand, ctx.m.value_keep)
         if kind == "tokens" and _kv_list(ins["idx_out"]):  # KV-cache eviction: the layer's own accumulator
             score = self.acc_at[ins["src"]][cand].astype(np.float64)
-            m = ctx.m
-            prot = np.zeros(cand.size, dtype=bool)
-            prot[:m.protect_first] = True
-            if m.protect_recent:
-                prot[-m.protect_recent:] = True
-            score = np.where(prot, np.inf, score)
+            score = np.where(_protected(ctx.m, cand.size), np.inf, score)
             kept = cand[np.sort(np.argsort(-score, kind="stable")[:k])]
-            self.kv_kept.append((m.layer, kept))
-            self.kv_importance[m.layer] = self.acc_at[ins["src"]]
+            self.kv_kept.append((ctx.m.layer, kept))
+            self.kv_importance[ctx.m.layer] = self.acc_at[ins["src"]]
             return kept
         if kind == "tokens":
             score = self.token_acc[cand].astype(np.float64)
-            m = ctx.m
-            prot = np.zeros(cand.size, dtype=bool)
-            prot[:m.protect_first] = True
-            if m.protect_recent:
-                prot[-m.protect_recent:] = True
-            score = np.where(prot, np.inf, score)
+            score = np.where(_protected(ctx.m, cand.size), np.inf, score)
         else:  # K/V groups: a group's score is the sum of its query heads' (prune-heads' rule)
             score = self.head_acc.reshape(-1, ctx.m.group).sum(axis=1)[cand].astype(np.float64)
         order = np.argsort(-score, kind="stable")[:k]  # ties: the lower index first
@@ -326,3 +316,13 @@ def _compact(f: Functional, ins: Instr) -> None:
         acc = np.zeros_like(f.token_acc)
         acc[:idx.size] = f.token_acc[idx]
         f.token_acc = acc
+
+
+def _protected(m, n: int) -> np.ndarray:
+    """Candidates a token top-k never drops: the first ``protect_first`` (sinks) and the last
+    ``protect_recent`` (the recent window) of the ``n`` candidates."""
+    prot = np.zeros(n, dtype=bool)
+    prot[:m.protect_first] = True
+    if m.protect_recent:
+        prot[-m.protect_recent:] = True
+    return prot
