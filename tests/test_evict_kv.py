@@ -63,6 +63,25 @@ def test_full_budget_equals_dense(name: str, mode: str, tmp_path_factory: pytest
     assert len(errs) == STEPS + 1 and max(errs) <= 1e-4, errs
 
 
+def spied_session(path: Path) -> tuple[DecoderSession, list[str], dict[str, np.ndarray]]:
+    """A DecoderSession whose every run leaves its feeds and (as ``out:<name>``) its outputs in the
+    returned dict, and the names of the probability outputs (``probs=True`` compiles)."""
+    s = DecoderSession(path)
+    softmax = [o for o in s.output_names if not o.startswith(("present", "logits"))]
+    captured: dict[str, np.ndarray] = {}
+    run = s._run
+
+    def spy(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captured.clear()
+        captured.update(feeds)
+        out = run(feeds)
+        captured.update({f"out:{k}": v for k, v in out.items()})
+        return out
+
+    s._run = spy  # type: ignore[method-assign]
+    return s, softmax, captured
+
+
 def step_ort_and_reference(path: Path, steps: int) -> DecoderSession:
     """Prefill PROMPTS, then ``steps`` greedy steps in onnxruntime and the reference runtime side by
     side: logits within 1e-4 and the same kept positions at every step. Returns the onnxruntime session."""
@@ -131,19 +150,7 @@ def test_kept_tokens_equal_numpy_rule(name: str, mode: str, share: float, score:
     rule = SCORES[score]
     path = compiled(name, str(tmp_path_factory.getbasetemp()), probs=True, budget=budget, sinks=sinks,
                     recent=recent, mode=mode, recent_share=share, score=score)
-    s = DecoderSession(path)
-    softmax = [o for o in s.output_names if not o.startswith(("present", "logits"))]
-    captured: dict[str, np.ndarray] = {}
-    run = s._run
-
-    def spy(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        captured.clear()
-        captured.update(feeds)
-        out = run(feeds)
-        captured.update({f"out:{k}": v for k, v in out.items()})
-        return out
-
-    s._run = spy  # type: ignore[method-assign]
+    s, softmax, captured = spied_session(path)
     ids, mask = left_pad(PROMPTS)
     s.reset(2)
     valid_q = mask

@@ -14,7 +14,7 @@ from conftest import MODELS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spatten_compiler.passes.evict_kv import META_KEY, budget_tokens
-from test_evict_kv import PROMPTS, STEPS, _run, compiled, numpy_rule, step_ort_and_reference
+from test_evict_kv import PROMPTS, STEPS, _run, compiled, numpy_rule, spied_session, step_ort_and_reference
 
 from spatten_compiler.backend.lower_evict import EvictPlan
 from spatten_compiler.cli import main
@@ -39,18 +39,7 @@ def test_kept_tokens_equal_numpy_rule_with_floor(name: str, mode: str,
     budget, sinks, recent, share = 0.3, 1, 0, 0.5
     path = compiled(name, str(tmp_path_factory.getbasetemp()), probs=True, budget=budget, sinks=sinks,
                     recent=recent, mode=mode, recent_share=share, min_keep=FLOOR)
-    s = DecoderSession(path)
-    softmax = [o for o in s.output_names if not o.startswith(("present", "logits"))]
-    captured: dict[str, np.ndarray] = {}
-    run = s._run
-
-    def spy(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        captured.clear()
-        captured.update(feeds)
-        captured.update({f"out:{k}": v for k, v in run(feeds).items()})
-        return {k[4:]: v for k, v in captured.items() if k.startswith("out:")}
-
-    s._run = spy  # type: ignore[method-assign]
+    s, softmax, captured = spied_session(path)
     ids, mask = left_pad(PROMPTS)
     s.reset(2)
     tok, valid_q = ids, mask

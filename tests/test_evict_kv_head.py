@@ -16,7 +16,7 @@ from conftest import MODELS, load_meta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spatten_compiler.passes.evict_kv import SCORES, budget_tokens
-from test_evict_kv import DECODERS, PROMPTS, STEPS, _run, compiled, numpy_rule, step_ort_and_reference
+from test_evict_kv import DECODERS, PROMPTS, STEPS, _run, compiled, numpy_rule, spied_session, step_ort_and_reference
 
 from spatten_compiler.decoding import DecoderSession, left_pad
 from spatten_compiler.pipeline import Pipeline, make_pass
@@ -48,23 +48,6 @@ def test_ort_equals_reference_with_eviction(name: str, tmp_path_factory: pytest.
         assert any(not np.array_equal(k[:, 0], k[:, j]) for k in kept for j in range(1, hkv))
 
 
-def _spied(path: Path) -> tuple[DecoderSession, list[str], dict[str, np.ndarray]]:
-    s = DecoderSession(path)
-    softmax = [o for o in s.output_names if not o.startswith(("present", "logits"))]
-    captured: dict[str, np.ndarray] = {}
-    run = s._run
-
-    def spy(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        captured.clear()
-        captured.update(feeds)
-        out = run(feeds)
-        captured.update({f"out:{k}": v for k, v in out.items()})
-        return out
-
-    s._run = spy  # type: ignore[method-assign]
-    return s, softmax, captured
-
-
 @pytest.mark.parametrize(("name", "share", "score"), [
     ("llama_dynamo", 0.0, "accumulated"), ("llama_dynamo", 0.5, "accumulated"), ("llama_dynamo", 0.25, "sqrt"),
     ("llama_attention_op23", 0.5, "accumulated"), ("llama_torchscript", 0.25, "ema"),
@@ -77,7 +60,7 @@ def test_kept_tokens_equal_numpy_rule_per_kv_head(name: str, share: float, score
     hkv, g = kv_heads(name)
     path = compiled(name, str(tmp_path_factory.getbasetemp()), probs=True, budget=budget, sinks=sinks,
                     recent=recent, mode="head", recent_share=share, score=score)
-    s, softmax, captured = _spied(path)
+    s, softmax, captured = spied_session(path)
     ids, mask = left_pad(PROMPTS)
     s.reset(2)
     valid_q, tok = mask, ids
@@ -176,7 +159,8 @@ def test_cli_and_backend_refusal(tmp_path: Path, capsys: pytest.CaptureFixture[s
                      "--kv-evict", "head", "--kv-bits", "none"]) == 0
     meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
     assert '"mode": "head"' in meta["spatten.evict_kv"]
-    assert "past_importance.0" in DecoderSession(out).state and DecoderSession(out).state["past_importance.0"][1][1] == 2
+    state = DecoderSession(out).state
+    assert "past_importance.0" in state and state["past_importance.0"][1][1] == 2
     capsys.readouterr()
     assert spattenc(["emit", str(out), "--prompt-len", "8", "--gen-steps", "2", "-o", str(tmp_path / "h.spbin")]) == 2
     err = capsys.readouterr().err.strip()
