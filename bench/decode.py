@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="0.125,0.25,0.5")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--decode", type=int, default=128, help="teacher-forced decode steps per window")
-    p.add_argument("--windows", type=int, default=1, help="windows per context, run as one batch")
+    p.add_argument("--windows", type=int, default=1, help="windows per context")
+    p.add_argument("--batch", type=int, default=0, metavar="N",
+                   help="run a context's windows N at a time (0: all as one batch); rows of a key are pooled")
     p.add_argument("--split", choices=("test", "tune"), default="test",
                    help="which disjoint set of window offsets (pick rules on tune, report on test)")
     p.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
@@ -250,10 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for context in contexts:
         starts = window_starts(len(ids), context, args.windows, args.split)
-        windows = np.stack([ids[s:s + context] for s in starts])
-        for r in run_context(sessions, windows, context, args.decode, budgets, methods, args.prefill_chunk,
-                             [int(x) for x in args.min_keep.split(",") if x] or None, pairs or None):
-            rows.append({**r, "starts": starts, "split": args.split})
+        step = args.batch or len(starts)  # a batch's activations grow with it (6 x 2048 tokens: > 19 GB)
+        for first in range(0, len(starts), step):
+            chunk = starts[first:first + step]
+            windows = np.stack([ids[s:s + context] for s in chunk])
+            for r in run_context(sessions, windows, context, args.decode, budgets, methods, args.prefill_chunk,
+                                 [int(x) for x in args.min_keep.split(",") if x] or None, pairs or None):
+                rows.append({**r, "starts": chunk, "split": args.split})
+            (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
         log.info("context %d done (%d windows)", context, len(starts))
         (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
     summary = summarize(rows)
@@ -321,7 +327,9 @@ def render(summary: list[dict], meta: dict, args: argparse.Namespace) -> str:
              f"onnxruntime {meta['onnxruntime_version']}, {args.threads} intra-op threads, load avg "
              f"{meta['load_avg_1m']:.1f} on {meta['cpu_count']} cores (machine shared with other jobs: "
              "latency is noisy).",
-             "Windows x decode steps per context (prefix = context - decode; all windows one batch): "
+             "Windows x decode steps per context (prefix = context - decode; "
+             + (f"windows run {args.batch} at a time" if getattr(args, "batch", 0) else "all windows one batch")
+             + "): "
              + ", ".join(f"{c}: {w} x {d}" for c, w, d in sorted({(s['context'], s['windows'], s['decode'])
                                                                   for s in summary})) + ". "
              "Changes are on the same tokens, `mean [95% block-bootstrap interval]` (blocks of 8 tokens).", "",
