@@ -59,7 +59,7 @@ def assert_steps_equal_reference(path: Path, r: FunctionalResult, prompt: np.nda
         assert r.generated[b] == int(rep.outputs["logits"][0, -1].argmax()), f"block {b}: not the greedy token"
         kept = s.kept_positions()
         if kept is not None:  # eviction: each layer's K/V list is the graph's kept positions
-            assert r.kv_lists[b] == [list(k[0]) for k in kept], f"block {b}"
+            assert r.kv_lists[b] == [k[0].tolist() for k in kept], f"block {b}"
         tokens = np.array([[r.generated[b]]], np.int64)
     assert r.kept_heads == heads
     return s

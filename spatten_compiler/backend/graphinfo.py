@@ -36,6 +36,11 @@ VIEW_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast", "
             "Concat", "Gather", "Dropout", "Contiguous"}
 SCORE_OPS = {"Add", "Div", "Mul", "Sub", "Where", "Cast", "Clip", "Tanh", "Softcap"}
 WEIGHT_PATH = {"Transpose", "Cast", "Identity", "HeadSlice", "Reshape", "DequantizeLinear"}
+# values that end an attention template's walk downstream (a decision another block reads), and why
+TEMPLATE_ENDS = {
+    "present_positions.": "evict-kv's kept positions of a layer: cascade eviction reads them in the next "
+                          "layer, whose block they belong to (else one layer's template swallows the next's eviction)",
+}
 
 
 @dataclasses.dataclass
@@ -259,6 +264,8 @@ class GraphInfo:
         frontier = list(start)
         while frontier:
             v = frontier.pop()
+            if v.startswith(tuple(TEMPLATE_ENDS)):
+                continue
             for c in self.consumers.get(v, []):
                 if id(c) in grp.nodes:
                     continue
