@@ -133,8 +133,11 @@ class Block:
 def _block(gi: GraphInfo, g: Group) -> Block:
     qk = g.qk[0]
     nodes = [gi.by_id[i] for i in sorted(g.nodes, key=lambda i: gi.position[i])]
+    # read outside the block, or by its storage nodes (the host runs those: pack-kv-cache packing the rows
+    # an eviction kept)
     exits = [(o, n, k) for n in nodes for k, o in enumerate(n.output)
-             if o and any(id(c) not in g.nodes for c in gi.consumers.get(o, []))]
+             if o and id(n) not in g.storage
+             and any(id(c) not in g.nodes or id(c) in g.storage for c in gi.consumers.get(o, []))]
     exits += [(o, n, k) for n in nodes for k, o in enumerate(n.output)
               if o in {x.name for x in gi.model.graph.output} and all(o != e[0] for e in exits)]
     if qk.op_type == "Attention":
@@ -425,15 +428,15 @@ class ModelRun(Functional):
         ``past_positions``, per K/V head when each keeps its own, else 0..) then the block's new rows."""
         h = self.host
         past = h.env.get(f"past_positions.{layer}")
-        if past is None:  # the cache then the new rows; pack-kv-cache's quantizer input: the new rows only
-            total = self.session.next_mask.shape[1]
-            rows = np.arange(total - n, total)[None]
+        if past is None:  # the cache then the new rows
+            rows = np.arange(self.session.next_mask.shape[1])[None]
         else:
             past = np.asarray(past, np.int64)[0]
             past = past if past.ndim == 2 else past[None]  # [1 or K/V heads, L]
-            new = np.asarray(h.env["position_ids"], np.int64)[0, :n - past.shape[1]]
+            new = np.asarray(h.env["position_ids"], np.int64)[0]
             rows = np.concatenate([past, np.broadcast_to(new, (past.shape[0], new.size))], axis=1)
-        self.host_rows[layer] = rows
+        self.host_rows[layer] = rows  # the rows of the graph's cache (what an eviction gathers from)
+        rows = rows[:, rows.shape[1] - n:]  # the host's K/V: the cache, or (pack-kv-cache's quantizer input) the new rows
         size = max(self.max_rows, int(rows.max()) + 1)
 
         def write(mem: np.ndarray, a: np.ndarray) -> None:
@@ -654,10 +657,11 @@ def run_functional(program: Program, feeds: dict[str, np.ndarray], model: Path |
         from spatten_compiler.backend.lower_evict import EvictPlan
 
         plan = EvictPlan.from_model(proto)
-        if plan is not None and any(p.key == "spatten.kv_cache_bits" for p in proto.metadata_props):
-            raise FunctionalError("generated steps with eviction of the packed K/V cache (--kv-budget with --kv-bits "
-                                  "M+L) are not modelled in functional mode; compile with --kv-bits none (timing mode "
-                                  "runs it)")
+        if plan is not None and plan.mode == "head" and any(n.op_type == "HeadSelect" for n in proto.graph.node):
+            raise FunctionalError("generated steps with per-KV-head eviction after head pruning are not modelled in "
+                                  "functional mode: the graph's eviction maps a pruned layer's kept query heads to "
+                                  "K/V heads by their rank, not their group (compile without --head-keep, or with "
+                                  "--kv-evict layer; timing mode runs it)")
     else:
         stream_rows = cfg[0]["tokens"] if cfg else length
         if length != stream_rows:
