@@ -18,8 +18,10 @@ instructions was lowered from; that splits the work in two:
 The block's inputs are the values the host computed for the block's Q, K, V (and the quantization
 scale the graph computes for ``store.kv``); the planes are written with the runtime's ``split``.
 Data is addressed by value name, not by SRAM address (the ring allocator's addresses are for timing).
-Limits: batch 1 without padding; one token block (encoders, decoders' prompt block; a stream with
-generated steps is refused); requantization rules ``low`` and ``peak``.
+Decoder streams with generated steps run block by block (KV-cache eviction per layer, per K/V head or
+in a cascade; float or packed cache). Limits: batch 1 without padding; requantization rules ``low`` and
+``peak``; per-KV-head eviction after head pruning (refused in one line: the graph maps kept query heads
+to K/V heads by rank).
 """
 
 from __future__ import annotations
