@@ -8,8 +8,9 @@ top-k: every token block (the prompt and each generated token) ends each evictin
 ``acc_l`` is a per-layer importance accumulator in reserved score-buffer lines (kept across blocks,
 indexed by K/V row number, like ``past_importance``). Candidates are the layer's own list (``layer``
 mode) or, in ``cascade`` mode, the list the layer above kept this step. In ``head`` mode every K/V
-head has its own list, accumulator and top-k (:func:`list_slots`), as evict-kv keeps one set per K/V head. The next block appends its
-new row to the list, so its ``fetch.kv`` read only kept rows: K/V bytes per step follow the budget.
+head has its own list, accumulator and top-k (:func:`list_slots`): evict-kv keeps one set per K/V head.
+The next block appends its new row to the list, so its ``fetch.kv`` read only kept rows: K/V bytes per
+step follow the budget.
 
 ``n`` and ``k`` are compile-time numbers for a batch-1 sequence without padding (``k`` = the
 pass's own :func:`budget_tokens`, ``T`` = the length so far), so ``cfg.prune`` differs from step

@@ -349,7 +349,6 @@ class ModelRun(Functional):
         self.step_outputs.append(outs)
         self.step_lsb.append([(layer, hd, r.tolist()) for layer, hd, r in self.lsb_sets[self._lsb_mark:]])
         self._lsb_mark = len(self.lsb_sets)
-        m = self.ctx.m
         self.kv_lists.append([self._lists(g.layer) for g in self.gi.groups] if self.session else [])
         if self.session is None:
             return
@@ -438,7 +437,7 @@ class ModelRun(Functional):
             new = np.asarray(h.env["position_ids"], np.int64)[0]
             rows = np.concatenate([past, np.broadcast_to(new, (past.shape[0], new.size))], axis=1)
         self.host_rows[layer] = rows  # the rows of the graph's cache (what an eviction gathers from)
-        rows = rows[:, rows.shape[1] - n:]  # the host's K/V: the cache, or (pack-kv-cache's quantizer input) the new rows
+        rows = rows[:, rows.shape[1] - n:]  # the host's K/V: the cache, or (pack-kv-cache's quantizer) the new rows
         size = max(self.max_rows, int(rows.max()) + 1)
 
         def write(mem: np.ndarray, a: np.ndarray) -> None:
