@@ -208,16 +208,22 @@ def test_a_pruned_kv_groups_kv_is_never_fetched(tmp_path_factory: pytest.TempPat
 
 
 @pytest.mark.real
-def test_smollm2_generated_steps_equal_the_reference_runtime(tmp_path: Path) -> None:
+@pytest.mark.parametrize("opts", [
+    # 9 query heads in 3 KV groups: --head-keep 0.5 prunes groups in a cascade; eviction to half the tokens
+    ["--head-keep", "0.5", "--value-keep", "0.5", "--kv-bits", "none", *BUDGET],
+    # head pruning with the packed 6+4 cache (pack-kv-cache planes, LSB refetches in every step)
+    PACKED,
+    # per-KV-head eviction (the decoder presets' rule), float cache
+    NEW["head"],
+], ids=["heads-evict", "heads-packed", "head-evict"])
+def test_smollm2_generated_steps_equal_the_reference_runtime(opts: list[str], tmp_path: Path) -> None:
     src = MODELS / "cache" / "smollm2" / "model.onnx"
     if not src.exists():
         pytest.skip("python models/export.py --real smollm2")
-    # 9 query heads in 3 KV groups: --head-keep 0.5 prunes groups in a cascade; eviction to half the tokens
     path = tmp_path / "smollm2.spatten.onnx"
-    assert spattenc(["compile", str(src), "-o", str(path), "-q", "--head-keep", "0.5", "--value-keep", "0.5",
-                     "--kv-bits", "none", "--kv-budget", "0.5", "--kv-sinks", "1", "--kv-recent", "2"]) == 0
+    assert spattenc(["compile", str(src), "-o", str(path), "-q", *opts]) == 0
     feeds = feeds_for(path, 12, vocab=1000)
     r = run_functional(emit_model(path, 12, STEPS), feeds, model=path)
     assert_steps_equal_reference(path, r, feeds["input_ids"], STEPS)
-    # KV groups, the graph's cascade: 2 of 3 from the first pruned layer on, then fewer
-    assert r.kept_heads and all(len(h) < 3 for h in r.kept_heads) and len(r.kept_heads[0]) == 2
+    if "--head-keep" in opts:  # KV groups, the graph's cascade: 2 of 3 from the first pruned layer on, then fewer
+        assert r.kept_heads and all(len(h) < 3 for h in r.kept_heads) and len(r.kept_heads[0]) == 2
