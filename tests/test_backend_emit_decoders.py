@@ -130,6 +130,37 @@ def test_cascade_takes_the_layer_above_as_candidates(tmp: Path) -> None:
     assert kv_fetch_rows(p)[1:] == [dict.fromkeys(range(4), n) for n in expected_rows(16, 3, 0.5, 4)[1:]]
 
 
+def test_per_kv_head_eviction_keeps_one_list_per_kv_head(tmp: Path) -> None:
+    """--kv-evict head (the decoder presets' rule): each K/V head has its own list, accumulator and top-k;
+    every list follows the budget, and timing mode charges the K/V bytes of the kept rows only."""
+    prompt, steps = 16, 8
+    p = emit_model(compiled(tmp, "llama_dynamo", "0.5", "none", "--kv-evict", "head"), prompt, gen_steps=steps)
+    check_deps(p.instrs)
+    tops = [i for i in p.instrs if i.mnemonic == "topk" and i.symbol("kind") == "tokens"]
+    assert [(i["idx_in"], i["idx_out"]) for i in tops[:4]] == [(16, 16), (17, 17), (18, 18), (19, 19)]  # 2 per layer
+    assert len({i["src"] for i in tops}) == 8  # an accumulator per (layer, K/V head)
+    fetched = {(i["head"], i["idx"]) for i in p.instrs if i.mnemonic == "fetch.kv" and i.symbol("kv") == "k"}
+    assert {(0, 16), (1, 17)} <= fetched  # K/V head j of layer 0 reads list 16 + j
+    kv = {}
+    for mode, path in (("head", compiled(tmp, "llama_dynamo", "0.25", "none", "--kv-evict", "head")),
+                       ("layer", compiled(tmp, "llama_dynamo", "0.25")),
+                       ("cascade", compiled(tmp, "llama_dynamo", "0.25", "none", "--kv-evict", "cascade")),
+                       ("dense", MODELS / "llama_dynamo.onnx")):
+        rep = run_binary(emit_model(path, 32, gen_steps=32))
+        kv[mode] = sum(rep.dram_bytes.get(c, 0) for c in ("k_msb", "k_lsb", "v"))
+    assert kv["head"] == kv["layer"] == kv["cascade"] < 0.7 * kv["dense"], kv  # same kept counts per list
+
+
+def test_eviction_of_the_packed_cache_reads_fewer_planes(tmp: Path) -> None:
+    """--kv-budget with the packed 6+4 cache: the K MSB/LSB and V planes read follow the budget too."""
+    kv = {}
+    for b in ("0.25", "1.0"):
+        rep = run_binary(emit_model(compiled(tmp, "llama_dynamo", b, "6+4"), 32, gen_steps=32))
+        kv[b] = {c: rep.dram_bytes.get(c, 0) for c in ("k_msb", "k_lsb", "v")}
+    assert all(kv["0.25"][c] < 0.7 * kv["1.0"][c] for c in ("k_msb", "v")), kv
+    assert kv["0.25"]["k_lsb"] <= kv["1.0"]["k_lsb"], kv
+
+
 def test_cascade_with_a_schedule_is_refused(tmp: Path) -> None:
     model = ir.load(str(MODELS / "llama_torchscript.onnx"))
     Pipeline([make_pass("normalize"), make_pass("decompose-attention"),

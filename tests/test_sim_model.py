@@ -152,8 +152,9 @@ REAL = MODELS / "cache"
     ("minilm", 128, ENCODER_OPTS),
     ("smollm2", 16, ["--value-keep", "0.5", "--kv-bits", "6+4"]),
     # SmolLM2 has 9 query heads in 3 K/V groups: the stream's head top-k ranks the groups (2 of 3 kept);
-    # with a float cache (head pruning of the packed 6+4 cache is not simulated yet: docs/simulator.md)
+    # with a float cache and with the packed 6+4 cache
     ("smollm2", 16, ["--head-keep", "0.5", "--value-keep", "0.5", "--kv-bits", "none"]),
+    ("smollm2", 16, ["--head-keep", "0.5", "--value-keep", "0.5", "--kv-bits", "6+4"]),
 ])
 def test_real_models_functional_equals_the_reference_runtime(name: str, n: int, opts: list[str],
                                                              tmp_path: Path) -> None:

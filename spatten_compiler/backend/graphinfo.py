@@ -36,6 +36,17 @@ VIEW_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast", "
             "Concat", "Gather", "Dropout", "Contiguous"}
 SCORE_OPS = {"Add", "Div", "Mul", "Sub", "Where", "Cast", "Clip", "Tanh", "Softcap"}
 WEIGHT_PATH = {"Transpose", "Cast", "Identity", "HeadSlice", "Reshape", "DequantizeLinear"}
+# values that end an attention template's walk downstream (a decision another block reads), and why
+TEMPLATE_ENDS = {
+    "present_positions.": "evict-kv's kept positions of a layer: cascade eviction reads them in the next "
+                          "layer, whose block they belong to (else one layer's template swallows the next's eviction)",
+}
+# values after which the template's nodes are K/V storage (store.kv's work; the host still runs them for
+# the graph's outputs), and why
+STORED_AFTER = {
+    "present.": "evict-kv's kept cache rows: pack-kv-cache's general form quantizes and packs them into the "
+                "next step's planes (store.kv writes the accelerator's; the graph's present.* come from them)",
+}
 
 
 @dataclasses.dataclass
@@ -256,9 +267,12 @@ class GraphInfo:
         """Nodes between the Q x K MatMuls and the attention output (P x V) belong to the template."""
         start = [s.output[0] for s in grp.softmax] + [q.output[0] for q in grp.qk]
         grp.nodes.update(id(n) for n in grp.qk + grp.softmax)
-        frontier = list(start)
+        frontier = [(v, False) for v in start]
         while frontier:
-            v = frontier.pop()
+            v, stored = frontier.pop()
+            if v.startswith(tuple(TEMPLATE_ENDS)):
+                continue
+            stored = stored or v.startswith(tuple(STORED_AFTER))
             for c in self.consumers.get(v, []):
                 if id(c) in grp.nodes:
                     continue
@@ -266,6 +280,8 @@ class GraphInfo:
                     grp.spatten.setdefault(c.op_type, []).append(c)
                 pv = c.op_type == "MatMul" and all(i not in self.inits for i in c.input)
                 grp.nodes.add(id(c))
+                if stored:
+                    grp.storage.add(id(c))
                 if pv or c.op_type == "ProgressiveContext":  # the attention output: its head importance
                     for h in (h for o in c.output for h in self.consumers.get(o, [])):  # is the template's too
                         if h.domain == "spatten" and h.op_type.startswith("HeadImportance") and id(h) not in grp.nodes:
@@ -274,7 +290,7 @@ class GraphInfo:
                 if pv or c.op_type in ("ProgressiveContext", "TokenSelect", "HeadImportance", "HeadImportanceAll",
                                        "HeadSelect"):
                     continue  # the attention output (or a decision) ends the template
-                frontier.extend(o for o in c.output if o)
+                frontier.extend((o, stored) for o in c.output if o)
         # SpAtten functions feeding the template (the K/V planes), a few producers upstream
         frontier = [(i, 0) for n in grp.qk + grp.spatten.get("ProgressiveContext", []) for i in n.input]
         seen: set[str] = set()

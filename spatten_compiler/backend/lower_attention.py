@@ -222,21 +222,28 @@ def lower_group(lw: Lowering, g: Group) -> None:
                 e.emit("store.kv", t, kv=int(kv == "v"), plane=PLANE[plane], head=h, sram=src, rows=rows,
                        row_bytes=rb, live=1, dram=e.dram(t, base))
     e.barrier()
-    keys = SLOT_CACHE + g.layer if decoder else 2
-    if decoder and lw.past:
-        e.emit("ilist", op=ILIST["append"], dst=keys, value=lw.past)
-    else:
-        e.emit("ilist", op=ILIST["iota"], dst=keys, value=rows, live=int(not decoder))
+    # the key list of each K/V head: one per layer (decoder: its K/V cache list; encoder: slot 2), or
+    # one per K/V head when each keeps its own rows (per-KV-head eviction)
+    key_slot = (lambda kvh: lw.evict.key_slot(g.layer, kvh)) if decoder and lw.evict is not None else (
+        lambda kvh: SLOT_CACHE + g.layer if decoder else 2)
+    for keys in dict.fromkeys(key_slot(kvh) for kvh in range(g.kv_heads)):
+        if decoder and lw.past:
+            e.emit("ilist", op=ILIST["append"], dst=keys, value=lw.past)
+        else:
+            e.emit("ilist", op=ILIST["iota"], dst=keys, value=rows, live=int(not decoder))
     out = e.sram("act", rows * g.heads * g.head_dim * ACT_BYTES)
     head_lines = max(1, g.head_dim * ACT_BYTES // LINE)
     kbuf_half = max(1, lw.opts.hw.sram_bytes("k") // LINE // 2)
     score = e.sram("score", rows * min(lw.max_rows, 4096) * 2)
     tacc = e.sram("score", 4 * lw.max_rows) if token is not None or "TokenImportance" in "".join(sp) else None
+    taccs = {kvh: tacc for kvh in range(g.kv_heads)}
     if lw.evict is not None:  # KV-cache eviction: importance accumulated across blocks (lower_evict)
-        tacc = lw.evict.accumulator(g.layer)
+        taccs = {kvh: lw.evict.accumulator(g.layer, kvh) for kvh in range(g.kv_heads)}
+        tacc = taccs[0]
 
     def scores(h: int, accumulate: bool) -> None:
         kvh = h * g.kv_heads // g.heads
+        keys = key_slot(kvh)
         fetch = {"head": kvh, "idx": keys, "sram": (h % 2) * kbuf_half}
         t, rb = lw.kv.plane(g, "k", planes[0])
         e.emit("fetch.kv", t, kv=0, plane=PLANE[planes[0]], row_bytes=rb, dram=e.dram(t, kvh * lw.max_rows * rb),
@@ -252,10 +259,11 @@ def lower_group(lw: Lowering, g: Group) -> None:
             e.emit("qk", head=h, q=q, k=fetch["sram"], out=score, idx=keys, pred=1)
             e.emit("softmax", head=h, src=score, dst=score, pred=1)
         if accumulate and tacc is not None:
-            e.emit("accum", kind=ACCUM["token"], head=h, src=score, dst=tacc, idx=keys)
+            e.emit("accum", kind=ACCUM["token"], head=h, src=score, dst=taccs[kvh], idx=keys)
 
     def values(h: int) -> None:
         kvh = h * g.kv_heads // g.heads
+        keys = key_slot(kvh)
         buf = (h % 2) * kbuf_half
         vlist = keys
         if value_keep is not None:
@@ -270,7 +278,7 @@ def lower_group(lw: Lowering, g: Group) -> None:
             e.emit("accum", kind=ACCUM["head"], head=h, src=out + h * head_lines, dst=lw.head_acc())
 
     def select_tokens() -> None:
-        e.emit("topk", kind=TOPK["tokens"], head=0, src=tacc, idx_in=keys, idx_out=0)
+        e.emit("topk", kind=TOPK["tokens"], head=0, src=tacc, idx_in=key_slot(0), idx_out=0)
         e.emit("compact", buf=1, src=tacc, dst=tacc, idx=0, cols=1)
         e.emit("ilist", op=ILIST["copy"], dst=SLOT_KEPT, src=0)  # this layer's compacts of activations
 

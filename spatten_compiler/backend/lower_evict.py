@@ -7,8 +7,10 @@ top-k: every token block (the prompt and each generated token) ends each evictin
 
 ``acc_l`` is a per-layer importance accumulator in reserved score-buffer lines (kept across blocks,
 indexed by K/V row number, like ``past_importance``). Candidates are the layer's own list (``layer``
-mode) or, in ``cascade`` mode, the list the layer above kept this step. The next block appends its
-new row to the list, so its ``fetch.kv`` read only kept rows: K/V bytes per step follow the budget.
+mode) or, in ``cascade`` mode, the list the layer above kept this step. In ``head`` mode every K/V
+head has its own list, accumulator and top-k (:func:`list_slots`): evict-kv keeps one set per K/V head.
+The next block appends its new row to the list, so its ``fetch.kv`` read only kept rows: K/V bytes per
+step follow the budget.
 
 ``n`` and ``k`` are compile-time numbers for a batch-1 sequence without padding (``k`` = the
 pass's own :func:`budget_tokens`, ``T`` = the length so far), so ``cfg.prune`` differs from step
@@ -35,6 +37,20 @@ if TYPE_CHECKING:
 NODE_PREFIX = "spatten/evict/"  # the pass's node names (GraphEditor namespace)
 RULE_KEY = "spatten.evict"  # the RULES key of those nodes
 SLOT_CACHE = 16  # index slot 16 + l: layer l's K/V list (lower_attention.SLOT_CACHE)
+SLOT_LIMIT = 1024  # the K/V lists end where the local-V lists start (lower_attention.SLOT_VALUES)
+
+
+def list_slots(mode: str, kv_heads: list[int]) -> list[list[int]]:
+    """Index slots of each layer's K/V lists: one per layer (``layer`` / ``cascade``: 16 + l), or one per
+    K/V head (``head``: each keeps its own rows; 16 + the K/V heads of the layers before + j)."""
+    if mode != "head":
+        return [[SLOT_CACHE + layer] for layer in range(len(kv_heads))]
+    starts = SLOT_CACHE
+    out = []
+    for n in kv_heads:
+        out.append(list(range(starts, starts + n)))
+        starts += n
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +76,6 @@ class EvictPlan:
                        int(d.get("min_keep", 0)))
         except (ValueError, KeyError, TypeError) as e:
             raise LoweringError(f"metadata '{META_KEY}' is malformed ({e})") from None
-        if plan.mode == "head":
-            raise LoweringError("per-KV-head eviction (--kv-evict head) cannot be lowered: the token top-k keeps one "
-                                "K/V list per layer (use --kv-evict layer for emit / sim)")
         if plan.mode == "cascade" and len(set(plan.schedule)) > 1:
             raise LoweringError("cascade eviction with a per-layer schedule cannot be lowered: the top-k would need "
                                 "the intersection of a layer's list with the list kept above (no such instruction)")
@@ -91,12 +104,22 @@ class EvictLowering:
             raise LoweringError(f"evict-kv rewrote {plan.layers} layers but {len(layers)} attention blocks were "
                                 f"found (layers {layers})")
         self.plan, self.lw = plan, lw
-        self.acc = {layer: lw.e.reserve("score", 4 * lw.max_rows) for layer in range(plan.layers)}
+        self.slots = list_slots(plan.mode, [g.kv_heads for g in sorted(lw.gi.groups, key=lambda g: g.layer)])
+        if self.slots[-1][-1] >= SLOT_LIMIT:
+            raise LoweringError(f"per-KV-head eviction needs {self.slots[-1][-1] - SLOT_CACHE + 1} K/V lists; the "
+                                f"index buffer holds {SLOT_LIMIT - SLOT_CACHE} (use --kv-evict layer)")
+        # one importance accumulator per K/V list (evict-kv's past_importance: [B, n] or [B, H_kv, n])
+        self.acc = {slot: lw.e.reserve("score", 4 * lw.max_rows) for slots in self.slots for slot in slots}
         self.kept: dict[int, int] = {}  # layer -> list length after its last eviction
         self.sites: list[tuple[int, int]] = []  # (instruction index of cfg.prune, layer)
 
-    def accumulator(self, layer: int) -> int:
-        return self.acc[layer]
+    def key_slot(self, layer: int, kv_head: int) -> int:
+        """The index slot listing the K/V rows K/V head ``kv_head`` of ``layer`` reads."""
+        slots = self.slots[layer]
+        return slots[kv_head] if len(slots) > 1 else slots[0]
+
+    def accumulator(self, layer: int, kv_head: int = 0) -> int:
+        return self.acc[self.key_slot(layer, kv_head)]
 
     def fields(self, layer: int, rows: int, past: int) -> tuple[dict[str, int], int]:
         """cfg.prune fields of this block's eviction in ``layer`` and the candidates' slot; advances the
@@ -109,7 +132,7 @@ class EvictLowering:
         ratio = FIXED if k >= n else int(math.floor((k - 0.5) / n * FIXED))
         prune = {"token_keep": ratio, "head_keep": FIXED, "value_keep": FIXED, "protect_first": self.plan.sinks,
                  "protect_recent": min(window, 65535), "score": SCORE_RULES.index("sum")}
-        return prune, SLOT_CACHE + (layer - 1 if cascade else layer)
+        return prune, self.slots[layer - 1 if cascade else layer][0]
 
     def lower(self, layer: int) -> None:
         """After the layer's heads: choose the rows its K/V list keeps (hardware top-k)."""
@@ -117,8 +140,9 @@ class EvictLowering:
         prune, cand = self.fields(layer, lw.rows, lw.past)
         self.sites.append((len(lw.e.instrs), layer))
         lw.e.emit("cfg.prune", **prune)
-        lw.e.emit("topk", kind=TOPK_KINDS.index("tokens"), head=0, src=self.acc[layer], idx_in=cand,
-                  idx_out=SLOT_CACHE + layer)
+        for j, slot in enumerate(self.slots[layer]):  # head mode: every K/V head keeps k of its own n rows
+            lw.e.emit("topk", kind=TOPK_KINDS.index("tokens"), head=j, src=self.acc[slot],
+                      idx_in=cand if len(self.slots[layer]) == 1 else slot, idx_out=slot)
 
     def patch(self, first: int, last: int, base: int, rows: int, past: int) -> None:
         """A replayed block at ``base`` copies instrs[first:last]: give its cfg.prune this step's values."""

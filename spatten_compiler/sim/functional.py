@@ -103,7 +103,7 @@ class Functional:
         # past_importance): score-buffer address -> importance by K/V row number
         self.acc_at: dict[int, np.ndarray] = {}
         self.kv_kept: list[tuple[int, np.ndarray]] = []  # (layer, K/V rows kept) of each eviction top-k
-        self.kv_importance: dict[int, np.ndarray] = {}  # layer -> its eviction accumulator (by row number)
+        self.kv_importance: dict[int, np.ndarray] = {}  # K/V list slot -> its eviction accumulator (by row number)
         self.head_acc: np.ndarray | None = None
         self.kept_tokens: list[np.ndarray] = []  # each topk kind=tokens, in order
         self.kept_heads: list[np.ndarray] = []
@@ -121,7 +121,7 @@ class Functional:
             score = np.where(_protected(ctx.m, cand.size), np.inf, score)
             kept = cand[np.sort(np.argsort(-score, kind="stable")[:k])]
             self.kv_kept.append((ctx.m.layer, kept))
-            self.kv_importance[ctx.m.layer] = self.acc_at[ins["src"]]
+            self.kv_importance[ins["idx_out"]] = self.acc_at[ins["src"]]
             return kept
         if kind == "tokens":
             score = self.token_acc[cand].astype(np.float64)

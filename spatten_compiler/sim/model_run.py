@@ -18,8 +18,10 @@ instructions was lowered from; that splits the work in two:
 The block's inputs are the values the host computed for the block's Q, K, V (and the quantization
 scale the graph computes for ``store.kv``); the planes are written with the runtime's ``split``.
 Data is addressed by value name, not by SRAM address (the ring allocator's addresses are for timing).
-Limits: batch 1 without padding; one token block (encoders, decoders' prompt block; a stream with
-generated steps is refused); requantization rules ``low`` and ``peak``.
+Decoder streams with generated steps run block by block (KV-cache eviction per layer, per K/V head or
+in a cascade; float or packed cache). Limits: batch 1 without padding; requantization rules ``low`` and
+``peak``; per-KV-head eviction after head pruning (refused in one line: the graph maps kept query heads
+to K/V heads by rank).
 """
 
 from __future__ import annotations
@@ -133,8 +135,11 @@ class Block:
 def _block(gi: GraphInfo, g: Group) -> Block:
     qk = g.qk[0]
     nodes = [gi.by_id[i] for i in sorted(g.nodes, key=lambda i: gi.position[i])]
+    # read outside the block, or by its storage nodes (the host runs those: pack-kv-cache packing the rows
+    # an eviction kept)
     exits = [(o, n, k) for n in nodes for k, o in enumerate(n.output)
-             if o and any(id(c) not in g.nodes for c in gi.consumers.get(o, []))]
+             if o and id(n) not in g.storage
+             and any(id(c) not in g.nodes or id(c) in g.storage for c in gi.consumers.get(o, []))]
     exits += [(o, n, k) for n in nodes for k, o in enumerate(n.output)
               if o in {x.name for x in gi.model.graph.output} and all(o != e[0] for e in exits)]
     if qk.op_type == "Attention":
@@ -283,6 +288,11 @@ class ModelRun(Functional):
         skip = {k for k, n in enumerate(model.graph.node) if id(n) in self.gi.group_of_node() and id(n) not in storage}
         self.head_select = {k for k, n in enumerate(model.graph.node)
                             if n.domain == "spatten" and n.op_type == "HeadSelect"}
+        from spatten_compiler.backend.lower_evict import EvictPlan, list_slots
+
+        plan = EvictPlan.from_model(model)  # the K/V list slots of each layer, as the lowering numbered them
+        self.kv_slots = list_slots(plan.mode if plan is not None else "layer",
+                                   [g.kv_heads for g in sorted(self.gi.groups, key=lambda g: g.layer)])
         self.session = None
         self.fed = list(fed or [])
         self.n_blocks, self.max_rows = blocks, max_rows
@@ -307,7 +317,9 @@ class ModelRun(Functional):
         self.open: tuple[str, Any] | None = None
         self.head_acc_before: np.ndarray | None = None
         self.mem: dict[tuple[int, str], Any] = {}  # (layer, k|v|kp|vp) -> K/V by row number (the DRAM planes)
-        self.host_rows: dict[int, np.ndarray] = {}  # layer -> the row number of each row of the host's K/V
+        # layer -> the row number of each row of the host's K/V: [1, n], or [K/V heads, n] when each K/V
+        # head keeps its own rows (per-KV-head eviction)
+        self.host_rows: dict[int, np.ndarray] = {}
         self.step_outputs: list[dict[str, np.ndarray]] = []
         self.generated: list[int] = []
         self.kv_lists: list[list[list[int]]] = []
@@ -337,8 +349,7 @@ class ModelRun(Functional):
         self.step_outputs.append(outs)
         self.step_lsb.append([(layer, hd, r.tolist()) for layer, hd, r in self.lsb_sets[self._lsb_mark:]])
         self._lsb_mark = len(self.lsb_sets)
-        m = self.ctx.m
-        self.kv_lists.append([m.slot(16 + g.layer).tolist() for g in self.gi.groups] if self.session else [])
+        self.kv_lists.append([self._lists(g.layer) for g in self.gi.groups] if self.session else [])
         if self.session is None:
             return
         if "logits" not in outs:
@@ -407,20 +418,35 @@ class ModelRun(Functional):
             value = node.input[0]
         return None
 
+    def _lists(self, layer: int) -> list[int] | list[list[int]]:
+        """The layer's K/V rows: one list, or one per K/V head (per-KV-head eviction)."""
+        lists = [self.ctx.m.slot(s).tolist() for s in self.kv_slots[layer]]
+        return lists[0] if len(lists) == 1 else lists
+
     def _store(self, layer: int, n: int, *arrays: Any) -> list[Any]:
         """Write the host's K/V rows at their row numbers (store.kv writes each token's row once; rows
         an eviction dropped stay in DRAM, unread). The host's rows are its cache (row numbers: evict-kv's
-        ``past_positions``, else 0..) then the block's new rows."""
+        ``past_positions``, per K/V head when each keeps its own, else 0..) then the block's new rows."""
         h = self.host
         past = h.env.get(f"past_positions.{layer}")
-        if past is None:  # the cache then the new rows; pack-kv-cache's quantizer input: the new rows only
-            total = self.session.next_mask.shape[1]
-            rows = np.arange(total - n, total)
+        if past is None:  # the cache then the new rows
+            rows = np.arange(self.session.next_mask.shape[1])[None]
         else:
             past = np.asarray(past, np.int64)[0]
-            rows = np.concatenate([past, np.asarray(h.env["position_ids"], np.int64)[0, :n - past.size]])
-        self.host_rows[layer] = rows
+            past = past if past.ndim == 2 else past[None]  # [1 or K/V heads, L]
+            new = np.asarray(h.env["position_ids"], np.int64)[0]
+            rows = np.concatenate([past, np.broadcast_to(new, (past.shape[0], new.size))], axis=1)
+        self.host_rows[layer] = rows  # the rows of the graph's cache (what an eviction gathers from)
+        rows = rows[:, rows.shape[1] - n:]  # the host's K/V: the cache, or (pack-kv-cache's quantizer) the new rows
         size = max(self.max_rows, int(rows.max()) + 1)
+
+        def write(mem: np.ndarray, a: np.ndarray) -> None:
+            if rows.shape[0] == 1:
+                mem[rows[0]] = a
+                return
+            for j in range(a.shape[1]):  # K/V head j's rows at its own row numbers (a GQA-repeated
+                mem[rows[j * rows.shape[0] // a.shape[1]], j] = a[:, j]  # operand: its K/V head's, KV-head major)
+
         out = []
         for name, a in zip(("k", "v", "kp", "vp"), arrays):
             if a is None:
@@ -431,10 +457,11 @@ class ModelRun(Functional):
                 if mem is None:
                     mem = Planes(*(np.zeros((size, *x.shape[1:]), x.dtype) for x in (a.msb, a.lsb, a.scale)), a.step)
                     self.mem[(layer, name)] = mem
-                mem.msb[rows], mem.lsb[rows], mem.scale[rows] = a.msb, a.lsb, a.scale
+                for plane, rows_of_a in ((mem.msb, a.msb), (mem.lsb, a.lsb), (mem.scale, a.scale)):
+                    write(plane, rows_of_a)
             else:
                 mem = self.mem.setdefault((layer, name), np.zeros((size, *a.shape[1:]), a.dtype))
-                mem[rows] = a
+                write(mem, a)
             out.append(mem)
         return out
 
@@ -490,28 +517,46 @@ class ModelRun(Functional):
 
     # ---- KV-cache eviction: the graph's next cache is the accelerator's kept list ------------------
     def _evicted(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(kept row numbers, their places in the host's K/V rows, their importance) of this block."""
-        kept = self.ctx.m.slot(16 + layer)
-        place = {int(r): j for j, r in enumerate(self.host_rows[layer])}
-        missing = [int(r) for r in kept if int(r) not in place]
-        if missing:
-            raise FunctionalError(f"layer {layer}: the stream keeps K/V row {missing[0]}, which the graph's cache "
-                                  "does not hold")
-        return kept, np.array([place[int(r)] for r in kept], np.int64), self.kv_importance[layer][kept]
+        """(kept row numbers, their places in the host's K/V rows, their importance) of this block, each
+        [lists, k]: one list per layer, or one per K/V head (per-KV-head eviction)."""
+        kept, places, imp = [], [], []
+        for j, slot in enumerate(self.kv_slots[layer]):
+            rows = self.ctx.m.slot(slot)
+            place = {int(r): i for i, r in enumerate(self.host_rows[layer][j])}
+            missing = [int(r) for r in rows if int(r) not in place]
+            if missing:
+                raise FunctionalError(f"layer {layer}: the stream keeps K/V row {missing[0]}, which the graph's "
+                                      "cache does not hold")
+            kept.append(rows)
+            places.append([place[int(r)] for r in rows])
+            imp.append(self.kv_importance[slot][rows])
+        if len({r.size for r in kept}) > 1:
+            raise FunctionalError(f"layer {layer}: the K/V heads keep different numbers of rows "
+                                  f"({[r.size for r in kept]}); the graph's cache holds one length")
+        return np.stack(kept), np.array(places, np.int64), np.stack(imp)
+
+    def _per_list(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """[lists, k] -> the graph's [1, k] (one list per layer) or [1, K/V heads, k]."""
+        return (x[0] if len(self.kv_slots[layer]) == 1 else x)[None]
 
     def _exit_positions(self, layer: int, node: onnx.NodeProto) -> np.ndarray:
-        return self._evicted(layer)[0][None].astype(np.int64)
+        return self._per_list(layer, self._evicted(layer)[0]).astype(np.int64)
 
     def _exit_importance(self, layer: int, node: onnx.NodeProto) -> np.ndarray:
-        return self._evicted(layer)[2][None].astype(np.float32)
+        return self._per_list(layer, self._evicted(layer)[2]).astype(np.float32)
 
     def _exit_cache(self, layer: int, node: onnx.NodeProto) -> np.ndarray:
         """present.<l>.key/value: the host's cache rows (float, as the graph carries them) the stream kept."""
         value = node.input[0]
         for _ in range(8):
             x = self.host.value(value)
-            if np.ndim(x) == 4 and np.shape(x)[2] == self.host_rows[layer].size:
-                return np.ascontiguousarray(np.asarray(x)[:, :, self._evicted(layer)[1]])
+            if np.ndim(x) == 4 and np.shape(x)[2] == self.host_rows[layer].shape[-1]:
+                places = self._evicted(layer)[1]
+                if places.shape[0] == 1:
+                    return np.ascontiguousarray(np.asarray(x)[:, :, places[0]])
+                x = np.asarray(x)
+                per_head = places[np.arange(x.shape[1]) * places.shape[0] // x.shape[1]]  # KV-head major
+                return np.ascontiguousarray(np.take_along_axis(x, per_head[None, :, :, None], axis=2))
             value = self.host.nodes[self.host.producer[value]].input[0]
         raise FunctionalError(f"layer {layer}: cannot find the cache that '{node.output[0]}' gathers from")
 
@@ -613,13 +658,11 @@ def run_functional(program: Program, feeds: dict[str, np.ndarray], model: Path |
         from spatten_compiler.backend.lower_evict import EvictPlan
 
         plan = EvictPlan.from_model(proto)
-        if plan is not None and plan.mode == "cascade":
-            raise FunctionalError("generated steps with cascade eviction (--kv-evict cascade) are not modelled in "
-                                  "functional mode; compile with --kv-evict layer (timing mode runs it)")
-        if plan is not None and any(p.key == "spatten.kv_cache_bits" for p in proto.metadata_props):
-            raise FunctionalError("generated steps with eviction of the packed K/V cache (--kv-budget with --kv-bits "
-                                  "M+L) are not modelled in functional mode; compile with --kv-bits none (timing mode "
-                                  "runs it)")
+        if plan is not None and plan.mode == "head" and any(n.op_type == "HeadSelect" for n in proto.graph.node):
+            raise FunctionalError("generated steps with per-KV-head eviction after head pruning are not modelled in "
+                                  "functional mode: the graph's eviction maps a pruned layer's kept query heads to "
+                                  "K/V heads by their rank, not their group (compile without --head-keep, or with "
+                                  "--kv-evict layer; timing mode runs it)")
     else:
         stream_rows = cfg[0]["tokens"] if cfg else length
         if length != stream_rows:
