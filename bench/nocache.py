@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -117,6 +118,28 @@ def last_logits(session, ids: np.ndarray, batch: int) -> tuple[np.ndarray, float
     return np.concatenate(out).astype(np.float64), (float(np.mean(frac)) if frac else None)
 
 
+def dense_logits(model: Path, cache: Path, prompts: np.ndarray, batch: int, so, split: str) -> np.ndarray:
+    """The dense model's last-position logits, cached beside the compiled configurations (keyed by the
+    model file's size and time and the windows: every run on the same windows pairs with the same)."""
+    import onnxruntime as ort
+
+    st = model.stat()
+    key = f"dense-{st.st_size}-{int(st.st_mtime)}-{split}-{prompts.shape[0]}x{prompts.shape[1]}-{prompts.sum()}"
+    path = cache / f"{key}.npy"
+    if path.is_file():
+        return np.load(path).astype(np.float64)
+    t0 = time.perf_counter()
+    dense, _ = last_logits(ort.InferenceSession(str(model), so), prompts, batch)
+    log.info("length %d dense: %.1f s", prompts.shape[1], time.perf_counter() - t0)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, dense.astype(np.float32))
+    return dense.astype(np.float32).astype(np.float64)
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def log_softmax(z: np.ndarray) -> np.ndarray:
     m = z.max(axis=1, keepdims=True)
     return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
@@ -143,7 +166,8 @@ def _fmt(row: dict, key: str, spec: str, unit: str = "") -> str:
 def render(rows: list[dict], meta: dict, argv: list[str]) -> str:
     lines = ["# No-cache decoder: next-token quality at the last prompt position (SmolLM2-135M, WikiText-2)", "",
              f"Command: `python bench/nocache.py {' '.join(shlex.quote(a) for a in argv)}`  ",
-             f"Date: {meta.get('date_utc')}, git {meta.get('git_commit')}, onnxruntime {meta.get('onnxruntime_version', meta.get('onnxruntime'))}, "
+             f"Date: {meta.get('date_utc')}, git {meta.get('git_commit')}, "
+             f"onnxruntime {meta.get('onnxruntime_version', meta.get('onnxruntime'))}, "
              f"{meta.get('intra_op_threads')} threads, load avg {meta.get('load_avg_1m'):.1f} on 2 cores.",
              "Change = `exp(mean(nll - nll_dense)) - 1` of the token after each window [95% bootstrap over "
              "windows]; agree = top-1 equal to dense; KL(dense || config) in nats. K/V bytes = fp32 K/V "
@@ -189,24 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer.from_file(str(args.model.parent / "tokenizer.json"))
     ids = np.array(tok.encode(args.data.read_text()).ids, np.int64)
     rows: list[dict] = []
-    for length in (int(x) for x in args.lengths.split(",")):
-        starts = window_starts(len(ids), length, args.windows, args.split)
-        win = np.stack([ids[s:s + length + 1] for s in starts])
-        prompts, targets = win[:, :length], win[:, length]
-        t0 = time.perf_counter()
-        dense, _ = last_logits(ort.InferenceSession(str(args.model), so), prompts, args.batch)
-        log.info("length %d dense: %.1f s", length, time.perf_counter() - t0)
-        base = compare(dense, dense, targets)
-        rows.append({"length": length, "config": "dense", "options": "", "windows": len(starts), **base})
-        for name, path in paths.items():
-            t0 = time.perf_counter()
-            logits, fraction = last_logits(ort.InferenceSession(str(path), so), prompts, args.batch)
-            r = {**compare(dense, logits, targets), **kv_bytes(report_of(path), length, fraction)}
-            log.info("length %d %s: %+.1f%% ppl, agree %.1f%% (%.1f s)", length, name, 100 * r["change"],
-                     100 * r["top1_agree"], time.perf_counter() - t0)
-            rows.append({"length": length, "config": name, "options": " ".join(configs[name]),
-                         "windows": len(starts), **r})
-        (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for length in (int(x) for x in args.lengths.split(",")):
+            starts = window_starts(len(ids), length, args.windows, args.split)
+            win = np.stack([ids[s:s + length + 1] for s in starts])
+            prompts, targets = win[:, :length], win[:, length]
+            dense = dense_logits(args.model, args.cache, prompts, args.batch, so, args.split)
+            rows.append({"length": length, "config": "dense", "options": "", "windows": len(starts),
+                         **compare(dense, dense, targets)})
+            for name, path in paths.items():
+                t0 = time.perf_counter()
+                logits, fraction = last_logits(ort.InferenceSession(str(path), so), prompts, args.batch)
+                r = {**compare(dense, logits, targets), **kv_bytes(report_of(path), length, fraction)}
+                log.info("length %d %s: %+.1f%% ppl, agree %.1f%% (%.1f s)", length, name, 100 * r["change"],
+                         100 * r["top1_agree"], time.perf_counter() - t0)
+                rows.append({"length": length, "config": name, "options": " ".join(configs[name]),
+                             "windows": len(starts), **r})
+                (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
+    except KeyboardInterrupt:  # a run stopped by a deadline still records the rows it finished
+        log.warning("stopped: recording the %d finished rows", len(rows))
+        if not rows:
+            return 1
     meta = run_metadata(args.threads)
     md = render(rows, meta, argv if argv is not None else sys.argv[1:])
     write_results(args.out_dir, args.name, {"meta": meta, "rows": rows, "starts_split": args.split}, md)

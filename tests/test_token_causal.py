@@ -13,12 +13,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 from conftest import MODELS, run_ort
-from test_long_inputs import long_feeds
-
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.prune_tokens import PruneTokens
 from spatten_compiler.passes.spatten_ops import DOMAIN, function_proto
 from spatten_compiler.runtime.reference import ReferenceRuntime
+from test_long_inputs import long_feeds
 
 
 def _formula(probs: np.ndarray, qvalid: np.ndarray, v: np.ndarray) -> np.ndarray:
