@@ -304,6 +304,21 @@ def test_decoder_presets_differ_as_documented(tmp_path: Path) -> None:
     assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == 3 and len(floors) == 1
 
 
+def test_nocache_presets_differ_as_documented(tmp_path: Path) -> None:
+    """Each registered no-cache decoder preset compiles to its K/V bits and nothing else; fewer K/V
+    bytes from conservative to aggressive."""
+    ratios = []
+    for name in [n for n in PRESET_NAMES if ("decoder-nocache", n) in PRESETS]:
+        values = PRESETS[("decoder-nocache", name)].values("kv")
+        assert {s.part for s in PRESETS[("decoder-nocache", name)].settings} == {"kv"}
+        report = compile_(MODELS / "gpt2_dynamo.onnx", tmp_path / f"{name}.onnx", "--preset", name)
+        assert report["preset"]["applied"] == {"kv": values} and "token_schedule" not in report
+        kv = next(p for p in report["passes"] if p.startswith("quantize-kv"))
+        assert f"bits={values['kv_bits']};" in kv
+        ratios.append(report["kv_byte_ratio"]["512"][0])
+    assert len(ratios) >= 2 and ratios == sorted(ratios) and len(set(ratios)) == len(ratios)
+
+
 def test_every_setting_cites_a_recorded_result() -> None:
     docs = (ROOT / "docs" / "presets.md").read_text()
     for preset in PRESETS.values():
