@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -33,11 +34,12 @@ log = logging.getLogger("bench.nocache")
 MODEL = REPO_ROOT / "models" / "cache" / "nocache-smollm2" / "model.onnx"
 DATA = next((d / "shared" / "data" / "wikitext2" / "test.txt" for d in REPO_ROOT.parents
              if (d / "shared" / "data" / "wikitext2" / "test.txt").is_file()), Path("test.txt"))
+Q = "--no-token-pruning --kv-stats"  # K/V only; --kv-stats: the share of rows that re-read the LSB plane
 CONFIGS = ("t0.75=--token-keep 0.75 --kv-bits none;t0.5=--token-keep 0.5 --kv-bits none;"
            "t0.4=--token-keep 0.4 --kv-bits none;t0.3=--token-keep 0.3 --kv-bits none;"
-           "kv5+1=--kv-bits 5+1 --kv-rule peak --lsb-threshold 0.3 --no-token-pruning;"
-           "kv4+1=--kv-bits 4+1 --kv-rule peak --lsb-threshold 0.3 --no-token-pruning;"
-           "kv4+4=--kv-bits 4+4 --no-token-pruning")
+           f"kv8+4=--kv-bits 8+4 {Q};kv6+4=--kv-bits 6+4 {Q};kv4+4=--kv-bits 4+4 {Q};"
+           f"kv5+1=--kv-bits 5+1 --kv-rule peak --lsb-threshold 0.3 {Q};"
+           f"kv4+1=--kv-bits 4+1 --kv-rule peak --lsb-threshold 0.3 {Q}")
 
 
 def parse_configs(text: str) -> dict[str, list[str]]:
@@ -59,16 +61,37 @@ def parse_configs(text: str) -> dict[str, list[str]]:
 
 
 def compile_config(model: Path, name: str, opts: list[str], cache: Path) -> Path:
-    """One configuration compiled by the CLI (cached by name and options)."""
+    """One configuration compiled by the CLI (cached by name and options), its ``--report`` beside it."""
     out = cache / f"{name}.onnx"
     stamp = out.with_suffix(".opts")
-    if out.exists() and stamp.exists() and stamp.read_text() == " ".join(opts):
+    if out.exists() and stamp.exists() and stamp.read_text() == " ".join(opts) and report_of(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "spatten_compiler", str(model), "-o", str(out), *opts]
+    cmd = [sys.executable, "-m", "spatten_compiler", str(model), "-o", str(out), *opts,
+           "--report", str(out.with_suffix(".report.json"))]
     log.info("compile %s: %s", name, " ".join(opts))
     subprocess.run(cmd, check=True)
     stamp.write_text(" ".join(opts))
+    return out
+
+
+def report_of(path: Path) -> dict:
+    """The compile report written beside a compiled configuration ({} if none)."""
+    rep = path.with_suffix(".report.json")
+    return json.loads(rep.read_text()) if rep.is_file() else {}
+
+
+def kv_bytes(report: dict, length: int, lsb_fraction: float | None) -> dict:
+    """Ideal fp32 K/V bytes / the configuration's at ``length`` (the compile report's [MSB planes only,
+    every row re-reading its LSBs]) and, with the measured share of rows that re-read the LSB plane,
+    the ratio at that share: bytes = MSB + fraction x LSB."""
+    pair = report.get("kv_byte_ratio", {}).get(str(length))
+    if not pair:
+        return {}
+    out = {"kv_bytes_msb": pair[0], "kv_bytes_all": pair[1]}
+    if lsb_fraction is not None:
+        out["lsb_fraction"] = lsb_fraction
+        out["kv_bytes"] = 1 / (1 / pair[0] + lsb_fraction * (1 / pair[1] - 1 / pair[0]))
     return out
 
 
@@ -79,15 +102,42 @@ def window_starts(n_tokens: int, length: int, windows: int, split: str) -> list[
     return [w * gap + shift for w in range(windows)]
 
 
-def last_logits(session, ids: np.ndarray, batch: int) -> np.ndarray:
-    """Logits [W, V] at the last position of every window, ``batch`` windows per run."""
+def last_logits(session, ids: np.ndarray, batch: int) -> tuple[np.ndarray, float | None]:
+    """Logits [W, V] at the last position of every window, ``batch`` windows per run, and the mean
+    share of attention rows that re-read the LSB plane (``spatten_lsb_fraction``; None without it)."""
     names = {i.name for i in session.get_inputs()}
-    out = []
+    outputs = [o.name for o in session.get_outputs()]
+    wanted = [outputs[0]] + [n for n in ("spatten_lsb_fraction",) if n in outputs]
+    out, frac = [], []
     for i in range(0, len(ids), batch):
         x = ids[i:i + batch]
         feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
-        out.append(session.run(None, {k: v for k, v in feeds.items() if k in names})[0][:, -1])
-    return np.concatenate(out).astype(np.float64)
+        res = session.run(wanted, {k: v for k, v in feeds.items() if k in names})
+        out.append(res[0][:, -1])
+        frac += [float(np.mean(res[1]))] * len(x) if len(res) > 1 else []
+    return np.concatenate(out).astype(np.float64), (float(np.mean(frac)) if frac else None)
+
+
+def dense_logits(model: Path, cache: Path, prompts: np.ndarray, batch: int, so, split: str) -> np.ndarray:
+    """The dense model's last-position logits, cached beside the compiled configurations (keyed by the
+    model file's size and time and the windows: every run on the same windows pairs with the same)."""
+    import onnxruntime as ort
+
+    st = model.stat()
+    key = f"dense-{st.st_size}-{int(st.st_mtime)}-{split}-{prompts.shape[0]}x{prompts.shape[1]}-{prompts.sum()}"
+    path = cache / f"{key}.npy"
+    if path.is_file():
+        return np.load(path).astype(np.float64)
+    t0 = time.perf_counter()
+    dense, _ = last_logits(ort.InferenceSession(str(model), so), prompts, batch)
+    log.info("length %d dense: %.1f s", prompts.shape[1], time.perf_counter() - t0)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, dense.astype(np.float32))
+    return dense.astype(np.float32).astype(np.float64)
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -109,19 +159,29 @@ def compare(dense: np.ndarray, cand: np.ndarray, targets: np.ndarray, seed: int 
             "top1_acc": float((cand.argmax(1) == targets).mean()), "kl": float(kl.mean())}
 
 
+def _fmt(row: dict, key: str, spec: str, unit: str = "") -> str:
+    return "-" if row.get(key) is None else f"{row[key]:{spec}}{unit}"
+
+
 def render(rows: list[dict], meta: dict, argv: list[str]) -> str:
     lines = ["# No-cache decoder: next-token quality at the last prompt position (SmolLM2-135M, WikiText-2)", "",
              f"Command: `python bench/nocache.py {' '.join(shlex.quote(a) for a in argv)}`  ",
-             f"Date: {meta.get('date_utc')}, git {meta.get('git_commit')}, onnxruntime {meta.get('onnxruntime_version', meta.get('onnxruntime'))}, "
+             f"Date: {meta.get('date_utc')}, git {meta.get('git_commit')}, "
+             f"onnxruntime {meta.get('onnxruntime_version', meta.get('onnxruntime'))}, "
              f"{meta.get('intra_op_threads')} threads, load avg {meta.get('load_avg_1m'):.1f} on 2 cores.",
              "Change = `exp(mean(nll - nll_dense)) - 1` of the token after each window [95% bootstrap over "
-             "windows]; agree = top-1 equal to dense; KL(dense || config) in nats.", "",
-             "| length | config | options | windows | ppl | vs dense | top-1 agree | top-1 acc | KL |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "windows]; agree = top-1 equal to dense; KL(dense || config) in nats. K/V bytes = fp32 K/V "
+             "bytes / the configuration's (compile report: MSB planes + scales only .. every row re-reading "
+             "its LSBs; measured = at the share of rows that re-read the LSB plane, `--kv-stats`).", "",
+             "| length | config | options | windows | ppl | vs dense | top-1 agree | top-1 acc | KL "
+             "| LSB rows | K/V bytes (MSB .. all) | K/V bytes measured |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['length']} | {r['config']} | `{r['options']}` | {r['windows']} | {r['ppl']:.2f} | "
                      f"{r['change']:+.1%} [{r['lo']:+.1%}, {r['hi']:+.1%}] | {r['top1_agree']:.1%} | "
-                     f"{r['top1_acc']:.1%} | {r['kl']:.4f} |")
+                     f"{r['top1_acc']:.1%} | {r['kl']:.4f} | {_fmt(r, 'lsb_fraction', '.1%')} | "
+                     f"{_fmt(r, 'kv_bytes_msb', '.2f', 'x')} .. {_fmt(r, 'kv_bytes_all', '.2f', 'x')} | "
+                     f"{_fmt(r, 'kv_bytes', '.2f', 'x')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,24 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer.from_file(str(args.model.parent / "tokenizer.json"))
     ids = np.array(tok.encode(args.data.read_text()).ids, np.int64)
     rows: list[dict] = []
-    for length in (int(x) for x in args.lengths.split(",")):
-        starts = window_starts(len(ids), length, args.windows, args.split)
-        win = np.stack([ids[s:s + length + 1] for s in starts])
-        prompts, targets = win[:, :length], win[:, length]
-        t0 = time.perf_counter()
-        dense = last_logits(ort.InferenceSession(str(args.model), so), prompts, args.batch)
-        log.info("length %d dense: %.1f s", length, time.perf_counter() - t0)
-        base = compare(dense, dense, targets)
-        rows.append({"length": length, "config": "dense", "options": "", "windows": len(starts), **base})
-        for name, path in paths.items():
-            t0 = time.perf_counter()
-            logits = last_logits(ort.InferenceSession(str(path), so), prompts, args.batch)
-            r = compare(dense, logits, targets)
-            log.info("length %d %s: %+.1f%% ppl, agree %.1f%% (%.1f s)", length, name, 100 * r["change"],
-                     100 * r["top1_agree"], time.perf_counter() - t0)
-            rows.append({"length": length, "config": name, "options": " ".join(configs[name]),
-                         "windows": len(starts), **r})
-        (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for length in (int(x) for x in args.lengths.split(",")):
+            starts = window_starts(len(ids), length, args.windows, args.split)
+            win = np.stack([ids[s:s + length + 1] for s in starts])
+            prompts, targets = win[:, :length], win[:, length]
+            dense = dense_logits(args.model, args.cache, prompts, args.batch, so, args.split)
+            rows.append({"length": length, "config": "dense", "options": "", "windows": len(starts),
+                         **compare(dense, dense, targets)})
+            for name, path in paths.items():
+                t0 = time.perf_counter()
+                logits, fraction = last_logits(ort.InferenceSession(str(path), so), prompts, args.batch)
+                r = {**compare(dense, logits, targets), **kv_bytes(report_of(path), length, fraction)}
+                log.info("length %d %s: %+.1f%% ppl, agree %.1f%% (%.1f s)", length, name, 100 * r["change"],
+                         100 * r["top1_agree"], time.perf_counter() - t0)
+                rows.append({"length": length, "config": name, "options": " ".join(configs[name]),
+                             "windows": len(starts), **r})
+                (args.out_dir / f"partial-{args.name}.json").write_text(json.dumps(rows))
+    except KeyboardInterrupt:  # a run stopped by a deadline still records the rows it finished
+        log.warning("stopped: recording the %d finished rows", len(rows))
+        if not rows:
+            return 1
     meta = run_metadata(args.threads)
     md = render(rows, meta, argv if argv is not None else sys.argv[1:])
     write_results(args.out_dir, args.name, {"meta": meta, "rows": rows, "starts_split": args.split}, md)

@@ -41,7 +41,8 @@ from .token_positions import check_term, gather_positions, own_region, positiona
 
 logger = logging.getLogger(__name__)
 RESTORE = ("stale", "zero", "mean")
-IMPORTANCE = {"sum": "TokenImportance", "mean": "TokenImportanceMean", "value": "TokenImportanceValue"}
+IMPORTANCE = {"sum": "TokenImportance", "mean": "TokenImportanceMean", "value": "TokenImportanceValue",
+              "causal": "TokenImportanceCausal"}  # causal: value, each column / the rows that can read it
 PROTECT = ("first", "first+last", "none")
 PRUNE_POINTS = ("layer-input", "after-attention")
 MASK_BIAS = -1e9
@@ -227,7 +228,7 @@ class _Rewrite:
                 self._replace_mask(site, self.valid, full_region, x)
             if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
                 # Scores are only needed while a later layer still prunes.
-                values = [site.pv.inputs[1]] if self.opts.importance == "value" else []
+                values = [site.pv.inputs[1]] if self.opts.importance in ("value", "causal") else []
                 score = self.call(self.importance, site.probs, self.valid, *values)
                 self.acc = score if self.acc is None else e.op("Add", [self.acc, score])
             if here:

@@ -14,6 +14,10 @@ each call to its own instruction.
   TokenImportanceValue(probs, qvalid, v[B,H,Sk,Dh]) -> sum_h ||v[b,h,j]|| * colsum[b,h,j] / rows
       the mean rule with each head's column weighted by the key token's value norm: attention to
       a token whose value is near zero (a no-op sink) moves nothing and counts for little
+  TokenImportanceCausal(probs, qvalid, v) -> sum_h ||v[b,h,j]|| * colsum[b,h,j] / readers[b,j]
+      the value rule for causal attention: column j divided by the number of valid rows that can
+      read it (rows i >= j: a reverse cumulative sum of qvalid), not by all rows - in a causal model
+      early columns are read by more rows, so plain column sums favour them
   TokenSelect(acc[B,S], valid[B,S], protect[B,S], k[1], kper[B]) -> sel[B,k], kept[B,k]
       rank tokens by acc (padding -inf, protected +inf); keep the top k in original order;
       kept = 1 for the first kper[b] of sample b's ranking that are real tokens
@@ -74,6 +78,25 @@ TokenImportanceValue (probs, qvalid, v) => (score) {
     rows = ReduceSum <keepdims = 1> (qvalid, axes1)
     one = Constant <value_float = 1.0> ()
     safe = Max (rows, one)
+    score = Div (total, safe)
+}""",
+    "TokenImportanceCausal": """
+<domain: "spatten", opset_import: ["" : 17]>
+TokenImportanceCausal (probs, qvalid, v) => (score) {
+    axes12 = Constant <value_ints = [1, 2]> ()
+    axes3 = Constant <value_ints = [3]> ()
+    qv = Unsqueeze (qvalid, axes12)
+    colsum = MatMul (qv, probs)
+    vsq = Mul (v, v)
+    vn2 = ReduceSum <keepdims = 1> (vsq, axes3)
+    vn = Sqrt (vn2)
+    vnt = Transpose <perm = [0, 1, 3, 2]> (vn)
+    weighted = Mul (colsum, vnt)
+    total = ReduceSum <keepdims = 0> (weighted, axes12)
+    axis1 = Constant <value_int = 1> ()
+    readers = CumSum <reverse = 1> (qvalid, axis1)
+    one = Constant <value_float = 1.0> ()
+    safe = Max (readers, one)
     score = Div (total, safe)
 }""",
     "TokenSelect": """

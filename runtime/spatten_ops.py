@@ -57,6 +57,15 @@ class TokenImportanceValue(OpRun):
 
 
 @spatten_op
+class TokenImportanceCausal(OpRun):
+    def _run(self, probs, qvalid, v):
+        # The value rule with column j divided by the valid rows i >= j (the rows a causal mask lets read it).
+        weighted = (_head_colsums(probs, qvalid) * np.linalg.norm(v, axis=-1)).sum(axis=1)
+        readers = np.cumsum(qvalid[:, ::-1], axis=1)[:, ::-1]
+        return ((weighted / np.maximum(readers, 1)).astype(probs.dtype),)
+
+
+@spatten_op
 class TokenSelect(OpRun):
     def _run(self, acc, valid, protect, k, kper):
         k = int(k.reshape(-1)[0])

@@ -116,8 +116,9 @@ def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[st
     on = [parts[n] for n in REWRITES if n in names and n in parts]
     lines: list[str] = []
     if on and not pipeline:
+        others = [n for n in PRESET_NAMES if (res.preset is None or n != res.preset.name) and (res.kind, n) in PRESETS]
         lines.append("  change: " + "; ".join(f"{PARTS[p].change}" for p in on) +
-                     ("; --preset " + "|".join(n for n in PRESET_NAMES if res.preset is None or n != res.preset.name)))
+                     ("; --preset " + "|".join(others) if others else ""))
         # a part the user asked for explicitly is switched off by dropping the option
         off = [PARTS[p].off_flag if p in res.applied or p != "evict" else "drop --kv-budget" for p in on]
         lines.append("  off: " + ", ".join(off) + "; nothing at all: --pipeline normalize")

@@ -8,10 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from conftest import MODELS, ROOT
 
 sys.path.insert(0, str(ROOT))
-from bench.nocache import compare, compile_config, last_logits, parse_configs, window_starts  # noqa: E402
+from bench.nocache import (  # noqa: E402
+    compare,
+    compile_config,
+    kv_bytes,
+    last_logits,
+    parse_configs,
+    report_of,
+    window_starts,
+)
 
 
 def test_compare_is_paired_and_zero_against_itself() -> None:
@@ -45,10 +54,27 @@ def test_one_config_on_a_fixture(tmp_path: Path) -> None:
     stamp = out.stat().st_mtime_ns
     assert compile_config(src, "t0.5", ["--token-keep", "0.5", "-q"], tmp_path).stat().st_mtime_ns == stamp
     ids = np.random.default_rng(1).integers(5, 400, (3, 100))
-    dense = last_logits(ort.InferenceSession(str(src)), ids, batch=2)
-    pruned = last_logits(ort.InferenceSession(str(out)), ids, batch=2)
-    assert dense.shape == pruned.shape == (3, 512) and np.isfinite(pruned).all()
+    dense, none = last_logits(ort.InferenceSession(str(src)), ids, batch=2)
+    pruned, _ = last_logits(ort.InferenceSession(str(out)), ids, batch=2)
+    assert dense.shape == pruned.shape == (3, 512) and np.isfinite(pruned).all() and none is None
     assert not np.allclose(dense, pruned)  # 100 tokens > the 64-token floor: tokens really dropped
+    r = kv_bytes(report_of(out), 512, None)  # pruned tokens hold fewer K/V bytes; no LSB plane
+    assert r["kv_bytes_msb"] == r["kv_bytes_all"] > 1 and "lsb_fraction" not in r
+
+
+def test_kv_config_reports_bytes_at_the_measured_lsb_share(tmp_path: Path) -> None:
+    """A K/V configuration with --kv-stats: the share of rows that re-read the LSB plane is read from
+    the model, and the K/V byte ratio at that share lies between the report's MSB-only and all-rows
+    ratios (bytes = MSB + share x LSB)."""
+    src = MODELS / "gpt2_torchscript.onnx"
+    out = compile_config(src, "kv6+4", ["--kv-bits", "6+4", "--no-token-pruning", "--kv-stats", "-q"], tmp_path)
+    ids = np.random.default_rng(1).integers(5, 400, (3, 100))
+    _, share = last_logits(ort.InferenceSession(str(out)), ids, batch=2)
+    assert 0 < share < 1
+    r = kv_bytes(report_of(out), 512, share)
+    assert r["kv_bytes_all"] < r["kv_bytes"] < r["kv_bytes_msb"] and r["lsb_fraction"] == share
+    msb, full = 1 / r["kv_bytes_msb"], 1 / r["kv_bytes_all"]
+    assert 1 / r["kv_bytes"] == pytest.approx(msb + share * (full - msb))
 
 
 def test_decode_bench_runs_a_floor_pair(tmp_path: Path) -> None:

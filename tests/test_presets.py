@@ -94,7 +94,14 @@ def test_no_option_compile_evicts_on_decoders(name: str, tmp_path: Path) -> None
     np.testing.assert_allclose(after["logits"], before["logits"], atol=1e-4, rtol=0)
 
 
-NOCACHE_KEEP = 0.4  # what a no-cache decoder preset would set (none is registered until measured)
+NOCACHE_KEEP = 0.4  # an explicit prompt pruning on a no-cache decoder (in no preset: measured far over the bound)
+DEFAULT_NOCACHE = {s.key: s.value for s in PRESETS[("decoder-nocache", "default")].settings}
+
+
+def _kv_flags(values: dict) -> list[str]:
+    """The explicit options a preset's K/V part stands for."""
+    names = {"kv_bits": "--kv-bits", "kv_rule": "--kv-rule", "lsb_threshold": "--lsb-threshold"}
+    return [x for k, v in values.items() for x in (names[k], str(v))]
 
 
 def test_every_decoder_fixture_is_covered() -> None:
@@ -102,19 +109,49 @@ def test_every_decoder_fixture_is_covered() -> None:
 
 
 @pytest.mark.parametrize("name", NOCACHE_DECODERS)
-def test_nocache_decoders_prune_the_prompt(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A causal model without a KV cache is kind decoder-nocache. No preset is registered for it until
-    measured: the no-option compile is the identity and says why. Prompt token pruning (what such a
-    preset would set) shrinks the tokens in onnxruntime: 64 of 100 and of 75 real tokens reach the last
-    layer (the floor), the last real token among them, equal to the reference runtime; under the floor
-    the dense logits."""
+def test_no_option_compile_quantizes_kv_on_nocache_decoders(name: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A causal model without a KV cache is kind decoder-nocache; its no-option compile applies that
+    kind's default (K/V bits only: prompt token pruning measured far over the bound), the model its
+    explicit options give, K/V planes present, runs in onnxruntime close to the dense logits; the
+    summary names it."""
     src = MODELS / f"{name}.onnx"
     assert not _has_cache(src)
-    assert main([str(src), "-o", str(tmp_path / "id.onnx")]) == 0
+    assert main([str(src), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "out.json")]) == 0
     err = capsys.readouterr().err
-    assert "no rewrite applied" in err and "no measured preset for a decoder without a KV cache" in err
+    assert "preset default for a decoder without a KV cache" in err and "K/V in every layer" in err
+    assert "--kv-bits none" in err and "no rewrite applied" not in err
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["preset"] == {"kind": "decoder-nocache", "name": "default", "off": [], "replaced": [],
+                                "applied": {"kv": DEFAULT_NOCACHE}, "skipped": []}
+    assert "token_schedule" not in report and report["kv_byte_ratio"]["512"][0] > 1
+    kv = next(p for p in report["passes"] if p.startswith("quantize-kv"))
+    assert f"bits={DEFAULT_NOCACHE['kv_bits']};" in kv
+    ops = op_types(tmp_path / "out.onnx")
+    assert ({"QuantizeSplit", "DequantizeSplit"} if "+" in DEFAULT_NOCACHE["kv_bits"] else {"Quantize"}) <= ops
+    assert "TokenImportanceValue" not in ops
+    assert main([str(src), "-o", str(tmp_path / "explicit.onnx"), "-q", *_kv_flags(DEFAULT_NOCACHE)]) == 0
+    feeds = long_feeds(SEQ, 90)
+    got, explicit = run_ort(tmp_path / "out.onnx", feeds), run_ort(tmp_path / "explicit.onnx", feeds)
+    np.testing.assert_array_equal(got["logits"], explicit["logits"])
+    # onnxruntime == reference runtime for these K/V ops is test_quantize_kv's (op by op: end to end a
+    # 1e-7 upstream difference can land on a rounding tie of a 10-bit per-token grid, ~1e-2 here)
+    dense = run_ort(src, feeds)["logits"]
+    assert got["logits"].shape == dense.shape and np.isfinite(got["logits"]).all()
+    real = feeds["attention_mask"].astype(bool)
+    assert np.abs(got["logits"] - dense)[real].max() < 0.1 * np.abs(dense[real]).max()  # still the model
+
+
+@pytest.mark.parametrize("name", NOCACHE_DECODERS)
+def test_nocache_decoders_prune_the_prompt(name: str, tmp_path: Path) -> None:
+    """Explicit prompt token pruning on a no-cache decoder shrinks the tokens in onnxruntime: 64 of 100
+    and of 75 real tokens reach the last layer (the floor), the last real token among them, equal to
+    the reference runtime; under the floor the dense logits."""
+    src = MODELS / f"{name}.onnx"
     report = compile_(src, tmp_path / "plain.onnx", "--token-keep", str(NOCACHE_KEEP))
+    assert "preset" not in report  # an explicit rewrite option: no preset
     assert report["token_schedule"][1:] == [NOCACHE_KEEP] * (report["layers"] - 1)
+    assert not any(p.startswith("quantize-kv") for p in report["passes"])  # an explicit option: exactly that
     compile_(src, tmp_path / "kept.onnx", "--token-keep", str(NOCACHE_KEEP), "--emit-kept")
     feeds = long_feeds(SEQ, 90)
     kept, plain = run_ort(tmp_path / "kept.onnx", feeds), run_ort(tmp_path / "plain.onnx", feeds)
@@ -201,7 +238,8 @@ def test_summary_names_what_it_applied(tmp_path: Path, capsys: pytest.CaptureFix
     assert "--no-kv-eviction" in err and "--kv-min-keep N" in err and "K/V in every layer" not in err
     assert main([str(MODELS / "gpt2_torchscript.onnx"), "-o", str(tmp_path / "n.onnx")]) == 0
     err = capsys.readouterr().err
-    assert "no rewrite applied" in err and "no measured preset for a decoder without a KV cache" in err
+    assert "preset default for a decoder without a KV cache" in err and "tokens kept" not in err
+    assert "K/V in every layer" in err and "--kv-bits none" in err and "eviction" not in err
     assert main([str(MODELS / "llama_dynamo.onnx"), "-o", str(tmp_path / "x.onnx"), "--kv-budget", "0.3"]) == 0
     err = capsys.readouterr().err
     assert "your options only" in err and "drop --kv-budget" in err and "K/V in every layer" not in err
@@ -215,7 +253,7 @@ def test_summary_names_what_it_applied(tmp_path: Path, capsys: pytest.CaptureFix
     ("llama_dynamo", ["--pipeline", "normalize"], "--pipeline normalize has no rewriting pass"),
     ("llama_dynamo", ["--no-kv-eviction", "--kv-bits", "none"], "every part is switched off"),
     ("gpt2_torchscript", ["--pipeline", "normalize"], "--pipeline normalize has no rewriting pass"),
-    ("gpt2_dynamo", [], "no measured preset for a decoder without a KV cache"),
+    ("gpt2_dynamo", ["--kv-bits", "none"], "every part is switched off"),
 ])
 def test_identity_compile_says_so(model: str, flags: list[str], why: str, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -266,10 +304,25 @@ def test_decoder_presets_differ_as_documented(tmp_path: Path) -> None:
     assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == 3 and len(floors) == 1
 
 
+def test_nocache_presets_differ_as_documented(tmp_path: Path) -> None:
+    """Each registered no-cache decoder preset compiles to its K/V bits and nothing else; fewer K/V
+    bytes from conservative to aggressive."""
+    ratios = []
+    for name in [n for n in PRESET_NAMES if ("decoder-nocache", n) in PRESETS]:
+        values = PRESETS[("decoder-nocache", name)].values("kv")
+        assert {s.part for s in PRESETS[("decoder-nocache", name)].settings} == {"kv"}
+        report = compile_(MODELS / "gpt2_dynamo.onnx", tmp_path / f"{name}.onnx", "--preset", name)
+        assert report["preset"]["applied"] == {"kv": values} and "token_schedule" not in report
+        kv = next(p for p in report["passes"] if p.startswith("quantize-kv"))
+        assert f"bits={values['kv_bits']};" in kv
+        ratios.append(report["kv_byte_ratio"]["512"][0])
+    assert len(ratios) >= 2 and ratios == sorted(ratios) and len(set(ratios)) == len(ratios)
+
+
 def test_every_setting_cites_a_recorded_result() -> None:
     docs = (ROOT / "docs" / "presets.md").read_text()
     for preset in PRESETS.values():
-        assert preset.kind in ("encoder", "decoder") and preset.name in PRESET_NAMES
+        assert preset.kind in ("encoder", "decoder", "decoder-nocache") and preset.name in PRESET_NAMES
         if preset.together:
             assert (ROOT / preset.together).is_file() and Path(preset.together).name in docs
         for s in preset.settings:
@@ -370,10 +423,17 @@ def test_resolve_rules() -> None:
     assert res.preset is None and "kv_bits" not in opts and "kv_min_keep" not in opts
     opts, res = resolve({"preset": "aggressive", "kv_budget": 0.3}, "decoder")
     assert res.replaced == ("evict",) and "kv_min_keep" not in opts and "kv_bits" not in opts
-    opts, res = resolve({}, "decoder-nocache", features=frozenset())  # no preset registered: nothing applied
-    assert res.preset is None and opts == {}
-    with pytest.raises(OptionError, match="no measured preset for a decoder without a KV cache"):
-        resolve({"preset": "aggressive"}, "decoder-nocache", features=frozenset())
+    opts, res = resolve({}, "decoder-nocache", features=frozenset())  # K/V bits only, no eviction to skip
+    assert opts == DEFAULT_NOCACHE and res.applied == {"kv": DEFAULT_NOCACHE} and not res.skipped
+    opts, res = resolve({"token_keep": 0.5}, "decoder-nocache", features=frozenset())
+    assert res.preset is None and "kv_bits" not in opts
+    for name in PRESET_NAMES:  # the measured points; the others say which are
+        if ("decoder-nocache", name) in PRESETS:
+            assert resolve({"preset": name}, "decoder-nocache", features=frozenset())[1].preset.name == name
+        else:
+            with pytest.raises(OptionError, match="no measured preset for a decoder without a KV cache .* yet; "
+                                                  "measured: default"):
+                resolve({"preset": name}, "decoder-nocache", features=frozenset())
     assert resolve({}, "none")[1].preset is None
     assert resolve({}, "encoder", pipeline="normalize")[1].preset is None
 
