@@ -63,6 +63,9 @@ class EvictPlan:
         if plan.mode == "head":
             raise LoweringError("per-KV-head eviction (--kv-evict head) cannot be lowered: the token top-k keeps one "
                                 "K/V list per layer (use --kv-evict layer for emit / sim)")
+        if int(d.get("slack", 0)):
+            raise LoweringError("block eviction (--kv-slack) cannot be lowered: the token top-k runs at every "
+                                "step (compile with --kv-slack 0 for emit / sim)")
         if plan.mode == "cascade" and len(set(plan.schedule)) > 1:
             raise LoweringError("cascade eviction with a per-layer schedule cannot be lowered: the top-k would need "
                                 "the intersection of a layer's list with the list kept above (no such instruction)")
