@@ -20,7 +20,7 @@ Rewrite of each attention site ``l`` of a decoder with ``past.*``/``present.*`` 
 ``decay``/``norm`` come from the scoring rule (``SCORES``): ``accumulated`` (decay 1, norm 0: H2O's and
 SpAtten's sum), ``mean`` (norm 1: attention per query that could see the token, without H2O's bias
 toward old tokens), ``ema`` (an exponential moving average: old attention fades), ``last`` (decay
-0: the newest query alone, TOVA). decay 1 and norm 0 are exact identities (``1^x``, ``x^0``).
+0: the newest query alone, TOVA). decay 1 and norm 0 are exact identities (``1^x``, ``x^0``): compiled (not tunable), they emit no ops.
 ``budget(T)`` is ``ceil(b * T)`` for a fraction ``b <= 1`` or ``b`` tokens. ``min_keep`` is a floor
 for short sequences: nothing is evicted until a layer holds more than ``min_keep`` tokens, so a
 fractional budget does not halve a short chat prompt at prefill (the floor is independent of how
@@ -359,14 +359,14 @@ class EvictKV(Pass):
                                                   axis=1), i64("a2", [2])])
             causal = _once(knobs, f"causal{hkv * group}", lambda: ed.op("Expand", [causal, i64(
                 "hq", [1, hkv * group, 1, 1])]))  # [B, H, q, q]
-        rows = ed.op("Shape", [causal], start=2, end=3)
-        past_bias = ed.op("Expand", [past_bias, ed.op("Concat", [i64("one", [1, 1]), rows, i64("one", [1])], axis=0)])
+        rows = _once(knobs, "rows", lambda: ed.op("Concat", [i64("one", [1, 1]), ed.op("Shape", [causal], start=2, end=3),
+                                                             i64("one", [1])], axis=0))  # [1, 1, q, 1]: every layer's
+        past_bias = ed.op("Expand", [past_bias, rows])
         bias = ed.op("Concat", [past_bias, causal], axis=-1)  # [B, 1 or H, q, L + q]
         mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
         site.mask_node.replace_input_with(mask_slot, bias)
         # importance
         pos = ed.op("Concat", [past_pos, spread("new_pos", new_pos)], axis=ax)
-        posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
         # values every layer computes alike are built once (one op per step, not one per layer);
         # each row's newest position is its newest new token's (every row has one, as in T below)
         vq = _once(knobs, "vq", lambda: ed.op("Cast", [valid_new], to=ir.DataType.FLOAT))  # [B, q]
@@ -382,12 +382,21 @@ class EvictKV(Pass):
             score = ed.op("ReduceSum", [weighted, i64("ax2", [2])], keepdims=0)
             score = ed.op("ReduceSum", [ed.op("Reshape", [score, i64("grp", [0, hkv, group, -1])]), i64("ax2", [2])],
                           keepdims=0)
-        carry = _once(knobs, "carry", lambda: ed.op("Pow", [knobs["decay"], ed.op("ReduceSum", [vq, i64("ax1", [1])],
-                                                                                   keepdims=1)]))  # [B, 1]
-        imp = ed.op("Add", [ed.op("Concat", [ed.op("Mul", [past_imp, per_head("carry", carry, [1])]),
-                                             spread("zeros", zeros)], axis=ax), score])
-        seen = ed.op("Sub", [ed.op("Add", [per_head("last", last, [1]), f32("one", 1.0)]), posf])  # queries that saw it
-        rank_by = ed.op("Div", [imp, ed.op("Pow", [seen, knobs["norm"]])])  # x^0 = 1 exactly
+        # a compiled (not tunable) decay 1 / norm 0 are identities: x * 1^n = x, x / s^0 = x - no ops emitted
+        rule = SCORES[self.score]
+        if rule.decay == 1 and not self.tunable:
+            kept = past_imp
+        else:
+            carry = _once(knobs, "carry", lambda: ed.op("Pow", [knobs["decay"], ed.op(
+                "ReduceSum", [vq, i64("ax1", [1])], keepdims=1)]))  # [B, 1]
+            kept = ed.op("Mul", [past_imp, per_head("carry", carry, [1])])
+        imp = ed.op("Add", [ed.op("Concat", [kept, spread("zeros", zeros)], axis=ax), score])
+        if rule.norm == 0 and not self.tunable:
+            rank_by = imp
+        else:
+            posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
+            seen = ed.op("Sub", [ed.op("Add", [per_head("last", last, [1]), f32("one", 1.0)]), posf])  # queries that saw it
+            rank_by = ed.op("Div", [imp, ed.op("Pow", [seen, knobs["norm"]])])
         valid = ed.op("GreaterOrEqual", [pos, i64("z", 0)])
         n = ed.op("Shape", [pos], start=ax, end=ax + 1)
         # k = min(n, max(budget(T), sinks + recent, min_keep)); the recent window also covers share * (k - sinks)
