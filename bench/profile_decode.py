@@ -34,7 +34,7 @@ def state_feeds(session, context: int, budget: float, rng: np.random.Generator, 
     past = context - 1
     sinks = int(session.overrides.get("spatten.kv_sinks", [4])[0]) if session.evict else 0
     length = past
-    if session.evict and budget < 1:
+    if session.evict and budget != 1:  # a fraction of the length or tokens (1: the full cache)
         length = min(past, budget_tokens(budget, past, sinks, 0, past) + extra)
     keep = np.arange(past)
     if length < past:

@@ -156,3 +156,17 @@ def test_backend_refuses_block_eviction(tmp_path_factory: pytest.TempPathFactory
     path = compiled("llama_dynamo", str(tmp_path_factory.getbasetemp()), budget=0.5, sinks=2, slack=4)
     with pytest.raises(LoweringError, match="--kv-slack"):
         emit_model(path, 16, gen_steps=2)
+
+
+def test_profile_decode_times_a_whole_block_cycle(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """bench/profile_decode: a block-eviction model's timed run is one cycle, from the freshly evicted
+    cache (budget) through the appends to the step that evicts (budget + slack + 1 slots -> budget)."""
+    import onnxruntime as ort
+    from bench.profile_decode import _Meta, cycle, state_feeds
+
+    path = compiled("llama_dynamo", str(tmp_path_factory.getbasetemp()), budget=8.0, sinks=2, slack=3)
+    meta, sess = _Meta(str(path)), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {**state_feeds(meta, 40, 8.0, np.random.default_rng(0)), "input_ids": np.array([[7]], np.int64)}
+    steps = cycle(sess, feeds)
+    assert [f["past_key_values.0.key"].shape[2] for f in steps] == [8, 9, 10, 11]
+    assert [int(f["position_ids"][0, 0]) for f in steps] == [39, 40, 41, 42]
