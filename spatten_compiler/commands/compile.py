@@ -115,8 +115,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no eviction while a layer's cache holds at most N tokens: a floor for short prompts "
                    "(default 0; the decoder presets set it)")
     e.add_argument("--kv-slack", type=int, metavar="N",
-                   help="block eviction: a layer's cache may grow to its budget + N tokens, then every layer evicts "
-                   "back to its budget in one step (TopK and gathers once every N tokens; default 0: every step)")
+                   help="block eviction: a cache may grow to budget + N tokens, then all layers evict at once "
+                   "(default 0: evict at every step)")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
