@@ -54,6 +54,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     # per KV head (H2O's own granularity): each KV head keeps its own tokens, scored by its query group
     "head-s4-r50": ("head", {"sinks": 4, "recent": 0, "recent_share": 0.5}),  # the default's knobs, per head
     "head-h2o": ("head", {"sinks": 0, "recent": 0, "recent_share": 0.5}),  # H2O exactly: per head, no sinks
+    # block eviction (evict-kv slack, mode "<mode>~N"): the cache grows to budget + N, then evicts back
+    "layer-s4-r50-b16": ("layer~16", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    "layer-s4-r50-b32": ("layer~32", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     "cascade": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.0}),  # SpAtten's plain cascade
     "cascade-r50": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     # the cache stored as packed 4+4-bit planes (quantize-kv's peak rule) on top of eviction
@@ -65,7 +68,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "layer-s4-r50-q41t5": ("layer+4+1@0.5", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
 }
 BASELINES = ("streaming", "h2o")
-SHARED_PREFILL = {"layer": "layer", "cascade": "layer", "head": "head"}  # mode -> the session that prefills it
+SHARED_PREFILL = {"layer": "layer", "cascade": "layer", "head": "head", "layer~16": "layer", "layer~32": "layer"}  # mode -> the session that prefills it
 
 
 def compiled(mode: str, cache: Path, model: Path, folder: str = "decq-evict") -> Path:
@@ -80,11 +83,13 @@ def compiled(mode: str, cache: Path, model: Path, folder: str = "decq-evict") ->
         log.info("compiling %s (%s)", out, mode)
         m = load_model(model)
         evict, _, spec = mode.partition("+")
+        evict, _, slack = evict.partition("~")
         bits, _, thr = spec.partition("@")
         q = {"threshold": float(thr)} if thr else {}
         extra = [make_pass("quantize-kv", bits=bits, **q), make_pass("pack-kv-cache", bits=bits)] if bits else []
         Pipeline([make_pass("normalize"), make_pass("decompose-attention"),
-                  make_pass("evict-kv", budget=0.25, sinks=4, mode=evict, tunable=True), *extra])(m)
+                  make_pass("evict-kv", budget=0.25, sinks=4, mode=evict, slack=int(slack or 0),
+                                                                tunable=True), *extra])(m)
         save_model(m, out)
     return out
 
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = np.array(tok.encode(args.data.read_text()).ids, np.int64)
     sessions = {"dense": DecoderSession(args.model, threads=args.threads)}
     modes = {METHODS[m][0] for m in methods}
-    for mode in sorted(modes | ({"layer"} if "cascade" in modes else set())):  # layer prefills for cascade
+    for mode in sorted(modes | {SHARED_PREFILL[m] for m in modes if m in SHARED_PREFILL}):  # e.g. layer prefills cascade
         sessions[mode] = DecoderSession(compiled(mode, args.cache, args.model, args.compiled_dir),
                                         threads=args.threads)
     rows: list[dict] = []

@@ -4,9 +4,12 @@ given context, from a synthetic steady-state cache (kernel time per op type, den
 The cache state is what the step would see in steady state: dense models get ``context - 1`` past
 tokens; evict-kv models the kept length of their budget (``budget_tokens`` at ``context - 1``, sinks +
 the most recent slots + random others, in order, with random importance); a packed cache random
-planes and positive scales. The values do not change the work (no data-dependent control flow
-except evict-kv's ``evict_every`` slack, whose steady state is taken at the eviction step: the
-worst case, the cache at budget + slack). Steps of all models are interleaved, medians reported.
+planes and positive scales. The values do not change the work, except for block eviction
+(evict-kv ``slack`` > 0: the cache grows to budget + slack, then one step evicts): such a model runs
+one whole cycle per timed run - from the freshly evicted cache, real consecutive steps (its outputs
+fed back, positions advancing) up to and including the next eviction step - and its step time is
+that cycle's mean (so the eviction step is paid in full, and the context it sees is up to a cycle
+longer than the others'). Runs of all models are interleaved, medians over runs reported.
 
     python -m bench profile_decode --context 1024 --models dense=models/cache/smollm2/model.onnx \\
         evict50=smol.kv.onnx:0.5 packed=smol.kv4.onnx:1
@@ -31,7 +34,7 @@ def state_feeds(session, context: int, budget: float, rng: np.random.Generator, 
     past = context - 1
     sinks = int(session.overrides.get("spatten.kv_sinks", [4])[0]) if session.evict else 0
     length = past
-    if session.evict and budget < 1:
+    if session.evict and budget != 1:  # a fraction of the length or tokens (1: the full cache)
         length = min(past, budget_tokens(budget, past, sinks, 0, past) + extra)
     keep = np.arange(past)
     if length < past:
@@ -53,6 +56,32 @@ def state_feeds(session, context: int, budget: float, rng: np.random.Generator, 
     feeds.update({"input_ids": np.array([[1234]], np.int64), "position_ids": np.array([[past]], np.int64),
                   "attention_mask": np.ones((1, mask_len + 1), np.int64), **session.overrides})
     return {k: v for k, v in feeds.items() if k in session.input_names}
+
+
+def next_feeds(feeds: dict, outputs: dict) -> dict:
+    """The feeds of the following decode step: the step's ``present*`` outputs as the cache state."""
+    nxt = dict(feeds)
+    for name in feeds:
+        if name.startswith("past_"):
+            nxt[name] = outputs[name.replace("past_key_values.", "present.").replace("past_", "present_")]
+    length = next(v for k, v in nxt.items() if k.startswith("past_key_values")).shape[2]
+    nxt["position_ids"] = feeds["position_ids"] + 1
+    nxt["attention_mask"] = np.ones((1, length + 1), np.int64)
+    return nxt
+
+
+def cycle(sess, feeds: dict, limit: int = 512) -> list[dict]:
+    """Block eviction: the feeds of consecutive steps from ``feeds`` (a freshly evicted cache) up to
+    and including the next step whose output cache is shorter than its input (the eviction step)."""
+    names = [o.name for o in sess.get_outputs()]
+    steps = [feeds]
+    for _ in range(limit):
+        out = dict(zip(names, sess.run(None, steps[-1])))
+        before = next(v for k, v in steps[-1].items() if k.startswith("past_key_values")).shape[2]
+        if next(v for k, v in out.items() if k.startswith("present.")).shape[2] <= before:
+            return steps
+        steps.append(next_feeds(steps[-1], out))
+    raise SystemExit(f"profile_decode: no eviction within {limit} steps")
 
 
 class _Meta:
@@ -116,24 +145,28 @@ def main(argv: list[str] | None = None) -> int:
             meta.overrides = {k: v for k, v in meta.overrides.items() if k in meta.input_names}
             feeds = state_feeds(meta, context, b, rng)
             sess.run(None, feeds)
-            runs[name] = (sess, feeds, [], feeds[next(k for k in feeds if k.startswith("past_key_values"))].shape[2])
+            steps = cycle(sess, feeds) if meta.evict and meta.evict.get("slack") else [feeds]
+            runs[name] = (sess, steps, [], feeds[next(k for k in feeds if k.startswith("past_key_values"))].shape[2])
         for _ in range(args.runs):
-            for sess, feeds, times, _ in runs.values():
+            for sess, steps, times, _ in runs.values():
                 t0 = time.perf_counter()
-                sess.run(None, feeds)
-                times.append(time.perf_counter() - t0)
+                for feeds in steps:
+                    sess.run(None, feeds)
+                times.append((time.perf_counter() - t0) / len(steps))
         base_name = specs[0][0]
         base = float(np.median(runs[base_name][2]))
         load = os.getloadavg()[0]
         lines.append(f"context {context}, {args.threads} threads, {args.runs} interleaved steps, load avg {load:.1f}")
-        for name, (_, feeds, times, length) in runs.items():
+        for name, (_, steps, times, length) in runs.items():
             ms = float(np.median(times)) * 1e3
-            kv = sum(v.nbytes for k, v in feeds.items() if k.startswith("past_key_values"))
+            kv = float(np.mean([sum(v.nbytes for k, v in f.items() if k.startswith("past_key_values")) for f in steps]))
+            if len(steps) > 1:  # block eviction: the cycle's shortest-longest past
+                length = f"{length}-{length + len(steps) - 1} ({len(steps)}-step cycle)"
             rows.append({"context": context, "model": name, "cache_len": length, "step_ms": ms,
                          "vs_first": base * 1e3 / ms, "kv_bytes": kv, "load_avg": load,
                          "q25_ms": float(np.percentile(times, 25)) * 1e3,
                          "q75_ms": float(np.percentile(times, 75)) * 1e3})
-            lines.append(f"  {name:14} past {length:5d}  {ms:7.1f} ms  vs {base_name}: {base * 1e3 / ms:.2f}x")
+            lines.append(f"  {name:14} past {length!s:>5}  {ms:7.1f} ms  vs {base_name}: {base * 1e3 / ms:.2f}x")
         print("\n".join(lines[-len(runs) - 1:]), flush=True)
     if args.no_profile:
         meta = run_metadata(args.threads)

@@ -20,7 +20,7 @@ Rewrite of each attention site ``l`` of a decoder with ``past.*``/``present.*`` 
 ``decay``/``norm`` come from the scoring rule (``SCORES``): ``accumulated`` (decay 1, norm 0: H2O's and
 SpAtten's sum), ``mean`` (norm 1: attention per query that could see the token, without H2O's bias
 toward old tokens), ``ema`` (an exponential moving average: old attention fades), ``last`` (decay
-0: the newest query alone, TOVA). decay 1 and norm 0 are exact identities (``1^x``, ``x^0``).
+0: the newest query alone, TOVA). decay 1 and norm 0 are exact identities (``1^x``, ``x^0``): compiled (not tunable), they emit no ops.
 ``budget(T)`` is ``ceil(b * T)`` for a fraction ``b <= 1`` or ``b`` tokens. ``min_keep`` is a floor
 for short sequences: nothing is evicted until a layer holds more than ``min_keep`` tokens, so a
 fractional budget does not halve a short chat prompt at prefill (the floor is independent of how
@@ -55,6 +55,7 @@ from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
+from .evict_block import defer_eviction, over_budget
 from .find_attention import AttentionSite, find_attention
 from .positions_input import wire_positions
 from .site_io import _ancestors
@@ -198,7 +199,9 @@ class EvictKV(Pass):
     (the recent window also spans this share of the kept slots after the sinks: 1.0 = StreamingLLM),
     ``mode`` layer|cascade|head (head: one kept set per KV head), ``score`` (a rule of ``SCORES``), ``schedule`` (per-layer budget
     multipliers, missing entries repeat the last; cascade: non-increasing), ``min_keep`` (tokens: no
-    eviction below this cache length, the floor for short prompts), ``tunable``
+    eviction below this cache length, the floor for short prompts), ``slack`` (tokens: a layer's cache
+    may exceed its budget by this much; the step that would pass it evicts every layer back to its
+    budget, the others only append - 0, the default, evicts at every step), ``tunable``
     (budget/sinks/recent/share/min_keep/decay/norm as overridable inputs)."""
 
     name = "evict-kv"
@@ -210,6 +213,7 @@ class EvictKV(Pass):
     score: str = "accumulated"
     schedule: tuple[float, ...] = ()
     min_keep: int = 0
+    slack: int = 0  # block eviction (passes/evict_block.py): grow to budget + slack, then evict; 0 = every step
     tunable: bool = False
 
     def layer_budget(self, layer: int) -> float:
@@ -232,6 +236,8 @@ class EvictKV(Pass):
             raise OptionError("--kv-sinks and --kv-recent must be >= 0")
         if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int) or self.min_keep < 0:
             raise OptionError(f"--kv-min-keep must be a whole number of tokens >= 0, got {self.min_keep!r}")
+        if isinstance(self.slack, bool) or not isinstance(self.slack, int) or self.slack < 0:
+            raise OptionError(f"--kv-slack must be a whole number of tokens >= 0, got {self.slack!r}")
         if self.budget > 1 and self.budget < self.sinks + self.recent:
             raise OptionError(f"--kv-budget {int(self.budget)} is below --kv-sinks + --kv-recent "
                               f"({self.sinks} + {self.recent}): the budget could never be kept")
@@ -273,16 +279,20 @@ class EvictKV(Pass):
         knobs = self._knobs(ed, graph)
         prev_kept: ir.Value | None = None
         layers = []
+        block: list[tuple] = []  # per layer: (slots n, budget k, [(evicted output, appended value)])
         for site in sites:
-            prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept, knobs)
+            prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept, knobs, block)
             layers.append(site.layer)
+        if self.slack:
+            cond = over_budget(ed, [b[0] for b in block], [b[1] for b in block], self.slack)
+            defer_eviction(ed, graph, cond, [p for b in block for p in b[2]])
         ed.forget_shapes()
         ed.commit()
         RemoveUnusedNodesPass()(model)
         ShapeInferencePass()(model)  # fresh shapes from the per-layer cache lengths (later passes read heads)
         model.metadata_props[META_KEY] = json.dumps({
             "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "mode": self.mode,
-            "recent_share": self.recent_share, "min_keep": self.min_keep, "score": self.score,
+            "recent_share": self.recent_share, "min_keep": self.min_keep, "score": self.score, "slack": self.slack,
             "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
             "state": {"importance": "past_importance.{layer}", "positions": "past_positions.{layer}"}})
         logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d tokens / %.0f%% of the budget, "
@@ -318,7 +328,7 @@ class EvictKV(Pass):
 
     def _rewrite(self, ed: GraphEditor, graph: ir.Graph, site: AttentionSite, new_pos: ir.Value,
                  valid_new: ir.Value, causal: ir.Value, prev_kept: ir.Value | None,
-                 knobs: dict[str, ir.Value]) -> ir.Value:
+                 knobs: dict[str, ir.Value], block: list[tuple]) -> ir.Value:
         layer = site.layer
         kc, vc = site.k.cache, site.v.cache
         # the state: [B, n] per layer, or [B, Hkv, n] per KV head (``ax``: its slot axis)
@@ -349,14 +359,14 @@ class EvictKV(Pass):
                                                   axis=1), i64("a2", [2])])
             causal = _once(knobs, f"causal{hkv * group}", lambda: ed.op("Expand", [causal, i64(
                 "hq", [1, hkv * group, 1, 1])]))  # [B, H, q, q]
-        rows = ed.op("Shape", [causal], start=2, end=3)
-        past_bias = ed.op("Expand", [past_bias, ed.op("Concat", [i64("one", [1, 1]), rows, i64("one", [1])], axis=0)])
+        rows = _once(knobs, "rows", lambda: ed.op("Concat", [i64("one", [1, 1]), ed.op("Shape", [causal], start=2, end=3),
+                                                             i64("one", [1])], axis=0))  # [1, 1, q, 1]: every layer's
+        past_bias = ed.op("Expand", [past_bias, rows])
         bias = ed.op("Concat", [past_bias, causal], axis=-1)  # [B, 1 or H, q, L + q]
         mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
         site.mask_node.replace_input_with(mask_slot, bias)
         # importance
         pos = ed.op("Concat", [past_pos, spread("new_pos", new_pos)], axis=ax)
-        posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
         # values every layer computes alike are built once (one op per step, not one per layer);
         # each row's newest position is its newest new token's (every row has one, as in T below)
         vq = _once(knobs, "vq", lambda: ed.op("Cast", [valid_new], to=ir.DataType.FLOAT))  # [B, q]
@@ -372,12 +382,21 @@ class EvictKV(Pass):
             score = ed.op("ReduceSum", [weighted, i64("ax2", [2])], keepdims=0)
             score = ed.op("ReduceSum", [ed.op("Reshape", [score, i64("grp", [0, hkv, group, -1])]), i64("ax2", [2])],
                           keepdims=0)
-        carry = _once(knobs, "carry", lambda: ed.op("Pow", [knobs["decay"], ed.op("ReduceSum", [vq, i64("ax1", [1])],
-                                                                                   keepdims=1)]))  # [B, 1]
-        imp = ed.op("Add", [ed.op("Concat", [ed.op("Mul", [past_imp, per_head("carry", carry, [1])]),
-                                             spread("zeros", zeros)], axis=ax), score])
-        seen = ed.op("Sub", [ed.op("Add", [per_head("last", last, [1]), f32("one", 1.0)]), posf])  # queries that saw it
-        rank_by = ed.op("Div", [imp, ed.op("Pow", [seen, knobs["norm"]])])  # x^0 = 1 exactly
+        # a compiled (not tunable) decay 1 / norm 0 are identities: x * 1^n = x, x / s^0 = x - no ops emitted
+        rule = SCORES[self.score]
+        if rule.decay == 1 and not self.tunable:
+            kept = past_imp
+        else:
+            carry = _once(knobs, "carry", lambda: ed.op("Pow", [knobs["decay"], ed.op(
+                "ReduceSum", [vq, i64("ax1", [1])], keepdims=1)]))  # [B, 1]
+            kept = ed.op("Mul", [past_imp, per_head("carry", carry, [1])])
+        imp = ed.op("Add", [ed.op("Concat", [kept, spread("zeros", zeros)], axis=ax), score])
+        if rule.norm == 0 and not self.tunable:
+            rank_by = imp
+        else:
+            posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
+            seen = ed.op("Sub", [ed.op("Add", [per_head("last", last, [1]), f32("one", 1.0)]), posf])  # queries that saw it
+            rank_by = ed.op("Div", [imp, ed.op("Pow", [seen, knobs["norm"]])])
         valid = ed.op("GreaterOrEqual", [pos, i64("z", 0)])
         n = ed.op("Shape", [pos], start=ax, end=ax + 1)
         # k = min(n, max(budget(T), sinks + recent, min_keep)); the recent window also covers share * (k - sinks)
@@ -393,7 +412,8 @@ class EvictKV(Pass):
         else:
             want = i64("b", [int(self.layer_budget(layer))])
         forced = _once(knobs, "forced", lambda: ed.op("Max", [ed.op("Add", [sinks, recent]), knobs["min_keep"]]))
-        k = ed.op("Min", [n, ed.op("Max", [want, forced])])
+        k_budget = _once(knobs, f"k_budget{id(want)}", lambda: ed.op("Max", [want, forced]))
+        k = ed.op("Min", [n, k_budget])
         by_share = ed.op("Cast", [ed.op("Floor", [ed.op("Mul", [share, ed.op("Cast", [ed.op("Sub", [k, sinks])],
                                                                             to=ir.DataType.FLOAT)])])],
                          to=ir.DataType.INT64)
@@ -419,11 +439,14 @@ class EvictKV(Pass):
                                    ed.op("GatherElements", [pos, keep], axis=ax), i64("m1", -1)])
         kept_imp = ed.op("GatherElements", [imp, keep], axis=ax)
         rows = row_index(ed, kc.present, keep)  # K and V: the same [B, H, n] layout
+        appended = []
         for cache in (kc, vc):
             dk, dv = _dims(kc.present), _dims(cache.present)  # same heads: same rows (lengths are equal)
             same = len(dk) == len(dv) == 4 and isinstance(dk[1], int) and dk[1] == dv[1]
             pruned = gather_rows(ed, cache.present, keep, rows if same else None)
+            appended.append((pruned, cache.present))
             self._swap_output(ed, graph, cache.present, pruned)
+        block.append((n, k_budget, [*appended, (kept_imp, imp), (kept_pos, pos)]))
         for value, name, dtype in ((kept_imp, f"present_importance.{layer}", ir.DataType.FLOAT),
                                    (kept_pos, f"present_positions.{layer}", ir.DataType.INT64)):
             value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", *heads, f"kept.{layer}"])

@@ -70,6 +70,7 @@ class CompileConfig:
     kv_evict: str | None = None  # decoders: layer (H2O-style, default) | cascade (SpAtten) | head (per KV head)
     kv_score: str | None = None  # decoders: evict-kv's scoring rule (passes/evict_kv.py SCORES)
     kv_min_keep: int | None = None  # decoders: no eviction while a layer's cache holds at most N tokens
+    kv_slack: int | None = None  # decoders: block eviction, a layer may hold budget + N tokens (0: every step)
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -156,12 +157,18 @@ class CompileConfig:
             raise OptionError(f"{given[0]} needs --kv-bits{off}")
         evict = [f for f, v in (("--kv-sinks", self.kv_sinks), ("--kv-recent", self.kv_recent),
                                ("--kv-evict", self.kv_evict), ("--kv-score", self.kv_score),
-                               ("--kv-min-keep", self.kv_min_keep)) if v is not None]
+                               ("--kv-min-keep", self.kv_min_keep), ("--kv-slack", self.kv_slack)) if v is not None]
         if evict and self.kv_budget is None:
             raise OptionError(f"{evict[0]} needs --kv-budget")
         n = self.kv_min_keep
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise OptionError(f"--kv-min-keep must be a whole number of tokens >= 0, got {n!r}")
+        n = self.kv_slack
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise OptionError(f"--kv-slack must be a whole number of tokens >= 0, got {n!r}")
+        if n and self.kv_bits not in (None, "none"):
+            raise OptionError("--kv-slack with --kv-bits is not supported yet: the packed cache's append-only form "
+                              "needs the eviction's row Gather outside the block If (use --kv-slack 0)")
 
     @property
     def prunes_tokens(self) -> bool:
@@ -199,7 +206,7 @@ class CompileConfig:
         if self.kv_budget is not None:  # before quantize-kv: it finds the attention it rewrites
             passes.append(make_pass("evict-kv", budget=float(self.kv_budget), **{
                 k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), ("score", self.kv_score),
-                                  ("min_keep", self.kv_min_keep),
+                                  ("min_keep", self.kv_min_keep), ("slack", self.kv_slack),
                                   *_recent(self.kv_recent))
                 if v is not None}))
         if self.kv_bits not in (None, "none"):

@@ -79,7 +79,8 @@ PARTS: dict[str, Part] = {
                    "--value-keep R"),
     "kv": Part("K/V quantization", ("kv_bits",), ("kv_rule", "lsb_threshold", "kv_granularity", "kv_factor"),
                "kv_bits", "none", "--kv-bits none", "--kv-bits M+L (e.g. 5+1, 4)"),
-    "evict": Part("KV-cache eviction", ("kv_budget",), ("kv_sinks", "kv_recent", "kv_evict", "kv_score", "kv_min_keep"),
+    "evict": Part("KV-cache eviction", ("kv_budget",),
+                  ("kv_sinks", "kv_recent", "kv_evict", "kv_score", "kv_min_keep", "kv_slack"),
                   "no_kv_eviction", True, "--no-kv-eviction", "--kv-budget B|N (e.g. 0.25, 256), --kv-min-keep N",
                   needs="kv_cache", independent=True),
 }

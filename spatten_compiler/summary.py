@@ -126,7 +126,7 @@ def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[st
         lines.append("  (an explicit --pipeline runs exactly those passes; drop it for the measured defaults)")
     if "evict-kv" in names and not pipeline:
         lines.append("  eviction knobs: --kv-budget B|N, --kv-min-keep N, --kv-sinks N, --kv-recent N|P%, "
-                     "--kv-evict layer|cascade|head, --kv-score RULE (docs/decoders.md)")
+                     "--kv-evict layer|cascade|head, --kv-score RULE, --kv-slack N (docs/decoders.md)")
     if res.preset is not None:
         lines.append(f"  measured: docs/presets.md ({res.preset.note})")
     if "quantize-kv" in names:

@@ -76,6 +76,9 @@ class EvictPlan:
                        int(d.get("min_keep", 0)))
         except (ValueError, KeyError, TypeError) as e:
             raise LoweringError(f"metadata '{META_KEY}' is malformed ({e})") from None
+        if int(d.get("slack", 0)):
+            raise LoweringError("block eviction (--kv-slack) cannot be lowered: the token top-k runs at every "
+                                "step (compile with --kv-slack 0 for emit / sim)")
         if plan.mode == "cascade" and len(set(plan.schedule)) > 1:
             raise LoweringError("cascade eviction with a per-layer schedule cannot be lowered: the top-k would need "
                                 "the intersection of a layer's list with the list kept above (no such instruction)")

@@ -114,6 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-min-keep", type=int, metavar="N",
                    help="no eviction while a layer's cache holds at most N tokens: a floor for short prompts "
                    "(default 0; the decoder presets set it)")
+    e.add_argument("--kv-slack", type=int, metavar="N",
+                   help="block eviction: a cache may grow to budget + N tokens, then all layers evict at once "
+                   "(default 0: evict at every step)")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
@@ -175,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_evict": args.kv_evict,
         "kv_score": args.kv_score,
         "kv_min_keep": args.kv_min_keep,
+        "kv_slack": args.kv_slack,
     })
     t0 = time.perf_counter()
     with report.step(f"compiling {args.model}"), report.bar(None, "passes", unit="pass") as bar:
