@@ -160,6 +160,9 @@ class CompileConfig:
                                ("--kv-min-keep", self.kv_min_keep), ("--kv-slack", self.kv_slack)) if v is not None]
         if evict and self.kv_budget is None:
             raise OptionError(f"{evict[0]} needs --kv-budget")
+        if self.kv_evict == "head" and self.kv_budget is not None and self.prunes_heads:
+            raise OptionError("--kv-evict head with head pruning is not supported yet: a pruned layer's kept query "
+                              "heads would be scored into K/V heads by rank, not by group (use --kv-evict layer)")
         n = self.kv_min_keep
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise OptionError(f"--kv-min-keep must be a whole number of tokens >= 0, got {n!r}")

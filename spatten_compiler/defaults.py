@@ -291,4 +291,7 @@ def resolve(options: dict[str, Any], kind: str, pipeline: str = "",
         used = {k: v for k, v in values.items() if options.get(k) is None}
         out.update(used)
         applied[key] = used
+    if out.get("kv_evict") == "head" and options.get("kv_evict") is None and out.get("head_keep") is not None \
+            and "evict" in applied:  # per-KV-head eviction cannot score pruned heads yet (Config refuses it)
+        out["kv_evict"] = applied["evict"]["kv_evict"] = "layer"
     return out, Resolution(preset, kind, applied, tuple(off), tuple(replaced), tuple(skipped))

@@ -146,19 +146,14 @@ def test_generated_steps_refusals(tmp_path_factory: pytest.TempPathFactory, tmp_
     assert "prompt + 2 generated steps" in text
     with np.load(out) as got:
         assert got["generated_ids"].shape == (3,) and "logits" in got.files
-    # per-KV-head eviction after head pruning (GQA; the graph maps kept query heads to K/V heads by rank):
-    # refused in one line (cascade eviction and eviction of the packed cache run since issue #15's last round)
-    for opts, word in ((["--kv-bits", "none", "--kv-evict", "head", "--head-keep", "0.5"], "head pruning"),):
-        evicting = tmp_path / "head.onnx"
-        assert spattenc(["compile", str(MODELS / "llama_dynamo.onnx"), "-o", str(evicting), "-q", "--kv-budget", "0.5",
-                         *opts]) == 0
-        assert spattenc(["emit", str(evicting), "--prompt-len", str(PROMPT), "--gen-steps", "1", "-o",
-                         str(tmp_path / "c.spbin"), "-q"]) == 0
-        capsys.readouterr()
-        assert spattenc(["sim", str(tmp_path / "c.spbin"), "--input", str(tmp_path / "f.npz"),
-                         "--mode", "functional"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert word in err and "\n" not in err and "Traceback" not in err
+    # per-KV-head eviction after head pruning (GQA: the graph would map kept query heads to K/V heads by
+    # rank): compile refuses it in one line (the simulator's own refusal stays for models built otherwise)
+    capsys.readouterr()
+    assert spattenc(["compile", str(MODELS / "llama_dynamo.onnx"), "-o", str(tmp_path / "head.onnx"), "-q",
+                     "--kv-budget", "0.5", "--kv-bits", "none", "--kv-evict", "head", "--head-keep", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "head pruning" in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "head.onnx").exists()
     # a decoder exported without a KV cache cannot run a one-token step
     dense = tmp_path / "nocache.spbin"
     assert spattenc(["emit", str(MODELS / "gpt2_torchscript.onnx"), "--prompt-len", str(PROMPT), "--gen-steps", "1",
