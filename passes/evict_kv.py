@@ -39,6 +39,16 @@ positions from the cache length (GPT-2's learned positions) gets a ``position_id
 its position-embedding Gather. Per-layer cache lengths may differ (``schedule``), so the exporter's
 mask (built for one cache length) is replaced by ``bias_l``; ``attention_mask``'s last ``q`` columns
 still give the new tokens' padding.
+
+Sliding-window caches (Mistral, Gemma 2/3: transformers' ``DynamicSlidingWindowLayer``): the exporter's
+mask compares ``kv > q - W`` next to its causal ``kv <= q`` (``WINDOW_FORMS``; ``W`` read from that
+comparison, per layer, so Gemma's alternating global layers get none) and the present output keeps
+the last ``W - 1`` slots of the past + new concat (``Slice(concat, -(W - 1))``, checked against ``W``).
+evict-kv takes the window over: ``bias_l`` also hides a key whose *original* position is ``W`` or more
+before the query's, a slot no later query can see (position ``<= last_l + 1 - W``) is evicted first
+(score ``-BIG``), ``k <= W - 1``, and the present outputs are the kept slots of the full concat (the
+exporter's slot-based slices of past and present are bypassed: with evicted caches slot != position).
+At budget 1.0 that is the exporter's own cache (its last ``W - 1`` slots) and its own mask.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
+from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .find_attention import AttentionSite, find_attention
@@ -84,6 +95,118 @@ SCORES: dict[str, ScoreRule] = {
 META_KEY = "spatten.evict_kv"
 
 
+# The sliding-window comparison an exporter builds into its mask beside the causal ``LessOrEqual(kv, q)``:
+# op -> (the input that is the key index, the input that is ``Sub(q, W)``) (transformers'
+# ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``).
+WINDOW_FORMS: dict[str, tuple[int, int]] = {"Greater": (0, 1), "Less": (1, 0)}
+FAR_END = 1 << 62  # a Slice end at or past this is "to the end" (INT64_MAX in the exports)
+
+
+def mask_window(mask: ir.Value | None) -> int | None:
+    """The window ``W`` of an exporter's sliding-window mask (``kv > q - W`` on the same key/query
+    indices as its causal ``kv <= q``), or None."""
+    if mask is None:
+        return None
+    nodes, _ = _ancestors(mask, limit=400)
+    causal = {(id(n.inputs[0]), id(n.inputs[1])) for n in nodes if n.op_type == "LessOrEqual"}
+    found = set()
+    for node in nodes:
+        form = WINDOW_FORMS.get(node.op_type)
+        if form is None or len(node.inputs) != 2:
+            continue
+        kv, lower = node.inputs[form[0]], node.inputs[form[1]]
+        sub = lower.producer() if lower is not None else None
+        w = const_array(sub.inputs[1]) if sub is not None and sub.op_type == "Sub" else None
+        if w is not None and w.size == 1 and (id(kv), id(sub.inputs[0])) in causal:
+            found.add(int(w.reshape(())))
+    if len(found) > 1:
+        raise OptionError(f"the mask {mask.name} compares keys against {len(found)} sliding windows "
+                          f"({sorted(found)}); evict-kv takes one window per layer")
+    return found.pop() if found else None
+
+
+def _slice_steps(node: ir.Node) -> list[tuple[int, int, int, int]] | None:
+    """(start, end, axis, step) of a Slice with constant operands, or None."""
+    parts = [const_array(v) if v is not None else None for v in node.inputs[1:5]]
+    if len(parts) < 3 or any(p is None for p in parts[:3]) or (len(parts) > 3 and parts[3] is None):
+        return None
+    starts, ends, axes = (p.reshape(-1).tolist() for p in parts[:3])
+    steps = parts[3].reshape(-1).tolist() if len(parts) > 3 else [1] * len(starts)
+    return list(zip(starts, ends, axes, steps, strict=True))
+
+
+def sliced_present(cache, graph: ir.Graph) -> tuple[ir.Value, int] | None:
+    """A graph output that is the cache concat sliced to its last ``c`` slots on the cache axis
+    (through no-op Slices): ``(output, c)``, or None."""
+    full, axis = cache.concat.outputs[0], cache.axis % 4
+    for out in graph.outputs:
+        value, kept = out, None
+        for _ in range(4):
+            node = value.producer()
+            steps = _slice_steps(node) if node is not None and node.op_type == "Slice" else None
+            if steps is None:
+                break
+            for start, end, ax, step in steps:
+                if start == 0 and end >= FAR_END and step == 1:
+                    continue  # a no-op slice (the dynamo export's [0:] on the batch axis)
+                if ax % 4 == axis and start < 0 and end >= FAR_END and step == 1 and kept is None:
+                    kept = -start
+                    continue
+                steps = None
+                break
+            if steps is None:
+                break
+            value = node.inputs[0]
+            if value is full:
+                return (out, kept) if kept is not None else None
+    return None
+
+
+def _take_over_window(sites: list[AttentionSite], graph: ir.Graph) -> dict[int, int]:
+    """Each layer's sliding window ``W`` (from its mask); a present output the exporter slices to the
+    last ``W - 1`` slots becomes the full past + new concat (evict-kv keeps the window itself), and the
+    past's slot slice before the concat is bypassed. Refuses a sliced cache the mask does not explain."""
+    windows: dict[int, int] = {}
+    for site in sites:
+        caches = [c for c in (site.k.cache if site.k else None, site.v.cache if site.v else None) if c is not None]
+        if not caches:
+            continue
+        window = mask_window(site.mask)
+        sliced = [(c, found) for c in caches if c.present is None and (found := sliced_present(c, graph))]
+        if window is not None and window < 2:
+            raise OptionError(f"layer {site.layer}: sliding window {window} < 2 keys")
+        for cache, (out, kept) in sliced:
+            if window is None or kept != window - 1:
+                raise OptionError(f"layer {site.layer}: the present cache keeps the last {kept} slots (a sliding-"
+                                  f"window cache) but the mask " + ("has no window comparison kv > q - W"
+                                  if window is None else f"has window {window}, not {kept + 1}")
+                                  + "; evict-kv cannot tell which keys a query sees")
+            full = cache.concat.outputs[0]
+            full.type = full.type or out.type
+            full.shape = full.shape or (ir.Shape(out.shape.dims) if out.shape is not None else None)
+            graph.outputs[next(i for i, o in enumerate(graph.outputs) if o is out)] = full
+            full.name, out.name = out.name, f"{out.name}.window_slice"
+            cache.present = full
+            for i, piece in enumerate(cache.concat.inputs):  # Slice(past, -(W - 1)): slot-based, bypassed
+                if piece is not cache.past and piece is not None and _reaches(piece, cache.past):
+                    cache.concat.replace_input_with(i, cache.past)
+        if window is not None:
+            windows[site.layer] = window
+    return windows
+
+
+def _reaches(value: ir.Value, past: ir.Value) -> bool:
+    """``value`` is ``past`` through Slices only."""
+    for _ in range(4):
+        node = value.producer()
+        if node is None or node.op_type != "Slice":
+            return False
+        value = node.inputs[0]
+        if value is past:
+            return True
+    return False
+
+
 def budget_tokens(budget: float, total: int, sinks: int, recent: int, n: int, min_keep: int = 0) -> int:
     """The number of cache slots a layer keeps (NumPy twin of the graph's arithmetic)."""
     want = int(np.ceil(np.float32(budget) * np.float32(total))) if budget <= 1 else int(budget)
@@ -99,8 +222,9 @@ def _check(sites: list[AttentionSite], positions_why: str | None = None) -> None
         cache = s.k.cache if s.k else None
         if cache is not None and cache.present is None and any(o.name.startswith("present") for o in
                                                                  s.softmax.graph.outputs):
-            raise OptionError(f"layer {s.layer}: the present cache output is not the past + new concat (a "
-                              "sliding-window cache slices it: Mistral, Gemma 2/3); evict-kv does not rewrite it yet")
+            raise OptionError(f"layer {s.layer}: the present cache output is neither the past + new concat nor "
+                              "its last W - 1 slots under a sliding-window mask (kv > q - W); evict-kv does not "
+                              "rewrite it")
         if cache is None or s.v is None or s.v.cache is None or cache.present is None or s.v.cache.present is None:
             raise OptionError(f"layer {s.layer} has no KV cache (past/present inputs and outputs): "
                               "--kv-budget applies to decoders exported with a KV cache")
@@ -243,6 +367,7 @@ class EvictKV(Pass):
         self._validate()
         wired, positions_why = wire_positions(model)  # positions from the cache length -> a position_ids input
         sites = find_attention(model).sites
+        windows = _take_over_window(sites, model.graph)
         _check(sites, positions_why)
         if len({self.layer_budget(s.layer) for s in sites}) > 1 and (why := _shares_cache_length(sites)):
             raise OptionError(f"per-layer budgets need per-layer cache lengths, but {why} "
@@ -274,7 +399,8 @@ class EvictKV(Pass):
         prev_kept: ir.Value | None = None
         layers = []
         for site in sites:
-            prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept, knobs)
+            prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept, knobs,
+                                      windows.get(site.layer))
             layers.append(site.layer)
         ed.forget_shapes()
         ed.commit()
@@ -284,6 +410,7 @@ class EvictKV(Pass):
             "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "mode": self.mode,
             "recent_share": self.recent_share, "min_keep": self.min_keep, "score": self.score,
             "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
+            "windows": {str(k): v for k, v in windows.items()},
             "state": {"importance": "past_importance.{layer}", "positions": "past_positions.{layer}"}})
         logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d tokens / %.0f%% of the budget, "
                     "at least %d tokens, %s, %s", len(layers), self.budget, self.sinks, self.recent,
@@ -318,7 +445,7 @@ class EvictKV(Pass):
 
     def _rewrite(self, ed: GraphEditor, graph: ir.Graph, site: AttentionSite, new_pos: ir.Value,
                  valid_new: ir.Value, causal: ir.Value, prev_kept: ir.Value | None,
-                 knobs: dict[str, ir.Value]) -> ir.Value:
+                 knobs: dict[str, ir.Value], sliding: int | None = None) -> ir.Value:
         layer = site.layer
         kc, vc = site.k.cache, site.v.cache
         # the state: [B, n] per layer, or [B, Hkv, n] per KV head (``ax``: its slot axis)
@@ -352,10 +479,17 @@ class EvictKV(Pass):
         rows = ed.op("Shape", [causal], start=2, end=3)
         past_bias = ed.op("Expand", [past_bias, ed.op("Concat", [i64("one", [1, 1]), rows, i64("one", [1])], axis=0)])
         bias = ed.op("Concat", [past_bias, causal], axis=-1)  # [B, 1 or H, q, L + q]
+        pos = ed.op("Concat", [past_pos, spread("new_pos", new_pos)], axis=ax)
+        if sliding is not None:  # a query at position t sees keys at original positions > t - W
+            qpos = _once(knobs, "qpos", lambda: ed.op("Unsqueeze", [new_pos, i64("a13", [1, 3])]))  # [B, 1, q, 1]
+            far = ed.op("GreaterOrEqual", [ed.op("Sub", [qpos, ed.op("Unsqueeze", [pos, i64(
+                "a12" if hkv is None else "a2", [1, 2] if hkv is None else [2])])]), i64("w", sliding)])
+            if hkv is not None:  # [B, Hkv, q, n] -> [B, H, q, n]
+                far = ed.op("Gather", [far, i64("kvh", np.arange(hkv * group) // group)], axis=1)
+            bias = ed.op("Where", [far, f32("min", MIN), bias])
         mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
         site.mask_node.replace_input_with(mask_slot, bias)
         # importance
-        pos = ed.op("Concat", [past_pos, spread("new_pos", new_pos)], axis=ax)
         posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
         # values every layer computes alike are built once (one op per step, not one per layer);
         # each row's newest position is its newest new token's (every row has one, as in T below)
@@ -394,6 +528,8 @@ class EvictKV(Pass):
             want = i64("b", [int(self.layer_budget(layer))])
         forced = _once(knobs, "forced", lambda: ed.op("Max", [ed.op("Add", [sinks, recent]), knobs["min_keep"]]))
         k = ed.op("Min", [n, ed.op("Max", [want, forced])])
+        if sliding is not None:  # no later query sees more than W - 1 cached keys
+            k = ed.op("Min", [k, i64("wk", [sliding - 1])])
         by_share = ed.op("Cast", [ed.op("Floor", [ed.op("Mul", [share, ed.op("Cast", [ed.op("Sub", [k, sinks])],
                                                                             to=ir.DataType.FLOAT)])])],
                          to=ir.DataType.INT64)
@@ -405,6 +541,9 @@ class EvictKV(Pass):
         in_window = ed.op("GreaterOrEqual", [slot, ed.op("Sub", [ed.op("Squeeze", [n]), window])])
         s = ed.op("Where", [ed.op("Or", [sink, in_window]), f32("big", BIG), rank_by])
         s = ed.op("Where", [valid, s, f32("nbig", -BIG)])
+        if sliding is not None:  # out of every later query's window (position <= last + 1 - W): evicted first
+            live = ed.op("Greater", [posf, ed.op("Sub", [per_head("last", last, [1]), f32("w1", sliding - 1)])])
+            s = ed.op("Where", [live, s, f32("nbig", -BIG)])
         if self.mode == "cascade" and prev_kept is not None:
             eq = ed.op("Equal", [ed.op("Unsqueeze", [pos, i64("a2", [2])]),
                                  ed.op("Unsqueeze", [prev_kept, i64("a1", [1])])])
