@@ -378,7 +378,7 @@ class EvictKV(Pass):
         amask = names.get("attention_mask")
         if amask is None:
             raise OptionError("evict-kv needs an attention_mask input (it gives the new tokens' padding)")
-        positions, convention = names.get("position_ids"), "arange" if wired else "input"
+        positions, convention = names.get("position_ids"), wired or "input"
         if positions is None:
             gather = _position_gather(graph)
             if gather is None:
