@@ -49,6 +49,10 @@ before the query's, a slot no later query can see (position ``<= last_l + 1 - W`
 (score ``-BIG``), ``k <= W - 1``, and the present outputs are the kept slots of the full concat (the
 exporter's slot-based slices of past and present are bypassed: with evicted caches slot != position).
 At budget 1.0 that is the exporter's own cache (its last ``W - 1`` slots) and its own mask.
+GPT-Neo's mask form (``causal+additive``: a causal ``Where`` over a constant band before the additive
+mask, ``MASK_FORMS``): the Where is bypassed and its band rebuilt from positions - ``tril`` is the
+causal part of ``bias_l``, ``tril`` minus ``tril(-W)`` (local attention) a window ``W`` as above
+(``causal_band``; any other constant is refused).
 """
 
 from __future__ import annotations
@@ -74,6 +78,10 @@ logger = logging.getLogger(__name__)
 MIN = float(np.finfo(np.float32).min)
 BIG = 1e30
 MODES = ("layer", "cascade", "head")
+# mask forms evict-kv replaces by its own bias_l (the exporter's is built for one cache length):
+# "additive": Add(scores, mask); "causal+additive" (GPT-Neo): Add(Where(band, scores, fill), mask) - the
+# Where is bypassed, its band (causal, or a local window W) is rebuilt from positions (causal_band)
+MASK_FORMS = ("additive", "causal+additive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +203,33 @@ def _take_over_window(sites: list[AttentionSite], graph: ir.Graph) -> dict[int, 
     return windows
 
 
+def causal_band(site: AttentionSite) -> tuple[ir.Node, int | None]:
+    """GPT-Neo's ``causal+additive`` mask: ``Add(Where(cond, scores, fill), mask)``, ``cond`` sliced from
+    a constant ``[.., M, M]`` band - ``tril`` (causal) or ``tril`` minus ``tril(-W)`` (a local window
+    ``W``). Returns (the Where, W or None); anything else is refused (evict-kv replaces the causal part
+    by positions, so it must know exactly what the constant allowed)."""
+    where = next((v.producer() for v in site.mask_node.inputs if v is not site.mask and v is not None), None)
+    if where is None or where.op_type != "Where":
+        raise OptionError(f"layer {site.layer}: the causal part of the mask is not a Where on the scores")
+    cond = where.inputs[0]
+    for _ in range(6):  # the data input through the exporter's slices to the current lengths
+        node = cond.producer() if cond is not None else None
+        if node is None or node.op_type not in ("Slice", "Cast", "Unsqueeze", "Expand"):
+            break
+        cond = node.inputs[0]
+    band = const_array(cond, max_elements=1 << 24) if cond is not None else None
+    if band is None or band.ndim < 2 or band.shape[-1] != band.shape[-2] or int(np.prod(band.shape[:-2])) != 1:
+        raise OptionError(f"layer {site.layer}: the causal Where's condition is not sliced from one constant "
+                          "[M, M] band; evict-kv cannot tell which keys it allows")
+    b = band.reshape(band.shape[-2:]).astype(bool)
+    ones = np.ones_like(b)
+    w = int(b[:, 0].sum())
+    if not np.array_equal(b, np.tril(ones) & ~np.tril(ones, -w)):
+        raise OptionError(f"layer {site.layer}: the causal Where's constant is neither a lower triangle nor a "
+                          "band (tril minus tril(-W)); evict-kv cannot tell which keys it allows")
+    return where, (w if w < b.shape[0] else None)
+
+
 def _reaches(value: ir.Value, past: ir.Value) -> bool:
     """``value`` is ``past`` through Slices only."""
     for _ in range(4):
@@ -228,7 +263,7 @@ def _check(sites: list[AttentionSite], positions_why: str | None = None) -> None
         if cache is None or s.v is None or s.v.cache is None or cache.present is None or s.v.cache.present is None:
             raise OptionError(f"layer {s.layer} has no KV cache (past/present inputs and outputs): "
                               "--kv-budget applies to decoders exported with a KV cache")
-        if s.mask_node is None or s.variant.get("mask") != "additive":
+        if s.mask_node is None or s.variant.get("mask") not in MASK_FORMS:
             raise OptionError(f"layer {s.layer}: mask form {s.variant.get('mask')} is not supported by evict-kv")
         if s.rope and s.rope_source and "position" not in s.rope_source:
             raise OptionError(f"layer {s.layer}: RoPE positions are computed from the cache length"
@@ -369,6 +404,10 @@ class EvictKV(Pass):
         sites = find_attention(model).sites
         windows = _take_over_window(sites, model.graph)
         _check(sites, positions_why)
+        bands = {s.layer: causal_band(s) for s in sites if s.variant.get("mask") == "causal+additive"}
+        for layer, (_, w) in bands.items():
+            if w is not None:
+                windows[layer] = min(w, windows.get(layer, w))
         if len({self.layer_budget(s.layer) for s in sites}) > 1 and (why := _shares_cache_length(sites)):
             raise OptionError(f"per-layer budgets need per-layer cache lengths, but {why} "
                               "(a dynamo export); use one budget for all layers or a TorchScript export")
@@ -399,6 +438,10 @@ class EvictKV(Pass):
         prev_kept: ir.Value | None = None
         layers = []
         for site in sites:
+            if site.layer in bands:  # bias_l carries the causal part (and the band's window)
+                where = bands[site.layer][0]
+                site.mask_node.replace_input_with(next(i for i, v in enumerate(site.mask_node.inputs)
+                                                       if v is where.outputs[0]), where.inputs[1])
             prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept, knobs,
                                       windows.get(site.layer))
             layers.append(site.layer)

@@ -4,7 +4,10 @@ window - the mask ``kv <= q and kv > q - W`` and (``sliced``) the present cache 
 the window hides keys at every step. At budget 1.0 evict-kv equals the dense windowed model over
 generation steps and keeps at most W - 1 slots per layer (layer and per-KV-head eviction); evicting,
 onnxruntime == the reference runtime; a sliced cache the mask does not explain is refused in one line;
-the corpus sliding-window decoders (``corpus`` marker) at budget 1.0 == dense over steps."""
+GPT-Neo's mask form - a causal ``Where`` over a constant band (``tril``, or ``tril`` minus ``tril(-W)``:
+a local window) before the additive mask - is bypassed and rebuilt from positions (the same tests on
+the fixture in that form); the corpus sliding-window and GPT-Neo decoders (``corpus`` marker) at
+budget 1.0 == dense over steps."""
 
 from __future__ import annotations
 
@@ -63,6 +66,35 @@ def windowed(out: Path, window: int = W, sliced: bool = True, slice_keep: int | 
                 node.output[:] = [full if o == present else o for o in node.output]
             g.node.extend([N("Slice", [full, "sw_keep", "sw_end", "sw_axis"], [present]),
                            N("Slice", [past, "sw_keep", "sw_end", "sw_axis"], [f"sw_past.{past}"])])
+    nodes = _sorted(g)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(proto, str(out))
+    return out
+
+
+def banded(out: Path, window: int | None = W, m: int = 32, band: np.ndarray | None = None) -> Path:
+    """The Llama fixture in GPT-Neo's mask form: ``Add(Where(cond, scores, MIN), mask)``, ``cond`` sliced
+    from a constant ``[1, 1, M, M]`` band (rows T - q .. T, columns 0 .. T): ``tril`` minus
+    ``tril(-W)`` (a local window), ``tril`` (``window`` None) or ``band`` as given."""
+    proto = onnx.load(str(MODELS / "llama_torchscript.onnx"))
+    g = proto.graph
+    N = helper.make_node
+    ones = np.ones((m, m), bool)
+    b = band if band is not None else np.tril(ones) & ~np.tril(ones, -window) if window else np.tril(ones)
+    for name, v in (("nb_band", b.reshape(1, 1, m, m)), ("nb_zero", np.array([0], np.int64)),
+                    ("nb_ax2", np.array([2], np.int64)), ("nb_ax3", np.array([3], np.int64)),
+                    ("nb_min", np.float32(np.finfo(np.float32).min))):
+        g.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    g.node.extend([N("Shape", ["attention_mask"], ["nb_t"], start=1, end=2),
+                   N("Shape", ["input_ids"], ["nb_q"], start=1, end=2), N("Sub", ["nb_t", "nb_q"], ["nb_start"]),
+                   N("Slice", ["nb_band", "nb_start", "nb_t", "nb_ax2"], ["nb_rows"]),
+                   N("Slice", ["nb_rows", "nb_zero", "nb_t", "nb_ax3"], ["nb_cond"])])
+    for i, node in enumerate(list(g.node)):
+        if node.op_type == "Add" and MASK in node.input:
+            scores = next(x for x in node.input if x != MASK)
+            g.node.append(N("Where", ["nb_cond", scores, "nb_min"], [f"nb_{i}"]))
+            node.input[:] = [f"nb_{i}" if x == scores else x for x in node.input]
     nodes = _sorted(g)
     del g.node[:]
     g.node.extend(nodes)
@@ -146,8 +178,32 @@ def test_a_sliced_cache_the_mask_does_not_explain_is_refused(kwargs: dict, why: 
         evicted(windowed(tmp_path / "bad.onnx", **kwargs), tmp_path / "e.onnx", budget=1.0)
 
 
+@pytest.mark.parametrize("window", [W, None])
+def test_gpt_neo_band_mask_full_budget_equals_dense(window: int | None, tmp_path: Path) -> None:
+    """GPT-Neo's causal Where over a constant band (local window W, or plain causal): bypassed, rebuilt
+    from positions; at budget 1.0 == the dense model, a local window keeps W - 1 slots."""
+    dense = banded(tmp_path / "neo.onnx", window)
+    session = DecoderSession(evicted(dense, tmp_path / "e.onnx", budget=1.0, sinks=2))
+    if window:  # guard: the band hides keys of the 9-token prompt
+        assert lockstep(DecoderSession(MODELS / "llama_torchscript.onnx"), DecoderSession(dense)) > 1e-3
+    assert lockstep(DecoderSession(dense), session, steps=3) <= 1e-5
+    assert session.cache_lengths() == [W - 1 if window else 9 + 3] * 4
+
+
+def test_gpt_neo_band_evicting_ort_equals_reference(tmp_path: Path) -> None:
+    path = evicted(banded(tmp_path / "neo.onnx", 6), tmp_path / "e.onnx", budget=0.3, sinks=1, recent=1)
+    assert max(step_ort_and_reference(path, 6).cache_lengths()) <= 5
+
+
+def test_a_causal_where_that_is_not_a_band_is_refused(tmp_path: Path) -> None:
+    odd = np.tril(np.ones((32, 32), bool))
+    odd[5, 0] = False  # a hole: not tril minus tril(-W)
+    with pytest.raises(OptionError, match="neither a lower triangle nor a band"):
+        evicted(banded(tmp_path / "odd.onnx", band=odd), tmp_path / "e.onnx", budget=1.0)
+
+
 def _corpus_sliding() -> list:
-    return [r for r in _corpus() if r["kv_cache"] and r["family"] in {"mistral", "gemma2", "gemma3_text"}]
+    return [r for r in _corpus() if r["kv_cache"] and r["family"] in {"mistral", "gemma2", "gemma3_text", "gpt_neo"}]
 
 
 @pytest.mark.corpus
