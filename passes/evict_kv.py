@@ -52,7 +52,11 @@ At budget 1.0 that is the exporter's own cache (its last ``W - 1`` slots) and it
 GPT-Neo's mask form (``causal+additive``: a causal ``Where`` over a constant band before the additive
 mask, ``MASK_FORMS``): the Where is bypassed and its band rebuilt from positions - ``tril`` is the
 causal part of ``bias_l``, ``tril`` minus ``tril(-W)`` (local attention) a window ``W`` as above
-(``causal_band``; any other constant is refused).
+(``causal_band``; any other constant is refused). BLOOM's ALiBi (``additive+bias``: a score term computed
+from ``attention_mask`` only, through its CumSum: key positions ``(cumsum - 1) * mask``) is recomputed
+per layer at the kept slots' original positions (``mask_position_term``: its nodes copied with
+``attention_mask`` -> the slots' validity, the CumSum -> position + 1); any other score term is
+refused, and so is per-KV-head eviction with one.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ MODES = ("layer", "cascade", "head")
 # mask forms evict-kv replaces by its own bias_l (the exporter's is built for one cache length):
 # "additive": Add(scores, mask); "causal+additive" (GPT-Neo): Add(Where(band, scores, fill), mask) - the
 # Where is bypassed, its band (causal, or a local window W) is rebuilt from positions (causal_band)
-MASK_FORMS = ("additive", "causal+additive")
+# "additive+bias" (BLOOM): an additive mask plus ALiBi over the mask's positions (mask_position_term)
+MASK_FORMS = ("additive", "causal+additive", "additive+bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +235,23 @@ def causal_band(site: AttentionSite) -> tuple[ir.Node, int | None]:
     return where, (w if w < b.shape[0] else None)
 
 
+def mask_position_term(site: AttentionSite, term: ir.Value) -> list[ir.Node] | str:
+    """BLOOM's ALiBi: a score term computed only from ``attention_mask`` through its ``CumSum`` (key
+    positions ``(cumsum - 1) * mask``) and shapes. Returns its nodes in graph order - evict-kv recomputes
+    them per layer from the kept slots (``attention_mask`` -> the slots' validity, the CumSum -> kept
+    position + 1) - or why not."""
+    nodes, inputs = _ancestors(term, limit=200, through_shapes=True)
+    if any(v.name != "attention_mask" and not v.name.startswith("past_key_values.") for v in inputs):
+        return (f"layer {site.layer}: score term {term.name} reads {', '.join(sorted({v.name for v in inputs}))} "
+                "(not only attention_mask positions); evict-kv cannot move it to the kept slots")
+    if not any(n.op_type == "CumSum" and n.inputs[0] is not None and n.inputs[0].name == "attention_mask"
+               for n in nodes):
+        return (f"layer {site.layer}: score term {term.name} is not computed from the positions of attention_mask "
+                "(its cumulative sum); evict-kv cannot move it to the kept slots")
+    order = {id(n): i for i, n in enumerate(term.graph or site.softmax.graph)}
+    return sorted((n for n in nodes if id(n) in order), key=lambda n: order[id(n)])
+
+
 def _reaches(value: ir.Value, past: ir.Value) -> bool:
     """``value`` is ``past`` through Slices only."""
     for _ in range(4):
@@ -265,6 +287,9 @@ def _check(sites: list[AttentionSite], positions_why: str | None = None) -> None
                               "--kv-budget applies to decoders exported with a KV cache")
         if s.mask_node is None or s.variant.get("mask") not in MASK_FORMS:
             raise OptionError(f"layer {s.layer}: mask form {s.variant.get('mask')} is not supported by evict-kv")
+        for term in s.bias_terms:
+            if isinstance(why := mask_position_term(s, term), str):
+                raise OptionError(why)
         if s.rope and s.rope_source and "position" not in s.rope_source:
             raise OptionError(f"layer {s.layer}: RoPE positions are computed from the cache length"
                               f"{f' ({positions_why})' if positions_why else ''}; evict-kv needs a position_ids input")
@@ -532,6 +557,12 @@ class EvictKV(Pass):
             bias = ed.op("Where", [far, f32("min", MIN), bias])
         mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
         site.mask_node.replace_input_with(mask_slot, bias)
+        for term, add in zip(site.bias_terms, site.bias_adds, strict=True):  # ALiBi at the kept slots' positions
+            if hkv is not None:
+                raise OptionError(f"layer {layer}: --kv-evict head with a position term on the scores ({term.name}) "
+                                  "is not supported; use --kv-evict layer")
+            moved = self._at_kept_positions(ed, graph, mask_position_term(site, term), term, pos)
+            add.replace_input_with(next(i for i, v in enumerate(add.inputs) if v is term), moved)
         # importance
         posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
         # values every layer computes alike are built once (one op per step, not one per layer);
@@ -611,6 +642,28 @@ class EvictKV(Pass):
             value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", *heads, f"kept.{layer}"])
             graph.outputs.append(value)
         return kept_pos
+
+    @staticmethod
+    def _at_kept_positions(ed: GraphEditor, graph: ir.Graph, nodes: list[ir.Node], term: ir.Value,
+                           pos: ir.Value) -> ir.Value:
+        """A copy of ``term``'s nodes reading this layer's slots: ``attention_mask`` -> the slots'
+        validity ``[B, n]``, ``CumSum(attention_mask)`` -> kept position + 1 (so ``(cumsum - 1) * mask``
+        is each slot's original position, 0 where empty)."""
+        amask = next(v for v in graph.inputs if v.name == "attention_mask")
+        one = ed.const("one", np.array(1, np.int64))
+        valid = ed.op("Cast", [ed.op("GreaterOrEqual", [pos, ed.const("z", np.array(0, np.int64))])],
+                      to=amask.type.dtype if amask.type is not None else ir.DataType.INT64)
+        mapping: dict[int, ir.Value] = {id(amask): valid}
+        for node in nodes:
+            if node.op_type == "CumSum" and node.inputs[0] is amask:
+                mapping[id(node.outputs[0])] = ed.op("CastLike", [ed.op("Add", [pos, one]), node.outputs[0]])
+                continue
+            attrs = {a.name: a.value for a in node.attributes.values()}
+            outs = ed.op(node.op_type, [mapping.get(id(i), i) if i is not None else None for i in node.inputs],
+                         domain=node.domain, outputs=len(node.outputs), hint=node.op_type, **attrs)
+            for old, new in zip(node.outputs, outs if isinstance(outs, tuple) else (outs,), strict=True):
+                mapping[id(old)] = new
+        return mapping[id(term)]
 
     @staticmethod
     def _swap_output(ed: GraphEditor, graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

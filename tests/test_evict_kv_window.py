@@ -102,6 +102,33 @@ def banded(out: Path, window: int | None = W, m: int = 32, band: np.ndarray | No
     return out
 
 
+SLOPES = np.array([0.5, 0.25, 0.125, 0.0625], np.float32)
+
+
+def alibi(out: Path) -> Path:
+    """The Llama fixture with BLOOM's ALiBi: ``scores + slopes[h] * ((CumSum(mask) - 1) * mask)[b, j]``
+    added before the mask, in every layer (node ``ab_add_<i>``)."""
+    proto = onnx.load(str(MODELS / "llama_torchscript.onnx"))
+    g = proto.graph
+    N = helper.make_node
+    for name, v in (("ab_slopes", SLOPES.reshape(1, 4, 1, 1)), ("ab_one", np.int64(1)),
+                    ("ab_ax12", np.array([1, 2], np.int64))):
+        g.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    g.node.extend([N("CumSum", ["attention_mask", "ab_one"], ["ab_cs"]), N("Sub", ["ab_cs", "ab_one"], ["ab_p"]),
+                   N("Mul", ["ab_p", "attention_mask"], ["ab_pos"]), N("Cast", ["ab_pos"], ["ab_posf"], to=1),
+                   N("Unsqueeze", ["ab_posf", "ab_ax12"], ["ab_pos4"]), N("Mul", ["ab_slopes", "ab_pos4"], ["ab_term"])])
+    for i, node in enumerate(list(g.node)):
+        if node.op_type == "Add" and MASK in node.input:
+            scores = next(x for x in node.input if x != MASK)
+            g.node.append(N("Add", [scores, "ab_term"], [f"ab_{i}"], name=f"ab_add_{i}"))
+            node.input[:] = [f"ab_{i}" if x == scores else x for x in node.input]
+    nodes = _sorted(g)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(proto, str(out))
+    return out
+
+
 def _sorted(g: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The nodes in topological order (the appended ones feed earlier nodes)."""
     ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
@@ -202,8 +229,44 @@ def test_a_causal_where_that_is_not_a_band_is_refused(tmp_path: Path) -> None:
         evicted(banded(tmp_path / "odd.onnx", band=odd), tmp_path / "e.onnx", budget=1.0)
 
 
+def test_alibi_full_budget_equals_dense(tmp_path: Path) -> None:
+    dense = alibi(tmp_path / "alibi.onnx")
+    assert lockstep(DecoderSession(MODELS / "llama_torchscript.onnx"), DecoderSession(dense)) > 1e-3  # guard
+    session = DecoderSession(evicted(dense, tmp_path / "e.onnx", budget=1.0, sinks=2))
+    assert lockstep(DecoderSession(dense), session, steps=3) <= 1e-5
+
+
+def test_alibi_reads_the_kept_slots_original_positions(tmp_path: Path) -> None:
+    """Evicting (slots with gaps), each layer's ALiBi term is slope_h * the ORIGINAL position of each
+    kept slot (BLOOM's mask positions of the whole sequence), not the slot index."""
+    from test_evict_kv import spied_session
+
+    path = evicted(alibi(tmp_path / "alibi.onnx"), tmp_path / "e.onnx", budget=0.4, sinks=1, recent=1)
+    proto = onnx.load(str(path))
+    adds = [n for n in proto.graph.node if n.name.startswith("ab_add_")]
+    assert len(adds) == 4
+    proto.graph.output.extend(helper.make_tensor_value_info(n.input[1], onnx.TensorProto.FLOAT, None) for n in adds)
+    onnx.save(proto, str(path))
+    session, extra, captured = spied_session(path)
+    session.reset(2)
+    x = session.step(np.array([[5, 17, 33, 2, 9, 11, 40, 7, 21], [8, 3, 100, 42, 6, 12, 13, 50, 4]]))
+    for _ in range(3):
+        x = session.step(x[:, -1].argmax(-1)[:, None])
+    for layer, name in enumerate(n.input[1] for n in adds):
+        pos = np.concatenate([captured[f"past_positions.{layer}"], captured["position_ids"]], axis=1)
+        assert np.diff(pos[0]).max() > 1  # evicted: the kept positions have gaps
+        term = captured[f"out:{name}"]  # [B, H, 1, n]
+        np.testing.assert_allclose(term[:, :, 0], SLOPES[None, :, None] * pos[:, None, :].astype(np.float32))
+
+
+def test_alibi_with_per_kv_head_eviction_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match="--kv-evict head with a position term"):
+        evicted(alibi(tmp_path / "alibi.onnx"), tmp_path / "e.onnx", budget=1.0, mode="head")
+
+
 def _corpus_sliding() -> list:
-    return [r for r in _corpus() if r["kv_cache"] and r["family"] in {"mistral", "gemma2", "gemma3_text", "gpt_neo"}]
+    return [r for r in _corpus() if r["kv_cache"] and r["family"] in {"mistral", "gemma2", "gemma3_text", "gpt_neo",
+                                                                        "bloom"}]
 
 
 @pytest.mark.corpus
