@@ -134,6 +134,17 @@ def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool
     return False
 
 
+def _token_axis(data: ir.Value, graph: ir.Graph) -> int:
+    """The token axis of a ``[B, S, ...]``-like view: the one axis whose exported dim is the inputs'
+    symbolic sequence length (GPT-BigCode's dynamo export splits a ``[B, 1, S, 3D]`` unsqueezed view),
+    else 1."""
+    syms = {d.value for v in graph.inputs if v.shape is not None and v.shape.rank() >= 2
+            and isinstance(d := v.shape.dims[1], ir.SymbolicDim) and d.value}
+    dims = data.shape.dims if data.shape is not None else ()
+    hits = [i for i, d in enumerate(dims) if isinstance(d, ir.SymbolicDim) and d.value in syms]
+    return hits[0] if len(hits) == 1 else 1
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class PruneTokens(Pass):
@@ -299,9 +310,10 @@ class _Rewrite:
                 data = node.inputs[0] if node.op_type == "Reshape" else x
                 rank = data.shape.rank() if data.shape is not None else None
                 data = data if rank in (3, 4) else x  # [B*S, D] (Gemm) or [B, G, rep, S, Dh] (GQA): x's
+                axis = _token_axis(data, self.model.graph) if data is not x else 1
                 key = (id(concat), id(data))
                 if key not in done:
-                    seq = self.e.op("Shape", [data], start=1, end=2)
+                    seq = self.e.op("Shape", [data], start=axis, end=axis + 1)
                     pieces = [seq if j in reads else p for j, p in enumerate(concat.inputs)]
                     done[key] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
                 node.replace_input_with(i, done[key])

@@ -108,6 +108,28 @@ def _llama(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _unsqueezed_views(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """GPT-BigCode (dynamo): the projection is unsqueezed to ``[B, 1, S, H*Dh]`` before the head split,
+    whose target reads the graph input's length - the token axis of the reshaped data is 2, not 1."""
+    g = proto.graph
+    N = helper.make_node
+    H, DH = structural_graphs.H, structural_graphs.DH
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "uq_ax1"),
+                          numpy_helper.from_array(np.array([H, DH], np.int64), "uq_hd")])
+    at = 0
+    for node in list(g.node):
+        if node.op_type == "Reshape" and node.input[1].startswith("shape_"):
+            t = node.input[1][len("shape_"):]
+            new = [N("Unsqueeze", [node.input[0], "uq_ax1"], [f"uq_{t}"]),
+                   N("Shape", ["x"], [f"uq_b_{t}"], start=0, end=1), N("Shape", ["x"], [f"uq_s_{t}"], start=1, end=2),
+                   N("Concat", [f"uq_b_{t}", f"uq_s_{t}", "uq_hd"], [f"uq_shape_{t}"], axis=0)]
+            at = list(g.node).index(node)
+            for i, n in enumerate(new):
+                g.node.insert(at + i, n)
+            node.input[:] = [f"uq_{t}", f"uq_shape_{t}"]
+    return proto
+
+
 def stack(proto: onnx.ModelProto, shared_positions: bool = True, layers: int = 2) -> onnx.ModelProto:
     """``layers`` copies of a one-layer graph (x, mask -> y) in sequence. Positions and shapes in all
     read the graph input ``x`` (as exporters compute them once from input_ids; unless not
@@ -153,6 +175,7 @@ CASES = {
     "square_mask": lambda: _square_mask(structural_graphs.build()),
     "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
     "llama": lambda: _llama(attention_graphs.build(mask="causal+additive", rope=True, kv_heads=1)),
+    "unsqueezed_views": lambda: _unsqueezed_views(structural_graphs.build()),
 }
 DECODER = {"decoder", "decoder_rope", "llama"}
 
@@ -348,7 +371,8 @@ def test_kv_cache_points_to_evict_kv(tmp_path) -> None:
 
 
 def _corpus_tokens() -> list:
-    wanted = {"mpnet", "roformer", "modernbert", "t5", "gpt2", "gpt_neo", "gptj", "llama", "dinov2", "beit"}
+    wanted = {"mpnet", "roformer", "modernbert", "t5", "gpt2", "gpt_neo", "gptj", "llama", "dinov2", "beit",
+              "gpt_bigcode"}
     return [r for r in _corpus() if r["family"] in wanted and not r["kv_cache"]]
 
 
