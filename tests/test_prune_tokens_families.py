@@ -9,6 +9,7 @@ import math
 
 import attention_graphs
 import numpy as np
+import packed_graphs
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
@@ -130,6 +131,37 @@ def _unsqueezed_views(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _folded() -> onnx.ModelProto:
+    """XGLM/BLOOM/DeBERTa-v2: heads folded into the batch ``[B*H, S, Dh]`` (packed_graphs' folded
+    layout) and a padding mask added in a ``[B, H, S, S]`` view of the 3-D scores, both views' targets
+    from the graph input's shape (dynamo), the views' symbolic shapes recorded as the exporters do."""
+    proto = packed_graphs.build("folded")
+    g = proto.graph
+    N = helper.make_node
+    H = packed_graphs.H
+    g.input.append(helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"]))
+    g.initializer.extend([numpy_helper.from_array(np.array([H], np.int64), "fd_h"),
+                          numpy_helper.from_array(np.array([1, 2], np.int64), "fd_ax12"),
+                          numpy_helper.from_array(np.float32(1), "fd_one"),
+                          numpy_helper.from_array(np.float32(-1e9), "fd_big")])
+    soft = next(n for n in g.node if n.op_type == "Softmax")
+    at = list(g.node).index(soft)
+    new = [N("Shape", ["x"], ["fd_b"], start=0, end=1), N("Shape", ["x"], ["fd_s"], start=1, end=2),
+           N("Concat", ["fd_b", "fd_h", "fd_s", "fd_s"], ["fd_unfold"], axis=0),
+           N("Reshape", [soft.input[0], "fd_unfold"], ["fd_s4"]),
+           N("Cast", ["mask"], ["fd_mf"], to=TensorProto.FLOAT), N("Sub", ["fd_one", "fd_mf"], ["fd_inv"]),
+           N("Mul", ["fd_inv", "fd_big"], ["fd_bias"]), N("Unsqueeze", ["fd_bias", "fd_ax12"], ["add4d"]),
+           N("Add", ["fd_s4", "add4d"], ["masked"]),
+           N("Mul", ["fd_b", "fd_h"], ["fd_bh"]), N("Concat", ["fd_bh", "fd_s", "fd_s"], ["fd_fold"], axis=0),
+           N("Reshape", ["masked", "fd_fold"], ["fd_s3"])]
+    for i, n in enumerate(new):
+        g.node.insert(at + i, n)
+    soft.input[0] = "fd_s3"
+    g.value_info.extend([helper.make_tensor_value_info("fd_s4", TensorProto.FLOAT, ["B", H, "S", "S"]),
+                         helper.make_tensor_value_info("masked", TensorProto.FLOAT, ["B", H, "S", "S"])])
+    return proto
+
+
 def stack(proto: onnx.ModelProto, shared_positions: bool = True, layers: int = 2) -> onnx.ModelProto:
     """``layers`` copies of a one-layer graph (x, mask -> y) in sequence. Positions and shapes in all
     read the graph input ``x`` (as exporters compute them once from input_ids; unless not
@@ -176,6 +208,7 @@ CASES = {
     "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
     "llama": lambda: _llama(attention_graphs.build(mask="causal+additive", rope=True, kv_heads=1)),
     "unsqueezed_views": lambda: _unsqueezed_views(structural_graphs.build()),
+    "folded": _folded,
 }
 DECODER = {"decoder", "decoder_rope", "llama"}
 
@@ -231,12 +264,16 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
         with pytest.raises(OptionError, match="before the residual"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
         return
+    if case == "folded":  # the in-layer row gather is per sample; the folded probabilities are per (sample, head)
+        with pytest.raises(OptionError, match="folded into the batch"):
+            _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
+        return
     feeds = _feeds(pad=False)
     got = _run(_compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention"), feeds)
     np.testing.assert_allclose(got["l1_y"], _run(proto, feeds)["l1_y"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "post_norm"}))
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "post_norm", "folded"}))
 def test_after_attention_pruned_ort_equals_reference(case: str, tmp_path) -> None:
     """keep 0.5 right after layer 0's softmax (the decoder presets' prune point): the post-attention
     part runs on 3 of 6 tokens - reshape targets read the kept count, including Llama's head merge
