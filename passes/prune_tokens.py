@@ -275,8 +275,8 @@ class _Rewrite:
     def _per_head(self, value: ir.Value, site: AttentionSite) -> ir.Value:
         """Heads folded into the batch (3-D ``[B*H, S, .]``, batch-major as every folding exporter
         writes it) -> ``[B, H, S, .]`` for the per-head importance rules."""
-        if site.variant.get("layout") != "folded":
-            return value
+        if site.variant.get("layout") != "folded" or (value.shape is not None and value.shape.rank() != 3):
+            return value  # BLOOM's softmax runs on the [B, H, S, S] view already
         e = self.e
         shape = e.op("Concat", [e.op("Shape", [self.valid], start=0, end=1), e.const("m1", np.array([-1], np.int64)),
                                 e.op("Shape", [value], start=1)], axis=0)
@@ -383,11 +383,19 @@ class _Rewrite:
     def _gather_positional(self, site: AttentionSite, region: list[ir.Node], x: ir.Value) -> None:
         """Score terms and position-indexed inputs (RoPE cos/sin) of a pruned layer, at the kept positions."""
         e = self.e
+        folded = site.variant.get("layout") == "folded"
         for term, add in zip(site.bias_terms, site.bias_adds):
-            check_term(site.layer, term, region, x, "additive position term on the scores")
-            new = self._gathered(term, (2, 3))
+            check_term(site.layer, term, region, x, "additive position term on the scores", (3, 4) if folded else (4,))
+            view = term
+            if term.shape.rank() == 3:  # BLOOM's ALiBi [B*H, 1, S]: gathered as [B, H, 1, S], folded back
+                view = self._per_head(term, site)
+                view.shape = ir.Shape([None, None, *term.shape.dims[1:]])
+            new = self._gathered(view, (2, 3))
             if site.mask is None:  # the padding mask is inside the term: tokens a sample drops are masked here
                 new = e.op("Add", [new, self._valid_bias()])
+            if view is not term:
+                new = e.op("Reshape", [new, e.op("Concat", [e.const("m1", np.array([-1], np.int64)),
+                                                            e.op("Shape", [new], start=2)], axis=0)])
             for i, inp in enumerate(add.inputs):
                 if inp is term:
                     add.replace_input_with(i, new)

@@ -131,10 +131,11 @@ def _unsqueezed_views(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _folded() -> onnx.ModelProto:
+def _folded(alibi: bool = False) -> onnx.ModelProto:
     """XGLM/BLOOM/DeBERTa-v2: heads folded into the batch ``[B*H, S, Dh]`` (packed_graphs' folded
     layout) and a padding mask added in a ``[B, H, S, S]`` view of the 3-D scores, both views' targets
-    from the graph input's shape (dynamo), the views' symbolic shapes recorded as the exporters do."""
+    from the graph input's shape (dynamo), the views' symbolic shapes recorded as the exporters do.
+    ``alibi``: BLOOM's ``[B*H, 1, S]`` term ``slope_h * ((CumSum(mask) - 1) * mask)`` on the 3-D scores."""
     proto = packed_graphs.build("folded")
     g = proto.graph
     N = helper.make_node
@@ -154,6 +155,20 @@ def _folded() -> onnx.ModelProto:
            N("Add", ["fd_s4", "add4d"], ["masked"]),
            N("Mul", ["fd_b", "fd_h"], ["fd_bh"]), N("Concat", ["fd_bh", "fd_s", "fd_s"], ["fd_fold"], axis=0),
            N("Reshape", ["masked", "fd_fold"], ["fd_s3"])]
+    if alibi:
+        g.initializer.extend([numpy_helper.from_array(np.array([0.5, 0.25, 0.125, 0.0625], np.float32)[:H]
+                                                      .reshape(1, H, 1), "fd_slopes"),
+                              numpy_helper.from_array(np.int64(1), "fd_i1"),
+                              numpy_helper.from_array(np.array([1], np.int64), "fd_ax1"),
+                              numpy_helper.from_array(np.array([-1, 1], np.int64), "fd_m1_1")])
+        new = [N("CumSum", ["mask", "fd_i1"], ["fd_cs"]), N("Sub", ["fd_cs", "fd_i1"], ["fd_p"]),
+               N("Mul", ["fd_p", "mask"], ["fd_pm"]), N("Cast", ["fd_pm"], ["fd_pf"], to=TensorProto.FLOAT),
+               N("Unsqueeze", ["fd_pf", "fd_ax1"], ["fd_p3"]), N("Mul", ["fd_slopes", "fd_p3"], ["fd_al"]),
+               N("Shape", ["mask"], ["fd_ms"], start=1, end=2), N("Concat", ["fd_m1_1", "fd_ms"], ["fd_al_shape"], axis=0),
+               N("Reshape", ["fd_al", "fd_al_shape"], ["fd_alibi"]),
+               N("Add", [soft.input[0], "fd_alibi"], ["fd_biased"])] + new
+        new[new.index(next(n for n in new if n.output[0] == "fd_s4"))].input[0] = "fd_biased"
+        g.value_info.append(helper.make_tensor_value_info("fd_alibi", TensorProto.FLOAT, [None, 1, "S"]))
     for i, n in enumerate(new):
         g.node.insert(at + i, n)
     soft.input[0] = "fd_s3"
@@ -209,6 +224,7 @@ CASES = {
     "llama": lambda: _llama(attention_graphs.build(mask="causal+additive", rope=True, kv_heads=1)),
     "unsqueezed_views": lambda: _unsqueezed_views(structural_graphs.build()),
     "folded": _folded,
+    "folded_alibi": lambda: _folded(alibi=True),
 }
 DECODER = {"decoder", "decoder_rope", "llama"}
 
@@ -264,7 +280,7 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
         with pytest.raises(OptionError, match="before the residual"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
         return
-    if case == "folded":  # the in-layer row gather is per sample; the folded probabilities are per (sample, head)
+    if case.startswith("folded"):  # the in-layer row gather is per sample; the folded probabilities are per (sample, head)
         with pytest.raises(OptionError, match="folded into the batch"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
         return
@@ -273,7 +289,7 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
     np.testing.assert_allclose(got["l1_y"], _run(proto, feeds)["l1_y"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "post_norm", "folded"}))
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "post_norm", "folded", "folded_alibi"}))
 def test_after_attention_pruned_ort_equals_reference(case: str, tmp_path) -> None:
     """keep 0.5 right after layer 0's softmax (the decoder presets' prune point): the post-attention
     part runs on 3 of 6 tokens - reshape targets read the kept count, including Llama's head merge
