@@ -85,7 +85,7 @@ def _cache_positions(graph: ir.Graph) -> list[tuple[ir.Value, ir.Value]]:
 
 def _mask_cumsum_positions(graph: ir.Graph, limit: int = 200) -> ir.Node | None:
     """A CumSum of attention_mask whose values index a constant position table (OPT's learned positions)."""
-    return next(iter(_mask_cumsum_tables(graph, limit)), (None,))[0]
+    return next(iter(_mask_cumsum_tables(graph, limit)), None)
 
 
 def _new_token_slice(cumsum: ir.Node, limit: int = 20) -> ir.Value | None:
@@ -109,7 +109,7 @@ def _new_token_slice(cumsum: ir.Node, limit: int = 20) -> ir.Value | None:
     return None
 
 
-def _mask_cumsum_tables(graph: ir.Graph, limit: int = 200) -> list[tuple[ir.Node]]:
+def _mask_cumsum_tables(graph: ir.Graph, limit: int = 200) -> list[ir.Node]:
     """Every CumSum of attention_mask whose values index a constant position table."""
     found = []
     for node in graph:
@@ -125,7 +125,7 @@ def _mask_cumsum_tables(graph: ir.Graph, limit: int = 200) -> list[tuple[ir.Node
             for use in v.uses():
                 n = use.node
                 if n.op_type == "Gather" and use.idx == 1 and const_array(n.inputs[0], max_elements=1 << 24) is not None:
-                    found.append((node,))
+                    found.append(node)
                     todo.clear()
                     break
                 if n.op_type not in ("Shape", "Size"):
@@ -137,7 +137,7 @@ def _mask_positions(graph: ir.Graph) -> tuple[list[ir.Value], ir.Node | None]:
     """(the new tokens' positions cut from each mask cumulative sum that indexes a table, the first
     such CumSum that has no such cut)."""
     cuts, uncut = [], None
-    for (cumsum,) in _mask_cumsum_tables(graph):
+    for cumsum in _mask_cumsum_tables(graph):
         cut = _new_token_slice(cumsum)
         if cut is None and uncut is None:
             uncut = cumsum
@@ -187,6 +187,7 @@ class PositionsInput(Pass):
         cuts, _ = _mask_positions(graph)
         for cut in cuts:  # OPT: the new tokens' positions are the input itself
             ed.replace_uses(cut, ed.op("CastLike", [positions, cut]), keep=ed.added)
+        # the cut's convention (input) would not match a cache-length shift (arange): one or the other
         found = [] if cuts else _cache_positions(graph)
         for out, start in found:
             shift = ed.op("Sub", [ed.op("CastLike", [first, start]), start])
