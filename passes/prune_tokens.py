@@ -195,7 +195,7 @@ class PruneTokens(Pass):
             return PassResult(model, False)
         _check_sites(sites)
         folded = next((s for s in sites if s.variant.get("layout") == "folded"), None)
-        if folded is not None and self.prune_point == "after-attention":  # GatherRows is per sample, P per (sample, head)
+        if folded is not None and self.prune_point == "after-attention":  # rows per sample, P per (sample, head)
             raise OptionError(f"layer {folded.layer}: --token-prune-point after-attention on heads folded into the "
                               "batch axis (3-D scores [B*H, S, S]) is not supported; use layer-input")
         _Rewrite(model, sites, ratios, self).run()

@@ -6,11 +6,14 @@ generation steps and keeps at most W - 1 slots per layer (layer and per-KV-head 
 onnxruntime == the reference runtime; a sliced cache the mask does not explain is refused in one line;
 GPT-Neo's mask form - a causal ``Where`` over a constant band (``tril``, or ``tril`` minus ``tril(-W)``:
 a local window) before the additive mask - is bypassed and rebuilt from positions (the same tests on
-the fixture in that form); the corpus sliding-window and GPT-Neo decoders (``corpus`` marker) at
+the fixture in that form); BLOOM's ALiBi over the mask's positions is recomputed at the kept slots'
+original positions (the fixture given it: budget 1.0 == dense; evicting, the term == slope_h * the
+kept positions); the corpus sliding-window, GPT-Neo and BLOOM decoders (``corpus`` marker) at
 budget 1.0 == dense over steps."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,8 @@ def windowed(out: Path, window: int = W, sliced: bool = True, slice_keep: int | 
     c = lambda name, v: g.initializer.append(numpy_helper.from_array(np.array(v), name))  # noqa: E731
     for name, v in (("sw_zero", np.int64(0)), ("sw_one", np.int64(1)), ("sw_w", np.int64(window)),
                     ("sw_ax012", np.array([0, 1, 2], np.int64)), ("sw_ax13", np.array([1, 3], np.int64)),
-                    ("sw_min", np.float32(np.finfo(np.float32).min)), ("sw_keep", np.array([-(slice_keep or window - 1)])),
+                    ("sw_min", np.float32(np.finfo(np.float32).min)),
+                    ("sw_keep", np.array([-(slice_keep or window - 1)])),
                     ("sw_end", np.array([np.iinfo(np.int64).max])), ("sw_axis", np.array([2], np.int64))):
         c(name, v)
     if in_mask:
@@ -116,7 +120,8 @@ def alibi(out: Path) -> Path:
         g.initializer.append(numpy_helper.from_array(np.asarray(v), name))
     g.node.extend([N("CumSum", ["attention_mask", "ab_one"], ["ab_cs"]), N("Sub", ["ab_cs", "ab_one"], ["ab_p"]),
                    N("Mul", ["ab_p", "attention_mask"], ["ab_pos"]), N("Cast", ["ab_pos"], ["ab_posf"], to=1),
-                   N("Unsqueeze", ["ab_posf", "ab_ax12"], ["ab_pos4"]), N("Mul", ["ab_slopes", "ab_pos4"], ["ab_term"])])
+                   N("Unsqueeze", ["ab_posf", "ab_ax12"], ["ab_pos4"]),
+                   N("Mul", ["ab_slopes", "ab_pos4"], ["ab_term"])])
     for i, node in enumerate(list(g.node)):
         if node.op_type == "Add" and MASK in node.input:
             scores = next(x for x in node.input if x != MASK)
@@ -179,8 +184,6 @@ def test_full_budget_equals_dense_windowed_model(dense: Path, sliding: Path, mod
 
 
 def json_windows(path: Path) -> dict:
-    import json
-
     return json.loads(ir.load(str(path)).metadata_props["spatten.evict_kv"])["windows"]
 
 

@@ -130,7 +130,6 @@ def test_mask_cumsum_positions_become_the_input(tmp_path: Path) -> None:
     """OPT: the new tokens' cut of the mask's cumulative sum becomes position_ids (convention input);
     fed the tokens so far, a mask as short as an evicted cache gives the positions of the full mask."""
     import onnxruntime as ort
-
     from spatten_compiler.passes.positions_input import wire_positions
 
     ir.save(_opt_positions(), str(tmp_path / "opt.onnx"))

@@ -9,10 +9,10 @@ import math
 
 import attention_graphs
 import numpy as np
-import packed_graphs
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import packed_graphs
 import pytest
 import structural_graphs
 from onnx import TensorProto, helper, numpy_helper
@@ -164,7 +164,8 @@ def _folded(alibi: bool = False) -> onnx.ModelProto:
         new = [N("CumSum", ["mask", "fd_i1"], ["fd_cs"]), N("Sub", ["fd_cs", "fd_i1"], ["fd_p"]),
                N("Mul", ["fd_p", "mask"], ["fd_pm"]), N("Cast", ["fd_pm"], ["fd_pf"], to=TensorProto.FLOAT),
                N("Unsqueeze", ["fd_pf", "fd_ax1"], ["fd_p3"]), N("Mul", ["fd_slopes", "fd_p3"], ["fd_al"]),
-               N("Shape", ["mask"], ["fd_ms"], start=1, end=2), N("Concat", ["fd_m1_1", "fd_ms"], ["fd_al_shape"], axis=0),
+               N("Shape", ["mask"], ["fd_ms"], start=1, end=2),
+               N("Concat", ["fd_m1_1", "fd_ms"], ["fd_al_shape"], axis=0),
                N("Reshape", ["fd_al", "fd_al_shape"], ["fd_alibi"]),
                N("Add", [soft.input[0], "fd_alibi"], ["fd_biased"])] + new
         new[new.index(next(n for n in new if n.output[0] == "fd_s4"))].input[0] = "fd_biased"
@@ -280,7 +281,7 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
         with pytest.raises(OptionError, match="before the residual"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
         return
-    if case.startswith("folded"):  # the in-layer row gather is per sample; the folded probabilities are per (sample, head)
+    if case.startswith("folded"):  # the in-layer row gather is per sample, folded probabilities per (sample, head)
         with pytest.raises(OptionError, match="folded into the batch"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
         return
