@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", type=Path, metavar="JSON", nargs="+",
                    help="earlier runs' .json: their rows for models not evaluated now are carried over "
                         "(the first file that has a model wins)")
+    p.add_argument("--drop-absent", action="store_true",
+                   help="leave out --merge rows of models that are not in the corpus now (an older export)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     recs = corpus_records(args.corpus)
@@ -290,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             done = {r["name"] for r in rows}
             rows += [{**r, "from": r.get("from", merged.name)} for r in earlier
                      if r["name"] not in done and ("from" not in r) == fresh]
+    if args.drop_absent:
+        present = {r["name"] for r in corpus_records(args.corpus) if r.get("status") == "ok"}
+        rows = [r for r in rows if r["name"] in present]
     if args.merge:
         order = {r["name"]: i for i, r in enumerate(corpus_records(args.corpus))}
         rows.sort(key=lambda r: order.get(r["name"], len(order)))

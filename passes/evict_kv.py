@@ -39,6 +39,24 @@ positions from the cache length (GPT-2's learned positions) gets a ``position_id
 its position-embedding Gather. Per-layer cache lengths may differ (``schedule``), so the exporter's
 mask (built for one cache length) is replaced by ``bias_l``; ``attention_mask``'s last ``q`` columns
 still give the new tokens' padding.
+
+Sliding-window caches (Mistral, Gemma 2/3: transformers' ``DynamicSlidingWindowLayer``): the exporter's
+mask compares ``kv > q - W`` next to its causal ``kv <= q`` (``WINDOW_FORMS``; ``W`` read from that
+comparison, per layer, so Gemma's alternating global layers get none) and the present output keeps
+the last ``W - 1`` slots of the past + new concat (``Slice(concat, -(W - 1))``, checked against ``W``).
+evict-kv takes the window over: ``bias_l`` also hides a key whose *original* position is ``W`` or more
+before the query's, a slot no later query can see (position ``<= last_l + 1 - W``) is evicted first
+(score ``-BIG``), ``k <= W - 1``, and the present outputs are the kept slots of the full concat (the
+exporter's slot-based slices of past and present are bypassed: with evicted caches slot != position).
+At budget 1.0 that is the exporter's own cache (its last ``W - 1`` slots) and its own mask.
+GPT-Neo's mask form (``causal+additive``: a causal ``Where`` over a constant band before the additive
+mask, ``MASK_FORMS``): the Where is bypassed and its band rebuilt from positions - ``tril`` is the
+causal part of ``bias_l``, ``tril`` minus ``tril(-W)`` (local attention) a window ``W`` as above
+(``causal_band``; any other constant is refused). BLOOM's ALiBi (``additive+bias``: a score term computed
+from ``attention_mask`` only, through its CumSum: key positions ``(cumsum - 1) * mask``) is recomputed
+per layer at the kept slots' original positions (``mask_position_term``: its nodes copied with
+``attention_mask`` -> the slots' validity, the CumSum -> position + 1); any other score term is
+refused, and so is per-KV-head eviction with one.
 """
 
 from __future__ import annotations
@@ -53,6 +71,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
+from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .evict_block import defer_eviction, over_budget
@@ -64,6 +83,11 @@ logger = logging.getLogger(__name__)
 MIN = float(np.finfo(np.float32).min)
 BIG = 1e30
 MODES = ("layer", "cascade", "head")
+# mask forms evict-kv replaces by its own bias_l (the exporter's is built for one cache length):
+# "additive": Add(scores, mask); "causal+additive" (GPT-Neo): Add(Where(band, scores, fill), mask) - the
+# Where is bypassed, its band (causal, or a local window W) is rebuilt from positions (causal_band)
+# "additive+bias" (BLOOM): an additive mask plus ALiBi over the mask's positions (mask_position_term)
+MASK_FORMS = ("additive", "causal+additive", "additive+bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +109,162 @@ SCORES: dict[str, ScoreRule] = {
 META_KEY = "spatten.evict_kv"
 
 
+# The sliding-window comparison an exporter builds into its mask beside the causal ``LessOrEqual(kv, q)``:
+# op -> (the input that is the key index, the input that is ``Sub(q, W)``) (transformers'
+# ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``).
+WINDOW_FORMS: dict[str, tuple[int, int]] = {"Greater": (0, 1), "Less": (1, 0)}
+FAR_END = 1 << 62  # a Slice end at or past this is "to the end" (INT64_MAX in the exports)
+
+
+def mask_window(mask: ir.Value | None) -> int | None:
+    """The window ``W`` of an exporter's sliding-window mask (``kv > q - W`` on the same key/query
+    indices as its causal ``kv <= q``), or None."""
+    if mask is None:
+        return None
+    nodes, _ = _ancestors(mask, limit=400)
+    causal = {(id(n.inputs[0]), id(n.inputs[1])) for n in nodes if n.op_type == "LessOrEqual"}
+    found = set()
+    for node in nodes:
+        form = WINDOW_FORMS.get(node.op_type)
+        if form is None or len(node.inputs) != 2:
+            continue
+        kv, lower = node.inputs[form[0]], node.inputs[form[1]]
+        sub = lower.producer() if lower is not None else None
+        w = const_array(sub.inputs[1]) if sub is not None and sub.op_type == "Sub" else None
+        if w is not None and w.size == 1 and (id(kv), id(sub.inputs[0])) in causal:
+            found.add(int(w.reshape(())))
+    if len(found) > 1:
+        raise OptionError(f"the mask {mask.name} compares keys against {len(found)} sliding windows "
+                          f"({sorted(found)}); evict-kv takes one window per layer")
+    return found.pop() if found else None
+
+
+def _slice_steps(node: ir.Node) -> list[tuple[int, int, int, int]] | None:
+    """(start, end, axis, step) of a Slice with constant operands, or None."""
+    parts = [const_array(v) if v is not None else None for v in node.inputs[1:5]]
+    if len(parts) < 3 or any(p is None for p in parts[:3]) or (len(parts) > 3 and parts[3] is None):
+        return None
+    starts, ends, axes = (p.reshape(-1).tolist() for p in parts[:3])
+    steps = parts[3].reshape(-1).tolist() if len(parts) > 3 else [1] * len(starts)
+    return list(zip(starts, ends, axes, steps, strict=True))
+
+
+def sliced_present(cache, graph: ir.Graph) -> tuple[ir.Value, int] | None:
+    """A graph output that is the cache concat sliced to its last ``c`` slots on the cache axis
+    (through no-op Slices): ``(output, c)``, or None."""
+    full, axis = cache.concat.outputs[0], cache.axis % 4
+    for out in graph.outputs:
+        value, kept = out, None
+        for _ in range(4):
+            node = value.producer()
+            steps = _slice_steps(node) if node is not None and node.op_type == "Slice" else None
+            if steps is None:
+                break
+            for start, end, ax, step in steps:
+                if start == 0 and end >= FAR_END and step == 1:
+                    continue  # a no-op slice (the dynamo export's [0:] on the batch axis)
+                if ax % 4 == axis and start < 0 and end >= FAR_END and step == 1 and kept is None:
+                    kept = -start
+                    continue
+                steps = None
+                break
+            if steps is None:
+                break
+            value = node.inputs[0]
+            if value is full:
+                return (out, kept) if kept is not None else None
+    return None
+
+
+def _take_over_window(sites: list[AttentionSite], graph: ir.Graph) -> dict[int, int]:
+    """Each layer's sliding window ``W`` (from its mask); a present output the exporter slices to the
+    last ``W - 1`` slots becomes the full past + new concat (evict-kv keeps the window itself), and the
+    past's slot slice before the concat is bypassed. Refuses a sliced cache the mask does not explain."""
+    windows: dict[int, int] = {}
+    for site in sites:
+        caches = [c for c in (site.k.cache if site.k else None, site.v.cache if site.v else None) if c is not None]
+        if not caches:
+            continue
+        window = mask_window(site.mask)
+        sliced = [(c, found) for c in caches if c.present is None and (found := sliced_present(c, graph))]
+        if window is not None and window < 2:
+            raise OptionError(f"layer {site.layer}: sliding window {window} < 2 keys")
+        for cache, (out, kept) in sliced:
+            if window is None or kept != window - 1:
+                raise OptionError(f"layer {site.layer}: the present cache keeps the last {kept} slots (a sliding-"
+                                  f"window cache) but the mask " + ("has no window comparison kv > q - W"
+                                  if window is None else f"has window {window}, not {kept + 1}")
+                                  + "; evict-kv cannot tell which keys a query sees")
+            full = cache.concat.outputs[0]
+            full.type = full.type or out.type
+            full.shape = full.shape or (ir.Shape(out.shape.dims) if out.shape is not None else None)
+            graph.outputs[next(i for i, o in enumerate(graph.outputs) if o is out)] = full
+            full.name, out.name = out.name, f"{out.name}.window_slice"
+            cache.present = full
+            for i, piece in enumerate(cache.concat.inputs):  # Slice(past, -(W - 1)): slot-based, bypassed
+                if piece is not cache.past and piece is not None and _reaches(piece, cache.past):
+                    cache.concat.replace_input_with(i, cache.past)
+        if window is not None:
+            windows[site.layer] = window
+    return windows
+
+
+def causal_band(site: AttentionSite) -> tuple[ir.Node, int | None]:
+    """GPT-Neo's ``causal+additive`` mask: ``Add(Where(cond, scores, fill), mask)``, ``cond`` sliced from
+    a constant ``[.., M, M]`` band - ``tril`` (causal) or ``tril`` minus ``tril(-W)`` (a local window
+    ``W``). Returns (the Where, W or None); anything else is refused (evict-kv replaces the causal part
+    by positions, so it must know exactly what the constant allowed)."""
+    where = next((v.producer() for v in site.mask_node.inputs if v is not site.mask and v is not None), None)
+    if where is None or where.op_type != "Where":
+        raise OptionError(f"layer {site.layer}: the causal part of the mask is not a Where on the scores")
+    cond = where.inputs[0]
+    for _ in range(6):  # the data input through the exporter's slices to the current lengths
+        node = cond.producer() if cond is not None else None
+        if node is None or node.op_type not in ("Slice", "Cast", "Unsqueeze", "Expand"):
+            break
+        cond = node.inputs[0]
+    band = const_array(cond, max_elements=1 << 24) if cond is not None else None
+    if band is None or band.ndim < 2 or band.shape[-1] != band.shape[-2] or int(np.prod(band.shape[:-2])) != 1:
+        raise OptionError(f"layer {site.layer}: the causal Where's condition is not sliced from one constant "
+                          "[M, M] band; evict-kv cannot tell which keys it allows")
+    b = band.reshape(band.shape[-2:]).astype(bool)
+    ones = np.ones_like(b)
+    w = int(b[:, 0].sum())
+    if not np.array_equal(b, np.tril(ones) & ~np.tril(ones, -w)):
+        raise OptionError(f"layer {site.layer}: the causal Where's constant is neither a lower triangle nor a "
+                          "band (tril minus tril(-W)); evict-kv cannot tell which keys it allows")
+    return where, (w if w < b.shape[0] else None)
+
+
+def mask_position_term(site: AttentionSite, term: ir.Value) -> list[ir.Node] | str:
+    """BLOOM's ALiBi: a score term computed only from ``attention_mask`` through its ``CumSum`` (key
+    positions ``(cumsum - 1) * mask``) and shapes. Returns its nodes in graph order - evict-kv recomputes
+    them per layer from the kept slots (``attention_mask`` -> the slots' validity, the CumSum -> kept
+    position + 1) - or why not."""
+    nodes, inputs = _ancestors(term, limit=200, through_shapes=True)
+    if any(v.name != "attention_mask" and not v.name.startswith("past_key_values.") for v in inputs):
+        return (f"layer {site.layer}: score term {term.name} reads {', '.join(sorted({v.name for v in inputs}))} "
+                "(not only attention_mask positions); evict-kv cannot move it to the kept slots")
+    if not any(n.op_type == "CumSum" and n.inputs[0] is not None and n.inputs[0].name == "attention_mask"
+               for n in nodes):
+        return (f"layer {site.layer}: score term {term.name} is not computed from the positions of attention_mask "
+                "(its cumulative sum); evict-kv cannot move it to the kept slots")
+    order = {id(n): i for i, n in enumerate(term.graph or site.softmax.graph)}
+    return sorted((n for n in nodes if id(n) in order), key=lambda n: order[id(n)])
+
+
+def _reaches(value: ir.Value, past: ir.Value) -> bool:
+    """``value`` is ``past`` through Slices only."""
+    for _ in range(4):
+        node = value.producer()
+        if node is None or node.op_type != "Slice":
+            return False
+        value = node.inputs[0]
+        if value is past:
+            return True
+    return False
+
+
 def budget_tokens(budget: float, total: int, sinks: int, recent: int, n: int, min_keep: int = 0) -> int:
     """The number of cache slots a layer keeps (NumPy twin of the graph's arithmetic)."""
     want = int(np.ceil(np.float32(budget) * np.float32(total))) if budget <= 1 else int(budget)
@@ -100,13 +280,17 @@ def _check(sites: list[AttentionSite], positions_why: str | None = None) -> None
         cache = s.k.cache if s.k else None
         if cache is not None and cache.present is None and any(o.name.startswith("present") for o in
                                                                  s.softmax.graph.outputs):
-            raise OptionError(f"layer {s.layer}: the present cache output is not the past + new concat (a "
-                              "sliding-window cache slices it: Mistral, Gemma 2/3); evict-kv does not rewrite it yet")
+            raise OptionError(f"layer {s.layer}: the present cache output is neither the past + new concat nor "
+                              "its last W - 1 slots under a sliding-window mask (kv > q - W); evict-kv does not "
+                              "rewrite it")
         if cache is None or s.v is None or s.v.cache is None or cache.present is None or s.v.cache.present is None:
             raise OptionError(f"layer {s.layer} has no KV cache (past/present inputs and outputs): "
                               "--kv-budget applies to decoders exported with a KV cache")
-        if s.mask_node is None or s.variant.get("mask") != "additive":
+        if s.mask_node is None or s.variant.get("mask") not in MASK_FORMS:
             raise OptionError(f"layer {s.layer}: mask form {s.variant.get('mask')} is not supported by evict-kv")
+        for term in s.bias_terms:
+            if isinstance(why := mask_position_term(s, term), str):
+                raise OptionError(why)
         if s.rope and s.rope_source and "position" not in s.rope_source:
             raise OptionError(f"layer {s.layer}: RoPE positions are computed from the cache length"
                               f"{f' ({positions_why})' if positions_why else ''}; evict-kv needs a position_ids input")
@@ -249,7 +433,12 @@ class EvictKV(Pass):
         self._validate()
         wired, positions_why = wire_positions(model)  # positions from the cache length -> a position_ids input
         sites = find_attention(model).sites
+        windows = _take_over_window(sites, model.graph)
         _check(sites, positions_why)
+        bands = {s.layer: causal_band(s) for s in sites if s.variant.get("mask") == "causal+additive"}
+        for layer, (_, w) in bands.items():
+            if w is not None:
+                windows[layer] = min(w, windows.get(layer, w))
         if len({self.layer_budget(s.layer) for s in sites}) > 1 and (why := _shares_cache_length(sites)):
             raise OptionError(f"per-layer budgets need per-layer cache lengths, but {why} "
                               "(a dynamo export); use one budget for all layers or a TorchScript export")
@@ -259,7 +448,7 @@ class EvictKV(Pass):
         amask = names.get("attention_mask")
         if amask is None:
             raise OptionError("evict-kv needs an attention_mask input (it gives the new tokens' padding)")
-        positions, convention = names.get("position_ids"), "arange" if wired else "input"
+        positions, convention = names.get("position_ids"), wired or "input"
         if positions is None:
             gather = _position_gather(graph)
             if gather is None:
@@ -281,7 +470,12 @@ class EvictKV(Pass):
         layers = []
         block: list[tuple] = []  # per layer: (slots n, budget k, [(evicted output, appended value)])
         for site in sites:
-            prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept, knobs, block)
+            if site.layer in bands:  # bias_l carries the causal part (and the band's window)
+                where = bands[site.layer][0]
+                site.mask_node.replace_input_with(next(i for i, v in enumerate(site.mask_node.inputs)
+                                                       if v is where.outputs[0]), where.inputs[1])
+            prev_kept = self._rewrite(ed, graph, site, new_pos, valid_new, causal, prev_kept, knobs, block,
+                                      windows.get(site.layer))
             layers.append(site.layer)
         if self.slack:
             cond = over_budget(ed, [b[0] for b in block], [b[1] for b in block], self.slack)
@@ -294,6 +488,7 @@ class EvictKV(Pass):
             "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "mode": self.mode,
             "recent_share": self.recent_share, "min_keep": self.min_keep, "score": self.score, "slack": self.slack,
             "schedule": list(self.schedule), "layers": len(layers), "positions": convention,
+            "windows": {str(k): v for k, v in windows.items()},
             "state": {"importance": "past_importance.{layer}", "positions": "past_positions.{layer}"}})
         logger.info("evict-kv: %d layers, budget %s, sinks %d, recent %d tokens / %.0f%% of the budget, "
                     "at least %d tokens, %s, %s", len(layers), self.budget, self.sinks, self.recent,
@@ -328,7 +523,7 @@ class EvictKV(Pass):
 
     def _rewrite(self, ed: GraphEditor, graph: ir.Graph, site: AttentionSite, new_pos: ir.Value,
                  valid_new: ir.Value, causal: ir.Value, prev_kept: ir.Value | None,
-                 knobs: dict[str, ir.Value], block: list[tuple]) -> ir.Value:
+                 knobs: dict[str, ir.Value], block: list[tuple], sliding: int | None = None) -> ir.Value:
         layer = site.layer
         kc, vc = site.k.cache, site.v.cache
         # the state: [B, n] per layer, or [B, Hkv, n] per KV head (``ax``: its slot axis)
@@ -363,10 +558,24 @@ class EvictKV(Pass):
                                                              i64("one", [1])], axis=0))  # [1, 1, q, 1]: every layer's
         past_bias = ed.op("Expand", [past_bias, rows])
         bias = ed.op("Concat", [past_bias, causal], axis=-1)  # [B, 1 or H, q, L + q]
+        pos = ed.op("Concat", [past_pos, spread("new_pos", new_pos)], axis=ax)
+        if sliding is not None:  # a query at position t sees keys at original positions > t - W
+            qpos = _once(knobs, "qpos", lambda: ed.op("Unsqueeze", [new_pos, i64("a13", [1, 3])]))  # [B, 1, q, 1]
+            far = ed.op("GreaterOrEqual", [ed.op("Sub", [qpos, ed.op("Unsqueeze", [pos, i64(
+                "a12" if hkv is None else "a2", [1, 2] if hkv is None else [2])])]), i64("w", sliding)])
+            if hkv is not None:  # [B, Hkv, q, n] -> [B, H, q, n]
+                far = ed.op("Gather", [far, i64("kvh", np.arange(hkv * group) // group)], axis=1)
+            bias = ed.op("Where", [far, f32("min", MIN), bias])
         mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
         site.mask_node.replace_input_with(mask_slot, bias)
+        for term, add in zip(site.bias_terms, site.bias_adds, strict=True):  # ALiBi at the kept slots' positions
+            if hkv is not None:
+                raise OptionError(f"layer {layer}: --kv-evict head with a position term on the scores ({term.name}) "
+                                  "is not supported; use --kv-evict layer")
+            moved = self._at_kept_positions(ed, graph, mask_position_term(site, term), term, pos)
+            add.replace_input_with(next(i for i, v in enumerate(add.inputs) if v is term), moved)
         # importance
-        pos = ed.op("Concat", [past_pos, spread("new_pos", new_pos)], axis=ax)
+        posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
         # values every layer computes alike are built once (one op per step, not one per layer);
         # each row's newest position is its newest new token's (every row has one, as in T below)
         vq = _once(knobs, "vq", lambda: ed.op("Cast", [valid_new], to=ir.DataType.FLOAT))  # [B, q]
@@ -413,6 +622,8 @@ class EvictKV(Pass):
             want = i64("b", [int(self.layer_budget(layer))])
         forced = _once(knobs, "forced", lambda: ed.op("Max", [ed.op("Add", [sinks, recent]), knobs["min_keep"]]))
         k_budget = _once(knobs, f"k_budget{id(want)}", lambda: ed.op("Max", [want, forced]))
+        if sliding is not None:  # no later query sees more than W - 1 cached keys (block eviction: its trigger too)
+            k_budget = ed.op("Min", [k_budget, i64("wk", [sliding - 1])])
         k = ed.op("Min", [n, k_budget])
         by_share = ed.op("Cast", [ed.op("Floor", [ed.op("Mul", [share, ed.op("Cast", [ed.op("Sub", [k, sinks])],
                                                                             to=ir.DataType.FLOAT)])])],
@@ -425,6 +636,9 @@ class EvictKV(Pass):
         in_window = ed.op("GreaterOrEqual", [slot, ed.op("Sub", [ed.op("Squeeze", [n]), window])])
         s = ed.op("Where", [ed.op("Or", [sink, in_window]), f32("big", BIG), rank_by])
         s = ed.op("Where", [valid, s, f32("nbig", -BIG)])
+        if sliding is not None:  # out of every later query's window (position <= last + 1 - W): evicted first
+            live = ed.op("Greater", [posf, ed.op("Sub", [per_head("last", last, [1]), f32("w1", sliding - 1)])])
+            s = ed.op("Where", [live, s, f32("nbig", -BIG)])
         if self.mode == "cascade" and prev_kept is not None:
             eq = ed.op("Equal", [ed.op("Unsqueeze", [pos, i64("a2", [2])]),
                                  ed.op("Unsqueeze", [prev_kept, i64("a1", [1])])])
@@ -452,6 +666,28 @@ class EvictKV(Pass):
             value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", *heads, f"kept.{layer}"])
             graph.outputs.append(value)
         return kept_pos
+
+    @staticmethod
+    def _at_kept_positions(ed: GraphEditor, graph: ir.Graph, nodes: list[ir.Node], term: ir.Value,
+                           pos: ir.Value) -> ir.Value:
+        """A copy of ``term``'s nodes reading this layer's slots: ``attention_mask`` -> the slots'
+        validity ``[B, n]``, ``CumSum(attention_mask)`` -> kept position + 1 (so ``(cumsum - 1) * mask``
+        is each slot's original position, 0 where empty)."""
+        amask = next(v for v in graph.inputs if v.name == "attention_mask")
+        one = ed.const("one", np.array(1, np.int64))
+        valid = ed.op("Cast", [ed.op("GreaterOrEqual", [pos, ed.const("z", np.array(0, np.int64))])],
+                      to=amask.type.dtype if amask.type is not None else ir.DataType.INT64)
+        mapping: dict[int, ir.Value] = {id(amask): valid}
+        for node in nodes:
+            if node.op_type == "CumSum" and node.inputs[0] is amask:
+                mapping[id(node.outputs[0])] = ed.op("CastLike", [ed.op("Add", [pos, one]), node.outputs[0]])
+                continue
+            attrs = {a.name: a.value for a in node.attributes.values()}
+            outs = ed.op(node.op_type, [mapping.get(id(i), i) if i is not None else None for i in node.inputs],
+                         domain=node.domain, outputs=len(node.outputs), hint=node.op_type, **attrs)
+            for old, new in zip(node.outputs, outs if isinstance(outs, tuple) else (outs,), strict=True):
+                mapping[id(old)] = new
+        return mapping[id(term)]
 
     @staticmethod
     def _swap_output(ed: GraphEditor, graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

@@ -19,10 +19,20 @@ one ``Add`` per such ``p``, so every consumer and offset stays as exported::
 ``decoding.DecoderSession`` feeds it). Ranges that start at a constant (key positions of a mask,
 ``arange(q)``) are left alone; the exporter's mask is replaced by evict-kv.
 
+OPT computes its positions from the mask, not from a Range::
+
+    p = Slice(CumSum(attention_mask) * attention_mask - 1, starts=past, axes=[1])   [B, q]  (padding -1)
+
+and indexes its learned table with ``p + 2``. Under eviction the fed mask covers the kept cache only
+(its cumulative sum would count kept slots, not tokens so far), so the Slice that cuts the new
+tokens' columns at the cache length is replaced by the ``position_ids`` input itself (convention
+``input``: the cumulative sum of the whole mask so far, minus 1 - OPT's own rule; a padding token gets
+0 instead of -1, a row nobody reads). Every consumer (the offset, the table) stays.
+
 Non-matches, with the reason: a model that already has ``position_ids`` (nothing to do); no Range
-starting at a cache length (positions not derived from the cache: nothing to carry); positions
-computed as a cumulative sum of ``attention_mask`` that index a position table (OPT) - under
-eviction the mask's length is the kept cache, so they would need the whole mask's history.
+starting at a cache length (positions not derived from the cache: nothing to carry); a cumulative sum
+of ``attention_mask`` indexing a position table that is not sliced at the cache length (the new
+tokens' positions cannot be told apart from the past's).
 """
 
 from __future__ import annotations
@@ -75,6 +85,33 @@ def _cache_positions(graph: ir.Graph) -> list[tuple[ir.Value, ir.Value]]:
 
 def _mask_cumsum_positions(graph: ir.Graph, limit: int = 200) -> ir.Node | None:
     """A CumSum of attention_mask whose values index a constant position table (OPT's learned positions)."""
+    return next(iter(_mask_cumsum_tables(graph, limit)), None)
+
+
+def _new_token_slice(cumsum: ir.Node, limit: int = 20) -> ir.Value | None:
+    """The new tokens' positions cut from a mask cumulative sum: the ``Slice`` on axis 1 downstream of
+    ``cumsum`` whose start reads a cache length and that runs to the end (``p[:, past:]``)."""
+    todo, seen = deque([cumsum.outputs[0]]), 0
+    while todo and seen < limit:
+        v = todo.popleft()
+        seen += 1
+        for use in v.uses():
+            n = use.node
+            if n.op_type == "Slice" and use.idx == 0 and len(n.inputs) >= 4:
+                axes, ends = const_array(n.inputs[3]), const_array(n.inputs[2])
+                steps = const_array(n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] is not None else np.ones(1)
+                if (axes is not None and axes.reshape(-1).tolist() in ([1], [-1]) and ends is not None
+                        and int(ends.reshape(-1)[0]) >= 1 << 62 and steps is not None
+                        and steps.reshape(-1).tolist() == [1] and _reads_cache_length(n.inputs[1])):
+                    return n.outputs[0]
+            if n.op_type in ("Mul", "Sub", "Add", "Cast"):
+                todo.extend(n.outputs)
+    return None
+
+
+def _mask_cumsum_tables(graph: ir.Graph, limit: int = 200) -> list[ir.Node]:
+    """Every CumSum of attention_mask whose values index a constant position table."""
+    found = []
     for node in graph:
         if node.op_type != "CumSum":
             continue
@@ -88,18 +125,34 @@ def _mask_cumsum_positions(graph: ir.Graph, limit: int = 200) -> ir.Node | None:
             for use in v.uses():
                 n = use.node
                 if n.op_type == "Gather" and use.idx == 1 and const_array(n.inputs[0], max_elements=1 << 24) is not None:
-                    return node
+                    found.append(node)
+                    todo.clear()
+                    break
                 if n.op_type not in ("Shape", "Size"):
                     todo.extend(n.outputs)
-    return None
+    return found
+
+
+def _mask_positions(graph: ir.Graph) -> tuple[list[ir.Value], ir.Node | None]:
+    """(the new tokens' positions cut from each mask cumulative sum that indexes a table, the first
+    such CumSum that has no such cut)."""
+    cuts, uncut = [], None
+    for cumsum in _mask_cumsum_tables(graph):
+        cut = _new_token_slice(cumsum)
+        if cut is None and uncut is None:
+            uncut = cumsum
+        elif cut is not None:
+            cuts.append(cut)
+    return cuts, uncut
 
 
 def why_not(graph: ir.Graph) -> str | None:
     """Why the positions cannot be given by a position_ids input, or None."""
-    if (cumsum := _mask_cumsum_positions(graph)) is not None:
-        return (f"positions are a cumulative sum of attention_mask ({cumsum.name}) indexing a position table; "
-                "under eviction the mask covers the kept cache only")
-    if not _cache_positions(graph):
+    cuts, uncut = _mask_positions(graph)
+    if uncut is not None:
+        return (f"positions are a cumulative sum of attention_mask ({uncut.name}) indexing a position table, "
+                "not cut to the new tokens at the cache length; under eviction the mask covers the kept cache only")
+    if not cuts and not _cache_positions(graph):
         return "no positions start at the cache length (a Range from it, or a Range plus it)"
     return None
 
@@ -107,7 +160,8 @@ def why_not(graph: ir.Graph) -> str | None:
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class PositionsInput(Pass):
-    """Positions derived from the cache length -> a ``position_ids`` input (convention arange)."""
+    """Positions derived from the cache length -> a ``position_ids`` input (convention arange); cut from
+    the mask's cumulative sum at the cache length (OPT) -> that input (convention input)."""
 
     name = "positions-input"
 
@@ -130,23 +184,30 @@ class PositionsInput(Pass):
         # structural walk of q/k (transform_region) reads as position lookups
         zero = ed.const("zero", np.array(0, np.int64))
         first = ed.op("Gather", [ed.op("Gather", [positions, zero], axis=1), zero], axis=0)
-        found = _cache_positions(graph)
+        cuts, _ = _mask_positions(graph)
+        for cut in cuts:  # OPT: the new tokens' positions are the input itself
+            ed.replace_uses(cut, ed.op("CastLike", [positions, cut]), keep=ed.added)
+        # the cut's convention (input) would not match a cache-length shift (arange): one or the other
+        found = [] if cuts else _cache_positions(graph)
         for out, start in found:
             shift = ed.op("Sub", [ed.op("CastLike", [first, start]), start])
             moved = ed.op("Add", [out, shift])
             ed.replace_uses(out, moved, keep=ed.added)
         ed.commit()
-        logger.info("positions-input: %d position computation(s) now start at position_ids (tokens so far)", len(found))
+        logger.info("positions-input: %d position computation(s) now read position_ids (%s)", len(found) + len(cuts),
+                    "the mask's cumulative sum so far" if cuts else "tokens so far")
         return PassResult(model, True)
 
 
-def wire_positions(model: ir.Model) -> tuple[bool, str | None]:
-    """(position_ids added, the reason when the model derives positions it cannot take from an input)."""
+def wire_positions(model: ir.Model) -> tuple[str | None, str | None]:
+    """(the convention of the position_ids input added - ``arange`` or ``input`` - or None when none
+    was added, the reason when the model derives positions it cannot take from an input)."""
     if any(v.name == "position_ids" for v in model.graph.inputs):
-        return False, None
+        return None, None
     if (reason := why_not(model.graph)) is not None:
-        return False, reason
-    return PositionsInput()(model).modified, None
+        return None, reason
+    convention = "input" if _mask_positions(model.graph)[0] else "arange"
+    return (convention if PositionsInput()(model).modified else None), None
 
 
 __all__ = ["PositionsInput", "why_not", "wire_positions"]

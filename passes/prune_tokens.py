@@ -62,9 +62,6 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if s.kv_cache:
             raise OptionError(f"layer {s.layer} reads a KV cache: the token rewrite of a KV-cache decoder is "
                               "evict-kv (--kv-budget); prune-tokens prunes a prompt without a cache")
-        if s.variant.get("layout") == "folded":
-            raise OptionError(f"layer {s.layer}: heads folded into the batch axis (3-D scores [B*H, S, S]) are "
-                              "not rewritten by prune-tokens yet")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
         form = _mask_form(s)
@@ -135,6 +132,29 @@ def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool
     return False
 
 
+def _token_axis(data: ir.Value, graph: ir.Graph, aligned: int) -> int:
+    """The token axis of a view's data for the target piece at output axis ``aligned`` (counted from
+    the data's end, as a reshape that merges leading axes keeps them): the one axis whose exported dim
+    is the inputs' symbolic sequence length (GPT-BigCode's dynamo ``[B, 1, S, 3D]``), or of several
+    such (folded scores ``[B, H, S, S]``) the aligned one, else 1."""
+    syms = {d.value for v in graph.inputs if v.shape is not None and v.shape.rank() >= 2
+            and isinstance(d := v.shape.dims[1], ir.SymbolicDim) and d.value}
+    dims = data.shape.dims if data.shape is not None else ()
+    hits = [i for i, d in enumerate(dims) if isinstance(d, ir.SymbolicDim) and d.value in syms]
+    return hits[0] if len(hits) == 1 else aligned if aligned in hits else 1
+
+
+def _piece_axes(concat: ir.Node) -> tuple[list[int], int]:
+    """The output axis each piece of a shape ``Concat`` starts at, and the target's rank."""
+    axes, at = [], 0
+    for piece in concat.inputs:
+        axes.append(at)
+        a = const_array(piece) if piece is not None else None
+        dims = piece.shape.dims if piece is not None and piece.shape is not None else ()
+        at += a.size if a is not None else dims[0] if len(dims) == 1 and isinstance(dims[0], int) else 1
+    return axes, at
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class PruneTokens(Pass):
@@ -175,6 +195,10 @@ class PruneTokens(Pass):
         if all(r == 1.0 for r in ratios) and not self.emit_kept:
             return PassResult(model, False)
         _check_sites(sites)
+        folded = next((s for s in sites if s.variant.get("layout") == "folded"), None)
+        if folded is not None and self.prune_point == "after-attention":  # rows per sample, P per (sample, head)
+            raise OptionError(f"layer {folded.layer}: --token-prune-point after-attention on heads folded into the "
+                              "batch axis (3-D scores [B*H, S, S]) is not supported; use layer-input")
         _Rewrite(model, sites, ratios, self).run()
         logger.info("prune-tokens: %d layers keep %s of the tokens (importance %s, prune point %s, at least %d "
                     "tokens, restore %s)", len(sites), " ".join(f"{r:.2f}" for r in ratios), self.importance,
@@ -229,7 +253,8 @@ class _Rewrite:
             if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
                 # Scores are only needed while a later layer still prunes.
                 values = [site.pv.inputs[1]] if self.opts.importance in ("value", "causal") else []
-                score = self.call(self.importance, site.probs, self.valid, *values)
+                score = self.call(self.importance, self._per_head(site.probs, site), self.valid,
+                                  *[self._per_head(v, site) for v in values])
                 self.acc = score if self.acc is None else e.op("Add", [self.acc, score])
             if here:
                 _check_serial(site)
@@ -247,6 +272,16 @@ class _Rewrite:
             self._emit_kept(full, pos, valid, kept_outputs)
         e.forget_shapes()
         e.commit()
+
+    def _per_head(self, value: ir.Value, site: AttentionSite) -> ir.Value:
+        """Heads folded into the batch (3-D ``[B*H, S, .]``, batch-major as every folding exporter
+        writes it) -> ``[B, H, S, .]`` for the per-head importance rules."""
+        if site.variant.get("layout") != "folded" or (value.shape is not None and value.shape.rank() != 3):
+            return value  # BLOOM's softmax runs on the [B, H, S, S] view already
+        e = self.e
+        shape = e.op("Concat", [e.op("Shape", [self.valid], start=0, end=1), e.const("m1", np.array([-1], np.int64)),
+                                e.op("Shape", [value], start=1)], axis=0)
+        return e.op("Reshape", [value, shape])
 
     def _select(self, x: ir.Value, ratio: float, rows_node: ir.Node | None = None) -> ir.Value:
         """TopK selection for ``ratio`` from the accumulated scores; returns x's kept rows and updates
@@ -302,8 +337,11 @@ class _Rewrite:
                 data = data if rank in (3, 4) else x  # [B*S, D] (Gemm) or [B, G, rep, S, Dh] (GQA): x's
                 key = (id(concat), id(data))
                 if key not in done:
-                    seq = self.e.op("Shape", [data], start=1, end=2)
-                    pieces = [seq if j in reads else p for j, p in enumerate(concat.inputs)]
+                    starts, out_rank = _piece_axes(concat)
+                    axes = {j: _token_axis(data, self.model.graph, starts[j] + rank - out_rank)
+                            if data is not x and rank is not None else 1 for j in reads}
+                    pieces = [self.e.op("Shape", [data], start=axes[j], end=axes[j] + 1) if j in reads else p
+                              for j, p in enumerate(concat.inputs)]
                     done[key] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
                 node.replace_input_with(i, done[key])
 
@@ -346,11 +384,19 @@ class _Rewrite:
     def _gather_positional(self, site: AttentionSite, region: list[ir.Node], x: ir.Value) -> None:
         """Score terms and position-indexed inputs (RoPE cos/sin) of a pruned layer, at the kept positions."""
         e = self.e
+        folded = site.variant.get("layout") == "folded"
         for term, add in zip(site.bias_terms, site.bias_adds):
-            check_term(site.layer, term, region, x, "additive position term on the scores")
-            new = self._gathered(term, (2, 3))
+            check_term(site.layer, term, region, x, "additive position term on the scores", (3, 4) if folded else (4,))
+            view = term
+            if term.shape.rank() == 3:  # BLOOM's ALiBi [B*H, 1, S]: gathered as [B, H, 1, S], folded back
+                view = self._per_head(term, site)
+                view.shape = ir.Shape([None, None, *term.shape.dims[1:]])
+            new = self._gathered(view, (2, 3))
             if site.mask is None:  # the padding mask is inside the term: tokens a sample drops are masked here
                 new = e.op("Add", [new, self._valid_bias()])
+            if view is not term:
+                new = e.op("Reshape", [new, e.op("Concat", [e.const("m1", np.array([-1], np.int64)),
+                                                            e.op("Shape", [new], start=2)], axis=0)])
             for i, inp in enumerate(add.inputs):
                 if inp is term:
                     add.replace_input_with(i, new)

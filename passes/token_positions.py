@@ -87,13 +87,15 @@ def _reaches(value: ir.Value, target: ir.Value, limit: int = 600) -> bool:
     return False
 
 
-def check_term(layer: int, term: ir.Value, region: list[ir.Node], pruned: ir.Value, what: str) -> None:
-    """Refuse a score term that cannot be gathered: computed inside the layer, or from the pruned length."""
+def check_term(layer: int, term: ir.Value, region: list[ir.Node], pruned: ir.Value, what: str,
+               ranks: tuple[int, ...] = (4,)) -> None:
+    """Refuse a score term that cannot be gathered: computed inside the layer, or from the pruned length
+    (``ranks``: 3 too for heads folded into the batch, ``[B*H, 1|S, S]``)."""
     inside = {id(o) for n in region for o in n.outputs}
     if id(term) in inside:
         raise OptionError(f"layer {layer}: {what} {term.name} is computed from the layer's activations "
                           "(disentangled attention); prune-tokens cannot gather it")
-    if term.shape is None or term.shape.rank() != 4:
+    if term.shape is None or term.shape.rank() not in ranks:
         raise OptionError(f"layer {layer}: {what} {term.name} is not [B, H, S, S] "
                           f"(shape {term.shape}); prune-tokens cannot gather its rows and columns")
     if _reaches(term, pruned):

@@ -107,6 +107,45 @@ def _cumsum_positions(table: bool = True) -> ir.Model:
     return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
 
 
+def _opt_positions() -> ir.Model:
+    """OPT: p = Slice(CumSum(mask) * mask - 1, Shape(past)[2]:, axis 1) + 2 index a learned table."""
+    N = helper.make_node
+    table = np.arange(64, dtype=np.float32).reshape(16, 4)
+    inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.int64(1), "axis")]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("one", 1), ("two", 2), ("end", [np.iinfo(np.int64).max]), ("ax1", [1]))]
+    nodes = [N("CumSum", ["attention_mask", "axis"], ["cs"]), N("Mul", ["cs", "attention_mask"], ["csm"]),
+             N("Sub", ["csm", "one"], ["p_all"]),
+             N("Shape", ["past_key_values.0.key"], ["past"], start=2, end=3),
+             N("Slice", ["p_all", "past", "end", "ax1"], ["p"]), N("Add", ["p", "two"], ["idx"]),
+             N("Gather", ["table", "idx"], ["emb"], axis=0)]
+    graph = helper.make_graph(nodes, "opt",
+        [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
+         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["B", 2, "P", 4])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)], inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_mask_cumsum_positions_become_the_input(tmp_path: Path) -> None:
+    """OPT: the new tokens' cut of the mask's cumulative sum becomes position_ids (convention input);
+    fed the tokens so far, a mask as short as an evicted cache gives the positions of the full mask."""
+    import onnxruntime as ort
+    from spatten_compiler.passes.positions_input import wire_positions
+
+    ir.save(_opt_positions(), str(tmp_path / "opt.onnx"))
+    model = _opt_positions()
+    assert why_not(model.graph) is None
+    assert wire_positions(model) == ("input", None)
+    ir.save(model, str(tmp_path / "wired.onnx"))
+    full = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]], np.int64)  # left padding; 5 past + 3 new
+    want = ort.InferenceSession(str(tmp_path / "opt.onnx")).run(None, {
+        "attention_mask": full, "past_key_values.0.key": np.zeros((2, 2, 5, 4), np.float32)})[0]
+    got = ort.InferenceSession(str(tmp_path / "wired.onnx")).run(None, {  # a 2-slot cache after eviction
+        "attention_mask": np.ones((2, 5), np.int64), "past_key_values.0.key": np.zeros((2, 2, 2, 4), np.float32),
+        "position_ids": (np.cumsum(full, axis=1) - 1)[:, -3:]})[0]
+    np.testing.assert_array_equal(got, want)
+
+
 def test_refusals_name_the_reason() -> None:
     model = _cumsum_positions()
     assert "cumulative sum of attention_mask" in why_not(model.graph)
@@ -117,7 +156,8 @@ def test_refusals_name_the_reason() -> None:
 
 def _corpus_derived() -> list:
     return [r for r in _corpus() if r["kv_cache"] and r["family"] in
-            {"llama", "qwen2", "gemma", "olmo", "granite", "starcoder2", "gpt_neox", "stablelm", "biogpt", "xglm"}]
+            {"llama", "qwen2", "gemma", "olmo", "granite", "starcoder2", "gpt_neox", "stablelm", "biogpt", "xglm",
+             "opt"}]
 
 
 @pytest.mark.corpus

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import packed_graphs
 import pytest
 import structural_graphs
 from onnx import TensorProto, helper, numpy_helper
@@ -108,6 +109,75 @@ def _llama(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _unsqueezed_views(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """GPT-BigCode (dynamo): the projection is unsqueezed to ``[B, 1, S, H*Dh]`` before the head split,
+    whose target reads the graph input's length - the token axis of the reshaped data is 2, not 1."""
+    g = proto.graph
+    N = helper.make_node
+    H, DH = structural_graphs.H, structural_graphs.DH
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "uq_ax1"),
+                          numpy_helper.from_array(np.array([H, DH], np.int64), "uq_hd")])
+    at = 0
+    for node in list(g.node):
+        if node.op_type == "Reshape" and node.input[1].startswith("shape_"):
+            t = node.input[1][len("shape_"):]
+            new = [N("Unsqueeze", [node.input[0], "uq_ax1"], [f"uq_{t}"]),
+                   N("Shape", ["x"], [f"uq_b_{t}"], start=0, end=1), N("Shape", ["x"], [f"uq_s_{t}"], start=1, end=2),
+                   N("Concat", [f"uq_b_{t}", f"uq_s_{t}", "uq_hd"], [f"uq_shape_{t}"], axis=0)]
+            at = list(g.node).index(node)
+            for i, n in enumerate(new):
+                g.node.insert(at + i, n)
+            node.input[:] = [f"uq_{t}", f"uq_shape_{t}"]
+    return proto
+
+
+def _folded(alibi: bool = False) -> onnx.ModelProto:
+    """XGLM/BLOOM/DeBERTa-v2: heads folded into the batch ``[B*H, S, Dh]`` (packed_graphs' folded
+    layout) and a padding mask added in a ``[B, H, S, S]`` view of the 3-D scores, both views' targets
+    from the graph input's shape (dynamo), the views' symbolic shapes recorded as the exporters do.
+    ``alibi``: BLOOM's ``[B*H, 1, S]`` term ``slope_h * ((CumSum(mask) - 1) * mask)`` on the 3-D scores."""
+    proto = packed_graphs.build("folded")
+    g = proto.graph
+    N = helper.make_node
+    H = packed_graphs.H
+    g.input.append(helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"]))
+    g.initializer.extend([numpy_helper.from_array(np.array([H], np.int64), "fd_h"),
+                          numpy_helper.from_array(np.array([1, 2], np.int64), "fd_ax12"),
+                          numpy_helper.from_array(np.float32(1), "fd_one"),
+                          numpy_helper.from_array(np.float32(-1e9), "fd_big")])
+    soft = next(n for n in g.node if n.op_type == "Softmax")
+    at = list(g.node).index(soft)
+    new = [N("Shape", ["x"], ["fd_b"], start=0, end=1), N("Shape", ["x"], ["fd_s"], start=1, end=2),
+           N("Concat", ["fd_b", "fd_h", "fd_s", "fd_s"], ["fd_unfold"], axis=0),
+           N("Reshape", [soft.input[0], "fd_unfold"], ["fd_s4"]),
+           N("Cast", ["mask"], ["fd_mf"], to=TensorProto.FLOAT), N("Sub", ["fd_one", "fd_mf"], ["fd_inv"]),
+           N("Mul", ["fd_inv", "fd_big"], ["fd_bias"]), N("Unsqueeze", ["fd_bias", "fd_ax12"], ["add4d"]),
+           N("Add", ["fd_s4", "add4d"], ["masked"]),
+           N("Mul", ["fd_b", "fd_h"], ["fd_bh"]), N("Concat", ["fd_bh", "fd_s", "fd_s"], ["fd_fold"], axis=0),
+           N("Reshape", ["masked", "fd_fold"], ["fd_s3"])]
+    if alibi:
+        g.initializer.extend([numpy_helper.from_array(np.array([0.5, 0.25, 0.125, 0.0625], np.float32)[:H]
+                                                      .reshape(1, H, 1), "fd_slopes"),
+                              numpy_helper.from_array(np.int64(1), "fd_i1"),
+                              numpy_helper.from_array(np.array([1], np.int64), "fd_ax1"),
+                              numpy_helper.from_array(np.array([-1, 1], np.int64), "fd_m1_1")])
+        new = [N("CumSum", ["mask", "fd_i1"], ["fd_cs"]), N("Sub", ["fd_cs", "fd_i1"], ["fd_p"]),
+               N("Mul", ["fd_p", "mask"], ["fd_pm"]), N("Cast", ["fd_pm"], ["fd_pf"], to=TensorProto.FLOAT),
+               N("Unsqueeze", ["fd_pf", "fd_ax1"], ["fd_p3"]), N("Mul", ["fd_slopes", "fd_p3"], ["fd_al"]),
+               N("Shape", ["mask"], ["fd_ms"], start=1, end=2),
+               N("Concat", ["fd_m1_1", "fd_ms"], ["fd_al_shape"], axis=0),
+               N("Reshape", ["fd_al", "fd_al_shape"], ["fd_alibi"]),
+               N("Add", [soft.input[0], "fd_alibi"], ["fd_biased"])] + new
+        new[new.index(next(n for n in new if n.output[0] == "fd_s4"))].input[0] = "fd_biased"
+        g.value_info.append(helper.make_tensor_value_info("fd_alibi", TensorProto.FLOAT, [None, 1, "S"]))
+    for i, n in enumerate(new):
+        g.node.insert(at + i, n)
+    soft.input[0] = "fd_s3"
+    g.value_info.extend([helper.make_tensor_value_info("fd_s4", TensorProto.FLOAT, ["B", H, "S", "S"]),
+                         helper.make_tensor_value_info("masked", TensorProto.FLOAT, ["B", H, "S", "S"])])
+    return proto
+
+
 def stack(proto: onnx.ModelProto, shared_positions: bool = True, layers: int = 2) -> onnx.ModelProto:
     """``layers`` copies of a one-layer graph (x, mask -> y) in sequence. Positions and shapes in all
     read the graph input ``x`` (as exporters compute them once from input_ids; unless not
@@ -153,6 +223,9 @@ CASES = {
     "square_mask": lambda: _square_mask(structural_graphs.build()),
     "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
     "llama": lambda: _llama(attention_graphs.build(mask="causal+additive", rope=True, kv_heads=1)),
+    "unsqueezed_views": lambda: _unsqueezed_views(structural_graphs.build()),
+    "folded": _folded,
+    "folded_alibi": lambda: _folded(alibi=True),
 }
 DECODER = {"decoder", "decoder_rope", "llama"}
 
@@ -208,12 +281,16 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
         with pytest.raises(OptionError, match="before the residual"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
         return
+    if case.startswith("folded"):  # the in-layer row gather is per sample, folded probabilities per (sample, head)
+        with pytest.raises(OptionError, match="folded into the batch"):
+            _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
+        return
     feeds = _feeds(pad=False)
     got = _run(_compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention"), feeds)
     np.testing.assert_allclose(got["l1_y"], _run(proto, feeds)["l1_y"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "post_norm"}))
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "post_norm", "folded", "folded_alibi"}))
 def test_after_attention_pruned_ort_equals_reference(case: str, tmp_path) -> None:
     """keep 0.5 right after layer 0's softmax (the decoder presets' prune point): the post-attention
     part runs on 3 of 6 tokens - reshape targets read the kept count, including Llama's head merge
@@ -348,7 +425,8 @@ def test_kv_cache_points_to_evict_kv(tmp_path) -> None:
 
 
 def _corpus_tokens() -> list:
-    wanted = {"mpnet", "roformer", "modernbert", "t5", "gpt2", "gpt_neo", "gptj", "llama", "dinov2", "beit"}
+    wanted = {"mpnet", "roformer", "modernbert", "t5", "gpt2", "gpt_neo", "gptj", "llama", "dinov2", "beit",
+              "gpt_bigcode"}
     return [r for r in _corpus() if r["family"] in wanted and not r["kv_cache"]]
 
 
