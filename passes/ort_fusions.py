@@ -10,12 +10,19 @@ the session's own graph optimizations still run when the model is loaded). A pru
 is not fused: its probabilities feed spattenc's importance/selection ops, and the optimizer only fuses
 subgraphs whose intermediate values have no other reader. Fused attention would hard-code one head
 count for every layer, so it is switched off when heads are pruned (per-layer head counts differ).
+
+Add + LayerNormalization is left unfused by default (``skip_layer_norm=false``): onnxruntime's CPU
+``SkipLayerNormalization`` kernel measured 2.2x slower than the Add + Add + LayerNormalization it replaces
+at 512 rows x 384 and 5.6x at 154 rows (onnxruntime 1.32, 1 or 2 threads, Xeon with AVX-512; docs/optimize.md
+section 4g), so fusing it made every ``--optimize`` model slower. ``ort-fusions{skip_layer_norm=true}`` in
+``--pipeline`` restores it (e.g. for a GPU session, whose kernel is fast).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 from collections.abc import Iterator
 
@@ -77,6 +84,7 @@ class OrtFusions(Pass):
 
     name = "ort-fusions"
     attention: str = "all"  # all | no-attention (set when head counts differ between layers)
+    skip_layer_norm: bool = False  # fuse Add + LayerNormalization (slower on CPU, see the module docstring)
 
     def call(self, model: ir.Model) -> PassResult:
         from onnxruntime.transformers import optimizer
@@ -91,12 +99,33 @@ class OrtFusions(Pass):
         # Decoders: the bert attention fusion knows no causal mask or KV cache; norms and GELU still fuse.
         options.enable_attention = self.attention == "all" and not decoder and heads > 0
         options.enable_embed_layer_norm = not decoder
+        options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = self.skip_layer_norm
         # A raw [batch, key] 0/1 mask, not lengths: after token pruning the kept tokens of a padded
         # sample are not a prefix, and lengths would assume they are.
         options.use_raw_attention_mask(True)
-        with quiet():  # the optimizer warns (on its own top-level loggers) for every pattern it does not fuse
-            optimized = optimizer.optimize_model(to_proto(model), model_type="bert", num_heads=heads,
-                                                 hidden_size=hidden, optimization_options=options, opt_level=0)
+        proto = to_proto(model)
+
+        def run() -> object:
+            # the optimizer warns (on its own top-level loggers) for every pattern it does not fuse, and
+            # prints "failed in shape inference" when a graph holds spattenc's functions
+            with quiet(), contextlib.redirect_stdout(io.StringIO()):
+                return optimizer.optimize_model(proto, model_type="bert", num_heads=heads, hidden_size=hidden,
+                                                optimization_options=options, opt_level=0)
+
+        try:
+            optimized = run()
+        except RuntimeError as e:
+            # onnxruntime's attention fusion does not check that the probabilities have no other reader;
+            # when importance reads them at a layer the fusion does match (--token-prune-point
+            # layer-input), the fused graph has a cycle. Fuse everything else.
+            if not options.enable_attention or "not a DAG" not in str(e):
+                raise
+            logger.warning("ort-fusions: onnxruntime's attention fusion also fused a layer whose probabilities "
+                           "feed the token importance (its graph had a cycle); fused without attention")
+            logger.debug("ort-fusions: %s", e)
+            options.enable_attention = False
+            proto = to_proto(model)
+            optimized = run()
         fused = optimized.get_fused_operator_statistics()
         logger.info("ort-fusions: %s", {k: v for k, v in fused.items() if v})
         replace_model(model, optimized.model)
