@@ -16,6 +16,16 @@ step follow the budget.
 pass's own :func:`budget_tokens`, ``T`` = the length so far), so ``cfg.prune`` differs from step
 to step: :meth:`EvictLowering.patch` rewrites those fields after the emitter replays a step block.
 The ``spatten/evict/*`` nodes of the graph (mask, importance, TopK, GatherElements) emit nothing.
+
+Block eviction (``slack = S``, passes/evict_block.py) mirrors the graph's ``If`` per block::
+
+    over = max_l (n_l - k_l) > S      n_l: layer l's list after the append, k_l: its budget at T
+    over:     every layer keeps min(n, k_l) of its n candidates (the rule above)
+    not over: every layer keeps all n (token_keep = 1: the top-k keeps every row, in order)
+
+The instructions are the same in both cases (only ``cfg.prune`` differs), so the lists grow between
+evictions and the accumulators keep accumulating, as the graph's else-branch passes importance and
+the appended cache through. ``slack = 0`` is the same rule (not over: every ``n_l <= k_l``, all kept).
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ class EvictPlan:
     schedule: tuple[float, ...]
     layers: int
     min_keep: int = 0  # the floor for short sequences (no eviction below it)
+    slack: int = 0  # block eviction: a list may exceed its budget by this much before every layer evicts
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> EvictPlan | None:
@@ -73,12 +84,12 @@ class EvictPlan:
             d = json.loads(meta)
             plan = cls(float(d["budget"]), int(d["sinks"]), int(d.get("recent", 0)), float(d.get("recent_share", 0)),
                        str(d.get("mode", "layer")), tuple(float(x) for x in d.get("schedule", [])), int(d["layers"]),
-                       int(d.get("min_keep", 0)))
+                       int(d.get("min_keep", 0)), int(d.get("slack", 0)))
         except (ValueError, KeyError, TypeError) as e:
             raise LoweringError(f"metadata '{META_KEY}' is malformed ({e})") from None
-        if int(d.get("slack", 0)):
-            raise LoweringError("block eviction (--kv-slack) cannot be lowered: the token top-k runs at every "
-                                "step (compile with --kv-slack 0 for emit / sim)")
+        if plan.slack and d.get("windows"):
+            raise LoweringError("--kv-slack with a sliding-window layer cannot be lowered: the graph's budget is "
+                                "capped by the window, the stream's is not (compile with --kv-slack 0)")
         if plan.mode == "cascade" and len(set(plan.schedule)) > 1:
             raise LoweringError("cascade eviction with a per-layer schedule cannot be lowered: the top-k would need "
                                 "the intersection of a layer's list with the list kept above (no such instruction)")
@@ -92,9 +103,15 @@ class EvictPlan:
         m = self.schedule[min(layer, len(self.schedule) - 1)]
         return self.budget * m if self.budget <= 1 else float(max(1, round(self.budget * m)))
 
-    def keep(self, layer: int, total: int, n: int) -> tuple[int, int]:
-        """(kept slots, recent window) of ``n`` candidates when the sequence has ``total`` tokens."""
-        k = budget_tokens(self.layer_budget(layer), total, self.sinks, self.recent, n, self.min_keep)
+    def budget_of(self, layer: int, total: int) -> int:
+        """``k_l``: the slots ``layer`` keeps when the sequence has ``total`` tokens (the graph's
+        ``k_budget``: the budget, sinks + recent and the floor, not capped by the list length)."""
+        return budget_tokens(self.layer_budget(layer), total, self.sinks, self.recent, 1 << 62, self.min_keep)
+
+    def keep(self, layer: int, total: int, n: int, evict: bool = True) -> tuple[int, int]:
+        """(kept slots, recent window) of ``n`` candidates when the sequence has ``total`` tokens
+        (``evict`` False: a block that only appends keeps all ``n``)."""
+        k = min(n, self.budget_of(layer, total)) if evict else n
         return k, max(self.recent, int(math.floor(self.share * (k - self.sinks))))
 
 
@@ -113,8 +130,9 @@ class EvictLowering:
                                 f"index buffer holds {SLOT_LIMIT - SLOT_CACHE} (use --kv-evict layer)")
         # one importance accumulator per K/V list (evict-kv's past_importance: [B, n] or [B, H_kv, n])
         self.acc = {slot: lw.e.reserve("score", 4 * lw.max_rows) for slots in self.slots for slot in slots}
-        self.kept: dict[int, int] = {}  # layer -> list length after its last eviction
+        self.kept: dict[int, int] = {}  # layer -> list length after its last top-k
         self.sites: list[tuple[int, int]] = []  # (instruction index of cfg.prune, layer)
+        self.block: tuple[int, bool] | None = None  # (past, evicts) of the block being lowered
 
     def key_slot(self, layer: int, kv_head: int) -> int:
         """The index slot listing the K/V rows K/V head ``kv_head`` of ``layer`` reads."""
@@ -124,12 +142,21 @@ class EvictLowering:
     def accumulator(self, layer: int, kv_head: int = 0) -> int:
         return self.acc[self.key_slot(layer, kv_head)]
 
+    def evicts(self, rows: int, past: int) -> bool:
+        """The graph's ``If`` condition (evict_block.over_budget) for a block of ``rows`` at ``past``: some
+        layer's list, after the append, holds more than its budget + slack (before any layer's top-k)."""
+        total = past + rows
+        return max(self.kept.get(layer, 0) + rows - self.plan.budget_of(layer, total)
+                   for layer in range(self.plan.layers)) > self.plan.slack
+
     def fields(self, layer: int, rows: int, past: int) -> tuple[dict[str, int], int]:
         """cfg.prune fields of this block's eviction in ``layer`` and the candidates' slot; advances the
         layer's list length (call once per layer and block, in layer order)."""
+        if self.block is None or self.block[0] != past:  # the block's first layer: decide for all layers
+            self.block = (past, self.evicts(rows, past))
         cascade = self.plan.mode == "cascade" and layer > 0
         n = self.kept[layer - 1] if cascade else self.kept.get(layer, 0) + rows
-        k, window = self.plan.keep(layer, past + rows, n)
+        k, window = self.plan.keep(layer, past + rows, n, self.block[1])
         self.kept[layer] = k
         # keep_count = ceil(ratio * n): aim half a slot below k so the 15-bit floor never rounds it away
         ratio = FIXED if k >= n else int(math.floor((k - 0.5) / n * FIXED))

@@ -27,6 +27,7 @@ to K/V heads by rank).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ class Host:
         self.inputs = {i.name for i in model.graph.input}
         self.producer = {o: k for k, n in enumerate(self.nodes) for o in n.output if o}
         self.skip = skip  # node indices the accelerator computes
+        self.stand_in: dict[int, Callable[[], list[Any]]] = {}  # node index -> its outputs, from the stream
         self.reset(feeds)
 
     def reset(self, feeds: dict[str, np.ndarray]) -> None:
@@ -78,6 +80,11 @@ class Host:
         while todo:
             j = todo[-1]
             if j in self.done:
+                todo.pop()
+                continue
+            if j in self.stand_in:  # the stream decided these values: the node's inputs are not needed
+                self.env.update(zip(self.nodes[j].output, self.stand_in[j]()))
+                self.done.add(j)
                 todo.pop()
                 continue
             missing = [self.producer[i] for i in self.nodes[j].input
@@ -288,7 +295,7 @@ class ModelRun(Functional):
         skip = {k for k, n in enumerate(model.graph.node) if id(n) in self.gi.group_of_node() and id(n) not in storage}
         self.head_select = {k for k, n in enumerate(model.graph.node)
                             if n.domain == "spatten" and n.op_type == "HeadSelect"}
-        from spatten_compiler.backend.lower_evict import EvictPlan, list_slots
+        from spatten_compiler.backend.lower_evict import NODE_PREFIX, EvictPlan, list_slots
 
         plan = EvictPlan.from_model(model)  # the K/V list slots of each layer, as the lowering numbered them
         self.kv_slots = list_slots(plan.mode if plan is not None else "layer",
@@ -306,6 +313,9 @@ class ModelRun(Functional):
             prompt = np.asarray(feeds["input_ids"], np.int64)[:, :length]
             feeds = self.session.feeds(prompt)
         self.host = Host(model, feeds, skip | self.head_select)
+        for k, n in enumerate(model.graph.node):  # evict-kv's block If (--kv-slack): the stream's lists
+            if n.op_type == "If" and n.name.startswith(NODE_PREFIX):
+                self.host.stand_in[k] = lambda n=n: self._evict_block(n)
         self.entries: dict[int, int] = {}
         for i, name in program.debug:
             if name not in index:
@@ -534,6 +544,15 @@ class ModelRun(Functional):
             raise FunctionalError(f"layer {layer}: the K/V heads keep different numbers of rows "
                                   f"({[r.size for r in kept]}); the graph's cache holds one length")
         return np.stack(kept), np.array(places, np.int64), np.stack(imp)
+
+    def _evict_block(self, node: onnx.NodeProto) -> list[np.ndarray]:
+        """Outputs of evict-kv's block ``If`` (passes/evict_block.py): the stream's lists, whichever branch the
+        graph would take (kept rows after an eviction, every row after an append). Each output is gathered
+        from the value the else-branch passes through (``Identity(appended cache / importance / positions)``)."""
+        append = next(a.g for a in node.attribute if a.name == "else_branch")
+        through = {o: n for n in append.node for o in n.output}
+        return [EVICT_EXITS[name.split(".")[0]](self, int(name.split(".")[1]), through[o.name])
+                for name, o in zip(node.output, append.output, strict=True)]
 
     def _per_list(self, layer: int, x: np.ndarray) -> np.ndarray:
         """[lists, k] -> the graph's [1, k] (one list per layer) or [1, K/V heads, k]."""
