@@ -1,6 +1,7 @@
 """evict-kv block eviction (``slack``): the kept set equals the NumPy rule at the steps that evict and
 the appended state at the others, onnxruntime == reference runtime, properties of the cache length,
-full budget == dense, ``slack=0`` emits no If, bad values exit 2 in one line."""
+full budget == dense, ``slack=0`` emits no If, bad values exit 2 in one line, emit lowers it (not
+under a sliding window)."""
 
 from __future__ import annotations
 
@@ -149,19 +150,34 @@ def test_cli_slack(tmp_path: Path) -> None:
     assert s.evict["slack"] == 4
 
 
-def test_backend_refuses_block_eviction(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_backend_lowers_block_eviction_but_not_under_a_window(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """emit lowers --kv-slack (tests/test_sim_block_eviction.py: equal to the reference runtime); a sliding
+    window caps the graph's budget, not the stream's: refused in one line naming the option."""
+    import json
+
+    import onnx
+    from spatten_compiler.passes.evict_kv import META_KEY
+
     from spatten_compiler.backend.emitter import LoweringError
     from spatten_compiler.backend.lower import emit_model
 
-    path = compiled("llama_dynamo", str(tmp_path_factory.getbasetemp()), budget=0.5, sinks=2, slack=4)
-    with pytest.raises(LoweringError, match="--kv-slack"):
-        emit_model(path, 16, gen_steps=2)
+    tmp = tmp_path_factory.getbasetemp()
+    path = compiled("llama_dynamo", str(tmp), budget=0.5, sinks=2, slack=4)
+    assert emit_model(path, 16, gen_steps=2).mix()["topk"] == 4 * 3
+    model = onnx.load(str(path))
+    meta = next(p for p in model.metadata_props if p.key == META_KEY)
+    meta.value = json.dumps({**json.loads(meta.value), "windows": {"0": 8}})
+    onnx.save(model, str(tmp / "windowed-slack.onnx"))
+    with pytest.raises(LoweringError, match="--kv-slack") as e:
+        emit_model(tmp / "windowed-slack.onnx", 16, gen_steps=2)
+    assert "\n" not in str(e.value)
 
 
 def test_profile_decode_times_a_whole_block_cycle(tmp_path_factory: pytest.TempPathFactory) -> None:
     """bench/profile_decode: a block-eviction model's timed run is one cycle, from the freshly evicted
     cache (budget) through the appends to the step that evicts (budget + slack + 1 slots -> budget)."""
     import onnxruntime as ort
+
     from bench.profile_decode import _Meta, cycle, state_feeds
 
     path = compiled("llama_dynamo", str(tmp_path_factory.getbasetemp()), budget=8.0, sinks=2, slack=3)
