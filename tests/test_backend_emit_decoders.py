@@ -170,6 +170,16 @@ def test_cascade_with_a_schedule_is_refused(tmp: Path) -> None:
         emit_model(tmp / "sched.onnx", 16, gen_steps=2)
 
 
+def test_a_score_other_than_accumulated_is_refused_for_generated_steps(tmp: Path) -> None:
+    """The stream's top-k ranks by the accumulator (evict-kv's ``accumulated``); --kv-score mean ranks by
+    accumulated / queries that saw the token: refused in one line (the prompt alone changes no output)."""
+    path = compiled(tmp, "llama_dynamo", "0.5", "none", "--kv-score", "mean")
+    with pytest.raises(LoweringError, match="--kv-score mean") as e:
+        emit_model(path, 16, gen_steps=2)
+    assert "\n" not in str(e.value)
+    emit_model(path, 16)
+
+
 def test_token_budget_and_recent_share(tmp: Path) -> None:
     """--kv-budget 12 --kv-recent 50%: 12 rows kept (4 sinks, a window of half the other 8), 13 read per step."""
     p = emit_model(compiled(tmp, "gpt2_kv_dynamo", "12", "none", "--kv-recent", "50%"), 8, gen_steps=10)

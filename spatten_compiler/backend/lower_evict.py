@@ -74,6 +74,8 @@ class EvictPlan:
     layers: int
     min_keep: int = 0  # the floor for short sequences (no eviction below it)
     slack: int = 0  # block eviction: a list may exceed its budget by this much before every layer evicts
+    score: str = "accumulated"  # evict-kv's ranking (evict_kv.SCORES); the top-k ranks by the accumulator
+    windowed: bool = False  # some layer's budget is capped by its sliding window
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> EvictPlan | None:
@@ -84,18 +86,26 @@ class EvictPlan:
             d = json.loads(meta)
             plan = cls(float(d["budget"]), int(d["sinks"]), int(d.get("recent", 0)), float(d.get("recent_share", 0)),
                        str(d.get("mode", "layer")), tuple(float(x) for x in d.get("schedule", [])), int(d["layers"]),
-                       int(d.get("min_keep", 0)), int(d.get("slack", 0)))
+                       int(d.get("min_keep", 0)), int(d.get("slack", 0)), str(d.get("score", "accumulated")),
+                       bool(d.get("windows")))
         except (ValueError, KeyError, TypeError) as e:
             raise LoweringError(f"metadata '{META_KEY}' is malformed ({e})") from None
-        if plan.slack and d.get("windows"):
-            raise LoweringError("--kv-slack with a sliding-window layer cannot be lowered: the graph's budget is "
-                                "capped by the window, the stream's is not (compile with --kv-slack 0)")
         if plan.mode == "cascade" and len(set(plan.schedule)) > 1:
             raise LoweringError("cascade eviction with a per-layer schedule cannot be lowered: the top-k would need "
                                 "the intersection of a layer's list with the list kept above (no such instruction)")
         if plan.sinks > 255:
             raise LoweringError(f"--kv-sinks {plan.sinks} exceeds the 8-bit protect_first field (max 255)")
         return plan
+
+    def check_steps(self) -> None:
+        """Refuse, in one line, what generated steps cannot evict as the graph does (the prompt block's
+        eviction changes no output: a prompt-only stream is exact)."""
+        if self.score != "accumulated":
+            raise LoweringError(f"--kv-score {self.score} cannot be lowered: the stream's top-k ranks tokens by their "
+                                "accumulated attention (compile with --kv-score accumulated)")
+        if self.slack and self.windowed:
+            raise LoweringError("--kv-slack with a sliding-window layer cannot be lowered: the graph's budget is "
+                                "capped by the window, the stream's is not (compile with --kv-slack 0)")
 
     def layer_budget(self, layer: int) -> float:
         if not self.schedule:
@@ -123,6 +133,7 @@ class EvictLowering:
         if sorted(layers) != list(range(plan.layers)):
             raise LoweringError(f"evict-kv rewrote {plan.layers} layers but {len(layers)} attention blocks were "
                                 f"found (layers {layers})")
+        plan.check_steps()
         self.plan, self.lw = plan, lw
         self.slots = list_slots(plan.mode, [g.kv_heads for g in sorted(lw.gi.groups, key=lambda g: g.layer)])
         if self.slots[-1][-1] >= SLOT_LIMIT:
