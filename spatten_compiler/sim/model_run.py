@@ -19,7 +19,7 @@ The block's inputs are the values the host computed for the block's Q, K, V (and
 scale the graph computes for ``store.kv``); the planes are written with the runtime's ``split``.
 Data is addressed by value name, not by SRAM address (the ring allocator's addresses are for timing).
 Decoder streams with generated steps run block by block (KV-cache eviction per layer, per K/V head or
-in a cascade; float or packed cache). Limits: batch 1 without padding; requantization rules ``low`` and
+in a cascade, at every step or in blocks (``--kv-slack``); float or packed cache). Limits: batch 1 without padding; requantization rules ``low`` and
 ``peak``; per-KV-head eviction after head pruning (refused in one line: the graph maps kept query heads
 to K/V heads by rank).
 """
