@@ -57,6 +57,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     # block eviction (evict-kv slack, mode "<mode>~N"): the cache grows to budget + N, then evicts back
     "layer-s4-r50-b16": ("layer~16", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     "layer-s4-r50-b32": ("layer~32", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    "head-s4-r50-b16": ("head~16", {"sinks": 4, "recent": 0, "recent_share": 0.5}),  # the decoder preset's rule
     "cascade": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.0}),  # SpAtten's plain cascade
     "cascade-r50": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     # the cache stored as packed 4+4-bit planes (quantize-kv's peak rule) on top of eviction
@@ -68,7 +69,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "layer-s4-r50-q41t5": ("layer+4+1@0.5", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
 }
 BASELINES = ("streaming", "h2o")
-SHARED_PREFILL = {"layer": "layer", "cascade": "layer", "head": "head", "layer~16": "layer", "layer~32": "layer"}  # mode -> the session that prefills it
+SHARED_PREFILL = {"layer": "layer", "cascade": "layer", "head": "head", "layer~16": "layer", "layer~32": "layer",
+                  "head~16": "head"}  # mode -> the session that prefills it
 
 
 def compiled(mode: str, cache: Path, model: Path, folder: str = "decq-evict") -> Path:

@@ -77,6 +77,8 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
         window = (f"the last {e.recent} tokens" if e.recent
                   else f"a recent window of {e.recent_share:.0%} of the kept slots")
         floor = f"; nothing evicted while a layer holds at most {e.min_keep} tokens" if e.min_keep else ""
+        if e.slack:
+            floor += f"; evicted in blocks: a layer grows to its budget + {e.slack} tokens, then evicts back"
         lines.append(f"  KV cache per layer kept within {budget} across generation steps ({MODE_TEXT.get(e.mode, e.mode)} eviction by "
                      f"accumulated attention; the first {e.sinks} tokens and {window} never evicted{floor})")
         from spatten_compiler.passes.evict_kv import budget_tokens

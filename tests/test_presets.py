@@ -63,10 +63,10 @@ def test_no_option_compile_prunes_tokens_and_quantizes_kv_on_encoders(name: str,
 
 
 DEFAULT_DECODER = {s.key: s.value for s in PRESETS[("decoder", "default")].settings}
-EVICT_KEYS = ("kv_budget", "kv_sinks", "kv_recent", "kv_evict", "kv_min_keep")
+EVICT_KEYS = ("kv_budget", "kv_sinks", "kv_recent", "kv_evict", "kv_min_keep", "kv_slack")
 EXPLICIT = ["--kv-budget", str(DEFAULT_DECODER["kv_budget"]), "--kv-sinks", str(DEFAULT_DECODER["kv_sinks"]),
             "--kv-recent", DEFAULT_DECODER["kv_recent"], "--kv-evict", DEFAULT_DECODER["kv_evict"],
-            "--kv-min-keep", str(DEFAULT_DECODER["kv_min_keep"])]
+            "--kv-min-keep", str(DEFAULT_DECODER["kv_min_keep"]), "--kv-slack", str(DEFAULT_DECODER["kv_slack"])]
 
 
 def _has_cache(src: Path) -> bool:
@@ -175,7 +175,7 @@ def test_decoder_preset_evicts_past_its_floor(name: str, tmp_path: Path) -> None
     length."""
     src = MODELS / f"{name}.onnx"
     compile_(src, tmp_path / "floor.onnx", "--preset", "default")
-    low = compile_(src, tmp_path / "low.onnx", "--kv-min-keep", "4")
+    low = compile_(src, tmp_path / "low.onnx", "--kv-min-keep", "4", "--kv-slack", "0")  # evict every step
     assert low["preset"]["applied"]["evict"] == {**{k: DEFAULT_DECODER[k] for k in
                                                     ("kv_budget", "kv_sinks", "kv_recent", "kv_evict")}}
     lengths = {}
@@ -234,7 +234,8 @@ def test_summary_names_what_it_applied(tmp_path: Path, capsys: pytest.CaptureFix
     floor = DEFAULT_DECODER["kv_min_keep"]
     assert ("KV cache per layer kept within 50% of the length so far across generation steps (per-KV-head eviction by "
             "accumulated attention; the first 4 tokens and a recent window of 50% of the kept slots never evicted; "
-            f"nothing evicted while a layer holds at most {floor} tokens)") in err
+            f"nothing evicted while a layer holds at most {floor} tokens; evicted in blocks: a layer grows to its "
+            f"budget + {DEFAULT_DECODER['kv_slack']} tokens, then evicts back)") in err
     assert "--no-kv-eviction" in err and "--kv-min-keep N" in err and "K/V in every layer" not in err
     assert main([str(MODELS / "gpt2_torchscript.onnx"), "-o", str(tmp_path / "n.onnx")]) == 0
     err = capsys.readouterr().err
@@ -297,7 +298,7 @@ def test_decoder_presets_differ_as_documented(tmp_path: Path) -> None:
         report = compile_(MODELS / "llama_dynamo.onnx", tmp_path / f"{name}.onnx", "--preset", name)
         evict = next(p for p in report["passes"] if p.startswith("evict-kv"))
         assert f"budget={values['kv_budget']};sinks=4;" in evict and f"min_keep={values['kv_min_keep']};" in evict
-        assert f"recent_share=0.5;mode={values['kv_evict']};" in evict
+        assert f"recent_share=0.5;mode={values['kv_evict']};" in evict and f"slack={values['kv_slack']}" in evict
         assert not any(p.startswith("quantize-kv") for p in report["passes"])
         budgets.append(values["kv_budget"])
         floors.add(values["kv_min_keep"])
@@ -415,6 +416,10 @@ def test_resolve_rules() -> None:
     assert opts["kv_bits"] == "4+1" and "lsb_threshold" not in opts and opts["token_keep"] == 0.4
     opts, res = resolve({}, "decoder")
     assert opts["kv_budget"] == 0.5 and opts["kv_min_keep"] == DEFAULT_DECODER["kv_min_keep"] and not res.skipped
+    assert opts["kv_slack"] == DEFAULT_DECODER["kv_slack"] > 0  # block eviction
+    opts, res = resolve({"preset": "default", "kv_bits": "8"}, "decoder")  # a packed cache: evict every step
+    assert opts["kv_budget"] == 0.5 and opts["kv_bits"] == "8" and not opts.get("kv_slack")
+    assert "kv_slack" not in res.applied["evict"]
     opts, res = resolve({}, "decoder", features=frozenset())  # a KV cache in only some layers
     assert "kv_budget" not in opts and res.skipped == ("evict",) and "kv_bits" not in opts
     opts, res = resolve({"kv_sinks": 8}, "decoder")  # eviction's details are independent knobs
