@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 from spatten_compiler.backend.program import write_program
@@ -67,3 +69,39 @@ def test_sim_cli_refuses_a_corrupt_binary(binaries, tmp_path, capsys) -> None:
     bad.write_bytes(bytes(data))
     assert main(["sim", str(bad)]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def _emit(src: str, out: Path, *args: str) -> Path:
+    assert main(["emit", src, "-o", str(out), *args]) == 0
+    return out
+
+
+def test_functional_feeds_and_prompt_only_eviction(tmp_path, capsys) -> None:
+    """A decoder's prompt stream needs only input_ids (the session builds the empty cache); a missing feed
+    and a prompt-only stream of an eviction model are refused in one line, exit 2, no traceback."""
+    from conftest import MODELS, run_ort
+
+    ids = np.array([[5, 6, 7, 8, 9, 10, 11, 12]], np.int64)
+    np.savez(tmp_path / "ids.npz", input_ids=ids)
+    dense = _emit(str(MODELS / "llama_torchscript.onnx"), tmp_path / "d.spbin", "--prompt-len", "8")
+    assert main(["sim", str(dense), "--mode", "functional", "--input", str(tmp_path / "ids.npz"),
+                 "--outputs", str(tmp_path / "o.npz")]) == 0
+    got = np.load(tmp_path / "o.npz")["logits"]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(8)[None]}
+    for i in onnx.load(MODELS / "llama_torchscript.onnx", load_external_data=False).graph.input:
+        if i.name.startswith("past_key_values."):  # [batch, kv heads, 0, head dim]
+            dims = i.type.tensor_type.shape.dim
+            feeds[i.name] = np.zeros((1, dims[1].dim_value, 0, dims[3].dim_value), np.float32)
+    want = run_ort(MODELS / "llama_torchscript.onnx", feeds)
+    np.testing.assert_allclose(got, want["logits"], atol=1e-4, rtol=0)
+    capsys.readouterr()
+
+    assert main([str(MODELS / "llama_torchscript.onnx"), "-o", str(tmp_path / "e.onnx")]) == 0  # default preset
+    evict = _emit(str(tmp_path / "e.onnx"), tmp_path / "e.spbin", "--prompt-len", "8")
+    bert = _emit(str(MODELS / "bert_torchscript.onnx"), tmp_path / "b.spbin", "--seq-len", "8")
+    capsys.readouterr()
+    for spbin, msg in ((evict, "prompt-only stream of a KV-cache eviction model"),
+                       (bert, "the input file has no 'attention_mask'")):
+        assert main(["sim", str(spbin), "--mode", "functional", "--input", str(tmp_path / "ids.npz")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -19,9 +19,11 @@ The block's inputs are the values the host computed for the block's Q, K, V (and
 scale the graph computes for ``store.kv``); the planes are written with the runtime's ``split``.
 Data is addressed by value name, not by SRAM address (the ring allocator's addresses are for timing).
 Decoder streams with generated steps run block by block (KV-cache eviction per layer, per K/V head or
-in a cascade, at every step or in blocks (``--kv-slack``); float or packed cache). Limits: batch 1 without padding; requantization rules ``low`` and
-``peak``; per-KV-head eviction after head pruning (refused in one line: the graph maps kept query heads
-to K/V heads by rank).
+in a cascade, at every step or in blocks (``--kv-slack``); float or packed cache); a prompt-only stream
+of a decoder reads only ``input_ids`` (the session builds the empty cache). Limits: batch 1 without
+padding; requantization rules ``low`` and ``peak``; per-KV-head eviction after head pruning (refused in one
+line: the graph maps kept query heads to K/V heads by rank); a prompt-only stream of an eviction model
+(refused: eviction is lowered with generated steps only).
 """
 
 from __future__ import annotations
@@ -303,15 +305,22 @@ class ModelRun(Functional):
         self.session = None
         self.fed = list(fed or [])
         self.n_blocks, self.max_rows = blocks, max_rows
-        if blocks > 1:
-            from spatten_compiler.decoding import DecoderSession
+        from spatten_compiler.decoding import DecoderSession
 
-            try:
-                self.session = DecoderSession(model, runtime="none")
-            except SpattencError as e:
+        try:  # a KV-cache decoder: its state inputs (empty cache, importance, positions) come from the session
+            self.session = DecoderSession(model, runtime="none")
+        except SpattencError as e:
+            if blocks > 1:
                 raise FunctionalError(f"generated steps: {str(e).split(': ', 1)[-1]}") from None
+        if self.session is not None and "input_ids" in feeds:
             prompt = np.asarray(feeds["input_ids"], np.int64)[:, :length]
             feeds = self.session.feeds(prompt)
+        missing = [i.name for i in model.graph.input if i.name not in feeds
+                   and i.name not in {t.name for t in model.graph.initializer}]
+        if missing:
+            raise FunctionalError(f"the input file has no '{missing[0]}' (the model reads "
+                                  f"{', '.join(i.name for i in model.graph.input[:6])}"
+                                  f"{', ...' if len(model.graph.input) > 6 else ''})")
         self.host = Host(model, feeds, skip | self.head_select)
         for k, n in enumerate(model.graph.node):  # evict-kv's block If (--kv-slack): the stream's lists
             if n.op_type == "If" and n.name.startswith(NODE_PREFIX):
@@ -683,6 +692,11 @@ def run_functional(program: Program, feeds: dict[str, np.ndarray], model: Path |
                                   "K/V heads by their rank, not their group (compile without --head-keep, or with "
                                   "--kv-evict layer; timing mode runs it)")
     else:
+        from spatten_compiler.backend.lower_evict import EvictPlan
+
+        if EvictPlan.from_model(proto) is not None:  # lower.py lowers eviction only with generated steps
+            raise FunctionalError("a prompt-only stream of a KV-cache eviction model is not modelled in functional "
+                                  "mode: its eviction is lowered with generated steps only (emit with --gen-steps N)")
         stream_rows = cfg[0]["tokens"] if cfg else length
         if length != stream_rows:
             raise FunctionalError(f"the input has {length} tokens but the stream was emitted for {stream_rows} "
