@@ -343,7 +343,10 @@ def _fused_site(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
             head_dim = head_dim or (d if isinstance(d, int) else br.head_dim)
     if head_dim is None and q is not None and q.value.shape is not None and heads:
         last = q.value.shape.dims[-1]
-        head_dim = last // heads if isinstance(last, int) else None
+        # GroupQueryAttention with no key/value inputs reads one packed [B, S, (H + 2 H_kv) D] QKV input
+        packed = k is None and branches["v"] is None and kv_heads
+        width = heads + 2 * kv_heads if packed else heads
+        head_dim = last // width if isinstance(last, int) and last % width == 0 else None
     if heads is None or head_dim is None:
         return NoMatch(f"fused {node.op_type} '{node.name}': cannot tell heads / head size")
     mask_index = spec.get("mask")

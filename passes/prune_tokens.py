@@ -132,6 +132,19 @@ def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool
     return False
 
 
+def _static_len(x: ir.Value) -> int | None:
+    """The layer input's token count when the export fixed it (a vision encoder's patches + CLS)."""
+    dims = x.shape.dims if x.shape is not None else ()
+    return dims[1] if len(dims) >= 2 and isinstance(dims[1], int) and dims[1] > 1 else None
+
+
+def _is_const(piece: ir.Value | None, value: int | None) -> bool:
+    """A one-element constant shape piece equal to ``value`` (dynamo writes a fixed sequence length into
+    a view's target as such a piece: DINOv2 / BEiT ``view(B, 17, -1, 16)``)."""
+    a = const_array(piece) if piece is not None and value is not None else None
+    return a is not None and a.size == 1 and int(a.reshape(-1)[0]) == value
+
+
 def _token_axis(data: ir.Value, graph: ir.Graph, aligned: int) -> int:
     """The token axis of a view's data for the target piece at output axis ``aligned`` (counted from
     the data's end, as a reshape that merges leading axes keeps them): the one axis whose exported dim
@@ -248,7 +261,8 @@ class _Rewrite:
                 post = set(map(id, post_nodes))
                 full_region = own_region(x, site.layer_output)
                 self._gather_positional(site, full_region, x)
-                self._rebind_seq_shapes([n for n in full_region if id(n) not in post], x)
+                self._rebind_seq_shapes([n for n in full_region if id(n) not in post], x,
+                                        static=_static_len(site.layer_input))
                 self._replace_mask(site, self.valid, full_region, x)
             if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
                 # Scores are only needed while a later layer still prunes.
@@ -263,7 +277,8 @@ class _Rewrite:
                 site.pv.replace_input_with(0, rows)
                 slot = next(i for i, v in enumerate(site.residual.inputs) if v is site.layer_input or v is x)
                 site.residual.replace_input_with(slot, xk)
-                self._rebind_seq_shapes(post_nodes, xk, also=_row_aligned(x, set(map(id, post_nodes))))
+                self._rebind_seq_shapes(post_nodes, xk, also=_row_aligned(x, set(map(id, post_nodes))),
+                                        static=_static_len(site.layer_input))
                 pruned = True
         pos, valid, buf, kept_outputs = self.pos, self.valid, self.buf, self.kept_outputs
         if pruned:
@@ -314,14 +329,17 @@ class _Rewrite:
                 found[id(node)] = node
         return list(found.values())
 
-    def _rebind_seq_shapes(self, nodes: list[ir.Node], x: ir.Value, also: set[ir.Value] = frozenset()) -> None:
+    def _rebind_seq_shapes(self, nodes: list[ir.Node], x: ir.Value, also: set[ir.Value] = frozenset(),
+                           static: int | None = None) -> None:
         """Dynamo exports build reshape targets from the graph inputs' shapes (TorchScript's head merge
         from the layer input's); inside a pruned layer those sequence-length pieces must read the
         current token count. The target Concat is cloned with each such piece replaced by dim 1 of
         the Reshape's own data input when it is a [B, S, ...] view (rank 3 or 4; node-local, so a walk
         that strays into a later layer stays right), else of ``x`` (a Gemm's [B*S, D] or a GQA repeat's
         [B, G, rep, S, Dh] has no token count at dim 1). ``also``: more full-length values whose
-        shape is read (after-attention: the layer input and its row-wise norm)."""
+        shape is read (after-attention: the layer input and its row-wise norm). ``static``: the token
+        count the export fixed (a vision encoder's), which dynamo writes into targets as a constant
+        piece: one at target axis 1 is rebound the same way."""
         sources = {*self.model.graph.inputs, *also}
         done: dict[tuple[int, int], ir.Value] = {}
         for node in nodes:
@@ -329,7 +347,9 @@ class _Rewrite:
                 concat = shape.producer() if shape is not None else None
                 if concat is None or concat.op_type != "Concat" or (node.op_type == "Reshape" and i != 1):
                     continue
-                reads = [j for j, p in enumerate(concat.inputs) if _reads_input_seq_len(p, sources)]
+                starts, _ = _piece_axes(concat)
+                reads = [j for j, p in enumerate(concat.inputs)
+                         if _reads_input_seq_len(p, sources) or (starts[j] == 1 and _is_const(p, static))]
                 if not reads:
                     continue
                 data = node.inputs[0] if node.op_type == "Reshape" else x

@@ -28,6 +28,18 @@ PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)")  # .msb/.lsb/.scale w
 EVICT_META = "spatten.evict_kv"
 
 
+def _kv_dims_from_sites(proto: onnx.ModelProto, path: Path) -> dict[int, tuple[int, int]]:
+    """layer -> (K/V heads, head size) from spattenc's attention discovery, for exports whose cache
+    inputs leave them symbolic (onnxruntime-genai's model builder writes ``kv_cache_dim``)."""
+    import onnx_ir as ir
+
+    from spatten_compiler.passes.find_attention import find_attention
+
+    model = ir.load(str(path)) if path.is_file() else ir.serde.deserialize_model(proto)
+    return {s.layer: (s.num_kv_heads, s.head_dim) for s in find_attention(model).sites
+            if s.num_kv_heads and s.head_dim}
+
+
 def _dim(d: onnx.TensorShapeProto.Dimension) -> int | None:
     return d.dim_value if d.HasField("dim_value") else None
 
@@ -61,7 +73,7 @@ class DecoderSession:
             raise OptionError(f"{path}: no KV cache inputs (past_key_values.<l>.key); generation needs a decoder "
                               "exported with a KV cache")
         if any(len(dims) == 4 and (dims[1] is None or dims[3] is None) for _, dims in self.state.values()):
-            raise OptionError(f"{path}: the KV cache inputs need static head and head-size dimensions")
+            self._fill_kv_dims(proto, path)
         meta = {p.key: p.value for p in proto.metadata_props}
         self.evict: dict[str, Any] | None = json.loads(meta[EVICT_META]) if EVICT_META in meta else None
         has_pos = "position_ids" in self.input_names
@@ -86,6 +98,22 @@ class DecoderSession:
             raise OptionError(f"runtime must be ort, reference or none, got {runtime!r}")
         self.reset(1)
 
+
+    def _fill_kv_dims(self, proto: onnx.ModelProto, path: Path) -> None:
+        """Symbolic K/V head or head-size dims in the cache inputs: take them from the attention sites."""
+        try:
+            found = _kv_dims_from_sites(proto, path)
+        except Exception:  # noqa: BLE001 (any discovery failure ends in the one-line error below)
+            found = {}
+        for name, (dtype, dims) in self.state.items():
+            m = PAST.match(name)
+            if len(dims) != 4 or (dims[1] is not None and dims[3] is not None):
+                continue
+            if m is None or int(m.group(1)) not in found:
+                raise OptionError(f"{path}: the KV cache inputs need static head and head-size dimensions "
+                                  f"('{name}' has none, and no attention block of its layer was found)")
+            heads, size = found[int(m.group(1))]
+            self.state[name] = (dtype, [dims[0], heads, dims[2], size])
     def reset(self, batch: int) -> None:
         """Empty caches for ``batch`` sequences."""
         self.batch = batch

@@ -148,7 +148,9 @@ def _sorted(g: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 def evicted(src: Path, out: Path, **options: object) -> Path:
     model = ir.load(str(src))
-    Pipeline([make_pass("normalize"), make_pass("decompose-attention"), make_pass("evict-kv", **options)])(model)
+    # the CLI's front passes: fused ops (onnxruntime-genai's GroupQueryAttention) are decomposed first
+    front = [make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention")]
+    Pipeline([*front, make_pass("evict-kv", **options)])(model)
     ir.save(model, str(out))
     return out
 

@@ -131,6 +131,25 @@ def _unsqueezed_views(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _static_views(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """DINOv2 / BEiT (dynamo): the input length is fixed by the export (patches + CLS), and the head
+    split's target holds it as a constant piece, ``[B, 6, -1, Dh]``; pruning must rebind that piece."""
+    g = proto.graph
+    N = helper.make_node
+    g.input[0].type.tensor_type.shape.dim[1].dim_value = 6
+    g.initializer.extend([numpy_helper.from_array(np.array([6], np.int64), "st_len"),
+                          numpy_helper.from_array(np.array([-1, structural_graphs.DH], np.int64), "st_hd")])
+    for node in list(g.node):
+        if node.op_type == "Reshape" and node.input[1].startswith("shape_"):
+            t = node.input[1][len("shape_"):]
+            at = list(g.node).index(node)
+            for i, n in enumerate([N("Shape", ["x"], [f"st_b_{t}"], start=0, end=1),
+                                   N("Concat", [f"st_b_{t}", "st_len", "st_hd"], [f"st_shape_{t}"], axis=0)]):
+                g.node.insert(at + i, n)
+            node.input[1] = f"st_shape_{t}"
+    return proto
+
+
 def _folded(alibi: bool = False) -> onnx.ModelProto:
     """XGLM/BLOOM/DeBERTa-v2: heads folded into the batch ``[B*H, S, Dh]`` (packed_graphs' folded
     layout) and a padding mask added in a ``[B, H, S, S]`` view of the 3-D scores, both views' targets
@@ -224,6 +243,7 @@ CASES = {
     "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
     "llama": lambda: _llama(attention_graphs.build(mask="causal+additive", rope=True, kv_heads=1)),
     "unsqueezed_views": lambda: _unsqueezed_views(structural_graphs.build()),
+    "static_views": lambda: _static_views(structural_graphs.build()),
     "folded": _folded,
     "folded_alibi": lambda: _folded(alibi=True),
 }

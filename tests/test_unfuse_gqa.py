@@ -164,6 +164,24 @@ def test_builder_model_discovered(precision) -> None:
     assert all(s.k.cache is not None and s.k.cache.present is not None and s.rope for s in sites)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_builder_model_as_written(precision) -> None:
+    """The builder's own file, not decomposed: its fused GroupQueryAttention reads one packed QKV
+    input, so the head size is width / (heads + 2 KV heads); its cache inputs leave the head size
+    symbolic (``kv_cache_dim``), and a DecoderSession takes it from those sites and runs the model."""
+    from spatten_compiler.decoding import DecoderSession
+
+    sites = find_attention(load_model(_builder(precision))).sites
+    assert [(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites] == [(N, KV, H)] * 2
+    d = DecoderSession(_builder(precision))
+    assert all(dims[1:] == [KV, None, H] for _, dims in d.state.values())
+    ids = np.random.default_rng(4).integers(3, 48, 10).astype(np.int64)
+    want = _decode_ref(_builder(precision), ids, 6)
+    got = [d.step(ids[None, :6])] + [d.step(ids[None, j:j + 1]) for j in range(6, len(ids))]
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+
+
 def _fp32_activations(path, tmp_path):
     """The int4 model with MatMulNBits accuracy_level 1 (fp32 activations): at the builder's level 4
     the activations are quantized to int8 per block, which turns ulp differences of a decomposed
