@@ -28,20 +28,23 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
     API's form: its None fields count as unset, so it resolves the same way)."""
     if isinstance(options, CompileConfig):
         options = dataclasses.asdict(options)
+    from spatten_compiler.passes.decompose_attention import DecomposeAttention
     from spatten_compiler.passes.find_attention import find_attention
     from spatten_compiler.passes.length_gate import refuse_gated, short_input_model
     from spatten_compiler.passes.normalize import Normalize
+    from spatten_compiler.passes.unfuse_ort import UnfuseOrt
 
     if pipeline and (options.get("preset") or any(p.is_off(options) for p in PARTS.values())):
         raise OptionError("--pipeline runs exactly the passes it names; --preset and the off-switches do not "
                           "combine with it")
     refuse_gated(model, path)
     probe = short_input_model(model)
+    _quietly(UnfuseOrt(), probe)  # as the pipeline's front does: onnxruntime's fused ops to plain ONNX
     Normalize()(probe)
     sites = find_attention(probe).sites
     if any(s.fused is not None for s in sites):
-        _decompose_quietly(probe)
-    kind = model_kind(sites)
+        _quietly(DecomposeAttention(), probe)
+    kind = model_kind(find_attention(probe).sites or sites)  # the attention as the passes will see it
     if kind == "none" and options.get("preset"):
         raise NoAttentionError(f"--preset {options['preset']}: no attention found in {path}; nothing to apply")
     resolved, chosen = resolve(options, kind, pipeline, model_features(sites))
@@ -50,16 +53,15 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
     return CompileConfig.build(resolved, path), chosen, probe
 
 
-def _decompose_quietly(probe: ir.Model) -> None:
-    """Fused attention as the pruning passes will see it, so the report counts the same FLOPs; the
-    pipeline decomposes (and reports it, or refuses with the reason) on the model itself."""
-    from spatten_compiler.passes.decompose_attention import DecomposeAttention
-
-    log = logging.getLogger(DecomposeAttention.__module__)
+def _quietly(p: Any, probe: ir.Model) -> None:
+    """Run pass ``p`` on the probe as the pipeline will run it on the model, so the report counts the
+    same FLOPs and the preset sees the same attention; the pipeline itself reports what it does (or
+    refuses with the reason)."""
+    log = logging.getLogger(type(p).__module__)
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        DecomposeAttention()(probe)
+        p(probe)
     except SpattencError:
         pass
     finally:

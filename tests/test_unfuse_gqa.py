@@ -182,6 +182,19 @@ def test_builder_model_as_written(precision) -> None:
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_builder_model_gets_the_decoder_preset(tmp_path, precision, capsys) -> None:
+    """``spattenc builder.onnx -o out.onnx``: the fused GroupQueryAttention is a KV-cache decoder, so the
+    no-option compile applies the decoder preset (it was taken for an encoder and refused)."""
+    from spatten_compiler.cli import main
+
+    out = tmp_path / "out.onnx"
+    assert main([str(_builder(precision)), "-o", str(out)]) == 0
+    assert "preset default for a decoder (KV cache)" in capsys.readouterr().err
+    inputs = {i.name for i in onnx.load(str(out), load_external_data=False).graph.input}
+    assert {"past_importance.0", "past_positions.0", "position_ids"} <= inputs
+
+
 def _fp32_activations(path, tmp_path):
     """The int4 model with MatMulNBits accuracy_level 1 (fp32 activations): at the builder's level 4
     the activations are quantized to int8 per block, which turns ulp differences of a decomposed
