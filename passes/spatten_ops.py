@@ -39,6 +39,30 @@ import onnx_ir as ir
 DOMAIN = "spatten"
 OPSET = 1
 
+def _value_weighted(name: str, divisor_nodes: str, divisor: str) -> str:
+    """The value-weighted importance (each head's column sums times the key's value norm, summed over
+    heads) divided by ``divisor``, which ``divisor_nodes`` compute from ``qvalid``: the two value rules
+    differ only in how many rows they divide a column by."""
+    return f"""
+<domain: "spatten", opset_import: ["" : 17]>
+{name} (probs, qvalid, v) => (score) {{
+    axes12 = Constant <value_ints = [1, 2]> ()
+    axes3 = Constant <value_ints = [3]> ()
+    qv = Unsqueeze (qvalid, axes12)
+    colsum = MatMul (qv, probs)
+    vsq = Mul (v, v)
+    vn2 = ReduceSum <keepdims = 1> (vsq, axes3)
+    vn = Sqrt (vn2)
+    vnt = Transpose <perm = [0, 1, 3, 2]> (vn)
+    weighted = Mul (colsum, vnt)
+    total = ReduceSum <keepdims = 0> (weighted, axes12)
+{divisor_nodes}
+    one = Constant <value_float = 1.0> ()
+    safe = Max ({divisor}, one)
+    score = Div (total, safe)
+}}"""
+
+
 _SOURCE = {
     "TokenImportance": """
 <domain: "spatten", opset_import: ["" : 17]>
@@ -61,44 +85,12 @@ TokenImportanceMean (probs, qvalid) => (score) {
     safe = Max (rows, one)
     score = Div (total, safe)
 }""",
-    "TokenImportanceValue": """
-<domain: "spatten", opset_import: ["" : 17]>
-TokenImportanceValue (probs, qvalid, v) => (score) {
-    axes12 = Constant <value_ints = [1, 2]> ()
-    axes3 = Constant <value_ints = [3]> ()
-    qv = Unsqueeze (qvalid, axes12)
-    colsum = MatMul (qv, probs)
-    vsq = Mul (v, v)
-    vn2 = ReduceSum <keepdims = 1> (vsq, axes3)
-    vn = Sqrt (vn2)
-    vnt = Transpose <perm = [0, 1, 3, 2]> (vn)
-    weighted = Mul (colsum, vnt)
-    total = ReduceSum <keepdims = 0> (weighted, axes12)
+    "TokenImportanceValue": _value_weighted("TokenImportanceValue", """\
     axes1 = Constant <value_ints = [1]> ()
-    rows = ReduceSum <keepdims = 1> (qvalid, axes1)
-    one = Constant <value_float = 1.0> ()
-    safe = Max (rows, one)
-    score = Div (total, safe)
-}""",
-    "TokenImportanceCausal": """
-<domain: "spatten", opset_import: ["" : 17]>
-TokenImportanceCausal (probs, qvalid, v) => (score) {
-    axes12 = Constant <value_ints = [1, 2]> ()
-    axes3 = Constant <value_ints = [3]> ()
-    qv = Unsqueeze (qvalid, axes12)
-    colsum = MatMul (qv, probs)
-    vsq = Mul (v, v)
-    vn2 = ReduceSum <keepdims = 1> (vsq, axes3)
-    vn = Sqrt (vn2)
-    vnt = Transpose <perm = [0, 1, 3, 2]> (vn)
-    weighted = Mul (colsum, vnt)
-    total = ReduceSum <keepdims = 0> (weighted, axes12)
+    rows = ReduceSum <keepdims = 1> (qvalid, axes1)""", "rows"),
+    "TokenImportanceCausal": _value_weighted("TokenImportanceCausal", """\
     axis1 = Constant <value_int = 1> ()
-    readers = CumSum <reverse = 1> (qvalid, axis1)
-    one = Constant <value_float = 1.0> ()
-    safe = Max (readers, one)
-    score = Div (total, safe)
-}""",
+    readers = CumSum <reverse = 1> (qvalid, axis1)""", "readers"),
     "TokenSelect": """
 <domain: "spatten", opset_import: ["" : 17]>
 TokenSelect (acc, valid, protect, k, kper) => (sel, kept) {
