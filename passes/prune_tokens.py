@@ -347,7 +347,7 @@ class _Rewrite:
                 concat = shape.producer() if shape is not None else None
                 if concat is None or concat.op_type != "Concat" or (node.op_type == "Reshape" and i != 1):
                     continue
-                starts, _ = _piece_axes(concat)
+                starts, out_rank = _piece_axes(concat)
                 reads = [j for j, p in enumerate(concat.inputs)
                          if _reads_input_seq_len(p, sources) or (starts[j] == 1 and _is_const(p, static))]
                 if not reads:
@@ -357,7 +357,6 @@ class _Rewrite:
                 data = data if rank in (3, 4) else x  # [B*S, D] (Gemm) or [B, G, rep, S, Dh] (GQA): x's
                 key = (id(concat), id(data))
                 if key not in done:
-                    starts, out_rank = _piece_axes(concat)
                     axes = {j: _token_axis(data, self.model.graph, starts[j] + rank - out_rank)
                             if data is not x and rank is not None else 1 for j in reads}
                     pieces = [self.e.op("Shape", [data], start=axes[j], end=axes[j] + 1) if j in reads else p

@@ -44,7 +44,8 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
     sites = find_attention(probe).sites
     if any(s.fused is not None for s in sites):
         _quietly(DecomposeAttention(), probe)
-    kind = model_kind(find_attention(probe).sites or sites)  # the attention as the passes will see it
+        sites = find_attention(probe).sites or sites  # the attention as the passes will see it
+    kind = model_kind(sites)
     if kind == "none" and options.get("preset"):
         raise NoAttentionError(f"--preset {options['preset']}: no attention found in {path}; nothing to apply")
     resolved, chosen = resolve(options, kind, pipeline, model_features(sites))

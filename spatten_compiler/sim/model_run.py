@@ -315,8 +315,8 @@ class ModelRun(Functional):
         if self.session is not None and "input_ids" in feeds:
             prompt = np.asarray(feeds["input_ids"], np.int64)[:, :length]
             feeds = self.session.feeds(prompt)
-        missing = [i.name for i in model.graph.input if i.name not in feeds
-                   and i.name not in {t.name for t in model.graph.initializer}]
+        constant = {t.name for t in model.graph.initializer}
+        missing = [i.name for i in model.graph.input if i.name not in feeds and i.name not in constant]
         if missing:
             raise FunctionalError(f"the input file has no '{missing[0]}' (the model reads "
                                   f"{', '.join(i.name for i in model.graph.input[:6])}"
