@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the tests import bench/ helpers (one test file run alone too)
+    sys.path.insert(0, str(ROOT))
 MODELS = ROOT / "models"
 DATA = ROOT.parent / "shared" / "data"
 

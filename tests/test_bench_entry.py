@@ -9,8 +9,7 @@ from pathlib import Path
 
 from conftest import MODELS, ROOT
 
-sys.path.insert(0, str(ROOT))
-from bench.__main__ import discover, main  # noqa: E402
+from bench.__main__ import discover, main
 
 
 def test_every_module_with_main_is_a_benchmark() -> None:

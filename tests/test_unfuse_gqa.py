@@ -195,30 +195,14 @@ def test_builder_model_gets_the_decoder_preset(tmp_path, precision, capsys) -> N
     assert {"past_importance.0", "past_positions.0", "position_ids"} <= inputs
 
 
-def _fp32_activations(path, tmp_path):
-    """The int4 model with MatMulNBits accuracy_level 1 (fp32 activations): at the builder's level 4
-    the activations are quantized to int8 per block, which turns ulp differences of a decomposed
-    RMS norm into int8 rounding flips (logits differ by ~1e-2); level 1 isolates the decomposition."""
-    proto = onnx.load(str(path))
-    for node in proto.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = 1
-    out = tmp_path / "int4_level1.onnx"
-    onnx.save(proto, str(out))
-    return out
-
-
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_builder_model_eviction(tmp_path, precision) -> None:
     """--kv-budget 1.0 on the builder's model gives its logits at every step; 0.5 keeps half and
     onnxruntime agrees with the reference runtime (fp32)."""
+    from bench.coverage import float_activations  # int4: float activations isolate the decomposition
     from spatten_compiler.decoding import DecoderSession
 
-    path = _builder(precision)
-    if precision == "int4":
-        path = _fp32_activations(path, tmp_path)
+    path = float_activations(_builder(precision), tmp_path)
     ids = np.random.default_rng(4).integers(3, 48, 14).astype(np.int64)
     want = _decode_ref(path, ids, 8)
     for budget in (1.0, 0.5):
