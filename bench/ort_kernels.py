@@ -38,8 +38,10 @@ def _io(*names: str) -> list[onnx.ValueInfoProto]:
     return [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
 
 
-def skip_layer_norm(rows: int, hidden: int, rng: np.random.Generator) -> tuple[onnx.ModelProto, onnx.ModelProto,
-                                                                                 dict[str, np.ndarray]]:
+Case = tuple[onnx.ModelProto, dict[str, np.ndarray]]  # a model and its feeds
+
+
+def skip_layer_norm(rows: int, hidden: int, rng: np.random.Generator) -> tuple[Case, Case]:
     weights = [numpy_helper.from_array(rng.random(hidden, dtype=np.float32), n) for n in ("g", "b", "bias")]
     fused = helper.make_graph(
         [helper.make_node("SkipLayerNormalization", ["x", "s", "g", "b", "bias"], ["y"], domain="com.microsoft",
@@ -49,15 +51,14 @@ def skip_layer_norm(rows: int, hidden: int, rng: np.random.Generator) -> tuple[o
          helper.make_node("LayerNormalization", ["z", "g", "b"], ["y"], axis=-1, epsilon=1e-12)],
         "plain", _io("x", "s"), _io("y"), weights)
     feeds = {k: rng.standard_normal((1, rows, hidden), dtype=np.float32) for k in ("x", "s")}
-    return helper.make_model(fused, opset_imports=OPSET), helper.make_model(plain, opset_imports=OPSET), feeds
+    return tuple((helper.make_model(g, opset_imports=OPSET), feeds) for g in (fused, plain))
 
 
-def softmax_range(rows: int, heads: int, rng: np.random.Generator) -> tuple[onnx.ModelProto, onnx.ModelProto,
-                                                                            dict[str, np.ndarray]]:
+def softmax_range(rows: int, heads: int, rng: np.random.Generator) -> tuple[Case, Case]:
     model = helper.make_model(helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "softmax",
                                                 _io("x"), _io("y")), opset_imports=OPSET)
     wide = rng.uniform(-60.0, 60.0, (1, heads, rows, rows)).astype(np.float32)
-    return model, model, {"wide": wide, "narrow": np.clip(wide, -40.0, 40.0)}
+    return (model, {"x": wide}), (model, {"x": np.clip(wide, -40.0, 40.0)})
 
 
 CASES: dict[str, tuple[Callable, str, str]] = {
@@ -73,12 +74,9 @@ def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def time_pair(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int,
-              repeats: int) -> tuple[float, float]:
-    """Median ms of ``a`` and ``b``, interleaved; softmax-range feeds ``wide`` to a and ``narrow`` to b."""
-    sa, sb = _session(a, threads), _session(b, threads)
-    fa = {"x": feeds["wide"]} if "wide" in feeds else feeds
-    fb = {"x": feeds["narrow"]} if "narrow" in feeds else feeds
+def time_pair(a: Case, b: Case, threads: int, repeats: int) -> tuple[float, float]:
+    """Median ms of each (model, feeds), interleaved."""
+    (sa, fa), (sb, fb) = ((_session(m, threads), f) for m, f in (a, b))
     ta, tb = [], []
     for _ in range(3):
         sa.run(None, fa), sb.run(None, fb)
@@ -112,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         build, name_a, name_b = CASES[case]
         for rows in rows_list:
-            a, b, feeds = build(rows, args.hidden if case == "skip-layer-norm" else args.heads, rng)
+            a, b = build(rows, args.hidden if case == "skip-layer-norm" else args.heads, rng)
             for threads in threads_list:
-                ms_a, ms_b = time_pair(a, b, feeds, threads, args.repeats)
+                ms_a, ms_b = time_pair(a, b, threads, args.repeats)
                 results.append({"case": case, "a": name_a, "b": name_b, "rows": rows, "threads": threads,
                                 "a_ms": ms_a, "b_ms": ms_b, "a_over_b": ms_a / ms_b})
     meta = run_metadata(max(threads_list))
