@@ -39,7 +39,9 @@ class Pass(ir.passes.InPlacePass):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def describe(self) -> str:
-        opts = ";".join(f"{k}={v}" for k, v in self.options().items())
+        """The pass in ``--pipeline`` syntax (tuples as ``a:b``, as :func:`_coerce` reads them back)."""
+        opts = ";".join(f"{k}={':'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                        for k, v in self.options().items())
         return f"{self.name}{{{opts}}}" if opts else self.name
 
 

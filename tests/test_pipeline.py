@@ -50,6 +50,18 @@ def test_registry_and_pipeline_text() -> None:
     assert p.describe() == "test-noop{ratio=0.5;flag=True}"
 
 
+def test_a_compile_reports_its_passes_as_a_pipeline_that_reruns_it(tmp_path) -> None:
+    """The report's pass list (``--report``) is ``--pipeline`` text: tuples (schedules) round-trip."""
+    from conftest import MODELS
+
+    from spatten_compiler.api import compile as sc_compile
+
+    first = sc_compile(MODELS / "bert_torchscript.onnx", token_keep_schedule=(1.0, 0.5), token_min_keep=2)
+    again = parse_pipeline(",".join(first.report["passes"]))
+    assert [p.describe() for p in again] == first.report["passes"]
+    assert any("schedule=1.0:0.5" in p for p in first.report["passes"])
+
+
 @pytest.mark.parametrize(
     "text, message",
     [("nope", "unknown pass"), ("test-noop{bad=1}", "no option 'bad'"), ("test-noop{ratio}", "key=value"),
