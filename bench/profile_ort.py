@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import tempfile
 
 import numpy as np
@@ -40,6 +41,15 @@ def profile(path: str, feeds: dict[str, np.ndarray], runs: int, threads: int,
     return float(np.median(run_us)) / 1e3, per_op
 
 
+def by_layer(per_node: collections.Counter) -> collections.Counter:
+    """Per-node times (``op:name``) summed per transformer layer (``layer.N`` in the node name)."""
+    out: collections.Counter = collections.Counter()
+    for key, t in per_node.items():
+        m = re.search(r"layer\.(\d+)", key)
+        out[f"layer {int(m.group(1)):2d}" if m else "other"] += t
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dense")
@@ -48,15 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--per-node", action="store_true", help="kernel time per node (op:name) instead of per op type")
+    ap.add_argument("--by-layer", action="store_true",
+                    help="kernel time per transformer layer (node names with layer.N; the rest: other)")
     ap.add_argument("--top", type=int, default=12, help="rows per candidate")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(1000, 20000, (1, args.tokens)), "attention_mask": np.ones((1, args.tokens), np.int64),
              "token_type_ids": np.zeros((1, args.tokens), np.int64)}
-    dense_ms, dense_ops = profile(args.dense, feeds, args.runs, args.threads, args.per_node)
+    dense_ms, dense_ops = profile(args.dense, feeds, args.runs, args.threads, args.per_node or args.by_layer)
+    if args.by_layer:
+        dense_ops = by_layer(dense_ops)
     print(f"dense: {dense_ms:.1f} ms per run ({args.tokens} tokens, {args.threads} threads, median of {args.runs})")
     for path in args.candidates:
-        ms, ops = profile(path, feeds, args.runs, args.threads, args.per_node)
+        ms, ops = profile(path, feeds, args.runs, args.threads, args.per_node or args.by_layer)
+        if args.by_layer:
+            ops = by_layer(ops)
         print(f"\n{path}: {ms:.1f} ms per run, speedup {dense_ms / ms:.2f}x")
         for op, _ in (dense_ops + ops).most_common(args.top):
             print(f"  {op[:60]:20} dense {dense_ops[op] / 1e3:7.2f} ms   candidate {ops[op] / 1e3:7.2f} ms")
