@@ -12,9 +12,9 @@ subgraphs whose intermediate values have no other reader. Fused attention would 
 count for every layer, so it is switched off when heads are pruned (per-layer head counts differ).
 
 Add + LayerNormalization is left unfused by default (``skip_layer_norm=false``): onnxruntime's CPU
-``SkipLayerNormalization`` kernel measured 2.2x slower than the Add + Add + LayerNormalization it replaces
-at 512 rows x 384 and 5.6x at 154 rows (onnxruntime 1.32, 1 or 2 threads, Xeon with AVX-512; docs/optimize.md
-section 4g), so fusing it made every ``--optimize`` model slower. ``ort-fusions{skip_layer_norm=true}`` in
+``SkipLayerNormalization`` kernel measured 2.6-6.0x slower than the Add + Add + LayerNormalization it
+replaces (154 and 512 rows x 384, 1 and 2 threads: ``python -m bench ort_kernels``), so fusing it made
+every ``--optimize`` model slower (docs/optimize.md section 4g). ``ort-fusions{skip_layer_norm=true}`` in
 ``--pipeline`` restores it (e.g. for a GPU session, whose kernel is fast).
 """
 
