@@ -168,3 +168,27 @@ def test_length_gate_composes(name: str, composition: str, tmp_path: Path) -> No
         got, want = run_ort(gated, f), run_ort(dense, f)
         assert got.keys() == want.keys()
         assert max(float(np.abs(got[k] - want[k]).max()) for k in want) <= 1e-4, seq
+
+
+def _session_ops(path: Path) -> set[str]:
+    """Op types after onnxruntime's own session-level graph optimizations (default level)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(path.with_suffix(".session.onnx"))
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return _ops(path.with_suffix(".session.onnx"))
+
+
+@pytest.mark.parametrize("flags", [["--weights", "int8"], ["--optimize", "--weights", "int8"]])
+def test_int8_leaves_no_quantizer_shapes(flags: list[str], tmp_path: Path) -> None:
+    """quantize_dynamic's shape inference writes symbolic value_info for every tensor, with which
+    onnxruntime's session fuses SkipLayerNormalization (slower on CPU, left unfused by ort-fusions);
+    the pass keeps only the model's own value_info, so a stock session leaves Add + LayerNorm alone."""
+    src = MODELS / "bert_torchscript.onnx"
+    out = _compile(src, tmp_path / "q.onnx", "--token-keep", "0.5", "--token-min-keep", "2", *flags)
+    assert not any(d.dim_param.startswith("unk__") for v in onnx.load(out).graph.value_info
+                   for d in v.type.tensor_type.shape.dim)
+    ops = _session_ops(out)
+    assert "SkipLayerNormalization" not in ops and "LayerNormalization" in ops, ops
