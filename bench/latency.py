@@ -154,8 +154,30 @@ def kept_fraction(names: Sequence[str], outs: Sequence[np.ndarray]) -> float | N
     return float(np.mean(outs[list(names).index(common.KEPT_OUTPUT)]))
 
 
-def time_group(models: Sequence[Model], group: InputGroup, repeats: int, warmup: int) -> dict[str, Any]:
-    """Interleaved timing: per input and repeat, each model once (rotating order). Times in ms."""
+def _interleaved(m: int, repeats: int, i: int) -> Iterator[tuple[int, int, bool]]:
+    """Each repeat runs every model once, the start rotating: drift hits all models alike, but every
+    run follows another model's (cold caches; with spinning, the previous session's threads compete)."""
+    for r in range(repeats):
+        for k in range(m):
+            yield (i * repeats + r + k) % m, r, True
+
+
+def _blocked(m: int, repeats: int, i: int) -> Iterator[tuple[int, int, bool]]:
+    """Each model runs one untimed and then all its repeats back to back, the model order rotating per
+    input: what a user who serves one model sees (warm caches), still with drift spread over models."""
+    for k in range(m):
+        j = (i + k) % m
+        yield j, -1, False
+        for r in range(repeats):
+            yield j, r, True
+
+
+ORDERS = {"interleaved": _interleaved, "blocked": _blocked}
+
+
+def time_group(models: Sequence[Model], group: InputGroup, repeats: int, warmup: int,
+               order: str = "interleaved") -> dict[str, Any]:
+    """Time every model on every input of the group in the given ORDERS schedule. Times in ms."""
     from tqdm import tqdm
 
     m = len(models)
@@ -166,20 +188,18 @@ def time_group(models: Sequence[Model], group: InputGroup, repeats: int, warmup:
     for x in models:
         for _ in range(warmup):
             x.session.run(None, common.feeds_for(x.session, first))
-    rnd = 0
     for i in tqdm(range(len(group.ids)), desc=group.name, unit="input", leave=False):
         feeds = [common.feeds_for(x.session, group.feeds(i)) for x in models]
-        for r in range(repeats):
-            for k in range(m):
-                j = (rnd + k) % m
-                t0 = time.perf_counter_ns()
-                outs = models[j].session.run(None, feeds[j])
-                times[j, i, r] = (time.perf_counter_ns() - t0) / 1e6
-                if r == 0:
-                    frac = kept_fraction(names[j], outs)
-                    if frac is not None:
-                        kept[j].append(frac)
-            rnd += 1
+        for j, r, timed in ORDERS[order](m, repeats, i):
+            t0 = time.perf_counter_ns()
+            outs = models[j].session.run(None, feeds[j])
+            if not timed:
+                continue
+            times[j, i, r] = (time.perf_counter_ns() - t0) / 1e6
+            if r == 0:
+                frac = kept_fraction(names[j], outs)
+                if frac is not None:
+                    kept[j].append(frac)
     return summarize(models, group, times, kept)
 
 
@@ -214,7 +234,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     m, c = result["meta"], result["config"]
     lines = [f"# latency {m['date_utc']}", "", f"`{m['command']}`", "",
              f"onnxruntime {m['onnxruntime_version']}, batch 1, {m['intra_op_threads']} intra-op threads, "
-             f"spin {c['spin']}, warm-up {c['warmup']}, load avg {m['load_avg_1m']}, "
+             f"spin {c['spin']}, order {c.get('order', 'interleaved')}, warm-up {c['warmup']}, "
+             f"load avg {m['load_avg_1m']}, "
              f"git {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}", "", MD_HEADER]
     for g in result["groups"]:
         for r in g["models"]:
@@ -246,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     # unless asked for.
     p.add_argument("--spin", action="store_true", help="allow onnxruntime intra-op thread spinning (off by default)")
     p.add_argument("--no-spin", action="store_true", help=argparse.SUPPRESS)  # the old flag; now the default
+    p.add_argument("--order", choices=list(ORDERS), default="interleaved",
+                   help="interleaved: every run follows another model's; blocked: one untimed run, then "
+                        "each model's repeats back to back (warm, as when serving one model)")
     common.add_common_options(p)
     return p
 
@@ -286,7 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     groups = build_groups(args)
     results = []
     for g in groups:
-        results.append(time_group(models, g, args.repeats, args.warmup))
+        results.append(time_group(models, g, args.repeats, args.warmup, args.order))
         log.info("%s: %s", g.name, ", ".join(f"{r['label']} {r['median_ms']:.1f} ms"
                                              for r in results[-1]["models"]))
     return {
@@ -294,7 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "meta": common.run_metadata(args.threads),
         "config": {"lengths": args.lengths, "n_inputs": args.n_inputs, "n_imdb": args.n_imdb, "n_sst2": args.n_sst2,
                    "repeats": args.repeats, "warmup": args.warmup, "max_len": args.max_len,
-                   "spin": args.spin, "batch": 1, "order": "interleaved, rotating start",
+                   "spin": args.spin, "batch": 1, "order": args.order,
                    "data_dir": str(args.data_dir)},
         "models": [{"label": x.spec.label, "path": str(x.spec.path), "sha256": x.sha256,
                     "sidecar": str(x.sidecar) if x.sidecar else None} for x in models],

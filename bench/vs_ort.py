@@ -9,7 +9,8 @@ Four compositions, each as a dense model and as the pruned one (``--token-keep R
 
 Latency: batch 1, WikiText-2 windows of exactly 128/256/512 tokens and IMDB test reviews at natural
 length, all models (eight, or two per --compositions entry) interleaved per input (bench/latency.py's loop,
-rotating order, no spinning).
+rotating order, no spinning; ``--order blocked --spin``: each model's runs back to back, with
+onnxruntime's default spinning, as when one model is served).
 Reported per pair: candidate vs its own dense counterpart, vs the raw fp32 dense model, and the
 fraction of the ideal FLOP ratio (the compiler's ``--report``, docs/optimize.md) each pair reaches.
 Quality (``--quality``): the issue-#4 protocols (bench/embed_eval.py: cosine, drop-in, refit) on
@@ -54,6 +55,10 @@ QUALITY_PAIRS = (*((c, c, c) for c in COMPOSITIONS), ("optimized+int8 vs int8 de
 DENSE_FLAGS = ["--no-token-pruning", "--kv-bits", "none"]
 
 
+ORDER_TEXT = {"interleaved": "interleaved per input and repeat (rotating)",
+              "blocked": "blocked per input (one untimed run, then each model's repeats back to back; rotating)"}
+
+
 def _slug(comp: str) -> str:
     return comp.replace("+", "-")
 
@@ -89,7 +94,7 @@ def run_latency(paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> 
     specs = [(f"{role}-{comp}", p[role]) for comp, p in paths.items() for role in ("dense", "pruned")]
     models = []
     for label, path in specs:
-        sess = common.make_session(path, args.threads, spin=False)
+        sess = common.make_session(path, args.threads, spin=args.spin)
         sidecar, ratios = latency.load_flop_ratios(path, None)
         models.append(latency.Model(ModelSpec(label, path), sess, common.file_sha256(path), sidecar, ratios))
     ns = argparse.Namespace(
@@ -105,7 +110,7 @@ def run_latency(paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> 
     )
     groups = []
     for g in latency.build_groups(ns):
-        res = latency.time_group(models, g, args.repeats, args.warmup)
+        res = latency.time_group(models, g, args.repeats, args.warmup, args.order)
         med = {r["label"]: r["median_ms"] for r in res["models"]}
         ratio = next((r["flop_ratio"] for r in res["models"] if r["label"] == "pruned-raw"), None)
         pairs = []
@@ -198,9 +203,12 @@ def render(result: dict[str, Any]) -> str:
         f"`{m['command']}`",
         "",
         f"MiniLM (`{c['model']}`), `--token-keep {c['token_keep']}`, onnxruntime {m['onnxruntime_version']}, batch 1, "
-        f"{m['intra_op_threads']} intra-op threads, no spinning, {c['n_inputs']} WikiText-2 windows per length and "
-        f"{c['n_imdb']} IMDB reviews x {c['repeats']} repeats, all {2 * len(result['models'])} models interleaved "
-        f"per input; load average {m['load_avg_1m']:.1f} at start on {m['cpu_count']} cores "
+        f"{m['intra_op_threads']} intra-op threads, "
+        f"{'spinning (onnxruntime default)' if c.get('spin') else 'no spinning'}, "
+        f"{c['n_inputs']} WikiText-2 windows per length and "
+        f"{c['n_imdb']} IMDB reviews x {c['repeats']} repeats, all {2 * len(result['models'])} models "
+        f"{ORDER_TEXT[c.get('order', 'interleaved')]}; "
+        f"load average {m['load_avg_1m']:.1f} at start on {m['cpu_count']} cores "
         "(machine shared with other jobs), "
         f"git {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}.",
         "",
@@ -277,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-inputs", type=int, default=8, help="WikiText-2 windows per length")
     p.add_argument("--n-imdb", type=int, default=16, help="IMDB test reviews timed")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--order", choices=list(latency.ORDERS), default="interleaved",
+                   help="interleaved: all models per input and repeat, rotating (every run follows another "
+                        "model's); blocked: per input, each model's runs back to back after an untimed one")
+    p.add_argument("--spin", action="store_true",
+                   help="onnxruntime's default thread spinning (off unless asked: interleaved sessions' "
+                        "spinning threads steal the cores from the next model)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", action="store_true", help="also the issue-#4 quality protocols per pair")
@@ -317,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": args.repeats,
             "warmup": args.warmup,
             "max_len": args.max_len,
-            "spin": False,
+            "spin": args.spin,
+            "order": args.order,
             "batch": 1,
         },
         "models": {comp: {k: str(v) for k, v in p.items()} for comp, p in paths.items()},
