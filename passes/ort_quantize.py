@@ -12,8 +12,8 @@ so a comparison isolates what the SpAtten rewrites add.
 The quantizers' shape inference writes ``value_info`` with symbolic dims (``unk__N``) for every
 tensor; the pass drops what it added and keeps the model's own. With those shapes onnxruntime's
 session-level SkipLayerNormFusion fuses every residual Add + LayerNormalization, which ort-fusions
-leaves unfused on purpose (the CPU kernel is slower): a pruned int8 MiniLM ran 11.7 ms instead of
-10.5 ms at 512 tokens (docs/optimize.md 4h).
+leaves unfused on purpose (the CPU kernel is slower): a pruned int8 MiniLM ran 12.2 ms instead of
+10.7 ms at 512 tokens (docs/optimize.md 4h).
 """
 
 from __future__ import annotations
