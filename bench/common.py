@@ -126,9 +126,11 @@ def pad_encodings(encs: Sequence[Any], pad_id: int) -> dict[str, np.ndarray]:
 
 
 def make_session(
-    model: Path, threads: int, spin: bool = True, custom_op_libs: Sequence[Path] = ()
+    model: Path, threads: int, spin: bool = True, custom_op_libs: Sequence[Path] = (),
+    disabled_optimizers: Sequence[str] = (),
 ) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads and one inter-op thread (sequential)."""
+    """A CPU session with ``threads`` intra-op threads and one inter-op thread (sequential);
+    ``disabled_optimizers``: onnxruntime graph transformers the session must not apply."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -137,7 +139,8 @@ def make_session(
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for lib in custom_op_libs:
         so.register_custom_ops_library(str(lib))
-    sess = ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers) or None)
     log.debug("session %s: inputs %s outputs %s", model, input_names(sess), output_names(sess))
     return sess
 
@@ -244,6 +247,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-save", action="store_true", help="print the table, write no result files")
     parser.add_argument("--custom-op-lib", type=Path, action="append", default=[],
                         help="onnxruntime custom-op library to register (repeatable)")
+    parser.add_argument("--ort-disable", action="append", default=[], metavar="TRANSFORMER",
+                        help="an onnxruntime graph transformer every session skips, dense and candidates "
+                             "alike (repeatable; e.g. SkipLayerNormFusion, whose CPU kernel is slower "
+                             "than the ops it fuses)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

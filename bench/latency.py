@@ -235,6 +235,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [f"# latency {m['date_utc']}", "", f"`{m['command']}`", "",
              f"onnxruntime {m['onnxruntime_version']}, batch 1, {m['intra_op_threads']} intra-op threads, "
              f"spin {c['spin']}, order {c.get('order', 'interleaved')}, warm-up {c['warmup']}, "
+             f"{'without ' + ', '.join(c['ort_disabled']) + ', ' if c.get('ort_disabled') else ''}"
              f"load avg {m['load_avg_1m']}, "
              f"git {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}", "", MD_HEADER]
     for g in result["groups"]:
@@ -280,7 +281,7 @@ def load_models(args: argparse.Namespace) -> list[Model]:
     models = []
     for spec in specs:
         sess = common.make_session(spec.path, args.threads, spin=args.spin,
-                                   custom_op_libs=args.custom_op_lib)
+                                   custom_op_libs=args.custom_op_lib, disabled_optimizers=args.ort_disable)
         sidecar, ratios = (None, {}) if spec.label == "dense" and spec.path == args.dense else \
             load_flop_ratios(spec.path, explicit.get(spec.label))
         models.append(Model(spec, sess, common.file_sha256(spec.path), sidecar, ratios))
@@ -319,6 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"lengths": args.lengths, "n_inputs": args.n_inputs, "n_imdb": args.n_imdb, "n_sst2": args.n_sst2,
                    "repeats": args.repeats, "warmup": args.warmup, "max_len": args.max_len,
                    "spin": args.spin, "batch": 1, "order": args.order,
+                   "ort_disabled": args.ort_disable,
                    "data_dir": str(args.data_dir)},
         "models": [{"label": x.spec.label, "path": str(x.spec.path), "sha256": x.sha256,
                     "sidecar": str(x.sidecar) if x.sidecar else None} for x in models],

@@ -94,7 +94,7 @@ def run_latency(paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> 
     specs = [(f"{role}-{comp}", p[role]) for comp, p in paths.items() for role in ("dense", "pruned")]
     models = []
     for label, path in specs:
-        sess = common.make_session(path, args.threads, spin=args.spin)
+        sess = common.make_session(path, args.threads, spin=args.spin, disabled_optimizers=args.ort_disable)
         sidecar, ratios = latency.load_flop_ratios(path, None)
         models.append(latency.Model(ModelSpec(label, path), sess, common.file_sha256(path), sidecar, ratios))
     ns = argparse.Namespace(
@@ -210,6 +210,7 @@ def render(result: dict[str, Any]) -> str:
         f"{ORDER_TEXT[c.get('order', 'interleaved')]}; "
         f"load average {m['load_avg_1m']:.1f} at start on {m['cpu_count']} cores "
         "(machine shared with other jobs), "
+        f"{'sessions without ' + ', '.join(c['ort_disabled']) + ', ' if c.get('ort_disabled') else ''}"
         f"git {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}.",
         "",
         "## Latency (median ms; speedups are ratios of medians)",
@@ -333,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_len": args.max_len,
             "spin": args.spin,
             "order": args.order,
+            "ort_disabled": args.ort_disable,
             "batch": 1,
         },
         "models": {comp: {k: str(v) for k, v in p.items()} for comp, p in paths.items()},
