@@ -19,13 +19,17 @@ import argparse
 import csv
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results
-from bench.decode import METHODS, MODEL, compiled, knobs
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results  # noqa: E402
+from bench.decode import METHODS, MODEL, compiled, knobs  # noqa: E402
 
 log = logging.getLogger("bench.chat_floor")
 DATA = next((d / "shared" / "data" for d in REPO_ROOT.parents if (d / "shared" / "data" / "sst2").is_dir()),

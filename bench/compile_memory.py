@@ -27,7 +27,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results  # noqa: E402
 
 log = logging.getLogger("bench.compile_memory")
 

@@ -25,13 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench._decode_stats import fmt_change, paired_change
-from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._decode_stats import fmt_change, paired_change  # noqa: E402
+from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results  # noqa: E402
 
 log = logging.getLogger("bench.decode")
 MODEL = REPO_ROOT / "models" / "cache" / "smollm2" / "model.onnx"

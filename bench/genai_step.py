@@ -28,12 +28,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results  # noqa: E402
 
 log = logging.getLogger("bench.genai_step")
 CACHE = REPO_ROOT / "models" / "cache"
@@ -240,3 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"wrote {md_path}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -28,7 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import DEFAULT_RESULTS, REPO_ROOT, run_metadata, write_results  # noqa: E402
 
 log = logging.getLogger("bench.nocache")
 MODEL = REPO_ROOT / "models" / "cache" / "nocache-smollm2" / "model.onnx"

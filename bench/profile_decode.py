@@ -20,11 +20,15 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def state_feeds(session, context: int, budget: float, rng: np.random.Generator, extra: int = 0) -> dict:

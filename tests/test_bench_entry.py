@@ -40,3 +40,12 @@ def test_dispatch_runs_a_benchmark(tmp_path: Path) -> None:
     assert main(["compile_candidates", str(listing), str(MODELS / "bert_torchscript.onnx"), str(out)]) == 0
     assert json.loads((out / "t5.spatten.json").read_text())["token_schedule"] == [1.0, 0.5, 0.5, 0.5]
     assert (out / "t5.onnx").stat().st_size > 0
+
+
+def test_every_benchmark_runs_as_a_file_from_anywhere(tmp_path: Path) -> None:
+    """``python bench/x.py`` (the form the recorded commands use) works outside the repo root too."""
+    for name in discover():
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--help"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        imports = "ModuleNotFoundError" not in r.stderr and "ImportError" not in r.stderr
+        assert imports and (r.returncode == 0 or "usage" in r.stderr.lower()), (name, r.stderr[-300:])
