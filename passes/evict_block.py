@@ -15,6 +15,10 @@ The then-branch is not rebuilt: the eviction nodes the pass already emitted are 
 So between evictions the step runs ``O(1)`` ops per layer (mask, importance update, the appends),
 and TopK/Gathers run once every ``S / q`` steps of ``q`` tokens, at the price of up to ``S`` more slots
 held (and attended over) between evictions.
+
+A later pass that rewrites what the block evicts (pack-kv-cache: the cache crosses steps as packed
+planes) calls :func:`inline_block` first - the then-branch's nodes back in the graph, the ``slack = 0``
+form - rewrites that, and defers again with its own (evicted, appended) pairs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import onnx_ir as ir
 from spatten_compiler.editor import GraphEditor
 
 logger = logging.getLogger(__name__)
+# The block's If is named in evict-kv's namespace whichever pass defers it: the backend and the simulator
+# find evict-kv's nodes by it (backend/lower_evict.NODE_PREFIX).
+NAMESPACE = "spatten/evict/"
 
 
 def over_budget(ed: GraphEditor, lengths: list[ir.Value], budgets: list[ir.Value], slack: int) -> ir.Value:
@@ -35,6 +42,42 @@ def over_budget(ed: GraphEditor, lengths: list[ir.Value], budgets: list[ir.Value
     k = budgets[0] if all(b is budgets[0] for b in budgets) else ed.op("Concat", budgets, axis=0)
     excess = ed.op("ReduceMax", [ed.op("Sub", [n, k])], keepdims=0)
     return ed.op("Greater", [excess, ed.const("slack", np.array(slack, np.int64))])
+
+
+def find_block(graph: ir.Graph) -> ir.Node | None:
+    """The If :func:`defer_eviction` wrote, if any."""
+    return next((n for n in graph if n.op_type == "If" and (n.name or "").startswith(NAMESPACE + "evict_block_")),
+                None)
+
+
+def inline_block(ed: GraphEditor, graph: ir.Graph) -> tuple[ir.Value, list[tuple[ir.Value, ir.Value]]] | None:
+    """Undo :func:`defer_eviction`: the block's then-branch nodes go back into ``graph`` (registered
+    with ``ed``, so that a later :func:`defer_eviction` through it moves them again) and each If output
+    is replaced by its then-branch value, under the output's name. Returns the condition and the
+    (evicted, appended) pairs for :func:`defer_eviction`, or None when the graph has no block."""
+    block = find_block(graph)
+    if block is None:
+        return None
+    then_g = block.attributes["then_branch"].value
+    else_g = block.attributes["else_branch"].value
+    pairs = []
+    for out, evicted, kept in zip(block.outputs, then_g.outputs, else_g.outputs):
+        ident = kept.producer()
+        if ident is None or ident.op_type != "Identity":
+            raise ValueError(f"{block.name}: else-branch output {kept.name} is not an Identity of an outer value")
+        pairs.append((out, evicted, ident.inputs[0]))
+    body = list(then_g)
+    then_g.outputs.clear()
+    then_g.remove(body, safe=False)
+    else_g.outputs.clear()
+    else_g.remove(list(else_g), safe=True)  # detached: its Identities would keep reading the appended values
+    graph.insert_before(block, body)
+    ed.added.extend(body)
+    for out, evicted, _ in pairs:
+        ed.replace_uses(out, evicted)  # graph-output slots too, under the output's name
+    graph.remove(block, safe=False)
+    logger.info("evict-kv: block of %d nodes inlined for a rewrite of what it evicts", len(body))
+    return block.inputs[0], [(evicted, full) for _, evicted, full in pairs]
 
 
 def defer_eviction(ed: GraphEditor, graph: ir.Graph, cond: ir.Value,
@@ -71,7 +114,7 @@ def defer_eviction(ed: GraphEditor, graph: ir.Graph, cond: ir.Value,
     else_graph = ir.Graph([], [n.outputs[0] for n in else_nodes], nodes=else_nodes, name="append")
     block = ir.Node("", "If", [cond], attributes=[ir.AttrGraph("then_branch", then_graph),
                                                   ir.AttrGraph("else_branch", else_graph)],
-                    outputs=outs, name=ed._name("evict_block"))
+                    outputs=outs, name=NAMESPACE + ed._name("evict_block").rsplit("/", 1)[-1])
     graph.append(block)
     logger.info("evict-kv: %d eviction nodes run only when a layer exceeds its budget + slack", len(body))
     return block

@@ -9,6 +9,10 @@ Rewrite, per layer and tensor (``key``/``value``, layout ``[B, Hkv, T, Dh]``), w
                                  present.<l>.key.scale = s                     float [B, Hkv, T, 1]
     past_key_values.<l>.key  <-  spatten.DequantizeSplit(Unpack(msb) - 2^(m-1), Unpack(lsb), s, 2^l)
 
+With block eviction (evict-kv ``slack``) the eviction sits in an ``If``: the pass inlines it
+(evict_block.inline_block), rewrites the row Gathers into Gathers of the planes, and defers them
+again with the planes' (evicted, appended) pairs, so between evictions the planes are only appended.
+
 ``Pack`` puts two 4-bit codes in a byte (``hi * 16 + lo`` over channel pairs) when the plane has at
 most 4 bits, else one code per byte. The scale is quantize-kv's ``token`` scale (one per batch
 element, KV head and token), so re-quantizing a dequantized token inside the attention gives the
@@ -31,6 +35,7 @@ from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import OptionError
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
+from .evict_block import defer_eviction, inline_block
 from .quant_functions import FUNCTIONS
 from .quantize_kv import parse_bits, qmax_for
 from .spatten_ops import DOMAIN, ensure_functions
@@ -64,6 +69,8 @@ class PackKVCache(Pass):
                               f"{self.granularity} scales change as tokens arrive and cannot be stored")
         ensure_functions(model, list(FUNCTIONS))
         ed = GraphEditor(model, "spatten/packkv")
+        block = inline_block(ed, graph)  # block eviction: rewritten in its slack = 0 form, deferred again below
+        outputs = {v.name: v for v in graph.outputs}
         packer = _Packer(ed, m, lo, ed.const("qmax", np.float32(qmax_for(m + lo))), ed.const("step", np.float32(2**lo)),
                          model.opset_imports.get("", 17))
         for past in pasts:
@@ -75,10 +82,17 @@ class PackKVCache(Pass):
             if (m <= 4 or lo <= 4) and dh % 2:
                 raise OptionError(f"{past.name}: packing two codes per byte needs an even head size, got {dh}")
             why = packer.append(graph, past, present, dh)
+            if why and block is not None:
+                raise OptionError(f"--kv-slack with --kv-bits needs the packed cache's append-only form, which "
+                                  f"{past.name} cannot take ({why}); use --kv-slack 0")
             if why:  # the general form: dequantize the whole past, re-quantize the whole present
                 logger.info("pack-kv-cache: %s: general form (%s)", past.name, why)
                 packer.input(graph, past, dh)
                 packer.output(graph, present, dh)
+        if block is not None:
+            RemoveUnusedNodesPass()(model)  # the float row Gathers, which would otherwise keep the eviction outside
+            cond, pairs = block
+            defer_eviction(ed, graph, cond, [p for e, f in pairs for p in packer.pairs.get(id(e), [(e, f)])])
         ed.commit()
         RemoveUnusedNodesPass()(model)  # the float cache Concat, quantize-kv's QuantizeSplit of it
         model.metadata_props["spatten.kv_cache_bits"] = self.bits
@@ -95,6 +109,8 @@ class _Packer:
     qmax: ir.Value
     step: ir.Value
     opset: int
+    # id(float evicted present) -> [(evicted plane, appended plane)]: what a block eviction defers
+    pairs: dict[int, list[tuple[ir.Value, ir.Value]]] = dataclasses.field(default_factory=dict)
 
     def _width(self, bits: int, dh: int) -> int:
         return dh // 2 if bits <= 4 else dh
@@ -274,6 +290,8 @@ class _Packer:
         out = []
         for plane, spec in self._planes(present.name, present.shape or ir.Shape(["batch", None, "kept", dh]), dh):
             v = cache[plane] if rows is None else self._gather(cache[plane], rows)
+            if rows is not None:
+                self.pairs.setdefault(id(present), []).append((v, cache[plane]))
             v.name, v.type, v.shape = spec.name, spec.type, spec.shape
             out.append(v)
         i = graph.outputs.index(present)

@@ -169,9 +169,6 @@ class CompileConfig:
         n = self.kv_slack
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise OptionError(f"--kv-slack must be a whole number of tokens >= 0, got {n!r}")
-        if n and self.kv_bits not in (None, "none"):
-            raise OptionError("--kv-slack with --kv-bits is not supported yet: the packed cache's append-only form "
-                              "needs the eviction's row Gather outside the block If (use --kv-slack 0)")
 
     @property
     def prunes_tokens(self) -> bool:

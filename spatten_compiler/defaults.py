@@ -302,8 +302,4 @@ def resolve(options: dict[str, Any], kind: str, pipeline: str = "",
     if out.get("kv_evict") == "head" and options.get("kv_evict") is None and out.get("head_keep") is not None \
             and "evict" in applied:  # per-KV-head eviction cannot score pruned heads yet (Config refuses it)
         out["kv_evict"] = applied["evict"]["kv_evict"] = "layer"
-    if out.get("kv_slack") and options.get("kv_slack") is None and out.get("kv_bits") not in (None, "none") \
-            and "evict" in applied:  # block eviction of a packed cache is not supported yet (Config refuses it)
-        out["kv_slack"] = None
-        applied["evict"].pop("kv_slack", None)
     return out, Resolution(preset, kind, applied, tuple(off), tuple(replaced), tuple(skipped))

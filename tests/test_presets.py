@@ -417,9 +417,8 @@ def test_resolve_rules() -> None:
     opts, res = resolve({}, "decoder")
     assert opts["kv_budget"] == 0.5 and opts["kv_min_keep"] == DEFAULT_DECODER["kv_min_keep"] and not res.skipped
     assert opts["kv_slack"] == DEFAULT_DECODER["kv_slack"] > 0  # block eviction
-    opts, res = resolve({"preset": "default", "kv_bits": "8"}, "decoder")  # a packed cache: evict every step
-    assert opts["kv_budget"] == 0.5 and opts["kv_bits"] == "8" and not opts.get("kv_slack")
-    assert "kv_slack" not in res.applied["evict"]
+    opts, res = resolve({"preset": "default", "kv_bits": "8"}, "decoder")  # a packed cache: evicted in blocks too
+    assert opts["kv_budget"] == 0.5 and opts["kv_bits"] == "8" and opts["kv_slack"] == DEFAULT_DECODER["kv_slack"]
     opts, res = resolve({}, "decoder", features=frozenset())  # a KV cache in only some layers
     assert "kv_budget" not in opts and res.skipped == ("evict",) and "kv_bits" not in opts
     opts, res = resolve({"kv_sinks": 8}, "decoder")  # eviction's details are independent knobs

@@ -31,6 +31,8 @@ CASES: dict[str, tuple[str, list[str] | dict]] = {
     "layer": ("llama_dynamo", TOKENS),  # lists 4, 5, 6, 7 -> 4, ...
     "cascade": ("gpt2_kv_torchscript", [*TOKENS, "--kv-evict", "cascade", "--head-keep", "0.5", "--value-keep", "0.5"]),
     "head": ("llama_dynamo", [*TOKENS, "--kv-evict", "head"]),
+    # the cache crosses steps as packed 6+4 planes, gathered as bytes in the block
+    "packed": ("llama_sdpa_dynamo", [*TOKENS[2:], "--kv-bits", "6+4"]),
     # budget ceil(T / 2) under a floor of 9: the prompt is kept whole, the floor decides when to evict
     "floor": ("llama_torchscript", ["--kv-bits", "none", "--kv-budget", "0.5", "--kv-sinks", "1", "--kv-recent", "2",
                                     "--kv-min-keep", "9", "--kv-slack", "1"]),
