@@ -66,6 +66,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "cascade-r50": ("cascade", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     # the cache stored as packed 4+4-bit planes (quantize-kv's peak rule) on top of eviction
     "layer-s4-r50-q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    # the default decoder preset's rule with --kv-bits 4+4: every step, and in blocks of 16 (its default)
+    "head-s4-r50-q44": ("head+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
+    "head-s4-r50-b16-q44": ("head~16+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
     "q44": ("layer+4+4", {"sinks": 4, "recent": 0, "recent_share": 0.5}),  # run with budget 1: bits alone
     # the decoder presets' K/V parts (quantize-kv's peak rule, threshold after @) on top of eviction
     "layer-s4-r50-q51": ("layer+5+1", {"sinks": 4, "recent": 0, "recent_share": 0.5}),
