@@ -183,8 +183,8 @@ _NOCACHE_NOTE = ("SmolLM2-135M exported without a KV cache: perplexity of the to
                  "of 512 tokens, paired with dense; prompt token pruning is in no preset (+16% at best)")
 
 
-_DECODER_NOTE = ("SmolLM2-135M: WikiText-2 perplexity on 2 held-out windows per context (512, 1024), and greedy "
-                 "agreement on 16 short chat prompts")
+_DECODER_NOTE = ("SmolLM2-135M: WikiText-2 perplexity on 2 held-out windows per context (512, 1024; 8 windows x 64 "
+                 "steps for the block eviction as shipped), and greedy agreement on 16 short chat prompts")
 COMBINED = R + "20261204-232558-minilm-presets-quality.md"  # each preset as shipped, IMDB 600 / SST-2 1372 texts
 _ENCODER_NOTE = "MiniLM; tokens and K/V together measured on a subset only"
 
