@@ -247,6 +247,19 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_timing_options(p: argparse.ArgumentParser) -> None:
+    """--spin and --order (shared with bench/vs_ort.py)."""
+    # Interleaving many sessions in one process: each session's intra-op threads keep spinning after
+    # its run and steal the cores from the next model (measured: dense 106-132 ms with spinning vs
+    # 85 ms without, and pruned models hit harder because they are shorter), so spinning is off
+    # unless asked for.
+    p.add_argument("--spin", action="store_true", help="allow onnxruntime intra-op thread spinning (off by default)")
+    p.add_argument("--no-spin", action="store_true", help=argparse.SUPPRESS)  # the old flag; now the default
+    p.add_argument("--order", choices=list(ORDERS), default="interleaved",
+                   help="interleaved: every run follows another model's; blocked: one untimed run, then "
+                        "each model's repeats back to back (warm, as when serving one model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -262,15 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="IMDB subsampling seed")
     p.add_argument("--flop-ratio", action="append", default=[], metavar="LABEL=JSON",
                    help="sidecar JSON for a candidate (default: <model>.spatten.json if present)")
-    # Interleaving many sessions in one process: each session's intra-op threads keep spinning after
-    # its run and steal the cores from the next model (measured: dense 106-132 ms with spinning vs
-    # 85 ms without, and pruned models hit harder because they are shorter), so spinning is off
-    # unless asked for.
-    p.add_argument("--spin", action="store_true", help="allow onnxruntime intra-op thread spinning (off by default)")
-    p.add_argument("--no-spin", action="store_true", help=argparse.SUPPRESS)  # the old flag; now the default
-    p.add_argument("--order", choices=list(ORDERS), default="interleaved",
-                   help="interleaved: every run follows another model's; blocked: one untimed run, then "
-                        "each model's repeats back to back (warm, as when serving one model)")
+    add_timing_options(p)
     common.add_common_options(p)
     return p
 

@@ -286,12 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-inputs", type=int, default=8, help="WikiText-2 windows per length")
     p.add_argument("--n-imdb", type=int, default=16, help="IMDB test reviews timed")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--order", choices=list(latency.ORDERS), default="interleaved",
-                   help="interleaved: all models per input and repeat, rotating (every run follows another "
-                        "model's); blocked: per input, each model's runs back to back after an untimed one")
-    p.add_argument("--spin", action="store_true",
-                   help="onnxruntime's default thread spinning (off unless asked: interleaved sessions' "
-                        "spinning threads steal the cores from the next model)")
+    latency.add_timing_options(p)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", action="store_true", help="also the issue-#4 quality protocols per pair")
