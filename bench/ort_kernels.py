@@ -10,9 +10,18 @@ interleaved, with the benchmark's session settings (intra-op threads, spinning o
   the same scores clipped to a spread of 80: exp results in the float32 subnormal range (below
   e^-87 of the row maximum) make onnxruntime's CPU softmax many times slower. MiniLM's layer 0 has
   spreads up to 200 (0.7% of its results below e^-87), which makes its softmax 2x slower than the
-  other layers' - a cost the pruned model's full-length layer 0 keeps (docs/optimize.md 4g).
+  other layers' - a cost the pruned model's full-length layer 0 keeps (docs/optimize.md 4g);
+- ``head-groups``: that wide-range ``Softmax`` over all heads at once against six ``Softmax`` nodes of
+  two heads each (a group's scores fit the L2 cache): the subnormal cost is arithmetic, not memory;
+- ``key-mask``: ``Add`` of the exporter's ``[1, 1, T, T]`` mask + ``Softmax`` against the same with a
+  ``[1, 1, 1, T]`` key mask;
+- ``importance-sum``: the probabilities summed over heads and queries by ``ReduceSum(axes=[1, 2])``
+  against the ``MatMul`` with a ones row (+ a ``ReduceSum`` over heads) spattenc's importance uses;
+- ``attention-probs``: ONNX's own ``Attention`` (opset 23) returning the probabilities
+  (``qk_matmul_output_mode=3``, what the importance needs) against the unfused ops (head size 32).
 
     python -m bench ort_kernels --rows 154,512 --threads 1,2
+    python -m bench ort_kernels --cases head-groups,key-mask,importance-sum,attention-probs --rows 512 --threads 2
 """
 
 from __future__ import annotations
@@ -61,9 +70,60 @@ def softmax_range(rows: int, heads: int, rng: np.random.Generator) -> tuple[Case
     return (model, {"x": wide}), (model, {"x": np.clip(wide, -40.0, 40.0)})
 
 
+def _model(nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
+           inits: list[onnx.TensorProto] = (), opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "case", _io(*inputs), _io(*outputs), list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), OPSET[1]])
+
+
+def head_groups(rows: int, heads: int, rng: np.random.Generator) -> tuple[Case, Case]:
+    (whole, feeds), _ = softmax_range(rows, heads, rng)
+    parts = np.split(feeds["x"], heads // 2, axis=1)
+    names = [f"x{i}" for i in range(len(parts))]
+    grouped = _model([helper.make_node("Softmax", [n], [f"y{n}"], axis=-1) for n in names], names,
+                     [f"y{n}" for n in names])
+    return (whole, feeds), (grouped, dict(zip(names, parts)))
+
+
+def key_mask(rows: int, heads: int, rng: np.random.Generator) -> tuple[Case, Case]:
+    model = _model([helper.make_node("Add", ["s", "m"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)],
+                   ["s", "m"], ["y"])
+    s = 3 * rng.standard_normal((1, heads, rows, rows), dtype=np.float32)
+    return ((model, {"s": s, "m": np.zeros((1, 1, rows, rows), np.float32)}),
+            (model, {"s": s, "m": np.zeros((1, 1, 1, rows), np.float32)}))
+
+
+def importance_sum(rows: int, heads: int, rng: np.random.Generator) -> tuple[Case, Case]:
+    axes = [numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+            numpy_helper.from_array(np.array([1], np.int64), "heads"),
+            numpy_helper.from_array(np.ones((1, 1, 1, rows), np.float32), "ones")]
+    reduce = _model([helper.make_node("ReduceSum", ["p", "axes"], ["y"], keepdims=0)], ["p"], ["y"], axes)
+    matmul = _model([helper.make_node("MatMul", ["ones", "p"], ["c"]),
+                     helper.make_node("ReduceSum", ["c", "heads"], ["y"], keepdims=0)], ["p"], ["y"], axes)
+    p = rng.random((1, heads, rows, rows), dtype=np.float32)
+    return (reduce, {"p": p}), (matmul, {"p": p})
+
+
+def attention_probs(rows: int, heads: int, rng: np.random.Generator) -> tuple[Case, Case]:
+    scale = [numpy_helper.from_array(np.array(32 ** -0.5, np.float32), "scale")]
+    fused = _model([helper.make_node("Attention", ["q", "k", "v", "m"], ["y", "", "", "p"], qk_matmul_output_mode=3)],
+                   ["q", "k", "v", "m"], ["y", "p"], opset=23)
+    plain = _model([helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+                    helper.make_node("MatMul", ["q", "kt"], ["s0"]), helper.make_node("Mul", ["s0", "scale"], ["s1"]),
+                    helper.make_node("Add", ["s1", "m"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+                    helper.make_node("MatMul", ["p", "v"], ["y"])], ["q", "k", "v", "m"], ["y", "p"], scale, opset=23)
+    feeds = {n: rng.standard_normal((1, heads, rows, 32), dtype=np.float32) for n in "qkv"}
+    feeds["m"] = np.zeros((1, 1, rows, rows), np.float32)
+    return (fused, feeds), (plain, feeds)
+
+
 CASES: dict[str, tuple[Callable, str, str]] = {
     "skip-layer-norm": (skip_layer_norm, "SkipLayerNormalization", "Add + Add + LayerNormalization"),
     "softmax-range": (softmax_range, "Softmax, row spread 120", "Softmax, row spread 80"),
+    "head-groups": (head_groups, "Softmax, all heads", "Softmax per 2 heads"),
+    "key-mask": (key_mask, "Add [1,1,T,T] mask + Softmax", "Add [1,1,1,T] mask + Softmax"),
+    "importance-sum": (importance_sum, "ReduceSum(axes=[1,2])", "MatMul(ones) + ReduceSum(heads)"),
+    "attention-probs": (attention_probs, "Attention (opset 23) + probabilities", "unfused + probabilities"),
 }
 
 
