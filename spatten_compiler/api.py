@@ -28,7 +28,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass
 
-from spatten_compiler.config import CompileConfig
+from spatten_compiler.config import CompileConfig, check_types
 from spatten_compiler.errors import ModelLoadError, OptionError
 from spatten_compiler.modelio import load_model, save_model
 from spatten_compiler.passes.find_attention import AttentionReport, AttentionSite, find_attention
@@ -88,16 +88,8 @@ def make_config(config: CompileConfig | None = None, **options: Any) -> CompileC
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
-    """The non-None ``options``, checked against CompileConfig's fields, schedules as tuples."""
-    known = {f.name for f in dataclasses.fields(CompileConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise OptionError(f"unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}")
-    given = {k: v for k, v in options.items() if v is not None}
-    for key in ("token_keep_schedule", "head_keep_schedule"):
-        if key in given:
-            given[key] = tuple(float(x) for x in given[key])
-    return given
+    """The non-None ``options``, checked against CompileConfig's fields and their types."""
+    return check_types({k: v for k, v in options.items() if v is not None})
 
 
 def _fields(config: CompileConfig | None) -> dict[str, Any]:

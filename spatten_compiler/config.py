@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -258,14 +262,12 @@ class CompileConfig:
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, Any]) -> CompileConfig:
-        return cls.build(cls.read_options(path, overrides), path)
+        return cls.build(cls.read_options(path, overrides))
 
     @classmethod
-    def build(cls, data: dict[str, Any], path: Path | None = None) -> CompileConfig:
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise OptionError(f"--config {path}: {e}") from e
+    def build(cls, data: dict[str, Any]) -> CompileConfig:
+        """The config from ``data`` (field names), every value checked against its field's type first."""
+        return cls(**check_types(data))
 
     @classmethod
     def read_options(cls, path: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -278,17 +280,62 @@ class CompileConfig:
                 raise OptionError(f"--config {path}: cannot read: {e.strerror}") from e
             except json.JSONDecodeError as e:
                 raise OptionError(f"--config {path}: not valid JSON: {e.msg} at line {e.lineno}") from e
+            except UnicodeDecodeError as e:
+                raise OptionError(f"--config {path}: not a JSON text file (byte {e.start} is not UTF-8)") from e
             if not isinstance(data, dict):
                 raise OptionError(f"--config {path}: expected a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise OptionError(f"--config {path}: unknown key {sorted(unknown)[0]!r}; keys: {', '.join(sorted(known))}")
+            data = check_types(data, f"--config {path}", noun="key")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("token_keep_schedule", "head_keep_schedule"):
-            if key in data:
-                data[key] = tuple(float(x) for x in data[key])
-        return data
+        return check_types(data)
+
+
+def check_types(data: dict[str, Any], source: str = "", noun: str = "option") -> dict[str, Any]:
+    """``data`` with every key a :class:`CompileConfig` field and every value of that field's type
+    (ratio lists as tuples of floats, paths as strings), or an :class:`OptionError` naming ``source``
+    (e.g. the config file), the key, the type wanted and the value given - for config files and API
+    callers alike, before any option's own checks compare or parse the value."""
+    hints = typing.get_type_hints(CompileConfig)
+    where = f"{source}: " if source else ""
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise OptionError(f"{where}unknown {noun} {unknown[0]!r}; {noun}s: {', '.join(sorted(hints))}")
+    return {key: _typed(value, hints[key], f"{where}{key}") for key, value in data.items()}
+
+
+def _typed(value: Any, hint: Any, what: str) -> Any:
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for t in typing.get_args(hint) if union else (hint,):
+        converted = _CONVERT.get(typing.get_origin(t) or t, lambda v: _NO)(value)
+        if converted is not _NO:
+            return converted
+    raise OptionError(f"{what} must be {_describe(hint)}, got {value!r}")
+
+
+_NO = object()  # a value the type does not take
+
+
+def _ratio_list(v: Any) -> Any:
+    if isinstance(v, (list, tuple)) and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v):
+        return tuple(float(x) for x in v)
+    return _NO
+
+
+_CONVERT: dict[Any, Any] = {  # field type -> value in that type, or _NO
+    type(None): lambda v: None if v is None else _NO,
+    bool: lambda v: v if isinstance(v, bool) else _NO,
+    int: lambda v: int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else _NO,
+    float: lambda v: float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else _NO,
+    str: lambda v: v if isinstance(v, str) else os.fspath(v) if isinstance(v, os.PathLike) else _NO,
+    tuple: _ratio_list,
+}
+_NAMES = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          tuple: "a list of numbers"}
+
+
+def _describe(hint: Any) -> str:
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    names = [_NAMES[typing.get_origin(t) or t] for t in (typing.get_args(hint) if union else (hint,))]
+    return " or ".join(names)
 
 
 def _recent(value: int | str | None) -> list[tuple[str, Any]]:

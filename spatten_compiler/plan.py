@@ -51,7 +51,7 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
     resolved, chosen = resolve(options, kind, pipeline, model_features(sites))
     if chosen.preset is not None:
         logger.debug("preset %s for %s: %s", chosen.preset.name, kind, chosen.applied)
-    return CompileConfig.build(resolved, path), chosen, probe
+    return CompileConfig.build(resolved), chosen, probe
 
 
 def _quietly(p: Any, probe: ir.Model) -> None:

@@ -112,6 +112,10 @@ def test_defaults_are_the_flags_defaults() -> None:
         (lambda: sc.compile(MODELS / "bert_torchscript.onnx", token_keep=2.0), OptionError,
          "--token-keep must be in (0, 1], got 2.0"),
         (lambda: sc.compile(MODELS / "bert_torchscript.onnx", tokens=0.5), OptionError, "unknown option 'tokens'"),
+        (lambda: sc.compile(MODELS / "bert_torchscript.onnx", token_keep_schedule="0.5,0.3"), OptionError,
+         "token_keep_schedule must be a list of numbers, got '0.5,0.3'"),
+        (lambda: sc.compile(MODELS / "bert_torchscript.onnx", kv_bits=4), OptionError,
+         "kv_bits must be a string or null, got 4"),
         (lambda: sc.compile(MODELS / "nope.onnx"), ModelLoadError, "nope.onnx: no such file"),
         (lambda: sc.compile(42), OptionError, "expected a path, onnx.ModelProto or onnx_ir.Model, got int"),
         (lambda: sc.compile(MODELS / "bert_torchscript.onnx", token_keep=0.5, pipeline="normalize"), OptionError,
@@ -135,3 +139,17 @@ def test_docstring_examples(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     result = doctest.testmod(api, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_options_take_numpy_numbers_and_paths(tmp_path) -> None:
+    """Values of the field's kind are accepted whatever their Python type: numpy scalars, a list for a
+    ratio schedule, a Path for a file name."""
+    import numpy as np
+
+    from spatten_compiler.config import check_types
+
+    got = check_types({"token_keep": np.float32(0.5), "token_min_keep": np.int64(8),
+                       "token_keep_schedule": [1, 0.5], "head_calibration": tmp_path / "c.npz"})
+    assert got == {"token_keep": 0.5, "token_min_keep": 8, "token_keep_schedule": (1.0, 0.5),
+                   "head_calibration": str(tmp_path / "c.npz")}
+    assert type(got["token_min_keep"]) is int

@@ -119,8 +119,12 @@ def test_deadlocking_emitted_stream_is_refused_before_writing(tmp_path: Path) ->
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """The CLI in-process (a subprocess costs seconds of imports on the shared machine)."""
-    rc = spattenc(list(args))
+    """The CLI in-process (a subprocess costs seconds of imports on the shared machine); a usage
+    error (argparse's exit) gives its exit code like the process would."""
+    try:
+        rc = spattenc(list(args))
+    except SystemExit as e:
+        rc = e.code
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -153,6 +157,7 @@ def test_cli_emit_disasm_asm_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
         (["--seq-len", "8", "--gen-steps", "2"], "--gen-steps needs --prompt-len"),
         (["--seq-len", "0"], "must be in 1..4096"),
         (["--seq-len", "8", "--hw", "nope.toml"], "neither a built-in"),
+        (["--seq-len", "8", "-o", "no/such/dir/x.spbin"], "output folder 'no/such/dir' does not exist"),
     ],
 )
 def test_cli_emit_bad_options(args: list[str], message: str, tmp_path: Path,

@@ -78,6 +78,8 @@ def _bad_inputs(tmp: Path, tiny: Path) -> dict[str, tuple[list[str], str]]:
     short = tmp / "short.onnx"
     onnx.save(tiny_model(), short, save_as_external_data=True, location="short.onnx.data", size_threshold=0)
     (tmp / "short.onnx.data").write_bytes(b"\0" * 8)
+    (tmp / "typed.json").write_text('{"token_keep": "0.5"}')
+    (tmp / "schedule.json").write_text('{"token_keep_schedule": [0.5, null]}')
     return {
         "missing": ([str(tmp / "nope.onnx")], "no such file"),
         "directory": ([str(tmp)], "not a file"),
@@ -90,6 +92,13 @@ def _bad_inputs(tmp: Path, tiny: Path) -> dict[str, tuple[list[str], str]]:
         "output is input": ([str(tiny), "--in-place-not-given"], "is the input model"),
         "unknown pass": ([str(tiny), "--pipeline", "no-such-pass"], "unknown pass"),
         "missing output folder": ([str(tiny), "-o", str(tmp / "no" / "dir.onnx")], "does not exist"),
+        "output is a folder": ([str(tiny), "-o", str(tmp)], "is a folder"),
+        "missing report folder": ([str(tiny), "--report", str(tmp / "no" / "r.json")], "does not exist"),
+        "binary config": ([str(tiny), "--config", str(tiny)], "not a JSON text file"),
+        "config value of a wrong type": ([str(tiny), "--config", str(tmp / "typed.json")],
+                                         "token_keep must be a number or null, got '0.5'"),
+        "config list with a null": ([str(tiny), "--config", str(tmp / "schedule.json")],
+                                    "token_keep_schedule must be a list of numbers"),
     }
 
 
@@ -97,7 +106,8 @@ def _bad_inputs(tmp: Path, tiny: Path) -> dict[str, tuple[list[str], str]]:
     "case",
     [
         "missing", "directory", "text", "truncated", "empty", "invalid graph", "missing external data",
-        "short external data", "output is input", "unknown pass", "missing output folder",
+        "short external data", "output is input", "unknown pass", "missing output folder", "output is a folder",
+        "missing report folder", "binary config", "config value of a wrong type", "config list with a null",
     ],
 )
 def test_bad_input_one_line_exit_2_no_output(case: str, tiny_path: Path, tmp_path: Path) -> None:

@@ -105,3 +105,15 @@ def test_functional_feeds_and_prompt_only_eviction(tmp_path, capsys) -> None:
         assert main(["sim", str(spbin), "--mode", "functional", "--input", str(tmp_path / "ids.npz")]) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flag", ["--report", "--chart", "--trace", "--outputs"])
+def test_sim_cli_checks_output_folders_first(binaries, tmp_path, capsys, flag: str) -> None:
+    """Every file sim writes is checked when the command line is read: a missing folder is a usage
+    error (exit 2, one line) before the simulation runs."""
+    spbin, _ = binaries
+    with pytest.raises(SystemExit) as info:
+        main(["sim", str(spbin), flag, str(tmp_path / "no" / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}: output folder" in err and "does not exist" in err
+    assert len(err.strip().splitlines()) == 1

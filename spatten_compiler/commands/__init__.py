@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 COMMANDS: dict[str, Command] = {}
 
@@ -16,6 +17,17 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     epilog: str = ""
+
+
+def output_path(text: str) -> Path:
+    """argparse ``type`` of every file a command writes: the folder must exist, checked when the
+    command line is read - before any work, so a typo costs nothing and leaves nothing behind."""
+    path = Path(text)
+    if not path.parent.is_dir():  # Path("x").parent is Path("."): the working folder
+        raise argparse.ArgumentTypeError(f"output folder '{path.parent}' does not exist")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{path}' is a folder, not a file name")
+    return path
 
 
 def register(command: Command) -> Command:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from spatten_compiler import api
-from spatten_compiler.commands import Command, register
+from spatten_compiler.commands import Command, output_path, register
 from spatten_compiler.config import CompileConfig, parse_ratio_list
 from spatten_compiler.defaults import PRESET_NAMES
 from spatten_compiler.errors import OptionError
@@ -23,12 +23,12 @@ logger = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # One or two lines per flag, each with its default; the rules behind them: docs/rules.md.
     p.add_argument("model", type=Path, help="input ONNX model (external data beside it is followed)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output ONNX model (required)")
+    p.add_argument("-o", "--output", type=output_path, required=True, help="output ONNX model (required)")
     p.add_argument("--in-place", action="store_true", help="allow -o to be the input file")
     p.add_argument("--pipeline", default="",
                    help="explicit passes, e.g. 'normalize,prune-tokens{keep=0.5}' (default: built from the options)")
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker after each pass")
-    p.add_argument("--report", type=Path, metavar="JSON",
+    p.add_argument("--report", type=output_path, metavar="JSON",
                    help="write the schedules chosen and the ideal FLOP ratio at 128/256/512 tokens (default: none)")
     p.add_argument("--config", type=Path, help="JSON file with any option below, flags win (default: none)")
     d = p.add_argument_group("measured defaults (applied when no option below turns a rewrite on)")

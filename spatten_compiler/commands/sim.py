@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from spatten_compiler.commands import Command, register
+from spatten_compiler.commands import Command, output_path, register
 from spatten_compiler.errors import OptionError
 
 
@@ -24,9 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, help="the input's true length (default: the stream's maximum)")
     p.add_argument("--lsb-fraction", type=float, default=0.07,
                    help="share of head-rows that refetch K LSBs when no functional run decides (default 0.07)")
-    p.add_argument("--report", type=Path, help="write the report as JSON (default: not written)")
-    p.add_argument("--chart", type=Path, help="write a PNG chart of DRAM bytes by category (default: none)")
-    p.add_argument("--trace", type=Path,
+    p.add_argument("--report", type=output_path, help="write the report as JSON (default: not written)")
+    p.add_argument("--chart", type=output_path, help="write a PNG chart of DRAM bytes by category (default: none)")
+    p.add_argument("--trace", type=output_path,
                    help="write every DRAM transaction as a Ramulator or DRAMsim3 trace (default: none)")
     p.add_argument("--trace-format", choices=("ramulator", "dramsim3"), default="ramulator",
                    help="the --trace file's format (default %(default)s)")
@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path,
                    help="functional: the ONNX model the binary was lowered from, when it was emitted with "
                         "--no-weights (default: the model embedded in the binary)")
-    p.add_argument("--outputs", type=Path, help="functional: write the model's outputs to this .npz (default: none)")
+    p.add_argument("--outputs", type=output_path,
+                   help="functional: write the model's outputs to this .npz (default: none)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from spatten_compiler.backend.asm import assemble, disassemble
 from spatten_compiler.backend.hw import load_hw
 from spatten_compiler.backend.lower import emit_model
 from spatten_compiler.backend.program import Program, read_program, write_program
-from spatten_compiler.commands import Command, register
+from spatten_compiler.commands import Command, output_path, register
 from spatten_compiler.errors import OptionError, SpattencError
 from spatten_compiler.progress import Reporter
 
@@ -22,15 +22,13 @@ def _out_path(args: argparse.Namespace, source: Path) -> Path:
     out = Path(args.output)
     if out.resolve() == source.resolve():
         raise OptionError(f"-o {out} would overwrite the input")
-    if out.parent and not out.parent.is_dir():
-        raise OptionError(f"-o {out}: directory {out.parent} does not exist")
     return out
 
 
 # ---- emit ----------------------------------------------------------------------------------------
 def add_emit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="ONNX model (a spattenc output, or a dense model for the baseline)")
-    p.add_argument("-o", "--output", required=True, help="output .spbin (required)")
+    p.add_argument("-o", "--output", type=output_path, required=True, help="output .spbin (required)")
     p.add_argument("--seq-len", type=int,
                    help="encoder: longest input (tokens) the stream handles (required for encoders, default none)")
     p.add_argument("--prompt-len", type=int,
@@ -81,7 +79,7 @@ def run_emit(args: argparse.Namespace) -> int:
 # ---- asm / disasm --------------------------------------------------------------------------------
 def add_asm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", type=Path, help="assembly text (as printed by 'spattenc disasm')")
-    p.add_argument("-o", "--output", required=True, help="output .spbin (required)")
+    p.add_argument("-o", "--output", type=output_path, required=True, help="output .spbin (required)")
     p.add_argument("--hw", default=None, help=HW_HELP + "; used when the text has no .hw line")
 
 
@@ -101,7 +99,7 @@ def run_asm(args: argparse.Namespace) -> int:
 
 def add_disasm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("binary", type=Path, help=".spbin file")
-    p.add_argument("-o", "--output", help="write the text here (default: stdout)")
+    p.add_argument("-o", "--output", type=output_path, help="write the text here (default: stdout)")
     p.add_argument("--hw", default=None,
                    help="refuse the binary unless it was built for this hardware (default: accept any)")
     p.add_argument("--addresses", action="store_true", help="number every instruction (a comment; asm ignores it)")
