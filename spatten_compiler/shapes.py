@@ -67,8 +67,14 @@ def infer_shapes(model: ir.Model, *, data_prop: bool = True) -> bool:
                     value.shape = shape
                     modified = True
                 vtype = ir.serde.deserialize_type_proto_for_type(tp)
-                dtype = getattr(vtype, "dtype", None)
-                if dtype is not None and value.dtype != dtype:
-                    value.dtype = dtype
+                if not isinstance(vtype, ir.TensorType):
+                    # A sequence or optional: its .dtype is the element's, and setting value.dtype
+                    # would make the value a plain tensor (SplitToSequence -> SequenceAt).
+                    if vtype is not None and value.type is None:
+                        value.type = vtype
+                        modified = True
+                    continue
+                if value.dtype != vtype.dtype:
+                    value.dtype = vtype.dtype
                     modified = True
     return modified

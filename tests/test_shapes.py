@@ -47,6 +47,28 @@ def test_infer_shapes_reaches_subgraphs() -> None:
     assert types["t"] == (ir.DataType.FLOAT, ("2", "3")) and types["e"][0] == ir.DataType.FLOAT
 
 
+def test_infer_shapes_keeps_sequences_sequences() -> None:
+    """A SplitToSequence output is a sequence of tensors: inference gives it that type, never its
+    element's dtype as a tensor (which made normalize write an invalid SequenceAt; JetMoE's dynamo
+    export)."""
+    import onnx_ir as ir
+
+    from spatten_compiler.pipeline import make_pass
+
+    graph = helper.make_graph(
+        [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=0),
+         helper.make_node("SequenceAt", ["seq", "i"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(__import__("numpy").array(1, "int64"), "i")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    infer_shapes(model)
+    seq = next(n for n in model.graph if n.op_type == "SplitToSequence").outputs[0]
+    assert isinstance(seq.type, ir.SequenceType) and seq.type.dtype == ir.DataType.FLOAT
+    make_pass("normalize")(model)
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
 def _dangling(tmp_path: Path, *, link: bool) -> Path:
     """A graph whose node reads a value nothing produces, with a 128 KB weight (mapped by lazyproto)."""
     import numpy as np
