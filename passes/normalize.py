@@ -5,7 +5,8 @@ Rewrites (in order):
   onnxscript constant folding (small tensors only; not its pattern rewrites), dead-code removal
   Dropout(x) (inference)   -> x
   Cast(x, to=dtype(x))     -> x
-  Identity(x)              -> x      (again: the folds above can expose new ones)
+  Identity(x)              -> x      (again: the folds above can expose new ones; not when it makes
+                                      a subgraph output of an outer-scope value)
 
 Large weights are never folded (size limits below), so normalizing a 600 MB model does not copy its
 weights. Graph outputs keep their names: a removed node that produced a graph output is kept.
@@ -41,6 +42,24 @@ def _is_noop(node: ir.Node) -> bool:
         src, to = node.inputs[0], node.attributes.get("to")
         return src is not None and src.dtype is not None and to is not None and src.dtype == ir.DataType(to.value)
     return False
+
+
+class _IdentityElimination(IdentityEliminationPass):
+    """onnx-ir's pass, except for an ``Identity`` that makes a subgraph output of a value from an outer
+    scope (an ``If`` branch passing a value through): without it the branch output has no producer
+    inside the branch, which ONNX does not allow (DINOv3's TorchScript export)."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        src, out = (node.inputs[0] if node.inputs else None), node.outputs[0] if node.outputs else None
+        if src is not None and out is not None and out.is_graph_output() and _scope(src) is not node.graph:
+            return False
+        return super()._try_eliminate_identity_node(node)
+
+
+def _scope(value: ir.Value) -> ir.Graph | None:
+    """The graph a value belongs to: its producer's, or the one it is an input or initializer of."""
+    producer = value.producer()
+    return producer.graph if producer is not None else value.graph
 
 
 def remove_noops(graph: ir.Graph) -> int:
@@ -79,7 +98,7 @@ class Normalize(Pass):
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
         infer_shapes(model)
         removed = remove_noops(model.graph)
-        IdentityEliminationPass()(model)
+        _IdentityElimination()(model)
         RemoveUnusedNodesPass()(model)
         logger.debug("normalize: %d -> %d nodes (%d no-op Dropout/Cast)", before, len(model.graph), removed)
         return PassResult(model, True)

@@ -68,6 +68,35 @@ def test_normalize_keeps_outputs(kw: dict, tmp_path: Path) -> None:
     np.testing.assert_allclose(run_ort(tmp_path / "n.onnx", f)["y"], run_ort(tmp_path / "o.onnx", f)["y"], atol=1e-6)
 
 
+def test_normalize_keeps_a_branch_passing_an_outer_value(tmp_path: Path) -> None:
+    """An If branch whose output is Identity(a value of the outer graph) - DINOv3's TorchScript RoPE
+    table - keeps its Identity (a branch output must be produced inside the branch); the others go."""
+    from onnx import TensorProto, helper
+
+    then = helper.make_graph([helper.make_node("Neg", ["x"], ["t0"]), helper.make_node("Identity", ["t0"], ["t"])],
+                             "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out, full_check=True)
+    branches = {a.name: [n.op_type for n in a.g.node] for a in out.graph.node[-1].attribute}
+    assert branches == {"then_branch": ["Neg"], "else_branch": ["Identity"]}
+    onnx.save(out, tmp_path / "n.onnx")
+    x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
+    for c in (True, False):
+        f = {"c": np.array(c), "x": x}
+        assert np.array_equal(run_ort(tmp_path / "n.onnx", f)["y"], -x if c else np.maximum(x, 0))
+
+
 def test_classifier_softmax_is_not_attention() -> None:
     report = _find(classifier_softmax())
     assert report.sites == []
