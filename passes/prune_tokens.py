@@ -36,6 +36,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, spatten_schedule
 
 from .find_attention import AttentionSite, find_attention
+from .key_mask_fold import fold_key_mask
 from .spatten_ops import DOMAIN, ensure_functions
 from .token_positions import check_term, gather_positions, own_region, positional_inputs, shrinks_causal
 
@@ -257,15 +258,25 @@ class _Rewrite:
                 pruned = True
             here = after and nxt < ratio  # prune inside this layer, right after its softmax
             post_nodes = self._post_attention(site) if here else []
+            # Scores are only needed while a later layer still prunes.
+            scored = any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:]))
+            bias = None
             if pruned:
                 post = set(map(id, post_nodes))
                 full_region = own_region(x, site.layer_output)
                 self._gather_positional(site, full_region, x)
                 self._rebind_seq_shapes([n for n in full_region if id(n) not in post], x,
                                         static=_static_len(site.layer_input))
-                self._replace_mask(site, self.valid, full_region, x)
-            if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
-                # Scores are only needed while a later layer still prunes.
+                bias = self._replace_mask(site, self.valid, full_region, x)
+            elif self._compact_mask(site, mask_input):
+                bias = self._replace_mask(site, self.valid, [], x)
+            if scored and bias is not None and not self.decoder and _mask_form(site) == "additive":
+                # A key mask [B, 1, 1, k]: into the score MatMul. Such a layer cannot fuse (the importance
+                # reads its probabilities), and onnxruntime's fusion no longer takes it for one.
+                why = fold_key_mask(e, site.mask_node, bias)
+                if why is not None:
+                    logger.debug("layer %d: key mask not folded into the scores: %s", site.layer, why.reason)
+            if scored:
                 values = [site.pv.inputs[1]] if self.opts.importance in ("value", "causal") else []
                 score = self.call(self.importance, self._per_head(site.probs, site), self.valid,
                                   *[self._per_head(v, site) for v in values])
@@ -287,6 +298,16 @@ class _Rewrite:
             self._emit_kept(full, pos, valid, kept_outputs)
         e.forget_shapes()
         e.commit()
+
+    def _compact_mask(self, site: AttentionSite, mask_input: ir.Value | None) -> bool:
+        """Whether a layer before the first pruning decision takes the compact ``[B, 1, 1, S]`` mask
+        the pruned layers get, in place of the exporter's: only a pure padding mask of the same 2-D
+        input (no causal or window part), which the compact one equals. Exporters broadcast it to
+        ``[B, 1, S, S]`` with dozens of ops and a full-size ``Where``; the full-length layer then adds
+        that tensor to every head's scores, where the compact one broadcasts (and the exporter's mask
+        ops, now unread, are dropped)."""
+        return (not self.decoder and mask_input is not None and site.mask_kind == "padding"
+                and site.mask_source == mask_input.name and _mask_form(site) in MASK_FORMS)
 
     def _per_head(self, value: ir.Value, site: AttentionSite) -> ir.Value:
         """Heads folded into the batch (3-D ``[B*H, S, .]``, batch-major as every folding exporter
@@ -441,10 +462,12 @@ class _Rewrite:
         bias = e.op("Mul", [dropped, e.const("bias", np.float32(MASK_BIAS))])
         return e.op("Unsqueeze", [bias, e.const("axes", np.array([1, 2], np.int64))])
 
-    def _replace_mask(self, site: AttentionSite, valid: ir.Value, region: list[ir.Node], x: ir.Value) -> None:
+    def _replace_mask(self, site: AttentionSite, valid: ir.Value, region: list[ir.Node],
+                      x: ir.Value) -> ir.Value | None:
+        """The site's mask replaced by one built from ``valid`` (the kept tokens); returns it."""
         e, node = self.e, site.mask_node
         if node is None or site.mask is None:
-            return
+            return None
         form, axes = _mask_form(site), e.const("axes", np.array([1, 2], np.int64))
         if self.decoder and form == "causal+additive":  # GPT-Neo: Where(causal, scores, fill) + padding mask
             where = next(p for i in node.inputs if (p := i.producer()) is not None and p.op_type == "Where")
@@ -478,6 +501,7 @@ class _Rewrite:
         for i, inp in enumerate(node.inputs):
             if inp is site.mask:
                 node.replace_input_with(i, new)
+        return new
 
     def _restore(self, out: ir.Value, buf: ir.Value, pos: ir.Value, valid: ir.Value, full: ir.Value) -> None:
         e = self.e

@@ -83,20 +83,43 @@ def test_skip_layer_norm_fusion_on_request(tmp_path: Path) -> None:
     assert _max_diff(plain, fused, feeds) <= 1e-4
 
 
-def test_fusions_with_layer_input_pruning(tmp_path: Path) -> None:
-    """--token-prune-point layer-input: every layer's probabilities feed the next layer's selection, and
-    onnxruntime's attention fusion (which does not check for other readers) made a cycle of it; the pass
-    falls back to fusing without attention, says so, and the outputs equal the unfused model's."""
+@pytest.mark.parametrize("point", ["layer-input", "after-attention"])
+def test_layers_feeding_the_importance_stay_unfused(point: str, tmp_path: Path) -> None:
+    """Two pruning decisions: layers 0 and 1 feed the token importance. Their key masks are folded
+    into the score MatMul (passes/key_mask_fold.py), so onnxruntime's attention fusion - which does
+    not check the probabilities for other readers - leaves them alone and fuses only layers 2 and 3;
+    the outputs equal the unfused model's."""
     src = MODELS / "bert_torchscript.onnx"
-    args = ["--token-keep", "0.5", "--token-min-keep", "2", "--token-prune-point", "layer-input"]
+    args = ["--token-keep-schedule", "1,0.75,0.5,0.5", "--token-min-keep", "2", "--token-prune-point", point]
     plain = _compile(src, tmp_path / "plain.onnx", *args)
     out = tmp_path / "fused.onnx"
     r = spattenc(str(src), "-o", str(out), *args, "--optimize")
     assert r.returncode == 0, r.stderr
-    assert "fused without attention" in r.stderr and "shape inference" not in r.stdout + r.stderr
-    assert "BiasGelu" in _ops(out)
+    assert "ort-fusions: {'Attention': 2," in r.stderr and "warning" not in r.stderr
     feeds, _ = reference_io(load_meta("bert_torchscript"))
     assert _max_diff(plain, out, feeds) <= 1e-4
+
+
+def test_fusions_fall_back_when_an_importance_layer_fuses(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without the fold (a score chain it refuses), onnxruntime's fusion takes a layer whose
+    probabilities feed the importance and the graph has a cycle: the pass fuses without attention,
+    says so, and the outputs equal the unfused model's."""
+    from spatten_compiler.cli import main
+    from spatten_compiler.match import NoMatch
+    from spatten_compiler.passes import prune_tokens
+
+    monkeypatch.setattr(prune_tokens, "fold_key_mask", lambda *a: NoMatch("off for the test"))
+    src = MODELS / "bert_torchscript.onnx"
+    args = [str(src), "--token-keep-schedule", "1,0.75,0.5,0.5", "--token-min-keep", "2",
+            "--token-prune-point", "layer-input"]
+    assert main([*args, "-o", str(tmp_path / "plain.onnx")]) == 0
+    capsys.readouterr()
+    assert main([*args, "-o", str(tmp_path / "fused.onnx"), "--optimize"]) == 0
+    err = capsys.readouterr().err
+    assert "fused without attention" in err and "shape inference" not in err
+    assert "BiasGelu" in _ops(tmp_path / "fused.onnx")
+    feeds, _ = reference_io(load_meta("bert_torchscript"))
+    assert _max_diff(tmp_path / "plain.onnx", tmp_path / "fused.onnx", feeds) <= 1e-4
 
 
 def test_int4_weights_on_a_decoder(tmp_path: Path) -> None:
