@@ -59,6 +59,15 @@ class AttentionSite:
         return bool(self.q and self.q.rope is not None)
 
     @property
+    def own_keys(self) -> bool | None:
+        """Whether K is computed from the tokens Q is (self-attention, with or without a cache): both
+        projections read one hidden state. False: cross-attention, or keys from a reduced sequence
+        (SegFormer's strided Conv, ``S_k != S_q``); None: projections not found (fused ops)."""
+        qp = self.q.projection if self.q else None
+        kp = self.k.projection if self.k else None
+        return None if qp is None or kp is None else qp.input is kp.input
+
+    @property
     def kv_cache(self) -> bool:
         return bool(self.k and self.k.cache is not None)
 

@@ -335,7 +335,9 @@ class _Rewrite:
                 self._slice_layer(site, sel, n)
             if i < last:
                 # In a KV-cache step the query rows are the new tokens: all of them vote.
-                score = (self.call("HeadImportanceAll", site.pv.outputs[0]) if site.kv_cache
+                # Every row votes with a cache (the new rows) or keys from other tokens (the probabilities'
+                # last row says nothing about which query rows are real)
+                score = (self.call("HeadImportanceAll", site.pv.outputs[0]) if site.kv_cache or site.own_keys is False
                          else self.call("HeadImportance", site.pv.outputs[0], site.probs))
                 g = site.num_heads // groups
                 if g > 1:

@@ -63,6 +63,10 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if s.kv_cache:
             raise OptionError(f"layer {s.layer} reads a KV cache: the token rewrite of a KV-cache decoder is "
                               "evict-kv (--kv-budget); prune-tokens prunes a prompt without a cache")
+        if s.own_keys is False:
+            raise OptionError(f"layer {s.layer}: its keys are computed from other tokens than its queries (K reads "
+                              f"'{s.k.projection.input.name}': a reduced sequence or cross-attention); token "
+                              "pruning ranks a layer's own tokens as keys")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
         form = _mask_form(s)

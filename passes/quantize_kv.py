@@ -295,7 +295,7 @@ class _Rewrite:
         # a [B, H, S, S] view of the scores, P @ V on [B*H, S, S])
         rows = as4(msb[id(p_used if folded else site.probs)])
         low = RULES[self.opts.rule].low(self, rows)
-        low_used, qvalid = low, self._qvalid(rows)
+        low_used, qvalid = low, self._qvalid(rows, site.own_keys is not False)
         for node in chain:
             if node.domain == DOMAIN and node.op_type == "GatherRows":  # in-layer token pruning: kept rows
                 low_used = self.call("GatherRows", low_used, node.inputs[1])
@@ -336,13 +336,17 @@ class _Rewrite:
                 mapping[id(old)] = new
         return mapping
 
-    def _qvalid(self, p: ir.Value) -> ir.Value:
+    def _qvalid(self, p: ir.Value, own_keys: bool) -> ir.Value:
         """Which query rows are real tokens [B, S] (statistics only): the keys the last query row of
         head 0 may attend to (p > 0). In self-attention that is the padding mask - and prune-tokens'
         per-layer validity - whether the mask is causal or not. After an in-layer GatherRows it is
         gathered with the rows, so a sample's kept rows beyond its own budget (masked like padding
-        from the next layer on, but computed here) still count."""
+        from the next layer on, but computed here) still count. Keys from other tokens (a reduced
+        sequence, cross-attention) say nothing about the query rows: then every row counts."""
         e = self.e
+        if not own_keys:
+            rows = e.op("Concat", [e.op("Shape", [p], end=1), e.op("Shape", [p], start=2, end=3)], axis=0)
+            return e.op("ConstantOfShape", [rows], value=ir.tensor(np.array([1.0], np.float32)))
         last = e.op("Gather", [e.op("Gather", [p, e.const("head0", np.int64(0))], axis=1),
                                e.const("last_row", np.int64(-1))], axis=1)
         # With a KV cache the keys are past + new tokens and the query rows are the new ones: the

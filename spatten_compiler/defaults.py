@@ -6,9 +6,10 @@ moves with it and nothing else changes. The kind comes from the attention sites 
 (:func:`model_kind`), never from the file name: ``decoder`` when any site reads a KV cache,
 ``decoder-nocache`` when a site is causal and none reads a cache (every generation step recomputes
 the prompt: its tokens can be pruned), ``encoder`` otherwise, ``none`` when no attention was found
-(nothing to apply). A part may need a feature of the model (:func:`model_features`): KV-cache
+(nothing to apply). A part may need a feature of the model (:data:`FEATURES`): KV-cache
 eviction needs a KV cache in every layer, so a decoder whose cache covers only some layers gets
-the decoder preset's other parts and the summary says why.
+the decoder preset's other parts and the summary says why; token pruning needs every layer's keys
+to be its own tokens (not SegFormer's reduced key sequence).
 
 How a preset combines with explicit options (:func:`resolve`):
 
@@ -38,6 +39,7 @@ rows re-read the LSB plane); nothing measured beyond static 6 is within the boun
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from spatten_compiler.errors import OptionError
@@ -73,7 +75,7 @@ PARTS: dict[str, Part] = {
     "tokens": Part("token pruning", ("token_keep", "token_keep_schedule"),
                    ("token_min_keep", "token_importance", "token_protect", "token_schedule_shape", "restore",
                     "token_prune_point"),
-                   "no_token_pruning", True, "--no-token-pruning", "--token-keep R"),
+                   "no_token_pruning", True, "--no-token-pruning", "--token-keep R", needs="own_keys"),
     "heads": Part("head pruning", ("head_keep", "head_keep_schedule"), ("head_rule", "head_calibration"),
                   "no_head_pruning", True, "--no-head-pruning", "--head-keep R --head-calibration FILE.npz"),
     "values": Part("value pruning", ("value_keep",), (), "no_value_pruning", True, "--no-value-pruning",
@@ -239,9 +241,29 @@ def model_kind(sites: list[Any]) -> str:
     return "encoder"
 
 
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """A property of the model a part needs (:attr:`Part.needs`), and how the summary says it is missing."""
+
+    has: Callable[[list[Any]], bool]  # the attention sites -> whether the model has it
+    lacking: str  # why the part is skipped, as the summary says it
+    remedy: str  # what a user can do, or what the model is
+
+
+FEATURES: dict[str, Feature] = {
+    "kv_cache": Feature(lambda sites: bool(sites) and all(s.kv_cache for s in sites),
+                        "the model has no KV cache in every layer", "export it with past_key_values"),
+    # SegFormer's keys come from a strided Conv of the tokens (S_k != S_q): token importance, a sum over
+    # a layer's query rows per key, would rank other tokens than the layer's own.
+    "own_keys": Feature(lambda sites: all(s.own_keys is not False for s in sites),
+                        "a layer's keys are computed from other tokens than its queries",
+                        "a reduced key sequence or cross-attention"),
+}
+
+
 def model_features(sites: list[Any]) -> frozenset[str]:
-    """What the model offers the parts that need something: ``kv_cache`` when every site reads one."""
-    return frozenset({"kv_cache"} if sites and all(s.kv_cache for s in sites) else set())
+    """What the model offers the parts that need something (:data:`FEATURES`)."""
+    return frozenset(name for name, feature in FEATURES.items() if feature.has(sites))
 
 
 def wants_preset(options: dict[str, Any], pipeline: str = "") -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from spatten_compiler.defaults import KINDS, PARTS, PRESET_NAMES, PRESETS, Resolution
+from spatten_compiler.defaults import FEATURES, KINDS, PARTS, PRESET_NAMES, PRESETS, Resolution
 from spatten_compiler.pipeline import Pass
 
 REWRITES = ("prune-heads", "prune-tokens", "prune-values", "quantize-kv", "evict-kv")
@@ -34,7 +34,7 @@ def _headline(res: Resolution, passes: Sequence[Pass], pipeline: str, layers: in
     kind = KINDS.get(res.kind, "")
     if res.preset is not None:
         changed = [f"{PARTS[p].name} off" for p in res.off] + [f"your {PARTS[p].name}" for p in res.replaced] + \
-            [f"{PARTS[p].name} skipped: the model has no {PARTS[p].needs.replace('_', ' ')}" for p in res.skipped]
+            [f"{PARTS[p].name} skipped: {FEATURES[PARTS[p].needs].lacking}" for p in res.skipped]
         extra = f" ({'; '.join(changed)})" if changed else ""
         return f"spattenc: preset {res.preset.name} for {kind}, {layers} attention layers{extra}:"
     if pipeline:
@@ -51,8 +51,8 @@ def _identity(res: Resolution, pipeline: str) -> list[str]:
         why = (f"no measured preset for {KINDS.get(res.kind, res.kind)} yet (docs/presets.md); --token-keep R "
                "prunes its prompt")
     elif res.skipped:
-        why = "; ".join(f"the preset's {PARTS[p].name} needs a {PARTS[p].needs.replace('_', ' ')}, which the model "
-                        "does not have (export it with past_key_values)" for p in res.skipped)
+        why = "; ".join(f"the preset's {PARTS[p].name} is skipped: {FEATURES[PARTS[p].needs].lacking} "
+                        f"({FEATURES[PARTS[p].needs].remedy})" for p in res.skipped)
     else:
         why = "every part is switched off"
     return [f"spattenc: no rewrite applied - the output computes what the input does: {why}",

@@ -27,6 +27,7 @@ def build(
     cache: bool = False,
     softmax_axis: int = -1,
     seed: int = 0,
+    reduced_kv: bool = False,  # K/V from every second token (SegFormer-like spatial reduction)
 ) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
@@ -48,9 +49,13 @@ def build(
         nodes.append(N("Add", ["qkv_mm", c("b_qkv", np.zeros(w.shape[1], np.float32))], ["qkv"]))
         nodes.append(N("Split", ["qkv", c("split", list(widths.values()))], ["q_flat", "k_flat", "v_flat"], axis=2))
     else:
+        if reduced_kv:
+            nodes.append(N("Slice", ["x", c("r_start", [0]), c("r_end", [2**62]), c("r_axis", [1]), c("r_step", [2])],
+                           ["x_reduced"]))
         for t, width in widths.items():
             w = rng.standard_normal((D, width)).astype(np.float32) * 0.3
-            nodes.append(N("MatMul", ["x", c(f"w_{t}", w)], [f"{t}_mm"]))
+            src = "x_reduced" if reduced_kv and t != "q" else "x"
+            nodes.append(N("MatMul", [src, c(f"w_{t}", w)], [f"{t}_mm"]))
             nodes.append(N("Add", [c(f"b_{t}", rng.standard_normal(width).astype(np.float32) * 0.1), f"{t}_mm"],
                            [f"{t}_flat"]))
     q = heads_split("q_flat", H, "q")
