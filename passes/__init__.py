@@ -7,5 +7,6 @@ from __future__ import annotations
 from . import decompose_attention, find_attention, normalize, prune_tokens  # noqa: E402,F401
 from . import prune_heads, prune_values  # noqa: E402,F401  (head and value pruning)
 from . import ort_fusions, ort_quantize, quantize_kv, unfuse_ort  # noqa: E402,F401  (unfuse_ort: onnxruntime optimizer ops -> standard ops)
+from . import key_mask_fold  # noqa: E402,F401  (--optimize: key masks of the importance layers into their score MatMul)
 from . import evict_kv  # noqa: E402,F401  (decoder KV-cache eviction)
 from . import pack_kv  # noqa: E402,F401  (decoder cache stored as packed planes)

@@ -36,7 +36,6 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, spatten_schedule
 
 from .find_attention import AttentionSite, find_attention
-from .key_mask_fold import fold_key_mask
 from .spatten_ops import DOMAIN, ensure_functions
 from .token_positions import check_term, gather_positions, own_region, positional_inputs, shrinks_causal
 
@@ -75,6 +74,73 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if s.mask_kind.startswith("causal") and s.mask is None:
             raise OptionError(f"layer {s.layer}: causal attention without a mask tensor on the scores "
                               f"({form}); prune-tokens gathers the mask's rows and columns")
+
+
+# Ops whose output at a position reads their inputs at that (broadcast) position only.
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "CastLike", "And", "Or", "Not", "Xor", "Equal",
+                         "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Neg", "Abs", "Min", "Max", "Clip",
+                         "Identity"})
+
+
+def _same_for_every_query(mask: ir.Value, depth: int = 32) -> bool:
+    """Whether a ``[..., S_q, S_k]`` mask is provably one row broadcast over the query axis: built by
+    element-wise ops and ``Expand`` from tensors whose query axis has size 1 (the SDPA export's
+    ``[B, 1, 1, S]`` padding row expanded to ``[B, 1, S, S]``). DeBERTa's ``m[:, None, :, None] *
+    m[:, None, None, :]`` also masks padded query rows and is not."""
+    if mask.const_value is not None and mask.const_value.size == 1:
+        return True
+    shape = mask.shape
+    if shape is not None and (shape.rank() < 2 or shape[-2] == 1):
+        return True
+    node = mask.producer()
+    if node is None or depth == 0:
+        return False
+    if node.op_type == "Expand":
+        return _same_for_every_query(node.inputs[0], depth - 1)
+    if _always_true(node):  # transformers' mask builders: q_idx >= 0 is the query axis of a constant
+        return True
+    if node.op_type == "Constant":
+        a = const_array(mask, max_elements=1)
+        return a is not None
+    return node.op_type in ELEMENTWISE and all(
+        _same_for_every_query(i, depth - 1) for i in node.inputs if i is not None)
+
+
+def _nonnegative_index(value: ir.Value, depth: int = 8) -> bool:
+    """Elements of a ``Range`` from a constant start >= 0 with a constant step > 0, through ops that
+    only move or pick elements (views, slices, expands) and ``Add`` of a constant >= 0 (dynamo writes
+    the query index as ``arange + 0``)."""
+    node = value.producer()
+    if node is None or depth == 0:
+        return False
+    if node.op_type in ("Unsqueeze", "Reshape", "Squeeze", "Identity", "Slice", "Expand", "Transpose", "Flatten"):
+        return _nonnegative_index(node.inputs[0], depth - 1)
+    if node.op_type == "Add":
+        consts = [const_array(i, max_elements=1) for i in node.inputs]
+        others = [i for i, c in zip(node.inputs, consts) if c is None]
+        return (len(others) == 1 and all(float(c.reshape(())) >= 0 for c in consts if c is not None)
+                and _nonnegative_index(others[0], depth - 1))
+    if node.op_type != "Range":
+        return False
+    start, step = (const_array(v, max_elements=1) for v in (node.inputs[0], node.inputs[2]))
+    return start is not None and step is not None and float(start.reshape(())) >= 0 and float(step.reshape(())) > 0
+
+
+def _always_true(node: ir.Node) -> bool:
+    """``index >= c`` or ``index > c`` with c < 0 (or ``>= 0``), index a non-negative Range (or the
+    mirrored ``c <= index``): true everywhere, whatever the sequence length."""
+    flip = {"LessOrEqual": "GreaterOrEqual", "Less": "Greater"}
+    if node.op_type in flip:
+        op, (index, bound) = flip[node.op_type], (node.inputs[1], node.inputs[0])
+    elif node.op_type in ("GreaterOrEqual", "Greater"):
+        op, (index, bound) = node.op_type, (node.inputs[0], node.inputs[1])
+    else:
+        return False
+    c = const_array(bound, max_elements=1)
+    if c is None or not _nonnegative_index(index):
+        return False
+    c = float(c.reshape(()))
+    return c <= 0 if op == "GreaterOrEqual" else c < 0
 
 
 def _mask_form(site: AttentionSite) -> str:
@@ -262,25 +328,17 @@ class _Rewrite:
                 pruned = True
             here = after and nxt < ratio  # prune inside this layer, right after its softmax
             post_nodes = self._post_attention(site) if here else []
-            # Scores are only needed while a later layer still prunes.
-            scored = any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:]))
-            bias = None
             if pruned:
                 post = set(map(id, post_nodes))
                 full_region = own_region(x, site.layer_output)
                 self._gather_positional(site, full_region, x)
                 self._rebind_seq_shapes([n for n in full_region if id(n) not in post], x,
                                         static=_static_len(site.layer_input))
-                bias = self._replace_mask(site, self.valid, full_region, x)
+                self._replace_mask(site, self.valid, full_region, x)
             elif self._compact_mask(site, mask_input):
-                bias = self._replace_mask(site, self.valid, [], x)
-            if scored and bias is not None and not self.decoder and _mask_form(site) == "additive":
-                # A key mask [B, 1, 1, k]: into the score MatMul. Such a layer cannot fuse (the importance
-                # reads its probabilities), and onnxruntime's fusion no longer takes it for one.
-                why = fold_key_mask(e, site.mask_node, bias)
-                if why is not None:
-                    logger.debug("layer %d: key mask not folded into the scores: %s", site.layer, why.reason)
-            if scored:
+                self._replace_mask(site, self.valid, [], x)
+            if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):
+                # Scores are only needed while a later layer still prunes.
                 values = [site.pv.inputs[1]] if self.opts.importance in ("value", "causal") else []
                 score = self.call(self.importance, self._per_head(site.probs, site), self.valid,
                                   *[self._per_head(v, site) for v in values])
@@ -307,11 +365,12 @@ class _Rewrite:
         """Whether a layer before the first pruning decision takes the compact ``[B, 1, 1, S]`` mask
         the pruned layers get, in place of the exporter's: only a pure padding mask of the same 2-D
         input (no causal or window part), which the compact one equals. Exporters broadcast it to
-        ``[B, 1, S, S]`` with dozens of ops and a full-size ``Where``; the full-length layer then adds
-        that tensor to every head's scores, where the compact one broadcasts (and the exporter's mask
-        ops, now unread, are dropped)."""
+        ``[B, 1, S, S]`` with dozens of ops and a full-size ``Where``; the compact one broadcasts (the
+        exporter's mask ops, now unread, are dropped), and fold-key-mask (``--optimize``) can turn it
+        into a row of the score MatMul."""
         return (not self.decoder and mask_input is not None and site.mask_kind == "padding"
-                and site.mask_source == mask_input.name and _mask_form(site) in MASK_FORMS)
+                and site.mask_source == mask_input.name and _mask_form(site) in MASK_FORMS
+                and _same_for_every_query(site.mask))
 
     def _per_head(self, value: ir.Value, site: AttentionSite) -> ir.Value:
         """Heads folded into the batch (3-D ``[B*H, S, .]``, batch-major as every folding exporter

@@ -227,9 +227,12 @@ class CompileConfig:
         return [*front, *passes, *self.ort_passes()] if passes else self.ort_passes()
 
     def ort_passes(self) -> list[Pass]:
-        """onnxruntime's fusions, then its weight quantization (its recommended order)."""
+        """With --optimize: fold-key-mask (pruned models), then onnxruntime's fusions; then its weight
+        quantization (its recommended order)."""
         post: list[Pass] = []
         if self.optimize:
+            if self.prunes_tokens:  # the layers whose probabilities feed the importance: their key mask
+                post.append(make_pass("fold-key-mask"))
             post.append(make_pass("ort-fusions", attention="no-attention" if self.prunes_heads else "all"))
         if self.weights is not None:
             post.append(make_pass("ort-quantize", weights=self.weights))

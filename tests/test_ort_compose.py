@@ -85,16 +85,17 @@ def test_skip_layer_norm_fusion_on_request(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("point", ["layer-input", "after-attention"])
 def test_layers_feeding_the_importance_stay_unfused(point: str, tmp_path: Path) -> None:
-    """Two pruning decisions: layers 0 and 1 feed the token importance. Their key masks are folded
-    into the score MatMul (passes/key_mask_fold.py), so onnxruntime's attention fusion - which does
-    not check the probabilities for other readers - leaves them alone and fuses only layers 2 and 3;
-    the outputs equal the unfused model's."""
+    """Two pruning decisions: layers 0 and 1 feed the token importance. fold-key-mask puts their key
+    masks into the score MatMul, so onnxruntime's attention fusion - which does not check the
+    probabilities for other readers - leaves them alone and fuses only layers 2 and 3; the outputs
+    equal the unfused model's."""
     src = MODELS / "bert_torchscript.onnx"
     args = ["--token-keep-schedule", "1,0.75,0.5,0.5", "--token-min-keep", "2", "--token-prune-point", point]
     plain = _compile(src, tmp_path / "plain.onnx", *args)
     out = tmp_path / "fused.onnx"
     r = spattenc(str(src), "-o", str(out), *args, "--optimize")
     assert r.returncode == 0, r.stderr
+    assert "fold-key-mask: key mask of layers 0, 1 folded" in r.stderr
     assert "ort-fusions: {'Attention': 2," in r.stderr and "warning" not in r.stderr
     feeds, _ = reference_io(load_meta("bert_torchscript"))
     assert _max_diff(plain, out, feeds) <= 1e-4
@@ -106,9 +107,9 @@ def test_fusions_fall_back_when_an_importance_layer_fuses(tmp_path: Path, monkey
     says so, and the outputs equal the unfused model's."""
     from spatten_compiler.cli import main
     from spatten_compiler.match import NoMatch
-    from spatten_compiler.passes import prune_tokens
+    from spatten_compiler.passes import key_mask_fold
 
-    monkeypatch.setattr(prune_tokens, "fold_key_mask", lambda *a: NoMatch("off for the test"))
+    monkeypatch.setattr(key_mask_fold, "foldable", lambda site: NoMatch("off for the test"))
     src = MODELS / "bert_torchscript.onnx"
     args = [str(src), "--token-keep-schedule", "1,0.75,0.5,0.5", "--token-min-keep", "2",
             "--token-prune-point", "layer-input"]

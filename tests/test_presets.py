@@ -26,6 +26,7 @@ ENCODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "encoder"]
 DECODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "decoder" and load_meta(n)["kv_cache"]]
 NOCACHE_DECODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "decoder" and not load_meta(n)["kv_cache"]]
 SEQ = 100  # over the spattenc rule's 64-token floor, so the default's keep 0.4 really drops tokens
+NO_CACHE = frozenset({"own_keys"})  # model_features of a decoder whose cache misses some layers (or has none)
 
 
 def compile_(src: Path, out: Path, *flags: str) -> dict:
@@ -419,7 +420,7 @@ def test_resolve_rules() -> None:
     assert opts["kv_slack"] == DEFAULT_DECODER["kv_slack"] > 0  # block eviction
     opts, res = resolve({"preset": "default", "kv_bits": "8"}, "decoder")  # a packed cache: evicted in blocks too
     assert opts["kv_budget"] == 0.5 and opts["kv_bits"] == "8" and opts["kv_slack"] == DEFAULT_DECODER["kv_slack"]
-    opts, res = resolve({}, "decoder", features=frozenset())  # a KV cache in only some layers
+    opts, res = resolve({}, "decoder", features=NO_CACHE)  # a KV cache in only some layers
     assert "kv_budget" not in opts and res.skipped == ("evict",) and "kv_bits" not in opts
     opts, res = resolve({"kv_sinks": 8}, "decoder")  # eviction's details are independent knobs
     assert opts["kv_sinks"] == 8 and opts["kv_budget"] == 0.5 and opts["kv_min_keep"] == DEFAULT_DECODER["kv_min_keep"]
@@ -427,18 +428,18 @@ def test_resolve_rules() -> None:
     assert res.preset is None and "kv_bits" not in opts and "kv_min_keep" not in opts
     opts, res = resolve({"preset": "aggressive", "kv_budget": 0.3}, "decoder")
     assert res.replaced == ("evict",) and "kv_min_keep" not in opts and "kv_bits" not in opts
-    opts, res = resolve({}, "decoder-nocache", features=frozenset())  # K/V bits only, no eviction to skip
+    opts, res = resolve({}, "decoder-nocache", features=NO_CACHE)  # K/V bits only, no eviction to skip
     assert opts == DEFAULT_NOCACHE and res.applied == {"kv": DEFAULT_NOCACHE} and not res.skipped
-    opts, res = resolve({"token_keep": 0.5}, "decoder-nocache", features=frozenset())
+    opts, res = resolve({"token_keep": 0.5}, "decoder-nocache", features=NO_CACHE)
     assert res.preset is None and "kv_bits" not in opts
     for name in PRESET_NAMES:  # the measured points; the others say which are
         if ("decoder-nocache", name) in PRESETS:
-            assert resolve({"preset": name}, "decoder-nocache", features=frozenset())[1].preset.name == name
+            assert resolve({"preset": name}, "decoder-nocache", features=NO_CACHE)[1].preset.name == name
         else:
             measured = ", ".join(n for n in PRESET_NAMES if ("decoder-nocache", n) in PRESETS)
             with pytest.raises(OptionError, match="no measured preset for a decoder without a KV cache .* yet; "
                                                   f"measured: {measured}"):
-                resolve({"preset": name}, "decoder-nocache", features=frozenset())
+                resolve({"preset": name}, "decoder-nocache", features=NO_CACHE)
     assert resolve({}, "none")[1].preset is None
     assert resolve({}, "encoder", pipeline="normalize")[1].preset is None
 
@@ -477,6 +478,6 @@ def test_a_registered_nocache_preset_applies_by_kind(monkeypatch: pytest.MonkeyP
     entry = defaults.Preset("decoder-nocache", "default", (defaults.Setting("tokens", "token_keep", NOCACHE_KEEP,
                                                                             "x", "x"),))
     monkeypatch.setitem(defaults.PRESETS, ("decoder-nocache", "default"), entry)
-    opts, res = resolve({}, "decoder-nocache", features=frozenset())
+    opts, res = resolve({}, "decoder-nocache", features=NO_CACHE)
     assert opts["token_keep"] == NOCACHE_KEEP and res.applied == {"tokens": {"token_keep": NOCACHE_KEEP}}
     assert resolve({}, "encoder")[0]["token_keep"] == 0.4 and "token_keep" not in resolve({}, "decoder")[0]

@@ -411,8 +411,8 @@ def test_cli_and_config_set_rule_granularity_factor_stats(tmp_path: Path) -> Non
     (["--kv-rule", "min", "--kv-bits", "none"], None, "--kv-rule needs --kv-bits"),  # alone: the preset's bits
     (["--kv-bits", "4+4", "--lsb-threshold", "3"], None, "--lsb-threshold"),
     ([], {"kv_bits": "4+4", "kv_rule": "odd"}, "--kv-rule must be one of"),
-    ([], {"kv_bits": "4+4", "kv_granularity": 3}, "--kv-granularity must be one of"),
-    ([], {"kv_bits": "4+4", "kv_factor": "x"}, "--kv-factor must be a number"),
+    ([], {"kv_bits": "4+4", "kv_granularity": 3}, "kv_granularity must be a string or null, got 3"),
+    ([], {"kv_bits": "4+4", "kv_factor": "x"}, "kv_factor must be a number or null, got 'x'"),
     ([], {"kv_stats": True, "kv_bits": "none"}, "--kv-stats needs --kv-bits"),
 ])
 def test_cli_bad_kv_options_are_one_line(args: list[str], config: dict | None, message: str, tmp_path: Path) -> None:
