@@ -149,12 +149,13 @@ def _mask_form(site: AttentionSite) -> str:
 
 def _check_serial(site: AttentionSite) -> None:
     """after-attention gathers the attention output's rows and the residual's: a parallel block (GPT-J,
-    NeoX: (attn + mlp(x)) + x) also adds an MLP of the full-length input in between."""
+    NeoX: (attn + mlp(x)) + x) also adds an MLP of the full-length input in between; Cohere writes it
+    after the residual, (x + attn) + mlp(x), which the same gather leaves full length too."""
     value = next(i for i in site.residual.inputs if i is not site.layer_input)
     for _ in range(32):
         node = value.producer()
         if node is None or node is site.pv:
-            return
+            break
         data = [i for i in node.inputs if i is not None and const_array(i) is None and i.const_value is None
                 and i.dtype in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
         if len(data) != 1:
@@ -162,6 +163,28 @@ def _check_serial(site: AttentionSite) -> None:
                               "another value before the residual (a parallel block, a norm on the branch); "
                               "use prune point layer-input")
         value = data[0]
+    out = site.residual.outputs[0]
+    readers = [u.node for u in out.uses() if u.node.op_type not in ("Shape", "Size") and u.node.domain != DOMAIN]
+    if len(readers) == 1 and readers[0].op_type == "Add":
+        branch = next((i for i in readers[0].inputs if i is not out), None)
+        if branch is not None and not _reads(branch, out):
+            raise OptionError(f"layer {site.layer}: Add '{readers[0].name}' adds a branch computed beside the "
+                              "attention to the residual sum ((x + attn) + mlp(x), a parallel block); use prune "
+                              "point layer-input")
+
+
+def _reads(value: ir.Value, source: ir.Value, limit: int = 2000) -> bool:
+    """Whether ``value`` is computed from ``source`` (a walk up its producers)."""
+    todo, seen = [value], set()
+    while todo and len(seen) < limit:
+        v = todo.pop()
+        if v is source:
+            return True
+        if id(v) in seen or v.producer() is None:
+            continue
+        seen.add(id(v))
+        todo.extend(i for i in v.producer().inputs if i is not None)
+    return False
 
 
 def _row_aligned(x: ir.Value, post: set[int], limit: int = 64) -> set[ir.Value]:

@@ -69,6 +69,19 @@ def _parallel(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _parallel_after_residual(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Cohere: y = (x + attn) + mlp(x) - the MLP branch joins after the residual Add."""
+    g = proto.graph
+    res = next(n for n in g.node if n.output[0] == "y")
+    res.output[0] = "x_attn"
+    w = numpy_helper.from_array(np.random.default_rng(4).standard_normal((structural_graphs.D,) * 2)
+                                .astype(np.float32) * 0.3, "w_mlp")
+    g.initializer.append(w)
+    g.node.extend([helper.make_node("MatMul", ["x", "w_mlp"], ["mlp"], name="mlp"),
+                   helper.make_node("Add", ["x_attn", "mlp"], ["y"], name="par_after")])
+    return proto
+
+
 def _square_mask(proto: onnx.ModelProto) -> onnx.ModelProto:
     """SDPA / opset-23 Attention exports: the padding mask expanded to [B, 1, S, S] (query rows too)."""
     g = proto.graph
@@ -238,6 +251,7 @@ CASES = {
     "layer_scale": lambda: _layer_scale(structural_graphs.build()),
     "post_norm": lambda: _post_norm(structural_graphs.build()),
     "parallel_residual": lambda: _parallel(structural_graphs.build()),
+    "parallel_after_residual": lambda: _parallel_after_residual(structural_graphs.build()),
     "decoder": lambda: attention_graphs.build(mask="causal+additive"),
     "square_mask": lambda: _square_mask(structural_graphs.build()),
     "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
@@ -301,6 +315,10 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
         with pytest.raises(OptionError, match="before the residual"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
         return
+    if case == "parallel_after_residual":  # Cohere: the MLP of the full input joins after it
+        with pytest.raises(OptionError, match="a branch computed beside the attention"):
+            _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
+        return
     if case.startswith("folded"):  # the in-layer row gather is per sample, folded probabilities per (sample, head)
         with pytest.raises(OptionError, match="folded into the batch"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
@@ -310,7 +328,8 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
     np.testing.assert_allclose(got["l1_y"], _run(proto, feeds)["l1_y"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "post_norm", "folded", "folded_alibi"}))
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "parallel_after_residual", "post_norm",
+                                                      "folded", "folded_alibi"}))
 def test_after_attention_pruned_ort_equals_reference(case: str, tmp_path) -> None:
     """keep 0.5 right after layer 0's softmax (the decoder presets' prune point): the post-attention
     part runs on 3 of 6 tokens - reshape targets read the kept count, including Llama's head merge
