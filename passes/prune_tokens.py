@@ -68,6 +68,11 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                               "pruning ranks a layer's own tokens as keys")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
+        q_in = s.q.projection.input if s.q is not None and s.q.projection is not None else None
+        if q_in is not None and q_in not in _row_aligned(s.layer_input, set(), limit=256):
+            raise OptionError(f"layer {s.layer}: the attention's rows are not the layer input's tokens (Q reads "
+                              f"'{q_in.name}', regrouped from them, e.g. into windows); token pruning ranks a "
+                              "layer's own tokens")
         form = _mask_form(s)
         if s.mask is not None and form not in MASK_FORMS:
             raise OptionError(f"layer {s.layer}: mask form {form} is not supported")

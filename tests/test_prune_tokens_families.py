@@ -492,3 +492,19 @@ def test_corpus_pruned_ort_equals_reference(rec: dict | None, tmp_path) -> None:
     if rec["kind"] == "decoder":
         lens = feeds["attention_mask"].sum(1) - 1
         assert all(int(n) in row for n, row in zip(lens, got["spatten_kept_positions.0"]))
+
+
+def test_attention_over_regrouped_tokens_is_refused(tmp_path) -> None:
+    """Q/K/V projections that read the layer input's tokens regrouped (Swin's window partition; here
+    reversed) do not attend over the layer's tokens: prune-tokens refuses in one line (Swin's dynamo
+    export has static shapes, so nothing else stopped it and onnxruntime failed on the written model)."""
+    proto = structural_graphs.build()
+    g = proto.graph
+    g.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), n) for n, v in
+                         (("rev_start", -1), ("rev_end", -(2**62)), ("rev_axis", 1), ("rev_step", -1)))
+    g.node.insert(0, helper.make_node("Slice", ["x", "rev_start", "rev_end", "rev_axis", "rev_step"], ["x_rev"]))
+    for node in g.node:
+        if node.op_type == "MatMul" and node.input[0] == "x" and node.input[1] in ("w_q", "w_k", "w_v"):
+            node.input[0] = "x_rev"
+    with pytest.raises(OptionError, match="the attention's rows are not the layer input's tokens"):
+        _compile(stack(proto), tmp_path, schedule=(1.0, 0.5))
