@@ -28,6 +28,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
@@ -283,6 +284,9 @@ class PruneTokens(Pass):
     importance: str = "sum"
     emit_kept: bool = False
     prune_point: str = "layer-input"
+    # after-attention where a block allows it, else layer-input with a warning (the token rule's default;
+    # an explicit --token-prune-point refuses instead)
+    prune_point_fallback: bool = False
     recent: float = 0.0  # decoders: this fraction of each sample's budget is its most recent tokens (kept)
 
     def ratios(self, layers: int) -> list[float]:
@@ -307,15 +311,33 @@ class PruneTokens(Pass):
         if all(r == 1.0 for r in ratios) and not self.emit_kept:
             return PassResult(model, False)
         _check_sites(sites)
-        folded = next((s for s in sites if s.variant.get("layout") == "folded"), None)
-        if folded is not None and self.prune_point == "after-attention":  # rows per sample, P per (sample, head)
-            raise OptionError(f"layer {folded.layer}: --token-prune-point after-attention on heads folded into the "
-                              "batch axis (3-D scores [B*H, S, S]) is not supported; use layer-input")
-        _Rewrite(model, sites, ratios, self).run()
+        opts = self
+        why = _after_attention_refusal(sites, ratios) if self.prune_point == "after-attention" else None
+        if why is not None:
+            if not self.prune_point_fallback:
+                raise why
+            logger.warning("prune-tokens: %s - pruning at the next layer's input instead", str(why).rsplit("; use", 1)[0])
+            opts = dataclasses.replace(self, prune_point="layer-input")
+        _Rewrite(model, sites, ratios, opts).run()
         logger.info("prune-tokens: %d layers keep %s of the tokens (importance %s, prune point %s, at least %d "
-                    "tokens, restore %s)", len(sites), " ".join(f"{r:.2f}" for r in ratios), self.importance,
-                    self.prune_point, self.min_keep, self.restore)
+                    "tokens, restore %s)", len(sites), " ".join(f"{r:.2f}" for r in ratios), opts.importance,
+                    opts.prune_point, opts.min_keep, opts.restore)
         return PassResult(model, True)
+
+
+def _after_attention_refusal(sites: list[AttentionSite], ratios: list[float]) -> OptionError | None:
+    """Why pruning right after a deciding layer's softmax cannot work on these blocks, or None."""
+    folded = next((s for s in sites if s.variant.get("layout") == "folded"), None)
+    if folded is not None:  # rows per sample, P per (sample, head)
+        return OptionError(f"layer {folded.layer}: --token-prune-point after-attention on heads folded into the "
+                           "batch axis (3-D scores [B*H, S, S]) is not supported; use layer-input")
+    for site, ratio, nxt in zip(sites, ratios, [*ratios[1:], 1.0]):
+        if nxt < ratio:
+            try:
+                _check_serial(site)
+            except OptionError as e:
+                return e
+    return None
 
 
 class _Rewrite:
@@ -380,6 +402,7 @@ class _Rewrite:
                 site.residual.replace_input_with(slot, xk)
                 self._rebind_seq_shapes(post_nodes, xk, also=_row_aligned(x, set(map(id, post_nodes))),
                                         static=_static_len(site.layer_input))
+                self._gather_inputs(site, post_nodes, xk)  # e.g. XLM's padding mask multiplied after the FFN
                 pruned = True
         pos, valid, buf, kept_outputs = self.pos, self.valid, self.buf, self.kept_outputs
         if pruned:
@@ -388,6 +411,9 @@ class _Rewrite:
             self._emit_kept(full, pos, valid, kept_outputs)
         e.forget_shapes()
         e.commit()
+        # the replaced masks' ops are dead now: left in, onnxruntime still runs them, and an exporter's
+        # Expand to the scores' full-length shape fails there (XLM's per-layer mask)
+        RemoveUnusedNodesPass()(self.model)
 
     def _compact_mask(self, site: AttentionSite, mask_input: ir.Value | None) -> bool:
         """Whether a layer before the first pruning decision takes the compact ``[B, 1, 1, S]`` mask
@@ -531,7 +557,12 @@ class _Rewrite:
             for i, inp in enumerate(add.inputs):
                 if inp is term:
                     add.replace_input_with(i, new)
-        # Every site's own mask and score terms are rewritten with that site's kept positions.
+        self._gather_inputs(site, region, x)
+
+    def _gather_inputs(self, site: AttentionSite, region: list[ir.Node], x: ir.Value) -> None:
+        """Position-indexed inputs ``region`` reads (RoPE tables, XLM's ``hidden * mask[:, :, None]``),
+        at the kept positions. Every site's own mask and score terms are rewritten with that site's
+        kept positions (skipped here)."""
         skip = {id(v) for v in (x, site.layer_input) if v is not None} | self.site_terms
         for value, axes, lift in positional_inputs(site.layer, region, skip, x, self.model.graph, site.mask_source):
             new = self._gathered(value, axes, lift)

@@ -260,6 +260,7 @@ class CompileConfig:
                 min_keep=rule["token_min_keep"],
                 restore=rule["restore"],
                 prune_point=rule["token_prune_point"],
+                prune_point_fallback=self.token_prune_point is None,
                 emit_kept=self.emit_kept,
             )
 

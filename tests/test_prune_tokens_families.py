@@ -82,6 +82,18 @@ def _parallel_after_residual(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _mask_multiplied(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """XLM: every layer's output times the padding mask, y = layer(x) * mask[:, :, None]."""
+    g = proto.graph
+    last = next(n for n in g.node if n.output[0] == "y")
+    last.output[0] = "y_unmasked"
+    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "mm_axis"))
+    g.node.extend([helper.make_node("Cast", ["mask"], ["mm_f"], to=TensorProto.FLOAT, name="mm_cast"),
+                   helper.make_node("Unsqueeze", ["mm_f", "mm_axis"], ["mm_col"], name="mm_col"),
+                   helper.make_node("Mul", ["y_unmasked", "mm_col"], ["y"], name="mm_mul")])
+    return proto
+
+
 def _square_mask(proto: onnx.ModelProto) -> onnx.ModelProto:
     """SDPA / opset-23 Attention exports: the padding mask expanded to [B, 1, S, S] (query rows too)."""
     g = proto.graph
@@ -252,6 +264,7 @@ CASES = {
     "post_norm": lambda: _post_norm(structural_graphs.build()),
     "parallel_residual": lambda: _parallel(structural_graphs.build()),
     "parallel_after_residual": lambda: _parallel_after_residual(structural_graphs.build()),
+    "mask_multiplied": lambda: _mask_multiplied(structural_graphs.build()),
     "decoder": lambda: attention_graphs.build(mask="causal+additive"),
     "square_mask": lambda: _square_mask(structural_graphs.build()),
     "decoder_rope": lambda: attention_graphs.build(mask="causal+additive", rope=True),
@@ -508,3 +521,32 @@ def test_attention_over_regrouped_tokens_is_refused(tmp_path) -> None:
             node.input[0] = "x_rev"
     with pytest.raises(OptionError, match="the attention's rows are not the layer input's tokens"):
         _compile(stack(proto), tmp_path, schedule=(1.0, 0.5))
+
+
+@pytest.mark.parametrize("case", ["parallel_residual", "parallel_after_residual", "post_norm", "folded"])
+def test_after_attention_falls_back_to_layer_input(case: str, tmp_path, caplog) -> None:
+    """The token rule's after-attention prune point, where a block does not allow it (a parallel
+    block, a norm on the attention branch, heads folded into the batch): pruned at the next layer's
+    input instead, with a warning, and onnxruntime equals the reference runtime. An explicit prune
+    point refuses (test_after_attention_all_tokens_equals_input)."""
+    proto = stack(CASES[case]())
+    feeds = _feeds()
+    with caplog.at_level("WARNING", logger="spatten_compiler.passes.prune_tokens"):
+        path = _compile(proto, tmp_path, schedule=(1.0, 0.5), prune_point="after-attention",
+                        prune_point_fallback=True)
+    assert "pruning at the next layer's input instead" in caplog.text
+    got = _run(path, feeds)
+    reference = ReferenceRuntime(path).run(feeds).outputs
+    for k, v in got.items():
+        np.testing.assert_allclose(reference[k], v, atol=1e-4, rtol=0, err_msg=k)
+    assert got["spatten_kept_positions.0"].shape == (2, 3)
+
+
+def test_the_token_rule_prune_point_may_fall_back_an_explicit_one_not() -> None:
+    from spatten_compiler.api import make_config
+
+    (rule_pass,) = [p for p in make_config(token_keep=0.5).passes() if p.name == "prune-tokens"]
+    (explicit,) = [p for p in make_config(token_keep=0.5, token_prune_point="after-attention").passes()
+                   if p.name == "prune-tokens"]
+    assert rule_pass.prune_point == explicit.prune_point == "after-attention"
+    assert rule_pass.prune_point_fallback and not explicit.prune_point_fallback
