@@ -15,6 +15,11 @@ for every miss (issue #16).
   more than one KV group, the last layer's group 0 sliced out of the weights at compile time
   against the input model with that group's output-projection rows zeroed (<= 1e-5).
 * kv: ``--kv-bits 8+4`` compiles and runs to finite outputs (quantization is not exact).
+* tokens-0.5 / heads-0.5: real pruning, which the exactness checks above never do (at keep 1.0 or
+  0.999 every stale sequence length still fits): ``prune-tokens`` at keep 0.5 (the default spattenc
+  rule, floor 1) or, with a KV cache, ``evict-kv`` at budget 0.5; ``prune-heads`` at keep 0.5 (the
+  run-time rule). The written model must run in onnxruntime on the reference inputs to finite outputs
+  of the input model's shapes (a refusal in one line counts as refused).
 
 Writes bench/results/<ts>-coverage.{md,json}.
 """
@@ -46,7 +51,7 @@ from spatten_compiler.pipeline import Pipeline, make_pass
 log = logging.getLogger("bench.coverage")
 CORPUS = Path(__file__).resolve().parents[1] / "models" / "cache" / "corpus"
 ATOL = 1e-5
-CHECKS = ("discovered", "tokens", "heads", "kv")
+CHECKS = ("discovered", "tokens", "heads", "kv", "tokens-0.5", "heads-0.5")
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,11 +116,9 @@ def tokens(path: Path, feeds: dict[str, np.ndarray], tmp: Path, rec: dict[str, A
     return ok2, f"keep 1.0: {why}; all tokens selected after layer 0 (no padding): {why2}"
 
 
-def evict_full(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
-    """evict-kv with budget 1.0 (keeps every cache slot) against the input model: the cache state it
-    adds starts empty-of-history (importance 0, past positions 0..P-1, position_ids P..P+q-1)."""
-    out = tmp / "evict.onnx"
-    _compile(path, [make_pass("evict-kv", budget=1.0)], out)
+def _evict_feeds(out: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference inputs plus the cache state evict-kv adds, empty of history (importance 0, past
+    positions 0..P-1, position_ids P..P+q-1)."""
     ids, mask = feeds["input_ids"], feeds["attention_mask"]
     batch, q = ids.shape
     past = mask.shape[1] - q
@@ -130,10 +133,61 @@ def evict_full(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[boo
             extra[name] = np.broadcast_to(np.arange(past, dtype=np.int64), (batch, past)).copy()
         elif name == "position_ids" and name not in feeds:
             extra[name] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -q:].astype(np.int64)
+    return {**feeds, **extra}
+
+
+def evict_full(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
+    """evict-kv with budget 1.0 (keeps every cache slot) against the input model."""
+    out = tmp / "evict.onnx"
+    _compile(path, [make_pass("evict-kv", budget=1.0)], out)
     want = _run(path, feeds)
-    got = _run(out, {**feeds, **extra})
+    got = _run(out, _evict_feeds(out, feeds))
     d = _diff(want, {k: got[k] for k in want})
     return d <= ATOL, f"evict-kv budget 1.0: max |diff| {d:.2g}" + ("" if d <= ATOL else f" > {ATOL:g}")
+
+
+def _runs_like(path: Path, out: Path, feeds: dict[str, np.ndarray], cache_outputs: bool = True) -> tuple[bool, str]:
+    """The written model runs to finite outputs of the input model's shapes (a KV cache's present.*
+    may be shorter after eviction: ``cache_outputs=False`` leaves them out)."""
+    want, got = _run(path, feeds), _run(out, feeds)
+    for k, v in want.items():
+        if not cache_outputs and k.startswith("present"):
+            continue
+        if got[k].shape != v.shape:
+            return False, f"{k}: shape {got[k].shape}, the input model's {v.shape}"
+        if got[k].dtype.kind == "f" and not np.isfinite(got[k]).all():
+            return False, f"{k}: non-finite values"
+    return True, "runs, finite outputs of the input model's shapes"
+
+
+def tokens_half(path: Path, feeds: dict[str, np.ndarray], tmp: Path, rec: dict[str, Any]) -> tuple[bool, str]:
+    """prune-tokens at keep 0.5 (evict-kv at budget 0.5 with a KV cache) runs."""
+    out = tmp / "tokens-half.onnx"
+    if rec.get("kv_cache"):
+        _compile(path, [make_pass("evict-kv", budget=0.5)], out)
+        want, got = _run(path, feeds), _run(out, _evict_feeds(out, feeds))
+        bad = [k for k in want if not k.startswith("present") and (got[k].shape != want[k].shape
+                                                                    or not np.isfinite(got[k]).all())]
+        return not bad, f"{bad[0]}: shape or values wrong" if bad else "evict-kv budget 0.5 runs"
+    _compile(path, [make_pass("prune-tokens", keep=0.5, min_keep=1, **_spattenc_rule())], out)
+    return _runs_like(path, out, feeds)
+
+
+def _spattenc_rule() -> dict[str, Any]:
+    """The default token rule's options, as compile passes them to prune-tokens (floor aside)."""
+    from spatten_compiler.config import TOKEN_RULES
+
+    rule = TOKEN_RULES["spattenc"]
+    return {"importance": rule["token_importance"], "protect": rule["token_protect"],
+            "shape": rule["token_schedule_shape"], "restore": rule["restore"],
+            "prune_point": rule["token_prune_point"], "prune_point_fallback": True}
+
+
+def heads_half(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
+    """prune-heads at keep 0.5 with the run-time (paper) rule runs."""
+    out = tmp / "heads-half.onnx"
+    _compile(path, [make_pass("prune-heads", keep=0.5)], out)
+    return _runs_like(path, out, feeds)
 
 
 def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:
@@ -204,7 +258,9 @@ def evaluate(rec: dict[str, Any], corpus: Path = CORPUS, only: tuple[str, ...] =
     with tempfile.TemporaryDirectory(prefix="coverage-") as d:
         path = float_activations(path, Path(d))
         checks = (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d), rec)),
-                  ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d))))
+                  ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d))),
+                  ("tokens-0.5", lambda: tokens_half(path, feeds, Path(d), rec)),
+                  ("heads-0.5", lambda: heads_half(path, feeds, Path(d))))
         for check, fn in checks:
             if check not in only:
                 continue
@@ -236,7 +292,7 @@ def corpus_records(corpus: Path = CORPUS) -> list[dict[str, Any]]:
 
 def render(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
     mark = lambda c: "yes" if c["ok"] else ("refused" if c.get("refused") else "NO")  # noqa: E731
-    lines = ["| model | exporter | discovered | tokens | heads | kv |", "|---|---|---|---|---|---|"]
+    lines = [f"| model | exporter | {' | '.join(CHECKS)} |", "|---|---|" + "---|" * len(CHECKS)]
     for r in rows:
         lines.append(f"| {r['family']}{' (KV cache)' if r['kv_cache'] else ''} | {r['exporter']} | "
                      + " | ".join(mark(r[c]) for c in CHECKS) + " |")

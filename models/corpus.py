@@ -65,15 +65,25 @@ TINY: dict[str, Any] = {
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    kind: str  # encoder | decoder | seq2seq-encoder | vision | audio-encoder
+    kind: str  # encoder | decoder | seq2seq-encoder | vision | audio-encoder | audio-wave
     overrides: dict[str, Any] = field(default_factory=dict)
     kv: bool = True  # decoders: also export with a KV cache
     heads_attr: str = "num_attention_heads"
     layers_attr: str = "num_hidden_layers"
+    expect: dict[str, int] = field(default_factory=dict)  # expected_dims entries the config cannot tell
 
 
-def _fam(model_type: str, kind: str, kv: bool = True, **overrides: Any) -> Family:
-    return Family(model_type, kind, overrides, kv)
+def _fam(model_type: str, kind: str, kv: bool = True, expect: dict[str, int] | None = None,
+         **overrides: Any) -> Family:
+    return Family(model_type, kind, overrides, kv, expect=expect or {})
+
+
+# MoE families: transformers 5's default experts implementation uses aten::histc (no ONNX export);
+# batched_mm exports with both exporters.
+_MOE = {"_experts_implementation": "batched_mm"}
+# wav2vec2-style raw-waveform encoders: a 2-layer conv feature extractor (stride 10) instead of 7 layers.
+_WAVE = dict(conv_dim=(64, 64), conv_kernel=(10, 3), conv_stride=(5, 2), num_feat_extract_layers=2,
+             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, mask_time_prob=0.0)
 
 
 FAMILIES: list[Family] = [
@@ -84,6 +94,24 @@ FAMILIES: list[Family] = [
     _fam("deberta-v2", "encoder", relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8),
     _fam("modernbert", "encoder", global_attn_every_n_layers=1, local_attention=16),
     _fam("big_bird", "encoder", attention_type="original_full"),
+    *[_fam(t, "encoder") for t in ("camembert", "ibert", "bert-generation", "splinter", "layoutlm", "markuplm",
+                                  "roc_bert", "xlm-roberta-xl", "roberta-prelayernorm", "nomic_bert", "eurobert")],
+    _fam("xlm", "encoder", emb_dim=64, n_heads=4, n_layers=2),
+    _fam("flaubert", "encoder", emb_dim=64, n_heads=4, n_layers=2),
+    _fam("rembert", "encoder", input_embedding_size=32, output_embedding_size=32),
+    _fam("luke", "encoder", entity_vocab_size=16, entity_emb_size=32),
+    _fam("lilt", "encoder", hidden_size=96, channel_shrink_ratio=4, expect={"head_dim": 24, "hidden_size": 96}),
+    _fam("xmod", "encoder", languages=["en_XX"], default_language="en_XX"),
+    _fam("mobilebert", "encoder", embedding_size=32, intra_bottleneck_size=64, true_hidden_size=64,
+         num_feedforward_networks=1),
+    _fam("convbert", "encoder", embedding_size=32, head_ratio=2, conv_kernel_size=3,
+         expect={"num_heads": 2, "num_kv_heads": 2}),  # head_ratio 2: half the heads attend, head size 16
+    _fam("squeezebert", "encoder", embedding_size=64, q_groups=4, k_groups=4, v_groups=4),
+    _fam("xlnet", "encoder", d_head=16, d_inner=128, n_head=4, n_layer=2, mem_len=None),  # torchscript only
+    # dynamo only (torchscript: onnxruntime FusedMatMul fails); 5 layers: 2 deep ones plus the 1-layer
+    # initial (local: 2 chunks of 4 at 7 chars) and final character encoders
+    _fam("canine", "encoder", downsampling_rate=2, local_transformer_stride=4, num_hash_buckets=64,
+         num_hash_functions=2, max_position_embeddings=256, expect={"num_layers": 5}),
     *[_fam(t, "decoder") for t in ("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "bloom", "codegen",
                                   "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
                                   "stablelm", "starcoder2", "granite", "xglm", "biogpt", "smollm3",
@@ -95,10 +123,36 @@ FAMILIES: list[Family] = [
     _fam("gemma3_text", "decoder", sliding_window=64),
     _fam("mixtral", "decoder", num_local_experts=2, num_experts_per_tok=1),
     _fam("mpt", "decoder", d_model=64, n_heads=4, n_layers=2, expansion_ratio=2),
-    *[_fam(t, "seq2seq-encoder") for t in ("t5", "bart", "pegasus", "marian", "m2m_100", "mt5")],
+    *[_fam(t, "decoder") for t in ("arcee", "seed_oss", "ministral", "hunyuan_v1_dense", "olmo3", "exaone4",
+                                  "nemotron", "bitnet", "modernbert-decoder", "jetmoe")],
+    # dynamo only (torchscript: 'All tensors must have the same rank' / aten::expm1 / onnxruntime Reshape)
+    *[_fam(t, "decoder") for t in ("glm4", "ernie4_5", "apertus", "cohere2")],
+    _fam("ctrl", "decoder", n_embd=64, n_head=4, n_layer=2, dff=128),
+    _fam("qwen2_moe", "decoder", num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+         shared_expert_intermediate_size=32, **_MOE),
+    _fam("qwen3_moe", "decoder", num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, **_MOE),
+    _fam("olmoe", "decoder", num_experts=2, num_experts_per_tok=1, **_MOE),
+    _fam("granitemoe", "decoder", num_local_experts=2, num_experts_per_tok=1, **_MOE),
+    _fam("phimoe", "decoder", num_local_experts=2, num_experts_per_tok=1, **_MOE),
+    _fam("gpt_oss", "decoder", num_local_experts=2, num_experts_per_tok=1, experts_per_token=1, sliding_window=4,
+         **_MOE),
+    # MLA: no KV-cache export (the wrapper's flat cache does not fit k_pe's shared head); head_dim is the rope part
+    _fam("deepseek_v3", "decoder", kv=False, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+         qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=2, num_experts_per_tok=1, n_shared_experts=1,
+         moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4,
+         head_dim=8, expect={"num_kv_heads": 4, "head_dim": 16}, **_MOE),
+    *[_fam(t, "seq2seq-encoder") for t in ("t5", "bart", "pegasus", "marian", "m2m_100", "mt5", "mbart", "plbart",
+                                          "blenderbot")],
     _fam("whisper", "audio-encoder", num_mel_bins=16, max_source_positions=16),
     *[_fam(t, "vision") for t in ("vit", "deit", "dinov2", "beit", "clip_vision_model", "siglip_vision_model",
-                                 "yolos")],
+                                 "yolos", "data2vec-vision", "vit_msn", "ijepa", "dinov3_vit")],
+    _fam("swin", "vision", embed_dim=64, depths=[2], num_heads=[4], num_layers=1, window_size=2, patch_size=4,
+         expect={"num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "head_dim": 16}),
+    _fam("segformer", "vision", image_size=32, num_encoder_blocks=1, depths=[2], sr_ratios=[2], hidden_sizes=[64],
+         num_attention_heads=[4], patch_sizes=[7], strides=[4], mlp_ratios=[2],
+         expect={"num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "head_dim": 16, "hidden_size": 64}),
+    *[_fam(t, "audio-wave", **_WAVE, **({"num_buckets": 32, "max_bucket_distance": 64} if t == "wavlm" else {}))
+      for t in ("wav2vec2", "hubert", "wavlm", "data2vec-audio")],
 ]
 FAMILIES_BY_TYPE = {f.model_type: f for f in FAMILIES}
 # Decoder families whose architecture onnxruntime-genai's model builder lists (builder.py).
@@ -113,19 +167,28 @@ def make_config(fam: Family) -> Any:
         if hasattr(config, key) or key in fam.overrides:
             try:
                 setattr(config, key, value)
-            except AttributeError:  # a derived property (Falcon's head_dim)
-                pass
-    if getattr(config, "num_key_value_heads", None) and fam.model_type not in ("falcon", "gpt_bigcode"):
+            except (AttributeError, NotImplementedError):  # a derived property (Falcon's head_dim); XLNet's
+                pass                                          # max_position_embeddings, Funnel's layer count
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer types of the default depth
+        config.layer_types = (config.layer_types * 2)[:config.num_hidden_layers]
+    if (getattr(config, "num_key_value_heads", None) and fam.model_type not in ("falcon", "gpt_bigcode")
+            and "num_key_value_heads" not in fam.overrides):
         config.num_key_value_heads = 2
     config._attn_implementation = "eager"
     return config
 
 
 def expected_dims(config: Any, fam: Family) -> dict[str, int]:
-    """What discovery must report, from the config alone."""
+    """What discovery must report, from the config alone (or the family's ``expect``)."""
+    if fam.expect and fam.kind == "vision":  # per-stage lists (Swin, SegFormer): all from expect
+        return {"num_layers": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0, "hidden_size": 64, **fam.expect}
+    return {**_expected_dims(config, fam), **fam.expect}
+
+
+def _expected_dims(config: Any, fam: Family) -> dict[str, int]:
     get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), None)  # noqa: E731
     heads = int(get("encoder_attention_heads", "num_attention_heads", "num_heads", "n_heads")
-                if fam.kind == "seq2seq-encoder" or fam.kind == "audio-encoder"
+                if fam.kind in ("seq2seq-encoder", "audio-encoder")
                 else get("num_attention_heads", "num_heads", "n_heads"))
     layers = int(get("encoder_layers", "num_layers", "num_hidden_layers")
                  if fam.kind in ("seq2seq-encoder", "audio-encoder") else get("num_hidden_layers", "n_layers"))
@@ -163,6 +226,10 @@ def build(fam: Family, kv: bool) -> tuple[torch.nn.Module, Any, list[str], list[
         frames = 2 * int(config.max_source_positions)
         feeds = {"input_features": rng.standard_normal((batch, config.num_mel_bins, frames)).astype(np.float32)}
         return Encoder(model.eval(), ["input_features"]), config, ["input_features"], ["last_hidden_state"], feeds
+    if fam.kind == "audio-wave":  # raw waveform (wav2vec2, HuBERT, WavLM, data2vec-audio): 400 samples -> 39 frames
+        model = transformers.AutoModel.from_config(config)
+        feeds = {"input_values": rng.standard_normal((batch, 400)).astype(np.float32)}
+        return Encoder(model.eval(), ["input_values"]), config, ["input_values"], ["last_hidden_state"], feeds
     mask[-1, -2:] = 0
     if fam.kind in ("encoder", "seq2seq-encoder"):
         model = transformers.AutoModel.from_config(config)
@@ -196,7 +263,7 @@ def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any
         expected = core.run_torch(wrapper, feeds, inputs, outputs)
         axes = core.dynamic_axes_for(inputs, outputs, kv)
         for name_ in inputs:
-            if name_ in ("pixel_values", "input_features"):
+            if name_ in ("pixel_values", "input_features", "input_values"):
                 axes[name_] = {0: "batch"}
         core.export_onnx(wrapper, [torch.from_numpy(feeds[n]) for n in inputs], path, exporter=exporter,
                          opset=17 if exporter == "torchscript" else None, input_names=inputs,
