@@ -232,6 +232,20 @@ def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool
     return False
 
 
+def _flattens_tokens(value: ir.Value | None, sources: set[ir.Value]) -> bool:
+    """True if ``value`` is a product with a factor that is dim 1 of a source's shape (``B * S``, as
+    dynamo writes a view that flattens batch and tokens), through Reshape/Unsqueeze/Squeeze/Cast."""
+    for _ in range(4):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return False
+        if node.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Cast"):
+            value = node.inputs[0]
+            continue
+        return node.op_type == "Mul" and any(_reads_input_seq_len(i, sources) for i in node.inputs)
+    return False
+
+
 def _static_len(x: ir.Value) -> int | None:
     """The layer input's token count when the export fixed it (a vision encoder's patches + CLS)."""
     dims = x.shape.dims if x.shape is not None else ()
@@ -488,6 +502,14 @@ class _Rewrite:
                 starts, out_rank = _piece_axes(concat)
                 reads = [j for j, p in enumerate(concat.inputs)
                          if _reads_input_seq_len(p, sources) or (starts[j] == 1 and _is_const(p, static))]
+                flat = [j for j, p in enumerate(concat.inputs) if j not in reads and _flattens_tokens(p, sources)]
+                if flat and not reads and len(flat) == 1 and not any(_is_const(p, -1) for p in concat.inputs):
+                    # dynamo's MoE experts: view(B * S, ...) with B * S from the inputs' sizes; -1 is the
+                    # current B * k (the only free dim of the target)
+                    pieces = [self.e.const("m1", np.array([-1], np.int64)) if j in flat else p
+                              for j, p in enumerate(concat.inputs)]
+                    node.replace_input_with(i, self.e.op("Concat", pieces, axis=concat.attributes["axis"].value))
+                    continue
                 if not reads:
                     continue
                 data = node.inputs[0] if node.op_type == "Reshape" else x

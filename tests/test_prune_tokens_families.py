@@ -550,3 +550,23 @@ def test_the_token_rule_prune_point_may_fall_back_an_explicit_one_not() -> None:
                    if p.name == "prune-tokens"]
     assert rule_pass.prune_point == explicit.prune_point == "after-attention"
     assert rule_pass.prune_point_fallback and not explicit.prune_point_fallback
+
+
+def test_a_flattened_batch_times_tokens_piece_is_recognized() -> None:
+    """dynamo's MoE experts view the tokens as [B * S, ...] with B * S multiplied from the inputs'
+    sizes: prune-tokens rewrites that piece to -1 (qwen2_moe / olmoe / granitemoe dynamo exports ran
+    into a Reshape of the full length; bench coverage tokens-0.5 on the sweep corpus runs them)."""
+    from spatten_compiler.passes.prune_tokens import _flattens_tokens
+
+    N = helper.make_node
+    graph = helper.make_graph(
+        [N("Shape", ["ids"], ["b"], start=0, end=1), N("Shape", ["mask"], ["s"], start=1, end=2),
+         N("Mul", ["b", "s"], ["bs"]), N("Mul", ["b", "two"], ["b2"]), N("Reshape", ["bs", "m1"], ["bs_flat"])],
+        "g", [helper.make_tensor_value_info(n, TensorProto.INT64, ["B", "S"]) for n in ("ids", "mask")],
+        [helper.make_tensor_value_info(n, TensorProto.INT64, None) for n in ("bs_flat", "b2")],
+        [numpy_helper.from_array(np.array([2], np.int64), "two"), numpy_helper.from_array(np.array([-1], np.int64), "m1")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    values = {o.name: o for n in model.graph for o in n.outputs}
+    sources = set(model.graph.inputs)
+    assert _flattens_tokens(values["bs_flat"], sources) and _flattens_tokens(values["bs"], sources)
+    assert not _flattens_tokens(values["b2"], sources)
