@@ -246,6 +246,18 @@ def _flattens_tokens(value: ir.Value | None, sources: set[ir.Value]) -> bool:
     return False
 
 
+def _token_split(nodes: list[ir.Node], static: int | None) -> ir.Node | None:
+    """A Split whose constant sizes add up to the export's fixed token count: it cuts the token axis
+    (DINOv3's dynamo export splits [CLS + registers, patches] to rotate the patches only)."""
+    if not static:
+        return None
+    for node in nodes:
+        sizes = const_array(node.inputs[1]) if node.op_type == "Split" and len(node.inputs) > 1 else None
+        if sizes is not None and sizes.size > 1 and int(sizes.sum()) == static:
+            return node
+    return None
+
+
 def _static_len(x: ir.Value) -> int | None:
     """The layer input's token count when the export fixed it (a vision encoder's patches + CLS)."""
     dims = x.shape.dims if x.shape is not None else ()
@@ -492,6 +504,11 @@ class _Rewrite:
         shape is read (after-attention: the layer input and its row-wise norm). ``static``: the token
         count the export fixed (a vision encoder's), which dynamo writes into targets as a constant
         piece: one at target axis 1 is rebound the same way."""
+        split = _token_split(nodes, static)
+        if split is not None:
+            raise OptionError(f"Split '{split.name}' cuts the export's fixed {static} tokens "
+                              "into parts of constant sizes (e.g. RoPE on the patch tokens only); prune-tokens "
+                              "cannot shrink them")
         sources = {*self.model.graph.inputs, *also}
         done: dict[tuple[int, int], ir.Value] = {}
         for node in nodes:

@@ -570,3 +570,19 @@ def test_a_flattened_batch_times_tokens_piece_is_recognized() -> None:
     sources = set(model.graph.inputs)
     assert _flattens_tokens(values["bs_flat"], sources) and _flattens_tokens(values["bs"], sources)
     assert not _flattens_tokens(values["b2"], sources)
+
+
+def test_a_constant_split_of_the_fixed_tokens_is_refused(tmp_path) -> None:
+    """DINOv3's dynamo export (fixed image size) splits the tokens into [CLS + registers, patches]
+    with constant sizes to rotate the patches only: prune-tokens refuses instead of writing a Split
+    onnxruntime rejects."""
+    proto = _static_views(structural_graphs.build())
+    g = proto.graph
+    seq = next(d.dim_value for d in g.input[0].type.tensor_type.shape.dim[1:2])
+    g.initializer.append(numpy_helper.from_array(np.array([1, seq - 1], np.int64), "tok_split"))
+    last = next(n for n in g.node if n.output[0] == "y")
+    last.output[0] = "y_whole"
+    g.node.extend([helper.make_node("Split", ["y_whole", "tok_split"], ["y_cls", "y_rest"], axis=1),
+                   helper.make_node("Concat", ["y_cls", "y_rest"], ["y"], axis=1)])
+    with pytest.raises(OptionError, match="cuts the export's fixed"):
+        _compile(stack(proto), tmp_path, schedule=(1.0, 0.5))
