@@ -120,11 +120,6 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                     _folded(s) and term.shape.rank() == 4):
                 raise OptionError(f"layer {s.layer}: score term {term.name} has no static head axis "
                                   f"(shape {term.shape}); prune-heads cannot slice it")
-        view = _constant_head_view(s)
-        if view is not None:
-            raise OptionError(f"layer {s.layer}: {view.op_type} '{view.name}' views the scores with a constant "
-                              f"head count {s.num_heads} (its target is written for every head); prune-heads cannot "
-                              "narrow it")
         if s.num_heads % s.num_kv_heads:
             raise OptionError(f"layer {s.layer}: {s.num_heads} query heads do not divide into "
                               f"{s.num_kv_heads} KV heads")
@@ -136,31 +131,6 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                         s.num_heads, s.num_kv_heads) or (s.num_heads != s.num_kv_heads and not b.repeated):
                     raise OptionError(f"layer {s.layer}: KV cache whose K/V are not [B, heads, ., .] at the "
                                       "attention core; prune-heads cannot pick heads there")
-
-
-def _constant_head_view(site: AttentionSite, limit: int = 64) -> ir.Node | None:
-    """A Reshape/Expand between the score MatMul and the Softmax (on the scores or on a term added to
-    them) whose target names the head count as a constant at the head axis (the third from last:
-    ``[..., H, S_q, S_k]``): XLM's dynamo ``expand_as`` of the mask to ``[B, 4, S, S]``, Swin's
-    ``view(B // nW, nW, 4, N, N)`` to add its window mask. Heads folded into the batch have their own
-    view rewrite."""
-    if _folded(site) or site.softmax is None or (site.num_heads or 0) < 2:
-        return None
-    todo, seen = [site.softmax.inputs[0]], set()
-    while todo and len(seen) < limit:
-        v = todo.pop()
-        node = v.producer() if v is not None else None
-        if node is None or id(node) in seen or node.op_type in ("Shape", "Size"):
-            continue
-        seen.add(id(node))
-        if node.op_type == "MatMul" and all(i is not None and const_array(i) is None for i in node.inputs):
-            continue  # the score MatMul: Q and K's own head splits are prune-heads' to narrow
-        if node.op_type in ("Reshape", "Expand") and len(node.inputs) > 1 and node.inputs[1] is not None:
-            flat = [x for _, a in _pieces(node.inputs[1]) for x in (a if a is not None else [None])]
-            if len(flat) >= 3 and flat[-3] == site.num_heads:
-                return node
-        todo.extend(i for i in node.inputs if i is not None and const_array(i, max_elements=1 << 16) is None)
-    return None
 
 
 def _from(value: ir.Value | None, node: ir.Node) -> bool:

@@ -395,34 +395,3 @@ def test_random_schedules_on_kv_cache_decoders(name: str, tail: list[float], see
         check_widths(got, taps, sites, counts)
         # prune-values changes every layer's output: then only layer 0's cache (from the embeddings) is exact
         check_cache(got, dense, counts if len(passes) == 1 else [0] * len(counts), groups)
-
-
-def test_a_constant_head_count_on_the_score_chain_is_refused() -> None:
-    """XLM's dynamo export expands the mask to [B, 4, S, S] with the head count a constant: narrowing
-    the heads would leave that 4 (the model failed shape inference). prune-heads refuses in one line;
-    the same mask expanded to a shape read from the scores is fine."""
-    import structural_graphs
-    from onnx import helper, numpy_helper
-
-    from spatten_compiler.errors import OptionError
-
-    def expanded(constant: bool) -> ir.Model:
-        proto = structural_graphs.build()
-        g = proto.graph
-        add = next(n for n in g.node if n.output[0] == "masked")
-        g.initializer.append(numpy_helper.from_array(np.array([structural_graphs.H], np.int64), "mh_heads"))
-        N = helper.make_node
-        target = [N("Shape", ["x"], ["mh_b"], start=0, end=1), N("Shape", ["x"], ["mh_s"], start=1, end=2),
-                  N("Concat", ["mh_b", "mh_heads", "mh_s", "mh_s"], ["mh_shape"], axis=0)] if constant else [
-                  N("Shape", [add.input[0]], ["mh_shape"])]
-        at = list(g.node).index(add)
-        for i, node in enumerate([*target, N("Expand", ["add4d", "mh_shape"], ["mh_mask"], name="mh_expand")]):
-            g.node.insert(at + i, node)
-        add.input[1] = "mh_mask"
-        model = ir.serde.deserialize_model(proto)
-        Normalize()(model)
-        return model
-
-    PruneHeads(keep=0.5)(expanded(constant=False))
-    with pytest.raises(OptionError, match="views the scores with a constant head count"):
-        PruneHeads(keep=0.5)(expanded(constant=True))
