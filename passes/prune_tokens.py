@@ -208,42 +208,40 @@ def _row_aligned(x: ir.Value, post: set[int], limit: int = 64) -> set[ir.Value]:
     return found
 
 
+def _past_views(value: ir.Value | None, hops: int = 4) -> ir.Node | None:
+    """The producer of ``value`` past Reshape/Unsqueeze/Squeeze/Cast (at most ``hops``), or None."""
+    for _ in range(hops):
+        node = value.producer() if value is not None else None
+        if node is None or node.op_type not in ("Reshape", "Unsqueeze", "Squeeze", "Cast"):
+            return node
+        value = node.inputs[0]
+    return None
+
+
 def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool:
     """True if ``value`` is dim 1 of the shape of one of ``sources`` (graph inputs, or the layer's
     own input): Shape(in)[1:2] or Gather(Shape(in), 1), possibly through Reshape/Unsqueeze/Squeeze/Cast."""
-    for _ in range(4):
-        node = value.producer() if value is not None else None
-        if node is None:
-            return False
-        if node.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Cast"):
-            value = node.inputs[0]
-            continue
-        if node.op_type == "Shape":
-            start = node.attributes.get_int("start", 0)
-            end = node.attributes.get_int("end", start + 1)
-            return node.inputs[0] in sources and (start, end) == (1, 2)
-        if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].producer() is not None:
-            shape_node = node.inputs[0].producer()
-            index = const_array(node.inputs[1])
-            return (shape_node.op_type == "Shape" and shape_node.inputs[0] in sources
-                    and index is not None and int(index.reshape(-1)[0]) == 1
-                    and shape_node.attributes.get_int("start", 0) == 0)
+    node = _past_views(value)
+    if node is None:
         return False
+    if node.op_type == "Shape":
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", start + 1)
+        return node.inputs[0] in sources and (start, end) == (1, 2)
+    if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].producer() is not None:
+        shape_node = node.inputs[0].producer()
+        index = const_array(node.inputs[1])
+        return (shape_node.op_type == "Shape" and shape_node.inputs[0] in sources
+                and index is not None and int(index.reshape(-1)[0]) == 1
+                and shape_node.attributes.get_int("start", 0) == 0)
     return False
 
 
 def _flattens_tokens(value: ir.Value | None, sources: set[ir.Value]) -> bool:
     """True if ``value`` is a product with a factor that is dim 1 of a source's shape (``B * S``, as
     dynamo writes a view that flattens batch and tokens), through Reshape/Unsqueeze/Squeeze/Cast."""
-    for _ in range(4):
-        node = value.producer() if value is not None else None
-        if node is None:
-            return False
-        if node.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Cast"):
-            value = node.inputs[0]
-            continue
-        return node.op_type == "Mul" and any(_reads_input_seq_len(i, sources) for i in node.inputs)
-    return False
+    node = _past_views(value)
+    return node is not None and node.op_type == "Mul" and any(_reads_input_seq_len(i, sources) for i in node.inputs)
 
 
 def _token_split(nodes: list[ir.Node], static: int | None) -> ir.Node | None:
