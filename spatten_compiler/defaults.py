@@ -282,7 +282,8 @@ class Resolution:
     applied: dict[str, dict[str, Any]]  # part -> the preset's values that were used
     off: tuple[str, ...]  # parts the user switched off
     replaced: tuple[str, ...]  # parts whose amount the user gave explicitly
-    skipped: tuple[str, ...] = ()  # parts of the preset the model cannot take (Part.needs)
+    skipped: tuple[str, ...] = ()  # parts of the preset the model cannot take (Part.needs, or refused)
+    refusals: tuple[tuple[str, str], ...] = ()  # (part, the pass's one-line reason) for parts it refused
 
 
 def resolve(options: dict[str, Any], kind: str, pipeline: str = "",

@@ -50,8 +50,39 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
         raise NoAttentionError(f"--preset {options['preset']}: no attention found in {path}; nothing to apply")
     resolved, chosen = resolve(options, kind, pipeline, model_features(sites))
     if chosen.preset is not None:
+        resolved, chosen = _drop_refused(resolved, chosen, probe)
         logger.debug("preset %s for %s: %s", chosen.preset.name, kind, chosen.applied)
     return CompileConfig.build(resolved), chosen, probe
+
+
+# Parts the preset tries on a clone of the probe first: their passes refuse some layouts only while
+# rewriting (prune-tokens: DeBERTa's position terms computed from activations). A part the user asked
+# for still refuses (exit 2); a part only the preset chose is left out and the summary says why.
+TRIED = {"tokens": "prune-tokens"}
+
+
+def _drop_refused(resolved: dict[str, Any], chosen: Resolution, probe: ir.Model) -> tuple[dict[str, Any], Resolution]:
+    from spatten_compiler.passes.length_gate import short_input_model
+
+    for part, pass_name in TRIED.items():
+        if part not in chosen.applied:
+            continue
+        trial = next(p for p in CompileConfig.build(resolved).passes() if p.name == pass_name)
+        log = logging.getLogger(type(trial).__module__)
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            trial(short_input_model(probe))
+        except SpattencError as e:
+            reason = str(e).splitlines()[0]
+            logger.debug("preset %s: %s left out: %s", chosen.preset.name, part, reason)
+            resolved = {k: v for k, v in resolved.items() if k not in chosen.applied[part]}
+            chosen = dataclasses.replace(
+                chosen, applied={k: v for k, v in chosen.applied.items() if k != part},
+                skipped=(*chosen.skipped, part), refusals=(*chosen.refusals, (part, reason)))
+        finally:
+            log.setLevel(level)
+    return resolved, chosen
 
 
 def _quietly(p: Any, probe: ir.Model) -> None:

@@ -30,11 +30,16 @@ def _runs(values: Sequence[Any], fmt: str = "{}") -> str:
     return ", ".join(out)
 
 
+def _why_skipped(res: Resolution, part: str) -> str:
+    """The pass's refusal (the preset tried the part on the model), else the feature the model lacks."""
+    return dict(res.refusals).get(part) or FEATURES[PARTS[part].needs].lacking
+
+
 def _headline(res: Resolution, passes: Sequence[Pass], pipeline: str, layers: int) -> str:
     kind = KINDS.get(res.kind, "")
     if res.preset is not None:
         changed = [f"{PARTS[p].name} off" for p in res.off] + [f"your {PARTS[p].name}" for p in res.replaced] + \
-            [f"{PARTS[p].name} skipped: {FEATURES[PARTS[p].needs].lacking}" for p in res.skipped]
+            [f"{PARTS[p].name} skipped: {_why_skipped(res, p)}" for p in res.skipped]
         extra = f" ({'; '.join(changed)})" if changed else ""
         return f"spattenc: preset {res.preset.name} for {kind}, {layers} attention layers{extra}:"
     if pipeline:
@@ -51,8 +56,9 @@ def _identity(res: Resolution, pipeline: str) -> list[str]:
         why = (f"no measured preset for {KINDS.get(res.kind, res.kind)} yet (docs/presets.md); --token-keep R "
                "prunes its prompt")
     elif res.skipped:
-        why = "; ".join(f"the preset's {PARTS[p].name} is skipped: {FEATURES[PARTS[p].needs].lacking} "
-                        f"({FEATURES[PARTS[p].needs].remedy})" for p in res.skipped)
+        why = "; ".join(f"the preset's {PARTS[p].name} is skipped: {_why_skipped(res, p)}"
+                        + (f" ({FEATURES[PARTS[p].needs].remedy})" if p not in dict(res.refusals) else "")
+                        for p in res.skipped)
     else:
         why = "every part is switched off"
     return [f"spattenc: no rewrite applied - the output computes what the input does: {why}",

@@ -481,3 +481,23 @@ def test_a_registered_nocache_preset_applies_by_kind(monkeypatch: pytest.MonkeyP
     opts, res = resolve({}, "decoder-nocache", features=NO_CACHE)
     assert opts["token_keep"] == NOCACHE_KEEP and res.applied == {"tokens": {"token_keep": NOCACHE_KEEP}}
     assert resolve({}, "encoder")[0]["token_keep"] == 0.4 and "token_keep" not in resolve({}, "decoder")[0]
+
+
+def test_a_preset_part_the_model_refuses_is_left_out(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The default preset tries its token pruning on a probe first: where prune-tokens refuses a layout
+    only while rewriting (DeBERTa's position terms computed from activations), the preset leaves token
+    pruning out, applies the rest and says why; an explicit --token-keep still refuses (exit 2)."""
+    from spatten_compiler.passes import prune_tokens
+
+    def refuse(sites):
+        raise OptionError("layer 1: a layout the test refuses")
+
+    monkeypatch.setattr(prune_tokens, "_check_sites", refuse)
+    src = str(MODELS / "bert_torchscript.onnx")
+    assert main([src, "-o", str(tmp_path / "p.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "(token pruning skipped: layer 1: a layout the test refuses)" in err
+    ops = {n.op_type for n in onnx.load(tmp_path / "p.onnx").graph.node}
+    assert "TokenSelect" not in ops and "QuantizeSplit" in ops  # K/V quantization still applied
+    assert main([src, "-o", str(tmp_path / "e.onnx"), "--token-keep", "0.5"]) == 2
+    assert "a layout the test refuses" in capsys.readouterr().err
