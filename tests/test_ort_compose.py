@@ -105,9 +105,10 @@ def test_fusions_fall_back_when_an_importance_layer_fuses(tmp_path: Path, monkey
     """Without the fold (a score chain it refuses), onnxruntime's fusion takes a layer whose
     probabilities feed the importance and the graph has a cycle: the pass fuses without attention,
     says so, and the outputs equal the unfused model's."""
+    from spatten_compiler.passes import key_mask_fold
+
     from spatten_compiler.cli import main
     from spatten_compiler.match import NoMatch
-    from spatten_compiler.passes import key_mask_fold
 
     monkeypatch.setattr(key_mask_fold, "foldable", lambda site: NoMatch("off for the test"))
     src = MODELS / "bert_torchscript.onnx"
