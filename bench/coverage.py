@@ -169,18 +169,15 @@ def tokens_half(path: Path, feeds: dict[str, np.ndarray], tmp: Path, rec: dict[s
         bad = [k for k in want if not k.startswith("present") and (got[k].shape != want[k].shape
                                                                     or not np.isfinite(got[k]).all())]
         return not bad, f"{bad[0]}: shape or values wrong" if bad else "evict-kv budget 0.5 runs"
-    _compile(path, [make_pass("prune-tokens", keep=0.5, min_keep=1, **_spattenc_rule())], out)
+    _compile(path, [_token_pass(token_keep=0.5, token_min_keep=1)], out)
     return _runs_like(path, out, feeds)
 
 
-def _spattenc_rule() -> dict[str, Any]:
-    """The default token rule's options, as compile passes them to prune-tokens (floor aside)."""
-    from spatten_compiler.config import TOKEN_RULES
+def _token_pass(**options: Any) -> Any:
+    """prune-tokens as ``spattenc --token-keep ...`` builds it (the default token rule)."""
+    from spatten_compiler.config import CompileConfig
 
-    rule = TOKEN_RULES["spattenc"]
-    return {"importance": rule["token_importance"], "protect": rule["token_protect"],
-            "shape": rule["token_schedule_shape"], "restore": rule["restore"],
-            "prune_point": rule["token_prune_point"], "prune_point_fallback": True}
+    return next(p for p in CompileConfig.build(options).passes() if p.name == "prune-tokens")
 
 
 def heads_half(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:

@@ -38,7 +38,7 @@ from spatten_compiler.schedule import check_schedule, spatten_schedule
 
 from .find_attention import AttentionSite, find_attention
 from .spatten_ops import DOMAIN, ensure_functions
-from .token_positions import check_term, gather_positions, own_region, positional_inputs, shrinks_causal
+from .token_positions import check_term, gather_positions, own_region, positional_inputs, reaches, shrinks_causal
 
 logger = logging.getLogger(__name__)
 RESTORE = ("stale", "zero", "mean")
@@ -93,7 +93,7 @@ def _same_for_every_query(mask: ir.Value, depth: int = 32) -> bool:
     element-wise ops and ``Expand`` from tensors whose query axis has size 1 (the SDPA export's
     ``[B, 1, 1, S]`` padding row expanded to ``[B, 1, S, S]``). DeBERTa's ``m[:, None, :, None] *
     m[:, None, None, :]`` also masks padded query rows and is not."""
-    if mask.const_value is not None and mask.const_value.size == 1:
+    if const_array(mask, max_elements=1) is not None:  # a scalar fill (initializer or Constant)
         return True
     shape = mask.shape
     if shape is not None and (shape.rank() < 2 or shape[-2] == 1):
@@ -105,9 +105,6 @@ def _same_for_every_query(mask: ir.Value, depth: int = 32) -> bool:
         return _same_for_every_query(node.inputs[0], depth - 1)
     if _always_true(node):  # transformers' mask builders: q_idx >= 0 is the query axis of a constant
         return True
-    if node.op_type == "Constant":
-        a = const_array(mask, max_elements=1)
-        return a is not None
     return node.op_type in ELEMENTWISE and all(
         _same_for_every_query(i, depth - 1) for i in node.inputs if i is not None)
 
@@ -173,24 +170,10 @@ def _check_serial(site: AttentionSite) -> None:
     readers = [u.node for u in out.uses() if u.node.op_type not in ("Shape", "Size") and u.node.domain != DOMAIN]
     if len(readers) == 1 and readers[0].op_type == "Add":
         branch = next((i for i in readers[0].inputs if i is not out), None)
-        if branch is not None and not _reads(branch, out):
+        if branch is not None and not reaches(branch, out):
             raise OptionError(f"layer {site.layer}: Add '{readers[0].name}' adds a branch computed beside the "
                               "attention to the residual sum ((x + attn) + mlp(x), a parallel block); use prune "
                               "point layer-input")
-
-
-def _reads(value: ir.Value, source: ir.Value, limit: int = 2000) -> bool:
-    """Whether ``value`` is computed from ``source`` (a walk up its producers)."""
-    todo, seen = [value], set()
-    while todo and len(seen) < limit:
-        v = todo.pop()
-        if v is source:
-            return True
-        if id(v) in seen or v.producer() is None:
-            continue
-        seen.add(id(v))
-        todo.extend(i for i in v.producer().inputs if i is not None)
-    return False
 
 
 def _row_aligned(x: ir.Value, post: set[int], limit: int = 64) -> set[ir.Value]:
@@ -518,7 +501,7 @@ class _Rewrite:
                 reads = [j for j, p in enumerate(concat.inputs)
                          if _reads_input_seq_len(p, sources) or (starts[j] == 1 and _is_const(p, static))]
                 flat = [j for j, p in enumerate(concat.inputs) if j not in reads and _flattens_tokens(p, sources)]
-                if flat and not reads and len(flat) == 1 and not any(_is_const(p, -1) for p in concat.inputs):
+                if len(flat) == 1 and not reads and not any(_is_const(p, -1) for p in concat.inputs):
                     # dynamo's MoE experts: view(B * S, ...) with B * S from the inputs' sizes; -1 is the
                     # current B * k (the only free dim of the target)
                     pieces = [self.e.const("m1", np.array([-1], np.int64)) if j in flat else p
@@ -621,12 +604,10 @@ class _Rewrite:
         bias = e.op("Mul", [dropped, e.const("bias", np.float32(MASK_BIAS))])
         return e.op("Unsqueeze", [bias, e.const("axes", np.array([1, 2], np.int64))])
 
-    def _replace_mask(self, site: AttentionSite, valid: ir.Value, region: list[ir.Node],
-                      x: ir.Value) -> ir.Value | None:
-        """The site's mask replaced by one built from ``valid`` (the kept tokens); returns it."""
+    def _replace_mask(self, site: AttentionSite, valid: ir.Value, region: list[ir.Node], x: ir.Value) -> None:
         e, node = self.e, site.mask_node
         if node is None or site.mask is None:
-            return None
+            return
         form, axes = _mask_form(site), e.const("axes", np.array([1, 2], np.int64))
         if self.decoder and form == "causal+additive":  # GPT-Neo: Where(causal, scores, fill) + padding mask
             where = next(p for i in node.inputs if (p := i.producer()) is not None and p.op_type == "Where")
@@ -660,7 +641,6 @@ class _Rewrite:
         for i, inp in enumerate(node.inputs):
             if inp is site.mask:
                 node.replace_input_with(i, new)
-        return new
 
     def _restore(self, out: ir.Value, buf: ir.Value, pos: ir.Value, valid: ir.Value, full: ir.Value) -> None:
         e = self.e

@@ -70,7 +70,7 @@ def own_region(start: ir.Value, end: ir.Value | None) -> list[ir.Node]:
     return [n for n in layer_region(start, end) if id(n) not in later]
 
 
-def _reaches(value: ir.Value, target: ir.Value, limit: int = 600) -> bool:
+def reaches(value: ir.Value, target: ir.Value, limit: int = 600) -> bool:
     """True if ``target`` is an ancestor of ``value`` (through shape reads)."""
     seen: set[int] = set()
     todo = deque([value])
@@ -98,7 +98,7 @@ def check_term(layer: int, term: ir.Value, region: list[ir.Node], pruned: ir.Val
     if term.shape is None or term.shape.rank() not in ranks:
         raise OptionError(f"layer {layer}: {what} {term.name} is not [B, H, S, S] "
                           f"(shape {term.shape}); prune-tokens cannot gather its rows and columns")
-    if _reaches(term, pruned):
+    if reaches(term, pruned):
         raise OptionError(f"layer {layer}: {what} {term.name} is computed from the pruned layer input's "
                           "length; prune a later layer (the schedule's first entries 1.0)")
 
@@ -108,7 +108,7 @@ def shrinks_causal(cond: ir.Value, pruned: ir.Value, limit: int = 400) -> bool:
     ``bias[:, :, k-q:k, :k]``): the slice of the reduced length is causal among the kept tokens, which
     stay in order; so is a comparison of two Ranges. A banded (sliding-window) buffer is not: the window
     must count original positions."""
-    if not _reaches(cond, pruned):
+    if not reaches(cond, pruned):
         return False
     node = cond.producer()
     if node is not None and node.op_type in ("LessOrEqual", "GreaterOrEqual") and all(map(_range, node.inputs)):
@@ -194,7 +194,7 @@ def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned:
             if axes is None:
                 raise OptionError(f"layer {layer}: position-indexed input {v.name} of shape {v.shape}: "
                                   "prune-tokens cannot tell its token axis")
-            if _reaches(v, pruned):
+            if reaches(v, pruned):
                 raise OptionError(f"layer {layer}: {v.name} is computed from the pruned layer input's length; "
                                   "prune a later layer (the schedule's first entries 1.0)")
             lift = 0

@@ -68,33 +68,28 @@ def _drop_refused(resolved: dict[str, Any], chosen: Resolution, probe: ir.Model)
         if part not in chosen.applied:
             continue
         trial = next(p for p in CompileConfig.build(resolved).passes() if p.name == pass_name)
-        log = logging.getLogger(type(trial).__module__)
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            trial(short_input_model(probe))
-        except SpattencError as e:
-            reason = str(e).splitlines()[0]
+        refusal = _quietly(trial, short_input_model(probe))
+        if refusal is not None:
+            reason = str(refusal).splitlines()[0]
             logger.debug("preset %s: %s left out: %s", chosen.preset.name, part, reason)
             resolved = {k: v for k, v in resolved.items() if k not in chosen.applied[part]}
             chosen = dataclasses.replace(
                 chosen, applied={k: v for k, v in chosen.applied.items() if k != part},
                 skipped=(*chosen.skipped, part), refusals=(*chosen.refusals, (part, reason)))
-        finally:
-            log.setLevel(level)
     return resolved, chosen
 
 
-def _quietly(p: Any, probe: ir.Model) -> None:
+def _quietly(p: Any, probe: ir.Model) -> SpattencError | None:
     """Run pass ``p`` on the probe as the pipeline will run it on the model, so the report counts the
-    same FLOPs and the preset sees the same attention; the pipeline itself reports what it does (or
-    refuses with the reason)."""
+    same FLOPs and the preset sees the same attention; the pipeline itself reports what it does. Its
+    refusal, if any, is returned (the preset's trial of a part reads it)."""
     log = logging.getLogger(type(p).__module__)
     level = log.level
     log.setLevel(logging.ERROR)
     try:
         p(probe)
-    except SpattencError:
-        pass
+    except SpattencError as e:
+        return e
     finally:
         log.setLevel(level)
+    return None
