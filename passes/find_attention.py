@@ -20,7 +20,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, VIEW_OPS
 from .attention_trace import Branch, Projection, _projection, trace_branch
-from .score_chain import score_chain
+from .score_chain import is_mask_term, score_chain
 from .site_io import _ancestors, layer_outputs, mask_info, rope_position_source
 
 logger = logging.getLogger(__name__)
@@ -227,6 +227,10 @@ def _sliced_heads(br: Branch) -> int | None:
 
 def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     found = match(CORE, node.outputs[0])
+    if found and found.get("mask_variant") == "additive" and not is_mask_term(found["mask"]):
+        # the added term is a position bias (Swin's table), not a mask: score_chain tells them apart
+        structural = score_chain(node)
+        found = found if isinstance(structural, NoMatch) else structural
     if not found:
         structural = score_chain(node)
         if isinstance(structural, NoMatch):

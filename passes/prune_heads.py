@@ -162,6 +162,36 @@ def _bias_slot(proj: Projection) -> tuple[ir.Node, int] | None:
     return None
 
 
+def _split_head_axis(node: ir.Node) -> tuple[int, ...]:
+    """Target positions of a 4-D head view that may hold the head count: 1 or 2 ([B, H, S, Dh] or
+    [B, S, H, Dh]). A reshape ``[X, S, H*Dh] -> [X, S, H, Dh]`` (by its inferred shapes) splits the last
+    axis, so only position 2 is heads; position 1 copies the length, which a window of S = H tokens
+    (Swin) would otherwise get rewritten as a head count."""
+    src, dst = node.inputs[0].shape, node.outputs[0].shape
+    if src is None or dst is None or src.rank() != 3 or dst.rank() != 4:
+        return (1, 2)
+    s, w, h, d = src.dims[1], src.dims[2], dst.dims[2], dst.dims[3]
+    if isinstance(s, int) and s == dst.dims[1] and all(isinstance(x, int) for x in (w, h, d)) and w == h * d:
+        return (2,)
+    return (1, 2)
+
+
+def _cache_write(node: ir.Node, outputs: set[int], limit: int = 6) -> bool:
+    """``node`` only carries the cache to ``present`` (a sliding window's ``Slice`` of the last W
+    positions, ModernBERT-decoder): it must keep every head, so it is not redirected to the kept ones."""
+    for _ in range(limit):
+        if len(node.outputs) != 1 or node.op_type in ("MatMul", "Einsum"):
+            return False
+        out = node.outputs[0]
+        if id(out) in outputs:
+            return not out.uses()
+        uses = list(out.uses())
+        if len(uses) != 1:
+            return False
+        node = uses[0].node
+    return False
+
+
 def _pieces(value: ir.Value) -> list[tuple[ir.Value, np.ndarray | None]]:
     a = const_array(value)
     if a is not None:
@@ -412,8 +442,9 @@ class _Rewrite:
             if isinstance(idx, np.ndarray):
                 idx = self.e.const("kept_heads", idx)
             picked = self.call("KeptHeads", branch.value, idx)
+            outputs = {id(v) for v in self.model.graph.outputs}
             for use in list(branch.value.uses()):
-                if use.node is not picked.producer():
+                if use.node is not picked.producer() and not _cache_write(use.node, outputs):
                     use.node.replace_input_with(use.idx, picked)
 
     def _slice_layer(self, site: AttentionSite, sel, n: int,
@@ -439,6 +470,8 @@ class _Rewrite:
                 gather_heads(self.e, b.value, self._head_index(sel, g), H, reader=reader)
         elif cache:
             self._gather_cached(site, sel, g)
+        if site.mask is not None:
+            self._unexpand_heads(site.mask, H)
         for term, add in zip(site.bias_terms, site.bias_adds):  # per-head position bias: the kept heads' rows
             if _folded_term(site, term) and term.shape.dims[0] != 1:
                 gather_heads(self.e, term, self._head_index(sel, g), H, reader=add)
@@ -484,11 +517,27 @@ class _Rewrite:
                 node.replace_input_with(1, self.e.op("Concat", [self.e.const("fold", np.array(lead, np.int64)), rest],
                                                      axis=0))
             elif node.op_type == "Reshape":
+                heads_at = _split_head_axis(node)
                 self._copy_seq_dim(node)
-                self._retarget(node, lambda pos, size, v: widths.get(v, v) if pos == size - 1 and size <= 3
-                               else counts.get(v, v) if size == 4 and pos in (1, 2) else v)
+                self._retarget(node, lambda pos, size, v, at=heads_at: widths.get(v, v) if pos == size - 1 and size <= 3
+                               else counts.get(v, v) if size == 4 and pos in at else v)
             elif node.op_type == "Expand":  # GQA repeat [1, G, g, S, Dh]
                 self._retarget(node, lambda pos, size, v: counts.get(v, v) if pos == 1 and v == G else v)
+
+    def _unexpand_heads(self, mask: ir.Value, heads: int, limit: int = 8) -> None:
+        """A mask expanded to the scores' literal shape (XLM under dynamo: ``expand_as(scores)`` becomes
+        ``Expand(mask[B, 1, 1, S], [B, H, S, S])``) would not broadcast against the kept heads' scores.
+        Its head entry becomes 1: the input's head axis is 1, so every head reads the same row
+        whatever their number."""
+        value = mask
+        for _ in range(limit):
+            node = value.producer()
+            if node is None or node.op_type not in ("Expand", "Cast", "Not", "Identity"):
+                return
+            src = node.inputs[0].shape
+            if node.op_type == "Expand" and src is not None and src.rank() == 4 and src.dims[1] == 1:
+                self._retarget(node, lambda pos, size, v: 1 if size == 4 and pos == 1 and v == heads else v)
+            value = node.inputs[0]
 
     def _set_output(self, proj: Projection, rows: np.ndarray) -> None:
         """Write refitted output-projection rows (``[n * Dh, D]``; transposed if the weight is)."""

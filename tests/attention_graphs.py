@@ -28,6 +28,9 @@ def build(
     softmax_axis: int = -1,
     seed: int = 0,
     reduced_kv: bool = False,  # K/V from every second token (SegFormer-like spatial reduction)
+    bias: str = "none",  # none | table: a learned [1, H, S, S] position bias sliced from a table (Swin)
+    literal_seq: int = 0,  # > 0: head-split targets spell the length out, [0, S, H, Dh] (Swin's windows)
+    cache_window: int = 0,  # > 0: present keeps the last W positions, the core reads all (sliding window)
 ) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
@@ -38,7 +41,7 @@ def build(
         return _const(nodes, inits, name, np.asarray(array))
 
     def heads_split(src: str, n_heads: int, tag: str) -> str:
-        nodes.append(N("Reshape", [src, c(f"shape_{tag}", [0, 0, n_heads, DH])], [f"{tag}_4d"]))
+        nodes.append(N("Reshape", [src, c(f"shape_{tag}", [0, literal_seq, n_heads, DH])], [f"{tag}_4d"]))
         nodes.append(N("Transpose", [f"{tag}_4d"], [f"{tag}_bhsd"], perm=[0, 2, 1, 3]))
         return f"{tag}_bhsd"
 
@@ -79,16 +82,20 @@ def build(
             nodes.append(N("Mul", [f"{t}_rot", "sin_s"], [f"{t}_s"]))
             nodes.append(N("Add", [f"{t}_c", f"{t}_s"], [f"{t}_rope"]))
         q, k = "q_rope", "k_rope"
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", D]),
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", literal_seq or "S", D]),
               helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"])]
     outputs = []
     if cache:
         for t in ("k", "v"):
             inputs.append(helper.make_tensor_value_info(f"past_{t}", TensorProto.FLOAT, ["B", kv_heads, "P", DH]))
             src = k if t == "k" else v
-            nodes.append(N("Concat", [f"past_{t}", src], [f"present_{t}"], axis=2))
+            full = f"all_{t}" if cache_window else f"present_{t}"
+            nodes.append(N("Concat", [f"past_{t}", src], [full], axis=2))
+            if cache_window:
+                nodes.append(N("Slice", [full, c(f"{t}_w0", [-cache_window]), c(f"{t}_w1", [2**62]),
+                                         c(f"{t}_wax", [2])], [f"present_{t}"]))
             outputs.append(helper.make_tensor_value_info(f"present_{t}", TensorProto.FLOAT, ["B", kv_heads, "T", DH]))
-        k, v = "present_k", "present_v"
+        k, v = ("all_k", "all_v") if cache_window else ("present_k", "present_v")
     if kv_heads != H:  # GQA repeat: [B,Hk,S,Dh] -> [B,Hk,1,S,Dh] -> expand -> [B,H,S,Dh]
         for t in ("k", "v"):
             src = k if t == "k" else v
@@ -116,12 +123,26 @@ def build(
             nodes.append(N("Div", ["qk", c("s", np.float32(np.sqrt(DH)))], ["scores"]))
         else:
             nodes.append(N("Identity", ["qk"], ["scores"]))
+    if bias == "table":  # a learned per-head bias on the scores, sliced to the length (Swin's position table)
+        next(n for n in nodes if "scores" in n.output).output[:] = ["scores_raw"]
+        table = rng.standard_normal((1, H, 16, 16)).astype(np.float32)
+        nodes.append(N("Shape", ["scores_raw"], ["tlen"], start=2, end=3))
+        nodes.append(N("Concat", ["tlen", "tlen"], ["tend"], axis=0))
+        nodes.append(N("Slice", [c("table", table), c("t0", [0, 0]), "tend", c("tax", [2, 3])], ["pos_bias"]))
+        nodes.append(N("Add", ["scores_raw", "pos_bias"], ["scores"]))
     nodes.append(N("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT))
     nodes.append(N("Unsqueeze", ["mask_f", c("ax12", [1, 2])], ["mask4"]))
     if mask == "additive":
         nodes.append(N("Sub", [c("one", np.float32(1)), "mask4"], ["inv"]))
         nodes.append(N("Mul", ["inv", c("neg", np.float32(-1e9))], ["bias"]))
         nodes.append(N("Add", ["bias", "scores"], ["masked"]))
+    elif mask == "expand_heads":  # XLM under dynamo: the mask expanded to the scores' literal [B, H, S, S]
+        nodes.append(N("Equal", ["mask4", c("zf", np.float32(0))], ["pad"]))
+        nodes.append(N("Shape", ["x"], ["xb"], start=0, end=1))
+        nodes.append(N("Shape", ["x"], ["xs"], start=1, end=2))
+        nodes.append(N("Concat", ["xb", c("eh", [H]), "xs", "xs"], ["etarget"], axis=0))
+        nodes.append(N("Expand", ["pad", "etarget"], ["pad_e"]))
+        nodes.append(N("Where", ["pad_e", c("fill", np.float32(-1e9)), "scores"], ["masked"]))
     elif mask == "where":
         nodes.append(N("Equal", ["mask4", c("zf", np.float32(0))], ["pad"]))
         nodes.append(N("Where", ["pad", c("fill", np.float32(-1e9)), "scores"], ["masked"]))
@@ -144,7 +165,7 @@ def build(
     nodes.append(N("MatMul", ["ctx_m", c("w_o", rng.standard_normal((H * DH, D)).astype(np.float32) * 0.3)], ["o"]))
     nodes.append(N("Add", ["o", c("b_o", np.zeros(D, np.float32))], ["o_b"]))
     nodes.append(N("Add", ["x", "o_b"], ["y"]))
-    outputs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D]))
+    outputs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", literal_seq or "S", D]))
     graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 

@@ -395,3 +395,45 @@ def test_random_schedules_on_kv_cache_decoders(name: str, tail: list[float], see
         check_widths(got, taps, sites, counts)
         # prune-values changes every layer's output: then only layer 0's cache (from the embeddings) is exact
         check_cache(got, dense, counts if len(passes) == 1 else [0] * len(counts), groups)
+
+
+# Exporter forms that spell the head count (or a length equal to it) outside the Q/K/V views: found in
+# the sweep of 57 more families (Swin, XLM/FlauBERT under dynamo, ModernBERT-decoder's sliding cache).
+SPELLED = {
+    "mask expanded to [B, H, S, S]": dict(mask="expand_heads"),  # XLM/FlauBERT dynamo: expand_as(scores)
+    "position table, no mask": dict(mask="none", bias="table"),  # Swin: read as a mask before
+    "position table and mask": dict(bias="table"),
+    "window of S = H tokens": dict(literal_seq=4),  # Swin's head-split [0, 4, 4, Dh]: 4 tokens, 4 heads
+}
+
+
+@pytest.mark.parametrize("kw", SPELLED.values(), ids=SPELLED.keys())
+def test_heads_pruned_where_the_export_spells_the_head_count(kw: dict, tmp_path: Path) -> None:
+    proto = stack(3, heads=4, **kw)
+    f = feeds(build(**kw), batch=2, seq=kw.get("literal_seq", 6))
+    f = {"l0_x": f["x"], "l0_mask": f["mask"]}
+    model = compile_ir(proto, PruneHeads(schedule=(1.0, 0.5, 0.25)))
+    path = save(ir.serde.serialize_model(model), tmp_path)
+    got, report = run_ort(path, f), ReferenceRuntime(path).run(f)
+    np.testing.assert_allclose(got["l2_y"], report.outputs["l2_y"], atol=1e-4, rtol=0)
+    assert report.head_keep and [len(k) for k in report.head_keep] == [2, 1]
+
+
+def test_position_table_is_a_bias_term_not_a_mask() -> None:
+    site = dense_sites(build(mask="none", bias="table"))[0]
+    assert site.mask is None and site.mask_kind == "none"
+    assert [t.name for t in site.bias_terms] == ["pos_bias"] and site.variant["mask"] == "none+bias"
+
+
+def test_sliding_window_cache_keeps_every_head(tmp_path: Path) -> None:
+    """present = the last W positions of the cache (ModernBERT-decoder): a cache write, not a read of the
+    core, so it keeps every head while the core reads the kept one."""
+    proto = build(cache=True, cache_window=4, mask="none")
+    f = feeds(proto, seq=3, past=3)
+    model = compile_ir(proto, PruneHeads(rule="calibrated", heads=((1,),)))
+    path = save(ir.serde.serialize_model(model), tmp_path)
+    got, dense = run_ort(path, f), run_ort(save(proto, tmp_path, "dense.onnx"), f)
+    for t in "kv":
+        assert got[f"present_{t}"].shape == (2, 2, 4, DH)
+        np.testing.assert_array_equal(got[f"present_{t}"], dense[f"present_{t}"])
+    np.testing.assert_allclose(got["y"], ReferenceRuntime(path).run(f).outputs["y"], atol=1e-5, rtol=0)
