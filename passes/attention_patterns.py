@@ -87,6 +87,16 @@ VIEW_OPS: dict[str, int] = {
     "Contiguous": 0,
 }
 
+# Fused attention ops spattenc cannot read, with what to do instead (reported like any non-match).
+UNREAD_FUSED_OPS: dict[tuple[str, str], str] = {
+    ("com.microsoft", "QAttention"): "int8 fused attention (the optimizer's Attention, then quantize_dynamic): "
+                                     "compile the float model, then add --optimize --weights int8",
+    **{("com.microsoft", op): "a fused attention op spattenc does not decompose: compile the exporter's model"
+       for op in ("PackedAttention", "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention",
+                  "DecoderMaskedSelfAttention", "SparseAttention", "LongformerAttention", "DecoderAttention",
+                  "PagedAttention")},
+}
+
 # Already-fused attention ops: (domain, op) -> how to read them.
 FUSED_OPS: dict[tuple[str, str], dict[str, object]] = {
     ("", "Attention"): {"heads": "q_num_heads", "kv_heads": "kv_num_heads", "q": 0, "k": 1, "v": 2,

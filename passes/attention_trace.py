@@ -149,9 +149,10 @@ def _add(node, value, branch, graph):
     if _is_weight(b) or _is_weight(a):
         bias, data = (b, a) if _is_weight(b) else (a, b)
         producer = data.producer()
-        if producer is None or producer.op_type not in ("MatMul", "Gemm"):
+        quantized = quantized_projection(data)
+        if quantized is None and (producer is None or producer.op_type not in ("MatMul", "Gemm")):
             return NoMatch(f"bias Add '{node.name}' does not follow a projection")
-        branch.projection = _projection(producer)
+        branch.projection = quantized or _projection(producer)
         if isinstance(branch.projection, NoMatch):
             return branch.projection
         branch.projection.bias = bias
@@ -182,6 +183,10 @@ def _is_view_of(out: ir.Value, value: ir.Value) -> bool:
 
 
 def _scale(node, value, branch, graph):
+    quantized = quantized_projection(value)
+    if quantized is not None:
+        branch.projection = quantized
+        return None
     for data, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
         s = const_array(other)
         if s is not None and s.size == 1 and (node.op_type == "Mul" or other is node.inputs[1]):
@@ -242,6 +247,35 @@ def _projection(node: ir.Node) -> Projection | NoMatch:
         hidden = hidden.producer().inputs[0]
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     return Projection(node=node, input=hidden, weight=weight, bias=bias, transposed_weight=transposed)
+
+
+def _strip_reshapes(value: ir.Value) -> ir.Value:
+    while value.producer() is not None and value.producer().op_type == "Reshape":
+        value = value.producer().inputs[0]
+    return value
+
+
+def quantized_projection(value: ir.Value | None) -> Projection | None:
+    """onnxruntime's dynamic int8 quantization (``quantize_dynamic``) writes a projection as::
+
+        x_q, x_scale, x_zp = DynamicQuantizeLinear(x)
+        value = Mul(Cast(MatMulInteger(x_q, W_q, x_zp, W_zp), float), Mul(x_scale, W_scale))
+
+    ``value`` is the float projection output; the Projection's node is the MatMulInteger (its weight
+    input is ``W_q``) and its input the float ``x``. Passes that slice projection weights check the
+    node's op type and refuse."""
+    mul = value.producer() if value is not None else None
+    if mul is None or mul.op_type != "Mul":
+        return None
+    for data in mul.inputs:
+        cast = data.producer() if data is not None else None
+        mmi = cast.inputs[0].producer() if cast is not None and cast.op_type == "Cast" else None
+        if mmi is None or mmi.op_type != "MatMulInteger" or not _is_weight(mmi.inputs[1]):
+            continue
+        dql = mmi.inputs[0].producer()
+        if dql is not None and dql.op_type == "DynamicQuantizeLinear":
+            return Projection(node=mmi, input=_strip_reshapes(dql.inputs[0]), weight=mmi.inputs[1])
+    return None
 
 
 def _matmul(node, value, branch, graph):

@@ -18,8 +18,8 @@ import onnx_ir as ir
 from spatten_compiler.match import NoMatch, const_array, is_const, match
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
-from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, VIEW_OPS
-from .attention_trace import Branch, Projection, _projection, trace_branch
+from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, UNREAD_FUSED_OPS, VIEW_OPS
+from .attention_trace import Branch, Projection, _projection, quantized_projection, trace_branch
 from .score_chain import is_mask_term, score_chain
 from .site_io import _ancestors, layer_outputs, mask_info, rope_position_source
 
@@ -146,12 +146,17 @@ def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Project
         merge.append(node)
         value = node.outputs[0]
         node = _single_consumer(value)
-    if node is None or node.op_type not in ("MatMul", "Gemm") or node.inputs[0] is not value:
-        return merge, None, None
-    proj = _projection(node)
-    if isinstance(proj, NoMatch):
-        return merge, None, None
-    value = node.outputs[0]
+    if node is not None and node.op_type == "DynamicQuantizeLinear":  # int8 (quantize_dynamic): Mul is the output
+        proj, value = _quantized_after(node)
+        if proj is None:
+            return merge, None, None
+    else:
+        if node is None or node.op_type not in ("MatMul", "Gemm") or node.inputs[0] is not value:
+            return merge, None, None
+        proj = _projection(node)
+        if isinstance(proj, NoMatch):
+            return merge, None, None
+        value = node.outputs[0]
     node = _single_consumer(value)
     while node is not None and node.op_type == "Reshape":  # Gemm on [B*S, D] is reshaped back
         value, node = node.outputs[0], _single_consumer(node.outputs[0])
@@ -162,6 +167,18 @@ def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Project
         value, node = node.outputs[0], _single_consumer(node.outputs[0])  # layer scale (DINOv2, BEiT)
     residual = node if node is not None and node.op_type == "Add" else None
     return merge, proj, residual
+
+
+def _quantized_after(dql: ir.Node) -> tuple[Projection | None, ir.Value | None]:
+    """The int8 projection reading ``DynamicQuantizeLinear`` (:func:`quantized_projection`) and its
+    float output."""
+    for use in dql.outputs[0].uses():
+        cast = _single_consumer(use.node.outputs[0]) if use.node.op_type == "MatMulInteger" else None
+        mul = _single_consumer(cast.outputs[0]) if cast is not None and cast.op_type == "Cast" else None
+        proj = quantized_projection(mul.outputs[0]) if mul is not None else None
+        if proj is not None and proj.node is use.node:
+            return proj, mul.outputs[0]
+    return None, None
 
 
 def _feeds_q(q: Branch) -> set[int]:
@@ -360,6 +377,12 @@ def _fused_site(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         packed = k is None and branches["v"] is None and kv_heads
         width = heads + 2 * kv_heads if packed else heads
         head_dim = last // width if isinstance(last, int) and last % width == 0 else None
+    weights = node.inputs[1] if "packed_input" in spec and len(node.inputs) > 1 else None
+    if head_dim is None and heads and weights is not None and weights.shape is not None and weights.shape.rank() == 2:
+        # com.microsoft.Attention projects the hidden state itself: W is [D, Q + K + V] (qkv_hidden_sizes)
+        sizes = node.attributes.get_ints("qkv_hidden_sizes", None)
+        width = sizes[0] if sizes else weights.shape.dims[1] // 3 if isinstance(weights.shape.dims[1], int) else None
+        head_dim = width // heads if isinstance(width, int) and width % heads == 0 else None
     if heads is None or head_dim is None:
         return NoMatch(f"fused {node.op_type} '{node.name}': cannot tell heads / head size")
     mask_index = spec.get("mask")
@@ -394,6 +417,9 @@ def find_attention(model: ir.Model) -> AttentionReport:
                 rejected.append((node.name or "<unnamed>", fused.reason))
             else:
                 sites.append(fused)
+        elif (node.domain, node.op_type) in UNREAD_FUSED_OPS:
+            rejected.append((node.name or "<unnamed>",
+                             f"{node.op_type}: {UNREAD_FUSED_OPS[(node.domain, node.op_type)]}"))
         elif node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
             found = _match_softmax(node, graph)
             if isinstance(found, NoMatch):

@@ -115,6 +115,12 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
+        quantized = next((p.node for p in (s.q.projection, s.k.projection, s.v.projection, s.out_proj)
+                          if p.node.op_type not in ("MatMul", "Gemm")), None)
+        if quantized is not None:
+            raise OptionError(f"layer {s.layer}: projection {quantized.op_type} '{quantized.name}' has quantized "
+                              "weights; prune-heads slices float weights: compile the float model and add "
+                              "--weights int8|int4")
         for term in s.bias_terms:
             if term.shape is None or term.shape.rank() not in (1, 2, 3, 4) or (
                     _folded(s) and term.shape.rank() == 4):

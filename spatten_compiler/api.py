@@ -36,9 +36,9 @@ from spatten_compiler.passes.length_gate import compile_gated, refuse_gated, sho
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.unfuse_ort import UnfuseOrt
 from spatten_compiler.pipeline import Pass, Pipeline, parse_pipeline
+from spatten_compiler.plan import run_quietly
 
 logger = logging.getLogger(__name__)
-GENAI_ATTENTION = frozenset({"GroupQueryAttention", "RotaryEmbedding"})
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -182,11 +182,11 @@ def inspect_report(model: ModelLike) -> AttentionReport:
     not changed (an ``ir.Model`` is normalized on a clone)."""
     m, name = as_model(model, copy=True)
     refuse_gated(m, name)
-    if any(n.domain == "com.microsoft" and n.op_type in GENAI_ATTENTION for n in m.graph):
-        try:  # onnxruntime-genai's fused attention: read it as compile will, decomposed
-            UnfuseOrt()(m)
-        except OptionError as e:  # refused: report the fused op as it is
-            logger.warning("%s", e)
+    if any(n.domain == "com.microsoft" for n in m.graph):
+        # onnxruntime's fused ops (optimizer, model builder): read them as compile will, unfused
+        refused = run_quietly(UnfuseOrt(), m)
+        if refused is not None:  # report the fused ops as they are
+            logger.warning("%s", refused)
             m, name = as_model(model, copy=True)
     Normalize()(m)
     return find_attention(m)

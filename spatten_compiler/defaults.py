@@ -284,6 +284,7 @@ class Resolution:
     replaced: tuple[str, ...]  # parts whose amount the user gave explicitly
     skipped: tuple[str, ...] = ()  # parts of the preset the model cannot take (Part.needs, or refused)
     refusals: tuple[tuple[str, str], ...] = ()  # (part, the pass's one-line reason) for parts it refused
+    unfound: str = ""  # kind "none": a fused op spattenc cannot read, with what to do instead
 
 
 def resolve(options: dict[str, Any], kind: str, pipeline: str = "",

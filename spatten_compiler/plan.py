@@ -28,6 +28,7 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
     API's form: its None fields count as unset, so it resolves the same way)."""
     if isinstance(options, CompileConfig):
         options = dataclasses.asdict(options)
+    from spatten_compiler.passes.attention_patterns import UNREAD_FUSED_OPS
     from spatten_compiler.passes.decompose_attention import DecomposeAttention
     from spatten_compiler.passes.find_attention import find_attention
     from spatten_compiler.passes.length_gate import refuse_gated, short_input_model
@@ -39,16 +40,20 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
                           "combine with it")
     refuse_gated(model, path)
     probe = short_input_model(model)
-    _quietly(UnfuseOrt(), probe)  # as the pipeline's front does: onnxruntime's fused ops to plain ONNX
+    run_quietly(UnfuseOrt(), probe)  # as the pipeline's front does: onnxruntime's fused ops to plain ONNX
     Normalize()(probe)
-    sites = find_attention(probe).sites
+    report = find_attention(probe)
+    sites = report.sites
     if any(s.fused is not None for s in sites):
-        _quietly(DecomposeAttention(), probe)
+        run_quietly(DecomposeAttention(), probe)
         sites = find_attention(probe).sites or sites  # the attention as the passes will see it
     kind = model_kind(sites)
     if kind == "none" and options.get("preset"):
         raise NoAttentionError(f"--preset {options['preset']}: no attention found in {path}; nothing to apply")
     resolved, chosen = resolve(options, kind, pipeline, model_features(sites))
+    if kind == "none":
+        unread = {f"{op}: {why}" for (_, op), why in UNREAD_FUSED_OPS.items()}
+        chosen = dataclasses.replace(chosen, unfound=next((why for _, why in report.rejected if why in unread), ""))
     if chosen.preset is not None:
         resolved, chosen = _drop_refused(resolved, chosen, probe)
         logger.debug("preset %s for %s: %s", chosen.preset.name, kind, chosen.applied)
@@ -68,7 +73,7 @@ def _drop_refused(resolved: dict[str, Any], chosen: Resolution, probe: ir.Model)
         if part not in chosen.applied:
             continue
         trial = next(p for p in CompileConfig.build(resolved).passes() if p.name == pass_name)
-        refusal = _quietly(trial, short_input_model(probe))
+        refusal = run_quietly(trial, short_input_model(probe))
         if refusal is not None:
             reason = str(refusal).splitlines()[0]
             logger.debug("preset %s: %s left out: %s", chosen.preset.name, part, reason)
@@ -79,7 +84,7 @@ def _drop_refused(resolved: dict[str, Any], chosen: Resolution, probe: ir.Model)
     return resolved, chosen
 
 
-def _quietly(p: Any, probe: ir.Model) -> SpattencError | None:
+def run_quietly(p: Any, probe: ir.Model) -> SpattencError | None:
     """Run pass ``p`` on the probe as the pipeline will run it on the model, so the report counts the
     same FLOPs and the preset sees the same attention; the pipeline itself reports what it does. Its
     refusal, if any, is returned (the preset's trial of a part reads it)."""

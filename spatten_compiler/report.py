@@ -26,7 +26,7 @@ LENGTHS = (128, 256, 512)
 def _weight_flops(nodes: list[ir.Node]) -> int:
     total = 0
     for node in nodes:
-        if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and is_const(node.inputs[1]):
+        if node.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(node.inputs) > 1 and is_const(node.inputs[1]):
             shape = node.inputs[1].shape
             if shape is not None and shape.rank() == 2 and all(isinstance(d, int) for d in shape.dims):
                 total += 2 * shape.dims[0] * shape.dims[1]

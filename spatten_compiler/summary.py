@@ -49,7 +49,7 @@ def _headline(res: Resolution, passes: Sequence[Pass], pipeline: str, layers: in
 
 def _identity(res: Resolution, pipeline: str) -> list[str]:
     if res.kind == "none":
-        why = "no attention found (spattenc inspect MODEL --explain says why)"
+        why = f"no attention found ({res.unfound or 'spattenc inspect MODEL --explain says why'})"
     elif pipeline:
         why = f"--pipeline {pipeline} has no rewriting pass"
     elif not any(kind == res.kind for kind, _ in PRESETS):

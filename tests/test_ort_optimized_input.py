@@ -86,6 +86,17 @@ def test_every_mask_form_compiles_exactly(variant: str, tmp_path: Path) -> None:
     assert _max_diff(src, out, feeds) <= 1e-4
 
 
+@pytest.mark.parametrize("name", ENCODERS)
+def test_inspect_reads_optimizer_written_models(name: str, tmp_path: Path) -> None:
+    """inspect unfuses as compile does, and reads the fused Attention's head size from its packed QKV weight."""
+    from spatten_compiler.api import inspect
+
+    src = ort_optimized(name, "default", tmp_path / "opt.onnx")
+    meta = load_meta(name)
+    sites = inspect(src)
+    assert [(s.num_heads, s.head_dim) for s in sites] == [(meta["num_heads"], meta["head_dim"])] * meta["num_layers"]
+
+
 def test_optimizer_written_model_prunes(tmp_path: Path) -> None:
     src = ort_optimized("bert_torchscript", "default", tmp_path / "opt.onnx")
     out = tmp_path / "out.onnx"
