@@ -146,8 +146,8 @@ def _add(node, value, branch, graph):
         branch.rope, branch.rope_cos = node, found["cos"]
         return found["x"]
     a, b = node.inputs[0], node.inputs[1]
-    if _is_weight(b) or _is_weight(a):
-        bias, data = (b, a) if _is_weight(b) else (a, b)
+    if is_weight(b) or is_weight(a):
+        bias, data = (b, a) if is_weight(b) else (a, b)
         producer = data.producer()
         quantized = quantized_projection(data)
         if quantized is None and (producer is None or producer.op_type not in ("MatMul", "Gemm")):
@@ -224,13 +224,16 @@ def _split(node, value, branch, graph):
     return node.inputs[0]
 
 
-def _is_weight(value: ir.Value | None) -> bool:
-    """A constant, or a slice of one taken by a SpAtten op (head pruning gathers kept heads' weights)."""
+def is_weight(value: ir.Value | None) -> bool:
+    """A constant, a slice of one taken by a SpAtten op (head pruning gathers kept heads' weights), or a
+    dequantized one (``DequantizeLinear`` of constant int8/int4 weights: QDQ-format quantization)."""
     if value is None:
         return False
     if const_array(value) is not None or value.const_value is not None:
         return True
     producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return all(i is None or i.const_value is not None or const_array(i) is not None for i in producer.inputs)
     return producer is not None and producer.domain == "spatten" and const_array(producer.inputs[0]) is not None
 
 
@@ -238,10 +241,13 @@ def _projection(node: ir.Node) -> Projection | NoMatch:
     weight = node.inputs[1]
     transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
     producer = weight.producer()
-    if not _is_weight(weight) and producer is not None and producer.op_type == "Transpose":
+    if not is_weight(weight) and producer is not None and producer.op_type == "Transpose":
         weight, transposed = producer.inputs[0], True
-    if not _is_weight(weight):
+    if not is_weight(weight):
         return NoMatch(f"{node.op_type} '{node.name}' weight is not a constant")
+    dq = weight.producer()
+    if weight.shape is None and dq is not None and dq.op_type == "DequantizeLinear":
+        weight.shape = dq.inputs[0].shape  # the dequantized weight has its constant's shape (passes forget it)
     hidden = node.inputs[0]
     while hidden.producer() is not None and hidden.producer().op_type == "Reshape":
         hidden = hidden.producer().inputs[0]
@@ -270,7 +276,7 @@ def quantized_projection(value: ir.Value | None) -> Projection | None:
     for data in mul.inputs:
         cast = data.producer() if data is not None else None
         mmi = cast.inputs[0].producer() if cast is not None and cast.op_type == "Cast" else None
-        if mmi is None or mmi.op_type != "MatMulInteger" or not _is_weight(mmi.inputs[1]):
+        if mmi is None or mmi.op_type != "MatMulInteger" or not is_weight(mmi.inputs[1]):
             continue
         dql = mmi.inputs[0].producer()
         if dql is not None and dql.op_type == "DynamicQuantizeLinear":
@@ -335,7 +341,7 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
         return proj
     first = next((u.node for u in node.outputs[0].uses()), None)
     if first is not None and first.op_type == "Add" and first in region and len(node.outputs[0].uses()) == 1:
-        bias = next((i for i in first.inputs if _is_weight(i)), None)
+        bias = next((i for i in first.inputs if is_weight(i)), None)
         if bias is not None:  # the projection's bias, sliced with its weight by head pruning
             proj.bias = bias
             region.remove(first)

@@ -116,7 +116,9 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
         quantized = next((p.node for p in (s.q.projection, s.k.projection, s.v.projection, s.out_proj)
-                          if p.node.op_type not in ("MatMul", "Gemm")), None)
+                          if p.node.op_type not in ("MatMul", "Gemm") or (
+                              p.weight.producer() is not None and p.weight.producer().op_type == "DequantizeLinear")),
+                         None)
         if quantized is not None:
             raise OptionError(f"layer {s.layer}: projection {quantized.op_type} '{quantized.name}' has quantized "
                               "weights; prune-heads slices float weights: compile the float model and add "

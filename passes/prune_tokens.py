@@ -36,7 +36,7 @@ from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, spatten_schedule
 
-from .attention_trace import quantized_projection
+from .attention_trace import is_weight, quantized_projection
 from .find_attention import AttentionSite, find_attention
 from .spatten_ops import DOMAIN, ensure_functions
 from .token_positions import check_term, gather_positions, own_region, positional_inputs, reaches, shrinks_causal
@@ -164,7 +164,7 @@ def _check_serial(site: AttentionSite) -> None:
         if quantized is not None:  # int8 projection: its scales are computed from its input, not joined
             value = quantized.input
             continue
-        data = [i for i in node.inputs if i is not None and const_array(i) is None and i.const_value is None
+        data = [i for i in node.inputs if i is not None and not is_weight(i)
                 and i.dtype in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
         if len(data) != 1:
             raise OptionError(f"layer {site.layer}: {node.op_type} '{node.name}' joins the attention output with "

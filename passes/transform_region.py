@@ -25,6 +25,8 @@ import onnx_ir as ir
 
 from spatten_compiler.match import NoMatch, const_array
 
+from .attention_trace import is_weight
+
 # Ops a per-head transform is built from (anything else stops the walk with the op as the reason).
 REGION_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Tanh", "Sigmoid", "Erf", "Abs",
@@ -42,14 +44,10 @@ GATHERS = frozenset({"Gather", "GatherND", "GatherElements"})
 
 
 def _is_const_weight(value: ir.Value | None) -> bool:
-    if value is None:
-        return False
-    if const_array(value) is not None or value.const_value is not None:
-        return True
-    producer = value.producer()
+    producer = value.producer() if value is not None else None
     if producer is not None and producer.op_type == "Transpose":
         return _is_const_weight(producer.inputs[0])
-    return producer is not None and producer.domain == "spatten" and const_array(producer.inputs[0]) is not None
+    return is_weight(value)
 
 
 def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir.Node]] | NoMatch:

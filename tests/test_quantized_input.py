@@ -1,5 +1,6 @@
-"""Models already quantized by onnxruntime's ``quantize_dynamic`` (what transformers.js and optimum ship
-as ``model_quantized.onnx``): projections are ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul``.
+"""Models already quantized by onnxruntime: ``quantize_dynamic`` (int8; what transformers.js and optimum
+ship as ``model_quantized.onnx``: projections are ``DynamicQuantizeLinear -> MatMulInteger -> Cast ->
+Mul``) and the int4 quantizer in QDQ format (``DequantizeLinear`` of int4 blocks -> ``MatMul``).
 Discovery finds the same sites as in the float model, token pruning at keep 1.0 is exact in
 onnxruntime, the default preset runs, and head pruning (which slices float weights) refuses in one line."""
 
@@ -22,14 +23,34 @@ from spatten_compiler.decoding import DecoderSession
 NAMES = ["bert_torchscript", "distilbert_torchscript", "llama_torchscript"]
 
 
+QDQ4 = ["bert_torchscript", "distilbert_torchscript"]  # the int4 quantizer leaves Llama's ReduceMean invalid
+
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory) -> dict[str, Path]:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     out = {}
     folder = tmp_path_factory.mktemp("int8")
     for name in NAMES:
         out[name] = folder / f"{name}.int8.onnx"
         quantize_dynamic(MODELS / f"{name}.onnx", out[name], weight_type=QuantType.QInt8)
+    for name in QDQ4:
+        q = MatMulNBitsQuantizer(onnx.load(MODELS / f"{name}.onnx"), bits=4, block_size=32, is_symmetric=True,
+                                 quant_format=QuantFormat.QDQ)
+        q.process()
+        out[f"{name}.qdq4"] = folder / f"{name}.qdq4.onnx"
+        onnx.save(q.model.model, out[f"{name}.qdq4"])
     return out
+
+
+ALL = [*NAMES, *(f"{n}.qdq4" for n in QDQ4)]
+QUANTIZED_OP = {"int8": "MatMulInteger", "qdq4": "DequantizeLinear"}
+
+
+def _name(key: str) -> str:
+    return key.split(".")[0]
 
 
 def _sites(path: Path) -> list[tuple]:
@@ -39,32 +60,34 @@ def _sites(path: Path) -> list[tuple]:
              s.layer_input is not None) for s in find_attention(model).sites]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_discovery_sees_through_int8_projections(name: str, quantized: dict[str, Path]) -> None:
-    onnx_model = onnx.load(quantized[name])
-    assert any(n.op_type == "MatMulInteger" for n in onnx_model.graph.node)
-    assert _sites(quantized[name]) == _sites(MODELS / f"{name}.onnx")
+@pytest.mark.parametrize("key", ALL)
+def test_discovery_sees_through_quantized_projections(key: str, quantized: dict[str, Path]) -> None:
+    op = QUANTIZED_OP["qdq4" if key.endswith("qdq4") else "int8"]
+    assert any(n.op_type == op for n in onnx.load(quantized[key]).graph.node)
+    assert _sites(quantized[key]) == _sites(MODELS / f"{_name(key)}.onnx")
 
 
-@pytest.mark.parametrize("name", ["bert_torchscript", "distilbert_torchscript"])
-def test_token_pruning_at_keep_one_is_exact(name: str, quantized: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["bert_torchscript", "distilbert_torchscript", "bert_torchscript.qdq4",
+                                 "distilbert_torchscript.qdq4"])
+def test_token_pruning_at_keep_one_is_exact(key: str, quantized: dict[str, Path], tmp_path: Path) -> None:
     """Every layer after the first selects all tokens (TopK, gathers and the restore run); the valid
     rows equal the int8 input model's in onnxruntime. (Padded rows may differ: per-tensor dynamic
     quantization reads them, and pruning rewrites them.)"""
     out = tmp_path / "k1.onnx"
-    assert main([str(quantized[name]), "-o", str(out), "--token-keep-schedule", "1,0.999", "--kv-bits", "none"]) == 0
-    feeds, _ = reference_io(load_meta(name))
-    want, got = run_ort(quantized[name], feeds), run_ort(out, feeds)
+    assert main([str(quantized[key]), "-o", str(out), "--token-keep-schedule", "1,0.999", "--kv-bits", "none"]) == 0
+    feeds, _ = reference_io(load_meta(_name(key)))
+    want, got = run_ort(quantized[key], feeds), run_ort(out, feeds)
     mask = next((v for k, v in feeds.items() if "mask" in k), None)
     for key, value in want.items():
         rows = mask[..., None].astype(bool) if mask is not None and value.ndim == 3 else True
         np.testing.assert_allclose(np.where(rows, got[key], 0), np.where(rows, value, 0), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_default_preset_runs_on_int8_models(name: str, quantized: dict[str, Path], tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("key", ALL)
+def test_default_preset_runs_on_quantized_models(key: str, quantized: dict[str, Path], tmp_path: Path, capsys) -> None:
+    name = _name(key)
     out = tmp_path / "out.onnx"
-    assert main([str(quantized[name]), "-o", str(out)]) == 0
+    assert main([str(quantized[key]), "-o", str(out)]) == 0
     assert "no rewrite applied" not in capsys.readouterr().err
     if load_meta(name).get("kv_cache"):  # a decoder: generate a few steps with its pruned, split-precision cache
         session = DecoderSession(out)
@@ -75,14 +98,15 @@ def test_default_preset_runs_on_int8_models(name: str, quantized: dict[str, Path
         return
     feeds, _ = reference_io(load_meta(name))
     got = run_ort(out, feeds)
-    want = run_ort(quantized[name], feeds)
-    for key, value in want.items():
-        assert got[key].shape == value.shape and np.isfinite(got[key]).all()
+    want = run_ort(quantized[key], feeds)
+    for k, value in want.items():
+        assert got[k].shape == value.shape and np.isfinite(got[k]).all()
 
 
-def test_head_pruning_refuses_int8_weights(quantized: dict[str, Path], tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("key", ["bert_torchscript", "bert_torchscript.qdq4"])
+def test_head_pruning_refuses_quantized_weights(key: str, quantized: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "out.onnx"
-    assert main([str(quantized["bert_torchscript"]), "-o", str(out), "--head-keep", "0.5"]) == 2
+    assert main([str(quantized[key]), "-o", str(out), "--head-keep", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "quantized weights" in err and "--weights int8" in err
     assert not out.exists()
