@@ -10,3 +10,4 @@ from . import ort_fusions, ort_quantize, quantize_kv, unfuse_ort  # noqa: E402,F
 from . import key_mask_fold  # noqa: E402,F401  (--optimize: key masks of the importance layers into their score MatMul)
 from . import evict_kv  # noqa: E402,F401  (decoder KV-cache eviction)
 from . import pack_kv  # noqa: E402,F401  (decoder cache stored as packed planes)
+from . import float16  # noqa: E402,F401  (float16 models: rewritten in float32, converted back)

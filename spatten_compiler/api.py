@@ -32,6 +32,7 @@ from spatten_compiler.config import CompileConfig, check_types
 from spatten_compiler.errors import ModelLoadError, OptionError
 from spatten_compiler.modelio import load_model, save_model
 from spatten_compiler.passes.find_attention import AttentionReport, AttentionSite, find_attention
+from spatten_compiler.passes.float16 import DowncastFloat16, UpcastFloat16, is_float16
 from spatten_compiler.passes.length_gate import compile_gated, refuse_gated, short_input_model
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.unfuse_ort import UnfuseOrt
@@ -140,6 +141,9 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     2.3133
     """
     m, name = as_model(model)
+    float16 = is_float16(m) and not pipeline  # rewritten in float32, converted back (passes/float16.py)
+    if float16:
+        UpcastFloat16()(m)
     planned = _plan(m, name, {**_fields(config), **_given(options)}, pipeline, report)
     extra = dict(hooks or {})
     extra.update({k: v for k, v in (("on_pass", on_pass), ("on_start", on_start)) if v is not None})
@@ -148,6 +152,10 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
                       check=check, **extra)
     else:
         Pipeline(planned.passes, check=check, **extra)(m)
+    if float16:
+        Pipeline([DowncastFloat16()], check=check, **extra)(m)
+        if planned.report is not None:
+            planned.report["passes"] = [*planned.report["passes"], "downcast-fp16"]
     return CompileResult(m, planned.report, planned.summary)
 
 
