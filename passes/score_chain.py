@@ -70,8 +70,8 @@ def is_mask_term(term: ir.Value, limit: int = 200) -> bool:
             if v.const_value is not None and v.dtype in FLOAT and v.const_value.size > 1:
                 return False
             continue
-        if node.op_type in ("Shape", "Size"):
-            continue
+        if node.op_type in ("Shape", "Size") or node.domain == "spatten":
+            continue  # spattenc's own ops (token selection) give kept/valid flags, not a position bias
         if node.op_type in ("MatMul", "Gemm", "Einsum"):
             return False
         if node.op_type == "Constant":
