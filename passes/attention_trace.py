@@ -53,6 +53,7 @@ class Branch:
     transform: list[ir.Node] = dataclasses.field(default_factory=list)  # per-head ops (transform_region)
     cross_head: ir.Node | None = None  # a normalization over all heads before the head split (OLMo 2)
     head_slice: tuple[int, int] | None = None  # (start, end) of a Slice on the head axis after the split
+    pack_ways: int | None = None  # 3: a [B, S, 3, H, Dh] / [B, S, H, 3, Dh] view of a packed QKV projection
 
     def finish(self) -> Branch:
         """Heads from the flat width when the head-split Reshape used -1 for them (or when the only
@@ -61,9 +62,11 @@ class Branch:
             self.heads = self.flat_width // self.head_dim
         if self.heads is None and self.head_dim:
             width = self.flat_width
-            if width is None and self.projection is not None and self.packed is None:
+            if width is None and self.projection is not None and (self.packed is None or self.pack_ways):
+                # (a packed QKV viewed [B, S, 3, -1, Dh], its shapes forgotten by an earlier pass: a third)
                 dims = self.projection.weight.shape
                 width = dims[0 if self.projection.transposed_weight else -1] if dims is not None else None
+                width = width // self.pack_ways if isinstance(width, int) and self.pack_ways else width
             if isinstance(width, int):
                 self.heads = width // self.head_dim
         return self
@@ -116,7 +119,7 @@ def _view(node, value, branch, graph):
             # packed [B, S, 3, H, Dh] (ModernBERT) or [B, S, H, 3, Dh] (BLOOM); -1 heads from the width
             h = dims[3] if dims[2] == 3 else dims[2]
             branch.heads = h or (width // (3 * dims[4]) if width and width % (3 * dims[4]) == 0 else None)
-            branch.head_dim = dims[4]
+            branch.head_dim, branch.pack_ways = dims[4], 3
         if len(dims) == 4 and src is not None and src.rank() == 3 and dims[2] and dims[3] is None and width:
             dims[3] = width // dims[2] if width % dims[2] == 0 else None  # [B, S, H, -1]
         if len(dims) == 4 and dims[-1] is not None:
@@ -336,7 +339,7 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
     if isinstance(found, NoMatch):
         return NoMatch(f"{why.reason}; {found.reason}")
     node, region = found
-    proj = _projection(node)
+    proj = quantized_projection(node.outputs[0]) or _projection(node)
     if isinstance(proj, NoMatch):
         return proj
     first = next((u.node for u in node.outputs[0].uses()), None)

@@ -74,6 +74,8 @@ def is_mask_term(term: ir.Value, limit: int = 200) -> bool:
             continue  # spattenc's own ops (token selection) give kept/valid flags, not a position bias
         if node.op_type in ("MatMul", "Gemm", "Einsum"):
             return False
+        if node.op_type == "DequantizeLinear":
+            return False  # dequantized data (quantize_dynamic's int8 position-bias table): masks are not quantized
         if node.op_type == "Constant":
             a = const_array(v)
             if a is not None and a.dtype.kind == "f" and a.size > 1:

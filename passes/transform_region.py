@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from spatten_compiler.match import NoMatch, const_array
 
-from .attention_trace import is_weight
+from .attention_trace import is_weight, quantized_projection
 
 # Ops a per-head transform is built from (anything else stops the walk with the op as the reason).
 REGION_OPS = frozenset({
@@ -66,7 +66,8 @@ def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir
         if node is None:
             continue  # a graph input (positions) or an initializer
         if (node.op_type in ("MatMul", "Gemm") and _is_const_weight(node.inputs[1])) or (
-                node.domain, node.op_type) == ("com.microsoft", "MatMulNBits"):  # int4 blocks: a projection
+                node.domain, node.op_type) == ("com.microsoft", "MatMulNBits") or (  # int4 blocks: a projection
+                quantized_projection(v) is not None):  # int8 (quantize_dynamic): the Mul by the scales
             projections[id(node)] = node
             continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in REGION_OPS:
@@ -104,7 +105,8 @@ def _positional(node: ir.Node, graph_inputs: set[int], limit: int = 40) -> bool:
         p = v.producer()
         if p is None or p.op_type in ("Shape", "Size"):
             continue
-        if (p.op_type in ("MatMul", "Gemm") and _is_const_weight(p.inputs[1])) or p.op_type == "MatMulNBits":
+        if (p.op_type in ("MatMul", "Gemm") and _is_const_weight(p.inputs[1])) or p.op_type == "MatMulNBits" or (
+                quantized_projection(v) is not None):
             return False
         todo.extend(p.inputs)
     return seen < limit

@@ -187,3 +187,25 @@ def test_quantize_kv_on_folded_heads(bits: str, tmp_path: Path) -> None:
     ref = ReferenceRuntime(out).run(feeds()).outputs["y"]
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert np.abs(got - dense).max() < (2e-3 if bits == "8+4" else 5e-2)
+
+
+def test_stacked_heads_spelled_minus_one_found_after_shapes_are_forgotten(tmp_path: Path) -> None:
+    """ModernBERT's view(B, -1, 3, -1, Dh) of the packed QKV: once a pass has dropped the value shapes
+    (prune-tokens does, for onnxruntime's sake), the heads come from the projection weight's width,
+    so the default preset's K/V pass after prune-tokens still finds every layer."""
+    from spatten_compiler.editor import GraphEditor
+
+    proto = build("stacked")
+    for t in proto.graph.initializer:
+        if t.name == "s5":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.array([0, 0, 3, -1, packed_graphs.DH], np.int64), "s5"))
+    model, _ = _site(proto)
+    GraphEditor(model, "test").forget_shapes()
+    sites = find_attention(model).sites
+    assert [(s.num_heads, s.head_dim) for s in sites] == [(packed_graphs.H, packed_graphs.DH)]
+    out = tmp_path / "out.onnx"
+    save_model(model, tmp_path / "in.onnx", external_data=False)
+    from spatten_compiler.cli import main
+
+    assert main([str(tmp_path / "in.onnx"), "-o", str(out), "--token-keep", "0.5", "--token-min-keep", "1",
+                 "--kv-bits", "8+4"]) == 0

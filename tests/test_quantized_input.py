@@ -126,3 +126,18 @@ def test_optimized_then_quantized_model_says_what_to_do(tmp_path: Path, capsys) 
     assert main(["inspect", str(src)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "compile the float model, then add --optimize --weights int8" in err
+
+
+@pytest.mark.parametrize("kw", [dict(qk="norm"), dict(qk="partial_rope"), dict(qk="interleaved_rope"),
+                                dict(bias="buckets"), dict(bias="alibi")], ids=str)
+def test_int8_projection_behind_a_per_head_transform_or_beside_a_position_table(kw: dict, tmp_path: Path) -> None:
+    """The structural paths see int8 projections too: a per-head transform (q/k norm, rotary: GPT-J,
+    NeoX) reaches quantize_dynamic's scale Mul, and a position-bias table it quantized (MPNet's
+    Gather -> DequantizeLinear) stays a bias, not a second mask."""
+    import structural_graphs
+
+    src = tmp_path / "float.onnx"
+    onnx.save(structural_graphs.build(**kw), src)
+    quantize_dynamic(src, tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
+    assert any(n.op_type == "MatMulInteger" for n in onnx.load(tmp_path / "int8.onnx").graph.node)
+    assert _sites(tmp_path / "int8.onnx") == _sites(src)
