@@ -350,6 +350,10 @@ def _dims(v: ir.Value) -> tuple:
 def kv_heads(site: AttentionSite) -> tuple[int, int]:
     """(KV heads, query heads per KV head) of a site, for per-head eviction: static counts, and a GQA
     repeat that is KV-head major (query head ``h`` reads KV head ``h // g``), or the reason it is not."""
+    if site.variant.get("layout") == "folded":
+        raise OptionError(f"layer {site.layer}: --kv-evict head scores each head's keys from [B, H, q, n] "
+                          "probabilities; this export folds the heads into the batch ([B*H, q, n]); use "
+                          "--kv-evict layer")
     hk, hv = (_dims(c.present)[1] if len(_dims(c.present)) == 4 else None for c in (site.k.cache, site.v.cache))
     hq = site.num_heads or next((d for d in _dims(site.probs)[1:2] if isinstance(d, int)), None)
     if not isinstance(hk, int) or hk != hv or not hq or hq % hk:

@@ -258,6 +258,10 @@ FEATURES: dict[str, Feature] = {
     "own_keys": Feature(lambda sites: all(s.own_keys is not False for s in sites),
                         "a layer's keys are computed from other tokens than its queries",
                         "a reduced key sequence or cross-attention"),
+    # per-KV-head eviction scores each head's keys from [B, H, q, n] probabilities; BLOOM and XGLM fold
+    # the heads into the batch ([B*H, q, n]): the preset evicts per layer there instead
+    "head_scores": Feature(lambda sites: all(s.variant.get("layout") != "folded" for s in sites),
+                           "the export folds the heads into the batch axis", "per-layer eviction"),
 }
 
 
@@ -323,7 +327,8 @@ def resolve(options: dict[str, Any], kind: str, pipeline: str = "",
         used = {k: v for k, v in values.items() if options.get(k) is None}
         out.update(used)
         applied[key] = used
-    if out.get("kv_evict") == "head" and options.get("kv_evict") is None and out.get("head_keep") is not None \
-            and "evict" in applied:  # per-KV-head eviction cannot score pruned heads yet (Config refuses it)
+    if out.get("kv_evict") == "head" and options.get("kv_evict") is None and "evict" in applied and (
+            out.get("head_keep") is not None  # per-KV-head eviction cannot score pruned heads yet (Config refuses it)
+            or features is not None and "head_scores" not in features):  # nor heads folded into the batch
         out["kv_evict"] = applied["evict"]["kv_evict"] = "layer"
     return out, Resolution(preset, kind, applied, tuple(off), tuple(replaced), tuple(skipped))

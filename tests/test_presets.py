@@ -444,6 +444,25 @@ def test_resolve_rules() -> None:
     assert resolve({}, "encoder", pipeline="normalize")[1].preset is None
 
 
+def test_heads_folded_into_the_batch_get_per_layer_eviction() -> None:
+    """BLOOM and XGLM fold the heads into the batch ([B*H, q, n] probabilities): the decoder preset's
+    per-KV-head eviction becomes per-layer eviction there (an explicit --kv-evict head refuses)."""
+    from types import SimpleNamespace
+
+    from spatten_compiler.defaults import FEATURES
+    from spatten_compiler.passes.evict_kv import kv_heads
+
+    folded = [SimpleNamespace(variant={"layout": "folded"}, layer=0, kv_cache=True, own_keys=True)]
+    features = frozenset(k for k, f in FEATURES.items() if f.has(folded))
+    assert "head_scores" not in features and "kv_cache" in features
+    assert resolve({}, "decoder")[0]["kv_evict"] == "head"
+    opts, res = resolve({}, "decoder", features=features)
+    assert opts["kv_evict"] == res.applied["evict"]["kv_evict"] == "layer" and opts["kv_budget"] == 0.5
+    assert resolve({"kv_evict": "head"}, "decoder", features=features)[0]["kv_evict"] == "head"
+    with pytest.raises(OptionError, match="folds the heads into the batch .* use --kv-evict layer"):
+        kv_heads(folded[0])
+
+
 def test_plan_takes_a_compile_config(tmp_path: Path) -> None:
     """The Python API's form (a CompileConfig whose unset fields are None) resolves as the CLI's dict."""
     import onnx_ir as ir
