@@ -23,6 +23,9 @@ for every miss (issue #16).
 * preset: ``spattenc MODEL -o OUT`` with no option (the default preset) writes a model that runs to
   finite outputs of the input model's shapes (a KV-cache decoder fed an empty eviction state).
 
+``--format int8|fp16``: every TorchScript / dynamo export converted first (onnxruntime's quantize_dynamic,
+its float16 converter), the same checks (float16 within its rounding).
+
 Writes bench/results/<ts>-coverage.{md,json}.
 """
 
@@ -45,7 +48,7 @@ from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.unfuse_ort import UnfuseOrt
 
-from spatten_compiler.errors import SpattencError
+from spatten_compiler.errors import NoAttentionError, SpattencError
 from spatten_compiler.match import const_array
 from spatten_compiler.modelio import load_model, save_model
 from spatten_compiler.pipeline import Pipeline, make_pass
@@ -62,12 +65,52 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    wanted = {i.name for i in sess.get_inputs()}
-    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
+    half = {i.name for i in sess.get_inputs() if i.type == "tensor(float16)"}  # a float16 model's cache inputs
+    feeds = {i.name: feeds[i.name].astype(np.float16) if i.name in half else feeds[i.name]
+             for i in sess.get_inputs() if i.name in feeds}
+    return dict(zip(names, sess.run(names, feeds), strict=True))
 
 
 def _diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) if a[k].size else 0.0 for k in a)
+
+
+# --format: every corpus model converted as users get them, then the same checks. float16 outputs are
+# compared within float16 rounding (relative to the largest output value); int8 (quantize_dynamic)
+# exactly, onnxruntime against onnxruntime.
+FORMAT = {"name": "float"}
+
+
+def _tolerance(want: dict[str, np.ndarray]) -> float:
+    if FORMAT["name"] != "fp16":
+        return ATOL
+    return 4e-3 * max(1.0, max((float(np.abs(v.astype(np.float32)).max()) for v in want.values() if v.size),
+                               default=1.0))
+
+
+def to_int8(path: Path, tmp: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import onnx
+
+    out = tmp / f"{path.stem}.int8.onnx"
+    quantize_dynamic(path, out, weight_type=QuantType.QInt8)
+    if not any(n.op_type == "MatMulInteger" for n in onnx.load(str(out), load_external_data=False).graph.node):
+        raise ValueError("quantize_dynamic quantized no projection (dynamo's weights sit behind a Transpose)")
+    return out
+
+
+def to_fp16(path: Path, tmp: Path) -> Path:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    out = tmp / f"{path.stem}.fp16.onnx"
+    logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.ERROR)
+    onnx.save(convert_float_to_float16(onnx.load(str(path))), str(out))
+    return out
+
+
+FORMATS = {"float": None, "int8": to_int8, "fp16": to_fp16}
 
 
 def discovered(path: Path, rec: dict[str, Any]) -> tuple[bool, str]:
@@ -87,8 +130,12 @@ def discovered(path: Path, rec: dict[str, Any]) -> tuple[bool, str]:
 
 
 def _compile(path: Path, passes: list, out: Path) -> None:
+    from spatten_compiler.passes.float16 import is_float16
+
     model = load_model(path)
-    Pipeline([make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention"), *passes],
+    half = is_float16(model)  # compiled in float32 as spattenc's compile does (passes/float16.py)
+    Pipeline([*([make_pass("upcast-fp16")] if half else []), make_pass("unfuse-ort"), make_pass("normalize"),
+              make_pass("decompose-attention"), *passes, *([make_pass("downcast-fp16")] if half else [])],
              check=True)(model)
     save_model(model, out, external_data=False)
 
@@ -99,8 +146,8 @@ def _exact(path: Path, feeds: dict[str, np.ndarray], passes: list, tmp: Path,
     _compile(path, passes, out)
     want = _run(base or path, feeds)
     got = _run(out, feeds)
-    d = _diff(want, {k: got[k] for k in want})
-    return d <= ATOL, f"max |diff| {d:.2g}" + ("" if d <= ATOL else f" > {ATOL:g}")
+    d, tol = _diff(want, {k: got[k] for k in want}), _tolerance(want)
+    return d <= tol, f"max |diff| {d:.2g}" + ("" if d <= tol else f" > {tol:g}")
 
 
 def tokens(path: Path, feeds: dict[str, np.ndarray], tmp: Path, rec: dict[str, Any]) -> tuple[bool, str]:
@@ -144,8 +191,8 @@ def evict_full(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[boo
     _compile(path, [make_pass("evict-kv", budget=1.0)], out)
     want = _run(path, feeds)
     got = _run(out, _evict_feeds(out, feeds))
-    d = _diff(want, {k: got[k] for k in want})
-    return d <= ATOL, f"evict-kv budget 1.0: max |diff| {d:.2g}" + ("" if d <= ATOL else f" > {ATOL:g}")
+    d, tol = _diff(want, {k: got[k] for k in want}), _tolerance(want)
+    return d <= tol, f"evict-kv budget 1.0: max |diff| {d:.2g}" + ("" if d <= tol else f" > {tol:g}")
 
 
 def _runs_like(path: Path, out: Path, feeds: dict[str, np.ndarray], cache_outputs: bool = True) -> tuple[bool, str]:
@@ -193,7 +240,10 @@ def preset(path: Path, feeds: dict[str, np.ndarray], tmp: Path, rec: dict[str, A
     """``spattenc MODEL -o OUT`` with no option (the default preset for the model's kind: token pruning
     then K/V planes, or eviction and packed planes for a KV cache) writes a model that runs."""
     from spatten_compiler.api import compile as compile_model
+    from spatten_compiler.api import inspect
 
+    if not inspect(path):  # the preset writes it back unchanged and says so; nothing of spattenc's to run
+        raise NoAttentionError("no attention found: the default preset writes the model unchanged")
     out = tmp / "preset.onnx"
     save_model(compile_model(load_model(path)).model, out, external_data=False)
     if rec.get("kv_cache"):  # its cache state (eviction, packed planes) as generation feeds it: three steps
@@ -266,13 +316,22 @@ def float_activations(path: Path, tmp: Path) -> Path:
     return out
 
 
-def evaluate(rec: dict[str, Any], corpus: Path = CORPUS, only: tuple[str, ...] = CHECKS) -> dict[str, Any]:
-    """One corpus model: each check (of ``only``) -> {ok, reason}. A check that raises is a refusal
-    (its message)."""
+def evaluate(rec: dict[str, Any], corpus: Path = CORPUS, only: tuple[str, ...] = CHECKS,
+             fmt: str = "float") -> dict[str, Any]:
+    """One corpus model (converted to ``fmt`` first): each check (of ``only``) -> {ok, reason}. A check
+    that raises is a refusal (its message). A conversion that fails or does not load in onnxruntime
+    gives ``{"conversion": reason}`` and no checks."""
     path = corpus / rec["onnx"]
     feeds = dict(np.load(corpus / f"{rec['name']}.npz"))
     row: dict[str, Any] = {k: rec[k] for k in ("name", "family", "exporter", "kind", "kv_cache")}
+    FORMAT["name"] = fmt
     with tempfile.TemporaryDirectory(prefix="coverage-") as d:
+        if FORMATS[fmt] is not None:
+            try:
+                path = FORMATS[fmt](path, Path(d))
+                _run(path, feeds)
+            except Exception as e:  # noqa: BLE001 - the converter's fault, reported beside the table
+                return {**row, "conversion": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
         path = float_activations(path, Path(d))
         checks = (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d), rec)),
                   ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d))),
@@ -351,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", type=Path, metavar="JSON", nargs="+",
                    help="earlier runs' .json: their rows for models not evaluated now are carried over "
                         "(the first file that has a model wins)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="float",
+                   help="convert every model first: int8 (onnxruntime's quantize_dynamic) or fp16 (its float16 "
+                        "converter), as users download them; TorchScript and dynamo exports only")
     p.add_argument("--drop-absent", action="store_true",
                    help="leave out --merge rows of models that are not in the corpus now (an older export)")
     args = p.parse_args(argv)
@@ -360,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         recs = [r for r in recs if r["family"] in args.only.split(",")]
     ok = [r for r in recs if r.get("status") == "ok"]
     failed = [r for r in recs if r.get("status") != "ok"]
+    if args.format != "float":  # the model builder's exports are already int4 / GQA fused
+        ok = [r for r in ok if r["exporter"] in ("torchscript", "dynamo")]
     rows = []
     t0 = time.perf_counter()
     only = tuple(args.checks.split(",")) if args.checks else CHECKS
@@ -370,7 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         carried.update({r["name"]: {**r, "from": r.get("from", merged.name)}
                         for r in json.loads(merged.read_text())["rows"]})
     for rec in ok:
-        row = evaluate(rec, args.corpus, only)
+        row = evaluate(rec, args.corpus, only, args.format)
+        if "conversion" in row:
+            failed.append({"name": rec["name"], "reason": f"{args.format} conversion: {row['conversion']}"})
+            print(rec["name"], failed[-1]["reason"], flush=True)
+            continue
         old = carried.get(rec["name"])
         if only != CHECKS and old is None:  # nothing to carry the other checks from: run them all
             log.warning("%s: not in the --merge runs; running every check", rec["name"])
@@ -400,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m bench.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
-    head = (f"# Coverage over the model corpus\n\ncommand: `{cmd}`\n\nmachine: {platform.machine()}, "
+    title = "" if args.format == "float" else f", every model converted to {args.format}"
+    head = (f"# Coverage over the model corpus{title}\n\ncommand: `{cmd}`\n\nmachine: {platform.machine()}, "
             f"{os.cpu_count()} cores shared with other jobs; onnxruntime 1 thread; "
             f"{time.perf_counter() - t0:.0f} s\n\n")
     (args.out / f"{stamp}-coverage.md").write_text(head + table)

@@ -63,7 +63,7 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
 # Parts the preset tries on a clone of the probe first: their passes refuse some layouts only while
 # rewriting (prune-tokens: DeBERTa's position terms computed from activations). A part the user asked
 # for still refuses (exit 2); a part only the preset chose is left out and the summary says why.
-TRIED = {"tokens": "prune-tokens"}
+TRIED = {"tokens": "prune-tokens", "evict": "evict-kv"}  # evict-kv: MPT's ALiBi beside a Where mask
 
 
 def _drop_refused(resolved: dict[str, Any], chosen: Resolution, probe: ir.Model) -> tuple[dict[str, Any], Resolution]:
@@ -88,13 +88,15 @@ def run_quietly(p: Any, probe: ir.Model) -> SpattencError | None:
     """Run pass ``p`` on the probe as the pipeline will run it on the model, so the report counts the
     same FLOPs and the preset sees the same attention; the pipeline itself reports what it does. Its
     refusal, if any, is returned (the preset's trial of a part reads it)."""
-    log = logging.getLogger(type(p).__module__)
-    level = log.level
-    log.setLevel(logging.ERROR)
+    logs = [logging.getLogger(name) for name in (type(p).__module__, "spatten_compiler.passes")]  # and its helpers
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         p(probe)
     except SpattencError as e:
         return e
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
     return None

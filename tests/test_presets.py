@@ -520,3 +520,21 @@ def test_a_preset_part_the_model_refuses_is_left_out(tmp_path: Path, monkeypatch
     assert "TokenSelect" not in ops and "QuantizeSplit" in ops  # K/V quantization still applied
     assert main([src, "-o", str(tmp_path / "e.onnx"), "--token-keep", "0.5"]) == 2
     assert "a layout the test refuses" in capsys.readouterr().err
+
+
+def test_a_decoder_preset_evicts_only_where_evict_kv_takes_the_layout(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The decoder preset tries its eviction on a probe too (MPT's ALiBi beside a Where mask is refused
+    by evict-kv): left out with the reason, exit 0; an explicit --kv-budget still refuses."""
+    from spatten_compiler.passes import evict_kv
+
+    def refuse(sites, positions_why=None):
+        raise OptionError("layer 0: mask form the test refuses")
+
+    monkeypatch.setattr(evict_kv, "_check", refuse)
+    src = str(MODELS / "gpt2_kv_torchscript.onnx")
+    assert main([src, "-o", str(tmp_path / "p.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "KV-cache eviction is skipped: layer 0: mask form the test refuses" in err
+    assert "positions-input" not in err  # the trial is quiet
+    assert main([src, "-o", str(tmp_path / "e.onnx"), "--kv-budget", "0.5"]) == 2
+    assert "mask form the test refuses" in capsys.readouterr().err
