@@ -89,9 +89,8 @@ def _tolerance(want: dict[str, np.ndarray]) -> float:
 
 
 def to_int8(path: Path, tmp: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = tmp / f"{path.stem}.int8.onnx"
     quantize_dynamic(path, out, weight_type=QuantType.QInt8)

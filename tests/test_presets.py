@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import MODELS, fixture_names, load_meta, run_ort
+from spatten_compiler.runtime.reference import ReferenceRuntime
 from test_evict_kv import PROMPTS
 from test_long_inputs import long_feeds
 
@@ -19,7 +20,6 @@ from spatten_compiler.cli import main
 from spatten_compiler.decoding import DecoderSession, left_pad
 from spatten_compiler.defaults import PARTS, PRESET_NAMES, PRESETS, model_kind, resolve
 from spatten_compiler.errors import OptionError
-from spatten_compiler.runtime.reference import ReferenceRuntime
 
 ROOT = MODELS.parent
 ENCODERS = [n for n in fixture_names() if load_meta(n)["kind"] == "encoder"]
@@ -449,8 +449,9 @@ def test_heads_folded_into_the_batch_get_per_layer_eviction() -> None:
     per-KV-head eviction becomes per-layer eviction there (an explicit --kv-evict head refuses)."""
     from types import SimpleNamespace
 
-    from spatten_compiler.defaults import FEATURES
     from spatten_compiler.passes.evict_kv import kv_heads
+
+    from spatten_compiler.defaults import FEATURES
 
     folded = [SimpleNamespace(variant={"layout": "folded"}, layer=0, kv_cache=True, own_keys=True)]
     features = frozenset(k for k, f in FEATURES.items() if f.has(folded))
