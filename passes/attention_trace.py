@@ -272,7 +272,8 @@ def quantized_projection(value: ir.Value | None) -> Projection | None:
 
     ``value`` is the float projection output; the Projection's node is the MatMulInteger (its weight
     input is ``W_q``) and its input the float ``x``. Passes that slice projection weights check the
-    node's op type and refuse."""
+    node's op type and refuse. An activation quantized already (the int8 embedding table's Gather)
+    has no DynamicQuantizeLinear; ``x`` is then its DequantizeLinear."""
     mul = value.producer() if value is not None else None
     if mul is None or mul.op_type != "Mul":
         return None
@@ -284,6 +285,11 @@ def quantized_projection(value: ir.Value | None) -> Projection | None:
         dql = mmi.inputs[0].producer()
         if dql is not None and dql.op_type == "DynamicQuantizeLinear":
             return Projection(node=mmi, input=_strip_reshapes(dql.inputs[0]), weight=mmi.inputs[1])
+        # an input quantized already (a Gather of the int8 embedding table): its float form is the
+        # DequantizeLinear the rest of the model reads (OLMo 2's layer 0 reads the embeddings directly)
+        dq = next((u.node for u in mmi.inputs[0].uses() if u.node.op_type == "DequantizeLinear"), None)
+        if dq is not None:
+            return Projection(node=mmi, input=_strip_reshapes(dq.outputs[0]), weight=mmi.inputs[1])
     return None
 
 

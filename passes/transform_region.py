@@ -33,6 +33,7 @@ REGION_OPS = frozenset({
     "Cos", "Sin", "Cast", "CastLike", "Identity", "Where", "Equal", "Less", "Greater", "Not", "And", "Or",
     "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand", "Flatten", "Slice", "Split", "Concat", "Gather",
     "GatherND", "GatherElements",  # position lookups (cos/sin tables by position id); not on the data path
+    "DequantizeLinear",  # a position table quantize_dynamic quantized (RoFormer's sinusoidal embedding)
     "ReduceMean", "ReduceSum", "ReduceMax", "LayerNormalization", "SimplifiedLayerNormalization",
     "RMSNormalization", "Shape", "Size", "Range", "ConstantOfShape", "Tile", "Max", "Min", "Clip", "Floor",
     "Mod", "Trilu", "Constant", "MatMul", "Gemm", "Einsum",

@@ -17,7 +17,8 @@ D, H, DH = 8, 2, 4
 N = helper.make_node
 
 
-def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "") -> onnx.ModelProto:
+def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "",
+          rope_table: bool = False) -> onnx.ModelProto:
     """qk: plain | norm | norm_full | partial_rope | interleaved_rope; bias: none | buckets | alibi;
     negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens."""
     rng = np.random.default_rng(0)
@@ -60,10 +61,15 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
         elif qk in ("partial_rope", "interleaved_rope"):
             rot = DH // 2 if qk == "partial_rope" else DH
             inv = (1.0 / 100 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
-            nodes.append(N("Unsqueeze", ["posf", c(f"{t}_ax1", [1])], [f"{t}_p2"]))
-            nodes.append(N("Mul", [f"{t}_p2", c(f"{t}_inv", inv)], [f"{t}_ang"]))  # [S, rot/2]
-            nodes.append(N("Cos", [f"{t}_ang"], [f"{t}_cos"]))
-            nodes.append(N("Sin", [f"{t}_ang"], [f"{t}_sin"]))
+            if rope_table:  # RoFormer: sinusoidal tables gathered by position (quantize_dynamic quantizes them)
+                ang = np.arange(64, dtype=np.float32)[:, None] * inv[None]
+                nodes.append(N("Gather", [c(f"{t}_ctab", np.cos(ang).astype(np.float32)), "pos"], [f"{t}_cos"]))
+                nodes.append(N("Gather", [c(f"{t}_stab", np.sin(ang).astype(np.float32)), "pos"], [f"{t}_sin"]))
+            else:
+                nodes.append(N("Unsqueeze", ["posf", c(f"{t}_ax1", [1])], [f"{t}_p2"]))
+                nodes.append(N("Mul", [f"{t}_p2", c(f"{t}_inv", inv)], [f"{t}_ang"]))  # [S, rot/2]
+                nodes.append(N("Cos", [f"{t}_ang"], [f"{t}_cos"]))
+                nodes.append(N("Sin", [f"{t}_ang"], [f"{t}_sin"]))
             if qk == "partial_rope":  # rotate-half on the first half of the head, the rest passes through
                 ends = [("a", 0, rot // 2), ("b", rot // 2, rot), ("pass", rot, DH)]
                 for nm, s0, s1 in ends:

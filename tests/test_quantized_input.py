@@ -141,3 +141,44 @@ def test_int8_projection_behind_a_per_head_transform_or_beside_a_position_table(
     quantize_dynamic(src, tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
     assert any(n.op_type == "MatMulInteger" for n in onnx.load(tmp_path / "int8.onnx").graph.node)
     assert _sites(tmp_path / "int8.onnx") == _sites(src)
+
+
+def test_int8_projection_reading_the_quantized_embedding(tmp_path: Path) -> None:
+    """A layer that reads the embeddings directly (OLMo 2's layer 0): quantize_dynamic feeds its
+    MatMulInteger the int8 Gather of the quantized table, with no DynamicQuantizeLinear; the float
+    input is that Gather's DequantizeLinear."""
+    import attention_graphs
+    import onnx.compose
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, attention_graphs.D))
+                                    .astype(np.float32), "table")
+    embed = helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["x"])], "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", attention_graphs.D])], [table]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "float.onnx"
+    merged = onnx.compose.merge_models(embed, attention_graphs.build(), io_map=[("x", "x")])
+    del merged.opset_import[:]
+    merged.opset_import.append(helper.make_opsetid("", 17))
+    merged.ir_version = 8
+    onnx.save(merged, src)
+    quantize_dynamic(src, tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
+    nodes = onnx.load(tmp_path / "int8.onnx").graph.node
+    producers = {o: n.op_type for n in nodes for o in n.output}
+    assert any(n.op_type == "MatMulInteger" and producers.get(n.input[0]) == "Gather" for n in nodes)
+    assert _sites(tmp_path / "int8.onnx") == _sites(src)
+
+
+def test_int8_rotary_tables_gathered_by_position(tmp_path: Path) -> None:
+    """RoFormer gathers its sinusoidal table by position; quantize_dynamic quantizes that Gather, so the
+    interleaved rotary's cos/sin come through a DequantizeLinear, which the per-head transform walk
+    passes."""
+    import structural_graphs
+
+    src = tmp_path / "float.onnx"
+    onnx.save(structural_graphs.build(qk="interleaved_rope", rope_table=True), src)
+    quantize_dynamic(src, tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(tmp_path / "int8.onnx").graph.node)
+    assert _sites(tmp_path / "int8.onnx") == _sites(src)
