@@ -160,6 +160,48 @@ def _without_external_weights(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     return light
 
 
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope (their own values excluded)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            own = {i.name for i in g.input} | {t.name for t in g.initializer}
+            own |= {o for n in g.node for o in n.output}
+            for n in g.node:
+                names |= {i for i in n.input if i and i not in own} | (_outer_names(n) - own)
+    return names
+
+
+def sort_nodes(graph: onnx.GraphProto) -> bool:
+    """Put the main graph's nodes in topological order if they are not (onnxruntime's float16 converter
+    appends the Casts it inserts at the end; onnxruntime runs such a file, the ONNX checker does not
+    accept it). Returns whether anything moved; a cycle or a missing input leaves the graph as it is
+    for the checker to name."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    needs = [set(n.input) | _outer_names(n) for n in graph.node]
+    if all(need <= (known := known | set(n.output)) for need, n in zip(needs, graph.node)):
+        return False
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    deps = [{producer[x] for x in need if x in producer} for need in needs]  # Kahn's algorithm
+    users: list[list[int]] = [[] for _ in graph.node]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    waiting = [len(d) for d in deps]
+    order = [i for i, w in enumerate(waiting) if w == 0]
+    for i in order:  # grows while it is walked
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                order.append(u)
+    if len(order) != len(graph.node):
+        return False
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
 def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     """Load and validate an ONNX model; raise :class:`ModelLoadError` with one line if it is bad."""
     path = Path(path)
@@ -168,6 +210,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     if not path.is_file():
         raise ModelLoadError(f"{path}: not a file")
     proto = _read_proto(path)
+    if sort_nodes(proto.graph):
+        logger.info("%s: its nodes were not in topological order; sorted", path)
     _check_external_data(path, proto)
     serde_log = logging.getLogger("onnx_ir.serde")
     level = serde_log.level
