@@ -29,7 +29,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass
 
 from spatten_compiler.config import CompileConfig, check_types
-from spatten_compiler.errors import ModelLoadError, OptionError
+from spatten_compiler.errors import ModelLoadError, NoAttentionError, OptionError
 from spatten_compiler.modelio import load_model, save_model
 from spatten_compiler.passes.find_attention import AttentionReport, AttentionSite, find_attention
 from spatten_compiler.passes.float16 import DowncastFloat16, UpcastFloat16, is_float16
@@ -147,11 +147,18 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     planned = _plan(m, name, {**_fields(config), **_given(options)}, pipeline, report)
     extra = dict(hooks or {})
     extra.update({k: v for k, v in (("on_pass", on_pass), ("on_start", on_start)) if v is not None})
-    if planned.config.prune_min_length:
-        compile_gated(m, planned.passes, planned.config.unpruned().passes(), planned.config.prune_min_length,
-                      check=check, **extra)
-    else:
-        Pipeline(planned.passes, check=check, **extra)(m)
+    compiled_before = any(n.domain == "spatten" for n in m.graph)
+    try:
+        if planned.config.prune_min_length:
+            compile_gated(m, planned.passes, planned.config.unpruned().passes(), planned.config.prune_min_length,
+                          check=check, **extra)
+        else:
+            Pipeline(planned.passes, check=check, **extra)(m)
+    except NoAttentionError as e:
+        if not compiled_before:
+            raise
+        raise NoAttentionError(f"{e} - {name} was written by spattenc already (it holds spatten ops, which "
+                               "hide the attention it rewrote); compile the original export") from e
     if float16:
         Pipeline([DowncastFloat16()], check=check, **extra)(m)
         if planned.report is not None:

@@ -158,3 +158,16 @@ def test_compile_says_what_each_pass_did(tmp_path: Path) -> None:
     assert lines[-1].startswith("wrote ") and sum(line.startswith("wrote ") for line in lines) == 1, lines
     q = spattenc(model, "-o", str(tmp_path / "b.onnx"), "--token-keep", "0.5", "-q")
     assert q.returncode == 0 and q.stderr == ""
+
+
+def test_compiling_a_compiled_model_says_so(tmp_path: Path, capsys) -> None:
+    """A model spattenc wrote holds spatten ops that hide the attention it rewrote: a second rewrite
+    says so (exit 2, one line) instead of a bare 'no attention found'."""
+    from spatten_compiler.cli import main as cli_main
+
+    first, second = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    assert cli_main([str(MODELS / "bert_torchscript.onnx"), "-o", str(first)]) == 0  # the default preset
+    capsys.readouterr()
+    assert cli_main([str(first), "-o", str(second), "--head-keep", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was written by spattenc already" in err and not second.exists()
