@@ -76,7 +76,7 @@ from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, full_schedule, spatten_schedule
 
-from .attention_trace import Projection
+from .attention_trace import Projection, quantized_projection
 from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
 from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, score_views
@@ -115,14 +115,16 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
-        quantized = next((p.node for p in (s.q.projection, s.k.projection, s.v.projection, s.out_proj)
-                          if p.node.op_type not in ("MatMul", "Gemm") or (
-                              p.weight.producer() is not None and p.weight.producer().op_type == "DequantizeLinear")),
-                         None)
-        if quantized is not None:
-            raise OptionError(f"layer {s.layer}: projection {quantized.op_type} '{quantized.name}' has quantized "
-                              "weights; prune-heads slices float weights: compile the float model and add "
-                              "--weights int8|int4")
+        for p in (s.q.projection, s.k.projection, s.v.projection, s.out_proj):
+            dq = p.weight.producer() is not None and p.weight.producer().op_type == "DequantizeLinear"
+            why = ("int4 blocks of MatMulNBits" if p.node.op_type == "MatMulNBits" else "one scale per output column"
+                   if _per_channel(p) else "QDQ blocks of DequantizeLinear" if dq else None)
+            if why is None and p.node.op_type not in ("MatMul", "Gemm", "MatMulInteger"):
+                why = f"a {p.node.op_type} weight format"
+            if why is not None:
+                raise OptionError(f"layer {s.layer}: projection {p.node.op_type} '{p.node.name}' has quantized weights "
+                                  f"prune-heads cannot slice ({why}): compile the float model and add --weights "
+                                  "int8|int4")
         for term in s.bias_terms:
             if term.shape is None or term.shape.rank() not in (1, 2, 3, 4) or (
                     _folded(s) and term.shape.rank() == 4):
@@ -146,10 +148,25 @@ def _from(value: ir.Value | None, node: ir.Node) -> bool:
         producer = value.producer() if value is not None else None
         if producer is node:
             return True
+        quantized = quantized_projection(value)
+        if quantized is not None:  # int8: the bias adds to Mul(Cast(MatMulInteger), scales)
+            return quantized.node is node
         if producer is None or producer.op_type != "Reshape":
             return False
         value = producer.inputs[0]
     return False
+
+
+def _per_channel(proj: Projection) -> bool:
+    """An int8 projection with a scale or zero point per output column (which slicing would have to
+    slice too); quantize_dynamic's default is one per tensor."""
+    if proj.node.op_type != "MatMulInteger":
+        return False
+    zp = proj.node.inputs[3] if len(proj.node.inputs) > 3 else None
+    scales = [i for u in proj.node.outputs[0].uses() for c in u.node.outputs[0].uses() for i in c.node.inputs]
+    return any(v is not None and v.shape is not None and any(d != 1 for d in v.shape.dims)
+               for v in (zp, *[i for i in scales if i is not None and i.producer() is not None
+                               and i.producer().op_type == "Mul"]))
 
 
 def _weight_slot(proj: Projection) -> tuple[ir.Node, int]:

@@ -2,7 +2,8 @@
 ship as ``model_quantized.onnx``: projections are ``DynamicQuantizeLinear -> MatMulInteger -> Cast ->
 Mul``) and the int4 quantizer in QDQ format (``DequantizeLinear`` of int4 blocks -> ``MatMul``).
 Discovery finds the same sites as in the float model, token pruning at keep 1.0 is exact in
-onnxruntime, the default preset runs, and head pruning (which slices float weights) refuses in one line."""
+onnxruntime, the default preset runs; head pruning slices per-tensor int8 weights and refuses, in one
+line, per-channel scales and QDQ blocks."""
 
 from __future__ import annotations
 
@@ -103,10 +104,34 @@ def test_default_preset_runs_on_quantized_models(key: str, quantized: dict[str, 
         assert got[k].shape == value.shape and np.isfinite(got[k]).all()
 
 
-@pytest.mark.parametrize("key", ["bert_torchscript", "bert_torchscript.qdq4"])
-def test_head_pruning_refuses_quantized_weights(key: str, quantized: dict[str, Path], tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("name", ["bert_torchscript", "llama_torchscript"])
+def test_head_pruning_slices_int8_weights(name: str, quantized: dict[str, Path], tmp_path: Path) -> None:
+    """One scale and zero point per tensor (quantize_dynamic's default): the int8 columns / rows of the
+    kept heads are sliced like float ones. Keep 1.0 is exact; at 0.5 the written model runs."""
+    feeds, _ = reference_io(load_meta(name))
+    want = run_ort(quantized[name], feeds)
+    for keep in ("1.0", "0.5"):
+        out = tmp_path / f"h{keep}.onnx"
+        assert main([str(quantized[name]), "-o", str(out), "--head-keep", keep, "--no-token-pruning",
+                     "--kv-bits", "none"]) == 0
+        got = run_ort(out, feeds)
+        for key, value in want.items():
+            if keep == "1.0":
+                np.testing.assert_array_equal(got[key], value)
+            elif not key.startswith("present"):
+                assert got[key].shape == value.shape and np.isfinite(got[key]).all()
+
+
+@pytest.mark.parametrize("key", ["per-channel int8", "bert_torchscript.qdq4"])
+def test_head_pruning_refuses_weights_it_cannot_slice(key: str, quantized: dict[str, Path], tmp_path: Path,
+                                                      capsys) -> None:
+    """A scale per output column (per_channel=True) or dequantized QDQ blocks: refused in one line."""
+    src = quantized.get(key)
+    if src is None:
+        src = tmp_path / "per-channel.onnx"
+        quantize_dynamic(MODELS / "bert_torchscript.onnx", src, weight_type=QuantType.QInt8, per_channel=True)
     out = tmp_path / "out.onnx"
-    assert main([str(quantized[key]), "-o", str(out), "--head-keep", "0.5"]) == 2
+    assert main([str(src), "-o", str(out), "--head-keep", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "quantized weights" in err and "--weights int8" in err
     assert not out.exists()
