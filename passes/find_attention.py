@@ -128,6 +128,19 @@ class AttentionSite:
 class AttentionReport:
     sites: list[AttentionSite]
     rejected: list[tuple[str, str]]  # (Softmax node name, reason)
+    # attention spattenc cannot read at all (a fused op it cannot decompose, attention inside a subgraph):
+    # what to do instead, for the compile summary
+    unreadable: list[str] = dataclasses.field(default_factory=list)
+
+
+def _subgraph_softmaxes(node: ir.Node) -> int:
+    count = 0
+    for attr in node.attributes.values():
+        graphs = attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value] \
+            if attr.type == ir.AttributeType.GRAPH else []
+        for g in graphs:
+            count += sum(n.op_type == "Softmax" for n in ir.traversal.RecursiveGraphIterator(g))
+    return count
 
 
 def _single_consumer(value: ir.Value) -> ir.Node | None:
@@ -410,6 +423,7 @@ def find_attention(model: ir.Model) -> AttentionReport:
     graph = model.graph
     sites: list[AttentionSite] = []
     rejected: list[tuple[str, str]] = []
+    unreadable: list[str] = []
     for node in graph:
         if (node.domain, node.op_type) in FUSED_OPS:
             fused = _fused_site(node, graph)
@@ -418,8 +432,13 @@ def find_attention(model: ir.Model) -> AttentionReport:
             else:
                 sites.append(fused)
         elif (node.domain, node.op_type) in UNREAD_FUSED_OPS:
-            rejected.append((node.name or "<unnamed>",
-                             f"{node.op_type}: {UNREAD_FUSED_OPS[(node.domain, node.op_type)]}"))
+            unreadable.append(f"{node.op_type}: {UNREAD_FUSED_OPS[(node.domain, node.op_type)]}")
+            rejected.append((node.name or "<unnamed>", unreadable[-1]))
+        elif node.op_type in ("If", "Loop", "Scan") and (n := _subgraph_softmaxes(node)):
+            unreadable.append(f"{node.op_type} '{node.name}' holds {n} Softmax ops in its subgraphs (a merged decoder, "
+                              "e.g. optimum's decoder_model_merged.onnx): spattenc rewrites the main graph; "
+                              "compile the model with past inputs (decoder_with_past_model.onnx)")
+            rejected.append((node.name or "<unnamed>", unreadable[-1]))
         elif node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
             found = _match_softmax(node, graph)
             if isinstance(found, NoMatch):
@@ -429,7 +448,7 @@ def find_attention(model: ir.Model) -> AttentionReport:
     for i, site in enumerate(sites):
         site.layer = i
     layer_outputs(sites, graph)
-    return AttentionReport(sites, rejected)
+    return AttentionReport(sites, rejected, unreadable)
 
 
 @register_pass

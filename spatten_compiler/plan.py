@@ -28,7 +28,6 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
     API's form: its None fields count as unset, so it resolves the same way)."""
     if isinstance(options, CompileConfig):
         options = dataclasses.asdict(options)
-    from spatten_compiler.passes.attention_patterns import UNREAD_FUSED_OPS
     from spatten_compiler.passes.decompose_attention import DecomposeAttention
     from spatten_compiler.passes.find_attention import find_attention
     from spatten_compiler.passes.length_gate import refuse_gated, short_input_model
@@ -51,9 +50,8 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
     if kind == "none" and options.get("preset"):
         raise NoAttentionError(f"--preset {options['preset']}: no attention found in {path}; nothing to apply")
     resolved, chosen = resolve(options, kind, pipeline, model_features(sites))
-    if kind == "none":
-        unread = {f"{op}: {why}" for (_, op), why in UNREAD_FUSED_OPS.items()}
-        chosen = dataclasses.replace(chosen, unfound=next((why for _, why in report.rejected if why in unread), ""))
+    if kind == "none" and report.unreadable:
+        chosen = dataclasses.replace(chosen, unfound=report.unreadable[0])
     if chosen.preset is not None:
         resolved, chosen = _drop_refused(resolved, chosen, probe)
         logger.debug("preset %s for %s: %s", chosen.preset.name, kind, chosen.applied)

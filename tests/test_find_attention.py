@@ -184,3 +184,28 @@ def test_cli_inspect_table_and_json(tmp_path: Path) -> None:
     (site,) = data["sites"]
     assert site["num_kv_heads"] == 1 and site["rope"] and site["kv_cache"]["past_key"] == "past_k"
     assert site["kv_bytes_per_token"] == 2 * 1 * DH * 4
+
+
+def test_attention_inside_an_if_is_named_with_what_to_do(tmp_path: Path, capsys) -> None:
+    """A merged decoder (optimum's decoder_model_merged.onnx) holds its layers in If branches: not read,
+    and the compile summary and inspect say where the attention is and which file to compile."""
+    import attention_graphs
+    from onnx import TensorProto, helper
+
+    from spatten_compiler.cli import main
+
+    body = attention_graphs.build()
+    branch = lambda name: helper.make_graph(list(body.graph.node), name, [], list(body.graph.output),  # noqa: E731
+                                            list(body.graph.initializer))
+    merged = helper.make_model(helper.make_graph(
+        [helper.make_node("If", ["use_cache_branch"], ["y"], name="optimum::if",
+                          then_branch=branch("with_past"), else_branch=branch("without_past"))],
+        "merged", [*body.graph.input, helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])],
+        list(body.graph.output)), opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "merged.onnx"
+    onnx.save(merged, src)
+    assert main([str(src), "-o", str(tmp_path / "out.onnx")]) == 0
+    assert "If 'optimum::if' holds 2 Softmax ops in its subgraphs" in capsys.readouterr().err
+    assert main(["inspect", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "decoder_with_past_model.onnx" in err
