@@ -179,8 +179,12 @@ def sort_nodes(graph: onnx.GraphProto) -> bool:
     for the checker to name."""
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     needs = [set(n.input) | _outer_names(n) for n in graph.node]
-    if all(need <= (known := known | set(n.output)) for need, n in zip(needs, graph.node)):
-        return False
+    for need, n in zip(needs, graph.node):
+        if not need <= known:
+            break
+        known.update(n.output)
+    else:
+        return False  # in order already: one pass, the names seen updated in place
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     deps = [{producer[x] for x in need if x in producer} for need in needs]  # Kahn's algorithm
     users: list[list[int]] = [[] for _ in graph.node]
