@@ -251,11 +251,9 @@ def _projection(node: ir.Node) -> Projection | NoMatch:
     dq = weight.producer()
     if weight.shape is None and dq is not None and dq.op_type == "DequantizeLinear":
         weight.shape = dq.inputs[0].shape  # the dequantized weight has its constant's shape (passes forget it)
-    hidden = node.inputs[0]
-    while hidden.producer() is not None and hidden.producer().op_type == "Reshape":
-        hidden = hidden.producer().inputs[0]
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    return Projection(node=node, input=hidden, weight=weight, bias=bias, transposed_weight=transposed)
+    return Projection(node=node, input=_strip_reshapes(node.inputs[0]), weight=weight, bias=bias,
+                      transposed_weight=transposed)
 
 
 def _strip_reshapes(value: ir.Value) -> ir.Value:

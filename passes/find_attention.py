@@ -134,13 +134,10 @@ class AttentionReport:
 
 
 def _subgraph_softmaxes(node: ir.Node) -> int:
-    count = 0
-    for attr in node.attributes.values():
-        graphs = attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value] \
-            if attr.type == ir.AttributeType.GRAPH else []
-        for g in graphs:
-            count += sum(n.op_type == "Softmax" for n in ir.traversal.RecursiveGraphIterator(g))
-    return count
+    """Softmax ops inside ``node``'s subgraphs (an If's branches, a Loop's body), at any depth."""
+    graphs = [g for a in node.attributes.values() if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+              for g in (a.value if a.type == ir.AttributeType.GRAPHS else [a.value])]
+    return sum(n.op_type == "Softmax" for g in graphs for n in ir.traversal.RecursiveGraphIterator(g))
 
 
 def _single_consumer(value: ir.Value) -> ir.Node | None:

@@ -53,16 +53,6 @@ def _upcast_tensor(t: ir.TensorProtocol) -> ir.Tensor:
     return ir.tensor(t.numpy().astype(np.float32), name=t.name)
 
 
-def _graphs(model: ir.Model):
-    yield model.graph
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield attr.value
-            elif attr.type == ir.AttributeType.GRAPHS:
-                yield from attr.value
-
-
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class UpcastFloat16(Pass):
@@ -74,7 +64,7 @@ class UpcastFloat16(Pass):
         if not is_float16(model):
             return PassResult(model, False)
         io = [v.name for v in (*model.graph.inputs, *model.graph.outputs) if v.dtype == FP16]
-        for graph in _graphs(model):
+        for graph in model.graphs():  # the main graph and every subgraph
             for v in graph.initializers.values():
                 if v.dtype == FP16 and v.const_value is not None:
                     v.const_value = _upcast_tensor(v.const_value)

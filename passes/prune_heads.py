@@ -116,11 +116,7 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
         for p in (s.q.projection, s.k.projection, s.v.projection, s.out_proj):
-            dq = p.weight.producer() is not None and p.weight.producer().op_type == "DequantizeLinear"
-            why = ("int4 blocks of MatMulNBits" if p.node.op_type == "MatMulNBits" else "one scale per output column"
-                   if _per_channel(p) else "QDQ blocks of DequantizeLinear" if dq else None)
-            if why is None and p.node.op_type not in ("MatMul", "Gemm", "MatMulInteger"):
-                why = f"a {p.node.op_type} weight format"
+            why = _unsliceable(p)
             if why is not None:
                 raise OptionError(f"layer {s.layer}: projection {p.node.op_type} '{p.node.name}' has quantized weights "
                                   f"prune-heads cannot slice ({why}): compile the float model and add --weights "
@@ -158,15 +154,26 @@ def _from(value: ir.Value | None, node: ir.Node) -> bool:
 
 
 def _per_channel(proj: Projection) -> bool:
-    """An int8 projection with a scale or zero point per output column (which slicing would have to
-    slice too); quantize_dynamic's default is one per tensor."""
-    if proj.node.op_type != "MatMulInteger":
-        return False
+    """An int8 projection (``Mul(Cast(MatMulInteger(x, W, x_zp, W_zp)), x_scale * W_scale)``) with a
+    zero point or scale per output column, which slicing would have to slice too; quantize_dynamic's
+    default is one per tensor."""
+    cast = next(u.node for u in proj.node.outputs[0].uses())
+    mul = next(u.node for u in cast.outputs[0].uses())
     zp = proj.node.inputs[3] if len(proj.node.inputs) > 3 else None
-    scales = [i for u in proj.node.outputs[0].uses() for c in u.node.outputs[0].uses() for i in c.node.inputs]
-    return any(v is not None and v.shape is not None and any(d != 1 for d in v.shape.dims)
-               for v in (zp, *[i for i in scales if i is not None and i.producer() is not None
-                               and i.producer().op_type == "Mul"]))
+    scale = next(i for i in mul.inputs if i is not cast.outputs[0])
+    return any(v is not None and v.shape is not None and any(d != 1 for d in v.shape.dims) for v in (zp, scale))
+
+
+def _unsliceable(proj: Projection) -> str | None:
+    """Why prune-heads cannot slice this projection's weights (quantized in a way it does not handle)."""
+    op, producer = proj.node.op_type, proj.weight.producer()
+    if op == "MatMulInteger":
+        return "one scale per output column" if _per_channel(proj) else None
+    if op == "MatMulNBits":
+        return "int4 blocks of MatMulNBits"
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return "QDQ blocks of DequantizeLinear"
+    return None if op in ("MatMul", "Gemm") else f"a {op} weight format"
 
 
 def _weight_slot(proj: Projection) -> tuple[ir.Node, int]:
