@@ -11,3 +11,4 @@ from . import key_mask_fold  # noqa: E402,F401  (--optimize: key masks of the im
 from . import evict_kv  # noqa: E402,F401  (decoder KV-cache eviction)
 from . import pack_kv  # noqa: E402,F401  (decoder cache stored as packed planes)
 from . import float16  # noqa: E402,F401  (float16 models: rewritten in float32, converted back)
+from . import unmerge_decoder  # noqa: E402,F401  (optimum's merged decoders: the with-past branch as the model)

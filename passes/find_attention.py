@@ -22,6 +22,7 @@ from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, UNREAD_FUSED_OPS, VI
 from .attention_trace import Branch, Projection, _projection, quantized_projection, trace_branch
 from .score_chain import is_mask_term, score_chain
 from .site_io import _ancestors, layer_outputs, mask_info, rope_position_source
+from .unmerge_decoder import match_merged
 
 logger = logging.getLogger(__name__)
 
@@ -432,9 +433,11 @@ def find_attention(model: ir.Model) -> AttentionReport:
             unreadable.append(f"{node.op_type}: {UNREAD_FUSED_OPS[(node.domain, node.op_type)]}")
             rejected.append((node.name or "<unnamed>", unreadable[-1]))
         elif node.op_type in ("If", "Loop", "Scan") and (n := _subgraph_softmaxes(node)):
-            unreadable.append(f"{node.op_type} '{node.name}' holds {n} Softmax ops in its subgraphs (a merged decoder, "
-                              "e.g. optimum's decoder_model_merged.onnx): spattenc rewrites the main graph; "
-                              "compile the model with past inputs (decoder_with_past_model.onnx)")
+            why = match_merged(model)
+            why = f" and this is not a merged decoder it can unmerge ({why.reason})" if isinstance(why, NoMatch) else ""
+            unreadable.append(f"{node.op_type} '{node.name}' holds {n} Softmax ops in its subgraphs: spattenc rewrites "
+                              f"the main graph{why}; compile the model with past inputs (e.g. optimum's "
+                              "decoder_with_past_model.onnx)")
             rejected.append((node.name or "<unnamed>", unreadable[-1]))
         elif node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
             found = _match_softmax(node, graph)

@@ -36,6 +36,7 @@ from spatten_compiler.passes.float16 import DowncastFloat16, UpcastFloat16, is_f
 from spatten_compiler.passes.length_gate import compile_gated, refuse_gated, short_input_model
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.unfuse_ort import UnfuseOrt
+from spatten_compiler.passes.unmerge_decoder import UnmergeDecoder
 from spatten_compiler.pipeline import Pass, Pipeline, parse_pipeline
 from spatten_compiler.plan import run_quietly
 
@@ -144,6 +145,7 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     float16 = is_float16(m) and not pipeline  # rewritten in float32, converted back (passes/float16.py)
     if float16:
         UpcastFloat16()(m)
+    unmerged = not pipeline and UnmergeDecoder()(m).modified  # a merged decoder: its with-past branch
     planned = _plan(m, name, {**_fields(config), **_given(options)}, pipeline, report)
     extra = dict(hooks or {})
     extra.update({k: v for k, v in (("on_pass", on_pass), ("on_start", on_start)) if v is not None})
@@ -161,8 +163,9 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
                                "hide the attention it rewrote); compile the original export") from e
     if float16:
         Pipeline([DowncastFloat16()], check=check, **extra)(m)
-        if planned.report is not None:
-            planned.report["passes"] = [*planned.report["passes"], "downcast-fp16"]
+    if planned.report is not None:
+        planned.report["passes"] = [*(["unmerge-decoder"] * unmerged), *planned.report["passes"],
+                                    *(["downcast-fp16"] * float16)]
     return CompileResult(m, planned.report, planned.summary)
 
 
@@ -197,6 +200,7 @@ def inspect_report(model: ModelLike) -> AttentionReport:
     not changed (an ``ir.Model`` is normalized on a clone)."""
     m, name = as_model(model, copy=True)
     refuse_gated(m, name)
+    UnmergeDecoder()(m)  # as compile does: a merged decoder's with-past branch
     if any(n.domain == "com.microsoft" for n in m.graph):
         # onnxruntime's fused ops (optimizer, model builder): read them as compile will, unfused
         refused = run_quietly(UnfuseOrt(), m)

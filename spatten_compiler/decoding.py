@@ -58,6 +58,9 @@ class DecoderSession:
             path = Path(model)
             proto = onnx.load(str(path), load_external_data=False)
         self.input_names = [i.name for i in proto.graph.input]
+        # a merged decoder (optimum's decoder_model_merged.onnx) picks its branch by this input
+        self.branch_rank = next((len(i.type.tensor_type.shape.dim) for i in proto.graph.input
+                                 if i.name == "use_cache_branch"), None)
         self.output_names = [o.name for o in proto.graph.output]
         self.layers: dict[int, str] = {}  # layer -> the name of one of its cache inputs
         self.state: dict[str, tuple[np.dtype, list[int | None]]] = {}  # every past_* input: dtype, dims
@@ -151,6 +154,8 @@ class DecoderSession:
         else:  # only the new tokens' columns are read; the past's validity is in past_positions
             past0 = self.cache[self.layers[min(self.layers)]].shape[2]
             feeds["attention_mask"] = np.concatenate([np.ones((ids.shape[0], past0), np.int64), new], axis=1)
+        if self.branch_rank is not None:  # the with-past branch once there is a past
+            feeds["use_cache_branch"] = np.full([1] * self.branch_rank, self.mask.shape[1] > 0)
         self.next_mask = full  # every token once the step fed last is committed
         return {k: v for k, v in feeds.items() if k in self.input_names}
 
