@@ -23,8 +23,9 @@ for every miss (issue #16).
 * preset: ``spattenc MODEL -o OUT`` with no option (the default preset) writes a model that runs to
   finite outputs of the input model's shapes (a KV-cache decoder fed an empty eviction state).
 
-``--format int8|fp16``: every TorchScript / dynamo export converted first (onnxruntime's quantize_dynamic,
-its float16 converter), the same checks (float16 within its rounding).
+``--format int8|int8pc|fp16``: every TorchScript / dynamo export converted first (onnxruntime's
+quantize_dynamic with one scale per tensor or per output column, its float16 converter), the same
+checks (float16 within its rounding).
 
 Writes bench/results/<ts>-coverage.{md,json}.
 """
@@ -32,6 +33,7 @@ Writes bench/results/<ts>-coverage.{md,json}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -89,12 +91,12 @@ def _tolerance(want: dict[str, np.ndarray]) -> float:
                                default=1.0))
 
 
-def to_int8(path: Path, tmp: Path) -> Path:
+def to_int8(path: Path, tmp: Path, per_channel: bool = False) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = tmp / f"{path.stem}.int8.onnx"
-    quantize_dynamic(path, out, weight_type=QuantType.QInt8)
+    quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=per_channel)
     if not any(n.op_type == "MatMulInteger" for n in onnx.load(str(out), load_external_data=False).graph.node):
         raise ValueError("quantize_dynamic quantized no projection (dynamo's weights sit behind a Transpose)")
     return out
@@ -110,7 +112,8 @@ def to_fp16(path: Path, tmp: Path) -> Path:
     return out
 
 
-FORMATS = {"float": None, "int8": to_int8, "fp16": to_fp16}
+FORMATS = {"float": None, "int8": to_int8, "fp16": to_fp16,
+           "int8pc": functools.partial(to_int8, per_channel=True)}  # per output column, as transformers.js
 
 
 def discovered(path: Path, rec: dict[str, Any]) -> tuple[bool, str]:
@@ -283,7 +286,7 @@ def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, st
     save_model(model, zeroed, external_data=False)
     kept = tuple(() for _ in sites[:-1]) + (tuple(range(1, groups)),)
     ok, why2 = _exact(path, feeds, [make_pass("prune-heads", rule="calibrated", heads=kept)], tmp, base=zeroed)
-    if FORMAT["name"] == "int8" and not ok:  # the output projection's input quantization (one scale per
+    if FORMAT["name"].startswith("int8") and not ok:  # the output projection's input quantization (one scale per
         # tensor) spans the kept heads' context only: not the zeroed rows' model, by construction
         diff = why2.split(" >")[0]
         return True, f"{why}; last layer without group 0 runs ({diff}: int8 scales of a narrower context)"
@@ -415,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="earlier runs' .json: their rows for models not evaluated now are carried over "
                         "(the first file that has a model wins)")
     p.add_argument("--format", choices=sorted(FORMATS), default="float",
-                   help="convert every model first: int8 (onnxruntime's quantize_dynamic) or fp16 (its float16 "
-                        "converter), as users download them; TorchScript and dynamo exports only")
+                   help="convert every model first: int8 / int8pc (onnxruntime's quantize_dynamic, one scale per "
+                        "tensor / per output column) or fp16 (its float16 converter), as users download "
+                        "them; TorchScript and dynamo exports only")
     p.add_argument("--drop-absent", action="store_true",
                    help="leave out --merge rows of models that are not in the corpus now (an older export)")
     args = p.parse_args(argv)

@@ -291,6 +291,36 @@ def quantized_projection(value: ir.Value | None) -> Projection | None:
     return None
 
 
+def column_constants(mmi: ir.Node) -> list[tuple[ir.Node, int]] | None:
+    """The input slots holding an int8 projection's per-output-column constants (quantize_dynamic
+    with ``per_channel=True``: ``W_zp`` [N] on the MatMulInteger, ``W_scale`` [N] in the scale
+    ``Mul(x_scale, W_scale)``), which slicing the weight's columns must slice too; [] when every
+    zero point and scale is one per tensor, None when a per-column one is not a constant read there."""
+    def per_column(v: ir.Value | None) -> bool:
+        return v is not None and (v.shape is None or any(d != 1 for d in v.shape.dims))
+
+    slots: list[tuple[ir.Node, int]] = []
+    if len(mmi.inputs) > 3 and per_column(mmi.inputs[3]):
+        if const_array(mmi.inputs[3]) is None:
+            return None
+        slots.append((mmi, 3))
+    cast = next((u.node for u in mmi.outputs[0].uses() if u.node.op_type == "Cast"), None)
+    mul = next((u.node for u in cast.outputs[0].uses() if u.node.op_type == "Mul"), None) if cast else None
+    if mul is None:
+        return None
+    scale = next(i for i in mul.inputs if i is not cast.outputs[0])
+    if not per_column(scale):
+        return slots
+    if const_array(scale) is not None:
+        return [*slots, (mul, list(mul.inputs).index(scale))]
+    combine = scale.producer()  # Mul(x_scale, W_scale): the activation's scale is a scalar
+    if combine is None or combine.op_type != "Mul":
+        return None
+    found = [(combine, i) for i, v in enumerate(combine.inputs) if per_column(v) and const_array(v) is not None]
+    rest = [v for v in combine.inputs if per_column(v) and const_array(v) is None]
+    return [*slots, *found] if len(found) == 1 and not rest else None
+
+
 def _matmul(node, value, branch, graph):
     proj = _projection(node)
     if isinstance(proj, NoMatch):

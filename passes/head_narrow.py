@@ -27,6 +27,7 @@ from spatten_compiler.errors import OptionError
 from spatten_compiler.match import const_array
 
 from . import head_rows
+from .attention_trace import column_constants
 from .find_attention import AttentionSite
 from .score_chain import reads_projection
 
@@ -172,6 +173,8 @@ def _apply(editor, plan: head_rows.Narrowing, ev: head_rows.Evaluator) -> None:
     w = const_array(weight)
     slot_node.replace_input_with(slot, editor.const("head_cols", np.ascontiguousarray(
         w[cols] if transposed else w[:, cols])))
+    for node, i in column_constants(proj) or [] if proj.op_type == "MatMulInteger" else []:
+        node.replace_input_with(i, editor.const("head_cols", const_array(node.inputs[i]).reshape(-1)[cols]))
     if proj.op_type == "Gemm" and len(proj.inputs) > 2 and proj.inputs[2] is not None:
         b = const_array(proj.inputs[2])
         proj.replace_input_with(2, editor.const("head_bias", b[..., cols] if b.shape[-1] == w.shape[

@@ -76,7 +76,7 @@ from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, full_schedule, spatten_schedule
 
-from .attention_trace import Projection, quantized_projection
+from .attention_trace import Projection, column_constants, quantized_projection
 from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
 from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, score_views
@@ -153,22 +153,11 @@ def _from(value: ir.Value | None, node: ir.Node) -> bool:
     return False
 
 
-def _per_channel(proj: Projection) -> bool:
-    """An int8 projection (``Mul(Cast(MatMulInteger(x, W, x_zp, W_zp)), x_scale * W_scale)``) with a
-    zero point or scale per output column, which slicing would have to slice too; quantize_dynamic's
-    default is one per tensor."""
-    cast = next(u.node for u in proj.node.outputs[0].uses())
-    mul = next(u.node for u in cast.outputs[0].uses())
-    zp = proj.node.inputs[3] if len(proj.node.inputs) > 3 else None
-    scale = next(i for i in mul.inputs if i is not cast.outputs[0])
-    return any(v is not None and v.shape is not None and any(d != 1 for d in v.shape.dims) for v in (zp, scale))
-
-
 def _unsliceable(proj: Projection) -> str | None:
     """Why prune-heads cannot slice this projection's weights (quantized in a way it does not handle)."""
     op, producer = proj.node.op_type, proj.weight.producer()
-    if op == "MatMulInteger":
-        return "one scale per output column" if _per_channel(proj) else None
+    if op == "MatMulInteger":  # per-column zero points / scales are sliced with the columns
+        return "a per-column scale or zero point computed in the graph" if column_constants(proj.node) is None else None
     if op == "MatMulNBits":
         return "int4 blocks of MatMulNBits"
     if producer is not None and producer.op_type == "DequantizeLinear":
@@ -453,6 +442,11 @@ class _Rewrite:
         slot = _bias_slot(proj)
         if slot is not None:
             self._slice(slot, bias if q_only else proj.bias, sel, [*lead, groups, width], len(lead), [cols], b_rest)
+        for node, i in column_constants(proj.node) or [] if proj.node.op_type == "MatMulInteger" else []:
+            vec = const_array(node.inputs[i]).reshape(-1)  # int8 per column: the kept columns' scales and zero points
+            head, tail = (vec[:groups * width], vec[groups * width:]) if q_only else (vec, None)
+            self._slice((node, i), self.e.const("column_q", head) if q_only else node.inputs[i], sel,
+                        [*lead, groups, width], len(lead), [cols], tail)
 
     def _head_index(self, sel, g: int):
         """Kept query heads of the kept groups (g query heads per group)."""

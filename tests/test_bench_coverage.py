@@ -1,5 +1,5 @@
 """bench coverage on a two-model corpus built from the committed fixtures (no export, no torch): every
-check, the default-preset check, and the --format conversions (int8, float16)."""
+check, the default-preset check, and the --format conversions (int8 per tensor and per channel, float16)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("fmt", ["float", "int8", "fp16"])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int8pc", "fp16"])
 def test_every_check_and_format(fmt: str, corpus: Path, tmp_path: Path) -> None:
     from bench.coverage import CHECKS, main
 
@@ -43,6 +43,6 @@ def test_every_check_and_format(fmt: str, corpus: Path, tmp_path: Path) -> None:
     assert [r["name"] for r in result["rows"]] == FIXTURES and not result["export_failures"]
     for row in result["rows"]:
         for check in CHECKS:
-            refused_heads = fmt == "int8" and check.startswith("heads")  # prune-heads slices float weights
+            refused_heads = fmt.startswith("int8") and check.startswith("heads")  # prune-heads slices float weights
             assert row[check]["ok"] or (refused_heads and row[check].get("refused")), (row["name"], check, row[check])
     assert ("converted to " + fmt in next(tmp_path.glob("*-coverage.md")).read_text()) == (fmt != "float")

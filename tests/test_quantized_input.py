@@ -2,11 +2,12 @@
 ship as ``model_quantized.onnx``: projections are ``DynamicQuantizeLinear -> MatMulInteger -> Cast ->
 Mul``) and the int4 quantizer in QDQ format (``DequantizeLinear`` of int4 blocks -> ``MatMul``).
 Discovery finds the same sites as in the float model, token pruning at keep 1.0 is exact in
-onnxruntime, the default preset runs; head pruning slices per-tensor int8 weights and refuses, in one
-line, per-channel scales and QDQ blocks."""
+onnxruntime, the default preset runs; head pruning slices int8 weights (per tensor, and per channel
+with their scales and zero points) and refuses QDQ blocks in one line."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ NAMES = ["bert_torchscript", "distilbert_torchscript", "llama_torchscript"]
 
 
 QDQ4 = ["bert_torchscript", "distilbert_torchscript"]  # the int4 quantizer leaves Llama's ReduceMean invalid
+PER_CHANNEL = ["bert_torchscript", "llama_torchscript"]  # quantize_dynamic(per_channel=True): transformers.js'
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,15 @@ def quantized(tmp_path_factory) -> dict[str, Path]:
 
     out = {}
     folder = tmp_path_factory.mktemp("int8")
+    src = {}  # copies: quantize_dynamic writes <model>-inferred.onnx beside its input (test workers race in models/)
     for name in NAMES:
+        src[name] = folder / f"{name}.onnx"
+        shutil.copy(MODELS / f"{name}.onnx", src[name])
         out[name] = folder / f"{name}.int8.onnx"
-        quantize_dynamic(MODELS / f"{name}.onnx", out[name], weight_type=QuantType.QInt8)
+        quantize_dynamic(src[name], out[name], weight_type=QuantType.QInt8)
+    for name in PER_CHANNEL:
+        out[f"{name}.pc8"] = folder / f"{name}.pc8.onnx"
+        quantize_dynamic(src[name], out[f"{name}.pc8"], weight_type=QuantType.QInt8, per_channel=True)
     for name in QDQ4:
         q = MatMulNBitsQuantizer(onnx.load(MODELS / f"{name}.onnx"), bits=4, block_size=32, is_symmetric=True,
                                  quant_format=QuantFormat.QDQ)
@@ -104,32 +112,28 @@ def test_default_preset_runs_on_quantized_models(key: str, quantized: dict[str, 
         assert got[k].shape == value.shape and np.isfinite(got[k]).all()
 
 
-@pytest.mark.parametrize("name", ["bert_torchscript", "llama_torchscript"])
-def test_head_pruning_slices_int8_weights(name: str, quantized: dict[str, Path], tmp_path: Path) -> None:
-    """One scale and zero point per tensor (quantize_dynamic's default): the int8 columns / rows of the
-    kept heads are sliced like float ones. Keep 1.0 is exact; at 0.5 the written model runs."""
-    feeds, _ = reference_io(load_meta(name))
-    want = run_ort(quantized[name], feeds)
+@pytest.mark.parametrize("key", ["bert_torchscript", "llama_torchscript", *(f"{n}.pc8" for n in PER_CHANNEL)])
+def test_head_pruning_slices_int8_weights(key: str, quantized: dict[str, Path], tmp_path: Path) -> None:
+    """One scale and zero point per tensor (quantize_dynamic's default) or per output column
+    (``.pc8``: sliced with the columns): the int8 columns / rows of the kept heads are sliced like
+    float ones. Keep 1.0 is exact; at 0.5 the written model runs."""
+    feeds, _ = reference_io(load_meta(_name(key)))
+    want = run_ort(quantized[key], feeds)
     for keep in ("1.0", "0.5"):
         out = tmp_path / f"h{keep}.onnx"
-        assert main([str(quantized[name]), "-o", str(out), "--head-keep", keep, "--no-token-pruning",
+        assert main([str(quantized[key]), "-o", str(out), "--head-keep", keep, "--no-token-pruning",
                      "--kv-bits", "none"]) == 0
         got = run_ort(out, feeds)
-        for key, value in want.items():
+        for output, value in want.items():
             if keep == "1.0":
-                np.testing.assert_array_equal(got[key], value)
-            elif not key.startswith("present"):
-                assert got[key].shape == value.shape and np.isfinite(got[key]).all()
+                np.testing.assert_array_equal(got[output], value)
+            elif not output.startswith("present"):
+                assert got[output].shape == value.shape and np.isfinite(got[output]).all()
 
 
-@pytest.mark.parametrize("key", ["per-channel int8", "bert_torchscript.qdq4"])
-def test_head_pruning_refuses_weights_it_cannot_slice(key: str, quantized: dict[str, Path], tmp_path: Path,
-                                                      capsys) -> None:
-    """A scale per output column (per_channel=True) or dequantized QDQ blocks: refused in one line."""
-    src = quantized.get(key)
-    if src is None:
-        src = tmp_path / "per-channel.onnx"
-        quantize_dynamic(MODELS / "bert_torchscript.onnx", src, weight_type=QuantType.QInt8, per_channel=True)
+def test_head_pruning_refuses_weights_it_cannot_slice(quantized: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """Dequantized QDQ blocks: refused in one line."""
+    src = quantized["bert_torchscript.qdq4"]
     out = tmp_path / "out.onnx"
     assert main([str(src), "-o", str(out), "--head-keep", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
