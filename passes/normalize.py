@@ -3,6 +3,8 @@
 Rewrites (in order):
   onnx shape inference     -> dtypes and symbolic shapes on every value (used by the matchers)
   onnxscript constant folding (small tensors only; not its pattern rewrites), dead-code removal
+  Shape(x)[-1], x [B,H,S,Dh] with a static Dh -> Dh, folded on (SDPA exports compute the attention
+                           scale 1/sqrt(Dh) from it; only that axis: pruning changes the others)
   Dropout(x) (inference)   -> x
   Cast(x, to=dtype(x))     -> x
   Identity(x)              -> x      (again: the folds above can expose new ones; not when it makes
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import (
     IdentityEliminationPass,
@@ -25,6 +28,8 @@ from onnx_ir.passes.common import (
 )
 from onnxscript import optimizer
 
+from spatten_compiler.editor import GraphEditor
+from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.shapes import infer_shapes
 
@@ -75,6 +80,49 @@ def remove_noops(graph: ir.Graph) -> int:
     return removed
 
 
+def _head_size_read(node: ir.Node) -> int | None:
+    """The head size a ``Slice`` / ``Gather`` of ``Shape(x)`` reads when it takes only the last axis
+    of a per-head ``x`` [B, H, S, Dh] whose last dim is static (SDPA's ``1 / sqrt(q.shape[-1])``); None
+    otherwise. Only that axis: token and head pruning change the others, so they stay computed."""
+    if node.op_type not in ("Slice", "Gather") or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return None
+    shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if shape_node is None or shape_node.op_type != "Shape" or shape_node.attributes.get_int("start", 0) != 0 or (
+            shape_node.attributes.get_int("end", None) is not None):
+        return None
+    x = shape_node.inputs[0]
+    if x.shape is None or x.shape.rank() != 4 or not isinstance(x.shape.dims[3], int):
+        return None
+    args = [const_array(v) if v is not None else None for v in node.inputs[1:]]
+    if any(a is None for a in args[:2 if node.op_type == "Slice" else 1]):
+        return None
+    if node.op_type == "Gather":
+        idx = args[0]
+        picked = idx.size == 1 and int(idx.reshape(-1)[0]) in (-1, 3)
+    else:
+        starts, ends = args[0], args[1]
+        axes = args[2] if len(args) > 2 else None
+        steps = args[3] if len(args) > 3 else None
+        picked = (starts.size == 1 and int(starts.reshape(-1)[0]) in (-1, 3) and int(ends.reshape(-1)[0]) >= 4
+                  and (axes is None or list(axes.reshape(-1)) == [0])
+                  and (steps is None or list(steps.reshape(-1)) == [1]))
+    return int(x.shape.dims[3]) if picked else None
+
+
+def fold_head_sizes(model: ir.Model) -> int:
+    """Reads of a per-head tensor's static head size from its Shape -> a constant; returns how many."""
+    e = GraphEditor(model, "spatten/normalize")
+    folded = 0
+    for node in list(model.graph):
+        size = _head_size_read(node)
+        if size is None:
+            continue
+        gather_scalar = node.op_type == "Gather" and node.inputs[1].shape is not None and node.inputs[1].shape.rank() == 0
+        e.replace_uses(node.outputs[0], e.const("head_size", np.array(size if gather_scalar else [size], np.int64)))
+        folded += 1
+    return folded
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class Normalize(Pass):
@@ -97,6 +145,10 @@ class Normalize(Pass):
         )
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
         infer_shapes(model)
+        if fold_head_sizes(model):  # the attention scale computed from the head size folds with them
+            optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=self.fold_limit,
+                                     output_size_limit=self.fold_limit)
+            infer_shapes(model)
         removed = remove_noops(model.graph)
         _IdentityElimination()(model)
         RemoveUnusedNodesPass()(model)

@@ -82,3 +82,34 @@ def test_identity_pipeline_keeps_model_valid() -> None:
     result = Pipeline([_Noop()])(model)
     assert not result.modified
     onnx.checker.check_model(ir.serde.serialize_model(model))
+
+
+@pytest.mark.parametrize("axis, folded", [(-1, True), (3, True), (1, False), (2, False)])
+def test_normalize_folds_the_head_size_read_from_a_shape(axis: int, folded: bool) -> None:
+    """SDPA exports compute the scale 1/sqrt(q.shape[-1]) from the shape: the head size of a per-head
+    [B, H, S, Dh] tensor is static and folds (with the scale after it); the head and sequence axes,
+    which pruning changes, stay computed."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from spatten_compiler.passes.normalize import Normalize
+
+    nodes = [helper.make_node("Shape", ["q"], ["shape"]),
+             helper.make_node("Slice", ["shape", "start", "end"], ["dim"]),
+             helper.make_node("Cast", ["dim"], ["dimf"], to=TensorProto.FLOAT),
+             helper.make_node("Sqrt", ["dimf"], ["root"]),
+             helper.make_node("Div", ["one", "root"], ["scale"]),
+             helper.make_node("Mul", ["q", "scale"], ["y"])]
+    inits = [helper.make_tensor("start", TensorProto.INT64, [1], [axis]),
+             helper.make_tensor("end", TensorProto.INT64, [1], [2**62]),
+             helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["B", 4, "S", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    Normalize()(model)
+    mul = next(n for n in model.graph if n.op_type == "Mul")
+    scale = mul.inputs[1].const_value
+    assert (scale is not None) == folded
+    if folded:
+        np.testing.assert_allclose(scale.numpy(), [0.25])
