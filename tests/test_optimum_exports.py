@@ -1,0 +1,91 @@
+"""Models exported by Hugging Face Optimum (optimum-onnx), the exporter users run most.
+
+Committed fixtures (``models/optimum/``, tiny random weights, made with ``models/_optimum.py
+--fixture`` under optimum-onnx 0.1.0 / transformers 4.57, each checked against torch): the legacy
+merged decoders (``decoder_model_merged.onnx``: one ``If`` on ``use_cache_branch``) of GPT-2 and
+Llama, and a BERT feature-extraction ``model.onnx``. ``<name>.npz`` feeds the cache branch (a 3-token
+past), ``<name>.prompt.npz`` the first-step branch (empty past).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from spatten_compiler import inspect
+from spatten_compiler.cli import main
+from spatten_compiler.decoding import DecoderSession
+
+OPTIMUM = Path(__file__).resolve().parent.parent / "models" / "optimum"
+MERGED = ["gpt2_optimum_merged_kv", "llama_optimum_merged_kv"]
+SITES = {"gpt2_optimum_merged_kv": (4, 4, 16), "llama_optimum_merged_kv": (4, 2, 16), "bert_optimum": (4, 4, 16)}
+
+
+def run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: v for k, v in feeds.items() if k in names})))
+
+
+@pytest.mark.parametrize("name", [*MERGED, "bert_optimum"])
+def test_discovery(name: str) -> None:
+    sites = inspect(str(OPTIMUM / f"{name}.onnx"))
+    assert [(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites] == [SITES[name]] * 2
+    assert all(bool(s.kv_cache) == name.endswith("_kv") for s in sites)
+
+
+@pytest.mark.parametrize("name", MERGED)
+def test_unmerged_model_computes_both_branches(name: str, tmp_path: Path) -> None:
+    """The with-past branch as the model, fed an empty past on the first step, equals the merged model
+    on both of its branches (use_cache_branch False and True)."""
+    out = tmp_path / "unmerged.onnx"
+    assert main([str(OPTIMUM / f"{name}.onnx"), "-o", str(out), "--pipeline", "unmerge-decoder,normalize", "-q"]) == 0
+    assert "use_cache_branch" not in {i.name for i in ort.InferenceSession(str(out)).get_inputs()}
+    for feeds_file in (f"{name}.prompt.npz", f"{name}.npz"):
+        feeds = dict(np.load(OPTIMUM / feeds_file))
+        want, got = run(OPTIMUM / f"{name}.onnx", feeds), run(out, feeds)
+        assert want.keys() == got.keys()
+        for key, value in want.items():
+            np.testing.assert_allclose(got[key], value, atol=1e-5, err_msg=f"{feeds_file}: {key}")
+
+
+@pytest.mark.parametrize("name", MERGED)
+def test_merged_decoder_generates_with_its_compiled_cache(name: str, tmp_path: Path) -> None:
+    """The default preset compiles the merged file; 8-bit K/V planes cross the steps and stay close to
+    the dense merged model, which DecoderSession also runs as it is (feeding use_cache_branch)."""
+    preset, kv8 = tmp_path / "preset.onnx", tmp_path / "kv8.onnx"
+    assert main([str(OPTIMUM / f"{name}.onnx"), "-o", str(preset), "-q"]) == 0
+    assert main([str(OPTIMUM / f"{name}.onnx"), "-o", str(kv8), "--kv-bits", "8", "-q"]) == 0
+    prompt, mask = np.array([[5, 9, 13, 2, 7, 11, 3], [0, 0, 8, 6, 4, 10, 12]]), np.ones((2, 7), np.int64)
+    mask[1, :2] = 0
+
+    def generate(path: Path) -> list[np.ndarray]:
+        session = DecoderSession(path)
+        session.reset(2)
+        logits = [session.step(prompt, mask)]
+        for _ in range(3):
+            logits.append(session.step(np.argmax(logits[-1][:, -1], -1)[:, None]))
+        return logits
+
+    dense, quantized, pruned = generate(OPTIMUM / f"{name}.onnx"), generate(kv8), generate(preset)
+    for d, q, p in zip(dense, quantized, pruned):
+        rows = mask[:, -d.shape[1]:, None].astype(bool) if d.shape[1] == 7 else True
+        assert np.abs(np.where(rows, q - d, 0)).max() < 0.1 * np.abs(d).max()
+        assert p.shape == d.shape and np.isfinite(p).all()
+
+
+def test_bert_feature_extraction_export(tmp_path: Path) -> None:
+    """Token pruning at keep 1.0 equals the export on its valid rows; the default preset runs."""
+    src, feeds = OPTIMUM / "bert_optimum.onnx", dict(np.load(OPTIMUM / "bert_optimum.npz"))
+    k1, preset = tmp_path / "k1.onnx", tmp_path / "preset.onnx"
+    assert main([str(src), "-o", str(k1), "--token-keep-schedule", "1,0.999", "--kv-bits", "none", "-q"]) == 0
+    assert main([str(src), "-o", str(preset), "-q"]) == 0
+    want, got = run(src, feeds), run(k1, feeds)
+    rows = feeds["attention_mask"][..., None].astype(bool)
+    np.testing.assert_allclose(np.where(rows, got["last_hidden_state"], 0), np.where(rows, want["last_hidden_state"], 0),
+                               atol=1e-5)
+    out = run(preset, feeds)["last_hidden_state"]
+    assert out.shape == want["last_hidden_state"].shape and np.isfinite(out).all()
