@@ -84,18 +84,50 @@ def model_name(fam: Family, exporter: str, kind: str) -> str:
     return f"{fam.model_type.replace('-', '_')}_{exporter}{SUFFIX[kind]}"
 
 
+def fix_config_v4(config: Any, fam: Family) -> None:
+    """What :func:`corpus.make_config` (written for transformers 5) leaves inconsistent under
+    transformers 4: attributes that 4.x derives once in ``__init__`` from the sizes it overrides."""
+    n = getattr(config, "num_hidden_layers", None)
+    if isinstance(getattr(config, "layer_types", None), list):  # save_pretrained validates its length
+        config.layer_types = config.layer_types[:n]
+    if hasattr(config, "attention_types") and hasattr(config, "attention_layers"):  # GPT-Neo: 24 layer types
+        config.attention_types = [[["global", "local"], max(1, int(config.num_layers) // 2)]]
+        config.attention_layers = config.expand_attention_types_params(config.attention_types)
+    if hasattr(config, "qk_head_dim"):  # DeepSeek-V3 (MLA): nope + rope, fixed at the defaults' 192
+        config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+    if hasattr(config, "stage_names") and hasattr(config, "out_features"):  # backbone configs: 12 stages
+        stages = len(config.depths) if isinstance(getattr(config, "depths", None), list) else n
+        config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, stages + 1)]
+        config.out_features = None  # the setter aligns out_features / out_indices on the last stage
+    if fam.model_type == "yolos":  # 4.x indexes image_size as (height, width)
+        config.image_size = [config.image_size] * 2 if isinstance(config.image_size, int) else config.image_size
+    if fam.kind == "seq2seq-encoder" and getattr(config, "tie_word_embeddings", None) is False:
+        # 4.x drops the tied encoder/decoder embed_tokens on save and does not retie them on load
+        # with tie_word_embeddings False: they come back random. Every real checkpoint ties them.
+        config.tie_word_embeddings = True
+
+
 def save_model(fam: Family, folder: Path) -> tuple[Any, Any]:
     """The corpus's tiny model for ``fam`` (seed 0), saved with ``save_pretrained`` the way a user's
-    checkpoint is: a task head where optimum's default task needs one."""
+    checkpoint is: a task head where optimum's default task needs one. Returns the model loaded back
+    from ``folder`` (as optimum loads it: the default attention implementation) and its config."""
     torch.manual_seed(SEED)
     config = make_config(fam)
-    if isinstance(getattr(config, "layer_types", None), list):  # save_pretrained validates its length
-        config.layer_types = config.layer_types[:config.num_hidden_layers]
+    fix_config_v4(config, fam)
     auto = {"decoder": transformers.AutoModelForCausalLM, "seq2seq-encoder": transformers.AutoModelForSeq2SeqLM,
             "audio-encoder": transformers.AutoModelForSpeechSeq2Seq}.get(fam.kind, transformers.AutoModel)
     model = auto.from_config(config).eval()
     model.save_pretrained(folder)
-    return model, config
+    if fam.model_type == "dinov2":  # optimum's DINOv2 dummy input reads the checkpoint's image processor
+        size = int(config.image_size)  # (and fails without one); every real checkpoint has one
+        transformers.BitImageProcessor(size={"shortest_edge": size},
+                                       crop_size={"height": size, "width": size}).save_pretrained(folder)
+    loaded = type(model).from_pretrained(folder).eval()
+    saved, back = model.state_dict(), loaded.state_dict()
+    changed = [k for k in saved if k not in back or not torch.equal(saved[k], back[k])]
+    if changed:  # optimum would export other weights than the reference has
+        raise RuntimeError(f"save_pretrained/from_pretrained does not round-trip {', '.join(changed[:3])}")
+    return loaded, config
 
 
 @contextmanager
@@ -129,14 +161,18 @@ TASKS = {("decoder", "plain"): "text-generation", ("decoder", "kv"): "text-gener
 def run_optimum(hf: Path, out: Path, fam: Family, kind: str) -> Path:
     """Export ``hf`` with optimum; return the ONNX file that is the corpus model."""
     from optimum.exporters.onnx import main_export
+    from transformers import AutoConfig
 
     task = TASKS.get((fam.kind, kind), "feature-extraction")
     supported = optimum_tasks(fam.model_type)
     if task not in supported:
         raise ValueError(f"optimum-onnx has no task {task} for {fam.model_type} (has {', '.join(supported)})")
+    shapes = {}
+    if fam.kind == "audio-encoder":  # optimum-cli --nb_max_frames: its dummy input has 3000 frames by default
+        shapes["nb_max_frames"] = 2 * int(AutoConfig.from_pretrained(hf).max_source_positions)
     with legacy_decoders() if kind == "merged" else _nothing():
         main_export(str(hf), out, task=task, library_name="transformers", framework="pt", local_files_only=True,
-                    do_validation=False)
+                    do_validation=False, **shapes)
     files = {"merged": "decoder_model_merged.onnx"}.get(kind) or (
         "encoder_model.onnx" if fam.kind in ("seq2seq-encoder", "audio-encoder") else "model.onnx")
     if not (out / files).exists():
@@ -190,8 +226,8 @@ def reference_feeds(path: Path, config: Any, fam: Family, past: int, rng: np.ran
         elif name in ("xpath_tags_seq", "xpath_subs_seq"):  # MarkupLM
             feeds[name] = np.zeros((BATCH, SEQ, int(config.max_depth)), dtype=np.int64)
         elif name == "pixel_values":
-            size = int(config.image_size)
-            feeds[name] = rng.standard_normal((BATCH, int(config.num_channels), size, size)).astype(np.float32)
+            size = config.image_size if isinstance(config.image_size, list) else [config.image_size] * 2
+            feeds[name] = rng.standard_normal((BATCH, int(config.num_channels), *map(int, size))).astype(np.float32)
         elif name == "input_values":
             feeds[name] = rng.standard_normal((BATCH, 400)).astype(np.float32)
         elif name == "input_features":
@@ -251,7 +287,6 @@ def export_one(fam: Family, exporter: str, kind: str, out: Path) -> dict[str, An
             hf, onnx_dir = Path(tmp) / "hf", Path(tmp) / "onnx"
             model, config = save_model(fam, hf)
             record.update(expected_dims(config, fam))
-            model = type(model).from_pretrained(hf).eval()  # what optimum loaded (default attention)
             exported = run_optimum(hf, onnx_dir, fam, kind)
             onnx.save(onnx.load(str(exported)), str(path))  # weights inline, one file per model
         output = main_output(path)
