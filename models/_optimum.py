@@ -31,6 +31,7 @@ appended to ``manifest.jsonl`` in ``corpus.py``'s format.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -53,6 +54,10 @@ from corpus import ATOL, FAMILIES, FAMILIES_BY_TYPE, SEED, Family, expected_dims
 log = logging.getLogger("spattenc.corpus.optimum")
 EXPORTERS = ("optimum", "optimum_merged")
 BATCH, SEQ, PAST = 2, 7, 3
+# --fixture: committed-size test fixtures (< 400 KB): the corpus's layers, heads, KV heads and head
+# dim, a smaller vocabulary and MLP (their weights are most of a tiny model's bytes).
+# Applied where the config has the attribute (GPT-2: n_inner, n_positions).
+FIXTURE = {"vocab_size": 64, "intermediate_size": 32, "n_inner": 32, "max_position_embeddings": 32}
 # (exporter, kind) -> manifest name suffix; kinds: plain (no cache), kv (with past), merged
 SUFFIX = {"plain": "", "kv": "_kv", "merged": "_kv"}
 
@@ -331,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="plain,kv,merged", help="plain, kv, merged (a subset to export)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true", help="skip models already in the manifest")
+    p.add_argument("--fixture", action="store_true",
+                   help=f"test-fixture sizes: {FIXTURE} over each family's config (same names)")
     p.add_argument("-v", "--verbose", action="store_true", help="log failures' tracebacks")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -347,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds = set(args.kinds.split(","))
     done = read_done(args.out) if args.resume else set()
     fams = [FAMILIES_BY_TYPE[t] for t in args.only.split(",")] if args.only else FAMILIES
+    if args.fixture:
+        fams = [dataclasses.replace(f, overrides={**f.overrides, **{k: v for k, v in FIXTURE.items() if hasattr(
+            transformers.AutoConfig.for_model(f.model_type), k)}}) for f in fams]
     with (args.out / "manifest.jsonl").open("a") as manifest:
         for fam in fams:
             if not optimum_tasks(fam.model_type):
