@@ -12,7 +12,12 @@ reason. ``name`` is ``<family>_<exporter>`` plus ``_kv`` for a decoder with a KV
 
 Families are data (:data:`FAMILIES`): a transformers ``model_type``, the kind of model, and config
 overrides. Every config gets the same tiny sizes (:data:`TINY`) where it has the attribute.
-Optimum's exporter (optimum-onnx) needs transformers < 5 and is not used; see docs/coverage.md.
+Exporters ``optimum`` and ``optimum_merged`` (opt-in): Hugging Face Optimum (optimum-onnx) needs
+transformers < 5, so ``models/_optimum.py`` runs under a separate venv's python (``--optimum-python``
+or ``$SPATTENC_OPTIMUM_PYTHON``; skipped when neither is set). ``optimum``: the default task
+(feature-extraction; seq2seq / Whisper: the export's ``encoder_model.onnx``) and, for decoders,
+``text-generation`` and ``text-generation-with-past`` (``_kv``); ``optimum_merged``: the legacy merged
+decoder (``decoder_model_merged.onnx``, an ``If`` on ``use_cache_branch``). See docs/coverage.md.
 
 Exporters ``builder`` and ``builder_int4`` (when onnxruntime-genai is installed; skipped otherwise):
 the decoder families onnxruntime-genai's model builder supports (:data:`BUILDER_FAMILIES`) are saved
@@ -28,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 import traceback
@@ -159,6 +166,8 @@ FAMILIES_BY_TYPE = {f.model_type: f for f in FAMILIES}
 BUILDER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "phi", "gemma", "gemma2", "gemma3_text",
                     "olmo", "granite", "smollm3")
 BUILDERS = {"builder": "fp32", "builder_int4": "int4"}
+# Run by models/_optimum.py under the optimum venv's python (optimum-onnx needs transformers < 5).
+OPTIMUM_EXPORTERS = ("optimum", "optimum_merged")
 
 
 def make_config(fam: Family) -> Any:
@@ -349,11 +358,28 @@ def read_manifest(out: Path = OUT) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
+def run_optimum(python: str | None, exporters: list[str], out: Path, only: str | None, resume: bool) -> int:
+    """Delegate the Optimum exporters to ``models/_optimum.py`` under ``python`` (the optimum venv's);
+    it appends its records to the same manifest. Skipped (logged) when no python is configured."""
+    if not python:
+        log.info("%-32s skipped: optimum venv not configured (--optimum-python or SPATTENC_OPTIMUM_PYTHON)",
+                 ",".join(exporters))
+        return 0
+    cmd = [python, str(Path(__file__).resolve().parent / "_optimum.py"), "--exporters", ",".join(exporters),
+           "--out", str(out), *(["--only", only] if only else []), *(["--resume"] if resume else [])]
+    log.info("%s", " ".join(cmd))
+    return subprocess.run(cmd, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated model_types (default: all)")
     p.add_argument("--exporters", default="torchscript,dynamo,builder,builder_int4",
-                   help="torchscript, dynamo, builder, builder_int4 (the last two: onnxruntime-genai, if installed)")
+                   help="torchscript, dynamo, builder, builder_int4 (the last two: onnxruntime-genai, if installed); "
+                        "opt-in: optimum, optimum_merged (need --optimum-python)")
+    p.add_argument("--optimum-python", default=os.environ.get("SPATTENC_OPTIMUM_PYTHON"),
+                   help="python of a venv with optimum-onnx (default: $SPATTENC_OPTIMUM_PYTHON; "
+                        "without it the optimum exporters are skipped)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--resume", action="store_true", help="skip models already in the manifest")
     args = p.parse_args(argv)
@@ -363,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     done = {r["name"] for r in read_manifest(args.out)} if args.resume else set()
     fams = [FAMILIES_BY_TYPE[t] for t in args.only.split(",")] if args.only else FAMILIES
+    exporters = args.exporters.split(",")
+    optimum = [e for e in exporters if e in OPTIMUM_EXPORTERS]
     with (args.out / "manifest.jsonl").open("a") as manifest:
         for fam in fams:
-            for exporter in args.exporters.split(","):
+            for exporter in (e for e in exporters if e not in OPTIMUM_EXPORTERS):
                 if exporter in BUILDERS:
                     name = f"{fam.model_type.replace('-', '_')}_{exporter}_kv"
                     if fam.model_type not in BUILDER_FAMILIES or name in done:
@@ -386,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("%-32s %-6s %5.1fs %s", rec["name"], rec["status"], rec["seconds"], rec.get("reason", ""))
                     manifest.write(json.dumps(rec) + "\n")
                     manifest.flush()
+    if optimum:
+        return run_optimum(args.optimum_python, optimum, args.out, args.only, args.resume)
     return 0
 
 
