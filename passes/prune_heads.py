@@ -547,6 +547,8 @@ class _Rewrite:
                 self._copy_seq_dim(node)
                 self._retarget(node, lambda pos, size, v, at=heads_at: widths.get(v, v) if pos == size - 1 and size <= 3
                                else counts.get(v, v) if size == 4 and pos in at else v)
+                if any(node is m for m in site.merge):
+                    self._pin_width(node, n * g * dh)
             elif node.op_type == "Expand":  # GQA repeat [1, G, g, S, Dh]
                 self._retarget(node, lambda pos, size, v: counts.get(v, v) if pos == 1 and v == G else v)
 
@@ -617,6 +619,16 @@ class _Rewrite:
         if changed:
             single = len(new) == 1 and const_array(node.inputs[1]) is not None
             node.replace_input_with(1, new[0] if single else self.e.op("Concat", new, axis=0))
+
+    def _pin_width(self, node: ir.Node, width: int) -> None:
+        """The heads-merge Reshape's target [B, S, W] with W read from a shape (CLIP under transformers 4:
+        the layer input's hidden size): the kept heads' width instead."""
+        pieces = _pieces(node.inputs[1])
+        last, array = pieces[-1]
+        if array is not None or len(pieces) not in (2, 3) or last.shape is None or list(last.shape.dims) != [1]:
+            return
+        new = [p for p, _ in pieces[:-1]] + [self.e.const("width", np.array([width], np.int64))]
+        node.replace_input_with(1, self.e.op("Concat", new, axis=0))
 
     def _reinfer_shapes(self) -> None:
         """Value shapes inside pruned layers are stale (they say H heads): forget, then re-infer."""

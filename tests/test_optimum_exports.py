@@ -3,7 +3,7 @@
 Committed fixtures (``models/optimum/``, tiny random weights, made with ``models/_optimum.py
 --fixture`` under optimum-onnx 0.1.0 / transformers 4.57, each checked against torch): the legacy
 merged decoders (``decoder_model_merged.onnx``: one ``If`` on ``use_cache_branch``) of GPT-2 and
-Llama, and a BERT feature-extraction ``model.onnx``. ``<name>.npz`` feeds the cache branch (a 3-token
+Llama, a BERT feature-extraction ``model.onnx`` and CLIP's vision tower. ``<name>.npz`` feeds the cache branch (a 3-token
 past), ``<name>.prompt.npz`` the first-step branch (empty past).
 """
 
@@ -89,3 +89,21 @@ def test_bert_feature_extraction_export(tmp_path: Path) -> None:
                                atol=1e-5)
     out = run(preset, feeds)["last_hidden_state"]
     assert out.shape == want["last_hidden_state"].shape and np.isfinite(out).all()
+
+
+def test_clip_vision_heads_merge_width_read_from_a_shape(tmp_path: Path) -> None:
+    """CLIP's vision tower under transformers 4 merges heads with Reshape(ctx, [B, S, hidden]) where
+    hidden is read from the layer input's shape: head pruning writes the kept heads' width there.
+    Keep 1.0 (every head through the rewrite) is exact; at 0.5 the model runs."""
+    src, feeds = OPTIMUM / "clip_vision_model_optimum.onnx", dict(np.load(OPTIMUM / "clip_vision_model_optimum.npz"))
+    want = run(src, feeds)
+    for keep in ("1.0", "0.5"):
+        out = tmp_path / f"h{keep}.onnx"
+        assert main([str(src), "-o", str(out), "--head-keep", keep, "--no-token-pruning", "--kv-bits", "none",
+                     "-q"]) == 0
+        got = run(out, feeds)
+        for key, value in want.items():
+            if keep == "1.0":
+                np.testing.assert_allclose(got[key], value, atol=1e-5)
+            else:
+                assert got[key].shape == value.shape and np.isfinite(got[key]).all()
