@@ -45,10 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.unfuse_ort import UnfuseOrt
+from spatten_compiler.passes.unmerge_decoder import UnmergeDecoder
 
 from spatten_compiler.errors import NoAttentionError, SpattencError
 from spatten_compiler.match import const_array
@@ -116,11 +118,18 @@ FORMATS = {"float": None, "int8": to_int8, "fp16": to_fp16,
            "int8pc": functools.partial(to_int8, per_channel=True)}  # per output column, as transformers.js
 
 
-def discovered(path: Path, rec: dict[str, Any]) -> tuple[bool, str]:
+def _read(path: Path) -> ir.Model:
+    """The model as compile reads it: a merged decoder's with-past branch, onnxruntime's fused ops
+    (the model builder's GroupQueryAttention) unfused, normalized."""
     model = load_model(path)
-    UnfuseOrt()(model)  # the model builder's GroupQueryAttention, as compile reads it
+    UnmergeDecoder()(model)
+    UnfuseOrt()(model)
     Normalize()(model)
-    report = find_attention(model)
+    return model
+
+
+def discovered(path: Path, rec: dict[str, Any]) -> tuple[bool, str]:
+    report = find_attention(_read(path))
     want = (rec["num_heads"], rec["num_kv_heads"], rec["head_dim"])
     if len(report.sites) != rec["num_layers"]:
         first = f"; first not taken: {report.rejected[0][0]}: {report.rejected[0][1]}" if report.rejected else ""
@@ -137,7 +146,8 @@ def _compile(path: Path, passes: list, out: Path) -> None:
 
     model = load_model(path)
     half = is_float16(model)  # compiled in float32 as spattenc's compile does (passes/float16.py)
-    Pipeline([*([make_pass("upcast-fp16")] if half else []), make_pass("unfuse-ort"), make_pass("normalize"),
+    Pipeline([*([make_pass("upcast-fp16")] if half else []), make_pass("unmerge-decoder"), make_pass("unfuse-ort"),
+              make_pass("normalize"),
               make_pass("decompose-attention"), *passes, *([make_pass("downcast-fp16")] if half else [])],
              check=True)(model)
     save_model(model, out, external_data=False)
@@ -264,9 +274,7 @@ def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, st
     ok, why = _exact(path, feeds, [make_pass("prune-heads", keep=1.0)], tmp)
     if not ok:
         return ok, why
-    model = load_model(path)
-    UnfuseOrt()(model)
-    Normalize()(model)
+    model = _read(path)
     sites = find_attention(model).sites
     groups = sites[-1].num_kv_heads
     if groups < 2 or sites[-1].out_proj is None:
