@@ -39,7 +39,15 @@ from spatten_compiler.schedule import check_schedule, spatten_schedule
 from .attention_trace import is_weight, quantized_projection
 from .find_attention import AttentionSite, find_attention
 from .spatten_ops import DOMAIN, ensure_functions
-from .token_positions import check_term, gather_positions, own_region, positional_inputs, reaches, shrinks_causal
+from .token_positions import (
+    check_term,
+    gather_positions,
+    length_slices,
+    own_region,
+    positional_inputs,
+    reaches,
+    shrinks_causal,
+)
 
 logger = logging.getLogger(__name__)
 RESTORE = ("stale", "zero", "mean")
@@ -624,6 +632,8 @@ class _Rewrite:
         if self.decoder:
             # The exporter's causal(+padding, +sliding window) mask at the kept rows and columns: kept
             # tokens stay in order, so this is causal among them; plus the tokens each sample drops.
+            for cut in length_slices(site.mask, x):  # [..., :k] of the layer's own key length: the whole axis
+                cut.replace_input_with(2, e.const("to_end", np.array([np.iinfo(np.int64).max], np.int64)))
             check_term(site.layer, site.mask, region, x, "mask")
             gathered = self._gathered(site.mask, (2, 3))
             dropped = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])

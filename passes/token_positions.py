@@ -103,6 +103,55 @@ def check_term(layer: int, term: ir.Value, region: list[ir.Node], pruned: ir.Val
                           "length; prune a later layer (the schedule's first entries 1.0)")
 
 
+SHAPE_ARITH = frozenset({"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "Reshape",
+                         "Add", "Sub", "Mul", "Min", "Max"})
+
+
+def _shape_read_of(value: ir.Value, target: ir.Value, limit: int = 40) -> bool:
+    """``value`` is integer shape arithmetic on ``target``'s shape (reaches it only through Shape)."""
+    todo, seen = deque([value]), 0
+    found = False
+    while todo and seen < limit:
+        v = todo.popleft()
+        seen += 1
+        node = v.producer() if v is not None else None
+        if node is None or const_array(v) is not None:
+            continue
+        if node.op_type not in SHAPE_ARITH:
+            return False
+        if node.op_type in ("Shape", "Size"):
+            found = found or reaches(node.inputs[0], target)
+            continue
+        todo.extend(i for i in node.inputs if i is not None)
+    return found and not todo
+
+
+def length_slices(term: ir.Value, pruned: ir.Value, limit: int = 40) -> list[ir.Node]:
+    """Slices ``term[..., :k]`` on its key axis where ``k`` is read from the pruned layer's own shapes and
+    the sliced data is not (transformers 4: ``causal_mask[:, :, :, :key_states.shape[-2]]``). Without
+    a cache ``k`` is the full length, so the slice takes the whole axis and can end at the axis' end:
+    then the mask is the full-length one, gathered at the kept positions like any other."""
+    found, todo, seen = [], deque([term]), set()
+    while todo and len(seen) < limit:
+        v = todo.popleft()
+        node = v.producer() if v is not None else None
+        if node is None or id(node) in seen or not reaches(v, pruned):
+            continue
+        seen.add(id(node))
+        if node.op_type == "Slice" and len(node.inputs) >= 4 and not reaches(node.inputs[0], pruned):
+            starts, axes = const_array(node.inputs[1]), const_array(node.inputs[3])
+            rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+            if (starts is not None and axes is not None and starts.size == 1 and int(starts.reshape(-1)[0]) == 0
+                    and axes.size == 1 and rank == 4 and int(axes.reshape(-1)[0]) in (3, -1)
+                    and (len(node.inputs) < 5 or node.inputs[4] is None or const_array(node.inputs[4]) is not None
+                         and int(const_array(node.inputs[4]).reshape(-1)[0]) == 1)
+                    and _shape_read_of(node.inputs[2], pruned)):
+                found.append(node)
+                continue
+        todo.extend(i for i in node.inputs if i is not None and i.dtype is not None and not i.dtype.is_integer())
+    return found
+
+
 def shrinks_causal(cond: ir.Value, pruned: ir.Value, limit: int = 400) -> bool:
     """True when a causal condition is sliced to the pruned length from a full lower triangle (GPT-Neo's
     ``bias[:, :, k-q:k, :k]``): the slice of the reduced length is causal among the kept tokens, which

@@ -3,8 +3,9 @@
 Committed fixtures (``models/optimum/``, tiny random weights, made with ``models/_optimum.py
 --fixture`` under optimum-onnx 0.1.0 / transformers 4.57, each checked against torch): the legacy
 merged decoders (``decoder_model_merged.onnx``: one ``If`` on ``use_cache_branch``) of GPT-2 and
-Llama, a BERT feature-extraction ``model.onnx`` and CLIP's vision tower. ``<name>.npz`` feeds the cache branch (a 3-token
-past), ``<name>.prompt.npz`` the first-step branch (empty past).
+Llama, Llama without a cache, a BERT feature-extraction ``model.onnx`` and CLIP's vision tower.
+``<merged>.npz`` feeds the cache branch (a 3-token past), ``<merged>.prompt.npz`` the first-step
+branch (empty past).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ SITES = {"gpt2_optimum_merged_kv": (4, 4, 16), "llama_optimum_merged_kv": (4, 2,
 def run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: v for k, v in feeds.items() if k in names})))
+    outputs = sess.run(None, {k: v for k, v in feeds.items() if k in names})
+    return dict(zip([o.name for o in sess.get_outputs()], outputs))
 
 
 @pytest.mark.parametrize("name", [*MERGED, "bert_optimum"])
@@ -85,8 +87,8 @@ def test_bert_feature_extraction_export(tmp_path: Path) -> None:
     assert main([str(src), "-o", str(preset), "-q"]) == 0
     want, got = run(src, feeds), run(k1, feeds)
     rows = feeds["attention_mask"][..., None].astype(bool)
-    np.testing.assert_allclose(np.where(rows, got["last_hidden_state"], 0), np.where(rows, want["last_hidden_state"], 0),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.where(rows, got["last_hidden_state"], 0),
+                               np.where(rows, want["last_hidden_state"], 0), atol=1e-5)
     out = run(preset, feeds)["last_hidden_state"]
     assert out.shape == want["last_hidden_state"].shape and np.isfinite(out).all()
 
@@ -107,3 +109,25 @@ def test_clip_vision_heads_merge_width_read_from_a_shape(tmp_path: Path) -> None
                 np.testing.assert_allclose(got[key], value, atol=1e-5)
             else:
                 assert got[key].shape == value.shape and np.isfinite(got[key]).all()
+
+
+def test_decoder_prompt_mask_sliced_to_the_key_length(tmp_path: Path) -> None:
+    """Transformers 4 (optimum's Llama without a cache) slices the causal mask to each layer's key
+    length, read from the layer's own K: the slice is the whole axis, so the full-length mask is
+    gathered at the kept positions. Keep 1.0 is exact on the valid rows of a left-padded batch; at
+    0.5 the model runs."""
+    src = OPTIMUM / "llama_optimum.onnx"
+    feeds = dict(np.load(OPTIMUM / "llama_optimum.npz"))
+    feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
+    feeds["attention_mask"][1, :2] = 0
+    feeds["position_ids"] = np.clip(np.cumsum(feeds["attention_mask"], 1) - 1, 0, None)
+    want = run(src, feeds)["logits"]
+    rows = feeds["attention_mask"][..., None].astype(bool)
+    for schedule in ("1,0.999", "1,0.5"):
+        out = tmp_path / "out.onnx"
+        assert main([str(src), "-o", str(out), "--token-keep-schedule", schedule, "--token-min-keep", "1",
+                     "--kv-bits", "none", "-q"]) == 0
+        got = run(out, feeds)["logits"]
+        assert got.shape == want.shape and np.isfinite(got).all()
+        if schedule == "1,0.999":
+            np.testing.assert_allclose(np.where(rows, got, 0), np.where(rows, want, 0), atol=1e-5)
