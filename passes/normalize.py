@@ -5,6 +5,7 @@ Rewrites (in order):
   onnxscript constant folding (small tensors only; not its pattern rewrites), dead-code removal
   Shape(x)[-1], x [B,H,S,Dh] with a static Dh -> Dh, folded on (SDPA exports compute the attention
                            scale 1/sqrt(Dh) from it; only that axis: pruning changes the others)
+  Gather(x, [i], axis) of a float x -> Slice(x, i, i + 1, axis) (keeps the axis; the per-head slice form)
   Dropout(x) (inference)   -> x
   Cast(x, to=dtype(x))     -> x
   Identity(x)              -> x      (again: the folds above can expose new ones; not when it makes
@@ -123,6 +124,35 @@ def fold_head_sizes(model: ir.Model) -> int:
     return folded
 
 
+def gathers_to_slices(model: ir.Model) -> int:
+    """``Gather(x, [i], axis)`` of a float tensor with a constant one-element 1-D index keeps the axis:
+    it is ``Slice(x, i, i + 1, axis)`` (transformers 4's Falcon picks K and V out of the fused
+    ``[B, S, H + 2, Dh]`` projection with ``fused[..., [-2], :]``), the per-head slice form the matchers
+    read. Integer data (shape arithmetic) keeps its Gathers."""
+    e = GraphEditor(model, "spatten/normalize")
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        data, index = node.inputs
+        idx = const_array(index)
+        if (idx is None or idx.ndim != 1 or idx.size != 1 or data is None or data.dtype is None
+                or not data.dtype.is_floating_point() or data.shape is None):
+            continue
+        i = int(idx[0])
+        end = np.iinfo(np.int64).max if i == -1 else i + 1
+        axis = node.attributes.get_int("axis", 0)
+        sliced = e.op("Slice", [data, e.const("start", np.array([i], np.int64)), e.const("end", np.array([end], np.int64)),
+                                e.const("axis", np.array([axis], np.int64))])
+        sliced.shape, sliced.type = node.outputs[0].shape, node.outputs[0].type
+        e.replace_uses(node.outputs[0], sliced)
+        model.graph.remove(node, safe=True)
+        count += 1
+    if count:
+        e.commit()
+    return count
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class Normalize(Pass):
@@ -145,6 +175,7 @@ class Normalize(Pass):
         )
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
         infer_shapes(model)
+        gathers_to_slices(model)
         if fold_head_sizes(model):  # the attention scale computed from the head size folds with them
             optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=self.fold_limit,
                                      output_size_limit=self.fold_limit)

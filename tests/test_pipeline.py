@@ -113,3 +113,34 @@ def test_normalize_folds_the_head_size_read_from_a_shape(axis: int, folded: bool
     assert (scale is not None) == folded
     if folded:
         np.testing.assert_allclose(scale.numpy(), [0.25])
+
+
+@pytest.mark.parametrize("index", [-2, -1, 0, 3])
+def test_normalize_reads_a_one_index_gather_as_a_slice(index: int) -> None:
+    """transformers 4's Falcon picks K and V out of its fused [B, S, H + 2, Dh] projection with
+    ``fused[..., [-2], :]``: a float Gather of one constant index becomes the equal Slice (the per-head
+    slice form discovery reads); a Gather on a shape stays."""
+    import numpy as np
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from spatten_compiler.passes.normalize import Normalize
+
+    nodes = [helper.make_node("Gather", ["x", "idx"], ["y"], axis=2),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["dims"])]
+    inits = [helper.make_tensor("idx", TensorProto.INT64, [1], [index]),
+             helper.make_tensor("one", TensorProto.INT64, [1], [1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 6, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("dims", TensorProto.INT64, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    assert sorted(n.op_type for n in model.graph) == ["Gather", "Shape", "Slice"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 16)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    got = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
