@@ -89,8 +89,6 @@ VIEW_OPS: dict[str, int] = {
 
 # Fused attention ops spattenc cannot read, with what to do instead (reported like any non-match).
 UNREAD_FUSED_OPS: dict[tuple[str, str], str] = {
-    ("com.microsoft", "QAttention"): "int8 fused attention (the optimizer's Attention, then quantize_dynamic): "
-                                     "compile the float model, then add --optimize --weights int8",
     **{("com.microsoft", op): "a fused attention op spattenc does not decompose: compile the exporter's model"
        for op in ("PackedAttention", "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention",
                   "DecoderMaskedSelfAttention", "SparseAttention", "LongformerAttention", "DecoderAttention",
@@ -102,6 +100,8 @@ FUSED_OPS: dict[tuple[str, str], dict[str, object]] = {
     ("", "Attention"): {"heads": "q_num_heads", "kv_heads": "kv_num_heads", "q": 0, "k": 1, "v": 2,
                         "mask": 3, "past": (4, 5), "present": (1, 2)},
     ("com.microsoft", "Attention"): {"heads": "num_heads", "packed_input": 0, "mask": 3, "past": (4,)},
+    # the optimizer's Attention after quantize_dynamic: int8 input (a DynamicQuantizeLinear's) and packed weight
+    ("com.microsoft", "QAttention"): {"heads": "num_heads", "packed_input": 0, "mask": 5, "past": (8,)},
     ("com.microsoft", "MultiHeadAttention"): {"heads": "num_heads", "q": 0, "k": 1, "v": 2, "mask": 4,
                                               "past": (6, 7), "present": (1, 2)},
     ("com.microsoft", "GroupQueryAttention"): {"heads": "num_heads", "kv_heads": "kv_num_heads", "q": 0,

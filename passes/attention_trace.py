@@ -295,30 +295,35 @@ def column_constants(mmi: ir.Node) -> list[tuple[ir.Node, int]] | None:
     """The input slots holding an int8 projection's per-output-column constants (quantize_dynamic
     with ``per_channel=True``: ``W_zp`` [N] on the MatMulInteger, ``W_scale`` [N] in the scale
     ``Mul(x_scale, W_scale)``), which slicing the weight's columns must slice too; [] when every
-    zero point and scale is one per tensor, None when a per-column one is not a constant read there."""
-    def per_column(v: ir.Value | None) -> bool:
-        return v is not None and (v.shape is None or any(d != 1 for d in v.shape.dims))
+    zero point and scale is one per tensor, None when one is neither a constant nor the activation's
+    scalar scale."""
+    def scalar(v: ir.Value) -> bool:  # DynamicQuantizeLinear's scale is a scalar by definition
+        p = v.producer()
+        return (p is not None and p.op_type == "DynamicQuantizeLinear") or (
+            v.shape is not None and all(d == 1 for d in v.shape.dims))
 
-    slots: list[tuple[ir.Node, int]] = []
-    if len(mmi.inputs) > 3 and per_column(mmi.inputs[3]):
-        if const_array(mmi.inputs[3]) is None:
-            return None
-        slots.append((mmi, 3))
+    def column_slots(node: ir.Node, indices: list[int]) -> list[tuple[ir.Node, int]] | None:
+        slots = []
+        for i in indices:
+            a = const_array(node.inputs[i])
+            if a is None and not scalar(node.inputs[i]):
+                return None
+            if a is not None and a.size > 1:
+                slots.append((node, i))
+        return slots
+
+    zero_point = column_slots(mmi, [3]) if len(mmi.inputs) > 3 and mmi.inputs[3] is not None else []
     cast = next((u.node for u in mmi.outputs[0].uses() if u.node.op_type == "Cast"), None)
     mul = next((u.node for u in cast.outputs[0].uses() if u.node.op_type == "Mul"), None) if cast else None
-    if mul is None:
+    if mul is None or zero_point is None:
         return None
-    scale = next(i for i in mul.inputs if i is not cast.outputs[0])
-    if not per_column(scale):
-        return slots
-    if const_array(scale) is not None:
-        return [*slots, (mul, list(mul.inputs).index(scale))]
-    combine = scale.producer()  # Mul(x_scale, W_scale): the activation's scale is a scalar
-    if combine is None or combine.op_type != "Mul":
-        return None
-    found = [(combine, i) for i, v in enumerate(combine.inputs) if per_column(v) and const_array(v) is not None]
-    rest = [v for v in combine.inputs if per_column(v) and const_array(v) is None]
-    return [*slots, *found] if len(found) == 1 and not rest else None
+    i = next(i for i, v in enumerate(mul.inputs) if v is not cast.outputs[0])
+    scale, combine = mul.inputs[i], mul.inputs[i].producer()
+    if const_array(scale) is None and combine is not None and combine.op_type == "Mul":
+        scales = column_slots(combine, [0, 1])  # Mul(x_scale, W_scale)
+    else:
+        scales = column_slots(mul, [i])
+    return None if scales is None else [*zero_point, *scales]
 
 
 def _matmul(node, value, branch, graph):

@@ -41,6 +41,8 @@ def _refusal(node: ir.Node) -> str | None:
         return _mha_refusal(node)
     if (node.domain or "", node.op_type) == ("com.microsoft", "Attention"):
         return _packed_refusal(node)
+    if (node.domain or "", node.op_type) == ("com.microsoft", "QAttention"):
+        return _packed_refusal(node, mask_at=5, past_at=8)
     if node.domain not in ("", "ai.onnx"):
         return f"{node.domain}.{node.op_type} is not decomposed yet"
     q, k = node.inputs[0], node.inputs[1]
@@ -72,9 +74,11 @@ def _mha_width(node: ir.Node) -> int | None:
     return None
 
 
-def _packed_refusal(node: ir.Node) -> str | None:
-    """com.microsoft.Attention(input, weights[D, 3D], bias[3D], mask_index, past, attention_bias)."""
-    ins = list(node.inputs) + [None] * 6
+def _packed_refusal(node: ir.Node, mask_at: int = 3, past_at: int = 4) -> str | None:
+    """com.microsoft.Attention(input, weights[D, 3D], bias[3D], mask_index, past, attention_bias), or
+    QAttention(input_q, weights_q[D, 3D], bias, input_scale, weight_scale, mask_index, input_zero_point,
+    weight_zero_point, past): ``mask_at`` / ``past_at`` are its mask_index / past inputs."""
+    ins = list(node.inputs) + [None] * 9
     w = ins[1].shape if ins[1] is not None else None
     if const_array(ins[1]) is None and (ins[1] is None or ins[1].const_value is None):
         return "non-constant packed weights are not decomposed yet"
@@ -84,9 +88,9 @@ def _packed_refusal(node: ir.Node) -> str | None:
         return "qkv_hidden_sizes / do_rotary are not decomposed yet"
     if ins[2] is not None and const_array(ins[2]) is None:
         return "a computed (non-constant) bias is not decomposed yet"
-    if ins[3] is not None and (reason := _mask_index_refusal(ins[3], ins[0])):
+    if ins[mask_at] is not None and (reason := _mask_index_refusal(ins[mask_at], ins[0])):
         return reason
-    if ins[4] is not None or (len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:])):
+    if ins[past_at] is not None or (len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:])):
         return "past / present state is not decomposed yet"
     return None
 
@@ -153,6 +157,8 @@ class DecomposeAttention(Pass):
         for node in fused:
             if (node.domain, node.op_type) == ("com.microsoft", "Attention"):
                 self._decompose_packed(e, node)
+            elif (node.domain, node.op_type) == ("com.microsoft", "QAttention"):
+                self._decompose_quantized(e, node)
             elif node.domain == "com.microsoft":
                 self._decompose_mha(e, node)
             else:
@@ -192,6 +198,19 @@ class DecomposeAttention(Pass):
             qkv = e.op("Add", [qkv, ins[2]])
         q, k, v = e.op("Split", [qkv, e.const("split", np.array([width] * 3, np.int64))], axis=-1, outputs=3)
         self._mha_core(e, node, (q, k, v), width, None, ins[3], ins[5])
+
+    def _decompose_quantized(self, e: GraphEditor, node: ir.Node) -> None:
+        """The int8 packed projection as quantize_dynamic writes one outside the op (the form discovery
+        reads: Mul(Cast(MatMulInteger(x_q, W_q, x_zp, W_zp)), x_scale * W_scale) + bias), Split(3),
+        then the MHA core."""
+        ins = list(node.inputs) + [None] * 9
+        width = ins[1].shape.dims[1] // 3
+        acc = e.op("Cast", [e.op("MatMulInteger", [ins[0], ins[1], ins[6], ins[7]])], to=ir.DataType.FLOAT)
+        qkv = e.op("Mul", [acc, e.op("Mul", [ins[3], ins[4]])])
+        if ins[2] is not None:
+            qkv = e.op("Add", [qkv, ins[2]])
+        q, k, v = e.op("Split", [qkv, e.const("split", np.array([width] * 3, np.int64))], axis=-1, outputs=3)
+        self._mha_core(e, node, (q, k, v), width, None, ins[5], None)
 
     def _decompose_mha(self, e: GraphEditor, node: ir.Node) -> None:
         ins = list(node.inputs) + [None] * 8

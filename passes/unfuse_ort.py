@@ -96,7 +96,21 @@ Rewrite = Callable[[GraphEditor, ir.Node], list[ir.Value | None]]
 
 
 def _embed_layer_norm(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
-    ids, seg, word, pos_w, seg_w, gamma, beta, mask, pos_ids = _inputs(node, 9)
+    return _embed_sum_norm(e, node, *_inputs(node, 9))
+
+
+def _q_embed_layer_norm(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    """QEmbedLayerNormalization (quantize_dynamic of an optimized model): its int8 tables, gamma and
+    beta dequantized (``(q - zero point) * scale``, as the kernel reads them), then as above."""
+    ins = _inputs(node, 18)
+    tables = [None if q is None else e.op("DequantizeLinear", [q, scale, zp])
+              for q, scale, zp in zip(ins[2:7], ins[8:13], ins[13:18])]
+    word, pos_w, seg_w, gamma, beta = tables
+    return _embed_sum_norm(e, node, ins[0], ins[1], word, pos_w, seg_w, gamma, beta, ins[7], None)[:2]
+
+
+def _embed_sum_norm(e: GraphEditor, node: ir.Node, ids, seg, word, pos_w, seg_w, gamma, beta, mask,
+                    pos_ids) -> list[ir.Value | None]:
     if pos_ids is None:
         length = e.op("Gather", [e.op("Shape", [ids]), e.const("one", np.int64(1))])
         pos_ids = e.op("Range", [e.const("zero", np.int64(0)), length, e.const("step", np.int64(1))])
@@ -142,6 +156,7 @@ def _fast_gelu(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
 
 UNFUSE: dict[str, Rewrite] = {
     "EmbedLayerNormalization": _embed_layer_norm,
+    "QEmbedLayerNormalization": _q_embed_layer_norm,
     "SkipLayerNormalization": _skip_layer_norm,
     "SkipSimplifiedLayerNormalization": _skip_simplified,
     "SimplifiedLayerNormalization": _simplified,

@@ -1,7 +1,7 @@
 """Models already quantized by onnxruntime: ``quantize_dynamic`` (int8; what transformers.js and optimum
 ship as ``model_quantized.onnx``: projections are ``DynamicQuantizeLinear -> MatMulInteger -> Cast ->
 Mul``) and the int4 quantizer in QDQ format (``DequantizeLinear`` of int4 blocks -> ``MatMul``).
-Discovery finds the same sites as in the float model, token pruning at keep 1.0 is exact in
+The optimizer's model quantized (``QAttention``) is decomposed into that form. Discovery finds the same sites as in the float model, token pruning at keep 1.0 is exact in
 onnxruntime, the default preset runs; head pruning slices int8 weights (per tensor, and per channel
 with their scales and zero points) and refuses QDQ blocks in one line."""
 
@@ -19,6 +19,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
 
+from spatten_compiler import inspect
 from spatten_compiler.cli import main
 from spatten_compiler.decoding import DecoderSession
 
@@ -141,20 +142,32 @@ def test_head_pruning_refuses_weights_it_cannot_slice(quantized: dict[str, Path]
     assert not out.exists()
 
 
-def test_optimized_then_quantized_model_says_what_to_do(tmp_path: Path, capsys) -> None:
-    """The optimizer's fused Attention quantized into QAttention: not read; the compile summary and
-    inspect name the op and the remedy instead of a bare 'no attention found'."""
+def test_optimized_then_quantized_model_is_read(tmp_path: Path, capsys) -> None:
+    """The optimizer's model quantized (QAttention, QEmbedLayerNormalization): decomposed exactly into
+    the int8 projection form discovery reads; token pruning at keep 1.0 equals the input on the valid
+    rows, head pruning at 1.0 too and runs at 0.5, and the default preset runs."""
     from test_ort_optimized_input import ort_optimized
 
     src = tmp_path / "opt-int8.onnx"
     quantize_dynamic(ort_optimized("bert_torchscript", "default", tmp_path / "opt.onnx"), src,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    assert any(n.op_type == "QAttention" for n in onnx.load(src).graph.node)
-    assert main([str(src), "-o", str(tmp_path / "out.onnx")]) == 0
-    assert "QAttention: int8 fused attention" in capsys.readouterr().err
-    assert main(["inspect", str(src)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "compile the float model, then add --optimize --weights int8" in err
+    ops = {n.op_type for n in onnx.load(src).graph.node}
+    assert {"QAttention", "QEmbedLayerNormalization"} <= ops
+    feeds, _ = reference_io(load_meta("bert_torchscript"))
+    want = run_ort(src, feeds)["last_hidden_state"]
+    rows = feeds["attention_mask"][..., None].astype(bool)
+    runs = {"decomposed": ["--pipeline", "unfuse-ort,normalize,decompose-attention"],
+            "tokens 1.0": ["--token-keep-schedule", "1,0.999", "--kv-bits", "none"],
+            "heads 1.0": ["--head-keep", "1.0", "--no-token-pruning", "--kv-bits", "none"],
+            "heads 0.5": ["--head-keep", "0.5", "--no-token-pruning", "--kv-bits", "none"], "preset": []}
+    for label, flags in runs.items():
+        out = tmp_path / f"{label.replace(' ', '-')}.onnx"
+        assert main([str(src), "-o", str(out), "-q", *flags]) == 0, label
+        got = run_ort(out, feeds)["last_hidden_state"]
+        assert got.shape == want.shape and np.isfinite(got).all(), label
+        if label in ("decomposed", "tokens 1.0", "heads 1.0"):
+            np.testing.assert_allclose(np.where(rows, got, 0), np.where(rows, want, 0), atol=1e-5, err_msg=label)
+    assert len(inspect(str(src))) == 4
 
 
 @pytest.mark.parametrize("kw", [dict(qk="norm"), dict(qk="partial_rope"), dict(qk="interleaved_rope"),
