@@ -118,7 +118,8 @@ def fold_head_sizes(model: ir.Model) -> int:
         size = _head_size_read(node)
         if size is None:
             continue
-        gather_scalar = node.op_type == "Gather" and node.inputs[1].shape is not None and node.inputs[1].shape.rank() == 0
+        index = node.inputs[1] if node.op_type == "Gather" else None
+        gather_scalar = index is not None and index.shape is not None and index.shape.rank() == 0
         e.replace_uses(node.outputs[0], e.const("head_size", np.array(size if gather_scalar else [size], np.int64)))
         folded += 1
     return folded
@@ -128,7 +129,8 @@ def gathers_to_slices(model: ir.Model) -> int:
     """``Gather(x, [i], axis)`` of a float tensor with a constant one-element 1-D index keeps the axis:
     it is ``Slice(x, i, i + 1, axis)`` (transformers 4's Falcon picks K and V out of the fused
     ``[B, S, H + 2, Dh]`` projection with ``fused[..., [-2], :]``), the per-head slice form the matchers
-    read. Integer data (shape arithmetic) keeps its Gathers."""
+    read. Only along a static axis (heads, features): a dynamic one holds tokens. Integer data (shape
+    arithmetic) keeps its Gathers."""
     e = GraphEditor(model, "spatten/normalize")
     count = 0
     for node in list(model.graph):
@@ -139,11 +141,13 @@ def gathers_to_slices(model: ir.Model) -> int:
         if (idx is None or idx.ndim != 1 or idx.size != 1 or data is None or data.dtype is None
                 or not data.dtype.is_floating_point() or data.shape is None):
             continue
+        axis = node.attributes.get_int("axis", 0)
+        if not isinstance(data.shape.dims[axis], int):
+            continue  # a dynamic axis is a token axis: picking one token is not a per-head slice
         i = int(idx[0])
         end = np.iinfo(np.int64).max if i == -1 else i + 1
-        axis = node.attributes.get_int("axis", 0)
-        sliced = e.op("Slice", [data, e.const("start", np.array([i], np.int64)), e.const("end", np.array([end], np.int64)),
-                                e.const("axis", np.array([axis], np.int64))])
+        bounds = [e.const(hint, np.array([v], np.int64)) for hint, v in (("start", i), ("end", end), ("axis", axis))]
+        sliced = e.op("Slice", [data, *bounds])
         sliced.shape, sliced.type = node.outputs[0].shape, node.outputs[0].type
         e.replace_uses(node.outputs[0], sliced)
         model.graph.remove(node, safe=True)
@@ -176,7 +180,9 @@ class Normalize(Pass):
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
         infer_shapes(model)
         gathers_to_slices(model)
-        if fold_head_sizes(model):  # the attention scale computed from the head size folds with them
+        for _ in range(3):  # the attention scale computed from the head size folds after it; that can
+            if not fold_head_sizes(model):  # make the next layer's head size static (nemotron's rotary)
+                break
             optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=self.fold_limit,
                                      output_size_limit=self.fold_limit)
             infer_shapes(model)

@@ -9,7 +9,8 @@ value the table could not explain to the hidden-state projection it is computed 
 
 * every non-constant input is followed until a ``MatMul``/``Gemm`` with a constant weight (the
   projection) or a value that does not depend on the hidden state (positions: ``position_ids``, a
-  ``Range``, ``Shape``; these are the transform's parameters, like RoPE's cos/sin);
+  ``Range``, ``Shape``; these are the transform's parameters, like RoPE's cos/sin, whatever ops compute
+  them: torch's ``repeat_interleave`` of the cos/sin tables exports as ``NonZero``/``GatherND``);
 * exactly one projection must be reached, and every op on the way must be element-wise, a view, a
   slice/concat along an axis, or a normalization (:data:`REGION_OPS`): a transform that mixes heads
   or tokens (a MatMul of two activations, a Softmax, a reduction over the token axis) is not per-head;
@@ -40,7 +41,7 @@ REGION_OPS = frozenset({
 })
 # Values computed only from these are positions or shapes, not hidden state.
 POSITION_OPS = frozenset({"Shape", "Size", "Range", "ConstantOfShape", "Constant"})
-LIMIT = 160
+LIMIT = 400  # the ops walked, position computations included (repeat_interleave tables: ~200)
 GATHERS = frozenset({"Gather", "GatherND", "GatherElements"})
 
 
@@ -72,6 +73,8 @@ def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir
             projections[id(node)] = node
             continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in REGION_OPS:
+            if node.domain in ("", "ai.onnx") and _positional(node, inputs):
+                continue  # computes a parameter from positions or shapes (repeat_interleave's NonZero)
             return NoMatch(f"{node.op_type} '{node.name}' between projection and attention is not a per-head transform")
         if node.op_type in ("MatMul", "Einsum") and not _positional(node, inputs):
             return NoMatch(f"{node.op_type} '{node.name}' of two activations between projection and attention")
@@ -95,7 +98,7 @@ def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir
     return proj, ordered
 
 
-def _positional(node: ir.Node, graph_inputs: set[int], limit: int = 40) -> bool:
+def _positional(node: ir.Node, graph_inputs: set[int], limit: int = 200) -> bool:
     """True when ``node`` depends on no projection: e.g. RoPE's inv_freq x position_ids MatMul."""
     todo, seen = deque(node.inputs), 0
     while todo and seen < limit:

@@ -21,10 +21,17 @@ class GraphEditor:
         self.prefix = prefix
         self.added: list[ir.Node] = []
         self._count = 0
+        self._taken: set[str] | None = None
 
     def _name(self, hint: str) -> str:
-        self._count += 1
-        return f"{self.prefix}/{hint}_{self._count}"
+        if self._taken is None:  # names already in the graph (a pass run again on its own output: normalize)
+            self._taken = {v.name for v in self.graph.initializers.values()} | {
+                o.name for n in self.graph for o in n.outputs if o.name and o.name.startswith(self.prefix)}
+        while True:
+            self._count += 1
+            name = f"{self.prefix}/{hint}_{self._count}"
+            if name not in self._taken:
+                return name
 
     def const(self, hint: str, array: np.ndarray | float | int | Sequence) -> ir.Value:
         tensor = ir.tensor(np.asarray(array), name=self._name(hint))

@@ -22,7 +22,8 @@ from spatten_compiler.decoding import DecoderSession
 
 OPTIMUM = Path(__file__).resolve().parent.parent / "models" / "optimum"
 MERGED = ["gpt2_optimum_merged_kv", "llama_optimum_merged_kv"]
-SITES = {"gpt2_optimum_merged_kv": (4, 4, 16), "llama_optimum_merged_kv": (4, 2, 16), "bert_optimum": (4, 4, 16)}
+SITES = {"gpt2_optimum_merged_kv": (4, 4, 16), "llama_optimum_merged_kv": (4, 2, 16), "bert_optimum": (4, 4, 16),
+         "cohere_optimum": (4, 2, 16), "nemotron_optimum": (4, 2, 16), "llama_optimum": (4, 2, 16)}
 
 
 def run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -32,8 +33,10 @@ def run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip([o.name for o in sess.get_outputs()], outputs))
 
 
-@pytest.mark.parametrize("name", [*MERGED, "bert_optimum"])
+@pytest.mark.parametrize("name", [*MERGED, "bert_optimum", "llama_optimum", "cohere_optimum", "nemotron_optimum"])
 def test_discovery(name: str) -> None:
+    """Cohere's interleaved rotary tables come from repeat_interleave (NonZero, GatherND) and
+    Nemotron's from a long position chain: parameters of the per-head transform, not its data."""
     sites = inspect(str(OPTIMUM / f"{name}.onnx"))
     assert [(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites] == [SITES[name]] * 2
     assert all(bool(s.kv_cache) == name.endswith("_kv") for s in sites)
@@ -131,3 +134,16 @@ def test_decoder_prompt_mask_sliced_to_the_key_length(tmp_path: Path) -> None:
         assert got.shape == want.shape and np.isfinite(got).all()
         if schedule == "1,0.999":
             np.testing.assert_allclose(np.where(rows, got, 0), np.where(rows, want, 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cohere_optimum", "nemotron_optimum"])
+def test_rotary_tables_computed_from_positions(name: str, tmp_path: Path) -> None:
+    """Token and head pruning at keep 1.0 are exact on the decoders whose rotary tables transformers 4
+    computes with repeat_interleave (Cohere) or a longer position chain (Nemotron)."""
+    src, feeds = OPTIMUM / f"{name}.onnx", dict(np.load(OPTIMUM / f"{name}.npz"))
+    want = run(src, feeds)["logits"]
+    for flags in (["--token-keep-schedule", "1,0.999", "--token-min-keep", "1"],
+                  ["--head-keep", "1.0", "--no-token-pruning"]):
+        out = tmp_path / "out.onnx"
+        assert main([str(src), "-o", str(out), "--kv-bits", "none", "-q", *flags]) == 0
+        np.testing.assert_allclose(run(out, feeds)["logits"], want, atol=1e-5)

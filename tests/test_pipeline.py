@@ -92,7 +92,6 @@ def test_normalize_folds_the_head_size_read_from_a_shape(axis: int, folded: bool
     import numpy as np
     import onnx_ir as ir
     from onnx import TensorProto, helper
-
     from spatten_compiler.passes.normalize import Normalize
 
     nodes = [helper.make_node("Shape", ["q"], ["shape"]),
@@ -119,28 +118,49 @@ def test_normalize_folds_the_head_size_read_from_a_shape(axis: int, folded: bool
 def test_normalize_reads_a_one_index_gather_as_a_slice(index: int) -> None:
     """transformers 4's Falcon picks K and V out of its fused [B, S, H + 2, Dh] projection with
     ``fused[..., [-2], :]``: a float Gather of one constant index becomes the equal Slice (the per-head
-    slice form discovery reads); a Gather on a shape stays."""
+    slice form discovery reads) along a static axis; on a token (dynamic) axis or a shape it stays."""
     import numpy as np
     import onnx_ir as ir
     import onnxruntime as ort
     from onnx import TensorProto, helper
-
     from spatten_compiler.passes.normalize import Normalize
 
     nodes = [helper.make_node("Gather", ["x", "idx"], ["y"], axis=2),
+             helper.make_node("Gather", ["x", "idx"], ["token"], axis=1),  # a dynamic (token) axis: stays
              helper.make_node("Shape", ["x"], ["shape"]),
              helper.make_node("Gather", ["shape", "one"], ["dims"])]
     inits = [helper.make_tensor("idx", TensorProto.INT64, [1], [index]),
              helper.make_tensor("one", TensorProto.INT64, [1], [1])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 6, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("token", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("dims", TensorProto.INT64, None)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model = ir.serde.deserialize_model(proto)
     Normalize()(model)
-    assert sorted(n.op_type for n in model.graph) == ["Gather", "Shape", "Slice"]
-    x = np.random.default_rng(0).standard_normal((2, 3, 6, 16)).astype(np.float32)
+    assert sorted(n.op_type for n in model.graph) == ["Gather", "Gather", "Shape", "Slice"]
+    x = np.random.default_rng(0).standard_normal((2, 5, 6, 16)).astype(np.float32)
     want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
     got = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_editor_names_never_collide_with_an_earlier_run() -> None:
+    """A pass run again on its own output (normalize in the plan probe, then in the pipeline) names new
+    constants and nodes after the ones its first run left in the graph."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from spatten_compiler.editor import GraphEditor
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    first = GraphEditor(model, "p")
+    a, b = first.const("c", np.float32(1)), first.op("Neg", [model.graph.inputs[0]])
+    second = GraphEditor(model, "p")
+    c, d = second.const("c", np.float32(2)), second.op("Neg", [model.graph.inputs[0]])
+    assert len({a.name, b.name, c.name, d.name}) == 4
