@@ -65,6 +65,28 @@ ROW_OPS = frozenset({"Mul", "Add", "Sub", "Div", "Pow", "Sqrt", "Reciprocal", "R
                      "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"})
 
 
+def _token_axis_op(node: ir.Node, site: AttentionSite) -> bool:
+    """A Slice or Concat along the token axis of a per-head [B, H, S, Dh] (or [B, S, H, Dh]) tensor:
+    the transform treats some tokens apart by position (DINOv3's rotary skips the prefix tokens)."""
+    if node.op_type not in ("Slice", "Concat"):
+        return False
+    data = node.inputs[0]
+    if data is None or data.shape is None or data.shape.rank() != 4:
+        return False
+    dims = data.shape.dims
+    heads = {site.num_heads, site.num_kv_heads}
+    token = 2 if dims[1] in heads and dims[3] == site.head_dim else 1 if dims[2] in heads else None
+    if node.op_type == "Concat":
+        axes = [node.attributes.get_int("axis", 0)]
+    else:
+        starts, ends, a = (const_array(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None
+                           else None for i in (1, 2, 3))
+        if starts is not None and ends is not None and not starts.any() and (ends >= 1 << 31).all():
+            return False  # a whole-axis slice (dynamo writes them): no token is set apart
+        axes = a.reshape(-1).tolist() if a is not None else [0]
+    return token is not None and any(ax % 4 == token for ax in axes)
+
+
 def _check_sites(sites: list[AttentionSite]) -> None:
     for s in sites:
         if s.fused is not None:
@@ -83,6 +105,12 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: the attention's rows are not the layer input's tokens (Q reads "
                               f"'{q_in.name}', regrouped from them, e.g. into windows); token pruning ranks a "
                               "layer's own tokens")
+        split = next((n for b in (s.q, s.k) if b is not None for n in (b.transform or []) if _token_axis_op(n, s)),
+                     None)
+        if split is not None:
+            raise OptionError(f"layer {s.layer}: {split.op_type} '{split.name}' in the q/k transform splits the token "
+                              "axis (e.g. rotary on the patch tokens only, a prefix apart): the positions it "
+                              "assumes do not survive pruning; prune-tokens cannot keep them")
         form = _mask_form(s)
         if s.mask is not None and form not in MASK_FORMS:
             raise OptionError(f"layer {s.layer}: mask form {form} is not supported")

@@ -20,7 +20,7 @@ N = helper.make_node
 def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "",
           rope_table: bool = False) -> onnx.ModelProto:
     """qk: plain | norm | norm_full | partial_rope | interleaved_rope; bias: none | buckets | alibi;
-    negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens."""
+    negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens | token_prefix."""
     rng = np.random.default_rng(0)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -111,6 +111,12 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
         nodes.append(N("Gather", [q, c("token_order", np.array([0], np.int64))], ["q_gathered"], axis=2))
         nodes.append(N("Add", ["q_gathered", c("zero_q", np.float32(0))], ["q_g"]))
         q = "q_g"
+    if negative == "token_prefix":  # DINOv3: a transform on the tokens after the first only, the prefix apart
+        nodes += [N("Slice", [q, c("tp_s0", [0]), c("tp_e0", [1]), c("tp_a0", [2])], ["q_prefix"]),
+                  N("Slice", [q, c("tp_s1", [1]), c("tp_e1", [2**62]), c("tp_a1", [2])], ["q_rest"]),
+                  N("Mul", ["q_rest", c("tp_w", np.float32(0.5))], ["q_rest2"]),
+                  N("Concat", ["q_prefix", "q_rest2"], ["q_tp"], axis=2)]
+        q = "q_tp"
     if negative == "two_projections":
         nodes.append(N("Add", [q, "v_h"], ["q_plus_v"]))
         q = "q_plus_v"

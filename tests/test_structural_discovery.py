@@ -79,6 +79,21 @@ def test_structural_refusals_name_the_reason(kw: dict, reason: str) -> None:
     assert reason.split("'")[0] in got, got
 
 
+def test_token_pruning_refuses_a_transform_that_sets_tokens_apart() -> None:
+    """A q/k transform that slices the token axis (DINOv3's rotary on the patch tokens only) is found,
+    but token pruning refuses it: the positions it assumes do not survive pruning (the sweep's DINOv3
+    export wrote a model onnxruntime could not run). A whole-axis Slice (dynamo writes them) is not
+    a split."""
+    from spatten_compiler.passes.prune_tokens import _token_axis_op
+
+    def splits(proto: onnx.ModelProto) -> list[str]:
+        site = _find(proto).sites[0]
+        return [n.name for b in (site.q, site.k) for n in (b.transform or []) if _token_axis_op(n, site)]
+
+    assert splits(build(negative="token_prefix")) == ["q_prefix", "q_rest", "q_tp"]
+    assert splits(build(qk="interleaved_rope")) == splits(build(qk="partial_rope")) == []  # head-size slices
+
+
 def test_inspect_explain_names_the_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from spatten_compiler.cli import main
 
