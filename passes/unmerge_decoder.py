@@ -53,18 +53,25 @@ def _graph_inputs_read(graph: ir.Graph, inputs: frozenset[ir.Value]) -> frozense
     return frozenset(v for n in ir.traversal.RecursiveGraphIterator(graph) for v in n.inputs if v in inputs)
 
 
+def _branches(node: ir.Node) -> tuple[ir.Graph, ir.Graph] | None:
+    if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+        return None
+    then_b, else_b = (node.attributes.get(b) for b in ("then_branch", "else_branch"))
+    return (then_b.value, else_b.value) if then_b is not None and else_b is not None else None
+
+
 def match_merged(model: ir.Model) -> Merged | NoMatch | None:
     """The merged-decoder ``If`` of ``model``'s main graph; None when no If holds attention."""
     graph = model.graph
-    holders = [n for n in graph if n.op_type == "If" and n.domain in ("", "ai.onnx")
-               and all(_softmaxes(n.attributes[b].value) for b in ("then_branch", "else_branch")
-                       if b in n.attributes)]
-    holders = [n for n in holders if "then_branch" in n.attributes and "else_branch" in n.attributes]
+    holders = [n for n in graph if (b := _branches(n)) is not None and any(map(_softmaxes, b))]
     if not holders:
         return None
     if len(holders) > 1:
-        return NoMatch(f"{len(holders)} If ops hold attention in both branches (one merged decoder has one)")
+        return NoMatch(f"{len(holders)} If ops hold attention (a merged decoder has one)")
     node = holders[0]
+    then_b, else_b = _branches(node)
+    if not (_softmaxes(then_b) and _softmaxes(else_b)):
+        return NoMatch(f"If '{node.name}': attention in one branch only")
     cond = node.inputs[0]
     if cond is None or cond not in graph.inputs:
         return NoMatch(f"If '{node.name}': its condition is computed in the graph, not a graph input such as "
@@ -72,7 +79,6 @@ def match_merged(model: ir.Model) -> Merged | NoMatch | None:
     if not any(out in graph.outputs for out in node.outputs):
         return NoMatch(f"If '{node.name}': produces none of the graph's outputs")
     inputs = frozenset(graph.inputs) - {cond}
-    then_b, else_b = (node.attributes[b].value for b in ("then_branch", "else_branch"))
     reads = {b: _graph_inputs_read(g, inputs) for b, g in (("then", then_b), ("else", else_b))}
     if reads["then"] > reads["else"]:
         return Merged(node, then_b, cond)

@@ -126,3 +126,20 @@ def test_branches_that_read_the_same_inputs_are_named(tmp_path: Path, capsys) ->
     assert main([str(src), "-o", str(tmp_path / "o.onnx")]) == 0
     err = capsys.readouterr().err
     assert "neither branch reads graph inputs the other does not" in err
+
+
+def test_an_if_with_attention_in_one_branch_is_not_unmerged() -> None:
+    """An If whose other branch computes no attention is not a merged decoder: left as it is, with
+    the reason."""
+    import onnx_ir as ir
+
+    from spatten_compiler.match import NoMatch
+    from spatten_compiler.passes.unmerge_decoder import match_merged
+
+    proto = merge(onnx.load(str(KV)))
+    for n in proto.graph.node[0].attribute[1].g.node:  # else_branch: its Softmax ops become Relu
+        if n.op_type == "Softmax":
+            n.op_type = "Relu"
+            del n.attribute[:]
+    found = match_merged(ir.serde.deserialize_model(proto))
+    assert isinstance(found, NoMatch) and "attention in one branch only" in found.reason
