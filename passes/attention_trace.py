@@ -295,8 +295,8 @@ def column_constants(mmi: ir.Node) -> list[tuple[ir.Node, int]] | None:
     """The input slots holding an int8 projection's per-output-column constants (quantize_dynamic
     with ``per_channel=True``: ``W_zp`` [N] on the MatMulInteger, ``W_scale`` [N] in the scale
     ``Mul(x_scale, W_scale)``), which slicing the weight's columns must slice too; [] when every
-    zero point and scale is one per tensor, None when one is neither a constant nor the activation's
-    scalar scale."""
+    zero point and scale is one per tensor (or ``mmi`` is no MatMulInteger), None when one is neither a
+    constant nor the activation's scalar scale."""
     def scalar(v: ir.Value) -> bool:  # DynamicQuantizeLinear's scale is a scalar by definition
         p = v.producer()
         return (p is not None and p.op_type == "DynamicQuantizeLinear") or (
@@ -312,6 +312,8 @@ def column_constants(mmi: ir.Node) -> list[tuple[ir.Node, int]] | None:
                 slots.append((node, i))
         return slots
 
+    if mmi.op_type != "MatMulInteger":
+        return []
     zero_point = column_slots(mmi, [3]) if len(mmi.inputs) > 3 and mmi.inputs[3] is not None else []
     cast = next((u.node for u in mmi.outputs[0].uses() if u.node.op_type == "Cast"), None)
     mul = next((u.node for u in cast.outputs[0].uses() if u.node.op_type == "Mul"), None) if cast else None

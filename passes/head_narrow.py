@@ -173,7 +173,7 @@ def _apply(editor, plan: head_rows.Narrowing, ev: head_rows.Evaluator) -> None:
     w = const_array(weight)
     slot_node.replace_input_with(slot, editor.const("head_cols", np.ascontiguousarray(
         w[cols] if transposed else w[:, cols])))
-    for node, i in column_constants(proj) or [] if proj.op_type == "MatMulInteger" else []:
+    for node, i in column_constants(proj) or []:
         node.replace_input_with(i, editor.const("head_cols", const_array(node.inputs[i]).reshape(-1)[cols]))
     if proj.op_type == "Gemm" and len(proj.inputs) > 2 and proj.inputs[2] is not None:
         b = const_array(proj.inputs[2])

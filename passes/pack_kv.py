@@ -33,6 +33,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import OptionError
+from spatten_compiler.match import whole_slice
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .evict_block import defer_eviction, inline_block
@@ -321,7 +322,7 @@ class _Packer:
                     continue  # evict-kv's row gather of the float cache (replaced by the planes' one)
                 if node.op_type == "Abs":
                     continue  # quantize-kv's scale (abs-max) of the values it quantizes: dead with it
-                if (node.op_type in VIEWS or _whole_slice(node)) and use.idx == 0:
+                if (node.op_type in VIEWS or whole_slice(node)) and use.idx == 0:
                     todo.append((node.outputs[0], [*views, node]))
                 elif node.domain == DOMAIN and node.op_type == quant and use.idx == 0:
                     for out in node.outputs:
@@ -336,14 +337,3 @@ class _Packer:
         if not found:
             return [], "quantize-kv does not read this cache"
         return found, None
-
-
-def _whole_slice(node: ir.Node) -> bool:
-    """A Slice that keeps everything (dynamo writes ``x[:, :, :]`` as Slice(0, INT64_MAX)): a view."""
-    if node.op_type != "Slice":
-        return False
-    consts = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in node.inputs[1:]]
-    if len(consts) < 2 or any(c is None for c in consts):
-        return False
-    starts, ends, steps = consts[0], consts[1], consts[3] if len(consts) > 3 else np.ones_like(consts[0])
-    return bool((starts == 0).all() and (ends >= 2**62).all() and (steps == 1).all())

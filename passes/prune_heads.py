@@ -442,7 +442,7 @@ class _Rewrite:
         slot = _bias_slot(proj)
         if slot is not None:
             self._slice(slot, bias if q_only else proj.bias, sel, [*lead, groups, width], len(lead), [cols], b_rest)
-        for node, i in column_constants(proj.node) or [] if proj.node.op_type == "MatMulInteger" else []:
+        for node, i in column_constants(proj.node) or []:
             vec = const_array(node.inputs[i]).reshape(-1)  # int8 per column: the kept columns' scales and zero points
             head, tail = (vec[:groups * width], vec[groups * width:]) if q_only else (vec, None)
             self._slice((node, i), self.e.const("column_q", head) if q_only else node.inputs[i], sel,

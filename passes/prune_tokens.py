@@ -32,7 +32,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
-from spatten_compiler.match import const_array
+from spatten_compiler.match import const_array, whole_slice
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, spatten_schedule
 
@@ -76,13 +76,12 @@ def _token_axis_op(node: ir.Node, site: AttentionSite) -> bool:
     dims = data.shape.dims
     heads = {site.num_heads, site.num_kv_heads}
     token = 2 if dims[1] in heads and dims[3] == site.head_dim else 1 if dims[2] in heads else None
+    if whole_slice(node):  # dynamo writes them: no token is set apart
+        return False
     if node.op_type == "Concat":
         axes = [node.attributes.get_int("axis", 0)]
     else:
-        starts, ends, a = (const_array(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None
-                           else None for i in (1, 2, 3))
-        if starts is not None and ends is not None and not starts.any() and (ends >= 1 << 31).all():
-            return False  # a whole-axis slice (dynamo writes them): no token is set apart
+        a = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         axes = a.reshape(-1).tolist() if a is not None else [0]
     return token is not None and any(ax % 4 == token for ax in axes)
 

@@ -175,3 +175,14 @@ def match(pattern: Pattern, value: ir.Value) -> Bindings | NoMatch:
     for found in pattern.walk(value, {}, fail, 0):
         return found
     return NoMatch(fail.reason)
+
+
+def whole_slice(node: ir.Node) -> bool:
+    """A Slice that keeps everything (dynamo writes ``x[:, :, :]`` as Slice(0, INT64_MAX)): a view."""
+    if node.op_type != "Slice":
+        return False
+    consts = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in node.inputs[1:]]
+    if len(consts) < 2 or any(c is None for c in consts):
+        return False
+    starts, ends, steps = consts[0], consts[1], consts[3] if len(consts) > 3 else np.ones_like(consts[0])
+    return bool((starts == 0).all() and (ends >= 2**62).all() and (steps == 1).all())
