@@ -153,6 +153,17 @@ def run_torch(
     return {n: o.detach().cpu().numpy() for n, o in zip(output_names, outs, strict=True)}
 
 
+def record_failure(record: dict[str, Any], path: Path, error: Exception) -> None:
+    """A failed export: no half-written file, the reason as one line in the manifest record, the
+    traceback at debug level."""
+    import traceback
+
+    path.unlink(missing_ok=True)
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    record.update(status="failed", reason=f"{type(error).__name__}: {first}")
+    log.debug("%s", traceback.format_exc())
+
+
 def run_onnx(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run the ONNX model on onnxruntime's CPU provider and return outputs by name."""
     import onnxruntime as ort

@@ -37,7 +37,6 @@ import logging
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -316,10 +315,7 @@ def export_one(fam: Family, exporter: str, kind: str, out: Path) -> dict[str, An
             np.savez(out / f"{name}.prompt.npz", **all_feeds[1])
         record["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - every failure is recorded with its reason
-        path.unlink(missing_ok=True)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        record.update(status="failed", reason=f"{type(e).__name__}: {first}")
-        log.debug("%s", traceback.format_exc())
+        core.record_failure(record, path, e)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
 

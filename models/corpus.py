@@ -37,7 +37,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,10 +284,7 @@ def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any
         np.savez(out / f"{name}.npz", **feeds)
         record["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - every failure is recorded with its reason
-        path.unlink(missing_ok=True)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        record.update(status="failed", reason=f"{type(e).__name__}: {first}")
-        log.debug("%s", traceback.format_exc())
+        core.record_failure(record, path, e)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
 
@@ -338,10 +334,7 @@ def export_builder(fam: Family, exporter: str, out: Path) -> dict[str, Any]:
         np.savez(out / f"{name}.npz", **feeds)
         record["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - every failure is recorded with its reason
-        path.unlink(missing_ok=True)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        record.update(status="failed", reason=f"{type(e).__name__}: {first}")
-        log.debug("%s", traceback.format_exc())
+        core.record_failure(record, path, e)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
 
