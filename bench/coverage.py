@@ -25,7 +25,9 @@ for every miss (issue #16).
 
 ``--format int8|int8pc|fp16``: every TorchScript / dynamo export converted first (onnxruntime's
 quantize_dynamic with one scale per tensor or per output column, its float16 converter), the same
-checks (float16 within its rounding).
+checks (float16 within its rounding). ``--format ortopt|slim|onnxsim``: every model (any exporter)
+post-processed the way users often do before deploying - onnxruntime's saved optimized model, onnxslim
+(optimum-cli ``--slim``), onnx-simplifier - then the same checks against the post-processed model.
 
 Writes bench/results/<ts>-coverage.{md,json}.
 """
@@ -114,8 +116,52 @@ def to_fp16(path: Path, tmp: Path) -> Path:
     return out
 
 
+def to_ortopt(path: Path, tmp: Path) -> Path:
+    """onnxruntime's own saved optimized model (``SessionOptions.optimized_model_filepath`` at the basic
+    level: constant folding, identical initializers merged, every attribute written out)."""
+    out = tmp / f"{path.stem}.ortopt.onnx"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(out)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return out
+
+
+def to_slim(path: Path, tmp: Path) -> Path:
+    """onnxslim (optimum-cli's ``--slim``): constant folding, shared shape computations, dead code."""
+    import onnx
+
+    try:
+        import onnxslim
+    except ImportError as err:
+        raise SystemExit("--format slim needs onnxslim (pip install onnxslim)") from err
+    out = tmp / f"{path.stem}.slim.onnx"
+    onnx.save(onnxslim.slim(str(path)), str(out))
+    return out
+
+
+def to_onnxsim(path: Path, tmp: Path) -> Path:
+    """onnx-simplifier: constant folding of shape computations (fixed shapes stay symbolic here)."""
+    import onnx
+
+    try:
+        import onnxsim
+    except ImportError as err:
+        raise SystemExit("--format onnxsim needs onnxsim (pip install onnxsim)") from err
+    model, ok = onnxsim.simplify(onnx.load(str(path)))
+    if not ok:
+        raise ValueError("onnxsim's own check failed")
+    out = tmp / f"{path.stem}.onnxsim.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
 FORMATS = {"float": None, "int8": to_int8, "fp16": to_fp16,
-           "int8pc": functools.partial(to_int8, per_channel=True)}  # per output column, as transformers.js
+           "int8pc": functools.partial(to_int8, per_channel=True),  # per output column, as transformers.js
+           "ortopt": to_ortopt, "slim": to_slim, "onnxsim": to_onnxsim}
+# post-processed forms of any export (the model builder's too); the other formats convert float exports
+POSTPROCESS = frozenset({"ortopt", "slim", "onnxsim"})
 
 
 def _read(path: Path) -> ir.Model:
@@ -289,7 +335,15 @@ def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, st
         w[rows] = 0
     import onnx_ir as ir
 
-    site.out_proj.weight.const_value = ir.tensor(w)
+    from spatten_compiler.passes.prune_heads import _weight_slot
+
+    # a fresh initializer for this layer's projection only: the weight may be shared with other layers
+    # (ALBERT; onnxruntime's saved optimized models merge identical initializers)
+    zero = ir.Value(name=f"{site.out_proj.weight.name}.group0_zeroed", const_value=ir.tensor(w))
+    zero.shape, zero.type = ir.Shape(w.shape), site.out_proj.weight.type
+    model.graph.register_initializer(zero)
+    node, slot = _weight_slot(site.out_proj)
+    node.replace_input_with(slot, zero)
     zeroed = tmp / "zeroed.onnx"
     save_model(model, zeroed, external_data=False)
     kept = tuple(() for _ in sites[:-1]) + (tuple(range(1, groups)),)
@@ -428,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=sorted(FORMATS), default="float",
                    help="convert every model first: int8 / int8pc (onnxruntime's quantize_dynamic, one scale per "
                         "tensor / per output column) or fp16 (its float16 converter), as users download "
-                        "them; TorchScript and dynamo exports only")
+                        "them, TorchScript and dynamo exports only; or post-process every model as users "
+                        "do: ortopt (onnxruntime's saved optimized model), slim (onnxslim), onnxsim")
     p.add_argument("--drop-absent", action="store_true",
                    help="leave out --merge rows of models that are not in the corpus now (an older export)")
     args = p.parse_args(argv)
@@ -438,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         recs = [r for r in recs if r["family"] in args.only.split(",")]
     ok = [r for r in recs if r.get("status") == "ok"]
     failed = [r for r in recs if r.get("status") != "ok"]
-    if args.format != "float":  # the model builder's exports are already int4 / GQA fused
+    if args.format not in POSTPROCESS | {"float"}:  # the model builder's exports are already int4 / GQA fused
         ok = [r for r in ok if r["exporter"] in ("torchscript", "dynamo")]
     rows = []
     t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """bench coverage on a two-model corpus built from the committed fixtures (no export, no torch): every
-check, the default-preset check, and the --format conversions (int8 per tensor and per channel, float16)."""
+check, the default-preset check, and the --format conversions (int8 per tensor and per channel, float16,
+onnxruntime's saved optimized model, onnxslim and onnxsim when installed)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("fmt", ["float", "int8", "int8pc", "fp16"])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int8pc", "fp16", "ortopt", "slim", "onnxsim"])
 def test_every_check_and_format(fmt: str, corpus: Path, tmp_path: Path) -> None:
     from bench.coverage import CHECKS, main
+
+    if fmt in ("slim", "onnxsim"):  # the post-processing tools are not dependencies
+        pytest.importorskip("onnxslim" if fmt == "slim" else "onnxsim")
 
     assert main(["--corpus", str(corpus), "--format", fmt, "--out", str(tmp_path)]) == 0
     result = json.loads(next(tmp_path.glob("*-coverage.json")).read_text())
