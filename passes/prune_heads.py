@@ -213,9 +213,33 @@ def _cache_write(node: ir.Node, outputs: set[int], limit: int = 6) -> bool:
     return False
 
 
+def _unwhere(value: ir.Value) -> ir.Value:
+    """torch's ``expand`` target ``Where(Equal(t, -1), ones, t)`` -> ``t`` when no constant entry of ``t``
+    is -1 (the Where then selects ``t`` everywhere: its shape pieces are never negative), or when the
+    condition is a constant that is false everywhere (onnxslim / onnxsim fold it)."""
+    p = value.producer()
+    if p is None or p.op_type != "Where" or len(p.inputs) != 3:
+        return value
+    target, folded = p.inputs[2], const_array(p.inputs[0])
+    if folded is not None:
+        return value if folded.any() else target
+    cond = p.inputs[0].producer()
+    if cond is None or cond.op_type != "Equal" or target not in cond.inputs:
+        return value
+    other = next((i for i in cond.inputs if i is not target), None)
+    minus_one = const_array(other) if other is not None else None
+    if minus_one is None or not (minus_one == -1).all():
+        return value
+    pieces = _pieces(target)
+    return value if any(a is not None and (a == -1).any() for _, a in pieces) else target
+
+
 def _pieces(value: ir.Value) -> list[tuple[ir.Value, np.ndarray | None]]:
     a = const_array(value)
     if a is not None:
+        return [(value, a.reshape(-1))]
+    value = _unwhere(value)
+    if (a := const_array(value)) is not None:
         return [(value, a.reshape(-1))]
     p = value.producer()
     if p is not None and p.op_type == "Concat":
@@ -535,11 +559,12 @@ class _Rewrite:
             elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
                 self._retarget(node, lambda pos, size, v: widths.get(v, v))
             elif node.op_type == "Reshape" and _folded(site) and (
-                    _folds(node) == (3, 4) or _folds(node) == (4, 3) and id(node) in fold_ids):
+                    _folds(node) == (3, 4) or _folds(node) in ((4, 3), (3, 3)) and id(node) in fold_ids):
                 # [B, H, S, T] <-> [B*H, S, T] (heads folded into the batch): B may be computed as B*H / H
-                # from the folded shape; the views are rebuilt from the input's shape and the kept heads
-                lead = [-1] if _folds(node) == (4, 3) else [-1, n * g]
-                rest = self.e.op("Shape", [node.inputs[0]], start=len(lead) + 1 if len(lead) == 1 else 1)
+                # from the folded shape; the views are rebuilt from the input's shape and the kept heads.
+                # [B*H, S, T] -> [B*H, S, T] is such a pair that onnx-simplifier merged into one view.
+                lead = [-1] if _folds(node) != (3, 4) else [-1, n * g]
+                rest = self.e.op("Shape", [node.inputs[0]], start=2 if _folds(node) == (4, 3) else 1)
                 node.replace_input_with(1, self.e.op("Concat", [self.e.const("fold", np.array(lead, np.int64)), rest],
                                                      axis=0))
             elif node.op_type == "Reshape":

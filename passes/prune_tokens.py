@@ -534,6 +534,8 @@ class _Rewrite:
         done: dict[tuple[int, int], ir.Value] = {}
         for node in nodes:
             for i, shape in enumerate(node.inputs):
+                if node.op_type == "Reshape" and i == 1:
+                    shape = self._split_static_target(node, static)
                 concat = shape.producer() if shape is not None else None
                 if concat is None or concat.op_type != "Concat" or (node.op_type == "Reshape" and i != 1):
                     continue
@@ -561,6 +563,19 @@ class _Rewrite:
                               for j, p in enumerate(concat.inputs)]
                     done[key] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)
                 node.replace_input_with(i, done[key])
+
+    def _split_static_target(self, node: ir.Node, static: int | None) -> ir.Value:
+        """A Reshape target folded to one constant (onnxslim / onnxsim on an export with a fixed token
+        count: ViT's ``[-1, 17, 64]``) whose axis-1 entry is that count becomes a Concat of pieces, so the
+        token piece is rebound like dynamo's constant pieces."""
+        target = node.inputs[1]
+        a = const_array(target) if static else None
+        if a is None or a.ndim != 1 or a.size < 3 or int(a[1]) != static:
+            return target
+        pieces = [self.e.const("target", a[:1]), self.e.const("target", a[1:2]), self.e.const("target", a[2:])]
+        new = self.e.op("Concat", pieces, axis=0)
+        node.replace_input_with(1, new)
+        return new
 
     def _protected(self, pos: ir.Value, lens: ir.Value, kper: ir.Value) -> ir.Value:
         """1.0 for tokens never pruned: the first (CLS), and with first+last each sample's last real

@@ -141,7 +141,9 @@ def group_query_attention(e: GraphEditor, node: ir.Node) -> list[ir.Value | None
         if _in(node, i) is not None:
             raise _refuse(node, f"input {what} is not decomposed")
     qk_used = len(node.outputs) > 3 and bool(node.outputs[3].uses())
-    if a.get_int("smooth_softmax", 0) or a.get_int("qk_output", 0) or qk_used:
+    # onnxruntime writes every attribute of a model it saves, smooth_softmax=-1 ("unset") included: only a
+    # positive value turns it on (its kernels test == 1)
+    if a.get_int("smooth_softmax", 0) > 0 or a.get_int("qk_output", 0) > 0 or qk_used:
         raise _refuse(node, "smooth_softmax / qk output are not decomposed")
     if a.get_int("rotary_interleaved", 0):
         raise _refuse(node, "interleaved rotary is not decomposed (only rotate-half)")

@@ -187,18 +187,25 @@ class UnfuseOrt(Pass):
             raise OptionError(f"{nodes[0].op_type} '{nodes[0].name}': unfusing needs ONNX opset >= 17 "
                               f"(LayerNormalization); the model imports opset {model.opset_imports.get('', 0)}")
         e = GraphEditor(model, "spatten/unfuse")
-        for node in nodes:
-            replacements = UNFUSE[node.op_type](e, node)
-            for i, out in enumerate(node.outputs):
-                new = replacements[i] if i < len(replacements) else None
-                if new is not None:
-                    e.replace_uses(out, new)
-                elif out.uses() or out in model.graph.outputs:
-                    raise OptionError(f"{node.op_type} '{node.name}': output {i} ({out.name}) is used and has no "
-                                      "standard-op equivalent here")
-        for node in nodes:
-            model.graph.remove(node, safe=True)
-        e.forget_shapes()  # the optimizer's value_info can be stale too; normalize infers shapes again
-        e.commit()
+        done: list[ir.Node] = []
+        try:
+            for node in nodes:
+                replacements = UNFUSE[node.op_type](e, node)
+                for i, out in enumerate(node.outputs):
+                    new = replacements[i] if i < len(replacements) else None
+                    if new is None and (out.uses() or out in model.graph.outputs):
+                        raise OptionError(f"{node.op_type} '{node.name}': output {i} ({out.name}) is used and has "
+                                          "no standard-op equivalent here")
+                for i, out in enumerate(node.outputs):
+                    if i < len(replacements) and replacements[i] is not None:
+                        e.replace_uses(out, replacements[i])
+                done.append(node)
+        finally:
+            # a refused op (the caller may go on without that rewrite) leaves the model valid: the ops
+            # unfused so far are replaced, the refused one and the rest stay fused, and the order is sorted
+            for node in done:
+                model.graph.remove(node, safe=True)
+            e.forget_shapes()  # the optimizer's value_info can be stale too; normalize infers shapes again
+            e.commit()
         logger.info("unfused %d onnxruntime ops", len(nodes))
         return PassResult(model, True)
