@@ -76,6 +76,7 @@ from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, full_schedule, spatten_schedule
 
+from . import nbits_blocks as nbits
 from .attention_trace import Projection, column_constants, quantized_projection
 from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
@@ -158,8 +159,8 @@ def _unsliceable(proj: Projection) -> str | None:
     op, producer = proj.node.op_type, proj.weight.producer()
     if op == "MatMulInteger":  # per-column zero points / scales are sliced with the columns
         return "a per-column scale or zero point computed in the graph" if column_constants(proj.node) is None else None
-    if op == "MatMulNBits":
-        return "int4 blocks of MatMulNBits"
+    if nbits.is_nbits(proj.node):  # whole blocks are sliced (nbits_blocks); the output projection's at slicing time
+        return nbits.unsliceable(proj.node)
     if producer is not None and producer.op_type == "DequantizeLinear":
         return "QDQ blocks of DequantizeLinear"
     return None if op in ("MatMul", "Gemm") else f"a {op} weight format"
@@ -293,6 +294,7 @@ class PruneHeads(Pass):
                 if counts[0] < groups:
                     raise OptionError("the first attention layer cannot be head-pruned: "
                                       "head scores come from earlier layers")
+                _refuse_runtime_blocks(sites)
                 _Rewrite(model, sites, counts).run()
                 logger.info("prune-heads (paper rule, run time): kept head groups per layer %s", counts)
                 return PassResult(model, True)
@@ -306,6 +308,7 @@ class PruneHeads(Pass):
             kept = choose_heads(scores, counts, self.importance)
         if all(len(k) == groups for k in kept):
             return PassResult(model, False)
+        _check_blocks(sites, kept, self.reconstruct)
         outputs = self._reconstructed(model, sites, kept) if self.reconstruct else {}
         _Rewrite(model, sites, [len(k) for k in kept]).run([np.array(k, np.int64) for k in kept], outputs)
         model.metadata_props["spatten.heads_kept"] = json.dumps([list(map(int, k)) for k in kept])
@@ -331,6 +334,36 @@ class PruneHeads(Pass):
             out[i] = reconstruct_output(w, stats[i], cols, self.ridge)
         logger.info("prune-heads: output projections of layers %s refitted for their pruned heads", layers)
         return out
+
+
+def _refuse_runtime_blocks(sites: list[AttentionSite]) -> None:
+    """The paper rule gathers weights at run time (``HeadSlice``); int4 blocks are sliced at compile time only."""
+    for s in sites:
+        for p in (s.q.projection, s.k.projection, s.v.projection, s.out_proj):
+            if nbits.is_nbits(p.node):
+                raise OptionError(f"layer {s.layer}: projection MatMulNBits '{p.node.name}' has int4 blocks, which "
+                                  "prune-heads slices at compile time only: use --head-rule calibrated")
+
+
+def _out_rows(site: AttentionSite, sel: np.ndarray) -> np.ndarray:
+    """The output-projection input rows of the kept groups ``sel`` (their query heads' contexts)."""
+    g, dh = site.num_heads // site.num_kv_heads, site.head_dim
+    return (_query_heads(np.asarray(sel), g)[:, None] * dh + np.arange(dh)).reshape(-1)
+
+
+def _check_blocks(sites: list[AttentionSite], kept: list[list[int]], reconstruct: bool) -> None:
+    """Before any edit: each pruned layer's int4 output projection keeps whole blocks of rows."""
+    for site, k in zip(sites, kept):
+        if len(k) == site.num_kv_heads or not nbits.is_nbits(site.out_proj.node):
+            continue
+        if reconstruct:
+            raise OptionError(f"layer {site.layer}: head reconstruction refits float rows; the output projection "
+                              f"'{site.out_proj.node.name}' has int4 blocks (MatMulNBits) it would requantize")
+        why = nbits.row_blocks(nbits.layout(site.out_proj.node), _out_rows(site, k))
+        if isinstance(why, str):
+            g = site.num_heads // site.num_kv_heads
+            raise OptionError(f"layer {site.layer}: {why}: head groups of {g * site.head_dim} rows; prune-heads "
+                              "slices int4 blocks whole and never requantizes")
 
 
 def _query_heads(groups: np.ndarray, g: int) -> np.ndarray:
@@ -435,7 +468,13 @@ class _Rewrite:
                 fb = const_array(proj.bias)
                 b_rest, bias = fb[qw:], self.e.const("q_bias", fb[:qw])
         cols = (1 if q_only else packs) * n * width
-        if t:
+        if nbits.is_nbits(proj.node):  # int4 blocks [N, k_blocks, blob]: the kept columns' rows (N shrinks)
+            ways = lead[0] if lead else 1
+            idx = np.arange(ways * groups * width).reshape(ways, groups, width)[:, sel].reshape(-1)
+            if q_only:  # K/V columns whole after Q
+                idx = np.concatenate([idx, np.arange(groups * width, nbits.out_width(proj.node))])
+            nbits.take_columns(self.e, proj.node, idx)
+        elif t:
             self._slice(_weight_slot(proj), w, sel, [*lead, groups, width, d], axis, [cols, d], rest)
         else:
             self._slice(_weight_slot(proj), w, sel, [d, *lead, groups, width], axis, [d, cols], rest, cat_axis=1)
@@ -513,7 +552,9 @@ class _Rewrite:
                 add.replace_input_with(list(add.inputs).index(term), self.e.op("Gather", [term, idx], axis=axis))
         out = site.out_proj
         d = int(out.weight.shape[0 if out.transposed_weight else 1])
-        if output is not None:
+        if nbits.is_nbits(out.node):  # checked whole blocks (_check_blocks): K shrinks
+            nbits.take_rows(self.e, out.node, nbits.row_blocks(nbits.layout(out.node), _out_rows(site, sel)))
+        elif output is not None:
             self._set_output(out, output)
         elif out.transposed_weight:
             self._slice(_weight_slot(out), out.weight, sel, [d, G, g * dh], 1, [d, n * g * dh])
