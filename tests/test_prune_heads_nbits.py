@@ -154,12 +154,54 @@ def test_builder_int4_group_sliced_exactly(tmp_path) -> None:
     _assert_same(tmp_path / "zeroed.onnx", tmp_path / "pruned.onnx", feeds)
 
 
-def test_builder_int4_paper_rule_refused_in_one_line() -> None:
-    model = load_model(MODELS / "builder" / "llama_int4.onnx")
-    with pytest.raises(OptionError, match="slices at compile time only: use --head-rule calibrated") as e:
+def _dequantized(path: Path, out: Path) -> None:
+    """``path`` with every MatMulNBits replaced by a float MatMul of the weight it dequantizes to."""
+    proto = onnx.load(path)
+    inits = {i.name: i for i in proto.graph.initializer}
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        k, n, bits, block = a["K"], a["N"], a.get("bits", 4), a["block_size"]
+        assert len(node.input) == 3, "the builder writes B and scales only"
+        b = numpy_helper.to_array(inits[node.input[1]])
+        per = 8 // bits
+        codes = ((b[..., None] >> (np.arange(per) * bits).astype(np.uint8)) & ((1 << bits) - 1)).reshape(n, -1, block)
+        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1, 1)
+        w = ((codes.astype(np.float32) - (1 << (bits - 1))) * scales).reshape(n, -1)[:, :k].T
+        proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), f"{node.name}.w"))
+        nodes.append(helper.make_node("MatMul", [node.input[0], f"{node.name}.w"], list(node.output), name=node.name))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.save(proto, out)
+
+
+def test_builder_int4_paper_rule_gathers_whole_blocks(tmp_path) -> None:
+    """The run-time rule (``HeadSelect`` -> ``HeadSlice`` of the output projection's K blocks) on the
+    int4 model picks and slices as on its dequantized float twin (float activations: the two models
+    agree to ~1e-6 before pruning)."""
+    from bench.coverage import float_activations
+
+    src = float_activations(MODELS / "builder" / "llama_int4.onnx", tmp_path)
+    _dequantized(src, tmp_path / "float.onnx")
+    rng = np.random.default_rng(6)
+    feeds = {"input_ids": rng.integers(3, 48, (1, 5)).astype(np.int64), "attention_mask": np.ones((1, 8), np.int64),
+             "position_ids": np.arange(3, 8)[None].astype(np.int64),
+             **{f"past_key_values.{i}.{t}": rng.standard_normal((1, 2, 3, 16)).astype(np.float32)
+                for i in range(2) for t in ("key", "value")}}
+    outs = {}
+    for name, path in (("int4", src), ("float", tmp_path / "float.onnx")):
+        model = load_model(path)
         Pipeline([make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention"),
-                  make_pass("prune-heads", keep=0.5, unpruned=0.0)], check=True)(model)
-    assert "\n" not in str(e.value)
+                  make_pass("prune-heads", schedule=(1.0, 0.5))], check=True)(model)
+        save_model(model, tmp_path / f"{name}.pruned.onnx", external_data=False)
+        outs[name] = run_ort(tmp_path / f"{name}.pruned.onnx", feeds)
+        if name == "int4":
+            assert any(n.op_type == "HeadSlice" and nbits.is_nbits(n.outputs[0].uses()[0].node) for n in model.graph)
+    for k, v in outs["float"].items():
+        np.testing.assert_allclose(outs["int4"][k], v, atol=1e-4, rtol=0, err_msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +239,10 @@ def test_group_narrower_than_a_block_refused(llama_int4) -> None:
                   make_pass("prune-heads", rule="calibrated", heads=((), (), (), (1,)))], check=True)(model)
     assert "\n" not in str(e.value)
     assert not any(n.name.startswith("spatten_heads") for n in model.graph)  # refused before any edit
+
+
+def test_paper_rule_refuses_groups_narrower_than_a_block(llama_int4) -> None:
+    model = load_model(llama_int4[1])
+    with pytest.raises(OptionError, match="head groups of 32 rows are not whole blocks of 64.*--head-rule calibrated"):
+        Pipeline([make_pass("normalize"), make_pass("decompose-attention"),
+                  make_pass("prune-heads", keep=0.5)], check=True)(model)
