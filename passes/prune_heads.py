@@ -57,9 +57,10 @@ Design choices (the paper runs batch 1, MHA only):
   computed. In a generation step the new tokens' rows are all real, so every query row votes
   (``HeadImportanceAll``); scores are not carried from step to step (each step picks its heads).
 - int4 blocks (com.microsoft ``MatMulNBits``: the model builder's ``-p int4``, ``--weights int4``):
-  the calibrated rule keeps the kept columns' rows of the blocks (Q/K/V) and the kept heads' whole
-  K blocks (output projection), exactly (:mod:`.nbits_blocks`); a block shared by a kept and a
-  removed head group, and the paper rule's run-time gathers, are refused in one line.
+  the kept columns' rows of the blocks (Q/K/V) and the kept heads' whole K blocks (output
+  projection) are sliced, exactly, never requantized (:mod:`.nbits_blocks`; the paper rule gathers
+  them with ``HeadSlice``). A block shared by a kept and a removed head group is refused in one line
+  (the paper rule: any group that is not whole blocks, since any heads may be kept).
 - Fused attention ops are refused: decompose them first (the compile command does).
 """
 

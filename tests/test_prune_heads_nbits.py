@@ -6,12 +6,12 @@
   packed or unpacked; flat scales; a bias);
 * the builder's int4 Llama and spattenc's ``--weights int4`` Llama: a KV group sliced out at compile
   time equals the input model with that group's output-projection blocks zeroed (exact), and a group
-  narrower than a block is refused in one line.
+  narrower than a block is refused in one line;
+* the run-time (paper) rule gathers the same blocks: equal to the dequantized float twin pruned alike.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +108,6 @@ def test_rows_that_split_a_block_are_refused() -> None:
 def _zeroed(path: Path, out: Path, layer: int, rows: slice) -> None:
     """The model as prune-heads reads it, with the output projection of ``layer`` reading nothing from
     ``rows`` (those blocks' scales 0: exact for int4 blocks)."""
-    sys.path.insert(0, str(MODELS.parent))
     from bench.coverage import _zero_rows
 
     model = load_model(path)
