@@ -245,3 +245,26 @@ def test_paper_rule_refuses_groups_narrower_than_a_block(llama_int4) -> None:
     with pytest.raises(OptionError, match="head groups of 32 rows are not whole blocks of 64.*--head-rule calibrated"):
         Pipeline([make_pass("normalize"), make_pass("decompose-attention"),
                   make_pass("prune-heads", keep=0.5)], check=True)(model)
+
+
+def test_int4_projections_count_their_flops(llama_int4) -> None:
+    """The compile report counts a MatMulNBits as its K x N weight: the int4 model's per-token FLOPs are
+    the float model's."""
+    from spatten_compiler.report import linear_flops_per_token
+
+    def flops(path: Path) -> list[tuple[int, int]]:
+        model = load_model(path)
+        Normalize()(model)
+        return [linear_flops_per_token(s) for s in find_attention(model).sites]
+
+    assert flops(llama_int4[0]) == flops(llama_int4[0].parent / "float.onnx")
+    assert all(pre > 0 and post > 0 for pre, post in flops(llama_int4[0]))
+
+
+def test_reordered_rows_are_refused() -> None:
+    proto, _ = _quantized(4, "none", False, False, np.random.default_rng(0))
+    g_idx = numpy_helper.from_array((np.arange(K)[::-1] // BLOCK).astype(np.int32), "g_idx")
+    proto.graph.initializer.append(g_idx)
+    proto.graph.node[0].input.extend(["", "g_idx"])
+    node = next(iter(ir.serde.deserialize_model(proto).graph))
+    assert "reorders rows by g_idx" in nbits.row_blocks(nbits.layout(node), np.r_[0:16])
