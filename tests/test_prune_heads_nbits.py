@@ -177,19 +177,10 @@ def _dequantized(path: Path, out: Path) -> None:
     onnx.save(proto, out)
 
 
-def test_builder_int4_paper_rule_gathers_whole_blocks(tmp_path) -> None:
-    """The run-time rule (``HeadSelect`` -> ``HeadSlice`` of the output projection's K blocks) on the
-    int4 model picks and slices as on its dequantized float twin (float activations: the two models
-    agree to ~1e-6 before pruning)."""
-    from bench.coverage import float_activations
-
-    src = float_activations(MODELS / "builder" / "llama_int4.onnx", tmp_path)
+def _paper_rule_like_float_twin(src: Path, feeds: dict[str, np.ndarray], tmp_path: Path) -> None:
+    """The run-time rule (``HeadSelect`` -> ``HeadSlice`` of int4 blocks) on ``src`` picks and slices as
+    on its dequantized float twin (float activations: the two agree to ~1e-6 before pruning)."""
     _dequantized(src, tmp_path / "float.onnx")
-    rng = np.random.default_rng(6)
-    feeds = {"input_ids": rng.integers(3, 48, (1, 5)).astype(np.int64), "attention_mask": np.ones((1, 8), np.int64),
-             "position_ids": np.arange(3, 8)[None].astype(np.int64),
-             **{f"past_key_values.{i}.{t}": rng.standard_normal((1, 2, 3, 16)).astype(np.float32)
-                for i in range(2) for t in ("key", "value")}}
     outs = {}
     for name, path in (("int4", src), ("float", tmp_path / "float.onnx")):
         model = load_model(path)
@@ -201,6 +192,19 @@ def test_builder_int4_paper_rule_gathers_whole_blocks(tmp_path) -> None:
             assert any(n.op_type == "HeadSlice" and nbits.is_nbits(n.outputs[0].uses()[0].node) for n in model.graph)
     for k, v in outs["float"].items():
         np.testing.assert_allclose(outs["int4"][k], v, atol=1e-4, rtol=0, err_msg=k)
+
+
+def test_builder_int4_paper_rule_gathers_whole_blocks(tmp_path) -> None:
+    """Packed QKV with a cache: Q/K/V whole (the core gathers the kept heads), the output projection's
+    K blocks gathered."""
+    from bench.coverage import float_activations
+
+    rng = np.random.default_rng(6)
+    feeds = {"input_ids": rng.integers(3, 48, (1, 5)).astype(np.int64), "attention_mask": np.ones((1, 8), np.int64),
+             "position_ids": np.arange(3, 8)[None].astype(np.int64),
+             **{f"past_key_values.{i}.{t}": rng.standard_normal((1, 2, 3, 16)).astype(np.float32)
+                for i in range(2) for t in ("key", "value")}}
+    _paper_rule_like_float_twin(float_activations(MODELS / "builder" / "llama_int4.onnx", tmp_path), feeds, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +272,10 @@ def test_reordered_rows_are_refused() -> None:
     proto.graph.node[0].input.extend(["", "g_idx"])
     node = next(iter(ir.serde.deserialize_model(proto).graph))
     assert "reorders rows by g_idx" in nbits.row_blocks(nbits.layout(node), np.r_[0:16])
+
+
+def test_weights_int4_paper_rule_gathers_whole_blocks(tmp_path, llama_int4) -> None:
+    """Separate q/k/v projections with a cache: Q's columns (B, scales by output row) and the output
+    projection's K blocks gathered at run time."""
+    feeds, _ = reference_io(load_meta("llama_torchscript"))
+    _paper_rule_like_float_twin(llama_int4[0], feeds, tmp_path)
