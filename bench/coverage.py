@@ -50,7 +50,9 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 from spatten_compiler.passes.find_attention import find_attention
+from spatten_compiler.passes.nbits_blocks import is_nbits, layout
 from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.passes.prune_heads import _weight_slot
 from spatten_compiler.passes.unfuse_ort import UnfuseOrt
 from spatten_compiler.passes.unmerge_decoder import UnmergeDecoder
 
@@ -326,24 +328,8 @@ def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, st
     if groups < 2 or sites[-1].out_proj is None:
         return True, why + " (one KV group: no slice tested)"
     site = sites[-1]
-    w = const_array(site.out_proj.weight).copy()
     g, dh = site.num_heads // groups, site.head_dim
-    rows = slice(0, g * dh)  # group 0's query heads come first in the merged head axis
-    if site.out_proj.transposed_weight:
-        w[:, rows] = 0
-    else:
-        w[rows] = 0
-    import onnx_ir as ir
-
-    from spatten_compiler.passes.prune_heads import _weight_slot
-
-    # a fresh initializer for this layer's projection only: the weight may be shared with other layers
-    # (ALBERT; onnxruntime's saved optimized models merge identical initializers)
-    zero = ir.Value(name=f"{site.out_proj.weight.name}.group0_zeroed", const_value=ir.tensor(w))
-    zero.shape, zero.type = ir.Shape(w.shape), site.out_proj.weight.type
-    model.graph.register_initializer(zero)
-    node, slot = _weight_slot(site.out_proj)
-    node.replace_input_with(slot, zero)
+    _zero_rows(model, site.out_proj, slice(0, g * dh))  # group 0's query heads come first in the merged head axis
     zeroed = tmp / "zeroed.onnx"
     save_model(model, zeroed, external_data=False)
     kept = tuple(() for _ in sites[:-1]) + (tuple(range(1, groups)),)
@@ -353,6 +339,34 @@ def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, st
         diff = why2.split(" >")[0]
         return True, f"{why}; last layer without group 0 runs ({diff}: int8 scales of a narrower context)"
     return ok, f"{why}; last layer without group 0: {why2}"
+
+
+def _zero_rows(model: ir.Model, proj, rows: slice) -> None:
+    """The output projection reads nothing from input ``rows``: float weights get zero rows; int4 blocks
+    (MatMulNBits) the blocks holding them a zero scale (exact when ``rows`` are whole blocks; else
+    prune-heads refuses the slice anyway). The zeroed tensor is a fresh initializer of this projection
+    only: the weight may be shared with other layers (ALBERT; onnxruntime's saved optimized models merge
+    identical initializers)."""
+    if is_nbits(proj.node):
+        nb, scales = layout(proj.node), proj.node.inputs[2]
+        s = const_array(scales).reshape(nb.N, nb.blocks).copy()
+        s[:, rows.start // nb.block_size:-(-rows.stop // nb.block_size)] = 0
+        _fresh(model, proj.node, 2, s.reshape(const_array(scales).shape))
+        return
+    w = const_array(proj.weight).copy()
+    if proj.transposed_weight:
+        w[:, rows] = 0
+    else:
+        w[rows] = 0
+    _fresh(model, *_weight_slot(proj), w)
+
+
+def _fresh(model: ir.Model, node: ir.Node, slot: int, array: np.ndarray) -> None:
+    old = node.inputs[slot]
+    value = ir.Value(name=f"{old.name}.zeroed", const_value=ir.tensor(array), shape=ir.Shape(array.shape),
+                     type=old.type)
+    model.graph.register_initializer(value)
+    node.replace_input_with(slot, value)
 
 
 def kv(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, str]:

@@ -17,11 +17,12 @@ import onnx_ir as ir
 from spatten_compiler.match import NoMatch, const_array, match
 
 from .attention_patterns import ROPE, VIEW_OPS
+from .nbits_blocks import is_nbits, out_width
 
 
 @dataclasses.dataclass
 class Projection:
-    node: ir.Node  # MatMul or Gemm
+    node: ir.Node  # MatMul or Gemm (MatMulInteger: int8, com.microsoft MatMulNBits: int4 blocks [N, ., .])
     input: ir.Value  # the hidden state it reads (Reshape to [B*S, D] stripped)
     weight: ir.Value
     bias: ir.Value | None = None
@@ -66,6 +67,7 @@ class Branch:
                 # (a packed QKV viewed [B, S, 3, -1, Dh], its shapes forgotten by an earlier pass: a third)
                 dims = self.projection.weight.shape
                 width = dims[0 if self.projection.transposed_weight else -1] if dims is not None else None
+                width = out_width(self.projection.node) or width
                 width = width // self.pack_ways if isinstance(width, int) and self.pack_ways else width
             if isinstance(width, int):
                 self.heads = width // self.head_dim
@@ -153,7 +155,8 @@ def _add(node, value, branch, graph):
         bias, data = (b, a) if is_weight(b) else (a, b)
         producer = data.producer()
         quantized = quantized_projection(data)
-        if quantized is None and (producer is None or producer.op_type not in ("MatMul", "Gemm")):
+        if quantized is None and (producer is None or producer.op_type not in ("MatMul", "Gemm")) and not is_nbits(
+                producer):
             return NoMatch(f"bias Add '{node.name}' does not follow a projection")
         branch.projection = quantized or _projection(producer)
         if isinstance(branch.projection, NoMatch):
@@ -349,8 +352,9 @@ STEPS: dict[str, Step] = {
 }
 
 
-# int4/int8 weights (onnxruntime-genai's model builder): a projection whose weight is packed blocks;
-# passes that read or slice projection weights check ``node.op_type`` and refuse.
+# int4/int8 weights (onnxruntime-genai's model builder): a projection whose weight is packed blocks
+# [N, k_blocks, blob]; passes that read projection weights check ``node.op_type`` (prune-heads slices
+# them whole blocks at a time, :mod:`.nbits_blocks`).
 MS_STEPS: dict[tuple[str, str], Step] = {("com.microsoft", "MatMulNBits"): _matmul}
 
 

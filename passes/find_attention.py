@@ -20,6 +20,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, UNREAD_FUSED_OPS, VIEW_OPS
 from .attention_trace import Branch, Projection, _projection, quantized_projection, trace_branch
+from .nbits_blocks import in_width, is_nbits
 from .score_chain import is_mask_term, score_chain
 from .site_io import _ancestors, layer_outputs, mask_info, rope_position_source
 from .unmerge_decoder import match_merged
@@ -75,6 +76,8 @@ class AttentionSite:
     @property
     def hidden_size(self) -> int | None:
         w = self.q.projection.weight if self.q and self.q.projection else None
+        if w is not None and in_width(self.q.projection.node):
+            return in_width(self.q.projection.node)  # MatMulNBits: blocks [N, ., .], K is an attribute
         return None if w is None or w.shape is None else int(w.shape[0 if not self.q.projection.transposed_weight else 1])
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,7 +165,8 @@ def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Project
         if proj is None:
             return merge, None, None
     else:
-        if node is None or node.op_type not in ("MatMul", "Gemm") or node.inputs[0] is not value:
+        projects = node is not None and (node.op_type in ("MatMul", "Gemm") or is_nbits(node))  # int4 blocks too
+        if not projects or node.inputs[0] is not value:
             return merge, None, None
         proj = _projection(node)
         if isinstance(proj, NoMatch):

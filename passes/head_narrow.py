@@ -29,6 +29,7 @@ from spatten_compiler.match import const_array
 from . import head_rows
 from .attention_trace import column_constants
 from .find_attention import AttentionSite
+from .nbits_blocks import is_nbits, take_columns
 from .score_chain import reads_projection
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,14 @@ def gather_heads(editor, value: ir.Value, heads: np.ndarray | ir.Value, count: i
 
 def _apply(editor, plan: head_rows.Narrowing, ev: head_rows.Evaluator) -> None:
     proj, cols = plan.proj, plan.columns
+    if is_nbits(proj):  # int4 blocks: whole output rows of B, scales, zero points and bias
+        take_columns(editor, proj, cols)
+    else:
+        _slice_weight(editor, proj, cols)
+    _apply_constants(editor, plan, ev)
+
+
+def _slice_weight(editor, proj: ir.Node, cols: np.ndarray) -> None:
     weight = proj.inputs[1]
     slot_node, slot = proj, 1
     transposed = proj.op_type == "Gemm" and bool(proj.attributes.get_int("transB", 0))
@@ -179,6 +188,9 @@ def _apply(editor, plan: head_rows.Narrowing, ev: head_rows.Evaluator) -> None:
         b = const_array(proj.inputs[2])
         proj.replace_input_with(2, editor.const("head_bias", b[..., cols] if b.shape[-1] == w.shape[
             0 if transposed else 1] else b))
+
+
+def _apply_constants(editor, plan: head_rows.Narrowing, ev: head_rows.Evaluator) -> None:
     clones: dict[int, dict[int, np.ndarray]] = {}
     for (nid, s), arr in plan.constants.items():
         node = plan.nodes[nid]

@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from spatten_compiler.match import const_array
 
+from .nbits_blocks import out_width
 from .transform_region import REGION_OPS
 
 LIMIT = 3000  # nodes in a projection's forward region
@@ -402,6 +403,7 @@ def evaluate(proj: ir.Node, cores: list[ir.Value]) -> tuple[Evaluator, list[np.n
     if missing:
         raise RowMapError(f"{missing[0]} is not computed from projection {proj.name}")
     width = proj.outputs[0].shape.dims[-1] if proj.outputs[0].shape is not None else None
+    width = out_width(proj) or width  # MatMulNBits: its N (the blocks' shape is [N, k_blocks, blob])
     if not isinstance(width, int):
         w = proj.inputs[1].shape
         width = w.dims[-1] if w is not None else None

@@ -56,6 +56,11 @@ Design choices (the paper runs batch 1, MHA only):
   repeat). Q's columns, the scores, P x V and the output-projection rows of pruned heads are not
   computed. In a generation step the new tokens' rows are all real, so every query row votes
   (``HeadImportanceAll``); scores are not carried from step to step (each step picks its heads).
+- int4 blocks (com.microsoft ``MatMulNBits``: the model builder's ``-p int4``, ``--weights int4``):
+  the kept columns' rows of the blocks (Q/K/V) and the kept heads' whole K blocks (output
+  projection) are sliced, exactly, never requantized (:mod:`.nbits_blocks`; the paper rule gathers
+  them with ``HeadSlice``). A block shared by a kept and a removed head group is refused in one line
+  (the paper rule: any group that is not whole blocks, since any heads may be kept).
 - Fused attention ops are refused: decompose them first (the compile command does).
 """
 
@@ -76,6 +81,7 @@ from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, full_schedule, spatten_schedule
 
+from . import nbits_blocks as nbits
 from .attention_trace import Projection, column_constants, quantized_projection
 from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
@@ -158,8 +164,8 @@ def _unsliceable(proj: Projection) -> str | None:
     op, producer = proj.node.op_type, proj.weight.producer()
     if op == "MatMulInteger":  # per-column zero points / scales are sliced with the columns
         return "a per-column scale or zero point computed in the graph" if column_constants(proj.node) is None else None
-    if op == "MatMulNBits":
-        return "int4 blocks of MatMulNBits"
+    if nbits.is_nbits(proj.node):  # whole blocks are sliced (nbits_blocks); the output projection's at slicing time
+        return nbits.unsliceable(proj.node)
     if producer is not None and producer.op_type == "DequantizeLinear":
         return "QDQ blocks of DequantizeLinear"
     return None if op in ("MatMul", "Gemm") else f"a {op} weight format"
@@ -317,6 +323,7 @@ class PruneHeads(Pass):
                 if counts[0] < groups:
                     raise OptionError("the first attention layer cannot be head-pruned: "
                                       "head scores come from earlier layers")
+                _refuse_runtime_blocks(sites)
                 _Rewrite(model, sites, counts).run()
                 logger.info("prune-heads (paper rule, run time): kept head groups per layer %s", counts)
                 return PassResult(model, True)
@@ -330,6 +337,7 @@ class PruneHeads(Pass):
             kept = choose_heads(scores, counts, self.importance)
         if all(len(k) == groups for k in kept):
             return PassResult(model, False)
+        _check_blocks(sites, kept, self.reconstruct)
         outputs = self._reconstructed(model, sites, kept) if self.reconstruct else {}
         _Rewrite(model, sites, [len(k) for k in kept]).run([np.array(k, np.int64) for k in kept], outputs)
         model.metadata_props["spatten.heads_kept"] = json.dumps([list(map(int, k)) for k in kept])
@@ -355,6 +363,48 @@ class PruneHeads(Pass):
             out[i] = reconstruct_output(w, stats[i], cols, self.ridge)
         logger.info("prune-heads: output projections of layers %s refitted for their pruned heads", layers)
         return out
+
+
+def _refuse_runtime_blocks(sites: list[AttentionSite]) -> None:
+    """The paper rule gathers the kept heads' weights at run time: an int4 output projection's K blocks
+    must then be whole head groups, whatever heads are kept (every group ``g * Dh`` rows, whole blocks,
+    and whole bytes of packed zero points)."""
+    for s in sites:
+        node = s.out_proj.node
+        if not nbits.is_nbits(node):
+            continue
+        nb, g = nbits.layout(node), s.num_heads // s.num_kv_heads
+        rows = g * s.head_dim
+        zp = nb.array("zero_points")
+        why = (f"head groups of {rows} rows are not whole blocks of {nb.block_size}" if rows % nb.block_size
+               or nb.K != s.num_kv_heads * rows else
+               "a head group's packed zero points are not whole bytes" if zp is not None and zp.dtype == np.uint8
+               and (rows // nb.block_size * nb.bits) % 8 else
+               nbits.row_blocks(nb, np.arange(nb.K)) if nb.input("g_idx") is not None else None)
+        if isinstance(why, str):
+            raise OptionError(f"layer {s.layer}: output projection MatMulNBits '{node.name}': {why}; the paper rule "
+                              "gathers whole blocks at run time: use --head-rule calibrated")
+
+
+def _out_rows(site: AttentionSite, sel: np.ndarray) -> np.ndarray:
+    """The output-projection input rows of the kept groups ``sel`` (their query heads' contexts)."""
+    g, dh = site.num_heads // site.num_kv_heads, site.head_dim
+    return (_query_heads(np.asarray(sel), g)[:, None] * dh + np.arange(dh)).reshape(-1)
+
+
+def _check_blocks(sites: list[AttentionSite], kept: list[list[int]], reconstruct: bool) -> None:
+    """Before any edit: each pruned layer's int4 output projection keeps whole blocks of rows."""
+    for site, k in zip(sites, kept):
+        if len(k) == site.num_kv_heads or not nbits.is_nbits(site.out_proj.node):
+            continue
+        if reconstruct:
+            raise OptionError(f"layer {site.layer}: head reconstruction refits float rows; the output projection "
+                              f"'{site.out_proj.node.name}' has int4 blocks (MatMulNBits) it would requantize")
+        why = nbits.row_blocks(nbits.layout(site.out_proj.node), _out_rows(site, k))
+        if isinstance(why, str):
+            g = site.num_heads // site.num_kv_heads
+            raise OptionError(f"layer {site.layer}: {why}: head groups of {g * site.head_dim} rows; prune-heads "
+                              "slices int4 blocks whole and never requantizes")
 
 
 def _query_heads(groups: np.ndarray, g: int) -> np.ndarray:
@@ -446,9 +496,12 @@ class _Rewrite:
                           q_only: bool = False) -> None:
         """Keep the columns (rows if transposed) of the kept groups; ``packs`` = 3 for packed QKV.
         ``q_only`` (packed QKV with a KV cache): only the Q part is narrowed, K/V stay whole."""
+        lead = [packs] if packs > 1 and not q_only else []
+        if nbits.is_nbits(proj.node):
+            self._nbits_columns(proj, sel, groups, width, n, lead, q_only)
+            return
         t = proj.transposed_weight
         d = int(proj.weight.shape[1 if t else 0])
-        lead = [packs] if packs > 1 and not q_only else []
         axis = len(lead) + (0 if t else 1)
         w, rest, b_rest = proj.weight, None, None
         if q_only:  # split the constant packed weight: [Q | K V]; Q is sliced, K V appended whole
@@ -471,6 +524,57 @@ class _Rewrite:
             head, tail = (vec[:groups * width], vec[groups * width:]) if q_only else (vec, None)
             self._slice((node, i), self.e.const("column_q", head) if q_only else node.inputs[i], sel,
                         [*lead, groups, width], len(lead), [cols], tail)
+
+    def _nbits_columns(self, proj: Projection, sel, groups: int, width: int, n: int, lead: list[int],
+                       q_only: bool) -> None:
+        """int4 blocks: the kept columns' rows of B, scales, zero points and bias, each viewed
+        ``[*lead, groups, width, per column]`` (a constant slice, or gathered at run time); N shrinks."""
+        node, nb = proj.node, nbits.layout(proj.node)
+        qw, cols = groups * width, (1 if q_only else (lead[0] if lead else 1)) * n * width
+        for name in ("B", "scales", "zero_points", "bias"):
+            a = nb.array(name)
+            if a is None:
+                continue
+            by_col = a.reshape(nb.N, -1)
+            per = by_col.shape[1]
+            shape = [cols, *a.shape[1:]] if a.ndim > 1 else [cols * per]
+            value, rest = node.inputs[nbits.SLOTS[name]], None
+            if q_only:  # [Q | K V] by output column: Q sliced, K V appended whole
+                value = self.e.const(f"q_{name}", by_col[:qw])
+                rest = by_col[qw:].reshape([-1, *a.shape[1:]] if a.ndim > 1 else [-1])
+            self._slice((node, nbits.SLOTS[name]), value, sel, [*lead, groups, width, per], len(lead), shape, rest)
+        self.e.set_attr(node, "N", cols + (nb.N - qw if q_only else 0))
+        slot = _bias_slot(proj)  # an Add after the projection
+        if slot is not None:
+            bias, b_rest = proj.bias, None
+            if q_only:
+                fb = const_array(proj.bias)
+                bias, b_rest = self.e.const("q_bias", fb[:qw]), fb[qw:]
+            self._slice(slot, bias, sel, [*lead, groups, width], len(lead), [cols], b_rest)
+
+    def _nbits_rows(self, site: AttentionSite, sel, n: int) -> None:
+        """int4 output projection: the kept groups' whole K blocks (checked before: ``_check_blocks``); at
+        run time each group is ``bpg`` whole blocks (``_refuse_runtime_blocks``), gathered; K shrinks."""
+        node, nb, groups = site.out_proj.node, nbits.layout(site.out_proj.node), site.num_kv_heads
+        if isinstance(sel, np.ndarray):  # any whole blocks (several groups may share one)
+            nbits.take_rows(self.e, node, nbits.row_blocks(nb, _out_rows(site, sel)))
+            return
+        bpg = nb.blocks // groups
+        for name in ("B", "scales", "zero_points"):
+            a = nb.array(name)
+            if a is None:
+                continue
+            per = a.size // (nb.N * nb.blocks)  # bytes (B), 1 (scales, unpacked zero points)
+            units, size = [nb.N, groups, bpg, per], n * bpg
+            if name == "zero_points" and a.dtype == np.uint8:  # packed: a group's codes are whole bytes
+                units, size, per = [nb.N, groups, bpg * nb.bits // 8], n * bpg * nb.bits // 8, 1
+            shape = [nb.N, size, per] if a.ndim == 3 else [nb.N, size] if a.ndim == 2 else [nb.N * size]
+            self._slice((node, nbits.SLOTS[name]), node.inputs[nbits.SLOTS[name]], sel, units, 1, shape)
+        k = n * bpg * nb.block_size
+        if nb.input("g_idx") is not None:  # trivial (checked): rebuilt for the kept rows
+            node.replace_input_with(nbits.SLOTS["g_idx"], self.e.const(
+                "g_idx", (np.arange(k) // nb.block_size).astype(nb.array("g_idx").dtype)))
+        self.e.set_attr(node, "K", k)
 
     def _head_index(self, sel, g: int):
         """Kept query heads of the kept groups (g query heads per group)."""
@@ -537,7 +641,9 @@ class _Rewrite:
                 add.replace_input_with(list(add.inputs).index(term), self.e.op("Gather", [term, idx], axis=axis))
         out = site.out_proj
         d = int(out.weight.shape[0 if out.transposed_weight else 1])
-        if output is not None:
+        if nbits.is_nbits(out.node):
+            self._nbits_rows(site, sel, n)
+        elif output is not None:
             self._set_output(out, output)
         elif out.transposed_weight:
             self._slice(_weight_slot(out), out.weight, sel, [d, G, g * dh], 1, [d, n * g * dh])

@@ -64,6 +64,10 @@ class GraphEditor:
         self.added.append(node)
         return node.outputs[0] if outputs == 1 else tuple(node.outputs)
 
+    def set_attr(self, node: ir.Node, name: str, value: object) -> None:
+        """Set (or replace) one attribute of an existing node (a sliced weight's recorded width)."""
+        node.attributes[name] = ir.convenience.convert_attribute(name, value)
+
     def replace_uses(self, old: ir.Value, new: ir.Value, *, keep: Sequence[ir.Node] = ()) -> None:
         """Point every consumer of ``old`` (except ``keep``) and graph-output slot at ``new``."""
         skip = {id(n) for n in keep}

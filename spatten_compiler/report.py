@@ -2,10 +2,11 @@
 and the ideal FLOP ratio of the token schedule (dense / pruned) at a few sequence lengths, and the
 ideal K/V-byte ratio (fp32 dense / rewritten; MSB planes only and with every LSB plane re-read).
 
-FLOPs per layer are counted from the graph itself: every MatMul/Gemm with a constant weight between
-the layer's hidden-state input and output is a per-token cost (2 * in * out), plus attention's
-4 * heads * head_dim per token per context token. Embeddings and anything after the last layer are
-not counted. The ratio is what a perfect runtime would gain; the benchmark measures the real one.
+FLOPs per layer are counted from the graph itself: every MatMul/Gemm with a constant weight (or an
+int4 MatMulNBits, its K x N) between the layer's hidden-state input and output is a per-token cost
+(2 * in * out), plus attention's 4 * heads * head_dim per token per context token. Embeddings and
+anything after the last layer are not counted. The ratio is what a perfect runtime would gain; the
+benchmark measures the real one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import onnx_ir as ir
 
 from spatten_compiler.match import is_const
 from spatten_compiler.passes.find_attention import AttentionSite, find_attention
+from spatten_compiler.passes.nbits_blocks import in_width, is_nbits, out_width
 from spatten_compiler.passes.site_io import layer_region
 from spatten_compiler.pipeline import Pass
 
@@ -26,7 +28,9 @@ LENGTHS = (128, 256, 512)
 def _weight_flops(nodes: list[ir.Node]) -> int:
     total = 0
     for node in nodes:
-        if node.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(node.inputs) > 1 and is_const(node.inputs[1]):
+        if is_nbits(node):  # int4 blocks: the logical K x N weight
+            total += 2 * in_width(node) * out_width(node)
+        elif node.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(node.inputs) > 1 and is_const(node.inputs[1]):
             shape = node.inputs[1].shape
             if shape is not None and shape.rank() == 2 and all(isinstance(d, int) for d in shape.dims):
                 total += 2 * shape.dims[0] * shape.dims[1]

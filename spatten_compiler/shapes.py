@@ -36,6 +36,35 @@ def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
                     yield from _value_infos(sub)
 
 
+def _matmul_nbits(node: ir.Node) -> tuple[ir.DataType | None, ir.Shape | None]:
+    """``MatMulNBits(A[..., K]) -> [..., N]`` in A's (= its scales') dtype."""
+    a, scales = node.inputs[0], node.inputs[2]
+    n = node.attributes.get_int("N")
+    shape = ir.Shape([*a.shape.dims[:-1], n]) if a.shape is not None and a.shape.rank() and n else None
+    return (a.dtype or scales.dtype), shape
+
+
+# onnxruntime's contrib ops onnx does not infer: their outputs are typed here before inference so that
+# what they feed gets types too (a no-op Cast after an int4 projection is only removable with them).
+CONTRIB_OUTPUTS = {("com.microsoft", "MatMulNBits"): _matmul_nbits}
+
+
+def _seed_contrib(model: ir.Model) -> bool:
+    seeded = False
+    for graph in model.graphs():
+        for node in graph:
+            rule = CONTRIB_OUTPUTS.get((node.domain, node.op_type))
+            out = node.outputs[0] if rule is not None else None
+            if out is None or (out.dtype is not None and out.shape is not None):
+                continue
+            dtype, shape = rule(node)
+            if out.dtype is None and dtype is not None:
+                out.dtype, seeded = dtype, True
+            if out.shape is None and shape is not None:
+                out.shape, seeded = shape, True
+    return seeded
+
+
 def infer_shapes(model: ir.Model, *, data_prop: bool = True) -> bool:
     """Fill in dtypes and shapes of every value onnx can infer; return whether anything changed.
 
@@ -46,6 +75,8 @@ def infer_shapes(model: ir.Model, *, data_prop: bool = True) -> bool:
 
         return ShapeInferencePass(check_type=False, strict_mode=False, data_prop=data_prop)(model).modified
 
+    seeded = _seed_contrib(model)
+
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
 
@@ -53,9 +84,9 @@ def infer_shapes(model: ir.Model, *, data_prop: bool = True) -> bool:
         inferred = _call_onnx_api(infer, model)
     except Exception as e:  # noqa: BLE001 - onnx raises several kinds; the model stays as it was
         logger.warning("shape inference failed (%s); shapes left as they were", e)
-        return False
+        return seeded
     types = {vi.name: vi.type for vi in _value_infos(inferred.graph) if vi.HasField("type")}
-    modified = False
+    modified = seeded
     for graph in model.graphs():
         for node in graph:
             for value in node.outputs:

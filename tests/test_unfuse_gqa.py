@@ -226,12 +226,20 @@ def test_builder_model_eviction(tmp_path, precision) -> None:
                 np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
 
 
-def test_builder_int4_head_pruning_refused_with_reason() -> None:
+def test_builder_int4_head_pruning_runs(tmp_path) -> None:
+    """Refused until session 15 (MatMulNBits projections); now the kept heads' int4 blocks are sliced
+    (exactness and refusals: tests/test_prune_heads_nbits.py)."""
     model = load_model(_builder("int4"))
-    with pytest.raises(Exception) as e:  # noqa: PT011 - a SpattencError subclass with one line
-        Pipeline([make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention"),
-                  make_pass("prune-heads", keep=0.5)], check=True)(model)
-    assert "\n" not in str(e.value) and "projection" in str(e.value)
+    Pipeline([make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention"),
+              make_pass("prune-heads", keep=0.5, unpruned=0.0, rule="paper")], check=True)(model)
+    save_model(model, tmp_path / "heads.onnx", external_data=False)
+    rng = np.random.default_rng(5)
+    feeds = {"input_ids": rng.integers(3, 48, (1, 4)).astype(np.int64), "attention_mask": np.ones((1, 7), np.int64),
+             "position_ids": np.arange(3, 7)[None].astype(np.int64),
+             **{f"past_key_values.{i}.{t}": rng.standard_normal((1, KV, 3, H)).astype(np.float32)
+                for i in range(2) for t in ("key", "value")}}
+    got = run_ort(tmp_path / "heads.onnx", feeds)
+    assert got["logits"].shape == (1, 4, 48) and np.isfinite(got["logits"]).all()
 
 
 def test_builder_fp32_heads_and_kv_bits_exact_at_keep_1(tmp_path) -> None:
