@@ -12,6 +12,8 @@ is rewritten exactly into the ops it fused (so ``--optimize`` can fuse them agai
     SimplifiedLayerNormalization(x, g)            -> x / sqrt(mean(x^2) + eps) * g
     BiasGelu(x, bias) -> Gelu(x + bias);  Gelu(x) -> 0.5 x (1 + erf(x / sqrt 2))   (exporters' form)
     FastGelu(x, bias) -> 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))           (x + bias first)
+    FusedMatMul(a, b) -> alpha * MatMul(a or a^T, b or b^T)   (onnxruntime's saved extended-level models)
+    QuickGelu(x)      -> x * Sigmoid(alpha x)
 
 onnxruntime-genai's model builder writes ``GroupQueryAttention`` (packed QKV, rotary inside, past and
 present buffers) and ``RotaryEmbedding``: see :mod:`passes.unfuse_gqa` for their rewrites and when
@@ -33,6 +35,7 @@ import onnx_ir as ir
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import OptionError
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
+from spatten_compiler.shapes import infer_shapes
 
 from .unfuse_gqa import group_query_attention, rotary_embedding
 
@@ -63,7 +66,11 @@ def _layer_norm(e: GraphEditor, node: ir.Node, x: ir.Value, gamma: ir.Value, bet
 
 def _rms_norm(e: GraphEditor, node: ir.Node, x: ir.Value, gamma: ir.Value) -> ir.Value:
     eps = node.attributes.get_float("epsilon", 1e-6)
-    mean_sq = e.op("ReduceMean", [e.op("Mul", [x, x]), e.const("axes", np.array([-1], np.int64))], keepdims=1)
+    sq = e.op("Mul", [x, x])
+    if e.model.opset_imports.get("", 0) >= 18:
+        mean_sq = e.op("ReduceMean", [sq, e.const("axes", np.array([-1], np.int64))], keepdims=1)
+    else:  # axes is an attribute before opset 18 (onnxruntime saves an opset-17 export's RMS norm fused)
+        mean_sq = e.op("ReduceMean", [sq], axes=[-1], keepdims=1)
     inv = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [mean_sq, e.const("eps", np.float32(eps))])])])
     return e.op("Mul", [e.op("Mul", [x, inv]), gamma])
 
@@ -154,6 +161,32 @@ def _fast_gelu(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
     return [_tanh_gelu(e, _sum(e, [x, bias]))]
 
 
+def _fused_matmul(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    """onnxruntime's MatMulScaleFusion / MatMulTransposeFusion (extended level, a saved optimized model):
+    alpha * op(A) @ op(B), op a swap of the last two axes."""
+    a = node.attributes
+    if a.get_int("transBatchA", 0) or a.get_int("transBatchB", 0):
+        raise OptionError(f"FusedMatMul '{node.name}': transBatchA/transBatchB are not decomposed")
+    ins = []
+    for x, flag in zip(node.inputs[:2], ("transA", "transB")):
+        if a.get_int(flag, 0):
+            rank = x.shape.rank() if x.shape is not None else None
+            if rank is None or rank < 2:
+                raise OptionError(f"FusedMatMul '{node.name}': {flag} on an input of unknown rank")
+            x = e.op("Transpose", [x], perm=[*range(rank - 2), rank - 1, rank - 2])
+        ins.append(x)
+    y = e.op("MatMul", ins)
+    alpha = a.get_float("alpha", 1.0)
+    return [y if alpha == 1.0 else e.op("Mul", [y, e.const("alpha", np.float32(alpha))])]
+
+
+def _quick_gelu(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    """QuickGelu (CLIP's activation fused): x * sigmoid(alpha x)."""
+    x = node.inputs[0]
+    alpha = node.attributes.get_float("alpha", 1.702)
+    return [e.op("Mul", [x, e.op("Sigmoid", [e.op("Mul", [x, e.const("alpha", np.float32(alpha))])])])]
+
+
 UNFUSE: dict[str, Rewrite] = {
     "EmbedLayerNormalization": _embed_layer_norm,
     "QEmbedLayerNormalization": _q_embed_layer_norm,
@@ -163,6 +196,8 @@ UNFUSE: dict[str, Rewrite] = {
     "BiasGelu": _bias_gelu,
     "Gelu": lambda e, node: [_erf_gelu(e, node.inputs[0])],
     "FastGelu": _fast_gelu,
+    "FusedMatMul": _fused_matmul,  # a saved model at onnxruntime's extended level
+    "QuickGelu": _quick_gelu,
     "GroupQueryAttention": group_query_attention,  # onnxruntime-genai's model builder
     "RotaryEmbedding": rotary_embedding,
 }
@@ -188,8 +223,14 @@ class UnfuseOrt(Pass):
                               f"(LayerNormalization); the model imports opset {model.opset_imports.get('', 0)}")
         e = GraphEditor(model, "spatten/unfuse")
         done: list[ir.Node] = []
+        # FusedMatMul's transposes need its inputs' ranks: unfuse it last, with shapes inferred through
+        # the standard ops the others became
+        nodes.sort(key=lambda n: n.op_type == "FusedMatMul")
         try:
             for node in nodes:
+                if node.op_type == "FusedMatMul" and any(x is None or x.shape is None for x in node.inputs[:2]):
+                    e.commit()
+                    infer_shapes(model)
                 replacements = UNFUSE[node.op_type](e, node)
                 for i, out in enumerate(node.outputs):
                     new = replacements[i] if i < len(replacements) else None

@@ -1,6 +1,6 @@
 """bench coverage on a two-model corpus built from the committed fixtures (no export, no torch): every
 check, the default-preset check, and the --format conversions (int8 per tensor and per channel, float16,
-onnxruntime's saved optimized model, onnxslim and onnxsim when installed)."""
+onnxruntime's saved extended-level model, onnxslim and onnxsim when installed)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("fmt", ["float", "int8", "int8pc", "fp16", "ortopt", "slim", "onnxsim"])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int8pc", "fp16", "ortext", "slim", "onnxsim"])
 def test_every_check_and_format(fmt: str, corpus: Path, tmp_path: Path) -> None:
     from bench.coverage import CHECKS, main
 

@@ -198,3 +198,60 @@ def test_folded_heads_score_view_merged_by_the_tools(tmp_path) -> None:
     onnx.save(model, str(path))
     ok, why = heads(path, packed_graphs.feeds(), tmp_path)
     assert ok and "last layer without group 0" in why, why
+
+
+@pytest.mark.parametrize(("a_shape", "b_shape", "attrs"), [
+    ((2, 4, 5, 8), (2, 4, 6, 8), {"transB": 1, "alpha": 0.25}),  # scores: Q K^T * scale
+    ((2, 8, 5), (8, 6), {"transA": 1}),
+    ((3, 5, 8), (3, 6, 8), {"transA": 0, "transB": 1, "alpha": 1.0}),
+])
+def test_fused_matmul_decomposed_equals_onnxruntime(tmp_path, a_shape, b_shape, attrs) -> None:
+    """FusedMatMul (onnxruntime's extended-level MatMulScale / MatMulTranspose fusions, in its saved
+    optimized models) -> Transpose + MatMul (+ Mul by alpha), equal to the contrib kernel."""
+    from spatten_compiler.modelio import load_model, save_model
+    from spatten_compiler.pipeline import Pipeline, make_pass
+
+    f = onnx.TensorProto.FLOAT
+    node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft", **attrs)
+    graph = helper.make_graph([node], "fmm", [helper.make_tensor_value_info("a", f, list(a_shape)),
+                                              helper.make_tensor_value_info("b", f, list(b_shape))],
+                              [helper.make_tensor_value_info("y", f, ["d"] * max(len(a_shape), len(b_shape)))])
+    src = tmp_path / "fmm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), str(src))
+    model = load_model(src)
+    Pipeline([make_pass("unfuse-ort")], check=True)(model)
+    assert {n.op_type for n in model.graph} <= {"Transpose", "MatMul", "Mul", "Constant"}
+    out = tmp_path / "out.onnx"
+    save_model(model, out, external_data=False)
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal(a_shape).astype(np.float32), "b": rng.standard_normal(b_shape).astype(np.float32)}
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bert_torchscript", "llama_torchscript", "gpt2_torchscript"])
+def test_ort_extended_saved_model_compiles_exactly(tmp_path, name) -> None:
+    """onnxruntime's saved extended-level model (FusedMatMul for the scaled scores, fused RMS norms of an
+    opset-17 export, ...): found and rewritten exactly, against the model with the fused kernels written
+    back as standard ops (their own rounding differs by up to 7.9e-6 here, bench coverage's reference)."""
+    from bench.coverage import FORMAT, _unfused, discovered, heads, to_ortopt, tokens
+
+    meta = load_meta(name)
+    feeds, _ = reference_io(meta)
+    if "attention_mask" in feeds:
+        feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
+    saved = to_ortopt(MODELS / f"{name}.onnx", tmp_path, extended=True)
+    ops = {n.op_type for n in onnx.load(str(saved)).graph.node}
+    assert "FusedMatMul" in ops, ops
+    rec = {"num_layers": meta["num_layers"], "num_heads": meta["num_heads"], "num_kv_heads": meta["num_kv_heads"],
+           "head_dim": meta["head_dim"], "kv_cache": meta["kv_cache"]}
+    ok, why = discovered(saved, rec)
+    assert ok, why
+    FORMAT["reference"] = _unfused(saved, tmp_path)
+    try:
+        for check in (tokens(saved, feeds, tmp_path, rec), heads(saved, feeds, tmp_path)):
+            assert check[0], check[1]
+    finally:
+        FORMAT["reference"] = None
