@@ -1,7 +1,8 @@
 """prune-tokens beyond plain encoders (issue #16): position terms on the scores, RoPE, decoder prompts
-(causal mask, last token kept), a layer scale and a parallel residual, on two-layer hand-built graphs
-and on the corpus (``corpus`` marker). Checks: all tokens selected == the input model; keep < 1:
-onnxruntime == reference runtime and the kept set == a NumPy computation of the rule."""
+(causal mask, last token kept), a layer scale and a parallel residual, attention sinks (GPT-OSS),
+on two-layer hand-built graphs and on the corpus (``corpus`` marker). Checks: all tokens selected ==
+the input model; keep < 1: onnxruntime == reference runtime and the kept set == a NumPy computation of
+the rule."""
 
 from __future__ import annotations
 
@@ -273,8 +274,14 @@ CASES = {
     "static_views": lambda: _static_views(structural_graphs.build()),
     "folded": _folded,
     "folded_alibi": lambda: _folded(alibi=True),
+    # GPT-OSS: a learned sink column concatenated to the scores, sliced off P; its broadcast shape reads
+    # the graph input's length (re-broadcast to the kept tokens)
+    "sinks": lambda: structural_graphs.build(sink="after"),
+    "sinks_before": lambda: structural_graphs.build(sink="before"),
+    "llama_sinks": lambda: structural_graphs.with_sink(
+        _llama(attention_graphs.build(mask="causal+additive", rope=True, kv_heads=1))),
 }
-DECODER = {"decoder", "decoder_rope", "llama"}
+DECODER = {"decoder", "decoder_rope", "llama", "llama_sinks"}
 
 
 def _compile(proto: onnx.ModelProto, tmp_path, name: str = "o", **opts) -> str:
