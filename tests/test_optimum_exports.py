@@ -150,7 +150,7 @@ def test_rotary_tables_computed_from_positions(name: str, tmp_path: Path) -> Non
         np.testing.assert_allclose(run(out, feeds)["logits"], want, atol=1e-5)
 
 
-def test_gpt_oss_sinks_prompt(tmp_path: Path) -> None:
+def test_gpt_oss_sinks_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """GPT-OSS (transformers 4.57, MoE, sliding window 4, learned sinks): each layer's sink column is
     found beside the scores (the router's Softmax is not taken); token pruning re-broadcasts the sink to
     the kept tokens and ranks them by P after the sink slice; head pruning slices the per-head sinks.
@@ -161,6 +161,7 @@ def test_gpt_oss_sinks_prompt(tmp_path: Path) -> None:
     sites = inspect(str(src))
     assert [(s.num_heads, s.num_kv_heads, s.head_dim, s.variant.get("sink")) for s in sites] == [
         (4, 2, 16, "after")] * 2
+    assert main(["inspect", str(src)]) == 0 and capsys.readouterr().out.count("after/additive +sink") == 2
     want = run(src, feeds)["logits"]
     for args in (["--token-keep-schedule", "1,0.999"], ["--head-keep", "1.0"], ["--token-keep-schedule", "1,0.5"],
                  ["--head-keep", "0.5"]):
