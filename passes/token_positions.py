@@ -218,12 +218,20 @@ def _is_score_term(node: ir.Node, value: ir.Value) -> bool:
 
 
 def _sized_inside(nodes: list[ir.Node], inputs: list[ir.Value], inside: set[int], pruned: ir.Value) -> bool:
-    """A float built from no graph input and no position op, only from the shapes of the layer's own
-    values (``ConstantOfShape(Shape(router_logits))``): the same at every position, its size the
-    pruned length - nothing to gather."""
+    """A float built from no graph input, no position op and no float table (scalars only), just from the
+    shapes of the layer's own values (``ConstantOfShape(Shape(router_logits))``): the same at every
+    position, its size the pruned length - nothing to gather. A table sliced to that length is not."""
     shapes = [n for n in nodes if n.op_type in ("Shape", "Size")]
-    return (not inputs and bool(shapes) and not any(n.op_type in POSITION_OPS for n in nodes)
+    tables = [i for n in nodes if n.op_type not in ("Shape", "Size") for i in n.inputs
+              if i is not None and i.dtype in FLOATS and (i.producer() is None or i.producer().op_type == "Constant")
+              and _size(i) != 1]
+    return (not inputs and bool(shapes) and not tables and not any(n.op_type in POSITION_OPS for n in nodes)
             and all(id(n.inputs[0]) in inside or n.inputs[0] is pruned for n in shapes))
+
+
+def _size(value: ir.Value) -> int | None:
+    dims = value.shape.dims if value.shape is not None else None
+    return None if dims is None or not all(isinstance(d, int) for d in dims) else int(np.prod(dims, dtype=np.int64))
 
 
 def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned: ir.Value,
