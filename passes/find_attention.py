@@ -55,6 +55,10 @@ class AttentionSite:
     rope_source: str | None = None  # position_ids input, or computed from the sequence length
     bias_terms: list[ir.Value] = dataclasses.field(default_factory=list)  # additive position terms on the scores
     bias_adds: list[ir.Node] = dataclasses.field(default_factory=list)  # the Add applying each term
+    # learned sink columns concatenated to the scores on the key axis (GPT-OSS) and sliced off the
+    # probabilities: ``probs`` is after that Slice, so its rows sum to less than 1
+    sinks: list[ir.Value] = dataclasses.field(default_factory=list)
+    sink_concat: ir.Node | None = None
 
     @property
     def rope(self) -> bool:
@@ -103,6 +107,7 @@ class AttentionSite:
             "layer_output": name(self.layer_output),
             "residual": name(self.residual),
             "bias_terms": [name(t) for t in self.bias_terms],
+            "sinks": [name(t) for t in self.sinks],
         }
         for key, br in (("q", self.q), ("k", self.k), ("v", self.v)):
             if br is None:
@@ -271,7 +276,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     q, kt = found["q"], found["kt"]
     if is_const(kt) or is_const(q):
         return NoMatch("one side of the score MatMul is a constant: a linear layer followed by Softmax")
-    probs = node.outputs[0]
+    probs = found["sink_slice"].outputs[0] if "sink_slice" in found else node.outputs[0]
     for use in probs.uses():
         guarded = use.node.outputs[0] if use.node.op_type == "Where" else None
         found_guard = match(NAN_GUARD, guarded) if guarded is not None else None
@@ -329,6 +334,8 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     variant = {"scale": found["scale_variant"], "mask": found["mask_variant"]}
     if found.get("folded"):
         variant["layout"] = "folded"  # 3-D scores [B*H, S, S]: found, not rewritten
+    if "sink" in found:
+        variant["sink"] = found["sink_variant"]  # sink columns after/before the scores, sliced off P
     merge, out_proj, residual = _follow_output(pv, graph)
     dims = out_proj.weight.shape if out_proj is not None else None
     rows = dims[1 if out_proj.transposed_weight else 0] if dims is not None and dims.rank() == 2 else None
@@ -340,6 +347,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         scale=scale if found["scale_variant"] != "none" or scale != 1.0 else None,
         bias_terms=list(found.get("bias_terms", [])), bias_adds=list(found.get("bias_adds", [])),
+        sinks=list(found.get("sink", [])), sink_concat=found.get("sink_concat"),
         mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_proj=out_proj, residual=residual,
     )
     if residual is not None:

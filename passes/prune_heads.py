@@ -127,7 +127,7 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                 raise OptionError(f"layer {s.layer}: projection {p.node.op_type} '{p.node.name}' has quantized weights "
                                   f"prune-heads cannot slice ({why}): compile the float model and add --weights "
                                   "int8|int4")
-        for term in s.bias_terms:
+        for term in (*s.bias_terms, *s.sinks):
             if term.shape is None or term.shape.rank() not in (1, 2, 3, 4) or (
                     _folded(s) and term.shape.rank() == 4):
                 raise OptionError(f"layer {s.layer}: score term {term.name} has no static head axis "
@@ -626,7 +626,8 @@ class _Rewrite:
             self._gather_cached(site, sel, g)
         if site.mask is not None:
             self._unexpand_heads(site.mask, H)
-        for term, add in zip(site.bias_terms, site.bias_adds):  # per-head position bias: the kept heads' rows
+        # per-head score terms: position biases (added) and sink columns (concatenated): the kept heads' rows
+        for term, add in [*zip(site.bias_terms, site.bias_adds), *((t, site.sink_concat) for t in site.sinks)]:
             if _folded_term(site, term) and term.shape.dims[0] != 1:
                 gather_heads(self.e, term, self._head_index(sel, g), H, reader=add)
             elif not _folded(site) and term.shape.rank() >= 3 and term.shape.dims[term.shape.rank() - 3] != 1:

@@ -38,6 +38,7 @@ from spatten_compiler.schedule import check_schedule, spatten_schedule
 
 from .attention_trace import is_weight, quantized_projection
 from .find_attention import AttentionSite, find_attention
+from .score_sink import rebroadcast_sinks
 from .spatten_ops import DOMAIN, ensure_functions
 from .token_positions import (
     check_term,
@@ -393,7 +394,7 @@ class _Rewrite:
         self.model, self.sites, self.ratios, self.opts = model, sites, ratios, opts
         self.importance = IMPORTANCE[opts.importance]
         self.decoder = any(s.mask_kind.startswith("causal") for s in sites)
-        self.site_terms = {id(v) for s in sites for v in (s.mask, *s.bias_terms) if v is not None}
+        self.site_terms = {id(v) for s in sites for v in (s.mask, *s.bias_terms, *s.sinks) if v is not None}
         ensure_functions(model, [self.importance, "TokenSelect", "GatherTokens", "ScatterTokens", "GatherRows"])
 
     def call(self, name: str, *inputs: ir.Value, outputs: int = 1):
@@ -432,6 +433,8 @@ class _Rewrite:
                 self._rebind_seq_shapes([n for n in full_region if id(n) not in post], x,
                                         static=_static_len(site.layer_input))
                 self._replace_mask(site, self.valid, full_region, x)
+                if site.sinks:
+                    rebroadcast_sinks(e, site.sinks, site.sink_concat)
             elif self._compact_mask(site, mask_input):
                 self._replace_mask(site, self.valid, [], x)
             if any(r < q for r, q in zip(self.ratios[site.layer + 1:], self.ratios[site.layer:])):

@@ -13,6 +13,9 @@ from the Softmax input to the score MatMul through :data:`CHAIN` ops:
     Max/Min/Clip(scores, c)   # clamping by a scalar (XGLM's max(scores, finfo.min))
     Reshape                   # [B*H, S, S] -> [B, H, S, S]: heads folded into the batch axis (BLOOM,
                               # DeBERTa-v2 use 3-D bmm); found, tagged layout=folded, and not rewritten
+    Sub(x, ReduceMax(x, -1))  # the row max: softmax is invariant to it (GPT-OSS), carried along
+    Concat(scores, sink)      # learned sink columns on the key axis, sliced off P after the Softmax
+                              # (GPT-OSS; :mod:`.score_sink`)
 
 An ``Add`` continues on the input that itself reaches the score MatMul through these ops; the other
 input is a term. A term is the *mask* when it is built from no float tensor other than scalars (masks
@@ -27,11 +30,14 @@ from typing import Any
 
 import onnx_ir as ir
 
-from spatten_compiler.match import NoMatch, const_array, is_const
+from spatten_compiler.match import NoMatch, const_array, is_const, match
+
+from .attention_patterns import MASKED
+from .score_sink import row_max_shift, sink_concat, sink_slice
 
 PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape"})
 CLAMPS = frozenset({"Max", "Min", "Clip"})
-CHAIN = frozenset({"Add", "Mul", "Div", "Where", *PASS_THROUGH, *CLAMPS})
+CHAIN = frozenset({"Add", "Mul", "Div", "Where", "Sub", "Concat", *PASS_THROUGH, *CLAMPS})
 FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
@@ -96,6 +102,8 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
     biases: list[ir.Value] = []
     bias_adds: list[ir.Node] = []
     where: ir.Node | None = None
+    sink: dict[str, Any] = {}
+    nonlinear = False  # a Tanh/clamp seen (nearer the Softmax): a row shift before it is not a no-op
     for _ in range(24):
         node = value.producer()
         if node is None:
@@ -120,10 +128,36 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
             found["mask_variant"] += "+bias" if biases else ""
             found["scale_variant"] += "+softcap" if capped else ""
             found["folded"] = folded
+            found.update(sink)
             return found
         op = node.op_type
         if op not in CHAIN:
             return NoMatch(f"{op} '{node.name}' between the score MatMul and Softmax")
+        nonlinear |= op in CLAMPS or op == "Tanh"
+        if op == "Sub":  # x - rowmax(x): softmax(x - m) == softmax(x)
+            why = row_max_shift(node)
+            if why is None and nonlinear:
+                why = f"Sub '{node.name}' shifts the scores before a non-linear op (not a softmax no-op)"
+            if why is not None:
+                return NoMatch(why)
+            value = node.inputs[0]
+            continue
+        if op == "Concat":
+            data = [i for i in node.inputs if _reaches_scores(i)]
+            if len(data) != 1 or sink or masks or biases or where is not None or scale_node is not None:
+                return NoMatch(f"Concat '{node.name}' is not one set of sink columns joined to the finished scores")
+            terms = sink_concat(node, data[0])
+            if isinstance(terms, NoMatch):
+                return terms
+            cut = sink_slice(softmax, terms[1])
+            if isinstance(cut, NoMatch):
+                return cut
+            sink = {"sink": terms[0], "sink_concat": node, "sink_slice": cut, "sink_variant": terms[1]}
+            value = data[0]
+            core = match(MASKED, value)  # the scores below the sink as CORE has them (GPT-2's causal Where + mask)
+            if core and (core.get("mask_variant") != "additive" or is_mask_term(core["mask"])):
+                return {**core, **sink, "folded": False}
+            continue
         if op in CLAMPS:  # Max(scores, finfo.min) and the like: element-wise, carried along
             data = [i for i in node.inputs if _reaches_scores(i)]
             rest = [i for i in node.inputs[1:] if i is not None and i not in data] if op == "Clip" else \

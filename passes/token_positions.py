@@ -70,6 +70,9 @@ def own_region(start: ir.Value, end: ir.Value | None) -> list[ir.Node]:
     return [n for n in layer_region(start, end) if id(n) not in later]
 
 
+POSITION_OPS = frozenset({"Range", "CumSum", "Trilu", "EyeLike"})  # ops that make values differ by position
+
+
 def reaches(value: ir.Value, target: ir.Value, limit: int = 600) -> bool:
     """True if ``target`` is an ancestor of ``value`` (through shape reads)."""
     seen: set[int] = set()
@@ -214,6 +217,23 @@ def _is_score_term(node: ir.Node, value: ir.Value) -> bool:
     return any(i is not value and _reaches_scores(i) for i in node.inputs[node.op_type == "Where":])
 
 
+def _sized_inside(nodes: list[ir.Node], inputs: list[ir.Value], inside: set[int], pruned: ir.Value) -> bool:
+    """A float built from no graph input, no position op and no float table (scalars only), just from the
+    shapes of the layer's own values (``ConstantOfShape(Shape(router_logits))``): the same at every
+    position, its size the pruned length - nothing to gather. A table sliced to that length is not."""
+    shapes = [n for n in nodes if n.op_type in ("Shape", "Size")]
+    tables = [i for n in nodes if n.op_type not in ("Shape", "Size") for i in n.inputs
+              if i is not None and i.dtype in FLOATS and (i.producer() is None or i.producer().op_type == "Constant")
+              and _size(i) != 1]
+    return (not inputs and bool(shapes) and not tables and not any(n.op_type in POSITION_OPS for n in nodes)
+            and all(id(n.inputs[0]) in inside or n.inputs[0] is pruned for n in shapes))
+
+
+def _size(value: ir.Value) -> int | None:
+    dims = value.shape.dims if value.shape is not None else None
+    return None if dims is None or not all(isinstance(d, int) for d in dims) else int(np.prod(dims, dtype=np.int64))
+
+
 def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned: ir.Value,
                       graph: ir.Graph, mask_source: str | None) -> list[tuple[ir.Value, tuple[int, ...], int]]:
     """(value, token axes, lift) of every position-indexed float the layer reads from outside itself;
@@ -237,6 +257,8 @@ def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned:
                 continue  # computed from constants only: not indexed by position
             if any(i.name not in allowed for i in inputs):
                 continue  # computed from the hidden state: not a position table (e.g. prune-heads' kept weights)
+            if _sized_inside(nodes, inputs, inside, pruned):
+                continue  # zeros_like of an in-layer value (an MoE router's scores): follows the kept length
             if v.shape is None or v.shape.rank() < 2:
                 continue  # a scalar or per-channel value
             axes = _token_axes(v, _is_score_term(node, v))

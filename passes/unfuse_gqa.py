@@ -9,6 +9,7 @@ repeat by Unsqueeze/Expand/Reshape, an additive causal bias before the Softmax):
         present  = Concat(past, k | v, axis 2)                        T = past + S
         scores   = MatMul(q, Transpose(repeat(present_k))) * scale   [softcap: c * tanh(scores / c)]
         Y        = MatMul(Softmax(scores + causal(T - S), -1), repeat(present_v)) -> [B, S, N*H]
+        [head_sink / smooth_softmax: P = Softmax(Concat(s, sink) - rowmax)[..., :-1], sink 0 for smooth]
     RotaryEmbedding(x, position_ids, cos, sin; interleaved=0) -> the same RoPE on [B, S, n, H] or [B, n, S, H]
 
 Positions: GQA computes them inside (``seqlens_k + 1 - S + s``, seqlens_k = the mask's sum - 1); the
@@ -20,7 +21,7 @@ spattenc feeds a cache. genai's shared past/present buffer (``past_present_share
 max_length with the length in seqlens_k) and right-padded batches are GQA layouts this form does not
 express: run the decomposed model with ``past_present_share_buffer: false``. Refused with the reason:
 interleaved rotary, a local window with a past buffer (not exact after eviction either),
-attention_bias, head_sink, smooth_softmax, qk output, and packed batching.
+attention_bias, a head_sink that is not a constant, qk output, and packed batching.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import onnx_ir as ir
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import OptionError
+from spatten_compiler.match import const_array
 
 MIN = float(np.finfo(np.float32).min)
 I64 = ir.DataType.INT64
@@ -119,6 +121,20 @@ def _causal(e: GraphEditor, q_len: ir.Value, total: ir.Value, window: int) -> ir
     return e.op("Where", [ok, e.const("zero", np.float32(0)), e.const("min", np.float32(MIN))])
 
 
+def _sink_softmax(e: GraphEditor, scores: ir.Value, sink: np.ndarray) -> ir.Value:
+    """GQA's head_sink / smooth_softmax as GPT-OSS's eager attention writes it (the form discovery reads,
+    :mod:`.score_sink`): each head's sink logit a column beside the scores, the row max subtracted,
+    the column sliced off the probabilities."""
+    shape = e.op("Concat", [e.op("Shape", [scores], start=0, end=3), _i64(e, "one", [1])], axis=0)
+    column = e.op("Expand", [e.const("head_sink", sink.astype(np.float32).reshape(1, -1, 1, 1)), shape])
+    combined = e.op("Concat", [scores, column], axis=-1)
+    row_max = (e.op("ReduceMax", [combined, _i64(e, "axis", [-1])], keepdims=1)
+               if e.model.opset_imports.get("", 0) >= 18 else e.op("ReduceMax", [combined], axes=[-1], keepdims=1))
+    shifted = e.op("Sub", [combined, row_max])
+    return e.op("Slice", [e.op("Softmax", [shifted], axis=-1), _i64(e, "zero", [0]), _i64(e, "last", [-1]),
+                          _i64(e, "axis", [-1])])
+
+
 def _split_packed(e: GraphEditor, qkv: ir.Value, widths: list[int]) -> tuple[ir.Value, ...]:
     """q, k, v from the packed projection: three MatMuls over the weight's column blocks when it is
     a plain constant MatMul (so head pruning can slice each), else a Split of its output."""
@@ -137,14 +153,14 @@ def _split_packed(e: GraphEditor, qkv: ir.Value, widths: list[int]) -> tuple[ir.
 def group_query_attention(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
     a = node.attributes
     n, kv = a.get_int("num_heads", 0), a.get_int("kv_num_heads", 0)
-    for i, what in ((10, "attention_bias"), (11, "head_sink")):
-        if _in(node, i) is not None:
-            raise _refuse(node, f"input {what} is not decomposed")
+    if _in(node, 10) is not None:
+        raise _refuse(node, "input attention_bias is not decomposed")
+    sink = _in(node, 11)
+    if sink is not None and const_array(sink) is None:
+        raise _refuse(node, "a head_sink computed at run time is not decomposed (a parameter is)")
     qk_used = len(node.outputs) > 3 and bool(node.outputs[3].uses())
-    # onnxruntime writes every attribute of a model it saves, smooth_softmax=-1 ("unset") included: only a
-    # positive value turns it on (its kernels test == 1)
-    if a.get_int("smooth_softmax", 0) > 0 or a.get_int("qk_output", 0) > 0 or qk_used:
-        raise _refuse(node, "smooth_softmax / qk output are not decomposed")
+    if a.get_int("qk_output", 0) or qk_used:
+        raise _refuse(node, "qk output is not decomposed")
     if a.get_int("rotary_interleaved", 0):
         raise _refuse(node, "interleaved rotary is not decomposed (only rotate-half)")
     query, key, value, past_k, past_v = (_in(node, i) for i in range(5))
@@ -188,7 +204,13 @@ def group_query_attention(e: GraphEditor, node: ir.Node) -> list[ir.Value | None
     s_len = e.op("Shape", [q], start=2, end=3)
     t_len = e.op("Shape", [present_k], start=2, end=3)
     bias = _causal(e, e.op("Squeeze", [s_len]), e.op("Squeeze", [t_len]), window)
-    probs = e.op("Softmax", [e.op("Add", [scores, bias])], axis=-1)
+    scores = e.op("Add", [scores, bias])
+    # a sink logit per head (smooth softmax: 0). onnxruntime writes every attribute of a model it saves,
+    # smooth_softmax=-1 ("unset") included: only a positive value turns it on (its kernels test == 1)
+    if sink is not None or a.get_int("smooth_softmax", 0) > 0:
+        probs = _sink_softmax(e, scores, const_array(sink) if sink is not None else np.zeros(n, np.float32))
+    else:
+        probs = e.op("Softmax", [scores], axis=-1)
     y = e.op("MatMul", [probs, _repeat(e, present_v, kv, n // kv, h)])
     out = e.op("Reshape", [e.op("Transpose", [y], perm=[0, 2, 1, 3]), _i64(e, "bsd", [0, 0, n * h])])
     return [out, present_k, present_v]

@@ -1,7 +1,8 @@
 """Tiny hand-built attention layers for the structural discovery cases of issue #16: per-head
 transforms of q/k (RMS norm, partial and interleaved rotary), additive position terms on the scores
-(relative-position buckets, ALiBi), a training-mode Dropout, and negatives (a transform that mixes
-heads or projections, scores scaled by a tensor).
+(relative-position buckets, ALiBi), learned attention sinks (GPT-OSS: a per-head column concatenated to the
+scores, the row max subtracted, the column sliced off the probabilities), a training-mode Dropout, and
+negatives (a transform that mixes heads or projections, scores scaled by a tensor).
 
 ``build(...)`` returns a model of one layer on ``x`` [B, S, D] with padding ``mask`` [B, S] (int64)
 and output ``y`` (the residual stream after the output projection).
@@ -18,9 +19,11 @@ N = helper.make_node
 
 
 def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "",
-          rope_table: bool = False) -> onnx.ModelProto:
+          rope_table: bool = False, sink: str = "none") -> onnx.ModelProto:
     """qk: plain | norm | norm_full | partial_rope | interleaved_rope; bias: none | buckets | alibi;
-    negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens | token_prefix."""
+    sink: none | after | before (the sink column's side of the scores);
+    negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens | token_prefix |
+    activation_sink | shift_not_max | slice_keeps_sink."""
     rng = np.random.default_rng(0)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -144,8 +147,8 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
               N("Sub", [c("one", np.float32(1)), "maskf"], ["inv"]),
               N("Mul", ["inv", c("neg", np.float32(-1e4))], ["add2d"]),
               N("Unsqueeze", ["add2d", c("mu", [1, 2])], ["add4d"]),
-              N("Add", [scores, "add4d"], ["masked"]),
-              N("Softmax", ["masked"], ["probs"], axis=-1)]
+              N("Add", [scores, "add4d"], ["masked"])]
+    nodes.append(N("Softmax", ["masked"], ["probs"], axis=-1))
     probs = "probs"
     if dropout:
         nodes.append(N("Dropout", ["probs", c("ratio", np.float32(0.1)), c("training", np.bool_(True))], ["dropped"]))
@@ -163,7 +166,48 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
-    return model
+    return model if sink == "none" else with_sink(model, before=sink == "before", negative=negative)
+
+
+def with_sink(proto: onnx.ModelProto, heads: int = H, before: bool = False, negative: str = "") -> onnx.ModelProto:
+    """GPT-OSS eager attention in place of ``Softmax(s) -> probs``: a learned per-head logit broadcast
+    to ``[B, H, S, 1]`` (its shape read from the graph input ``x``, as dynamo reads
+    ``attention_mask``'s), concatenated to the scores, the row max subtracted, softmax, the sink column
+    sliced off: ``probs`` rows sum to less than 1."""
+    g = proto.graph
+    softmax = next(n for n in g.node if n.op_type == "Softmax" and n.output[0] == "probs")
+    at, scores = list(g.node).index(softmax), softmax.input[0]
+    g.node.remove(softmax)
+
+    def c(name: str, array) -> str:
+        g.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    column = "sink_cols"
+    sinks = np.random.default_rng(7).standard_normal((1, heads, 1, 1)).astype(np.float32)
+    nodes = [N("Shape", ["x"], ["sk_b"], start=0, end=1), N("Shape", ["x"], ["sk_s"], start=1, end=2),
+             N("Concat", ["sk_b", c("sk_h", [heads]), "sk_s", c("sk_1", [1])], ["sk_shape"], axis=0),
+             N("Expand", [c("sinks", sinks), "sk_shape"], [column])]
+    if negative == "activation_sink":  # a column computed from the scores' rows: not a parameter
+        nodes.append(N("ReduceMean", [scores, c("sk_ax", [-1])], ["v_col"], keepdims=1))
+        nodes.append(N("Cos", ["v_col"], ["v_cos"]))
+        column = "v_cos"
+    pieces = [column, scores] if before else [scores, column]
+    reduce = "ReduceMean" if negative == "shift_not_max" else "ReduceMax"
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    nodes += [N("Concat", pieces, ["combined"], axis=-1),
+              N(reduce, ["combined", c("mx_ax", [-1])], ["row_max"], keepdims=1) if opset >= 18 else
+              N(reduce, ["combined"], ["row_max"], keepdims=1, axes=[-1]),  # axes an attribute before opset 18
+              N("Sub", ["combined", "row_max"], ["shifted"]),
+              N("Softmax", ["shifted"], ["probs_all"], axis=-1)]
+    start, end = ([1], [2**62]) if before else ([0], [-1])
+    if negative == "slice_keeps_sink":
+        start, end = [0], [2**62]
+    nodes.append(N("Slice", ["probs_all", c("sl_0", start), c("sl_1", end), c("sl_ax", [-1])], ["probs"]))
+    for i, node in enumerate(nodes):
+        node.name = node.output[0]
+        g.node.insert(at + i, node)
+    return proto
 
 
 def feeds(batch: int = 2, seq: int = 5) -> dict[str, np.ndarray]:

@@ -3,7 +3,8 @@
 Committed fixtures (``models/optimum/``, tiny random weights, made with ``models/_optimum.py
 --fixture`` under optimum-onnx 0.1.0 / transformers 4.57, each checked against torch): the legacy
 merged decoders (``decoder_model_merged.onnx``: one ``If`` on ``use_cache_branch``) of GPT-2 and
-Llama, Llama without a cache, a BERT feature-extraction ``model.onnx`` and CLIP's vision tower.
+Llama, Llama without a cache, a BERT feature-extraction ``model.onnx``, CLIP's vision tower, and GPT-OSS
+(learned attention sinks, MoE, a sliding window of 4) without and with a cache.
 ``<merged>.npz`` feeds the cache branch (a 3-token past), ``<merged>.prompt.npz`` the first-step
 branch (empty past).
 """
@@ -147,3 +148,40 @@ def test_rotary_tables_computed_from_positions(name: str, tmp_path: Path) -> Non
         out = tmp_path / "out.onnx"
         assert main([str(src), "-o", str(out), "--kv-bits", "none", "-q", *flags]) == 0
         np.testing.assert_allclose(run(out, feeds)["logits"], want, atol=1e-5)
+
+
+def test_gpt_oss_sinks_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """GPT-OSS (transformers 4.57, MoE, sliding window 4, learned sinks): each layer's sink column is
+    found beside the scores (the router's Softmax is not taken); token pruning re-broadcasts the sink to
+    the kept tokens and ranks them by P after the sink slice; head pruning slices the per-head sinks.
+    Keep 1.0 / all tokens selected are exact; at 0.5 onnxruntime equals the reference runtime."""
+    from spatten_compiler.runtime.reference import ReferenceRuntime
+
+    src, feeds = OPTIMUM / "gpt_oss_optimum.onnx", dict(np.load(OPTIMUM / "gpt_oss_optimum.npz"))
+    sites = inspect(str(src))
+    assert [(s.num_heads, s.num_kv_heads, s.head_dim, s.variant.get("sink")) for s in sites] == [
+        (4, 2, 16, "after")] * 2
+    assert main(["inspect", str(src)]) == 0 and capsys.readouterr().out.count("after/additive +sink") == 2
+    want = run(src, feeds)["logits"]
+    for args in (["--token-keep-schedule", "1,0.999"], ["--head-keep", "1.0"], ["--token-keep-schedule", "1,0.5"],
+                 ["--head-keep", "0.5"]):
+        out = tmp_path / "out.onnx"
+        assert main([str(src), "-o", str(out), *args, "--token-min-keep", "1", "--kv-bits", "none", "-q"]) == 0
+        got = run(out, feeds)["logits"]
+        if args[1] in ("1,0.999", "1.0"):
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=str(args))
+        elif args[1] == "1,0.5":
+            np.testing.assert_allclose(ReferenceRuntime(str(out)).run(feeds).outputs["logits"], got, atol=1e-4)
+        assert got.shape == want.shape and np.isfinite(got).all()
+
+
+def test_gpt_oss_sinks_cache(tmp_path: Path) -> None:
+    """The with-past export: evict-kv at budget 1.0 equals it (the sliding layer's cache keeps its last
+    W - 1 slots, which the export's full present holds), K/V quantization and the preset run."""
+    from bench.coverage import evict_full, kv
+
+    src, feeds = OPTIMUM / "gpt_oss_optimum_kv.onnx", dict(np.load(OPTIMUM / "gpt_oss_optimum_kv.npz"))
+    ok, why = evict_full(src, feeds, tmp_path)
+    assert ok and "windowed presents" in why, why
+    ok, why = kv(src, feeds, tmp_path)
+    assert ok, why

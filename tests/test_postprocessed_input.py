@@ -148,13 +148,18 @@ def test_ort_saved_builder_model_compiles(tmp_path, capsys) -> None:
                                    helper.make_attribute("qk_output", 0)])
     saved = tmp_path / "saved.onnx"
     onnx.save(model, str(saved))
+    from bench.coverage import _read
+    from spatten_compiler.passes.find_attention import find_attention
+
+    sites = find_attention(_read(saved)).sites  # -1 is not smooth softmax: no sink column
+    assert len(sites) == 2 and not any(s.variant.get("sink") for s in sites)
     out = tmp_path / "out.onnx"
     assert main([str(saved), "-o", str(out)]) == 0
     assert "preset default for a decoder (KV cache)" in capsys.readouterr().err
 
 
 def test_refused_fused_op_is_one_line_and_writes_nothing(tmp_path, capsys) -> None:
-    """A GroupQueryAttention spattenc does not decompose (smooth softmax on), after ops it did unfuse
+    """A GroupQueryAttention spattenc does not decompose (interleaved rotary), after ops it did unfuse
     (SkipSimplifiedLayerNormalization): one line, exit code 2, no output file (it was an internal error
     on a graph left half-edited)."""
     from spatten_compiler.cli import main
@@ -165,14 +170,16 @@ def test_refused_fused_op_is_one_line_and_writes_nothing(tmp_path, capsys) -> No
     model = onnx.load(str(src))
     for node in model.graph.node:
         if node.op_type == "GroupQueryAttention":
-            node.attribute.append(helper.make_attribute("smooth_softmax", 1))
+            kept = [a for a in node.attribute if a.name != "rotary_interleaved"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("rotary_interleaved", 1)])
     assert any(n.op_type == "SkipSimplifiedLayerNormalization" for n in model.graph.node)
-    path = tmp_path / "smooth.onnx"
+    path = tmp_path / "interleaved.onnx"
     onnx.save(model, str(path))
     out = tmp_path / "out.onnx"
     assert main([str(path), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "smooth_softmax" in err and "\n" not in err and not out.exists()
+    assert "interleaved rotary" in err and "\n" not in err and not out.exists()
 
 
 def test_folded_heads_score_view_merged_by_the_tools(tmp_path) -> None:

@@ -1,7 +1,8 @@
 """prune-tokens beyond plain encoders (issue #16): position terms on the scores, RoPE, decoder prompts
-(causal mask, last token kept), a layer scale and a parallel residual, on two-layer hand-built graphs
-and on the corpus (``corpus`` marker). Checks: all tokens selected == the input model; keep < 1:
-onnxruntime == reference runtime and the kept set == a NumPy computation of the rule."""
+(causal mask, last token kept), a layer scale and a parallel residual, attention sinks (GPT-OSS),
+on two-layer hand-built graphs and on the corpus (``corpus`` marker). Checks: all tokens selected ==
+the input model; keep < 1: onnxruntime == reference runtime and the kept set == a NumPy computation of
+the rule."""
 
 from __future__ import annotations
 
@@ -273,8 +274,14 @@ CASES = {
     "static_views": lambda: _static_views(structural_graphs.build()),
     "folded": _folded,
     "folded_alibi": lambda: _folded(alibi=True),
+    # GPT-OSS: a learned sink column concatenated to the scores, sliced off P; its broadcast shape reads
+    # the graph input's length (re-broadcast to the kept tokens)
+    "sinks": lambda: structural_graphs.build(sink="after"),
+    "sinks_before": lambda: structural_graphs.build(sink="before"),
+    "llama_sinks": lambda: structural_graphs.with_sink(
+        _llama(attention_graphs.build(mask="causal+additive", rope=True, kv_heads=1))),
 }
-DECODER = {"decoder", "decoder_rope", "llama"}
+DECODER = {"decoder", "decoder_rope", "llama", "llama_sinks"}
 
 
 def _compile(proto: onnx.ModelProto, tmp_path, name: str = "o", **opts) -> str:
@@ -469,6 +476,43 @@ def test_term_from_the_pruned_length_is_refused(tmp_path) -> None:
     for proto in (structural_graphs.build(bias="buckets"), structural_graphs.build(qk="partial_rope")):
         with pytest.raises(OptionError, match="computed from the pruned layer input's length"):
             _compile(stack(proto, shared_positions=False), tmp_path, schedule=(1.0, 0.5))
+
+
+def _sliced_table(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """y += table[:S] with S read from the layer's own input: a learned position table cut to its length."""
+    g = proto.graph
+    last = next(n for n in g.node if n.output[0] == "y")
+    last.output[0] = "y_no_table"
+    table = np.random.default_rng(6).standard_normal((64, structural_graphs.D)).astype(np.float32)
+    g.initializer.extend([numpy_helper.from_array(table, "pos_table"),
+                          numpy_helper.from_array(np.array([0], np.int64), "tb_0")])
+    g.node.extend([helper.make_node("Shape", ["x"], ["tb_s"], start=1, end=2, name="tb_s"),
+                   helper.make_node("Slice", ["pos_table", "tb_0", "tb_s", "tb_0"], ["tb_rows"], name="tb_rows"),
+                   helper.make_node("Add", ["y_no_table", "tb_rows"], ["y"], name="tb_add")])
+    return proto
+
+
+def test_shape_only_zeros_follow_the_pruned_length_a_sliced_table_not(tmp_path) -> None:
+    """``zeros_like`` of an in-layer value (MoE routers, X-MOD) is the same at every position: layer 1
+    prunes; a position table sliced to the layer's own (pruned) length would be rows 0..k-1: refused."""
+    proto = _sliced_table(structural_graphs.build())
+    with pytest.raises(OptionError, match="computed from the pruned layer input's length"):
+        _compile(stack(proto, shared_positions=False), tmp_path, schedule=(1.0, 0.5))
+    g = proto.graph  # the table replaced by zeros of the layer's own shape
+    rows = next(n for n in g.node if n.name == "tb_rows")
+    g.node.remove(rows)
+    g.node.insert(list(g.node).index(next(n for n in g.node if n.name == "tb_add")), helper.make_node(
+        "ConstantOfShape", ["tb_shape"], ["tb_rows"], name="tb_rows", value=helper.make_tensor("z", TensorProto.FLOAT,
+                                                                                             [1], [0.0])))
+    g.node.insert(0, helper.make_node("Shape", ["x"], ["tb_shape"], name="tb_shape"))
+    feeds = _feeds()
+    proto2 = stack(proto, shared_positions=False)
+    got = _run(_compile(proto2, tmp_path, schedule=(1.0, 0.999)), _feeds(pad=False))
+    np.testing.assert_allclose(got["l1_y"], _run(proto2, _feeds(pad=False))["l1_y"], atol=1e-5, rtol=0)
+    path = _compile(proto2, tmp_path, schedule=(1.0, 0.5))
+    got = _run(path, feeds)
+    for k, v in ReferenceRuntime(path).run(feeds).outputs.items():
+        np.testing.assert_allclose(got[k], v, atol=1e-4, rtol=0, err_msg=k)
 
 
 def test_kv_cache_points_to_evict_kv(tmp_path) -> None:

@@ -1,5 +1,6 @@
 """Structural discovery (issue #16) on tiny hand-built layers: per-head q/k transforms, additive
-position terms, training-mode Dropout (positive and negative cases, no torch), and the corpus
+position terms, learned attention sinks (GPT-OSS), training-mode Dropout (positive and negative cases,
+no torch), and the corpus
 (``corpus`` marker: models/cache/corpus from models/corpus.py, skipped when absent)."""
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def test_structural_site_found(kw: dict) -> None:
 
 
 @pytest.mark.parametrize("kw", [dict(qk="norm"), dict(qk="partial_rope"), dict(qk="interleaved_rope"),
-                                dict(bias="buckets"), dict(bias="alibi")], ids=lambda kw: next(iter(kw.values())))
+                                dict(bias="buckets"), dict(bias="alibi"), dict(sink="after"), dict(sink="before")],
+                         ids=lambda kw: "=".join(next(iter(kw.items()))))
 def test_head_slice_exact_through_transform(kw: dict, tmp_path: Path) -> None:
-    """Head 0 sliced out of the weights (and out of a per-head position bias) == the input model with
-    head 0's output rows zeroed."""
+    """Head 0 sliced out of the weights (and out of a per-head position bias or sink column) == the
+    input model with head 0's output rows zeroed."""
     from bench.coverage import heads
 
     path = tmp_path / "m.onnx"
@@ -70,6 +72,9 @@ def test_head_slice_exact_through_transform(kw: dict, tmp_path: Path) -> None:
     (dict(negative="gather_tokens"), "gathers from the projected values"),
     (dict(negative="tensor_scale"), "scales the scores by something other than a scalar"),
     (dict(dropout=True), "Dropout"),
+    (dict(sink="after", negative="activation_sink"), "joins the scores with columns computed from activations"),
+    (dict(sink="after", negative="shift_not_max"), "subtracts something other than the row max"),
+    (dict(sink="after", negative="slice_keeps_sink"), "does not drop exactly the sink columns"),
 ])
 def test_structural_refusals_name_the_reason(kw: dict, reason: str) -> None:
     report = _find(build(**kw))
@@ -77,6 +82,38 @@ def test_structural_refusals_name_the_reason(kw: dict, reason: str) -> None:
     assert len(report.rejected) == 1
     got = report.rejected[0][1]
     assert reason.split("'")[0] in got, got
+
+
+@pytest.mark.parametrize("side", ["after", "before"])
+def test_sink_site_found(side: str) -> None:
+    """GPT-OSS: Concat(scores, sink) on the key axis, the row max subtracted, the sink column sliced off
+    the probabilities. The site's P is after that slice (rows sum to < 1), the sink is recorded, and the
+    output equals the same layer computed in NumPy."""
+    proto = build(sink=side)
+    report = _find(proto)
+    assert len(report.sites) == 1 and not report.rejected, report.rejected
+    s = report.sites[0]
+    assert (s.num_heads, s.num_kv_heads, s.head_dim) == (H, H, DH)
+    assert s.variant == {"scale": "after", "mask": "additive", "sink": side}
+    assert len(s.sinks) == 1 and s.sink_concat is not None and s.to_dict()["sinks"] == [s.sinks[0].name]
+    assert s.probs.name == "probs" and s.probs.producer().op_type == "Slice"
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info("probs"))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    probs = sess.run(["probs"], feeds())[0]
+    sinks = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "sinks"))
+    rows = probs.sum(-1)
+    np.testing.assert_allclose(rows, 1 / (1 + np.exp(sinks.reshape(1, H, 1)) / _row_mass(proto)), rtol=1e-5)
+
+
+def _row_mass(proto: onnx.ModelProto) -> np.ndarray:
+    """sum_j exp(masked scores): the softmax denominator without the sink."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info("masked"))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.exp(sess.run(["masked"], feeds())[0].astype(np.float64)).sum(-1)
 
 
 def test_token_pruning_refuses_a_transform_that_sets_tokens_apart() -> None:

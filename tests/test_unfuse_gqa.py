@@ -24,7 +24,8 @@ SHAPES = [(2, 0, 5), (1, 3, 1), (2, 4, 1), (1, 4, 3)]  # (batch, past, new): GQA
 
 
 def _gqa_model(packed: bool = True, rotary: int = H, softcap: float = 0.0, window: int = -1, past: bool = True,
-               interleaved: int = 0, h: int = H) -> onnx.ModelProto:
+               interleaved: int = 0, h: int = H, sink: str = "") -> onnx.ModelProto:
+    """``sink``: "" | head_sink (a per-head sink logit, GPT-OSS) | smooth (smooth_softmax: sink 0)."""
     H = h  # noqa: N806 - the head size of this model
     f, i32 = TensorProto.FLOAT, TensorProto.INT32
     ins = ([helper.make_tensor_value_info("qkv", f, ["B", "S", (N + 2 * KV) * H])] if packed else
@@ -42,9 +43,12 @@ def _gqa_model(packed: bool = True, rotary: int = H, softcap: float = 0.0, windo
     node = helper.make_node(
         "GroupQueryAttention", ["qkv", "", ""] if packed else ["q", "k", "v"], ["y", "present_k", "present_v"],
         domain="com.microsoft", num_heads=N, kv_num_heads=KV, do_rotary=int(bool(rotary)), softcap=softcap,
-        local_window_size=window, rotary_interleaved=interleaved)
+        local_window_size=window, rotary_interleaved=interleaved, smooth_softmax=int(sink == "smooth"))
     node.input.extend(["past_k", "past_v"] if past else ["", ""])
     node.input.extend(["seqlens_k", "total", *rot])
+    if sink == "head_sink":
+        node.input.extend([""] * (11 - len(node.input)) + ["head_sink"])
+        inits.append(numpy_helper.from_array(np.array([0.5, -1.0, 2.0, 0.0], np.float32), "head_sink"))
     outs = [helper.make_tensor_value_info("y", f, ["B", "S", N * H]),
             helper.make_tensor_value_info("present_k", f, ["B", KV, "T", H]),
             helper.make_tensor_value_info("present_v", f, ["B", KV, "T", H])]
@@ -81,10 +85,15 @@ def _assert_same(src, out, feeds, atol=1e-5):
 
 
 @pytest.mark.parametrize("variant", [
-    {}, {"packed": False}, {"rotary": 16, "h": 32}, {"rotary": 0}, {"softcap": 5.0}])
+    {}, {"packed": False}, {"rotary": 16, "h": 32}, {"rotary": 0}, {"softcap": 5.0}, {"sink": "head_sink"},
+    {"sink": "smooth"}])
 def test_gqa_decomposed_equals_onnxruntime(tmp_path, variant) -> None:
+    """head_sink / smooth_softmax become a sink column beside the scores (GPT-OSS's form): found as such."""
     src, out, model = _unfused(_gqa_model(**variant), tmp_path)
     assert not any(n.domain == "com.microsoft" for n in model.graph)
+    if "sink" in variant:
+        Normalize()(model)
+        assert [s.variant.get("sink") for s in find_attention(model).sites] == ["after"]
     for b, p, s in SHAPES:
         _assert_same(src, out, _feeds(b, p, s, variant.get("packed", True), variant.get("h", H)))
 

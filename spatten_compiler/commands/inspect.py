@@ -56,6 +56,7 @@ def render_table(report: AttentionReport) -> str:
         c = site_costs(s)
         form = s.to_dict()["kind"] if s.fused is not None else f"{s.variant['scale']}/{s.variant['mask']}"
         packed = " packed" if s.q is not None and s.q.packed is not None else ""
+        packed += " +sink" if s.sinks else ""  # learned sink columns beside the scores (GPT-OSS)
         rows.append([str(s.layer), str(s.num_heads), str(s.num_kv_heads), str(s.head_dim), s.mask_kind,
                      "yes" if s.rope else "-", "yes" if s.kv_cache else "-", form + packed,
                      _fmt(c["proj_flops_per_token"]), _fmt(c["attn_flops_per_token_per_ctx"]),
