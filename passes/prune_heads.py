@@ -81,6 +81,7 @@ from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
 from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, score_views
 from .prune_tokens import _reads_input_seq_len
+from .qdq import dequantized_weight, slice_dequantized, unsliceable_weight
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -160,8 +161,8 @@ def _unsliceable(proj: Projection) -> str | None:
         return "a per-column scale or zero point computed in the graph" if column_constants(proj.node) is None else None
     if op == "MatMulNBits":
         return "int4 blocks of MatMulNBits"
-    if producer is not None and producer.op_type == "DequantizeLinear":
-        return "QDQ blocks of DequantizeLinear"
+    if producer is not None and producer.op_type == "DequantizeLinear":  # QDQ: per tensor or per axis
+        return unsliceable_weight(proj.weight)
     return None if op in ("MatMul", "Gemm") else f"a {op} weight format"
 
 
@@ -402,7 +403,9 @@ class _Rewrite:
                axis: int, shape: list[int], rest: np.ndarray | None = None, cat_axis: int = 0) -> None:
         """``value`` viewed as ``units`` blocks, the ``sel`` ones along ``axis``, reshaped to ``shape``;
         ``rest`` (KV-cache packed QKV: the K/V columns) is appended unchanged along the last axis."""
-        if isinstance(sel, np.ndarray):
+        if isinstance(sel, np.ndarray) and dequantized_weight(value) is not None and rest is None:
+            out = slice_dequantized(self.e, value, lambda a: np.take(a.reshape(units), sel, axis=axis).reshape(shape))
+        elif isinstance(sel, np.ndarray):
             arr = np.take(const_array(value).reshape(units), sel, axis=axis).reshape(shape)
             if rest is not None:
                 arr = np.concatenate([arr, rest], axis=cat_axis)

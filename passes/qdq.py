@@ -1,0 +1,267 @@
+"""Static activation quantization (QDQ format) as annotations on float tensors.
+
+``onnxruntime.quantization.quantize_static`` (QDQ format: what Olive and the NPU / TensorRT / QNN
+toolchains produce) writes every activation as ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)``
+with a constant per-tensor scale and zero point: an elementwise function of ``x``, so a gather of token
+rows or a slice of heads commutes with it exactly. spattenc compiles such a model in float::
+
+    strip-qdq     x -> Q(s, z) -> DQ(s, z) -> uses   =>   x -> uses   (remembered: x -> s, z, dtype,
+                  in the model's metadata ``spatten.qdq``); weights (DequantizeLinear of a constant)
+                  stay as they are: the matchers read them as constants and prune-heads slices them
+    ... the compile's passes ...
+    restore-qdq   every remembered tensor that still exists gets its Q -> DQ back, after its producer
+                  (all uses and the graph output redirected); a tensor spattenc made by moving the
+                  data of a remembered one (the Gather of kept rows, a Reshape: :data:`DATA_MOVEMENT`)
+                  gets the same pair, exact because ``Q(T(DQ(q))) = T(q)``, so onnxruntime fuses the
+                  pruned layers' ``DQ -> MatMul -> Q`` into its int8 kernels as in the input model
+
+At keep 1.0 the output computes what the input does. Not pairs, left as they are: a Q whose
+quantized output another op reads, DQ and Q with different scales. Per-axis activation quantization
+is refused. The QOperator format (``QLinearMatMul``...) is rewritten into this form first
+(:mod:`passes.unfuse_qop`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from spatten_compiler.editor import GraphEditor
+from spatten_compiler.errors import OptionError
+from spatten_compiler.match import const_array
+from spatten_compiler.pipeline import Pass, PassResult, register_pass
+
+logger = logging.getLogger(__name__)
+META = "spatten.qdq"
+QOPERATOR = {("", "QLinearMatMul"), ("", "QLinearConv"), ("com.microsoft", "QLinearAdd"), ("com.microsoft", "QGemm")}
+SMALL = 64  # quantized constants up to this size (scalars: score scales, GELU's 0.5) are folded to float
+_RANGE = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127), ir.DataType.UINT16: (0, 65535),
+          ir.DataType.INT16: (-32768, 32767)}
+ONNX = ("", "ai.onnx")
+# op -> its data input: ops that only move elements, so Q(T(DQ(q))) = T(q) with the same scale and zero point
+DATA_MOVEMENT = {"Reshape": 0, "Transpose": 0, "Squeeze": 0, "Unsqueeze": 0, "Flatten": 0, "Gather": 0,
+                 "GatherElements": 0, "GatherND": 0, "Slice": 0, "Expand": 0, "Identity": 0, "Tile": 0}
+
+
+def _params(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(scale, zero point) of a Q or DQ node when both are constants, else None."""
+    scale = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    zp_value = node.inputs[2] if len(node.inputs) > 2 else None
+    zp = const_array(zp_value)
+    if scale is None or (zp_value is not None and zp is None):
+        return None
+    return scale, zp
+
+
+def _same(a: tuple[np.ndarray, np.ndarray | None], b: tuple[np.ndarray, np.ndarray | None]) -> bool:
+    (sa, za), (sb, zb) = a, b
+    zeros = (np.zeros(1, np.uint8) if z is None else z for z in (za, zb))
+    za, zb = zeros
+    return sa.dtype == sb.dtype and np.array_equal(sa.reshape(-1), sb.reshape(-1)) and za.dtype == zb.dtype and \
+        np.array_equal(za.reshape(-1), zb.reshape(-1))
+
+
+def _is_op(node: ir.Node | None, op: str) -> bool:
+    return node is not None and node.op_type == op and node.domain in ONNX
+
+
+def has_qdq(model: ir.Model) -> bool:
+    """The main graph quantizes a computed activation (QuantizeLinear of a non-constant)."""
+    return any((n.domain, n.op_type) in QOPERATOR for n in model.graph) or any(
+        _is_op(n, "QuantizeLinear") and n.inputs[0] is not None and n.inputs[0].const_value is None
+               and const_array(n.inputs[0]) is None for n in model.graph)
+
+
+def _qtype(q: ir.Node, zp: np.ndarray | None) -> ir.DataType:
+    """The quantized type: the zero point's, else ``output_dtype`` (opset 21), else uint8 (the default)."""
+    if zp is not None:
+        return ir.DataType.from_numpy(zp.dtype)
+    return ir.DataType(q.attributes.get_int("output_dtype", 0) or ir.DataType.UINT8)
+
+
+def _pair(q: ir.Node) -> tuple[list[ir.Node], dict] | str:
+    """The DequantizeLinears that undo ``q`` and the annotation, or why ``q`` is no activation pair."""
+    x, out = q.inputs[0], q.outputs[0]
+    small = const_array(x, max_elements=SMALL) if x is not None else None
+    if x is None or (small is None and (x.const_value is not None or const_array(x) is not None)):
+        return "quantizes a constant (a weight)"
+    params = _params(q)
+    if params is None:
+        return "scale or zero point is computed"
+    if params[0].size != 1 and small is None:
+        raise OptionError(f"QuantizeLinear '{q.name}': per-axis quantization of the activation {x.name} "
+                          f"(scale shape {list(params[0].shape)}); spattenc reads per-tensor activation scales only")
+    uses = [u.node for u in out.uses()]
+    if not uses or out.is_graph_output() or any(not _is_op(d, "DequantizeLinear") or d.inputs[0] is not out
+                                                 for d in uses):
+        return "its quantized output is read by other ops"
+    if any(_params(d) is None or not _same(params, _params(d)) for d in uses):
+        return "DequantizeLinear with another scale or zero point"
+    scale, zp = params
+    attrs = {k: a.value for k, a in q.attributes.items() if isinstance(a.value, int)}
+    if small is not None:  # a scalar the exporter made a Constant (the score scale): its quantized value
+        if scale.size != 1:
+            return "a constant quantized per axis"
+        if _qtype(q, zp) not in _RANGE:
+            return f"a constant quantized to {_qtype(q, zp)}"
+        qmin, qmax = _RANGE[_qtype(q, zp)]
+        zero = 0 if zp is None else int(zp.reshape(-1)[0])
+        quantized = np.clip(np.rint(small.astype(np.float32) / scale.reshape(())) + zero, qmin, qmax)
+        return uses, {"quantized": quantized.astype(np.int64).tolist(), "shape": list(small.shape),
+                      "scale": float(scale.reshape(-1)[0]), "scale_dtype": int(ir.DataType.from_numpy(scale.dtype)),
+                      "zero_point": None if zp is None else zero, "dtype": int(_qtype(q, zp)), "attrs": attrs,
+                      "names": [v.name if v is not None else "" for v in q.inputs[1:]]}
+    return uses, {"scale": float(scale.reshape(-1)[0]), "scale_dtype": int(ir.DataType.from_numpy(scale.dtype)),
+                  "zero_point": None if zp is None else int(zp.reshape(-1)[0]),
+                  "dtype": int(_qtype(q, zp)), "attrs": attrs,
+                  "names": [v.name if v is not None else "" for v in q.inputs[1:]]}
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class StripQdq(Pass):
+    """Q -> DQ pairs on activations -> the float tensor, the pair remembered in the metadata."""
+
+    name = "strip-qdq"
+
+    def call(self, model: ir.Model) -> PassResult:
+        notes: dict[str, dict] = json.loads(model.metadata_props.get(META, "{}"))
+        e = GraphEditor(model, "spatten/qdq")
+        kept: dict[str, int] = {}
+        for q in [n for n in model.graph if _is_op(n, "QuantizeLinear")]:
+            found = _pair(q)
+            if isinstance(found, str):
+                kept[found] = kept.get(found, 0) + 1
+                continue
+            dqs, note = found
+            x = q.inputs[0]
+            if "quantized" in note:  # DQ(Q(c)) computed as onnxruntime does: (q - z) * s in float32
+                zero = note["zero_point"] or 0
+                values = (np.array(note["quantized"], np.float32) - zero) * np.float32(note["scale"])
+                x = e.const("quantized_const", values.astype(np.float32).reshape(note["shape"]))
+            for dq in dqs:
+                e.replace_uses(dq.outputs[0], x)  # a graph output keeps its name: x takes it
+            for dq in dqs:
+                model.graph.remove(dq, safe=True)
+            model.graph.remove(q, safe=True)
+            notes[x.name] = note
+        if not notes:
+            return PassResult(model, False)
+        model.metadata_props[META] = json.dumps(notes)
+        logger.info("strip-qdq: %d quantized activations read as float; left: %s", len(notes), kept or "none")
+        return PassResult(model, True)
+
+
+def _restore_one(e: GraphEditor, value: ir.Value, note: dict) -> None:
+    graph = e.graph
+
+    def const(name: str, array: np.ndarray) -> ir.Value:
+        v = graph.initializers.get(name)
+        if v is not None and v.const_value is not None and np.array_equal(v.const_value.numpy(), array) and \
+                v.const_value.dtype == ir.DataType.from_numpy(array.dtype):
+            return v
+        if name and name not in graph.initializers:
+            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(
+                array.dtype)), const_value=ir.tensor(array, name=name))
+            graph.register_initializer(value)
+            return value
+        return e.const("scale", array)
+
+    names, dtype = note["names"] + ["", ""], ir.DataType(note["dtype"]).numpy()
+    scale = const(names[0], np.array(note["scale"], ir.DataType(note["scale_dtype"]).numpy()))
+    params = [scale]
+    if note["zero_point"] is not None:
+        params.append(const(names[1], np.array(note["zero_point"], dtype)))
+    if "quantized" in note:  # a folded constant: its quantized value again
+        q = e.const("quantized", np.array(note["quantized"], dtype).reshape(note["shape"]))
+    else:
+        q = e.op("QuantizeLinear", [value, *params], **note["attrs"])
+        q.dtype = ir.DataType(note["dtype"])
+    axis = {"axis": note["attrs"]["axis"]} if "axis" in note["attrs"] else {}
+    dq = e.op("DequantizeLinear", [q, *params], **axis)
+    dq.dtype, dq.shape = value.dtype, value.shape
+    e.replace_uses(value, dq, keep=[q.producer()] if q.producer() is not None else [])
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class RestoreQdq(Pass):
+    """The remembered Q -> DQ pairs again, on every remembered tensor that still exists and on the
+    tensors spattenc's passes moved their data into."""
+
+    name = "restore-qdq"
+
+    def call(self, model: ir.Model) -> PassResult:
+        if META not in model.metadata_props:
+            return PassResult(model, False)
+        notes: dict[str, dict] = json.loads(model.metadata_props.pop(META))
+        values = {v.name: v for v in model.graph.inputs}
+        values.update({o.name: o for n in model.graph for o in n.outputs})
+        values.update({v.name: v for name, v in model.graph.initializers.items()
+                       if name in notes and "quantized" in notes[name] and v.uses()})
+        found = {name: values[name] for name in notes if name in values}
+        for node in model.graph:  # in order: a Reshape of a Gather of a remembered tensor is found too
+            data = DATA_MOVEMENT.get(node.op_type) if node.domain in ONNX else None
+            src = node.inputs[data] if data is not None and len(node.inputs) > data else None
+            out = node.outputs[0] if node.outputs else None
+            if src is not None and src.name in found and out.name not in found and out.dtype == src.dtype:
+                notes[out.name] = notes[src.name]
+                found[out.name] = out
+        e = GraphEditor(model, "spatten/qdq")
+        for name, value in found.items():
+            _restore_one(e, value, notes[name])
+        e.commit()
+        lost = sorted(set(notes) - set(found))
+        logger.info("restore-qdq: %d quantized activations (Q -> DQ) again; %d rewritten by spattenc stay float%s",
+                    len(found), len(lost), f" ({', '.join(lost[:5])}{'...' if len(lost) > 5 else ''})" if lost else "")
+        return PassResult(model, True)
+
+
+def dequantized_weight(value: ir.Value | None) -> ir.Node | None:
+    """The ``DequantizeLinear`` of a constant that makes ``value`` (a QDQ-format weight), else None."""
+    node = value.producer() if value is not None else None
+    if not _is_op(node, "DequantizeLinear") or const_array(node.inputs[0]) is None or _params(node) is None:
+        return None
+    return node
+
+
+def unsliceable_weight(value: ir.Value) -> str | None:
+    """Why prune-heads cannot slice this dequantized weight (None: it can)."""
+    node = dequantized_weight(value)
+    if node is None:
+        return "DequantizeLinear of a computed tensor"
+    if node.attributes.get_int("block_size", 0):
+        return "QDQ blocks of DequantizeLinear"
+    return None
+
+
+def slice_dequantized(e: GraphEditor, value: ir.Value, take) -> ir.Value:
+    """``DQ(q, s, z)`` with ``take`` (a reshape / take / reshape of the weight's elements) applied: the
+    quantized constant is sliced, and a per-axis scale and zero point with it (exact). ``take`` is run on
+    the element indices to find which original row or column each kept one comes from."""
+    node = dequantized_weight(value)
+    q = const_array(node.inputs[0])
+    scale, zp = _params(node)
+    params = [node.inputs[1], *node.inputs[2:3]]
+    if scale.size > 1:  # per axis: the kept positions along that axis, the same across the other axes
+        axis = node.attributes.get_int("axis", 1) % q.ndim
+        coords = np.unravel_index(take(np.arange(q.size).reshape(q.shape)), q.shape)[axis]
+        if coords.ndim != q.ndim:
+            raise OptionError(f"{node.name}: a per-axis quantized weight sliced into another rank")
+        first = coords
+        for other in (i for i in range(q.ndim) if i != axis):
+            first = np.take(first, [0], axis=other)
+        if not np.all(coords == first):
+            raise OptionError(f"{node.name}: head slicing mixes the per-axis scales of a quantized weight")
+        kept = first.reshape(-1)
+        params = [e.const("dq_scale", scale.reshape(-1)[kept])]
+        if zp is not None:
+            params.append(e.const("dq_zero_point", zp.reshape(-1)[kept]))
+    out = e.op("DequantizeLinear", [e.const("head_slice_q", take(q).astype(q.dtype)), *params],
+               **{k: a.value for k, a in node.attributes.items()})
+    out.type = value.type
+    return out
