@@ -143,6 +143,9 @@ class StripQdq(Pass):
                 zero = note["zero_point"] or 0
                 values = (np.array(note["quantized"], np.float32) - zero) * np.float32(note["scale"])
                 x = e.const("quantized_const", values.astype(np.float32).reshape(note["shape"]))
+            # the readers too: a no-op a later pass bypasses (an Identity, a Cast to the same type) takes
+            # the name with it, and its readers get the pair on their input instead
+            note["uses"] = [[u.node.name, u.idx] for dq in dqs for u in dq.outputs[0].uses() if u.node.name]
             for dq in dqs:
                 e.replace_uses(dq.outputs[0], x)  # a graph output keeps its name: x takes it
             for dq in dqs:
@@ -156,7 +159,7 @@ class StripQdq(Pass):
         return PassResult(model, True)
 
 
-def _restore_one(e: GraphEditor, value: ir.Value, note: dict) -> None:
+def _restore_one(e: GraphEditor, value: ir.Value, note: dict, slot: tuple[ir.Node, int] | None = None) -> ir.Value:
     graph = e.graph
 
     def const(name: str, array: np.ndarray) -> ir.Value:
@@ -184,7 +187,33 @@ def _restore_one(e: GraphEditor, value: ir.Value, note: dict) -> None:
     axis = {"axis": note["attrs"]["axis"]} if "axis" in note["attrs"] else {}
     dq = e.op("DequantizeLinear", [q, *params], **axis)
     dq.dtype, dq.shape = value.dtype, value.shape
-    e.replace_uses(value, dq, keep=[q.producer()] if q.producer() is not None else [])
+    if slot is not None:
+        slot[0].replace_input_with(slot[1], dq)
+    else:
+        e.replace_uses(value, dq, keep=[q.producer()] if q.producer() is not None else [])
+    return dq
+
+
+def _key(note: dict) -> tuple:
+    return note["scale"], note["zero_point"], note["dtype"], note.get("quantized") is not None
+
+
+def _restore_readers(e: GraphEditor, notes: dict[str, dict], lost: list[str], done: dict[int, tuple]) -> list[str]:
+    """The pairs of tensors a pass bypassed, on their readers' inputs (by node name); the names of those
+    with no reader left. ``done``: id of a DequantizeLinear output put back -> its pair."""
+    nodes: dict[str, ir.Node | None] = {}
+    for node in e.graph:
+        nodes[node.name] = None if node.name in nodes else node  # a name used twice is no address
+    gone = []
+    for name in lost:
+        slots = [(nodes.get(n), i) for n, i in notes[name].get("uses", [])]
+        slots = [(n, i) for n, i in slots if n is not None and i < len(n.inputs) and n.inputs[i] is not None]
+        for node, i in slots:
+            if done.get(id(node.inputs[i])) != _key(notes[name]):  # the same pair twice is one pair
+                done[id(_restore_one(e, node.inputs[i], notes[name], (node, i)))] = _key(notes[name])
+        if not slots:
+            gone.append(name)
+    return gone
 
 
 @register_pass
@@ -212,10 +241,9 @@ class RestoreQdq(Pass):
                 notes[out.name] = notes[src.name]
                 found[out.name] = out
         e = GraphEditor(model, "spatten/qdq")
-        for name, value in found.items():
-            _restore_one(e, value, notes[name])
+        done = {id(_restore_one(e, value, notes[name])): _key(notes[name]) for name, value in found.items()}
+        lost = sorted(_restore_readers(e, notes, [n for n in notes if n not in found], done))
         e.commit()
-        lost = sorted(set(notes) - set(found))
         logger.info("restore-qdq: %d quantized activations (Q -> DQ) again; %d rewritten by spattenc stay float%s",
                     len(found), len(lost), f" ({', '.join(lost[:5])}{'...' if len(lost) > 5 else ''})" if lost else "")
         return PassResult(model, True)
