@@ -38,6 +38,9 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 logger = logging.getLogger(__name__)
 META = "spatten.qdq"
 QOPERATOR = {("", "QLinearMatMul"), ("", "QLinearConv"), ("com.microsoft", "QLinearAdd"), ("com.microsoft", "QGemm")}
+# one-input no-ops normalize may remove (a Cast only to its input's type)
+BYPASSED = {"Identity", "Cast", "Dropout", "Concat"}
+HUGE_SCALE = 1e20
 SMALL = 64  # quantized constants up to this size (scalars: score scales, GELU's 0.5) are folded to float
 _RANGE = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127), ir.DataType.UINT16: (0, 65535),
           ir.DataType.INT16: (-32768, 32767)}
@@ -45,6 +48,9 @@ ONNX = ("", "ai.onnx")
 # op -> its data input: ops that only move elements, so Q(T(DQ(q))) = T(q) with the same scale and zero point
 DATA_MOVEMENT = {"Reshape": 0, "Transpose": 0, "Squeeze": 0, "Unsqueeze": 0, "Flatten": 0, "Gather": 0,
                  "GatherElements": 0, "GatherND": 0, "Slice": 0, "Expand": 0, "Identity": 0, "Tile": 0}
+
+# spattenc's own token gathers (passes/spatten_ops.py): the kept rows of the hidden states, of the probabilities
+SPATTEN_MOVEMENT = {("spatten", "GatherTokens"): 0, ("spatten", "GatherRows"): 0}
 
 
 def _params(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -144,8 +150,9 @@ class StripQdq(Pass):
                 values = (np.array(note["quantized"], np.float32) - zero) * np.float32(note["scale"])
                 x = e.const("quantized_const", values.astype(np.float32).reshape(note["shape"]))
             # the readers too: a no-op a later pass bypasses (an Identity, a Cast to the same type) takes
-            # the name with it, and its readers get the pair on their input instead
+            # the name with it, and its readers get the pair on their input instead, if that is the no-op's
             note["uses"] = [[u.node.name, u.idx] for dq in dqs for u in dq.outputs[0].uses() if u.node.name]
+            note["through"] = _through(x)
             for dq in dqs:
                 e.replace_uses(dq.outputs[0], x)  # a graph output keeps its name: x takes it
             for dq in dqs:
@@ -154,9 +161,28 @@ class StripQdq(Pass):
             notes[x.name] = note
         if not notes:
             return PassResult(model, False)
+        huge = [name for name, note in notes.items() if abs(note["scale"]) > HUGE_SCALE]
+        if huge:  # the calibration data had padding: the additive mask's fill value set the range
+            logger.warning("strip-qdq: %d activations are quantized with a step above %g (%s): their calibration "
+                           "range holds a mask's fill value, so the quantized scores lose every unmasked "
+                           "difference; spattenc's own key masks (-1e9) round to 0 there", len(huge), HUGE_SCALE,
+                           huge[0])
         model.metadata_props[META] = json.dumps(notes)
         logger.info("strip-qdq: %d quantized activations read as float; left: %s", len(notes), kept or "none")
         return PassResult(model, True)
+
+
+def _through(x: ir.Value, limit: int = 4) -> list[str]:
+    """The tensors ``x`` equals through no-ops a later pass may bypass (a Cast chain, a one-input Concat)."""
+    names = []
+    for _ in range(limit):
+        producer = x.producer()
+        if producer is None or producer.op_type not in BYPASSED or len(producer.inputs) != 1 or \
+                producer.inputs[0] is None:
+            break
+        x = producer.inputs[0]
+        names.append(x.name)
+    return names
 
 
 def _restore_one(e: GraphEditor, value: ir.Value, note: dict, slot: tuple[ir.Node, int] | None = None) -> ir.Value:
@@ -186,7 +212,7 @@ def _restore_one(e: GraphEditor, value: ir.Value, note: dict, slot: tuple[ir.Nod
         q.dtype = ir.DataType(note["dtype"])
     axis = {"axis": note["attrs"]["axis"]} if "axis" in note["attrs"] else {}
     dq = e.op("DequantizeLinear", [q, *params], **axis)
-    dq.dtype, dq.shape = value.dtype, value.shape
+    dq.dtype, dq.shape = ir.DataType(note["scale_dtype"]), value.shape  # DequantizeLinear returns the scale's type
     if slot is not None:
         slot[0].replace_input_with(slot[1], dq)
     else:
@@ -198,22 +224,30 @@ def _key(note: dict) -> tuple:
     return note["scale"], note["zero_point"], note["dtype"], note.get("quantized") is not None
 
 
-def _restore_readers(e: GraphEditor, notes: dict[str, dict], lost: list[str], done: dict[int, tuple]) -> list[str]:
-    """The pairs of tensors a pass bypassed, on their readers' inputs (by node name); the names of those
-    with no reader left. ``done``: id of a DequantizeLinear output put back -> its pair."""
+def _bypassed(graph: ir.Graph, notes: dict[str, dict], lost: list[str]) -> dict[str, list[tuple[ir.Node, int]]]:
+    """The readers' inputs (by node name) of tensors whose no-op producer a pass bypassed: the reader
+    now reads the no-op's input. Other readers of a lost tensor read something a pass rewrote."""
     nodes: dict[str, ir.Node | None] = {}
-    for node in e.graph:
+    for node in graph:
         nodes[node.name] = None if node.name in nodes else node  # a name used twice is no address
-    gone = []
+    slots = {}
     for name in lost:
-        slots = [(nodes.get(n), i) for n, i in notes[name].get("uses", [])]
-        slots = [(n, i) for n, i in slots if n is not None and i < len(n.inputs) and n.inputs[i] is not None]
-        for node, i in slots:
+        through = notes[name].get("through", [])
+        found = [(nodes.get(n), i) for n, i in notes[name]["uses"]] if through else []
+        slots[name] = [(n, i) for n, i in found if n is not None and i < len(n.inputs) and n.inputs[i] is not None
+                       and n.inputs[i].name in through]
+    return slots
+
+
+def _restore_readers(e: GraphEditor, notes: dict[str, dict], slots: dict[str, list[tuple[ir.Node, int]]],
+                     done: dict[int, tuple]) -> list[str]:
+    """The pairs of bypassed tensors on their readers' inputs; the names of those with no reader left.
+    ``done``: id of a DequantizeLinear output put back -> its pair."""
+    for name, readers in slots.items():
+        for node, i in readers:
             if done.get(id(node.inputs[i])) != _key(notes[name]):  # the same pair twice is one pair
                 done[id(_restore_one(e, node.inputs[i], notes[name], (node, i)))] = _key(notes[name])
-        if not slots:
-            gone.append(name)
-    return gone
+    return [name for name, readers in slots.items() if not readers]
 
 
 @register_pass
@@ -234,15 +268,17 @@ class RestoreQdq(Pass):
                        if name in notes and "quantized" in notes[name] and v.uses()})
         found = {name: values[name] for name in notes if name in values}
         for node in model.graph:  # in order: a Reshape of a Gather of a remembered tensor is found too
-            data = DATA_MOVEMENT.get(node.op_type) if node.domain in ONNX else None
+            data = DATA_MOVEMENT.get(node.op_type) if node.domain in ONNX else SPATTEN_MOVEMENT.get(
+                (node.domain, node.op_type))
             src = node.inputs[data] if data is not None and len(node.inputs) > data else None
             out = node.outputs[0] if node.outputs else None
-            if src is not None and src.name in found and out.name not in found and out.dtype == src.dtype:
+            if src is not None and src.name in found and out.name not in found and out.dtype in (None, src.dtype):
                 notes[out.name] = notes[src.name]
                 found[out.name] = out
         e = GraphEditor(model, "spatten/qdq")
+        slots = _bypassed(model.graph, notes, [n for n in notes if n not in found])  # before any edit
         done = {id(_restore_one(e, value, notes[name])): _key(notes[name]) for name, value in found.items()}
-        lost = sorted(_restore_readers(e, notes, [n for n in notes if n not in found], done))
+        lost = sorted(_restore_readers(e, notes, slots, done))
         e.commit()
         logger.info("restore-qdq: %d quantized activations (Q -> DQ) again; %d rewritten by spattenc stay float%s",
                     len(found), len(lost), f" ({', '.join(lost[:5])}{'...' if len(lost) > 5 else ''})" if lost else "")
