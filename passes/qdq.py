@@ -224,6 +224,24 @@ def _key(note: dict) -> tuple:
     return note["scale"], note["zero_point"], note["dtype"], note.get("quantized") is not None
 
 
+def _data_input(node: ir.Node) -> int | None:
+    """The input whose elements ``node`` only moves (:data:`DATA_MOVEMENT`, spattenc's gathers), else None."""
+    return DATA_MOVEMENT.get(node.op_type) if node.domain in ONNX else SPATTEN_MOVEMENT.get((node.domain, node.op_type))
+
+
+def _moved_from(value: ir.Value, names: set[str], limit: int = 4) -> bool:
+    """``value`` is one of ``names`` or their elements moved (a pass's gather of kept rows)."""
+    for _ in range(limit):
+        if value.name in names:
+            return True
+        producer = value.producer()
+        data = _data_input(producer) if producer is not None else None
+        if data is None or data >= len(producer.inputs) or producer.inputs[data] is None:
+            return False
+        value = producer.inputs[data]
+    return value.name in names
+
+
 def _bypassed(graph: ir.Graph, notes: dict[str, dict], lost: list[str]) -> dict[str, list[tuple[ir.Node, int]]]:
     """The readers' inputs (by node name) of tensors whose no-op producer a pass bypassed: the reader
     now reads the no-op's input. Other readers of a lost tensor read something a pass rewrote."""
@@ -235,7 +253,7 @@ def _bypassed(graph: ir.Graph, notes: dict[str, dict], lost: list[str]) -> dict[
         through = notes[name].get("through", [])
         found = [(nodes.get(n), i) for n, i in notes[name]["uses"]] if through else []
         slots[name] = [(n, i) for n, i in found if n is not None and i < len(n.inputs) and n.inputs[i] is not None
-                       and n.inputs[i].name in through]
+                       and _moved_from(n.inputs[i], set(through))]
     return slots
 
 
@@ -268,8 +286,7 @@ class RestoreQdq(Pass):
                        if name in notes and "quantized" in notes[name] and v.uses()})
         found = {name: values[name] for name in notes if name in values}
         for node in model.graph:  # in order: a Reshape of a Gather of a remembered tensor is found too
-            data = DATA_MOVEMENT.get(node.op_type) if node.domain in ONNX else SPATTEN_MOVEMENT.get(
-                (node.domain, node.op_type))
+            data = _data_input(node)
             src = node.inputs[data] if data is not None and len(node.inputs) > data else None
             out = node.outputs[0] if node.outputs else None
             if src is not None and src.name in found and out.name not in found and out.dtype in (None, src.dtype):
