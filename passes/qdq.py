@@ -35,15 +35,14 @@ from spatten_compiler.errors import OptionError
 from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
+from .qdq_constants import RANGE
+
 logger = logging.getLogger(__name__)
 META = "spatten.qdq"
 QOPERATOR = {("", "QLinearMatMul"), ("", "QLinearConv"), ("com.microsoft", "QLinearAdd"), ("com.microsoft", "QGemm")}
 # one-input no-ops normalize may remove (a Cast only to its input's type)
 BYPASSED = {"Identity", "Cast", "Dropout", "Concat"}
 HUGE_SCALE = 1e20
-SMALL = 64  # quantized constants up to this size (scalars: score scales, GELU's 0.5) are folded to float
-_RANGE = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127), ir.DataType.UINT16: (0, 65535),
-          ir.DataType.INT16: (-32768, 32767)}
 ONNX = ("", "ai.onnx")
 # op -> its data input: ops that only move elements, so Q(T(DQ(q))) = T(q) with the same scale and zero point
 DATA_MOVEMENT = {"Reshape": 0, "Transpose": 0, "Squeeze": 0, "Unsqueeze": 0, "Flatten": 0, "Gather": 0,
@@ -92,13 +91,12 @@ def _qtype(q: ir.Node, zp: np.ndarray | None) -> ir.DataType:
 def _pair(q: ir.Node) -> tuple[list[ir.Node], dict] | str:
     """The DequantizeLinears that undo ``q`` and the annotation, or why ``q`` is no activation pair."""
     x, out = q.inputs[0], q.outputs[0]
-    small = const_array(x, max_elements=SMALL) if x is not None else None
-    if x is None or (small is None and (x.const_value is not None or const_array(x) is not None)):
-        return "quantizes a constant (a weight)"
+    if x is None or x.const_value is not None or const_array(x) is not None:
+        return "quantizes a constant (fold-qdq-constants folds those it can evaluate)"
     params = _params(q)
     if params is None:
         return "scale or zero point is computed"
-    if params[0].size != 1 and small is None:
+    if params[0].size != 1:
         raise OptionError(f"QuantizeLinear '{q.name}': per-axis quantization of the activation {x.name} "
                           f"(scale shape {list(params[0].shape)}); spattenc reads per-tensor activation scales only")
     uses = [u.node for u in out.uses()]
@@ -109,22 +107,25 @@ def _pair(q: ir.Node) -> tuple[list[ir.Node], dict] | str:
         return "DequantizeLinear with another scale or zero point"
     scale, zp = params
     attrs = {k: a.value for k, a in q.attributes.items() if isinstance(a.value, int)}
-    if small is not None:  # a scalar the exporter made a Constant (the score scale): its quantized value
-        if scale.size != 1:
-            return "a constant quantized per axis"
-        if _qtype(q, zp) not in _RANGE:
-            return f"a constant quantized to {_qtype(q, zp)}"
-        qmin, qmax = _RANGE[_qtype(q, zp)]
-        zero = 0 if zp is None else int(zp.reshape(-1)[0])
-        quantized = np.clip(np.rint(small.astype(np.float32) / scale.reshape(())) + zero, qmin, qmax)
-        return uses, {"quantized": quantized.astype(np.int64).tolist(), "shape": list(small.shape),
-                      "scale": float(scale.reshape(-1)[0]), "scale_dtype": int(ir.DataType.from_numpy(scale.dtype)),
-                      "zero_point": None if zp is None else zero, "dtype": int(_qtype(q, zp)), "attrs": attrs,
-                      "names": [v.name if v is not None else "" for v in q.inputs[1:]]}
     return uses, {"scale": float(scale.reshape(-1)[0]), "scale_dtype": int(ir.DataType.from_numpy(scale.dtype)),
                   "zero_point": None if zp is None else int(zp.reshape(-1)[0]),
                   "dtype": int(_qtype(q, zp)), "attrs": attrs,
                   "names": [v.name if v is not None else "" for v in q.inputs[1:]]}
+
+
+def _scalar(dq: ir.Node) -> dict | None:
+    """The note of ``DQ(q)`` with a constant scalar ``q`` and per-tensor parameters (the matchers read the
+    score scale as a float constant), else None."""
+    q = const_array(dq.inputs[0], max_elements=1)
+    params = _params(dq)
+    if q is None or q.size != 1 or params is None or params[0].size != 1 or dq.outputs[0].is_graph_output() or \
+            ir.DataType.from_numpy(q.dtype) not in RANGE:
+        return None
+    scale, zp = params
+    return {"quantized": [int(q.reshape(-1)[0])], "shape": list(q.shape), "scale": float(scale.reshape(-1)[0]),
+            "scale_dtype": int(ir.DataType.from_numpy(scale.dtype)),
+            "zero_point": None if zp is None else int(zp.reshape(-1)[0]), "dtype": int(ir.DataType.from_numpy(q.dtype)),
+            "attrs": {}, "names": [v.name if v is not None else "" for v in dq.inputs[1:]]}
 
 
 @register_pass
@@ -145,10 +146,6 @@ class StripQdq(Pass):
                 continue
             dqs, note = found
             x = q.inputs[0]
-            if "quantized" in note:  # DQ(Q(c)) computed as onnxruntime does: (q - z) * s in float32
-                zero = note["zero_point"] or 0
-                values = (np.array(note["quantized"], np.float32) - zero) * np.float32(note["scale"])
-                x = e.const("quantized_const", values.astype(np.float32).reshape(note["shape"]))
             # the readers too: a no-op a later pass bypasses (an Identity, a Cast to the same type) takes
             # the name with it, and its readers get the pair on their input instead, if that is the no-op's
             note["uses"] = [[u.node.name, u.idx] for dq in dqs for u in dq.outputs[0].uses() if u.node.name]
@@ -159,6 +156,15 @@ class StripQdq(Pass):
                 model.graph.remove(dq, safe=True)
             model.graph.remove(q, safe=True)
             notes[x.name] = note
+        for dq in [n for n in model.graph if _is_op(n, "DequantizeLinear")]:
+            note = _scalar(dq)
+            if note is not None:  # a quantized scalar (the score scale): its value, (q - z) * s in float32
+                value = (np.float32(note["quantized"][0]) - np.float32(note["zero_point"] or 0)) * \
+                    np.float32(note["scale"])
+                x = e.const("quantized_const", np.array(value, np.float32).reshape(note["shape"]))
+                e.replace_uses(dq.outputs[0], x)
+                model.graph.remove(dq, safe=True)
+                notes[x.name] = {**note, "uses": [], "through": []}
         if not notes:
             return PassResult(model, False)
         huge = [name for name, note in notes.items() if abs(note["scale"]) > HUGE_SCALE]

@@ -36,6 +36,7 @@ from spatten_compiler.passes.float16 import DowncastFloat16, UpcastFloat16, is_f
 from spatten_compiler.passes.length_gate import compile_gated, refuse_gated, short_input_model
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.qdq import RestoreQdq, StripQdq, has_qdq
+from spatten_compiler.passes.qdq_constants import FoldQdqConstants
 from spatten_compiler.passes.unfuse_ort import UnfuseOrt
 from spatten_compiler.passes.unfuse_qop import UnfuseQop
 from spatten_compiler.passes.unmerge_decoder import UnmergeDecoder
@@ -149,7 +150,7 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
         UpcastFloat16()(m)
     qdq = has_qdq(m) and not pipeline  # static quantization: compiled in float, QDQ pairs restored (passes/qdq.py)
     if qdq:
-        Pipeline([UnfuseQop(), StripQdq()], check=check)(m)
+        Pipeline([UnfuseQop(), FoldQdqConstants(), StripQdq()], check=check)(m)
     unmerged = not pipeline and UnmergeDecoder()(m).modified  # a merged decoder: its with-past branch
     planned = _plan(m, name, {**_fields(config), **_given(options)}, pipeline, report)
     extra = dict(hooks or {})
@@ -171,7 +172,8 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     if float16:
         Pipeline([DowncastFloat16()], check=check, **extra)(m)
     if planned.report is not None:
-        planned.report["passes"] = [*(["unfuse-qop", "strip-qdq"] * qdq), *(["unmerge-decoder"] * unmerged),
+        planned.report["passes"] = [*(["unfuse-qop", "fold-qdq-constants", "strip-qdq"] * qdq),
+                                    *(["unmerge-decoder"] * unmerged),
                                     *planned.report["passes"], *(["restore-qdq"] * qdq), *(["downcast-fp16"] * float16)]
     return CompileResult(m, planned.report, planned.summary)
 
@@ -208,8 +210,7 @@ def inspect_report(model: ModelLike) -> AttentionReport:
     m, name = as_model(model, copy=True)
     refuse_gated(m, name)
     if has_qdq(m):  # as compile does: QOperator kernels unfused, quantized activations read as float
-        UnfuseQop()(m)
-        StripQdq()(m)
+        Pipeline([UnfuseQop(), FoldQdqConstants(), StripQdq()], check=False)(m)
     UnmergeDecoder()(m)  # as compile does: a merged decoder's with-past branch
     if any(n.domain == "com.microsoft" for n in m.graph):
         # onnxruntime's fused ops (optimizer, model builder): read them as compile will, unfused
