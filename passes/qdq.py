@@ -302,6 +302,9 @@ class RestoreQdq(Pass):
         slots = _bypassed(model.graph, notes, [n for n in notes if n not in found])  # before any edit
         done = {id(_restore_one(e, value, notes[name])): _key(notes[name]) for name, value in found.items()}
         lost = sorted(_restore_readers(e, notes, slots, done))
+        for name, value in found.items():  # a folded scalar read through its DequantizeLinear again
+            if "quantized" in notes[name] and not value.uses() and name in model.graph.initializers:
+                del model.graph.initializers[name]
         e.commit()
         logger.info("restore-qdq: %d quantized activations (Q -> DQ) again; %d rewritten by spattenc stay float%s",
                     len(found), len(lost), f" ({', '.join(lost[:5])}{'...' if len(lost) > 5 else ''})" if lost else "")
