@@ -430,19 +430,19 @@ class _Rewrite:
         lead = [packs] if packs > 1 and not q_only else []
         axis = len(lead) + (0 if t else 1)
         w, rest, b_rest = proj.weight, None, None
+        wslot, slot = _weight_slot(proj), _bias_slot(proj)
         if q_only:  # split the constant packed weight: [Q | K V]; Q is sliced, K V appended whole
-            full, qw = const_array(proj.weight), groups * width
+            (full, wslot), qw = self._packed(proj.weight, wslot), groups * width
             w = self.e.const("q_weight", full[:qw] if t else full[:, :qw])
             rest = full[qw:] if t else full[:, qw:]
-            if proj.bias is not None:
-                fb = const_array(proj.bias)
+            if proj.bias is not None and slot is not None:
+                fb, slot = self._packed(proj.bias, slot)
                 b_rest, bias = fb[qw:], self.e.const("q_bias", fb[:qw])
         cols = (1 if q_only else packs) * n * width
         if t:
-            self._slice(_weight_slot(proj), w, sel, [*lead, groups, width, d], axis, [cols, d], rest)
+            self._slice(wslot, w, sel, [*lead, groups, width, d], axis, [cols, d], rest)
         else:
-            self._slice(_weight_slot(proj), w, sel, [d, *lead, groups, width], axis, [d, cols], rest, cat_axis=1)
-        slot = _bias_slot(proj)
+            self._slice(wslot, w, sel, [d, *lead, groups, width], axis, [d, cols], rest, cat_axis=1)
         if slot is not None:
             self._slice(slot, bias if q_only else proj.bias, sel, [*lead, groups, width], len(lead), [cols], b_rest)
         for node, i in column_constants(proj.node) or []:
@@ -450,6 +450,20 @@ class _Rewrite:
             head, tail = (vec[:groups * width], vec[groups * width:]) if q_only else (vec, None)
             self._slice((node, i), self.e.const("column_q", head) if q_only else node.inputs[i], sel,
                         [*lead, groups, width], len(lead), [cols], tail)
+
+    def _packed(self, value: ir.Value, slot: tuple[ir.Node, int]) -> tuple[np.ndarray, tuple[ir.Node, int]]:
+        """The constant behind a packed weight or bias and the slot its sliced form goes in. A QDQ one
+        (one scale per tensor) is sliced on its int8 constant, read through a DequantizeLinear of its own."""
+        dq = dequantized_weight(value)
+        if dq is None:
+            return const_array(value), slot
+        if unsliceable_weight(value) or const_array(dq.inputs[1]).size != 1:
+            raise OptionError(f"{dq.name}: packed QKV quantized per axis with a KV cache; prune-heads slices "
+                              "per-tensor QDQ weights there")
+        new = self.e.op("DequantizeLinear", list(dq.inputs), **{k: a.value for k, a in dq.attributes.items()})
+        new.type = value.type
+        slot[0].replace_input_with(slot[1], new)
+        return const_array(dq.inputs[0]), (new.producer(), 0)
 
     def _head_index(self, sel, g: int):
         """Kept query heads of the kept groups (g query heads per group)."""
