@@ -300,6 +300,13 @@ class RestoreQdq(Pass):
                 found[out.name] = out
         e = GraphEditor(model, "spatten/qdq")
         slots = _bypassed(model.graph, notes, [n for n in notes if n not in found])  # before any edit
+        if any(abs(notes[n]["scale"]) > HUGE_SCALE and not slots[n] for n in slots):
+            # a mask quantized with a ~1e36 step was rebuilt by spattenc (its fill is -1e9, not -3.4e38): the
+            # scores' pairs, with the same step, would round its masked keys to 0 and unmask them; they stay float
+            huge = [n for n in found if abs(notes[n]["scale"]) > HUGE_SCALE]
+            logger.warning("restore-qdq: the key mask was rebuilt and %d activations hold a mask's range (step > "
+                           "%g): they stay float, so masked keys stay masked", len(huge), HUGE_SCALE)
+            found = {n: v for n, v in found.items() if n not in huge}
         done = {id(_restore_one(e, value, notes[name])): _key(notes[name]) for name, value in found.items()}
         lost = sorted(_restore_readers(e, notes, slots, done))
         for name, value in found.items():  # a folded scalar read through its DequantizeLinear again
