@@ -39,7 +39,7 @@ from .qdq import DATA_MOVEMENT, ONNX
 logger = logging.getLogger(__name__)
 MS = "com.microsoft"
 QUANTIZED = {ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.UINT16, ir.DataType.INT16}
-Triple = tuple[ir.Value, ir.Value, ir.Value | None]
+MOVES = {**DATA_MOVEMENT, "Split": 0}  # and Split (GPT-2's packed QKV): each output is data of the input
 
 
 def _ins(node: ir.Node, n: int) -> list[ir.Value | None]:
@@ -162,7 +162,7 @@ def _is_quantized(v: ir.Value | None, depth: int = 8) -> bool:
         return False
     if p.op_type == "QuantizeLinear":
         return True
-    data = DATA_MOVEMENT.get(p.op_type) if p.domain in ONNX else None
+    data = MOVES.get(p.op_type) if p.domain in ONNX else None
     return data is not None and _is_quantized(p.inputs[data], depth - 1)
 
 
@@ -176,24 +176,28 @@ def hoist_dequantize(e: GraphEditor, graph: ir.Graph) -> int:
     tensors (every reader of T's output a DequantizeLinear with the same inputs); returns how many."""
     moved = 0
     for node in reversed(list(graph)):  # consumers first: a Reshape -> Transpose chain in one sweep
-        data = DATA_MOVEMENT.get(node.op_type) if node.domain in ONNX else None
-        if data is None or len(node.outputs) != 1 or node.outputs[0].is_graph_output():
+        data = MOVES.get(node.op_type) if node.domain in ONNX else None
+        if data is None or any(out.is_graph_output() for out in node.outputs):
             continue
-        src, out = node.inputs[data], node.outputs[0]
-        readers = [u.node for u in out.uses()]
-        if not readers or not _is_quantized(src) or any(
+        src, outs = node.inputs[data], list(node.outputs)
+        readers = [[u.node for u in out.uses()] for out in outs]
+        first = next((r[0] for r in readers if r), None)
+        if first is None or not _is_quantized(src) or any(
                 r.op_type != "DequantizeLinear" or r.inputs[0] is not out or not _per_tensor(r)
-                or list(r.inputs[1:]) != list(readers[0].inputs[1:]) for r in readers):
+                or list(r.inputs[1:]) != list(first.inputs[1:]) for out, rs in zip(outs, readers) for r in rs):
             continue
-        params = list(readers[0].inputs[1:])
+        params = list(first.inputs[1:])
         node.replace_input_with(data, e.op("DequantizeLinear", [src, *params]))
         zero = const_array(params[1]) if len(params) > 1 and params[1] is not None else None
         quantized_type = ir.DataType.from_numpy(zero.dtype) if zero is not None else ir.DataType.UINT8
-        out.dtype = readers[0].outputs[0].dtype or ir.DataType.FLOAT
-        q = e.op("QuantizeLinear", [out, *params])
-        q.dtype = quantized_type
-        for r in readers:
-            r.replace_input_with(0, q)
+        for out, rs in zip(outs, readers):  # Split: every output read through the same pair
+            out.dtype = first.outputs[0].dtype or ir.DataType.FLOAT
+            if not rs:
+                continue
+            q = e.op("QuantizeLinear", [out, *params])
+            q.dtype = quantized_type
+            for r in rs:
+                r.replace_input_with(0, q)
         moved += 1
     return moved
 
