@@ -15,9 +15,14 @@ rows or a slice of heads commutes with it exactly. spattenc compiles such a mode
                   gets the same pair, exact because ``Q(T(DQ(q))) = T(q)``, so onnxruntime fuses the
                   pruned layers' ``DQ -> MatMul -> Q`` into its int8 kernels as in the input model
 
-At keep 1.0 the output computes what the input does. Not pairs, left as they are: a Q whose
-quantized output another op reads, DQ and Q with different scales. Per-axis activation quantization
-is refused. The QOperator format (``QLinearMatMul``...) is rewritten into this form first
+Quantized scalars (``DQ(q)`` of a constant: the score scale) are read as their float value and put
+back the same way. A pair whose tensor a pass bypassed (an Identity, a no-op Cast) goes on its
+readers' inputs when they read the bypassed op's input. At keep 1.0 the output computes what the
+input does. Not pairs, left as they are: a Q whose quantized output another op reads, DQ and Q with
+different scales. Per-axis activation quantization is refused. When spattenc rebuilt a key mask
+quantized with a ~1e36 step (a float-min fill in its calibration range: every causal decoder), the
+activations with that step stay float: restored, they would round the rebuilt mask to 0.
+The QOperator format (``QLinearMatMul``...) is rewritten into this form first
 (:mod:`passes.unfuse_qop`).
 """
 
@@ -63,9 +68,9 @@ def _params(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
 
 
 def _same(a: tuple[np.ndarray, np.ndarray | None], b: tuple[np.ndarray, np.ndarray | None]) -> bool:
+    """The same scale and zero point (an absent zero point is uint8 0)."""
     (sa, za), (sb, zb) = a, b
-    zeros = (np.zeros(1, np.uint8) if z is None else z for z in (za, zb))
-    za, zb = zeros
+    za, zb = (np.zeros(1, np.uint8) if z is None else z for z in (za, zb))
     return sa.dtype == sb.dtype and np.array_equal(sa.reshape(-1), sb.reshape(-1)) and za.dtype == zb.dtype and \
         np.array_equal(za.reshape(-1), zb.reshape(-1))
 
@@ -78,7 +83,7 @@ def has_qdq(model: ir.Model) -> bool:
     """The main graph quantizes a computed activation (QuantizeLinear of a non-constant)."""
     return any((n.domain, n.op_type) in QOPERATOR for n in model.graph) or any(
         _is_op(n, "QuantizeLinear") and n.inputs[0] is not None and n.inputs[0].const_value is None
-               and const_array(n.inputs[0]) is None for n in model.graph)
+        and const_array(n.inputs[0]) is None for n in model.graph)
 
 
 def _qtype(q: ir.Node, zp: np.ndarray | None) -> ir.DataType:
