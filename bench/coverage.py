@@ -23,11 +23,11 @@ for every miss (issue #16).
 * preset: ``spattenc MODEL -o OUT`` with no option (the default preset) writes a model that runs to
   finite outputs of the input model's shapes (a KV-cache decoder fed an empty eviction state).
 
-``--format int8|int8pc|fp16``: every TorchScript / dynamo export converted first (onnxruntime's
-quantize_dynamic with one scale per tensor or per output column, its float16 converter), the same
-checks (float16 within its rounding). ``--format ortopt|ortext|slim|onnxsim``: every model (any
-exporter) post-processed the way users often do before deploying - onnxruntime's saved optimized model
-(basic or extended level), onnxslim
+``--format int8|int8pc|fp16|qdq|qop``: every TorchScript / dynamo export converted first (onnxruntime's
+quantize_dynamic with one scale per tensor or per output column, its float16 converter, its
+quantize_static in the QDQ or QOperator format), the same checks (float16 within its rounding).
+``--format ortopt|ortext|slim|onnxsim``: every model (any exporter) post-processed the way users often
+do before deploying - onnxruntime's saved optimized model (basic or extended level), onnxslim
 (optimum-cli ``--slim``), onnx-simplifier - then the same checks against the post-processed model.
 
 Writes bench/results/<ts>-coverage.{md,json}.
@@ -175,11 +175,39 @@ def to_onnxsim(path: Path, tmp: Path) -> Path:
         raise ValueError("onnxsim's own check failed")
     out = tmp / f"{path.stem}.onnxsim.onnx"
     onnx.save(model, str(out))
+
+
+def to_static(path: Path, tmp: Path, quant_format: str = "QDQ") -> Path:
+    """onnxruntime's static quantization (uint8 activations, int8 weights), calibrated on the model's
+    reference inputs with the attention mask all ones (a padded mask's fill value in the calibration
+    range makes the scores' quantization step 1e36: passes/qdq.py)."""
+    import shutil
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    feeds = {k: np.ones_like(v) if "mask" in k else v for k, v in np.load(path.with_suffix(".npz")).items()}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([feeds])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    src, out = tmp / f"src-{path.name}", tmp / f"{path.stem}.{quant_format.lower()}.onnx"
+    shutil.copy(path, src)  # the quantizer writes beside its input
+    logging.getLogger().setLevel(logging.ERROR)  # its per-tensor "inference failed" warnings
+    try:
+        quantize_static(src, out, Reader(), quant_format=getattr(QuantFormat, quant_format),
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        logging.getLogger().setLevel(logging.WARNING)
     return out
 
 
 FORMATS = {"float": None, "int8": to_int8, "fp16": to_fp16,
            "int8pc": functools.partial(to_int8, per_channel=True),  # per output column, as transformers.js
+           "qdq": to_static, "qop": functools.partial(to_static, quant_format="QOperator"),
            "ortopt": to_ortopt, "ortext": functools.partial(to_ortopt, extended=True),
            "slim": to_slim, "onnxsim": to_onnxsim}
 # post-processed forms of any export (the model builder's too); the other formats convert float exports
@@ -190,6 +218,7 @@ def _read(path: Path) -> ir.Model:
     """The model as compile reads it: a merged decoder's with-past branch, onnxruntime's fused ops
     (the model builder's GroupQueryAttention) unfused, normalized."""
     model = load_model(path)
+    Pipeline([make_pass("unfuse-qop"), make_pass("fold-qdq-constants"), make_pass("strip-qdq")], check=False)(model)
     UnmergeDecoder()(model)
     UnfuseOrt()(model)
     Normalize()(model)
@@ -214,10 +243,11 @@ def _compile(path: Path, passes: list, out: Path) -> None:
 
     model = load_model(path)
     half = is_float16(model)  # compiled in float32 as spattenc's compile does (passes/float16.py)
-    Pipeline([*([make_pass("upcast-fp16")] if half else []), make_pass("unmerge-decoder"), make_pass("unfuse-ort"),
-              make_pass("normalize"),
-              make_pass("decompose-attention"), *passes, *([make_pass("downcast-fp16")] if half else [])],
-             check=True)(model)
+    Pipeline([*([make_pass("upcast-fp16")] if half else []), make_pass("unfuse-qop"), make_pass("fold-qdq-constants"),
+              make_pass("strip-qdq"),
+              make_pass("unmerge-decoder"), make_pass("unfuse-ort"), make_pass("normalize"),
+              make_pass("decompose-attention"), *passes, make_pass("restore-qdq"),
+              *([make_pass("downcast-fp16")] if half else [])], check=True)(model)
     save_model(model, out, external_data=False)
 
 
@@ -369,6 +399,7 @@ def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, st
     site = sites[-1]
     g, dh = site.num_heads // groups, site.head_dim
     _zero_rows(model, site.out_proj, slice(0, g * dh))  # group 0's query heads come first in the merged head axis
+    Pipeline([make_pass("restore-qdq")], check=False)(model)  # a statically quantized model: its pairs again
     zeroed = tmp / "zeroed.onnx"
     save_model(model, zeroed, external_data=False)
     kept = tuple(() for _ in sites[:-1]) + (tuple(range(1, groups)),)
@@ -381,7 +412,8 @@ def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, st
 
 
 def _zero_rows(model: ir.Model, proj, rows: slice) -> None:
-    """The output projection reads nothing from input ``rows``: float weights get zero rows; int4 blocks
+    """The output projection reads nothing from input ``rows``: float weights get zero rows (QDQ weights
+    their int8 zero point); int4 blocks
     (MatMulNBits) the blocks holding them a zero scale (exact when ``rows`` are whole blocks; else
     prune-heads refuses the slice anyway). The zeroed tensor is a fresh initializer of this projection
     only: the weight may be shared with other layers (ALBERT; onnxruntime's saved optimized models merge
@@ -392,12 +424,18 @@ def _zero_rows(model: ir.Model, proj, rows: slice) -> None:
         s[:, rows.start // nb.block_size:-(-rows.stop // nb.block_size)] = 0
         _fresh(model, proj.node, 2, s.reshape(const_array(scales).shape))
         return
-    w = const_array(proj.weight).copy()
+    weight, slot = proj.weight, _weight_slot(proj)
+    dq = weight.producer() if const_array(weight) is None else None
+    zero = 0
+    if dq is not None and dq.op_type == "DequantizeLinear":  # a QDQ weight: its int8 rows set to the zero point
+        weight, slot = dq.inputs[0], (dq, 0)
+        zero = const_array(dq.inputs[2]).reshape(-1)[0] if len(dq.inputs) > 2 and dq.inputs[2] is not None else 0
+    w = const_array(weight).copy()
     if proj.transposed_weight:
-        w[:, rows] = 0
+        w[:, rows] = zero
     else:
-        w[rows] = 0
-    _fresh(model, *_weight_slot(proj), w)
+        w[rows] = zero
+    _fresh(model, *slot, w)
 
 
 def _fresh(model: ir.Model, node: ir.Node, slot: int, array: np.ndarray) -> None:
@@ -539,10 +577,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(the first file that has a model wins)")
     p.add_argument("--format", choices=sorted(FORMATS), default="float",
                    help="convert every model first: int8 / int8pc (onnxruntime's quantize_dynamic, one scale per "
-                        "tensor / per output column) or fp16 (its float16 converter), as users download "
-                        "them, TorchScript and dynamo exports only; or post-process every model as users "
-                        "do: ortopt / ortext (onnxruntime's saved optimized model, basic / extended level), slim "
-                        "(onnxslim), onnxsim")
+                        "tensor / per output column), fp16 (its float16 converter) or qdq / qop (its "
+                        "quantize_static, QDQ / QOperator format), as users download them, TorchScript and "
+                        "dynamo exports only; or post-process every model as users do: ortopt / ortext "
+                        "(onnxruntime's saved optimized model, basic / extended level), slim (onnxslim), onnxsim")
     p.add_argument("--drop-absent", action="store_true",
                    help="leave out --merge rows of models that are not in the corpus now (an older export)")
     args = p.parse_args(argv)

@@ -19,7 +19,7 @@ from spatten_compiler.match import NoMatch, const_array, is_const, match
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, UNREAD_FUSED_OPS, VIEW_OPS
-from .attention_trace import Branch, Projection, _projection, quantized_projection, trace_branch
+from .attention_trace import Branch, Projection, _projection, is_weight, quantized_projection, trace_branch
 from .nbits_blocks import in_width, is_nbits
 from .score_chain import is_mask_term, score_chain
 from .site_io import _ancestors, layer_outputs, mask_info, rope_position_source
@@ -180,8 +180,8 @@ def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Project
     node = _single_consumer(value)
     while node is not None and node.op_type == "Reshape":  # Gemm on [B*S, D] is reshaped back
         value, node = node.outputs[0], _single_consumer(node.outputs[0])
-    if node is not None and node.op_type == "Add" and any(is_const(i) for i in node.inputs):
-        proj.bias = next(i for i in node.inputs if is_const(i))
+    if node is not None and node.op_type == "Add" and any(is_weight(i) for i in node.inputs):
+        proj.bias = next(i for i in node.inputs if is_weight(i))  # a constant or a QDQ one
         value, node = node.outputs[0], _single_consumer(node.outputs[0])
     while node is not None and node.op_type == "Mul" and any(is_const(i) for i in node.inputs):
         value, node = node.outputs[0], _single_consumer(node.outputs[0])  # layer scale (DINOv2, BEiT)
@@ -222,7 +222,7 @@ def _residual_after(start: ir.Value, q: Branch, limit: int = 40) -> tuple[ir.Nod
                 continue
             if node.op_type == "Add":
                 other = node.inputs[1 - use.idx]
-                if other is not None and id(other) not in branch and not is_const(other) and (
+                if other is not None and id(other) not in branch and not is_weight(other) and (
                         id(other) in feeds_q or id(other.producer()) in feeds_q):
                     return node, other
             for out in node.outputs:
@@ -366,7 +366,7 @@ def _descends_from(value: ir.Value, node: ir.Node, limit: int = 12) -> bool:
             return False
         if producer is node:
             return True
-        value = next((i for i in producer.inputs if i is not None and not is_const(i)), None)
+        value = next((i for i in producer.inputs if i is not None and not is_weight(i)), None)
         if value is None:
             return False
     return False

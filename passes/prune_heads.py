@@ -87,6 +87,7 @@ from .find_attention import AttentionSite, find_attention
 from .head_functions import FUNCTIONS
 from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, score_views
 from .prune_tokens import _reads_input_seq_len
+from .qdq import dequantized_weight, slice_dequantized, unsliceable_weight
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,8 @@ def _unsliceable(proj: Projection) -> str | None:
         return "a per-column scale or zero point computed in the graph" if column_constants(proj.node) is None else None
     if nbits.is_nbits(proj.node):  # whole blocks are sliced (nbits_blocks); the output projection's at slicing time
         return nbits.unsliceable(proj.node)
-    if producer is not None and producer.op_type == "DequantizeLinear":
-        return "QDQ blocks of DequantizeLinear"
+    if producer is not None and producer.op_type == "DequantizeLinear":  # QDQ: per tensor or per axis
+        return unsliceable_weight(proj.weight)
     return None if op in ("MatMul", "Gemm") else f"a {op} weight format"
 
 
@@ -476,7 +477,9 @@ class _Rewrite:
                axis: int, shape: list[int], rest: np.ndarray | None = None, cat_axis: int = 0) -> None:
         """``value`` viewed as ``units`` blocks, the ``sel`` ones along ``axis``, reshaped to ``shape``;
         ``rest`` (KV-cache packed QKV: the K/V columns) is appended unchanged along the last axis."""
-        if isinstance(sel, np.ndarray):
+        if isinstance(sel, np.ndarray) and dequantized_weight(value) is not None and rest is None:
+            out = slice_dequantized(self.e, value, lambda a: np.take(a.reshape(units), sel, axis=axis).reshape(shape))
+        elif isinstance(sel, np.ndarray):
             arr = np.take(const_array(value).reshape(units), sel, axis=axis).reshape(shape)
             if rest is not None:
                 arr = np.concatenate([arr, rest], axis=cat_axis)
@@ -504,19 +507,19 @@ class _Rewrite:
         d = int(proj.weight.shape[1 if t else 0])
         axis = len(lead) + (0 if t else 1)
         w, rest, b_rest = proj.weight, None, None
+        wslot, slot = _weight_slot(proj), _bias_slot(proj)
         if q_only:  # split the constant packed weight: [Q | K V]; Q is sliced, K V appended whole
-            full, qw = const_array(proj.weight), groups * width
+            (full, wslot), qw = self._packed(proj.weight, wslot), groups * width
             w = self.e.const("q_weight", full[:qw] if t else full[:, :qw])
             rest = full[qw:] if t else full[:, qw:]
-            if proj.bias is not None:
-                fb = const_array(proj.bias)
+            if proj.bias is not None and slot is not None:
+                fb, slot = self._packed(proj.bias, slot)
                 b_rest, bias = fb[qw:], self.e.const("q_bias", fb[:qw])
         cols = (1 if q_only else packs) * n * width
         if t:
-            self._slice(_weight_slot(proj), w, sel, [*lead, groups, width, d], axis, [cols, d], rest)
+            self._slice(wslot, w, sel, [*lead, groups, width, d], axis, [cols, d], rest)
         else:
-            self._slice(_weight_slot(proj), w, sel, [d, *lead, groups, width], axis, [d, cols], rest, cat_axis=1)
-        slot = _bias_slot(proj)
+            self._slice(wslot, w, sel, [d, *lead, groups, width], axis, [d, cols], rest, cat_axis=1)
         if slot is not None:
             self._slice(slot, bias if q_only else proj.bias, sel, [*lead, groups, width], len(lead), [cols], b_rest)
         for node, i in column_constants(proj.node) or []:
@@ -575,6 +578,20 @@ class _Rewrite:
             node.replace_input_with(nbits.SLOTS["g_idx"], self.e.const(
                 "g_idx", (np.arange(k) // nb.block_size).astype(nb.array("g_idx").dtype)))
         self.e.set_attr(node, "K", k)
+
+    def _packed(self, value: ir.Value, slot: tuple[ir.Node, int]) -> tuple[np.ndarray, tuple[ir.Node, int]]:
+        """The constant behind a packed weight or bias and the slot its sliced form goes in. A QDQ one
+        (one scale per tensor) is sliced on its int8 constant, read through a DequantizeLinear of its own."""
+        dq = dequantized_weight(value)
+        if dq is None:
+            return const_array(value), slot
+        if unsliceable_weight(value) or const_array(dq.inputs[1]).size != 1:
+            raise OptionError(f"{dq.name}: packed QKV quantized per axis with a KV cache; prune-heads slices "
+                              "per-tensor QDQ weights there")
+        new = self.e.op("DequantizeLinear", list(dq.inputs), **{k: a.value for k, a in dq.attributes.items()})
+        new.type = value.type
+        slot[0].replace_input_with(slot[1], new)
+        return const_array(dq.inputs[0]), (new.producer(), 0)
 
     def _head_index(self, sel, g: int):
         """Kept query heads of the kept groups (g query heads per group)."""

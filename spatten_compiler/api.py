@@ -35,7 +35,10 @@ from spatten_compiler.passes.find_attention import AttentionReport, AttentionSit
 from spatten_compiler.passes.float16 import DowncastFloat16, UpcastFloat16, is_float16
 from spatten_compiler.passes.length_gate import compile_gated, refuse_gated, short_input_model
 from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.passes.qdq import RestoreQdq, StripQdq, has_qdq
+from spatten_compiler.passes.qdq_constants import FoldQdqConstants
 from spatten_compiler.passes.unfuse_ort import UnfuseOrt
+from spatten_compiler.passes.unfuse_qop import UnfuseQop
 from spatten_compiler.passes.unmerge_decoder import UnmergeDecoder
 from spatten_compiler.pipeline import Pass, Pipeline, parse_pipeline
 from spatten_compiler.plan import run_quietly
@@ -145,6 +148,9 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     float16 = is_float16(m) and not pipeline  # rewritten in float32, converted back (passes/float16.py)
     if float16:
         UpcastFloat16()(m)
+    qdq = has_qdq(m) and not pipeline  # static quantization: compiled in float, QDQ pairs restored (passes/qdq.py)
+    if qdq:
+        Pipeline([UnfuseQop(), FoldQdqConstants(), StripQdq()], check=check)(m)
     unmerged = not pipeline and UnmergeDecoder()(m).modified  # a merged decoder: its with-past branch
     planned = _plan(m, name, {**_fields(config), **_given(options)}, pipeline, report)
     extra = dict(hooks or {})
@@ -161,11 +167,14 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
             raise
         raise NoAttentionError(f"{e} - {name} was written by spattenc already (it holds spatten ops, which "
                                "hide the attention it rewrote); compile the original export") from e
+    if qdq:
+        Pipeline([RestoreQdq()], check=check, **extra)(m)
     if float16:
         Pipeline([DowncastFloat16()], check=check, **extra)(m)
     if planned.report is not None:
-        planned.report["passes"] = [*(["unmerge-decoder"] * unmerged), *planned.report["passes"],
-                                    *(["downcast-fp16"] * float16)]
+        planned.report["passes"] = [*(["unfuse-qop", "fold-qdq-constants", "strip-qdq"] * qdq),
+                                    *(["unmerge-decoder"] * unmerged),
+                                    *planned.report["passes"], *(["restore-qdq"] * qdq), *(["downcast-fp16"] * float16)]
     return CompileResult(m, planned.report, planned.summary)
 
 
@@ -200,6 +209,8 @@ def inspect_report(model: ModelLike) -> AttentionReport:
     not changed (an ``ir.Model`` is normalized on a clone)."""
     m, name = as_model(model, copy=True)
     refuse_gated(m, name)
+    if has_qdq(m):  # as compile does: QOperator kernels unfused, quantized activations read as float
+        Pipeline([UnfuseQop(), FoldQdqConstants(), StripQdq()], check=False)(m)
     UnmergeDecoder()(m)  # as compile does: a merged decoder's with-past branch
     if any(n.domain == "com.microsoft" for n in m.graph):
         # onnxruntime's fused ops (optimizer, model builder): read them as compile will, unfused
