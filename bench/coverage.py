@@ -492,12 +492,12 @@ def evaluate(rec: dict[str, Any], corpus: Path = CORPUS, only: tuple[str, ...] =
                 _run(path, feeds)
             except Exception as e:  # noqa: BLE001 - the converter's fault, reported beside the table
                 return {**row, "conversion": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+        path = float_activations(path, Path(d))
         if fmt == "ortext":
             try:
                 FORMAT["reference"] = _unfused(path, Path(d))
             except SpattencError:  # a fused op unfuse-ort refuses: the checks say so themselves
                 FORMAT["reference"] = None
-        path = float_activations(path, Path(d))
         checks = (("discovered", lambda: discovered(path, rec)), ("tokens", lambda: tokens(path, feeds, Path(d), rec)),
                   ("heads", lambda: heads(path, feeds, Path(d))), ("kv", lambda: kv(path, feeds, Path(d))),
                   ("tokens-0.5", lambda: tokens_half(path, feeds, Path(d), rec)),
