@@ -175,6 +175,7 @@ def to_onnxsim(path: Path, tmp: Path) -> Path:
         raise ValueError("onnxsim's own check failed")
     out = tmp / f"{path.stem}.onnxsim.onnx"
     onnx.save(model, str(out))
+    return out
 
 
 def to_static(path: Path, tmp: Path, quant_format: str = "QDQ") -> Path:
