@@ -88,7 +88,7 @@ def _diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 # compared within float16 rounding (relative to the largest output value); int8 (quantize_dynamic)
 # exactly, onnxruntime against onnxruntime - except a KV group sliced out, whose output projection then
 # quantizes a narrower context with its own per-tensor scale (it must run; the difference is reported).
-FORMAT = {"name": "float"}
+FORMAT: dict[str, Any] = {"name": "float", "reference": None}
 
 
 def _reference(path: Path) -> Path:
@@ -479,6 +479,15 @@ def float_activations(path: Path, tmp: Path) -> Path:
 
 def evaluate(rec: dict[str, Any], corpus: Path = CORPUS, only: tuple[str, ...] = CHECKS,
              fmt: str = "float") -> dict[str, Any]:
+    """See :func:`_evaluate`; the module's format state is reset after it (the checks are also called
+    directly, by tests, with no format)."""
+    try:
+        return _evaluate(rec, corpus, only, fmt)
+    finally:
+        FORMAT["name"], FORMAT["reference"] = "float", None
+
+
+def _evaluate(rec: dict[str, Any], corpus: Path, only: tuple[str, ...], fmt: str) -> dict[str, Any]:
     """One corpus model (converted to ``fmt`` first): each check (of ``only``) -> {ok, reason}. A check
     that raises is a refusal (its message). A conversion that fails or does not load in onnxruntime
     gives ``{"conversion": reason}`` and no checks."""
