@@ -3,17 +3,21 @@ package registers them all in :data:`spatten_compiler.pipeline.PASSES`."""
 
 from __future__ import annotations
 
-# Register every pass (import order is irrelevant; each module registers itself).
-from . import (  # noqa: E402,F401  # noqa: E402,F401  (head and value pruning)  # noqa: E402,F401  (unfuse_ort: onnxruntime optimizer ops -> standard ops)  # noqa: E402,F401  (static quantization: QDQ pairs stripped, compiled in float, restored)
+# Register every pass (import order is irrelevant; each module registers itself):
+# decompose_attention / unfuse_ort / unfuse_qop (fused and QOperator ops -> standard ones), find_attention,
+# normalize, the SpAtten rewrites (prune_tokens, prune_heads, prune_values, quantize_kv, evict_kv, pack_kv),
+# onnxruntime's own tools after them (ort_fusions, ort_quantize, key_mask_fold for --optimize), and the
+# format wrappers (float16, qdq for static quantization, unmerge_decoder for optimum's merged decoders).
+from . import (  # noqa: E402,F401
     decompose_attention,
-    evict_kv,  # noqa: E402,F401  (decoder KV-cache eviction)
+    evict_kv,
     find_attention,
-    float16,  # noqa: E402,F401  (float16 models: rewritten in float32, converted back)
-    key_mask_fold,  # noqa: E402,F401  (--optimize: key masks of the importance layers into their score MatMul)
+    float16,
+    key_mask_fold,
     normalize,
     ort_fusions,
     ort_quantize,
-    pack_kv,  # noqa: E402,F401  (decoder cache stored as packed planes)
+    pack_kv,
     prune_heads,
     prune_tokens,
     prune_values,
@@ -21,5 +25,5 @@ from . import (  # noqa: E402,F401  # noqa: E402,F401  (head and value pruning) 
     quantize_kv,
     unfuse_ort,
     unfuse_qop,
-    unmerge_decoder,  # noqa: E402,F401  (optimum's merged decoders: the with-past branch as the model)
+    unmerge_decoder,
 )

@@ -114,6 +114,12 @@ class _Planned:
     summary: list[str]
 
 
+def _read_qdq() -> list[Pass]:
+    """A statically quantized model read as float: QOperator kernels -> QDQ, quantized constant
+    expressions -> int8 weights, activation Q -> DQ pairs stripped (restore-qdq puts them back)."""
+    return [UnfuseQop(), FoldQdqConstants(), StripQdq()]
+
+
 def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, not builtins.compile
     model: ModelLike,
     *,
@@ -150,7 +156,7 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
         UpcastFloat16()(m)
     qdq = has_qdq(m) and not pipeline  # static quantization: compiled in float, QDQ pairs restored (passes/qdq.py)
     if qdq:
-        Pipeline([UnfuseQop(), FoldQdqConstants(), StripQdq()], check=check)(m)
+        Pipeline(_read_qdq(), check=check)(m)
     unmerged = not pipeline and UnmergeDecoder()(m).modified  # a merged decoder: its with-past branch
     planned = _plan(m, name, {**_fields(config), **_given(options)}, pipeline, report)
     extra = dict(hooks or {})
@@ -172,7 +178,7 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     if float16:
         Pipeline([DowncastFloat16()], check=check, **extra)(m)
     if planned.report is not None:
-        planned.report["passes"] = [*(["unfuse-qop", "fold-qdq-constants", "strip-qdq"] * qdq),
+        planned.report["passes"] = [*([p.name for p in _read_qdq()] * qdq),
                                     *(["unmerge-decoder"] * unmerged),
                                     *planned.report["passes"], *(["restore-qdq"] * qdq), *(["downcast-fp16"] * float16)]
     return CompileResult(m, planned.report, planned.summary)
@@ -210,7 +216,7 @@ def inspect_report(model: ModelLike) -> AttentionReport:
     m, name = as_model(model, copy=True)
     refuse_gated(m, name)
     if has_qdq(m):  # as compile does: QOperator kernels unfused, quantized activations read as float
-        Pipeline([UnfuseQop(), FoldQdqConstants(), StripQdq()], check=False)(m)
+        Pipeline(_read_qdq(), check=False)(m)
     UnmergeDecoder()(m)  # as compile does: a merged decoder's with-past branch
     if any(n.domain == "com.microsoft" for n in m.graph):
         # onnxruntime's fused ops (optimizer, model builder): read them as compile will, unfused
