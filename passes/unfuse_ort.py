@@ -226,11 +226,14 @@ class UnfuseOrt(Pass):
         # FusedMatMul's transposes need its inputs' ranks: unfuse it last, with shapes inferred through
         # the standard ops the others became
         nodes.sort(key=lambda n: n.op_type == "FusedMatMul")
+        inferred = False
         try:
             for node in nodes:
-                if node.op_type == "FusedMatMul" and any(x is None or x.shape is None for x in node.inputs[:2]):
+                if (node.op_type == "FusedMatMul" and not inferred
+                        and any(x is None or x.shape is None for x in node.inputs[:2])):
                     e.commit()
-                    infer_shapes(model)
+                    infer_shapes(model)  # once: ranks downstream of a fused op still come from constant view targets
+                    inferred = True
                 replacements = UNFUSE[node.op_type](e, node)
                 for i, out in enumerate(node.outputs):
                     new = replacements[i] if i < len(replacements) else None
