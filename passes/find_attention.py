@@ -47,6 +47,9 @@ class AttentionSite:
     mask_source: str | None = None
     pv: ir.Node | None = None
     merge: list[ir.Node] = dataclasses.field(default_factory=list)
+    # a per-token norm over all heads between the head merge and the output projection (BitNet's
+    # attn_sub_norm, Sub-LN / Magneto): row-wise, so token rewrites pass it; it mixes the heads
+    out_norm: list[ir.Node] = dataclasses.field(default_factory=list)
     out_proj: Projection | None = None
     residual: ir.Node | None = None
     layer_input: ir.Value | None = None
@@ -156,26 +159,107 @@ def _single_consumer(value: ir.Value) -> ir.Node | None:
     return uses[0].node if len(uses) == 1 else None
 
 
-def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Projection | None, ir.Node | None]:
-    """PV -> head merge (views) -> output projection (+bias) -> residual Add."""
+# A norm over the last axis, decomposed or as one op: what may sit between the head merge and the
+# output projection (:func:`_row_norm`). Every other input of its nodes is a constant (gamma, eps, 2).
+ROW_NORM_OPS = frozenset({"Pow", "ReduceMean", "Add", "Sub", "Sqrt", "Div", "Reciprocal", "Mul", "Cast",
+                          "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"})
+NORM_AXIS_ATTR = {"LayerNormalization": "axis", "RMSNormalization": "axis", "SimplifiedLayerNormalization": "axis"}
+
+
+def _last_axis_only(node: ir.Node, rank: int | None) -> bool:
+    """A reduction or norm op that works on the last axis only (per token)."""
+    if node.op_type in NORM_AXIS_ATTR:
+        axis = node.attributes.get_int(NORM_AXIS_ATTR[node.op_type], -1)
+        return axis == -1 or (rank is not None and axis == rank - 1)
+    if node.op_type != "ReduceMean":
+        return True
+    attr = node.attributes.get("axes")
+    axes = list(attr.as_ints()) if attr is not None else None
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        a = const_array(node.inputs[1])
+        axes = None if a is None else a.reshape(-1).tolist()
+    return axes is not None and len(axes) == 1 and (axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+
+
+def _row_norm(value: ir.Value, limit: int = 12) -> tuple[list[ir.Node], ir.Value] | None:
+    """The nodes and output of a per-token norm reading ``value`` (every node of the region is in
+    :data:`ROW_NORM_OPS`, reduces only the last axis, and reads only ``value``, the region's own
+    results and constants), when the region has one output that a single node reads; else None."""
+    rank = value.shape.rank() if value.shape is not None else None
+    region: list[ir.Node] = []
+    inside = {id(value)}
+    todo = [value]
+    while todo:
+        v = todo.pop(0)
+        for use in v.uses():
+            node = use.node
+            if any(node is r for r in region):
+                continue
+            if node.op_type not in ROW_NORM_OPS or not _last_axis_only(node, rank) or len(region) >= limit:
+                continue
+            if not all(i is None or id(i) in inside or is_const(i) for i in node.inputs):
+                continue  # waits until its other inputs are in the region (Mul(x, rsqrt))
+            region.append(node)
+            for out in node.outputs:
+                inside.add(id(out))
+                todo.append(out)
+            todo.append(v)  # re-scan: a reader of v and of a later result may now be complete
+    if not region or not any(n.op_type in ("ReduceMean", *NORM_AXIS_ATTR) for n in region):
+        return None
+    ids = {id(n) for n in region}
+    exits = [o for n in region for o in n.outputs if any(id(u.node) not in ids for u in o.uses())]
+    if any(id(u.node) not in ids for u in value.uses()) or len(exits) != 1:
+        return None  # the merged heads are read beside the norm, or the norm has several results
+    out = exits[0]
+    return (region, out) if _single_consumer(out) is not None else None
+
+
+def row_norm_input(value: ir.Value, limit: int = 12) -> ir.Value | None:
+    """The input of the per-token norm (:func:`_row_norm`) that computes ``value`` (its output or a step
+    inside it), or None."""
+    seen, todo = set(), [value]
+    while todo and len(seen) < limit:
+        node = todo.pop(0).producer()
+        if node is None or id(node) in seen or node.op_type not in ROW_NORM_OPS:
+            continue
+        seen.add(id(node))
+        for x in node.inputs:
+            if x is None or is_const(x):
+                continue
+            found = _row_norm(x)
+            if found is not None and any(o is value for n in found[0] for o in n.outputs):
+                return x
+            todo.append(x)
+    return None
+
+
+def _follow_output(pv: ir.Node, graph: ir.Graph
+                   ) -> tuple[list[ir.Node], list[ir.Node], Projection | None, ir.Node | None]:
+    """PV -> head merge (views) -> [per-token norm] -> output projection (+bias) -> residual Add."""
     merge: list[ir.Node] = []
+    norm: list[ir.Node] = []
     value = pv.outputs[0]
     node = _single_consumer(value)
     while node is not None and node.op_type in VIEW_OPS:
         merge.append(node)
         value = node.outputs[0]
         node = _single_consumer(value)
+    if merge and (node is None or node.op_type not in ("MatMul", "Gemm")):
+        found = _row_norm(value)
+        if found is not None:
+            norm, value = found
+            node = _single_consumer(value)
     if node is not None and node.op_type == "DynamicQuantizeLinear":  # int8 (quantize_dynamic): Mul is the output
         proj, value = _quantized_after(node)
         if proj is None:
-            return merge, None, None
+            return merge, norm, None, None
     else:
         projects = node is not None and (node.op_type in ("MatMul", "Gemm") or is_nbits(node))  # int4 blocks too
         if not projects or node.inputs[0] is not value:
-            return merge, None, None
+            return merge, norm, None, None
         proj = _projection(node)
         if isinstance(proj, NoMatch):
-            return merge, None, None
+            return merge, norm, None, None
         value = node.outputs[0]
     node = _single_consumer(value)
     while node is not None and node.op_type == "Reshape":  # Gemm on [B*S, D] is reshaped back
@@ -186,7 +270,7 @@ def _follow_output(pv: ir.Node, graph: ir.Graph) -> tuple[list[ir.Node], Project
     while node is not None and node.op_type == "Mul" and any(is_const(i) for i in node.inputs):
         value, node = node.outputs[0], _single_consumer(node.outputs[0])  # layer scale (DINOv2, BEiT)
     residual = node if node is not None and node.op_type == "Add" else None
-    return merge, proj, residual
+    return merge, norm, proj, residual
 
 
 def _quantized_after(dql: ir.Node) -> tuple[Projection | None, ir.Value | None]:
@@ -336,7 +420,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         variant["layout"] = "folded"  # 3-D scores [B*H, S, S]: found, not rewritten
     if "sink" in found:
         variant["sink"] = found["sink_variant"]  # sink columns after/before the scores, sliced off P
-    merge, out_proj, residual = _follow_output(pv, graph)
+    merge, out_norm, out_proj, residual = _follow_output(pv, graph)
     dims = out_proj.weight.shape if out_proj is not None else None
     rows = dims[1 if out_proj.transposed_weight else 0] if dims is not None and dims.rank() == 2 else None
     if isinstance(rows, int) and rows % heads == 0 and rows // heads != head_dim and (
@@ -348,7 +432,8 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         scale=scale if found["scale_variant"] != "none" or scale != 1.0 else None,
         bias_terms=list(found.get("bias_terms", [])), bias_adds=list(found.get("bias_adds", [])),
         sinks=list(found.get("sink", [])), sink_concat=found.get("sink_concat"),
-        mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_proj=out_proj, residual=residual,
+        mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_norm=out_norm, out_proj=out_proj,
+        residual=residual,
     )
     if residual is not None:
         site.residual, site.layer_input = _residual_stream(residual, pv, qb)

@@ -122,6 +122,10 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
+        if s.out_norm:
+            raise OptionError(f"layer {s.layer}: a norm over all heads ('{s.out_norm[0].name}') sits between the head "
+                              "merge and the output projection (Sub-LN, BitNet); removing heads would change its "
+                              "statistics for the kept ones")
         for p in (s.q.projection, s.k.projection, s.v.projection, s.out_proj):
             why = _unsliceable(p)
             if why is not None:

@@ -37,7 +37,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, spatten_schedule
 
 from .attention_trace import is_weight, quantized_projection
-from .find_attention import AttentionSite, find_attention
+from .find_attention import AttentionSite, find_attention, row_norm_input
 from .score_sink import rebroadcast_sinks
 from .spatten_ops import DOMAIN, ensure_functions
 from .token_positions import (
@@ -202,9 +202,13 @@ def _check_serial(site: AttentionSite) -> None:
             continue
         data = [i for i in node.inputs if i is not None and not is_weight(i)
                 and i.dtype in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
+        normed = row_norm_input(value) if len(data) > 1 else None
+        if normed is not None:  # a per-token norm on the branch (Sub-LN, a post-norm): row by row
+            value = normed
+            continue
         if len(data) != 1:
             raise OptionError(f"layer {site.layer}: {node.op_type} '{node.name}' joins the attention output with "
-                              "another value before the residual (a parallel block, a norm on the branch); "
+                              "another value before the residual (a parallel block); "
                               "use prune point layer-input")
         value = data[0]
     out = site.residual.outputs[0]

@@ -56,6 +56,35 @@ def _post_norm(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _sub_norm(proto: onnx.ModelProto, op: str = "rms") -> onnx.ModelProto:
+    """BitNet's attn_sub_norm / Sub-LN: a norm over all heads between the head merge and the output
+    projection (RMS decomposed as transformers writes it, or one LayerNormalization)."""
+    g = proto.graph
+    o = next(n for n in g.node if n.op_type == "MatMul" and n.input[1] == "w_o")
+    width = structural_graphs.H * structural_graphs.DH
+    g.initializer.extend([numpy_helper.from_array(np.float32(2), "sn_two"),
+                          numpy_helper.from_array(np.array([-1]), "sn_ax"),
+                          numpy_helper.from_array(np.float32(1e-6), "sn_eps"),
+                          numpy_helper.from_array(np.linspace(0.5, 1.5, width).astype(np.float32), "sn_gamma"),
+                          numpy_helper.from_array(np.full(width, 0.1, np.float32), "sn_beta")])
+    if op == "rms":
+        nodes = [helper.make_node("Pow", [o.input[0], "sn_two"], ["sn_sq"]),
+                 helper.make_node("ReduceMean", ["sn_sq", "sn_ax"], ["sn_ms"], keepdims=1),
+                 helper.make_node("Add", ["sn_ms", "sn_eps"], ["sn_mse"]),
+                 helper.make_node("Sqrt", ["sn_mse"], ["sn_rms"]),
+                 helper.make_node("Reciprocal", ["sn_rms"], ["sn_inv"]),
+                 helper.make_node("Mul", [o.input[0], "sn_inv"], ["sn_normed"]),
+                 helper.make_node("Mul", ["sn_gamma", "sn_normed"], ["sn_out"])]
+    else:
+        nodes = [helper.make_node("LayerNormalization", [o.input[0], "sn_gamma", "sn_beta"], ["sn_out"], axis=-1)]
+    at = list(g.node).index(o)
+    for i, node in enumerate(nodes):
+        node.name = node.output[0]
+        g.node.insert(at + i, node)
+    o.input[0] = "sn_out"
+    return proto
+
+
 def _parallel(proto: onnx.ModelProto) -> onnx.ModelProto:
     """GPT-J/NeoX: y = (attn + mlp(x)) + x."""
     g = proto.graph
@@ -263,6 +292,8 @@ CASES = {
     "rope_table": lambda: attention_graphs.build(rope=True),
     "layer_scale": lambda: _layer_scale(structural_graphs.build()),
     "post_norm": lambda: _post_norm(structural_graphs.build()),
+    "sub_norm": lambda: _sub_norm(structural_graphs.build()),
+    "sub_layer_norm": lambda: _sub_norm(structural_graphs.build(), op="layer"),
     "parallel_residual": lambda: _parallel(structural_graphs.build()),
     "parallel_after_residual": lambda: _parallel_after_residual(structural_graphs.build()),
     "mask_multiplied": lambda: _mask_multiplied(structural_graphs.build()),
@@ -328,10 +359,11 @@ def test_all_tokens_selected_equals_input(case: str, tmp_path) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
-    """Pruning right after layer 0's softmax; a parallel block (MLP of the full input added to the
-    attention output) is refused in one line."""
+    """Pruning right after layer 0's softmax, through a per-token norm on the branch (a post-norm,
+    Sub-LN); a parallel block (MLP of the full input added to the attention output) is refused in one
+    line."""
     proto = stack(CASES[case]())
-    if case in ("parallel_residual", "post_norm"):  # the branch joins another before the residual
+    if case == "parallel_residual":  # the branch joins another before the residual
         with pytest.raises(OptionError, match="before the residual"):
             _compile(proto, tmp_path, schedule=(1.0, 0.999), prune_point="after-attention")
         return
@@ -348,7 +380,7 @@ def test_after_attention_all_tokens_equals_input(case: str, tmp_path) -> None:
     np.testing.assert_allclose(got["l1_y"], _run(proto, feeds)["l1_y"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "parallel_after_residual", "post_norm",
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"parallel_residual", "parallel_after_residual",
                                                       "folded", "folded_alibi"}))
 def test_after_attention_pruned_ort_equals_reference(case: str, tmp_path) -> None:
     """keep 0.5 right after layer 0's softmax (the decoder presets' prune point): the post-attention
@@ -567,10 +599,10 @@ def test_attention_over_regrouped_tokens_is_refused(tmp_path) -> None:
         _compile(stack(proto), tmp_path, schedule=(1.0, 0.5))
 
 
-@pytest.mark.parametrize("case", ["parallel_residual", "parallel_after_residual", "post_norm", "folded"])
+@pytest.mark.parametrize("case", ["parallel_residual", "parallel_after_residual", "folded"])
 def test_after_attention_falls_back_to_layer_input(case: str, tmp_path, caplog) -> None:
     """The token rule's after-attention prune point, where a block does not allow it (a parallel
-    block, a norm on the attention branch, heads folded into the batch): pruned at the next layer's
+    block, heads folded into the batch): pruned at the next layer's
     input instead, with a warning, and onnxruntime equals the reference runtime. An explicit prune
     point refuses (test_after_attention_all_tokens_equals_input)."""
     proto = stack(CASES[case]())

@@ -190,3 +190,24 @@ def test_norm_over_all_heads_found_and_head_pruned_at_the_core() -> None:
     assert len(sites) == 1 and sites[0].num_heads == H and sites[0].q.cross_head is not None
     prune_heads._check_sites(sites)
     assert head_narrow.needs_rows(sites[0]) == "a norm over all heads before the head split"
+
+
+@pytest.mark.parametrize("op", ["rms", "layer"])
+def test_norm_before_the_output_projection_found_heads_refused(op: str) -> None:
+    """BitNet's attn_sub_norm / Sub-LN between the head merge and the output projection: the output
+    projection and residual are found through it (token rewrites pass it row by row:
+    test_prune_tokens_families sub_norm), head pruning refuses in one line (the norm's statistics
+    cover every head)."""
+    from spatten_compiler.passes import prune_heads
+    from test_prune_tokens_families import _sub_norm
+
+    from spatten_compiler.errors import OptionError
+
+    proto = _sub_norm(build(), op=op)
+    assert np.isfinite(_run(proto)).all()
+    sites = _find(proto).sites
+    assert len(sites) == 1 and sites[0].out_norm and sites[0].out_proj.weight.name == "w_o"
+    assert sites[0].residual is not None and sites[0].layer_input.name == "x"
+    with pytest.raises(OptionError, match="a norm over all heads .* between the head merge and the output projection"):
+        prune_heads._check_sites(sites)
+    assert not _find(build()).sites[0].out_norm
