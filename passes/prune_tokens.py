@@ -543,6 +543,8 @@ class _Rewrite:
             for i, shape in enumerate(node.inputs):
                 if node.op_type == "Reshape" and i == 1:
                     shape = self._split_static_target(node, static)
+                if node.op_type in ("Reshape", "Expand") and i == 1 and shape is not None:
+                    shape = self._free_static_target(node, shape, static)
                 concat = shape.producer() if shape is not None else None
                 if concat is None or concat.op_type != "Concat" or (node.op_type == "Reshape" and i != 1):
                     continue
@@ -581,6 +583,52 @@ class _Rewrite:
             return target
         pieces = [self.e.const("target", a[:1]), self.e.const("target", a[1:2]), self.e.const("target", a[2:])]
         new = self.e.op("Concat", pieces, axis=0)
+        node.replace_input_with(1, new)
+        return new
+
+    def _free_static_target(self, node: ir.Node, target: ir.Value, static: int | None) -> ir.Value:
+        """A constant Reshape/Expand target of an export with fixed shapes (``[2, 2, 2, 7, 16]``: the
+        GQA repeat; ``[14, 64]``: a Gemm's flattened tokens) made length-free, exact at the exported
+        shapes: an Expand entry equal to its data's aligned dim becomes 1 (broadcast keeps the data's
+        dim); a Reshape's leading entries equal to the data's dims, the token axis among them, read the
+        data's shape (Cohere's ``[2, 4, 7, -1]``); a token count (or batch x tokens) left elsewhere becomes
+        -1 (``[2, 4, 7, 16]`` after the GQA repeat). Refused when that is ambiguous (two such entries, or
+        one beside a -1): which entry is the token axis is not in the graph."""
+        a = const_array(target) if static else None
+        dims = node.inputs[0].shape.dims if node.inputs[0].shape is not None else None
+        if a is None or a.ndim != 1 or dims is None or not all(isinstance(d, int) for d in dims):
+            return target
+        t = a.astype(np.int64).copy()
+        if node.op_type == "Expand":
+            off = len(t) - len(dims)
+            for j in range(max(off, 0), len(t)):
+                if t[j] == dims[j - off] and t[j] != 1:
+                    t[j] = 1
+            if np.array_equal(t, a):
+                return target
+            new = self.e.const("target", t)
+        else:
+            if static not in dims:
+                return target
+            token = dims.index(static)
+            lead = 0
+            while lead < min(len(t), len(dims)) and t[lead] == dims[lead] and t[lead] > 0:
+                lead += 1
+            copy = lead if token < lead else 0  # the token axis kept in place: read from the data
+            rest = t[copy:]
+            flat = int(np.prod(dims[:token + 1]))  # the tokens and the axes before them, flattened
+            left = [j for j in range(len(rest)) if rest[j] == static or (rest[j] == flat and -1 not in rest)]
+            if len(left) > 1 or (left and -1 in rest.tolist()):
+                raise OptionError(f"{node.op_type} '{node.name}' has a target fixed at the export's {static} tokens "
+                                  f"({a.tolist()}) in which the token axis is ambiguous; prune-tokens cannot "
+                                  "shrink it (export with a dynamic sequence length)")
+            if left:
+                rest[left[0]] = -1
+            if not copy and not left:
+                return target
+            new = self.e.const("target", rest)
+            if copy:
+                new = self.e.op("Concat", [self.e.op("Shape", [node.inputs[0]], start=0, end=copy), new], axis=0)
         node.replace_input_with(1, new)
         return new
 
@@ -646,7 +694,10 @@ class _Rewrite:
         at the kept positions. Every site's own mask and score terms are rewritten with that site's
         kept positions (skipped here)."""
         skip = {id(v) for v in (x, site.layer_input) if v is not None} | self.site_terms
-        for value, axes, lift in positional_inputs(site.layer, region, skip, x, self.model.graph, site.mask_source):
+        dims = site.layer_input.shape.dims if site.layer_input is not None and site.layer_input.shape is not None else ()
+        full_len = dims[1] if len(dims) == 3 and isinstance(dims[1], int) else None  # an export with fixed shapes
+        for value, axes, lift in positional_inputs(site.layer, region, skip, x, self.model.graph, site.mask_source,
+                                                   full_len):
             new = self._gathered(value, axes, lift)
             for node in region:
                 for i, inp in enumerate(node.inputs):

@@ -58,6 +58,33 @@ def _from_range(value: ir.Value) -> bool:
     return any(n.op_type == "Range" for n in _ancestors(value, limit=12)[0])
 
 
+def _square(v: ir.Value | None) -> bool:
+    """A value whose last two dims are one static size > 1 (a [.., S, S] table), read without loading it."""
+    dims = v.shape.dims if v is not None and v.shape is not None else ()
+    return len(dims) >= 2 and isinstance(dims[-1], int) and dims[-1] > 1 and dims[-1] == dims[-2]
+
+
+def causal_table(a: np.ndarray | None) -> bool:
+    """A constant ``[.., S, S]`` (S > 1) that masks keys after the query and none on the diagonal: the
+    causal (or sliding-window) part of a mask folded at a fixed length (an export with static shapes,
+    simplified). Either convention: allowed (True / 0) or masked (True / a large negative) entries."""
+    if a is None or a.ndim < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] < 2 or a.size > (1 << 24):
+        return False
+    if a.dtype == np.bool_:
+        candidates = (a, ~a)
+    elif np.issubdtype(a.dtype, np.floating):
+        candidates = (a > -1e4,)
+    else:
+        return False
+    above = np.triu(np.ones(a.shape[-2:], bool), 1)
+    diag = np.eye(a.shape[-1], dtype=bool)
+    for allowed in candidates:
+        allowed = allowed.reshape(-1, *a.shape[-2:])
+        if not (allowed & above).any() and (allowed | ~diag).all() and not allowed.all(axis=(1, 2)).any():
+            return True
+    return False
+
+
 def mask_info(mask: ir.Value | None, graph: ir.Graph, causal_cond: ir.Value | None) -> tuple[str, str | None]:
     """(kind, source input name): kind is none | padding | causal | causal+padding."""
     if mask is None and causal_cond is None:
@@ -71,7 +98,8 @@ def mask_info(mask: ir.Value | None, graph: ir.Graph, causal_cond: ir.Value | No
             inputs += i
     causal = any(n.op_type == "Trilu" for n in nodes) or any(
         n.op_type in COMPARISONS and all(i is not None and _from_range(i) for i in n.inputs) for n in nodes
-    )
+    ) or any(causal_table(const_array(v)) for v in (mask, causal_cond, *(i for n in nodes for i in n.inputs))
+             if _square(v) and (v.const_value is not None or v.producer() is None or v.producer().op_type == "Constant"))
     padding = [v for v in inputs if v in graph.inputs and v.name not in POSITION_INPUTS and "past" not in v.name]
     source = padding[0].name if padding else None
     kind = "+".join(k for k, on in (("causal", causal), ("padding", bool(padding))) if on) or "constant"

@@ -234,12 +234,42 @@ def _size(value: ir.Value) -> int | None:
     return None if dims is None or not all(isinstance(d, int) for d in dims) else int(np.prod(dims, dtype=np.int64))
 
 
+# Element-wise ops through which a constant table meets the layer's per-token values
+ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div", "Where"})
+
+
+def _static_table(node: ir.Node, v: ir.Value, full_len: int | None) -> tuple[int, ...] | None:
+    """The token axes of a constant float that is a position table folded at a fixed sequence length
+    (an export with static input shapes, then simplified: RoPE's cos/sin ``[B, 1, S, D]``, a causal
+    mask ``[1, 1, S, S]``): read element-wise by the layer, with the layer input's static length on
+    every token axis. None for any other constant (weights, scales, per-channel terms)."""
+    if full_len is None or full_len <= 1 or node.op_type not in ELEMENTWISE or v.dtype not in FLOATS:
+        return None
+    if v.shape is None or v.shape.rank() < 2 or not all(isinstance(d, int) for d in v.shape.dims):
+        return None
+    axes = _token_axes(v, _is_score_term(node, v))
+    return axes if axes is not None and all(v.shape.dims[a] == full_len for a in axes) else None
+
+
+def _lift(layer: int, node: ir.Node, v: ir.Value) -> int:
+    """For an [S, D] table: the unit axes between batch and tokens of its consumer's rank."""
+    if v.shape.rank() != 2:
+        return 0
+    out = node.outputs[0].shape
+    if out is None or out.rank() < 3:
+        raise OptionError(f"layer {layer}: position table {v.name} [S, D] read by {node.op_type} "
+                          "of unknown rank; prune-tokens cannot gather it")
+    return out.rank() - 3
+
+
 def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned: ir.Value,
-                      graph: ir.Graph, mask_source: str | None) -> list[tuple[ir.Value, tuple[int, ...], int]]:
+                      graph: ir.Graph, mask_source: str | None, full_len: int | None = None
+                      ) -> list[tuple[ir.Value, tuple[int, ...], int]]:
     """(value, token axes, lift) of every position-indexed float the layer reads from outside itself;
     ``lift``: for an [S, D] table, the unit axes between batch and tokens of its consumer's rank. A
     term added to the scores (a mask or bias whatever produced it) is gathered on its query and key
-    axes."""
+    axes. ``full_len``: the layer input's static sequence length, when the export fixed it (constant
+    position tables, :func:`_static_table`)."""
     inside = {id(o) for n in region for o in n.outputs}
     allowed = (POSITION_INPUTS - {"input_ids"}) | {mask_source, "attention_mask"}
     found: dict[int, tuple[ir.Value, tuple[int, ...], int]] = {}
@@ -247,8 +277,12 @@ def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned:
         if node.op_type in ("Shape", "Size"):
             continue
         for v in node.inputs:
-            if (v is None or id(v) in inside or id(v) in skip or id(v) in found or v.dtype not in FLOATS
-                    or v.const_value is not None or const_array(v) is not None):
+            if v is None or id(v) in inside or id(v) in skip or id(v) in found or v.dtype not in FLOATS:
+                continue
+            if v.const_value is not None or const_array(v) is not None:
+                axes = _static_table(node, v, full_len)
+                if axes is not None:
+                    found[id(v)] = (v, axes, _lift(layer, node, v))
                 continue
             # the whole ancestry, not a bounded walk: a deep layer's run-time weight slice (prune-heads) reaches
             # the graph's inputs only through every earlier layer, and a walk cut short misses the hidden state
@@ -268,12 +302,5 @@ def positional_inputs(layer: int, region: list[ir.Node], skip: set[int], pruned:
             if reaches(v, pruned):
                 raise OptionError(f"layer {layer}: {v.name} is computed from the pruned layer input's length; "
                                   "prune a later layer (the schedule's first entries 1.0)")
-            lift = 0
-            if v.shape.rank() == 2:
-                out = node.outputs[0].shape
-                if out is None or out.rank() < 3:
-                    raise OptionError(f"layer {layer}: position table {v.name} [S, D] read by {node.op_type} "
-                                      "of unknown rank; prune-tokens cannot gather it")
-                lift = out.rank() - 3
-            found[id(v)] = (v, axes, lift)
+            found[id(v)] = (v, axes, _lift(layer, node, v))
     return list(found.values())
