@@ -29,6 +29,9 @@ quantize_static in the QDQ or QOperator format), the same checks (float16 within
 ``--format ortopt|ortext|slim|onnxsim``: every model (any exporter) post-processed the way users often
 do before deploying - onnxruntime's saved optimized model (basic or extended level), onnxslim
 (optimum-cli ``--slim``), onnx-simplifier - then the same checks against the post-processed model.
+``--format fixed``: onnx-simplifier with the inputs' shapes fixed to the reference inputs' (an export
+without dynamic axes, as mobile/NPU users deploy it); models without a KV cache only (a fixed cache
+length cannot grow: evict-kv and generation need one that does).
 
 Writes bench/results/<ts>-coverage.{md,json}.
 """
@@ -178,6 +181,27 @@ def to_onnxsim(path: Path, tmp: Path) -> Path:
     return out
 
 
+def to_fixed(path: Path, tmp: Path) -> Path:
+    """An export with fixed input shapes, as mobile/NPU users deploy it: onnx-simplifier with every input's
+    dims fixed to the reference inputs' shapes (``onnxsim --overwrite-input-shape``), so the causal mask,
+    RoPE tables and view targets fold to constants holding that length."""
+    import onnx
+
+    try:
+        import onnxsim
+    except ImportError as err:
+        raise SystemExit("--format fixed needs onnxsim (pip install onnxsim)") from err
+    feeds = np.load(path.with_suffix(".npz"))
+    model = onnx.load(str(path))
+    shapes = {i.name: list(feeds[i.name].shape) for i in model.graph.input if i.name in feeds}
+    model, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
+    if not ok:
+        raise ValueError("onnxsim's own check failed")
+    out = tmp / f"{path.stem}.fixed.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
 def to_static(path: Path, tmp: Path, quant_format: str = "QDQ") -> Path:
     """onnxruntime's static quantization (uint8 activations, int8 weights), calibrated on the model's
     reference inputs with the attention mask all ones (a padded mask's fill value in the calibration
@@ -210,9 +234,9 @@ FORMATS = {"float": None, "int8": to_int8, "fp16": to_fp16,
            "int8pc": functools.partial(to_int8, per_channel=True),  # per output column, as transformers.js
            "qdq": to_static, "qop": functools.partial(to_static, quant_format="QOperator"),
            "ortopt": to_ortopt, "ortext": functools.partial(to_ortopt, extended=True),
-           "slim": to_slim, "onnxsim": to_onnxsim}
+           "slim": to_slim, "onnxsim": to_onnxsim, "fixed": to_fixed}
 # post-processed forms of any export (the model builder's too); the other formats convert float exports
-POSTPROCESS = frozenset({"ortopt", "ortext", "slim", "onnxsim"})
+POSTPROCESS = frozenset({"ortopt", "ortext", "slim", "onnxsim", "fixed"})
 
 
 def _read(path: Path) -> ir.Model:
@@ -602,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in recs if r.get("status") != "ok"]
     if args.format not in POSTPROCESS | {"float"}:  # the model builder's exports are already int4 / GQA fused
         ok = [r for r in ok if r["exporter"] in ("torchscript", "dynamo")]
+    if args.format == "fixed":
+        ok = [r for r in ok if not r.get("kv_cache")]
     rows = []
     t0 = time.perf_counter()
     only = tuple(args.checks.split(",")) if args.checks else CHECKS

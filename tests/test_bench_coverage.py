@@ -35,6 +35,18 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
+def test_fixed_shapes_format(corpus: Path, tmp_path: Path) -> None:
+    """``--format fixed``: onnx-simplifier at the reference inputs' shapes; KV-cache models left out (a
+    fixed cache length cannot grow), every check passes on the encoder."""
+    pytest.importorskip("onnxsim")
+    from bench.coverage import CHECKS, main
+
+    assert main(["--corpus", str(corpus), "--format", "fixed", "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("*-coverage.json")).read_text())
+    assert [r["name"] for r in result["rows"]] == ["bert_torchscript"]
+    assert all(result["rows"][0][check]["ok"] for check in CHECKS), result["rows"][0]
+
+
 @pytest.mark.parametrize("fmt", ["float", "int8", "int8pc", "fp16", "ortext", "slim", "onnxsim"])
 def test_every_check_and_format(fmt: str, corpus: Path, tmp_path: Path) -> None:
     from bench.coverage import CHECKS, main
