@@ -87,6 +87,34 @@ def _token_axis_op(node: ir.Node, site: AttentionSite) -> bool:
     return token is not None and any(ax % 4 == token for ax in axes)
 
 
+def _fixed_shapes(model: ir.Model) -> bool:
+    """Every graph input has static dims: an export without dynamic axes (mobile / NPU deployments)."""
+    ins = list(model.graph.inputs)
+    return bool(ins) and all(v.shape is not None and all(isinstance(d, int) for d in v.shape.dims) for v in ins)
+
+
+def _check_loads(model: ir.Model) -> None:
+    """On an export with fixed input shapes onnxruntime folds the kept-token count at load time, so a
+    shape the rewrite could not free (a constant holding the exported length in a form it does not
+    read) fails there: refused in one line instead of written."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    base = next((v.const_value.base_dir for v in model.graph.initializers.values()
+                 if isinstance(v.const_value, ir.ExternalTensor)), None)
+    if base:  # weights still in the input's files (read lazily): onnxruntime reads them from there
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base))
+    try:
+        ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), opts,
+                             providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime's own error, shortened to its first line
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OptionError("token pruning on this export with fixed input shapes writes a graph onnxruntime "
+                          f"rejects ({first[:200]}); export with a dynamic sequence length, or "
+                          "--no-token-pruning") from err
+
+
 def _check_sites(sites: list[AttentionSite]) -> None:
     for s in sites:
         if s.fused is not None:
@@ -371,6 +399,8 @@ class PruneTokens(Pass):
             logger.warning("prune-tokens: %s - pruning at the next layer's input instead", str(why).rsplit("; use", 1)[0])
             opts = dataclasses.replace(self, prune_point="layer-input")
         _Rewrite(model, sites, ratios, opts).run()
+        if _fixed_shapes(model):
+            _check_loads(model)
         logger.info("prune-tokens: %d layers keep %s of the tokens (importance %s, prune point %s, at least %d "
                     "tokens, restore %s)", len(sites), " ".join(f"{r:.2f}" for r in ratios), opts.importance,
                     opts.prune_point, opts.min_keep, opts.restore)

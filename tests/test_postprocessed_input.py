@@ -323,3 +323,21 @@ def test_fixed_shape_export(name: str, tmp_path) -> None:
     assert ok, why
     ok, why = tokens_half(path, feeds, tmp_path, rec)
     assert ok, why
+
+
+def test_fixed_shape_export_the_rewrite_cannot_free_is_refused(tmp_path, monkeypatch) -> None:
+    """On an export with fixed input shapes onnxruntime folds the kept count at load time: a constant
+    holding the exported length that prune-tokens does not free (here: its target rewrite switched off)
+    makes the compile refuse in one line - no model onnxruntime rejects is written."""
+    from spatten_compiler.passes import prune_tokens
+
+    from spatten_compiler.api import compile as compile_model
+    from spatten_compiler.errors import OptionError
+
+    name = "optimum/llama_optimum"
+    feeds = {k: v for k, v in dict(np.load(MODELS / f"{name}.npz")).items()
+             if k in ("input_ids", "attention_mask", "position_ids")}
+    proto = _fix_shapes(onnx.load(str(MODELS / f"{name}.onnx")), feeds)
+    monkeypatch.setattr(prune_tokens._Rewrite, "_free_static_target", lambda self, node, target, static: target)
+    with pytest.raises(OptionError, match="export with fixed input shapes writes a graph onnxruntime rejects"):
+        compile_model(proto, token_keep=0.5, token_min_keep=1)
