@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from spatten_compiler.match import NoMatch, const_array, match
 
-from .attention_patterns import ROPE, VIEW_OPS
+from .attention_patterns import ASSEMBLY, ROPE, VIEW_OPS
 from .nbits_blocks import is_nbits, out_width
 
 
@@ -38,6 +38,16 @@ class KVCache:
 
 
 @dataclasses.dataclass
+class Assembly:
+    """Q or K concatenated on the last axis from a per-head piece and pieces shared by all heads
+    (:data:`.attention_patterns.ASSEMBLY`): multi-head latent attention's ``cat(k_nope, k_pe)``."""
+
+    concat: ir.Node
+    per_head: int  # the Concat input traced on to the projection
+    shared: list[ir.Value]  # [B, 1, S, d] pieces broadcast to every head (k_pe), kept whole by head pruning
+
+
+@dataclasses.dataclass
 class Branch:
     value: ir.Value  # what the attention core consumes (Q, K^T or V)
     projection: Projection | None = None
@@ -55,6 +65,7 @@ class Branch:
     cross_head: ir.Node | None = None  # a normalization over all heads before the head split (OLMo 2)
     head_slice: tuple[int, int] | None = None  # (start, end) of a Slice on the head axis after the split
     pack_ways: int | None = None  # 3: a [B, S, 3, H, Dh] / [B, S, H, 3, Dh] view of a packed QKV projection
+    assembly: Assembly | None = None  # per-head piece + shared pieces concatenated (MLA)
 
     def finish(self) -> Branch:
         """Heads from the flat width when the head-split Reshape used -1 for them (or when the only
@@ -174,7 +185,26 @@ def _concat(node, value, branch, graph):
             present = next((o for o in graph.outputs if _is_view_of(o, node.outputs[0])), None)
             branch.cache = KVCache(past=past, concat=node, axis=axis, present=present)
             return node.inputs[1 - i]
-    return NoMatch(f"Concat '{node.name}' is not a KV-cache concat with a past input")
+    kinds = _assembly_pieces(node)
+    if isinstance(kinds, NoMatch):
+        return NoMatch(f"Concat '{node.name}' is not a KV-cache concat with a past input, nor {kinds.reason}")
+    branch.assembly = Assembly(node, kinds.index("per_head"),
+                               [p for p, kind in zip(node.inputs, kinds, strict=True) if kind == "shared"])
+    return node.inputs[branch.assembly.per_head]
+
+
+def _assembly_pieces(node: ir.Node) -> list[str] | NoMatch:
+    """Each Concat input's kind in a key/query assembly (:data:`ASSEMBLY`), or why it is none."""
+    out = node.outputs[0].shape
+    rank = out.rank() if out is not None else None
+    axis = node.attributes.get_int("axis", 0)
+    if rank != 4 or axis not in (-1, 3):
+        return NoMatch("a last-axis per-head + shared assembly (not the last axis of a rank-4 tensor)")
+    kinds = [next((kind for kind, test in ASSEMBLY.items() if test(p)), "?") for p in node.inputs]
+    if kinds.count("per_head") != 1 or "shared" not in kinds or "?" in kinds:
+        return NoMatch(f"a per-head + shared assembly (pieces: {', '.join(kinds)}; need one per-head piece and "
+                       "pieces broadcast from one head)")
+    return kinds
 
 
 def _is_view_of(out: ir.Value, value: ir.Value) -> bool:
