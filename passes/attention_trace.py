@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import onnx_ir as ir
 
 from spatten_compiler.match import NoMatch, const_array, match
@@ -287,6 +288,49 @@ def _projection(node: ir.Node) -> Projection | NoMatch:
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     return Projection(node=node, input=_strip_reshapes(node.inputs[0]), weight=weight, bias=bias,
                       transposed_weight=transposed)
+
+
+# Ops that compute each token's row from that token's row alone: a norm (RMSNorm decomposed or fused), a
+# split of the features, a cast; op -> the inputs that carry the data (None: every non-constant input).
+PER_TOKEN: dict[str, tuple[int, ...] | None] = {
+    **{op: None for op in ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Cast", "Identity")},
+    **{op: (0,) for op in ("Split", "Reshape", "SimplifiedLayerNormalization", "LayerNormalization",
+                           "RMSNormalization", "ReduceMean")},
+}
+
+
+def token_source(value: ir.Value, limit: int = 40) -> ir.Value:
+    """The hidden state ``value`` is computed from token by token through one down-projection with a
+    constant weight (and norms, feature splits): multi-head latent attention's Q and K/V projections read
+    ``norm(q_a_proj(x))`` and ``norm(kv_a_proj(x)[..., :r])``, both per-token functions of ``x``. ``value``
+    itself when it is not such a chain (a graph input, anything mixing tokens: SegFormer's strided Conv)."""
+    sources, todo, seen = set(), [value], {id(value)}
+    found: ir.Value | None = None
+    while todo and len(seen) < limit:
+        node = todo.pop().producer()
+        if node is None:
+            return value
+        if node.op_type in ("MatMul", "Gemm") and not isinstance(_projection(node), NoMatch):
+            found = _strip_reshapes(node.inputs[0])
+            sources.add(id(found))
+            continue
+        if node.op_type not in PER_TOKEN or node.op_type == "ReduceMean" and not _last_axis_reduce(node):
+            return value
+        slots = PER_TOKEN[node.op_type]
+        ins = [node.inputs[i] for i in slots] if slots is not None else list(node.inputs)
+        for i in ins:
+            if i is not None and id(i) not in seen and not is_weight(i) and const_array(i) is None:
+                seen.add(id(i))
+                todo.append(i)
+    return found if len(sources) == 1 and not todo else value
+
+
+def _last_axis_reduce(node: ir.Node) -> bool:
+    axes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    axes = axes if axes is not None else node.attributes.get_ints("axes", None)
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    return axes is not None and len(list(np.asarray(axes).reshape(-1))) == 1 and int(
+        np.asarray(axes).reshape(-1)[0]) in (-1, (rank or 0) - 1)
 
 
 def _strip_reshapes(value: ir.Value) -> ir.Value:

@@ -36,7 +36,7 @@ from spatten_compiler.match import const_array, whole_slice
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, spatten_schedule
 
-from .attention_trace import is_weight, quantized_projection
+from .attention_trace import is_weight, quantized_projection, token_source
 from .find_attention import AttentionSite, find_attention
 from .score_sink import rebroadcast_sinks
 from .spatten_ops import DOMAIN, ensure_functions
@@ -100,7 +100,7 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                               "pruning ranks a layer's own tokens as keys")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
-        q_in = s.q.projection.input if s.q is not None and s.q.projection is not None else None
+        q_in = token_source(s.q.projection.input) if s.q is not None and s.q.projection is not None else None
         if q_in is not None and q_in not in _row_aligned(s.layer_input, set(), limit=256):
             raise OptionError(f"layer {s.layer}: the attention's rows are not the layer input's tokens (Q reads "
                               f"'{q_in.name}', regrouped from them, e.g. into windows); token pruning ranks a "

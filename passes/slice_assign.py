@@ -160,6 +160,31 @@ def assembled(value: ir.Value, limit: int = 8) -> list[ir.Value] | NoMatch:
     return [w.update for w in writes]
 
 
+def _written(value: ir.Value, limit: int = 8) -> list[ir.Value]:
+    """The intermediate tensors of the write chain ending in ``value`` (the same shape as ``value``)."""
+    chain = []
+    for _ in range(limit):
+        write = next((w for f in WRITE_FORMS.values() if isinstance(w := f(value), Write)), None)
+        if write is None:
+            break
+        chain.append(write.data)
+        value = write.data
+    return chain
+
+
+def _shape_only(value: ir.Value, skip: set[int], depth: int = 3) -> bool:
+    """Every use of ``value`` (except nodes in ``skip``) ends in Shape/Size through at most ``depth`` views."""
+    for use in value.uses():
+        node = use.node
+        if id(node) in skip or node.op_type in ("Shape", "Size"):
+            continue
+        if depth == 0 or node.op_type not in ("Slice", "Transpose", "Reshape", "CastLike", "Cast") or use.idx != 0:
+            return False
+        if not all(_shape_only(o, set(), depth - 1) for o in node.outputs):
+            return False
+    return True
+
+
 def slice_writes_to_concat(model: ir.Model) -> int:
     """Every slice-write chain that tiles an empty tensor -> ``Concat(pieces, axis=-1)``; returns how many."""
     e = GraphEditor(model, "spatten/normalize")
@@ -176,6 +201,11 @@ def slice_writes_to_concat(model: ir.Model) -> int:
         cat = e.op("Concat", pieces, axis=-1, hint="assembled")
         cat.shape, cat.type = out.shape, out.type
         e.replace_uses(out, cat)
+        *inner, root = _written(out)
+        for v in inner:  # a partly written tensor's shape (read to size the next write) is the empty one's
+            chain = [u.node for u in v.uses() if u.node.op_type in ("ScatterND", "Transpose")]
+            if _shape_only(v, {id(n) for n in chain}):
+                e.replace_uses(v, root, keep=chain)
         count += 1
     if count:
         e.commit()
