@@ -31,7 +31,8 @@ B, H, S, D = 2, 4, 3, 16
 
 
 def _const(name: str, a: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, a.shape, a.ravel()))
+    tensor = helper.make_tensor(name, TensorProto.INT64, a.shape, a.ravel())
+    return helper.make_node("Constant", [], [name], value=tensor)
 
 
 def _slice_scatter(spans: list[tuple[int, int]]) -> onnx.ModelProto:
