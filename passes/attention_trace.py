@@ -325,6 +325,15 @@ def token_source(value: ir.Value, limit: int = 40) -> ir.Value:
     return found if len(sources) == 1 and not todo else value
 
 
+def latent_past(projection: Projection | None, graph: ir.Graph) -> ir.Value | None:
+    """The past input concatenated into a projection's input (multi-head latent attention caching the
+    compressed latent: ``kv_b_proj(Concat(past_latent, latent))``), if any: a cache ahead of the projection."""
+    node = projection.input.producer() if projection is not None else None
+    if node is None or node.op_type != "Concat":
+        return None
+    return next((p for i in node.inputs if i is not None and (p := _graph_input(i, graph)) is not None), None)
+
+
 def _last_axis_reduce(node: ir.Node) -> bool:
     axes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
     axes = axes if axes is not None else node.attributes.get_ints("axes", None)

@@ -24,6 +24,7 @@ from .attention_trace import (
     Projection,
     _projection,
     is_weight,
+    latent_past,
     quantized_projection,
     token_source,
     trace_branch,
@@ -67,6 +68,8 @@ class AttentionSite:
     # probabilities: ``probs`` is after that Slice, so its rows sum to less than 1
     sinks: list[ir.Value] = dataclasses.field(default_factory=list)
     sink_concat: ir.Node | None = None
+    # a past input concatenated before K's projection (MLA caching the compressed latent): no K/V cache at the core
+    latent_past: ir.Value | None = None
 
     @property
     def rope(self) -> bool:
@@ -372,6 +375,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         site.residual, site.layer_input = _residual_stream(residual, pv, qb)
     elif out_proj is not None:  # a norm on the branch before the residual (Gemma 2, OLMo 2 post-norms)
         site.residual, site.layer_input = _residual_after(out_proj.node.outputs[0], qb)
+    site.latent_past = latent_past(kb.projection, graph)
     site.mask_kind, site.mask_source = mask_info(site.mask, graph, found.get("causal_cond"))
     site.rope_source = rope_position_source(qb.rope_cos, graph)
     return site

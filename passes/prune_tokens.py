@@ -94,14 +94,18 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if s.kv_cache:
             raise OptionError(f"layer {s.layer} reads a KV cache: the token rewrite of a KV-cache decoder is "
                               "evict-kv (--kv-budget); prune-tokens prunes a prompt without a cache")
+        if s.latent_past is not None:
+            raise OptionError(f"layer {s.layer} reads a cache of its K/V projection's input ('{s.latent_past.name}', "
+                              "multi-head latent attention): prune-tokens prunes a prompt without a cache")
         if s.own_keys is False:
             raise OptionError(f"layer {s.layer}: its keys are computed from other tokens than its queries (K reads "
                               f"'{s.k.projection.input.name}': a reduced sequence or cross-attention); token "
                               "pruning ranks a layer's own tokens as keys")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
-        q_in = token_source(s.q.projection.input) if s.q is not None and s.q.projection is not None else None
-        if q_in is not None and q_in not in _row_aligned(s.layer_input, set(), limit=256):
+        q_in = s.q.projection.input if s.q is not None and s.q.projection is not None else None
+        aligned = _row_aligned(s.layer_input, set(), limit=256)
+        if q_in is not None and q_in not in aligned and token_source(q_in) not in aligned:  # MLA: q_a_proj first
             raise OptionError(f"layer {s.layer}: the attention's rows are not the layer input's tokens (Q reads "
                               f"'{q_in.name}', regrouped from them, e.g. into windows); token pruning ranks a "
                               "layer's own tokens")

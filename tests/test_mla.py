@@ -146,3 +146,24 @@ def test_tokens_exact(name: str, tmp_path: Path) -> None:
 
     ok, why = tokens(MLA / f"{name}.onnx", dict(np.load(MLA / f"{name}.npz")), tmp_path, REC)
     assert ok, why
+
+
+def test_latent_cache_refused_in_one_line(tmp_path: Path) -> None:
+    """transformers 5 caches the compressed latent before kv_b_proj: the sites are found (heads exact), but
+    no K/V cache is read at the core, so evict-kv and prune-tokens refuse, naming the latent past."""
+    from bench.coverage import _compile, heads
+    from spatten_compiler.pipeline import make_pass
+
+    from spatten_compiler.errors import OptionError
+
+    path = MLA / "deepseek_v3_torchscript_kv.onnx"
+    model = load_model(path)
+    Normalize()(model)
+    sites = find_attention(model).sites
+    assert [s.latent_past.name for s in sites] == ["past_key_values.0.key", "past_key_values.1.key"]
+    assert not any(s.kv_cache for s in sites)
+    for rewrite in (make_pass("evict-kv", budget=1.0), make_pass("prune-tokens", keep=0.5)):
+        with pytest.raises(OptionError, match="past_key_values.0.key"):
+            _compile(path, [rewrite], tmp_path / "x.onnx")
+    ok, why = heads(path, dict(np.load(path.with_suffix(".npz"))), tmp_path)
+    assert ok, why
