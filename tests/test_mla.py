@@ -152,9 +152,8 @@ def test_latent_cache_refused_in_one_line(tmp_path: Path) -> None:
     """transformers 5 caches the compressed latent before kv_b_proj: the sites are found (heads exact), but
     no K/V cache is read at the core, so evict-kv and prune-tokens refuse, naming the latent past."""
     from bench.coverage import _compile, heads
-    from spatten_compiler.pipeline import make_pass
-
     from spatten_compiler.errors import OptionError
+    from spatten_compiler.pipeline import make_pass
 
     path = MLA / "deepseek_v3_torchscript_kv.onnx"
     model = load_model(path)
