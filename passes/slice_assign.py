@@ -47,13 +47,13 @@ def _strip(value: ir.Value, ops: tuple[str, ...] = _VIEWS) -> ir.Value:
 
 
 def _span(index: np.ndarray | None) -> tuple[int, int] | None:
-    """[lo, hi) when ``index`` (any shape) holds the consecutive integers lo .. hi-1 along its last
-    non-unit axis, the same in every broadcast copy."""
+    """[lo, hi) when ``index`` (one non-unit axis) is lo, lo+1, .., hi-1 in order: update position j is
+    written to lo + j (a permuted index would reorder the piece, which a Concat does not)."""
     if index is None or index.size == 0 or index.dtype.kind not in "iu":
         return None
-    flat = np.unique(index.reshape(-1))
-    lo, hi = int(flat[0]), int(flat[-1]) + 1
-    return (lo, hi) if flat.size == hi - lo else None
+    flat = index.reshape(-1).astype(np.int64)
+    lo = int(flat[0])
+    return (lo, lo + flat.size) if np.array_equal(flat, np.arange(lo, lo + flat.size)) else None
 
 
 def _whole_axis(component: ir.Value, axis: int) -> bool:

@@ -166,3 +166,16 @@ def test_latent_cache_refused_in_one_line(tmp_path: Path) -> None:
             _compile(path, [rewrite], tmp_path / "x.onnx")
     ok, why = heads(path, dict(np.load(path.with_suffix(".npz"))), tmp_path)
     assert ok, why
+
+
+def test_reordered_write_is_no_slice() -> None:
+    """An index that permutes the written positions is not ``k[..., lo:hi] = piece``: no Concat, and why."""
+    proto = _slice_scatter([(0, 8), (8, 16)])
+    idx = next(n for n in proto.graph.node if n.output[0] == "idx1")
+    idx.attribute[0].t.CopyFrom(helper.make_tensor("idx1", TensorProto.INT64, [8, 1], list(range(15, 7, -1))))
+    model = ir.serde.deserialize_model(proto)
+    infer_shapes(model)
+    assert slice_writes_to_concat(model) == 0
+    out = next(n for n in reversed(list(model.graph)) if n.op_type == "Transpose").outputs[0]
+    why = assembled(out)
+    assert isinstance(why, NoMatch) and "not a constant range of rows" in why.reason
