@@ -86,7 +86,7 @@ def _index_put(value: ir.Value) -> Write | NoMatch:
     src = update.producer()
     if src is not None and src.op_type == "Reshape" and src.inputs[0].shape is not None and (
             src.inputs[0].shape.rank() == rank):
-        update = src.inputs[0]  # reshaped to the index's shape, which it has already
+        update = src.inputs[0]  # reshaped to the index's shape, which it has already (torch expands first)
     return Write(data, *span, update)
 
 
