@@ -422,7 +422,7 @@ def heads(path: Path, feeds: dict[str, np.ndarray], tmp: Path) -> tuple[bool, st
     if groups < 2 or sites[-1].out_proj is None:
         return True, why + " (one KV group: no slice tested)"
     site = sites[-1]
-    g, dh = site.num_heads // groups, site.head_dim
+    g, dh = site.num_heads // groups, site.v_head_dim
     _zero_rows(model, site.out_proj, slice(0, g * dh))  # group 0's query heads come first in the merged head axis
     Pipeline([make_pass("restore-qdq")], check=False)(model)  # a statically quantized model: its pairs again
     zeroed = tmp / "zeroed.onnx"

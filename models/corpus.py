@@ -142,7 +142,8 @@ FAMILIES: list[Family] = [
     _fam("phimoe", "decoder", num_local_experts=2, num_experts_per_tok=1, **_MOE),
     _fam("gpt_oss", "decoder", num_local_experts=2, num_experts_per_tok=1, experts_per_token=1, sliding_window=4,
          **_MOE),
-    # MLA: no KV-cache export (the wrapper's flat cache does not fit k_pe's shared head); head_dim is the rope part
+    # MLA: no KV-cache export (transformers 5 caches the latent [B, 1, S, kv_lora_rank] and k_pe, not the wrapper's
+    # flat [B, H_kv, P, Dh]); head_dim is the rope part
     _fam("deepseek_v3", "decoder", kv=False, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
          qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=2, num_experts_per_tok=1, n_shared_experts=1,
          moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4,

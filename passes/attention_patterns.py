@@ -75,6 +75,30 @@ NAN_GUARD = Op("Where", Op("IsNaN", Var("p")), Const("zero"), Var("p"), name="gu
 ROTATE_HALF = Op("Concat", Op("Neg", Op("Slice", Var("x"))), Op("Slice", Var("x")), name="rotate")
 ROPE = Op("Add", Op("Mul", Var("x"), Var("cos")), Op("Mul", ROTATE_HALF, Var("sin")), name="rope")
 
+def _broadcast_head(value) -> bool:
+    """``value`` is an ``Expand`` (through views) of a [B, 1, S, d] tensor: one head shared by all."""
+    for _ in range(6):
+        node = value.producer()
+        if node is None or node.op_type not in ("Expand", "Reshape", "Unsqueeze", "Cast", "Identity"):
+            return False
+        src = node.inputs[0].shape
+        if node.op_type == "Expand" and src is not None and src.rank() == 4 and src.dims[1] == 1:
+            return True
+        value = node.inputs[0]
+    return False
+
+
+def _per_head(value) -> bool:
+    shape = value.shape
+    return shape is not None and shape.rank() == 4 and shape.dims[1] != 1 and not _broadcast_head(value)
+
+
+# Q/K assembled on the last axis, [B, H, S, d1 + d2] = Concat(per_head [B, H, S, d1], Expand(shared [B, 1, S, d2])):
+# multi-head latent attention (DeepSeek-V2/V3, Kimi) puts the RoPE part of the key in one head shared by all.
+# (torch's slice writes ``k[..., :d] = a; k[..., d:] = b`` become this Concat in normalize: slice_assign.py.)
+# piece kind -> test, tried in order
+ASSEMBLY = {"shared": _broadcast_head, "per_head": _per_head}
+
 # Ops that only re-view the data on its way from a projection to Q/K/V: op -> data input index.
 VIEW_OPS: dict[str, int] = {
     "Transpose": 0,

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import onnx_ir as ir
 
 from spatten_compiler.match import NoMatch, const_array, match
 
-from .attention_patterns import ROPE, VIEW_OPS
+from .attention_patterns import ASSEMBLY, ROPE, VIEW_OPS
 from .nbits_blocks import is_nbits, out_width
 
 
@@ -38,6 +39,16 @@ class KVCache:
 
 
 @dataclasses.dataclass
+class Assembly:
+    """Q or K concatenated on the last axis from a per-head piece and pieces shared by all heads
+    (:data:`.attention_patterns.ASSEMBLY`): multi-head latent attention's ``cat(k_nope, k_pe)``."""
+
+    concat: ir.Node
+    per_head: int  # the Concat input traced on to the projection
+    shared: list[ir.Value]  # [B, 1, S, d] pieces broadcast to every head (k_pe), kept whole by head pruning
+
+
+@dataclasses.dataclass
 class Branch:
     value: ir.Value  # what the attention core consumes (Q, K^T or V)
     projection: Projection | None = None
@@ -55,6 +66,7 @@ class Branch:
     cross_head: ir.Node | None = None  # a normalization over all heads before the head split (OLMo 2)
     head_slice: tuple[int, int] | None = None  # (start, end) of a Slice on the head axis after the split
     pack_ways: int | None = None  # 3: a [B, S, 3, H, Dh] / [B, S, H, 3, Dh] view of a packed QKV projection
+    assembly: Assembly | None = None  # per-head piece + shared pieces concatenated (MLA)
 
     def finish(self) -> Branch:
         """Heads from the flat width when the head-split Reshape used -1 for them (or when the only
@@ -174,7 +186,26 @@ def _concat(node, value, branch, graph):
             present = next((o for o in graph.outputs if _is_view_of(o, node.outputs[0])), None)
             branch.cache = KVCache(past=past, concat=node, axis=axis, present=present)
             return node.inputs[1 - i]
-    return NoMatch(f"Concat '{node.name}' is not a KV-cache concat with a past input")
+    kinds = _assembly_pieces(node)
+    if isinstance(kinds, NoMatch):
+        return NoMatch(f"Concat '{node.name}' is not a KV-cache concat with a past input, nor {kinds.reason}")
+    branch.assembly = Assembly(node, kinds.index("per_head"),
+                               [p for p, kind in zip(node.inputs, kinds, strict=True) if kind == "shared"])
+    return node.inputs[branch.assembly.per_head]
+
+
+def _assembly_pieces(node: ir.Node) -> list[str] | NoMatch:
+    """Each Concat input's kind in a key/query assembly (:data:`ASSEMBLY`), or why it is none."""
+    out = node.outputs[0].shape
+    rank = out.rank() if out is not None else None
+    axis = node.attributes.get_int("axis", 0)
+    if rank != 4 or axis not in (-1, 3):
+        return NoMatch("a last-axis per-head + shared assembly (not the last axis of a rank-4 tensor)")
+    kinds = [next((kind for kind, test in ASSEMBLY.items() if test(p)), "?") for p in node.inputs]
+    if kinds.count("per_head") != 1 or "shared" not in kinds or "?" in kinds:
+        return NoMatch(f"a per-head + shared assembly (pieces: {', '.join(kinds)}; need one per-head piece and "
+                       "pieces broadcast from one head)")
+    return kinds
 
 
 def _is_view_of(out: ir.Value, value: ir.Value) -> bool:
@@ -257,6 +288,58 @@ def _projection(node: ir.Node) -> Projection | NoMatch:
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     return Projection(node=node, input=_strip_reshapes(node.inputs[0]), weight=weight, bias=bias,
                       transposed_weight=transposed)
+
+
+# Ops that compute each token's row from that token's row alone: a norm (RMSNorm decomposed or fused), a
+# split of the features, a cast; op -> the inputs that carry the data (None: every non-constant input).
+PER_TOKEN: dict[str, tuple[int, ...] | None] = {
+    **{op: None for op in ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Cast", "Identity")},
+    **{op: (0,) for op in ("Split", "Reshape", "SimplifiedLayerNormalization", "LayerNormalization",
+                           "RMSNormalization", "ReduceMean")},
+}
+
+
+def token_source(value: ir.Value, limit: int = 40) -> ir.Value:
+    """The hidden state ``value`` is computed from token by token through one down-projection with a
+    constant weight (and norms, feature splits): multi-head latent attention's Q and K/V projections read
+    ``norm(q_a_proj(x))`` and ``norm(kv_a_proj(x)[..., :r])``, both per-token functions of ``x``. ``value``
+    itself when it is not such a chain (a graph input, anything mixing tokens: SegFormer's strided Conv)."""
+    sources, todo, seen = set(), [value], {id(value)}
+    found: ir.Value | None = None
+    while todo and len(seen) < limit:
+        node = todo.pop().producer()
+        if node is None:
+            return value
+        if node.op_type in ("MatMul", "Gemm") and not isinstance(_projection(node), NoMatch):
+            found = _strip_reshapes(node.inputs[0])
+            sources.add(id(found))
+            continue
+        if node.op_type not in PER_TOKEN or node.op_type == "ReduceMean" and not _last_axis_reduce(node):
+            return value
+        slots = PER_TOKEN[node.op_type]
+        ins = [node.inputs[i] for i in slots] if slots is not None else list(node.inputs)
+        for i in ins:
+            if i is not None and id(i) not in seen and not is_weight(i) and const_array(i) is None:
+                seen.add(id(i))
+                todo.append(i)
+    return found if len(sources) == 1 and not todo else value
+
+
+def latent_past(projection: Projection | None, graph: ir.Graph) -> ir.Value | None:
+    """The past input concatenated into a projection's input (multi-head latent attention caching the
+    compressed latent: ``kv_b_proj(Concat(past_latent, latent))``), if any: a cache ahead of the projection."""
+    node = projection.input.producer() if projection is not None else None
+    if node is None or node.op_type != "Concat":
+        return None
+    return next((p for i in node.inputs if i is not None and (p := _graph_input(i, graph)) is not None), None)
+
+
+def _last_axis_reduce(node: ir.Node) -> bool:
+    axes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    axes = axes if axes is not None else node.attributes.get_ints("axes", None)
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    return axes is not None and len(list(np.asarray(axes).reshape(-1))) == 1 and int(
+        np.asarray(axes).reshape(-1)[0]) in (-1, (rank or 0) - 1)
 
 
 def _strip_reshapes(value: ir.Value) -> ir.Value:

@@ -283,6 +283,10 @@ def _check(sites: list[AttentionSite], positions_why: str | None = None) -> None
             raise OptionError(f"layer {s.layer}: the present cache output is neither the past + new concat nor "
                               "its last W - 1 slots under a sliding-window mask (kv > q - W); evict-kv does not "
                               "rewrite it")
+        if cache is None and s.latent_past is not None:
+            raise OptionError(f"layer {s.layer} caches the K/V projection's input ('{s.latent_past.name}' is "
+                              "concatenated before it: multi-head latent attention's compressed latent), not K/V: "
+                              "evict-kv evicts the K/V cache read by the attention and does not rewrite a latent cache")
         if cache is None or s.v is None or s.v.cache is None or cache.present is None or s.v.cache.present is None:
             raise OptionError(f"layer {s.layer} has no KV cache (past/present inputs and outputs): "
                               "--kv-budget applies to decoders exported with a KV cache")

@@ -19,7 +19,16 @@ from spatten_compiler.match import NoMatch, const_array, is_const, match
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, UNREAD_FUSED_OPS, VIEW_OPS
-from .attention_trace import Branch, Projection, _projection, is_weight, quantized_projection, trace_branch
+from .attention_trace import (
+    Branch,
+    Projection,
+    _projection,
+    is_weight,
+    latent_past,
+    quantized_projection,
+    token_source,
+    trace_branch,
+)
 from .nbits_blocks import in_width, is_nbits
 from .score_chain import is_mask_term, score_chain
 from .site_io import _ancestors, layer_outputs, mask_info, rope_position_source
@@ -62,10 +71,20 @@ class AttentionSite:
     # probabilities: ``probs`` is after that Slice, so its rows sum to less than 1
     sinks: list[ir.Value] = dataclasses.field(default_factory=list)
     sink_concat: ir.Node | None = None
+    # a past input concatenated before K's projection (MLA caching the compressed latent): no K/V cache at the core
+    latent_past: ir.Value | None = None
 
     @property
     def rope(self) -> bool:
         return bool(self.q and self.q.rope is not None)
+
+    @property
+    def v_head_dim(self) -> int | None:
+        """V's head size: what each head contributes to the output projection (MLA's v_head_dim may
+        differ from the Q/K head size); the Q/K one where V's is not known."""
+        shape = self.v.value.shape if self.v is not None and self.v.value is not None else None
+        last = shape.dims[-1] if shape is not None and shape.rank() == 4 else None
+        return last if isinstance(last, int) else self.head_dim
 
     @property
     def own_keys(self) -> bool | None:
@@ -74,7 +93,9 @@ class AttentionSite:
         (SegFormer's strided Conv, ``S_k != S_q``); None: projections not found (fused ops)."""
         qp = self.q.projection if self.q else None
         kp = self.k.projection if self.k else None
-        return None if qp is None or kp is None else qp.input is kp.input
+        if qp is None or kp is None:
+            return None
+        return qp.input is kp.input or token_source(qp.input) is token_source(kp.input)
 
     @property
     def kv_cache(self) -> bool:
@@ -439,6 +460,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         site.residual, site.layer_input = _residual_stream(residual, pv, qb)
     elif out_proj is not None:  # a norm on the branch before the residual (Gemma 2, OLMo 2 post-norms)
         site.residual, site.layer_input = _residual_after(out_proj.node.outputs[0], qb)
+    site.latent_past = latent_past(kb.projection, graph)
     site.mask_kind, site.mask_source = mask_info(site.mask, graph, found.get("causal_cond"))
     site.rope_source = rope_position_source(qb.rope_cos, graph)
     return site

@@ -11,6 +11,11 @@ For one layer with kept KV groups ``sel`` (compile time)::
     kept columns are not a box, heads folded with a KV cache):
         P stays whole; core input X -> Gather(X, kept heads, axis=1)
 
+A key/query assembled from a per-head piece and pieces shared by all heads (multi-head latent attention:
+``Concat(k_nope, Expand(k_pe))``) has each shared piece broadcast to the per-head piece's heads first
+(``Expand(k_pe, Shape(k_nope)[:-1] + [d])``), so it follows the narrowed heads; the shared projection
+stays whole.
+
 A KV-cache layer keeps K and V whole (the cache must stay complete): only Q's columns are narrowed
 (where the packing allows) and the core reads the kept heads of K/V (``spatten.KeptHeads``).
 """
@@ -41,6 +46,8 @@ def needs_rows(site: AttentionSite) -> str | None:
         return "a position term computed from activations (disentangled attention)"
     if site.variant.get("layout") == "folded" or site.q.value.shape is not None and site.q.value.shape.rank() == 3:
         return "heads folded into the batch axis"
+    if any(b.assembly is not None for b in (site.q, site.k)):
+        return "a key/query assembled from per-head and shared pieces (multi-head latent attention)"
     if any(b.cross_head is not None for b in (site.q, site.k)):
         return "a norm over all heads before the head split"
     if site.q.packed is None and site.q.projection.node is site.k.projection.node:
@@ -85,6 +92,9 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray | ir.Value, q_head
     """Narrow (or gather) Q/K/V of one layer to the kept groups ``sel``; returns how each projection
     was handled (for the log). A run-time ``sel`` (the paper rule) always gathers at the core: the
     weights cannot be sliced before the heads are known."""
+    for b in (site.q, site.k):
+        if b.assembly is not None:
+            _follow_heads(editor, b.assembly)
     by_proj: dict[int, tuple[ir.Node, list[tuple[str, ir.Value]]]] = {}
     for name, b in (("q", site.q), ("k", site.k), ("v", site.v)):
         by_proj.setdefault(id(b.projection.node), (b.projection.node, []))[1].append((name, b.value))
@@ -116,6 +126,25 @@ def narrow_layer(editor, site: AttentionSite, sel: np.ndarray | ir.Value, q_head
         _apply(editor, plan, ev)
         done.append(f"{proj.name}: {plan.columns.size} of {ev.columns.size} columns")
     return done
+
+
+def _follow_heads(editor, assembly) -> None:
+    """Each shared piece ``Expand(x [B, 1, S, d], target)`` of an assembly -> ``Expand(x, Shape(per_head)[:-1] ++
+    Shape(x)[-1:])``: broadcast to however many heads the per-head piece has (a constant target would keep all)."""
+    concat = assembly.concat
+    per_head = concat.inputs[assembly.per_head]
+    for i, piece in enumerate(concat.inputs):
+        expand = piece.producer() if piece is not None else None
+        if i == assembly.per_head or expand is None or expand.op_type != "Expand":
+            continue
+        src = expand.inputs[0]
+        target = editor.op("Concat", [editor.op("Shape", [per_head], end=-1), editor.op("Shape", [src], start=-1)],
+                           axis=0)
+        out = editor.op("Expand", [src, target], hint="shared_heads")
+        out.type = piece.type
+        if piece.shape is not None:
+            out.shape = ir.Shape([d if a != 1 else ir.SymbolicDim(None) for a, d in enumerate(piece.shape.dims)])
+        concat.replace_input_with(i, out)
 
 
 def core_reader(site: AttentionSite, name: str) -> ir.Node | None:

@@ -248,11 +248,22 @@ class Evaluator:
             return np.full(shape, -2, np.int64)
         if node.op_type in VIEWS:
             if node.op_type == "Concat":  # a past K/V or other non-projection piece: -1
-                ins = [x if i is not None and id(i) in self.data else np.full(np.shape(x), -1, np.int64)
+                ins = [x if i is not None and id(i) in self.data else np.full(self._beside(node, ins, x), -1, np.int64)
                        for i, x in zip(node.inputs, ins)]
             out = OPS[node.op_type](node, ins)
             return out[list(node.outputs).index(v)] if isinstance(out, tuple) else out
         raise RowMapError(f"{node.op_type} '{node.name}' on the way from the projection is not evaluated")
+
+
+    def _beside(self, node: ir.Node, ins: list, x) -> tuple[int, ...]:
+        """The shape of a non-projection Concat piece: its own, with the axes it broadcasts (symbolic,
+        or a head shared by all: MLA's k_pe) taken from the projection's piece."""
+        data = next((y for i, y in zip(node.inputs, ins) if i is not None and id(i) in self.data), None)
+        shape = list(np.shape(x))
+        if data is None or np.ndim(data) != len(shape):
+            return tuple(shape)
+        axis = _attr(node, "axis") % len(shape)
+        return tuple(s if a == axis or s != 1 else np.shape(data)[a] for a, s in enumerate(shape))
 
 
 def head_axis(core: np.ndarray) -> int:

@@ -6,6 +6,8 @@ Rewrites (in order):
   Shape(x)[-1], x [B,H,S,Dh] with a static Dh -> Dh, folded on (SDPA exports compute the attention
                            scale 1/sqrt(Dh) from it; only that axis: pruning changes the others)
   Gather(x, [i], axis) of a float x -> Slice(x, i, i + 1, axis) (keeps the axis; the per-head slice form)
+  slice writes tiling an empty tensor (``k[..., :d] = a; k[..., d:] = b``) -> Concat(a, b, axis=-1)
+                           (:mod:`.slice_assign`; the MLA key assembly)
   Dropout(x) (inference)   -> x
   Cast(x, to=dtype(x))     -> x
   Identity(x)              -> x      (again: the folds above can expose new ones; not when it makes
@@ -33,6 +35,8 @@ from spatten_compiler.editor import GraphEditor
 from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.shapes import infer_shapes
+
+from .slice_assign import slice_writes_to_concat
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +190,7 @@ class Normalize(Pass):
             optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=self.fold_limit,
                                      output_size_limit=self.fold_limit)
             infer_shapes(model)
+        slice_writes_to_concat(model)  # after the head-size folds: the last-axis index is a Range to Dh
         removed = remove_noops(model.graph)
         _IdentityElimination()(model)
         RemoveUnusedNodesPass()(model)

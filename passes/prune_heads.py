@@ -361,7 +361,7 @@ class PruneHeads(Pass):
         out = {}
         for i in layers:
             site = sites[i]
-            g, dh = site.num_heads // groups, site.head_dim
+            g, dh = site.num_heads // groups, site.v_head_dim
             cols = (_query_heads(np.array(kept[i]), g)[:, None] * dh + np.arange(dh)).reshape(-1)
             w = const_array(site.out_proj.weight)
             w = w.T if site.out_proj.transposed_weight else w
@@ -379,7 +379,7 @@ def _refuse_runtime_blocks(sites: list[AttentionSite]) -> None:
         if not nbits.is_nbits(node):
             continue
         nb, g = nbits.layout(node), s.num_heads // s.num_kv_heads
-        rows = g * s.head_dim
+        rows = g * s.v_head_dim
         zp = nb.array("zero_points")
         why = (f"head groups of {rows} rows are not whole blocks of {nb.block_size}" if rows % nb.block_size
                or nb.K != s.num_kv_heads * rows else
@@ -393,7 +393,7 @@ def _refuse_runtime_blocks(sites: list[AttentionSite]) -> None:
 
 def _out_rows(site: AttentionSite, sel: np.ndarray) -> np.ndarray:
     """The output-projection input rows of the kept groups ``sel`` (their query heads' contexts)."""
-    g, dh = site.num_heads // site.num_kv_heads, site.head_dim
+    g, dh = site.num_heads // site.num_kv_heads, site.v_head_dim
     return (_query_heads(np.asarray(sel), g)[:, None] * dh + np.arange(dh)).reshape(-1)
 
 
@@ -408,7 +408,7 @@ def _check_blocks(sites: list[AttentionSite], kept: list[list[int]], reconstruct
         why = nbits.row_blocks(nbits.layout(site.out_proj.node), _out_rows(site, k))
         if isinstance(why, str):
             g = site.num_heads // site.num_kv_heads
-            raise OptionError(f"layer {site.layer}: {why}: head groups of {g * site.head_dim} rows; prune-heads "
+            raise OptionError(f"layer {site.layer}: {why}: head groups of {g * site.v_head_dim} rows; prune-heads "
                               "slices int4 blocks whole and never requantizes")
 
 
@@ -625,6 +625,7 @@ class _Rewrite:
     def _slice_layer(self, site: AttentionSite, sel, n: int,
                      output: np.ndarray | None = None) -> None:
         G, H, dh = site.num_kv_heads, site.num_heads, site.head_dim
+        dv = site.v_head_dim  # the output projection reads H x dv (MLA: v_head_dim may differ from Q/K's)
         g = H // G
         cache = site.kv_cache
         layout = needs_rows(site)
@@ -668,11 +669,11 @@ class _Rewrite:
         elif output is not None:
             self._set_output(out, output)
         elif out.transposed_weight:
-            self._slice(_weight_slot(out), out.weight, sel, [d, G, g * dh], 1, [d, n * g * dh])
+            self._slice(_weight_slot(out), out.weight, sel, [d, G, g * dv], 1, [d, n * g * dv])
         else:
-            self._slice(_weight_slot(out), out.weight, sel, [G, g * dh, d], 0, [n * g * dh, d])
+            self._slice(_weight_slot(out), out.weight, sel, [G, g * dv, d], 0, [n * g * dv, d])
         packed_width = n * g * dh + 2 * G * dh if cache else 3 * n * dh
-        widths = {H * dh: n * g * dh, G * dh: n * dh, 3 * H * dh: packed_width}
+        widths = {H * dv: n * g * dv, H * dh: n * g * dh, G * dh: n * dh, 3 * H * dh: packed_width}
         counts = {H: n * g, G: n}
         seen: set[int] = set()
         views = [*site.q.views, *site.merge] if cache else [*site.q.views, *site.k.views, *site.v.views, *site.merge]
@@ -701,7 +702,7 @@ class _Rewrite:
                 self._retarget(node, lambda pos, size, v, at=heads_at: widths.get(v, v) if pos == size - 1 and size <= 3
                                else counts.get(v, v) if size == 4 and pos in at else v)
                 if any(node is m for m in site.merge):
-                    self._pin_width(node, n * g * dh)
+                    self._pin_width(node, n * g * dv)
             elif node.op_type == "Expand":  # GQA repeat [1, G, g, S, Dh]
                 self._retarget(node, lambda pos, size, v: counts.get(v, v) if pos == 1 and v == G else v)
 

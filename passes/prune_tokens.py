@@ -36,7 +36,7 @@ from spatten_compiler.match import const_array, whole_slice
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.schedule import check_schedule, spatten_schedule
 
-from .attention_trace import is_weight, quantized_projection
+from .attention_trace import is_weight, quantized_projection, token_source
 from .find_attention import AttentionSite, find_attention, row_norm_input
 from .score_sink import rebroadcast_sinks
 from .spatten_ops import DOMAIN, ensure_functions
@@ -122,6 +122,9 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if s.kv_cache:
             raise OptionError(f"layer {s.layer} reads a KV cache: the token rewrite of a KV-cache decoder is "
                               "evict-kv (--kv-budget); prune-tokens prunes a prompt without a cache")
+        if s.latent_past is not None:
+            raise OptionError(f"layer {s.layer} reads a cache of its K/V projection's input ('{s.latent_past.name}', "
+                              "multi-head latent attention): prune-tokens prunes a prompt without a cache")
         if s.own_keys is False:
             raise OptionError(f"layer {s.layer}: its keys are computed from other tokens than its queries (K reads "
                               f"'{s.k.projection.input.name}': a reduced sequence or cross-attention); token "
@@ -129,7 +132,8 @@ def _check_sites(sites: list[AttentionSite]) -> None:
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
         q_in = s.q.projection.input if s.q is not None and s.q.projection is not None else None
-        if q_in is not None and q_in not in _row_aligned(s.layer_input, set(), limit=256):
+        aligned = _row_aligned(s.layer_input, set(), limit=256)
+        if q_in is not None and q_in not in aligned and token_source(q_in) not in aligned:  # MLA: q_a_proj first
             raise OptionError(f"layer {s.layer}: the attention's rows are not the layer input's tokens (Q reads "
                               f"'{q_in.name}', regrouped from them, e.g. into windows); token pruning ranks a "
                               "layer's own tokens")

@@ -226,7 +226,18 @@ def _sized_inside(nodes: list[ir.Node], inputs: list[ir.Value], inside: set[int]
               if i is not None and i.dtype in FLOATS and (i.producer() is None or i.producer().op_type == "Constant")
               and _size(i) != 1]
     return (not inputs and bool(shapes) and not tables and not any(n.op_type in POSITION_OPS for n in nodes)
-            and all(id(n.inputs[0]) in inside or n.inputs[0] is pruned for n in shapes))
+            and all(_sized_like_inside(n.inputs[0], inside, pruned) for n in shapes))
+
+
+def _sized_like_inside(value: ir.Value, inside: set[int], pruned: ir.Value, depth: int = 3) -> bool:
+    """``value`` is in the layer, or zeros shaped like it (``ConstantOfShape(Shape(x))``, an MoE's index_add
+    buffer whose shape sizes another buffer)."""
+    if id(value) in inside or value is pruned:
+        return True
+    node = value.producer()
+    shape = node.inputs[0].producer() if node is not None and node.op_type == "ConstantOfShape" else None
+    return (depth > 0 and shape is not None and shape.op_type == "Shape"
+            and _sized_like_inside(shape.inputs[0], inside, pruned, depth - 1))
 
 
 def _size(value: ir.Value) -> int | None:
