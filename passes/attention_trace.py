@@ -152,9 +152,65 @@ def _view(node, value, branch, graph):
             branch.flat_width = width if isinstance(width, int) else None
             if branch.head_slice is not None and isinstance(heads, int) and branch.head_dim:
                 branch.flat_width = heads * branch.head_dim  # this branch's share of the fused width
+        if len(dims) == 3 and src is not None and src.rank() == 3 and branch.heads is None and width:
+            _folded_split(node, dims, width, branch)
     if node.op_type == "Expand":
         branch.repeated = True
     return node.inputs[VIEW_OPS[node.op_type]]
+
+
+def _shape_scalar(value: ir.Value | None, depth: int = 6) -> int | None:
+    """A one-element shape piece's value: a constant, a static dim read by ``Gather(Shape(x), i)``, or
+    ``Mul`` / ``Div`` of such (through Unsqueeze / Squeeze / Reshape / Cast); None when symbolic."""
+    a = const_array(value, max_elements=1) if value is not None else None
+    if a is not None:
+        return int(a.reshape(-1)[0]) if a.size == 1 else None
+    node = value.producer() if value is not None else None
+    if node is None or depth == 0:
+        return None
+    if node.op_type in ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity"):
+        return _shape_scalar(node.inputs[0], depth - 1)
+    if node.op_type == "Gather" and (shape := node.inputs[0].producer()) is not None and shape.op_type == "Shape":
+        x, i = shape.inputs[0], _shape_scalar(node.inputs[1], depth - 1)
+        start = shape.attributes.get_int("start", 0)
+        if x.shape is None or i is None or start < 0:
+            return None
+        dim = x.shape.dims[start + i] if -x.shape.rank() <= start + i < x.shape.rank() else None
+        return dim if isinstance(dim, int) else None
+    if node.op_type in ("Mul", "Div"):
+        a, b = (_shape_scalar(v, depth - 1) for v in node.inputs)
+        return None if a is None or b is None or (node.op_type == "Div" and (b == 0 or a % b)) else (
+            a * b if node.op_type == "Mul" else a // b)
+    return None
+
+
+def _fold_factor(value: ir.Value | None, depth: int = 4) -> int | None:
+    """``c`` of a shape piece ``Mul(n, c)`` (a batch-like size times a constant), through views."""
+    node = value.producer() if value is not None else None
+    if node is None or depth == 0:
+        return None
+    if node.op_type in ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity"):
+        return _fold_factor(node.inputs[0], depth - 1)
+    if node.op_type != "Mul":
+        return None
+    factors = [_shape_scalar(v) for v in node.inputs]
+    return next((f for f in factors if f is not None), None) if factors.count(None) == 1 else None
+
+
+def _folded_split(node: ir.Node, dims: list[int | None], width: int, branch: Branch) -> None:
+    """A head split straight into the batch axis, ``[X, Y, H*Dh] -> [X, Y*H, Dh]`` (or ``[Y*H, X, Dh]``):
+    torch's ``multi_head_attention_forward`` (WavLM) views the sequence-first projection so, with no
+    4-D view. Heads when the target's last entry is the head size (a constant, or the width read from a
+    shape divided by a constant) and another entry is a size times the same head count."""
+    concat = node.inputs[1].producer()
+    pieces = list(concat.inputs) if concat is not None and concat.op_type == "Concat" else []
+    dh = dims[2] or (_shape_scalar(pieces[2]) if len(pieces) == 3 else None)
+    if not dh or width % dh or width // dh < 2:
+        return
+    heads = width // dh
+    if not any(_fold_factor(p) == heads for p in pieces[:2]):
+        return
+    branch.heads, branch.head_dim, branch.flat_width = heads, dh, width
 
 
 def _add(node, value, branch, graph):
@@ -486,6 +542,8 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
     for n in reversed(region):  # from the core outwards, as the table walks
         if n.op_type in VIEW_OPS:
             _view(n, n.outputs[0], branch, graph)
+        elif (piece := _head_axis_piece(n, inside)) is not None:
+            _split(n, piece, branch, graph)  # this branch's heads of a [B, S, H + 2G, Dh] packing (Falcon)
     packed = _per_head_slice(node, region)
     if packed is not None and branch.head_dim and 3 * packed[1] == branch.head_dim:
         branch.packed, branch.head_dim = packed  # [B, S, H, 3*Dh] sliced into q, k, v per head
@@ -494,6 +552,24 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
     if branch.rope is None and any(_positional(i, graph) for i in outside):
         branch.rope = region[-1]  # reads positions: a rotary/positional transform
     return branch.finish()
+
+
+def _head_axis_piece(node: ir.Node, inside: set[int]) -> ir.Value | None:
+    """The output of a ``Split`` / ``Slice`` on the head axis of a head-split view ``[B, S, H', Dh]`` that
+    the region goes on from (its other pieces are the other branches' heads), else None. A rotary's
+    half-splits read the per-head tensor after its transpose, not the view."""
+    view = node.inputs[0].producer() if node.op_type in ("Split", "Slice") and node.inputs else None
+    if view is None or view.op_type != "Reshape" or node.inputs[0].shape is None or node.inputs[0].shape.rank() != 4:
+        return None
+    if node.op_type == "Split":
+        axes = [node.attributes.get_int("axis", 0)]
+    else:
+        a = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        axes = a.reshape(-1).tolist() if a is not None else []
+    if axes not in ([2], [-2]):
+        return None
+    pieces = [o for o in node.outputs if any(id(u.node) in inside for u in o.uses())]
+    return pieces[0] if len(pieces) == 1 else None
 
 
 def _positional(value: ir.Value, graph: ir.Graph, limit: int = 60) -> bool:

@@ -8,6 +8,8 @@ Rewrites (in order):
   Gather(x, [i], axis) of a float x -> Slice(x, i, i + 1, axis) (keeps the axis; the per-head slice form)
   slice writes tiling an empty tensor (``k[..., :d] = a; k[..., d:] = b``) -> Concat(a, b, axis=-1)
                            (:mod:`.slice_assign`; the MLA key assembly)
+  SequenceAt(SplitToSequence(x, sizes, axis), i) -> Split(x, sizes)[i], or Slice for a scalar size
+                           (torch's chunk/split under dynamo; the folder does it only on a static axis)
   Dropout(x) (inference)   -> x
   Cast(x, to=dtype(x))     -> x
   Identity(x)              -> x      (again: the folds above can expose new ones; not when it makes
@@ -129,6 +131,17 @@ def fold_head_sizes(model: ir.Model) -> int:
     return folded
 
 
+def _to_slice(e: GraphEditor, node: ir.Node, data: ir.Value, start: int, end: int, axis: int,
+              same_shape: bool = True) -> None:
+    """``node``'s one output -> ``Slice(data, start, end, axis)`` (same type, and shape unless told not to);
+    ``node`` removed."""
+    bounds = [e.const(hint, np.array([v], np.int64)) for hint, v in (("start", start), ("end", end), ("axis", axis))]
+    sliced = e.op("Slice", [data, *bounds])
+    sliced.shape, sliced.type = node.outputs[0].shape if same_shape else None, node.outputs[0].type
+    e.replace_uses(node.outputs[0], sliced)
+    node.graph.remove(node, safe=True)
+
+
 def gathers_to_slices(model: ir.Model) -> int:
     """``Gather(x, [i], axis)`` of a float tensor with a constant one-element 1-D index keeps the axis:
     it is ``Slice(x, i, i + 1, axis)`` (transformers 4's Falcon picks K and V out of the fused
@@ -149,16 +162,74 @@ def gathers_to_slices(model: ir.Model) -> int:
         if not isinstance(data.shape.dims[axis], int):
             continue  # a dynamic axis is a token axis: picking one token is not a per-head slice
         i = int(idx[0])
-        end = np.iinfo(np.int64).max if i == -1 else i + 1
-        bounds = [e.const(hint, np.array([v], np.int64)) for hint, v in (("start", i), ("end", end), ("axis", axis))]
-        sliced = e.op("Slice", [data, *bounds])
-        sliced.shape, sliced.type = node.outputs[0].shape, node.outputs[0].type
-        e.replace_uses(node.outputs[0], sliced)
-        model.graph.remove(node, safe=True)
+        _to_slice(e, node, data, i, np.iinfo(np.int64).max if i == -1 else i + 1, axis)
         count += 1
     if count:
         e.commit()
     return count
+
+
+def _chunk_bounds(sizes: np.ndarray, index: int) -> tuple[int, int] | None:
+    """[start, end) of chunk ``index`` of ``SplitToSequence(x, size)`` with a scalar size (every chunk that
+    size, the last maybe shorter: Slice clamps the end); None for a negative index (needs the count)."""
+    return (int(sizes) * index, int(sizes) * (index + 1)) if index >= 0 else None
+
+
+def sequences_to_slices(model: ir.Model) -> int:
+    """``SequenceAt(SplitToSequence(x, sizes, axis), i)`` with constant sizes and position -> an output of
+    ``Split(x, sizes, axis)`` (a list of sizes: the form the matchers read, K/V narrower than Q in a
+    multi-query packing) or ``Slice(x, i * size, (i + 1) * size, axis)`` (a scalar size, ``i >= 0``), exact
+    whatever the axis length. onnxscript's folder does it only when the axis is static; onnxruntime's
+    saved models (Reshape to ``[B, S, H, -1]``) leave it symbolic, and a sequence hides the packing
+    (DeBERTa's ``chunk(3, dim=-1)``, GPT-2's fused QKV) from the matchers."""
+    e = GraphEditor(model, "spatten/normalize")
+    splits: dict[int, tuple[ir.Value, ...]] = {}
+    stale: set[str] = set()
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "SequenceAt" or node.domain not in ("", "ai.onnx"):
+            continue
+        split = node.inputs[0].producer()
+        index = const_array(node.inputs[1])
+        sizes = const_array(split.inputs[1]) if split is not None and len(split.inputs) > 1 else None
+        if split is None or split.op_type != "SplitToSequence" or index is None or index.size != 1 or sizes is None:
+            continue
+        stale |= _symbols(node.outputs[0]) - _symbols(split.inputs[0])
+        i, axis = int(index.reshape(())), split.attributes.get_int("axis", 0)
+        if sizes.ndim == 1 and -sizes.size <= i < sizes.size:
+            if id(split) not in splits:
+                parts = e.op("Split", [split.inputs[0], e.const("sizes", sizes.astype(np.int64))],
+                             outputs=sizes.size, axis=axis)
+                splits[id(split)] = parts if isinstance(parts, tuple) else (parts,)
+            part = splits[id(split)][i]  # its shape inferred afterwards: a sequence's element shape is one for
+            part.type = node.outputs[0].type  # every chunk (4, 1 and 1 heads would read as one symbolic size)
+            e.replace_uses(node.outputs[0], part)
+            node.graph.remove(node, safe=True)
+        elif sizes.ndim == 0 and (bounds := _chunk_bounds(sizes, i)) is not None:
+            _to_slice(e, node, split.inputs[0], *bounds, axis, same_shape=False)
+        else:
+            continue
+        count += 1
+    if count:
+        e.commit()
+        _forget_symbols(model, stale)
+    return count
+
+
+def _symbols(value: ir.Value) -> set[str]:
+    return {str(d) for d in value.shape.dims if not isinstance(d, int)} if value.shape is not None else set()
+
+
+def _forget_symbols(model: ir.Model, names: set[str]) -> None:
+    """Symbolic dims inferred for a sequence's element (one for every chunk: 4, 1 and 1 heads read as one
+    size ``unk``) are dropped wherever they spread, so that inference gives each chunk's own shape;
+    onnxruntime plans buffers from equal symbols."""
+    if not names:
+        return
+    for node in model.graph:
+        for v in node.outputs:
+            if v.shape is not None and _symbols(v) & names:
+                v.shape = ir.Shape([None if not isinstance(d, int) and str(d) in names else d for d in v.shape.dims])
 
 
 @register_pass
@@ -183,6 +254,8 @@ class Normalize(Pass):
         )
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
         infer_shapes(model)
+        if sequences_to_slices(model):
+            infer_shapes(model)
         gathers_to_slices(model)
         for _ in range(3):  # the attention scale computed from the head size folds after it; that can
             if not fold_head_sizes(model):  # make the next layer's head size static (nemotron's rotary)

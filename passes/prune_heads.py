@@ -88,6 +88,7 @@ from .head_functions import FUNCTIONS
 from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, score_views
 from .prune_tokens import _reads_input_seq_len
 from .qdq import dequantized_weight, slice_dequantized, unsliceable_weight
+from .score_chain import static_rank
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,15 @@ def _folded(site: AttentionSite) -> bool:
 
 def _folded_term(site: AttentionSite, term: ir.Value) -> bool:
     """A score term on heads folded into the batch, ``[B*H | 1, ., .]`` (BLOOM's ALiBi)."""
-    return _folded(site) and term.shape is not None and term.shape.rank() == 3
+    shape = _term_shape(term)
+    return _folded(site) and shape is not None and shape.rank() == 3
+
+
+def _term_shape(term: ir.Value) -> ir.Shape | None:
+    """A score term's shape; without an inferred one, its rank from its data flow (Optimum's DeBERTa p2c
+    term comes out of an ``If``) with unknown dims: the head axis is then rank - 3, gathered as dynamic."""
+    rank = static_rank(term) if term.shape is None else None
+    return term.shape if rank is None else ir.Shape([None] * rank)
 
 
 def _folds(node: ir.Node) -> tuple[int, int] | None:
@@ -133,10 +142,10 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                                   f"prune-heads cannot slice ({why}): compile the float model and add --weights "
                                   "int8|int4")
         for term in (*s.bias_terms, *s.sinks):
-            if term.shape is None or term.shape.rank() not in (1, 2, 3, 4) or (
-                    _folded(s) and term.shape.rank() == 4):
+            shape = _term_shape(term)
+            if shape is None or shape.rank() not in (1, 2, 3, 4) or (_folded(s) and shape.rank() == 4):
                 raise OptionError(f"layer {s.layer}: score term {term.name} has no static head axis "
-                                  f"(shape {term.shape}); prune-heads cannot slice it")
+                                  f"(shape {shape}); prune-heads cannot slice it")
         if s.num_heads % s.num_kv_heads:
             raise OptionError(f"layer {s.layer}: {s.num_heads} query heads do not divide into "
                               f"{s.num_kv_heads} KV heads")
@@ -650,14 +659,16 @@ class _Rewrite:
             self._unexpand_heads(site.mask, H)
         # per-head score terms: position biases (added) and sink columns (concatenated): the kept heads' rows
         for term, add in [*zip(site.bias_terms, site.bias_adds), *((t, site.sink_concat) for t in site.sinks)]:
-            if _folded_term(site, term) and term.shape.dims[0] != 1:
+            if _folded_term(site, term) and _term_shape(term).dims[0] != 1:
+                # (dims unknown, rank from the data flow: DeBERTa-v2's p2c from Optimum, [B*H, S, S]; one of
+                # [1, S, S] would stop at the [B, H, ., .] view at run time, never give wrong scores)
                 gather_heads(self.e, term, self._head_index(sel, g), H, reader=add)
-            elif not _folded(site) and term.shape.rank() >= 3 and term.shape.dims[term.shape.rank() - 3] != 1:
+            elif not _folded(site) and (shape := _term_shape(term)).rank() >= 3 and shape.dims[shape.rank() - 3] != 1:
                 # [B|1, H|1, S, S] or [H|1, S, S] aligned with the scores: the head axis is rank - 3
-                axis = term.shape.rank() - 3
+                axis = shape.rank() - 3
                 idx = self._head_index(sel, g)
                 idx = self.e.const("kept_heads", idx) if isinstance(idx, np.ndarray) else idx
-                if term.shape.dims[axis] != H:  # not static: a broadcast axis of 1 reads row 0 for every head
+                if shape.dims[axis] != H:  # not static: a broadcast axis of 1 reads row 0 for every head
                     last = self.e.op("Sub", [self.e.op("Shape", [term], start=axis, end=axis + 1),
                                              self.e.const("one", np.array([1], np.int64))])
                     idx = self.e.op("Min", [idx, last])

@@ -211,3 +211,43 @@ def reads_projection(term: ir.Value, limit: int = 200) -> bool:
             return True
         todo.extend(node.inputs)
     return False
+
+
+# The rank of a value whose inferred shape is unknown, from its producer (ONNX's shape rules); the
+# ranks of the inputs come from their shapes or, recursively, the same rules. An ``If`` whose branches
+# compute one score term two ways (Optimum's DeBERTa p2c: ``GatherElements`` of the term when the query
+# and key lengths differ, the term itself otherwise) has the rank both branches agree on.
+_SAME = ("Identity", "Cast", "Neg", "Abs", "Sigmoid", "Tanh", "Relu", "Exp", "Sqrt", "Reciprocal", "Clip",
+         "Transpose", "GatherElements", "Softmax", "LayerNormalization", "Dropout")
+_BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "And", "Or")
+RANK_RULES = {
+    **{op: lambda node, rank: rank(node.inputs[0]) for op in _SAME},  # element-wise / same-rank ops
+    **{op: lambda node, rank: _max_rank([rank(i) for i in node.inputs if i is not None]) for op in _BROADCAST},
+}  # If: :func:`_if_rank` (per output)
+
+
+def _max_rank(ranks: list[int | None]) -> int | None:
+    return None if not ranks or any(r is None for r in ranks) else max(ranks)
+
+
+def _if_rank(node: ir.Node, value: ir.Value, depth: int) -> int | None:
+    i = list(node.outputs).index(value)
+    ranks = {static_rank(node.attributes[b].value.outputs[i], depth - 1)
+             for b in ("then_branch", "else_branch") if b in node.attributes}
+    return ranks.pop() if len(ranks) == 1 else None
+
+
+def static_rank(value: ir.Value | None, depth: int = 12) -> int | None:
+    """``value``'s rank: from its shape, else derived from its producer (:data:`RANK_RULES`); None when
+    neither tells."""
+    if value is None:
+        return None
+    if value.shape is not None:
+        return value.shape.rank()
+    node = value.producer()
+    if node is None or depth == 0 or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "If":
+        return _if_rank(node, value, depth)
+    rule = RANK_RULES.get(node.op_type)
+    return rule(node, lambda v: static_rank(v, depth - 1)) if rule is not None else None

@@ -20,7 +20,8 @@ N = helper.make_node
 
 def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "",
           rope_table: bool = False, sink: str = "none") -> onnx.ModelProto:
-    """qk: plain | norm | norm_full | partial_rope | interleaved_rope; bias: none | buckets | alibi;
+    """qk: plain | norm | norm_full | partial_rope | interleaved_rope; bias: none | buckets | alibi |
+    branched (a term computed from q and k, chosen by an ``If`` on the q and k lengths: Optimum's DeBERTa p2c);
     sink: none | after | before (the sink column's side of the scores);
     negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens | token_prefix |
     activation_sink | shift_not_max | slice_keeps_sink."""
@@ -140,6 +141,29 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
                   N("Unsqueeze", ["rbh", c("bu2", [0])], ["pos_bias"])]
     elif bias == "alibi":  # slopes[h] * key position
         nodes += [N("Mul", [c("slopes", np.array([0.5, 0.25], np.float32).reshape(1, H, 1, 1)), "posf"], ["pos_bias"])]
+    elif bias == "branched":  # the term's shape is lost at the If: its rank is known from the branches only
+        # c2p: q times relative-position keys [1, H, Dh, 7], gathered at clip(k - q, -3, 3) + 3
+        nodes += [N("MatMul", ["q_h", c("rel_kt", rng.standard_normal((1, H, DH, 7)).astype(np.float32))], ["c2p_all"]),
+                  N("Unsqueeze", ["pos", c("du0", [0])], ["dk"]), N("Unsqueeze", ["pos", c("du1", [1])], ["dq"]),
+                  N("Sub", ["dk", "dq"], ["drel"]),
+                  N("Clip", ["drel", c("dlo", np.int64(-3)), c("dhi", np.int64(3))], ["drelc"]),
+                  N("Add", ["drelc", c("doff", np.int64(3))], ["didx"]),
+                  N("Shape", ["q_h"], ["d_bhs"], end=3), N("Shape", ["x"], ["d_s"], start=1, end=2),
+                  N("Concat", ["d_bhs", "d_s"], ["d_shape"], axis=0),
+                  N("Expand", ["didx", "d_shape"], ["didx4"]),
+                  N("GatherElements", ["c2p_all", "didx4"], ["term"], axis=-1),
+                  N("Shape", ["q_h"], ["q_len"], start=2, end=3), N("Shape", ["k_h"], ["k_len"], start=2, end=3),
+                  N("Equal", ["q_len", "k_len"], ["same_len"]), N("Not", ["same_len"], ["diff_len"]),
+                  N("Squeeze", ["diff_len", c("sq0", [0])], ["cond"]),
+                  N("If", ["cond"], ["p2c"], then_branch=_branch("then", [
+                      # an index of a computed length (the export's rank-changing If before it): no static rank
+                      N("Shape", ["term"], ["t_shape"]), N("Shape", ["x"], ["t_b"], end=1),
+                      N("Abs", ["t_b"], ["t_end"]),
+                      N("Slice", ["t_shape", c("t0", [0]), "t_end"], ["t_sl"]),
+                      N("Expand", [c("t_zero", np.zeros((1, 1, 1, 1), np.int64)), "t_sl"], ["t_idx"]),
+                      N("GatherElements", ["term", "t_idx"], ["t_out"], axis=-1)], "t_out"),
+                    else_branch=_branch("else", [N("Identity", ["term"], ["e_out"])], "e_out")),
+                  N("Add", ["term", "p2c"], ["pos_bias"])]  # c2p + p2c
     if bias != "none":
         nodes.append(N("Add", [scores, "pos_bias"], ["biased"]))
         scores = "biased"
@@ -167,6 +191,11 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     return model if sink == "none" else with_sink(model, before=sink == "before", negative=negative)
+
+
+def _branch(name: str, nodes: list, out: str) -> onnx.GraphProto:
+    """An ``If`` branch; its output's shape left to inference (the term reads the outer scope)."""
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
 
 
 def with_sink(proto: onnx.ModelProto, heads: int = H, before: bool = False, negative: str = "") -> onnx.ModelProto:
@@ -215,3 +244,85 @@ def feeds(batch: int = 2, seq: int = 5) -> dict[str, np.ndarray]:
     mask = np.ones((batch, seq), np.int64)
     mask[-1, -2:] = 0
     return {"x": rng.standard_normal((batch, seq, D)).astype(np.float32), "mask": mask}
+
+
+def _initializers(inits: list[onnx.TensorProto]):
+    """``c(name, array) -> name``, appending the initializer to ``inits``."""
+    def c(name: str, array) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+    return c
+
+
+def seq_first(head_size: str = "div", gated: bool = True) -> onnx.ModelProto:
+    """torch's ``multi_head_attention_forward`` as WavLM runs it: the layer input transposed to
+    sequence-first ``[S, B, D]``, each projection viewed straight into the batch axis as ``[S, B*H, Dh]``
+    (no 4-D view) and transposed to ``[B*H, S, Dh]``; 3-D scores. ``head_size``: ``div`` (TorchScript:
+    the target's last entry is the width read from the shape divided by H) or ``const`` (dynamo: Dh).
+    ``gated``: WavLM's gated relative position bias ``[B*H, S, S]`` added to the scores: a per-head,
+    per-query gate computed from the layer input times a bias looked up by relative position."""
+    rng, inits = np.random.default_rng(3), []
+    c = _initializers(inits)
+    nodes = [N("Transpose", ["x"], ["xt"], perm=[1, 0, 2])]
+    for t in "qkv":
+        nodes += [N("MatMul", ["xt", c(f"w_{t}", rng.standard_normal((D, H * DH)).astype(np.float32) * 0.3)],
+                    [f"{t}_mm"]),
+                  N("Add", [f"{t}_mm", c(f"b_{t}", rng.standard_normal(H * DH).astype(np.float32) * 0.1)], [f"{t}_p"]),
+                  N("Shape", [f"{t}_p"], [f"{t}_shape"]),
+                  N("Gather", [f"{t}_shape", c(f"{t}_i0", np.int64(0))], [f"{t}_s"]),
+                  N("Gather", [f"{t}_shape", c(f"{t}_i1", np.int64(1))], [f"{t}_b"]),
+                  N("Mul", [f"{t}_b", c(f"{t}_h", np.int64(H))], [f"{t}_bh"])]
+        if head_size == "div":
+            nodes += [N("Gather", [f"{t}_shape", c(f"{t}_i2", np.int64(2))], [f"{t}_w"]),
+                      N("Div", [f"{t}_w", c(f"{t}_hd", np.int64(H))], [f"{t}_dh"])]
+            last = [f"{t}_dh"]
+        else:
+            last = []
+        for piece in (f"{t}_s", f"{t}_bh", *last):
+            nodes.append(N("Unsqueeze", [piece, c(f"{piece}_ax", [0])], [f"{piece}_1"]))
+        pieces = [f"{t}_s_1", f"{t}_bh_1", f"{t}_dh_1" if last else c(f"{t}_dhc", [DH])]
+        nodes += [N("Concat", pieces, [f"{t}_target"], axis=0),
+                  N("Reshape", [f"{t}_p", f"{t}_target"], [f"{t}_fold"]),
+                  N("Transpose", [f"{t}_fold"], [f"{t}_h3"], perm=[1, 0, 2])]
+    nodes += [N("Mul", ["q_h3", c("scale", np.float32(DH ** -0.5))], ["qs"]),
+              N("Transpose", ["k_h3"], ["kt"], perm=[0, 2, 1]),
+              N("MatMul", ["qs", "kt"], ["scores"])]
+    scores = "scores"
+    if gated:
+        nodes += [N("Shape", ["x"], ["g_s"], start=1, end=2), N("Squeeze", ["g_s"], ["g_s0"]),
+                  N("Range", [c("g_r0", np.int64(0)), "g_s0", c("g_r1", np.int64(1))], ["pos"]),
+                  N("Unsqueeze", ["pos", c("g_u0", [0])], ["pk"]), N("Unsqueeze", ["pos", c("g_u1", [1])], ["pq"]),
+                  N("Sub", ["pk", "pq"], ["rel"]),
+                  N("Clip", ["rel", c("g_lo", np.int64(-3)), c("g_hi", np.int64(3))], ["relc"]),
+                  N("Add", ["relc", c("g_off", np.int64(3))], ["bucket"]),
+                  N("Gather", [c("rel_table", rng.standard_normal((7, H)).astype(np.float32)), "bucket"], ["rb"]),
+                  N("Transpose", ["rb"], ["rbh"], perm=[2, 0, 1]),
+                  N("Unsqueeze", ["rbh", c("g_u2", [0])], ["pos_bias"]),  # [1, H, S, S]
+                  # gate: the layer input split per head, a per-head linear, a sigmoid: [B, H, S, 1]
+                  N("Reshape", ["x", c("g_view", [0, 0, H, DH])], ["g_x4"]),
+                  N("Transpose", ["g_x4"], ["g_xh"], perm=[0, 2, 1, 3]),
+                  N("MatMul", ["g_xh", c("g_w", rng.standard_normal((DH, 1)).astype(np.float32))], ["g_lin"]),
+                  N("Sigmoid", ["g_lin"], ["gate"]),
+                  N("Mul", ["gate", "pos_bias"], ["gated4"]),
+                  N("Shape", ["gated4"], ["g_ss"], start=2),
+                  N("Concat", [c("g_fold", [-1]), "g_ss"], ["g_target"], axis=0),
+                  N("Reshape", ["gated4", "g_target"], ["gated"]),  # [B*H, S, S]
+                  N("Add", ["scores", "gated"], ["biased"])]
+        scores = "biased"
+    nodes += [N("Softmax", [scores], ["probs"], axis=-1),
+              N("MatMul", ["probs", "v_h3"], ["ctx"]),
+              N("Transpose", ["ctx"], ["ctx_t"], perm=[1, 0, 2]),
+              N("Shape", ["xt"], ["m_sb"], end=2),
+              N("Concat", ["m_sb", c("m_d", [H * DH])], ["m_target"], axis=0),
+              N("Reshape", ["ctx_t", "m_target"], ["ctx_flat"]),
+              N("MatMul", ["ctx_flat", c("w_o", rng.standard_normal((H * DH, D)).astype(np.float32) * 0.3)], ["o"]),
+              N("Add", ["o", c("b_o", np.zeros(D, np.float32))], ["ob"]),
+              N("Transpose", ["ob"], ["obt"], perm=[1, 0, 2]),
+              N("Add", ["x", "obt"], ["y"])]
+    for node in nodes:
+        node.name = node.name or node.output[0]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model

@@ -1,0 +1,181 @@
+"""Encoders handled wrong or not at all before session 16: Optimum's DeBERTa / DeBERTa-v2 (a score term
+whose shape is lost at an ``If``), WavLM (heads viewed straight into the batch axis of a sequence-first
+projection, a gated position bias) and onnxruntime's saved DeBERTa (``SplitToSequence`` on a symbolic
+axis). Tiny hand-built graphs (tests/structural_graphs.py) and the committed Optimum fixtures
+(``models/optimum/``, made with ``models/_optimum.py --fixture``). No torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import structural_graphs
+from onnx import TensorProto, helper, numpy_helper
+from spatten_compiler.passes.find_attention import find_attention
+from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.passes.score_chain import static_rank
+from structural_graphs import DH, H
+
+OPTIMUM = Path(__file__).resolve().parent.parent / "models" / "optimum"
+
+
+def _sites(proto: onnx.ModelProto):
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    report = find_attention(model)
+    assert len(report.sites) == 1, report.rejected
+    return report.sites
+
+
+def test_term_behind_an_if_is_head_pruned(tmp_path: Path) -> None:
+    """Optimum's DeBERTa p2c: ``If(q_len != k_len, GatherElements(t, idx), t)``; shape inference leaves
+    the term without a shape, its rank (4) follows from the branches, and prune-heads gathers its kept
+    heads on axis rank - 3 (it refused "no static head axis" before)."""
+    from bench.coverage import heads
+
+    proto = structural_graphs.build(bias="branched")
+    (site,) = _sites(proto)
+    (term,) = site.bias_terms
+    assert term.shape is None and static_rank(term) == 4
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    ok, why = heads(path, structural_graphs.feeds(), tmp_path)
+    assert ok, why
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("head_size", ["div", "const"])
+def test_heads_viewed_into_the_batch_of_a_sequence_first_projection(head_size: str, gated: bool,
+                                                                    tmp_path: Path) -> None:
+    """WavLM (torch's multi_head_attention_forward): ``[S, B, H*Dh] -> [S, B*H, Dh]``, no 4-D view. Heads and
+    head size from the fold (a size times H, the width over H); the gated position bias is a per-head term
+    on the folded scores; head 0 sliced out == the input with head 0's output rows zeroed."""
+    from bench.coverage import heads
+
+    proto = structural_graphs.seq_first(head_size, gated)
+    (site,) = _sites(proto)
+    assert (site.num_heads, site.num_kv_heads, site.head_dim) == (H, H, DH)
+    assert site.q.projection.weight.name == "w_q" and site.out_proj.weight.name == "w_o"
+    assert [t.name for t in site.bias_terms] == (["gated"] if gated else [])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    ok, why = heads(path, structural_graphs.feeds(), tmp_path)
+    assert ok, why
+
+
+def test_a_plain_three_d_reshape_is_not_a_head_split() -> None:
+    """The fold needs a size times the head count in the target: ``[S, B, W] -> [S, B, W]`` (a view that
+    only restates the shape, last entry W) gives no heads."""
+    from spatten_compiler.passes.attention_trace import Branch, _folded_split
+
+    graph = ir.Graph([], [], nodes=[])
+    x = ir.Value(name="x", shape=ir.Shape([5, 2, 8]))
+    target = ir.Value(name="t", const_value=ir.tensor(np.array([5, 2, 4], np.int64)))
+    node = ir.Node("", "Reshape", [x, target], num_outputs=1)
+    graph.append(node)
+    branch = Branch(value=node.outputs[0])
+    _folded_split(node, [5, 2, 4], 8, branch)  # width 8 over a last entry of 4: but no fold factor of 2
+    assert branch.heads is None
+
+
+def _sequence_model() -> onnx.ModelProto:
+    """``x`` [B, S, W] (W symbolic) chunked on its last axis: sizes [2, 3, 3], a scalar 3 (last chunk
+    shorter) and one chunk read with a negative position (kept: its start needs the chunk count)."""
+    N = helper.make_node
+    inits = [numpy_helper.from_array(np.array([2, 3, 3], np.int64), "sizes"),
+             numpy_helper.from_array(np.array(3, np.int64), "three")]
+    inits += [numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in (-1, 0, 1, 2)]
+    nodes = [N("SplitToSequence", ["x", "sizes"], ["seq"], axis=-1),
+             N("SplitToSequence", ["x", "three"], ["seq3"], axis=2),
+             *[N("SequenceAt", ["seq", f"i{i}"], [f"a{i}"]) for i in (0, 1, 2)],
+             N("SequenceAt", ["seq3", "i2"], ["last"]), N("SequenceAt", ["seq3", "i-1"], ["neg"]),
+             N("Concat", ["a2", "a0", "a1"], ["y"], axis=-1)]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "last", "neg")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", "W"])],
+                              outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_sequence_chunks_become_slices() -> None:
+    """``SequenceAt(SplitToSequence(x, sizes), i)`` on a symbolic axis -> ``Split(x, sizes)`` outputs (a list
+    of sizes) or ``Slice`` (a scalar size), exact; a negative position of a scalar-size chunk is left alone
+    (its start needs the chunk count)."""
+    proto = _sequence_model()
+    model = ir.serde.deserialize_model(proto)
+    from spatten_compiler.passes.normalize import sequences_to_slices
+
+    assert sequences_to_slices(model) == 4
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("SequenceAt") == 1 and ops.count("Slice") == 1 and ops.count("Split") == 1
+    Normalize()(model)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    got = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(w, g)
+
+
+FIXTURES = {"deberta_optimum": (4, 4, 16), "deberta_v2_optimum": (4, 4, 16), "wavlm_optimum": (4, 4, 16)}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_optimum_fixture_found_and_head_pruned_exactly(name: str, tmp_path: Path) -> None:
+    """Optimum's exports (2 layers): every layer found with the config's heads; prune-heads at keep 1.0
+    and with the last layer's head 0 sliced out are exact."""
+    from bench.coverage import _read, heads
+
+    path = OPTIMUM / f"{name}.onnx"
+    sites = find_attention(_read(path)).sites
+    assert [(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites] == [FIXTURES[name]] * 2
+    ok, why = heads(path, dict(np.load(path.with_suffix(".npz"))), tmp_path)
+    assert ok, why
+
+
+def test_chunks_of_a_sequence_get_their_own_shapes() -> None:
+    """onnx infers one element shape for a sequence (the 4 query and 1 + 1 K/V heads of Falcon's fused
+    ``[B, S, H + 2, Dh]`` split on the head axis read as one symbolic size): after the rewrite each Split
+    output and what it feeds has its own head count, or onnxruntime's buffer planner fails on the saved
+    model (``Shape mismatch attempting to re-use buffer``)."""
+    N = helper.make_node
+    # the view hides the split input's shape from onnxscript's folder (it would make the Split itself)
+    nodes = [N("Reshape", ["x", "view"], ["xv"]), N("SplitToSequence", ["xv", "sizes"], ["seq"], axis=-2),
+             *[N("SequenceAt", ["seq", f"i{i}"], [f"a{i}"]) for i in (0, 1)],
+             *[N("Transpose", [f"a{i}"], [f"t{i}"], perm=[0, 2, 1, 3]) for i in (0, 1)],
+             N("MatMul", ["t0", "k"], ["s"]), N("MatMul", ["s", "t1"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([4, 1, 1], np.int64), "sizes"),
+             numpy_helper.from_array(np.array([0, 0, -1, 16], np.int64), "view"),
+             *[numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in (0, 1)],
+             numpy_helper.from_array(np.ones((1, 1, 16, 3), np.float32), "k")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", "P", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    assert "Split" in [n.op_type for n in model.graph]
+    t = {v.name: v for n in model.graph for v in n.outputs}
+    assert t["t0"].shape.dims[1] != t["t1"].shape.dims[1]
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 16)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    got = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_gpt2_dynamo_saved_by_onnxruntime_extended(tmp_path: Path) -> None:
+    """onnxruntime's saved model (extended level) of the dynamo GPT-2 fixture keeps the fused QKV split as
+    ``SplitToSequence`` / ``SequenceAt`` on a symbolic axis (the ``MatMul + Add -> Gemm`` fusion leaves its
+    shape unknown): found (it was not), and head pruning is exact."""
+    from conftest import MODELS, load_meta, reference_io
+
+    from bench.coverage import _read, heads, to_ortopt
+
+    saved = to_ortopt(MODELS / "gpt2_dynamo.onnx", tmp_path, extended=True)
+    assert "SequenceAt" in {n.op_type for n in onnx.load(saved).graph.node}
+    sites = find_attention(_read(saved)).sites
+    assert [(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites] == [(4, 4, 16)] * 4
+    ok, why = heads(saved, reference_io(load_meta("gpt2_dynamo"))[0], tmp_path)
+    assert ok, why
