@@ -2,6 +2,10 @@
 
 Rewrites (in order):
   onnx shape inference     -> dtypes and symbolic shapes on every value (used by the matchers)
+  SequenceAt(SplitToSequence(x, sizes), i) with constant indices -> Split(x, sizes)[i]
+                           (dynamo's QKV split; sizes 1-D, or a chunk size and x's split axis static).
+                           onnxscript's folder does the same where x's shape is known when it runs,
+                           which a saved onnxruntime model's unfused ops lose (unfuse-ort)
   onnxscript constant folding (small tensors only; not its pattern rewrites), dead-code removal
   Shape(x)[-1], x [B,H,S,Dh] with a static Dh -> Dh, folded on (SDPA exports compute the attention
                            scale 1/sqrt(Dh) from it; only that axis: pruning changes the others)
@@ -157,6 +161,46 @@ def gathers_to_slices(model: ir.Model) -> int:
     return count
 
 
+def _part_sizes(node: ir.Node) -> np.ndarray | None:
+    """A SplitToSequence's part sizes: its constant 1-D ``split``, or a constant chunk size ``c`` of a
+    static split axis ``D`` (parts of ``c``, the last ``D mod c``); None if not constant."""
+    sizes, x = const_array(node.inputs[1]), node.inputs[0]
+    if sizes is None or sizes.ndim > 1:
+        return None
+    if sizes.ndim == 1:
+        return sizes
+    axis, dims = node.attributes.get_int("axis", 0), x.shape.dims if x is not None and x.shape is not None else ()
+    d, c = (dims[axis] if -len(dims) <= axis < len(dims) else None), int(sizes)
+    if not isinstance(d, int) or c <= 0:
+        return None  # the part count needs the axis's size
+    return np.array([c] * (d // c) + ([d % c] if d % c else []), np.int64)
+
+
+def sequences_to_splits(model: ir.Model) -> int:
+    """``SplitToSequence(x, split)`` read only by ``SequenceAt`` with constant indices, its part sizes
+    constant (:func:`_part_sizes`) -> one ``Split`` whose outputs those reads become; returns how many."""
+    e = GraphEditor(model, "spatten/normalize")
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "SplitToSequence" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        sizes, seq = _part_sizes(node), node.outputs[0]
+        reads = [(u.node, const_array(u.node.inputs[1]) if u.node.op_type == "SequenceAt" else None)
+                 for u in seq.uses()]
+        if (sizes is None or seq.is_graph_output() or not reads
+                or any(r.op_type != "SequenceAt" or i is None or i.size != 1 for r, i in reads)):
+            continue  # sizes not known here, or the sequence is read otherwise (a loop, a graph output)
+        parts = e.op("Split", [node.inputs[0], e.const("split", sizes.astype(np.int64))], outputs=sizes.size,
+                     axis=node.attributes.get_int("axis", 0))
+        parts = parts if isinstance(parts, tuple) else (parts,)
+        for read, i in reads:
+            e.replace_uses(read.outputs[0], parts[int(i.reshape(-1)[0]) % sizes.size])
+        count += 1
+    if count:
+        e.commit()
+    return count
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class Normalize(Pass):
@@ -179,6 +223,8 @@ class Normalize(Pass):
         )
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
         infer_shapes(model)
+        if sequences_to_splits(model):  # what read the sequence gets the parts' own shapes
+            infer_shapes(model)
         gathers_to_slices(model)
         for _ in range(3):  # the attention scale computed from the head size folds after it; that can
             if not fold_head_sizes(model):  # make the next layer's head size static (nemotron's rotary)
