@@ -3,7 +3,8 @@
 Rewrites (in order):
   onnx shape inference     -> dtypes and symbolic shapes on every value (used by the matchers)
   SequenceAt(SplitToSequence(x, sizes), i) with constant indices -> Split(x, sizes)[i]
-                           (dynamo's QKV split; sizes 1-D, or a chunk size and x's split axis static).
+                           (dynamo's QKV split; sizes 1-D, or a chunk size and x's split axis static;
+                           a chunk c of an axis not known: Slice(x, i*c, (i+1)*c) for i >= 0).
                            onnxscript's folder does the same where x's shape is known when it runs,
                            which a saved onnxruntime model's unfused ops lose (unfuse-ort)
   onnxscript constant folding (small tensors only; not its pattern rewrites), dead-code removal
@@ -177,24 +178,37 @@ def _part_sizes(node: ir.Node) -> np.ndarray | None:
 
 
 def sequences_to_splits(model: ir.Model) -> int:
-    """``SplitToSequence(x, split)`` read only by ``SequenceAt`` with constant indices, its part sizes
-    constant (:func:`_part_sizes`) -> one ``Split`` whose outputs those reads become; returns how many."""
+    """``SplitToSequence(x, split)`` read only by ``SequenceAt`` with constant indices: its part sizes
+    constant (:func:`_part_sizes`) -> one ``Split`` whose outputs those reads become; a chunk size ``c``
+    of an axis whose size is not known here, every index ``i >= 0`` -> ``Slice(x, i*c, (i+1)*c)`` per read
+    (the last chunk's end clamps: DeBERTa's per-head ``[B, H, S, 3*Dh]``). Returns how many."""
     e = GraphEditor(model, "spatten/normalize")
     count = 0
     for node in list(model.graph):
         if node.op_type != "SplitToSequence" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
-        sizes, seq = _part_sizes(node), node.outputs[0]
+        sizes, seq, axis = _part_sizes(node), node.outputs[0], node.attributes.get_int("axis", 0)
         reads = [(u.node, const_array(u.node.inputs[1]) if u.node.op_type == "SequenceAt" else None)
                  for u in seq.uses()]
-        if (sizes is None or seq.is_graph_output() or not reads
-                or any(r.op_type != "SequenceAt" or i is None or i.size != 1 for r, i in reads)):
-            continue  # sizes not known here, or the sequence is read otherwise (a loop, a graph output)
-        parts = e.op("Split", [node.inputs[0], e.const("split", sizes.astype(np.int64))], outputs=sizes.size,
-                     axis=node.attributes.get_int("axis", 0))
-        parts = parts if isinstance(parts, tuple) else (parts,)
-        for read, i in reads:
-            e.replace_uses(read.outputs[0], parts[int(i.reshape(-1)[0]) % sizes.size])
+        if seq.is_graph_output() or not reads or any(r.op_type != "SequenceAt" or i is None or i.size != 1
+                                                     for r, i in reads):
+            continue  # the sequence is read otherwise (a loop, its length, a graph output)
+        index = [int(i.reshape(-1)[0]) for _, i in reads]
+        chunk = const_array(node.inputs[1])
+        if sizes is not None:
+            parts = e.op("Split", [node.inputs[0], e.const("split", sizes.astype(np.int64))], outputs=sizes.size,
+                         axis=axis)
+            parts = parts if isinstance(parts, tuple) else (parts,)
+            news = [parts[i % sizes.size] for i in index]
+        elif chunk is not None and chunk.ndim == 0 and int(chunk) > 0 and min(index) >= 0:
+            c = int(chunk)
+            news = [e.op("Slice", [node.inputs[0], e.const("start", np.array([i * c], np.int64)),
+                                   e.const("end", np.array([(i + 1) * c], np.int64)),
+                                   e.const("axis", np.array([axis], np.int64))]) for i in index]
+        else:
+            continue  # sizes not constant, or a negative index of a part count not known here
+        for (read, _), new in zip(reads, news, strict=True):
+            e.replace_uses(read.outputs[0], new)
         count += 1
     if count:
         e.commit()

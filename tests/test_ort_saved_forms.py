@@ -30,27 +30,32 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def _qkv_sequence(split: np.ndarray) -> onnx.ModelProto:
+def _qkv_sequence(split: np.ndarray, last: int = -1) -> onnx.ModelProto:
     """x [B, S, 96] -> SplitToSequence(split, axis 2) -> SequenceAt 0, 1, 2 (GPT-2's dynamo c_attn)."""
     nodes = [helper.make_node("Relu", ["x"], ["h"]),  # x's shape is not known past this op in the test
              helper.make_node("SplitToSequence", ["h", "split"], ["seq"], axis=2),
              *[helper.make_node("SequenceAt", ["seq", f"i{i}"], [f"p{i}"]) for i in range(3)],
              helper.make_node("Concat", ["p2", "p0", "p1"], ["y"], axis=2)]
-    inits = [("split", split), *[(f"i{i}", np.array(i - 3 if i == 2 else i, np.int64)) for i in range(3)]]
+    inits = [("split", split), *[(f"i{i}", np.array(last if i == 2 else i, np.int64)) for i in range(3)]]
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "S", 96])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", "S", 96])
     return _model(nodes, [x], [y], inits)
 
 
-@pytest.mark.parametrize("split", [np.array([64, 16, 16], np.int64), np.array(32, np.int64)])
-def test_split_to_sequence_read_by_constant_indices_becomes_split(split) -> None:
-    """Sizes as a 1-D constant (no shape needed) or one chunk size of a static axis: one Split, no
-    sequence op left, same values (index -1 included)."""
-    proto = _qkv_sequence(split)
+@pytest.mark.parametrize(("split", "last", "op"), [(np.array([64, 16, 16], np.int64), -1, "Split"),
+                                                   (np.array(32, np.int64), -1, "Split"),
+                                                   (np.array(32, np.int64), 2, "Slice")])
+def test_split_to_sequence_read_by_constant_indices_becomes_split(split, last, op) -> None:
+    """Sizes as a 1-D constant (no shape needed) or one chunk size of a static axis: one Split; a chunk
+    of an axis not known (DeBERTa's per-head [B, H, S, 3*Dh]) read at indices >= 0: a Slice per read.
+    No sequence op left, same values (index -1 included where the part count is known)."""
+    proto = _qkv_sequence(split, last)
+    if op == "Slice":
+        proto.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "D"
     model = ir.serde.deserialize_model(proto)
     Normalize()(model)
     ops = [n.op_type for n in model.graph]
-    assert "Split" in ops and "SequenceAt" not in ops and "SplitToSequence" not in ops, ops
+    assert op in ops and "SequenceAt" not in ops and "SplitToSequence" not in ops, ops
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 96)).astype(np.float32)}
     np.testing.assert_array_equal(_run(ir.serde.serialize_model(model), feeds)[0], _run(proto, feeds)[0])
 
