@@ -403,6 +403,8 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
     for n in reversed(region):  # from the core outwards, as the table walks
         if n.op_type in VIEW_OPS:
             _view(n, n.outputs[0], branch, graph)
+        elif (part := _head_axis_part(n, inside)) is not None:
+            branch.head_slice = part  # the branch's heads are one part of a fused [B, S, H + 2G, Dh]
     packed = _per_head_slice(node, region)
     if packed is not None and branch.head_dim and 3 * packed[1] == branch.head_dim:
         branch.packed, branch.head_dim = packed  # [B, S, H, 3*Dh] sliced into q, k, v per head
@@ -411,6 +413,20 @@ def _structural(value: ir.Value, branch: Branch, graph: ir.Graph, why: NoMatch) 
     if branch.rope is None and any(_positional(i, graph) for i in outside):
         branch.rope = region[-1]  # reads positions: a rotary/positional transform
     return branch.finish()
+
+
+def _head_axis_part(node: ir.Node, inside: set[int]) -> tuple[int, int] | None:
+    """(start, end) of the one part a ``Split`` on the head axis of a ``[B, S, H + 2G, Dh]`` tensor passes
+    on inside the region (Falcon's fused Q/K/V heads), as the table's Split step records it."""
+    sizes = const_array(node.inputs[1]) if node.op_type == "Split" and len(node.inputs) > 1 else None
+    rank = node.inputs[0].shape.rank() if node.inputs[0] is not None and node.inputs[0].shape is not None else None
+    if sizes is None or rank != 4 or node.attributes.get_int("axis", 0) % 4 != 2 or sizes.size != len(node.outputs):
+        return None
+    used = [i for i, o in enumerate(node.outputs) if any(id(u.node) in inside for u in o.uses())]
+    if len(used) != 1:
+        return None
+    start = int(sizes.reshape(-1)[:used[0]].sum())
+    return start, start + int(sizes.reshape(-1)[used[0]])
 
 
 def _positional(value: ir.Value, graph: ir.Graph, limit: int = 60) -> bool:

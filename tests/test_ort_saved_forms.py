@@ -157,3 +157,22 @@ def test_token_axis_refused_when_no_axis_can_hold_tokens() -> None:
     qt.shape = ir.Shape([ir.SymbolicDim("unk__0"), 4, 5, 16])
     with pytest.raises(OptionError, match="token axis"):
         token_axis(qt, model.graph, aligned=2, flow=None)
+
+
+def test_structural_walk_reads_a_head_axis_split_part() -> None:
+    """Falcon's fused ``[B, S, H + 2G, Dh]`` split [4, 1, 1] on the head axis, then an op the step table
+    does not know (here Erf), so the structural walk finds the projection: the branch has the part's 4
+    heads, not the view's 6 (6 made prune-heads and the preset write a model that failed in onnxruntime)."""
+    from spatten_compiler.passes.attention_trace import trace_branch
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["p"]), helper.make_node("Reshape", ["p", "t"], ["v"]),
+             helper.make_node("Split", ["v", "sizes"], ["q", "k", "vv"], axis=-2),
+             helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 2, 1, 3]), helper.make_node("Erf", ["qt"], ["y"])]
+    inits = [("w", np.zeros((64, 96), np.float32)), ("t", np.array([0, 0, 6, 16], np.int64)),
+             ("sizes", np.array([4, 1, 1], np.int64))]
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "S", 64])
+    model = ir.serde.deserialize_model(_model(nodes, [x], [helper.make_tensor_value_info("y", 1, None)], inits))
+    infer_shapes(model)
+    branch = trace_branch(model.graph.outputs[0], model.graph)
+    assert branch.transform is not None  # the structural walk, not the table
+    assert (branch.heads, branch.head_dim, branch.head_slice, branch.flat_width) == (4, 16, (0, 4), 64)
