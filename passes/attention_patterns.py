@@ -71,8 +71,10 @@ CORE = Op("Softmax", MASKED, name="softmax", attrs={"axis": _last_axis})
 # SDPA exports guard fully masked rows: Where(IsNaN(P), 0, P). The guarded value is what P@V reads.
 NAN_GUARD = Op("Where", Op("IsNaN", Var("p")), Const("zero"), Var("p"), name="guard")
 
-# rotate_half(x) = Concat(-x[..., d/2:], x[..., :d/2]); RoPE(x) = x*cos + rotate_half(x)*sin
-ROTATE_HALF = Op("Concat", Op("Neg", Op("Slice", Var("x"))), Op("Slice", Var("x")), name="rotate")
+# rotate_half(x) = Concat(-x[..., d/2:], x[..., :d/2]); RoPE(x) = x*cos + rotate_half(x)*sin. The halves are
+# two Slices, or the two outputs of one Split (onnxruntime's saved models fuse the Slices: GatherSliceToSplitFusion)
+HALF = ("Slice", "Split")
+ROTATE_HALF = Op("Concat", Op("Neg", Op(HALF, Var("x"))), Op(HALF, Var("x")), name="rotate")
 ROPE = Op("Add", Op("Mul", Var("x"), Var("cos")), Op("Mul", ROTATE_HALF, Var("sin")), name="rope")
 
 def _broadcast_head(value) -> bool:

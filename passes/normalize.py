@@ -2,6 +2,11 @@
 
 Rewrites (in order):
   onnx shape inference     -> dtypes and symbolic shapes on every value (used by the matchers)
+  SequenceAt(SplitToSequence(x, sizes), i) with constant indices -> Split(x, sizes)[i]
+                           (dynamo's QKV split; sizes 1-D, or a chunk size and x's split axis static;
+                           a chunk c of an axis not known: Slice(x, i*c, (i+1)*c) for i >= 0).
+                           onnxscript's folder does the same where x's shape is known when it runs,
+                           which a saved onnxruntime model's unfused ops lose (unfuse-ort)
   onnxscript constant folding (small tensors only; not its pattern rewrites), dead-code removal
   Shape(x)[-1], x [B,H,S,Dh] with a static Dh -> Dh, folded on (SDPA exports compute the attention
                            scale 1/sqrt(Dh) from it; only that axis: pruning changes the others)
@@ -175,6 +180,17 @@ def _chunk_bounds(sizes: np.ndarray, index: int) -> tuple[int, int] | None:
     return (int(sizes) * index, int(sizes) * (index + 1)) if index >= 0 else None
 
 
+def _static_parts(x: ir.Value, sizes: np.ndarray, axis: int) -> np.ndarray:
+    """A chunk size ``c`` of a static axis ``D`` as its parts' sizes (``c`` each, the last ``D mod c``):
+    then a negative position reads a known part too. Sizes already a list, or an axis not known: as given."""
+    dims = x.shape.dims if x.shape is not None else ()
+    d = dims[axis] if sizes.ndim == 0 and -len(dims) <= axis < len(dims) else None
+    if not isinstance(d, int) or int(sizes) <= 0:
+        return sizes
+    c = int(sizes)
+    return np.array([c] * (d // c) + ([d % c] if d % c else []), np.int64)
+
+
 def sequences_to_slices(model: ir.Model) -> int:
     """``SequenceAt(SplitToSequence(x, sizes, axis), i)`` with constant sizes and position -> an output of
     ``Split(x, sizes, axis)`` (a list of sizes: the form the matchers read, K/V narrower than Q in a
@@ -196,6 +212,7 @@ def sequences_to_slices(model: ir.Model) -> int:
             continue
         stale |= _symbols(node.outputs[0]) - _symbols(split.inputs[0])
         i, axis = int(index.reshape(())), split.attributes.get_int("axis", 0)
+        sizes = _static_parts(split.inputs[0], sizes, axis)
         if sizes.ndim == 1 and -sizes.size <= i < sizes.size:
             if id(split) not in splits:
                 parts = e.op("Split", [split.inputs[0], e.const("sizes", sizes.astype(np.int64))],

@@ -40,6 +40,7 @@ from .attention_trace import is_weight, quantized_projection, token_source
 from .find_attention import AttentionSite, find_attention, row_norm_input
 from .score_sink import rebroadcast_sinks
 from .spatten_ops import DOMAIN, ensure_functions
+from .token_axis import flow_axis, token_axis
 from .token_positions import (
     check_term,
     gather_positions,
@@ -329,18 +330,6 @@ def _is_const(piece: ir.Value | None, value: int | None) -> bool:
     return a is not None and a.size == 1 and int(a.reshape(-1)[0]) == value
 
 
-def _token_axis(data: ir.Value, graph: ir.Graph, aligned: int) -> int:
-    """The token axis of a view's data for the target piece at output axis ``aligned`` (counted from
-    the data's end, as a reshape that merges leading axes keeps them): the one axis whose exported dim
-    is the inputs' symbolic sequence length (GPT-BigCode's dynamo ``[B, 1, S, 3D]``), or of several
-    such (folded scores ``[B, H, S, S]``) the aligned one, else 1."""
-    syms = {d.value for v in graph.inputs if v.shape is not None and v.shape.rank() >= 2
-            and isinstance(d := v.shape.dims[1], ir.SymbolicDim) and d.value}
-    dims = data.shape.dims if data.shape is not None else ()
-    hits = [i for i, d in enumerate(dims) if isinstance(d, ir.SymbolicDim) and d.value in syms]
-    return hits[0] if len(hits) == 1 else aligned if aligned in hits else 1
-
-
 def _piece_axes(concat: ir.Node) -> tuple[list[int], int]:
     """The output axis each piece of a shape ``Concat`` starts at, and the target's rank."""
     axes, at = [], 0
@@ -600,7 +589,8 @@ class _Rewrite:
                 data = data if rank in (3, 4) else x  # [B*S, D] (Gemm) or [B, G, rep, S, Dh] (GQA): x's
                 key = (id(concat), id(data))
                 if key not in done:
-                    axes = {j: _token_axis(data, self.model.graph, starts[j] + rank - out_rank)
+                    flow = flow_axis(data, sources | {x}, _reads_input_seq_len, _piece_axes)
+                    axes = {j: token_axis(data, self.model.graph, starts[j] + rank - out_rank, flow, static)
                             if data is not x and rank is not None else 1 for j in reads}
                     pieces = [self.e.op("Shape", [data], start=axes[j], end=axes[j] + 1) if j in reads else p
                               for j, p in enumerate(concat.inputs)]

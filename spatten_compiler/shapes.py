@@ -65,7 +65,39 @@ def _seed_contrib(model: ir.Model) -> bool:
     return seeded
 
 
+def _split_parts(node: ir.Node) -> bool:
+    """``Split(x, sizes)`` with constant sizes: part i's split-axis dim is ``sizes[i]``, which onnx
+    leaves unknown when x's dim there is (falcon's ``[B, S, H + 2, Dh]`` from a view with a -1)."""
+    sizes = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if sizes is None or sizes.numpy().ndim != 1 or len(node.outputs) != sizes.numpy().size:
+        return False
+    changed = False
+    for out, size in zip(node.outputs, sizes.numpy().tolist(), strict=True):
+        rank = out.shape.rank() if out.shape is not None else None
+        axis = node.attributes.get_int("axis", 0) % rank if rank else None
+        if axis is not None and not isinstance(out.shape.dims[axis], int):
+            out.shape = ir.Shape([int(size) if i == axis else d for i, d in enumerate(out.shape.dims)])
+            changed = True
+    return changed
+
+
+# What onnx's inference leaves unknown but an op's constant inputs fix; applied after it, and inference
+# runs once more so that the values downstream get the refined dims.
+REFINE = {("", "Split"): _split_parts}
+
+
 def infer_shapes(model: ir.Model, *, data_prop: bool = True) -> bool:
+    """See :func:`_infer_shapes`; then :data:`REFINE`, and inference again if that refined a dim."""
+    modified = _infer_shapes(model, data_prop=data_prop)
+    refined = False
+    for graph in model.graphs():
+        for node in graph:
+            rule = REFINE.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+            refined = (rule(node) if rule is not None else False) or refined
+    return _infer_shapes(model, data_prop=data_prop) or modified if refined else modified
+
+
+def _infer_shapes(model: ir.Model, *, data_prop: bool = True) -> bool:
     """Fill in dtypes and shapes of every value onnx can infer; return whether anything changed.
 
     Non-strict and without type checks: a model onnx cannot fully infer keeps what it had. A value

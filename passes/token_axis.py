@@ -1,0 +1,167 @@
+"""Which axis of a value inside a layer holds the tokens, for prune-tokens' view targets.
+
+A pruned layer's view targets must read the current token count: ``Shape(data)[a]`` for the data's
+token axis ``a``. The exporter's symbolic dim names tell it when they survive (dynamo); TorchScript
+leaves intermediate dims unnamed, and a model saved by onnxruntime whose fused ops were unfused has its
+shapes inferred again under fresh names (``unk__35``). So the axis is derived from the data flow first:
+from a value whose token axis is known (a graph input ``[B, S]``, the layer input ``[B, S, D]``),
+through the ops between, each of which moves the axis by a rule declared below (a Transpose permutes
+it, a Squeeze shifts it, a view puts it where its target's piece reads the sequence length, ...).
+An op without a rule ends the walk (no answer, never a guess).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from spatten_compiler.errors import OptionError
+from spatten_compiler.match import const_array
+
+# A rule: (node, output, axis walker) -> the output's token axis, or None (not derivable).
+Rule = Callable[[ir.Node, ir.Value, Callable[[ir.Value | None], int | None]], int | None]
+
+
+def _rank(v: ir.Value | None) -> int | None:
+    return v.shape.rank() if v is not None and v.shape is not None else None
+
+
+def _aligned(node: ir.Node, out: ir.Value, walk) -> int | None:
+    """Elementwise, broadcasting from the end (x + bias, Where(mask, x, y), Softmax, Cast, ...): the
+    axis of the first input that has one, shifted by the rank difference."""
+    for v in node.inputs:
+        a = walk(v) if v is not None and const_array(v) is None else None
+        if a is not None:
+            r_in, r_out = _rank(v), _rank(out)
+            return a + (r_out - r_in if r_in is not None and r_out is not None else 0)
+    return None
+
+
+def _first(node: ir.Node, out: ir.Value, walk) -> int | None:
+    """Ops that keep their data input's axes (Split, Slice, a norm over the last axis)."""
+    return walk(node.inputs[0])
+
+
+def _transpose(node: ir.Node, out: ir.Value, walk) -> int | None:
+    a, perm = walk(node.inputs[0]), node.attributes.get_ints("perm")
+    return list(perm).index(a) if a is not None and perm is not None and a in perm else None
+
+
+def _axes(node: ir.Node) -> list[int] | None:
+    a = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    return a.reshape(-1).tolist() if a is not None else node.attributes.get_ints("axes")
+
+
+def _squeeze(node: ir.Node, out: ir.Value, walk) -> int | None:
+    a, axes, rank = walk(node.inputs[0]), _axes(node), _rank(node.inputs[0])
+    if a is None or axes is None or rank is None:
+        return None
+    axes = [x % rank for x in axes]
+    return None if a in axes else a - sum(x < a for x in axes)
+
+
+def _unsqueeze(node: ir.Node, out: ir.Value, walk) -> int | None:
+    a, axes, rank = walk(node.inputs[0]), _axes(node), _rank(out)
+    if a is None or axes is None or rank is None:
+        return None
+    for x in sorted(x % rank for x in axes):
+        a += x <= a
+    return a
+
+
+def _matmul(node: ir.Node, out: ir.Value, walk) -> int | None:
+    """``[.., S, K] @ [.., K, N]``: A's rows stay at their axis; B's columns become the last axis."""
+    (a_in, b_in), r_out = node.inputs[:2], _rank(out)
+    a, r = walk(a_in), _rank(a_in)
+    if a is not None and r is not None and r_out is not None and a != r - 1:
+        return a + r_out - r
+    b, r = walk(b_in), _rank(b_in)
+    return r_out - 1 if b is not None and r is not None and r_out is not None and b == r - 1 else None
+
+
+def _gather(node: ir.Node, out: ir.Value, walk) -> int | None:
+    """Gather on a later axis (a packed QKV's q, k or v): the axis stays."""
+    a, g, rank = walk(node.inputs[0]), node.attributes.get_int("axis", 0), _rank(node.inputs[0])
+    return a if a is not None and rank is not None and g % rank > a else None
+
+
+RULES: dict[str, Rule] = {
+    **dict.fromkeys(("Add", "Sub", "Mul", "Div", "Where", "Max", "Min", "Pow", "Cast", "CastLike", "Softmax",
+                     "Identity", "Dropout", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Sqrt", "Exp", "Gelu"), _aligned),
+    **dict.fromkeys(("Split", "Slice", "LayerNormalization", "SequenceAt", "SplitToSequence"), _first),
+    "Transpose": _transpose,  # out[i] = in[perm[i]]
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "MatMul": _matmul,
+    "Gather": _gather,
+}
+
+
+def flow_axis(value: ir.Value | None, sources: set[ir.Value], reads_len: Callable[[ir.Value, set], bool],
+              piece_axes: Callable[[ir.Node], tuple[list[int], int]], depth: int = 16) -> int | None:
+    """The token axis of ``value`` derived from ``sources`` (token axis 1) through the ops between;
+    None where an op has no rule. A Reshape (a view) puts the tokens where its target Concat's one piece
+    reading the sequence length sits: ``reads_len(piece, sources)``, or ``Shape(v)[a]`` of a value
+    ``v`` whose token axis is ``a`` (a target already rebound by prune-tokens)."""
+    memo: dict[int, int | None] = {}
+
+    def walk(v: ir.Value | None, left: int = depth) -> int | None:
+        if v is None:
+            return None
+        if v in sources:
+            return 1
+        node = v.producer()
+        if node is None or left == 0:
+            return None
+        if id(v) not in memo:
+            memo[id(v)] = None  # a cycle never answers
+            if node.op_type == "Reshape":
+                memo[id(v)] = _view(node, lambda u: walk(u, left - 1))
+            else:
+                rule = RULES.get(node.op_type)
+                memo[id(v)] = rule(node, v, lambda u: walk(u, left - 1)) if rule is not None else None
+        return memo[id(v)]
+
+    def _view(node: ir.Node, sub) -> int | None:
+        concat = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if concat is None or concat.op_type != "Concat":
+            return None
+        starts, _ = piece_axes(concat)
+        hits = [starts[j] for j, p in enumerate(concat.inputs) if p is not None
+                and (reads_len(p, sources) or _shape_of_token_axis(p, sub))]
+        return hits[0] if len(hits) == 1 else None
+
+    return walk(value)
+
+
+def _shape_of_token_axis(piece: ir.Value, walk) -> bool:
+    node = piece.producer()
+    if node is None or node.op_type != "Shape":
+        return False
+    start = node.attributes.get_int("start", 0)
+    return node.attributes.get_int("end", start + 1) == start + 1 and walk(node.inputs[0]) == start
+
+
+def token_axis(data: ir.Value, graph: ir.Graph, aligned: int, flow: int | None, static: int | None = None) -> int:
+    """The token axis of a view's data for the target piece at output axis ``aligned`` (counted from
+    the data's end). By the exporter's names: the one axis whose dim is the inputs' symbolic sequence
+    length (GPT-BigCode's dynamo ``[B, 1, S, 3D]``), or of several such (folded scores ``[B, H, S, S]``)
+    the aligned one. Else ``flow`` (:func:`flow_axis`). Else axis 1 unless its dim is a fixed size other
+    than the export's token count ``static`` (a head count), then the one later axis that can hold the
+    tokens, or of several the aligned one; none: refused (a wrong axis writes a view that fails)."""
+    syms = {d.value for v in graph.inputs if v.shape is not None and v.shape.rank() >= 2
+            and isinstance(d := v.shape.dims[1], ir.SymbolicDim) and d.value}
+    dims = data.shape.dims if data.shape is not None else ()
+    hits = [i for i, d in enumerate(dims) if isinstance(d, ir.SymbolicDim) and d.value in syms]
+    if hits:
+        return hits[0] if len(hits) == 1 else aligned if aligned in hits else 1
+    if flow is not None and (not dims or 0 <= flow < len(dims)):
+        return flow
+    fits = [i for i, d in enumerate(dims) if i >= 1 and (not isinstance(d, int) or d == static)]
+    if len(dims) < 2 or 1 in fits:
+        return 1
+    if len(fits) == 1 or aligned in fits:
+        return fits[0] if len(fits) == 1 else aligned
+    raise OptionError(f"cannot tell the token axis of '{data.name}' {list(dims)} (a view's target reads the "
+                      "sequence length): prune-tokens would write a view of the wrong size")
