@@ -165,39 +165,27 @@ def to_slim(path: Path, tmp: Path) -> Path:
     return out
 
 
-def to_onnxsim(path: Path, tmp: Path) -> Path:
-    """onnx-simplifier: constant folding of shape computations (fixed shapes stay symbolic here)."""
+def to_onnxsim(path: Path, tmp: Path, fixed: bool = False) -> Path:
+    """onnx-simplifier: constant folding of shape computations (fixed shapes stay symbolic here).
+    ``fixed``: every input's dims fixed to the reference inputs' shapes first (``onnxsim
+    --overwrite-input-shape``; an export without dynamic axes, as mobile/NPU users deploy it), so the
+    causal mask, RoPE tables and view targets fold to constants holding that length."""
     import onnx
 
+    fmt = "fixed" if fixed else "onnxsim"
     try:
         import onnxsim
     except ImportError as err:
-        raise SystemExit("--format onnxsim needs onnxsim (pip install onnxsim)") from err
-    model, ok = onnxsim.simplify(onnx.load(str(path)))
-    if not ok:
-        raise ValueError("onnxsim's own check failed")
-    out = tmp / f"{path.stem}.onnxsim.onnx"
-    onnx.save(model, str(out))
-    return out
-
-
-def to_fixed(path: Path, tmp: Path) -> Path:
-    """An export with fixed input shapes, as mobile/NPU users deploy it: onnx-simplifier with every input's
-    dims fixed to the reference inputs' shapes (``onnxsim --overwrite-input-shape``), so the causal mask,
-    RoPE tables and view targets fold to constants holding that length."""
-    import onnx
-
-    try:
-        import onnxsim
-    except ImportError as err:
-        raise SystemExit("--format fixed needs onnxsim (pip install onnxsim)") from err
-    feeds = np.load(path.with_suffix(".npz"))
+        raise SystemExit(f"--format {fmt} needs onnxsim (pip install onnxsim)") from err
     model = onnx.load(str(path))
-    shapes = {i.name: list(feeds[i.name].shape) for i in model.graph.input if i.name in feeds}
+    shapes = None
+    if fixed:
+        feeds = np.load(path.with_suffix(".npz"))
+        shapes = {i.name: list(feeds[i.name].shape) for i in model.graph.input if i.name in feeds}
     model, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
     if not ok:
         raise ValueError("onnxsim's own check failed")
-    out = tmp / f"{path.stem}.fixed.onnx"
+    out = tmp / f"{path.stem}.{fmt}.onnx"
     onnx.save(model, str(out))
     return out
 
@@ -234,7 +222,7 @@ FORMATS = {"float": None, "int8": to_int8, "fp16": to_fp16,
            "int8pc": functools.partial(to_int8, per_channel=True),  # per output column, as transformers.js
            "qdq": to_static, "qop": functools.partial(to_static, quant_format="QOperator"),
            "ortopt": to_ortopt, "ortext": functools.partial(to_ortopt, extended=True),
-           "slim": to_slim, "onnxsim": to_onnxsim, "fixed": to_fixed}
+           "slim": to_slim, "onnxsim": to_onnxsim, "fixed": functools.partial(to_onnxsim, fixed=True)}
 # post-processed forms of any export (the model builder's too); the other formats convert float exports
 POSTPROCESS = frozenset({"ortopt", "ortext", "slim", "onnxsim", "fixed"})
 

@@ -718,8 +718,7 @@ class _Rewrite:
         at the kept positions. Every site's own mask and score terms are rewritten with that site's
         kept positions (skipped here)."""
         skip = {id(v) for v in (x, site.layer_input) if v is not None} | self.site_terms
-        dims = site.layer_input.shape.dims if site.layer_input is not None and site.layer_input.shape is not None else ()
-        full_len = dims[1] if len(dims) == 3 and isinstance(dims[1], int) else None  # an export with fixed shapes
+        full_len = _static_len(site.layer_input) if site.layer_input is not None else None  # fixed shapes
         for value, axes, lift in positional_inputs(site.layer, region, skip, x, self.model.graph, site.mask_source,
                                                    full_len):
             new = self._gathered(value, axes, lift)

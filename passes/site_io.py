@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from spatten_compiler.match import const_array
+from spatten_compiler.match import const_array, is_const
 
 if TYPE_CHECKING:
     from .find_attention import AttentionSite
@@ -99,7 +99,7 @@ def mask_info(mask: ir.Value | None, graph: ir.Graph, causal_cond: ir.Value | No
     causal = any(n.op_type == "Trilu" for n in nodes) or any(
         n.op_type in COMPARISONS and all(i is not None and _from_range(i) for i in n.inputs) for n in nodes
     ) or any(causal_table(const_array(v)) for v in (mask, causal_cond, *(i for n in nodes for i in n.inputs))
-             if _square(v) and (v.const_value is not None or v.producer() is None or v.producer().op_type == "Constant"))
+             if _square(v) and is_const(v))
     padding = [v for v in inputs if v in graph.inputs and v.name not in POSITION_INPUTS and "past" not in v.name]
     source = padding[0].name if padding else None
     kind = "+".join(k for k, on in (("causal", causal), ("padding", bool(padding))) if on) or "constant"
