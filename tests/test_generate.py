@@ -100,3 +100,15 @@ def test_preset_block_eviction_generates_alike_in_both_runtimes(tmp_path: Path) 
     assert runs["ort"] == runs["reference"]
     lengths = runs["ort"][1]
     assert any(b < a for a, b in zip(lengths, lengths[1:])) and any(b > a for a, b in zip(lengths, lengths[1:]))
+
+
+def test_tokenizer_defaults_to_the_models_folder(tmp_path: Path) -> None:
+    import shutil
+
+    folder = make_tokenizer(tmp_path / "export")
+    model = shutil.copy(MODELS / "gpt2_kv_torchscript.onnx", folder / "model.onnx")
+    r = spattenc("generate", str(model), "--prompt", "w3 w5 w7", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == generate(model, folder, "w3 w5 w7", 4)
+    r = spattenc("generate", str(MODELS / "gpt2_kv_torchscript.onnx"), "--prompt", "w1")
+    assert r.returncode == 2 and "pass --tokenizer" in r.stderr and len(r.stderr.strip().splitlines()) == 1

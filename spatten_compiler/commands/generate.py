@@ -11,8 +11,8 @@ from spatten_compiler.commands import Command, register
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="decoder ONNX model with a KV cache (dense, or compiled with --kv-budget)")
-    p.add_argument("--tokenizer", type=Path, required=True,
-                   help="folder with tokenizer.json (the export's folder; required)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="folder with tokenizer.json (the export's folder; default: the model's folder)")
     p.add_argument("--prompt", required=True, help="prompt text (required)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="tokens to generate at most (default %(default)s)")
@@ -33,12 +33,17 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model.is_file():
         raise OptionError(f"{args.model}: no such file")
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        tokenizer = args.model.parent
+        if not (tokenizer / "tokenizer.json").is_file():
+            raise OptionError(f"no tokenizer.json next to {args.model}: pass --tokenizer FOLDER (the export's folder)")
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    generate(args.model, args.tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+    generate(args.model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
              top_p=args.top_p, seed=args.seed, chat=args.chat, runtime=args.runtime, threads=args.threads,
              stream=stream)
     sys.stdout.write("\n")
