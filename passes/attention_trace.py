@@ -234,14 +234,24 @@ def _add(node, value, branch, graph):
     return NoMatch(f"Add '{node.name}' between projection and attention is neither RoPE nor a bias")
 
 
+def cache_concat(node: ir.Node | None, graph: ir.Graph) -> KVCache | None:
+    """``node`` as a KV-cache step: a two-piece ``Concat`` one of whose pieces is a view of a graph input
+    (the past); the present is the graph output that is a view of its result, if any."""
+    if node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+        return None
+    past = next((p for piece in node.inputs if piece is not None and (p := _graph_input(piece, graph)) is not None),
+                None)
+    if past is None:
+        return None
+    present = next((o for o in graph.outputs if _is_view_of(o, node.outputs[0])), None)
+    return KVCache(past=past, concat=node, axis=node.attributes["axis"].value, present=present)
+
+
 def _concat(node, value, branch, graph):
-    axis = node.attributes["axis"].value
-    for i, piece in enumerate(node.inputs):
-        past = _graph_input(piece, graph) if piece is not None else None
-        if past is not None and len(node.inputs) == 2:
-            present = next((o for o in graph.outputs if _is_view_of(o, node.outputs[0])), None)
-            branch.cache = KVCache(past=past, concat=node, axis=axis, present=present)
-            return node.inputs[1 - i]
+    cache = cache_concat(node, graph)
+    if cache is not None:
+        branch.cache = cache
+        return next(p for p in node.inputs if p is not None and _graph_input(p, graph) is not cache.past)
     kinds = _assembly_pieces(node)
     if isinstance(kinds, NoMatch):
         return NoMatch(f"Concat '{node.name}' is not a KV-cache concat with a past input, nor {kinds.reason}")
@@ -381,13 +391,24 @@ def token_source(value: ir.Value, limit: int = 40) -> ir.Value:
     return found if len(sources) == 1 and not todo else value
 
 
-def latent_past(projection: Projection | None, graph: ir.Graph) -> ir.Value | None:
-    """The past input concatenated into a projection's input (multi-head latent attention caching the
-    compressed latent: ``kv_b_proj(Concat(past_latent, latent))``), if any: a cache ahead of the projection."""
-    node = projection.input.producer() if projection is not None else None
-    if node is None or node.op_type != "Concat":
-        return None
-    return next((p for i in node.inputs if i is not None and (p := _graph_input(i, graph)) is not None), None)
+def latent_caches(k: Branch | None, graph: ir.Graph) -> list[KVCache]:
+    """The caches a layer keeps ahead of K/V instead of K/V (multi-head latent attention, transformers 5's
+    DeepSeek): ``kv_b_proj(Concat(past_latent, latent))`` - a cache of K's projection input, shared by K and
+    V - and ``Expand(Concat(past_k_pe, k_pe))`` - the RoPE key piece shared by every head of K's assembly.
+    Each is a :func:`cache_concat` reached through views; empty for a K/V cache read at the core."""
+    if k is None or k.cache is not None:
+        return []
+    sources = ([k.projection.input] if k.projection is not None else []) + (k.assembly.shared if k.assembly else [])
+    found = []
+    for value in sources:
+        for _ in range(8):  # through views to the concat
+            node = value.producer()
+            if node is None or node.op_type not in VIEW_OPS:
+                break
+            value = node.inputs[VIEW_OPS[node.op_type]]
+        if (cache := cache_concat(value.producer(), graph)) is not None:
+            found.append(cache)
+    return found
 
 
 def _last_axis_reduce(node: ir.Node) -> bool:

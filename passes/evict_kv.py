@@ -57,6 +57,11 @@ from ``attention_mask`` only, through its CumSum: key positions ``(cumsum - 1) *
 per layer at the kept slots' original positions (``mask_position_term``: its nodes copied with
 ``attention_mask`` -> the slots' validity, the CumSum -> position + 1); any other score term is
 refused, and so is per-KV-head eviction with one.
+
+Multi-head latent attention (transformers 5's DeepSeek) caches the compressed latent ahead of ``kv_b_proj``
+and the RoPE key piece shared by every head instead of K/V: those are the site's caches
+(``AttentionSite.caches``), gathered at the same kept slots; with one cached head the per-KV-head rule is
+the layer's.
 """
 
 from __future__ import annotations
@@ -182,7 +187,7 @@ def _take_over_window(sites: list[AttentionSite], graph: ir.Graph) -> dict[int, 
     past's slot slice before the concat is bypassed. Refuses a sliced cache the mask does not explain."""
     windows: dict[int, int] = {}
     for site in sites:
-        caches = [c for c in (site.k.cache if site.k else None, site.v.cache if site.v else None) if c is not None]
+        caches = site.caches
         if not caches:
             continue
         window = mask_window(site.mask)
@@ -277,17 +282,13 @@ def _check(sites: list[AttentionSite], positions_why: str | None = None) -> None
     for s in sites:
         if s.fused is not None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type}; run decompose-attention first")
-        cache = s.k.cache if s.k else None
-        if cache is not None and cache.present is None and any(o.name.startswith("present") for o in
-                                                                 s.softmax.graph.outputs):
+        caches = s.caches  # K's and V's, or (multi-head latent attention) the caches ahead of them
+        if caches and any(c.present is None for c in caches) and any(o.name.startswith("present") for o in
+                                                                      s.softmax.graph.outputs):
             raise OptionError(f"layer {s.layer}: the present cache output is neither the past + new concat nor "
                               "its last W - 1 slots under a sliding-window mask (kv > q - W); evict-kv does not "
                               "rewrite it")
-        if cache is None and s.latent_past is not None:
-            raise OptionError(f"layer {s.layer} caches the K/V projection's input ('{s.latent_past.name}' is "
-                              "concatenated before it: multi-head latent attention's compressed latent), not K/V: "
-                              "evict-kv evicts the K/V cache read by the attention and does not rewrite a latent cache")
-        if cache is None or s.v is None or s.v.cache is None or cache.present is None or s.v.cache.present is None:
+        if len(caches) < 2 or any(c.present is None for c in caches):
             raise OptionError(f"layer {s.layer} has no KV cache (past/present inputs and outputs): "
                               "--kv-budget applies to decoders exported with a KV cache")
         if s.mask_node is None or s.variant.get("mask") not in MASK_FORMS:
@@ -358,12 +359,13 @@ def kv_heads(site: AttentionSite) -> tuple[int, int]:
         raise OptionError(f"layer {site.layer}: --kv-evict head scores each head's keys from [B, H, q, n] "
                           "probabilities; this export folds the heads into the batch ([B*H, q, n]); use "
                           "--kv-evict layer")
-    hk, hv = (_dims(c.present)[1] if len(_dims(c.present)) == 4 else None for c in (site.k.cache, site.v.cache))
+    hk, hv = (_dims(c.present)[1] if len(_dims(c.present)) == 4 else None for c in site.caches[:2])
     hq = site.num_heads or next((d for d in _dims(site.probs)[1:2] if isinstance(d, int)), None)
     if not isinstance(hk, int) or hk != hv or not hq or hq % hk:
         raise OptionError(f"layer {site.layer}: --kv-evict head needs static, equal K/V head counts dividing the "
                           f"query heads (K {hk}, V {hv}, queries {hq})")
-    if hq > hk:  # repeat_kv: [B, Hkv, n, D] -> Unsqueeze(2) -> Expand [B, Hkv, g, n, D] -> Reshape
+    # one cached head (multi-query, MLA's latent) is read by every query head, however it is repeated
+    if hq > hk > 1:  # repeat_kv: [B, Hkv, n, D] -> Unsqueeze(2) -> Expand [B, Hkv, g, n, D] -> Reshape
         ups = [n for n in site.k.views if n.op_type == "Unsqueeze"]
         axes = [n.inputs[1].const_value.numpy().tolist() if len(n.inputs) > 1 and n.inputs[1].const_value is not None
                 else None for n in ups]
@@ -533,7 +535,7 @@ class EvictKV(Pass):
                  valid_new: ir.Value, causal: ir.Value, prev_kept: ir.Value | None,
                  knobs: dict[str, ir.Value], block: list[tuple], sliding: int | None = None) -> ir.Value:
         layer = site.layer
-        kc, vc = site.k.cache, site.v.cache
+        caches = site.caches
         # the state: [B, n] per layer, or [B, Hkv, n] per KV head (``ax``: its slot axis)
         hkv, group = kv_heads(site) if self.mode == "head" else (None, 1)
         ax = 1 if hkv is None else 2
@@ -543,7 +545,7 @@ class EvictKV(Pass):
         past_pos = ir.Value(name=f"past_positions.{layer}", shape=ir.Shape(["batch", *heads, f"past_sequence.{layer}"]),
                             type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.extend([past_imp, past_pos])
-        for cache in (kc, vc):  # each layer's cache has its own length now
+        for cache in caches:  # each layer's cache has its own length now
             d = cache.past.shape.dims if cache.past.shape is not None else None
             if d is not None and len(d) == 4:
                 cache.past.shape = ir.Shape([d[0], d[1], f"past_sequence.{layer}", d[3]])
@@ -660,10 +662,10 @@ class EvictKV(Pass):
         kept_pos = ed.op("Where", [ed.op("Greater", [kept_s, f32("thr", -BIG / 2)]),
                                    ed.op("GatherElements", [pos, keep], axis=ax), i64("m1", -1)])
         kept_imp = ed.op("GatherElements", [imp, keep], axis=ax)
-        rows = row_index(ed, kc.present, keep)  # K and V: the same [B, H, n] layout
+        rows = row_index(ed, caches[0].present, keep)  # K and V: the same [B, H, n] layout
         appended = []
-        for cache in (kc, vc):
-            dk, dv = _dims(kc.present), _dims(cache.present)  # same heads: same rows (lengths are equal)
+        for cache in caches:
+            dk, dv = _dims(caches[0].present), _dims(cache.present)  # same heads: same rows (lengths are equal)
             same = len(dk) == len(dv) == 4 and isinstance(dk[1], int) and dk[1] == dv[1]
             pruned = gather_rows(ed, cache.present, keep, rows if same else None)
             appended.append((pruned, cache.present))

@@ -21,10 +21,11 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from .attention_patterns import CORE, FUSED_OPS, NAN_GUARD, UNREAD_FUSED_OPS, VIEW_OPS
 from .attention_trace import (
     Branch,
+    KVCache,
     Projection,
     _projection,
     is_weight,
-    latent_past,
+    latent_caches,
     quantized_projection,
     token_source,
     trace_branch,
@@ -71,8 +72,8 @@ class AttentionSite:
     # probabilities: ``probs`` is after that Slice, so its rows sum to less than 1
     sinks: list[ir.Value] = dataclasses.field(default_factory=list)
     sink_concat: ir.Node | None = None
-    # a past input concatenated before K's projection (MLA caching the compressed latent): no K/V cache at the core
-    latent_past: ir.Value | None = None
+    # caches ahead of K/V (MLA caching the compressed latent and the shared RoPE key): no K/V cache at the core
+    latent_caches: list[KVCache] = dataclasses.field(default_factory=list)
 
     @property
     def rope(self) -> bool:
@@ -100,6 +101,18 @@ class AttentionSite:
     @property
     def kv_cache(self) -> bool:
         return bool(self.k and self.k.cache is not None)
+
+    @property
+    def latent_past(self) -> ir.Value | None:
+        """The past input of the cache ahead of K's projection (MLA's compressed latent), if any."""
+        return self.latent_caches[0].past if self.latent_caches else None
+
+    @property
+    def caches(self) -> list[KVCache]:
+        """The cache concats one decoding step of this layer extends: K's and V's, or the latent caches."""
+        if self.kv_cache:
+            return [c for c in (self.k.cache, self.v.cache if self.v else None) if c is not None]
+        return list(self.latent_caches)
 
     @property
     def hidden_size(self) -> int | None:
@@ -151,6 +164,9 @@ class AttentionSite:
             d["kv_cache"] = {"past_key": c.past.name, "past_value": name(vc.past) if vc else None,
                              "present_key": name(c.present), "present_value": name(vc.present) if vc else None,
                              "axis": c.axis}
+        if self.latent_caches:
+            d["latent_cache"] = [{"past": c.past.name, "present": name(c.present), "axis": c.axis}
+                                 for c in self.latent_caches]
         if self.out_proj is not None:
             d["out_proj"] = {"node": self.out_proj.node.name, "weight": self.out_proj.weight.name,
                              "bias": name(self.out_proj.bias)}
@@ -460,7 +476,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         site.residual, site.layer_input = _residual_stream(residual, pv, qb)
     elif out_proj is not None:  # a norm on the branch before the residual (Gemma 2, OLMo 2 post-norms)
         site.residual, site.layer_input = _residual_after(out_proj.node.outputs[0], qb)
-    site.latent_past = latent_past(kb.projection, graph)
+    site.latent_caches = latent_caches(kb, graph)
     site.mask_kind, site.mask_source = mask_info(site.mask, graph, found.get("causal_cond"))
     site.rope_source = rope_position_source(qb.rope_cos, graph)
     return site
@@ -524,8 +540,6 @@ def _fused_site(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     past = spec.get("past", ())
     past_values = [node.inputs[i] for i in past if len(node.inputs) > i and node.inputs[i] is not None]  # type: ignore[union-attr]
     if past_values and k is not None and k.cache is None:
-        from .attention_trace import KVCache
-
         present = node.outputs[spec["present"][0]] if "present" in spec else None  # type: ignore[index]
         k.cache = KVCache(past=past_values[0], concat=node, axis=-2, present=present)
     return AttentionSite(

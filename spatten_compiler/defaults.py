@@ -234,7 +234,7 @@ def model_kind(sites: list[Any]) -> str:
     reads a cache), ``encoder`` if there are sites, ``none`` without attention."""
     if not sites:
         return "none"
-    if any(s.kv_cache for s in sites):
+    if any(s.caches for s in sites):  # K/V caches, or multi-head latent attention's latent caches
         return "decoder"
     if any(s.mask_kind.startswith("causal") for s in sites):
         return "decoder-nocache"
@@ -251,7 +251,7 @@ class Feature:
 
 
 FEATURES: dict[str, Feature] = {
-    "kv_cache": Feature(lambda sites: bool(sites) and all(s.kv_cache for s in sites),
+    "kv_cache": Feature(lambda sites: bool(sites) and all(s.caches for s in sites),
                         "the model has no KV cache in every layer", "export it with past_key_values"),
     # SegFormer's keys come from a strided Conv of the tokens (S_k != S_q): token importance, a sum over
     # a layer's query rows per key, would rank other tokens than the layer's own.

@@ -41,8 +41,9 @@ def compiled(name: str, tmp: str, probs: bool = False, **options: object) -> Pat
     return out
 
 
-def _run(dense: DecoderSession, other: DecoderSession, steps: int = STEPS) -> list[float]:
-    ids, mask = left_pad(PROMPTS)
+def _run(dense: DecoderSession, other: DecoderSession, steps: int = STEPS,
+         prompts: list[list[int]] = PROMPTS) -> list[float]:
+    ids, mask = left_pad(prompts)
     dense.reset(2)
     other.reset(2)
     a, b = dense.step(ids, mask), other.step(ids, mask)
@@ -82,11 +83,11 @@ def spied_session(path: Path) -> tuple[DecoderSession, list[str], dict[str, np.n
     return s, softmax, captured
 
 
-def step_ort_and_reference(path: Path, steps: int) -> DecoderSession:
-    """Prefill PROMPTS, then ``steps`` greedy steps in onnxruntime and the reference runtime side by
+def step_ort_and_reference(path: Path, steps: int, prompts: list[list[int]] = PROMPTS) -> DecoderSession:
+    """Prefill ``prompts``, then ``steps`` greedy steps in onnxruntime and the reference runtime side by
     side: logits within 1e-4 and the same kept positions at every step. Returns the onnxruntime session."""
     ort_s, ref_s = DecoderSession(path), DecoderSession(path, runtime="reference")
-    ids, mask = left_pad(PROMPTS)
+    ids, mask = left_pad(prompts)
     ort_s.reset(2)
     ref_s.reset(2)
     a, b = ort_s.step(ids, mask), ref_s.step(ids, mask)

@@ -148,23 +148,119 @@ def test_tokens_exact(name: str, tmp_path: Path) -> None:
     assert ok, why
 
 
-def test_latent_cache_refused_in_one_line(tmp_path: Path) -> None:
-    """transformers 5 caches the compressed latent before kv_b_proj: the sites are found (heads exact), but
-    no K/V cache is read at the core, so evict-kv and prune-tokens refuse, naming the latent past."""
+KV_FIXTURE = MLA / "deepseek_v3_torchscript_kv.onnx"
+PROMPTS = [[5, 17, 33, 2, 9, 11, 40, 7, 21], [8, 3, 50, 42]]
+
+
+def _evicted(tmp: Path, **options: object) -> Path:
+    from spatten_compiler.pipeline import Pipeline, make_pass
+
+    model = ir.load(str(KV_FIXTURE))
+    Pipeline([make_pass("normalize"), make_pass("decompose-attention"), make_pass("evict-kv", **options)])(model)
+    out = tmp / f"mla-{'-'.join(f'{k}{v}' for k, v in sorted(options.items()))}.onnx"
+    ir.save(model, str(out))
+    return out
+
+
+def test_latent_caches_found() -> None:
+    """transformers 5 caches the compressed latent before kv_b_proj (``.key``) and the RoPE'd k_pe shared by
+    every head (``.value``): no K/V cache at the core, both recorded as the layer's latent caches; the model
+    is a decoder (its preset evicts) and ``inspect`` says ``latent``."""
+    from spatten_compiler.commands.inspect import inspect_model, render_table
+    from spatten_compiler.defaults import model_kind
+
+    model = load_model(KV_FIXTURE)
+    Normalize()(model)
+    sites = find_attention(model).sites
+    assert not any(s.kv_cache for s in sites)
+    assert [[c.past.name for c in s.caches] for s in sites] == [
+        [f"past_key_values.{i}.key", f"past_key_values.{i}.value"] for i in range(2)]
+    assert [[c.present.name for c in s.caches] for s in sites] == [
+        [f"present.{i}.key", f"present.{i}.value"] for i in range(2)]
+    assert [s.latent_past.name for s in sites] == ["past_key_values.0.key", "past_key_values.1.key"]
+    assert model_kind(sites) == "decoder"
+    assert sites[0].to_dict()["latent_cache"][0] == {"past": "past_key_values.0.key", "present": "present.0.key",
+                                                     "axis": -2}
+    assert all(" latent " in line for line in render_table(inspect_model(KV_FIXTURE)).splitlines()[1:])
+
+
+@pytest.mark.parametrize("mode", ["layer", "head", "cascade"])
+def test_latent_cache_eviction_full_budget_equals_dense(mode: str, tmp_path: Path) -> None:
+    """evict-kv gathers the kept rows of the latent caches: at budget 1.0 every step equals the dense model."""
+    from spatten_compiler.decoding import DecoderSession
+    from test_evict_kv import _run
+
+    path = _evicted(tmp_path, budget=1.0, sinks=2, recent=2, mode=mode)
+    errs = _run(DecoderSession(KV_FIXTURE), DecoderSession(path), steps=10, prompts=PROMPTS)
+    assert max(errs) <= 1e-4, errs
+
+
+@pytest.mark.parametrize("mode", ["head", "cascade"])
+def test_latent_cache_eviction_keeps_the_rule(mode: str, tmp_path: Path) -> None:
+    """Evicting: onnxruntime equals the reference runtime step by step, each layer's latent caches hold the
+    budget, and the kept tokens are the rule's (a NumPy computation from the layer's probabilities; one
+    latent shared by every head: per-KV-head eviction is the layer's own decision)."""
+    import onnx as onnx_
+    from spatten_compiler.decoding import left_pad
+    from spatten_compiler.passes.evict_kv import budget_tokens
+    from test_evict_kv import numpy_rule, spied_session, step_ort_and_reference
+
+    path = _evicted(tmp_path, budget=0.3, sinks=2, recent=2, mode=mode)
+    session = step_ort_and_reference(path, 8, PROMPTS)
+    assert session.cache_lengths() == [budget_tokens(0.3, 9 + 8, 2, 2, 10**9)] * 2
+    lengths = {o.name: o.type.tensor_type.shape for o in onnx_.load(str(path)).graph.output}
+    assert {k for k in lengths if k.startswith("present.")} == {f"present.{i}.{t}" for i in range(2)
+                                                                  for t in ("key", "value")}
+    proto = onnx_.load(str(path))
+    softmax = [n.output[0] for n in proto.graph.node if n.op_type == "Softmax"]
+    proto.graph.output.extend(onnx_.helper.make_tensor_value_info(x, onnx_.TensorProto.FLOAT, None) for x in softmax)
+    onnx_.save(proto, str(path))
+    s, probs, captured = spied_session(path)
+    ids, valid_q = left_pad(PROMPTS)
+    s.reset(2)
+    tok = ids
+    for _ in range(6):
+        logits = s.step(tok, valid_q)
+        above = None
+        for layer in range(2):
+            got = captured[f"out:present_positions.{layer}"]
+            want, _ = numpy_rule(captured[f"out:{probs[layer]}"], captured[f"past_importance.{layer}"].reshape(2, -1),
+                                 captured[f"past_positions.{layer}"].reshape(2, -1), captured["position_ids"],
+                                 valid_q.astype(np.float32), 0.3, 2, 2, above)
+            np.testing.assert_array_equal(got.reshape(2, -1), want)
+            above = got.reshape(2, -1) if mode == "cascade" else None
+        tok = logits[:, -1].argmax(-1)[:, None]
+        valid_q = np.ones_like(tok)
+
+
+def test_latent_cache_eviction_with_packed_planes(tmp_path: Path) -> None:
+    """The CLI: eviction and the latent caches stored as 4+4-bit planes compose; onnxruntime equals the
+    reference runtime while evicting."""
+    import subprocess
+    import sys
+
+    from test_evict_kv import step_ort_and_reference
+
+    out = tmp_path / "kv4.onnx"
+    r = subprocess.run([sys.executable, "-m", "spatten_compiler", str(KV_FIXTURE), "-o", str(out), "--kv-budget",
+                        "0.4", "--kv-min-keep", "0", "--kv-sinks", "1", "--kv-bits", "4+4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    outputs = {o.name for o in onnx.load(str(out)).graph.output}
+    assert {"present.0.key.msb", "present.0.key.lsb", "present.0.value.scale"} <= outputs
+    assert step_ort_and_reference(out, 8, PROMPTS).cache_lengths() == [7, 7]
+
+
+def test_latent_cache_prompt_pruning_refused(tmp_path: Path) -> None:
+    """Prompt token pruning of a latent cache is not written: refused in one line naming the latent past;
+    head pruning stays exact on it."""
     from bench.coverage import _compile, heads
     from spatten_compiler.errors import OptionError
     from spatten_compiler.pipeline import make_pass
 
-    path = MLA / "deepseek_v3_torchscript_kv.onnx"
-    model = load_model(path)
-    Normalize()(model)
-    sites = find_attention(model).sites
-    assert [s.latent_past.name for s in sites] == ["past_key_values.0.key", "past_key_values.1.key"]
-    assert not any(s.kv_cache for s in sites)
-    for rewrite in (make_pass("evict-kv", budget=1.0), make_pass("prune-tokens", keep=0.5)):
-        with pytest.raises(OptionError, match="past_key_values.0.key"):
-            _compile(path, [rewrite], tmp_path / "x.onnx")
-    ok, why = heads(path, dict(np.load(path.with_suffix(".npz"))), tmp_path)
+    with pytest.raises(OptionError, match="past_key_values.0.key"):
+        _compile(KV_FIXTURE, [make_pass("prune-tokens", keep=0.5)], tmp_path / "x.onnx")
+    ok, why = heads(KV_FIXTURE, dict(np.load(KV_FIXTURE.with_suffix(".npz"))), tmp_path)
     assert ok, why
 
 

@@ -453,7 +453,8 @@ def test_heads_folded_into_the_batch_get_per_layer_eviction() -> None:
 
     from spatten_compiler.defaults import FEATURES
 
-    folded = [SimpleNamespace(variant={"layout": "folded"}, layer=0, kv_cache=True, own_keys=True)]
+    folded = [SimpleNamespace(variant={"layout": "folded"}, layer=0, kv_cache=True, caches=["K", "V"],
+                               own_keys=True)]
     features = frozenset(k for k, f in FEATURES.items() if f.has(folded))
     assert "head_scores" not in features and "kv_cache" in features
     assert resolve({}, "decoder")[0]["kv_evict"] == "head"
@@ -482,6 +483,7 @@ def test_model_kind() -> None:
     class Site:
         def __init__(self, kv: bool, mask: str) -> None:
             self.kv_cache, self.mask_kind = kv, mask
+            self.caches = ["K", "V"] if kv else []  # the cache concats a step extends
 
     assert model_kind([]) == "none"
     assert model_kind([Site(False, "padding")]) == "encoder"

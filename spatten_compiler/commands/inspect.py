@@ -58,7 +58,7 @@ def render_table(report: AttentionReport) -> str:
         packed = " packed" if s.q is not None and s.q.packed is not None else ""
         packed += " +sink" if s.sinks else ""  # learned sink columns beside the scores (GPT-OSS)
         rows.append([str(s.layer), str(s.num_heads), str(s.num_kv_heads), str(s.head_dim), s.mask_kind,
-                     "yes" if s.rope else "-", "yes" if s.kv_cache else "-", form + packed,
+                     "yes" if s.rope else "-", "yes" if s.kv_cache else "latent" if s.caches else "-", form + packed,
                      _fmt(c["proj_flops_per_token"]), _fmt(c["attn_flops_per_token_per_ctx"]),
                      _fmt(c["kv_bytes_per_token"])])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
