@@ -166,7 +166,7 @@ def test_latent_caches_found() -> None:
     """transformers 5 caches the compressed latent before kv_b_proj (``.key``) and the RoPE'd k_pe shared by
     every head (``.value``): no K/V cache at the core, both recorded as the layer's latent caches; the model
     is a decoder (its preset evicts) and ``inspect`` says ``latent``."""
-    from spatten_compiler.commands.inspect import inspect_model, render_table
+    from spatten_compiler.commands.inspect import inspect_model, render_table, site_costs
     from spatten_compiler.defaults import model_kind
 
     model = load_model(KV_FIXTURE)
@@ -181,7 +181,10 @@ def test_latent_caches_found() -> None:
     assert model_kind(sites) == "decoder"
     assert sites[0].to_dict()["latent_cache"][0] == {"past": "past_key_values.0.key", "present": "present.0.key",
                                                      "axis": -2}
-    assert all(" latent " in line for line in render_table(inspect_model(KV_FIXTURE)).splitlines()[1:])
+    report = inspect_model(KV_FIXTURE)
+    assert all(" latent " in line for line in render_table(report).splitlines()[1:])
+    # bytes cached per token: the latent (16) and k_pe (8) widths, not K/V's 2 x 4 heads x 16
+    assert [site_costs(s)["kv_bytes_per_token"] for s in report.sites] == [(16 + 8) * 4] * 2
 
 
 @pytest.mark.parametrize("mode", ["layer", "head", "cascade"])

@@ -21,14 +21,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--explain", action="store_true", help="also list every Softmax not taken, with the reason")
 
 
+def _cached_per_token(site: AttentionSite) -> int | None:
+    """Values a KV cache holds per token: K and V (``2 * kv_heads * head_dim``), or the latent caches'
+    widths (multi-head latent attention caches what K/V are computed from)."""
+    if site.latent_caches:
+        dims = [tuple(c.past.shape.dims) if c.past.shape is not None else () for c in site.latent_caches]
+        if all(len(x) == 4 and isinstance(x[1], int) and isinstance(x[3], int) for x in dims):
+            return sum(x[1] * x[3] for x in dims)
+        return None
+    return 2 * site.num_kv_heads * site.head_dim if site.num_kv_heads and site.head_dim else None
+
+
 def site_costs(site: AttentionSite, dtype_bytes: int = 4) -> dict[str, int | None]:
     """Per-token costs: projection FLOPs, attention FLOPs per context token, K/V bytes per token."""
     h, hk, d, hidden = site.num_heads, site.num_kv_heads, site.head_dim, site.hidden_size
     proj = 2 * hidden * (h + 2 * hk) * d + 2 * h * d * hidden if None not in (h, hk, d, hidden) else None
+    cached = _cached_per_token(site)
     return {
         "proj_flops_per_token": proj,
         "attn_flops_per_token_per_ctx": 4 * h * d if h and d else None,  # QK^T and PV, one context token
-        "kv_bytes_per_token": 2 * hk * d * dtype_bytes if hk and d else None,
+        "kv_bytes_per_token": cached * dtype_bytes if cached else None,
     }
 
 
