@@ -251,7 +251,8 @@ def _concat(node, value, branch, graph):
     cache = cache_concat(node, graph)
     if cache is not None:
         branch.cache = cache
-        return next(p for p in node.inputs if p is not None and _graph_input(p, graph) is not cache.past)
+        i = next(j for j, p in enumerate(node.inputs) if p is not None and _graph_input(p, graph) is cache.past)
+        return node.inputs[1 - i]
     kinds = _assembly_pieces(node)
     if isinstance(kinds, NoMatch):
         return NoMatch(f"Concat '{node.name}' is not a KV-cache concat with a past input, nor {kinds.reason}")
