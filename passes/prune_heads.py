@@ -217,6 +217,24 @@ def _split_head_axis(node: ir.Node) -> tuple[int, ...]:
     return (1, 2)
 
 
+def _merged_width_axis(site: AttentionSite) -> int:
+    """Where the heads-merge Reshape's target holds heads x head size, counted from its end: the head
+    axis of ``P @ V`` ([B, H, S, Dh]: 1) carried through the merge's Transposes is merged with the head
+    size after it, and the axes after those are kept. 0 (the last axis) for ``[B, S, H*Dh]`` or
+    ``[B*S, H*Dh]``; 1 for a channels-first ``[B, H*Dh, S]`` (SqueezeBERT's pointwise convolutions)."""
+    axis, shape = 1, site.pv.outputs[0].shape if site.pv is not None else None
+    rank = shape.rank() if shape is not None else 4
+    for node in site.merge:
+        if node.op_type == "Transpose":
+            perm = list(node.attributes.get_ints("perm", []))
+            if axis not in perm:
+                return 0
+            axis = perm.index(axis)
+        elif node.op_type == "Reshape":
+            return max(rank - axis - 2, 0)
+    return 0
+
+
 def _cache_write(node: ir.Node, outputs: set[int], limit: int = 6) -> bool:
     """``node`` only carries the cache to ``present`` (a sliding window's ``Slice`` of the last W
     positions, ModernBERT-decoder): it must keep every head, so it is not redirected to the kept ones."""
@@ -689,6 +707,7 @@ class _Rewrite:
         seen: set[int] = set()
         views = [*site.q.views, *site.merge] if cache else [*site.q.views, *site.k.views, *site.v.views, *site.merge]
         fold_ids = {id(x) for x in scores}
+        merged_axis = _merged_width_axis(site)
         views = [*site.merge, *scores] if layout is not None else views
         for node in views:
             if id(node) in seen:
@@ -709,10 +728,12 @@ class _Rewrite:
                                                      axis=0))
             elif node.op_type == "Reshape":
                 heads_at = _split_head_axis(node)
+                width_at = merged_axis if any(node is m for m in site.merge) else 0  # from the end
                 self._copy_seq_dim(node)
-                self._retarget(node, lambda pos, size, v, at=heads_at: widths.get(v, v) if pos == size - 1 and size <= 3
+                self._retarget(node, lambda pos, size, v, at=heads_at, w=width_at: widths.get(v, v)
+                               if pos == size - 1 - w and size <= 3
                                else counts.get(v, v) if size == 4 and pos in at else v)
-                if any(node is m for m in site.merge):
+                if any(node is m for m in site.merge) and width_at == 0:  # channels-first: the last axis is S
                     self._pin_width(node, n * g * dv)
             elif node.op_type == "Expand":  # GQA repeat [1, G, g, S, Dh]
                 self._retarget(node, lambda pos, size, v: counts.get(v, v) if pos == 1 and v == G else v)

@@ -116,7 +116,22 @@ def _check_loads(model: ir.Model) -> None:
                           "--no-token-pruning") from err
 
 
-def _check_sites(sites: list[AttentionSite]) -> None:
+def _tokens_not_rows(x: ir.Value, graph: ir.Graph) -> str | None:
+    """Why a layer's hidden state does not hold its tokens on axis 1 (a sequence-first ``[S, B, D]``:
+    XLNet; a channels-first ``[B, D, S]``: SqueezeBERT), by the exporter's names or static dims
+    (:func:`.token_axis.token_axis`); None when it does, or when nothing tells."""
+    try:
+        axis = token_axis(x, graph, aligned=1, flow=None)
+    except OptionError:
+        return None
+    dims = list(x.shape.dims) if x.shape is not None else []
+    if axis == 1 or len(dims) != 3:
+        return None
+    layout = "sequence-first [S, B, D]" if axis == 0 else "channels-first [B, D, S]"
+    return f"'{x.name}' {[str(d) for d in dims]} is {layout}"
+
+
+def _check_sites(sites: list[AttentionSite], graph: ir.Graph) -> None:
     for s in sites:
         if s.fused is not None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; run decompose-attention first")
@@ -132,6 +147,9 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                               "pruning ranks a layer's own tokens as keys")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
+        if (why := _tokens_not_rows(s.layer_input, graph)) is not None:
+            raise OptionError(f"layer {s.layer}: the hidden state {why}; prune-tokens gathers the token rows of "
+                              "a [B, S, D] hidden state")
         q_in = s.q.projection.input if s.q is not None and s.q.projection is not None else None
         aligned = _row_aligned(s.layer_input, set(), limit=256)
         if q_in is not None and q_in not in aligned and token_source(q_in) not in aligned:  # MLA: q_a_proj first
@@ -383,7 +401,7 @@ class PruneTokens(Pass):
         ratios = self.ratios(len(sites))
         if all(r == 1.0 for r in ratios) and not self.emit_kept:
             return PassResult(model, False)
-        _check_sites(sites)
+        _check_sites(sites, model.graph)
         opts = self
         why = _after_attention_refusal(sites, ratios) if self.prune_point == "after-attention" else None
         if why is not None:
@@ -745,6 +763,7 @@ class _Rewrite:
         if node is None or site.mask is None:
             return
         form, axes = _mask_form(site), e.const("axes", np.array([1, 2], np.int64))
+        sign = -1.0 if node.op_type == "Sub" else 1.0  # scores - mask (XLNet): the new mask is subtracted too
         if self.decoder and form == "causal+additive":  # GPT-Neo: Where(causal, scores, fill) + padding mask
             where = next(p for i in node.inputs if (p := i.producer()) is not None and p.op_type == "Where")
             cond = where.inputs[0]
@@ -760,7 +779,8 @@ class _Rewrite:
             check_term(site.layer, site.mask, region, x, "mask")
             gathered = self._gathered(site.mask, (2, 3))
             dropped = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])
-            new = {"additive": lambda: e.op("Add", [gathered, e.op("CastLike", [self._valid_bias(), gathered])]),
+            new = {"additive": lambda: e.op("Add" if sign > 0 else "Sub",
+                                            [gathered, e.op("CastLike", [self._valid_bias(), gathered])]),
                    "where": lambda: e.op("Or", [gathered, dropped]),
                    "where_scores_true": lambda: e.op("And", [gathered, e.op("Not", [dropped])])}[form]()
         elif form == "additive":
@@ -772,7 +792,7 @@ class _Rewrite:
             inv = e.op("Sub", [e.const("one", np.float32(1)),
                                e.op("Expand", [col, e.const("shape", np.array([1], np.int64))])])
             new = e.op("Where", [e.op("Cast", [inv], to=ir.DataType.BOOL),
-                                 e.const("bias", np.float32(MASK_BIAS)), inv])
+                                 e.const("bias", np.float32(sign * MASK_BIAS)), inv])
         else:  # Where(mask_is_padding, fill, scores) or Where(mask_is_kept, scores, fill)
             new = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])
             new = e.op("Not", [new]) if form == "where_scores_true" else new

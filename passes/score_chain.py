@@ -7,6 +7,7 @@ slopes, DeBERTa's disentangled c2p/p2c terms) or cap them (Gemma 2's tanh). :fun
 from the Softmax input to the score MatMul through :data:`CHAIN` ops:
 
     Add(scores, term)         # term: the padding/causal mask or an additive position bias
+    Sub(scores, term)         # the same term subtracted (XLNet: scores - 1e30 * mask)
     Mul/Div(scores, scalar)   # the 1/sqrt(d) scale (several multiply)
     Where(cond, scores, fill) # a boolean mask (either branch)
     Tanh, Cast, Identity      # soft-capping, dtype changes: element-wise, carried along
@@ -56,6 +57,14 @@ def _reaches_scores(value: ir.Value | None, depth: int = 10) -> bool:
         return False
     data = node.inputs[1:] if node.op_type == "Where" else node.inputs
     return any(_reaches_scores(i, depth - 1) for i in data if i is not None and not is_const(i))
+
+
+def _subtracted_term(sub: ir.Node) -> bool:
+    """``scores - term``: the first input reaches the score MatMul, the second does not and is no row max
+    of the scores (:func:`.score_sink.row_max_shift` reads that one)."""
+    x, t = sub.inputs[0], sub.inputs[1]
+    return (t is not None and _reaches_scores(x) and not _reaches_scores(t) and row_max_shift(sub) is not None
+            and (t.producer() is None or t.producer().op_type != "ReduceMax"))
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -134,6 +143,15 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
         if op not in CHAIN:
             return NoMatch(f"{op} '{node.name}' between the score MatMul and Softmax")
         nonlinear |= op in CLAMPS or op == "Tanh"
+        if op == "Sub" and _subtracted_term(node):  # scores - term: the term added negated (XLNet's
+            term = node.inputs[1]                     # scores - 1e30 * mask); the node is the Add's place
+            if is_mask_term(term):
+                masks.append((node, term))
+            else:
+                biases.append(term)
+                bias_adds.append(node)
+            value = node.inputs[0]
+            continue
         if op == "Sub":  # x - rowmax(x): softmax(x - m) == softmax(x)
             why = row_max_shift(node)
             if why is None and nonlinear:

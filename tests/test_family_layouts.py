@@ -1,0 +1,160 @@
+"""Attention written in other layouts than [B, S, D] MatMuls: SqueezeBERT's pointwise Conv1d projections
+on a channels-first [B, D, S] hidden state, XLNet's einsums on a sequence-first [S, B, D] one with its mask
+subtracted from the scores. Hand-built graphs for each normalize rule (pointwise Conv1d -> MatMul, einsum
+-> Transpose/MatMul, ``scores - term``) against onnxruntime; the committed corpus exports
+(``models/families/``, ``python models/corpus.py --only squeezebert,xlnet --exporters torchscript``):
+discovered, heads exact, token pruning refused in one line naming the layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import structural_graphs
+from onnx import TensorProto, helper, numpy_helper
+from spatten_compiler.passes.find_attention import find_attention
+from spatten_compiler.passes.normalize import Normalize
+from spatten_compiler.passes.prune_tokens import PruneTokens
+from test_prune_tokens_families import stack
+
+from spatten_compiler.errors import OptionError
+from spatten_compiler.modelio import load_model
+
+FAMILIES = Path(__file__).resolve().parents[1] / "models" / "families"
+N = helper.make_node
+
+
+def _model(nodes: list, inits: dict[str, np.ndarray], inputs: list, output: str) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _normalized(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    return ir.serde.serialize_model(model), [n.op_type for n in model.graph]
+
+
+def _conv(kernel: int, groups: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 8 // groups, kernel)).astype(np.float32)
+    return _model([N("Conv", ["x", "w", "b"], ["y"], group=groups, kernel_shape=[kernel])],
+                  {"w": w, "b": rng.standard_normal(12).astype(np.float32)},
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8, "S"])], "y")
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_pointwise_conv_is_a_matmul(groups: int) -> None:
+    """Conv1d kernel 1 on [B, C, S] (grouped: a block-diagonal weight) -> Transpose, MatMul, Add, Transpose."""
+    proto = _conv(1, groups)
+    x = np.random.default_rng(1).standard_normal((2, 8, 5)).astype(np.float32)
+    out, ops = _normalized(proto)
+    assert "Conv" not in ops and ops.count("MatMul") == 1 and ops.count("Transpose") == 2
+    np.testing.assert_allclose(_run(out, {"x": x}), _run(proto, {"x": x}), atol=1e-5)
+
+
+def test_wider_conv_stays() -> None:
+    """A kernel-3 convolution mixes neighbouring tokens: not a projection, left alone."""
+    assert "Conv" in _normalized(_conv(3, 1))[1]
+
+
+EINSUMS = {  # equation, operand shapes (None: a constant weight of that shape)
+    "permutation": ("ijbn->bnij", [(5, 5, 2, 1)]),
+    "projection": ("ibh,hnd->ibnd", [(5, 2, 8), None, (8, 2, 4)]),
+    "merge": ("ibnd,hnd->ibh", [(5, 2, 2, 4), None, (8, 2, 4)]),
+    "scores": ("ibnd,jbnd->bnij", [(5, 2, 3, 4), (6, 2, 3, 4)]),
+    "context": ("bnij,jbnd->ibnd", [(2, 3, 5, 6), (6, 2, 3, 4)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EINSUMS))
+def test_einsum_lowered(case: str) -> None:
+    """Each einsum form -> Transpose / MatMul / Reshape, the same numbers in onnxruntime."""
+    equation, shapes = EINSUMS[case]
+    rng = np.random.default_rng(2)
+    feeds, inits, names = {}, {}, []
+    for i, shape in enumerate(shapes):
+        if shape is None:
+            continue
+        weight = i > 0 and shapes[i - 1] is None
+        (inits if weight else feeds)[f"t{i}"] = rng.standard_normal(shape).astype(np.float32)
+        names.append(f"t{i}")
+    inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in feeds.items()]
+    proto = _model([N("Einsum", names, ["y"], equation=equation)], inits, inputs, "y")
+    out, ops = _normalized(proto)
+    assert "Einsum" not in ops
+    np.testing.assert_allclose(_run(out, feeds), _run(proto, feeds), atol=1e-5)
+
+
+def test_trace_einsum_stays() -> None:
+    proto = _model([N("Einsum", ["x"], ["y"], equation="ii->i")], {},
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])], "y")
+    assert "Einsum" in _normalized(proto)[1]
+
+
+def _subtracted_mask() -> onnx.ModelProto:
+    """The structural layer with its padding mask subtracted (XLNet: ``scores - 1e30 * mask``)."""
+    proto = structural_graphs.build()
+    g = proto.graph
+    add = next(n for n in g.node if n.output[0] == "masked")
+    g.initializer.append(numpy_helper.from_array(np.float32(1e4), "pos_fill"))
+    mul = next(n for n in g.node if n.output[0] == "add2d")
+    mul.input[1] = "pos_fill"
+    add.op_type = "Sub"
+    return proto
+
+
+def test_subtracted_mask_found_and_kept_subtracted() -> None:
+    """``Sub(scores, mask)``: a padding mask like an added one; prune-tokens replaces it by its own mask,
+    subtracted too. Two layers, layer 1 selecting every token on padded inputs: the real tokens' rows equal
+    the input model's (with the sign lost, every query would attend to the padding only)."""
+    proto = stack(_subtracted_mask())
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    sites = find_attention(model).sites
+    assert len(sites) == 2 and all(s.mask_kind == "padding" and s.mask_node.op_type == "Sub" for s in sites)
+    PruneTokens(schedule=(1.0, 0.999), emit_kept=True, min_keep=1)(model)
+    feeds = structural_graphs.feeds(seq=6)
+    got = _run(ir.serde.serialize_model(model), feeds)
+    real = feeds["mask"].astype(bool)
+    np.testing.assert_allclose(got[real], _run(proto, feeds)[real], atol=1e-5)
+
+
+FIXTURES = {"squeezebert_torchscript": "channels-first", "xlnet_torchscript": "sequence-first"}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_family_discovered(name: str) -> None:
+    model = load_model(FAMILIES / f"{name}.onnx")
+    Normalize()(model)
+    report = find_attention(model)
+    assert len(report.sites) == 2, report.rejected
+    for s in report.sites:
+        assert (s.num_heads, s.num_kv_heads, s.head_dim, s.mask_kind) == (4, 4, 16, "padding")
+        assert s.out_proj is not None and s.residual is not None and s.own_keys
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_family_heads_exact(name: str, tmp_path: Path) -> None:
+    """keep 1.0 exact; the last layer without head 0 == its output-projection rows zeroed (onnxruntime)."""
+    from bench.coverage import heads
+
+    ok, why = heads(FAMILIES / f"{name}.onnx", dict(np.load(FAMILIES / f"{name}.npz")), tmp_path)
+    assert ok and "last layer without group 0" in why, why
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_family_tokens_refused_naming_the_layout(name: str) -> None:
+    model = load_model(FAMILIES / f"{name}.onnx")
+    Normalize()(model)
+    with pytest.raises(OptionError, match=FIXTURES[name]):
+        PruneTokens(keep=0.5)(model)
