@@ -347,6 +347,9 @@ def _residual_stream(add: ir.Node, pv: ir.Node, q: Branch) -> tuple[ir.Node | No
         other = next((i for i in add.inputs if i is not attn_out), None)
         if other is None or not feeds_q or id(other) in feeds_q or id(other.producer()) in feeds_q:
             return add, other
+        if q.projection is not None and (src := token_source(other)) is not other and (
+                src is token_source(q.projection.input)):
+            return add, src  # a bottleneck (MobileBERT): the residual and Q are projections of one hidden state
         nxt = _single_consumer(add.outputs[0])
         if nxt is None or nxt.op_type != "Add":
             break

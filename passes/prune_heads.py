@@ -88,6 +88,7 @@ from .head_functions import FUNCTIONS
 from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, score_views
 from .prune_tokens import _reads_input_seq_len
 from .qdq import dequantized_weight, slice_dequantized, unsliceable_weight
+from .site_io import coupled_site
 from .score_chain import static_rank
 from .spatten_ops import DOMAIN, ensure_functions
 
@@ -215,6 +216,16 @@ def _split_head_axis(node: ir.Node) -> tuple[int, ...]:
     if isinstance(s, int) and s == dst.dims[1] and all(isinstance(x, int) for x in (w, h, d)) and w == h * d:
         return (2,)
     return (1, 2)
+
+
+def _refuse_coupled(sites: list[AttentionSite], counts: list[int], groups: int) -> None:
+    """A site that loses heads while its scores and another site's are terms of each other's (LiLT)."""
+    for s, n in zip(sites, counts):
+        other = coupled_site(s, sites) if n < groups else None
+        if other is not None:
+            raise OptionError(f"layer {s.layer}: its scores and layer {other.layer}'s are terms of each other's (two "
+                              "streams attending together, e.g. LiLT's text and layout); their heads would have to "
+                              "be pruned as one set")
 
 
 def _merged_width_axis(site: AttentionSite) -> int:
@@ -356,6 +367,7 @@ class PruneHeads(Pass):
                     raise OptionError("the first attention layer cannot be head-pruned: "
                                       "head scores come from earlier layers")
                 _refuse_runtime_blocks(sites)
+                _refuse_coupled(sites, counts, groups)
                 _Rewrite(model, sites, counts).run()
                 logger.info("prune-heads (paper rule, run time): kept head groups per layer %s", counts)
                 return PassResult(model, True)
@@ -370,6 +382,7 @@ class PruneHeads(Pass):
         if all(len(k) == groups for k in kept):
             return PassResult(model, False)
         _check_blocks(sites, kept, self.reconstruct)
+        _refuse_coupled(sites, [len(k) for k in kept], groups)
         outputs = self._reconstructed(model, sites, kept) if self.reconstruct else {}
         _Rewrite(model, sites, [len(k) for k in kept]).run([np.array(k, np.int64) for k in kept], outputs)
         model.metadata_props["spatten.heads_kept"] = json.dumps([list(map(int, k)) for k in kept])

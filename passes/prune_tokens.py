@@ -39,6 +39,7 @@ from spatten_compiler.schedule import check_schedule, spatten_schedule
 from .attention_trace import is_weight, quantized_projection, token_source
 from .find_attention import AttentionSite, find_attention, row_norm_input
 from .score_sink import rebroadcast_sinks
+from .site_io import coupled_site
 from .spatten_ops import DOMAIN, ensure_functions
 from .token_axis import flow_axis, token_axis
 from .token_positions import (
@@ -131,7 +132,7 @@ def _tokens_not_rows(x: ir.Value, graph: ir.Graph) -> str | None:
     return f"'{x.name}' {[str(d) for d in dims]} is {layout}"
 
 
-def _check_sites(sites: list[AttentionSite], graph: ir.Graph) -> None:
+def _check_sites(sites: list[AttentionSite]) -> None:
     for s in sites:
         if s.fused is not None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; run decompose-attention first")
@@ -147,7 +148,11 @@ def _check_sites(sites: list[AttentionSite], graph: ir.Graph) -> None:
                               "pruning ranks a layer's own tokens as keys")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
-        if (why := _tokens_not_rows(s.layer_input, graph)) is not None:
+        if (other := coupled_site(s, sites)) is not None:
+            raise OptionError(f"layer {s.layer}: its scores and layer {other.layer}'s are terms of each other's (two "
+                              "streams attending together, e.g. LiLT's text and layout); prune-tokens gathers the "
+                              "tokens of one hidden state")
+        if s.softmax is not None and (why := _tokens_not_rows(s.layer_input, s.softmax.graph)) is not None:
             raise OptionError(f"layer {s.layer}: the hidden state {why}; prune-tokens gathers the token rows of "
                               "a [B, S, D] hidden state")
         q_in = s.q.projection.input if s.q is not None and s.q.projection is not None else None
@@ -242,6 +247,9 @@ def _check_serial(site: AttentionSite) -> None:
     """after-attention gathers the attention output's rows and the residual's: a parallel block (GPT-J,
     NeoX: (attn + mlp(x)) + x) also adds an MLP of the full-length input in between; Cohere writes it
     after the residual, (x + attn) + mlp(x), which the same gather leaves full length too."""
+    if not any(i is site.layer_input for i in site.residual.inputs):
+        raise OptionError(f"layer {site.layer}: the residual Add '{site.residual.name}' adds a projection of the "
+                          "layer input (a bottleneck, MobileBERT), not the input itself; use prune point layer-input")
     value = next(i for i in site.residual.inputs if i is not site.layer_input)
     for _ in range(32):
         node = value.producer()
@@ -401,7 +409,7 @@ class PruneTokens(Pass):
         ratios = self.ratios(len(sites))
         if all(r == 1.0 for r in ratios) and not self.emit_kept:
             return PassResult(model, False)
-        _check_sites(sites, model.graph)
+        _check_sites(sites)
         opts = self
         why = _after_attention_refusal(sites, ratios) if self.prune_point == "after-attention" else None
         if why is not None:

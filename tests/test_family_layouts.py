@@ -132,15 +132,18 @@ def test_subtracted_mask_found_and_kept_subtracted() -> None:
 FIXTURES = {"squeezebert_torchscript": "channels-first", "xlnet_torchscript": "sequence-first"}
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
-def test_family_discovered(name: str) -> None:
+def _normalized_fixture(name: str) -> ir.Model:
     model = load_model(FAMILIES / f"{name}.onnx")
     Normalize()(model)
-    report = find_attention(model)
-    assert len(report.sites) == 2, report.rejected
-    for s in report.sites:
-        assert (s.num_heads, s.num_kv_heads, s.head_dim, s.mask_kind) == (4, 4, 16, "padding")
-        assert s.out_proj is not None and s.residual is not None and s.own_keys
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_family_discovered(name: str) -> None:
+    report = find_attention(_normalized_fixture(name))
+    got = {(s.num_heads, s.num_kv_heads, s.head_dim, s.mask_kind, s.own_keys) for s in report.sites}
+    assert len(report.sites) == 2 and got == {(4, 4, 16, "padding", True)}, report.rejected
+    assert all(s.out_proj is not None and s.residual is not None for s in report.sites)
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
@@ -154,7 +157,105 @@ def test_family_heads_exact(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_family_tokens_refused_naming_the_layout(name: str) -> None:
-    model = load_model(FAMILIES / f"{name}.onnx")
-    Normalize()(model)
     with pytest.raises(OptionError, match=FIXTURES[name]):
+        PruneTokens(keep=0.5)(_normalized_fixture(name))
+
+
+def _bottleneck(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """MobileBERT: Q and K read one projection of the layer input, the residual adds another (the
+    bottleneck), V reads the input itself."""
+    g = proto.graph
+    rng = np.random.default_rng(4)
+    D = structural_graphs.D
+    for name in ("w_b", "w_r"):
+        g.initializer.append(numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32) * 0.3, name))
+    g.node.insert(0, N("MatMul", ["x", "w_b"], ["xb"], name="bottleneck_attention"))
+    g.node.insert(1, N("MatMul", ["x", "w_r"], ["xr"], name="bottleneck_input"))
+    for node in g.node:
+        if node.op_type == "MatMul" and node.input[1] in ("w_q", "w_k"):
+            node.input[0] = "xb"
+        if node.output[0] == "y":
+            node.input[0] = "xr"
+    return proto
+
+
+def test_bottleneck_residual_is_the_layer() -> None:
+    """The residual adds a projection of the hidden state Q's projection reads: the layer input is that
+    hidden state; token pruning (every token selected after layer 0) equals the input model; pruning
+    right after the softmax (which gathers the residual's input) is refused in one line."""
+    proto = stack(_bottleneck(structural_graphs.build()))
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    sites = find_attention(model).sites
+    assert [s.layer_input.name for s in sites] == ["x", "l0_y"] and all(s.residual is not None for s in sites)
+    PruneTokens(schedule=(1.0, 0.999), emit_kept=True, min_keep=1)(model)
+    feeds = structural_graphs.feeds(seq=6)
+    feeds["mask"][:] = 1
+    np.testing.assert_allclose(_run(ir.serde.serialize_model(model), feeds), _run(proto, feeds), atol=1e-5)
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    with pytest.raises(OptionError, match="bottleneck"):
+        PruneTokens(schedule=(1.0, 0.5), prune_point="after-attention")(model)
+
+
+def _two_streams() -> onnx.ModelProto:
+    """LiLT: a text stream x [B, S, 8] (2 heads of 4) and a layout stream lay [B, S, 4] (2 heads of 2); each
+    stream's Softmax is over its own scores plus the other stream's, and weighs its own values."""
+    rng = np.random.default_rng(3)
+    nodes: list = []
+    inits: dict[str, np.ndarray] = {}
+
+    def c(name: str, a) -> str:
+        inits[name] = np.asarray(a)
+        return name
+
+    streams = (("t", "l", "x", 8, 4), ("l", "t", "lay", 4, 2))
+    for s, _, src, width, dh in streams:
+        for p in "qkv":
+            w = c(f"w_{s}{p}", rng.standard_normal((width, 2 * dh)).astype(np.float32) * 0.3)
+            nodes += [N("MatMul", [src, w], [f"{s}{p}_mm"]),
+                      N("Reshape", [f"{s}{p}_mm", c(f"split_{s}{p}", np.array([0, 0, 2, dh]))], [f"{s}{p}_4d"]),
+                      N("Transpose", [f"{s}{p}_4d"], [f"{s}{p}_h"], perm=[0, 2, 1, 3])]
+        nodes += [N("Transpose", [f"{s}k_h"], [f"{s}_kt"], perm=[0, 1, 3, 2]),
+                  N("MatMul", [f"{s}q_h", f"{s}_kt"], [f"{s}_qk"]),
+                  N("Div", [f"{s}_qk", c(f"{s}_scale", np.float32(np.sqrt(dh)))], [f"{s}_s"])]
+    nodes += [N("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
+              N("Sub", [c("one", np.float32(1)), "maskf"], ["inv"]),
+              N("Mul", ["inv", c("fill", np.float32(-1e4))], ["add2d"]),
+              N("Unsqueeze", ["add2d", c("axes", np.array([1, 2]))], ["add4d"])]
+    for s, other, src, width, dh in streams:
+        nodes += [N("Add", [f"{s}_s", f"{other}_s"], [f"{s}_sum"]),
+                  N("Add", [f"{s}_sum", "add4d"], [f"{s}_masked"]),
+                  N("Softmax", [f"{s}_masked"], [f"{s}_p"], axis=-1),
+                  N("MatMul", [f"{s}_p", f"{s}v_h"], [f"{s}_ctx"]),
+                  N("Transpose", [f"{s}_ctx"], [f"{s}_ctx_t"], perm=[0, 2, 1, 3]),
+                  N("Reshape", [f"{s}_ctx_t", c(f"merge_{s}", np.array([0, 0, 2 * dh]))], [f"{s}_flat"]),
+                  N("MatMul", [f"{s}_flat", c(f"w_{s}o", rng.standard_normal((2 * dh, width)).astype(np.float32))],
+                    [f"{s}_o"]),
+                  N("Add", [src, f"{s}_o"], [f"y_{s}"])]
+    graph = helper.make_graph(
+        nodes, "lilt", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 8]),
+                        helper.make_tensor_value_info("lay", TensorProto.FLOAT, ["B", "S", 4]),
+                        helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info(f"y_{s}", TensorProto.FLOAT, None) for s in "tl"],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_two_streams_found_and_pruned_together_or_not_at_all() -> None:
+    """Each Softmax's scores are the ones whose queries come from the hidden state its values do; the other
+    stream's scores are a term. The two sites are coupled: token pruning and head pruning that removes
+    heads of either refuse in one line; keeping every head is allowed."""
+    from spatten_compiler.passes.prune_heads import PruneHeads
+    from spatten_compiler.passes.site_io import coupled_site
+
+    model = ir.serde.deserialize_model(_two_streams())
+    Normalize()(model)
+    sites = find_attention(model).sites
+    assert sorted(s.head_dim for s in sites) == [2, 4] and all(len(s.bias_terms) == 1 for s in sites)
+    assert all(s.q.projection.input is s.v.projection.input for s in sites)
+    assert coupled_site(sites[0], sites) is sites[1]
+    with pytest.raises(OptionError, match="terms of each other's"):
         PruneTokens(keep=0.5)(model)
+    with pytest.raises(OptionError, match="pruned as one set"):
+        PruneHeads(rule="calibrated", heads=((0,), (0, 1)))(model)
