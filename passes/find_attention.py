@@ -60,6 +60,8 @@ class AttentionSite:
     # attn_sub_norm, Sub-LN / Magneto): row-wise, so token rewrites pass it; it mixes the heads
     out_norm: list[ir.Node] = dataclasses.field(default_factory=list)
     out_proj: Projection | None = None
+    # a Concat in ``merge`` joining another branch's heads to the attention's (ConvBERT's convolution heads)
+    beside: ir.Node | None = None
     residual: ir.Node | None = None
     layer_input: ir.Value | None = None
     layer_output: ir.Value | None = None
@@ -261,7 +263,7 @@ def _follow_output(pv: ir.Node, graph: ir.Graph
     norm: list[ir.Node] = []
     value = pv.outputs[0]
     node = _single_consumer(value)
-    while node is not None and node.op_type in VIEW_OPS:
+    while node is not None and (node.op_type in VIEW_OPS or _beside(node, value, pv)):
         merge.append(node)
         value = node.outputs[0]
         node = _single_consumer(value)
@@ -292,6 +294,16 @@ def _follow_output(pv: ir.Node, graph: ir.Graph
         value, node = node.outputs[0], _single_consumer(node.outputs[0])  # layer scale (DINOv2, BEiT)
     residual = node if node is not None and node.op_type == "Add" else None
     return merge, norm, proj, residual
+
+
+def _beside(node: ir.Node, heads: ir.Value, pv: ir.Node) -> bool:
+    """A Concat joining the attention's heads with another branch's computed beside the attention (not from
+    its probabilities): ConvBERT's convolution heads, read by one output projection with them."""
+    if node.op_type != "Concat":
+        return False
+    probs = pv.inputs[0].producer()
+    others = [i for i in node.inputs if i is not None and i is not heads]
+    return bool(others) and not any(n is probs or n is pv for i in others for n in _ancestors(i, limit=200)[0])
 
 
 def _quantized_after(dql: ir.Node) -> tuple[Projection | None, ir.Value | None]:
@@ -445,6 +457,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     if "sink" in found:
         variant["sink"] = found["sink_variant"]  # sink columns after/before the scores, sliced off P
     merge, out_norm, out_proj, residual = _follow_output(pv, graph)
+    beside = next((n for n in merge if n.op_type == "Concat"), None)
     dims = out_proj.weight.shape if out_proj is not None else None
     rows = dims[1 if out_proj.transposed_weight else 0] if dims is not None and dims.rank() == 2 else None
     if isinstance(rows, int) and rows % heads == 0 and rows // heads != head_dim and (
@@ -457,7 +470,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         bias_terms=list(found.get("bias_terms", [])), bias_adds=list(found.get("bias_adds", [])),
         sinks=list(found.get("sink", [])), sink_concat=found.get("sink_concat"),
         mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_norm=out_norm, out_proj=out_proj,
-        residual=residual,
+        residual=residual, beside=beside,
     )
     if residual is not None:
         site.residual, site.layer_input = _residual_stream(residual, pv, qb)

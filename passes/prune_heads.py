@@ -88,8 +88,8 @@ from .head_functions import FUNCTIONS
 from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, score_views
 from .prune_tokens import _reads_input_seq_len
 from .qdq import dequantized_weight, slice_dequantized, unsliceable_weight
-from .site_io import coupled_site
 from .score_chain import static_rank
+from .site_io import coupled_site
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,10 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
+        if s.beside is not None:
+            raise OptionError(f"layer {s.layer}: Concat '{s.beside.name}' joins the attention's heads with another "
+                              "branch's (ConvBERT's convolution heads) before the output projection; prune-heads "
+                              "slices the projection's rows as the attention's heads only")
         if s.out_norm:
             raise OptionError(f"layer {s.layer}: a norm over all heads ('{s.out_norm[0].name}') sits between the head "
                               "merge and the output projection (Sub-LN, BitNet); removing heads would change its "

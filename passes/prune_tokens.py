@@ -324,11 +324,18 @@ def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool
     return False
 
 
-def _flattens_tokens(value: ir.Value | None, sources: set[ir.Value]) -> bool:
+def _flattens_tokens(value: ir.Value | None, sources: set[ir.Value], depth: int = 4) -> bool:
     """True if ``value`` is a product with a factor that is dim 1 of a source's shape (``B * S``, as
-    dynamo writes a view that flattens batch and tokens), through Reshape/Unsqueeze/Squeeze/Cast."""
+    dynamo writes a view that flattens batch and tokens; ``B * S * 96 // 48`` where it also regroups the
+    features: ConvBERT's convolution), through Reshape/Unsqueeze/Squeeze/Cast."""
     node = _past_views(value)
-    return node is not None and node.op_type == "Mul" and any(_reads_input_seq_len(i, sources) for i in node.inputs)
+    if node is None or depth == 0:
+        return False
+    if node.op_type == "Div":  # an exact division by a constant keeps the factor
+        return const_array(node.inputs[1], max_elements=1) is not None and _flattens_tokens(
+            node.inputs[0], sources, depth - 1)
+    return node.op_type == "Mul" and any(_reads_input_seq_len(i, sources) or _flattens_tokens(i, sources, depth - 1)
+                                         for i in node.inputs)
 
 
 def _token_split(nodes: list[ir.Node], static: int | None) -> ir.Node | None:

@@ -259,3 +259,66 @@ def test_two_streams_found_and_pruned_together_or_not_at_all() -> None:
         PruneTokens(keep=0.5)(model)
     with pytest.raises(OptionError, match="pruned as one set"):
         PruneHeads(rule="calibrated", heads=((0,), (0, 1)))(model)
+
+
+def _beside_branch(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """ConvBERT: the attention's heads [B, S, H, Dh] joined on the head axis with another branch's head
+    (a projection of the input, standing in for the convolution), one output projection over both."""
+    g = proto.graph
+    D, H, DH = structural_graphs.D, structural_graphs.H, structural_graphs.DH
+    rng = np.random.default_rng(6)
+    g.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal((D, DH)).astype(np.float32) * 0.3, "w_conv"),
+        numpy_helper.from_array(np.array([0, 0, 1, DH]), "conv_split"),
+        numpy_helper.from_array(rng.standard_normal(((H + 1) * DH, D)).astype(np.float32) * 0.3, "w_o_all")])
+    merge = next(n for n in g.node if n.output[0] == "ctx_flat")
+    at = list(g.node).index(merge)
+    for i, node in enumerate([N("MatMul", ["x", "w_conv"], ["conv_mm"], name="conv_mm"),
+                              N("Reshape", ["conv_mm", "conv_split"], ["conv_h"], name="conv_h"),
+                              N("Concat", ["ctx_t", "conv_h"], ["both"], axis=2, name="both")]):
+        g.node.insert(at + i, node)
+    merge.input[0] = "both"
+    next(i for i in g.initializer if i.name == "merge").CopyFrom(
+        numpy_helper.from_array(np.array([0, 0, (H + 1) * DH]), "merge"))
+    next(n for n in g.node if n.output[0] == "o").input[1] = "w_o_all"
+    return proto
+
+
+def test_heads_beside_another_branch(tmp_path: Path) -> None:
+    """The output projection is found through the Concat (token pruning with every token selected equals
+    the input model); head pruning refuses in one line naming the Concat."""
+    from spatten_compiler.passes.prune_heads import PruneHeads
+
+    proto = stack(_beside_branch(structural_graphs.build()))
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    sites = find_attention(model).sites
+    assert len(sites) == 2 and all(s.beside is not None and s.out_proj is not None for s in sites)
+    with pytest.raises(OptionError, match="Concat 'l0_both' joins the attention's heads"):
+        PruneHeads(rule="calibrated", heads=((0, 1), (1,)))(model)
+    model = ir.serde.deserialize_model(proto)
+    Normalize()(model)
+    PruneTokens(schedule=(1.0, 0.999), emit_kept=True, min_keep=1)(model)
+    feeds = structural_graphs.feeds(seq=6)
+    feeds["mask"][:] = 1
+    np.testing.assert_allclose(_run(ir.serde.serialize_model(model), feeds), _run(proto, feeds), atol=1e-5)
+
+
+def test_flattened_tokens_through_a_regrouping() -> None:
+    """``B * S * 96 // 48`` (dynamo's view of a regrouped [B, S, 32, 3]) has the token count as a factor."""
+    from spatten_compiler.passes.prune_tokens import _flattens_tokens
+
+    scalar = lambda name: numpy_helper.from_array(np.array(0 if name == "i0" else 1), name)  # noqa: E731
+    nodes = [N("Shape", ["x"], ["shape"]), N("Gather", ["shape", "i0"], ["b"]), N("Gather", ["shape", "i1"], ["s"]),
+             N("Mul", ["b", "s"], ["bs"]), N("Mul", ["bs", "c96"], ["bs96"]), N("Div", ["bs96", "c48"], ["piece"]),
+             N("Div", ["bs96", "bs"], ["not_a_factor"]), N("Mul", ["b", "c96"], ["no_tokens"])]
+    inits = [scalar("i0"), scalar("i1"), numpy_helper.from_array(np.array(96), "c96"),
+             numpy_helper.from_array(np.array(48), "c48")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 4])],
+                              [helper.make_tensor_value_info(o, TensorProto.INT64, []) for o in
+                               ("piece", "not_a_factor", "no_tokens")], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    out = {v.name: v for v in model.graph.outputs}
+    sources = set(model.graph.inputs)
+    assert _flattens_tokens(out["piece"], sources)
+    assert not _flattens_tokens(out["not_a_factor"], sources) and not _flattens_tokens(out["no_tokens"], sources)
