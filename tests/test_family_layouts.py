@@ -1,9 +1,10 @@
 """Attention written in other layouts than [B, S, D] MatMuls: SqueezeBERT's pointwise Conv1d projections
-on a channels-first [B, D, S] hidden state, XLNet's einsums on a sequence-first [S, B, D] one with its mask
+on a channels-first [B, D, S] hidden state (the Transposes moved through element-wise ops until they cancel), XLNet's einsums on a sequence-first [S, B, D] one with its mask
 subtracted from the scores. Hand-built graphs for each normalize rule (pointwise Conv1d -> MatMul, einsum
 -> Transpose/MatMul, ``scores - term``) against onnxruntime; the committed corpus exports
 (``models/families/``, ``python models/corpus.py --only squeezebert,xlnet --exporters torchscript``):
-discovered, heads exact, token pruning refused in one line naming the layout."""
+discovered, heads exact; SqueezeBERT's channels-first Transposes cancel (tokens exact), XLNet's sequence-first
+hidden state is refused in one line by token pruning."""
 
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def test_subtracted_mask_found_and_kept_subtracted() -> None:
     np.testing.assert_allclose(got[real], _run(proto, feeds)[real], atol=1e-5)
 
 
-FIXTURES = {"squeezebert_torchscript": "channels-first", "xlnet_torchscript": "sequence-first"}
+FIXTURES = ("squeezebert_torchscript", "xlnet_torchscript")
 
 
 def _normalized_fixture(name: str) -> ir.Model:
@@ -138,7 +139,7 @@ def _normalized_fixture(name: str) -> ir.Model:
     return model
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", FIXTURES)
 def test_family_discovered(name: str) -> None:
     report = find_attention(_normalized_fixture(name))
     got = {(s.num_heads, s.num_kv_heads, s.head_dim, s.mask_kind, s.own_keys) for s in report.sites}
@@ -146,7 +147,7 @@ def test_family_discovered(name: str) -> None:
     assert all(s.out_proj is not None and s.residual is not None for s in report.sites)
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", FIXTURES)
 def test_family_heads_exact(name: str, tmp_path: Path) -> None:
     """keep 1.0 exact; the last layer without head 0 == its output-projection rows zeroed (onnxruntime)."""
     from bench.coverage import heads
@@ -155,10 +156,39 @@ def test_family_heads_exact(name: str, tmp_path: Path) -> None:
     assert ok and "last layer without group 0" in why, why
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
-def test_family_tokens_refused_naming_the_layout(name: str) -> None:
-    with pytest.raises(OptionError, match=FIXTURES[name]):
-        PruneTokens(keep=0.5)(_normalized_fixture(name))
+def test_squeezebert_tokens_exact(tmp_path: Path) -> None:
+    """The channels-first Transposes cancel through the residual sums: the hidden state is [B, S, D] again
+    and prune-tokens (keep 1.0, every token selected after layer 0) equals the input model."""
+    from bench.coverage import tokens
+
+    name = "squeezebert_torchscript"
+    rec = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "head_dim": 16, "kv_cache": False}
+    ok, why = tokens(FAMILIES / f"{name}.onnx", dict(np.load(FAMILIES / f"{name}.npz")), tmp_path, rec)
+    assert ok, why
+
+
+def test_xlnet_tokens_refused_naming_the_layout() -> None:
+    with pytest.raises(OptionError, match=r"sequence-first \[S, B, D\]"):
+        PruneTokens(keep=0.5)(_normalized_fixture("xlnet_torchscript"))
+
+
+def test_channels_first_transposes_cancel() -> None:
+    """x [B, S, D] -> channels-first -> pointwise Conv, Relu, pointwise Conv, + the channels-first input ->
+    back to [B, S, D]: after normalize no Transpose is left (each one met its inverse), same numbers."""
+    rng = np.random.default_rng(7)
+    w1, w2 = (rng.standard_normal((8, 8, 1)).astype(np.float32) * 0.3 for _ in range(2))
+    nodes = [N("Transpose", ["x"], ["xc"], perm=[0, 2, 1]),
+             N("Conv", ["xc", "w1", "b1"], ["h1"], kernel_shape=[1]), N("Relu", ["h1"], ["r1"]),
+             N("Conv", ["r1", "w2"], ["h2"], kernel_shape=[1], group=2),
+             N("Mul", ["h2", "half"], ["h2s"]), N("Add", ["h2s", "xc"], ["sum"]),
+             N("Transpose", ["sum"], ["y"], perm=[0, 2, 1])]
+    proto = _model(nodes, {"w1": w1, "b1": rng.standard_normal(8).astype(np.float32),
+                           "w2": w2[:, :4], "half": np.float32(0.5)},
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 8])], "y")
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    out, ops = _normalized(proto)
+    assert "Transpose" not in ops and "Conv" not in ops, ops
+    np.testing.assert_allclose(_run(out, {"x": x}), _run(proto, {"x": x}), atol=1e-5)
 
 
 def _bottleneck(proto: onnx.ModelProto) -> onnx.ModelProto:
