@@ -1,10 +1,10 @@
-"""Attention written in other layouts than [B, S, D] MatMuls: SqueezeBERT's pointwise Conv1d projections
-on a channels-first [B, D, S] hidden state (the Transposes moved through element-wise ops until they cancel), XLNet's einsums on a sequence-first [S, B, D] one with its mask
-subtracted from the scores. Hand-built graphs for each normalize rule (pointwise Conv1d -> MatMul, einsum
--> Transpose/MatMul, ``scores - term``) against onnxruntime; the committed corpus exports
-(``models/families/``, ``python models/corpus.py --only squeezebert,xlnet --exporters torchscript``):
-discovered, heads exact; SqueezeBERT's channels-first Transposes cancel (tokens exact), XLNet's sequence-first
-hidden state is refused in one line by token pruning."""
+"""Attention written in other layouts than [B, S, D] MatMuls: SqueezeBERT's pointwise Conv1d projections on a
+channels-first [B, D, S] hidden state (the Transposes moved through element-wise ops until they cancel),
+XLNet's einsums on a sequence-first [S, B, D] one with its mask subtracted from the scores. Hand-built graphs
+for each normalize rule (pointwise Conv1d -> MatMul, einsum -> Transpose/MatMul, ``scores - term``) against
+onnxruntime; the committed corpus exports (``models/families/``, ``python models/corpus.py --only
+squeezebert,xlnet --exporters torchscript``): discovered, heads exact; SqueezeBERT's channels-first Transposes
+cancel (tokens exact), XLNet's sequence-first hidden state is refused in one line by token pruning."""
 
 from __future__ import annotations
 
