@@ -39,9 +39,14 @@ def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def _normalized(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+def _normalized_model(proto: onnx.ModelProto) -> ir.Model:
     model = ir.serde.deserialize_model(proto)
     Normalize()(model)
+    return model
+
+
+def _normalized(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    model = _normalized_model(proto)
     return ir.serde.serialize_model(model), [n.op_type for n in model.graph]
 
 
@@ -352,3 +357,22 @@ def test_flattened_tokens_through_a_regrouping() -> None:
     sources = set(model.graph.inputs)
     assert _flattens_tokens(out["piece"], sources)
     assert not _flattens_tokens(out["not_a_factor"], sources) and not _flattens_tokens(out["no_tokens"], sources)
+
+
+def test_routed_projection_refused_naming_the_router() -> None:
+    """JetMoE's mixture of attention: Q's rows are written by a router's choice (TopK indices into a
+    scatter), so no head is a fixed slice of weights; the Softmax is refused naming the router."""
+    proto = structural_graphs.build()
+    g = proto.graph
+    g.initializer.extend([numpy_helper.from_array(np.array([1]), "k1"), numpy_helper.from_array(np.array([0]), "s0"),
+                          numpy_helper.from_array(np.array([1]), "e1"), numpy_helper.from_array(np.array([-1]), "ax")])
+    reshape = next(n for n in g.node if n.output[0] == "q_4d")
+    at = list(g.node).index(reshape)
+    for i, node in enumerate([N("TopK", ["x", "k1"], ["top_v", "top_i"], axis=-1, name="router"),
+                              N("Slice", ["q_flat", "s0", "e1", "ax"], ["q_first"], name="q_first"),
+                              N("ScatterElements", ["q_flat", "top_i", "q_first"], ["q_routed"], axis=-1,
+                                name="q_routed")]):
+        g.node.insert(at + i, node)
+    reshape.input[0] = "q_routed"
+    report = find_attention(_normalized_model(proto))
+    assert not report.sites and "router's TopK" in report.rejected[0][1], report.rejected
