@@ -352,21 +352,24 @@ def _residual_after(start: ir.Value, q: Branch, limit: int = 40) -> tuple[ir.Nod
 def _residual_stream(add: ir.Node, pv: ir.Node, q: Branch) -> tuple[ir.Node | None, ir.Value | None]:
     """The residual Add and the hidden state it adds back, which also feeds Q's projection (through a
     norm). A parallel block (GPT-J, GPT-NeoX, CodeGen: ``(attn + mlp) + x``) has the MLP output in the
-    first Add after the output projection; the hidden state is one Add further."""
+    first Add after the output projection; the hidden state is one Add further. Else a bottleneck
+    (MobileBERT): the residual adds a projection of the hidden state Q's projection also reads; that hidden
+    state is the layer input."""
     feeds_q = _feeds_q(q)
     attn_out = next(i for i in add.inputs if _descends_from(i, pv))
+    bottleneck: tuple[ir.Node | None, ir.Value | None] = (None, None)
     for _ in range(2):
         other = next((i for i in add.inputs if i is not attn_out), None)
         if other is None or not feeds_q or id(other) in feeds_q or id(other.producer()) in feeds_q:
             return add, other
-        if q.projection is not None and (src := token_source(other)) is not other and (
+        if bottleneck[0] is None and q.projection is not None and (src := token_source(other)) is not other and (
                 src is token_source(q.projection.input)):
-            return add, src  # a bottleneck (MobileBERT): the residual and Q are projections of one hidden state
+            bottleneck = add, src  # the residual and Q are projections of one hidden state (MobileBERT)
         nxt = _single_consumer(add.outputs[0])
         if nxt is None or nxt.op_type != "Add":
             break
         attn_out, add = add.outputs[0], nxt
-    return None, None
+    return bottleneck  # unless the hidden state itself is added one Add further (a parallel block)
 
 
 def _sliced_heads(br: Branch) -> int | None:
