@@ -9,7 +9,8 @@ Rewrites (in order):
                            which a saved onnxruntime model's unfused ops lose (unfuse-ort)
   onnxscript constant folding (small tensors only; not its pattern rewrites), dead-code removal
   Conv1d with kernel 1 on [B, C, S] -> Transpose, MatMul (block-diagonal for groups), Add, Transpose
-                           (:mod:`.pointwise_conv`; SqueezeBERT's projections are such convolutions)
+                           (:mod:`.pointwise_conv`; SqueezeBERT's projections are such convolutions), then
+                           the channels-first Transposes moved down until they cancel (:mod:`.transpose_sink`)
   Einsum (a permutation, a projection by a constant, one batched product) -> Transpose / MatMul / Reshape
                            (:mod:`.einsum_lower`; XLNet's relative attention)
   Shape(x)[-1], x [B,H,S,Dh] with a static Dh -> Dh, folded on (SDPA exports compute the attention
