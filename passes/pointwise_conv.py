@@ -46,6 +46,8 @@ def pointwise(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | NoMatch:
     if groups < 1 or n % groups:
         return NoMatch("output channels not divisible by the groups")
     n_g = n // groups
+    if c_g * groups * n > MAX_WEIGHT:
+        return NoMatch("the dense weight would be too large")  # a depthwise map of thousands of channels
     dense = np.zeros((c_g * groups, n), dtype=w.dtype)
     for j in range(groups):
         dense[j * c_g:(j + 1) * c_g, j * n_g:(j + 1) * n_g] = w[j * n_g:(j + 1) * n_g, :, 0].T
