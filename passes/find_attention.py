@@ -298,9 +298,11 @@ def _follow_output(pv: ir.Node, graph: ir.Graph
 
 def _beside(node: ir.Node, heads: ir.Value, pv: ir.Node) -> bool:
     """A Concat joining the attention's heads with another branch's computed beside the attention (not from
-    its probabilities): ConvBERT's convolution heads, read by one output projection with them."""
-    if node.op_type != "Concat":
-        return False
+    its probabilities) on the head or feature axis: ConvBERT's convolution heads, read by one output
+    projection with them."""
+    rank = heads.shape.rank() if heads.shape is not None else None
+    if node.op_type != "Concat" or rank is None or node.attributes.get_int("axis", 0) % rank < 2:
+        return False  # on the batch or token axis: chunks of a sequence (CANINE's local attention), not heads
     probs = pv.inputs[0].producer()
     others = [i for i in node.inputs if i is not None and i is not heads]
     return bool(others) and not any(n is probs or n is pv for i in others for n in _ancestors(i, limit=200)[0])

@@ -376,3 +376,18 @@ def test_routed_projection_refused_naming_the_router() -> None:
     reshape.input[0] = "q_routed"
     report = find_attention(_normalized_model(proto))
     assert not report.sites and "router's TopK" in report.rejected[0][1], report.rejected
+
+
+@pytest.mark.parametrize(("axis", "beside"), [(2, True), (-1, True), (1, False), (0, False)])
+def test_beside_only_on_the_head_or_feature_axis(axis: int, beside: bool) -> None:
+    """A Concat on the token axis joins chunks of a sequence (CANINE's local attention), not heads."""
+    from spatten_compiler.passes.find_attention import _beside
+
+    x = ir.Value(name="x", shape=ir.Shape([2, 5, 2, 4]))
+    probs = ir.Node("", "Softmax", [x]).outputs[0]
+    pv = ir.Node("", "MatMul", [probs, x])
+    heads = ir.Node("", "Transpose", [pv.outputs[0]], attributes=[ir.AttrInt64s("perm", [0, 2, 1, 3])]).outputs[0]
+    heads.shape = ir.Shape([2, 5, 2, 4])
+    other = ir.Value(name="conv", shape=ir.Shape([2, 5, 2, 4]))
+    node = ir.Node("", "Concat", [heads, other], attributes=[ir.AttrInt64("axis", axis)])
+    assert _beside(node, heads, pv) is beside
