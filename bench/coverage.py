@@ -244,8 +244,11 @@ def discovered(path: Path, rec: dict[str, Any]) -> tuple[bool, str]:
     if len(report.sites) != rec["num_layers"]:
         first = f"; first not taken: {report.rejected[0][0]}: {report.rejected[0][1]}" if report.rejected else ""
         return False, f"{len(report.sites)} sites for {rec['num_layers']} layers{first}"
+    dims = rec.get("site_head_dims")  # attentions of different head sizes (LiLT's text and layout streams)
+    if dims is not None and sorted(s.head_dim for s in report.sites) != sorted(dims):
+        return False, f"head sizes {[s.head_dim for s in report.sites]}, the corpus says {dims}"
     for s in report.sites:
-        got = (s.num_heads, s.num_kv_heads, s.head_dim)
+        got = (s.num_heads, s.num_kv_heads, s.head_dim if dims is None else want[2])
         if got != want:
             return False, f"layer {s.layer}: heads/kv/dim {got}, config says {want}"
     return True, ""

@@ -76,10 +76,11 @@ class Family:
     kv: bool = True  # decoders: also export with a KV cache
     heads_attr: str = "num_attention_heads"
     layers_attr: str = "num_hidden_layers"
-    expect: dict[str, int] = field(default_factory=dict)  # expected_dims entries the config cannot tell
+    # expected_dims entries the config cannot tell; ``site_head_dims``: every site's head size, where they differ
+    expect: dict[str, Any] = field(default_factory=dict)
 
 
-def _fam(model_type: str, kind: str, kv: bool = True, expect: dict[str, int] | None = None,
+def _fam(model_type: str, kind: str, kv: bool = True, expect: dict[str, Any] | None = None,
          **overrides: Any) -> Family:
     return Family(model_type, kind, overrides, kv, expect=expect or {})
 
@@ -106,7 +107,10 @@ FAMILIES: list[Family] = [
     _fam("flaubert", "encoder", emb_dim=64, n_heads=4, n_layers=2),
     _fam("rembert", "encoder", input_embedding_size=32, output_embedding_size=32),
     _fam("luke", "encoder", entity_vocab_size=16, entity_emb_size=32),
-    _fam("lilt", "encoder", hidden_size=96, channel_shrink_ratio=4, expect={"head_dim": 24, "hidden_size": 96}),
+    # two attentions per layer: text (head size 24) and layout (96 / 4 / 4 = 6), each softmax over its own
+    # stream's scores plus the other's; the last layer's layout attention is dead code (its output unused)
+    _fam("lilt", "encoder", hidden_size=96, channel_shrink_ratio=4,
+         expect={"head_dim": 24, "hidden_size": 96, "num_layers": 3, "site_head_dims": [6, 24, 24]}),
     _fam("xmod", "encoder", languages=["en_XX"], default_language="en_XX"),
     _fam("mobilebert", "encoder", embedding_size=32, intra_bottleneck_size=64, true_hidden_size=64,
          num_feedforward_networks=1),

@@ -154,6 +154,9 @@ def _view(node, value, branch, graph):
                 branch.flat_width = heads * branch.head_dim  # this branch's share of the fused width
         if len(dims) == 3 and src is not None and src.rank() == 3 and branch.heads is None and width:
             _folded_split(node, dims, width, branch)
+        if len(dims) == 4 and dims[-1] is None and dims[1] and dims[2] and branch.heads is None:
+            # channels-first [B, H*Dh, S] -> [B, H, Dh, S] (pointwise convolutions: SqueezeBERT)
+            branch.heads, branch.head_dim, branch.flat_width = dims[1], dims[2], dims[1] * dims[2]
     if node.op_type == "Expand":
         branch.repeated = True
     return node.inputs[VIEW_OPS[node.op_type]]

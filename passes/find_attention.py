@@ -61,6 +61,8 @@ class AttentionSite:
     # attn_sub_norm, Sub-LN / Magneto): row-wise, so token rewrites pass it; it mixes the heads
     out_norm: list[ir.Node] = dataclasses.field(default_factory=list)
     out_proj: Projection | None = None
+    # a Concat in ``merge`` joining another branch's heads to the attention's (ConvBERT's convolution heads)
+    beside: ir.Node | None = None
     residual: ir.Node | None = None
     layer_input: ir.Value | None = None
     layer_output: ir.Value | None = None
@@ -277,7 +279,7 @@ def _follow_output(pv: ir.Node, graph: ir.Graph
     norm: list[ir.Node] = []
     value = pv.outputs[0]
     node = _single_consumer(value)
-    while node is not None and node.op_type in VIEW_OPS:
+    while node is not None and (node.op_type in VIEW_OPS or _beside(node, value, pv)):
         merge.append(node)
         value = node.outputs[0]
         node = _single_consumer(value)
@@ -308,6 +310,18 @@ def _follow_output(pv: ir.Node, graph: ir.Graph
         value, node = node.outputs[0], _single_consumer(node.outputs[0])  # layer scale (DINOv2, BEiT)
     residual = node if node is not None and node.op_type == "Add" else None
     return merge, norm, proj, residual
+
+
+def _beside(node: ir.Node, heads: ir.Value, pv: ir.Node) -> bool:
+    """A Concat joining the attention's heads with another branch's computed beside the attention (not from
+    its probabilities) on the head or feature axis: ConvBERT's convolution heads, read by one output
+    projection with them."""
+    rank = heads.shape.rank() if heads.shape is not None else None
+    if node.op_type != "Concat" or rank is None or node.attributes.get_int("axis", 0) % rank < 2:
+        return False  # on the batch or token axis: chunks of a sequence (CANINE's local attention), not heads
+    probs = pv.inputs[0].producer()
+    others = [i for i in node.inputs if i is not None and i is not heads]
+    return bool(others) and not any(n is probs or n is pv for i in others for n in _ancestors(i, limit=200)[0])
 
 
 def _quantized_after(dql: ir.Node) -> tuple[Projection | None, ir.Value | None]:
@@ -356,18 +370,24 @@ def _residual_after(start: ir.Value, q: Branch, limit: int = 40) -> tuple[ir.Nod
 def _residual_stream(add: ir.Node, pv: ir.Node, q: Branch) -> tuple[ir.Node | None, ir.Value | None]:
     """The residual Add and the hidden state it adds back, which also feeds Q's projection (through a
     norm). A parallel block (GPT-J, GPT-NeoX, CodeGen: ``(attn + mlp) + x``) has the MLP output in the
-    first Add after the output projection; the hidden state is one Add further."""
+    first Add after the output projection; the hidden state is one Add further. Else a bottleneck
+    (MobileBERT): the residual adds a projection of the hidden state Q's projection also reads; that hidden
+    state is the layer input."""
     feeds_q = _feeds_q(q)
     attn_out = next(i for i in add.inputs if _descends_from(i, pv))
+    bottleneck: tuple[ir.Node | None, ir.Value | None] = (None, None)
     for _ in range(2):
         other = next((i for i in add.inputs if i is not attn_out), None)
         if other is None or not feeds_q or id(other) in feeds_q or id(other.producer()) in feeds_q:
             return add, other
+        if bottleneck[0] is None and q.projection is not None and (src := token_source(other)) is not other and (
+                src is token_source(q.projection.input)):
+            bottleneck = add, src  # the residual and Q are projections of one hidden state (MobileBERT)
         nxt = _single_consumer(add.outputs[0])
         if nxt is None or nxt.op_type != "Add":
             break
         attn_out, add = add.outputs[0], nxt
-    return None, None
+    return bottleneck  # unless the hidden state itself is added one Add further (a parallel block)
 
 
 def _sliced_heads(br: Branch) -> int | None:
@@ -458,6 +478,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
     if "sink" in found:
         variant["sink"] = found["sink_variant"]  # sink columns after/before the scores, sliced off P
     merge, out_norm, out_proj, residual = _follow_output(pv, graph)
+    beside = next((n for n in merge if n.op_type == "Concat"), None)
     dims = out_proj.weight.shape if out_proj is not None else None
     rows = dims[1 if out_proj.transposed_weight else 0] if dims is not None and dims.rank() == 2 else None
     if isinstance(rows, int) and rows % heads == 0 and rows // heads != head_dim and (
@@ -470,7 +491,7 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         bias_terms=list(found.get("bias_terms", [])), bias_adds=list(found.get("bias_adds", [])),
         sinks=list(found.get("sink", [])), sink_concat=found.get("sink_concat"),
         mask=found.get("mask"), mask_node=found.get("mask_node"), pv=pv, merge=merge, out_norm=out_norm, out_proj=out_proj,
-        residual=residual,
+        residual=residual, beside=beside,
     )
     if residual is not None:
         site.residual, site.layer_input = _residual_stream(residual, pv, qb)

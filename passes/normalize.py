@@ -8,6 +8,11 @@ Rewrites (in order):
                            onnxscript's folder does the same where x's shape is known when it runs,
                            which a saved onnxruntime model's unfused ops lose (unfuse-ort)
   onnxscript constant folding (small tensors only; not its pattern rewrites), dead-code removal
+  Conv1d with kernel 1 on [B, C, S] -> Transpose, MatMul (block-diagonal for groups), Add, Transpose
+                           (:mod:`.pointwise_conv`; SqueezeBERT's projections are such convolutions), then
+                           the channels-first Transposes moved down until they cancel (:mod:`.transpose_sink`)
+  Einsum (a permutation, a projection by a constant, one batched product) -> Transpose / MatMul / Reshape
+                           (:mod:`.einsum_lower`; XLNet's relative attention)
   Shape(x)[-1], x [B,H,S,Dh] with a static Dh -> Dh, folded on (SDPA exports compute the attention
                            scale 1/sqrt(Dh) from it; only that axis: pruning changes the others)
   Gather(x, [i], axis) of a float x -> Slice(x, i, i + 1, axis) (keeps the axis; the per-head slice form)
@@ -43,6 +48,8 @@ from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.shapes import infer_shapes
 
+from .einsum_lower import einsums_to_matmuls
+from .pointwise_conv import pointwise_convs_to_matmuls
 from .slice_assign import slice_writes_to_concat
 
 logger = logging.getLogger(__name__)
@@ -271,7 +278,7 @@ class Normalize(Pass):
         )
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
         infer_shapes(model)
-        if sequences_to_slices(model):
+        if pointwise_convs_to_matmuls(model) | einsums_to_matmuls(model) | sequences_to_slices(model):
             infer_shapes(model)
         gathers_to_slices(model)
         for _ in range(3):  # the attention scale computed from the head size folds after it; that can

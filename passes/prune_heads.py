@@ -89,6 +89,7 @@ from .head_narrow import core_reader, gather_heads, narrow_layer, needs_rows, sc
 from .prune_tokens import _reads_input_seq_len
 from .qdq import dequantized_weight, slice_dequantized, unsliceable_weight
 from .score_chain import static_rank
+from .site_io import coupled_site
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,10 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: fused {s.fused.op_type} op; prune-heads needs decomposed attention")
         if any(b is None or b.projection is None for b in (s.q, s.k, s.v)) or s.out_proj is None or s.pv is None:
             raise OptionError(f"layer {s.layer}: cannot locate the Q/K/V and output projections")
+        if s.beside is not None:
+            raise OptionError(f"layer {s.layer}: Concat '{s.beside.name}' joins the attention's heads with another "
+                              "branch's (ConvBERT's convolution heads) before the output projection; prune-heads "
+                              "slices the projection's rows as the attention's heads only")
         if s.out_norm:
             raise OptionError(f"layer {s.layer}: a norm over all heads ('{s.out_norm[0].name}') sits between the head "
                               "merge and the output projection (Sub-LN, BitNet); removing heads would change its "
@@ -215,6 +220,34 @@ def _split_head_axis(node: ir.Node) -> tuple[int, ...]:
     if isinstance(s, int) and s == dst.dims[1] and all(isinstance(x, int) for x in (w, h, d)) and w == h * d:
         return (2,)
     return (1, 2)
+
+
+def _refuse_coupled(sites: list[AttentionSite], counts: list[int], groups: int) -> None:
+    """A site that loses heads while its scores and another site's are terms of each other's (LiLT)."""
+    for s, n in zip(sites, counts):
+        other = coupled_site(s, sites) if n < groups else None
+        if other is not None:
+            raise OptionError(f"layer {s.layer}: its scores and layer {other.layer}'s are terms of each other's (two "
+                              "streams attending together, e.g. LiLT's text and layout); their heads would have to "
+                              "be pruned as one set")
+
+
+def _merged_width_axis(site: AttentionSite) -> int:
+    """Where the heads-merge Reshape's target holds heads x head size, counted from its end: the head
+    axis of ``P @ V`` ([B, H, S, Dh]: 1) carried through the merge's Transposes is merged with the head
+    size after it, and the axes after those are kept. 0 (the last axis) for ``[B, S, H*Dh]`` or
+    ``[B*S, H*Dh]``; 1 for a channels-first ``[B, H*Dh, S]`` (SqueezeBERT's pointwise convolutions)."""
+    axis, shape = 1, site.pv.outputs[0].shape if site.pv is not None else None
+    rank = shape.rank() if shape is not None else 4
+    for node in site.merge:
+        if node.op_type == "Transpose":
+            perm = list(node.attributes.get_ints("perm", []))
+            if axis not in perm:
+                return 0
+            axis = perm.index(axis)
+        elif node.op_type == "Reshape":
+            return max(rank - axis - 2, 0)
+    return 0
 
 
 def _cache_write(node: ir.Node, outputs: set[int], limit: int = 6) -> bool:
@@ -338,6 +371,7 @@ class PruneHeads(Pass):
                     raise OptionError("the first attention layer cannot be head-pruned: "
                                       "head scores come from earlier layers")
                 _refuse_runtime_blocks(sites)
+                _refuse_coupled(sites, counts, groups)
                 _Rewrite(model, sites, counts).run()
                 logger.info("prune-heads (paper rule, run time): kept head groups per layer %s", counts)
                 return PassResult(model, True)
@@ -352,6 +386,7 @@ class PruneHeads(Pass):
         if all(len(k) == groups for k in kept):
             return PassResult(model, False)
         _check_blocks(sites, kept, self.reconstruct)
+        _refuse_coupled(sites, [len(k) for k in kept], groups)
         outputs = self._reconstructed(model, sites, kept) if self.reconstruct else {}
         _Rewrite(model, sites, [len(k) for k in kept]).run([np.array(k, np.int64) for k in kept], outputs)
         model.metadata_props["spatten.heads_kept"] = json.dumps([list(map(int, k)) for k in kept])
@@ -689,6 +724,7 @@ class _Rewrite:
         seen: set[int] = set()
         views = [*site.q.views, *site.merge] if cache else [*site.q.views, *site.k.views, *site.v.views, *site.merge]
         fold_ids = {id(x) for x in scores}
+        merged_axis = _merged_width_axis(site)
         views = [*site.merge, *scores] if layout is not None else views
         for node in views:
             if id(node) in seen:
@@ -709,10 +745,12 @@ class _Rewrite:
                                                      axis=0))
             elif node.op_type == "Reshape":
                 heads_at = _split_head_axis(node)
+                width_at = merged_axis if any(node is m for m in site.merge) else 0  # from the end
                 self._copy_seq_dim(node)
-                self._retarget(node, lambda pos, size, v, at=heads_at: widths.get(v, v) if pos == size - 1 and size <= 3
+                self._retarget(node, lambda pos, size, v, at=heads_at, w=width_at: widths.get(v, v)
+                               if pos == size - 1 - w and size <= 3
                                else counts.get(v, v) if size == 4 and pos in at else v)
-                if any(node is m for m in site.merge):
+                if any(node is m for m in site.merge) and width_at == 0:  # channels-first: the last axis is S
                     self._pin_width(node, n * g * dv)
             elif node.op_type == "Expand":  # GQA repeat [1, G, g, S, Dh]
                 self._retarget(node, lambda pos, size, v: counts.get(v, v) if pos == 1 and v == G else v)

@@ -39,6 +39,7 @@ from spatten_compiler.schedule import check_schedule, spatten_schedule
 from .attention_trace import is_weight, quantized_projection, token_source
 from .find_attention import AttentionSite, find_attention, row_norm_input
 from .score_sink import rebroadcast_sinks
+from .site_io import coupled_site
 from .spatten_ops import DOMAIN, ensure_functions
 from .token_axis import flow_axis, token_axis
 from .token_positions import (
@@ -116,6 +117,21 @@ def _check_loads(model: ir.Model) -> None:
                           "--no-token-pruning") from err
 
 
+def _tokens_not_rows(x: ir.Value, graph: ir.Graph) -> str | None:
+    """Why a layer's hidden state does not hold its tokens on axis 1 (a sequence-first ``[S, B, D]``:
+    XLNet; a channels-first ``[B, D, S]``: SqueezeBERT), by the exporter's names or static dims
+    (:func:`.token_axis.token_axis`); None when it does, or when nothing tells."""
+    try:
+        axis = token_axis(x, graph, aligned=1, flow=None)
+    except OptionError:
+        return None
+    dims = list(x.shape.dims) if x.shape is not None else []
+    if axis == 1 or len(dims) != 3:
+        return None
+    layout = "sequence-first [S, B, D]" if axis == 0 else "channels-first [B, D, S]"
+    return f"'{x.name}' {[str(d) for d in dims]} is {layout}"
+
+
 def _check_sites(sites: list[AttentionSite]) -> None:
     for s in sites:
         if s.fused is not None:
@@ -132,6 +148,13 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                               "pruning ranks a layer's own tokens as keys")
         if s.layer_input is None or s.layer_output is None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
+        if (other := coupled_site(s, sites)) is not None:
+            raise OptionError(f"layer {s.layer}: its scores and layer {other.layer}'s are terms of each other's (two "
+                              "streams attending together, e.g. LiLT's text and layout); prune-tokens gathers the "
+                              "tokens of one hidden state")
+        if s.softmax is not None and (why := _tokens_not_rows(s.layer_input, s.softmax.graph)) is not None:
+            raise OptionError(f"layer {s.layer}: the hidden state {why}; prune-tokens gathers the token rows of "
+                              "a [B, S, D] hidden state")
         q_in = s.q.projection.input if s.q is not None and s.q.projection is not None else None
         aligned = _row_aligned(s.layer_input, set(), limit=256)
         if q_in is not None and q_in not in aligned and token_source(q_in) not in aligned:  # MLA: q_a_proj first
@@ -224,6 +247,9 @@ def _check_serial(site: AttentionSite) -> None:
     """after-attention gathers the attention output's rows and the residual's: a parallel block (GPT-J,
     NeoX: (attn + mlp(x)) + x) also adds an MLP of the full-length input in between; Cohere writes it
     after the residual, (x + attn) + mlp(x), which the same gather leaves full length too."""
+    if not any(i is site.layer_input for i in site.residual.inputs):
+        raise OptionError(f"layer {site.layer}: the residual Add '{site.residual.name}' adds a projection of the "
+                          "layer input (a bottleneck, MobileBERT), not the input itself; use prune point layer-input")
     value = next(i for i in site.residual.inputs if i is not site.layer_input)
     for _ in range(32):
         node = value.producer()
@@ -298,11 +324,18 @@ def _reads_input_seq_len(value: ir.Value | None, sources: set[ir.Value]) -> bool
     return False
 
 
-def _flattens_tokens(value: ir.Value | None, sources: set[ir.Value]) -> bool:
+def _flattens_tokens(value: ir.Value | None, sources: set[ir.Value], depth: int = 4) -> bool:
     """True if ``value`` is a product with a factor that is dim 1 of a source's shape (``B * S``, as
-    dynamo writes a view that flattens batch and tokens), through Reshape/Unsqueeze/Squeeze/Cast."""
+    dynamo writes a view that flattens batch and tokens; ``B * S * 96 // 48`` where it also regroups the
+    features: ConvBERT's convolution), through Reshape/Unsqueeze/Squeeze/Cast."""
     node = _past_views(value)
-    return node is not None and node.op_type == "Mul" and any(_reads_input_seq_len(i, sources) for i in node.inputs)
+    if node is None or depth == 0:
+        return False
+    if node.op_type == "Div":  # an exact division by a constant keeps the factor
+        return const_array(node.inputs[1], max_elements=1) is not None and _flattens_tokens(
+            node.inputs[0], sources, depth - 1)
+    return node.op_type == "Mul" and any(_reads_input_seq_len(i, sources) or _flattens_tokens(i, sources, depth - 1)
+                                         for i in node.inputs)
 
 
 def _token_split(nodes: list[ir.Node], static: int | None) -> ir.Node | None:
@@ -745,6 +778,7 @@ class _Rewrite:
         if node is None or site.mask is None:
             return
         form, axes = _mask_form(site), e.const("axes", np.array([1, 2], np.int64))
+        sign = -1.0 if node.op_type == "Sub" else 1.0  # scores - mask (XLNet): the new mask is subtracted too
         if self.decoder and form == "causal+additive":  # GPT-Neo: Where(causal, scores, fill) + padding mask
             where = next(p for i in node.inputs if (p := i.producer()) is not None and p.op_type == "Where")
             cond = where.inputs[0]
@@ -760,7 +794,8 @@ class _Rewrite:
             check_term(site.layer, site.mask, region, x, "mask")
             gathered = self._gathered(site.mask, (2, 3))
             dropped = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])
-            new = {"additive": lambda: e.op("Add", [gathered, e.op("CastLike", [self._valid_bias(), gathered])]),
+            new = {"additive": lambda: e.op("Add" if sign > 0 else "Sub",
+                                            [gathered, e.op("CastLike", [self._valid_bias(), gathered])]),
                    "where": lambda: e.op("Or", [gathered, dropped]),
                    "where_scores_true": lambda: e.op("And", [gathered, e.op("Not", [dropped])])}[form]()
         elif form == "additive":
@@ -772,7 +807,7 @@ class _Rewrite:
             inv = e.op("Sub", [e.const("one", np.float32(1)),
                                e.op("Expand", [col, e.const("shape", np.array([1], np.int64))])])
             new = e.op("Where", [e.op("Cast", [inv], to=ir.DataType.BOOL),
-                                 e.const("bias", np.float32(MASK_BIAS)), inv])
+                                 e.const("bias", np.float32(sign * MASK_BIAS)), inv])
         else:  # Where(mask_is_padding, fill, scores) or Where(mask_is_kept, scores, fill)
             new = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])
             new = e.op("Not", [new]) if form == "where_scores_true" else new

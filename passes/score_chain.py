@@ -7,6 +7,7 @@ slopes, DeBERTa's disentangled c2p/p2c terms) or cap them (Gemma 2's tanh). :fun
 from the Softmax input to the score MatMul through :data:`CHAIN` ops:
 
     Add(scores, term)         # term: the padding/causal mask or an additive position bias
+    Sub(scores, term)         # the same term subtracted (XLNet: scores - 1e30 * mask)
     Mul/Div(scores, scalar)   # the 1/sqrt(d) scale (several multiply)
     Where(cond, scores, fill) # a boolean mask (either branch)
     Tanh, Cast, Identity      # soft-capping, dtype changes: element-wise, carried along
@@ -18,7 +19,9 @@ from the Softmax input to the score MatMul through :data:`CHAIN` ops:
                               # (GPT-OSS; :mod:`.score_sink`)
 
 An ``Add`` continues on the input that itself reaches the score MatMul through these ops; the other
-input is a term. A term is the *mask* when it is built from no float tensor other than scalars (masks
+input is a term. Where both do (LiLT adds its text and layout streams' scores before each stream's
+Softmax), the one whose queries are projected from the hidden state the values are is the scores, the
+other a term. A term is the *mask* when it is built from no float tensor other than scalars (masks
 are booleans/integers with a fill value); otherwise it is a *position bias*, kept untouched as part
 of the scores (rewrites that would have to gather or slice it refuse, with that reason).
 """
@@ -33,6 +36,7 @@ import onnx_ir as ir
 from spatten_compiler.match import NoMatch, const_array, is_const, match
 
 from .attention_patterns import MASKED
+from .attention_trace import Branch, trace_branch
 from .score_sink import row_max_shift, sink_concat, sink_slice
 
 PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape"})
@@ -56,6 +60,59 @@ def _reaches_scores(value: ir.Value | None, depth: int = 10) -> bool:
         return False
     data = node.inputs[1:] if node.op_type == "Where" else node.inputs
     return any(_reaches_scores(i, depth - 1) for i in data if i is not None and not is_const(i))
+
+
+def _score_node(value: ir.Value | None, depth: int = 10) -> ir.Node | None:
+    """The score MatMul ``value`` is computed from through :data:`CHAIN` ops (the first one reached)."""
+    for _ in range(depth):
+        node = value.producer() if value is not None else None
+        if node is None or _score_matmul(node):
+            return node
+        if node.op_type not in CHAIN:
+            return None
+        value = next((i for i in (node.inputs[1:] if node.op_type == "Where" else node.inputs)
+                      if i is not None and _reaches_scores(i)), None)
+    return None
+
+
+def _stream(value: ir.Value | None, graph: ir.Graph) -> ir.Value | None:
+    """The hidden state a Q or V value is projected from (its projection's input), or None."""
+    branch = trace_branch(value, graph) if value is not None else None
+    return branch.projection.input if isinstance(branch, Branch) and branch.projection is not None else None
+
+
+def _own_scores(softmax: ir.Node, sides: list[ir.Value]) -> ir.Value | None:
+    """Of two score sums added, the one whose queries are projected from the hidden state the values are:
+    LiLT's text and layout streams each weigh their own values by their own scores plus the other
+    stream's, which is then an additive term (like DeBERTa's position scores). None when not exactly one."""
+    pvs = [u.node for u in softmax.outputs[0].uses() if u.node.op_type == "MatMul" and u.idx == 0]
+    graph = softmax.graph
+    values = _stream(pvs[0].inputs[1], graph) if len(pvs) == 1 and graph is not None else None
+    if values is None:
+        return None
+    own = [s for s in sides if (qk := _score_node(s)) is not None and _stream(qk.inputs[0], graph) is values]
+    return own[0] if len(own) == 1 else None
+
+
+def _reads(value: ir.Value, target: ir.Value, limit: int = 200) -> bool:
+    """Whether ``value`` is computed from ``target``."""
+    todo, seen = deque([value]), set()
+    while todo and len(seen) < limit:
+        v = todo.popleft()
+        if v is target:
+            return True
+        if v is None or id(v) in seen or v.producer() is None:
+            continue
+        seen.add(id(v))
+        todo.extend(v.producer().inputs)
+    return False
+
+
+def _subtracted_term(sub: ir.Node) -> bool:
+    """``scores - term``: the first input reaches the score MatMul, the second is not computed from it (a
+    row statistic of the scores is a shift: :func:`.score_sink.row_max_shift` reads the max)."""
+    x, t = sub.inputs[0], sub.inputs[1]
+    return t is not None and _reaches_scores(x) and not _reaches_scores(t) and not _reads(t, x)
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -134,6 +191,15 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
         if op not in CHAIN:
             return NoMatch(f"{op} '{node.name}' between the score MatMul and Softmax")
         nonlinear |= op in CLAMPS or op == "Tanh"
+        if op == "Sub" and _subtracted_term(node):  # scores - term: the term added negated (XLNet's
+            term = node.inputs[1]                     # scores - 1e30 * mask); the node is the Add's place
+            if is_mask_term(term):
+                masks.append((node, term))
+            else:
+                biases.append(term)
+                bias_adds.append(node)
+            value = node.inputs[0]
+            continue
         if op == "Sub":  # x - rowmax(x): softmax(x - m) == softmax(x)
             why = row_max_shift(node)
             if why is None and nonlinear:
@@ -186,8 +252,11 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
             value = data[0]
         else:  # Add: one side is the scores, the other a term
             sides = [i for i in node.inputs if _reaches_scores(i)]
+            own = _own_scores(softmax, sides) if len(sides) == 2 else None
+            sides = [own] if own is not None else sides
             if len(sides) != 1:
-                return NoMatch(f"Add '{node.name}': {len(sides)} inputs come from score MatMuls")
+                return NoMatch(f"Add '{node.name}': {len(sides)} inputs come from score MatMuls (and not exactly one "
+                               "from queries of the hidden state the values are projected from)")
             term = next(i for i in node.inputs if i is not sides[0])
             if is_mask_term(term):
                 masks.append((node, term))

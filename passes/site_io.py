@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,11 +26,12 @@ COMPARISONS = {"Less", "LessOrEqual", "Greater", "GreaterOrEqual"}
 POSITION_INPUTS = {"input_ids", "position_ids", "token_type_ids", "cache_position"}
 
 
-def _ancestors(value: ir.Value, limit: int = 400, *,
-               through_shapes: bool = False) -> tuple[list[ir.Node], list[ir.Value]]:
+def _ancestors(value: ir.Value, limit: int = 400, *, through_shapes: bool = False,
+               stop: Callable[[ir.Node], bool] | None = None) -> tuple[list[ir.Node], list[ir.Value]]:
     """Producers of ``value`` (breadth first, at most ``limit``) and the graph inputs reached. The walk
     stops at Shape/Size (a mask built from a shape is not built from that input) unless
-    ``through_shapes`` (evict-kv: GPT-2's positions are a Range over the past cache's length)."""
+    ``through_shapes`` (evict-kv: GPT-2's positions are a Range over the past cache's length), and at
+    the nodes ``stop`` names (listed, their inputs not followed)."""
     nodes: list[ir.Node] = []
     inputs: list[ir.Value] = []
     seen: set[int] = set()
@@ -49,7 +51,7 @@ def _ancestors(value: ir.Value, limit: int = 400, *,
                     nodes.append(ir.Node("", "Trilu", [], name="<constant tril>"))
             continue
         nodes.append(node)
-        if through_shapes or node.op_type not in ("Shape", "Size"):
+        if (through_shapes or node.op_type not in ("Shape", "Size")) and not (stop is not None and stop(node)):
             todo.extend(node.inputs)
     return nodes, inputs
 
@@ -155,6 +157,12 @@ def layer_outputs(sites: list[AttentionSite], graph: ir.Graph) -> None:
         path = _stream_path(sites[-2].layer_input, sites[-1].layer_input)
         if path:
             sites[-1].layer_output = _replay(sites[-1].layer_input, path)
+        prev, last = sites[-2].residual, sites[-1].residual
+        if sites[-1].layer_output is None and prev is not None and last is not None:
+            # the input's first steps are ambiguous (a bottleneck: several projections of it, MobileBERT):
+            # replay from the residual Add on
+            path = _stream_path(prev.outputs[0], sites[-1].layer_input)
+            sites[-1].layer_output = _replay(last.outputs[0], path) if path is not None else None
 
 
 def layer_region(start: ir.Value, end: ir.Value | None) -> list[ir.Node]:
@@ -175,3 +183,28 @@ def layer_region(start: ir.Value, end: ir.Value | None) -> list[ir.Node]:
             seen[id(use.node)] = use.node
             todo.extend(use.node.outputs)
     return list(seen.values())
+
+
+def _projection_or_softmax(node: ir.Node) -> bool:
+    return node.op_type == "Softmax" or node.op_type in ("MatMul", "Gemm") and is_const(node.inputs[1])
+
+
+def _score_inputs(term: ir.Value) -> set[int]:
+    """Ids of the values a score term is computed from, up to (not through) projections and Softmax ops:
+    the q and k it multiplies, not the hidden states (which every later layer reads)."""
+    nodes, _ = _ancestors(term, limit=200, stop=_projection_or_softmax)
+    return {id(term)} | {id(i) for n in nodes for i in n.inputs if i is not None}
+
+
+def coupled_site(site: AttentionSite, sites: list[AttentionSite]) -> AttentionSite | None:
+    """Another site whose scores are a term of ``site``'s or read ``site``'s: LiLT's text and layout
+    attentions each add the other stream's scores to their own. Their heads and tokens are one set: pruning
+    either alone changes the other's scores (or leaves them at the old count)."""
+    def core(s: AttentionSite) -> set[int]:
+        return {id(b.value) for b in (s.q, s.k) if b is not None and b.value is not None}
+
+    def reads(s: AttentionSite, values: set[int]) -> bool:
+        return any(_score_inputs(t) & values for t in s.bias_terms)
+
+    mine = core(site)
+    return next((o for o in sites if o is not site and (reads(site, core(o)) or reads(o, mine))), None)

@@ -75,7 +75,11 @@ def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir
         if node.domain not in ("", "ai.onnx") or node.op_type not in REGION_OPS:
             if node.domain in ("", "ai.onnx") and _positional(node, inputs):
                 continue  # computes a parameter from positions or shapes (repeat_interleave's NonZero)
-            return NoMatch(f"{node.op_type} '{node.name}' between projection and attention is not a per-head transform")
+            routed = "" if not _routed(node) else (
+                " (its rows are placed by a router's TopK: a projection chosen per token, a mixture of experts "
+                "such as JetMoE's mixture of attention, so a head is no fixed slice of weights)")
+            return NoMatch(f"{node.op_type} '{node.name}' between projection and attention is not a per-head transform"
+                           f"{routed}")
         if node.op_type in ("MatMul", "Einsum") and not _positional(node, inputs):
             return NoMatch(f"{node.op_type} '{node.name}' of two activations between projection and attention")
         visited.append(node)
@@ -96,6 +100,20 @@ def transform_region(value: ir.Value, graph: ir.Graph) -> tuple[ir.Node, list[ir
                 n.op_type == "Gather" and (a := const_array(n.inputs[1])) is not None and a.ndim == 0):
             return NoMatch(f"{n.op_type} '{n.name}' gathers from the projected values: not a per-head transform")
     return proj, ordered
+
+
+def _routed(node: ir.Node, limit: int = 200) -> bool:
+    """Whether a ``TopK`` (a router's choice) is among ``node``'s ancestors."""
+    todo, seen = deque(node.inputs), 0
+    while todo and seen < limit:
+        v = todo.popleft()
+        p = v.producer() if v is not None else None
+        seen += 1
+        if p is not None and p.op_type == "TopK":
+            return True
+        if p is not None:
+            todo.extend(p.inputs)
+    return False
 
 
 def _positional(node: ir.Node, graph_inputs: set[int], limit: int = 200) -> bool:
