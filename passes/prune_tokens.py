@@ -134,6 +134,9 @@ def _check_sites(sites: list[AttentionSite]) -> None:
             raise OptionError(f"layer {s.layer}: cannot locate the layer's hidden-state input/output")
         q_in = s.q.projection.input if s.q is not None and s.q.projection is not None else None
         aligned = _row_aligned(s.layer_input, set(), limit=256)
+        read = s.q.projection.node.inputs[0] if q_in is not None else None  # what the MatMul reads: a view of
+        if read is not None and _views(read, s.layer_input):  # x itself when ``input`` looked through x
+            aligned.add(q_in)  # (tf2onnx: Q = Reshape(x, [-1, D]) with x = Reshape(MatMul(..), [B, S, D]))
         if q_in is not None and q_in not in aligned and token_source(q_in) not in aligned:  # MLA: q_a_proj first
             raise OptionError(f"layer {s.layer}: the attention's rows are not the layer input's tokens (Q reads "
                               f"'{q_in.name}', regrouped from them, e.g. into windows); token pruning ranks a "
@@ -252,6 +255,18 @@ def _check_serial(site: AttentionSite) -> None:
             raise OptionError(f"layer {site.layer}: Add '{readers[0].name}' adds a branch computed beside the "
                               "attention to the residual sum ((x + attn) + mlp(x), a parallel block); use prune "
                               "point layer-input")
+
+
+def _views(value: ir.Value, target: ir.Value, limit: int = 4) -> bool:
+    """``value`` is ``target`` re-viewed (Reshape/Identity producers only)."""
+    for _ in range(limit):
+        if value is target:
+            return True
+        node = value.producer()
+        if node is None or node.op_type not in ("Reshape", "Identity"):
+            return False
+        value = node.inputs[0]
+    return value is target
 
 
 def _row_aligned(x: ir.Value, post: set[int], limit: int = 64) -> set[ir.Value]:

@@ -51,11 +51,27 @@ def _ancestors(value: ir.Value, limit: int = 400, *,
         nodes.append(node)
         if through_shapes or node.op_type not in ("Shape", "Size"):
             todo.extend(node.inputs)
+        # an If's value is its branches' outputs (TF XGLM/BART build the causal mask under
+        # ``if seq_len > 1``); their nodes read outer values, which the walk reaches from there
+        todo.extend(o for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH for o in a.value.outputs)
     return nodes, inputs
 
 
+# ops that number positions: Range, and CumSum (tf2onnx lowers tf.linalg.band_part, TF OPT's causal mask,
+# to the row and column of a running count)
+INDEX_OPS = frozenset({"Range", "CumSum"})
+
+
 def _from_range(value: ir.Value) -> bool:
-    return any(n.op_type == "Range" for n in _ancestors(value, limit=12)[0])
+    return any(n.op_type in INDEX_OPS for n in _ancestors(value, limit=12)[0])
+
+
+def _compares_positions(node: ir.Node) -> bool:
+    """A comparison of position numbers: every input a constant or computed from :data:`INDEX_OPS`, one
+    not constant (``i >= j``; band_part's ``0 > j - i``)."""
+    ins = [i for i in node.inputs if i is not None]
+    return (node.op_type in COMPARISONS and any(not is_const(i) for i in ins)
+            and all(is_const(i) or _from_range(i) for i in ins))
 
 
 def _square(v: ir.Value | None) -> bool:
@@ -96,9 +112,8 @@ def mask_info(mask: ir.Value | None, graph: ir.Graph, causal_cond: ir.Value | No
             n, i = _ancestors(v)
             nodes += n
             inputs += i
-    causal = any(n.op_type == "Trilu" for n in nodes) or any(
-        n.op_type in COMPARISONS and all(i is not None and _from_range(i) for i in n.inputs) for n in nodes
-    ) or any(causal_table(const_array(v)) for v in (mask, causal_cond, *(i for n in nodes for i in n.inputs))
+    causal = any(n.op_type == "Trilu" for n in nodes) or any(map(_compares_positions, nodes)) or any(
+        causal_table(const_array(v)) for v in (mask, causal_cond, *(i for n in nodes for i in n.inputs))
              if _square(v) and is_const(v))
     padding = [v for v in inputs if v in graph.inputs and v.name not in POSITION_INPUTS and "past" not in v.name]
     source = padding[0].name if padding else None
