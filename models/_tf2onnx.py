@@ -146,7 +146,7 @@ def build(tf_fam: TFFamily, fixture: bool) -> tuple[Any, Any, Any, dict[str, np.
     net = model.get_encoder() if tf_fam.part == "encoder" else model
     output = "logits" if fam.kind == "decoder" else "last_hidden_state"
     net(**{k: tf.constant(v) for k, v in feeds.items()})  # builds the weights
-    randomize_zero_matrices(model, float(getattr(config, "initializer_range", 0.02)), rng)
+    randomize_zero_matrices(net, float(getattr(config, "initializer_range", 0.02)), rng)
     return net, config, fam, feeds, output
 
 

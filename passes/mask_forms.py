@@ -8,6 +8,13 @@ where ``keep`` is 0 or 1 by construction: a float Cast of a boolean (a compariso
 fill); tf2onnx exports the arithmetic as written. Both sides are equal element for element (keep 1:
 ``x*1 - c*0 = x``; keep 0: ``x*0 - c*1 = -c`` for finite x), so the rewrite is exact, and the result is
 the ``Where`` form the attention matcher reads as a causal mask (``causal+additive``, GPT-2's).
+
+  Add(Add(scores, m1), m2) -> Add(scores, Add(m1, m2))    (m1, m2 masks: TF CTRL adds its causal mask
+                                                            and then the padding mask to the scores)
+
+The sum of two masks is one mask (what the matcher and the token rewrite read). Where both are 0 the
+scores are unchanged bit for bit; elsewhere the entry is masked either way (-1e4 or less: its
+probability is 0 in float32 unless a whole row is masked).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import onnx_ir as ir
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.match import Const, NoMatch, OneOf, Op, Var, match
+
+from .score_chain import _reaches_scores, is_mask_term
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +91,38 @@ def arithmetic_masks_to_where(model: ir.Model) -> int:
         e.commit()
         logger.debug("normalize: %d arithmetic masks -> Where", done)
     return done
+
+
+TWO_MASKS = Op("Add", Op("Add", Var("scores"), Var("m1"), name="inner"), Var("m2"), name="outer")
+
+
+def _summable(found: dict) -> bool:
+    scores, m1, m2 = found["scores"], found["m1"], found["m2"]
+    return (len(found["inner"].outputs[0].uses()) == 1 and _reaches_scores(scores)
+            and not _reaches_scores(m1) and not _reaches_scores(m2) and is_mask_term(m1) and is_mask_term(m2))
+
+
+def sum_masks(model: ir.Model) -> int:
+    """Rewrite every :data:`TWO_MASKS` on attention scores in the main graph; return how many."""
+    e = GraphEditor(model, "spatten/normalize")
+    done = 0
+    for node in list(model.graph):
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+            continue
+        found = next((b for b in _bindings(node) if _summable(b)), None)
+        if found is None:
+            continue
+        both = e.op("Add", [found["m1"], found["m2"]], hint="masks")
+        e.replace_uses(node.outputs[0], e.op("Add", [found["scores"], both], hint="masked"))
+        done += 1
+    if done:
+        e.commit()
+        logger.debug("normalize: %d pairs of masks summed", done)
+    return done
+
+
+def _bindings(node: ir.Node) -> list[dict]:
+    """Every way :data:`TWO_MASKS` binds at ``node`` (Add is tried in both input orders)."""
+    from spatten_compiler.match import _Failures
+
+    return list(TWO_MASKS.walk(node.outputs[0], {}, _Failures(), 0))

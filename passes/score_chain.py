@@ -15,6 +15,8 @@ from the Softmax input to the score MatMul through :data:`CHAIN` ops:
     Max/Min/Clip(scores, c)   # clamping by a scalar (XGLM's max(scores, finfo.min))
     Reshape                   # [B*H, S, S] -> [B, H, S, S]: heads folded into the batch axis (BLOOM,
                               # DeBERTa-v2 use 3-D bmm); found, tagged layout=folded, and not rewritten
+    Squeeze                   # a unit axis: tf2onnx's Einsum lowering (TF T5's scores) is
+                              # Squeeze(Reshape(bmm, [B, H, S, S, 1]))
     Sub(x, ReduceMax(x, -1))  # the row max: softmax is invariant to it (GPT-OSS), carried along
     Concat(scores, sink)      # learned sink columns on the key axis, sliced off P after the Softmax
                               # (GPT-OSS; :mod:`.score_sink`)
@@ -37,7 +39,7 @@ from spatten_compiler.match import NoMatch, const_array, is_const, match
 from .attention_patterns import MASKED
 from .score_sink import row_max_shift, sink_concat, sink_slice
 
-PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape"})
+PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape", "Squeeze"})
 CLAMPS = frozenset({"Max", "Min", "Clip"})
 CHAIN = frozenset({"Add", "Mul", "Div", "Where", "Sub", "Concat", *PASS_THROUGH, *CLAMPS})
 FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
