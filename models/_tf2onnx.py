@@ -245,12 +245,18 @@ def read_done(out: Path) -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated model_types (default: every family in TF_FAMILIES)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
     p.add_argument("--opset", type=int, default=OPSET)
     p.add_argument("--resume", action="store_true", help="skip models already in the manifest")
     p.add_argument("--fixture", action="store_true", help=f"test-fixture sizes: {FIXTURE} where the config has them")
     p.add_argument("-v", "--verbose", action="store_true", help="log failures' tracebacks")
+    p.add_argument("--list", action="store_true", help="print the model_types of TF_FAMILIES and exit")
     args = p.parse_args(argv)
+    if args.list:
+        print(" ".join(TF_BY_TYPE))
+        return 0
+    if args.out is None:
+        p.error("--out is required")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("tf2onnx", "tensorflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
