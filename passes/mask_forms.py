@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spatten_compiler.editor import GraphEditor
-from spatten_compiler.match import Const, NoMatch, OneOf, Op, Var, match
+from spatten_compiler.match import Const, NoMatch, OneOf, Op, Var, _Failures, const_array, match
 
 from .score_chain import _reaches_scores, is_mask_term
 
@@ -98,6 +98,8 @@ TWO_MASKS = Op("Add", Op("Add", Var("scores"), Var("m1"), name="inner"), Var("m2
 
 def _summable(found: dict) -> bool:
     scores, m1, m2 = found["scores"], found["m1"], found["m2"]
+    if any((a := const_array(m, max_elements=1)) is not None and a.size == 1 for m in (m1, m2)):
+        return False  # a scalar shift of every score (stable_softmax's 1e-9): score_chain carries it along
     return (len(found["inner"].outputs[0].uses()) == 1 and _reaches_scores(scores)
             and not _reaches_scores(m1) and not _reaches_scores(m2) and is_mask_term(m1) and is_mask_term(m2))
 
@@ -123,6 +125,4 @@ def sum_masks(model: ir.Model) -> int:
 
 def _bindings(node: ir.Node) -> list[dict]:
     """Every way :data:`TWO_MASKS` binds at ``node`` (Add is tried in both input orders)."""
-    from spatten_compiler.match import _Failures
-
     return list(TWO_MASKS.walk(node.outputs[0], {}, _Failures(), 0))

@@ -289,6 +289,8 @@ def static_rank(value: ir.Value | None, depth: int = 12) -> int | None:
         return None
     if value.shape is not None:
         return value.shape.rank()
+    if value.const_value is not None:
+        return len(value.const_value.shape)
     node = value.producer()
     if node is None or depth == 0 or node.domain not in ("", "ai.onnx"):
         return None

@@ -2,12 +2,15 @@
 
 Committed fixtures (``models/tf2onnx/``, made with ``models/_tf2onnx.py --fixture`` under TensorFlow
 2.15 / transformers 4.57 / tf2onnx 1.17, each checked against TensorFlow; opset 15, tf2onnx's
-default): TFBertModel, TFGPT2LMHeadModel and TFOPTForCausalLM (no cache; 2 layers, 4 heads of 16).
+default): TFBertModel, TFElectraModel, TFGPT2LMHeadModel and TFOPTForCausalLM (no cache; 2 layers, 4
+heads of 16).
 What they exercise: opset 15 raised to 17 by normalize; reshape targets assembled in int32 and cast to
 int64 (head pruning retargets their pieces); GPT-2's causal mask as arithmetic (``w*b - 1e4*(1-b)``,
 read as a Where); OPT's causal mask built in an ``If`` branch by tf2onnx's ``band_part`` lowering
 (CumSum row/column numbers: read as causal, so token pruning gathers it instead of replacing it with
-a padding-only mask); Keras' ``stable_softmax`` (+1e-9 on the scores). The checks are the coverage
+a padding-only mask); Keras' ``stable_softmax`` (+1e-9 on the scores); ELECTRA's embedding projection,
+whose ``[B*S, D]`` output tf2onnx feeds to Q/K/V without the Reshape pair (the layer input and Q's
+rows are the same tokens). The checks are the coverage
 harness's (``bench/coverage.py``): token pruning at keep 1.0 and with every token selected after
 layer 0, head pruning at keep 1.0 and one head group sliced out of the weights, all within 1e-5 of
 the input model in onnxruntime; K/V quantization and the default preset run.
@@ -25,8 +28,9 @@ from bench.coverage import heads, kv, preset, tokens
 from spatten_compiler import inspect
 
 TF2ONNX = Path(__file__).resolve().parent.parent / "models" / "tf2onnx"
-NAMES = ["bert_tf2onnx", "gpt2_tf2onnx", "opt_tf2onnx"]
-MASKS = {"bert_tf2onnx": "padding", "gpt2_tf2onnx": "causal+padding", "opt_tf2onnx": "causal+padding"}
+NAMES = ["bert_tf2onnx", "electra_tf2onnx", "gpt2_tf2onnx", "opt_tf2onnx"]
+MASKS = {"bert_tf2onnx": "padding", "electra_tf2onnx": "padding", "gpt2_tf2onnx": "causal+padding",
+         "opt_tf2onnx": "causal+padding"}
 
 
 def _feeds(name: str) -> dict[str, np.ndarray]:
