@@ -67,11 +67,18 @@ def _from_range(value: ir.Value) -> bool:
 
 
 def _compares_positions(node: ir.Node) -> bool:
-    """A comparison of position numbers: every input a constant or computed from :data:`INDEX_OPS`, one
-    not constant (``i >= j``; band_part's ``0 > j - i``)."""
-    ins = [i for i in node.inputs if i is not None]
-    return (node.op_type in COMPARISONS and any(not is_const(i) for i in ins)
-            and all(is_const(i) or _from_range(i) for i in ins))
+    """A comparison of two position numbers (``i >= j``), or of their difference with a constant
+    (tf2onnx's band_part: ``0 > j - i``). A position against a constant or a length is not one (a
+    padding mask compares the key index with each row's length)."""
+    ins = list(node.inputs)
+    if node.op_type not in COMPARISONS or len(ins) != 2 or any(i is None for i in ins):
+        return False
+    return all(map(_from_range, ins)) or any(map(is_const, ins)) and any(map(_position_difference, ins))
+
+
+def _position_difference(value: ir.Value) -> bool:
+    node = value.producer()
+    return node is not None and node.op_type == "Sub" and all(i is not None and _from_range(i) for i in node.inputs)
 
 
 def _square(v: ir.Value | None) -> bool:
