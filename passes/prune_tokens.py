@@ -338,6 +338,15 @@ def _static_len(x: ir.Value) -> int | None:
     return dims[1] if len(dims) >= 2 and isinstance(dims[1], int) and dims[1] > 1 else None
 
 
+def _unfolds_fixed_tokens(node: ir.Node, concat: ir.Node, starts: list[int], out_rank: int,
+                          static: int | None) -> bool:
+    """A Reshape unfolding heads from the batch (``[B*H, S, Dh] -> [B, H, S, Dh]``) whose target holds the
+    export's fixed token count as a constant at axis 2 (TF Whisper's context: the frames fix S)."""
+    data = node.inputs[0].shape if node.op_type == "Reshape" else None
+    return (data is not None and data.rank() == 3 and out_rank == 4
+            and any(start == 2 and _is_const(p, static) for start, p in zip(starts, concat.inputs)))
+
+
 def _is_const(piece: ir.Value | None, value: int | None) -> bool:
     """A one-element constant shape piece equal to ``value`` (dynamo writes a fixed sequence length into
     a view's target as such a piece: DINOv2 / BEiT ``view(B, 17, -1, 16)``)."""
@@ -587,6 +596,9 @@ class _Rewrite:
                 if concat is None or concat.op_type != "Concat" or (node.op_type == "Reshape" and i != 1):
                     continue
                 starts, out_rank = _piece_axes(concat)
+                if _unfolds_fixed_tokens(node, concat, starts, out_rank, static):
+                    raise OptionError(f"Reshape '{node.name}' unfolds heads from the batch with the export's fixed "
+                                      f"{static} tokens written into its target; prune-tokens cannot shrink it")
                 reads = [j for j, p in enumerate(concat.inputs)
                          if _reads_input_seq_len(p, sources) or (starts[j] == 1 and _is_const(p, static))]
                 flat = [j for j, p in enumerate(concat.inputs) if j not in reads and _flattens_tokens(p, sources)]

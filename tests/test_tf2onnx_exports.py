@@ -26,6 +26,7 @@ import pytest
 
 from bench.coverage import heads, kv, preset, tokens
 from spatten_compiler import inspect
+from spatten_compiler.errors import OptionError
 
 TF2ONNX = Path(__file__).resolve().parent.parent / "models" / "tf2onnx"
 NAMES = ["bert_tf2onnx", "electra_tf2onnx", "gpt2_tf2onnx", "opt_tf2onnx"]
@@ -63,3 +64,17 @@ def test_kv_quantization_and_preset_run(name: str, tmp_path: Path) -> None:
     assert ok, why
     ok, why = preset(TF2ONNX / f"{name}.onnx", _feeds(name), tmp_path, {"num_layers": 2, "kv_cache": False})
     assert ok, why
+
+
+def test_whisper_encoder_fixed_frames(tmp_path: Path) -> None:
+    """TF Whisper's encoder (heads folded into the batch: 3-D bmm scores with no view before the Softmax,
+    read as folded) unfolds its context with the frames' fixed count written into the target: token
+    pruning refuses in one line; head pruning is exact and K/V quantization runs."""
+    path, feeds = TF2ONNX / "whisper_tf2onnx.onnx", _feeds("whisper_tf2onnx")
+    sites = inspect(str(path))
+    assert [(s.num_heads, s.head_dim, s.variant.get("layout")) for s in sites] == [(2, 32, "folded")] * 2
+    with pytest.raises(OptionError, match="unfolds heads from the batch with the export's fixed 16 tokens"):
+        tokens(path, feeds, tmp_path, {"num_layers": 2, "kv_cache": False})
+    for check in (heads, kv):
+        ok, why = check(path, feeds, tmp_path)
+        assert ok, why
