@@ -9,6 +9,7 @@ Rewrites (in order):
                            (:mod:`.shape_casts`; tf2onnx's reshape targets, assembled in int32)
   Sub(Mul(x, keep), Mul(c, Sub(1, keep))) (keep: a boolean cast to float) -> Where(keep, x, -c)
                            (:mod:`.mask_forms`; TF GPT-2's causal mask, and its Add form)
+  Tile(x, reps) repeating only size-1 axes -> Expand(x, reps) (:mod:`.tile_repeat`; TF Mistral's K/V repeat)
   Add(Add(scores, m1), m2) with m1, m2 masks -> Add(scores, Add(m1, m2))   (:mod:`.mask_forms`; TF CTRL)
   SequenceAt(SplitToSequence(x, sizes), i) with constant indices -> Split(x, sizes)[i]
                            (dynamo's QKV split; sizes 1-D, or a chunk size and x's split axis static;
@@ -54,6 +55,7 @@ from spatten_compiler.shapes import infer_shapes
 from .mask_forms import arithmetic_masks_to_where, sum_masks
 from .shape_casts import push_shape_casts
 from .slice_assign import slice_writes_to_concat
+from .tile_repeat import tiles_to_expands
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +308,8 @@ class Normalize(Pass):
         )
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
         infer_shapes(model)
-        if sequences_to_slices(model) + push_shape_casts(model) + arithmetic_masks_to_where(model) + sum_masks(model):
+        if (sequences_to_slices(model) + push_shape_casts(model) + arithmetic_masks_to_where(model) + sum_masks(model)
+                + tiles_to_expands(model)):
             infer_shapes(model)
         gathers_to_slices(model)
         for _ in range(3):  # the attention scale computed from the head size folds after it; that can

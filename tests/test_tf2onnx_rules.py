@@ -6,6 +6,7 @@ negative cases, each checked numerically against onnxruntime on the input graph)
 * ``Sub(Mul(x, keep), Mul(c, Sub(1, keep)))`` with a boolean ``keep`` -> ``Where(keep, x, -c)`` (TF GPT-2);
 * two masks added in turn to the scores -> one summed mask (TF CTRL);
 * a scalar added to the scores (Keras' stable_softmax: +1e-9) carried along, not counted as a mask;
+* a Tile repeating only size-1 axes -> Expand (TF Mistral's K/V repeat);
 * ``static_rank`` through Reshape / MatMul / Unsqueeze once the inferred shapes are dropped.
 """
 
@@ -177,3 +178,27 @@ def test_static_rank_without_inferred_shapes() -> None:
     mm = ir.Node("", "MatMul", [view.outputs[0], view.outputs[0]])
     assert static_rank(view.outputs[0]) == 3 and static_rank(mm.outputs[0]) == 3
     assert static_rank(ir.Node("", "Reshape", [x, x]).outputs[0]) is None  # a target of unknown length
+
+
+def _tile(reps: list[int]) -> onnx.ModelProto:
+    """y = Tile(Unsqueeze(x [2, 3], 1), reps): x repeated along the new unit axis (TF's tf.repeat)."""
+    nodes = [N("Unsqueeze", ["x", "axes"], ["u"]), N("Tile", ["u", "reps"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(reps, np.int64), "reps")]
+    out = [2 * reps[0], reps[1], 3 * reps[2]]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, [2, 3])],
+                  [helper.make_tensor_value_info("y", F, out)], inits)
+
+
+def test_unit_axis_tile_becomes_expand() -> None:
+    proto = _tile([1, 4, 1])
+    model, out = _normalized(proto)
+    assert _producer(model).op_type == "Expand"
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(_run(out, {"x": x})[0], _run(proto, {"x": x})[0])
+
+
+def test_tile_of_a_longer_axis_left_alone() -> None:
+    """Repeating an axis of size 3 concatenates copies; Expand cannot broadcast it."""
+    model, _ = _normalized(_tile([1, 2, 2]))
+    assert _producer(model).op_type == "Tile"
