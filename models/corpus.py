@@ -18,6 +18,9 @@ or ``$SPATTENC_OPTIMUM_PYTHON``; skipped when neither is set). ``optimum``: the 
 (feature-extraction; seq2seq / Whisper: the export's ``encoder_model.onnx``) and, for decoders,
 ``text-generation`` and ``text-generation-with-past`` (``_kv``); ``optimum_merged``: the legacy merged
 decoder (``decoder_model_merged.onnx``, an ``If`` on ``use_cache_branch``). See docs/coverage.md.
+Exporter ``tf2onnx`` (opt-in): the families transformers 4.x has a TensorFlow class for, converted with
+tf2onnx by ``models/_tf2onnx.py`` under a TensorFlow venv's python (``--tf-python`` or
+``$SPATTENC_TF_PYTHON``; skipped when neither is set). See docs/coverage.md, "The tf2onnx corpus".
 
 Exporters ``builder`` and ``builder_int4`` (when onnxruntime-genai is installed; skipped otherwise):
 the decoder families onnxruntime-genai's model builder supports (:data:`BUILDER_FAMILIES`) are saved
@@ -172,6 +175,8 @@ BUILDER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "phi", "gemma"
 BUILDERS = {"builder": "fp32", "builder_int4": "int4"}
 # Run by models/_optimum.py under the optimum venv's python (optimum-onnx needs transformers < 5).
 OPTIMUM_EXPORTERS = ("optimum", "optimum_merged")
+# Run by models/_tf2onnx.py under the TensorFlow venv's python (transformers 4.x TF classes, tf2onnx).
+TF_EXPORTERS = ("tf2onnx",)
 
 
 def make_config(fam: Family) -> Any:
@@ -369,15 +374,39 @@ def run_optimum(python: str | None, exporters: list[str], out: Path, only: str |
     return subprocess.run(cmd, check=False).returncode
 
 
+def run_tf2onnx(python: str | None, out: Path, only: str | None, resume: bool) -> int:
+    """Delegate the tf2onnx exporter to ``models/_tf2onnx.py`` under ``python`` (the TensorFlow venv's);
+    it appends its records to the same manifest (families it has no TF class for are left out).
+    Skipped (logged) when no python is configured."""
+    if not python:
+        log.info("%-32s skipped: TensorFlow venv not configured (--tf-python or SPATTENC_TF_PYTHON)", "tf2onnx")
+        return 0
+    script = Path(__file__).resolve().parent / "_tf2onnx.py"
+    if only:  # the families of --only that have a TF class
+        listed = subprocess.run([python, str(script), "--list"], check=False, capture_output=True, text=True)
+        kept = ",".join(t for t in only.split(",") if t in listed.stdout.split())
+        if not kept:
+            log.info("%-32s skipped: no TF class for %s", "tf2onnx", only)
+            return 0
+        only = kept
+    cmd = [python, str(script), "--out", str(out), *(["--only", only] if only else []),
+           *(["--resume"] if resume else [])]
+    log.info("%s", " ".join(cmd))
+    return subprocess.run(cmd, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated model_types (default: all)")
     p.add_argument("--exporters", default="torchscript,dynamo,builder,builder_int4",
                    help="torchscript, dynamo, builder, builder_int4 (the last two: onnxruntime-genai, if installed); "
-                        "opt-in: optimum, optimum_merged (need --optimum-python)")
+                        "opt-in: optimum, optimum_merged (need --optimum-python), tf2onnx (needs --tf-python)")
     p.add_argument("--optimum-python", default=os.environ.get("SPATTENC_OPTIMUM_PYTHON"),
                    help="python of a venv with optimum-onnx (default: $SPATTENC_OPTIMUM_PYTHON; "
                         "without it the optimum exporters are skipped)")
+    p.add_argument("--tf-python", default=os.environ.get("SPATTENC_TF_PYTHON"),
+                   help="python of a venv with TensorFlow, transformers 4.x and tf2onnx (default: "
+                        "$SPATTENC_TF_PYTHON; without it the tf2onnx exporter is skipped)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--resume", action="store_true", help="skip models already in the manifest")
     args = p.parse_args(argv)
@@ -389,9 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     fams = [FAMILIES_BY_TYPE[t] for t in args.only.split(",")] if args.only else FAMILIES
     exporters = args.exporters.split(",")
     optimum = [e for e in exporters if e in OPTIMUM_EXPORTERS]
+    delegated = (*OPTIMUM_EXPORTERS, *TF_EXPORTERS)
     with (args.out / "manifest.jsonl").open("a") as manifest:
         for fam in fams:
-            for exporter in (e for e in exporters if e not in OPTIMUM_EXPORTERS):
+            for exporter in (e for e in exporters if e not in delegated):
                 if exporter in BUILDERS:
                     name = f"{fam.model_type.replace('-', '_')}_{exporter}_kv"
                     if fam.model_type not in BUILDER_FAMILIES or name in done:
@@ -412,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("%-32s %-6s %5.1fs %s", rec["name"], rec["status"], rec["seconds"], rec.get("reason", ""))
                     manifest.write(json.dumps(rec) + "\n")
                     manifest.flush()
-    if optimum:
-        return run_optimum(args.optimum_python, optimum, args.out, args.only, args.resume)
-    return 0
+    rc = run_optimum(args.optimum_python, optimum, args.out, args.only, args.resume) if optimum else 0
+    if any(e in TF_EXPORTERS for e in exporters):
+        rc = run_tf2onnx(args.tf_python, args.out, args.only, args.resume) or rc
+    return rc
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from .attention_trace import (
     trace_branch,
 )
 from .nbits_blocks import in_width, is_nbits
-from .score_chain import is_mask_term, score_chain
+from .score_chain import is_mask_term, score_chain, static_rank
 from .site_io import _ancestors, layer_outputs, mask_info, rope_position_source
 from .unmerge_decoder import match_merged
 
@@ -367,6 +367,20 @@ def _residual_after(start: ir.Value, q: Branch, limit: int = 40) -> tuple[ir.Nod
     return None, None
 
 
+def _viewed(value: ir.Value, limit: int = 3) -> set[int]:
+    """``value`` and what it re-views (Reshape/Identity producers): the hidden state Q's projection reads
+    may be the 2-D ``[B*S, D]`` one under the 3-D residual (tf2onnx drops a Reshape pair between
+    two Tensordots: ELECTRA's embedding projection feeds Q as ``[B*S, D]``)."""
+    ids = {id(value)}
+    for _ in range(limit):
+        node = value.producer()
+        if node is None or node.op_type not in ("Reshape", "Identity"):
+            break
+        value = node.inputs[0]
+        ids.add(id(value))
+    return ids
+
+
 def _residual_stream(add: ir.Node, pv: ir.Node, q: Branch) -> tuple[ir.Node | None, ir.Value | None]:
     """The residual Add and the hidden state it adds back, which also feeds Q's projection (through a
     norm). A parallel block (GPT-J, GPT-NeoX, CodeGen: ``(attn + mlp) + x``) has the MLP output in the
@@ -378,7 +392,7 @@ def _residual_stream(add: ir.Node, pv: ir.Node, q: Branch) -> tuple[ir.Node | No
     bottleneck: tuple[ir.Node | None, ir.Value | None] = (None, None)
     for _ in range(2):
         other = next((i for i in add.inputs if i is not attn_out), None)
-        if other is None or not feeds_q or id(other) in feeds_q or id(other.producer()) in feeds_q:
+        if other is None or not feeds_q or id(other.producer()) in feeds_q or _viewed(other) & feeds_q:
             return add, other
         if bottleneck[0] is None and q.projection is not None and (src := token_source(other)) is not other and (
                 src is token_source(q.projection.input)):
@@ -414,6 +428,9 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
         if isinstance(structural, NoMatch):
             return NoMatch(f"core: {structural.reason}")
         found = structural
+    qk = found.get("qk")
+    if not found.get("folded") and qk is not None and static_rank(qk.outputs[0]) == 3:
+        found = {**found, "folded": True}  # [B*H, S, S] scores straight from the bmm (TF Whisper: no mask)
     q, kt = found["q"], found["kt"]
     if is_const(kt) or is_const(q):
         return NoMatch("one side of the score MatMul is a constant: a linear layer followed by Softmax")

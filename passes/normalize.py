@@ -1,7 +1,16 @@
 """normalize: put exported graphs into one canonical form before matching.
 
 Rewrites (in order):
+  default-domain opset 13-16 -> 17 (onnxscript's version converter, onnx's C API as its fallback;
+                           tf2onnx writes opset 15 by default; spattenc's rewrites need 17). Older
+                           opsets are left as they are (the rewrites refuse them in one line)
   onnx shape inference     -> dtypes and symbolic shapes on every value (used by the matchers)
+  Cast(Concat(pieces), to=int64) -> Concat(Cast(piece, to=int64)) for int32/int64 1-D pieces
+                           (:mod:`.shape_casts`; tf2onnx's reshape targets, assembled in int32)
+  Sub(Mul(x, keep), Mul(c, Sub(1, keep))) (keep: a boolean cast to float) -> Where(keep, x, -c)
+                           (:mod:`.mask_forms`; TF GPT-2's causal mask, and its Add form)
+  Tile(x, reps) repeating only size-1 axes -> Expand(x, reps) (:mod:`.tile_repeat`; TF Mistral's K/V repeat)
+  Add(Add(scores, m1), m2) with m1, m2 masks -> Add(scores, Add(m1, m2))   (:mod:`.mask_forms`; TF CTRL)
   SequenceAt(SplitToSequence(x, sizes), i) with constant indices -> Split(x, sizes)[i]
                            (dynamo's QKV split; sizes 1-D, or a chunk size and x's split axis static;
                            a chunk c of an axis not known: Slice(x, i*c, (i+1)*c) for i >= 0).
@@ -41,7 +50,7 @@ from onnx_ir.passes.common import (
     InlinePass,
     RemoveUnusedNodesPass,
 )
-from onnxscript import optimizer
+from onnxscript import optimizer, version_converter
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.match import const_array
@@ -49,10 +58,37 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.shapes import infer_shapes
 
 from .einsum_lower import einsums_to_matmuls
+from .mask_forms import arithmetic_masks_to_where, sum_masks
 from .pointwise_conv import pointwise_convs_to_matmuls
+from .shape_casts import push_shape_casts
 from .slice_assign import slice_writes_to_concat
+from .tile_repeat import tiles_to_expands
 
 logger = logging.getLogger(__name__)
+
+
+# Default-domain opsets normalize raises to OPSET_TARGET: ops changed little from 13 on (13: Split/Squeeze/
+# ReduceSum take axes as inputs; 17 adds LayerNormalization), which onnx's adapters convert exactly.
+OPSET_UPGRADE = range(13, 17)
+OPSET_TARGET = 17
+
+
+def upgrade_opset(model: ir.Model) -> bool:
+    """Raise a default-domain opset in :data:`OPSET_UPGRADE` to :data:`OPSET_TARGET`; False (the model
+    unchanged) for any other opset or when the converter cannot."""
+    if model.opset_imports.get("", OPSET_TARGET) not in OPSET_UPGRADE:
+        return False
+    converter_log = logging.getLogger("onnxscript.version_converter")
+    level = converter_log.level
+    converter_log.setLevel(logging.ERROR)  # its note that it falls back to onnx's C API
+    try:
+        version_converter.convert_version(model, OPSET_TARGET, fallback=True)
+    except Exception as e:  # noqa: BLE001 - the opset check of the rewrites then refuses in one line
+        logger.info("normalize: opset %d not converted to %d: %s", model.opset_imports[""], OPSET_TARGET, e)
+        return False
+    finally:
+        converter_log.setLevel(level)
+    return model.opset_imports.get("") == OPSET_TARGET
 
 
 def _is_noop(node: ir.Node) -> bool:
@@ -266,6 +302,7 @@ class Normalize(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         before = len(model.graph)
+        upgrade_opset(model)
         if model.functions:
             InlinePass()(model)
         # Constant folding only: optimize_ir's default rewrite rules cost minutes on a 30-layer
@@ -278,7 +315,8 @@ class Normalize(Pass):
         )
         # Types and symbolic shapes for every value: no-op Casts are only visible with dtypes known.
         infer_shapes(model)
-        if pointwise_convs_to_matmuls(model) | einsums_to_matmuls(model) | sequences_to_slices(model):
+        if (pointwise_convs_to_matmuls(model) + einsums_to_matmuls(model) + sequences_to_slices(model)
+                + push_shape_casts(model) + arithmetic_masks_to_where(model) + sum_masks(model) + tiles_to_expands(model)):
             infer_shapes(model)
         gathers_to_slices(model)
         for _ in range(3):  # the attention scale computed from the head size folds after it; that can

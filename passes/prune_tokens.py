@@ -157,6 +157,9 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                               "a [B, S, D] hidden state")
         q_in = s.q.projection.input if s.q is not None and s.q.projection is not None else None
         aligned = _row_aligned(s.layer_input, set(), limit=256)
+        read = s.q.projection.node.inputs[0] if q_in is not None else None  # what the MatMul reads: a view of
+        if read is not None and _views(read, s.layer_input):  # x itself when ``input`` looked through x
+            aligned.add(q_in)  # (tf2onnx: Q = Reshape(x, [-1, D]) with x = Reshape(MatMul(..), [B, S, D]))
         if q_in is not None and q_in not in aligned and token_source(q_in) not in aligned:  # MLA: q_a_proj first
             raise OptionError(f"layer {s.layer}: the attention's rows are not the layer input's tokens (Q reads "
                               f"'{q_in.name}', regrouped from them, e.g. into windows); token pruning ranks a "
@@ -280,6 +283,18 @@ def _check_serial(site: AttentionSite) -> None:
                               "point layer-input")
 
 
+def _views(value: ir.Value, target: ir.Value, limit: int = 4) -> bool:
+    """``value`` is ``target`` re-viewed (Reshape/Identity producers only)."""
+    for _ in range(limit):
+        if value is target:
+            return True
+        node = value.producer()
+        if node is None or node.op_type not in ("Reshape", "Identity"):
+            return False
+        value = node.inputs[0]
+    return value is target
+
+
 def _row_aligned(x: ir.Value, post: set[int], limit: int = 64) -> set[ir.Value]:
     """``x`` and the values computed from it row by row before the attention (Llama's RMSNorm output,
     whose shape the exporter reads for the head merge's ``reshape(*input_shape, -1)``)."""
@@ -354,6 +369,15 @@ def _static_len(x: ir.Value) -> int | None:
     """The layer input's token count when the export fixed it (a vision encoder's patches + CLS)."""
     dims = x.shape.dims if x.shape is not None else ()
     return dims[1] if len(dims) >= 2 and isinstance(dims[1], int) and dims[1] > 1 else None
+
+
+def _unfolds_fixed_tokens(node: ir.Node, concat: ir.Node, starts: list[int], out_rank: int,
+                          static: int | None) -> bool:
+    """A Reshape unfolding heads from the batch (``[B*H, S, Dh] -> [B, H, S, Dh]``) whose target holds the
+    export's fixed token count as a constant at axis 2 (TF Whisper's context: the frames fix S)."""
+    data = node.inputs[0].shape if node.op_type == "Reshape" else None
+    return (data is not None and data.rank() == 3 and out_rank == 4
+            and any(start == 2 and _is_const(p, static) for start, p in zip(starts, concat.inputs)))
 
 
 def _is_const(piece: ir.Value | None, value: int | None) -> bool:
@@ -605,6 +629,9 @@ class _Rewrite:
                 if concat is None or concat.op_type != "Concat" or (node.op_type == "Reshape" and i != 1):
                     continue
                 starts, out_rank = _piece_axes(concat)
+                if _unfolds_fixed_tokens(node, concat, starts, out_rank, static):
+                    raise OptionError(f"Reshape '{node.name}' unfolds heads from the batch with the export's fixed "
+                                      f"{static} tokens written into its target; prune-tokens cannot shrink it")
                 reads = [j for j, p in enumerate(concat.inputs)
                          if _reads_input_seq_len(p, sources) or (starts[j] == 1 and _is_const(p, static))]
                 flat = [j for j, p in enumerate(concat.inputs) if j not in reads and _flattens_tokens(p, sources)]

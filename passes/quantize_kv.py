@@ -74,6 +74,7 @@ from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .find_attention import AttentionSite, find_attention
 from .quant_functions import FUNCTIONS
+from .score_chain import static_rank
 from .spatten_ops import DOMAIN, ensure_functions
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,9 @@ class _Rewrite:
 
     def site(self, site: AttentionSite) -> None:
         kt, v, pv = site.k.value, site.pv.inputs[1], site.pv
-        folded = kt.shape is not None and kt.shape.rank() == 3
+        # [B*H, Dh, S]; an earlier pass (the preset's prune-tokens) may have dropped K^T's shape
+        rank = static_rank(kt)
+        folded = rank == 3 if rank is not None else site.variant.get("layout") == "folded"
         p_used = pv.inputs[0]  # the probabilities, or prune-values' LocalValuePrune of them
         k_axes, v_axes = GRANULARITY[self.opts.granularity]
         chain = score_chain(kt, site.probs)

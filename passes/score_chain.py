@@ -8,12 +8,16 @@ from the Softmax input to the score MatMul through :data:`CHAIN` ops:
 
     Add(scores, term)         # term: the padding/causal mask or an additive position bias
     Sub(scores, term)         # the same term subtracted (XLNet: scores - 1e30 * mask)
+    Add(scores, c)            # a scalar constant: one shift for every score (TF's stable_softmax adds
+                              # 1e-9), carried along
     Mul/Div(scores, scalar)   # the 1/sqrt(d) scale (several multiply)
     Where(cond, scores, fill) # a boolean mask (either branch)
     Tanh, Cast, Identity      # soft-capping, dtype changes: element-wise, carried along
     Max/Min/Clip(scores, c)   # clamping by a scalar (XGLM's max(scores, finfo.min))
     Reshape                   # [B*H, S, S] -> [B, H, S, S]: heads folded into the batch axis (BLOOM,
                               # DeBERTa-v2 use 3-D bmm); found, tagged layout=folded, and not rewritten
+    Squeeze                   # a unit axis: tf2onnx's Einsum lowering (TF T5's scores) is
+                              # Squeeze(Reshape(bmm, [B, H, S, S, 1]))
     Sub(x, ReduceMax(x, -1))  # the row max: softmax is invariant to it (GPT-OSS), carried along
     Concat(scores, sink)      # learned sink columns on the key axis, sliced off P after the Softmax
                               # (GPT-OSS; :mod:`.score_sink`)
@@ -39,7 +43,7 @@ from .attention_patterns import MASKED
 from .attention_trace import Branch, trace_branch
 from .score_sink import row_max_shift, sink_concat, sink_slice
 
-PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape"})
+PASS_THROUGH = frozenset({"Cast", "Identity", "Tanh", "Reshape", "Squeeze"})
 CLAMPS = frozenset({"Max", "Min", "Clip"})
 CHAIN = frozenset({"Add", "Mul", "Div", "Where", "Sub", "Concat", *PASS_THROUGH, *CLAMPS})
 FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -258,6 +262,9 @@ def score_chain(softmax: ir.Node) -> dict[str, Any] | NoMatch:
                 return NoMatch(f"Add '{node.name}': {len(sides)} inputs come from score MatMuls (and not exactly one "
                                "from queries of the hidden state the values are projected from)")
             term = next(i for i in node.inputs if i is not sides[0])
+            if _scalar(term) is not None:  # the same shift for every score (Keras' stable_softmax: + 1e-9)
+                value = sides[0]
+                continue
             if is_mask_term(term):
                 masks.append((node, term))
             else:
@@ -292,7 +299,45 @@ _BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "And", "
 RANK_RULES = {
     **{op: lambda node, rank: rank(node.inputs[0]) for op in _SAME},  # element-wise / same-rank ops
     **{op: lambda node, rank: _max_rank([rank(i) for i in node.inputs if i is not None]) for op in _BROADCAST},
-}  # If: :func:`_if_rank` (per output)
+    "MatMul": lambda node, rank: _max_rank([rank(i) for i in node.inputs]),  # batch dims broadcast
+    "Reshape": lambda node, rank: _length(node.inputs[1]),  # as many dims as the target has entries
+    "Slice": lambda node, rank: rank(node.inputs[0]),
+    "Shape": lambda node, rank: 1,
+    "Unsqueeze": lambda node, rank: _plus(rank(node.inputs[0]), _length(_axes(node))),
+    "Squeeze": lambda node, rank: _plus(rank(node.inputs[0]), -(_length(_axes(node)) or 0) or None),
+    "Gather": lambda node, rank: _plus(rank(node.inputs[0]), _plus(rank(node.inputs[1]), -1)),
+}
+
+
+def _axes(node: ir.Node) -> ir.Value | None:
+    return node.inputs[1] if len(node.inputs) > 1 else None  # opset 13+: axes are an input
+
+
+def _plus(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+  # If: :func:`_if_rank` (per output)
+
+
+def _length(value: ir.Value | None, depth: int = 4) -> int | None:
+    """Entries of a 1-D shape vector: static, constant, or a Concat of such pieces (Cast/Unsqueeze of a
+    scalar: one entry) - known after a pass dropped the inferred shapes."""
+    if value is None:
+        return None
+    if value.shape is not None and value.shape.rank() == 1 and isinstance(value.shape.dims[0], int):
+        return value.shape.dims[0]
+    if (a := const_array(value, max_elements=64)) is not None:
+        return a.size
+    node = value.producer()
+    if node is None or depth == 0:
+        return None
+    if node.op_type == "Concat":
+        lengths = [_length(i, depth - 1) for i in node.inputs]
+        return None if any(n is None for n in lengths) else sum(lengths)
+    if node.op_type == "Cast":
+        return _length(node.inputs[0], depth - 1)
+    if node.op_type == "Unsqueeze" and static_rank(node.inputs[0]) == 0:
+        return 1
+    return None
 
 
 def _max_rank(ranks: list[int | None]) -> int | None:
@@ -313,6 +358,8 @@ def static_rank(value: ir.Value | None, depth: int = 12) -> int | None:
         return None
     if value.shape is not None:
         return value.shape.rank()
+    if value.const_value is not None:
+        return len(value.const_value.shape)
     node = value.producer()
     if node is None or depth == 0 or node.domain not in ("", "ai.onnx"):
         return None

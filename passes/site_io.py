@@ -53,11 +53,34 @@ def _ancestors(value: ir.Value, limit: int = 400, *, through_shapes: bool = Fals
         nodes.append(node)
         if (through_shapes or node.op_type not in ("Shape", "Size")) and not (stop is not None and stop(node)):
             todo.extend(node.inputs)
+        # an If's value is its branches' outputs (TF XGLM/BART build the causal mask under
+        # ``if seq_len > 1``); their nodes read outer values, which the walk reaches from there
+        todo.extend(o for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH for o in a.value.outputs)
     return nodes, inputs
 
 
+# ops that number positions: Range, and CumSum (tf2onnx lowers tf.linalg.band_part, TF OPT's causal mask,
+# to the row and column of a running count)
+INDEX_OPS = frozenset({"Range", "CumSum"})
+
+
 def _from_range(value: ir.Value) -> bool:
-    return any(n.op_type == "Range" for n in _ancestors(value, limit=12)[0])
+    return any(n.op_type in INDEX_OPS for n in _ancestors(value, limit=12)[0])
+
+
+def _compares_positions(node: ir.Node) -> bool:
+    """A comparison of two position numbers (``i >= j``), or of their difference with a constant
+    (tf2onnx's band_part: ``0 > j - i``). A position against a constant or a length is not one (a
+    padding mask compares the key index with each row's length)."""
+    ins = list(node.inputs)
+    if node.op_type not in COMPARISONS or len(ins) != 2 or any(i is None for i in ins):
+        return False
+    return all(map(_from_range, ins)) or any(map(is_const, ins)) and any(map(_position_difference, ins))
+
+
+def _position_difference(value: ir.Value) -> bool:
+    node = value.producer()
+    return node is not None and node.op_type == "Sub" and all(i is not None and _from_range(i) for i in node.inputs)
 
 
 def _square(v: ir.Value | None) -> bool:
@@ -98,9 +121,8 @@ def mask_info(mask: ir.Value | None, graph: ir.Graph, causal_cond: ir.Value | No
             n, i = _ancestors(v)
             nodes += n
             inputs += i
-    causal = any(n.op_type == "Trilu" for n in nodes) or any(
-        n.op_type in COMPARISONS and all(i is not None and _from_range(i) for i in n.inputs) for n in nodes
-    ) or any(causal_table(const_array(v)) for v in (mask, causal_cond, *(i for n in nodes for i in n.inputs))
+    causal = any(n.op_type == "Trilu" for n in nodes) or any(map(_compares_positions, nodes)) or any(
+        causal_table(const_array(v)) for v in (mask, causal_cond, *(i for n in nodes for i in n.inputs))
              if _square(v) and is_const(v))
     padding = [v for v in inputs if v in graph.inputs and v.name not in POSITION_INPUTS and "past" not in v.name]
     source = padding[0].name if padding else None

@@ -162,7 +162,7 @@ def shrinks_causal(cond: ir.Value, pruned: ir.Value, limit: int = 400) -> bool:
     must count original positions."""
     if not reaches(cond, pruned):
         return False
-    node = cond.producer()
+    node = _through(cond, COMPARE_VIEWS).producer()
     if node is not None and node.op_type in ("LessOrEqual", "GreaterOrEqual") and all(map(_range, node.inputs)):
         return True  # Range(k)[None] <= Range(k)[:, None]: a causal mask of the reduced length
     seen: set[int] = set()
@@ -180,15 +180,53 @@ def shrinks_causal(cond: ir.Value, pruned: ir.Value, limit: int = 400) -> bool:
     return len(squares) == 1 and a_is_tril(squares[0])
 
 
-def _range(value: ir.Value | None) -> bool:
-    for _ in range(4):
+# between a causal comparison and its use: views of the boolean (TF: a float 0/1 cast, reshaped to
+# [1, 1, S, S], cast back by normalize's mask_forms)
+COMPARE_VIEWS = ("Cast", "Reshape", "Unsqueeze", "Identity")
+# between a Range and the comparison: views; a whole-axis Slice (TF's ``range(n)[:, None]``)
+RANGE_VIEWS = ("Unsqueeze", "Reshape", "Cast", "Slice")
+
+
+def _whole(node: ir.Node) -> bool:
+    """A Slice keeping its axes whole: starts 0, steps 1, ends open (tf2onnx writes 1e9; no axis is that long)."""
+    consts = [const_array(v) for v in node.inputs[1:]]
+    if len(consts) < 2 or any(c is None for c in consts):
+        return False
+    steps = consts[3] if len(consts) > 3 else np.ones_like(consts[0])
+    return bool((consts[0] == 0).all() and (consts[1] >= 10**9).all() and (steps == 1).all())
+
+
+def _through(value: ir.Value, ops: tuple[str, ...], limit: int = 6) -> ir.Value:
+    for _ in range(limit):
+        node = value.producer()
+        if node is None or node.op_type not in ops or (node.op_type == "Slice" and not _whole(node)):
+            return value
+        value = node.inputs[0]
+    return value
+
+
+def _dim_read(value: ir.Value | None) -> bool:
+    """``value`` is one entry of a shape (Squeeze/Gather/Slice/Cast/Unsqueeze of a ``Shape``)."""
+    for _ in range(6):
         node = value.producer() if value is not None else None
-        if node is None or node.op_type not in ("Unsqueeze", "Reshape", "Cast", "Range"):
+        if node is None or node.op_type not in ("Squeeze", "Unsqueeze", "Gather", "Slice", "Cast", "Shape"):
             return False
-        if node.op_type == "Range":
+        if node.op_type == "Shape":
             return True
         value = node.inputs[0]
     return False
+
+
+def _range(value: ir.Value | None, depth: int = 3) -> bool:
+    """A Range through views, or such a Range offset by shape entries (TF GPT-2's ``range(ns) - ns + nd``:
+    0 whenever the query and key lengths are equal, as they are without a cache, pruned or not)."""
+    node = _through(value, RANGE_VIEWS).producer() if value is not None else None
+    if node is not None and node.op_type == "Range":
+        return True
+    if node is None or node.op_type not in ("Add", "Sub") or depth == 0:
+        return False
+    ranges = [i for i in node.inputs if _range(i, depth - 1)]
+    return len(ranges) == 1 and all(_dim_read(i) for i in node.inputs if i is not ranges[0])
 
 
 def a_is_tril(a: np.ndarray) -> bool:
