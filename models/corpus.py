@@ -19,6 +19,11 @@ or ``$SPATTENC_OPTIMUM_PYTHON``; skipped when neither is set). ``optimum``: the 
 ``text-generation`` and ``text-generation-with-past`` (``_kv``); ``optimum_merged``: the legacy merged
 decoder (``decoder_model_merged.onnx``, an ``If`` on ``use_cache_branch``). See docs/coverage.md.
 
+Exporters ``dynamo_opt`` and ``dynamo_op23`` (opt-in): ``torch.onnx.export``'s defaults (dynamo,
+``optimize=True``: onnxscript's constant folding and rewrite rules), the latter at opset 23 where the
+optimizer also fuses ONNX ``RMSNormalization``, ``RotaryEmbedding`` and GQA ``Attention``
+(:data:`_export_core.EXPORTERS`). ``dynamo`` stays the raw graph (``optimize=False``).
+
 Exporters ``builder`` and ``builder_int4`` (when onnxruntime-genai is installed; skipped otherwise):
 the decoder families onnxruntime-genai's model builder supports (:data:`BUILDER_FAMILIES`) are saved
 with ``save_pretrained`` (and a tiny tokenizer) into a temporary folder and built with
@@ -260,6 +265,13 @@ def build(fam: Family, kv: bool) -> tuple[torch.nn.Module, Any, list[str], list[
     return KVCacheLM(model, list(feeds)), config, list(feeds), outs, feeds
 
 
+def _batch_one(path: Path) -> bool:
+    """Whether the reference inputs must have batch 1: onnxruntime's ONNX ``RotaryEmbedding`` kernel
+    (opset 23) wants cos/sin caches of x's batch, and onnxscript's fusion (``dynamo_op23``) gives
+    them batch 1 (the ONNX function broadcasts them; onnxruntime fails at batch 2)."""
+    return bool(core.inspect_graph(path).op_counts.get("RotaryEmbedding"))
+
+
 def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any]:
     name = f"{fam.model_type.replace('-', '_')}_{exporter}{'_kv' if kv else ''}"
     record: dict[str, Any] = {"name": name, "family": fam.model_type, "exporter": exporter, "kind": fam.kind,
@@ -277,6 +289,10 @@ def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any
         core.export_onnx(wrapper, [torch.from_numpy(feeds[n]) for n in inputs], path, exporter=exporter,
                          opset=17 if exporter == "torchscript" else None, input_names=inputs,
                          output_names=outputs, dynamic_axes=axes)
+        if _batch_one(path):
+            record["batch"] = 1
+            feeds = {n: v[:1] for n, v in feeds.items()}
+            expected = core.run_torch(wrapper, feeds, inputs, outputs)
         got = core.run_onnx(path, feeds)
         diff = max(float(np.abs(expected[k].astype(np.float64) - got[k]).max()) for k in outputs if expected[k].size)
         record["max_abs_diff"] = diff
@@ -370,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated model_types (default: all)")
     p.add_argument("--exporters", default="torchscript,dynamo,builder,builder_int4",
                    help="torchscript, dynamo, builder, builder_int4 (the last two: onnxruntime-genai, if installed); "
-                        "opt-in: optimum, optimum_merged (need --optimum-python)")
+                        "opt-in: dynamo_opt, dynamo_op23 (torch's default optimize=True, the latter at opset 23), "
+                        "optimum, optimum_merged (need --optimum-python)")
     p.add_argument("--optimum-python", default=os.environ.get("SPATTENC_OPTIMUM_PYTHON"),
                    help="python of a venv with optimum-onnx (default: $SPATTENC_OPTIMUM_PYTHON; "
                         "without it the optimum exporters are skipped)")
