@@ -17,8 +17,7 @@ is rewritten exactly into the ops it fused (so ``--optimize`` can fuse them agai
 
 onnxruntime-genai's model builder writes ``GroupQueryAttention`` (packed QKV, rotary inside, past and
 present buffers) and ``RotaryEmbedding``: see :mod:`passes.unfuse_gqa` for their rewrites and when
-they are exact. ``MatMulNBits`` (int4 weights) is a weight format and stays. ONNX's own opset-23
-``RotaryEmbedding`` (torch's default export at opset 23) is decomposed the same way.
+they are exact. ``MatMulNBits`` (int4 weights) is a weight format and stays.
 
 The fused Attention op itself (every mask_index form the optimizer writes) is decompose-attention's
 job. Fused ops whose extra outputs (mean, inverse std) are read are refused with the reason.
@@ -38,7 +37,7 @@ from spatten_compiler.errors import OptionError
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.shapes import infer_shapes
 
-from .unfuse_gqa import group_query_attention, rotary_embedding, rotary_embedding_23
+from .unfuse_gqa import group_query_attention, rotary_embedding
 
 logger = logging.getLogger(__name__)
 MS = "com.microsoft"
@@ -202,27 +201,8 @@ UNFUSE: dict[str, Rewrite] = {
     "GroupQueryAttention": group_query_attention,  # onnxruntime-genai's model builder
     "RotaryEmbedding": rotary_embedding,
 }
-# ONNX-domain ops: onnxruntime also registers SimplifiedLayerNormalization there (the model builder
-# writes it there); RotaryEmbedding-23 is ONNX's own (onnxscript's fusion in torch's default opset-23
-# export), whose onnxruntime kernel wants cos/sin of x's batch and which find-attention reads as ops.
-UNFUSE_ONNX: dict[str, Rewrite] = {
-    "SimplifiedLayerNormalization": _simplified,
-    "RotaryEmbedding": rotary_embedding_23,
-}
-
-
-# rewrites that read their inputs' ranks or widths (shapes inferred once, when first missing)
-READS_SHAPES = frozenset({"FusedMatMul", "RotaryEmbedding"})
-
-
-def _rewrite(node: ir.Node) -> Rewrite | None:
-    table = UNFUSE if node.domain == MS else UNFUSE_ONNX if node.domain in ("", "ai.onnx") else {}
-    return table.get(node.op_type)
-
-
-def fused_nodes(graph: ir.Graph) -> list[ir.Node]:
-    """The nodes unfuse-ort rewrites (top-level graph)."""
-    return [n for n in graph if _rewrite(n) is not None]
+# onnxruntime also registers this one in the ONNX domain (the model builder writes it there).
+ONNX_DOMAIN = frozenset({"SimplifiedLayerNormalization"})
 
 
 @register_pass
@@ -233,7 +213,8 @@ class UnfuseOrt(Pass):
     name = "unfuse-ort"
 
     def call(self, model: ir.Model) -> PassResult:
-        nodes = fused_nodes(model.graph)
+        nodes = [n for n in model.graph if (n.domain == MS and n.op_type in UNFUSE)
+                 or (n.domain in ("", "ai.onnx") and n.op_type in ONNX_DOMAIN)]
         stale = trust_initializer_shapes(model.graph)
         if not nodes:
             return PassResult(model, bool(stale))
@@ -248,12 +229,12 @@ class UnfuseOrt(Pass):
         inferred = False
         try:
             for node in nodes:
-                if (node.op_type in READS_SHAPES and not inferred
-                        and any(x is not None and x.shape is None for x in node.inputs)):
+                if (node.op_type == "FusedMatMul" and not inferred
+                        and any(x is None or x.shape is None for x in node.inputs[:2])):
                     e.commit()
                     infer_shapes(model)  # once: ranks downstream of a fused op still come from constant view targets
                     inferred = True
-                replacements = _rewrite(node)(e, node)
+                replacements = UNFUSE[node.op_type](e, node)
                 for i, out in enumerate(node.outputs):
                     new = replacements[i] if i < len(replacements) else None
                     if new is None and (out.uses() or out in model.graph.outputs):

@@ -37,7 +37,7 @@ from spatten_compiler.passes.length_gate import compile_gated, refuse_gated, sho
 from spatten_compiler.passes.normalize import Normalize
 from spatten_compiler.passes.qdq import RestoreQdq, StripQdq, has_qdq
 from spatten_compiler.passes.qdq_constants import FoldQdqConstants
-from spatten_compiler.passes.unfuse_ort import UnfuseOrt, fused_nodes
+from spatten_compiler.passes.unfuse_ort import UnfuseOrt
 from spatten_compiler.passes.unfuse_qop import UnfuseQop
 from spatten_compiler.passes.unmerge_decoder import UnmergeDecoder
 from spatten_compiler.pipeline import Pass, Pipeline, parse_pipeline
@@ -218,8 +218,8 @@ def inspect_report(model: ModelLike) -> AttentionReport:
     if has_qdq(m):  # as compile does: QOperator kernels unfused, quantized activations read as float
         Pipeline(_read_qdq(), check=False)(m)
     UnmergeDecoder()(m)  # as compile does: a merged decoder's with-past branch
-    if fused_nodes(m.graph):
-        # onnxruntime's fused ops (optimizer, model builder), ONNX RotaryEmbedding: read as compile will
+    if any(n.domain == "com.microsoft" for n in m.graph):
+        # onnxruntime's fused ops (optimizer, model builder): read them as compile will, unfused
         refused = run_quietly(UnfuseOrt(), m)
         if refused is not None:  # report the fused ops as they are
             logger.warning("%s", refused)
