@@ -18,8 +18,9 @@ from onnx import TensorProto, helper
 from spatten_compiler.passes.attention_trace import _assembly_pieces
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
-from spatten_compiler.passes.slice_assign import assembled, slice_writes_to_concat
+from spatten_compiler.passes.slice_assign import assembled, slice_writes_to_concat, split_merged_swaps
 
+from spatten_compiler.editor import GraphEditor
 from spatten_compiler.match import NoMatch, const_array
 from spatten_compiler.modelio import load_model
 from spatten_compiler.shapes import infer_shapes
@@ -35,9 +36,10 @@ def _const(name: str, a: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=tensor)
 
 
-def _slice_scatter(spans: list[tuple[int, int]]) -> onnx.ModelProto:
+def _slice_scatter(spans: list[tuple[int, int]], last_perm: list[int] | None = None) -> onnx.ModelProto:
     """dynamo's ``k = new_empty(B, H, S, D); k[..., lo:hi] = piece`` per span: Transpose (last axis first),
-    ScatterND of rows lo..hi-1, Transpose back."""
+    ScatterND of rows lo..hi-1, Transpose back (the last one ``last_perm`` when given: onnxscript's optimizer
+    merges it with the next Transpose)."""
     perm = [3, 1, 2, 0]
     nodes = [_const("shape", np.array([B, H, S, D])),
              helper.make_node("ConstantOfShape", ["shape"], ["empty"],
@@ -49,11 +51,13 @@ def _slice_scatter(spans: list[tuple[int, int]]) -> onnx.ModelProto:
                   helper.make_node("Transpose", [data], [f"td{i}"], perm=perm),
                   helper.make_node("Transpose", [f"p{i}"], [f"tp{i}"], perm=perm),
                   helper.make_node("ScatterND", [f"td{i}", f"idx{i}", f"tp{i}"], [f"s{i}"]),
-                  helper.make_node("Transpose", [f"s{i}"], [f"w{i}"], perm=perm)]
+                  helper.make_node("Transpose", [f"s{i}"], [f"w{i}"],
+                                   perm=last_perm if last_perm and i == len(spans) - 1 else perm)]
         data = f"w{i}"
     nodes.append(helper.make_node("Identity", [data], ["k"]))
+    dims = [[D, H, S, B][i] for i in last_perm] if last_perm else [B, H, S, D]
     graph = helper.make_graph(nodes, "slice_writes", inputs, [helper.make_tensor_value_info("k", TensorProto.FLOAT,
-                                                                                            [B, H, S, D])])
+                                                                                            dims)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -74,6 +78,25 @@ def test_slice_writes_become_concat() -> None:
     ops = [n.op_type for n in model.graph]
     assert "ScatterND" not in ops and ops.count("Concat") == 1
     np.testing.assert_array_equal(_run(ir.serde.serialize_model(model), feeds), _run(proto, feeds))
+
+
+def test_merged_closing_transpose_is_split() -> None:
+    """torch's default export (optimize=True): the last write's closing swap merged with the key's k^T
+    (perm [3, 1, 0, 2]) is split back, the writes become one Concat then the k^T Transpose; onnxruntime
+    agrees. The unmerged form has nothing to split."""
+    proto = _slice_scatter([(0, 8), (8, 16)], last_perm=[3, 1, 0, 2])
+    rng = np.random.default_rng(0)
+    feeds = {f"p{i}": rng.standard_normal((B, H, S, 8)).astype(np.float32) for i in range(2)}
+    model = ir.serde.deserialize_model(proto)
+    infer_shapes(model)
+    assert slice_writes_to_concat(model) == 1
+    Normalize()(model)
+    ops = [n.op_type for n in model.graph]
+    assert "ScatterND" not in ops and ops.count("Concat") == 1
+    np.testing.assert_array_equal(_run(ir.serde.serialize_model(model), feeds), _run(proto, feeds))
+    plain = ir.serde.deserialize_model(_slice_scatter([(0, 8), (8, 16)]))
+    infer_shapes(plain)
+    assert split_merged_swaps(plain, GraphEditor(plain, "t")) == 0
 
 
 def test_partial_writes_keep_their_scatters() -> None:
