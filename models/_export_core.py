@@ -33,6 +33,9 @@ class Exporter:
     dynamo: bool
     optimize: bool = False  # dynamo: run onnxscript's optimizer (at opset 23 also its onnx_fusions)
     opset: int | None = None  # fixed opset; None: the caller's (None there: torch's default)
+    # transformers attention the model is built with (the corpus: None = its eager default; "sdpa" is
+    # transformers' own default, which dynamo exports as the ONNX Attention op at opset 23)
+    attn_implementation: str | None = None
 
 
 EXPORTERS: dict[str, Exporter] = {
@@ -42,6 +45,8 @@ EXPORTERS: dict[str, Exporter] = {
     "dynamo_opt": Exporter(dynamo=True, optimize=True),
     # the same at opset 23, where optimize also fuses RMSNormalization, RotaryEmbedding and GQA Attention
     "dynamo_op23": Exporter(dynamo=True, optimize=True, opset=23),
+    # and with transformers' default attention: SDPA -> the ONNX Attention op (GQA fusion onnxscript's)
+    "dynamo_op23_sdpa": Exporter(dynamo=True, optimize=True, opset=23, attn_implementation="sdpa"),
 }
 # Dynamo-export node metadata key holding Python stack traces with absolute paths of the
 # exporting machine; it is most of a small model's bytes and makes files non-reproducible.
@@ -182,8 +187,14 @@ def record_failure(record: dict[str, Any], path: Path, error: Exception) -> None
     import traceback
 
     path.unlink(missing_ok=True)
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    record.update(status="failed", reason=f"{type(error).__name__}: {first}")
+
+    def line(e: BaseException) -> str:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+    root = error
+    while root.__cause__ is not None:  # torch.onnx's ConversionError wraps the failing op's error
+        root = root.__cause__
+    record.update(status="failed", reason=line(error) + (f" (cause: {line(root)})" if root is not error else ""))
     log.debug("%s", traceback.format_exc())
 
 

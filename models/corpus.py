@@ -22,7 +22,8 @@ decoder (``decoder_model_merged.onnx``, an ``If`` on ``use_cache_branch``). See 
 Exporters ``dynamo_opt`` and ``dynamo_op23`` (opt-in): ``torch.onnx.export``'s defaults (dynamo,
 ``optimize=True``: onnxscript's constant folding and rewrite rules), the latter at opset 23 where the
 optimizer also fuses ONNX ``RMSNormalization``, ``RotaryEmbedding`` and GQA ``Attention``
-(:data:`_export_core.EXPORTERS`). ``dynamo`` stays the raw graph (``optimize=False``).
+(:data:`_export_core.EXPORTERS`). ``dynamo`` stays the raw graph (``optimize=False``). Every corpus model
+uses eager attention except ``dynamo_op23_sdpa`` (transformers' default SDPA: the ONNX Attention op).
 
 Exporters ``builder`` and ``builder_int4`` (when onnxruntime-genai is installed; skipped otherwise):
 the decoder families onnxruntime-genai's model builder supports (:data:`BUILDER_FAMILIES`) are saved
@@ -175,7 +176,7 @@ BUILDERS = {"builder": "fp32", "builder_int4": "int4"}
 OPTIMUM_EXPORTERS = ("optimum", "optimum_merged")
 
 
-def make_config(fam: Family) -> Any:
+def make_config(fam: Family, attn_implementation: str = "eager") -> Any:
     config = transformers.AutoConfig.for_model(fam.model_type)
     for key, value in {**TINY, **fam.overrides}.items():
         if hasattr(config, key) or key in fam.overrides:
@@ -188,7 +189,7 @@ def make_config(fam: Family) -> Any:
     if (getattr(config, "num_key_value_heads", None) and fam.model_type not in ("falcon", "gpt_bigcode")
             and "num_key_value_heads" not in fam.overrides):
         config.num_key_value_heads = 2
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn_implementation
     return config
 
 
@@ -222,9 +223,10 @@ class Encoder(_NamedInputs):
         return (self.model(**self._kwargs(inputs)).last_hidden_state,)
 
 
-def build(fam: Family, kv: bool) -> tuple[torch.nn.Module, Any, list[str], list[str], dict[str, np.ndarray]]:
+def build(fam: Family, kv: bool, attn_implementation: str = "eager") -> tuple[
+        torch.nn.Module, Any, list[str], list[str], dict[str, np.ndarray]]:
     torch.manual_seed(SEED)
-    config = make_config(fam)
+    config = make_config(fam, attn_implementation)
     rng = np.random.default_rng(SEED)
     dims = expected_dims(config, fam)
     batch, seq = 2, 7
@@ -279,7 +281,8 @@ def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any
     path = out / f"{name}.onnx"
     t0 = time.perf_counter()
     try:
-        wrapper, config, inputs, outputs, feeds = build(fam, kv)
+        attn = core.EXPORTERS[exporter].attn_implementation or "eager"
+        wrapper, config, inputs, outputs, feeds = build(fam, kv, attn)
         record.update(expected_dims(config, fam))
         expected = core.run_torch(wrapper, feeds, inputs, outputs)
         axes = core.dynamic_axes_for(inputs, outputs, kv)
@@ -386,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated model_types (default: all)")
     p.add_argument("--exporters", default="torchscript,dynamo,builder,builder_int4",
                    help="torchscript, dynamo, builder, builder_int4 (the last two: onnxruntime-genai, if installed); "
-                        "opt-in: dynamo_opt, dynamo_op23 (torch's default optimize=True, the latter at opset 23), "
+                        "opt-in: dynamo_opt, dynamo_op23, dynamo_op23_sdpa (torch's default optimize=True; "
+                        "at opset 23; and with SDPA attention), "
                         "optimum, optimum_merged (need --optimum-python)")
     p.add_argument("--optimum-python", default=os.environ.get("SPATTENC_OPTIMUM_PYTHON"),
                    help="python of a venv with optimum-onnx (default: $SPATTENC_OPTIMUM_PYTHON; "
@@ -394,13 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--resume", action="store_true", help="skip models already in the manifest")
     args = p.parse_args(argv)
+    exporters = args.exporters.split(",")
+    unknown = set(exporters) - {*core.EXPORTERS, *BUILDERS, *OPTIMUM_EXPORTERS}
+    if unknown:
+        p.error(f"unknown exporter(s) {', '.join(sorted(unknown))}; known: "
+                f"{', '.join([*core.EXPORTERS, *BUILDERS, *OPTIMUM_EXPORTERS])}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     core.set_offline()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     done = {r["name"] for r in read_manifest(args.out)} if args.resume else set()
     fams = [FAMILIES_BY_TYPE[t] for t in args.only.split(",")] if args.only else FAMILIES
-    exporters = args.exporters.split(",")
     optimum = [e for e in exporters if e in OPTIMUM_EXPORTERS]
     with (args.out / "manifest.jsonl").open("a") as manifest:
         for fam in fams:
