@@ -195,7 +195,8 @@ def split_merged_swaps(model: ir.Model, e: GraphEditor) -> int:
     own inverse): the closing swap of the slice_scatter form, then the rest. Returns how many."""
     count = 0
     for node in list(model.graph):
-        src = node.inputs[0].producer() if node.op_type == "Transpose" and node.inputs else None
+        live = node.outputs[0].uses() or node.outputs[0].is_graph_output()  # not one split before
+        src = node.inputs[0].producer() if node.op_type == "Transpose" and node.inputs and live else None
         shape = src.outputs[0].shape if src is not None and src.op_type == "ScatterND" else None
         rank = shape.rank() if shape is not None else None
         if rank is None or rank < 2 or _swaps_last(node, rank) or not all(

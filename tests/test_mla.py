@@ -65,38 +65,23 @@ def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def test_slice_writes_become_concat() -> None:
-    """Writes tiling the last axis (either order) -> one Concat of the pieces; onnxruntime agrees."""
-    proto = _slice_scatter([(8, 16), (0, 8)])
+@pytest.mark.parametrize(("spans", "last_perm"), [([(8, 16), (0, 8)], None), ([(0, 8), (8, 16)], [3, 1, 0, 2])])
+def test_slice_writes_become_concat(spans: list[tuple[int, int]], last_perm: list[int] | None) -> None:
+    """Writes tiling the last axis (either order) -> one Concat of the pieces; onnxruntime agrees. Also when
+    torch's default export (optimize=True) merged the last write's closing swap with the key's k^T (perm
+    [3, 1, 0, 2]): split back first, the Concat then the k^T Transpose."""
+    proto = _slice_scatter(spans, last_perm)
     rng = np.random.default_rng(0)
     feeds = {"p0": rng.standard_normal((B, H, S, 8)).astype(np.float32),
              "p1": rng.standard_normal((B, H, S, 8)).astype(np.float32)}
     model = ir.serde.deserialize_model(proto)
     infer_shapes(model)
+    assert split_merged_swaps(model, GraphEditor(model, "t")) == (last_perm is not None)
     assert slice_writes_to_concat(model) == 1
     Normalize()(model)
     ops = [n.op_type for n in model.graph]
     assert "ScatterND" not in ops and ops.count("Concat") == 1
     np.testing.assert_array_equal(_run(ir.serde.serialize_model(model), feeds), _run(proto, feeds))
-
-
-def test_merged_closing_transpose_is_split() -> None:
-    """torch's default export (optimize=True): the last write's closing swap merged with the key's k^T
-    (perm [3, 1, 0, 2]) is split back, the writes become one Concat then the k^T Transpose; onnxruntime
-    agrees. The unmerged form has nothing to split."""
-    proto = _slice_scatter([(0, 8), (8, 16)], last_perm=[3, 1, 0, 2])
-    rng = np.random.default_rng(0)
-    feeds = {f"p{i}": rng.standard_normal((B, H, S, 8)).astype(np.float32) for i in range(2)}
-    model = ir.serde.deserialize_model(proto)
-    infer_shapes(model)
-    assert slice_writes_to_concat(model) == 1
-    Normalize()(model)
-    ops = [n.op_type for n in model.graph]
-    assert "ScatterND" not in ops and ops.count("Concat") == 1
-    np.testing.assert_array_equal(_run(ir.serde.serialize_model(model), feeds), _run(proto, feeds))
-    plain = ir.serde.deserialize_model(_slice_scatter([(0, 8), (8, 16)]))
-    infer_shapes(plain)
-    assert split_merged_swaps(plain, GraphEditor(plain, "t")) == 0
 
 
 def test_partial_writes_keep_their_scatters() -> None:
