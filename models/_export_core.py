@@ -24,7 +24,30 @@ import torch
 
 log = logging.getLogger("spattenc.models")
 
-EXPORTERS = ("torchscript", "dynamo")
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """How ``torch.onnx.export`` is called for an exporter name."""
+
+    dynamo: bool
+    optimize: bool = False  # dynamo: run onnxscript's optimizer (at opset 23 also its onnx_fusions)
+    opset: int | None = None  # fixed opset; None: the caller's (None there: torch's default)
+    # transformers attention the model is built with (the corpus: None = its eager default; "sdpa" is
+    # transformers' own default, which dynamo exports as the ONNX Attention op at opset 23)
+    attn_implementation: str | None = None
+
+
+EXPORTERS: dict[str, Exporter] = {
+    "torchscript": Exporter(dynamo=False),
+    "dynamo": Exporter(dynamo=True),  # the raw graph, so discovery sees what torch emitted
+    # torch's defaults (dynamo=True, optimize=True): constant folding and onnxscript's rewrite rules
+    "dynamo_opt": Exporter(dynamo=True, optimize=True),
+    # the same at opset 23, where optimize also fuses RMSNormalization, RotaryEmbedding and GQA Attention
+    "dynamo_op23": Exporter(dynamo=True, optimize=True, opset=23),
+    # and with transformers' default attention: SDPA -> the ONNX Attention op (GQA fusion onnxscript's)
+    "dynamo_op23_sdpa": Exporter(dynamo=True, optimize=True, opset=23, attn_implementation="sdpa"),
+}
 # Dynamo-export node metadata key holding Python stack traces with absolute paths of the
 # exporting machine; it is most of a small model's bytes and makes files non-reproducible.
 _STRIPPED_METADATA = ("pkg.torch.onnx.stack_trace",)
@@ -58,13 +81,19 @@ def export_onnx(
     ``dynamic_axes`` names the symbolic dims of inputs and outputs (TorchScript style). For the
     dynamo exporter the input entries become ``torch.export.Dim`` objects (one per distinct
     name, bounded by ``dim_max`` if given) and the output entries are inferred by the exporter.
-    The dynamo graph is saved raw (``optimize=False``), minus stack-trace metadata.
+    ``exporter`` names an entry of :data:`EXPORTERS`: ``dynamo`` saves the raw graph
+    (``optimize=False``), ``dynamo_opt`` / ``dynamo_op23`` torch's optimized default; dynamo graphs
+    are saved minus stack-trace metadata.
     """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; expected one of {', '.join(EXPORTERS)}")
+    spec = EXPORTERS[exporter]
+    opset = spec.opset or opset
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if exporter == "torchscript":
+        if not spec.dynamo:
             torch.onnx.export(
                 module,
                 tuple(args),
@@ -76,30 +105,29 @@ def export_onnx(
                 dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
                 do_constant_folding=True,
             )
-        elif exporter == "dynamo":
+        else:
             dims: dict[str, torch.export.Dim] = {}
             for axes in dynamic_axes.values():
                 for name in axes.values():
                     if name not in dims:
                         dims[name] = torch.export.Dim(name, max=(dim_max or {}).get(name, torch.inf))
-            spec = tuple({ax: dims[n] for ax, n in dynamic_axes.get(name, {}).items()} or None for name in input_names)
+            shapes = tuple({ax: dims[n] for ax, n in dynamic_axes.get(name, {}).items()} or None
+                           for name in input_names)
             program = torch.onnx.export(
                 module,
                 tuple(args),
                 dynamo=True,
-                optimize=False,
+                optimize=spec.optimize,
                 opset_version=opset,
                 input_names=list(input_names),
                 output_names=list(output_names),
-                dynamic_shapes={"inputs": spec},
+                dynamic_shapes={"inputs": shapes},
                 verbose=False,
             )
             for node in program.model.graph.all_nodes():
                 for key in _STRIPPED_METADATA:
                     node.metadata_props.pop(key, None)
             program.save(str(path), external_data=False)
-        else:
-            raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
     return time.perf_counter() - start
 
 
@@ -159,8 +187,14 @@ def record_failure(record: dict[str, Any], path: Path, error: Exception) -> None
     import traceback
 
     path.unlink(missing_ok=True)
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    record.update(status="failed", reason=f"{type(error).__name__}: {first}")
+
+    def line(e: BaseException) -> str:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+    root = error
+    while root.__cause__ is not None:  # torch.onnx's ConversionError wraps the failing op's error
+        root = root.__cause__
+    record.update(status="failed", reason=line(error) + (f" (cause: {line(root)})" if root is not error else ""))
     log.debug("%s", traceback.format_exc())
 
 

@@ -192,6 +192,8 @@ def _spec(name: str, family: str, exporter: str, **overrides: Any) -> FixtureSpe
 
 
 _OP23 = {"opset": 23, "attn_implementation": "sdpa", "fused_attention": "Attention"}
+# 2 layers, vocab 128, intermediate 32: a fixture of torch's default opset-23 export under 400 KB
+_LLAMA_SMALL = {**LLAMA, "num_hidden_layers": 2, "vocab_size": 128, "intermediate_size": 32}
 
 FIXTURES: list[FixtureSpec] = [
     _spec("bert_torchscript", "bert", "torchscript"),
@@ -218,6 +220,25 @@ FIXTURES: list[FixtureSpec] = [
         "dynamo",
         **_OP23,
         purpose="Llama (GQA, RoPE, KV cache) with SDPA at opset 23: fused ONNX Attention.",
+    ),
+    _spec(
+        "llama_op23_attention",
+        "llama",
+        "dynamo_op23",
+        **_OP23,
+        config_kwargs=_LLAMA_SMALL,
+        purpose="Llama (2 layers) with SDPA, torch's default export (optimize=True) at opset 23: onnxscript "
+        "fuses RMSNormalization and RotaryEmbedding, SDPA is the Attention op (its GQA fusion does not "
+        "match: the KV heads stay repeated before it), KV cache.",
+    ),
+    _spec(
+        "llama_op23_eager",
+        "llama",
+        "dynamo_op23",
+        opset=23,
+        config_kwargs=_LLAMA_SMALL,
+        purpose="Llama (2 layers) with eager attention, torch's default export at opset 23: "
+        "RMSNormalization and RotaryEmbedding fused, attention left as MatMul/Softmax.",
     ),
     _spec(
         "bert_sdpa_dynamo",

@@ -22,6 +22,12 @@ Exporter ``tf2onnx`` (opt-in): the families transformers 4.x has a TensorFlow cl
 tf2onnx by ``models/_tf2onnx.py`` under a TensorFlow venv's python (``--tf-python`` or
 ``$SPATTENC_TF_PYTHON``; skipped when neither is set). See docs/coverage.md, "The tf2onnx corpus".
 
+Exporters ``dynamo_opt`` and ``dynamo_op23`` (opt-in): ``torch.onnx.export``'s defaults (dynamo,
+``optimize=True``: onnxscript's constant folding and rewrite rules), the latter at opset 23 where the
+optimizer also fuses ONNX ``RMSNormalization``, ``RotaryEmbedding`` and GQA ``Attention``
+(:data:`_export_core.EXPORTERS`). ``dynamo`` stays the raw graph (``optimize=False``). Every corpus model
+uses eager attention except ``dynamo_op23_sdpa`` (transformers' default SDPA: the ONNX Attention op).
+
 Exporters ``builder`` and ``builder_int4`` (when onnxruntime-genai is installed; skipped otherwise):
 the decoder families onnxruntime-genai's model builder supports (:data:`BUILDER_FAMILIES`) are saved
 with ``save_pretrained`` (and a tiny tokenizer) into a temporary folder and built with
@@ -179,7 +185,7 @@ OPTIMUM_EXPORTERS = ("optimum", "optimum_merged")
 TF_EXPORTERS = ("tf2onnx",)
 
 
-def make_config(fam: Family) -> Any:
+def make_config(fam: Family, attn_implementation: str = "eager") -> Any:
     config = transformers.AutoConfig.for_model(fam.model_type)
     for key, value in {**TINY, **fam.overrides}.items():
         if hasattr(config, key) or key in fam.overrides:
@@ -192,7 +198,7 @@ def make_config(fam: Family) -> Any:
     if (getattr(config, "num_key_value_heads", None) and fam.model_type not in ("falcon", "gpt_bigcode")
             and "num_key_value_heads" not in fam.overrides):
         config.num_key_value_heads = 2
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn_implementation
     return config
 
 
@@ -226,9 +232,10 @@ class Encoder(_NamedInputs):
         return (self.model(**self._kwargs(inputs)).last_hidden_state,)
 
 
-def build(fam: Family, kv: bool) -> tuple[torch.nn.Module, Any, list[str], list[str], dict[str, np.ndarray]]:
+def build(fam: Family, kv: bool, attn_implementation: str = "eager") -> tuple[
+        torch.nn.Module, Any, list[str], list[str], dict[str, np.ndarray]]:
     torch.manual_seed(SEED)
-    config = make_config(fam)
+    config = make_config(fam, attn_implementation)
     rng = np.random.default_rng(SEED)
     dims = expected_dims(config, fam)
     batch, seq = 2, 7
@@ -269,6 +276,13 @@ def build(fam: Family, kv: bool) -> tuple[torch.nn.Module, Any, list[str], list[
     return KVCacheLM(model, list(feeds)), config, list(feeds), outs, feeds
 
 
+def _batch_one(path: Path) -> bool:
+    """Whether the reference inputs must have batch 1: onnxruntime's ONNX ``RotaryEmbedding`` kernel
+    (opset 23) wants cos/sin caches of x's batch, and onnxscript's fusion (``dynamo_op23``) gives
+    them batch 1 (the ONNX function broadcasts them; onnxruntime fails at batch 2)."""
+    return bool(core.inspect_graph(path).op_counts.get("RotaryEmbedding"))
+
+
 def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any]:
     name = f"{fam.model_type.replace('-', '_')}_{exporter}{'_kv' if kv else ''}"
     record: dict[str, Any] = {"name": name, "family": fam.model_type, "exporter": exporter, "kind": fam.kind,
@@ -276,7 +290,8 @@ def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any
     path = out / f"{name}.onnx"
     t0 = time.perf_counter()
     try:
-        wrapper, config, inputs, outputs, feeds = build(fam, kv)
+        attn = core.EXPORTERS[exporter].attn_implementation or "eager"
+        wrapper, config, inputs, outputs, feeds = build(fam, kv, attn)
         record.update(expected_dims(config, fam))
         expected = core.run_torch(wrapper, feeds, inputs, outputs)
         axes = core.dynamic_axes_for(inputs, outputs, kv)
@@ -286,6 +301,10 @@ def export_one(fam: Family, exporter: str, kv: bool, out: Path) -> dict[str, Any
         core.export_onnx(wrapper, [torch.from_numpy(feeds[n]) for n in inputs], path, exporter=exporter,
                          opset=17 if exporter == "torchscript" else None, input_names=inputs,
                          output_names=outputs, dynamic_axes=axes)
+        if _batch_one(path):
+            record["batch"] = 1
+            feeds = {n: v[:1] for n, v in feeds.items()}
+            expected = core.run_torch(wrapper, feeds, inputs, outputs)
         got = core.run_onnx(path, feeds)
         diff = max(float(np.abs(expected[k].astype(np.float64) - got[k]).max()) for k in outputs if expected[k].size)
         record["max_abs_diff"] = diff
@@ -400,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated model_types (default: all)")
     p.add_argument("--exporters", default="torchscript,dynamo,builder,builder_int4",
                    help="torchscript, dynamo, builder, builder_int4 (the last two: onnxruntime-genai, if installed); "
-                        "opt-in: optimum, optimum_merged (need --optimum-python), tf2onnx (needs --tf-python)")
+                        "opt-in: dynamo_opt, dynamo_op23, dynamo_op23_sdpa (torch's default optimize=True; "
+                        "at opset 23; and with SDPA attention), "
+                        "optimum, optimum_merged (need --optimum-python), tf2onnx (needs --tf-python)")
     p.add_argument("--optimum-python", default=os.environ.get("SPATTENC_OPTIMUM_PYTHON"),
                    help="python of a venv with optimum-onnx (default: $SPATTENC_OPTIMUM_PYTHON; "
                         "without it the optimum exporters are skipped)")
@@ -410,13 +431,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--resume", action="store_true", help="skip models already in the manifest")
     args = p.parse_args(argv)
+    exporters = args.exporters.split(",")
+    unknown = set(exporters) - {*core.EXPORTERS, *BUILDERS, *OPTIMUM_EXPORTERS, *TF_EXPORTERS}
+    if unknown:
+        p.error(f"unknown exporter(s) {', '.join(sorted(unknown))}; known: "
+                f"{', '.join([*core.EXPORTERS, *BUILDERS, *OPTIMUM_EXPORTERS, *TF_EXPORTERS])}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     core.set_offline()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     done = {r["name"] for r in read_manifest(args.out)} if args.resume else set()
     fams = [FAMILIES_BY_TYPE[t] for t in args.only.split(",")] if args.only else FAMILIES
-    exporters = args.exporters.split(",")
     optimum = [e for e in exporters if e in OPTIMUM_EXPORTERS]
     delegated = (*OPTIMUM_EXPORTERS, *TF_EXPORTERS)
     with (args.out / "manifest.jsonl").open("a") as manifest:

@@ -28,6 +28,7 @@ from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import OptionError
 from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
+from spatten_compiler.shapes import infer_shapes
 
 from .attention_patterns import FUSED_OPS
 
@@ -165,6 +166,9 @@ class DecomposeAttention(Pass):
                 self._decompose(e, node)
         e.forget_shapes()
         e.commit()
+        # shapes inferred afresh (decomposing changes no dim): the matchers read head splits whose
+        # Reshape target is computed (onnxscript's optimizer folds [B, S, H, Dh] into Concat(Shape, H, Dh))
+        infer_shapes(model)
         logger.info("decomposed %d fused attention ops", len(fused))
         return PassResult(model, True)
 

@@ -25,6 +25,9 @@ Rewrites (in order):
   Shape(x)[-1], x [B,H,S,Dh] with a static Dh -> Dh, folded on (SDPA exports compute the attention
                            scale 1/sqrt(Dh) from it; only that axis: pruning changes the others)
   Gather(x, [i], axis) of a float x -> Slice(x, i, i + 1, axis) (keeps the axis; the per-head slice form)
+  RotaryEmbedding-23(x, cos, sin[, position_ids]) -> x * cos + rotate_half(x) * sin   (ONNX's own RoPE op,
+                           which onnxscript fuses in torch's default opset-23 export: the RoPE ops the
+                           matchers read; interleaved stays fused, logged, and find-attention names it)
   slice writes tiling an empty tensor (``k[..., :d] = a; k[..., d:] = b``) -> Concat(a, b, axis=-1)
                            (:mod:`.slice_assign`; the MLA key assembly)
   SequenceAt(SplitToSequence(x, sizes, axis), i) -> Split(x, sizes)[i], or Slice for a scalar size
@@ -53,6 +56,7 @@ from onnx_ir.passes.common import (
 from onnxscript import optimizer, version_converter
 
 from spatten_compiler.editor import GraphEditor
+from spatten_compiler.errors import OptionError
 from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 from spatten_compiler.shapes import infer_shapes
@@ -63,6 +67,7 @@ from .pointwise_conv import pointwise_convs_to_matmuls
 from .shape_casts import push_shape_casts
 from .slice_assign import slice_writes_to_concat
 from .tile_repeat import tiles_to_expands
+from .unfuse_gqa import rotary_embedding_23
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +222,27 @@ def gathers_to_slices(model: ir.Model) -> int:
     return count
 
 
+def rotary_to_ops(model: ir.Model) -> int:
+    """ONNX ``RotaryEmbedding`` nodes -> rotate-half RoPE ops (:func:`.unfuse_gqa.rotary_embedding_23`);
+    returns how many. One that has no such form (interleaved) stays, with the reason logged."""
+    e = GraphEditor(model, "spatten/normalize")
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "RotaryEmbedding" or node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            (y,) = rotary_embedding_23(e, node)
+        except OptionError as err:
+            logger.warning("%s", err)
+            continue
+        e.replace_uses(node.outputs[0], y)
+        node.graph.remove(node, safe=True)
+        count += 1
+    if count:
+        e.commit()
+    return count
+
+
 def _chunk_bounds(sizes: np.ndarray, index: int) -> tuple[int, int] | None:
     """[start, end) of chunk ``index`` of ``SplitToSequence(x, size)`` with a scalar size (every chunk that
     size, the last maybe shorter: Slice clamps the end); None for a negative index (needs the count)."""
@@ -319,6 +345,8 @@ class Normalize(Pass):
                 + push_shape_casts(model) + arithmetic_masks_to_where(model) + sum_masks(model) + tiles_to_expands(model)):
             infer_shapes(model)
         gathers_to_slices(model)
+        if rotary_to_ops(model):
+            infer_shapes(model)
         for _ in range(3):  # the attention scale computed from the head size folds after it; that can
             if not fold_head_sizes(model):  # make the next layer's head size static (nemotron's rotary)
                 break

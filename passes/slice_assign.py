@@ -13,6 +13,10 @@ per-head part and a RoPE part shared by all heads) is exported as ScatterND writ
   slice_scatter  Transpose_p(ScatterND(Transpose_p(data), [[lo] .. [hi-1]], Transpose_p(update)))  (dynamo)
                  with p swapping the first and the last axis
 
+onnxscript's optimizer (torch's default ``optimize=True``) merges the closing ``Transpose_p`` of the last
+write with the Transpose that follows (the key's ``k^T``): ``Transpose_p'`` with ``p' = p o q``; it is split
+back into ``Transpose_q(Transpose_p(.))`` first (:func:`split_merged_swaps`).
+
 A chain of writes into the empty tensor whose ``[lo, hi)`` ranges tile its last axis is rewritten
 ``Concat(updates in order, axis=-1)``: the key-assembly form the attention matcher reads. Anything else
 keeps its ScatterNDs; :func:`assembled` says why.
@@ -185,9 +189,34 @@ def _shape_only(value: ir.Value, skip: set[int], depth: int = 3) -> bool:
     return True
 
 
+def split_merged_swaps(model: ir.Model, e: GraphEditor) -> int:
+    """``Transpose_r(ScatterND(Transpose_p(data), idx, Transpose_p(update)))``, p the last-axis swap and
+    r another permutation -> ``Transpose_q(Transpose_p(ScatterND(..)))`` with ``q[i] = p[r[i]]`` (p is its
+    own inverse): the closing swap of the slice_scatter form, then the rest. Returns how many."""
+    count = 0
+    for node in list(model.graph):
+        live = node.outputs[0].uses() or node.outputs[0].is_graph_output()  # not one split before
+        src = node.inputs[0].producer() if node.op_type == "Transpose" and node.inputs and live else None
+        shape = src.outputs[0].shape if src is not None and src.op_type == "ScatterND" else None
+        rank = shape.rank() if shape is not None else None
+        if rank is None or rank < 2 or _swaps_last(node, rank) or not all(
+                _swaps_last(src.inputs[i].producer(), rank) for i in (0, 2)):
+            continue
+        p = [rank - 1, *range(1, rank - 1), 0]
+        swapped = e.op("Transpose", [src.outputs[0]], perm=p)
+        swapped.shape, swapped.type = ir.Shape([shape.dims[i] for i in p]), src.outputs[0].type
+        rest = e.op("Transpose", [swapped], perm=[p[i] for i in node.attributes.get_ints("perm")])
+        rest.shape, rest.type = node.outputs[0].shape, node.outputs[0].type
+        e.replace_uses(node.outputs[0], rest)
+        count += 1
+    return count
+
+
 def slice_writes_to_concat(model: ir.Model) -> int:
     """Every slice-write chain that tiles an empty tensor -> ``Concat(pieces, axis=-1)``; returns how many."""
     e = GraphEditor(model, "spatten/normalize")
+    if split_merged_swaps(model, e):
+        e.commit()
     count = 0
     for node in list(model.graph):
         if node.op_type not in ("ScatterND", "Transpose") or not node.outputs[0].uses():

@@ -11,6 +11,8 @@ repeat by Unsqueeze/Expand/Reshape, an additive causal bias before the Softmax):
         Y        = MatMul(Softmax(scores + causal(T - S), -1), repeat(present_v)) -> [B, S, N*H]
         [head_sink / smooth_softmax: P = Softmax(Concat(s, sink) - rowmax)[..., :-1], sink 0 for smooth]
     RotaryEmbedding(x, position_ids, cos, sin; interleaved=0) -> the same RoPE on [B, S, n, H] or [B, n, S, H]
+    ONNX RotaryEmbedding-23(x, cos, sin[, position_ids]; interleaved=0) -> the same RoPE (onnxscript's fusion
+        in torch's default opset-23 export; without position_ids the caches are the angles [B|1, S, rd/2])
 
 Positions: GQA computes them inside (``seqlens_k + 1 - S + s``, seqlens_k = the mask's sum - 1); the
 decomposition reads a ``position_ids`` input [B, S] instead (added when the graph has none), so a
@@ -236,11 +238,39 @@ def rotary_embedding(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
         h = _dim_int(x, 3)
         cos, sin = _angles(e, cos_cache, sin_cache, pos, 1)
         return [_rope(e, x, cos, sin, rd, h or rd)]
-    n = a.get_int("num_heads", 0)
+    return _rope_3d(e, node, x, lambda axis: _angles(e, cos_cache, sin_cache, pos, axis), rd)
+
+
+def _rope_3d(e: GraphEditor, node: ir.Node, x: ir.Value, angles, rd: int) -> list[ir.Value | None]:
+    """RoPE on a 3-D x [B, S, n*H] (``num_heads`` n, else one head of width rd): as [B, S, n, H]."""
+    n = node.attributes.get_int("num_heads", 0)
     width = _dim_int(x, 2)
     if width is None:
         raise _refuse(node, "3-D input of unknown width")
     h = width // n if n else rd
     x4 = e.op("Reshape", [x, _i64(e, "bsnh", [0, 0, width // h, h])])
-    cos, sin = _angles(e, cos_cache, sin_cache, pos, 2)
+    cos, sin = angles(2)
     return [e.op("Reshape", [_rope(e, x4, cos, sin, rd, h), _i64(e, "bsd", [0, 0, width])])]
+
+
+def rotary_embedding_23(e: GraphEditor, node: ir.Node) -> list[ir.Value | None]:
+    """ONNX's RotaryEmbedding (opset 23): x [B, n, S, H] or [B, S, n*H], caches [P, rd/2] read at
+    position_ids, or (no position_ids) the angles themselves [B or 1, S, rd/2]."""
+    if node.attributes.get_int("interleaved", 0):
+        raise _refuse(node, "interleaved rotary is not decomposed (only rotate-half)")
+    x, cos_cache, sin_cache, pos = (_in(node, i) for i in range(4))
+    half, rank = _dim_int(cos_cache, -1), x.shape.rank() if x.shape is not None else None
+    if half is None or rank not in (3, 4):
+        raise _refuse(node, "needs a 3-D or 4-D input and cos/sin caches of known width")
+    rd = node.attributes.get_int("rotary_embedding_dim", 0) or 2 * half
+
+    def angles(axis: int) -> tuple[ir.Value, ir.Value]:
+        if pos is not None:
+            return _angles(e, cos_cache, sin_cache, pos, axis)
+        return tuple(e.op("Unsqueeze", [e.op("Concat", [t, t], axis=-1), _i64(e, "axis", [axis])])
+                     for t in (cos_cache, sin_cache))
+
+    if rank == 4:
+        cos, sin = angles(1)
+        return [_rope(e, x, cos, sin, rd, _dim_int(x, 3) or rd)]
+    return _rope_3d(e, node, x, angles, rd)

@@ -69,3 +69,25 @@ def tiny_path(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_model(), path)
     return path
+
+
+def write_corpus(folder: Path, names: list[str]) -> Path:
+    """The named fixtures as a ``bench coverage`` corpus in ``folder``: each ``.onnx``, its reference
+    inputs as ``.npz`` (attention_mask all ones, as the corpus's hold no padding) and a manifest line."""
+    import shutil
+
+    lines = []
+    for name in names:
+        meta = load_meta(name)
+        shutil.copy(MODELS / f"{name}.onnx", folder / f"{name}.onnx")
+        feeds, _ = reference_io(meta)
+        if "attention_mask" in feeds:
+            feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
+        np.savez(folder / f"{name}.npz", **feeds)
+        lines.append(json.dumps({
+            "name": name, "family": meta["architecture"], "exporter": meta["exporter"],
+            "kind": "decoder" if meta["kv_cache"] else "encoder", "kv_cache": bool(meta["kv_cache"]),
+            "onnx": f"{name}.onnx", "num_layers": meta["num_layers"], "num_heads": meta["num_heads"],
+            "num_kv_heads": meta["num_kv_heads"], "head_dim": meta["head_dim"], "status": "ok"}))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

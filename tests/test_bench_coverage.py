@@ -5,34 +5,17 @@ onnxruntime's saved extended-level model, onnxslim and onnxsim when installed)."
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import MODELS, load_meta, reference_io
+from conftest import write_corpus
 
 FIXTURES = ["bert_torchscript", "llama_torchscript"]  # an encoder, a decoder with a KV cache
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    lines = []
-    for name in FIXTURES:
-        meta = load_meta(name)
-        shutil.copy(MODELS / f"{name}.onnx", folder / f"{name}.onnx")
-        feeds, _ = reference_io(meta)
-        if "attention_mask" in feeds:  # the corpus's reference inputs hold no padding
-            feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
-        np.savez(folder / f"{name}.npz", **feeds)
-        lines.append(json.dumps({
-            "name": name, "family": meta["architecture"], "exporter": meta["exporter"],
-            "kind": "decoder" if meta["kv_cache"] else "encoder", "kv_cache": bool(meta["kv_cache"]),
-            "onnx": f"{name}.onnx", "num_layers": meta["num_layers"], "num_heads": meta["num_heads"],
-            "num_kv_heads": meta["num_kv_heads"], "head_dim": meta["head_dim"], "status": "ok"}))
-    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+    return write_corpus(tmp_path_factory.mktemp("corpus"), FIXTURES)
 
 
 def test_fixed_shapes_format(corpus: Path, tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ from onnx import TensorProto, helper
 from spatten_compiler.passes.attention_trace import _assembly_pieces
 from spatten_compiler.passes.find_attention import find_attention
 from spatten_compiler.passes.normalize import Normalize
-from spatten_compiler.passes.slice_assign import assembled, slice_writes_to_concat
+from spatten_compiler.passes.slice_assign import assembled, slice_writes_to_concat, split_merged_swaps
 
+from spatten_compiler.editor import GraphEditor
 from spatten_compiler.match import NoMatch, const_array
 from spatten_compiler.modelio import load_model
 from spatten_compiler.shapes import infer_shapes
@@ -35,9 +36,10 @@ def _const(name: str, a: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=tensor)
 
 
-def _slice_scatter(spans: list[tuple[int, int]]) -> onnx.ModelProto:
+def _slice_scatter(spans: list[tuple[int, int]], last_perm: list[int] | None = None) -> onnx.ModelProto:
     """dynamo's ``k = new_empty(B, H, S, D); k[..., lo:hi] = piece`` per span: Transpose (last axis first),
-    ScatterND of rows lo..hi-1, Transpose back."""
+    ScatterND of rows lo..hi-1, Transpose back (the last one ``last_perm`` when given: onnxscript's optimizer
+    merges it with the next Transpose)."""
     perm = [3, 1, 2, 0]
     nodes = [_const("shape", np.array([B, H, S, D])),
              helper.make_node("ConstantOfShape", ["shape"], ["empty"],
@@ -49,11 +51,13 @@ def _slice_scatter(spans: list[tuple[int, int]]) -> onnx.ModelProto:
                   helper.make_node("Transpose", [data], [f"td{i}"], perm=perm),
                   helper.make_node("Transpose", [f"p{i}"], [f"tp{i}"], perm=perm),
                   helper.make_node("ScatterND", [f"td{i}", f"idx{i}", f"tp{i}"], [f"s{i}"]),
-                  helper.make_node("Transpose", [f"s{i}"], [f"w{i}"], perm=perm)]
+                  helper.make_node("Transpose", [f"s{i}"], [f"w{i}"],
+                                   perm=last_perm if last_perm and i == len(spans) - 1 else perm)]
         data = f"w{i}"
     nodes.append(helper.make_node("Identity", [data], ["k"]))
+    dims = [[D, H, S, B][i] for i in last_perm] if last_perm else [B, H, S, D]
     graph = helper.make_graph(nodes, "slice_writes", inputs, [helper.make_tensor_value_info("k", TensorProto.FLOAT,
-                                                                                            [B, H, S, D])])
+                                                                                            dims)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -61,14 +65,18 @@ def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def test_slice_writes_become_concat() -> None:
-    """Writes tiling the last axis (either order) -> one Concat of the pieces; onnxruntime agrees."""
-    proto = _slice_scatter([(8, 16), (0, 8)])
+@pytest.mark.parametrize(("spans", "last_perm"), [([(8, 16), (0, 8)], None), ([(0, 8), (8, 16)], [3, 1, 0, 2])])
+def test_slice_writes_become_concat(spans: list[tuple[int, int]], last_perm: list[int] | None) -> None:
+    """Writes tiling the last axis (either order) -> one Concat of the pieces; onnxruntime agrees. Also when
+    torch's default export (optimize=True) merged the last write's closing swap with the key's k^T (perm
+    [3, 1, 0, 2]): split back first, the Concat then the k^T Transpose."""
+    proto = _slice_scatter(spans, last_perm)
     rng = np.random.default_rng(0)
     feeds = {"p0": rng.standard_normal((B, H, S, 8)).astype(np.float32),
              "p1": rng.standard_normal((B, H, S, 8)).astype(np.float32)}
     model = ir.serde.deserialize_model(proto)
     infer_shapes(model)
+    assert split_merged_swaps(model, GraphEditor(model, "t")) == (last_perm is not None)
     assert slice_writes_to_concat(model) == 1
     Normalize()(model)
     ops = [n.op_type for n in model.graph]
