@@ -646,12 +646,14 @@ class _Rewrite:
                     continue
                 data = node.inputs[0] if node.op_type == "Reshape" else x
                 rank = data.shape.rank() if data.shape is not None else None
-                data = data if rank in (3, 4) else x  # [B*S, D] (Gemm) or [B, G, rep, S, Dh] (GQA): x's
+                flow = flow_axis(data, sources | {x}, _reads_input_seq_len, _piece_axes)
+                # [B*S, D] (Gemm) or [B, G, rep, S, Dh] (GQA): x's axis; no shape: the data flow's, if it tells
+                data = data if rank in (3, 4) or (rank is None and flow is not None) else x
                 key = (id(concat), id(data))
                 if key not in done:
                     flow = flow_axis(data, sources | {x}, _reads_input_seq_len, _piece_axes)
-                    axes = {j: token_axis(data, self.model.graph, starts[j] + rank - out_rank, flow, static)
-                            if data is not x and rank is not None else 1 for j in reads}
+                    axes = {j: (token_axis(data, self.model.graph, starts[j] + rank - out_rank, flow, static)
+                                if rank is not None else flow) if data is not x else 1 for j in reads}
                     pieces = [self.e.op("Shape", [data], start=axes[j], end=axes[j] + 1) if j in reads else p
                               for j, p in enumerate(concat.inputs)]
                     done[key] = self.e.op("Concat", pieces, axis=concat.attributes["axis"].value)

@@ -43,6 +43,18 @@ def _first(node: ir.Node, out: ir.Value, walk) -> int | None:
     return walk(node.inputs[0])
 
 
+def _concat(node: ir.Node, out: ir.Value, walk) -> int | None:
+    """Pieces joined on another axis (a partial rotary's rotated and passed-through features): their
+    common token axis stays. Joined on the token axis (a KV cache) or with pieces that disagree: None."""
+    axes = {walk(v) for v in node.inputs if v is not None and const_array(v) is None}
+    rank = _rank(out) or next((r for v in node.inputs if (r := _rank(v)) is not None), None)
+    cat = node.attributes.get_int("axis", 0)
+    if len(axes) != 1 or None in axes or (cat < 0 and rank is None):
+        return None
+    (a,) = axes
+    return a if cat % (rank or cat + 1) != a else None
+
+
 def _transpose(node: ir.Node, out: ir.Value, walk) -> int | None:
     a, perm = walk(node.inputs[0]), node.attributes.get_ints("perm")
     return list(perm).index(a) if a is not None and perm is not None and a in perm else None
@@ -90,6 +102,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(("Add", "Sub", "Mul", "Div", "Where", "Max", "Min", "Pow", "Cast", "CastLike", "Softmax",
                      "Identity", "Dropout", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Sqrt", "Exp", "Gelu"), _aligned),
     **dict.fromkeys(("Split", "Slice", "LayerNormalization", "SequenceAt", "SplitToSequence"), _first),
+    "Concat": _concat,
     "Transpose": _transpose,  # out[i] = in[perm[i]]
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,

@@ -151,6 +151,24 @@ def test_token_axis_from_the_data_flow_when_dims_are_unnamed() -> None:
     assert token_axis(qt, model.graph, aligned=2, flow=None) == 2
 
 
+def test_token_axis_flows_through_a_feature_concat() -> None:
+    """A partial rotary joins the rotated and passed-through features on the last axis: the token axis (2)
+    flows through; joined on the token axis itself (a cache) it does not. GPT-NeoX's opset-23 SDPA export
+    depends on it: the attention output's view has no inferred shape, and prune-tokens rebound its target
+    with the layer input's axis 1 (the heads), a model that failed in onnxruntime."""
+    from spatten_compiler.passes.prune_tokens import _piece_axes, _reads_input_seq_len
+
+    model, x, qt = _bloom_view()
+    sources = {*model.graph.inputs, x}
+    for axis, want in ((-1, 2), (3, 2), (2, None)):
+        node = ir.node("Concat", [qt, qt], attributes={"axis": axis})
+        model.graph.append(node)
+        out = node.outputs[0]
+        assert flow_axis(out, sources, _reads_input_seq_len, _piece_axes) == want, axis
+        out.shape = None  # no shape: the axis comes from the data flow alone (rank from the pieces)
+        assert flow_axis(out, sources, _reads_input_seq_len, _piece_axes) == want, axis
+
+
 def test_token_axis_refused_when_no_axis_can_hold_tokens() -> None:
     """Every axis after the batch fixed and none the export's token count: refused, never guessed."""
     model, _, qt = _bloom_view()
