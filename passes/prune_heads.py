@@ -239,6 +239,8 @@ def _merged_width_axis(site: AttentionSite) -> int:
     ``[B*S, H*Dh]``; 1 for a channels-first ``[B, H*Dh, S]`` (SqueezeBERT's pointwise convolutions)."""
     axis, shape = 1, site.pv.outputs[0].shape if site.pv is not None else None
     rank = shape.rank() if shape is not None else 4
+    if rank != 4 or site.variant.get("layout") == "folded":  # [B*H, S, Dh]: no head axis to follow (WavLM)
+        return 0
     for node in site.merge:
         if node.op_type == "Transpose":
             perm = list(node.attributes.get_ints("perm", []))
