@@ -48,7 +48,16 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _export_core as core  # noqa: E402
-from corpus import ATOL, FAMILIES, FAMILIES_BY_TYPE, SEED, Family, expected_dims, make_config  # noqa: E402
+from corpus import (  # noqa: E402
+    ATOL,
+    FAMILIES,
+    FAMILIES_BY_TYPE,
+    SEED,
+    Family,
+    expected_dims,
+    make_config,
+    read_manifest,
+)
 
 log = logging.getLogger("spattenc.corpus.optimum")
 EXPORTERS = ("optimum", "optimum_merged")
@@ -320,11 +329,6 @@ def export_one(fam: Family, exporter: str, kind: str, out: Path) -> dict[str, An
     return record
 
 
-def read_done(out: Path) -> set[str]:
-    path = out / "manifest.jsonl"
-    return {json.loads(ln)["name"] for ln in path.read_text().splitlines() if ln.strip()} if path.exists() else set()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated model_types (default: every family optimum exports)")
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(exporters) - set(EXPORTERS):
         p.error(f"--exporters takes {', '.join(EXPORTERS)}")
     kinds = set(args.kinds.split(","))
-    done = read_done(args.out) if args.resume else set()
+    done = {r["name"] for r in read_manifest(args.out)} if args.resume else set()
     fams = [FAMILIES_BY_TYPE[t] for t in args.only.split(",")] if args.only else FAMILIES
     if args.fixture:
         fams = [dataclasses.replace(f, overrides={**f.overrides, **{k: v for k, v in FIXTURE.items() if hasattr(

@@ -237,11 +237,6 @@ def export_one(tf_fam: TFFamily, out: Path, fixture: bool, opset: int) -> dict[s
     return record
 
 
-def read_done(out: Path) -> set[str]:
-    path = out / "manifest.jsonl"
-    return {json.loads(ln)["name"] for ln in path.read_text().splitlines() if ln.strip()} if path.exists() else set()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated model_types (default: every family in TF_FAMILIES)")
@@ -269,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no TF family {', '.join(sorted(unknown))} (have {', '.join(TF_BY_TYPE)})")
     fams = [TF_BY_TYPE[t] for t in args.only.split(",")] if args.only else TF_FAMILIES
     args.out.mkdir(parents=True, exist_ok=True)
-    done = read_done(args.out) if args.resume else set()
+    done = {r["name"] for r in corpus.read_manifest(args.out)} if args.resume else set()
     with (args.out / "manifest.jsonl").open("a") as manifest:
         for tf_fam in fams:
             if f"{tf_fam.model_type.replace('-', '_')}_{EXPORTER}" in done:
