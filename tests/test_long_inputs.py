@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import MODELS, run_ort
+from conftest import MODELS, assert_ops_match_numpy, run_ort
 from spatten_compiler.runtime.reference import ReferenceRuntime
-from test_quantize_kv import assert_ops_match_numpy
 
 from spatten_compiler.cli import main
 from spatten_compiler.config import CompileConfig
@@ -23,6 +22,7 @@ CONFIGS = {
     "tokens-paper": ["--token-keep", "0.3", "--token-rule", "paper"],
     "heads-paper": ["--head-keep", "0.5"],
     "values": ["--value-keep", "0.5"],
+    "all": ["--token-keep", "0.3", "--token-min-keep", "8", "--head-keep", "0.5", "--value-keep", "0.5"],
     "all+gate": ["--token-keep", "0.3", "--token-min-keep", "8", "--head-keep", "0.5", "--value-keep", "0.5",
                  "--prune-min-length", "16"],
 }
@@ -64,8 +64,25 @@ def test_kv_ops_at_100_tokens(tmp_path: Path) -> None:
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("config", ["tokens", "heads-paper", "all+gate"])
+@pytest.mark.parametrize("config", ["tokens", "heads-paper"])
 def test_real_minilm_at_300_tokens(config: str, tmp_path: Path) -> None:
     if not REAL_MINILM.exists():
         pytest.skip("python models/export.py --real minilm")
     check(REAL_MINILM, CONFIGS[config], long_feeds(300, 30000), tmp_path)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("config", ["values", "all"])
+def test_real_minilm_ops_at_300_tokens(config: str, tmp_path: Path) -> None:
+    """Value pruning keeps each query row's ceil(n * keep) largest probabilities. On a trained model at
+    300 tokens some row's k-th and (k+1)-th probabilities differ by less than the float32 rounding between
+    onnxruntime's and NumPy's GEMMs (4.3e-7 relative in layer 3 on one CPU), so the two runtimes may keep
+    different entries and no end-to-end equality can hold. What must hold is that every spatten op
+    computes its oracle's result on onnxruntime's own inputs - selections exactly. (Without the length
+    gate: its If branches hide the ops from the graph's outputs; the gate is checked end to end on the
+    fixtures above.)"""
+    if not REAL_MINILM.exists():
+        pytest.skip("python models/export.py --real minilm")
+    out = tmp_path / "out.onnx"
+    assert main([str(REAL_MINILM), "-o", str(out), "-q", *CONFIGS[config]]) == 0
+    assert_ops_match_numpy(ir.load(out), long_feeds(300, 30000), tmp_path)

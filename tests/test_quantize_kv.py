@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import spatten_compiler.passes  # noqa: F401  (registers the passes)
 from attention_graphs import build, feeds
-from conftest import MODELS, fixture_names, load_meta, reference_io, run_ort
+from conftest import MODELS, assert_ops_match_numpy, fixture_names, load_meta, reference_io, run_ort
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -208,39 +208,6 @@ def test_each_spatten_op_matches_numpy_on_onnxruntime_inputs(name: str, bits: st
     model = _compile(MODELS / f"{name}.onnx", make_pass("quantize-kv", bits=bits, rule="uniform", threshold=4.0))
     f, _ = reference_io(load_meta(name))
     assert_ops_match_numpy(model, f, tmp_path)
-
-
-def assert_ops_match_numpy(model: ir.Model, feeds: dict[str, np.ndarray], tmp_path: Path) -> None:
-    """Run ``model`` in onnxruntime with every spatten node's inputs and outputs exposed, and check each
-    node's outputs against its NumPy implementation applied to onnxruntime's own inputs."""
-    proto = ir.serde.serialize_model(model)
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
-    calls = [n for n in proto.graph.node if n.domain == DOMAIN]
-    kinds = {"Quantize": [TensorProto.INT8], "QuantizeSplit": [TensorProto.INT8, TensorProto.UINT8],
-             "LowConfidence": [TensorProto.BOOL], "LowConfidenceUniform": [TensorProto.BOOL]}
-    have = {o.name for o in proto.graph.output} | set(consts) | {i.name for i in proto.graph.input}
-    produced = {o for n in calls for o in n.output}
-    for n in calls:  # K^T, V, scales, probabilities: float tensors computed by standard ops
-        for name_in in n.input:
-            if name_in not in have and name_in not in produced:
-                have.add(name_in)
-                proto.graph.output.append(helper.make_tensor_value_info(name_in, TensorProto.FLOAT, None))
-    for n in calls:
-        for i, out in enumerate(n.output):
-            if out not in have:
-                have.add(out)
-                kind = kinds.get(n.op_type, [TensorProto.FLOAT] * 2)[i]
-                proto.graph.output.append(helper.make_tensor_value_info(out, kind, None))
-    onnx.save(proto, tmp_path / "io.onnx")
-    values = {**consts, **feeds, **run_ort(tmp_path / "io.onnx", feeds)}
-    for n in calls:
-        inputs = [values[i] for i in n.input]
-        expected = getattr(quant_ops, n.op_type)._run(None, *inputs)
-        for out, want in zip(n.output, expected):
-            if want.dtype.kind in "ib":
-                np.testing.assert_array_equal(values[out], want, err_msg=n.op_type)
-            else:
-                np.testing.assert_allclose(values[out], want, atol=1e-5, err_msg=n.op_type)
 
 
 def test_rows_take_msb_or_full_result(tmp_path: Path) -> None:
