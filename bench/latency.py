@@ -172,7 +172,25 @@ def _blocked(m: int, repeats: int, i: int) -> Iterator[tuple[int, int, bool]]:
             yield j, r, True
 
 
-ORDERS = {"interleaved": _interleaved, "blocked": _blocked}
+CYCLE_BLOCK = 3  # timed runs per visit in the cycled order
+
+
+def _cycled(m: int, repeats: int, i: int) -> Iterator[tuple[int, int, bool]]:
+    """Blocked in short visits: the models take turns, each visit one untimed run and then
+    CYCLE_BLOCK timed runs back to back, until every model has its repeats; the order rotates per visit
+    round and per input. Warm as in blocked, but each model's runs are spread over the whole input's
+    time window, so a machine whose speed drifts over seconds (a shared host) slows every model alike
+    instead of whichever was running then."""
+    rounds = -(-repeats // CYCLE_BLOCK)
+    for c in range(rounds):
+        for k in range(m):
+            j = (i + c + k) % m
+            yield j, -1, False
+            for r in range(c * CYCLE_BLOCK, min(repeats, (c + 1) * CYCLE_BLOCK)):
+                yield j, r, True
+
+
+ORDERS = {"interleaved": _interleaved, "blocked": _blocked, "cycled": _cycled}
 
 
 def time_group(models: Sequence[Model], group: InputGroup, repeats: int, warmup: int,
@@ -257,7 +275,9 @@ def add_timing_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spin", action="store_true", help=argparse.SUPPRESS)  # the old flag; now the default
     p.add_argument("--order", choices=list(ORDERS), default="interleaved",
                    help="interleaved: every run follows another model's; blocked: one untimed run, then "
-                        "each model's repeats back to back (warm, as when serving one model)")
+                        "each model's repeats back to back (warm, as when serving one model); cycled: "
+                        f"blocked in visits of {CYCLE_BLOCK} timed runs, the models taking turns (warm, and "
+                        "robust to a machine whose speed drifts)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,8 @@ Four compositions, each as a dense model and as the pruned one (``--token-keep R
 Latency: batch 1, WikiText-2 windows of exactly 128/256/512 tokens and IMDB test reviews at natural
 length, all models (eight, or two per --compositions entry) interleaved per input (bench/latency.py's loop,
 rotating order, no spinning; ``--order blocked --spin``: each model's runs back to back, with
-onnxruntime's default spinning, as when one model is served).
+onnxruntime's default spinning, as when one model is served; ``--order cycled --spin``: the same warm
+runs in short visits, the models taking turns, so a drifting machine slows all of them alike).
 Reported per pair: candidate vs its own dense counterpart, vs the raw fp32 dense model, and the
 fraction of the ideal FLOP ratio (the compiler's ``--report``, docs/optimize.md) each pair reaches.
 Quality (``--quality``): the issue-#4 protocols (bench/embed_eval.py: cosine, drop-in, refit) on
@@ -56,7 +57,9 @@ DENSE_FLAGS = ["--no-token-pruning", "--kv-bits", "none"]
 
 
 ORDER_TEXT = {"interleaved": "interleaved per input and repeat (rotating)",
-              "blocked": "blocked per input (one untimed run, then each model's repeats back to back; rotating)"}
+              "blocked": "blocked per input (one untimed run, then each model's repeats back to back; rotating)",
+              "cycled": f"cycled per input (the models take turns: one untimed run, then {latency.CYCLE_BLOCK} timed "
+                        "runs back to back; rotating)"}
 
 
 def _slug(comp: str) -> str:

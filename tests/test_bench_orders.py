@@ -7,7 +7,7 @@ import collections
 
 import pytest
 
-from bench.latency import ORDERS
+from bench.latency import CYCLE_BLOCK, ORDERS
 
 
 @pytest.mark.parametrize("order", list(ORDERS))
@@ -28,3 +28,10 @@ def test_blocked_warms_each_model_then_runs_it_back_to_back() -> None:
     runs = list(ORDERS["blocked"](3, 2, 1))
     assert runs == [(1, -1, False), (1, 0, True), (1, 1, True), (2, -1, False), (2, 0, True), (2, 1, True),
                     (0, -1, False), (0, 0, True), (0, 1, True)]
+
+
+def test_cycled_visits_each_model_in_short_warm_blocks() -> None:
+    runs = list(ORDERS["cycled"](2, 4, 0))  # CYCLE_BLOCK = 3: visits of 3, then 1
+    assert CYCLE_BLOCK == 3
+    assert runs == [(0, -1, False), (0, 0, True), (0, 1, True), (0, 2, True), (1, -1, False), (1, 0, True),
+                    (1, 1, True), (1, 2, True), (1, -1, False), (1, 3, True), (0, -1, False), (0, 3, True)]
