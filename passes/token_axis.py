@@ -12,19 +12,30 @@ An op without a rule ends the walk (no answer, never a guess).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from spatten_compiler.errors import OptionError
 from spatten_compiler.match import const_array
 
+from .score_chain import static_rank
+
 # A rule: (node, output, axis walker) -> the output's token axis, or None (not derivable).
 Rule = Callable[[ir.Node, ir.Value, Callable[[ir.Value | None], int | None]], int | None]
 
 
+# prune-tokens' own gathers (spatten domain): they pick token rows of their first input, keeping its rank
+ROW_GATHERS = ("GatherRows", "GatherTokens")
+
+
 def _rank(v: ir.Value | None) -> int | None:
-    return v.shape.rank() if v is not None and v.shape is not None else None
+    """From the shape, else from the producer (a gather prune-tokens just added has no inferred shape)."""
+    node = v.producer() if v is not None and v.shape is None else None
+    if node is not None and node.op_type in ROW_GATHERS:
+        return _rank(node.inputs[0])
+    return static_rank(v)
 
 
 def _aligned(node: ir.Node, out: ir.Value, walk) -> int | None:
@@ -102,6 +113,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(("Add", "Sub", "Mul", "Div", "Where", "Max", "Min", "Pow", "Cast", "CastLike", "Softmax",
                      "Identity", "Dropout", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Sqrt", "Exp", "Gelu"), _aligned),
     **dict.fromkeys(("Split", "Slice", "LayerNormalization", "SequenceAt", "SplitToSequence"), _first),
+    **dict.fromkeys(ROW_GATHERS, _first),  # rows picked on the token axis: it stays
     "Concat": _concat,
     "Transpose": _transpose,  # out[i] = in[perm[i]]
     "Squeeze": _squeeze,
@@ -137,6 +149,11 @@ def flow_axis(value: ir.Value | None, sources: set[ir.Value], reads_len: Callabl
         return memo[id(v)]
 
     def _view(node: ir.Node, sub) -> int | None:
+        target = const_array(node.inputs[1], max_elements=16)
+        if target is not None:  # a target folded to one constant (the token count written into it)
+            data = node.inputs[0]
+            dims = data.shape.dims if data.shape is not None else None
+            return view_entry(target.reshape(-1), dims, sub(data)) if dims is not None else None
         concat = node.inputs[1].producer() if node.inputs[1] is not None else None
         if concat is None or concat.op_type != "Concat":
             return None
@@ -146,6 +163,22 @@ def flow_axis(value: ir.Value | None, sources: set[ir.Value], reads_len: Callabl
         return hits[0] if len(hits) == 1 else None
 
     return walk(value)
+
+
+def view_entry(target: np.ndarray, dims: Sequence, axis: int | None) -> int | None:
+    """The entry of a constant view target that holds the data's token axis ``axis``, or None.
+
+    A Reshape keeps row-major order, so output axis ``j`` indexes the data's axis ``a`` exactly when
+    ``target[j] == dims[a]`` and the axes after them hold the same number of elements
+    (``prod(target[j+1:]) == prod(dims[a+1:])``, all static): ``[B, 4, 16, 16] -> [-1, 4, 16, 16]``
+    with the tokens on axis 2 is entry 2, never entry 3 (the head size, also 16). None when the axis is
+    unknown, a dim after it is not static, the tokens are merged with other axes, or no entry fits."""
+    if axis is None or not 0 <= axis < len(dims) or not all(isinstance(d, int) for d in dims[axis:]):
+        return None
+    tail = int(np.prod(dims[axis + 1:], dtype=np.int64))
+    hits = [j for j in range(len(target)) if int(target[j]) == dims[axis] and all(int(t) > 0 for t in target[j + 1:])
+            and int(np.prod(target[j + 1:], dtype=np.int64)) == tail]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _shape_of_token_axis(piece: ir.Value, walk) -> bool:

@@ -1,0 +1,187 @@
+"""View targets that keep the exported token count on exports whose inputs are dynamic (session 18).
+
+onnxscript's optimizer folds ``Concat(Shape(x)[:1], [H, S, Dh])`` to the constant ``[-1, H, S, Dh]`` when
+the model fixes the token count (Whisper's frames), so the batch stays free but the target says ``S``.
+prune-tokens rebinds the entry the data flow proves is the token axis (``passes/static_targets.py``,
+``token_axis.view_entry``) and refuses in one line where it cannot; the models here are built by hand the
+way Whisper's ``dynamo_op23_sdpa`` export writes them, with the head size equal to the token count (16)
+so a value match could not tell the two apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from spatten_compiler.errors import OptionError
+from spatten_compiler.passes.static_targets import rebind_token_entry
+from spatten_compiler.passes.token_axis import view_entry
+from spatten_compiler.runtime.reference import ReferenceRuntime
+from spatten_compiler.shapes import infer_shapes
+
+import spatten_compiler as sc
+from spatten_compiler.editor import GraphEditor
+
+S, H, DH = 16, 4, 16  # the head size equals the token count
+D = H * DH
+
+
+def _encoder(layers: int = 3, merge: list[int] | None = None, mask: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """``layers`` pre-norm encoder layers on x [B, 16, 64]: head split ``[-1, S, H, Dh]``, the SDPA
+    output's view ``merge`` (default ``[-1, H, S, Dh]``, the brief's folded target), head merge
+    ``[-1, S, D]``, all constants; an FFN and two residuals per layer. ``mask``: a dynamic length and an
+    additive padding mask from ``attention_mask`` whose K/V head splits read the length from the mask's
+    shape through one Gather and one Concat every layer shares (onnxruntime's common-subexpression merge,
+    GPT-BigCode at the extended level); no attention output view."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    N = helper.make_node
+
+    def c(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def w(name, *shape):
+        return c(name, (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32))
+
+    seq = "sequence" if mask else S  # the mask variant: a dynamic length, every other target length-free
+    c("split", np.array([0, -1, H, DH] if mask else [-1, S, H, DH], np.int64))
+    c("merge", np.array(merge or [-1, H, S, DH], np.int64))
+    c("flat", np.array([0, -1, D] if mask else [-1, S, D], np.int64))
+    if mask:
+        nodes += [N("Shape", ["attention_mask"], ["mshape"]), N("Gather", ["mshape", c("one_i", np.array([1]))], ["mlen"]),
+                  N("Shape", ["x"], ["xshape"]), N("Slice", ["xshape", c("z", [0]), c("o", [1])], ["xb"]),
+                  N("Concat", ["xb", "mlen", c("hd", np.array([H, DH]))], ["kv_split"], axis=0),
+                  N("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+                  N("Unsqueeze", ["mf", c("ax12", np.array([1, 2]))], ["m4"]),
+                  N("Sub", [c("onef", np.float32(1)), "m4"], ["inv"]),
+                  N("Mul", ["inv", c("neg", np.float32(-1e9))], ["mbias"])]
+    h = "x"
+    for i in range(layers):
+        p = f"l{i}_"
+        nodes.append(N("LayerNormalization", [h, c(p + "g", np.ones(D, np.float32)), c(p + "be", np.zeros(D, np.float32))],
+                       [p + "ln"], axis=-1))
+        for t in "qkv":
+            nodes += [N("MatMul", [p + "ln", w(p + "w" + t, D, D)], [p + t + "m"]),
+                      N("Add", [p + t + "m", w(p + "b" + t, D)], [p + t]),
+                      N("Reshape", [p + t, "kv_split" if mask and t != "q" else "split"], [p + t + "4"]),
+                      N("Transpose", [p + t + "4"], [p + t + "t"], perm=[0, 2, 1, 3])]
+        nodes += [N("Transpose", [p + "kt"], [p + "ktt"], perm=[0, 1, 3, 2]),
+                  N("MatMul", [p + "qt", p + "ktt"], [p + "qk"]),
+                  N("Mul", [p + "qk", c(p + "scale", np.float32(DH ** -0.5))], [p + "s"])]
+        scores = p + "s"
+        if mask:
+            nodes.append(N("Add", [scores, "mbias"], [p + "sm"]))
+            scores = p + "sm"
+        nodes += [N("Softmax", [scores], [p + "p"], axis=-1), N("MatMul", [p + "p", p + "vt"], [p + "ctx"]),
+                  N("Identity" if mask else "Reshape", [p + "ctx", *([] if mask else ["merge"])], [p + "ctxv"]),
+                  N("Transpose", [p + "ctxv"], [p + "ctxt"], perm=[0, 2, 1, 3]),
+                  N("Reshape", [p + "ctxt", "flat"], [p + "ctxm"]),
+                  N("MatMul", [p + "ctxm", w(p + "wo", D, D)], [p + "o"]),
+                  N("Add", [h, p + "o"], [p + "r1"]),
+                  N("LayerNormalization", [p + "r1", p + "g", p + "be"], [p + "ln2"], axis=-1),
+                  N("MatMul", [p + "ln2", w(p + "w1", D, 2 * D)], [p + "f1"]), N("Relu", [p + "f1"], [p + "f1r"]),
+                  N("MatMul", [p + "f1r", w(p + "w2", 2 * D, D)], [p + "f2"]),
+                  N("Add", [p + "r1", p + "f2"], [p + "out"])]
+        h = p + "out"
+    nodes.append(N("Identity", [h], ["y"]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, D])]
+    if mask:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]))
+    graph = helper.make_graph(nodes, "encoder", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                       ["batch", seq, D])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _feeds(model: onnx.ModelProto, batch: int = 2) -> dict[str, np.ndarray]:
+    feeds = {"x": np.random.default_rng(1).standard_normal((batch, S, D)).astype(np.float32)}
+    if any(i.name == "attention_mask" for i in model.graph.input):
+        feeds["attention_mask"] = np.ones((batch, S), np.int64)
+    return feeds
+
+
+def _ort(path, feeds):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("point", ["layer-input", "after-attention"])
+def test_folded_sdpa_view_target_is_rebound_on_its_token_axis(point, tmp_path) -> None:
+    """``[-1, 4, 16, 16]`` on the attention output: entry 2 (tokens), not 3 (the head size, also 16), is
+    rebound; the pruned model runs in onnxruntime, equals the reference runtime, and keep 1.0 is exact.
+    Before, the target stayed at 16 tokens and onnxruntime failed (Whisper: an Add of 8 by 16)."""
+    from bench.coverage import tokens
+
+    model = _encoder()
+    src = tmp_path / "enc.onnx"
+    onnx.save(model, str(src))
+    feeds = _feeds(model)
+    out = tmp_path / "pruned.onnx"
+    sc.compile(str(src), token_keep_schedule=(1.0, 0.5, 0.5), token_prune_point=point, token_min_keep=1,
+               kv_bits="none").save(str(out))
+    got = _ort(out, feeds)
+    assert got.shape == (2, S, D) and np.isfinite(got).all()
+    reference = ReferenceRuntime(out).run(feeds).outputs
+    np.testing.assert_allclose(next(iter(reference.values())), got, atol=1e-4, rtol=0)
+    ok, why = tokens(src, feeds, tmp_path, {"kv_cache": False, "num_layers": 3})
+    assert ok, why
+
+
+def test_token_entry_from_the_data_flow() -> None:
+    """view_entry: the entry with the token axis's size and the same number of elements after it."""
+    assert view_entry(np.array([-1, H, S, DH]), ["b", H, S, DH], 2) == 2
+    assert view_entry(np.array([-1, S, H, DH]), ["b", S, D], 1) == 1  # the head split
+    assert view_entry(np.array([-1, S, D]), ["b", S, H, DH], 1) == 1  # the head merge
+    assert view_entry(np.array([-1, H, S * DH]), ["b", H, S, DH], 2) is None  # tokens merged with the features
+    assert view_entry(np.array([-1, S, H, DH]), ["b", H, S, DH], 2) is None  # no entry indexes axis 2
+    assert view_entry(np.array([-1, H, S, DH]), ["b", H, S, DH], None) is None
+
+
+def test_unproven_token_entry_is_refused_in_one_line(tmp_path) -> None:
+    """A constant target holding the count at an entry that does not index the data's token axis (here the
+    tokens flow to axis 2 and the target reads ``[-1, 16, 4, 16]``): refused at compile time, nothing
+    written; a target whose data has no derived token axis is refused too."""
+    model = _encoder(merge=[-1, S, H, DH])  # the attention output viewed token-major: no entry fits
+    src = tmp_path / "enc.onnx"
+    onnx.save(model, str(src))
+    with pytest.raises(OptionError, match=r"\[-1, 16, 4, 16\]\) and no entry indexes its data's token axis 2"):
+        sc.compile(str(src), token_keep_schedule=(1.0, 0.5, 0.5), token_prune_point="layer-input", token_min_keep=1,
+                   kv_bits="none")
+    # no data flow at all: the rule refuses unless the count is at axis 1 (the older reading, kept)
+    m = ir.serde.deserialize_model(_encoder(layers=1))
+    infer_shapes(m)
+    e = GraphEditor(m, "t")
+    view = next(n for n in m.graph if n.op_type == "Reshape" and n.inputs[1].name == "merge")
+    with pytest.raises(OptionError, match="not derived"):
+        rebind_token_entry(e, view, S, lambda v: None)
+    split = next(n for n in m.graph if n.op_type == "Reshape" and n.inputs[1].name == "split")
+    assert rebind_token_entry(e, split, S, lambda v: None) is None
+    assert rebind_token_entry(e, view, None, lambda v: 2) is None  # no fixed token count: not this rule
+
+
+def test_shared_mask_length_piece(tmp_path) -> None:
+    """K/V head splits read the length from ``Shape(attention_mask)[1]`` through one Gather and one target
+    Concat shared by every layer (onnxruntime merges the identical chains at the extended level): each
+    pruned layer gets its own target reading its own data, the unpruned layer keeps the shared one.
+    GPT-BigCode dynamo at the extended level wrote a failing model before session 16's data-flow axis."""
+    from bench.coverage import tokens
+
+    model = _encoder(mask=True)
+    src = tmp_path / "enc_mask.onnx"
+    onnx.save(model, str(src))
+    feeds = _feeds(model)
+    feeds["attention_mask"][1, -3:] = 0
+    out = tmp_path / "pruned.onnx"
+    result = sc.compile(str(src), token_keep_schedule=(1.0, 0.5, 0.25), token_prune_point="layer-input",
+                        token_min_keep=1, kv_bits="none")
+    result.save(str(out))
+    splits = [n for n in result.model.graph if n.op_type == "Reshape" and n.outputs[0].name.endswith(("k4", "v4"))]
+    assert len({id(n.inputs[1]) for n in splits}) >= 3  # layer 0's shared target, one per pruned layer
+    got = _ort(out, feeds)
+    reference = ReferenceRuntime(out).run(feeds).outputs
+    np.testing.assert_allclose(next(iter(reference.values())), got, atol=1e-4, rtol=0)
+    ok, why = tokens(src, {**feeds, "attention_mask": np.ones_like(feeds["attention_mask"])}, tmp_path,
+                     {"kv_cache": False, "num_layers": 3})
+    assert ok, why
