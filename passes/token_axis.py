@@ -165,19 +165,50 @@ def flow_axis(value: ir.Value | None, sources: set[ir.Value], reads_len: Callabl
     return walk(value)
 
 
-def view_entry(target: np.ndarray, dims: Sequence, axis: int | None) -> int | None:
-    """The entry of a constant view target that holds the data's token axis ``axis``, or None.
+def view_groups(target: np.ndarray, dims: Sequence) -> list[tuple[range, range]]:
+    """A Reshape of data ``dims`` to the constant ``target`` as groups ``(target entries, data axes)``,
+    last first: row-major order maps each group's axes onto its entries (a split ``[S, 64] -> [S, 4, 16]``,
+    a merge ``[H, S, Dh] -> [H, S*Dh]``). Boundaries are where both sides hold the same number of elements
+    after them, read from the end while every size is static (a -1 is resolved when every dim is); the
+    leading rest (the batch, a -1) is one group."""
+    t = [int(v) for v in np.asarray(target).reshape(-1)]
+    if t.count(-1) == 1 and all(isinstance(d, int) for d in dims):
+        rest = int(np.prod([v for v in t if v != -1], dtype=np.int64))
+        t[t.index(-1)] = int(np.prod(dims, dtype=np.int64)) // rest if rest > 0 else -1
+    groups, j, a, tj, da = [], len(t), len(dims), 1, 1
+    while j > 0 and a > 0:
+        j0, a0, tp, dp = j - 1, a - 1, tj * t[j - 1], da * (dims[a - 1] if isinstance(dims[a - 1], int) else -1)
+        while tp != dp and tp > 0 and dp > 0:  # grow the side with fewer elements
+            if tp < dp and j0 > 0 and t[j0 - 1] > 0:
+                j0, tp = j0 - 1, tp * t[j0 - 1]
+            elif dp < tp and a0 > 0 and isinstance(dims[a0 - 1], int):
+                a0, dp = a0 - 1, dp * dims[a0 - 1]
+            else:
+                break
+        if tp != dp or tp <= 0:
+            break
+        groups.append((range(j0, j), range(a0, a)))
+        j, a, tj, da = j0, a0, tp, dp
+    if j > 0 or a > 0:
+        groups.append((range(0, j), range(0, a)))
+    return groups
 
-    A Reshape keeps row-major order, so output axis ``j`` indexes the data's axis ``a`` exactly when
-    ``target[j] == dims[a]`` and the axes after them hold the same number of elements
-    (``prod(target[j+1:]) == prod(dims[a+1:])``, all static): ``[B, 4, 16, 16] -> [-1, 4, 16, 16]``
-    with the tokens on axis 2 is entry 2, never entry 3 (the head size, also 16). None when the axis is
-    unknown, a dim after it is not static, the tokens are merged with other axes, or no entry fits."""
-    if axis is None or not 0 <= axis < len(dims) or not all(isinstance(d, int) for d in dims[axis:]):
-        return None
-    tail = int(np.prod(dims[axis + 1:], dtype=np.int64))
-    hits = [j for j in range(len(target)) if int(target[j]) == dims[axis] and all(int(t) > 0 for t in target[j + 1:])
-            and int(np.prod(target[j + 1:], dtype=np.int64)) == tail]
+
+def view_axes(target: np.ndarray, dims: Sequence) -> dict[int, int]:
+    """For a Reshape of data ``dims`` to the constant ``target``: each target entry ``j`` that indexes one
+    data axis ``a`` exactly (a group of one entry and one axis of :func:`view_groups`), as ``{j: a}``:
+    ``[B, 4, 16, 16] -> [-1, 4, 16, 16]`` maps entry 2 to axis 2 and entry 3 to axis 3 (the head size,
+    also 16); ``[B*H, S, S] -> [B, H, S, S]`` maps both S entries. Replacing ``target[j]`` by
+    ``Shape(data)[a]`` is then exact whatever size axis ``a`` has at run time."""
+    return {g.start: d.start for g, d in view_groups(target, dims)
+            if len(g) == 1 and len(d) == 1 and isinstance(dims[d.start], int)
+            and int(np.asarray(target).reshape(-1)[g.start]) == dims[d.start]}
+
+
+def view_entry(target: np.ndarray, dims: Sequence, axis: int | None) -> int | None:
+    """The entry of a constant view target that indexes the data's token axis ``axis`` (:func:`view_axes`),
+    or None (the axis unknown, merged with others, or no entry fits)."""
+    hits = [j for j, a in view_axes(target, dims).items() if a == axis] if axis is not None else []
     return hits[0] if len(hits) == 1 else None
 
 

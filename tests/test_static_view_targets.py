@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from spatten_compiler.errors import OptionError
 from spatten_compiler.passes.static_targets import rebind_token_entry
-from spatten_compiler.passes.token_axis import view_entry
+from spatten_compiler.passes.token_axis import view_axes, view_entry, view_groups
 from spatten_compiler.runtime.reference import ReferenceRuntime
 from spatten_compiler.shapes import infer_shapes
 
@@ -129,12 +129,18 @@ def test_folded_sdpa_view_target_is_rebound_on_its_token_axis(point, tmp_path) -
     assert ok, why
 
 
-def test_token_entry_from_the_data_flow() -> None:
-    """view_entry: the entry with the token axis's size and the same number of elements after it."""
+def test_view_entries_that_index_one_data_axis() -> None:
+    """view_axes: an entry indexes one data axis exactly when both hold the same size and the same number of
+    elements after them; split / merged axes map nothing; view_entry picks the token axis's entry."""
+    assert view_axes(np.array([-1, H, S, DH]), ["b", H, S, DH]) == {1: 1, 2: 2, 3: 3}
+    assert view_axes(np.array([-1, S, H, DH]), ["b", S, D]) == {1: 1}  # the head split: 4 x 16 split 64
+    assert view_axes(np.array([-1, S, D]), ["b", S, H, DH]) == {1: 1}  # the head merge
+    assert view_axes(np.array([2, 4, 7, 7]), [8, 7, 7]) == {2: 1, 3: 2}  # folded scores: both token axes
+    assert view_axes(np.array([2, 4, 7, -1]), [8, 7, 16]) == {2: 1}  # a -1 resolved on static data
+    assert view_axes(np.array([-1, H, S * DH]), ["b", H, S, DH]) == {1: 1}  # tokens merged with the features
+    assert view_groups(np.array([-1, S, H, DH]), ["b", S, D]) == [(range(2, 4), range(2, 3)),
+                                                                   (range(1, 2), range(1, 2)), (range(0, 1), range(0, 1))]
     assert view_entry(np.array([-1, H, S, DH]), ["b", H, S, DH], 2) == 2
-    assert view_entry(np.array([-1, S, H, DH]), ["b", S, D], 1) == 1  # the head split
-    assert view_entry(np.array([-1, S, D]), ["b", S, H, DH], 1) == 1  # the head merge
-    assert view_entry(np.array([-1, H, S * DH]), ["b", H, S, DH], 2) is None  # tokens merged with the features
     assert view_entry(np.array([-1, S, H, DH]), ["b", H, S, DH], 2) is None  # no entry indexes axis 2
     assert view_entry(np.array([-1, H, S, DH]), ["b", H, S, DH], None) is None
 
@@ -146,19 +152,23 @@ def test_unproven_token_entry_is_refused_in_one_line(tmp_path) -> None:
     model = _encoder(merge=[-1, S, H, DH])  # the attention output viewed token-major: no entry fits
     src = tmp_path / "enc.onnx"
     onnx.save(model, str(src))
-    with pytest.raises(OptionError, match=r"\[-1, 16, 4, 16\]\) and no entry indexes its data's token axis 2"):
+    with pytest.raises(OptionError, match=r"\[-1, 16, 4, 16\]\) and entry 1 is not its data's token axis 2 alone"):
         sc.compile(str(src), token_keep_schedule=(1.0, 0.5, 0.5), token_prune_point="layer-input", token_min_keep=1,
                    kv_bits="none")
-    # no data flow at all: the rule refuses unless the count is at axis 1 (the older reading, kept)
+    # without a data flow: entries that index one data axis are still rebound (exact), a 16 inside the
+    # head split's group cannot be told from tokens there: refused
     m = ir.serde.deserialize_model(_encoder(layers=1))
     infer_shapes(m)
     e = GraphEditor(m, "t")
     view = next(n for n in m.graph if n.op_type == "Reshape" and n.inputs[1].name == "merge")
-    with pytest.raises(OptionError, match="not derived"):
-        rebind_token_entry(e, view, S, lambda v: None)
     split = next(n for n in m.graph if n.op_type == "Reshape" and n.inputs[1].name == "split")
-    assert rebind_token_entry(e, split, S, lambda v: None) is None
     assert rebind_token_entry(e, view, None, lambda v: 2) is None  # no fixed token count: not this rule
+    new = rebind_token_entry(e, view, S, lambda v: None)
+    assert [p.producer().op_type if p.producer() else "const" for p in new.producer().inputs] == [
+        "const", "Shape", "Shape"]  # [-1, 4], then the tokens and the head size (both 16) read from the data
+    with pytest.raises(OptionError, match="not derived"):
+        rebind_token_entry(e, split, S, lambda v: None)
+    assert rebind_token_entry(e, split, S, lambda v: 1).producer().op_type == "Concat"
 
 
 def test_shared_mask_length_piece(tmp_path) -> None:
