@@ -195,3 +195,30 @@ def test_shared_mask_length_piece(tmp_path) -> None:
     ok, why = tokens(src, {**feeds, "attention_mask": np.ones_like(feeds["attention_mask"])}, tmp_path,
                      {"kv_cache": False, "num_layers": 3})
     assert ok, why
+
+
+def test_row_view_of_a_flattened_projection_splits_no_heads() -> None:
+    """onnx-simplifier at fixed shapes writes GPT-BigCode's ``unsqueeze(1)`` of the fused QKV as a Reshape of
+    the Gemm's flattened rows, ``[14, 96] -> [2, 1, 7, 96]``: the rows regrouped, the features whole. It is no
+    head split: Q has 4 heads of 16 and the multi-query K one (layer 1 was read with 7 heads, the length)."""
+    from spatten_compiler.passes.attention_trace import trace_branch
+
+    N = helper.make_node
+    nodes = [N("Reshape", ["x", "flat"], ["rows"]), N("Gemm", ["rows", "w", "b"], ["qkv"]),
+             N("Reshape", ["qkv", "unflat"], ["qkv4"]), N("Split", ["qkv4", "sizes"], ["q", "k", "v"], axis=3),
+             N("Reshape", ["q", "qsplit"], ["q4"]), N("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+             N("Unsqueeze", ["k", "ax2"], ["k5"]), N("Expand", ["k5", "rep"], ["ke"]),
+             N("Reshape", ["ke", "kview"], ["kr"])]
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("flat", np.array([-1, 64], np.int64)), ("w", np.zeros((64, 96), np.float32)), ("b", np.zeros(96, np.float32)),
+        ("unflat", np.array([2, 1, 7, 96], np.int64)), ("sizes", np.array([64, 16, 16], np.int64)),
+        ("qsplit", np.array([2, 7, -1, 16], np.int64)), ("ax2", np.array([2], np.int64)),
+        ("rep", np.array([2, 1, 4, 7, 16], np.int64)), ("kview", np.array([2, 4, 7, 16], np.int64)))]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("qt", "kr")]
+    graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, 64])], outs,
+                              inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    infer_shapes(model)
+    q, k = (trace_branch(v, model.graph) for v in model.graph.outputs)
+    assert (q.heads, q.head_dim, k.heads, k.head_dim) == (4, 16, 1, 16)
+    assert q.projection.node.op_type == "Gemm" and k.projection.node is q.projection.node
