@@ -28,13 +28,17 @@ S, H, DH = 16, 4, 16  # the head size equals the token count
 D = H * DH
 
 
-def _encoder(layers: int = 3, merge: list[int] | None = None, mask: bool = False, seed: int = 0) -> onnx.ModelProto:
+def _encoder(layers: int = 3, merge: list[int] | None = None, mask: bool = False, fold: bool = False,
+             seed: int = 0) -> onnx.ModelProto:
     """``layers`` pre-norm encoder layers on x [B, 16, 64]: head split ``[-1, S, H, Dh]``, the SDPA
     output's view ``merge`` (default ``[-1, H, S, Dh]``, the brief's folded target), head merge
     ``[-1, S, D]``, all constants; an FFN and two residuals per layer. ``mask``: a dynamic length and an
     additive padding mask from ``attention_mask`` whose K/V head splits read the length from the mask's
     shape through one Gather and one Concat every layer shares (onnxruntime's common-subexpression merge,
-    GPT-BigCode at the extended level); no attention output view."""
+    GPT-BigCode at the extended level); no attention output view. ``fold``: fixed input shapes (batch 2) and
+    BLOOM / XGLM's heads folded into the batch around the products - Q, K, V viewed ``[8, 16, 16]``, the
+    scores back to ``[2, 4, 16, 16]`` for the Softmax and its output to ``[8, 16, 16]`` - every target a
+    constant in which the head size, the query and the key length are all 16."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     N = helper.make_node
@@ -47,9 +51,12 @@ def _encoder(layers: int = 3, merge: list[int] | None = None, mask: bool = False
         return c(name, (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32))
 
     seq = "sequence" if mask else S  # the mask variant: a dynamic length, every other target length-free
-    c("split", np.array([0, -1, H, DH] if mask else [-1, S, H, DH], np.int64))
-    c("merge", np.array(merge or [-1, H, S, DH], np.int64))
-    c("flat", np.array([0, -1, D] if mask else [-1, S, D], np.int64))
+    batch = 2 if fold else -1
+    c("split", np.array([0, -1, H, DH] if mask else [batch, S, H, DH], np.int64))
+    c("merge", np.array(merge or [batch, H, S, DH], np.int64))
+    c("flat", np.array([0, -1, D] if mask else [batch, S, D], np.int64))
+    c("folded", np.array([2 * H, S, S], np.int64))
+    c("unfolded", np.array([2, H, S, S], np.int64))
     if mask:
         nodes += [N("Shape", ["attention_mask"], ["mshape"]), N("Gather", ["mshape", c("one_i", np.array([1]))], ["mlen"]),
                   N("Shape", ["x"], ["xshape"]), N("Slice", ["xshape", c("z", [0]), c("o", [1])], ["xb"]),
@@ -68,14 +75,24 @@ def _encoder(layers: int = 3, merge: list[int] | None = None, mask: bool = False
                       N("Add", [p + t + "m", w(p + "b" + t, D)], [p + t]),
                       N("Reshape", [p + t, "kv_split" if mask and t != "q" else "split"], [p + t + "4"]),
                       N("Transpose", [p + t + "4"], [p + t + "t"], perm=[0, 2, 1, 3])]
-        nodes += [N("Transpose", [p + "kt"], [p + "ktt"], perm=[0, 1, 3, 2]),
-                  N("MatMul", [p + "qt", p + "ktt"], [p + "qk"]),
+        nodes.append(N("Transpose", [p + "kt"], [p + "ktt"], perm=[0, 1, 3, 2]))
+        q, k, v = p + "qt", p + "ktt", p + "vt"
+        if fold:
+            nodes += [N("Reshape", [t, "folded"], [t + "f"]) for t in (q, k, v)]
+            q, k, v = q + "f", k + "f", v + "f"
+        nodes += [N("MatMul", [q, k], [p + "qk"]),
                   N("Mul", [p + "qk", c(p + "scale", np.float32(DH ** -0.5))], [p + "s"])]
         scores = p + "s"
+        if fold:
+            nodes.append(N("Reshape", [scores, "unfolded"], [p + "s4"]))
+            scores = p + "s4"
         if mask:
             nodes.append(N("Add", [scores, "mbias"], [p + "sm"]))
             scores = p + "sm"
-        nodes += [N("Softmax", [scores], [p + "p"], axis=-1), N("MatMul", [p + "p", p + "vt"], [p + "ctx"]),
+        nodes.append(N("Softmax", [scores], [p + "p"], axis=-1))
+        if fold:
+            nodes.append(N("Reshape", [p + "p", "folded"], [p + "pf"]))
+        nodes += [N("MatMul", [p + "pf" if fold else p + "p", v], [p + "ctx"]),
                   N("Identity" if mask else "Reshape", [p + "ctx", *([] if mask else ["merge"])], [p + "ctxv"]),
                   N("Transpose", [p + "ctxv"], [p + "ctxt"], perm=[0, 2, 1, 3]),
                   N("Reshape", [p + "ctxt", "flat"], [p + "ctxm"]),
@@ -87,11 +104,11 @@ def _encoder(layers: int = 3, merge: list[int] | None = None, mask: bool = False
                   N("Add", [p + "r1", p + "f2"], [p + "out"])]
         h = p + "out"
     nodes.append(N("Identity", [h], ["y"]))
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, D])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2 if fold else "batch", seq, D])]
     if mask:
         inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]))
     graph = helper.make_graph(nodes, "encoder", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                                                       ["batch", seq, D])], inits)
+                                                                                       [inputs[0].type.tensor_type.shape.dim[0].dim_param or 2, seq, D])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -222,3 +239,25 @@ def test_row_view_of_a_flattened_projection_splits_no_heads() -> None:
     q, k = (trace_branch(v, model.graph) for v in model.graph.outputs)
     assert (q.heads, q.head_dim, k.heads, k.head_dim) == (4, 16, 1, 16)
     assert q.projection.node.op_type == "Gemm" and k.projection.node is q.projection.node
+
+
+def test_fixed_shape_folded_views_read_their_axes(tmp_path) -> None:
+    """Fixed input shapes with heads folded into the batch (BLOOM / XGLM / Falcon at fixed shapes were refused as
+    "ambiguous"): ``[8, 16, 16] -> [2, 4, 16, 16]`` holds the tokens twice (queries and keys) and the head size
+    is 16 too; each 16 that indexes one data axis reads it, so keep 1.0 is exact and keep 0.5 runs (the
+    load check in onnxruntime passes), equal to the reference runtime."""
+    from bench.coverage import tokens, tokens_half
+
+    model = _encoder(fold=True)
+    src = tmp_path / "enc_fold.onnx"
+    onnx.save(model, str(src))
+    feeds = _feeds(model)
+    ok, why = tokens(src, feeds, tmp_path, {"kv_cache": False, "num_layers": 3})
+    assert ok, why
+    ok, why = tokens_half(src, feeds, tmp_path, {"kv_cache": False})
+    assert ok, why
+    out = tmp_path / "pruned.onnx"
+    sc.compile(str(src), token_keep_schedule=(1.0, 0.5, 0.5), token_prune_point="layer-input", token_min_keep=1,
+               kv_bits="none").save(str(out))
+    reference = ReferenceRuntime(out).run(feeds).outputs
+    np.testing.assert_allclose(next(iter(reference.values())), _ort(out, feeds), atol=1e-4, rtol=0)
