@@ -37,7 +37,8 @@ def rebind_token_entry(e: GraphEditor, node: ir.Node, static: int | None,
     no fixed token count, a target that is not one constant, or no entry equal to the count. Such an entry
     that indexes one data axis exactly (:func:`.token_axis.view_axes`) reads that axis's size; one inside
     a split or merge of other axes stays when the data flow shows the tokens are elsewhere.
-    Unproven: on data whose dims are all static (fixed shapes) left to ``prune_tokens._free_static_target``
+    Unproven: on data whose dims are all static (fixed shapes) one such entry becomes -1 (no other -1),
+    more are left to ``prune_tokens._free_static_target``
     (the load check after the pass refuses what it cannot free); a count at target axis 1 of data without
     a derived token axis left to ``prune_tokens._split_static_target`` (axis 1 read as the tokens: ViT's
     ``[-1, 17, 64]`` after onnxslim, as before); anything else raises OptionError."""
@@ -60,6 +61,10 @@ def rebind_token_entry(e: GraphEditor, node: ir.Node, static: int | None,
     # data flow must show the tokens are not in its group
     unproven = [j for j in entries if j not in axes and (axis is None or j not in groups or axis in groups[j])]
     entries = [j for j in entries if j in axes]
+    if fixed and len(unproven) == 1 and -1 not in t.tolist():
+        # fixed shapes, so the batch is a constant: the one entry left free takes what its group holds
+        # (GPT-BigCode's Gemm rows [B*S, 3D] -> [B, 1, S, 3D]: S from B*k rows); exact at the export
+        t[unproven.pop()] = -1
     if unproven:
         if fixed or (axis is None and unproven == [1]):
             return None

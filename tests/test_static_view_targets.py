@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from spatten_compiler.errors import OptionError
+from spatten_compiler.match import const_array
 from spatten_compiler.passes.static_targets import rebind_token_entry
 from spatten_compiler.passes.token_axis import view_axes, view_entry, view_groups
 from spatten_compiler.runtime.reference import ReferenceRuntime
@@ -217,7 +218,8 @@ def test_shared_mask_length_piece(tmp_path) -> None:
 def test_row_view_of_a_flattened_projection_splits_no_heads() -> None:
     """onnx-simplifier at fixed shapes writes GPT-BigCode's ``unsqueeze(1)`` of the fused QKV as a Reshape of
     the Gemm's flattened rows, ``[14, 96] -> [2, 1, 7, 96]``: the rows regrouped, the features whole. It is no
-    head split: Q has 4 heads of 16 and the multi-query K one (layer 1 was read with 7 heads, the length)."""
+    head split: Q has 4 heads of 16 and the multi-query K one (layer 1 was read with 7 heads, the length);
+    its token entry is freed for token pruning (its keep-0.5 compile was refused by the load check)."""
     from spatten_compiler.passes.attention_trace import trace_branch
 
     N = helper.make_node
@@ -239,6 +241,11 @@ def test_row_view_of_a_flattened_projection_splits_no_heads() -> None:
     q, k = (trace_branch(v, model.graph) for v in model.graph.outputs)
     assert (q.heads, q.head_dim, k.heads, k.head_dim) == (4, 16, 1, 16)
     assert q.projection.node.op_type == "Gemm" and k.projection.node is q.projection.node
+    # token pruning at these fixed shapes: the rows' 7 is merged with the batch (no single axis holds it),
+    # the only such entry and no -1 beside it: it becomes -1, which takes B*k rows / B (the batch is fixed)
+    unflat = next(n for n in model.graph if n.op_type == "Reshape" and n.inputs[1].name == "unflat")
+    new = rebind_token_entry(GraphEditor(model, "t"), unflat, 7, lambda v: None)
+    assert const_array(new.producer().inputs[0]).tolist() == [2, 1, -1, 96]
 
 
 def test_fixed_shape_folded_views_read_their_axes(tmp_path) -> None:
