@@ -268,3 +268,18 @@ def test_fixed_shape_folded_views_read_their_axes(tmp_path) -> None:
                kv_bits="none").save(str(out))
     reference = ReferenceRuntime(out).run(feeds).outputs
     np.testing.assert_allclose(next(iter(reference.values())), _ort(out, feeds), atol=1e-4, rtol=0)
+
+
+def test_head_pruning_follows_the_head_axis_through_the_folded_sdpa_view(tmp_path) -> None:
+    """The same folded view ``[-1, 4, 16, 16]`` sits between ``P @ V`` and the head merge: prune-heads took it
+    for the merge and left the real merge ``[-1, 16, 64]`` at the full width (Whisper dynamo_op23_sdpa heads-0.5
+    was refused by the pipeline's check). It keeps the head axis whole, so the merge is found after it: the kept
+    heads run at keep 0.5, and the last layer's group 0 sliced out equals its output rows zeroed."""
+    from bench.coverage import heads, heads_half
+
+    src = tmp_path / "enc.onnx"
+    onnx.save(_encoder(), str(src))
+    feeds = _feeds(_encoder())
+    for check in (heads_half, heads):
+        ok, why = check(src, feeds, tmp_path)
+        assert ok, (check.__name__, why)
