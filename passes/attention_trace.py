@@ -123,12 +123,24 @@ REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "Lay
 Step = Callable[[ir.Node, ir.Value, Branch, ir.Graph], "ir.Value | NoMatch | None"]
 
 
+def _row_view(dims: list[int | None], src: ir.Shape | None, width: int | None) -> bool:
+    """A view that keeps every row's features whole and regroups only the rows: a Gemm's flattened
+    ``[B*S, W]`` (or ``[B, S, W]``) -> ``[B, 1, S, W]`` (GPT-BigCode's unsqueezed projection, written as a
+    Reshape once onnx-simplifier fixed the shapes). It splits no heads: its ``S`` is not a head count. The
+    entry before the last must be a known size > 1: ``[B, S, -1, Dh]`` of a one-head-wide ``[B, S, Dh]`` (a
+    layer head-pruned to one head) is a head split."""
+    return (src is not None and src.rank() in (2, 3) and width is not None and len(dims) >= 3
+            and dims[-1] == width and isinstance(dims[-2], int) and dims[-2] > 1)
+
+
 def _view(node, value, branch, graph):
     branch.views.append(node)
     if node.op_type == "Reshape":
         dims = _reshape_target(node)
         src = node.inputs[0].shape
         width = src.dims[-1] if src is not None and isinstance(src.dims[-1], int) else None
+        if _row_view(dims, src, width):
+            return node.inputs[0]
         if len(dims) == 5 and 3 in dims[2:4] and dims[-1] is not None:
             # packed [B, S, 3, H, Dh] (ModernBERT) or [B, S, H, 3, Dh] (BLOOM); -1 heads from the width
             h = dims[3] if dims[2] == 3 else dims[2]

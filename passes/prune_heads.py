@@ -91,6 +91,7 @@ from .qdq import dequantized_weight, slice_dequantized, unsliceable_weight
 from .score_chain import static_rank
 from .site_io import coupled_site
 from .spatten_ops import DOMAIN, ensure_functions
+from .token_axis import view_axes
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +249,21 @@ def _merged_width_axis(site: AttentionSite) -> int:
                 return 0
             axis = perm.index(axis)
         elif node.op_type == "Reshape":
-            return max(rank - axis - 2, 0)
+            kept = _kept_axes(node)
+            if axis not in kept:
+                return max(rank - axis - 2, 0)
+            axis = kept[axis]  # a view that keeps the head axis whole (SDPA's folded [-1, H, S, Dh]): follow it
     return 0
+
+
+def _kept_axes(node: ir.Node) -> dict[int, int]:
+    """For a Reshape to a constant target of the same rank: data axis -> the target entry that indexes it
+    exactly (:func:`.token_axis.view_axes`); {} otherwise."""
+    target = const_array(node.inputs[1], max_elements=16)
+    src = node.inputs[0].shape
+    if target is None or src is None or target.size != src.rank():
+        return {}
+    return {a: j for j, a in view_axes(target, list(src.dims)).items()}
 
 
 def _cache_write(node: ir.Node, outputs: set[int], limit: int = 6) -> bool:

@@ -41,6 +41,7 @@ from .find_attention import AttentionSite, find_attention, row_norm_input
 from .score_sink import rebroadcast_sinks
 from .site_io import coupled_site
 from .spatten_ops import DOMAIN, ensure_functions
+from .static_targets import rebind_token_entry
 from .token_axis import flow_axis, token_axis
 from .token_positions import (
     check_term,
@@ -622,7 +623,9 @@ class _Rewrite:
         for node in nodes:
             for i, shape in enumerate(node.inputs):
                 if node.op_type == "Reshape" and i == 1:
-                    shape = self._split_static_target(node, static)
+                    shape = (rebind_token_entry(self.e, node, static, lambda v: flow_axis(
+                        v, sources | {x}, _reads_input_seq_len, _piece_axes))
+                             or self._split_static_target(node, static))
                 if node.op_type in ("Reshape", "Expand") and i == 1 and shape is not None:
                     shape = self._free_static_target(node, shape, static)
                 concat = shape.producer() if shape is not None else None

@@ -12,19 +12,30 @@ An op without a rule ends the walk (no answer, never a guess).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from spatten_compiler.errors import OptionError
 from spatten_compiler.match import const_array
 
+from .score_chain import static_rank
+
 # A rule: (node, output, axis walker) -> the output's token axis, or None (not derivable).
 Rule = Callable[[ir.Node, ir.Value, Callable[[ir.Value | None], int | None]], int | None]
 
 
+# prune-tokens' own gathers (spatten domain): they pick token rows of their first input, keeping its rank
+ROW_GATHERS = ("GatherRows", "GatherTokens")
+
+
 def _rank(v: ir.Value | None) -> int | None:
-    return v.shape.rank() if v is not None and v.shape is not None else None
+    """From the shape, else from the producer (a gather prune-tokens just added has no inferred shape)."""
+    node = v.producer() if v is not None and v.shape is None else None
+    if node is not None and node.op_type in ROW_GATHERS:
+        return _rank(node.inputs[0])
+    return static_rank(v)
 
 
 def _aligned(node: ir.Node, out: ir.Value, walk) -> int | None:
@@ -102,6 +113,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(("Add", "Sub", "Mul", "Div", "Where", "Max", "Min", "Pow", "Cast", "CastLike", "Softmax",
                      "Identity", "Dropout", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Sqrt", "Exp", "Gelu"), _aligned),
     **dict.fromkeys(("Split", "Slice", "LayerNormalization", "SequenceAt", "SplitToSequence"), _first),
+    **dict.fromkeys(ROW_GATHERS, _first),  # rows picked on the token axis: it stays
     "Concat": _concat,
     "Transpose": _transpose,  # out[i] = in[perm[i]]
     "Squeeze": _squeeze,
@@ -137,6 +149,11 @@ def flow_axis(value: ir.Value | None, sources: set[ir.Value], reads_len: Callabl
         return memo[id(v)]
 
     def _view(node: ir.Node, sub) -> int | None:
+        target = const_array(node.inputs[1], max_elements=16)
+        if target is not None:  # a target folded to one constant (the token count written into it)
+            data = node.inputs[0]
+            dims = data.shape.dims if data.shape is not None else None
+            return view_entry(target.reshape(-1), dims, sub(data)) if dims is not None else None
         concat = node.inputs[1].producer() if node.inputs[1] is not None else None
         if concat is None or concat.op_type != "Concat":
             return None
@@ -146,6 +163,53 @@ def flow_axis(value: ir.Value | None, sources: set[ir.Value], reads_len: Callabl
         return hits[0] if len(hits) == 1 else None
 
     return walk(value)
+
+
+def view_groups(target: np.ndarray, dims: Sequence) -> list[tuple[range, range]]:
+    """A Reshape of data ``dims`` to the constant ``target`` as groups ``(target entries, data axes)``,
+    last first: row-major order maps each group's axes onto its entries (a split ``[S, 64] -> [S, 4, 16]``,
+    a merge ``[H, S, Dh] -> [H, S*Dh]``). Boundaries are where both sides hold the same number of elements
+    after them, read from the end while every size is static (a -1 is resolved when every dim is); the
+    leading rest (the batch, a -1) is one group."""
+    t = [int(v) for v in np.asarray(target).reshape(-1)]
+    if t.count(-1) == 1 and all(isinstance(d, int) for d in dims):
+        rest = int(np.prod([v for v in t if v != -1], dtype=np.int64))
+        t[t.index(-1)] = int(np.prod(dims, dtype=np.int64)) // rest if rest > 0 else -1
+    groups, j, a, tj, da = [], len(t), len(dims), 1, 1
+    while j > 0 and a > 0:
+        j0, a0, tp, dp = j - 1, a - 1, tj * t[j - 1], da * (dims[a - 1] if isinstance(dims[a - 1], int) else -1)
+        while tp != dp and tp > 0 and dp > 0:  # grow the side with fewer elements
+            if tp < dp and j0 > 0 and t[j0 - 1] > 0:
+                j0, tp = j0 - 1, tp * t[j0 - 1]
+            elif dp < tp and a0 > 0 and isinstance(dims[a0 - 1], int):
+                a0, dp = a0 - 1, dp * dims[a0 - 1]
+            else:
+                break
+        if tp != dp or tp <= 0:
+            break
+        groups.append((range(j0, j), range(a0, a)))
+        j, a, tj, da = j0, a0, tp, dp
+    if j > 0 or a > 0:
+        groups.append((range(0, j), range(0, a)))
+    return groups
+
+
+def view_axes(target: np.ndarray, dims: Sequence) -> dict[int, int]:
+    """For a Reshape of data ``dims`` to the constant ``target``: each target entry ``j`` that indexes one
+    data axis ``a`` exactly (a group of one entry and one axis of :func:`view_groups`), as ``{j: a}``:
+    ``[B, 4, 16, 16] -> [-1, 4, 16, 16]`` maps entry 2 to axis 2 and entry 3 to axis 3 (the head size,
+    also 16); ``[B*H, S, S] -> [B, H, S, S]`` maps both S entries. Replacing ``target[j]`` by
+    ``Shape(data)[a]`` is then exact whatever size axis ``a`` has at run time."""
+    return {g.start: d.start for g, d in view_groups(target, dims)
+            if len(g) == 1 and len(d) == 1 and isinstance(dims[d.start], int)
+            and int(np.asarray(target).reshape(-1)[g.start]) == dims[d.start]}
+
+
+def view_entry(target: np.ndarray, dims: Sequence, axis: int | None) -> int | None:
+    """The entry of a constant view target that indexes the data's token axis ``axis`` (:func:`view_axes`),
+    or None (the axis unknown, merged with others, or no entry fits)."""
+    hits = [j for j, a in view_axes(target, dims).items() if a == axis] if axis is not None else []
+    return hits[0] if len(hits) == 1 else None
 
 
 def _shape_of_token_axis(piece: ir.Value, walk) -> bool:
