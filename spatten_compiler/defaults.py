@@ -63,6 +63,7 @@ class Part:
     change: str  # the one-line way to change it
     needs: str = ""  # a model feature (model_features) without which the part is skipped
     independent: bool = False  # an explicit detail replaces only itself (the details are separate knobs)
+    serving_needs: str = ""  # ... and without which it is skipped when the output targets onnxruntime (SERVING)
 
     def is_off(self, options: dict[str, Any]) -> bool:
         return options.get(self.off_key) == self.off_value
@@ -80,14 +81,20 @@ PARTS: dict[str, Part] = {
                   "no_head_pruning", True, "--no-head-pruning", "--head-keep R --head-calibration FILE.npz"),
     "values": Part("value pruning", ("value_keep",), (), "no_value_pruning", True, "--no-value-pruning",
                    "--value-keep R"),
+    # K/V planes save memory traffic on the accelerator and cache memory in a decoder; onnxruntime computes
+    # both precisions of an encoder's transient K/V (slower) and cannot fuse the attention that holds them
     "kv": Part("K/V quantization", ("kv_bits",), ("kv_rule", "lsb_threshold", "kv_granularity", "kv_factor"),
-               "kv_bits", "none", "--kv-bits none", "--kv-bits M+L (e.g. 5+1, 4)"),
+               "kv_bits", "none", "--kv-bits none", "--kv-bits M+L (e.g. 5+1, 4)", serving_needs="kv_cache"),
     "evict": Part("KV-cache eviction", ("kv_budget",),
                   ("kv_sinks", "kv_recent", "kv_evict", "kv_score", "kv_min_keep", "kv_slack"),
                   "no_kv_eviction", True, "--no-kv-eviction", "--kv-budget B|N (e.g. 0.25, 256), --kv-min-keep N",
                   needs="kv_cache", independent=True),
 }
 ENABLING = tuple(k for p in PARTS.values() for k in p.amount)
+# Options that make the output an onnxruntime model for serving (its fusions, its weight quantization):
+# a preset part with Part.serving_needs is skipped there on models without that feature.
+SERVING = ("optimize", "weights")
+SERVING_SKIP = "{flags} onnxruntime and {lacking}: {part} would cost time there and save no memory; {change} adds it"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +316,7 @@ def resolve(options: dict[str, Any], kind: str, pipeline: str = "",
                                  "give the rewrite explicitly (e.g. --token-keep R)"))
         return options, Resolution(None, kind, {}, (), ())
     out, applied, off, replaced, skipped = dict(options), {}, [], [], []
+    refusals: list[tuple[str, str]] = []
     for key, part in PARTS.items():
         values = preset.values(key)
         if part.is_off(options):
@@ -322,6 +330,14 @@ def resolve(options: dict[str, Any], kind: str, pipeline: str = "",
         if part.needs and features is not None and part.needs not in features:
             skipped.append(key)
             continue
+        serving = [k for k in SERVING if options.get(k)]
+        if serving and part.serving_needs and features is not None and part.serving_needs not in features:
+            skipped.append(key)
+            refusals.append((key, SERVING_SKIP.format(
+                flags="/".join("--" + k for k in serving) + (" target" if len(serving) > 1 else " targets"),
+                part=part.name,
+                lacking=FEATURES[part.serving_needs].lacking, change=f"--preset {preset.name} {part.change}")))
+            continue
         if part.given(options, part.details) and not part.independent:
             values = {k: v for k, v in values.items() if k in part.amount}  # the pass's defaults for the rest
         used = {k: v for k, v in values.items() if options.get(k) is None}
@@ -331,4 +347,4 @@ def resolve(options: dict[str, Any], kind: str, pipeline: str = "",
             out.get("head_keep") is not None  # per-KV-head eviction cannot score pruned heads yet (Config refuses it)
             or features is not None and "head_scores" not in features):  # nor heads folded into the batch
         out["kv_evict"] = applied["evict"]["kv_evict"] = "layer"
-    return out, Resolution(preset, kind, applied, tuple(off), tuple(replaced), tuple(skipped))
+    return out, Resolution(preset, kind, applied, tuple(off), tuple(replaced), tuple(skipped), tuple(refusals))

@@ -541,3 +541,32 @@ def test_a_decoder_preset_evicts_only_where_evict_kv_takes_the_layout(tmp_path: 
     assert "positions-input" not in err  # the trial is quiet
     assert main([src, "-o", str(tmp_path / "e.onnx"), "--kv-budget", "0.5"]) == 2
     assert "mask form the test refuses" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("serving", [{"optimize": True}, {"weights": "int8"}, {"optimize": True, "weights": "int8"}])
+def test_serving_options_skip_kv_planes_without_a_cache(serving: dict) -> None:
+    """--optimize / --weights make the output an onnxruntime model: an encoder's transient K/V planes would
+    cost time there and save no memory, so the preset skips them (and says how to add them back)."""
+    out, res = resolve({**serving}, "encoder", features=frozenset({"own_keys"}))
+    assert "kv" in res.skipped and out.get("kv_bits") is None
+    assert out["token_keep"] == PRESETS[("encoder", "default")].values("tokens")["token_keep"]
+    reason = dict(res.refusals)["kv"]
+    assert all(f"--{k}" in reason for k in serving) and "--preset default --kv-bits M+L" in reason
+    # asked for explicitly, they stay; and a model with a KV cache keeps the preset's planes
+    out, res = resolve({**serving, "preset": "default", "kv_bits": "4+1"}, "encoder", features=frozenset({"own_keys"}))
+    assert out["kv_bits"] == "4+1" and "kv" in res.replaced
+    out, res = resolve({**serving}, "encoder", features=frozenset({"own_keys", "kv_cache"}))
+    assert out["kv_bits"] == PRESETS[("encoder", "default")].values("kv")["kv_bits"] and not res.skipped
+
+
+def test_serving_options_give_the_fused_int8_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`spattenc m.onnx -o out.onnx --optimize --weights int8` with no other option: the default preset's
+    token pruning, no K/V planes, onnxruntime's fused attention after the decision - and the summary says
+    why the planes are off."""
+    out = tmp_path / "out.onnx"
+    assert main([str(MODELS / "bert_torchscript.onnx"), "-o", str(out), "--optimize", "--weights", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert "K/V quantization skipped: --optimize/--weights target onnxruntime" in err
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert "QAttention" in ops  # onnxruntime's int8 fused attention
+    assert not ops & {"Quantize", "QuantizeSplit", "DequantizeMSB", "DequantizeSplit"}  # no K/V planes
