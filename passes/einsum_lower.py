@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from spatten_compiler.editor import GraphEditor
+from spatten_compiler.editor import GraphEditor, rewrite_each
 from spatten_compiler.match import NoMatch, const_array
 
 MAX_WEIGHT = 1 << 26
@@ -100,18 +100,10 @@ def lower(e: GraphEditor, node: ir.Node) -> ir.Value | NoMatch:
 
 def einsums_to_matmuls(model: ir.Model) -> int:
     """Every Einsum of a form :func:`lower` knows -> its MatMul form; returns how many."""
-    e = GraphEditor(model, "spatten/normalize")
-    count = 0
-    for node in list(model.graph):
-        if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx"):
-            continue
+    def lowered(e: GraphEditor, node: ir.Node) -> ir.Value | None:
         new = lower(e, node)  # every refusal is decided before a node is built
         if isinstance(new, NoMatch):
-            continue
+            return None
         new.type = node.outputs[0].type
-        e.replace_uses(node.outputs[0], new)
-        model.graph.remove(node, safe=True)
-        count += 1
-    if count:
-        e.commit()
-    return count
+        return new
+    return rewrite_each(model, "Einsum", lowered, remove=True)

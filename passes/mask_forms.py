@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from spatten_compiler.editor import GraphEditor
+from spatten_compiler.editor import GraphEditor, rewrite_each
 from spatten_compiler.match import Const, NoMatch, OneOf, Op, Var, _Failures, const_array, match
 
 from .score_chain import _reaches_scores, is_mask_term
@@ -106,21 +106,13 @@ def _summable(found: dict) -> bool:
 
 def sum_masks(model: ir.Model) -> int:
     """Rewrite every :data:`TWO_MASKS` on attention scores in the main graph; return how many."""
-    e = GraphEditor(model, "spatten/normalize")
-    done = 0
-    for node in list(model.graph):
-        if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
-            continue
+    def summed(e: GraphEditor, node: ir.Node) -> ir.Value | None:
         found = next((b for b in _bindings(node) if _summable(b)), None)
         if found is None:
-            continue
+            return None
         both = e.op("Add", [found["m1"], found["m2"]], hint="masks")
-        e.replace_uses(node.outputs[0], e.op("Add", [found["scores"], both], hint="masked"))
-        done += 1
-    if done:
-        e.commit()
-        logger.debug("normalize: %d pairs of masks summed", done)
-    return done
+        return e.op("Add", [found["scores"], both], hint="masked")
+    return rewrite_each(model, "Add", summed, log=logger, what="pairs of masks summed")
 
 
 def _bindings(node: ir.Node) -> list[dict]:

@@ -55,7 +55,7 @@ from onnx_ir.passes.common import (
 )
 from onnxscript import optimizer, version_converter
 
-from spatten_compiler.editor import GraphEditor
+from spatten_compiler.editor import GraphEditor, rewrite_each
 from spatten_compiler.errors import OptionError
 from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
@@ -225,22 +225,14 @@ def gathers_to_slices(model: ir.Model) -> int:
 def rotary_to_ops(model: ir.Model) -> int:
     """ONNX ``RotaryEmbedding`` nodes -> rotate-half RoPE ops (:func:`.unfuse_gqa.rotary_embedding_23`);
     returns how many. One that has no such form (interleaved) stays, with the reason logged."""
-    e = GraphEditor(model, "spatten/normalize")
-    count = 0
-    for node in list(model.graph):
-        if node.op_type != "RotaryEmbedding" or node.domain not in ("", "ai.onnx"):
-            continue
+    def decomposed(e: GraphEditor, node: ir.Node) -> ir.Value | None:
         try:
             (y,) = rotary_embedding_23(e, node)
         except OptionError as err:
             logger.warning("%s", err)
-            continue
-        e.replace_uses(node.outputs[0], y)
-        node.graph.remove(node, safe=True)
-        count += 1
-    if count:
-        e.commit()
-    return count
+            return None
+        return y
+    return rewrite_each(model, "RotaryEmbedding", decomposed, remove=True)
 
 
 def _chunk_bounds(sizes: np.ndarray, index: int) -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from spatten_compiler.editor import GraphEditor
+from spatten_compiler.editor import GraphEditor, rewrite_each
 from spatten_compiler.match import const_array
 
 logger = logging.getLogger(__name__)
@@ -42,20 +42,14 @@ def _pushable(node: ir.Node) -> ir.Node | None:
 
 def push_shape_casts(model: ir.Model) -> int:
     """Rewrite every widening Cast of a 1-D integer Concat in the main graph; return how many."""
-    e = GraphEditor(model, "spatten/normalize")
-    done = 0
-    for node in list(model.graph):
+    def pushed(e: GraphEditor, node: ir.Node) -> ir.Value | None:
         concat = _pushable(node)
         if concat is None:
-            continue
+            return None
         pieces = []
         for piece in concat.inputs:
             array = const_array(piece)
             pieces.append(e.const("shape_piece", array.astype(np.int64)) if array is not None
                           else e.op("Cast", [piece], to=ir.DataType.INT64))
-        e.replace_uses(node.outputs[0], e.op("Concat", pieces, axis=0))
-        done += 1
-    if done:
-        e.commit()
-        logger.debug("normalize: %d shape casts pushed onto their pieces", done)
-    return done
+        return e.op("Concat", pieces, axis=0)
+    return rewrite_each(model, "Cast", pushed, log=logger, what="shape casts pushed onto their pieces")

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from spatten_compiler.editor import GraphEditor
+from spatten_compiler.editor import GraphEditor, rewrite_each
 from spatten_compiler.match import const_array
 
 logger = logging.getLogger(__name__)
@@ -34,17 +34,7 @@ def expand_target(node: ir.Node) -> np.ndarray | None:
 
 def tiles_to_expands(model: ir.Model) -> int:
     """Rewrite every unit-axis Tile of the main graph; return how many."""
-    e = GraphEditor(model, "spatten/normalize")
-    done = 0
-    for node in list(model.graph):
-        if node.op_type != "Tile" or node.domain not in ("", "ai.onnx"):
-            continue
+    def expand(e: GraphEditor, node: ir.Node) -> ir.Value | None:
         target = expand_target(node)
-        if target is None:
-            continue
-        e.replace_uses(node.outputs[0], e.op("Expand", [node.inputs[0], e.const("repeat", target)], hint="repeat"))
-        done += 1
-    if done:
-        e.commit()
-        logger.debug("normalize: %d unit-axis Tiles -> Expand", done)
-    return done
+        return None if target is None else e.op("Expand", [node.inputs[0], e.const("repeat", target)], hint="repeat")
+    return rewrite_each(model, "Tile", expand, log=logger, what="unit-axis Tiles -> Expand")

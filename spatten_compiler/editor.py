@@ -7,7 +7,8 @@ topological order in :meth:`commit`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -95,3 +96,29 @@ class GraphEditor:
 
     def commit(self) -> None:
         TopologicalSortPass()(self.model)
+
+
+def rewrite_each(model: ir.Model, op_type: str, rewrite: Callable[[GraphEditor, ir.Node], ir.Value | None],
+                 *, remove: bool = False, log: logging.Logger | None = None, what: str = "") -> int:
+    """The normalize sub-steps' loop: for every default-domain ``op_type`` node of the main graph (a
+    snapshot), ``rewrite(e, node)`` builds the value that replaces its output, or returns None to leave
+    the node alone; the uses are rewired (and the node removed with ``remove``), the new nodes committed
+    once at the end. Returns how many nodes were replaced (``log`` says so at debug level, ``what`` naming
+    them)."""
+    e = GraphEditor(model, "spatten/normalize")
+    done = 0
+    for node in list(model.graph):
+        if node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+            continue
+        new = rewrite(e, node)
+        if new is None:
+            continue
+        e.replace_uses(node.outputs[0], new)
+        if remove:
+            model.graph.remove(node, safe=True)
+        done += 1
+    if done:
+        e.commit()
+        if log is not None:
+            log.debug("normalize: %d %s", done, what)
+    return done
