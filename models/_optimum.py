@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from corpus import (  # noqa: E402
     FAMILIES_BY_TYPE,
     SEED,
     Family,
+    append_record,
     expected_dims,
     make_config,
     read_manifest,
@@ -367,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 if kind not in kinds or name in done:
                     continue
                 rec = export_one(fam, exporter, kind, args.out)
-                log.info("%-32s %-6s %5.1fs %s", rec["name"], rec["status"], rec["seconds"], rec.get("reason", ""))
-                manifest.write(json.dumps(rec) + "\n")
-                manifest.flush()
+                append_record(manifest, rec)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import logging
 import sys
 import time
@@ -270,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             if f"{tf_fam.model_type.replace('-', '_')}_{EXPORTER}" in done:
                 continue
             rec = export_one(tf_fam, args.out, args.fixture, args.opset)
-            log.info("%-32s %-6s %5.1fs %s", rec["name"], rec["status"], rec["seconds"], rec.get("reason", ""))
-            manifest.write(json.dumps(rec) + "\n")
-            manifest.flush()
+            corpus.append_record(manifest, rec)
     return 0
 
 

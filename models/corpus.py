@@ -380,6 +380,13 @@ def read_manifest(out: Path = OUT) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
+def append_record(manifest: Any, rec: dict[str, Any]) -> None:
+    """Log one export's record and append it to the open manifest (flushed: a crash keeps what was done)."""
+    log.info("%-32s %-6s %5.1fs %s", rec["name"], rec["status"], rec["seconds"], rec.get("reason", ""))
+    manifest.write(json.dumps(rec) + "\n")
+    manifest.flush()
+
+
 def run_optimum(python: str | None, exporters: list[str], out: Path, only: str | None, resume: bool) -> int:
     """Delegate the Optimum exporters to ``models/_optimum.py`` under ``python`` (the optimum venv's);
     it appends its records to the same manifest. Skipped (logged) when no python is configured."""
@@ -455,18 +462,14 @@ def main(argv: list[str] | None = None) -> int:
                         log.info("%-32s skipped: onnxruntime-genai is not installed", name)
                         continue
                     rec = export_builder(fam, exporter, args.out)
-                    log.info("%-32s %-6s %5.1fs %s", rec["name"], rec["status"], rec["seconds"], rec.get("reason", ""))
-                    manifest.write(json.dumps(rec) + "\n")
-                    manifest.flush()
+                    append_record(manifest, rec)
                     continue
                 for kv in ((False, True) if fam.kind == "decoder" and fam.kv else (False,)):
                     name = f"{fam.model_type.replace('-', '_')}_{exporter}{'_kv' if kv else ''}"
                     if name in done:
                         continue
                     rec = export_one(fam, exporter, kv, args.out)
-                    log.info("%-32s %-6s %5.1fs %s", rec["name"], rec["status"], rec["seconds"], rec.get("reason", ""))
-                    manifest.write(json.dumps(rec) + "\n")
-                    manifest.flush()
+                    append_record(manifest, rec)
     rc = run_optimum(args.optimum_python, optimum, args.out, args.only, args.resume) if optimum else 0
     if any(e in TF_EXPORTERS for e in exporters):
         rc = run_tf2onnx(args.tf_python, args.out, args.only, args.resume) or rc
