@@ -127,16 +127,23 @@ def pad_encodings(encs: Sequence[Any], pad_id: int) -> dict[str, np.ndarray]:
 
 def make_session(
     model: Path, threads: int, spin: bool = True, custom_op_libs: Sequence[Path] = (),
-    disabled_optimizers: Sequence[str] = (),
+    disabled_optimizers: Sequence[str] = (), spin_idle: bool = False,
 ) -> ort.InferenceSession:
     """A CPU session with ``threads`` intra-op threads and one inter-op thread (sequential);
-    ``disabled_optimizers``: onnxruntime graph transformers the session must not apply."""
+    ``disabled_optimizers``: onnxruntime graph transformers the session must not apply.
+
+    ``spin``: the intra-op threads spin while a run is in progress (onnxruntime's default), and stop
+    when it returns (``session.force_spinning_stop``) unless ``spin_idle``. A benchmark holds several
+    sessions in one process; an idle session whose threads keep spinning takes a core from the one
+    that runs next, which costs a short model far more than a long one (docs/optimize.md 4n)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif not spin_idle:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     for lib in custom_op_libs:
         so.register_custom_ops_library(str(lib))
     sess = ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"],

@@ -248,11 +248,20 @@ MD_HEADER = ("| input | tokens (mean) | inputs x repeats | model | median ms | s
              "| kept % | flop ratio |\n|---|---|---|---|---|---|---|---|---|")
 
 
+def spin_text(config: dict[str, Any]) -> str:
+    """How a run's sessions spun (results written before ``spin_idle`` existed spun between runs too)."""
+    if not config.get("spin"):
+        return "no spinning"
+    if config.get("spin_idle", True):
+        return "spinning during and between runs (idle sessions spin)"
+    return "spinning during runs (stopped when a run returns)"
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     m, c = result["meta"], result["config"]
     lines = [f"# latency {m['date_utc']}", "", f"`{m['command']}`", "",
              f"onnxruntime {m['onnxruntime_version']}, batch 1, {m['intra_op_threads']} intra-op threads, "
-             f"spin {c['spin']}, order {c.get('order', 'interleaved')}, warm-up {c['warmup']}, "
+             f"{spin_text(c)}, order {c.get('order', 'interleaved')}, warm-up {c['warmup']}, "
              f"{'without ' + ', '.join(c['ort_disabled']) + ', ' if c.get('ort_disabled') else ''}"
              f"load avg {m['load_avg_1m']}, "
              f"git {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}", "", MD_HEADER]
@@ -271,7 +280,12 @@ def add_timing_options(p: argparse.ArgumentParser) -> None:
     # its run and steal the cores from the next model (measured: dense 106-132 ms with spinning vs
     # 85 ms without, and pruned models hit harder because they are shorter), so spinning is off
     # unless asked for.
-    p.add_argument("--spin", action="store_true", help="allow onnxruntime intra-op thread spinning (off by default)")
+    p.add_argument("--spin", action="store_true",
+                   help="allow onnxruntime intra-op thread spinning while a run is in progress (off by default); "
+                        "the threads stop spinning when the run returns, so idle sessions do not compete")
+    p.add_argument("--spin-idle", action="store_true",
+                   help="with --spin: keep spinning after a run returns too (onnxruntime's default; the protocol "
+                        "of the runs before 2026-12-06 10:00 UTC, where idle sessions took cores from the next model)")
     p.add_argument("--no-spin", action="store_true", help=argparse.SUPPRESS)  # the old flag; now the default
     p.add_argument("--order", choices=list(ORDERS), default="interleaved",
                    help="interleaved: every run follows another model's; blocked: one untimed run, then "
@@ -305,7 +319,7 @@ def load_models(args: argparse.Namespace) -> list[Model]:
     specs = [ModelSpec("dense", args.dense)] + [common.parse_model_spec(s) for s in args.candidate]
     models = []
     for spec in specs:
-        sess = common.make_session(spec.path, args.threads, spin=args.spin,
+        sess = common.make_session(spec.path, args.threads, spin=args.spin, spin_idle=args.spin_idle,
                                    custom_op_libs=args.custom_op_lib, disabled_optimizers=args.ort_disable)
         sidecar, ratios = (None, {}) if spec.label == "dense" and spec.path == args.dense else \
             load_flop_ratios(spec.path, explicit.get(spec.label))
@@ -344,7 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "meta": common.run_metadata(args.threads),
         "config": {"lengths": args.lengths, "n_inputs": args.n_inputs, "n_imdb": args.n_imdb, "n_sst2": args.n_sst2,
                    "repeats": args.repeats, "warmup": args.warmup, "max_len": args.max_len,
-                   "spin": args.spin, "batch": 1, "order": args.order,
+                   "spin": args.spin, "spin_idle": args.spin and args.spin_idle, "batch": 1, "order": args.order,
                    "ort_disabled": args.ort_disable,
                    "data_dir": str(args.data_dir)},
         "models": [{"label": x.spec.label, "path": str(x.spec.path), "sha256": x.sha256,

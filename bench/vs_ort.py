@@ -9,9 +9,12 @@ Four compositions, each as a dense model and as the pruned one (``--token-keep R
 
 Latency: batch 1, WikiText-2 windows of exactly 128/256/512 tokens and IMDB test reviews at natural
 length, all models (eight, or two per --compositions entry) interleaved per input (bench/latency.py's loop,
-rotating order, no spinning; ``--order blocked --spin``: each model's runs back to back, with
-onnxruntime's default spinning, as when one model is served; ``--order cycled --spin``: the same warm
-runs in short visits, the models taking turns, so a drifting machine slows all of them alike).
+rotating order, no spinning; ``--order blocked --spin``: each model's runs back to back, its threads
+spinning during a run as onnxruntime's default does, as when one model is served; ``--order cycled
+--spin``: the same warm runs in short visits, the models taking turns, so a drifting machine slows all
+of them alike). With ``--spin`` a session's threads stop spinning when its run returns, so the idle
+sessions do not take cores from the one running (``--spin-idle``: they keep spinning, the protocol of
+the runs before 4n in docs/optimize.md).
 Reported per pair: candidate vs its own dense counterpart, vs the raw fp32 dense model, and the
 fraction of the ideal FLOP ratio (the compiler's ``--report``, docs/optimize.md) each pair reaches.
 Quality (``--quality``): the issue-#4 protocols (bench/embed_eval.py: cosine, drop-in, refit) on
@@ -97,7 +100,8 @@ def run_latency(paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> 
     specs = [(f"{role}-{comp}", p[role]) for comp, p in paths.items() for role in ("dense", "pruned")]
     models = []
     for label, path in specs:
-        sess = common.make_session(path, args.threads, spin=args.spin, disabled_optimizers=args.ort_disable)
+        sess = common.make_session(path, args.threads, spin=args.spin, spin_idle=args.spin_idle,
+                                   disabled_optimizers=args.ort_disable)
         sidecar, ratios = latency.load_flop_ratios(path, None)
         models.append(latency.Model(ModelSpec(label, path), sess, common.file_sha256(path), sidecar, ratios))
     ns = argparse.Namespace(
@@ -207,7 +211,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"MiniLM (`{c['model']}`), `--token-keep {c['token_keep']}`, onnxruntime {m['onnxruntime_version']}, batch 1, "
         f"{m['intra_op_threads']} intra-op threads, "
-        f"{'spinning (onnxruntime default)' if c.get('spin') else 'no spinning'}, "
+        f"{latency.spin_text(c)}, "
         f"{c['n_inputs']} WikiText-2 windows per length and "
         f"{c['n_imdb']} IMDB reviews x {c['repeats']} repeats, all {2 * len(result['models'])} models "
         f"{ORDER_TEXT[c.get('order', 'interleaved')]}; "
@@ -331,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup": args.warmup,
             "max_len": args.max_len,
             "spin": args.spin,
+            "spin_idle": args.spin and args.spin_idle,
             "order": args.order,
             "ort_disabled": args.ort_disable,
             "batch": 1,

@@ -1,13 +1,16 @@
 """bench/latency.py's timing schedules: every model is timed `repeats` times per input, in the stated
-order (the protocol the recorded results name)."""
+order (the protocol the recorded results name), and how the benchmark sessions spin."""
 
 from __future__ import annotations
 
 import collections
 
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
-from bench.latency import CYCLE_BLOCK, ORDERS
+from bench import common
+from bench.latency import CYCLE_BLOCK, ORDERS, build_parser, spin_text
 
 
 @pytest.mark.parametrize("order", list(ORDERS))
@@ -35,3 +38,39 @@ def test_cycled_visits_each_model_in_short_warm_blocks() -> None:
     assert CYCLE_BLOCK == 3
     assert runs == [(0, -1, False), (0, 0, True), (0, 1, True), (0, 2, True), (1, -1, False), (1, 0, True),
                     (1, 1, True), (1, 2, True), (1, -1, False), (1, 3, True), (0, -1, False), (0, 3, True)]
+
+
+def _identity(tmp_path) -> str:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+@pytest.mark.parametrize(("spin", "spin_idle", "allow", "stop"), [
+    (False, False, "0", ""),   # no spinning at all
+    (True, False, "", "1"),    # --spin: spin during a run, stop when it returns
+    (True, True, "", ""),      # --spin --spin-idle: onnxruntime's default (idle sessions keep spinning)
+])
+def test_sessions_spin_only_while_they_run(tmp_path, spin, spin_idle, allow, stop) -> None:
+    sess = common.make_session(_identity(tmp_path), 2, spin=spin, spin_idle=spin_idle)
+    so = sess.get_session_options()
+
+    def entry(key: str) -> str:  # "" for a key the options do not set
+        try:
+            return so.get_session_config_entry(key)
+        except RuntimeError:
+            return ""
+
+    assert entry("session.intra_op.allow_spinning") == allow
+    assert entry("session.force_spinning_stop") == stop
+
+
+def test_spin_protocol_is_named_in_results() -> None:
+    args = build_parser().parse_args(["--dense", "d.onnx", "--spin"])
+    assert (args.spin, args.spin_idle) == (True, False)
+    assert spin_text({"spin": True, "spin_idle": False}) == "spinning during runs (stopped when a run returns)"
+    assert spin_text({"spin": True}).startswith("spinning during and between runs")  # results before spin_idle
+    assert spin_text({"spin": False, "spin_idle": True}) == "no spinning"
