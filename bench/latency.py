@@ -6,7 +6,9 @@ input and repeat every model runs once, back to back; the model order rotates ea
 model always runs first (cache/turbo effects hit all of them alike). Warm-up runs come first.
 
 Per group and model: median latency (ms), speedup = dense median / candidate median, a paired
-speedup (median over inputs of the per-input ratio), the fraction of tokens the candidate kept to
+speedup (median over inputs of the per-input ratio), a run-paired one (median over inputs and repeats
+of the ratio of the two runs with the same input and repeat index; ``paired_runs``), every timed run
+(``times_ms`` in the JSON), the fraction of tokens the candidate kept to
 the last layer (from ``spatten_kept_mask``) and, when the compiler wrote a ``<model>.spatten.json``
 sidecar, its ``flop_ratio`` for that length.
 
@@ -221,9 +223,17 @@ def time_group(models: Sequence[Model], group: InputGroup, repeats: int, warmup:
     return summarize(models, group, times, kept)
 
 
+def paired_runs(times: np.ndarray, a: int, b: int) -> float:
+    """Median over (input, repeat) of model a's time over model b's for the same input and repeat index:
+    in the interleaved and cycled orders those two runs are seconds apart at most, so a machine whose
+    speed drifts over a run changes both alike (the ratio of medians mixes slow and fast minutes)."""
+    return float(np.median(times[a] / times[b]))
+
+
 def summarize(models: Sequence[Model], group: InputGroup, times: np.ndarray,
               kept: list[list[float]]) -> dict[str, Any]:
-    """Per-model statistics; speedups relative to models[0] (the dense model)."""
+    """Per-model statistics; speedups relative to models[0] (the dense model). ``times_ms``: every timed
+    run, [model][input][repeat]."""
     dense_med = float(np.median(times[0]))
     dense_per_input = np.median(times[0], axis=1)
     rows = []
@@ -235,17 +245,19 @@ def summarize(models: Sequence[Model], group: InputGroup, times: np.ndarray,
             "median_ms": med, "mean_ms": float(times[j].mean()), "min_ms": float(times[j].min()),
             "p10_ms": float(np.percentile(times[j], 10)), "p90_ms": float(np.percentile(times[j], 90)),
             "speedup": dense_med / med, "speedup_paired": float(np.median(dense_per_input / per_input)),
+            "speedup_paired_runs": paired_runs(times, 0, j),
             "kept_fraction": float(np.mean(kept[j])) if kept[j] else None,
             "flop_ratio": flop_ratio_for(x, group),
         })
     lengths = [len(t) for t in group.ids]
     return {"name": group.name, "source": group.source, "length": group.length,
             "n_inputs": len(group.ids), "repeats": int(times.shape[2]),
-            "mean_tokens": float(np.mean(lengths)), "max_tokens": int(max(lengths)), "models": rows}
+            "mean_tokens": float(np.mean(lengths)), "max_tokens": int(max(lengths)), "models": rows,
+            "times_ms": np.round(times, 4).tolist()}
 
 
 MD_HEADER = ("| input | tokens (mean) | inputs x repeats | model | median ms | speedup | paired speedup "
-             "| kept % | flop ratio |\n|---|---|---|---|---|---|---|---|---|")
+             "| run-paired speedup | kept % | flop ratio |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def spin_text(config: dict[str, Any]) -> str:
@@ -270,7 +282,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             kept = common.fmt(None if r["kept_fraction"] is None else 100 * r["kept_fraction"], ".1f")
             lines.append(f"| {g['name']} | {g['mean_tokens']:.0f} | {g['n_inputs']} x {g['repeats']} | "
                          f"{r['label']} | {r['median_ms']:.2f} | {r['speedup']:.3f} | "
-                         f"{r['speedup_paired']:.3f} | {kept} | {common.fmt(r['flop_ratio'], '.3f')} |")
+                         f"{r['speedup_paired']:.3f} | {common.fmt(r.get('speedup_paired_runs'), '.3f')} | "
+                         f"{kept} | {common.fmt(r['flop_ratio'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
 

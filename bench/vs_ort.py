@@ -96,6 +96,40 @@ def build_models(model: Path, keep: float, out: Path, reuse: bool,
     return paths
 
 
+def _pairs(res: dict[str, Any], comps: Sequence[str]) -> tuple[list[dict[str, Any]], float | None]:
+    """Each composition's pruned model against its own dense counterpart and the raw fp32 one, from one
+    timed group (latency.time_group); with the ideal FLOP ratio of the pruned raw model."""
+    med = {r["label"]: r["median_ms"] for r in res["models"]}
+    index = {r["label"]: k for k, r in enumerate(res["models"])}
+    times = np.asarray(res["times_ms"])
+
+    def run_paired(a: str, b: str) -> float:
+        return latency.paired_runs(times, index[a], index[b])
+
+    ratio = next((r["flop_ratio"] for r in res["models"] if r["label"] == "pruned-raw"), None)
+    pairs = []
+    for comp in comps:
+        d, c = med[f"dense-{comp}"], med[f"pruned-{comp}"]
+        own = run_paired(f"dense-{comp}", f"pruned-{comp}")
+        pairs.append(
+            {
+                "composition": comp,
+                "dense_ms": d,
+                "pruned_ms": c,
+                "speedup_vs_own_dense": d / c,
+                "dense_vs_raw_fp32": med["dense-raw"] / d,
+                "pruned_vs_raw_fp32": med["dense-raw"] / c,
+                "fraction_of_ideal": d / c / ratio if ratio else None,
+                "run_paired": {
+                    "speedup_vs_own_dense": own,
+                    "pruned_vs_raw_fp32": run_paired("dense-raw", f"pruned-{comp}"),
+                    "fraction_of_ideal": own / ratio if ratio else None,
+                },
+            }
+        )
+    return pairs, ratio
+
+
 def run_latency(paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> dict[str, Any]:
     specs = [(f"{role}-{comp}", p[role]) for comp, p in paths.items() for role in ("dense", "pruned")]
     models = []
@@ -118,22 +152,7 @@ def run_latency(paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> 
     groups = []
     for g in latency.build_groups(ns):
         res = latency.time_group(models, g, args.repeats, args.warmup, args.order)
-        med = {r["label"]: r["median_ms"] for r in res["models"]}
-        ratio = next((r["flop_ratio"] for r in res["models"] if r["label"] == "pruned-raw"), None)
-        pairs = []
-        for comp in paths:
-            d, c = med[f"dense-{comp}"], med[f"pruned-{comp}"]
-            pairs.append(
-                {
-                    "composition": comp,
-                    "dense_ms": d,
-                    "pruned_ms": c,
-                    "speedup_vs_own_dense": d / c,
-                    "dense_vs_raw_fp32": med["dense-raw"] / d,
-                    "pruned_vs_raw_fp32": med["dense-raw"] / c,
-                    "fraction_of_ideal": d / c / ratio if ratio else None,
-                }
-            )
+        pairs, ratio = _pairs(res, list(paths))
         raw = pairs[0]["speedup_vs_own_dense"]
         groups.append(
             {**res, "pairs": pairs, "ideal_flop_ratio": ratio, "fraction_of_ideal": raw / ratio if ratio else None}
@@ -243,6 +262,18 @@ def render(result: dict[str, Any]) -> str:
                 + " | ".join(f"{p['speedup_vs_own_dense']:.2f}x ({100 * p['fraction_of_ideal']:.0f}%)"
                              for p in g["pairs"]) + " |"
             )
+    run_paired = [g for g in result["latency"]["groups"] if g["pairs"] and "run_paired" in g["pairs"][0]]
+    if run_paired:
+        lines += ["", "Run-paired (median over inputs and repeats of the ratio of the two runs with the same input "
+                  "and repeat index, which drift on the machine changes alike; bench/latency.py `paired_runs`): "
+                  "pruned vs own dense (fraction of the ideal ratio); pruned vs raw fp32:", "",
+                  "| input | " + " | ".join(comps) + " |", "|---|" + "---|" * len(comps)]
+        for g in run_paired:
+            lines.append(f"| {g['name']} | " + " | ".join(
+                f"{p['run_paired']['speedup_vs_own_dense']:.2f}x"
+                + (f" ({100 * p['run_paired']['fraction_of_ideal']:.0f}%)" if p["run_paired"]["fraction_of_ideal"]
+                   else "")
+                + f"; {p['run_paired']['pruned_vs_raw_fp32']:.2f}x" for p in g["pairs"]) + " |")
     if result.get("quality"):
         lines += [
             "",

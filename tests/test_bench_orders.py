@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -74,3 +75,32 @@ def test_spin_protocol_is_named_in_results() -> None:
     assert spin_text({"spin": True, "spin_idle": False}) == "spinning during runs (stopped when a run returns)"
     assert spin_text({"spin": True}).startswith("spinning during and between runs")  # results before spin_idle
     assert spin_text({"spin": False, "spin_idle": True}) == "no spinning"
+
+
+def test_run_paired_speedup_is_the_ratio_under_common_drift() -> None:
+    from bench.latency import paired_runs
+
+    # model 1 is 3x faster; the machine's speed drifts run by run (both models' r-th runs alike), and
+    # one of model 1's runs is preempted
+    drift = np.array([1.0, 1.3, 2.0, 1.1, 0.9, 1.6, 1.0])
+    times = np.stack([30.0 * drift, 10.0 * drift])[:, None, :]
+    times[1, 0, 2] *= 5
+    assert paired_runs(times, 0, 1) == pytest.approx(3.0)
+    assert paired_runs(times, 1, 0) == pytest.approx(1 / 3.0)
+
+
+def test_vs_ort_pairs_each_composition_with_its_own_dense_run_by_run() -> None:
+    from bench.vs_ort import _pairs
+
+    labels = ["dense-raw", "pruned-raw", "dense-optimized", "pruned-optimized"]
+    base = np.array([[40.0, 80.0], [20.0, 40.0], [36.0, 72.0], [12.0, 24.0]])  # 1 input x 2 repeats each
+    res = {"models": [{"label": a, "median_ms": float(np.median(t)), "flop_ratio": 3.0 if a == "pruned-raw" else None}
+                      for a, t in zip(labels, base, strict=True)],
+           "times_ms": base[:, None, :].tolist()}
+    pairs, ratio = _pairs(res, ["raw", "optimized"])
+    assert ratio == 3.0
+    opt = pairs[1]
+    assert opt["run_paired"]["speedup_vs_own_dense"] == pytest.approx(3.0)
+    assert opt["run_paired"]["fraction_of_ideal"] == pytest.approx(1.0)
+    assert opt["run_paired"]["pruned_vs_raw_fp32"] == pytest.approx(40.0 / 12.0)
+    assert opt["speedup_vs_own_dense"] == pytest.approx(54.0 / 18.0)
