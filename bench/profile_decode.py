@@ -9,7 +9,9 @@ planes and positive scales. The values do not change the work, except for block 
 one whole cycle per timed run - from the freshly evicted cache, real consecutive steps (its outputs
 fed back, positions advancing) up to and including the next eviction step - and its step time is
 that cycle's mean (so the eviction step is paid in full, and the context it sees is up to a cycle
-longer than the others'). Runs of all models are interleaved, medians over runs reported.
+longer than the others'). Runs of all models are interleaved, medians over runs reported; the sessions'
+threads spin during a run and stop when it returns (``--spin-idle``: they keep spinning, the earlier
+protocol).
 
     python -m bench profile_decode --context 1024 --models dense=models/cache/smollm2/model.onnx \\
         evict50=smol.kv.onnx:0.5 packed=smol.kv4.onnx:1
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--no-profile", action="store_true", help="interleaved step times only, written to bench/results")
+    p.add_argument("--spin-idle", action="store_true",
+                   help="let a session's threads keep spinning after its step returns (onnxruntime's default; the "
+                        "protocol before session 19, where the idle sessions took cores from the one being timed)")
     p.add_argument("--name", default="decode-step")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
     args = p.parse_args(argv)
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+        if not args.spin_idle:  # spin during a step, stop when it returns (docs/benchmarks.md)
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         if not args.no_profile:
             so.enable_profiling = True
             so.profile_file_prefix = tempfile.mkdtemp() + "/profile"
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(steps) > 1:  # block eviction: the cycle's shortest-longest past
                 length = f"{length}-{length + len(steps) - 1} ({len(steps)}-step cycle)"
             rows.append({"context": context, "model": name, "cache_len": length, "step_ms": ms,
+                         "spin_idle": args.spin_idle,
                          "vs_first": base * 1e3 / ms, "kv_bytes": kv, "load_avg": load,
                          "q25_ms": float(np.percentile(times, 25)) * 1e3,
                          "q75_ms": float(np.percentile(times, 75)) * 1e3})
@@ -176,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = run_metadata(args.threads)
         md = [f"# Decode step time, steady-state synthetic cache ({args.runs} interleaved steps per context)", "",
               f"Command: `{meta['command']}`  ", f"Date: {meta['date_utc']}, git {meta['git_commit']}, onnxruntime "
-              f"{meta['onnxruntime_version']}, {args.threads} intra-op threads, {meta['cpu_count']} cores shared "
+              f"{meta['onnxruntime_version']}, {args.threads} intra-op threads, "
+              f"{'idle sessions spinning' if args.spin_idle else 'spinning only during a run'}, "
+              f"{meta['cpu_count']} cores shared "
               "with other jobs (load average per context below).", "",
               "| context | model | past length | step ms (median) | q25-q75 ms | vs " + specs[0][0] + " | load avg |",
               "|---|---|---|---|---|---|---|"]
