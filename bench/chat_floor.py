@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d prompts, chat lengths %s", len(chosen), [len(i) for _, i in chosen])
     mode, k = METHODS[args.method]
     args.cache.mkdir(parents=True, exist_ok=True)
-    dense = DecoderSession(args.model, threads=args.threads)
-    evict = DecoderSession(compiled(mode, args.cache, args.model), threads=args.threads)
+    dense = DecoderSession(args.model, threads=args.threads, idle_spin=False)
+    evict = DecoderSession(compiled(mode, args.cache, args.model), threads=args.threads, idle_spin=False)
     configs = [(float(b), int(f)) for b, _, f in (c.partition(":") for c in args.configs.split(",") if c)] or \
         [(float(b), int(f)) for b in args.budgets.split(",") for f in args.floors.split(",")]
     rows: list[dict] = []

@@ -257,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         methods = sorted({m for m, _, _ in pairs})
     tok = Tokenizer.from_file(str(args.model.parent / "tokenizer.json"))
     ids = np.array(tok.encode(args.data.read_text()).ids, np.int64)
-    sessions = {"dense": DecoderSession(args.model, threads=args.threads)}
+    sessions = {"dense": DecoderSession(args.model, threads=args.threads, idle_spin=False)}
     modes = {METHODS[m][0] for m in methods}
     for mode in sorted(modes | {SHARED_PREFILL[m] for m in modes if m in SHARED_PREFILL}):  # e.g. layer prefills cascade
         sessions[mode] = DecoderSession(compiled(mode, args.cache, args.model, args.compiled_dir),
-                                        threads=args.threads)
+                                        threads=args.threads, idle_spin=False)
     rows: list[dict] = []
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for context in contexts:

@@ -69,7 +69,7 @@ class OrtRunner:
     def __init__(self, path: Path, threads: int) -> None:
         from spatten_compiler.decoding import DecoderSession
 
-        self.session = DecoderSession(path, threads=threads)
+        self.session = DecoderSession(path, threads=threads, idle_spin=False)
 
     def prefill(self, ids: np.ndarray) -> None:
         s, context = self.session, len(ids)

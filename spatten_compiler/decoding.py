@@ -47,9 +47,12 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> int | None:
 class DecoderSession:
     """Runs a decoder step by step. ``runtime``: ``ort`` (onnxruntime), ``reference``, or ``none``
     (no engine: :meth:`feeds` / :meth:`commit` keep the cache state for a caller that runs the graph
-    itself, e.g. the functional simulator; ``model`` may then be a ModelProto)."""
+    itself, e.g. the functional simulator; ``model`` may then be a ModelProto). ``idle_spin=False``: the
+    onnxruntime threads stop spinning when a step returns (for benchmarks that step several sessions in
+    one process; a lone generation loop keeps onnxruntime's default)."""
 
-    def __init__(self, model: str | Path | onnx.ModelProto, runtime: str = "ort", threads: int | None = None) -> None:
+    def __init__(self, model: str | Path | onnx.ModelProto, runtime: str = "ort", threads: int | None = None,
+                 idle_spin: bool = True) -> None:
         if isinstance(model, onnx.ModelProto):
             if runtime != "none":
                 raise OptionError("DecoderSession: a ModelProto needs runtime='none'")
@@ -92,6 +95,8 @@ class DecoderSession:
             if threads:
                 opts.intra_op_num_threads = threads
                 opts.inter_op_num_threads = 1
+            if not idle_spin:  # several sessions in one process: an idle one's spinning threads slow the others
+                opts.add_session_config_entry("session.force_spinning_stop", "1")
             self._ort = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         elif runtime == "reference":
             from spatten_compiler.runtime.reference import ReferenceRuntime

@@ -184,3 +184,15 @@ def test_profile_decode_times_a_whole_block_cycle(tmp_path_factory: pytest.TempP
     steps = cycle(sess, feeds)
     assert [f["past_key_values.0.key"].shape[2] for f in steps] == [8, 9, 10, 11]
     assert [int(f["position_ids"][0, 0]) for f in steps] == [39, 40, 41, 42]
+
+
+@pytest.mark.parametrize("idle_spin", [True, False])
+def test_decoder_session_stops_spinning_on_request(idle_spin: bool) -> None:
+    # benchmarks step several sessions in one process: an idle one must not keep its threads spinning
+    s = DecoderSession(MODELS / "gpt2_kv_torchscript.onnx", threads=2, idle_spin=idle_spin)
+    try:
+        stop = s._ort.get_session_options().get_session_config_entry("session.force_spinning_stop")
+    except RuntimeError:  # not set: onnxruntime's default
+        stop = ""
+    assert stop == ("" if idle_spin else "1")
+    assert s.fork()._ort is s._ort  # lockstep forks share the session and its setting
