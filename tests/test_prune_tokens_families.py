@@ -287,6 +287,10 @@ def stack(proto: onnx.ModelProto, shared_positions: bool = True, layers: int = 2
 CASES = {
     "t5_buckets": lambda: structural_graphs.build(bias="buckets"),
     "alibi": lambda: structural_graphs.build(bias="alibi"),
+    # MPT: an [H, 1, S] term, the last S columns of a fixed table (the length read from the layer's K: TorchScript;
+    # from the graph input: dynamo)
+    "mpt_alibi": lambda: structural_graphs.build(bias="mpt"),
+    "mpt_alibi_input": lambda: structural_graphs.build(bias="mpt_input"),
     "partial_rope": lambda: structural_graphs.build(qk="partial_rope"),
     "interleaved_rope": lambda: structural_graphs.build(qk="interleaved_rope"),
     "rope_table": lambda: attention_graphs.build(rope=True),
@@ -483,6 +487,34 @@ def _single_layer(proto: onnx.ModelProto) -> onnx.ModelProto:
             n.output[i] = "y" if name == "l1_y" else name
     return helper.make_model(helper.make_graph(nodes, "l1", list(g.input), [out], inits),
                              opset_imports=list(proto.opset_import))
+
+
+@pytest.mark.parametrize("case", ["mpt_alibi", "mpt_alibi_input", "alibi"])
+def test_key_term_reads_the_kept_tokens_original_positions(case: str, tmp_path) -> None:
+    """A key-only position term (ALiBi; MPT's [H, 1, S] cut from a fixed table by the layer's own length,
+    which the rewrite cuts at the full length instead): pruned layer 1's kept rows == the input model's
+    layer 1 on the full sequence with the dropped tokens masked out - the kept keys keep their original
+    positions (cut at the kept count, they would get positions 0..k-1)."""
+    proto = stack(CASES[case]())
+    feeds = _feeds(pad=False)
+    got = _run(_compile(proto, tmp_path, schedule=(1.0, 0.5)), feeds)
+    kept = got["spatten_kept_mask"].astype(np.int64)
+    assert kept.sum() == 6 and not kept[:, :3].all()  # not a prefix: positions matter
+    x1 = _run(_probe(proto, "l0_y"), feeds)["l0_y"]
+    want = _run(_single_layer(proto), {"x": x1, "mask": kept})["y"]
+    for b in range(2):
+        rows = np.flatnonzero(kept[b])
+        np.testing.assert_allclose(got["l1_y"][b, rows], want[b, rows], atol=1e-5, rtol=0)
+
+
+def test_key_term_cut_by_a_length_other_than_tokens_is_refused(tmp_path) -> None:
+    """MPT's table cut by a length read from K's batch axis, not its token axis (compiled only): what the
+    cut is at the full length is not known, so the term is refused (computed from the pruned input)."""
+    proto = structural_graphs.build(bias="mpt")
+    next(i for i in proto.graph.initializer if i.name == "mpt_i2").CopyFrom(
+        numpy_helper.from_array(np.int64(0), "mpt_i2"))
+    with pytest.raises(OptionError, match="computed from the pruned layer input's length"):
+        _compile(stack(proto), tmp_path, schedule=(1.0, 0.5))
 
 
 def test_square_masks_with_run_time_heads(tmp_path) -> None:
