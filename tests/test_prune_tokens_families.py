@@ -586,7 +586,7 @@ def test_kv_cache_points_to_evict_kv(tmp_path) -> None:
 
 def _corpus_tokens() -> list:
     wanted = {"mpnet", "roformer", "modernbert", "t5", "gpt2", "gpt_neo", "gptj", "llama", "dinov2", "beit",
-              "gpt_bigcode"}
+              "gpt_bigcode", "mpt"}
     return [r for r in _corpus() if r["family"] in wanted and not r["kv_cache"]]
 
 
@@ -613,6 +613,29 @@ def test_corpus_pruned_ort_equals_reference(rec: dict | None, tmp_path) -> None:
     if rec["kind"] == "decoder":
         lens = feeds["attention_mask"].sum(1) - 1
         assert all(int(n) in row for n, row in zip(lens, got["spatten_kept_positions.0"]))
+
+
+@pytest.mark.corpus
+def test_corpus_mpt_exports_prune_alike(tmp_path) -> None:
+    """MPT's ALiBi: TorchScript cuts the fixed table by the layer's own K length (cut at the full length by
+    the rewrite), dynamo by the graph input's; pruned at keep 0.5 after layer 0, the two exports of one
+    model keep the same tokens and give the same logits (the dense ones agree to 1e-6)."""
+    recs = {r["exporter"]: r for r in _corpus() if r["family"] == "mpt" and not r["kv_cache"]}
+    if {"torchscript", "dynamo"} - set(recs):
+        pytest.skip("no MPT exports in the corpus: run python models/corpus.py --only mpt")
+    got = {}
+    for exporter, rec in recs.items():
+        if exporter not in ("torchscript", "dynamo"):
+            continue
+        model = ir.load(str(CORPUS / rec["onnx"]))
+        Normalize()(model)
+        PruneTokens(schedule=(1.0, 0.5), min_keep=1, emit_kept=True)(model)
+        path = str(tmp_path / f"{exporter}.onnx")
+        ir.save(model, path)
+        got[exporter] = _run(path, dict(np.load(CORPUS / f"{rec['name']}.npz")))
+    ts, dy = got["torchscript"], got["dynamo"]
+    np.testing.assert_array_equal(ts["spatten_kept_positions.0"], dy["spatten_kept_positions.0"])
+    np.testing.assert_allclose(ts["logits"], dy["logits"], atol=1e-4, rtol=0)
 
 
 def test_attention_over_regrouped_tokens_is_refused(tmp_path) -> None:
