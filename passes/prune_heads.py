@@ -114,6 +114,14 @@ def _folded_term(site: AttentionSite, term: ir.Value) -> bool:
     return _folded(site) and shape is not None and shape.rank() == 3
 
 
+def _on_4d_scores(add: ir.Node) -> bool:
+    """The node applying a term yields a 4-D ``[B, H, S, S]`` view of the scores, although the core may fold
+    heads into the batch (TF T5: its 3-D bmm's scores viewed as ``[B, H, S, S]`` for the position bias and the
+    Softmax): the term is aligned there like an unfolded site's, its head axis rank - 3."""
+    shape = add.outputs[0].shape
+    return shape is not None and shape.rank() == 4
+
+
 def _term_shape(term: ir.Value) -> ir.Shape | None:
     """A score term's shape; without an inferred one, its rank from its data flow (Optimum's DeBERTa p2c
     term comes out of an ``If``) with unknown dims: the head axis is then rank - 3, gathered as dynamic."""
@@ -125,6 +133,24 @@ def _folds(node: ir.Node) -> tuple[int, int] | None:
     """(input rank, output rank) of a Reshape."""
     src, dst = node.inputs[0].shape, node.outputs[0].shape
     return None if src is None or dst is None else (src.rank(), dst.rank())
+
+
+def _unfold_units(node: ir.Node) -> int | None:
+    """The unit axes a ``[B*H, S, T] -> [B, H, S, T, 1..]`` unfold appends (tf2onnx's Einsum lowering keeps a
+    unit axis, squeezed after: T5), 0 for ``[B, H, S, T]``; None for any other view."""
+    folds = _folds(node)
+    if folds is None or folds[0] != 3 or folds[1] < 4:
+        return None
+    extra = node.outputs[0].shape.dims[4:]
+    return len(extra) if all(d == 1 for d in extra) else None
+
+
+def _importance_4d(site: AttentionSite) -> bool:
+    """What the paper rule's head scores read, the probabilities and ``P @ V``, is ``[B, H, ., .]``
+    although the core folds heads into the batch for ``Q @ K^T`` (TF T5: the scores viewed 4-D for the
+    position bias, Softmax and ``P @ V`` on 4-D tensors)."""
+    shapes = [v.shape for v in (site.probs, site.pv.outputs[0] if site.pv is not None else None) if v is not None]
+    return len(shapes) == 2 and all(s is not None and s.rank() == 4 for s in shapes)
 
 
 def _check_sites(sites: list[AttentionSite]) -> None:
@@ -147,9 +173,10 @@ def _check_sites(sites: list[AttentionSite]) -> None:
                 raise OptionError(f"layer {s.layer}: projection {p.node.op_type} '{p.node.name}' has quantized weights "
                                   f"prune-heads cannot slice ({why}): compile the float model and add --weights "
                                   "int8|int4")
-        for term in (*s.bias_terms, *s.sinks):
+        for term, add in [*zip(s.bias_terms, s.bias_adds), *((t, s.sink_concat) for t in s.sinks)]:
             shape = _term_shape(term)
-            if shape is None or shape.rank() not in (1, 2, 3, 4) or (_folded(s) and shape.rank() == 4):
+            if shape is None or shape.rank() not in (1, 2, 3, 4) or (
+                    _folded(s) and shape.rank() == 4 and not _on_4d_scores(add)):
                 raise OptionError(f"layer {s.layer}: score term {term.name} has no static head axis "
                                   f"(shape {shape}); prune-heads cannot slice it")
         if s.num_heads % s.num_kv_heads:
@@ -378,7 +405,7 @@ class PruneHeads(Pass):
             if all(n == groups for n in counts):
                 return PassResult(model, False)
             if self.rule == "paper":
-                folded = next((s for s in sites if _folded(s)), None)
+                folded = next((s for s in sites if _folded(s) and not _importance_4d(s)), None)
                 if folded is not None:
                     raise OptionError(f"layer {folded.layer}: heads folded into the batch axis: the paper rule's "
                                       "run-time head scores need [B, H, S, S] probabilities; "
@@ -714,7 +741,8 @@ class _Rewrite:
                 # (dims unknown, rank from the data flow: DeBERTa-v2's p2c from Optimum, [B*H, S, S]; one of
                 # [1, S, S] would stop at the [B, H, ., .] view at run time, never give wrong scores)
                 gather_heads(self.e, term, self._head_index(sel, g), H, reader=add)
-            elif not _folded(site) and (shape := _term_shape(term)).rank() >= 3 and shape.dims[shape.rank() - 3] != 1:
+            elif ((not _folded(site) or _on_4d_scores(add)) and (shape := _term_shape(term)).rank() >= 3
+                  and shape.dims[shape.rank() - 3] != 1):
                 # [B|1, H|1, S, S] or [H|1, S, S] aligned with the scores: the head axis is rank - 3
                 axis = shape.rank() - 3
                 idx = self._head_index(sel, g)
@@ -751,14 +779,17 @@ class _Rewrite:
             elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
                 self._retarget(node, lambda pos, size, v: widths.get(v, v))
             elif node.op_type == "Reshape" and _folded(site) and (
-                    _folds(node) == (3, 4) or _folds(node) in ((4, 3), (3, 3)) and id(node) in fold_ids):
+                    _folds(node) == (3, 4) or id(node) in fold_ids and (
+                        _unfold_units(node) is not None or _folds(node) in ((4, 3), (3, 3)))):
                 # [B, H, S, T] <-> [B*H, S, T] (heads folded into the batch): B may be computed as B*H / H
                 # from the folded shape; the views are rebuilt from the input's shape and the kept heads.
                 # [B*H, S, T] -> [B*H, S, T] is such a pair that onnx-simplifier merged into one view.
-                lead = [-1] if _folds(node) != (3, 4) else [-1, n * g]
+                units = _unfold_units(node)
+                lead = [-1] if units is None else [-1, n * g]
                 rest = self.e.op("Shape", [node.inputs[0]], start=2 if _folds(node) == (4, 3) else 1)
-                node.replace_input_with(1, self.e.op("Concat", [self.e.const("fold", np.array(lead, np.int64)), rest],
-                                                     axis=0))
+                ones = [self.e.const("units", np.ones(units, np.int64))] if units else []
+                node.replace_input_with(1, self.e.op("Concat", [self.e.const("fold", np.array(lead, np.int64)), rest,
+                                                                *ones], axis=0))
             elif node.op_type == "Reshape":
                 heads_at = _split_head_axis(node)
                 width_at = merged_axis if any(node is m for m in site.merge) else 0  # from the end

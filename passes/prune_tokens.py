@@ -38,6 +38,7 @@ from spatten_compiler.schedule import check_schedule, spatten_schedule
 
 from .attention_trace import is_weight, quantized_projection, token_source
 from .find_attention import AttentionSite, find_attention, row_norm_input
+from .length_cuts import full_length_cut, length_slices
 from .score_sink import rebroadcast_sinks
 from .site_io import coupled_site
 from .spatten_ops import DOMAIN, ensure_functions
@@ -46,11 +47,11 @@ from .token_axis import flow_axis, token_axis
 from .token_positions import (
     check_term,
     gather_positions,
-    length_slices,
     own_region,
     positional_inputs,
     reaches,
     shrinks_causal,
+    unit_axis,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,13 @@ def _check_loads(model: ir.Model) -> None:
         raise OptionError("token pruning on this export with fixed input shapes writes a graph onnxruntime "
                           f"rejects ({first[:200]}); export with a dynamic sequence length, or "
                           "--no-token-pruning") from err
+
+
+def _token_dim(site: AttentionSite):
+    """The layer input's token dim (named or static), which a value's shape entry must equal to be read
+    as the layer's length; None when the input has no shape."""
+    shape = site.layer_input.shape if site.layer_input is not None else None
+    return shape.dims[1] if shape is not None and shape.rank() == 3 else None
 
 
 def _tokens_not_rows(x: ir.Value, graph: ir.Graph) -> str | None:
@@ -762,15 +770,21 @@ class _Rewrite:
         e = self.e
         folded = site.variant.get("layout") == "folded"
         for term, add in zip(site.bias_terms, site.bias_adds):
-            check_term(site.layer, term, region, x, "additive position term on the scores", (3, 4) if folded else (4,))
+            for cut in length_slices(term, x, _token_dim(site)):  # MPT's ALiBi: the last k columns of a fixed table
+                full_length_cut(e, cut, self.full)
+            check_term(site.layer, term, region, x, "additive position term on the scores", (3, 4))
             view = term
-            if term.shape.rank() == 3:  # BLOOM's ALiBi [B*H, 1, S]: gathered as [B, H, 1, S], folded back
+            if term.shape.rank() == 3 and folded:  # BLOOM's ALiBi [B*H, 1, S]: gathered as [B, H, 1, S], folded back
                 view = self._per_head(term, site)
                 view.shape = ir.Shape([None, None, *term.shape.dims[1:]])
-            new = self._gathered(view, (2, 3))
+            elif term.shape.rank() == 3:  # MPT's ALiBi [H, 1, S] on [B, H, S, S] scores: broadcast as [1, H, 1, S]
+                view = e.op("Unsqueeze", [term, e.const("axes", np.array([0], np.int64))])
+                view.shape = ir.Shape([1, *term.shape.dims])
+            # a key-only term (ALiBi: its query axis is 1) needs only its key columns gathered
+            new = self._gathered(view, (3,) if unit_axis(view, 2) else (2, 3))
             if site.mask is None:  # the padding mask is inside the term: tokens a sample drops are masked here
                 new = e.op("Add", [new, self._valid_bias()])
-            if view is not term:
+            if view is not term and folded:
                 new = e.op("Reshape", [new, e.op("Concat", [e.const("m1", np.array([-1], np.int64)),
                                                             e.op("Shape", [new], start=2)], axis=0)])
             for i, inp in enumerate(add.inputs):
@@ -821,8 +835,8 @@ class _Rewrite:
         if self.decoder:
             # The exporter's causal(+padding, +sliding window) mask at the kept rows and columns: kept
             # tokens stay in order, so this is causal among them; plus the tokens each sample drops.
-            for cut in length_slices(site.mask, x):  # [..., :k] of the layer's own key length: the whole axis
-                cut.replace_input_with(2, e.const("to_end", np.array([np.iinfo(np.int64).max], np.int64)))
+            for cut in length_slices(site.mask, x, _token_dim(site)):  # [..., :k] of the layer's own key length
+                full_length_cut(e, cut, self.full)
             check_term(site.layer, site.mask, region, x, "mask")
             gathered = self._gathered(site.mask, (2, 3))
             dropped = e.op("Unsqueeze", [e.op("Equal", [valid, e.const("zero", np.float32(0))]), axes])

@@ -66,7 +66,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
@@ -211,6 +211,11 @@ class QuantizeKV(Pass):
         sites = report.sites
         if not sites:
             raise NoAttentionError("no attention found: nothing to quantize")
+        if any(s.variant.get("layout") == "folded" and s.pv is not None and static_rank(s.pv.outputs[0]) is None
+               for s in sites):  # which side of the core is folded (an earlier pass dropped the shapes)
+            ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+            report = find_attention(model)
+            sites = report.sites
         for softmax, reason in report.rejected:  # e.g. a layer an earlier pass left unrecognisable
             logger.warning("quantize-kv: Softmax %s not rewritten (not recognised as attention: %s)", softmax, reason)
         for s in sites:
@@ -272,18 +277,22 @@ class _Rewrite:
         kt, v, pv = site.k.value, site.pv.inputs[1], site.pv
         # [B*H, Dh, S]; an earlier pass (the preset's prune-tokens) may have dropped K^T's shape
         rank = static_rank(kt)
-        folded = rank == 3 if rank is not None else site.variant.get("layout") == "folded"
+        k_folded = rank == 3 if rank is not None else site.variant.get("layout") == "folded"
+        # P @ V may run on [B, H, ., .] although K^T is folded (TF T5: the 3-D bmm's scores viewed 4-D)
+        out_rank = static_rank(pv.outputs[0])
+        folded = out_rank == 3 if out_rank is not None else k_folded
         p_used = pv.inputs[0]  # the probabilities, or prune-values' LocalValuePrune of them
         k_axes, v_axes = GRANULARITY[self.opts.granularity]
         chain = score_chain(kt, site.probs)
         if not chain:
             raise OptionError(f"layer {site.layer}: K^T does not reach the probabilities")
         chain += probs_path(site.probs, p_used)
-        if folded and any(n.domain == DOMAIN and n.op_type == "GatherRows" for n in chain):
+        if (folded or k_folded) and any(n.domain == DOMAIN and n.op_type == "GatherRows" for n in chain):
             raise OptionError(f"layer {site.layer}: in-layer token pruning on heads folded into the batch")
         as4, as3 = (lambda x: self._as4(x, folded)), (lambda x: self._as3(x, folded))
+        k4, k3 = (lambda x: self._as4(x, k_folded)), (lambda x: self._as3(x, k_folded))
         if self.lo == 0:
-            k_m = as3(self._static(as4(kt), k_axes))
+            k_m = k3(self._static(k4(kt), k_axes))
             for node in chain:
                 for i, inp in enumerate(node.inputs):
                     if inp is kt:
@@ -291,7 +300,7 @@ class _Rewrite:
             if self.opts.values:
                 pv.replace_input_with(1, as3(self._static(as4(v), v_axes)))
             return
-        k_m, k_f = (as3(x) for x in self._split(as4(kt), k_axes))
+        k_m, k_f = (k3(x) for x in self._split(k4(kt), k_axes))
         v_m, v_f = self._split(as4(v), v_axes) if self.opts.values else (as4(v), as4(v))
         msb, full = self._clone(chain, kt, k_m), self._clone(chain, kt, k_f)
         # folded: the decision is taken on the probabilities as P @ V reads them (BLOOM's Softmax is on

@@ -7,7 +7,10 @@ gathered with the same ``pos``, so kept tokens see exactly what they saw in the 
 * an additive **score term** ``[1|B, 1|H, S, S]`` - T5/MPNet relative-position buckets, ALiBi, and a
   decoder's causal+padding (and sliding-window) mask: query rows and key columns,
   ``term'[b, h, i, j] = term[b, h, pos[b, i], pos[b, j]]``. Causal among the kept tokens is the
-  original mask's rows/cols at the kept positions, because kept tokens stay in their original order;
+  original mask's rows/cols at the kept positions, because kept tokens stay in their original order.
+  A rank-3 term on 4-D scores (MPT's ALiBi ``[H, 1, S]``) is read as it broadcasts, ``[1, H, 1, S]``; a
+  key-only term (query axis of size 1, by shape or data flow: :func:`unit_axis`) is gathered on its key
+  axis only. A term cut to the layer's own length is first cut at the full length (:mod:`.length_cuts`);
 * a **position-indexed input** of the layer - a float tensor read from outside the layer that is
   computed from positions or shapes (no hidden state): RoPE's cos/sin ``[1|B, S, D]`` (token axis 1)
   or ``[1|B, 1, S, D]`` / ``[1|B, S, 1, D]`` (the non-unit axis of 1 and 2): the token axis.
@@ -129,32 +132,6 @@ def _shape_read_of(value: ir.Value, target: ir.Value, limit: int = 40) -> bool:
     return found and not todo
 
 
-def length_slices(term: ir.Value, pruned: ir.Value, limit: int = 40) -> list[ir.Node]:
-    """Slices ``term[..., :k]`` on its key axis where ``k`` is read from the pruned layer's own shapes and
-    the sliced data is not (transformers 4: ``causal_mask[:, :, :, :key_states.shape[-2]]``). Without
-    a cache ``k`` is the full length, so the slice takes the whole axis and can end at the axis' end:
-    then the mask is the full-length one, gathered at the kept positions like any other."""
-    found, todo, seen = [], deque([term]), set()
-    while todo and len(seen) < limit:
-        v = todo.popleft()
-        node = v.producer() if v is not None else None
-        if node is None or id(node) in seen or not reaches(v, pruned):
-            continue
-        seen.add(id(node))
-        if node.op_type == "Slice" and len(node.inputs) >= 4 and not reaches(node.inputs[0], pruned):
-            starts, axes = const_array(node.inputs[1]), const_array(node.inputs[3])
-            rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
-            if (starts is not None and axes is not None and starts.size == 1 and int(starts.reshape(-1)[0]) == 0
-                    and axes.size == 1 and rank == 4 and int(axes.reshape(-1)[0]) in (3, -1)
-                    and (len(node.inputs) < 5 or node.inputs[4] is None or const_array(node.inputs[4]) is not None
-                         and int(const_array(node.inputs[4]).reshape(-1)[0]) == 1)
-                    and _shape_read_of(node.inputs[2], pruned)):
-                found.append(node)
-                continue
-        todo.extend(i for i in node.inputs if i is not None and i.dtype is not None and not i.dtype.is_integer())
-    return found
-
-
 def shrinks_causal(cond: ir.Value, pruned: ir.Value, limit: int = 400) -> bool:
     """True when a causal condition is sliced to the pruned length from a full lower triangle (GPT-Neo's
     ``bias[:, :, k-q:k, :k]``): the slice of the reduced length is causal among the kept tokens, which
@@ -231,6 +208,31 @@ def _range(value: ir.Value | None, depth: int = 3) -> bool:
 
 def a_is_tril(a: np.ndarray) -> bool:
     return bool(np.array_equal(a.astype(bool), np.broadcast_to(np.tril(np.ones(a.shape[-2:], bool)), a.shape)))
+
+
+UNIT_VIEWS = frozenset({"Slice", "Cast", "Identity", "Neg"})  # an axis of size 1 stays at most 1 through these
+
+
+def unit_axis(value: ir.Value, axis: int, depth: int = 8) -> bool:
+    """``value``'s ``axis`` has size 1: statically, or by its data flow where inference lost it (MPT's ALiBi
+    ``[H, 1, 2048]`` table sliced with starts computed at run time: every dim unknown, its query axis 1)."""
+    dims = value.shape.dims if value.shape is not None else None
+    if dims is not None and dims[axis] == 1:
+        return True
+    node = value.producer()
+    if node is None or depth == 0:
+        return False
+    if node.op_type == "Unsqueeze" and dims is not None:
+        added = const_array(node.inputs[1])
+        added = sorted(int(a) % len(dims) for a in added.reshape(-1)) if added is not None else None
+        if added is None or axis in added:
+            return added is not None
+        return unit_axis(node.inputs[0], axis - sum(a < axis for a in added), depth - 1)
+    src = node.inputs[0] if node.inputs else None
+    if node.op_type not in UNIT_VIEWS or src is None or src.shape is None or dims is None or (
+            src.shape.rank() != len(dims)):
+        return False
+    return unit_axis(src, axis, depth - 1)
 
 
 def _token_axes(value: ir.Value, score_term: bool) -> tuple[int, ...] | None:

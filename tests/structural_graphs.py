@@ -21,7 +21,9 @@ N = helper.make_node
 def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative: str = "",
           rope_table: bool = False, sink: str = "none") -> onnx.ModelProto:
     """qk: plain | norm | norm_full | partial_rope | interleaved_rope; bias: none | buckets | alibi |
-    branched (a term computed from q and k, chosen by an ``If`` on the q and k lengths: Optimum's DeBERTa p2c);
+    mpt | mpt_input (MPT's [H, 1, S] ALiBi: a fixed-width table's last S columns, the length read from the
+    layer's K or from the graph input) | branched (a term computed from q and k, chosen by an ``If`` on the q and
+    k lengths: Optimum's DeBERTa p2c);
     sink: none | after | before (the sink column's side of the scores);
     negative: "" | mix_heads | two_projections | tensor_scale | gather_tokens | token_prefix |
     activation_sink | shift_not_max | slice_keeps_sink."""
@@ -141,6 +143,18 @@ def build(qk: str = "plain", bias: str = "none", dropout: bool = False, negative
                   N("Unsqueeze", ["rbh", c("bu2", [0])], ["pos_bias"])]
     elif bias == "alibi":  # slopes[h] * key position
         nodes += [N("Mul", [c("slopes", np.array([0.5, 0.25], np.float32).reshape(1, H, 1, 1)), "posf"], ["pos_bias"])]
+    elif bias in ("mpt", "mpt_input"):  # MPT: the last S columns of a fixed [H, 1, W] table, slopes[h] * (j - W + 1)
+        width = 16
+        table = np.array([0.5, 0.25], np.float32).reshape(H, 1, 1) * np.arange(1 - width, 1, dtype=np.float32)
+        # TorchScript reads the length from the layer's own K (key_states.shape[-2]); dynamo from the graph input
+        length = ([N("Shape", ["k_h"], ["mpt_kshape"]),
+                   N("Gather", ["mpt_kshape", c("mpt_i2", np.int64(2))], ["mpt_len"])]
+                  if bias == "mpt" else [N("Shape", ["x"], ["mpt_xs"], start=1, end=2),
+                                         N("Squeeze", ["mpt_xs", c("mpt_a0", [0])], ["mpt_len"])])
+        nodes += length + [N("Sub", [c("mpt_w", np.int64(width)), "mpt_len"], ["mpt_start0"]),
+                           N("Unsqueeze", ["mpt_start0", c("mpt_u0", [0])], ["mpt_start"]),
+                           N("Slice", [c("mpt_table", table), "mpt_start", c("mpt_end", [np.iinfo(np.int64).max]),
+                                       c("mpt_axis", [2]), c("mpt_step", [1])], ["pos_bias"])]
     elif bias == "branched":  # the term's shape is lost at the If: its rank is known from the branches only
         # c2p: q times relative-position keys [1, H, Dh, 7], gathered at clip(k - q, -3, 3) + 3
         nodes += [N("MatMul", ["q_h", c("rel_kt", rng.standard_normal((1, H, DH, 7)).astype(np.float32))], ["c2p_all"]),

@@ -179,3 +179,125 @@ def test_gpt2_dynamo_saved_by_onnxruntime_extended(tmp_path: Path) -> None:
     assert [(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites] == [(4, 4, 16)] * 4
     ok, why = heads(saved, reference_io(load_meta("gpt2_dynamo"))[0], tmp_path)
     assert ok, why
+
+
+def _unfolded_scores(units: int = 1, pv4: bool = True) -> onnx.ModelProto:
+    """tf2onnx's T5: the core folds heads into the batch (3-D bmm ``[B*H, S, S]``), the scores are viewed
+    ``[B, H, S, S, 1]`` (``units`` trailing unit axes: its Einsum lowering keeps one) and squeezed, a
+    per-head relative-position term ``[1, H, S, S]`` is added, the Softmax runs on ``[B, H, S, S]`` and
+    P @ V on 4-D tensors (V unfolded to ``[B, H, S, Dh]``); not ``pv4``: P folded back to 3-D for P @ V."""
+    import packed_graphs
+
+    proto = packed_graphs.build("folded")
+    g = proto.graph
+    heads = packed_graphs.H
+    N = helper.make_node
+    table = np.random.default_rng(7).standard_normal((7, heads)).astype(np.float32)
+    g.initializer.extend([numpy_helper.from_array(table, "rel_table"),
+                          numpy_helper.from_array(np.array([heads], np.int64), "uf_h"),
+                          numpy_helper.from_array(np.ones(units, np.int64), "uf_ones"),
+                          numpy_helper.from_array(np.arange(4, 4 + units, dtype=np.int64), "uf_sq"),
+                          numpy_helper.from_array(np.array([-1], np.int64), "uf_m1"),
+                          numpy_helper.from_array(np.int64(0), "uf_0"), numpy_helper.from_array(np.int64(1), "uf_1"),
+                          numpy_helper.from_array(np.array([0], np.int64), "uf_a0"),
+                          numpy_helper.from_array(np.array([1], np.int64), "uf_a1"),
+                          numpy_helper.from_array(np.int64(-3), "uf_lo"),
+                          numpy_helper.from_array(np.int64(3), "uf_hi")])
+    soft = next(n for n in g.node if n.op_type == "Softmax")
+    pv = next(n for n in g.node if n.op_type == "MatMul" and n.input[0] == "probs")
+    at = list(g.node).index(soft)
+    new = [N("Shape", ["x"], ["uf_b"], start=0, end=1),
+           N("Concat", ["uf_b", "uf_h", "seq1", "seq1", *(["uf_ones"] if units else [])], ["uf_target"], axis=0),
+           N("Reshape", [soft.input[0], "uf_target"], ["uf_s5"])]
+    new += [N("Squeeze", ["uf_s5", "uf_sq"], ["uf_s4"])] if units else [N("Identity", ["uf_s5"], ["uf_s4"])]
+    new += [N("Range", ["uf_0", "seq", "uf_1"], ["uf_pos"]),
+            N("Unsqueeze", ["uf_pos", "uf_a0"], ["uf_pk"]), N("Unsqueeze", ["uf_pos", "uf_a1"], ["uf_pq"]),
+            N("Sub", ["uf_pk", "uf_pq"], ["uf_rel"]), N("Clip", ["uf_rel", "uf_lo", "uf_hi"], ["uf_relc"]),
+            N("Sub", ["uf_relc", "uf_lo"], ["uf_bucket"]),
+            N("Gather", ["rel_table", "uf_bucket"], ["uf_rb"]),  # [S, S, H]
+            N("Transpose", ["uf_rb"], ["uf_rbh"], perm=[2, 0, 1]),
+            N("Unsqueeze", ["uf_rbh", "uf_a0"], ["uf_term"]),  # [1, H, S, S]
+            N("Add", ["uf_s4", "uf_term"], ["uf_biased"])]
+    for i, n in enumerate(new):
+        g.node.insert(at + i, n)
+    soft.input[0] = "uf_biased"
+    at = list(g.node).index(pv)
+    if pv4:
+        g.initializer.append(numpy_helper.from_array(np.array([packed_graphs.DH], np.int64), "uf_dh"))
+        g.node.insert(at, N("Concat", ["uf_b", "uf_h", "seq1", "uf_dh"], ["uf_v4"], axis=0))
+        g.node.insert(at + 1, N("Reshape", ["v_h", "uf_v4"], ["uf_v"]))
+        pv.input[1] = "uf_v"
+    else:
+        g.node.insert(at, N("Concat", ["uf_m1", "seq1", "seq1"], ["uf_fold"], axis=0))
+        g.node.insert(at + 1, N("Reshape", ["probs", "uf_fold"], ["uf_probs3"]))
+        pv.input[0] = "uf_probs3"
+    onnx.checker.check_model(proto)
+    return proto
+
+
+@pytest.mark.parametrize(("units", "pv4"), [(1, True), (0, True), (1, False)])
+def test_term_on_a_4d_view_of_folded_scores_is_head_pruned(units: int, pv4: bool, tmp_path: Path) -> None:
+    """TF T5 / mT5 (tf2onnx): a 4-D term on ``[B, H, S, S]`` scores of a folded core has its head axis at
+    rank - 3, as on an unfolded site (refused "no static head axis" before), and the ``[B, H, S, S, 1]``
+    unfold of the scores gets the kept head count: head 0 sliced out == head 0's output rows zeroed.
+    The paper rule (run time) reads 4-D probabilities and P @ V: it runs and onnxruntime == the reference
+    runtime; with P folded back to 3-D for P @ V it is refused in one line."""
+    import packed_graphs
+    from spatten_compiler.passes.prune_heads import PruneHeads
+    from spatten_compiler.runtime.reference import ReferenceRuntime
+
+    from bench.coverage import heads
+    from spatten_compiler.errors import OptionError
+
+    proto = _unfolded_scores(units, pv4)
+    (site,) = _sites(proto)
+    assert site.variant.get("layout") == "folded" and site.num_heads == packed_graphs.H
+    (term,) = site.bias_terms
+    assert term.shape.rank() == 4 and site.probs.shape.rank() == 4
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    ok, why = heads(path, packed_graphs.feeds(), tmp_path)
+    assert ok, why
+    two = onnx.compose.merge_models(proto, proto, io_map=[("y", "x")], prefix1="a_", prefix2="b_")
+    model = ir.serde.deserialize_model(two)
+    Normalize()(model)
+    if not pv4:
+        with pytest.raises(OptionError, match="run-time head scores need"):
+            PruneHeads(keep=0.5)(model)
+        return
+    PruneHeads(keep=0.5)(model)
+    out = tmp_path / "half.onnx"
+    ir.save(model, str(out))
+    feeds = {"a_x": packed_graphs.feeds()["x"]}
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    want = ReferenceRuntime(str(out)).run(feeds).outputs["b_y"]
+    assert got.shape == want.shape and np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_kv_planes_on_a_4d_view_of_folded_scores_after_token_pruning(tmp_path: Path) -> None:
+    """TF T5's default preset: prune-tokens (which drops the inferred shapes; its importance reads the
+    probabilities) then quantize-kv. K^T is folded ``[B*H, Dh, S]``, P @ V is not: K's planes are taken on
+    the folded view, the probabilities and V on ``[B, H, ., .]``, and the probabilities' other reader sees
+    the rewritten ones (refused before as "readers besides P @ V"); onnxruntime == the reference runtime."""
+    import packed_graphs
+    from spatten_compiler.passes.prune_tokens import PruneTokens
+    from spatten_compiler.passes.quantize_kv import QuantizeKV
+    from spatten_compiler.runtime.reference import ReferenceRuntime
+
+    proto = _unfolded_scores(1, True)
+    two = onnx.compose.merge_models(proto, proto, io_map=[("y", "x")], prefix1="a_", prefix2="b_")
+    for node in two.graph.node:  # positions and shapes from the graph input, as exporters compute them once
+        if node.op_type == "Shape" and node.input[0] == "a_y":
+            node.input[0] = "a_x"
+    model = ir.serde.deserialize_model(two)
+    Normalize()(model)
+    PruneTokens(schedule=(1.0, 0.5), min_keep=1)(model)
+    QuantizeKV(bits="8+4")(model)
+    out = tmp_path / "kv.onnx"
+    ir.save(model, str(out))
+    feeds = {"a_x": packed_graphs.feeds(seq=6)["x"]}
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    want = ReferenceRuntime(str(out)).run(feeds).outputs["b_y"]
+    assert got.shape == (2, 6, packed_graphs.D) and np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

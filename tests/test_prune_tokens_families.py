@@ -287,6 +287,10 @@ def stack(proto: onnx.ModelProto, shared_positions: bool = True, layers: int = 2
 CASES = {
     "t5_buckets": lambda: structural_graphs.build(bias="buckets"),
     "alibi": lambda: structural_graphs.build(bias="alibi"),
+    # MPT: an [H, 1, S] term, the last S columns of a fixed table (the length read from the layer's K: TorchScript;
+    # from the graph input: dynamo)
+    "mpt_alibi": lambda: structural_graphs.build(bias="mpt"),
+    "mpt_alibi_input": lambda: structural_graphs.build(bias="mpt_input"),
     "partial_rope": lambda: structural_graphs.build(qk="partial_rope"),
     "interleaved_rope": lambda: structural_graphs.build(qk="interleaved_rope"),
     "rope_table": lambda: attention_graphs.build(rope=True),
@@ -485,6 +489,34 @@ def _single_layer(proto: onnx.ModelProto) -> onnx.ModelProto:
                              opset_imports=list(proto.opset_import))
 
 
+@pytest.mark.parametrize("case", ["mpt_alibi", "mpt_alibi_input", "alibi"])
+def test_key_term_reads_the_kept_tokens_original_positions(case: str, tmp_path) -> None:
+    """A key-only position term (ALiBi; MPT's [H, 1, S] cut from a fixed table by the layer's own length,
+    which the rewrite cuts at the full length instead): pruned layer 1's kept rows == the input model's
+    layer 1 on the full sequence with the dropped tokens masked out - the kept keys keep their original
+    positions (cut at the kept count, they would get positions 0..k-1)."""
+    proto = stack(CASES[case]())
+    feeds = _feeds(pad=False)
+    got = _run(_compile(proto, tmp_path, schedule=(1.0, 0.5)), feeds)
+    kept = got["spatten_kept_mask"].astype(np.int64)
+    assert kept.sum() == 6 and not kept[:, :3].all()  # not a prefix: positions matter
+    x1 = _run(_probe(proto, "l0_y"), feeds)["l0_y"]
+    want = _run(_single_layer(proto), {"x": x1, "mask": kept})["y"]
+    for b in range(2):
+        rows = np.flatnonzero(kept[b])
+        np.testing.assert_allclose(got["l1_y"][b, rows], want[b, rows], atol=1e-5, rtol=0)
+
+
+def test_key_term_cut_by_a_length_other_than_tokens_is_refused(tmp_path) -> None:
+    """MPT's table cut by a length read from K's batch axis, not its token axis (compiled only): what the
+    cut is at the full length is not known, so the term is refused (computed from the pruned input)."""
+    proto = structural_graphs.build(bias="mpt")
+    next(i for i in proto.graph.initializer if i.name == "mpt_i2").CopyFrom(
+        numpy_helper.from_array(np.int64(0), "mpt_i2"))
+    with pytest.raises(OptionError, match="computed from the pruned layer input's length"):
+        _compile(stack(proto), tmp_path, schedule=(1.0, 0.5))
+
+
 def test_square_masks_with_run_time_heads(tmp_path) -> None:
     """Run-time head pruning carries head scores from layer to layer, so layer 0's data path reaches
     layer 1's scores; layer 1's own [B, 1, S, S] mask must still be rewritten with layer 1's kept
@@ -554,7 +586,7 @@ def test_kv_cache_points_to_evict_kv(tmp_path) -> None:
 
 def _corpus_tokens() -> list:
     wanted = {"mpnet", "roformer", "modernbert", "t5", "gpt2", "gpt_neo", "gptj", "llama", "dinov2", "beit",
-              "gpt_bigcode"}
+              "gpt_bigcode", "mpt"}
     return [r for r in _corpus() if r["family"] in wanted and not r["kv_cache"]]
 
 
@@ -581,6 +613,29 @@ def test_corpus_pruned_ort_equals_reference(rec: dict | None, tmp_path) -> None:
     if rec["kind"] == "decoder":
         lens = feeds["attention_mask"].sum(1) - 1
         assert all(int(n) in row for n, row in zip(lens, got["spatten_kept_positions.0"]))
+
+
+@pytest.mark.corpus
+def test_corpus_mpt_exports_prune_alike(tmp_path) -> None:
+    """MPT's ALiBi: TorchScript cuts the fixed table by the layer's own K length (cut at the full length by
+    the rewrite), dynamo by the graph input's; pruned at keep 0.5 after layer 0, the two exports of one
+    model keep the same tokens and give the same logits (the dense ones agree to 1e-6)."""
+    recs = {r["exporter"]: r for r in _corpus() if r["family"] == "mpt" and not r["kv_cache"]}
+    if {"torchscript", "dynamo"} - set(recs):
+        pytest.skip("no MPT exports in the corpus: run python models/corpus.py --only mpt")
+    got = {}
+    for exporter, rec in recs.items():
+        if exporter not in ("torchscript", "dynamo"):
+            continue
+        model = ir.load(str(CORPUS / rec["onnx"]))
+        Normalize()(model)
+        PruneTokens(schedule=(1.0, 0.5), min_keep=1, emit_kept=True)(model)
+        path = str(tmp_path / f"{exporter}.onnx")
+        ir.save(model, path)
+        got[exporter] = _run(path, dict(np.load(CORPUS / f"{rec['name']}.npz")))
+    ts, dy = got["torchscript"], got["dynamo"]
+    np.testing.assert_array_equal(ts["spatten_kept_positions.0"], dy["spatten_kept_positions.0"])
+    np.testing.assert_allclose(ts["logits"], dy["logits"], atol=1e-4, rtol=0)
 
 
 def test_attention_over_regrouped_tokens_is_refused(tmp_path) -> None:

@@ -32,7 +32,7 @@ def _run(proto: onnx.ModelProto) -> np.ndarray:
 
 
 POSITIVE = [dict(qk="norm"), dict(qk="partial_rope"), dict(qk="interleaved_rope"), dict(bias="buckets"),
-            dict(bias="alibi"), dict(qk="partial_rope", bias="alibi")]
+            dict(bias="alibi"), dict(bias="mpt"), dict(qk="partial_rope", bias="alibi")]
 
 
 @pytest.mark.parametrize("kw", POSITIVE, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
@@ -53,7 +53,8 @@ def test_structural_site_found(kw: dict) -> None:
 
 
 @pytest.mark.parametrize("kw", [dict(qk="norm"), dict(qk="partial_rope"), dict(qk="interleaved_rope"),
-                                dict(bias="buckets"), dict(bias="alibi"), dict(sink="after"), dict(sink="before")],
+                                dict(bias="buckets"), dict(bias="alibi"), dict(bias="mpt"), dict(sink="after"),
+                                dict(sink="before")],
                          ids=lambda kw: "=".join(next(iter(kw.items()))))
 def test_head_slice_exact_through_transform(kw: dict, tmp_path: Path) -> None:
     """Head 0 sliced out of the weights (and out of a per-head position bias or sink column) == the
