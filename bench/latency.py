@@ -298,7 +298,8 @@ def add_timing_options(p: argparse.ArgumentParser) -> None:
                         "the threads stop spinning when the run returns, so idle sessions do not compete")
     p.add_argument("--spin-idle", action="store_true",
                    help="with --spin: keep spinning after a run returns too (onnxruntime's default; the protocol "
-                        "of the runs before 2026-12-06 10:00 UTC, where idle sessions took cores from the next model)")
+                        "of the --spin runs before docs/optimize.md 4n, where idle sessions took cores from the next "
+                        "model)")
     p.add_argument("--no-spin", action="store_true", help=argparse.SUPPRESS)  # the old flag; now the default
     p.add_argument("--order", choices=list(ORDERS), default="interleaved",
                    help="interleaved: every run follows another model's; blocked: one untimed run, then "

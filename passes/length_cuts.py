@@ -24,7 +24,7 @@ import onnx_ir as ir
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.match import const_array
 
-from .token_positions import _shape_read_of, reaches
+from .token_positions import _shape_read_of, _through, reaches
 
 INT64_MAX = np.iinfo(np.int64).max
 LENGTH_VIEWS = ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity")  # between a length and the Slice reading it
@@ -46,22 +46,13 @@ class LengthCut:
     width: int = 0
 
 
-def _view_source(value: ir.Value | None, ops: tuple[str, ...] = LENGTH_VIEWS, limit: int = 6) -> ir.Value | None:
-    for _ in range(limit):
-        node = value.producer() if value is not None else None
-        if node is None or node.op_type not in ops:
-            return value
-        value = node.inputs[0]
-    return value
-
-
 def _token_length_read(value: ir.Value | None, pruned: ir.Value, token_dim) -> bool:
     """``value`` is, through views, the token-axis entry of the shape of a value computed from ``pruned``:
     ``Gather(Shape(v), i)`` or ``Shape(v, start=i, end=i + 1)`` where ``v``'s dim ``i`` is ``token_dim`` (the
     layer input's named or static token dim; an unnamed dim proves nothing)."""
     if token_dim is None or (isinstance(token_dim, ir.SymbolicDim) and token_dim.value is None):
         return False
-    node = _view_source(value).producer() if value is not None else None
+    node = _through(value, LENGTH_VIEWS).producer() if value is not None else None
     if node is not None and node.op_type == "Gather" and const_array(node.inputs[1]) is not None:
         index = const_array(node.inputs[1]).reshape(-1)
         shape_node = node.inputs[0].producer()
@@ -83,7 +74,7 @@ def _token_length_read(value: ir.Value | None, pruned: ir.Value, token_dim) -> b
 
 def _suffix_width(start: ir.Value, pruned: ir.Value, token_dim) -> int | None:
     """C when ``start`` is ``C - k`` (through views; dynamo writes ``C + -1 * k``) with ``k`` the token length."""
-    node = _view_source(start).producer()
+    node = _through(start, LENGTH_VIEWS).producer()
     if node is None or node.op_type not in ("Sub", "Add"):
         return None
     c = const_array(node.inputs[0])

@@ -317,6 +317,7 @@ def resolve(options: dict[str, Any], kind: str, pipeline: str = "",
         return options, Resolution(None, kind, {}, (), ())
     out, applied, off, replaced, skipped = dict(options), {}, [], [], []
     refusals: list[tuple[str, str]] = []
+    serving = [k for k in SERVING if options.get(k)]
     for key, part in PARTS.items():
         values = preset.values(key)
         if part.is_off(options):
@@ -330,7 +331,6 @@ def resolve(options: dict[str, Any], kind: str, pipeline: str = "",
         if part.needs and features is not None and part.needs not in features:
             skipped.append(key)
             continue
-        serving = [k for k in SERVING if options.get(k)]
         if serving and part.serving_needs and features is not None and part.serving_needs not in features:
             skipped.append(key)
             refusals.append((key, SERVING_SKIP.format(
