@@ -52,11 +52,13 @@ At budget 1.0 that is the exporter's own cache (its last ``W - 1`` slots) and it
 GPT-Neo's mask form (``causal+additive``: a causal ``Where`` over a constant band before the additive
 mask, ``MASK_FORMS``): the Where is bypassed and its band rebuilt from positions - ``tril`` is the
 causal part of ``bias_l``, ``tril`` minus ``tril(-W)`` (local attention) a window ``W`` as above
-(``causal_band``; any other constant is refused). BLOOM's ALiBi (``additive+bias``: a score term computed
-from ``attention_mask`` only, through its CumSum: key positions ``(cumsum - 1) * mask``) is recomputed
-per layer at the kept slots' original positions (``mask_position_term``: its nodes copied with
-``attention_mask`` -> the slots' validity, the CumSum -> position + 1); any other score term is
-refused, and so is per-KV-head eviction with one.
+(``causal_band``; any other constant is refused). A mask that is a ``Where``'s condition (MPT's
+``masked_fill``: ``Where(mask, MIN, scores + alibi)``) becomes the condition ``bias_l`` describes
+(``bias_l < 0``: hidden); the registry ``MASK_FORMS`` says per form where ``bias_l`` goes. Score terms
+indexed by key (``+bias``) are rebuilt at the kept slots' original positions by their form
+(:mod:`.evict_terms`): BLOOM's ALiBi over the mask's positions is recomputed from them, MPT's
+``table[..., C - n:]`` (``n`` = the cache length) is the table gathered at column ``C - 1 - (last - pos)``
+(per KV head too); any other score term is refused, and so is per-KV-head eviction with BLOOM's.
 
 Multi-head latent attention (transformers 5's DeepSeek) caches the compressed latent ahead of ``kv_b_proj``
 and the RoPE key piece shared by every head instead of K/V: those are the site's caches
@@ -80,6 +82,7 @@ from spatten_compiler.match import const_array
 from spatten_compiler.pipeline import Pass, PassResult, register_pass
 
 from .evict_block import defer_eviction, over_budget
+from .evict_terms import TERM_FORMS, Slots, term_form
 from .find_attention import AttentionSite, find_attention
 from .positions_input import wire_positions
 from .site_io import _ancestors
@@ -88,11 +91,40 @@ logger = logging.getLogger(__name__)
 MIN = float(np.finfo(np.float32).min)
 BIG = 1e30
 MODES = ("layer", "cascade", "head")
-# mask forms evict-kv replaces by its own bias_l (the exporter's is built for one cache length):
-# "additive": Add(scores, mask); "causal+additive" (GPT-Neo): Add(Where(band, scores, fill), mask) - the
-# Where is bypassed, its band (causal, or a local window W) is rebuilt from positions (causal_band)
-# "additive+bias" (BLOOM): an additive mask plus ALiBi over the mask's positions (mask_position_term)
-MASK_FORMS = ("additive", "causal+additive", "additive+bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskForm:
+    """How evict-kv's ``bias_l`` (0 or MIN per query and key: the kept slots' validity, causal, padding,
+    window) takes the place of an exporter's mask, built for one cache length. ``hides``: the mask is a
+    Where's condition, true where it hides the key (``True``; the scores are its else-branch) or where it
+    lets the key through (``False``), or ``None``: the mask is added. ``band``: a causal Where over a
+    constant band before the mask, bypassed and rebuilt from positions (:func:`causal_band`)."""
+
+    hides: bool | None
+    band: bool
+    why: str
+
+    def mask(self, ed: GraphEditor, bias: ir.Value) -> ir.Value:
+        """What takes the exporter's mask's place: ``bias_l`` itself, or the condition it describes."""
+        if self.hides is None:
+            return bias
+        hidden = ed.op("Less", [bias, ed.const("z", np.array(0, np.float32))])
+        return hidden if self.hides else ed.op("Not", [hidden])
+
+
+# the mask forms of score_chain / the attention patterns (a "+bias" suffix: score terms, TERM_FORMS)
+MASK_FORMS: dict[str, MaskForm] = {
+    "additive": MaskForm(None, False, "Add(scores, mask)"),
+    "causal+additive": MaskForm(None, True, "GPT-Neo: Add(Where(band, scores, fill), mask)"),
+    "where": MaskForm(True, False, "MPT's masked_fill: Where(mask, fill, scores)"),
+    "where_scores_true": MaskForm(False, False, "Where(mask, scores, fill)"),
+}
+
+
+def mask_form(site: AttentionSite) -> MaskForm | None:
+    """The site's :data:`MASK_FORMS` entry (its score terms aside), or None."""
+    return MASK_FORMS.get(str(site.variant.get("mask")).removesuffix("+bias"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,23 +273,6 @@ def causal_band(site: AttentionSite) -> tuple[ir.Node, int | None]:
     return where, (w if w < b.shape[0] else None)
 
 
-def mask_position_term(site: AttentionSite, term: ir.Value) -> list[ir.Node] | str:
-    """BLOOM's ALiBi: a score term computed only from ``attention_mask`` through its ``CumSum`` (key
-    positions ``(cumsum - 1) * mask``) and shapes. Returns its nodes in graph order - evict-kv recomputes
-    them per layer from the kept slots (``attention_mask`` -> the slots' validity, the CumSum -> kept
-    position + 1) - or why not."""
-    nodes, inputs = _ancestors(term, limit=200, through_shapes=True)
-    if any(v.name != "attention_mask" and not v.name.startswith("past_key_values.") for v in inputs):
-        return (f"layer {site.layer}: score term {term.name} reads {', '.join(sorted({v.name for v in inputs}))} "
-                "(not only attention_mask positions); evict-kv cannot move it to the kept slots")
-    if not any(n.op_type == "CumSum" and n.inputs[0] is not None and n.inputs[0].name == "attention_mask"
-               for n in nodes):
-        return (f"layer {site.layer}: score term {term.name} is not computed from the positions of attention_mask "
-                "(its cumulative sum); evict-kv cannot move it to the kept slots")
-    order = {id(n): i for i, n in enumerate(term.graph or site.softmax.graph)}
-    return sorted((n for n in nodes if id(n) in order), key=lambda n: order[id(n)])
-
-
 def _reaches(value: ir.Value, past: ir.Value) -> bool:
     """``value`` is ``past`` through Slices only."""
     for _ in range(4):
@@ -291,11 +306,10 @@ def _check(sites: list[AttentionSite], positions_why: str | None = None) -> None
         if len(caches) < 2 or any(c.present is None for c in caches):
             raise OptionError(f"layer {s.layer} has no KV cache (past/present inputs and outputs): "
                               "--kv-budget applies to decoders exported with a KV cache")
-        if s.mask_node is None or s.variant.get("mask") not in MASK_FORMS:
+        if s.mask_node is None or mask_form(s) is None:
             raise OptionError(f"layer {s.layer}: mask form {s.variant.get('mask')} is not supported by evict-kv")
         for term in s.bias_terms:
-            if isinstance(why := mask_position_term(s, term), str):
-                raise OptionError(why)
+            term_form(s, term)  # refuses a term no form can rebuild at the kept slots
         if s.rope and s.rope_source and "position" not in s.rope_source:
             raise OptionError(f"layer {s.layer}: RoPE positions are computed from the cache length"
                               f"{f' ({positions_why})' if positions_why else ''}; evict-kv needs a position_ids input")
@@ -445,7 +459,7 @@ class EvictKV(Pass):
         sites = find_attention(model).sites
         windows = _take_over_window(sites, model.graph)
         _check(sites, positions_why)
-        bands = {s.layer: causal_band(s) for s in sites if s.variant.get("mask") == "causal+additive"}
+        bands = {s.layer: causal_band(s) for s in sites if mask_form(s).band}
         for layer, (_, w) in bands.items():
             if w is not None:
                 windows[layer] = min(w, windows.get(layer, w))
@@ -577,12 +591,18 @@ class EvictKV(Pass):
                 far = ed.op("Gather", [far, i64("kvh", np.arange(hkv * group) // group)], axis=1)
             bias = ed.op("Where", [far, f32("min", MIN), bias])
         mask_slot = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
-        site.mask_node.replace_input_with(mask_slot, bias)
+        site.mask_node.replace_input_with(mask_slot, mask_form(site).mask(ed, bias))
+        last = _once(knobs, "last", lambda: ed.op("TopK", [ed.op("Cast", [new_pos], to=ir.DataType.FLOAT),
+                                                          i64("one", [1])], outputs=2, axis=1)[0])  # [B, 1]
         for term, add in zip(site.bias_terms, site.bias_adds, strict=True):  # ALiBi at the kept slots' positions
-            if hkv is not None:
-                raise OptionError(f"layer {layer}: --kv-evict head with a position term on the scores ({term.name}) "
-                                  "is not supported; use --kv-evict layer")
-            moved = self._at_kept_positions(ed, graph, mask_position_term(site, term), term, pos)
+            name, plan = term_form(site, term)
+            if hkv is not None and not TERM_FORMS[name].per_head:
+                raise OptionError(f"layer {layer}: --kv-evict head with a position term on the scores ({term.name}, "
+                                  f"{name}) is not supported; use --kv-evict layer")
+            newest = _once(knobs, f"last_i{hkv}", lambda: ed.op("Cast", [per_head("last", last, [1])],
+                                                               to=ir.DataType.INT64))
+            kvh = None if hkv is None else i64("kvh", np.arange(hkv * group) // group)
+            moved = TERM_FORMS[name].build(ed, graph, plan, Slots(pos, newest, kvh))
             add.replace_input_with(next(i for i, v in enumerate(add.inputs) if v is term), moved)
         # importance
         posf = ed.op("Cast", [pos], to=ir.DataType.FLOAT)
@@ -590,8 +610,6 @@ class EvictKV(Pass):
         # each row's newest position is its newest new token's (every row has one, as in T below)
         vq = _once(knobs, "vq", lambda: ed.op("Cast", [valid_new], to=ir.DataType.FLOAT))  # [B, q]
         zeros = _once(knobs, "zeros", lambda: ed.op("Mul", [vq, f32("z", 0.0)]))
-        last = _once(knobs, "last", lambda: ed.op("TopK", [ed.op("Cast", [new_pos], to=ir.DataType.FLOAT),
-                                                          i64("one", [1])], outputs=2, axis=1)[0])  # [B, 1]
         w_q = _once(knobs, "w_q", lambda: ed.op("Unsqueeze", [ed.op("Mul", [ed.op("Pow", [knobs["decay"], ed.op(
             "Sub", [last, ed.op("Cast", [new_pos], to=ir.DataType.FLOAT)])]), vq]), i64("a13", [1, 3])]))  # decay^age
         weighted = ed.op("Mul", [site.probs, w_q])
@@ -676,28 +694,6 @@ class EvictKV(Pass):
             value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(["batch", *heads, f"kept.{layer}"])
             graph.outputs.append(value)
         return kept_pos
-
-    @staticmethod
-    def _at_kept_positions(ed: GraphEditor, graph: ir.Graph, nodes: list[ir.Node], term: ir.Value,
-                           pos: ir.Value) -> ir.Value:
-        """A copy of ``term``'s nodes reading this layer's slots: ``attention_mask`` -> the slots'
-        validity ``[B, n]``, ``CumSum(attention_mask)`` -> kept position + 1 (so ``(cumsum - 1) * mask``
-        is each slot's original position, 0 where empty)."""
-        amask = next(v for v in graph.inputs if v.name == "attention_mask")
-        one = ed.const("one", np.array(1, np.int64))
-        valid = ed.op("Cast", [ed.op("GreaterOrEqual", [pos, ed.const("z", np.array(0, np.int64))])],
-                      to=amask.type.dtype if amask.type is not None else ir.DataType.INT64)
-        mapping: dict[int, ir.Value] = {id(amask): valid}
-        for node in nodes:
-            if node.op_type == "CumSum" and node.inputs[0] is amask:
-                mapping[id(node.outputs[0])] = ed.op("CastLike", [ed.op("Add", [pos, one]), node.outputs[0]])
-                continue
-            attrs = {a.name: a.value for a in node.attributes.values()}
-            outs = ed.op(node.op_type, [mapping.get(id(i), i) if i is not None else None for i in node.inputs],
-                         domain=node.domain, outputs=len(node.outputs), hint=node.op_type, **attrs)
-            for old, new in zip(node.outputs, outs if isinstance(outs, tuple) else (outs,), strict=True):
-                mapping[id(old)] = new
-        return mapping[id(term)]
 
     @staticmethod
     def _swap_output(ed: GraphEditor, graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

@@ -11,6 +11,7 @@ term is gathered at the kept positions like any other (:mod:`.token_positions`):
   ``[H, 1, 2048]`` table; the suffix's ``k`` must be read from the token axis of a shape)
 
 Any other use of the pruned length in a term stays refused by :func:`.token_positions.check_term`.
+evict-kv reads the same suffix cut by a KV cache's length (:func:`suffix_cut`; :mod:`.evict_terms`).
 """
 
 from __future__ import annotations
@@ -133,6 +134,17 @@ def length_slices(term: ir.Value, pruned: ir.Value, token_dim=None, limit: int =
             continue
         todo.extend(i for i in node.inputs if i is not None and i.dtype is not None and not i.dtype.is_integer())
     return found
+
+
+def suffix_cut(term: ir.Value, keys: ir.Value, axis: int) -> LengthCut | None:
+    """``term`` is ``table[..., C - n:]`` with ``n`` the length of ``keys`` on ``axis`` (a KV cache's concat:
+    evict-kv's MPT ALiBi), read through a shape; or None."""
+    node = term.producer()
+    dims = keys.shape.dims if keys.shape is not None else None
+    if node is None or dims is None or not -len(dims) <= axis < len(dims):
+        return None
+    cut = _length_cut(node, keys, dims[axis])
+    return cut if cut is not None and cut.form == "suffix" else None
 
 
 def full_length_cut(e: GraphEditor, cut: LengthCut, full: ir.Value) -> None:

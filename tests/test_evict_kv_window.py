@@ -8,8 +8,13 @@ GPT-Neo's mask form - a causal ``Where`` over a constant band (``tril``, or ``tr
 a local window) before the additive mask - is bypassed and rebuilt from positions (the same tests on
 the fixture in that form); BLOOM's ALiBi over the mask's positions is recomputed at the kept slots'
 original positions (the fixture given it: budget 1.0 == dense; evicting, the term == slope_h * the
-kept positions); the corpus sliding-window, GPT-Neo and BLOOM decoders (``corpus`` marker) at
-budget 1.0 == dense over steps."""
+kept positions); MPT's form - ``Where(mask, MIN, scores + table[..., C - n:])``, the ALiBi the last ``n``
+columns of a constant table, ``n`` the cache length - has the Where's condition rebuilt from the kept
+slots and the table gathered at their original positions (the fixture given it: budget 1.0 == dense in
+layer and per-KV-head modes, and with the mask as the Where's keep-condition; evicting, the term ==
+table[h, C - 1 - (newest - kept position)]; onnxruntime == reference; a table cut by another length
+refused), and the committed MPT export (``models/mpt``) likewise; the corpus sliding-window, GPT-Neo,
+BLOOM and MPT decoders (``corpus`` marker) at budget 1.0 == dense over steps."""
 
 from __future__ import annotations
 
@@ -241,23 +246,31 @@ def test_alibi_full_budget_equals_dense(tmp_path: Path) -> None:
     assert lockstep(DecoderSession(dense), session, steps=3) <= 1e-5
 
 
-def test_alibi_reads_the_kept_slots_original_positions(tmp_path: Path) -> None:
-    """Evicting (slots with gaps), each layer's ALiBi term is slope_h * the ORIGINAL position of each
-    kept slot (BLOOM's mask positions of the whole sequence), not the slot index."""
+def terms_after_steps(path: Path, prefix: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Run the evicted model (prefill 9 tokens x 2, then 3 greedy steps) with the score term each node
+    named ``prefix<layer>`` adds as an output: (the terms' names by layer, the last step's feeds and
+    ``out:<name>`` outputs)."""
     from test_evict_kv import spied_session
 
-    path = evicted(alibi(tmp_path / "alibi.onnx"), tmp_path / "e.onnx", budget=0.4, sinks=1, recent=1)
     proto = onnx.load(str(path))
-    adds = [n for n in proto.graph.node if n.name.startswith("ab_add_")]
+    adds = [n for n in proto.graph.node if n.name.startswith(prefix)]  # graph order: layer order
     assert len(adds) == 4
     proto.graph.output.extend(helper.make_tensor_value_info(n.input[1], onnx.TensorProto.FLOAT, None) for n in adds)
     onnx.save(proto, str(path))
-    session, extra, captured = spied_session(path)
+    session, _, captured = spied_session(path)
     session.reset(2)
     x = session.step(np.array([[5, 17, 33, 2, 9, 11, 40, 7, 21], [8, 3, 100, 42, 6, 12, 13, 50, 4]]))
     for _ in range(3):
         x = session.step(x[:, -1].argmax(-1)[:, None])
-    for layer, name in enumerate(n.input[1] for n in adds):
+    return [n.input[1] for n in adds], captured
+
+
+def test_alibi_reads_the_kept_slots_original_positions(tmp_path: Path) -> None:
+    """Evicting (slots with gaps), each layer's ALiBi term is slope_h * the ORIGINAL position of each
+    kept slot (BLOOM's mask positions of the whole sequence), not the slot index."""
+    path = evicted(alibi(tmp_path / "alibi.onnx"), tmp_path / "e.onnx", budget=0.4, sinks=1, recent=1)
+    names, captured = terms_after_steps(path, "ab_add_")
+    for layer, name in enumerate(names):
         pos = np.concatenate([captured[f"past_positions.{layer}"], captured["position_ids"]], axis=1)
         assert np.diff(pos[0]).max() > 1  # evicted: the kept positions have gaps
         term = captured[f"out:{name}"]  # [B, H, 1, n]
@@ -269,9 +282,126 @@ def test_alibi_with_per_kv_head_eviction_is_refused(tmp_path: Path) -> None:
         evicted(alibi(tmp_path / "alibi.onnx"), tmp_path / "e.onnx", budget=1.0, mode="head")
 
 
+C = 32  # the MPT-form table's width (max_seq_len)
+TABLE = (SLOPES[:, None] * (np.arange(C) - (C - 1))[None, :]).astype(np.float32).reshape(4, 1, C)  # MPT's ALiBi
+
+
+def mpt_form(out: Path, hides: bool = True, length: str = "cache") -> Path:
+    """The Llama fixture in MPT's mask form: ``Where(MASK < -1, MIN, scores + TABLE[..., C - n:])`` (node
+    ``mp_add_<l>`` adds the term) with ``n`` = ``Shape(present.<l>.key)[2]`` (``length`` "cache") or the
+    length of ``attention_mask`` ("mask"); ``hides`` False: ``Where(MASK >= -1, scores + term, MIN)``."""
+    proto = onnx.load(str(MODELS / "llama_torchscript.onnx"))
+    g = proto.graph
+    N = helper.make_node
+    for name, v in (("mp_table", TABLE), ("mp_c", np.int64(C)), ("mp_two", np.int64(2)), ("mp_onei", np.int64(1)),
+                    ("mp_ax0", np.array([0], np.int64)), ("mp_end", np.array([np.iinfo(np.int64).max])),
+                    ("mp_ax2", np.array([2], np.int64)), ("mp_step", np.array([1], np.int64)),
+                    ("mp_neg1", np.float32(-1)), ("mp_min", np.float32(np.finfo(np.float32).min))):
+        g.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    g.node.extend([N("Less", [MASK, "mp_neg1"], ["mp_hide"]), N("Not", ["mp_hide"], ["mp_keep"])])
+    for node in [n for n in g.node if n.op_type == "Add" and MASK in n.input]:
+        layer = int(node.name.split("layers.")[1].split("/")[0])
+        scores, t = next(x for x in node.input if x != MASK), f"mp{layer}"
+        src, axis = (f"present.{layer}.key", "mp_two") if length == "cache" else ("attention_mask", "mp_onei")
+        shape = [N("Shape", [src], [f"{t}_shape"]), N("Gather", [f"{t}_shape", axis], [f"{t}_n"])]
+        where = (N("Where", ["mp_hide", "mp_min", f"{t}_biased"], [node.output[0]]) if hides else
+                 N("Where", ["mp_keep", f"{t}_biased", "mp_min"], [node.output[0]]))
+        g.node.remove(node)
+        g.node.extend([*shape, N("Sub", ["mp_c", f"{t}_n"], [f"{t}_start"]),
+                       N("Unsqueeze", [f"{t}_start", "mp_ax0"], [f"{t}_start1"]),
+                       N("Slice", ["mp_table", f"{t}_start1", "mp_end", "mp_ax2", "mp_step"], [f"{t}_term"]),
+                       N("Add", [scores, f"{t}_term"], [f"{t}_biased"], name=f"mp_add_{layer}"), where])
+    nodes = _sorted(g)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(proto, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mpt_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mpt_form(tmp_path_factory.mktemp("mpt") / "mpt.onnx")
+
+
+def test_mpt_form_is_found_as_where_plus_bias(mpt_dense: Path) -> None:
+    from spatten_compiler.passes.find_attention import find_attention
+
+    model = ir.load(str(mpt_dense))
+    Pipeline([make_pass("normalize"), make_pass("decompose-attention")])(model)
+    sites = find_attention(model).sites
+    assert [s.variant.get("mask") for s in sites] == ["where+bias"] * 4
+    assert all(len(s.bias_terms) == 1 for s in sites)
+    assert lockstep(DecoderSession(MODELS / "llama_torchscript.onnx"), DecoderSession(mpt_dense)) > 1e-3  # guard
+
+
+@pytest.mark.parametrize("hides, mode", [(True, "layer"), (True, "head"), (False, "layer")])
+def test_mpt_form_full_budget_equals_dense(hides: bool, mode: str, mpt_dense: Path, tmp_path: Path) -> None:
+    dense = mpt_dense if hides else mpt_form(tmp_path / "keep.onnx", hides=False)
+    path = evicted(dense, tmp_path / "e.onnx", budget=1.0, sinks=2, mode=mode)
+    assert lockstep(DecoderSession(dense), DecoderSession(path), steps=3) <= 1e-5
+    assert lockstep(DecoderSession(dense, runtime="reference"), DecoderSession(path, runtime="reference"), 2) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["layer", "head"])
+def test_mpt_form_reads_the_kept_slots_original_positions(mode: str, mpt_dense: Path, tmp_path: Path) -> None:
+    """Evicting (slots with gaps), each layer's term is TABLE[h, 0, C - 1 - (newest - p)] for every kept
+    slot's ORIGINAL position p (per KV head: query head h reads KV head h // 2's slots), not the slot's
+    distance from the end; the Where hides exactly the empty slots."""
+    path = evicted(mpt_dense, tmp_path / "e.onnx", budget=0.4, sinks=1, recent=1, mode=mode)
+    names, captured = terms_after_steps(path, "mp_add_")
+    newest = captured["position_ids"].max(1)  # [B]
+    for layer, name in enumerate(names):
+        past = captured[f"past_positions.{layer}"]  # [B, n] or [B, Hkv, n]
+        new = np.broadcast_to(captured["position_ids"][:, None] if past.ndim == 3 else captured["position_ids"],
+                              (*past.shape[:-1], captured["position_ids"].shape[1]))
+        pos = np.concatenate([past, new], axis=-1)
+        pos = pos[:, None] if pos.ndim == 2 else np.repeat(pos, 2, axis=1)  # [B, 1 or H, n]
+        assert np.diff(pos[0, 0]).max() > 1  # evicted: the kept positions have gaps
+        want = TABLE[np.arange(4)[None, :, None], 0, C - 1 - (newest[:, None, None] - pos)]  # [B, H, n]
+        np.testing.assert_array_equal(captured[f"out:{name}"][:, :, 0], want)
+
+
+def test_mpt_form_evicting_ort_equals_reference(mpt_dense: Path, tmp_path: Path) -> None:
+    session = step_ort_and_reference(evicted(mpt_dense, tmp_path / "e.onnx", budget=0.3, sinks=1, recent=1), 6)
+    assert max(session.cache_lengths()) < 9 + 6
+
+
+def test_a_table_cut_by_another_length_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match="not the last n columns of a table, n read from this layer's cache length"):
+        evicted(mpt_form(tmp_path / "m.onnx", length="mask"), tmp_path / "e.onnx", budget=1.0)
+
+
+MPT = MODELS / "mpt" / "mpt_torchscript_kv.onnx"  # models/_mpt.py: vocabulary 64, ALiBi table [4, 1, 64]
+MPT_PROMPTS = [[5, 17, 33, 2, 9, 11, 40, 7, 21], [8, 3, 60, 42]]
+
+
+@pytest.mark.parametrize("runtime", ["ort", "reference"])
+def test_mpt_export_full_budget_equals_dense(runtime: str, tmp_path: Path) -> None:
+    """The real MPT export (left-padded batch): budget 1.0 == dense at every step, both runtimes."""
+    from spatten_compiler.decoding import left_pad
+
+    path = evicted(MPT, tmp_path / "e.onnx", budget=1.0)
+    dense, ours = DecoderSession(MPT, runtime=runtime), DecoderSession(path, runtime=runtime)
+    ids, mask = left_pad(MPT_PROMPTS)
+    dense.reset(2)
+    ours.reset(2)
+    a, b = dense.step(ids, mask), ours.step(ids, mask)
+    assert np.abs(a - b)[mask.astype(bool)].max() <= 1e-4
+    for _ in range(5):
+        tok = a[:, -1].argmax(-1)[:, None]
+        a, b = dense.step(tok), ours.step(tok)
+        assert np.abs(a - b).max() <= 1e-4
+
+
+def test_mpt_export_evicting_runs_and_generates(tmp_path: Path) -> None:
+    path = evicted(MPT, tmp_path / "e.onnx", budget=0.5, sinks=1)
+    session = step_ort_and_reference(path, 8, prompts=MPT_PROMPTS)
+    assert max(session.cache_lengths()) < 9 + 8  # a cache shorter than the sequence
+
+
 def _corpus_sliding() -> list:
     return [r for r in _corpus() if r["kv_cache"] and r["family"] in {"mistral", "gemma2", "gemma3_text", "gpt_neo",
-                                                                        "bloom"}]
+                                                                        "bloom", "mpt"}]
 
 
 @pytest.mark.corpus
