@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -146,35 +147,48 @@ def run_context(runners: dict, ids: np.ndarray, context: int, steps: int, warmup
     return rows
 
 
-def render(rows: list[dict], meta: dict, skipped: dict[str, str], args: argparse.Namespace) -> str:
+def latency_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per configuration and context, median (p10-p90) step ms and the cache length."""
     contexts = sorted({r["context"] for r in rows})
-    names = list(dict.fromkeys(r["config"] for r in rows))
     by = {(r["context"], r["config"]): r for r in rows}
+    lines = ["| config | " + " | ".join(f"{c} ms | cache" for c in contexts) + " |",
+             "|---|" + "---|---|" * len(contexts)]
+    for n in dict.fromkeys(r["config"] for r in rows):
+        cells = [f"{by[c, n]['median_ms']:.1f} ({by[c, n]['p10_ms']:.0f}-{by[c, n]['p90_ms']:.0f}) | "
+                 f"{by[c, n]['cache_length']}" if (c, n) in by else "- | -" for c in contexts]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def speedup_table(rows: list[dict], references: tuple[str, ...],
+                  note: Callable[[str, int, str, float, float], str] | None = None) -> list[str]:
+    """Markdown lines: per configuration and context, each reference's median / the configuration's;
+    ``note(config, context, reference, median, reference median)`` may append text to a cell."""
+    contexts = sorted({r["context"] for r in rows})
+    by = {(r["context"], r["config"]): r["median_ms"] for r in rows}
+    lines = ["| config | " + " | ".join(f"vs {ref} @{c}" for c in contexts for ref in references) + " |",
+             "|---|" + "---|" * len(contexts) * len(references)]
+    for n in dict.fromkeys(r["config"] for r in rows):
+        cells = []
+        for c in contexts:
+            for ref in references:
+                ms, base = by.get((c, n)), by.get((c, ref))
+                cells.append(f"{base / ms:.2f}x{note(n, c, ref, ms, base) if note else ''}" if ms and base else "-")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(rows: list[dict], meta: dict, skipped: dict[str, str], args: argparse.Namespace) -> str:
+    names = list(dict.fromkeys(r["config"] for r in rows))
     lines = ["# Decode step: spattenc vs onnxruntime-genai's model builder (SmolLM2-135M)", "",
              f"command: `{meta['command']}`  ", f"date {meta['date_utc']}, commit {meta['git_commit']}, "
              f"onnxruntime {meta['onnxruntime_version']}, {args.threads} intra-op threads (genai: "
              f"genai_config.json), {meta['cpu_count']} cores shared, load average {meta['load_avg_1m']:.1f} at the "
              f"end; {args.steps} timed steps after {args.warmup} warm-up per context, configurations interleaved.", "",
              "Median decode-step latency in ms (p10-p90); cache = tokens held per layer after the last step.", "",
-             "| config | " + " | ".join(f"{c} ms | cache" for c in contexts) + " |",
-             "|---|" + "---|---|" * len(contexts)]
-    for n in names:
-        cells = []
-        for c in contexts:
-            r = by.get((c, n))
-            cells.append(f"{r['median_ms']:.1f} ({r['p10_ms']:.0f}-{r['p90_ms']:.0f}) | {r['cache_length']}"
-                         if r else "- | -")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+             *latency_table(rows)]
     lines += ["", "Speed-up (median latency of the reference / this configuration's):", "",
-              "| config | " + " | ".join(f"vs dense @{c} | vs genai-int4 @{c}" for c in contexts) + " |",
-              "|---|" + "---|---|" * len(contexts)]
-    for n in names:
-        cells = []
-        for c in contexts:
-            r, d, g = by.get((c, n)), by.get((c, "dense")), by.get((c, "genai-int4"))
-            cells.append(f"{d['median_ms'] / r['median_ms']:.2f}x" if r and d else "-")
-            cells.append(f"{g['median_ms'] / r['median_ms']:.2f}x" if r and g else "-")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+              *speedup_table(rows, ("dense", "genai-int4"))]
     lines += ["", "Configurations:", ""] + [f"- `{n}`: {CONFIGS[n][2]}" for n in names]
     lines += [f"- `{n}`: skipped ({why})" for n, why in skipped.items()]
     return "\n".join(lines) + "\n"

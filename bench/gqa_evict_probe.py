@@ -1,0 +1,274 @@
+"""The ceiling of KV eviction on onnxruntime's fused GroupQueryAttention, before building it (session 20):
+is a decode step over a pruned cache with the fused kernel faster than onnxruntime-genai's int4 step?
+
+    python bench/gqa_evict_probe.py --contexts 1024,2048,4096 --steps 16 --name s20-gqa
+
+On the model builder's int4 SmolLM2-135M (models/cache/genai-smollm2-int4; `python models/_genai.py
+smollm2` makes it), every configuration brought to context C and stepped in lockstep with the others
+(rotating order, bench/genai_step.py's protocol and ``run_context``; median over the steps after the
+warm-up; 2 intra-op threads; onnxruntime sessions stop spinning when a step returns):
+
+* ``genai-int4``: onnxruntime-genai runs the builder's folder (prefills the real tokens; its cache is a
+  shared max-length buffer).
+* ``ort-int4``: the same model.onnx under plain onnxruntime, cache of C rows, present = past + new
+  (``run_with_ort_values``: the cache stays in onnxruntime's OrtValues, no numpy round trip).
+* ``ort-int4-share``: the same with the past/present buffer shared (IOBinding, one OrtValue bound as
+  past input and present output): genai's form under plain onnxruntime.
+* ``gqa-imp-<f>`` (f = 50, 25): the model edited ad hoc (:func:`edit_model`: every GroupQueryAttention
+  outputs its softmax probabilities, ``qk_output=2``, and reads a ``position_ids`` input) plus the
+  importance accumulation spattenc would add per layer (``present_importance = Pad(past_importance)
+  + ReduceSum over the query heads sharing a KV head of the new row's probabilities``, ``[B, kv, n]``),
+  with a cache of ``ceil(f% * C)`` rows, non-shared.
+* ``gqa-imp-<f>-share``: the edited model with the shared buffer (capacity = kept rows + the steps).
+
+Caches are synthesized (random K/V: a step's cost depends on the shapes). Eviction's own work - which
+rows to keep and moving them - is not in the step: :func:`compaction_ms` times one block eviction of
+every layer separately, and the table adds its cost amortized over ``--slack`` steps (evict-block) to
+the shared configurations'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import DEFAULT_RESULTS, make_session, run_metadata, write_results  # noqa: E402
+from bench.genai_step import CACHE, DATA, GenaiRunner, latency_table, run_context, speedup_table  # noqa: E402
+
+log = logging.getLogger("bench.gqa_evict_probe")
+BUILDER = CACHE / "genai-smollm2-int4"
+EDITED = CACHE / "s20-gqa" / "genai-int4.gqa-importance.onnx"
+HEADROOM = 64  # shared buffers: rows beyond the kept cache for the steps of one context
+
+
+def edit_model(src: Path, dst: Path) -> None:
+    """Every GroupQueryAttention gets ``qk_output=2`` (output 3: probabilities [B, H, 1, n]) and input 9
+    ``position_ids``; per layer ``past_importance.<l>`` [B, kv, P] -> ``present_importance.<l>`` [B, kv, P+1]
+    = Pad(past, one 0 column) + ReduceSum(Reshape(probs, [B, kv, H/kv, n]), axis 2). Decode steps only."""
+    m = onnx.load(str(src))
+    g = m.graph
+    g.input.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", 1]))
+    g.initializer.extend([numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 1], np.int64), "/spattenc/pad_new"),
+                          numpy_helper.from_array(np.array([2], np.int64), "/spattenc/axis2")])
+    extra = []
+    for node in [n for n in g.node if n.op_type == "GroupQueryAttention"]:
+        layer = int(node.output[1].split(".")[1])  # present.<l>.key
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kv = attrs["kv_num_heads"]
+        inputs = list(node.input) + [""] * (10 - len(node.input))
+        inputs[9] = "position_ids"
+        del node.input[:]
+        node.input.extend(inputs)
+        probs, p = f"/spattenc/probs.{layer}", f"/spattenc/{layer}/"
+        node.output.append(probs)
+        node.attribute.append(helper.make_attribute("qk_output", 2))
+        shape = numpy_helper.from_array(np.array([0, kv, -1, 0], np.int64), p + "group_shape")
+        g.initializer.append(shape)
+        past, present = f"past_importance.{layer}", f"present_importance.{layer}"
+        g.input.append(helper.make_tensor_value_info(past, TensorProto.FLOAT,
+                                                     ["batch_size", kv, "past_sequence_length"]))
+        g.output.append(helper.make_tensor_value_info(present, TensorProto.FLOAT,
+                                                      ["batch_size", kv, "total_sequence_length"]))
+        extra += [helper.make_node("Reshape", [probs, shape.name], [p + "grouped"]),
+                  helper.make_node("ReduceSum", [p + "grouped", "/spattenc/axis2"], [p + "row"], keepdims=0),
+                  helper.make_node("Pad", [past, "/spattenc/pad_new"], [p + "padded"]),
+                  helper.make_node("Add", [p + "padded", p + "row"], [present])]
+    g.node.extend(extra)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(dst), save_as_external_data=True, location=dst.name + ".data")
+
+
+class CacheRunner:
+    """One decode step of a builder model over onnxruntime with a synthesized cache of ``ceil(fraction
+    * C)`` rows; ``shared``: past/present one IOBinding-bound buffer; ``importance``: the edited model's
+    position_ids and importance state."""
+
+    def __init__(self, path: Path, threads: int, fraction: float, shared: bool, importance: bool) -> None:
+        import onnxruntime as ort
+
+        self.ort, self.fraction, self.shared, self.importance = ort, fraction, shared, importance
+        self.session = make_session(path, threads)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.kv = {i.name: i.shape[1] for i in self.session.get_inputs() if i.name.startswith("past_key_values")}
+        self.head = 64
+
+    def _value(self, a: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(a)
+
+    def prefill(self, ids: np.ndarray) -> None:
+        self.position = len(ids)
+        self.length = math.ceil(self.fraction * len(ids))
+        rows = self.length + (HEADROOM if self.shared else 0)
+        rng = np.random.default_rng(0)
+        self.cache = {n: self._value(rng.standard_normal((1, kv, rows, self.head)).astype(np.float32))
+                      for n, kv in self.kv.items()}
+        self.state = {n.replace("key_values", "importance").rsplit(".", 1)[0]: self._value(
+            rng.random((1, kv, self.length)).astype(np.float32))
+            for n, kv in self.kv.items() if n.endswith(".key") and self.importance}
+        self.capacity = rows
+
+    def _small(self, token: int) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, self.length + 1), np.int64)}
+        if self.importance:
+            feeds["position_ids"] = np.array([[self.position]], np.int64)
+        return feeds
+
+    def step(self, token: int) -> None:
+        feeds = self._small(token)
+        if self.shared:
+            if self.length + 1 > self.capacity:
+                raise RuntimeError("shared buffer full: raise HEADROOM")
+            io = self.session.io_binding()
+            for n, a in feeds.items():
+                io.bind_cpu_input(n, a)
+            for n, v in {**self.cache, **self.state}.items():
+                io.bind_ortvalue_input(n, v)
+            for n, v in self.cache.items():
+                io.bind_ortvalue_output(n.replace("past_key_values", "present"), v)
+            free = [o for o in self.outputs if not o.startswith("present.")]
+            for o in free:
+                io.bind_output(o)
+            self.session.run_with_iobinding(io)
+            out = dict(zip([o for o in self.outputs if o.startswith("present.")] + free, io.get_outputs()))
+        else:
+            values = {n: self._value(a) for n, a in feeds.items()} | self.cache | self.state
+            out = dict(zip(self.outputs, self.session.run_with_ort_values(self.outputs, values)))
+            self.cache = {n: out[n.replace("past_key_values", "present")] for n in self.cache}
+        self.state = {n: out[n.replace("past_", "present_")] for n in self.state}
+        self.length += 1
+        self.position += 1
+
+    def cache_length(self) -> int:
+        return self.length
+
+
+def compaction_ms(kept: int, slack: int, layers: int = 30, kv: int = 3, head: int = 64,
+                  repeats: int = 5) -> dict[str, float]:
+    """Median ms of one block eviction in a shared buffer of ``kept + slack`` rows per KV head, every
+    layer's K and V (numpy, in place; ``--kv-evict head``): pick the ``slack`` lowest-scored rows per
+    head (argpartition), then ``ordered``: gather the kept rows to the front in their order (what
+    evict-kv's Gather keeps), or ``holes``: move only the kept rows from ``[kept, kept + slack)`` into
+    the evicted slots below ``kept`` (at most ``slack`` rows per head: attention does not depend on the
+    order of the keys, the stored keys are already rotated; their positions move with them)."""
+    rng = np.random.default_rng(0)
+    n = kept + slack
+    bufs = [rng.standard_normal((1, kv, n + HEADROOM, head)).astype(np.float32) for _ in range(2 * layers)]
+    scores = [rng.random((1, kv, n)).astype(np.float32) for _ in range(layers)]
+    result = {}
+    for form in ("ordered", "holes"):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for layer in range(layers):
+                drop = np.argpartition(scores[layer][0], slack, axis=-1)[:, :slack]
+                for h in range(kv):
+                    if form == "ordered":
+                        src, dst = np.setdiff1d(np.arange(n), drop[h], assume_unique=True), slice(0, kept)
+                    else:
+                        dst = np.sort(drop[h][drop[h] < kept])
+                        src = np.setdiff1d(np.arange(kept, n), drop[h], assume_unique=True)
+                    for b in bufs[2 * layer:2 * layer + 2]:
+                        b[0, h, dst] = b[0, h, src]
+            times.append(time.perf_counter() - t0)
+        result[form] = float(np.median(times) * 1e3)
+    return result
+
+
+def render(rows: list[dict], compaction: dict, meta: dict, args: argparse.Namespace) -> str:
+    contexts = sorted({r["context"] for r in rows})
+    lines = ["# Fused GroupQueryAttention + eviction: decode-step ceiling (SmolLM2-135M, builder int4)", "",
+             f"command: `{meta['command']}`  ", f"date {meta['date_utc']}, commit {meta['git_commit']}, onnxruntime "
+             f"{meta['onnxruntime_version']}, {args.threads} intra-op threads, {meta['cpu_count']} cores shared, "
+             f"load average {meta['load_avg_1m']:.1f} at the end; {args.steps} timed steps after {args.warmup} "
+             "warm-up per context, configurations interleaved.", "",
+             "Median decode-step latency in ms (p10-p90); cache = rows held per layer after the last step.", "",
+             *latency_table(rows)]
+    lines += ["", f"One block eviction in the shared buffer (numpy: select the {args.slack} lowest rows per KV head, "
+              f"then `ordered` gather or `holes` fill, every layer's K and V), ms once / amortized over "
+              f"{args.slack} steps:", "",
+              "| kept rows, form | " + " | ".join(str(c) for c in contexts) + " |", "|---|" + "---|" * len(contexts)]
+    for f in args.fractions:
+        for form in ("ordered", "holes"):
+            lines.append(f"| {f}%, {form} | " + " | ".join(
+                f"{compaction[c, f][form]:.1f} / {compaction[c, f][form] / args.slack:.2f}" for c in contexts) + " |")
+    lines += ["", "Speed-up (reference median / this median; `+evict`: the step plus the amortized `holes` "
+              "eviction, on the shared configurations):", ""]
+
+    def plus_eviction(name: str, context: int, reference: str, ms: float, base: float) -> str:
+        frac = next((f for f in args.fractions if name == f"gqa-imp-{f}-share"), None)
+        if frac is None or reference != "genai-int4":
+            return ""
+        return f" ({base / (ms + compaction[context, frac]['holes'] / args.slack):.2f}x +evict)"
+
+    lines += speedup_table(rows, ("genai-int4", "ort-int4"), plus_eviction)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default="1024,2048,4096")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fractions", default="50,25", help="kept cache, percent of the context")
+    p.add_argument("--slack", type=int, default=16, help="block eviction: steps between gathers")
+    p.add_argument("--configs", default="", help="comma-separated subset (default: all)")
+    p.add_argument("--name", default="", help="suffix of the result files")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
+    args = p.parse_args(argv)
+    args.fractions = [int(f) for f in args.fractions.split(",")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not (BUILDER / "model.onnx").exists():
+        print(f"error: {BUILDER / 'model.onnx'} missing (python models/_genai.py smollm2)", file=sys.stderr)
+        return 2
+    if not EDITED.exists():
+        edit_model(BUILDER / "model.onnx", EDITED)
+    from tokenizers import Tokenizer
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    tok = Tokenizer.from_file(str(BUILDER / "tokenizer.json"))
+    ids = np.array(tok.encode(DATA.read_text()).ids, np.int64)
+    start = len(ids) // 2 - max(contexts) // 2
+    ids = ids[start:start + max(contexts) + args.warmup + args.steps]
+    if args.warmup + args.steps + 1 > HEADROOM:
+        print(f"error: warmup + steps must stay below {HEADROOM}", file=sys.stderr)
+        return 2
+    makers = {"genai-int4": lambda: GenaiRunner(BUILDER, max(contexts) + args.warmup + args.steps + 8),
+              "ort-int4": lambda: CacheRunner(BUILDER / "model.onnx", args.threads, 1.0, False, False),
+              "ort-int4-share": lambda: CacheRunner(BUILDER / "model.onnx", args.threads, 1.0, True, False)}
+    for f in args.fractions:
+        makers[f"gqa-imp-{f}"] = lambda f=f: CacheRunner(EDITED, args.threads, f / 100, False, True)
+        makers[f"gqa-imp-{f}-share"] = lambda f=f: CacheRunner(EDITED, args.threads, f / 100, True, True)
+    chosen = args.configs.split(",") if args.configs else list(makers)
+    runners = {n: makers[n]() for n in chosen}
+    log.info("configs %s; pid %d", list(runners), os.getpid())
+    rows: list[dict] = []
+    for context in contexts:
+        rows += run_context(runners, ids, context, args.steps, args.warmup)
+        for r in rows[-len(runners):]:
+            log.info("%5d %-22s %7.1f ms  cache %d", context, r["config"], r["median_ms"], r["cache_length"])
+    compaction = {(c, f): compaction_ms(math.ceil(f / 100 * c), args.slack) for c in contexts for f in args.fractions}
+    meta = run_metadata(args.threads)
+    md = render(rows, compaction, meta, args)
+    kind = "gqa-evict-probe" + (f"-{args.name}" if args.name else "")
+    data = {"meta": meta, "rows": rows, "compaction_ms": {f"{c}@{f}": v for (c, f), v in compaction.items()}}
+    _, md_path = write_results(args.out_dir, kind, data, md)
+    print(md)
+    print(f"wrote {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
