@@ -60,6 +60,14 @@ CONFIGS: dict[str, tuple[str, Path, str]] = {
 }
 
 
+def kept_positions(context: int, kept: int) -> np.ndarray:
+    """``kept`` of ``context`` positions as an eviction model holds them: 4 sinks, the newest half,
+    evenly spread positions between."""
+    recent = kept // 2
+    middle = np.linspace(4, context - recent - 1, kept - 4 - recent).astype(np.int64)
+    return np.concatenate([np.arange(4), middle, np.arange(context - recent, context)])
+
+
 class OrtRunner:
     """A decode step over onnxruntime. The cache before the timed steps is synthesized at the
     context's length (random K/V; for an eviction model the ``ceil(budget * C)`` slots it keeps, with
@@ -76,9 +84,7 @@ class OrtRunner:
         s, context = self.session, len(ids)
         s.reset(1)
         kept = context if s.evict is None else int(np.ceil(float(s.evict["budget"]) * context))
-        recent = kept // 2
-        middle = np.linspace(4, context - recent - 1, kept - 4 - recent).astype(np.int64)
-        positions = np.concatenate([np.arange(4), middle, np.arange(context - recent, context)])[None]
+        positions = kept_positions(context, kept)[None]
         rng = np.random.default_rng(0)
         for name, (dtype, dims) in s.state.items():
             if name.startswith("past_positions"):

@@ -20,6 +20,13 @@ warm-up; 2 intra-op threads; onnxruntime sessions stop spinning when a step retu
   + ReduceSum over the query heads sharing a KV head of the new row's probabilities``, ``[B, kv, n]``),
   with a cache of ``ceil(f% * C)`` rows, non-shared.
 * ``gqa-imp-<f>-share``: the edited model with the shared buffer (capacity = kept rows + the steps).
+* ``spattenc-genai-int4-evict50``: bench/genai_step.py's configuration of that name (``spattenc
+  genai-smollm2-int4 --kv-budget 0.5``: GroupQueryAttention decomposed, then evict-kv), run as there
+  (DecoderSession, numpy caches, synthesized kept slots); skipped when that model is not built.
+* ``evict-gqa-50``: the same options compiled by ``evict-gqa`` (passes/evict_gqa.py: the kernel stays
+  fused), run the same way; ``evict-gqa-50-slack16``: with block eviction (``slack=16``, the decoder
+  preset's). The two are compiled here on first use (models/cache/s20-gqa/). ``-ov``: the same model
+  stepped with its states as OrtValues (as ``ort-int4``) instead of DecoderSession's numpy arrays.
 
 Caches are synthesized (random K/V: a step's cost depends on the shapes). Eviction's own work - which
 rows to keep and moving them - is not in the step: :func:`compaction_ms` times one block eviction of
@@ -45,11 +52,25 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DEFAULT_RESULTS, make_session, run_metadata, write_results  # noqa: E402
-from bench.genai_step import CACHE, DATA, GenaiRunner, latency_table, run_context, speedup_table  # noqa: E402
+from bench.genai_step import (  # noqa: E402
+    CACHE,
+    CONFIGS,
+    DATA,
+    GenaiRunner,
+    OrtRunner,
+    kept_positions,
+    latency_table,
+    run_context,
+    speedup_table,
+)  # noqa: E402
 
 log = logging.getLogger("bench.gqa_evict_probe")
 BUILDER = CACHE / "genai-smollm2-int4"
 EDITED = CACHE / "s20-gqa" / "genai-int4.gqa-importance.onnx"
+# name -> (compiled model, evict-gqa options: genai_step's spattenc-genai-int4-evict50 options, block eviction)
+FUSED = {"evict-gqa-50": (CACHE / "s20-gqa" / "genai-int4.evict-gqa50.onnx", {"budget": 0.5}),
+         "evict-gqa-50-slack16": (CACHE / "s20-gqa" / "genai-int4.evict-gqa50-slack16.onnx",
+                                  {"budget": 0.5, "slack": 16})}
 HEADROOM = 64  # shared buffers: rows beyond the kept cache for the steps of one context
 
 
@@ -90,18 +111,34 @@ def edit_model(src: Path, dst: Path) -> None:
     onnx.save(m, str(dst), save_as_external_data=True, location=dst.name + ".data")
 
 
-class CacheRunner:
-    """One decode step of a builder model over onnxruntime with a synthesized cache of ``ceil(fraction
-    * C)`` rows; ``shared``: past/present one IOBinding-bound buffer; ``importance``: the edited model's
-    position_ids and importance state."""
+def compile_fused(src: Path, dst: Path, options: dict) -> None:
+    """``src`` through evict-gqa with ``options``, saved (external data) as ``dst``."""
+    from spatten_compiler.modelio import load_model, save_model
+    from spatten_compiler.pipeline import Pipeline, make_pass
 
-    def __init__(self, path: Path, threads: int, fraction: float, shared: bool, importance: bool) -> None:
+    model = load_model(src)
+    Pipeline([make_pass("evict-gqa", **options)], check=True)(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, dst, external_data=True)
+
+
+class CacheRunner:
+    """One decode step of a builder model over onnxruntime, every state kept as OrtValues (no numpy
+    round trip), from a synthesized cache of ``ceil(fraction * C)`` rows; ``shared``: past/present one
+    IOBinding-bound buffer. Other ``past_*`` states (the edited model's importance; a compiled
+    eviction model's importance and positions) are synthesized as bench/genai_step.py does; a model
+    with a ``position_ids`` input gets the true position."""
+
+    def __init__(self, path: Path, threads: int, fraction: float, shared: bool) -> None:
         import onnxruntime as ort
 
-        self.ort, self.fraction, self.shared, self.importance = ort, fraction, shared, importance
+        self.ort, self.fraction, self.shared = ort, fraction, shared
         self.session = make_session(path, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.kv = {i.name: i.shape[1] for i in self.session.get_inputs() if i.name.startswith("past_key_values")}
+        inputs = self.session.get_inputs()
+        self.kv = {i.name: i.shape[1] for i in inputs if i.name.startswith("past_key_values")}
+        self.extra = {i.name: i for i in inputs if i.name.startswith("past_") and i.name not in self.kv}
+        self.positions = any(i.name == "position_ids" for i in inputs)
         self.head = 64
 
     def _value(self, a: np.ndarray):
@@ -110,18 +147,21 @@ class CacheRunner:
     def prefill(self, ids: np.ndarray) -> None:
         self.position = len(ids)
         self.length = math.ceil(self.fraction * len(ids))
-        rows = self.length + (HEADROOM if self.shared else 0)
+        self.capacity = self.length + (HEADROOM if self.shared else 0)
         rng = np.random.default_rng(0)
-        self.cache = {n: self._value(rng.standard_normal((1, kv, rows, self.head)).astype(np.float32))
+        self.cache = {n: self._value(rng.standard_normal((1, kv, self.capacity, self.head)).astype(np.float32))
                       for n, kv in self.kv.items()}
-        self.state = {n.replace("key_values", "importance").rsplit(".", 1)[0]: self._value(
-            rng.random((1, kv, self.length)).astype(np.float32))
-            for n, kv in self.kv.items() if n.endswith(".key") and self.importance}
-        self.capacity = rows
+        kept = kept_positions(len(ids), self.length)
+        self.state = {}
+        for name, i in self.extra.items():  # [B, n] or [B, kv, n]
+            lead = [1] + ([self.kv[f"past_key_values.{name.split('.')[1]}.key"]] if len(i.shape) == 3 else [])
+            a = (np.broadcast_to(kept, (*lead, self.length)).astype(np.int64) if "int64" in i.type
+                 else rng.random((*lead, self.length)).astype(np.float32))
+            self.state[name] = self._value(np.ascontiguousarray(a))
 
     def _small(self, token: int) -> dict[str, np.ndarray]:
         feeds = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, self.length + 1), np.int64)}
-        if self.importance:
+        if self.positions:
             feeds["position_ids"] = np.array([[self.position]], np.int64)
         return feeds
 
@@ -142,12 +182,13 @@ class CacheRunner:
                 io.bind_output(o)
             self.session.run_with_iobinding(io)
             out = dict(zip([o for o in self.outputs if o.startswith("present.")] + free, io.get_outputs()))
+            self.length += 1
         else:
             values = {n: self._value(a) for n, a in feeds.items()} | self.cache | self.state
             out = dict(zip(self.outputs, self.session.run_with_ort_values(self.outputs, values)))
             self.cache = {n: out[n.replace("past_key_values", "present")] for n in self.cache}
+            self.length = next(iter(self.cache.values())).shape()[2]  # an eviction model keeps its budget
         self.state = {n: out[n.replace("past_", "present_")] for n in self.state}
-        self.length += 1
         self.position += 1
 
     def cache_length(self) -> int:
@@ -246,12 +287,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: warmup + steps must stay below {HEADROOM}", file=sys.stderr)
         return 2
     makers = {"genai-int4": lambda: GenaiRunner(BUILDER, max(contexts) + args.warmup + args.steps + 8),
-              "ort-int4": lambda: CacheRunner(BUILDER / "model.onnx", args.threads, 1.0, False, False),
-              "ort-int4-share": lambda: CacheRunner(BUILDER / "model.onnx", args.threads, 1.0, True, False)}
+              "ort-int4": lambda: CacheRunner(BUILDER / "model.onnx", args.threads, 1.0, False),
+              "ort-int4-share": lambda: CacheRunner(BUILDER / "model.onnx", args.threads, 1.0, True)}
     for f in args.fractions:
-        makers[f"gqa-imp-{f}"] = lambda f=f: CacheRunner(EDITED, args.threads, f / 100, False, True)
-        makers[f"gqa-imp-{f}-share"] = lambda f=f: CacheRunner(EDITED, args.threads, f / 100, True, True)
+        makers[f"gqa-imp-{f}"] = lambda f=f: CacheRunner(EDITED, args.threads, f / 100, False)
+        makers[f"gqa-imp-{f}-share"] = lambda f=f: CacheRunner(EDITED, args.threads, f / 100, True)
+    decomposed = CONFIGS["spattenc-genai-int4-evict50"][1]
+    if decomposed.exists():
+        makers["spattenc-genai-int4-evict50"] = lambda: OrtRunner(decomposed, args.threads)
+    for name, (path, _) in FUSED.items():
+        makers[name] = lambda path=path: OrtRunner(path, args.threads)
+        makers[f"{name}-ov"] = lambda path=path: CacheRunner(path, args.threads, 0.5, False)
     chosen = args.configs.split(",") if args.configs else list(makers)
+    for name in chosen:
+        fused = FUSED.get(name.removesuffix("-ov"))
+        if fused and not fused[0].exists():
+            compile_fused(BUILDER / "model.onnx", *fused)
     runners = {n: makers[n]() for n in chosen}
     log.info("configs %s; pid %d", list(runners), os.getpid())
     rows: list[dict] = []
