@@ -100,3 +100,15 @@ def test_no_fused_attention_is_refused() -> None:
     Pipeline([make_pass("unfuse-ort")])(model)
     with pytest.raises(NoAttentionError, match="no com.microsoft GroupQueryAttention"):
         Pipeline([make_pass("evict-gqa", budget=0.5)])(model)
+
+
+def test_cli_pipeline_reports_the_eviction(tmp_path, capsys) -> None:
+    from spatten_compiler.cli import main
+
+    out = tmp_path / "out.onnx"
+    assert main([str(BUILDER / "llama_int4.onnx"), "-o", str(out), "--pipeline", "evict-gqa{budget=0.5;slack=16}"]) == 0
+    err = capsys.readouterr().err
+    assert "KV cache per layer kept within 50%" in err and "no rewrite applied" not in err
+    assert main([str(BUILDER / "llama_int4.onnx"), "-o", str(out), "--pipeline",
+                 "evict-gqa{budget=0.5;schedule=1:0.5}"]) == 2
+    assert "per-layer schedule needs the decomposed form" in capsys.readouterr().err
