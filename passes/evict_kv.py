@@ -355,7 +355,8 @@ def _dims(v: ir.Value) -> tuple:
 def kv_heads(site: AttentionSite) -> tuple[int, int]:
     """(KV heads, query heads per KV head) of a site, for per-head eviction: static counts, and a GQA
     repeat that is KV-head major (query head ``h`` reads KV head ``h // g``), or the reason it is not."""
-    if site.fused is not None and site.fused.op_type == "GroupQueryAttention":  # evict-gqa: the kernel's mapping
+    fused = getattr(site, "fused", None)  # (tests hand in stand-ins with only the fields a rule reads)
+    if fused is not None and fused.op_type == "GroupQueryAttention":  # evict-gqa: the kernel's own mapping,
         return site.num_kv_heads, site.num_heads // site.num_kv_heads  # query head h reads KV head h // g
     if site.variant.get("layout") == "folded":
         raise OptionError(f"layer {site.layer}: --kv-evict head scores each head's keys from [B, H, q, n] "
