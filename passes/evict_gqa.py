@@ -26,15 +26,24 @@ left-padded batch is not expressed. Not done here: genai's shared past/present b
 form measured; needs a runtime that binds one buffer as past and present and evicts in place).
 Refused with the reason: caches that are not graph input/output pairs, a local window, a quantized
 cache, an existing attention_bias / position_ids / qk output, a rotary computed outside the kernel.
+
+``in_graph=false``: the shared-buffer form. The graph keeps only the kernel (``qk_output=2``,
+``position_ids``, no attention_bias: every slot below the cache length is valid) and the importance
+accumulation ``present_importance.l = Concat(past_importance.l, 0) + ReduceSum(P_l)`` (over the query
+rows and heads; ``head``: per KV head); no TopK, Gather or If. spatten_compiler/shared_cache.py
+binds one buffer per cache as past and present and evicts in place by the same rule (its metadata:
+``RUNTIME``); ``layer``/``head`` with the accumulated score only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from spatten_compiler.editor import GraphEditor
 from spatten_compiler.errors import NoAttentionError, OptionError
@@ -45,6 +54,7 @@ from .evict_kv import EvictKV
 from .find_attention import AttentionSite, find_attention
 
 logger = logging.getLogger(__name__)
+RUNTIME = "spatten.evict_gqa_runtime"  # metadata of the in_graph=false form: the rule the runtime applies
 OP = ("com.microsoft", "GroupQueryAttention")
 PAST_K, PAST_V, POSITION_IDS, ATTENTION_BIAS = 3, 4, 9, 10
 # inputs this rewrite must find empty, with the reason (the eviction sets 9 and 10; 12-13: k/v scales)
@@ -79,9 +89,14 @@ class EvictGQA(EvictKV):
     """evict-kv's options and rule on fused GroupQueryAttention nodes (see the module docstring)."""
 
     name = "evict-gqa"
+    # False: the graph only accumulates the importance; a runtime (spatten_compiler/shared_cache.py) holds
+    # the cache in one shared buffer and evicts in place by the same rule (see RUNTIME)
+    in_graph: bool = True
 
     def call(self, model: ir.Model) -> PassResult:
         self._validate()
+        if not self.in_graph and (why := self._runtime_why()):
+            raise OptionError(f"evict-gqa{{in_graph=false}}: {why}")
         if len(set(self.schedule)) > 1:
             raise OptionError("evict-gqa: the kernel reads one cache length (attention_mask) for every layer; "
                               "a per-layer schedule needs the decomposed form (unfuse-ort, then evict-kv)")
@@ -101,17 +116,60 @@ class EvictGQA(EvictKV):
         # them symbolic: the builder's kv_cache_dim); written into the cache shapes, which outlive the rewrite
         sizes = {id(s.fused): s.head_dim for s in find_attention(model).sites if s.fused is not None}
         ed = GraphEditor(model, "spatten/evict_gqa")
-        sites = [self._site(ed, node, layer, positions, sizes.get(id(node))) for layer, node in enumerate(nodes)]
-        ed.commit()
+        sites = [self._site(ed, node, layer, positions, sizes.get(id(node)), self.in_graph)
+                 for layer, node in enumerate(nodes)]
         logger.info("evict-gqa: %d GroupQueryAttention nodes output their probabilities", len(sites))
-        return self.evict(model, sites, {}, {}, "input", None)
+        if self.in_graph:
+            ed.commit()
+            return self.evict(model, sites, {}, {}, "input", None)
+        for site in sites:
+            self._accumulate(ed, graph, site, positions)
+        ed.forget_shapes()
+        ed.commit()
+        RemoveUnusedNodesPass()(model)
+        model.metadata_props[RUNTIME] = json.dumps({
+            "budget": self.budget, "sinks": self.sinks, "recent": self.recent, "recent_share": self.recent_share,
+            "mode": self.mode, "min_keep": self.min_keep, "slack": self.slack, "layers": len(sites)})
+        return PassResult(model, True)
+
+    def _runtime_why(self) -> str | None:
+        """Why the runtime's eviction could not reproduce these options, or None."""
+        if self.mode not in ("layer", "head"):
+            return f"--kv-evict {self.mode} is not reproduced by the runtime (layer or head)"
+        if self.score != "accumulated" or self.tunable:
+            return "the runtime evicts by the accumulated rule with compiled knobs only"
+        return None
+
+    def _accumulate(self, ed: GraphEditor, graph: ir.Graph, site: AttentionSite, positions: ir.Value) -> None:
+        """``present_importance.l = Concat(past_importance.l, 0 per new token) + ReduceSum(P_l)`` over
+        the query rows and the heads (``head``: the heads of each KV head), ``[B, n]`` or ``[B, kv, n]``."""
+        i64 = lambda h, a: ed.const(h, np.array(a, np.int64))  # noqa: E731
+        heads = [site.num_kv_heads] if self.mode == "head" else []
+        past = ir.Value(name=f"past_importance.{site.layer}", shape=ir.Shape(["batch", *heads, "past_sequence"]),
+                        type=ir.TensorType(ir.DataType.FLOAT))
+        graph.inputs.append(past)
+        if heads:  # [B, H, q, n] -> [B, H, n] -> [B, kv, g, n] -> [B, kv, n]
+            score = ed.op("ReduceSum", [site.probs, i64("ax2", [2])], keepdims=0)
+            group = site.num_heads // heads[0]
+            score = ed.op("ReduceSum", [ed.op("Reshape", [score, i64("grp", [0, heads[0], group, -1])]),
+                                        i64("ax2", [2])], keepdims=0)
+        else:
+            score = ed.op("ReduceSum", [site.probs, i64("ax12", [1, 2])], keepdims=0)
+        q = ed.op("Neg", [ed.op("Shape", [positions], start=1, end=2)])
+        new = ed.op("Slice", [score, q, i64("end", [np.iinfo(np.int64).max]), i64("last", [-1])])
+        imp = ed.op("Add", [ed.op("Concat", [past, ed.op("Mul", [new, ed.const("z", np.array(0, np.float32))])],
+                                  axis=-1), score])
+        imp.name, imp.type = f"present_importance.{site.layer}", ir.TensorType(ir.DataType.FLOAT)
+        imp.shape = ir.Shape(["batch", *heads, "total_sequence"])
+        graph.outputs.append(imp)
 
     @staticmethod
-    def _site(ed: GraphEditor, node: ir.Node, layer: int, positions: ir.Value, head_dim: int | None) -> AttentionSite:
-        """The node again with position_ids, a placeholder attention_bias (evict-kv's ``bias_l`` replaces
-        it) and ``qk_output=2``; the layer as the AttentionSite evict-kv rewrites."""
+    def _site(ed: GraphEditor, node: ir.Node, layer: int, positions: ir.Value, head_dim: int | None,
+              bias: bool) -> AttentionSite:
+        """The node again with position_ids, (``bias``) a placeholder attention_bias evict-kv's ``bias_l``
+        replaces, and ``qk_output=2``; the layer as the AttentionSite evict-kv rewrites."""
         attrs = {a.name: a.value for a in node.attributes.values()} | {"qk_output": 2}
-        placeholder = ed.const("no_bias", np.zeros((1, 1, 1, 1), np.float32))
+        placeholder = ed.const("no_bias", np.zeros((1, 1, 1, 1), np.float32)) if bias else None
         inputs = list(node.inputs) + [None] * (POSITION_IDS - len(node.inputs))
         inputs = inputs[:POSITION_IDS] + [positions, placeholder] + inputs[ATTENTION_BIAS + 1:]
         while inputs[-1] is None:
