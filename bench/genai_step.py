@@ -147,7 +147,7 @@ def run_context(runners: dict, ids: np.ndarray, context: int, steps: int, warmup
     rows = []
     for name, ts in times.items():
         a = np.array(ts) * 1e3
-        rows.append({"context": context, "config": name, "median_ms": float(np.median(a)),
+        rows.append({"context": context, "config": name, "median_ms": float(np.median(a)), "mean_ms": float(a.mean()),
                      "p10_ms": float(np.percentile(a, 10)), "p90_ms": float(np.percentile(a, 90)),
                      "steps": len(a), "cache_length": runners[name].cache_length()})
     return rows

@@ -23,6 +23,9 @@ warm-up; 2 intra-op threads; onnxruntime sessions stop spinning when a step retu
 * ``spattenc-genai-int4-evict50``: bench/genai_step.py's configuration of that name (``spattenc
   genai-smollm2-int4 --kv-budget 0.5``: GroupQueryAttention decomposed, then evict-kv), run as there
   (DecoderSession, numpy caches, synthesized kept slots); skipped when that model is not built.
+* ``shared-50`` / ``shared-50-slack16``: ``evict-gqa{in_graph=false}`` (the graph only accumulates the
+  importance) stepped by spatten_compiler/shared_cache.py's SharedCacheSession: one shared buffer per
+  cache, evicted in place every step / every 16 steps (``SharedRunner``).
 * ``evict-gqa-50``: the same options compiled by ``evict-gqa`` (passes/evict_gqa.py: the kernel stays
   fused), run the same way; ``evict-gqa-50-slack16``: with block eviction (``slack=16``, the decoder
   preset's). The two are compiled here on first use (models/cache/s20-gqa/). ``-ov``: the same model
@@ -70,7 +73,10 @@ EDITED = CACHE / "s20-gqa" / "genai-int4.gqa-importance.onnx"
 # name -> (compiled model, evict-gqa options: genai_step's spattenc-genai-int4-evict50 options, block eviction)
 FUSED = {"evict-gqa-50": (CACHE / "s20-gqa" / "genai-int4.evict-gqa50.onnx", {"budget": 0.5}),
          "evict-gqa-50-slack16": (CACHE / "s20-gqa" / "genai-int4.evict-gqa50-slack16.onnx",
-                                  {"budget": 0.5, "slack": 16})}
+                                  {"budget": 0.5, "slack": 16}),
+         "shared-50": (CACHE / "s20-gqa" / "genai-int4.evict-gqa50-shared.onnx", {"budget": 0.5, "in_graph": False}),
+         "shared-50-slack16": (CACHE / "s20-gqa" / "genai-int4.evict-gqa50-shared-slack16.onnx",
+                               {"budget": 0.5, "slack": 16, "in_graph": False})}
 HEADROOM = 64  # shared buffers: rows beyond the kept cache for the steps of one context
 
 
@@ -195,6 +201,36 @@ class CacheRunner:
         return self.length
 
 
+class SharedRunner:
+    """spatten_compiler.shared_cache.SharedCacheSession over an ``evict-gqa{in_graph=false}`` model, brought
+    to a context by a synthesized state: ``ceil(budget * C)`` random rows in each shared buffer, their
+    positions as bench/genai_step.py's (``kept_positions``), random importance. Its steps include the
+    in-place evictions (every step, or every ``slack`` steps): compare ``mean_ms`` too."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from spatten_compiler.shared_cache import SharedCacheSession
+
+        self.session = SharedCacheSession(path, threads=threads, idle_spin=False)
+
+    def prefill(self, ids: np.ndarray) -> None:
+        s, context = self.session, len(ids)
+        kept = math.ceil(s.rule["budget"] * context)
+        s.reset(kept + HEADROOM)
+        rng = np.random.default_rng(0)
+        for buf in s.buffers.values():
+            buf[:, :, :kept] = rng.standard_normal((1, buf.shape[1], kept, buf.shape[3]))
+        positions = kept_positions(context, kept)
+        s.slots = [np.repeat(positions[None], len(g), axis=0) for g in s.slots]
+        s.importance = [rng.random((len(g), kept)).astype(np.float32) for g in s.importance]
+        s.length, s.position = kept, context
+
+    def step(self, token: int) -> None:
+        self.session.step(np.array([[token]], np.int64))
+
+    def cache_length(self) -> int:
+        return self.session.length
+
+
 def compaction_ms(kept: int, slack: int, layers: int = 30, kv: int = 3, head: int = 64,
                   repeats: int = 5) -> dict[str, float]:
     """Median ms of one block eviction in a shared buffer of ``kept + slack`` rows per KV head, every
@@ -244,6 +280,11 @@ def render(rows: list[dict], compaction: dict, meta: dict, args: argparse.Namesp
         for form in ("ordered", "holes"):
             lines.append(f"| {f}%, {form} | " + " | ".join(
                 f"{compaction[c, f][form]:.1f} / {compaction[c, f][form] / args.slack:.2f}" for c in contexts) + " |")
+    means = {(r["context"], r["config"]): r["mean_ms"] for r in rows}
+    lines += ["", "Mean step ms (includes the steps that evict; the medians above may not):", "",
+              "| config | " + " | ".join(str(c) for c in contexts) + " |", "|---|" + "---|" * len(contexts)]
+    lines += [f"| {n} | " + " | ".join(f"{means[c, n]:.1f}" if (c, n) in means else "-" for c in contexts) + " |"
+              for n in dict.fromkeys(r["config"] for r in rows)]
     lines += ["", "Speed-up (reference median / this median; `+evict`: the step plus the amortized `holes` "
               "eviction, on the shared configurations):", ""]
 
@@ -295,9 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     decomposed = CONFIGS["spattenc-genai-int4-evict50"][1]
     if decomposed.exists():
         makers["spattenc-genai-int4-evict50"] = lambda: OrtRunner(decomposed, args.threads)
-    for name, (path, _) in FUSED.items():
-        makers[name] = lambda path=path: OrtRunner(path, args.threads)
-        makers[f"{name}-ov"] = lambda path=path: CacheRunner(path, args.threads, 0.5, False)
+    for name, (path, options) in FUSED.items():
+        if options.get("in_graph", True):
+            makers[name] = lambda path=path: OrtRunner(path, args.threads)
+            makers[f"{name}-ov"] = lambda path=path: CacheRunner(path, args.threads, 0.5, False)
+        else:
+            makers[name] = lambda path=path: SharedRunner(path, args.threads)
     chosen = args.configs.split(",") if args.configs else list(makers)
     for name in chosen:
         fused = FUSED.get(name.removesuffix("-ov"))
