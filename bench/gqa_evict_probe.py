@@ -25,7 +25,8 @@ warm-up; 2 intra-op threads; onnxruntime sessions stop spinning when a step retu
   (DecoderSession, numpy caches, synthesized kept slots); skipped when that model is not built.
 * ``shared-50`` / ``shared-50-slack16``: ``evict-gqa{in_graph=false}`` (the graph only accumulates the
   importance) stepped by spatten_compiler/shared_cache.py's SharedCacheSession: one shared buffer per
-  cache, evicted in place every step / every 16 steps (``SharedRunner``).
+  cache, evicted in place every step / every 16 steps (``SharedRunner``); ``shared-preset``: the same
+  with the decoder preset's rule (per KV head, 256-token floor, blocks of 16).
 * ``evict-gqa-50``: the same options compiled by ``evict-gqa`` (passes/evict_gqa.py: the kernel stays
   fused), run the same way; ``evict-gqa-50-slack16``: with block eviction (``slack=16``, the decoder
   preset's). The two are compiled here on first use (models/cache/s20-gqa/). ``-ov``: the same model
@@ -76,7 +77,10 @@ FUSED = {"evict-gqa-50": (CACHE / "s20-gqa" / "genai-int4.evict-gqa50.onnx", {"b
                                   {"budget": 0.5, "slack": 16}),
          "shared-50": (CACHE / "s20-gqa" / "genai-int4.evict-gqa50-shared.onnx", {"budget": 0.5, "in_graph": False}),
          "shared-50-slack16": (CACHE / "s20-gqa" / "genai-int4.evict-gqa50-shared-slack16.onnx",
-                               {"budget": 0.5, "slack": 16, "in_graph": False})}
+                               {"budget": 0.5, "slack": 16, "in_graph": False}),
+         # the decoder preset's rule (spatten_compiler/defaults.py: per KV head, 256 floor, slack 16)
+         "shared-preset": (CACHE / "s20-gqa" / "genai-int4.evict-gqa-preset-shared.onnx",
+                           {"budget": 0.5, "mode": "head", "min_keep": 256, "slack": 16, "in_graph": False})}
 HEADROOM = 64  # shared buffers: rows beyond the kept cache for the steps of one context
 
 
