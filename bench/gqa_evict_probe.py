@@ -219,7 +219,7 @@ class SharedRunner:
     def prefill(self, ids: np.ndarray) -> None:
         s, context = self.session, len(ids)
         kept = math.ceil(s.rule["budget"] * context)
-        s.reset(kept + HEADROOM)
+        s.reset(1, kept + HEADROOM)
         rng = np.random.default_rng(0)
         for buf in s.buffers.values():
             buf[:, :, :kept] = rng.standard_normal((1, buf.shape[1], kept, buf.shape[3]))

@@ -69,6 +69,8 @@ class SharedCacheSession:
                    if i.name.startswith("past_key_values")}
         self.layers = self.rule["layers"]
         self.outputs = [o.name for o in proto.graph.output]
+        logits = next(o for o in proto.graph.output if o.name == "logits").type.tensor_type.shape.dim
+        self.vocab = logits[-1].dim_value or None
         del proto
         opts = ort.SessionOptions()
         if threads:
@@ -79,7 +81,10 @@ class SharedCacheSession:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.reset()
 
-    def reset(self, capacity: int = 64) -> None:
+    def reset(self, batch: int = 1, capacity: int = 64) -> None:
+        """An empty cache (batch 1) in buffers of ``capacity`` rows (grown when a step needs more)."""
+        if batch != 1:
+            raise OptionError("SharedCacheSession runs batch 1")
         self.length, self.position, self.capacity = 0, 0, 0
         self.buffers: dict[str, np.ndarray] = {}
         heads = {int(n.split(".")[1]): dims[1] for n, dims in self.kv.items()}
@@ -151,6 +156,13 @@ class SharedCacheSession:
                     buf[:, heads, dst] = buf[:, heads, src]
             self.importance[layer], self.slots[layer] = imp[:, :k].copy(), pos[:, :k].copy()
         self.length = k
+
+    @staticmethod
+    def wants(path: str | Path) -> bool:
+        """Whether ``path`` was compiled for this session (evict-gqa{in_graph=false})."""
+        if not Path(path).is_file():
+            return False
+        return any(p.key == RUNTIME for p in onnx.load(str(path), load_external_data=False).metadata_props)
 
     def kept_positions(self) -> list[np.ndarray]:
         return [s[None] if self.rule["mode"] == "head" else s for s in self.slots]

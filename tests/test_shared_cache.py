@@ -61,3 +61,21 @@ def test_other_rules_are_refused(tmp_path) -> None:
         _compile(tmp_path, "x.onnx", in_graph=False, budget=0.5, score="mean")
     with pytest.raises(OptionError, match="not compiled by evict-gqa"):
         SharedCacheSession(_compile(tmp_path, "y.onnx", budget=0.5))
+
+
+def test_generate_steps_the_shared_form(tmp_path) -> None:
+    """``spattenc generate`` (generate.open_session) picks SharedCacheSession for an in_graph=false model:
+    the same greedy tokens as the in-graph eviction model; the reference runtime is refused."""
+    from test_generate import make_tokenizer
+
+    from spatten_compiler.generate import generate, generate_ids, open_session
+
+    options = {"budget": 0.5, "mode": "head", "slack": 2}
+    shared, graph = _compile(tmp_path, "s.onnx", in_graph=False, **options), _compile(tmp_path, "g.onnx", **options)
+    prompt = [5, 17, 33, 2, 9, 11, 40, 3, 8, 21]
+    ours = list(generate_ids(open_session(shared), prompt, 16))
+    assert len(ours) == 16 and ours == list(generate_ids(open_session(graph), prompt, 16))
+    tok = make_tokenizer(tmp_path / "tok", size=48)
+    assert generate(shared, tok, "w3 w5 w7 w9 w11", 8) == generate(graph, tok, "w3 w5 w7 w9 w11", 8)
+    with pytest.raises(OptionError, match="onnxruntime only"):
+        open_session(shared, runtime="reference")
