@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,14 @@ CONFIGS: dict[str, tuple[str, Path, str]] = {
 }
 
 
+def kept_positions(context: int, kept: int) -> np.ndarray:
+    """``kept`` of ``context`` positions as an eviction model holds them: 4 sinks, the newest half,
+    evenly spread positions between."""
+    recent = kept // 2
+    middle = np.linspace(4, context - recent - 1, kept - 4 - recent).astype(np.int64)
+    return np.concatenate([np.arange(4), middle, np.arange(context - recent, context)])
+
+
 class OrtRunner:
     """A decode step over onnxruntime. The cache before the timed steps is synthesized at the
     context's length (random K/V; for an eviction model the ``ceil(budget * C)`` slots it keeps, with
@@ -75,9 +84,7 @@ class OrtRunner:
         s, context = self.session, len(ids)
         s.reset(1)
         kept = context if s.evict is None else int(np.ceil(float(s.evict["budget"]) * context))
-        recent = kept // 2
-        middle = np.linspace(4, context - recent - 1, kept - 4 - recent).astype(np.int64)
-        positions = np.concatenate([np.arange(4), middle, np.arange(context - recent, context)])[None]
+        positions = kept_positions(context, kept)[None]
         rng = np.random.default_rng(0)
         for name, (dtype, dims) in s.state.items():
             if name.startswith("past_positions"):
@@ -140,41 +147,54 @@ def run_context(runners: dict, ids: np.ndarray, context: int, steps: int, warmup
     rows = []
     for name, ts in times.items():
         a = np.array(ts) * 1e3
-        rows.append({"context": context, "config": name, "median_ms": float(np.median(a)),
+        rows.append({"context": context, "config": name, "median_ms": float(np.median(a)), "mean_ms": float(a.mean()),
                      "p10_ms": float(np.percentile(a, 10)), "p90_ms": float(np.percentile(a, 90)),
                      "steps": len(a), "cache_length": runners[name].cache_length()})
     return rows
 
 
-def render(rows: list[dict], meta: dict, skipped: dict[str, str], args: argparse.Namespace) -> str:
+def latency_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per configuration and context, median (p10-p90) step ms and the cache length."""
     contexts = sorted({r["context"] for r in rows})
-    names = list(dict.fromkeys(r["config"] for r in rows))
     by = {(r["context"], r["config"]): r for r in rows}
+    lines = ["| config | " + " | ".join(f"{c} ms | cache" for c in contexts) + " |",
+             "|---|" + "---|---|" * len(contexts)]
+    for n in dict.fromkeys(r["config"] for r in rows):
+        cells = [f"{by[c, n]['median_ms']:.1f} ({by[c, n]['p10_ms']:.0f}-{by[c, n]['p90_ms']:.0f}) | "
+                 f"{by[c, n]['cache_length']}" if (c, n) in by else "- | -" for c in contexts]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def speedup_table(rows: list[dict], references: tuple[str, ...],
+                  note: Callable[[str, int, str, float, float], str] | None = None) -> list[str]:
+    """Markdown lines: per configuration and context, each reference's median / the configuration's;
+    ``note(config, context, reference, median, reference median)`` may append text to a cell."""
+    contexts = sorted({r["context"] for r in rows})
+    by = {(r["context"], r["config"]): r["median_ms"] for r in rows}
+    lines = ["| config | " + " | ".join(f"vs {ref} @{c}" for c in contexts for ref in references) + " |",
+             "|---|" + "---|" * len(contexts) * len(references)]
+    for n in dict.fromkeys(r["config"] for r in rows):
+        cells = []
+        for c in contexts:
+            for ref in references:
+                ms, base = by.get((c, n)), by.get((c, ref))
+                cells.append(f"{base / ms:.2f}x{note(n, c, ref, ms, base) if note else ''}" if ms and base else "-")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(rows: list[dict], meta: dict, skipped: dict[str, str], args: argparse.Namespace) -> str:
+    names = list(dict.fromkeys(r["config"] for r in rows))
     lines = ["# Decode step: spattenc vs onnxruntime-genai's model builder (SmolLM2-135M)", "",
              f"command: `{meta['command']}`  ", f"date {meta['date_utc']}, commit {meta['git_commit']}, "
              f"onnxruntime {meta['onnxruntime_version']}, {args.threads} intra-op threads (genai: "
              f"genai_config.json), {meta['cpu_count']} cores shared, load average {meta['load_avg_1m']:.1f} at the "
              f"end; {args.steps} timed steps after {args.warmup} warm-up per context, configurations interleaved.", "",
              "Median decode-step latency in ms (p10-p90); cache = tokens held per layer after the last step.", "",
-             "| config | " + " | ".join(f"{c} ms | cache" for c in contexts) + " |",
-             "|---|" + "---|---|" * len(contexts)]
-    for n in names:
-        cells = []
-        for c in contexts:
-            r = by.get((c, n))
-            cells.append(f"{r['median_ms']:.1f} ({r['p10_ms']:.0f}-{r['p90_ms']:.0f}) | {r['cache_length']}"
-                         if r else "- | -")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+             *latency_table(rows)]
     lines += ["", "Speed-up (median latency of the reference / this configuration's):", "",
-              "| config | " + " | ".join(f"vs dense @{c} | vs genai-int4 @{c}" for c in contexts) + " |",
-              "|---|" + "---|---|" * len(contexts)]
-    for n in names:
-        cells = []
-        for c in contexts:
-            r, d, g = by.get((c, n)), by.get((c, "dense")), by.get((c, "genai-int4"))
-            cells.append(f"{d['median_ms'] / r['median_ms']:.2f}x" if r and d else "-")
-            cells.append(f"{g['median_ms'] / r['median_ms']:.2f}x" if r and g else "-")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+              *speedup_table(rows, ("dense", "genai-int4"))]
     lines += ["", "Configurations:", ""] + [f"- `{n}`: {CONFIGS[n][2]}" for n in names]
     lines += [f"- `{n}`: skipped ({why})" for n, why in skipped.items()]
     return "\n".join(lines) + "\n"

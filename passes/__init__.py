@@ -10,6 +10,7 @@ from __future__ import annotations
 # format wrappers (float16, qdq for static quantization, unmerge_decoder for optimum's merged decoders).
 from . import (  # noqa: E402,F401
     decompose_attention,
+    evict_gqa,
     evict_kv,
     find_attention,
     float16,

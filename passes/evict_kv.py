@@ -369,6 +369,9 @@ def _dims(v: ir.Value) -> tuple:
 def kv_heads(site: AttentionSite) -> tuple[int, int]:
     """(KV heads, query heads per KV head) of a site, for per-head eviction: static counts, and a GQA
     repeat that is KV-head major (query head ``h`` reads KV head ``h // g``), or the reason it is not."""
+    fused = getattr(site, "fused", None)  # (tests hand in stand-ins with only the fields a rule reads)
+    if fused is not None and fused.op_type == "GroupQueryAttention":  # evict-gqa: the kernel's own mapping,
+        return site.num_kv_heads, site.num_heads // site.num_kv_heads  # query head h reads KV head h // g
     if site.variant.get("layout") == "folded":
         raise OptionError(f"layer {site.layer}: --kv-evict head scores each head's keys from [B, H, q, n] "
                           "probabilities; this export folds the heads into the batch ([B*H, q, n]); use "
@@ -466,6 +469,11 @@ class EvictKV(Pass):
         if len({self.layer_budget(s.layer) for s in sites}) > 1 and (why := _shares_cache_length(sites)):
             raise OptionError(f"per-layer budgets need per-layer cache lengths, but {why} "
                               "(a dynamo export); use one budget for all layers or a TorchScript export")
+        return self.evict(model, sites, windows, bands, wired, positions_why)
+
+    def evict(self, model: ir.Model, sites: list[AttentionSite], windows: dict[int, int], bands: dict,
+              wired: str | None, positions_why: str | None) -> PassResult:
+        """The rewrite of every (checked) site, the block deferral, and the eviction metadata."""
         graph = model.graph
         ed = GraphEditor(model, "spatten/evict")
         names = {v.name: v for v in graph.inputs}

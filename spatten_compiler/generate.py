@@ -80,6 +80,18 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
 
 
+def open_session(model: str | Path, runtime: str = "ort", threads: int | None = None):
+    """The session that steps ``model``: SharedCacheSession for a shared-buffer eviction model
+    (evict-gqa{in_graph=false}, onnxruntime only), DecoderSession for every other decoder."""
+    from spatten_compiler.shared_cache import SharedCacheSession
+
+    if not SharedCacheSession.wants(model):
+        return DecoderSession(model, runtime=runtime, threads=threads)
+    if runtime != "ort":
+        raise OptionError(f"{model}: a shared-buffer eviction model runs on onnxruntime only (--runtime ort)")
+    return SharedCacheSession(model, threads=threads)
+
+
 def generate_ids(session: DecoderSession, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, eos_ids: set[int] | None = None) -> Iterator[int]:
     """Yield new token ids one by one (prefill the prompt, then one token per step)."""
@@ -105,7 +117,7 @@ def generate(model: str | Path, tokenizer: str | Path, prompt: str, max_new_toke
     if not 0 < top_p <= 1:
         raise OptionError(f"--top-p must be in (0, 1], got {top_p}")
     tok = TextTokenizer(tokenizer)
-    session = DecoderSession(model, runtime=runtime, threads=threads)
+    session = open_session(model, runtime, threads)
     if session.vocab is not None and tok.vocab_size > session.vocab:
         raise OptionError(f"the tokenizer has {tok.vocab_size} tokens but the model's logits cover {session.vocab}: "
                           "this tokenizer does not belong to this model")

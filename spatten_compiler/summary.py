@@ -12,7 +12,7 @@ from typing import Any
 from spatten_compiler.defaults import FEATURES, KINDS, PARTS, PRESET_NAMES, PRESETS, Resolution
 from spatten_compiler.pipeline import Pass
 
-REWRITES = ("prune-heads", "prune-tokens", "prune-values", "quantize-kv", "evict-kv")
+REWRITES = ("prune-heads", "prune-tokens", "prune-values", "quantize-kv", "evict-kv", "evict-gqa")
 MODE_TEXT = {"head": "per-KV-head"}  # evict-kv modes whose name does not read as a granularity
 
 
@@ -77,8 +77,10 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
         lines.append(f"  heads (KV groups) kept per layer: {_runs(report['head_keep_per_layer'])}")
     if "prune-values" in by_name:
         lines.append(f"  values: each query row reads the top {by_name['prune-values'].keep:.0%} of V rows (by P)")
-    if "evict-kv" in by_name:
-        e = by_name["evict-kv"]
+    from spatten_compiler.passes.evict_kv import EvictKV, budget_tokens
+
+    e = next((p for p in passes if isinstance(p, EvictKV)), None)  # evict-kv, or evict-gqa on the fused kernel
+    if e is not None:
         budget = f"{e.budget:.0%} of the length so far" if e.budget <= 1 else f"{e.budget:g} tokens"
         window = (f"the last {e.recent} tokens" if e.recent
                   else f"a recent window of {e.recent_share:.0%} of the kept slots")
@@ -87,8 +89,6 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
             floor += f"; evicted in blocks: a layer grows to its budget + {e.slack} tokens, then evicts back"
         lines.append(f"  KV cache per layer kept within {budget} across generation steps ({MODE_TEXT.get(e.mode, e.mode)} eviction by "
                      f"accumulated attention; the first {e.sinks} tokens and {window} never evicted{floor})")
-        from spatten_compiler.passes.evict_kv import budget_tokens
-
         held = [n / budget_tokens(e.layer_budget(0), n, e.sinks, e.recent, n, e.min_keep) for n in (128, 512, 2048)]
         lines.append(f"  ideal at 128 / 512 / 2048 tokens so far: {' / '.join(f'{h:.1f}x' for h in held)} "
                      "smaller KV cache held (layer 0)")
