@@ -338,3 +338,40 @@ def test_kv_planes_on_a_4d_view_of_folded_scores_after_token_pruning(tmp_path: P
     want = ReferenceRuntime(str(out)).run(feeds).outputs["b_y"]
     assert got.shape == (2, 6, packed_graphs.D) and np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("bits", "threshold"), [("8+8", 1.0), ("4+4", 0.5)])
+def test_kv_planes_on_folded_3d_probabilities_read_by_token_importance(bits: str, threshold: float,
+                                                                        tmp_path: Path) -> None:
+    """tf2onnx's BART family under the default preset: prune-tokens' importance reads the 3-D ``[B*H, S, S]``
+    probabilities, which P @ V reads too; quantize-kv gives the importance ``Where(low, P_f, P_m)`` with the
+    per-row decision (taken on P @ V's rows, ``[1, B*H, S, 1]``) viewed as the probabilities' rows (refused
+    before: "readers besides P @ V"). 8+8 bits at threshold 1.0 (every row MSB + LSB: 16-bit K/V) reproduce
+    the fp32 token-pruned model; 4+4 at 0.5 (rows of both planes) runs the same in onnxruntime and the
+    reference runtime."""
+    import packed_graphs
+    from spatten_compiler.passes.prune_tokens import PruneTokens
+    from spatten_compiler.passes.quantize_kv import QuantizeKV
+    from spatten_compiler.runtime.reference import ReferenceRuntime
+
+    two = _chained(packed_graphs.build("folded"))
+    feeds = {"a_x": packed_graphs.feeds(seq=6)["x"]}
+    outs = {}
+    for name, kv in (("tokens", False), ("kv", True)):
+        model = ir.serde.deserialize_model(two)
+        Normalize()(model)
+        PruneTokens(schedule=(1.0, 0.5), min_keep=1)(model)
+        if kv:
+            QuantizeKV(bits=bits, rule="fixed", threshold=threshold)(model)
+            # the importance reads the probabilities unfolded to [B, H, S, S]: a Reshape of the Where
+            reads = [n.inputs[0].producer() for n in model.graph if n.op_type.startswith("TokenImportance")]
+            assert reads and all(r.op_type == "Reshape" and r.inputs[0].producer().op_type == "Where" for r in reads)
+        outs[name] = tmp_path / f"{name}.onnx"
+        ir.save(model, str(outs[name]))
+    got = ort.InferenceSession(str(outs["kv"]), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    ref = ReferenceRuntime(str(outs["kv"])).run(feeds).outputs["b_y"]
+    assert got.shape == (2, 6, packed_graphs.D) and np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    if bits == "8+8":
+        fp32 = ort.InferenceSession(str(outs["tokens"]), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        np.testing.assert_allclose(got, fp32, atol=1e-3, rtol=0)
