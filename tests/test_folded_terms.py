@@ -317,6 +317,41 @@ def test_paper_rule_on_a_folded_core_with_3d_products(tmp_path: Path) -> None:
     _paper_rule_is_exact(proto, tmp_path)
 
 
+def _guarded_probs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """P @ V reads ``Where(S == 0, 0, P)`` (an empty-sequence guard): the probabilities are its input 2, which
+    quantize-kv does not clone (it follows input 0 from P @ V to the probabilities)."""
+    g = proto.graph
+    pv = next(n for n in g.node if n.op_type == "MatMul" and n.input[0] == "probs")
+    g.initializer.extend([numpy_helper.from_array(np.int64(0), "g_zero"),
+                          numpy_helper.from_array(np.float32(0), "g_fzero")])
+    at = list(g.node).index(pv)
+    g.node.insert(at, helper.make_node("Equal", ["seq", "g_zero"], ["g_empty"]))
+    g.node.insert(at + 1, helper.make_node("Where", ["g_empty", "g_fzero", "probs"], ["g_probs"]))
+    pv.input[0] = "g_probs"
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_preset_leaves_out_kv_planes_a_layer_refuses(tmp_path: Path, capsys) -> None:
+    """The encoder preset tries its K/V planes on the probe after its token pruning (in pipeline order): a
+    layer quantize-kv refuses gets the rest of the preset, the summary names the part and the reason in
+    its headline, exit 0 (the compile failed before); an explicit --kv-bits still exits 2 with the line."""
+    import packed_graphs
+
+    from spatten_compiler.cli import main
+
+    src = tmp_path / "guarded.onnx"
+    onnx.save(_chained(_guarded_probs(packed_graphs.build("folded"))), src)
+    assert main([str(src), "-o", str(tmp_path / "p.onnx")]) == 0
+    err = capsys.readouterr().err
+    why = "does not read the probabilities a_probs through input 0 of its ops"
+    assert f"(K/V quantization skipped: MatMul(P, V) {why}):" in err
+    ops = {n.op_type for n in onnx.load(tmp_path / "p.onnx").graph.node}
+    assert "TokenSelect" in ops and "QuantizeSplit" not in ops  # the token part still applied
+    assert main([str(src), "-o", str(tmp_path / "e.onnx"), "--kv-bits", "4+1"]) == 2
+    assert why in capsys.readouterr().err
+
+
 def test_kv_planes_on_a_4d_view_of_folded_scores_after_token_pruning(tmp_path: Path) -> None:
     """TF T5's default preset: prune-tokens (which drops the inferred shapes; its importance reads the
     probabilities) then quantize-kv. K^T is folded ``[B*H, Dh, S]``, P @ V is not: K's planes are taken on
