@@ -212,9 +212,13 @@ class QuantizeKV(Pass):
         sites = report.sites
         if not sites:
             raise NoAttentionError("no attention found: nothing to quantize")
-        if any(s.pv is not None and s.k is not None and None in (static_rank(s.pv.outputs[0]), static_rank(s.k.value))
-               for s in sites):  # which side of the core is folded (an earlier pass dropped the shapes; discovery
-            # may not tell a folded layer then: prune-tokens' GatherRows before it)
+        # Which side of a folded core is folded, where an earlier pass dropped the shapes: discovery tags a
+        # model's folded layers only while it can see the 3-D scores (prune-tokens' GatherRows before layer 1
+        # hides them), so any unknown rank of a model with a folded layer is inferred again. Unfolded models
+        # keep the shapes they come with (onnxruntime's choices, and so its numbers, depend on them).
+        if any(s.variant.get("layout") == "folded" for s in sites) and any(
+                s.pv is not None and s.k is not None and None in (static_rank(s.pv.outputs[0]), static_rank(s.k.value))
+                for s in sites):
             ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
             report = find_attention(model)
             sites = report.sites
