@@ -312,6 +312,19 @@ def _follow_output(pv: ir.Node, graph: ir.Graph
     return merge, norm, proj, residual
 
 
+REFOLD_OPS = ("Reshape", "Where", "Cast", "Identity")  # between a folded core's probabilities and its P @ V
+
+
+def _refolds_to_pv(value: ir.Value, steps: int) -> bool:
+    """``value`` reaches input 0 of a MatMul through at most ``steps`` more re-fold ops."""
+    for u in value.uses():
+        if u.node.op_type == "MatMul" and u.idx == 0:
+            return True
+        if steps and u.node.op_type in REFOLD_OPS and _refolds_to_pv(u.node.outputs[0], steps - 1):
+            return True
+    return False
+
+
 def _beside(node: ir.Node, heads: ir.Value, pv: ir.Node) -> bool:
     """A Concat joining the attention's heads with another branch's computed beside the attention (not from
     its probabilities) on the head or feature axis: ConvBERT's convolution heads, read by one output
@@ -448,7 +461,10 @@ def _match_softmax(node: ir.Node, graph: ir.Graph) -> AttentionSite | NoMatch:
             pv_in = use.node.outputs[0]
     for _ in range(4 if found.get("folded") else 0):  # 3-D layout: P is re-folded (and masked) for the bmm
         uses = [u for u in pv_in.uses() if u.node.op_type not in ("Shape", "Size")]
-        if len(uses) != 1 or uses[0].node.op_type not in ("Reshape", "Where", "Cast", "Identity"):
+        # other readers of P (prune-tokens' importance, through its own [B, H, S, S] view) are beside the path
+        if len(uses) > 1 and not any(u.node.op_type == "MatMul" and u.idx == 0 for u in uses):
+            uses = [u for u in uses if _refolds_to_pv(u.node.outputs[0], 3)]
+        if len(uses) != 1 or uses[0].node.op_type not in REFOLD_OPS:
             break
         pv_in = uses[0].node.outputs[0]
     pvs = [u.node for u in pv_in.uses() if u.node.op_type == "MatMul" and u.idx == 0]

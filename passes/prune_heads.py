@@ -49,7 +49,8 @@ Design choices (the paper runs batch 1, MHA only):
   ``[B, S, H+2G, Dh]``, ``[B, S, 3, H, Dh]``, packed GQA, heads folded into the batch, a norm over all
   heads, Q/K read by a position term) goes through :mod:`.head_narrow`: the projection is narrowed
   by its row map (:mod:`.head_rows`) or kept whole with the kept heads gathered at the core; the
-  calibrated rule only (the paper rule refuses these layouts in one line).
+  calibrated rule only (the paper rule refuses these layouts in one line), except heads folded into the
+  batch: the paper rule's head scores read the probabilities and P @ V viewed ``[B, H, ., .]``.
 - Decoders with a KV cache: the cache must stay complete for later steps, so K and V of every head
   are still projected, concatenated with the past and written to ``present``; the attention core
   reads only the kept heads of it (``spatten.KeptHeads``, a Gather on the head axis after the GQA
@@ -145,12 +146,13 @@ def _unfold_units(node: ir.Node) -> int | None:
     return len(extra) if all(d == 1 for d in extra) else None
 
 
-def _importance_4d(site: AttentionSite) -> bool:
-    """What the paper rule's head scores read, the probabilities and ``P @ V``, is ``[B, H, ., .]``
-    although the core folds heads into the batch for ``Q @ K^T`` (TF T5: the scores viewed 4-D for the
-    position bias, Softmax and ``P @ V`` on 4-D tensors)."""
-    shapes = [v.shape for v in (site.probs, site.pv.outputs[0] if site.pv is not None else None) if v is not None]
-    return len(shapes) == 2 and all(s is not None and s.rank() == 4 for s in shapes)
+def _importance_views(site: AttentionSite) -> bool:
+    """What the paper rule's head scores read, the probabilities and ``P @ V``, can be viewed ``[B, H, ., .]``:
+    each is 4-D (TF T5: the folded bmm's scores viewed 4-D for the position bias, Softmax and ``P @ V``) or
+    3-D with heads folded into the batch ``[B*H, ., .]`` (tf2onnx's BART family: both bmm's 3-D; BLOOM: the
+    Softmax on a 4-D view, ``P @ V`` 3-D), unfolded by :meth:`_Rewrite._unfold` with the layer's head count."""
+    values = (site.probs, site.pv.outputs[0] if site.pv is not None else None)
+    return all(v is not None and static_rank(v) in (3, 4) for v in values)
 
 
 def _check_sites(sites: list[AttentionSite]) -> None:
@@ -405,11 +407,11 @@ class PruneHeads(Pass):
             if all(n == groups for n in counts):
                 return PassResult(model, False)
             if self.rule == "paper":
-                folded = next((s for s in sites if _folded(s) and not _importance_4d(s)), None)
+                folded = next((s for s in sites if _folded(s) and not _importance_views(s)), None)
                 if folded is not None:
                     raise OptionError(f"layer {folded.layer}: heads folded into the batch axis: the paper rule's "
-                                      "run-time head scores need [B, H, S, S] probabilities; "
-                                      "use --head-rule calibrated")
+                                      "run-time head scores need [B, H, S, S] or [B*H, S, S] probabilities "
+                                      "(their rank is unknown here); use --head-rule calibrated")
                 if counts[0] < groups:
                     raise OptionError("the first attention layer cannot be head-pruned: "
                                       "head scores come from earlier layers")
@@ -554,15 +556,25 @@ class _Rewrite:
                 # In a KV-cache step the query rows are the new tokens: all of them vote.
                 # Every row votes with a cache (the new rows) or keys from other tokens (the probabilities'
                 # last row says nothing about which query rows are real)
-                score = (self.call("HeadImportanceAll", site.pv.outputs[0]) if site.kv_cache or site.own_keys is False
-                         else self.call("HeadImportance", site.pv.outputs[0], site.probs))
                 g = site.num_heads // groups
+                heads = n * g  # the layer's heads after its slice: [B*heads, S, .] when folded
+                ctx, probs = (self._unfold(v, heads) for v in (site.pv.outputs[0], site.probs))
+                score = (self.call("HeadImportanceAll", ctx) if site.kv_cache or site.own_keys is False
+                         else self.call("HeadImportance", ctx, probs))
                 if g > 1:
                     score = e.op("ReduceSum", [e.op("Reshape", [score, e.const("shape", np.array([-1, g], np.int64))]),
                                                e.const("axes", np.array([1], np.int64))], keepdims=0)
                 acc = e.op("ScatterElements", [acc, sel, e.op("Add", [e.op("Gather", [acc, sel]), score])])
         e.commit()
         self._reinfer_shapes()
+
+    def _unfold(self, x: ir.Value, heads: int) -> ir.Value:
+        """``[B*H, S, T] -> [B, H, S, T]`` (heads folded into the batch); a 4-D value as it is."""
+        if static_rank(x) != 3:
+            return x
+        e = self.e
+        lead = e.const("unfold", np.array([-1, heads], np.int64))
+        return e.op("Reshape", [x, e.op("Concat", [lead, e.op("Shape", [x], start=1)], axis=0)])
 
     def _slice(self, slot: tuple[ir.Node, int], value: ir.Value, sel: ir.Value | np.ndarray, units: list[int],
                axis: int, shape: list[int], rest: np.ndarray | None = None, cat_axis: int = 0) -> None:

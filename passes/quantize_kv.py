@@ -11,6 +11,7 @@ ops from ``K^T`` to the probabilities: MatMul, scale, mask, Softmax, as the expo
     low              = spatten.LowConfidence(P_m, t)        (or LowConfidenceUniform: max P_m * n_keys <= t)
     ctx, need        = spatten.ProgressiveContext(rows(low), P_m, P_f, V_m, V_f, rows(qvalid))
     readers of P @ V read ctx; other readers of P (TokenImportance) read Where(low, P_f, P_m)
+    (heads folded into the batch: ``low`` is taken on P @ V's [B*H, S, T] rows, viewed as P's rows)
 
 The chain is cloned from K^T to the probabilities, then along input 0 of the ops between them and
 P @ V (prune-values' LocalValuePrune, prune-tokens' in-layer GatherRows of the kept query rows); the
@@ -211,8 +212,13 @@ class QuantizeKV(Pass):
         sites = report.sites
         if not sites:
             raise NoAttentionError("no attention found: nothing to quantize")
-        if any(s.variant.get("layout") == "folded" and s.pv is not None and static_rank(s.pv.outputs[0]) is None
-               for s in sites):  # which side of the core is folded (an earlier pass dropped the shapes)
+        # Which side of a folded core is folded, where an earlier pass dropped the shapes: discovery tags a
+        # model's folded layers only while it can see the 3-D scores (prune-tokens' GatherRows before layer 1
+        # hides them), so any unknown rank of a model with a folded layer is inferred again. Unfolded models
+        # keep the shapes they come with (onnxruntime's choices, and so its numbers, depend on them).
+        if any(s.variant.get("layout") == "folded" for s in sites) and any(
+                s.pv is not None and s.k is not None and None in (static_rank(s.pv.outputs[0]), static_rank(s.k.value))
+                for s in sites):
             ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
             report = find_attention(model)
             sites = report.sites
@@ -317,14 +323,20 @@ class _Rewrite:
         self.e.replace_uses(pv.outputs[0], as3(ctx))
         if any(u.node is not pv and u.node not in chain and u.node.op_type not in ("Shape", "Size")
                for u in site.probs.uses()):
-            # e.g. TokenImportance: it sees the probabilities P @ V used
-            if folded:
-                raise OptionError(f"layer {site.layer}: the probabilities of heads folded into the batch have "
-                                  "readers besides P @ V; quantize-kv does not rewrite them")
-            where = self.e.op("Where", [low, full[id(site.probs)], msb[id(site.probs)]])
+            # e.g. TokenImportance: it sees the probabilities P @ V used. Folded, the decision has one row per
+            # row of P @ V's [B*H, S, T] (viewed [1, B*H, S, 1]); the probabilities are the same rows in the
+            # same order, whatever their view ([B*H, S, T] or BLOOM's [B, H, S, T]): it takes their shape.
+            pick = self._rows_as(low, full[id(site.probs)]) if folded else low
+            where = self.e.op("Where", [pick, full[id(site.probs)], msb[id(site.probs)]])
             self.e.replace_uses(site.probs, where, keep=[pv, *chain])
         if self.opts.emit_stats:
             self._stats(site.layer, need, qvalid)
+
+    def _rows_as(self, low: ir.Value, p: ir.Value) -> ir.Value:
+        """The per-row decision ``[1, B*H, S, 1]`` viewed as the rows of ``p`` (its shape, last axis 1)."""
+        e = self.e
+        rows = e.op("Concat", [e.op("Shape", [p], end=-1), e.const("one", np.array([1], np.int64))], axis=0)
+        return e.op("Reshape", [low, rows])
 
     def _static(self, x: ir.Value, axes: tuple[int, ...]) -> ir.Value:
         s = self.scale(x, axes)

@@ -59,27 +59,48 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
 
 
 # Parts the preset tries on a clone of the probe first: their passes refuse some layouts only while
-# rewriting (prune-tokens: DeBERTa's position terms computed from activations). A part the user asked
-# for still refuses (exit 2); a part only the preset chose is left out and the summary says why.
-TRIED = {"tokens": "prune-tokens", "evict": "evict-kv"}  # evict-kv: MPT's ALiBi beside a Where mask
+# rewriting (prune-tokens: DeBERTa's position terms computed from activations; evict-kv: MPT's ALiBi
+# beside a Where mask; quantize-kv: a layer whose P @ V reads the probabilities through an op it cannot
+# clone, or after what an earlier part wrote). A part the user asked for still refuses (exit 2); a part
+# only the preset chose is left out and the summary says why.
+FRONT = ("unfuse-ort", "normalize", "decompose-attention")  # what the probe has been through already
+TRIED = {"tokens": "prune-tokens", "evict": "evict-kv", "kv": "quantize-kv"}
 
 
 def _drop_refused(resolved: dict[str, Any], chosen: Resolution, probe: ir.Model) -> tuple[dict[str, Any], Resolution]:
+    """The preset's passes run in pipeline order on a clone of the probe, up to the last tried part's (a part
+    can refuse only what the earlier ones wrote: quantize-kv after prune-tokens' importance); the first tried
+    part that refuses is left out and the trial runs again without it."""
+    while True:
+        refused = _first_refusal(resolved, chosen, probe)
+        if refused is None:
+            return resolved, chosen
+        part, reason = refused
+        logger.debug("preset %s: %s left out: %s", chosen.preset.name, part, reason)
+        resolved = {k: v for k, v in resolved.items() if k not in chosen.applied[part]}
+        chosen = dataclasses.replace(
+            chosen, applied={k: v for k, v in chosen.applied.items() if k != part},
+            skipped=(*chosen.skipped, part), refusals=(*chosen.refusals, (part, reason)))
+
+
+def _first_refusal(resolved: dict[str, Any], chosen: Resolution, probe: ir.Model) -> tuple[str, str] | None:
+    """(part, its pass's one-line reason) for the first preset part that refuses on the probe, in order;
+    None when none does, or when a pass the user asked for refuses first (the pipeline then reports it)."""
     from spatten_compiler.passes.length_gate import short_input_model
 
-    for part, pass_name in TRIED.items():
-        if part not in chosen.applied:
+    tried = {TRIED[part]: part for part in chosen.applied if part in TRIED}
+    passes = CompileConfig.build(resolved).passes()
+    ends = [i for i, p in enumerate(passes) if p.name in tried]
+    if not ends:
+        return None
+    trial = short_input_model(probe)  # normalized, attention decomposed: the front passes have run
+    for p in passes[: ends[-1] + 1]:
+        if p.name in FRONT:
             continue
-        trial = next(p for p in CompileConfig.build(resolved).passes() if p.name == pass_name)
-        refusal = run_quietly(trial, short_input_model(probe))
+        refusal = run_quietly(p, trial)
         if refusal is not None:
-            reason = str(refusal).splitlines()[0]
-            logger.debug("preset %s: %s left out: %s", chosen.preset.name, part, reason)
-            resolved = {k: v for k, v in resolved.items() if k not in chosen.applied[part]}
-            chosen = dataclasses.replace(
-                chosen, applied={k: v for k, v in chosen.applied.items() if k != part},
-                skipped=(*chosen.skipped, part), refusals=(*chosen.refusals, (part, reason)))
-    return resolved, chosen
+            return (tried[p.name], str(refusal).splitlines()[0]) if p.name in tried else None
+    return None
 
 
 def run_quietly(p: Any, probe: ir.Model) -> SpattencError | None:

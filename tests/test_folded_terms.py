@@ -235,19 +235,62 @@ def _unfolded_scores(units: int = 1, pv4: bool = True) -> onnx.ModelProto:
     return proto
 
 
+def _chained(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Two copies of a one-layer graph, ``a_`` feeding ``b_``; positions and shapes from the graph input, as
+    exporters compute them once."""
+    two = onnx.compose.merge_models(proto, proto, io_map=[("y", "x")], prefix1="a_", prefix2="b_")
+    for node in two.graph.node:
+        if node.op_type == "Shape" and node.input[0] == "a_y":
+            node.input[0] = "a_x"
+    return two
+
+
+def _paper_rule_is_exact(proto: onnx.ModelProto, tmp_path: Path) -> None:
+    """The paper rule (run time) at keep 0.5 on two chained copies of a packed_graphs layer: layer 1 keeps the
+    H / 2 heads with the largest |P @ V| of layer 0 (no padding: every query row votes), so its output is the
+    input model's with the other heads' output-projection rows of layer 1 zeroed (onnxruntime), and
+    onnxruntime == the reference runtime on the pruned model."""
+    import packed_graphs
+    from spatten_compiler.passes.prune_heads import PruneHeads
+    from spatten_compiler.runtime.reference import ReferenceRuntime
+
+    two = _chained(proto)
+    feeds = {"a_x": packed_graphs.feeds()["x"]}
+    batch, seq = feeds["a_x"].shape[:2]
+    probe = onnx.ModelProto.FromString(two.SerializeToString())
+    probe.graph.output.append(helper.make_tensor_value_info("a_ctx", TensorProto.FLOAT, None))
+    ctx = ort.InferenceSession(probe.SerializeToString()).run(["a_ctx"], feeds)[0]
+    score = np.abs(ctx.reshape(batch, packed_graphs.H, seq, packed_graphs.DH)).sum(axis=(0, 2, 3))
+    kept = np.sort(np.argsort(-score)[: packed_graphs.H // 2])
+    zeroed = onnx.ModelProto.FromString(two.SerializeToString())
+    w_o = next(t for t in zeroed.graph.initializer if t.name == "b_w_o")
+    w = numpy_helper.to_array(w_o).copy()
+    for h in sorted(set(range(packed_graphs.H)) - set(kept.tolist())):
+        w[h * packed_graphs.DH:(h + 1) * packed_graphs.DH] = 0
+    w_o.CopyFrom(numpy_helper.from_array(w, "b_w_o"))
+    want = ort.InferenceSession(zeroed.SerializeToString()).run(["b_y"], feeds)[0]
+    model = ir.serde.deserialize_model(two)
+    Normalize()(model)
+    PruneHeads(keep=0.5)(model)
+    assert "HeadSelect" in {n.op_type for n in model.graph}
+    out = tmp_path / "half.onnx"
+    ir.save(model, str(out))
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    ref = ReferenceRuntime(str(out)).run(feeds).outputs["b_y"]
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(("units", "pv4"), [(1, True), (0, True), (1, False)])
 def test_term_on_a_4d_view_of_folded_scores_is_head_pruned(units: int, pv4: bool, tmp_path: Path) -> None:
     """TF T5 / mT5 (tf2onnx): a 4-D term on ``[B, H, S, S]`` scores of a folded core has its head axis at
     rank - 3, as on an unfolded site (refused "no static head axis" before), and the ``[B, H, S, S, 1]``
     unfold of the scores gets the kept head count: head 0 sliced out == head 0's output rows zeroed.
-    The paper rule (run time) reads 4-D probabilities and P @ V: it runs and onnxruntime == the reference
-    runtime; with P folded back to 3-D for P @ V it is refused in one line."""
+    The paper rule (run time) reads 4-D probabilities and P @ V, or (session 20) P folded back to 3-D for
+    P @ V, unfolded for the head scores (refused before): the kept heads are the ones |P @ V| ranks first."""
     import packed_graphs
-    from spatten_compiler.passes.prune_heads import PruneHeads
-    from spatten_compiler.runtime.reference import ReferenceRuntime
 
     from bench.coverage import heads
-    from spatten_compiler.errors import OptionError
 
     proto = _unfolded_scores(units, pv4)
     (site,) = _sites(proto)
@@ -258,21 +301,55 @@ def test_term_on_a_4d_view_of_folded_scores_is_head_pruned(units: int, pv4: bool
     onnx.save(proto, path)
     ok, why = heads(path, packed_graphs.feeds(), tmp_path)
     assert ok, why
-    two = onnx.compose.merge_models(proto, proto, io_map=[("y", "x")], prefix1="a_", prefix2="b_")
-    model = ir.serde.deserialize_model(two)
-    Normalize()(model)
-    if not pv4:
-        with pytest.raises(OptionError, match="run-time head scores need"):
-            PruneHeads(keep=0.5)(model)
-        return
-    PruneHeads(keep=0.5)(model)
-    out = tmp_path / "half.onnx"
-    ir.save(model, str(out))
-    feeds = {"a_x": packed_graphs.feeds()["x"]}
-    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    want = ReferenceRuntime(str(out)).run(feeds).outputs["b_y"]
-    assert got.shape == want.shape and np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    _paper_rule_is_exact(proto, tmp_path)
+
+
+def test_paper_rule_on_a_folded_core_with_3d_products(tmp_path: Path) -> None:
+    """tf2onnx's BART family (BART, Pegasus, Marian, mBART, Blenderbot, Whisper, OPT, XGLM): both bmm's are
+    3-D (``[B*H, S, S]`` probabilities, ``[B*H, S, Dh]`` P @ V); the paper rule's head scores read them
+    unfolded to ``[B, H, ., .]`` with the layer's head count (refused "run-time head scores need [B, H, S, S]
+    probabilities" before): exact against the input with the pruned heads' output rows zeroed."""
+    import packed_graphs
+
+    proto = packed_graphs.build("folded")
+    (site,) = _sites(proto)
+    assert site.probs.shape.rank() == 3 and site.pv.outputs[0].shape.rank() == 3
+    _paper_rule_is_exact(proto, tmp_path)
+
+
+def _guarded_probs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """P @ V reads ``Where(S == 0, 0, P)`` (an empty-sequence guard): the probabilities are its input 2, which
+    quantize-kv does not clone (it follows input 0 from P @ V to the probabilities)."""
+    g = proto.graph
+    pv = next(n for n in g.node if n.op_type == "MatMul" and n.input[0] == "probs")
+    g.initializer.extend([numpy_helper.from_array(np.int64(0), "g_zero"),
+                          numpy_helper.from_array(np.float32(0), "g_fzero")])
+    at = list(g.node).index(pv)
+    g.node.insert(at, helper.make_node("Equal", ["seq", "g_zero"], ["g_empty"]))
+    g.node.insert(at + 1, helper.make_node("Where", ["g_empty", "g_fzero", "probs"], ["g_probs"]))
+    pv.input[0] = "g_probs"
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_preset_leaves_out_kv_planes_a_layer_refuses(tmp_path: Path, capsys) -> None:
+    """The encoder preset tries its K/V planes on the probe after its token pruning (in pipeline order): a
+    layer quantize-kv refuses gets the rest of the preset, the summary names the part and the reason in
+    its headline, exit 0 (the compile failed before); an explicit --kv-bits still exits 2 with the line."""
+    import packed_graphs
+
+    from spatten_compiler.cli import main
+
+    src = tmp_path / "guarded.onnx"
+    onnx.save(_chained(_guarded_probs(packed_graphs.build("folded"))), src)
+    assert main([str(src), "-o", str(tmp_path / "p.onnx")]) == 0
+    err = capsys.readouterr().err
+    why = "does not read the probabilities a_probs through input 0 of its ops"
+    assert f"(K/V quantization skipped: MatMul(P, V) {why}):" in err
+    ops = {n.op_type for n in onnx.load(tmp_path / "p.onnx").graph.node}
+    assert "TokenSelect" in ops and "QuantizeSplit" not in ops  # the token part still applied
+    assert main([str(src), "-o", str(tmp_path / "e.onnx"), "--kv-bits", "4+1"]) == 2
+    assert why in capsys.readouterr().err
 
 
 def test_kv_planes_on_a_4d_view_of_folded_scores_after_token_pruning(tmp_path: Path) -> None:
@@ -285,12 +362,7 @@ def test_kv_planes_on_a_4d_view_of_folded_scores_after_token_pruning(tmp_path: P
     from spatten_compiler.passes.quantize_kv import QuantizeKV
     from spatten_compiler.runtime.reference import ReferenceRuntime
 
-    proto = _unfolded_scores(1, True)
-    two = onnx.compose.merge_models(proto, proto, io_map=[("y", "x")], prefix1="a_", prefix2="b_")
-    for node in two.graph.node:  # positions and shapes from the graph input, as exporters compute them once
-        if node.op_type == "Shape" and node.input[0] == "a_y":
-            node.input[0] = "a_x"
-    model = ir.serde.deserialize_model(two)
+    model = ir.serde.deserialize_model(_chained(_unfolded_scores(1, True)))
     Normalize()(model)
     PruneTokens(schedule=(1.0, 0.5), min_keep=1)(model)
     QuantizeKV(bits="8+4")(model)
@@ -301,3 +373,40 @@ def test_kv_planes_on_a_4d_view_of_folded_scores_after_token_pruning(tmp_path: P
     want = ReferenceRuntime(str(out)).run(feeds).outputs["b_y"]
     assert got.shape == (2, 6, packed_graphs.D) and np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("bits", "threshold"), [("8+8", 1.0), ("4+4", 0.5)])
+def test_kv_planes_on_folded_3d_probabilities_read_by_token_importance(bits: str, threshold: float,
+                                                                        tmp_path: Path) -> None:
+    """tf2onnx's BART family under the default preset: prune-tokens' importance reads the 3-D ``[B*H, S, S]``
+    probabilities, which P @ V reads too; quantize-kv gives the importance ``Where(low, P_f, P_m)`` with the
+    per-row decision (taken on P @ V's rows, ``[1, B*H, S, 1]``) viewed as the probabilities' rows (refused
+    before: "readers besides P @ V"). 8+8 bits at threshold 1.0 (every row MSB + LSB: 16-bit K/V) reproduce
+    the fp32 token-pruned model; 4+4 at 0.5 (rows of both planes) runs the same in onnxruntime and the
+    reference runtime."""
+    import packed_graphs
+    from spatten_compiler.passes.prune_tokens import PruneTokens
+    from spatten_compiler.passes.quantize_kv import QuantizeKV
+    from spatten_compiler.runtime.reference import ReferenceRuntime
+
+    two = _chained(packed_graphs.build("folded"))
+    feeds = {"a_x": packed_graphs.feeds(seq=6)["x"]}
+    outs = {}
+    for name, kv in (("tokens", False), ("kv", True)):
+        model = ir.serde.deserialize_model(two)
+        Normalize()(model)
+        PruneTokens(schedule=(1.0, 0.5), min_keep=1)(model)
+        if kv:
+            QuantizeKV(bits=bits, rule="fixed", threshold=threshold)(model)
+            # the importance reads the probabilities unfolded to [B, H, S, S]: a Reshape of the Where
+            reads = [n.inputs[0].producer() for n in model.graph if n.op_type.startswith("TokenImportance")]
+            assert reads and all(r.op_type == "Reshape" and r.inputs[0].producer().op_type == "Where" for r in reads)
+        outs[name] = tmp_path / f"{name}.onnx"
+        ir.save(model, str(outs[name]))
+    got = ort.InferenceSession(str(outs["kv"]), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    ref = ReferenceRuntime(str(outs["kv"])).run(feeds).outputs["b_y"]
+    assert got.shape == (2, 6, packed_graphs.D) and np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    if bits == "8+8":
+        fp32 = ort.InferenceSession(str(outs["tokens"]), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        np.testing.assert_allclose(got, fp32, atol=1e-3, rtol=0)

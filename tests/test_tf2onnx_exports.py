@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 from bench.coverage import heads, kv, preset, tokens
@@ -78,3 +79,44 @@ def test_whisper_encoder_fixed_frames(tmp_path: Path) -> None:
     for check in (heads, kv):
         ok, why = check(path, feeds, tmp_path)
         assert ok, why
+
+
+@pytest.mark.parametrize("name", ["opt_tf2onnx", "whisper_tf2onnx"])
+def test_paper_rule_keeps_the_heads_p_at_v_ranks_first(name: str, tmp_path: Path) -> None:
+    """tf2onnx folds the heads into the batch for both bmm's (3-D probabilities and P @ V): the paper rule
+    (run time, keep 0.5) reads them unfolded to ``[B, H, ., .]`` (refused before: "run-time head scores need
+    [B, H, S, S] probabilities"). Layer 1 keeps the heads with the largest |P @ V| of layer 0 over the real
+    query rows, so the output is the input model's with layer 1's other heads' output rows zeroed."""
+    from spatten_compiler.passes.find_attention import find_attention
+    from spatten_compiler.passes.score_chain import static_rank
+
+    from bench.coverage import _compile, _read, _run, _tolerance, _zero_rows
+    from spatten_compiler.pipeline import make_pass
+
+    path, feeds = TF2ONNX / f"{name}.onnx", _feeds(name)
+    model = _read(path)
+    sites = find_attention(model).sites
+    assert all(static_rank(s.probs) == 3 and static_rank(s.pv.outputs[0]) == 3 for s in sites)
+    heads_, dh = sites[0].num_heads, sites[0].v_head_dim
+    ctx_v, probs_v = sites[0].pv.outputs[0], sites[0].probs
+    model.graph.outputs.extend([ctx_v, probs_v])
+    probe = tmp_path / "probe.onnx"
+    ir.save(model, str(probe))
+    got0 = _run(probe, feeds)
+    ctx = got0[ctx_v.name].reshape(-1, heads_, *got0[ctx_v.name].shape[1:])
+    probs = got0[probs_v.name].reshape(-1, heads_, *got0[probs_v.name].shape[1:])
+    valid = (probs[:, :, -1, :].sum(axis=1) > 0)[:, : ctx.shape[2]]  # the keys the last query row sees
+    score = (np.abs(ctx).sum(axis=-1) * valid[:, None, :]).sum(axis=(0, 2))
+    kept = set(np.argsort(-score)[: heads_ // 2].tolist())
+    zeroed = _read(path)
+    last = find_attention(zeroed).sites[-1]
+    pruned = sorted(set(range(heads_)) - kept)
+    _zero_rows(zeroed, last.out_proj, np.concatenate([np.arange(h * dh, (h + 1) * dh) for h in pruned]))
+    base = tmp_path / "zeroed.onnx"
+    ir.save(zeroed, str(base))
+    want = _run(base, feeds)
+    out = tmp_path / "half.onnx"
+    _compile(path, [make_pass("prune-heads", keep=0.5)], out)
+    got = _run(out, feeds)
+    for key, w in want.items():
+        np.testing.assert_allclose(got[key], w, atol=_tolerance(want), rtol=0, err_msg=key)
