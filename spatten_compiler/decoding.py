@@ -60,6 +60,11 @@ class DecoderSession:
         else:
             path = Path(model)
             proto = onnx.load(str(path), load_external_data=False)
+        from spatten_compiler.shared_cache import is_shared
+
+        if is_shared(proto):  # its cache is evicted by the session that binds one shared buffer, not by the graph
+            raise OptionError(f"{path}: a shared-buffer eviction model (--kv-cache shared); step it with "
+                              "spatten_compiler.generate.open_session or shared_cache.SharedCacheSession")
         self.input_names = [i.name for i in proto.graph.input]
         # a merged decoder (optimum's decoder_model_merged.onnx) picks its branch by this input
         self.branch_rank = next((len(i.type.tensor_type.shape.dim) for i in proto.graph.input
