@@ -104,6 +104,34 @@ def test_refused_model_keeps_the_decomposed_path(tmp_path, capsys) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def _layer0_unfused(tmp_path: Path) -> Path:
+    """The builder Llama with only layer 0's GroupQueryAttention decomposed (unfuse-ort's rewrite of one node)."""
+    from spatten_compiler.editor import GraphEditor
+    from spatten_compiler.modelio import load_model, save_model
+    from spatten_compiler.passes.unfuse_gqa import group_query_attention
+
+    model = load_model(BUILDER / "llama_fp32.onnx")
+    node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    e = GraphEditor(model, "test/unfuse-one")
+    for out, new in zip(node.outputs, group_query_attention(e, node)):
+        if new is not None:
+            e.replace_uses(out, new)
+    model.graph.remove(node, safe=True)
+    e.commit()
+    save_model(model, tmp_path / "mixed.onnx", external_data=False)
+    return tmp_path / "mixed.onnx"
+
+
+def test_mixed_layers_keep_the_decomposed_path(tmp_path, capsys) -> None:
+    """One layer decomposed, one fused: evict-gqa would leave a layer unevicted, so the old path runs."""
+    src = _layer0_unfused(tmp_path)
+    out = tmp_path / "out.onnx"
+    assert main([str(src), "-o", str(out), "--kv-budget", "0.5"]) == 0
+    assert "1 of 2 attention layers are not a fused GroupQueryAttention" in capsys.readouterr().err
+    assert "GroupQueryAttention" not in _ops(out)
+    assert main([str(src), "-o", str(out), "--kv-budget", "0.5", "--kv-cache", "shared"]) == 2
+
+
 def test_other_rewrite_keeps_the_decomposed_path(tmp_path, capsys) -> None:
     out = tmp_path / "out.onnx"
     assert main([str(BUILDER / "llama_fp32.onnx"), "-o", str(out), "--kv-budget", "0.5", "--kv-bits", "8"]) == 0
