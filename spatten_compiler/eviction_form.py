@@ -80,12 +80,15 @@ def decomposed_needs(cfg: Any) -> list[str]:
     return [text for key, text in NEEDS_DECOMPOSED.items() if getattr(cfg, key) not in (None, False, "none")]
 
 
+def _needing(others: list[str]) -> str:
+    return f"{', '.join(others)} need{'s' * (len(others) == 1)} the decomposed attention"
+
+
 def check_form(cfg: Any) -> None:
     """A fused form asked for by name beside a rewrite that needs the decomposed attention: one line."""
     if cfg.kv_budget is not None and form_of(cfg.kv_cache).fused and (others := decomposed_needs(cfg)):
         flag = "--kv-cache shared" if cfg.kv_cache == "shared" else f"kv_cache {cfg.kv_cache}"
-        raise OptionError(f"{flag} keeps the fused GroupQueryAttention, but {', '.join(others)} "
-                          f"need{'s' * (len(others) == 1)} the decomposed attention; give one or the other")
+        raise OptionError(f"{flag} keeps the fused GroupQueryAttention, but {_needing(others)}; give one or the other")
 
 
 def choose(cfg: CompileConfig, model: ir.Model, layers: int) -> tuple[str, str]:
@@ -113,9 +116,11 @@ def _why_decomposed(cfg: CompileConfig, model: ir.Model, layers: int, wanted: st
     if not fused:
         return "the model has no com.microsoft GroupQueryAttention (onnxruntime-genai's model builder writes it)"
     if others := decomposed_needs(cfg):
-        return f"{', '.join(others)} need{'s' * (len(others) == 1)} the decomposed attention"
-    if fused != layers:
+        return _needing(others)
+    if fused < layers:
         return f"{layers - fused} of {layers} attention layers are not a fused GroupQueryAttention"
+    if fused > layers:
+        return f"{fused} GroupQueryAttention nodes but {layers} attention layers found"
     # checked as the pipeline checks it: a graph the pass would leave invalid keeps the decomposed form too
     trial = Pipeline([dataclasses.replace(cfg, kv_cache=wanted).eviction_pass()], check=True)
     refusal = run_quietly(trial, short_input_model(model))

@@ -106,9 +106,10 @@ def test_refused_model_keeps_the_decomposed_path(tmp_path, capsys) -> None:
 
 def _layer0_unfused(tmp_path: Path) -> Path:
     """The builder Llama with only layer 0's GroupQueryAttention decomposed (unfuse-ort's rewrite of one node)."""
+    from spatten_compiler.passes.unfuse_gqa import group_query_attention
+
     from spatten_compiler.editor import GraphEditor
     from spatten_compiler.modelio import load_model, save_model
-    from spatten_compiler.passes.unfuse_gqa import group_query_attention
 
     model = load_model(BUILDER / "llama_fp32.onnx")
     node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
