@@ -4,8 +4,9 @@
 evict-kv: every decoder spattenc reads), ``fused`` (evict-gqa: onnxruntime's fused
 com.microsoft GroupQueryAttention kept, the eviction in the graph around it) and ``shared``
 (``evict-gqa{in_graph=false}``: the kernel over one shared buffer per layer that spattenc's
-runtime evicts in place). ``--kv-cache`` (:data:`CACHE_OPTIONS`) asks for the graph (default)
-or the shared buffer; :func:`choose` turns that into a form for the model at hand:
+runtime evicts in place). ``--kv-cache`` (:data:`CACHE_OPTIONS`) asks for the graph (default),
+the shared buffer, or the decomposed form itself (the accelerator backend, ``spattenc emit``, lowers
+Softmax attention, not the fused kernel); :func:`choose` turns that into a form for the model at hand:
 
 - ``fused`` / ``shared`` when every attention layer is a fused GroupQueryAttention and evict-gqa
   takes the options on it (tried on a clone of the model: the pass's own refusals, such as
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     from spatten_compiler.config import CompileConfig
 
 OP = ("com.microsoft", "GroupQueryAttention")
-CACHE_OPTIONS = ("graph", "shared")  # --kv-cache: what a user asks for
+# --kv-cache: what a user asks for (decomposed: the old path, e.g. for the accelerator backend, spattenc emit)
+CACHE_OPTIONS = ("graph", "shared", "decomposed")
 
 
 @dataclasses.dataclass(frozen=True)

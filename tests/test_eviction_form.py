@@ -170,3 +170,18 @@ def test_kv_cache_shared_refusals_are_one_line(tmp_path, capsys, model, args, wh
     assert main([str(MODELS / model), "-o", str(out), "--kv-cache", "shared", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert why in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_kv_cache_decomposed_keeps_the_old_path_for_the_accelerator(tmp_path, capsys) -> None:
+    """spattenc emit lowers Softmax attention, not the fused kernel: --kv-cache decomposed is the old path (which
+    emits), and emit names it when given the fused form."""
+    fused, old = tmp_path / "fused.onnx", tmp_path / "old.onnx"
+    src = str(BUILDER / "llama_fp32.onnx")
+    assert main([src, "-o", str(fused), "--kv-budget", "0.5", "-q"]) == 0
+    assert main([src, "-o", str(old), "--kv-budget", "0.5", "--kv-cache", "decomposed", "-q"]) == 0
+    assert "GroupQueryAttention" not in _ops(old) and "Softmax" in _ops(old)
+    capsys.readouterr()
+    assert main(["emit", str(old), "-o", str(tmp_path / "old.spbin"), "--prompt-len", "8", "--gen-steps", "2"]) == 0
+    assert main(["emit", str(fused), "-o", str(tmp_path / "f.spbin"), "--prompt-len", "8", "--gen-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kv-cache decomposed" in err[0]

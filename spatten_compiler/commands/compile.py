@@ -103,7 +103,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              "on a model whose every attention layer is onnxruntime's fused GroupQueryAttention "
                              "(onnxruntime-genai's model builder) the eviction keeps the fused kernel (evict-gqa), "
                              "unless evict-gqa refuses the model or token/head/value pruning, --kv-bits, --optimize "
-                             "or --weights is asked for too (then the attention is decomposed, as on other decoders)")
+                             "or --weights is asked for too (then the attention is decomposed, as on other decoders; "
+                             "--kv-cache decomposed asks for that, e.g. for spattenc emit)")
     e.add_argument("--kv-budget", type=float, metavar="B",
                    help="keep each layer's cache within B: a fraction of the length so far (0.25) or tokens (256); "
                    "default: no eviction")
@@ -123,8 +124,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="block eviction: a cache may grow to budget + N tokens, then all layers evict at once "
                    "(default 0: evict at every step)")
     e.add_argument("--kv-cache", choices=CACHE_OPTIONS,
-                   help="a builder's fused GroupQueryAttention: evicted in the graph (graph, default) or in one buffer "
-                   "per layer by spattenc's runtime (shared: spattenc generate)")
+                   help="a builder's fused GroupQueryAttention: kept, evicted in the graph (graph, default) or by "
+                   "spattenc generate (shared); decomposed (for spattenc emit)")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
