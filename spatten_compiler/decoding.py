@@ -90,6 +90,8 @@ class DecoderSession:
         has_pos = "position_ids" in self.input_names
         self.positions = (self.evict or {}).get("positions", "input" if has_pos else "arange")
         self.vocab = _dim(proto.graph.output[0].type.tensor_type.shape.dim[-1])
+        # e.g. a builder model, or its eviction compiled on the fused kernel (evict-gqa): no reference runtime
+        fused = next((n.op_type for n in proto.graph.node if n.domain == "com.microsoft"), None)
         del proto
         self.runtime = runtime
         self.overrides: dict[str, np.ndarray] = {}  # e.g. evict-kv's tunable spatten.kv_budget
@@ -106,6 +108,9 @@ class DecoderSession:
         elif runtime == "reference":
             from spatten_compiler.runtime.reference import ReferenceRuntime
 
+            if fused is not None:
+                raise OptionError(f"{path}: onnxruntime's {fused} is not in the reference runtime; use --runtime ort, "
+                                  "or compile the original model with spattenc --kv-cache decomposed")
             self._ref = ReferenceRuntime(str(path))
         elif runtime != "none":
             raise OptionError(f"runtime must be ort, reference or none, got {runtime!r}")

@@ -185,3 +185,6 @@ def test_kv_cache_decomposed_keeps_the_old_path_for_the_accelerator(tmp_path, ca
     assert main(["emit", str(fused), "-o", str(tmp_path / "f.spbin"), "--prompt-len", "8", "--gen-steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--kv-cache decomposed" in err[0]
+    with pytest.raises(OptionError, match="not in the reference runtime.*--kv-cache decomposed"):
+        DecoderSession(fused, runtime="reference")  # the numpy runtime runs standard ops only
+    assert DecoderSession(old, runtime="reference").step(np.array([[5, 6, 7]])).shape == (1, 3, 48)
