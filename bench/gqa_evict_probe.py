@@ -21,7 +21,8 @@ warm-up; 2 intra-op threads; onnxruntime sessions stop spinning when a step retu
   with a cache of ``ceil(f% * C)`` rows, non-shared.
 * ``gqa-imp-<f>-share``: the edited model with the shared buffer (capacity = kept rows + the steps).
 * ``spattenc-genai-int4-evict50``: bench/genai_step.py's configuration of that name (``spattenc
-  genai-smollm2-int4 --kv-budget 0.5``: GroupQueryAttention decomposed, then evict-kv), run as there
+  genai-smollm2-int4 --kv-budget 0.5 --kv-cache decomposed``: GroupQueryAttention decomposed, then
+  evict-kv), run as there
   (DecoderSession, numpy caches, synthesized kept slots); skipped when that model is not built.
 * ``evict-gqa-50``: the same options compiled by ``evict-gqa`` (passes/evict_gqa.py: the kernel stays
   fused), run the same way; ``evict-gqa-50-slack16``: with block eviction (``slack=16``, the decoder

@@ -52,6 +52,7 @@ from spatten_compiler.pipeline import PassResult, register_pass
 from .attention_trace import Branch, KVCache
 from .evict_kv import EvictKV
 from .find_attention import AttentionSite, find_attention
+from .unfuse_ort import trust_initializer_shapes
 
 logger = logging.getLogger(__name__)
 RUNTIME = "spatten.evict_gqa_runtime"  # metadata of the in_graph=false form: the rule the runtime applies
@@ -109,6 +110,7 @@ class EvictGQA(EvictKV):
                 raise OptionError(f"GroupQueryAttention '{node.name}': {why}; evict-gqa does not rewrite it")
         if any(v.name == "position_ids" for v in graph.inputs):
             raise OptionError("evict-gqa: the model already has a position_ids input the kernel does not read")
+        trust_initializer_shapes(graph)  # onnxruntime's saved models: value_info older than the folded tensors
         positions = ir.Value(name="position_ids", shape=ir.Shape(["batch", "sequence"]),
                              type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.append(positions)

@@ -139,6 +139,9 @@ def compile(  # noqa: A001 - the verb users expect; spatten_compiler.compile, no
     ``kv_bits="6+4"``, ``preset="aggressive"``, ``no_token_pruning=True``; or pass
     ``config=CompileConfig(...)`` (options win). With no option that turns a rewrite on, the measured
     preset for the model's kind applies (:mod:`spatten_compiler.defaults`), as on the command line.
+    ``kv_cache``: where a fused GroupQueryAttention model's eviction runs - ``"graph"`` (default),
+    ``"shared"`` (spattenc's runtime), or ``"decomposed"`` (unfuse-ort + evict-kv, as before session 20;
+    :mod:`spatten_compiler.eviction_form`).
     ``pipeline``: an explicit pass list (``"normalize,prune-tokens{keep=0.5}"``) instead of options.
     ``check``: onnx.checker after each pass. ``report``: also compute the compile report and summary.
     ``on_start(pass)`` / ``on_pass(pass, seconds)``: progress hooks around each pass.

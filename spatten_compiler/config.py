@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spatten_compiler.errors import OptionError
+from spatten_compiler.eviction_form import CACHE_OPTIONS, FORMS, check_form, form_of
 from spatten_compiler.pipeline import Pass, make_pass
 
 # Token-pruning presets. "paper" is SpAtten as published; "spattenc" is the rule that wins on
@@ -75,6 +76,7 @@ class CompileConfig:
     kv_score: str | None = None  # decoders: evict-kv's scoring rule (passes/evict_kv.py SCORES)
     kv_min_keep: int | None = None  # decoders: no eviction while a layer's cache holds at most N tokens
     kv_slack: int | None = None  # decoders: block eviction, a layer may hold budget + N tokens (0: every step)
+    kv_cache: str | None = None  # decoders: graph (default) | shared; the plan resolves it (eviction_form.FORMS)
 
     def __post_init__(self) -> None:
         if self.token_rule not in TOKEN_RULES:
@@ -161,12 +163,16 @@ class CompileConfig:
             raise OptionError(f"{given[0]} needs --kv-bits{off}")
         evict = [f for f, v in (("--kv-sinks", self.kv_sinks), ("--kv-recent", self.kv_recent),
                                ("--kv-evict", self.kv_evict), ("--kv-score", self.kv_score),
-                               ("--kv-min-keep", self.kv_min_keep), ("--kv-slack", self.kv_slack)) if v is not None]
+                               ("--kv-min-keep", self.kv_min_keep), ("--kv-slack", self.kv_slack),
+                               ("--kv-cache", self.kv_cache)) if v is not None]
         if evict and self.kv_budget is None:
             raise OptionError(f"{evict[0]} needs --kv-budget")
         if self.kv_evict == "head" and self.kv_budget is not None and self.prunes_heads:
             raise OptionError("--kv-evict head with head pruning is not supported yet: a pruned layer's kept query "
                               "heads would be scored into K/V heads by rank, not by group (use --kv-evict layer)")
+        if self.kv_cache is not None and self.kv_cache not in (*CACHE_OPTIONS, *FORMS):
+            raise OptionError(f"--kv-cache must be one of {', '.join(CACHE_OPTIONS)}, got {self.kv_cache!r}")
+        check_form(self)
         n = self.kv_min_keep
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise OptionError(f"--kv-min-keep must be a whole number of tokens >= 0, got {n!r}")
@@ -208,11 +214,7 @@ class CompileConfig:
         if self.value_keep is not None:
             passes.append(make_pass("prune-values", keep=self.value_keep))
         if self.kv_budget is not None:  # before quantize-kv: it finds the attention it rewrites
-            passes.append(make_pass("evict-kv", budget=float(self.kv_budget), **{
-                k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), ("score", self.kv_score),
-                                  ("min_keep", self.kv_min_keep), ("slack", self.kv_slack),
-                                  *_recent(self.kv_recent))
-                if v is not None}))
+            passes.append(self.eviction_pass())
         if self.kv_bits not in (None, "none"):
             opts: dict[str, Any] = {"bits": self.kv_bits}
             for key, value in (("threshold", self.lsb_threshold), ("rule", self.kv_rule),
@@ -223,8 +225,19 @@ class CompileConfig:
             passes.append(make_pass("quantize-kv", **opts))
             # decoders: the cache itself crosses steps as packed planes (a no-op on encoders)
             passes.append(make_pass("pack-kv-cache", bits=self.kv_bits, granularity=self.kv_granularity or "token"))
+        if self.kv_budget is not None and form_of(self.kv_cache).fused:  # the fused attention kept as it is
+            return [*passes, *self.ort_passes()]
         front = [make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention")]
         return [*front, *passes, *self.ort_passes()] if passes else self.ort_passes()
+
+    def eviction_pass(self) -> Pass:
+        """evict-kv, or evict-gqa on the fused attention (the form the plan chose: eviction_form.py), with
+        the --kv-* options; every option goes to either pass (evict-gqa takes evict-kv's, or refuses)."""
+        form = form_of(self.kv_cache)
+        return make_pass(form.pass_name, budget=float(self.kv_budget or 1.0), **dict(form.options), **{
+            k: v for k, v in (("sinks", self.kv_sinks), ("mode", self.kv_evict), ("score", self.kv_score),
+                              ("min_keep", self.kv_min_keep), ("slack", self.kv_slack), *_recent(self.kv_recent))
+            if v is not None})
 
     def ort_passes(self) -> list[Pass]:
         """With --optimize: fold-key-mask (pruned models), then onnxruntime's fusions; then its weight

@@ -60,6 +60,11 @@ class DecoderSession:
         else:
             path = Path(model)
             proto = onnx.load(str(path), load_external_data=False)
+        from spatten_compiler.shared_cache import is_shared
+
+        if is_shared(proto):  # its cache is evicted by the session that binds one shared buffer, not by the graph
+            raise OptionError(f"{path}: a shared-buffer eviction model (--kv-cache shared); step it with "
+                              "spatten_compiler.generate.open_session or shared_cache.SharedCacheSession")
         self.input_names = [i.name for i in proto.graph.input]
         # a merged decoder (optimum's decoder_model_merged.onnx) picks its branch by this input
         self.branch_rank = next((len(i.type.tensor_type.shape.dim) for i in proto.graph.input
@@ -85,6 +90,8 @@ class DecoderSession:
         has_pos = "position_ids" in self.input_names
         self.positions = (self.evict or {}).get("positions", "input" if has_pos else "arange")
         self.vocab = _dim(proto.graph.output[0].type.tensor_type.shape.dim[-1])
+        # e.g. a builder model, or its eviction compiled on the fused kernel (evict-gqa): no reference runtime
+        fused = next((n.op_type for n in proto.graph.node if n.domain == "com.microsoft"), None)
         del proto
         self.runtime = runtime
         self.overrides: dict[str, np.ndarray] = {}  # e.g. evict-kv's tunable spatten.kv_budget
@@ -101,6 +108,9 @@ class DecoderSession:
         elif runtime == "reference":
             from spatten_compiler.runtime.reference import ReferenceRuntime
 
+            if fused is not None:
+                raise OptionError(f"{path}: onnxruntime's {fused} is not in the reference runtime; use --runtime ort, "
+                                  "or compile the original model with spattenc --kv-cache decomposed")
             self._ref = ReferenceRuntime(str(path))
         elif runtime != "none":
             raise OptionError(f"runtime must be ort, reference or none, got {runtime!r}")

@@ -86,7 +86,7 @@ PARTS: dict[str, Part] = {
     "kv": Part("K/V quantization", ("kv_bits",), ("kv_rule", "lsb_threshold", "kv_granularity", "kv_factor"),
                "kv_bits", "none", "--kv-bits none", "--kv-bits M+L (e.g. 5+1, 4)", serving_needs="kv_cache"),
     "evict": Part("KV-cache eviction", ("kv_budget",),
-                  ("kv_sinks", "kv_recent", "kv_evict", "kv_score", "kv_min_keep", "kv_slack"),
+                  ("kv_sinks", "kv_recent", "kv_evict", "kv_score", "kv_min_keep", "kv_slack", "kv_cache"),
                   "no_kv_eviction", True, "--no-kv-eviction", "--kv-budget B|N (e.g. 0.25, 256), --kv-min-keep N",
                   needs="kv_cache", independent=True),
 }
@@ -296,6 +296,7 @@ class Resolution:
     skipped: tuple[str, ...] = ()  # parts of the preset the model cannot take (Part.needs, or refused)
     refusals: tuple[tuple[str, str], ...] = ()  # (part, the pass's one-line reason) for parts it refused
     unfound: str = ""  # kind "none": a fused op spattenc cannot read, with what to do instead
+    notes: tuple[str, ...] = ()  # summary lines about how a part is compiled (the eviction's form)
 
 
 def resolve(options: dict[str, Any], kind: str, pipeline: str = "",

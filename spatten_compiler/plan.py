@@ -18,6 +18,7 @@ import onnx_ir as ir
 from spatten_compiler.config import CompileConfig
 from spatten_compiler.defaults import PARTS, Resolution, model_features, model_kind, resolve
 from spatten_compiler.errors import NoAttentionError, OptionError, SpattencError
+from spatten_compiler.eviction_form import choose
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,12 @@ def plan(options: dict[str, Any] | CompileConfig, model: ir.Model, path: Path | 
     if chosen.preset is not None:
         resolved, chosen = _drop_refused(resolved, chosen, probe)
         logger.debug("preset %s for %s: %s", chosen.preset.name, kind, chosen.applied)
-    return CompileConfig.build(resolved), chosen, probe
+    config = CompileConfig.build(resolved)
+    if config.kv_budget is not None:  # the eviction on the decomposed or the fused attention (eviction_form.py)
+        form, note = choose(config, model, len(sites))
+        config = dataclasses.replace(config, kv_cache=form)
+        chosen = dataclasses.replace(chosen, notes=(*chosen.notes, note) if note else chosen.notes)
+    return config, chosen, probe
 
 
 # Parts the preset tries on a clone of the probe first: their passes refuse some layouts only while

@@ -53,6 +53,11 @@ def refill(keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(~kept[:k]), np.sort(keep[keep >= k])
 
 
+def is_shared(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` was compiled by evict-gqa{in_graph=false}: only this session evicts it."""
+    return any(p.key == RUNTIME for p in proto.metadata_props)
+
+
 class SharedCacheSession:
     """Step an ``evict-gqa{in_graph=false}`` model: ``step(ids) -> logits``; ``kept_positions()`` per layer
     ``[1, n]`` (``layer``) or ``[1, kv, n]`` (``head``), in slot order."""
@@ -162,7 +167,7 @@ class SharedCacheSession:
         """Whether ``path`` was compiled for this session (evict-gqa{in_graph=false})."""
         if not Path(path).is_file():
             return False
-        return any(p.key == RUNTIME for p in onnx.load(str(path), load_external_data=False).metadata_props)
+        return is_shared(onnx.load(str(path), load_external_data=False))
 
     def kept_positions(self) -> list[np.ndarray]:
         return [s[None] if self.rule["mode"] == "head" else s for s in self.slots]

@@ -77,6 +77,7 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
         lines.append(f"  heads (KV groups) kept per layer: {_runs(report['head_keep_per_layer'])}")
     if "prune-values" in by_name:
         lines.append(f"  values: each query row reads the top {by_name['prune-values'].keep:.0%} of V rows (by P)")
+    from spatten_compiler.eviction_form import note_for
     from spatten_compiler.passes.evict_kv import EvictKV, budget_tokens
 
     e = next((p for p in passes if isinstance(p, EvictKV)), None)  # evict-kv, or evict-gqa on the fused kernel
@@ -92,6 +93,7 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
         held = [n / budget_tokens(e.layer_budget(0), n, e.sinks, e.recent, n, e.min_keep) for n in (128, 512, 2048)]
         lines.append(f"  ideal at 128 / 512 / 2048 tokens so far: {' / '.join(f'{h:.1f}x' for h in held)} "
                      "smaller KV cache held (layer 0)")
+        lines.extend(line for line in (note_for(e),) if line)
     if "quantize-kv" in by_name:
         q = by_name["quantize-kv"]
         m, _, lo = q.bits.partition("+")
@@ -120,7 +122,7 @@ def _ratios(report: dict[str, Any]) -> list[str]:
 def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[str]:
     names = {p.name for p in passes}
     parts = {"prune-tokens": "tokens", "prune-heads": "heads", "prune-values": "values", "quantize-kv": "kv",
-             "evict-kv": "evict"}
+             "evict-kv": "evict", "evict-gqa": "evict"}
     on = [parts[n] for n in REWRITES if n in names and n in parts]
     lines: list[str] = []
     if on and not pipeline:
@@ -132,9 +134,10 @@ def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[st
         lines.append("  off: " + ", ".join(off) + "; nothing at all: --pipeline normalize")
     elif pipeline:
         lines.append("  (an explicit --pipeline runs exactly those passes; drop it for the measured defaults)")
-    if "evict-kv" in names and not pipeline:
+    if names & {"evict-kv", "evict-gqa"} and not pipeline:
         lines.append("  eviction knobs: --kv-budget B|N, --kv-min-keep N, --kv-sinks N, --kv-recent N|P%, "
-                     "--kv-evict layer|cascade|head, --kv-score RULE, --kv-slack N (docs/decoders.md)")
+                     "--kv-evict layer|cascade|head, --kv-score RULE, --kv-slack N, --kv-cache graph|shared "
+                     "(docs/decoders.md)")
     if res.preset is not None:
         lines.append(f"  measured: docs/presets.md ({res.preset.note})")
     if "quantize-kv" in names:
@@ -146,5 +149,5 @@ def _switches(res: Resolution, passes: Sequence[Pass], pipeline: str) -> list[st
 def summary_lines(res: Resolution, passes: Sequence[Pass], report: dict[str, Any], pipeline: str = "") -> list[str]:
     if not any(p.name in REWRITES for p in passes):
         return _identity(res, pipeline)
-    return [_headline(res, passes, pipeline, report.get("layers", 0)), *_applied(report, passes),
+    return [_headline(res, passes, pipeline, report.get("layers", 0)), *_applied(report, passes), *res.notes,
             *_ratios(report), *_switches(res, passes, pipeline)]

@@ -316,7 +316,10 @@ def emit_model(path: Path, seq_len: int, gen_steps: int = 0, hw: HwDesc | None =
                             "the gate - the stream's keep ratios already apply to the live length at run time")
     gi = GraphInfo(model, seq_len)
     if not gi.groups:
-        raise LoweringError(f"{path}: no attention block found (no Softmax over a 4-D score tensor)")
+        fused = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)  # evict-gqa keeps it fused
+        raise LoweringError(f"{path}: no attention block found (no Softmax over a 4-D score tensor)" + (
+            "; onnxruntime's fused GroupQueryAttention is not lowered: compile the original model with spattenc "
+            "--kv-cache decomposed" if fused else ""))
     too_many = [g for g in gi.groups if g.heads > hw.max_heads or g.head_dim > hw.max_head_dim]
     if too_many:
         g = too_many[0]

@@ -13,6 +13,7 @@ from spatten_compiler.commands import Command, output_path, register
 from spatten_compiler.config import CompileConfig, parse_ratio_list
 from spatten_compiler.defaults import PRESET_NAMES
 from spatten_compiler.errors import OptionError
+from spatten_compiler.eviction_form import CACHE_OPTIONS
 from spatten_compiler.modelio import same_file, save_model, weight_bytes
 from spatten_compiler.passes.evict_kv import MODES, SCORES
 from spatten_compiler.progress import Reporter
@@ -98,7 +99,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one scale per (head, token), head, (head, channel) or batch element (default token)")
     q.add_argument("--kv-stats", action="store_const", const=True,
                    help="add outputs spatten_lsb_rows.<layer> and spatten_lsb_fraction (default off)")
-    e = p.add_argument_group("decoder KV-cache eviction (docs/decoders.md)")
+    e = p.add_argument_group("decoder KV-cache eviction (docs/decoders.md)",
+                             "on a model whose every attention layer is onnxruntime's fused GroupQueryAttention "
+                             "(onnxruntime-genai's model builder) the eviction keeps the fused kernel (evict-gqa), "
+                             "unless evict-gqa refuses the model or token/head/value pruning, --kv-bits, --optimize "
+                             "or --weights is asked for too (then the attention is decomposed, as on other decoders; "
+                             "--kv-cache decomposed asks for that, e.g. for spattenc emit)")
     e.add_argument("--kv-budget", type=float, metavar="B",
                    help="keep each layer's cache within B: a fraction of the length so far (0.25) or tokens (256); "
                    "default: no eviction")
@@ -117,6 +123,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-slack", type=int, metavar="N",
                    help="block eviction: a cache may grow to budget + N tokens, then all layers evict at once "
                    "(default 0: evict at every step)")
+    e.add_argument("--kv-cache", choices=CACHE_OPTIONS,
+                   help="a builder's fused GroupQueryAttention: kept, evicted in the graph (graph, default) or by "
+                   "spattenc generate (shared); decomposed (for spattenc emit)")
     g = p.add_argument_group("length gate")
     g.add_argument("--prune-min-length", type=int, metavar="N",
                    help="prune tokens and heads only for inputs longer than N tokens, via one If (default: no gate)")
@@ -179,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_score": args.kv_score,
         "kv_min_keep": args.kv_min_keep,
         "kv_slack": args.kv_slack,
+        "kv_cache": args.kv_cache,
     })
     t0 = time.perf_counter()
     with report.step(f"compiling {args.model}"), report.bar(None, "passes", unit="pass") as bar:
@@ -213,6 +223,7 @@ register(
         "  spattenc model.onnx -o model.spatten.onnx --token-keep 0.5\n"
         "  spattenc model.onnx -o out.onnx --token-keep-schedule 1,1,0.8,0.6,0.4,0.3 --emit-kept\n"
         "  spattenc model.onnx -o out.onnx --token-keep 0.15 --token-min-keep 32 --prune-min-length 32\n"
+        "  spattenc model.onnx -o out.onnx --kv-cache shared   (builder GQA models: spattenc generate evicts)\n"
         "  spattenc model.onnx -o out.onnx --config spatten.json",
     )
 )
