@@ -22,9 +22,8 @@ tests/test_gqa_kernel_probe.py.
 The kernel still takes the cache length from ``attention_mask`` (``seqlens_k = sum - 1``, ``total`` =
 its width), which DecoderSession feeds as ones over layer 0's kept cache plus the new tokens: every
 layer must hold the same number of slots (one budget: a per-layer ``schedule`` is refused), and a
-left-padded batch is not expressed. Not done here: genai's shared past/present buffer (the faster
-form measured; needs a runtime that binds one buffer as past and present and evicts in place).
-Refused with the reason: caches that are not graph input/output pairs, a local window, a quantized
+left-padded batch is not expressed. The in-graph form copies the cache every step (present = past +
+new, then the kept rows' Gathers); the shared-buffer form below does not. Refused with the reason: caches that are not graph input/output pairs, a local window, a quantized
 cache, an existing attention_bias / position_ids / qk output, a rotary computed outside the kernel.
 
 ``in_graph=false``: the shared-buffer form. The graph keeps only the kernel (``qk_output=2``,
