@@ -118,7 +118,8 @@ class SharedCacheSession:
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", np.ones((1, self.length + q), np.int64))
-        io.bind_cpu_input("position_ids", np.arange(self.position, self.position + q, dtype=np.int64)[None])
+        new = np.arange(self.position, self.position + q, dtype=np.int64)  # the new tokens' positions
+        io.bind_cpu_input("position_ids", new[None])
         for layer in range(self.layers):
             io.bind_cpu_input(f"past_importance.{layer}", self._state(self.importance[layer]))
         for name, value in self.values.items():
@@ -129,7 +130,6 @@ class SharedCacheSession:
             io.bind_output(o)
         self.session.run_with_iobinding(io)
         out = dict(zip(free, (io.get_outputs()[-len(free):])))
-        new = np.arange(self.position, self.position + q, dtype=np.int64)
         for layer in range(self.layers):
             imp = out[f"present_importance.{layer}"].numpy()
             self.importance[layer] = imp[0] if imp.ndim == 3 else imp

@@ -93,7 +93,8 @@ def _applied(report: dict[str, Any], passes: Sequence[Pass]) -> list[str]:
         held = [n / budget_tokens(e.layer_budget(0), n, e.sinks, e.recent, n, e.min_keep) for n in (128, 512, 2048)]
         lines.append(f"  ideal at 128 / 512 / 2048 tokens so far: {' / '.join(f'{h:.1f}x' for h in held)} "
                      "smaller KV cache held (layer 0)")
-        lines.extend(line for line in (note_for(e),) if line)
+        if note := note_for(e):
+            lines.append(note)
     if "quantize-kv" in by_name:
         q = by_name["quantize-kv"]
         m, _, lo = q.bits.partition("+")

@@ -39,6 +39,18 @@ def _decode(path: Path) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
     return logits, kept
 
 
+
+def _same_eviction(fused: Path, decomposed: Path) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """Assert the two models keep the same slots at every step with logits within 1e-4; the fused one's
+    (logits, kept positions)."""
+    (got, got_kept), (want, want_kept) = _decode(fused), _decode(decomposed)
+    for step, (a, b) in enumerate(zip(got_kept, want_kept, strict=True)):
+        for layer, (x, y) in enumerate(zip(a, b, strict=True)):
+            np.testing.assert_array_equal(x, y, err_msg=f"step {step} layer {layer}")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    return got, got_kept
+
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 @pytest.mark.parametrize("options", [{"budget": 0.5}, {"budget": 0.5, "mode": "head"},
                                      {"budget": 0.5, "mode": "head", "slack": 3}, {"budget": 1.0}])
@@ -50,12 +62,7 @@ def test_fused_equals_decomposed_eviction(tmp_path, precision, options) -> None:
     decomposed = _compile(src, tmp_path / "decomposed.onnx", [
         make_pass("unfuse-ort"), make_pass("normalize"), make_pass("decompose-attention"),
         make_pass("evict-kv", **options)])
-    (got, got_kept), (want, want_kept) = _decode(fused), _decode(decomposed)
-    for step, (a, b) in enumerate(zip(got_kept, want_kept, strict=True)):
-        for layer, (x, y) in enumerate(zip(a, b, strict=True)):
-            np.testing.assert_array_equal(x, y, err_msg=f"step {step} layer {layer}")
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    got, got_kept = _same_eviction(fused, decomposed)
     if options["budget"] == 1.0:  # nothing evicted: the builder model's own logits
         for a, b in zip(got, _decode(src)[0], strict=True):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
